@@ -1,0 +1,314 @@
+//! The subset of Kubernetes objects Skiff reads, as they appear in YAML.
+//!
+//! Unknown fields are ignored (manifests carry much more than the mesh
+//! needs); the fields that are read are typed, so a wrong type is an error
+//! naming the field.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
+}
+
+/// A parsed manifest document.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Deployment(Deployment),
+    Service(Service),
+    /// A kind Skiff does not read (ConfigMap, Istio kinds not yet supported…).
+    Other { api_version: String, kind: String },
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_network: Option<bool>,
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub container_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Deployment {
+    pub metadata: ObjectMeta,
+    pub spec: DeploymentSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentSpec {
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    pub template: PodTemplate,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplate {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<IntOrString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(u16),
+    String(String),
+}
+
+/// Why a manifest document could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// The text is not YAML.
+    #[error("document {index}: not valid YAML")]
+    Yaml {
+        index: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// `apiVersion` or `kind` is missing.
+    #[error("document {index}: missing `apiVersion` or `kind`")]
+    MissingKind { index: usize },
+    /// A field Skiff reads has the wrong shape.
+    #[error("document {index} ({kind} {name:?}): field `{path}`")]
+    Field {
+        index: usize,
+        kind: String,
+        name: String,
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+}
+
+/// Parses a (possibly multi-document) YAML text. Empty documents are skipped;
+/// `List` objects are flattened.
+pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
+    let mut out = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|source| ParseError::Yaml { index, source })?;
+        if value.is_null() {
+            continue;
+        }
+        parse_value(index, value, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn parse_value(index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
+    let api_version = value.get("apiVersion").and_then(|v| v.as_str()).map(str::to_owned);
+    let kind = value.get("kind").and_then(|v| v.as_str()).map(str::to_owned);
+    let (Some(api_version), Some(kind)) = (api_version, kind) else {
+        return Err(ParseError::MissingKind { index });
+    };
+    if kind == "List" || kind.ends_with("List") {
+        if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {
+            for item in items.clone() {
+                parse_value(index, item, out)?;
+            }
+            return Ok(());
+        }
+    }
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name").or_else(|| m.get("generateName")))
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_owned();
+    let field = |e: serde_path_to_error::Error<serde_yaml::Error>| ParseError::Field {
+        index,
+        kind: kind.clone(),
+        name: name.clone(),
+        path: e.path().to_string(),
+        source: e.into_inner(),
+    };
+    let core = api_version == "v1";
+    let apps = api_version == "apps/v1";
+    let obj = match kind.as_str() {
+        "Namespace" if core => Object::Namespace(typed(value).map_err(field)?),
+        "Pod" if core => Object::Pod(typed(value).map_err(field)?),
+        "Service" if core => Object::Service(typed(value).map_err(field)?),
+        "Deployment" if apps => Object::Deployment(typed(value).map_err(field)?),
+        _ => Object::Other { api_version, kind },
+    };
+    out.push(obj);
+    Ok(())
+}
+
+fn typed<T: for<'de> Deserialize<'de>>(value: serde_yaml::Value) -> Result<T, serde_path_to_error::Error<serde_yaml::Error>> {
+    serde_path_to_error::deserialize(value)
+}
+
+impl Object {
+    /// `Kind namespace/name`, for messages.
+    pub fn describe(&self) -> String {
+        let (kind, meta) = match self {
+            Object::Namespace(o) => ("Namespace", &o.metadata),
+            Object::Pod(o) => ("Pod", &o.metadata),
+            Object::Deployment(o) => ("Deployment", &o.metadata),
+            Object::Service(o) => ("Service", &o.metadata),
+            Object::Other { kind, .. } => return kind.clone(),
+        };
+        let name = meta.name.as_deref().unwrap_or("<unnamed>");
+        match &meta.namespace {
+            Some(ns) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} {name}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_multi_document_yaml_and_skips_unknown_kinds() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    skiff.dev/dataplane-mode: ambient\n---\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n";
+        let objs = parse_documents(text).unwrap();
+        assert_eq!(objs.len(), 2);
+        match &objs[0] {
+            Object::Namespace(ns) => assert_eq!(ns.metadata.labels["skiff.dev/dataplane-mode"], "ambient"),
+            o => panic!("unexpected {o:?}"),
+        }
+        assert!(matches!(&objs[1], Object::Other { kind, .. } if kind == "ConfigMap"));
+    }
+
+    #[test]
+    fn wrong_field_type_names_document_and_object() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: eighty\n";
+        let err = parse_documents(text).unwrap_err();
+        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(msg.contains("Service \"web\""), "{msg}");
+        assert!(msg.contains("spec.ports[0].port"), "{msg}");
+    }
+
+    #[test]
+    fn missing_kind_is_an_error() {
+        assert!(matches!(parse_documents("metadata: {name: x}\n"), Err(ParseError::MissingKind { index: 0 })));
+    }
+}

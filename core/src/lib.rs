@@ -1,0 +1,30 @@
+//! Skiff's shared core, used by node-agent, ztunnel and the local mesh.
+//!
+//! - [`k8s`]: the few Kubernetes wire types Skiff reads, parsed from YAML.
+//! - [`model`]: validated domain types (workloads, namespaces, services) and
+//!   the conversion from wire types, with errors that name object and field.
+//! - [`enroll`]: the enrollment decision, a pure function.
+//! - [`source`]: config sources behind one interface; the local one reads a
+//!   directory of manifests.
+//! - [`zds`]: the node-agent → ztunnel protocol over a Unix socket.
+//! - [`netns`]: running code inside another network namespace.
+
+pub mod enroll;
+pub mod k8s;
+pub mod model;
+pub mod netns;
+pub mod source;
+pub mod zds;
+
+/// Namespace label (and pod label) that opts in to ambient capture.
+pub const LABEL_DATAPLANE_MODE: &str = "skiff.dev/dataplane-mode";
+/// Istio's spelling of the same label, accepted as well.
+pub const LABEL_ISTIO_DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// Value of the dataplane-mode label that enrolls.
+pub const DATAPLANE_AMBIENT: &str = "ambient";
+/// Value of the dataplane-mode pod label that opts one pod out.
+pub const DATAPLANE_NONE: &str = "none";
+/// The mesh's own namespace: never captured.
+pub const MESH_NAMESPACE: &str = "skiff-system";
+/// Pod annotation written by the local mesh: path of the pod's netns.
+pub const ANNOTATION_LOCAL_NETNS: &str = "local.skiff.dev/netns";
