@@ -28,3 +28,15 @@ pub const DATAPLANE_NONE: &str = "none";
 pub const MESH_NAMESPACE: &str = "skiff-system";
 /// Pod annotation written by the local mesh: path of the pod's netns.
 pub const ANNOTATION_LOCAL_NETNS: &str = "local.skiff.dev/netns";
+
+/// An error and its chain of causes on one line (`a: b: c`), for logs.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

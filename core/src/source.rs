@@ -42,14 +42,7 @@ pub enum SourceError {
 impl SourceError {
     /// The error with its whole chain of causes, on one line.
     pub fn report(&self) -> String {
-        let mut out = self.to_string();
-        let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(self);
-        while let Some(e) = cur {
-            out.push_str(": ");
-            out.push_str(&e.to_string());
-            cur = e.source();
-        }
-        out
+        crate::report(self)
     }
 }
 

@@ -157,6 +157,19 @@ impl Conn {
         Ok((msg, fds))
     }
 
+    /// True when the peer has closed the connection (or sent something
+    /// unsolicited, which this protocol never does). Does not block.
+    pub fn peer_gone(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(_) => true,
+        }
+    }
+
     /// Sends a request and waits for its response.
     pub fn call(&self, req: &Request, fd: Option<BorrowedFd<'_>>) -> Result<Response, ZdsError> {
         self.send(req, fd)?;

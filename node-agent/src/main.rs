@@ -1,1 +1,93 @@
-fn main(){}
+use std::{fs::File, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use skiff_core::source::LocalDirSource;
+use skiff_node_agent::{
+    agent::{stop_flag, Agent, AgentConfig, AnnotatedNetns},
+    bpf,
+};
+
+/// Skiff node-agent: eBPF capture and pod enrollment for one node.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Attach capture and enroll pods until SIGTERM (capture stays attached).
+    Run {
+        /// This node's name: pods with this `spec.nodeName` are handled here.
+        #[arg(long, env = "SKIFF_NODE_NAME")]
+        node: String,
+        /// Directory of Kubernetes manifests to read the cluster from.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// cgroup v2 directory to attach under (default: the cgroup2 root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// bpffs directory for pinned maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/skiff")]
+        pin_dir: PathBuf,
+        /// ztunnel's node-agent socket.
+        #[arg(long, default_value = "/var/run/skiff/ztunnel.sock")]
+        ztunnel_socket: PathBuf,
+    },
+    /// Print the pinned capture state (enrolled netns, links, counters) as JSON.
+    Inspect {
+        #[arg(long, default_value = "/sys/fs/bpf/skiff")]
+        pin_dir: PathBuf,
+    },
+    /// Detach every program and remove every pin: capture stops.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf/skiff")]
+        pin_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run { node, manifests, cgroup, pin_dir, ztunnel_socket } => {
+            let cgroup = match cgroup {
+                Some(c) => c,
+                None => skiff_node_agent::cgroup2_root().context("no cgroup2 mount found in /proc/self/mountinfo")?,
+            };
+            let cgroup_fd =
+                File::open(&cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+            let capture = bpf::Capture::install(&pin_dir, std::os::fd::AsFd::as_fd(&cgroup_fd))
+                .map_err(report)
+                .with_context(|| format!("installing capture under cgroup {}", cgroup.display()))?;
+            tracing::info!(node = %node, cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), "capture installed");
+            let stop = stop_flag();
+            let cfg = AgentConfig { node, ztunnel_socket, ztunnel_timeout: Duration::from_secs(10) };
+            let mut agent = Agent::new(cfg, capture, Box::new(AnnotatedNetns));
+            let mut source = LocalDirSource::new(manifests);
+            agent.run(&mut source, &stop);
+            Ok(())
+        }
+        Cmd::Inspect { pin_dir } => {
+            let state = bpf::inspect(&pin_dir).map_err(report)?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+            Ok(())
+        }
+        Cmd::Uninstall { pin_dir } => {
+            bpf::uninstall(&pin_dir).map_err(report)?;
+            tracing::info!(pin_dir = %pin_dir.display(), "capture removed");
+            Ok(())
+        }
+    }
+}
+
+/// The whole error chain in one message.
+fn report(e: impl std::error::Error + Send + Sync + 'static) -> anyhow::Error {
+    anyhow::Error::new(e)
+}

@@ -1,0 +1,333 @@
+//! Loading, attaching and pinning the capture programs, and the maps
+//! node-agent writes.
+//!
+//! Layout under the pin directory (default `/sys/fs/bpf/skiff`):
+//! - `maps/<NAME>`: every map, pinned by name, so a restarted node-agent and
+//!   ztunnel open the same maps;
+//! - `links/<program>`: the cgroup attachments (connect4/6, getpeername4/6,
+//!   bind4/6, sockops, getsockopt);
+//! - `links/inbound-<netns cookie>`: the per-pod sk_lookup attachment.
+//!
+//! Links are pinned, so capture outlives node-agent: restarting it opens no
+//! gap. Removing a pin detaches the program.
+
+use std::{
+    fs,
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        links::{CgroupAttachMode, FdLink},
+        CgroupSockAddr, CgroupSockopt, SkLookup, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use skiff_ebpf_common::{EnrolledPod, STAT_COUNT, STAT_NAMES};
+
+/// The compiled programs, built by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-ebpf"));
+
+/// Cgroup-attached programs, by ELF function name.
+const CGROUP_PROGRAMS: [&str; 8] = [
+    "skiff_connect4",
+    "skiff_connect6",
+    "skiff_peer4",
+    "skiff_peer6",
+    "skiff_bind4",
+    "skiff_bind6",
+    "skiff_sockops",
+    "skiff_sockopt",
+];
+const INBOUND_PROGRAM: &str = "skiff_inbound";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Errors from the capture layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// bpffs is not mounted at the pin directory and could not be mounted.
+    #[error("{path} is not on a bpf filesystem and mounting one failed")]
+    NoBpffs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    /// A file-system operation on the pin directory failed.
+    #[error("{path}")]
+    Fs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Loading the object or a program into the kernel failed (verifier,
+    /// missing kernel feature, not root).
+    #[error("loading eBPF program {name}")]
+    Program {
+        name: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Loading the object failed.
+    #[error("loading the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    /// A program's link could not be made pinnable.
+    #[error("link of eBPF program {name}")]
+    Link {
+        name: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    /// Pinning a link failed.
+    #[error("pinning {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    /// A map operation failed.
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// The object lacks an expected map or program (build mismatch).
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+fn fs_err(path: &Path) -> impl FnOnce(std::io::Error) -> BpfError + '_ {
+    move |source| BpfError::Fs { path: path.to_owned(), source }
+}
+
+/// Makes sure `dir` can hold pins: mounts bpffs on `/sys/fs/bpf` when it is
+/// missing there (it is not mounted by default on every distribution).
+pub fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let mount_point = Path::new("/sys/fs/bpf");
+    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    if dir.starts_with(mount_point) && !on_bpffs(mount_point).unwrap_or(false) {
+        fs::create_dir_all(mount_point).map_err(fs_err(mount_point))?;
+        nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|source| BpfError::NoBpffs { path: mount_point.to_owned(), source })?;
+        tracing::info!(path = %mount_point.display(), "mounted bpffs");
+    }
+    fs::create_dir_all(dir).map_err(fs_err(dir))?;
+    match on_bpffs(dir) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BpfError::NoBpffs { path: dir.to_owned(), source: nix::Error::EINVAL }),
+        Err(source) => Err(BpfError::NoBpffs { path: dir.to_owned(), source }),
+    }
+}
+
+/// The loaded capture programs and the maps node-agent writes.
+pub struct Capture {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+}
+
+impl Capture {
+    /// Loads the programs, reusing pinned maps, and attaches every cgroup
+    /// program under `cgroup` that is not attached (pinned) already.
+    ///
+    /// Attachments are BPF links, which the kernel always treats as
+    /// multi-attach: other agents' programs on the same cgroup keep running
+    /// (the link API refuses the legacy `ALLOW_MULTI` flag, hence `Single`).
+    pub fn install(pin_dir: &Path, cgroup: BorrowedFd<'_>) -> Result<Capture, BpfError> {
+        ensure_bpffs(pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(fs_err(d))?;
+        }
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(PROGRAMS).map_err(BpfError::Load)?;
+        let program_err = |name: &str| {
+            let name = name.to_owned();
+            move |source| BpfError::Program { name, source }
+        };
+        for name in CGROUP_PROGRAMS {
+            let pin = links_dir.join(name);
+            if pin.exists() {
+                tracing::info!(program = name, "already attached (pinned link kept)");
+                continue;
+            }
+            let prog = ebpf.program_mut(name).ok_or(BpfError::Missing("cgroup program"))?;
+            let fd_link: FdLink = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let p: &mut CgroupSockAddr = p;
+                    p.load().map_err(program_err(name))?;
+                    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(program_err(name))?;
+                    let link = p.take_link(id).map_err(program_err(name))?;
+                    FdLink::try_from(link).map_err(|e| BpfError::Link { name: name.to_owned(), source: e })?
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let p: &mut SockOps = p;
+                    p.load().map_err(program_err(name))?;
+                    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(program_err(name))?;
+                    let link = p.take_link(id).map_err(program_err(name))?;
+                    FdLink::try_from(link).map_err(|e| BpfError::Link { name: name.to_owned(), source: e })?
+                }
+                aya::programs::Program::CgroupSockopt(p) => {
+                    let p: &mut CgroupSockopt = p;
+                    p.load().map_err(program_err(name))?;
+                    let prog_fd = p.fd().map_err(program_err(name))?.as_fd();
+                    crate::rawlink::link_and_pin(prog_fd, cgroup, crate::rawlink::BPF_CGROUP_GETSOCKOPT, &pin)
+                        .map_err(|source| BpfError::Fs { path: pin.clone(), source })?;
+                    tracing::info!(program = name, "attached");
+                    continue;
+                }
+                _ => return Err(BpfError::Missing("program of the expected type")),
+            };
+            fd_link.pin(&pin).map_err(|source| BpfError::Pin { path: pin.clone(), source })?;
+            tracing::info!(program = name, "attached");
+        }
+        let enrolled = ebpf.take_map("ENROLLED").ok_or(BpfError::Missing("ENROLLED map"))?;
+        let enrolled = HashMap::try_from(enrolled).map_err(|source| BpfError::Map { map: "ENROLLED", source })?;
+        let mut capture = Capture { ebpf, links_dir, enrolled };
+        capture.inbound()?.load().map_err(program_err(INBOUND_PROGRAM))?;
+        Ok(capture)
+    }
+
+    fn inbound(&mut self) -> Result<&mut SkLookup, BpfError> {
+        match self.ebpf.program_mut(INBOUND_PROGRAM) {
+            Some(aya::programs::Program::SkLookup(p)) => Ok(p),
+            _ => Err(BpfError::Missing("sk_lookup program")),
+        }
+    }
+
+    /// Starts capturing the pod whose netns has `cookie`.
+    pub fn enroll(&mut self, cookie: u64, pod: EnrolledPod) -> Result<(), BpfError> {
+        self.enrolled.insert(cookie, pod, 0).map_err(|source| BpfError::Map { map: "ENROLLED", source })
+    }
+
+    /// Stops capturing a pod. Missing entries are fine.
+    pub fn unenroll(&mut self, cookie: u64) -> Result<(), BpfError> {
+        match self.enrolled.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(BpfError::Map { map: "ENROLLED", source }),
+        }
+    }
+
+    /// Every enrolled netns cookie and its entry.
+    pub fn enrolled(&self) -> Vec<(u64, EnrolledPod)> {
+        self.enrolled.iter().filter_map(Result::ok).collect()
+    }
+
+    fn inbound_pin(&self, cookie: u64) -> PathBuf {
+        self.links_dir.join(format!("inbound-{cookie}"))
+    }
+
+    /// Attaches inbound capture to a pod's netns (kept if already pinned).
+    pub fn attach_inbound(&mut self, netns: BorrowedFd<'_>, cookie: u64) -> Result<(), BpfError> {
+        let pin = self.inbound_pin(cookie);
+        if pin.exists() {
+            return Ok(());
+        }
+        let err = |source| BpfError::Program { name: INBOUND_PROGRAM.into(), source };
+        let prog = self.inbound()?;
+        let id = prog.attach(netns.as_fd()).map_err(err)?;
+        let link = prog.take_link(id).map_err(err)?;
+        let fd_link = FdLink::from(link);
+        fd_link.pin(&pin).map_err(|source| BpfError::Pin { path: pin.clone(), source })?;
+        Ok(())
+    }
+
+    /// Detaches inbound capture from a pod's netns.
+    pub fn detach_inbound(&mut self, cookie: u64) -> Result<(), BpfError> {
+        let pin = self.inbound_pin(cookie);
+        match fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(BpfError::Fs { path: pin, source }),
+        }
+    }
+
+    /// Netns cookies that have a pinned inbound attachment.
+    pub fn inbound_attached(&self) -> Vec<u64> {
+        inbound_pins(&self.links_dir)
+    }
+}
+
+fn inbound_pins(links_dir: &Path) -> Vec<u64> {
+    let Ok(rd) = fs::read_dir(links_dir) else { return Vec::new() };
+    rd.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("inbound-")?.parse().ok())
+        .collect()
+}
+
+/// What `skiff-node-agent inspect` prints: the pinned state, read without
+/// loading anything.
+#[derive(Debug, serde::Serialize)]
+pub struct PinnedState {
+    pub cgroup_links: Vec<String>,
+    pub enrolled: Vec<EnrolledEntry>,
+    pub inbound_links: Vec<u64>,
+    pub stats: std::collections::BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct EnrolledEntry {
+    pub netns_cookie: u64,
+    pub pod_ip: std::net::Ipv4Addr,
+    pub flags: u32,
+}
+
+/// Reads the pinned maps and links under `pin_dir`.
+pub fn inspect(pin_dir: &Path) -> Result<PinnedState, BpfError> {
+    let maps_dir = pin_dir.join("maps");
+    let open = |name: &'static str| {
+        MapData::from_pin(maps_dir.join(name)).map_err(|source| BpfError::Map { map: name, source })
+    };
+    let enrolled: HashMap<MapData, u64, EnrolledPod> = HashMap::try_from(Map::HashMap(open("ENROLLED")?))
+        .map_err(|source| BpfError::Map { map: "ENROLLED", source })?;
+    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(open("STATS")?))
+        .map_err(|source| BpfError::Map { map: "STATS", source })?;
+    let links_dir = pin_dir.join("links");
+    let mut cgroup_links: Vec<String> =
+        CGROUP_PROGRAMS.iter().filter(|p| links_dir.join(p).exists()).map(|p| p.to_string()).collect();
+    cgroup_links.sort();
+    let mut enrolled: Vec<EnrolledEntry> = enrolled
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(cookie, e)| EnrolledEntry {
+            netns_cookie: cookie,
+            pod_ip: std::net::Ipv4Addr::from(u32::from_be(e.pod_ip)),
+            flags: e.flags,
+        })
+        .collect();
+    enrolled.sort_by_key(|e| e.netns_cookie);
+    let mut inbound_links = inbound_pins(&links_dir);
+    inbound_links.sort();
+    let mut out = std::collections::BTreeMap::new();
+    for i in 0..STAT_COUNT {
+        let v = stats.get(&i, 0).map_err(|source| BpfError::Map { map: "STATS", source })?;
+        out.insert(STAT_NAMES[i as usize], v.iter().sum());
+    }
+    Ok(PinnedState { cgroup_links, enrolled, inbound_links, stats: out })
+}
+
+/// Detaches everything and removes every pin under `pin_dir`: links first
+/// (capture stops), then maps.
+pub fn uninstall(pin_dir: &Path) -> Result<(), BpfError> {
+    for sub in ["links", "maps"] {
+        let d = pin_dir.join(sub);
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.filter_map(Result::ok) {
+                let p = e.path();
+                fs::remove_file(&p).map_err(fs_err(&p))?;
+            }
+        }
+        match fs::remove_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(BpfError::Fs { path: d, source }),
+        }
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(BpfError::Fs { path: pin_dir.to_owned(), source }),
+    }
+}

@@ -1,0 +1,85 @@
+//! In-pod network settings that make ztunnel's delivery keep the client's
+//! source IP, without iptables.
+//!
+//! ztunnel delivers an inbound connection to the application from a socket
+//! bound (IP_TRANSPARENT) to the *client's* address and marked
+//! `MARK_DELIVER`. The application's replies are addressed to that remote
+//! client, so on their own they would leave through the pod's eth0. Two
+//! settings bring them back over loopback to ztunnel:
+//! - `net.ipv4.tcp_fwmark_accept=1`: a socket the application accepts takes
+//!   the mark of the SYN that created it, i.e. `MARK_DELIVER`;
+//! - `ip rule fwmark MARK_DELIVER lookup DELIVER_ROUTE_TABLE` with
+//!   `local 0.0.0.0/0 dev lo` in that table: marked packets are local.
+//!
+//! Both live in the pod's own netns and go away with it.
+
+use std::{os::fd::BorrowedFd, process::Command};
+
+use skiff_core::netns;
+use skiff_ebpf_common::{DELIVER_ROUTE_TABLE, MARK_DELIVER};
+
+/// Priority of the delivery rule (below the `main` table's 32766).
+const RULE_PREF: &str = "32000";
+
+/// Errors from setting up a pod's netns.
+#[derive(Debug, thiserror::Error)]
+pub enum PodNetError {
+    /// Entering the pod's netns failed.
+    #[error("entering the pod network namespace")]
+    Netns(#[from] netns::NetnsError),
+    /// A sysctl could not be written.
+    #[error("writing sysctl {0}")]
+    Sysctl(&'static str, #[source] std::io::Error),
+    /// `ip` could not run or failed.
+    #[error("`ip {args}` failed: {stderr}")]
+    Ip { args: String, stderr: String },
+}
+
+fn ip(args: &[&str]) -> Result<String, PodNetError> {
+    let out = Command::new("ip").args(args).output().map_err(|e| PodNetError::Ip {
+        args: args.join(" "),
+        stderr: format!("cannot run ip: {e}"),
+    })?;
+    if !out.status.success() {
+        return Err(PodNetError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+fn setup_here() -> Result<(), PodNetError> {
+    std::fs::write(FWMARK_ACCEPT, "1").map_err(|e| PodNetError::Sysctl("net.ipv4.tcp_fwmark_accept", e))?;
+    let mark = format!("{MARK_DELIVER:#x}");
+    let table = DELIVER_ROUTE_TABLE.to_string();
+    let rules = ip(&["-4", "rule", "show", "fwmark", &mark])?;
+    if !rules.contains(&format!("lookup {table}")) {
+        ip(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", RULE_PREF])?;
+    }
+    ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+    Ok(())
+}
+
+fn teardown_here() -> Result<(), PodNetError> {
+    let mark = format!("{MARK_DELIVER:#x}");
+    let table = DELIVER_ROUTE_TABLE.to_string();
+    while ip(&["-4", "rule", "show", "fwmark", &mark])?.contains(&format!("lookup {table}")) {
+        ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table])?;
+    }
+    let _ = ip(&["-4", "route", "flush", "table", &table]);
+    std::fs::write(FWMARK_ACCEPT, "0").map_err(|e| PodNetError::Sysctl("net.ipv4.tcp_fwmark_accept", e))?;
+    Ok(())
+}
+
+/// Applies the delivery settings in a pod's netns (idempotent).
+pub fn setup(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
+    netns::run_in(ns, setup_here)?
+}
+
+/// Removes the delivery settings from a pod's netns.
+pub fn teardown(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
+    netns::run_in(ns, teardown_here)?
+}
