@@ -1,0 +1,73 @@
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use skiff_ztunnel::{admin, proxy};
+use tracing::info;
+
+/// Skiff ztunnel: the per-node proxy for enrolled pods.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// This node's name.
+    #[arg(long, env = "SKIFF_NODE_NAME")]
+    node: String,
+    /// Directory of Kubernetes manifests describing the cluster (pods, services).
+    #[arg(long)]
+    manifests: PathBuf,
+    /// Socket node-agent connects to.
+    #[arg(long, default_value = "/var/run/skiff/ztunnel.sock")]
+    zds_socket: PathBuf,
+    /// node-agent's bpffs pin directory (inbound capture). Omit when capture
+    /// is done by other means (iptables).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness address (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// How long open connections may take to finish after SIGTERM.
+    #[arg(long, default_value = "5", value_name = "SECONDS")]
+    drain_timeout: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
+        let cfg = proxy::Config { node: cli.node.clone(), trust_domain: cli.trust_domain, pin_dir: cli.pin_dir };
+        let zt = proxy::Ztunnel::new(cfg, cluster)?;
+        admin::serve(zt.clone(), cli.metrics_addr, admin::Endpoint::Metrics)
+            .await
+            .with_context(|| format!("binding metrics on {}", cli.metrics_addr))?;
+        admin::serve(zt.clone(), cli.readiness_addr, admin::Endpoint::Readiness)
+            .await
+            .with_context(|| format!("binding readiness on {}", cli.readiness_addr))?;
+        skiff_ztunnel::zds_server::spawn(zt.clone(), cli.zds_socket.clone(), tokio::runtime::Handle::current())
+            .map_err(|e| anyhow::anyhow!(skiff_core::report(&e)))?;
+        info!(node = %cli.node, metrics = %cli.metrics_addr, readiness = %cli.readiness_addr, "ztunnel started");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!(open = zt.drain.active(), "draining: listeners closed, waiting for open connections");
+        zt.stop_listeners();
+        let left = zt.drain.drain(Duration::from_secs(cli.drain_timeout)).await;
+        info!(closed_by_deadline = left, "drained; exiting");
+        let _ = std::fs::remove_file(&cli.zds_socket);
+        Ok(())
+    })
+}

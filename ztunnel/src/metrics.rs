@@ -1,0 +1,146 @@
+//! Prometheus metrics, with Istio's names and labels so existing dashboards
+//! and alerts work unchanged.
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+/// Istio's standard TCP labels, in order.
+pub const TCP_LABELS: [&str; 15] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Label values of one connection. Every value comes from a bounded set
+/// (workloads, services, a few fixed strings); unknown peers are "unknown".
+#[derive(Clone, Debug)]
+pub struct ConnLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    /// Envoy-style response flags: `-` for none, `UF` upstream connection
+    /// failure, `UH` no healthy upstream, `NR` no route.
+    pub response_flags: &'static str,
+    pub security_policy: &'static str,
+}
+
+impl ConnLabels {
+    fn values(&self) -> [&str; 15] {
+        [
+            self.reporter,
+            &self.source_workload,
+            &self.source_namespace,
+            &self.source_principal,
+            &self.source_app,
+            &self.destination_workload,
+            &self.destination_namespace,
+            &self.destination_principal,
+            &self.destination_app,
+            &self.destination_service,
+            &self.destination_service_name,
+            &self.destination_service_namespace,
+            "tcp",
+            self.response_flags,
+            self.security_policy,
+        ]
+    }
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    sent: IntCounterVec,
+    received: IntCounterVec,
+    /// Pods ztunnel currently proxies for.
+    pub workloads: IntGauge,
+    /// Connections currently open through this ztunnel.
+    pub active_connections: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let opened = counter(&registry, "istio_tcp_connections_opened_total", "TCP connections opened", &TCP_LABELS);
+        let closed = counter(&registry, "istio_tcp_connections_closed_total", "TCP connections closed", &TCP_LABELS);
+        let sent = counter(
+            &registry,
+            "istio_tcp_sent_bytes_total",
+            "Bytes sent in the response direction (server to client)",
+            &TCP_LABELS,
+        );
+        let received = counter(
+            &registry,
+            "istio_tcp_received_bytes_total",
+            "Bytes received in the request direction (client to server)",
+            &TCP_LABELS,
+        );
+        let workloads = IntGauge::new("skiff_ztunnel_workloads", "Pods this ztunnel proxies for").expect("valid");
+        registry.register(Box::new(workloads.clone())).expect("metric registered once");
+        let active_connections =
+            IntGauge::new("skiff_ztunnel_active_connections", "Connections open through this ztunnel").expect("valid");
+        registry.register(Box::new(active_connections.clone())).expect("metric registered once");
+        Metrics { registry, opened, closed, sent, received, workloads, active_connections }
+    }
+
+    /// Counters of one connection, resolved once so the data path only adds.
+    pub fn connection(&self, labels: &ConnLabels) -> ConnCounters {
+        let v = labels.values();
+        ConnCounters {
+            opened: self.opened.with_label_values(&v),
+            closed: self.closed.with_label_values(&v),
+            sent: self.sent.with_label_values(&v),
+            received: self.received.with_label_values(&v),
+        }
+    }
+
+    /// Text exposition format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone)]
+pub struct ConnCounters {
+    pub opened: prometheus::IntCounter,
+    pub closed: prometheus::IntCounter,
+    /// Server → client bytes.
+    pub sent: prometheus::IntCounter,
+    /// Client → server bytes.
+    pub received: prometheus::IntCounter,
+}

@@ -1,0 +1,94 @@
+//! Sockets ztunnel creates inside a pod's network namespace. These functions
+//! run on the pod's netns thread; the sockets they return work from any
+//! thread afterwards.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd,
+};
+
+use skiff_ebpf_common::{MARK_BYPASS, MARK_DELIVER};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+fn tcp4() -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    Ok(s)
+}
+
+/// A listener on `addr`. The bind carries ztunnel's mark so the bind guard
+/// lets it onto a mesh port; the mark is cleared before `listen` so accepted
+/// sockets start unmarked (with `tcp_fwmark_accept` they would otherwise
+/// inherit it and their replies would be routed back into the pod).
+pub fn listener(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
+    let s = tcp4()?;
+    s.set_reuse_address(true)?;
+    s.set_mark(MARK_BYPASS)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.set_mark(0)?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// An unconnected socket for a connection ztunnel makes on a pod's behalf:
+/// leaves the pod with the pod's IP, never captured again.
+pub fn outbound() -> io::Result<std::net::TcpStream> {
+    let s = tcp4()?;
+    s.set_mark(MARK_BYPASS)?;
+    s.set_nodelay(true)?;
+    Ok(s.into())
+}
+
+/// An unconnected socket for delivering an inbound connection to the app,
+/// bound to the client's IP so the app sees its real peer. The kernel picks
+/// the port; it must differ from the client's own port, or the app's socket
+/// would have the very 4-tuple of ztunnel's inbound socket.
+pub fn delivery(client: SocketAddrV4) -> io::Result<std::net::TcpStream> {
+    for _ in 0..8 {
+        let s = tcp4()?;
+        s.set_ip_transparent(true)?;
+        s.set_mark(MARK_DELIVER)?;
+        s.set_nodelay(true)?;
+        s.bind(&SockAddr::from(SocketAddrV4::new(*client.ip(), 0)))?;
+        let port = s.local_addr()?.as_socket().map(|a| a.port()).unwrap_or(0);
+        if port != client.port() {
+            return Ok(s.into());
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, "no delivery port distinct from the client's"))
+}
+
+/// The destination a captured connection was addressed to, from
+/// `SO_ORIGINAL_DST` (answered by Skiff's getsockopt program, or by
+/// netfilter behind iptables REDIRECT).
+#[allow(unsafe_code)]
+pub fn original_dst(sock: &impl AsRawFd) -> io::Result<SocketAddrV4> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid fd, out-buffer of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if addr.sin_family != libc::AF_INET as libc::sa_family_t {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST returned a non-IPv4 address"));
+    }
+    Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)), u16::from_be(addr.sin_port)))
+}
+
+pub fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}

@@ -1,0 +1,49 @@
+//! How ztunnel reaches the far side of a connection. This is the seam the
+//! HBONE (HTTP/2 CONNECT over mutual TLS) transport plugs into; today the one
+//! transport is plain TCP from inside the source pod's netns.
+
+use std::{io, net::SocketAddrV4, sync::Arc, time::Duration};
+
+use skiff_core::netns::NetnsThread;
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::sock;
+
+/// Transports ztunnel can use to reach a destination.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Transport {
+    /// Plain TCP, from the source pod's netns with the pod's IP.
+    #[default]
+    PlainTcp,
+}
+
+/// Connection attempts give up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Transport {
+    /// Connects to `dst` on behalf of the pod whose netns thread is `net`.
+    pub async fn connect(&self, net: &Arc<NetnsThread>, dst: SocketAddrV4) -> io::Result<TcpStream> {
+        match self {
+            Transport::PlainTcp => {
+                let std = net.run(sock::outbound).map_err(io::Error::other)??;
+                connect_socket(std, dst).await
+            }
+        }
+    }
+
+    /// Label value for `connection_security_policy`.
+    pub fn security_policy(&self) -> &'static str {
+        match self {
+            Transport::PlainTcp => "none",
+        }
+    }
+}
+
+/// Connects an unconnected socket made in a pod's netns, with a timeout.
+pub async fn connect_socket(std: std::net::TcpStream, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    let socket = TcpSocket::from_std_stream(std);
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst.into())).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
