@@ -147,18 +147,27 @@ impl ConfigSource for LocalDirSource {
 mod tests {
     use super::*;
 
-    fn tmpdir(tag: &str) -> PathBuf {
+    /// A temporary directory removed on drop, pass or fail.
+    struct TmpDir(PathBuf);
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmpdir(tag: &str) -> TmpDir {
         let d = std::env::temp_dir().join(format!("skiff-core-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TmpDir(d)
     }
 
     #[test]
     fn reports_changes_once_and_rejects_bad_config() {
-        let d = tmpdir("source");
+        let tmp = tmpdir("source");
+        let d = &tmp.0;
         std::fs::write(d.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n").unwrap();
-        let mut src = LocalDirSource::new(&d).with_interval(Duration::from_millis(10));
+        let mut src = LocalDirSource::new(d).with_interval(Duration::from_millis(10));
         let s = src.poll(Duration::ZERO).unwrap().unwrap();
         assert!(s.namespaces.contains_key("a"));
         assert!(src.poll(Duration::from_millis(30)).unwrap().is_none());
@@ -174,6 +183,5 @@ mod tests {
         std::fs::write(d.join(".hidden.yaml"), "garbage: [").unwrap();
         std::fs::remove_file(d.join("bad.yaml")).unwrap();
         assert!(src.poll(Duration::ZERO).unwrap().is_some());
-        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -1,1 +1,12 @@
+//! The local mesh: a Kubernetes-like cluster on one machine, built from a
+//! directory of manifests, with network namespaces for nodes and pods and
+//! the real Skiff node-agent and ztunnel on every node. The demo and the
+//! end-to-end tests both run on it.
 
+pub mod demo;
+pub mod kubeproxy;
+pub mod manifests;
+pub mod mesh;
+pub mod sys;
+
+pub use mesh::{LocalMesh, MeshOptions, PodRt};

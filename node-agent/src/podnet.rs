@@ -11,15 +11,26 @@
 //! - `ip rule fwmark MARK_DELIVER lookup DELIVER_ROUTE_TABLE` with
 //!   `local 0.0.0.0/0 dev lo` in that table: marked packets are local.
 //!
-//! Both live in the pod's own netns and go away with it.
+//! The delivery rule must come *before* the `local` table: a SYN to the
+//! pod's own IP would otherwise match the local route on eth0, and the kernel
+//! reports such a looped-back packet as arriving on eth0 (the device owning
+//! the address), which inbound capture cannot tell from a real arrival. So
+//! the `local` lookup moves from preference 0 to 100 and the delivery rule
+//! takes 10: marked packets then use `local default dev lo` and arrive on
+//! `lo`, which inbound capture skips.
+//!
+//! All of this lives in the pod's own netns, is undone on release, and goes
+//! away with the pod.
 
 use std::{os::fd::BorrowedFd, process::Command};
 
 use skiff_core::netns;
 use skiff_ebpf_common::{DELIVER_ROUTE_TABLE, MARK_DELIVER};
 
-/// Priority of the delivery rule (below the `main` table's 32766).
-const RULE_PREF: &str = "32000";
+/// Priority of the delivery rule: before the `local` table.
+const RULE_PREF: &str = "10";
+/// Where the `local` table lookup moves to.
+const LOCAL_PREF: &str = "100";
 
 /// Errors from setting up a pod's netns.
 #[derive(Debug, thiserror::Error)]
@@ -55,17 +66,30 @@ fn setup_here() -> Result<(), PodNetError> {
     std::fs::write(FWMARK_ACCEPT, "1").map_err(|e| PodNetError::Sysctl("net.ipv4.tcp_fwmark_accept", e))?;
     let mark = format!("{MARK_DELIVER:#x}");
     let table = DELIVER_ROUTE_TABLE.to_string();
-    let rules = ip(&["-4", "rule", "show", "fwmark", &mark])?;
-    if !rules.contains(&format!("lookup {table}")) {
+    ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+    let rules = ip(&["-4", "rule", "show"])?;
+    if !rules.lines().any(|l| l.starts_with(&format!("{RULE_PREF}:")) && l.contains(&format!("lookup {table}"))) {
         ip(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", RULE_PREF])?;
     }
-    ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+    if !rules.lines().any(|l| l.starts_with(&format!("{LOCAL_PREF}:")) && l.contains("lookup local")) {
+        ip(&["-4", "rule", "add", "pref", LOCAL_PREF, "lookup", "local"])?;
+    }
+    if rules.lines().any(|l| l.starts_with("0:") && l.contains("lookup local")) {
+        ip(&["-4", "rule", "del", "pref", "0", "lookup", "local"])?;
+    }
     Ok(())
 }
 
 fn teardown_here() -> Result<(), PodNetError> {
     let mark = format!("{MARK_DELIVER:#x}");
     let table = DELIVER_ROUTE_TABLE.to_string();
+    let rules = ip(&["-4", "rule", "show"])?;
+    if !rules.lines().any(|l| l.starts_with("0:") && l.contains("lookup local")) {
+        ip(&["-4", "rule", "add", "pref", "0", "lookup", "local"])?;
+    }
+    if rules.lines().any(|l| l.starts_with(&format!("{LOCAL_PREF}:")) && l.contains("lookup local")) {
+        ip(&["-4", "rule", "del", "pref", LOCAL_PREF, "lookup", "local"])?;
+    }
     while ip(&["-4", "rule", "show", "fwmark", &mark])?.contains(&format!("lookup {table}")) {
         ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table])?;
     }

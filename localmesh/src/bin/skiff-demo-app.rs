@@ -1,0 +1,217 @@
+//! Small programs for the local mesh's pods (demo and tests): an echo server
+//! and client that report what each side saw, and a two-tier HTTP app.
+//! Standard library only; one thread per connection.
+
+use std::{
+    env,
+    io::{BufRead as _, BufReader, Read, Write},
+    net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs},
+    process::ExitCode,
+    thread,
+    sync::OnceLock,
+    time::Duration,
+};
+
+static BACKEND_URL: OnceLock<String> = OnceLock::new();
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: skiff-demo-app <command>\n\
+         \x20 echo-server --port P            echo what each connection sends; log peers as JSON lines\n\
+         \x20 client --target HOST:PORT --message M   connect, send, print peer and reply as JSON\n\
+         \x20 http-backend --port P           answer every request with this pod's name and version\n\
+         \x20 http-frontend --port P --backend URL   call the backend for every request\n\
+         \x20 http-get URL                    print the body of one GET"
+    );
+    ExitCode::from(2)
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn pod() -> String {
+    env::var("POD_NAME").unwrap_or_else(|_| "unknown".into())
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn log(line: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn listen(port: &str) -> TcpListener {
+    let addr = format!("0.0.0.0:{port}");
+    TcpListener::bind(&addr).unwrap_or_else(|e| {
+        eprintln!("cannot listen on {addr}: {e}");
+        std::process::exit(1)
+    })
+}
+
+fn echo_server(port: &str) -> ExitCode {
+    let l = listen(port);
+    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    for s in l.incoming().flatten() {
+        thread::spawn(move || {
+            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            log(format!("{{\"event\":\"accepted\",\"peer\":{},\"local\":{}}}", json_str(&peer), json_str(&local)));
+            let mut s = s;
+            let mut data = Vec::new();
+            let _ = s.read_to_end(&mut data);
+            let text = String::from_utf8_lossy(&data).into_owned();
+            log(format!(
+                "{{\"event\":\"received\",\"peer\":{},\"bytes\":{},\"data\":{}}}",
+                json_str(&peer),
+                data.len(),
+                json_str(&text)
+            ));
+            let _ = s.write_all(format!("echo from {}: {text}", pod()).as_bytes());
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+fn client(target: &str, message: &str) -> ExitCode {
+    let result = (|| -> std::io::Result<(String, String, String)> {
+        let addrs: Vec<_> = target.to_socket_addrs()?.collect();
+        let addr = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or(std::io::ErrorKind::NotFound)?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let peer = s.peer_addr()?.to_string();
+        let local = s.local_addr()?.to_string();
+        s.write_all(message.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok((peer, local, reply))
+    })();
+    match result {
+        Ok((peer, local, reply)) => {
+            log(format!("{{\"peer\":{},\"local\":{},\"reply\":{}}}", json_str(&peer), json_str(&local), json_str(&reply)));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log(format!("{{\"error\":{}}}", json_str(&e.to_string())));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_request(s: &mut TcpStream) -> Option<String> {
+    let mut r = BufReader::new(s.try_clone().ok()?);
+    let mut first = String::new();
+    r.read_line(&mut first).ok()?;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    Some(first.trim().to_owned())
+}
+
+fn respond(s: &mut TcpStream, status: &str, body: &str) {
+    let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+}
+
+fn http_get(url: &str) -> Result<(u16, String), String> {
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let hostport = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:80") };
+    let addr = hostport.to_socket_addrs().map_err(|e| format!("resolving {hostport}: {e}"))?.next().ok_or("no address")?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connecting to {hostport}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let host = hostport.split(':').next().unwrap_or("");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).map_err(|e| format!("reading from {hostport}: {e}"))?;
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("malformed response")?;
+    let body = raw.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn http_server(port: &str, handler: fn(&TcpStream) -> (String, String)) -> ExitCode {
+    let l = listen(port);
+    for s in l.incoming().flatten() {
+        thread::spawn(move || {
+            let mut s = s;
+            if read_request(&mut s).is_some() {
+                let (status, body) = handler(&s);
+                respond(&mut s, &status, &body);
+            }
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+fn backend(s: &TcpStream) -> (String, String) {
+    let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let version = env::var("VERSION").unwrap_or_else(|_| "v1".into());
+    ("200 OK".into(), format!("backend {} version={version} saw client {peer}\n", pod()))
+}
+
+fn frontend(_s: &TcpStream) -> (String, String) {
+    let url = BACKEND_URL.get().map(String::as_str).unwrap_or_default();
+    match http_get(url) {
+        Ok((code, body)) => ("200 OK".into(), format!("frontend {} -> [{code}] {body}", pod())),
+        Err(e) => ("502 Bad Gateway".into(), format!("frontend {} -> backend failed: {e}\n", pod())),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("echo-server") => match arg(&args, "--port") {
+            Some(p) => echo_server(&p),
+            None => usage(),
+        },
+        Some("client") => match (arg(&args, "--target"), arg(&args, "--message")) {
+            (Some(t), Some(m)) => client(&t, &m),
+            _ => usage(),
+        },
+        Some("http-backend") => match arg(&args, "--port") {
+            Some(p) => http_server(&p, backend),
+            None => usage(),
+        },
+        Some("http-frontend") => match (arg(&args, "--port"), arg(&args, "--backend")) {
+            (Some(p), Some(b)) => {
+                let _ = BACKEND_URL.set(b);
+                http_server(&p, frontend)
+            }
+            _ => usage(),
+        },
+        Some("http-get") => match args.get(1) {
+            Some(url) => match http_get(url) {
+                Ok((code, body)) => {
+                    print!("{body}");
+                    if (200..300).contains(&code) { ExitCode::SUCCESS } else { eprintln!("HTTP {code}"); ExitCode::FAILURE }
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            },
+            None => usage(),
+        },
+        _ => usage(),
+    }
+}

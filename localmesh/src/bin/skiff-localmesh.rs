@@ -1,0 +1,96 @@
+//! `skiff-localmesh`: run a local mesh from a manifests directory.
+//!
+//! - `demo [--manifests DIR]`: bring the mesh up, run the demo traffic, tear
+//!   down. With `--manifests`, keep the mesh up until Ctrl-C instead.
+//! - `up --manifests DIR`: bring it up and keep it until Ctrl-C.
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use skiff_localmesh::{demo, LocalMesh, MeshOptions};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Number of nodes.
+    #[arg(long, global = true, default_value_t = 2)]
+    nodes: usize,
+    /// Where skiff-node-agent, skiff-ztunnel and skiff-demo-app are
+    /// (default: the directory of this binary).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the example app and show what was captured.
+    Demo {
+        /// Run your own manifests instead, and keep the mesh up until Ctrl-C.
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// The example manifests.
+        #[arg(long, default_value = "examples/two-tier")]
+        example: PathBuf,
+    },
+    /// Bring a mesh up from a manifests directory and keep it until Ctrl-C.
+    Up {
+        #[arg(long)]
+        manifests: PathBuf,
+    },
+}
+
+fn wait_for_interrupt(mesh: &LocalMesh) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    println!("\nThe mesh is up (run {}). Logs: {}/logs", mesh.run_id, mesh.work_dir.display());
+    for p in &mesh.pods {
+        println!("  exec into {}/{}: ip netns exec {} <command>", p.namespace, p.name, p.netns);
+    }
+    for n in &mesh.nodes {
+        println!("  {} metrics: ip netns exec {} curl -s localhost:15020/metrics", n.name, n.netns);
+    }
+    println!("Press Ctrl-C to tear it down.");
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let bin_dir = match cli.bin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()?.parent().context("binary without a directory")?.to_owned(),
+    };
+    let (manifests, keep) = match cli.cmd {
+        Cmd::Demo { manifests: Some(m), .. } => (m, true),
+        Cmd::Demo { manifests: None, example } => (example, false),
+        Cmd::Up { manifests } => (manifests, true),
+    };
+    let opts = MeshOptions { manifests: manifests.clone(), nodes: cli.nodes, bin_dir };
+    println!("Building a {}-node local mesh from {} ...", cli.nodes, manifests.display());
+    let mesh = LocalMesh::up(&opts)?;
+    if keep {
+        demo::print_topology(&mesh)?;
+        wait_for_interrupt(&mesh)?;
+        Ok(())
+    } else {
+        let result = demo::run(&mesh);
+        if result.is_err() {
+            mesh.dump_logs();
+        }
+        drop(mesh);
+        result
+    }
+}

@@ -1,0 +1,67 @@
+//! A kube-proxy stand-in for pods that are not captured: each node answers
+//! every ClusterIP:port itself (the addresses sit on the node's `lo`) and
+//! forwards to a ready endpoint, round robin. Like kube-proxy's userspace
+//! mode, the endpoint sees the node's address as the source.
+//!
+//! Captured pods never reach it: their ztunnel resolves ClusterIPs itself.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::OwnedFd,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use skiff_core::netns::NetnsThread;
+use tokio::net::{TcpListener, TcpStream};
+
+/// One Service port and where it forwards to.
+#[derive(Clone, Debug)]
+pub struct Frontend {
+    pub vip: SocketAddrV4,
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+/// Starts forwarding every frontend in the netns of `node_ns`.
+pub fn start(rt: &tokio::runtime::Handle, node: &str, node_ns: OwnedFd, frontends: Vec<Frontend>) -> anyhow::Result<()> {
+    let net = Arc::new(NetnsThread::spawn(format!("kube-proxy-{node}"), node_ns)?);
+    for fe in frontends {
+        let vip = fe.vip;
+        let std_listener = net.run(move || std::net::TcpListener::bind(vip))??;
+        std_listener.set_nonblocking(true)?;
+        let _guard = rt.enter();
+        let listener = TcpListener::from_std(std_listener)?;
+        let net = net.clone();
+        let next = Arc::new(AtomicUsize::new(0));
+        rt.spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                if fe.endpoints.is_empty() {
+                    continue;
+                }
+                let ep = fe.endpoints[next.fetch_add(1, Ordering::Relaxed) % fe.endpoints.len()];
+                let net = net.clone();
+                tokio::spawn(async move {
+                    let made = net.run(move || {
+                        let s = std::net::TcpStream::connect_timeout(&ep.into(), Duration::from_secs(5))?;
+                        s.set_nonblocking(true)?;
+                        Ok::<_, std::io::Error>(s)
+                    });
+                    let Ok(Ok(s)) = made else { return };
+                    let Ok(mut upstream) = TcpStream::from_std(s) else { return };
+                    let mut client = client;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// `10.96.x.y` style address check used by callers.
+pub fn is_vip(ip: Ipv4Addr) -> bool {
+    ip.octets()[0..2] == [10, 96]
+}

@@ -1,0 +1,771 @@
+//! The local mesh: nodes and pods as network namespaces and cgroups, built
+//! from manifests, running the real node-agent and ztunnel on each node.
+//!
+//! Topology: a "fabric" netns with a bridge joins the nodes (172.18.0.0/24);
+//! each node has a bridge `cni0` (10.244.N.1/24) with one veth per pod and
+//! routes to the other nodes' pod ranges. Every name (netns, cgroup, bpffs
+//! mount, /etc/netns entry, work dir) carries a per-run id, and teardown
+//! removes exactly what this run created — on success, failure and panic.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, Output},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use skiff_core::k8s;
+use tracing::{info, warn};
+
+use crate::{
+    kubeproxy,
+    manifests::{self, PlannedPod, PlannedService},
+    sys,
+};
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    /// Directory of Kubernetes manifests.
+    pub manifests: PathBuf,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Directory holding `skiff-node-agent` and `skiff-ztunnel`; also put on
+    /// the pods' PATH (so `skiff-demo-app` resolves).
+    pub bin_dir: PathBuf,
+}
+
+pub struct NodeRt {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub pod_gateway: Ipv4Addr,
+    cgroup: PathBuf,
+    system_cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub zds_socket: PathBuf,
+    agent: Option<Child>,
+    ztunnel: Option<Child>,
+    pub agent_log: PathBuf,
+    pub ztunnel_log: PathBuf,
+    pods_on_node: u32,
+}
+
+pub struct PodRt {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub ip: Ipv4Addr,
+    pub node: usize,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub log: PathBuf,
+    pub host_network: bool,
+    planned: PlannedPod,
+    children: Vec<Child>,
+}
+
+pub struct LocalMesh {
+    pub run_id: String,
+    pub work_dir: PathBuf,
+    pub state_dir: PathBuf,
+    bin_dir: PathBuf,
+    bpffs: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
+    fabric: Option<String>,
+    netns: Vec<String>,
+    etc_dirs: Vec<PathBuf>,
+    pub nodes: Vec<NodeRt>,
+    pub pods: Vec<PodRt>,
+    pub services: Vec<PlannedService>,
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    rt: Option<tokio::runtime::Runtime>,
+    extra: Vec<Child>,
+    torn_down: bool,
+}
+
+fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the local mesh needs root (network namespaces, cgroups, eBPF)");
+    }
+    for tool in ["ip", "nsenter", "sysctl"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        if !found {
+            bail!("`{tool}` not found on PATH (install iproute2, util-linux and procps; `cargo xtask setup` does)");
+        }
+    }
+    for bin in ["skiff-node-agent", "skiff-ztunnel"] {
+        let p = opts.bin_dir.join(bin);
+        if !p.exists() {
+            bail!("{} not found: build the workspace first (`cargo build --bins`, or use `cargo xtask`)", p.display());
+        }
+    }
+    Ok(())
+}
+
+impl LocalMesh {
+    /// Builds the mesh and waits until every node's ztunnel is ready.
+    pub fn up(opts: &MeshOptions) -> anyhow::Result<LocalMesh> {
+        preflight(opts)?;
+        let node_names: Vec<String> = (1..=opts.nodes).map(|i| format!("node-{i}")).collect();
+        let plan = manifests::plan(&opts.manifests, &node_names)?;
+        let run_id = sys::run_id();
+        let work_dir = std::env::temp_dir().join(format!("skiff-{run_id}"));
+        let mut mesh = LocalMesh {
+            state_dir: work_dir.join("cluster"),
+            work_dir,
+            run_id,
+            bin_dir: opts.bin_dir.clone(),
+            bpffs: None,
+            cgroup_root: None,
+            fabric: None,
+            netns: Vec::new(),
+            etc_dirs: Vec::new(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            services: plan.services.clone(),
+            namespaces: plan.namespaces.clone(),
+            rt: None,
+            extra: Vec::new(),
+            torn_down: false,
+        };
+        // From here on, Drop tears down whatever was created if a step fails.
+        mesh.build(opts, &node_names, plan.pods)?;
+        Ok(mesh)
+    }
+
+    fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
+        sys::ip(&["netns", "add", name])?;
+        self.netns.push(name.to_owned());
+        sys::ip_in(name, &["link", "set", "lo", "up"])
+    }
+
+    fn build(&mut self, opts: &MeshOptions, node_names: &[String], pods: Vec<PlannedPod>) -> anyhow::Result<()> {
+        fs::create_dir_all(self.work_dir.join("logs"))?;
+        fs::create_dir_all(&self.state_dir)?;
+        let cg = sys::cgroup2_root()?.join(format!("skiff-{}", self.run_id));
+        fs::create_dir_all(&cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
+        self.cgroup_root = Some(cg.clone());
+        let bpffs = self.work_dir.join("bpffs");
+        sys::mount_bpffs(&bpffs)?;
+        self.bpffs = Some(bpffs.clone());
+
+        let fabric = format!("skiff-{}-fabric", self.run_id);
+        self.add_netns(&fabric)?;
+        self.fabric = Some(fabric.clone());
+        sys::ip_in(&fabric, &["link", "add", "br0", "type", "bridge"])?;
+        sys::ip_in(&fabric, &["link", "set", "br0", "up"])?;
+
+        for (i, name) in node_names.iter().enumerate() {
+            let n = i + 1;
+            let netns = format!("skiff-{}-{name}", self.run_id);
+            self.add_netns(&netns)?;
+            let ip = Ipv4Addr::new(172, 18, 0, 10 + n as u8);
+            let gw = Ipv4Addr::new(10, 244, n as u8, 1);
+            let veth = format!("n{n}");
+            sys::ip_in(&fabric, &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            sys::ip_in(&fabric, &["link", "set", &veth, "master", "br0", "up"])?;
+            sys::ip_in(&netns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            sys::ip_in(&netns, &["link", "set", "eth0", "up"])?;
+            sys::ip_in(&netns, &["link", "add", "cni0", "type", "bridge"])?;
+            sys::ip_in(&netns, &["addr", "add", &format!("{gw}/24"), "dev", "cni0"])?;
+            sys::ip_in(&netns, &["link", "set", "cni0", "up"])?;
+            sys::sysctl_in(&netns, "net.ipv4.ip_forward", "1")?;
+            for j in 1..=node_names.len() {
+                if j != n {
+                    let via = Ipv4Addr::new(172, 18, 0, 10 + j as u8).to_string();
+                    sys::ip_in(&netns, &["route", "add", &format!("10.244.{j}.0/24"), "via", &via])?;
+                }
+            }
+            let node_cg = cg.join(name);
+            let system_cg = node_cg.join("system");
+            fs::create_dir_all(&system_cg)?;
+            fs::create_dir_all(node_cg.join("pods"))?;
+            let node_dir = self.work_dir.join(name);
+            fs::create_dir_all(&node_dir)?;
+            self.nodes.push(NodeRt {
+                name: name.clone(),
+                netns,
+                ip,
+                pod_gateway: gw,
+                cgroup: node_cg,
+                system_cgroup: system_cg,
+                pin_dir: bpffs.join(name),
+                zds_socket: node_dir.join("ztunnel.sock"),
+                agent: None,
+                ztunnel: None,
+                agent_log: self.work_dir.join("logs").join(format!("{name}-node-agent.log")),
+                ztunnel_log: self.work_dir.join("logs").join(format!("{name}-ztunnel.log")),
+                pods_on_node: 0,
+            });
+        }
+
+        for (k, planned) in pods.into_iter().enumerate() {
+            self.add_pod(k, planned)?;
+        }
+        self.write_state()?;
+
+        // ztunnel first: node-agent then finds it at once and hands over
+        // every pod before capture points at ztunnel's listeners.
+        for i in 0..self.nodes.len() {
+            self.start_ztunnel(i)?;
+            self.start_node_agent(i)?;
+            self.wait_for_capture(i)?;
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_ready(i, Duration::from_secs(20))?;
+        }
+        self.start_kube_proxy()?;
+        for k in 0..self.pods.len() {
+            self.start_containers(k, opts)?;
+        }
+        Ok(())
+    }
+
+    fn add_pod(&mut self, k: usize, planned: PlannedPod) -> anyhow::Result<()> {
+        let node = planned.node;
+        let node_rt = &mut self.nodes[node];
+        let (netns, ip) = if planned.host_network {
+            (node_rt.netns.clone(), node_rt.ip)
+        } else {
+            node_rt.pods_on_node += 1;
+            let ip = Ipv4Addr::new(10, 244, node as u8 + 1, 9 + node_rt.pods_on_node as u8);
+            (format!("skiff-{}-p{k}", self.run_id), ip)
+        };
+        let node_ns = self.nodes[node].netns.clone();
+        let gw = self.nodes[node].pod_gateway;
+        if !planned.host_network {
+            self.add_netns(&netns)?;
+            let veth = format!("vp{k}");
+            sys::ip_in(&node_ns, &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            sys::ip_in(&node_ns, &["link", "set", &veth, "master", "cni0", "up"])?;
+            sys::ip_in(&netns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            sys::ip_in(&netns, &["link", "set", "eth0", "up"])?;
+            sys::ip_in(&netns, &["route", "add", "default", "via", &gw.to_string()])?;
+            self.write_etc(&netns, &planned, ip)?;
+        }
+        let cgroup = self.nodes[node].cgroup.join("pods").join(format!("p{k}"));
+        fs::create_dir_all(&cgroup)?;
+        let log = self.work_dir.join("logs").join(format!("{}_{}.log", planned.namespace, planned.name));
+        self.pods.push(PodRt {
+            namespace: planned.namespace.clone(),
+            name: planned.name.clone(),
+            uid: planned.uid.clone(),
+            ip,
+            node,
+            netns,
+            cgroup,
+            labels: planned.labels.clone(),
+            log,
+            host_network: planned.host_network,
+            planned,
+            children: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// /etc/netns/<netns>/{hosts,resolv.conf}: Service names resolve to
+    /// ClusterIPs in the pod (`ip netns exec` mounts these over /etc).
+    fn write_etc(&mut self, netns: &str, pod: &PlannedPod, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let dir = PathBuf::from("/etc/netns").join(netns);
+        fs::create_dir_all(&dir)?;
+        self.etc_dirs.push(dir.clone());
+        let mut hosts = format!("127.0.0.1 localhost\n::1 localhost\n{ip} {}\n", pod.name);
+        for s in &self.services {
+            let fq = format!("{}.{}.svc.cluster.local", s.name, s.namespace);
+            let mut names = vec![fq, format!("{}.{}.svc", s.name, s.namespace), format!("{}.{}", s.name, s.namespace)];
+            if s.namespace == pod.namespace {
+                names.push(s.name.clone());
+            }
+            hosts.push_str(&format!("{} {}\n", s.cluster_ip, names.join(" ")));
+        }
+        fs::write(dir.join("hosts"), hosts)?;
+        // No DNS server: unknown names fail fast instead of leaving the mesh.
+        fs::write(
+            dir.join("resolv.conf"),
+            format!("search {}.svc.cluster.local svc.cluster.local cluster.local\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n", pod.namespace),
+        )?;
+        Ok(())
+    }
+
+    /// The cluster as node-agent and ztunnel read it.
+    pub fn write_state(&self) -> anyhow::Result<()> {
+        let mut docs = Vec::new();
+        for (name, labels) in &self.namespaces {
+            let ns = k8s::Namespace {
+                metadata: k8s::ObjectMeta { name: Some(name.clone()), labels: labels.clone(), ..Default::default() },
+            };
+            docs.push(with_kind("v1", "Namespace", serde_yaml::to_value(&ns)?));
+        }
+        sys::write_atomic(&self.state_dir.join("namespaces.yaml"), &join_docs(&docs)?)?;
+        let mut docs = Vec::new();
+        for s in &self.services {
+            let mut obj = s.object.clone();
+            obj.metadata.namespace = Some(s.namespace.clone());
+            obj.spec.cluster_ip = Some(s.cluster_ip.to_string());
+            docs.push(with_kind("v1", "Service", serde_yaml::to_value(&obj)?));
+        }
+        sys::write_atomic(&self.state_dir.join("services.yaml"), &join_docs(&docs)?)?;
+        let mut docs = Vec::new();
+        for p in &self.pods {
+            let mut annotations = BTreeMap::new();
+            if !p.host_network {
+                annotations.insert(skiff_core::ANNOTATION_LOCAL_NETNS.to_owned(), format!("/var/run/netns/{}", p.netns));
+            }
+            let mut spec = p.planned.spec.clone();
+            spec.node_name = Some(self.nodes[p.node].name.clone());
+            let pod = k8s::Pod {
+                metadata: k8s::ObjectMeta {
+                    name: Some(p.name.clone()),
+                    namespace: Some(p.namespace.clone()),
+                    uid: Some(p.uid.clone()),
+                    labels: p.labels.clone(),
+                    annotations,
+                    owner_references: p.planned.owner.iter().cloned().collect(),
+                    ..Default::default()
+                },
+                spec,
+                status: k8s::PodStatus { phase: Some("Running".into()), pod_ip: Some(p.ip.to_string()) },
+            };
+            docs.push(with_kind("v1", "Pod", serde_yaml::to_value(&pod)?));
+        }
+        sys::write_atomic(&self.state_dir.join("pods.yaml"), &join_docs(&docs)?)?;
+        Ok(())
+    }
+
+    fn node_env(&self) -> Vec<(String, String)> {
+        let log = std::env::var("SKIFF_LOG").unwrap_or_else(|_| "info".into());
+        vec![("SKIFF_LOG".into(), log), ("RUST_BACKTRACE".into(), "0".into()), ("NO_COLOR".into(), "1".into())]
+    }
+
+    /// Starts (or restarts) node-agent on node `i`.
+    pub fn start_node_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let n = &self.nodes[i];
+        let argv: Vec<String> = vec![
+            self.bin_dir.join("skiff-node-agent").display().to_string(),
+            "run".into(),
+            "--node".into(),
+            n.name.clone(),
+            "--manifests".into(),
+            self.state_dir.display().to_string(),
+            "--cgroup".into(),
+            n.cgroup.display().to_string(),
+            "--pin-dir".into(),
+            n.pin_dir.display().to_string(),
+            "--ztunnel-socket".into(),
+            n.zds_socket.display().to_string(),
+        ];
+        let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
+        let cmd = sys::command(&place, &argv, &self.node_env())?;
+        let child = sys::spawn_logged(cmd, &n.agent_log)?;
+        self.nodes[i].agent = Some(child);
+        Ok(())
+    }
+
+    /// Kills node-agent on node `i` with SIGKILL (no chance to clean up).
+    pub fn kill_node_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts (or restarts) ztunnel on node `i`.
+    pub fn start_ztunnel(&mut self, i: usize) -> anyhow::Result<()> {
+        let n = &self.nodes[i];
+        let argv: Vec<String> = vec![
+            self.bin_dir.join("skiff-ztunnel").display().to_string(),
+            "--node".into(),
+            n.name.clone(),
+            "--manifests".into(),
+            self.state_dir.display().to_string(),
+            "--zds-socket".into(),
+            n.zds_socket.display().to_string(),
+            "--pin-dir".into(),
+            n.pin_dir.display().to_string(),
+            "--drain-timeout".into(),
+            "2".into(),
+        ];
+        let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
+        let cmd = sys::command(&place, &argv, &self.node_env())?;
+        let child = sys::spawn_logged(cmd, &n.ztunnel_log)?;
+        self.nodes[i].ztunnel = Some(child);
+        Ok(())
+    }
+
+    /// Stops ztunnel on node `i` (SIGTERM: it drains, then exits).
+    pub fn stop_ztunnel(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].ztunnel.take() {
+            sys::stop_child(&mut c, Duration::from_secs(5));
+        }
+    }
+
+    fn wait_for_capture(&mut self, i: usize) -> anyhow::Result<()> {
+        let pin = self.nodes[i].pin_dir.join("links").join("skiff_sockopt");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pin.exists() {
+            if let Some(Ok(Some(status))) = self.nodes[i].agent.as_mut().map(|c| c.try_wait()) {
+                bail!("node-agent on {} exited ({status}):\n{}", self.nodes[i].name, tail(&self.nodes[i].agent_log, 30));
+            }
+            if Instant::now() > deadline {
+                bail!("node-agent on {} did not attach capture in time:\n{}", self.nodes[i].name, tail(&self.nodes[i].agent_log, 30));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Waits until ztunnel on node `i` answers `/healthz/ready` with 200.
+    pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = self.node_http_get(i, 15021, "/healthz/ready") {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.nodes[i].ztunnel.as_mut().map(|c| c.try_wait()) {
+                bail!("ztunnel on {} exited ({status}):\n{}", self.nodes[i].name, tail(&self.nodes[i].ztunnel_log, 30));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ztunnel on {} not ready in time.\nztunnel log:\n{}\nnode-agent log:\n{}",
+                    self.nodes[i].name,
+                    tail(&self.nodes[i].ztunnel_log, 20),
+                    tail(&self.nodes[i].agent_log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn start_kube_proxy(&mut self) -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let mut frontends = Vec::new();
+        for s in &self.services {
+            for port in &s.object.spec.ports {
+                if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                    continue;
+                }
+                let selector = &s.object.spec.selector;
+                let endpoints = self
+                    .pods
+                    .iter()
+                    .filter(|p| {
+                        p.namespace == s.namespace
+                            && !selector.is_empty()
+                            && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                    })
+                    .filter_map(|p| {
+                        let target = match &port.target_port {
+                            None => port.port,
+                            Some(k8s::IntOrString::Int(n)) => *n,
+                            Some(k8s::IntOrString::String(name)) => name.parse().ok().or_else(|| {
+                                p.planned.spec.containers.iter().flat_map(|c| &c.ports).find(|cp| cp.name.as_deref() == Some(name)).map(|cp| cp.container_port)
+                            })?,
+                        };
+                        Some(SocketAddrV4::new(p.ip, target))
+                    })
+                    .collect();
+                frontends.push(kubeproxy::Frontend { vip: SocketAddrV4::new(s.cluster_ip, port.port), endpoints });
+            }
+        }
+        for n in &self.nodes {
+            let mut vips: Vec<Ipv4Addr> = frontends.iter().map(|f| *f.vip.ip()).collect();
+            vips.dedup();
+            for vip in vips {
+                sys::ip_in(&n.netns, &["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+            }
+            let fd = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{}", n.netns)))?;
+            kubeproxy::start(rt.handle(), &n.name, fd, frontends.clone())?;
+        }
+        self.rt = Some(rt);
+        Ok(())
+    }
+
+    fn pod_env(&self, p: &PodRt, extra: &[k8s::EnvVar]) -> Vec<(String, String)> {
+        let path = format!("{}:{}", self.bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let mut env = vec![
+            ("PATH".to_owned(), path),
+            ("POD_NAME".into(), p.name.clone()),
+            ("POD_NAMESPACE".into(), p.namespace.clone()),
+            ("POD_IP".into(), p.ip.to_string()),
+            ("NODE_NAME".into(), self.nodes[p.node].name.clone()),
+        ];
+        for e in extra {
+            env.push((e.name.clone(), e.value.clone().unwrap_or_default()));
+        }
+        env
+    }
+
+    fn start_containers(&mut self, k: usize, _opts: &MeshOptions) -> anyhow::Result<()> {
+        let containers = self.pods[k].planned.spec.containers.clone();
+        for c in containers {
+            let p = &self.pods[k];
+            let argv: Vec<String> = c.command.iter().chain(c.args.iter()).cloned().collect();
+            let env = self.pod_env(p, &c.env);
+            let place = sys::Placement { netns: &p.netns, cgroup: &p.cgroup, pod_view: !p.host_network };
+            let cmd = sys::command(&place, &argv, &env)?;
+            let child = sys::spawn_logged(cmd, &p.log)
+                .with_context(|| format!("pod {}/{} container {}", p.namespace, p.name, c.name))?;
+            self.pods[k].children.push(child);
+        }
+        Ok(())
+    }
+
+    /// Index of the pod `namespace/name`, or of the first pod whose name
+    /// starts with `name-` (a Deployment's pod).
+    pub fn pod(&self, namespace: &str, name: &str) -> &PodRt {
+        self.pods_of(namespace, name).into_iter().next().unwrap_or_else(|| panic!("no pod {namespace}/{name}"))
+    }
+
+    /// Every pod of `namespace` named `name` or belonging to Deployment `name`.
+    pub fn pods_of(&self, namespace: &str, name: &str) -> Vec<&PodRt> {
+        self.pods
+            .iter()
+            .filter(|p| {
+                p.namespace == namespace
+                    && (p.name == name || p.planned.owner.as_ref().is_some_and(|o| o.name.rsplit_once('-').map(|x| x.0) == Some(name)))
+            })
+            .collect()
+    }
+
+    pub fn service_ip(&self, namespace: &str, name: &str) -> Ipv4Addr {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+            .unwrap_or_else(|| panic!("no service {namespace}/{name}"))
+            .cluster_ip
+    }
+
+    pub fn node_index(&self, pod: &PodRt) -> usize {
+        pod.node
+    }
+
+    /// Runs a command inside a pod (its netns, cgroup and /etc view), like
+    /// `kubectl exec`, and waits for it (at most `timeout`).
+    pub fn exec(&self, pod: &PodRt, argv: &[&str], timeout: Duration) -> anyhow::Result<Output> {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let env = self.pod_env(pod, &[]);
+        let place = sys::Placement { netns: &pod.netns, cgroup: &pod.cgroup, pod_view: !pod.host_network };
+        let mut cmd = sys::command(&place, &argv, &env)?;
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().context("exec in pod")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(child.wait_with_output()?);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                bail!(
+                    "`{}` in pod {}/{} did not finish in {timeout:?}; stdout: {} stderr: {}",
+                    argv.join(" "),
+                    pod.namespace,
+                    pod.name,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts a background process in a pod; it is stopped at teardown.
+    pub fn spawn_in(&mut self, pod_index: usize, argv: &[&str], log: &Path) -> anyhow::Result<()> {
+        let p = &self.pods[pod_index];
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let env = self.pod_env(p, &[]);
+        let place = sys::Placement { netns: &p.netns, cgroup: &p.cgroup, pod_view: !p.host_network };
+        let cmd = sys::command(&place, &argv, &env)?;
+        let child = sys::spawn_logged(cmd, log)?;
+        self.extra.push(child);
+        Ok(())
+    }
+
+    /// HTTP GET to 127.0.0.1:`port` inside node `i`'s netns.
+    pub fn node_http_get(&self, i: usize, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        let ns = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{}", self.nodes[i].netns)))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let raw = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || -> std::io::Result<String> {
+            let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+            let mut s = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(req.as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })??;
+        let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("malformed HTTP response")?;
+        let body = raw.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// Sum of a ztunnel metric on node `i` over series whose labels contain
+    /// every `key="value"` in `labels`.
+    pub fn metric(&self, i: usize, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let (status, body) = self.node_http_get(i, 15020, "/metrics")?;
+        if status != 200 {
+            bail!("metrics on {} answered {status}", self.nodes[i].name);
+        }
+        Ok(sum_metric(&body, name, labels))
+    }
+
+    /// node-agent's pinned state on node `i` (`skiff-node-agent inspect`).
+    pub fn inspect(&self, i: usize) -> anyhow::Result<serde_json::Value> {
+        let out = std::process::Command::new(self.bin_dir.join("skiff-node-agent"))
+            .args(["inspect", "--pin-dir"])
+            .arg(&self.nodes[i].pin_dir)
+            .env("NO_COLOR", "1")
+            .output()?;
+        if !out.status.success() {
+            bail!("inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Sets (or with `None` removes) a namespace label, as `kubectl label` would.
+    pub fn label_namespace(&mut self, ns: &str, key: &str, value: Option<&str>) -> anyhow::Result<()> {
+        let labels = self.namespaces.entry(ns.to_owned()).or_default();
+        match value {
+            Some(v) => labels.insert(key.to_owned(), v.to_owned()),
+            None => labels.remove(key),
+        };
+        self.write_state()
+    }
+
+    /// Tears everything down. Called by Drop; safe to call twice.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for c in &mut self.extra {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in &mut self.pods {
+            for c in &mut p.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            sys::cgroup_destroy(&p.cgroup);
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.ztunnel.take() {
+                sys::stop_child(&mut c, Duration::from_secs(3));
+            }
+            if let Some(mut c) = n.agent.take() {
+                sys::stop_child(&mut c, Duration::from_secs(3));
+            }
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+        if let Some(bpffs) = self.bpffs.take() {
+            for n in &self.nodes {
+                remove_pins(&n.pin_dir);
+            }
+            sys::unmount(&bpffs);
+        }
+        for ns in self.netns.drain(..).rev() {
+            if let Err(e) = sys::ip(&["netns", "del", &ns]) {
+                warn!(netns = %ns, error = %e, "netns not deleted");
+            }
+        }
+        for d in self.etc_dirs.drain(..) {
+            let _ = fs::remove_dir_all(&d);
+        }
+        if let Some(cg) = self.cgroup_root.take() {
+            sys::cgroup_destroy(&cg);
+        }
+        let _ = fs::remove_dir_all(&self.work_dir);
+        info!(run = %self.run_id, "local mesh torn down");
+    }
+
+    /// Prints the tail of every log (used when a test fails).
+    pub fn dump_logs(&self) {
+        let Ok(rd) = fs::read_dir(self.work_dir.join("logs")) else { return };
+        let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths {
+            eprintln!("===== {} =====\n{}", p.display(), tail(&p, 40));
+        }
+    }
+}
+
+impl Drop for LocalMesh {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn remove_pins(dir: &Path) {
+    for sub in ["links", "maps"] {
+        if let Ok(rd) = fs::read_dir(dir.join(sub)) {
+            for e in rd.filter_map(Result::ok) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(dir.join(sub));
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+fn with_kind(api_version: &str, kind: &str, v: serde_yaml::Value) -> serde_yaml::Value {
+    let mut m = serde_yaml::Mapping::new();
+    m.insert("apiVersion".into(), api_version.into());
+    m.insert("kind".into(), kind.into());
+    if let serde_yaml::Value::Mapping(rest) = v {
+        for (k, v) in rest {
+            m.insert(k, v);
+        }
+    }
+    serde_yaml::Value::Mapping(m)
+}
+
+fn join_docs(docs: &[serde_yaml::Value]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(d)?);
+    }
+    Ok(out)
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Sums a metric family in Prometheus text format over matching series.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, r)) => (m, r),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            if !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
