@@ -1,0 +1,241 @@
+//! End-to-end tests of the ambient L4 slice, in real network namespaces with
+//! the real eBPF programs, node-agent and ztunnel. Assertions use ztunnel's
+//! metrics, node-agent's pinned state and what the applications themselves
+//! saw — never timing.
+
+use std::time::Duration;
+
+use skiff_e2e::*;
+
+const CONNS: &str = "istio_tcp_connections_opened_total";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn node_of(mesh: &LocalMesh, ns: &str, name: &str) -> usize {
+    mesh.pod(ns, name).node
+}
+
+#[test]
+fn enrolled_client_reaches_server_on_other_node_through_ztunnel() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let client_pod = mesh.pod("mesh", "client");
+    let server = mesh.pod("mesh", "server");
+    assert_ne!(client_pod.node, server.node, "test layout: client and server on different nodes");
+    wait_listening(server);
+    let src_labels = [("reporter", "source"), ("source_workload", "client"), ("destination_workload", "server")];
+    let dst_labels = [("reporter", "destination"), ("source_workload", "client"), ("destination_workload", "server")];
+    let before_src = mesh.metric(client_pod.node, CONNS, &src_labels).unwrap();
+    let before_dst = mesh.metric(server.node, CONNS, &dst_labels).unwrap();
+
+    let target = format!("{}:9000", server.ip);
+    let r = client(&mesh, client_pod, &target, "marker-podip");
+    assert!(r.ok, "client failed: {r:?}");
+    // getpeername() shows the real server, not ztunnel's listener.
+    assert_eq!(r.peer, target);
+    assert_eq!(r.reply, "echo from server: marker-podip");
+    // The server received the bytes, from the client pod's own IP.
+    let peer = peer_of_marker(server, "marker-podip").expect("server received the marker");
+    assert_eq!(peer.split(':').next().unwrap(), client_pod.ip.to_string());
+
+    // Both ztunnels counted it: the client's as source, the server's as destination.
+    eventually(WAIT, "source-side counter", || (mesh.metric(client_pod.node, CONNS, &src_labels).unwrap() > before_src).then_some(()));
+    eventually(WAIT, "destination-side counter", || (mesh.metric(server.node, CONNS, &dst_labels).unwrap() > before_dst).then_some(()));
+    let received = mesh
+        .metric(server.node, "istio_tcp_received_bytes_total", &[("reporter", "destination"), ("source_workload", "client")])
+        .unwrap();
+    assert!(received >= "marker-podip".len() as f64, "received bytes {received}");
+    let closed = mesh.metric(client_pod.node, "istio_tcp_connections_closed_total", &src_labels).unwrap();
+    assert!(closed >= 1.0);
+    // The kernel side agrees: the connect was captured and its destination answered.
+    let stats = mesh.inspect(client_pod.node).unwrap()["stats"].clone();
+    assert!(stats["captured_connects"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["orig_dst_answered"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn namespace_without_label_is_not_captured() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let client_pod = mesh.pod("plain", "client");
+    let server = mesh.pod("plain", "server");
+    wait_listening(server);
+    let before = metric_all(&mesh, CONNS, &[]);
+    let r = client(&mesh, client_pod, &format!("{}:9000", server.ip), "marker-plain");
+    assert!(r.ok, "{r:?}");
+    let peer = peer_of_marker(server, "marker-plain").expect("server received the marker");
+    assert_eq!(peer.split(':').next().unwrap(), client_pod.ip.to_string());
+    assert_eq!(metric_all(&mesh, CONNS, &[]), before, "ztunnel counted a connection between non-enrolled pods");
+    for i in 0..mesh.nodes.len() {
+        let ips = enrolled_ips(&mesh, i);
+        assert!(!ips.contains(&client_pod.ip.to_string()) && !ips.contains(&server.ip.to_string()), "{ips:?}");
+    }
+    // Opt-out label and hostNetwork pods in the enrolled namespace stay out too.
+    let node1 = enrolled_ips(&mesh, 0);
+    assert!(!node1.contains(&mesh.pod("mesh", "optout").ip.to_string()), "opt-out pod enrolled: {node1:?}");
+    assert!(!node1.contains(&mesh.pod("mesh", "hostnet").ip.to_string()), "hostNetwork pod enrolled: {node1:?}");
+    assert_eq!(node1, {
+        let mut v = vec![mesh.pod("mesh", "client").ip.to_string(), mesh.pod("mesh", "server-b").ip.to_string()];
+        v.sort();
+        v
+    });
+}
+
+#[test]
+fn connection_from_non_enrolled_pod_goes_through_inbound_listener() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let client_pod = mesh.pod("plain", "client");
+    let server = mesh.pod("mesh", "server");
+    wait_listening(server);
+    let labels = [("reporter", "destination"), ("source_workload_namespace", "plain"), ("destination_workload", "server")];
+    let before = mesh.metric(server.node, CONNS, &labels).unwrap();
+    let before_out = metric_all(&mesh, CONNS, &[("reporter", "source"), ("source_workload_namespace", "plain")]);
+    let r = client(&mesh, client_pod, &format!("{}:9000", server.ip), "marker-inbound");
+    assert!(r.ok, "{r:?}");
+    // ztunnel delivered it keeping the client's IP.
+    let peer = peer_of_marker(server, "marker-inbound").expect("server received the marker");
+    assert_eq!(peer.split(':').next().unwrap(), client_pod.ip.to_string());
+    eventually(WAIT, "inbound counter", || (mesh.metric(server.node, CONNS, &labels).unwrap() > before).then_some(()));
+    assert_eq!(
+        metric_all(&mesh, CONNS, &[("reporter", "source"), ("source_workload_namespace", "plain")]),
+        before_out,
+        "the non-enrolled client's outbound side must not be captured"
+    );
+    let stats = mesh.inspect(server.node).unwrap()["stats"].clone();
+    assert!(stats["inbound_redirects"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn with_ztunnel_stopped_captured_connects_are_refused() {
+    let Some(mut mesh) = mesh("manifests/l4") else { return };
+    let server_ip = mesh.pod("mesh", "server").ip;
+    wait_listening(mesh.pod("mesh", "server"));
+    let node = node_of(&mesh, "mesh", "client");
+    mesh.stop_ztunnel(node);
+
+    let r = client(&mesh, mesh.pod("mesh", "client"), &format!("{server_ip}:9000"), "marker-refused");
+    assert!(!r.ok, "connect succeeded with ztunnel down: {r:?}");
+    assert!(r.error.contains("refused"), "expected connection refused, got {r:?}");
+    let server = mesh.pod("mesh", "server");
+    assert!(peer_of_marker(server, "marker-refused").is_none(), "bytes reached the server while ztunnel was down");
+    assert!(
+        !server_events(server).iter().any(|e| e["event"] == "accepted"
+            && e["peer"].as_str().unwrap_or("").starts_with(&format!("{}:", mesh.pod("mesh", "client").ip))),
+        "the server accepted a connection from the client while ztunnel was down"
+    );
+
+    // ztunnel comes back: node-agent re-sends its snapshot and traffic flows again.
+    mesh.start_ztunnel(node).unwrap();
+    mesh.wait_ready(node, WAIT).unwrap();
+    let r = client(&mesh, mesh.pod("mesh", "client"), &format!("{server_ip}:9000"), "marker-back");
+    assert!(r.ok, "{r:?}");
+    assert!(peer_of_marker(mesh.pod("mesh", "server"), "marker-back").is_some());
+}
+
+#[test]
+fn labelling_a_running_namespace_captures_and_unlabelling_releases() {
+    let Some(mut mesh) = mesh("manifests/l4") else { return };
+    let (client_ip, server_ip) = (mesh.pod("plain", "client").ip, mesh.pod("plain", "server").ip);
+    wait_listening(mesh.pod("plain", "server"));
+    let out_labels = [("reporter", "source"), ("source_workload_namespace", "plain"), ("destination_workload", "server")];
+    let count = |m: &LocalMesh| metric_all(m, CONNS, &out_labels);
+    let start = count(&mesh);
+
+    mesh.label_namespace("plain", "skiff.dev/dataplane-mode", Some("ambient")).unwrap();
+    eventually(WAIT, "plain pods enrolled", || {
+        let ips = enrolled_ips(&mesh, 0);
+        ips.contains(&client_ip.to_string()).then_some(())
+    });
+    eventually(WAIT, "plain/server enrolled", || enrolled_ips(&mesh, 1).contains(&server_ip.to_string()).then_some(()));
+    let r = client(&mesh, mesh.pod("plain", "client"), &format!("{server_ip}:9000"), "marker-labelled");
+    assert!(r.ok, "{r:?}");
+    eventually(WAIT, "captured after labelling", || (count(&mesh) > start).then_some(()));
+    let captured = count(&mesh);
+
+    mesh.label_namespace("plain", "skiff.dev/dataplane-mode", None).unwrap();
+    eventually(WAIT, "plain pods released", || {
+        (!enrolled_ips(&mesh, 0).contains(&client_ip.to_string()) && !enrolled_ips(&mesh, 1).contains(&server_ip.to_string()))
+            .then_some(())
+    });
+    let r = client(&mesh, mesh.pod("plain", "client"), &format!("{server_ip}:9000"), "marker-released");
+    assert!(r.ok, "{r:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(&mesh), captured, "captured after the label was removed");
+    // The same server process served all of it: no pod restart.
+    let server = mesh.pod("plain", "server");
+    assert_eq!(server_events(server).iter().filter(|e| e["event"] == "listening").count(), 1);
+    assert!(peer_of_marker(server, "marker-labelled").is_some() && peer_of_marker(server, "marker-released").is_some());
+}
+
+#[test]
+fn node_agent_restart_keeps_capture_and_reconciles() {
+    let Some(mut mesh) = mesh("manifests/l4") else { return };
+    let server_ip = mesh.pod("mesh", "server").ip;
+    let server_b_ip = mesh.pod("mesh", "server-b").ip;
+    let client_ip = mesh.pod("mesh", "client").ip;
+    wait_listening(mesh.pod("mesh", "server"));
+    let node = node_of(&mesh, "mesh", "client");
+    let labels = [("reporter", "source"), ("source_workload", "client")];
+    let before = mesh.metric(node, CONNS, &labels).unwrap();
+
+    mesh.kill_node_agent(node);
+    // Capture keeps working with node-agent gone: everything is pinned.
+    let r = client(&mesh, mesh.pod("mesh", "client"), &format!("{server_ip}:9000"), "marker-agent-down");
+    assert!(r.ok, "{r:?}");
+    eventually(WAIT, "captured while node-agent is down", || (mesh.metric(node, CONNS, &labels).unwrap() > before).then_some(()));
+
+    // While it is down, server-b opts out: the restarted agent must release
+    // it from the kernel and from ztunnel (stale state), and keep the rest.
+    let k = mesh.pods.iter().position(|p| p.namespace == "mesh" && p.name == "server-b").unwrap();
+    mesh.pods[k].labels.insert("skiff.dev/dataplane-mode".into(), "none".into());
+    mesh.write_state().unwrap();
+    assert!(enrolled_ips(&mesh, node).contains(&server_b_ip.to_string()));
+
+    mesh.start_node_agent(node).unwrap();
+    eventually(WAIT, "stale entry removed, live one kept", || {
+        (enrolled_ips(&mesh, node) == vec![client_ip.to_string()]).then_some(())
+    });
+    eventually(WAIT, "ztunnel holds exactly the enrolled pods", || {
+        (mesh.metric(node, "skiff_ztunnel_workloads", &[]).unwrap() == 1.0).then_some(())
+    });
+    let state = mesh.inspect(node).unwrap();
+    assert_eq!(state["inbound_links"].as_array().unwrap().len(), 1, "{state}");
+    assert_eq!(state["cgroup_links"].as_array().unwrap().len(), 8, "{state}");
+    let r = client(&mesh, mesh.pod("mesh", "client"), &format!("{server_ip}:9000"), "marker-agent-back");
+    assert!(r.ok, "{r:?}");
+    assert!(peer_of_marker(mesh.pod("mesh", "server"), "marker-agent-back").is_some());
+}
+
+#[test]
+fn service_names_and_cluster_ip_work_from_captured_and_plain_pods() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let vip = mesh.service_ip("mesh", "echo");
+    wait_listening(mesh.pod("mesh", "server"));
+    wait_listening(mesh.pod("mesh", "server-b"));
+    let captured = mesh.pod("mesh", "client");
+    for target in ["echo:80", "echo.mesh:80", "echo.mesh.svc.cluster.local:80", &format!("{vip}:80")] {
+        let r = client(&mesh, captured, target, "svc");
+        assert!(r.ok, "captured client -> {target}: {r:?}");
+        assert_eq!(r.peer, format!("{vip}:80"), "getpeername shows the Service address");
+    }
+    let plain = mesh.pod("plain", "client");
+    for target in ["echo.mesh:80", &format!("{vip}:80")] {
+        let r = client(&mesh, plain, target, "svc-plain");
+        assert!(r.ok, "plain client -> {target}: {r:?}");
+    }
+    // Captured connections to the Service reach both ready pods.
+    let mut servers = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let r = client(&mesh, captured, &format!("{vip}:80"), &format!("lb-{i}"));
+        assert!(r.ok, "{r:?}");
+        servers.insert(r.reply.split(':').next().unwrap().to_owned());
+    }
+    assert_eq!(
+        servers,
+        ["echo from server", "echo from server-b"].into_iter().map(String::from).collect(),
+        "captured connections to the Service must reach both endpoints"
+    );
+    let svc = metric_all(
+        &mesh,
+        CONNS,
+        &[("reporter", "source"), ("source_workload", "client"), ("destination_service", "echo.mesh.svc.cluster.local")],
+    );
+    assert!(svc >= 6.0, "destination_service label: {svc}");
+}
