@@ -239,3 +239,64 @@ fn service_names_and_cluster_ip_work_from_captured_and_plain_pods() {
     );
     assert!(svc >= 6.0, "destination_service label: {svc}");
 }
+
+#[test]
+fn ipv4_mapped_ipv6_connects_are_captured_too() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let client_pod = mesh.pod("mesh", "client");
+    let server = mesh.pod("mesh", "server");
+    wait_listening(server);
+    let labels = [("reporter", "source"), ("source_workload", "client"), ("destination_workload", "server")];
+    let before = mesh.metric(client_pod.node, CONNS, &labels).unwrap();
+    let target = format!("[::ffff:{}]:9000", server.ip);
+    let r = client(&mesh, client_pod, &target, "marker-v6mapped");
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.peer, target, "getpeername6 shows the real peer");
+    let peer = peer_of_marker(server, "marker-v6mapped").expect("server received the marker");
+    assert_eq!(peer.split(':').next().unwrap(), client_pod.ip.to_string());
+    eventually(WAIT, "captured v4-mapped connect", || (mesh.metric(client_pod.node, CONNS, &labels).unwrap() > before).then_some(()));
+}
+
+#[test]
+fn applications_in_enrolled_pods_cannot_bind_mesh_ports() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let bind = |ns: &str, name: &str, port: &str| {
+        let out = mesh.exec(mesh.pod(ns, name), &["skiff-demo-app", "bind", "--port", port], Duration::from_secs(10)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["bound"].as_bool().unwrap(), v["error"].as_str().unwrap_or_default().to_owned())
+    };
+    for port in ["15001", "15006", "15008"] {
+        let (bound, error) = bind("mesh", "client", port);
+        assert!(!bound && error.contains("not permitted"), "enrolled pod bound mesh port {port}: {error}");
+    }
+    assert_eq!(bind("mesh", "client", "15999").0, true, "other ports stay free");
+    assert_eq!(bind("plain", "client", "15008").0, true, "non-enrolled pods are not guarded");
+    let stats = mesh.inspect(0).unwrap()["stats"].clone();
+    assert!(stats["bind_denied"].as_u64().unwrap() >= 3, "{stats}");
+}
+
+#[test]
+fn ztunnel_drains_open_connections_on_sigterm() {
+    let Some(mut mesh) = mesh("manifests/l4") else { return };
+    let server_ip = mesh.pod("mesh", "server").ip;
+    wait_listening(mesh.pod("mesh", "server"));
+    let k = mesh.pods.iter().position(|p| p.namespace == "mesh" && p.name == "client").unwrap();
+    let node = mesh.pods[k].node;
+    let log = mesh.work_dir.join("logs").join("drain-client.log");
+    let target = format!("{server_ip}:9000");
+    // Held open for 1 s; ztunnel's drain deadline in the local mesh is 2 s.
+    mesh.spawn_in(k, &["skiff-demo-app", "client", "--target", &target, "--message", "marker-drain", "--hold-ms", "1000"], &log)
+        .unwrap();
+    eventually(WAIT, "connection open through ztunnel", || {
+        (mesh.metric(node, "skiff_ztunnel_active_connections", &[]).unwrap() >= 1.0).then_some(())
+    });
+    mesh.stop_ztunnel(node);
+    let out = std::fs::read_to_string(&log).unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(v["reply"], "echo from server: marker-drain", "the open connection finished during the drain: {v}");
+    let zlog = std::fs::read_to_string(&mesh.nodes[node].ztunnel_log).unwrap();
+    assert!(zlog.contains("draining") && zlog.contains("closed_by_deadline=0"), "{zlog}");
+    // After the drain new connections are refused, never sent direct.
+    let r = client(&mesh, &mesh.pods[k], &target, "marker-after-drain");
+    assert!(!r.ok && r.error.contains("refused"), "{r:?}");
+}

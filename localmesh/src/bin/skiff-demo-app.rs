@@ -87,7 +87,7 @@ fn echo_server(port: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn client(target: &str, message: &str) -> ExitCode {
+fn client(target: &str, message: &str, hold: Duration) -> ExitCode {
     let result = (|| -> std::io::Result<(String, String, String)> {
         let addrs: Vec<_> = target.to_socket_addrs()?.collect();
         let addr = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or(std::io::ErrorKind::NotFound)?;
@@ -96,6 +96,7 @@ fn client(target: &str, message: &str) -> ExitCode {
         let peer = s.peer_addr()?.to_string();
         let local = s.local_addr()?.to_string();
         s.write_all(message.as_bytes())?;
+        thread::sleep(hold);
         s.shutdown(Shutdown::Write)?;
         let mut reply = String::new();
         s.read_to_string(&mut reply)?;
@@ -185,8 +186,24 @@ fn main() -> ExitCode {
             None => usage(),
         },
         Some("client") => match (arg(&args, "--target"), arg(&args, "--message")) {
-            (Some(t), Some(m)) => client(&t, &m),
+            (Some(t), Some(m)) => {
+                let hold = arg(&args, "--hold-ms").and_then(|h| h.parse().ok()).unwrap_or(0);
+                client(&t, &m, Duration::from_millis(hold))
+            }
             _ => usage(),
+        },
+        Some("bind") => match arg(&args, "--port") {
+            Some(p) => match TcpListener::bind(format!("0.0.0.0:{p}")) {
+                Ok(_) => {
+                    log("{\"bound\":true}".into());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    log(format!("{{\"bound\":false,\"error\":{}}}", json_str(&e.to_string())));
+                    ExitCode::FAILURE
+                }
+            },
+            None => usage(),
         },
         Some("http-backend") => match arg(&args, "--port") {
             Some(p) => http_server(&p, backend),
