@@ -50,8 +50,15 @@ fn wait_for_interrupt(mesh: &LocalMesh) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     println!("\nThe mesh is up (run {}). Logs: {}/logs", mesh.run_id, mesh.work_dir.display());
+    println!("Run a shell inside a pod (its netns and cgroup, so capture applies as to the pod's own processes):");
     for p in &mesh.pods {
-        println!("  exec into {}/{}: ip netns exec {} <command>", p.namespace, p.name, p.netns);
+        println!(
+            "  {}/{}: sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} sh'",
+            p.namespace,
+            p.name,
+            p.cgroup.display(),
+            p.netns
+        );
     }
     for n in &mesh.nodes {
         println!("  {} metrics: ip netns exec {} curl -s localhost:15020/metrics", n.name, n.netns);

@@ -1,0 +1,221 @@
+//! `cargo xtask`: what cargo alone cannot do.
+//!
+//! - `setup`: install what building and running Skiff needs (nightly
+//!   `rust-src`, `bpf-linker` linked against the Rust toolchain's LLVM, host
+//!   tools), idempotently;
+//! - `demo [--manifests DIR] [--nodes N]`: setup, build, run the local mesh demo;
+//! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
+//!   end-to-end tests included.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _};
+
+/// The bpf-linker release that builds against LLVM 22 (the LLVM inside the
+/// pinned Rust toolchains).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+fn home() -> anyhow::Result<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")
+}
+
+fn cargo_bin(tool: &str) -> anyhow::Result<PathBuf> {
+    let cargo_home = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or(home()?.join(".cargo"));
+    Ok(cargo_home.join("bin").join(tool))
+}
+
+/// Host tools the local mesh drives: `ip` (iproute2), `nsenter`
+/// (util-linux), `sysctl` (procps).
+fn setup_host_tools() -> anyhow::Result<()> {
+    let missing: Vec<(&str, &str)> =
+        [("ip", "iproute2"), ("nsenter", "util-linux"), ("sysctl", "procps")].into_iter().filter(|(t, _)| !on_path(t)).collect();
+    if missing.is_empty() {
+        step("host tools (ip, nsenter, sysctl): present");
+        return Ok(());
+    }
+    let pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    if !is_root() {
+        bail!("missing host tools {missing:?}: install the Debian packages {pkgs:?} as root");
+    }
+    step(&format!("installing Debian packages {pkgs:?}"));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&pkgs).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn setup_nightly() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is required")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain (eBPF programs need -Z build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+            .context("the nightly toolchain is required to build the eBPF programs and could not be installed")?;
+    }
+    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+        .unwrap_or_default();
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        step("nightly rust-src: present");
+        return Ok(());
+    }
+    step("installing nightly rust-src");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker must be built against an LLVM 22: `cargo install bpf-linker`
+/// alone looks for a system LLVM that is not there. The Rust toolchain ships
+/// libLLVM 22; a prefix of symlinks to it serves as LLVM_PREFIX. The prefix
+/// must outlive the build: it is the installed binary's rpath.
+fn setup_bpf_linker() -> anyhow::Result<()> {
+    let bin = cargo_bin("bpf-linker")?;
+    if let Some(v) = output(Command::new(&bin).arg("--version")) {
+        if v.contains(BPF_LINKER_VERSION) {
+            step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+            return Ok(());
+        }
+    }
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"])).context("rustc --print sysroot")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let so = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.22")))
+        .with_context(|| format!("no libLLVM.so.22* in {}: bpf-linker needs the LLVM 22 that ships with rustc", lib.display()))?;
+    let prefix = home()?.join(".cache").join("skiff").join("llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so".to_owned(), so.file_name().unwrap().to_string_lossy().into_owned()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&so, &link)?;
+    }
+    step(&format!("installing bpf-linker {BPF_LINKER_VERSION} against {} (a few minutes, once)", so.display()));
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", &prefix))
+    .context("installing bpf-linker")?;
+    output(Command::new(&bin).arg("--version")).context("bpf-linker was installed but does not run")?;
+    Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    setup_host_tools()?;
+    setup_nightly()?;
+    setup_bpf_linker()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build() -> anyhow::Result<()> {
+    step("building (eBPF programs, node-agent, ztunnel, local mesh)");
+    run(cargo().args(["build", "--bins"]))
+}
+
+fn demo(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    build()?;
+    if !is_root() {
+        bail!("the demo builds network namespaces, cgroups and eBPF programs: run it as root (sudo -E cargo xtask demo)");
+    }
+    let mut cmd = Command::new(root().join("target/debug/skiff-localmesh"));
+    cmd.current_dir(root()).arg("demo").args(args);
+    run(&mut cmd)
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    build()?;
+    if !is_root() {
+        step("not root: the privileged end-to-end tests will be skipped (run as root to include them)");
+    }
+    step("running the test suite");
+    let mut child = cargo()
+        .arg("test")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |key: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(key))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += num(" passed");
+            failed += num(" failed");
+            ignored += num(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole suite (cargo's last line is often an
+    // empty doc-test run).
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("the test suite failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = &args[args.len().min(1)..];
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("demo") => demo(rest),
+        Some("test") => test(rest),
+        _ => {
+            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS]>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
