@@ -68,7 +68,12 @@ pub struct Agent {
     ztunnel: Option<zds::Conn>,
     last_connect_attempt: Option<Instant>,
     ztunnel_warned: bool,
+    /// Pods that should be enrolled but are not (yet).
+    pending: usize,
 }
+
+/// How often pods that failed to enroll are retried.
+const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 fn info_of(w: &Workload, node: &str) -> Option<WorkloadInfo> {
     Some(WorkloadInfo {
@@ -93,6 +98,7 @@ impl Agent {
             ztunnel: None,
             last_connect_attempt: None,
             ztunnel_warned: false,
+            pending: 0,
         }
     }
 
@@ -101,6 +107,7 @@ impl Agent {
         // Nothing is touched until the first complete, valid view of the
         // cluster: an empty or partial view would release every pod.
         let mut snapshot: Option<Arc<Snapshot>> = None;
+        let mut last_retry = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             match source.poll(Duration::from_millis(300)) {
                 Ok(Some(s)) => {
@@ -110,7 +117,14 @@ impl Agent {
                 Ok(None) => {}
                 Err(e) => error!(error = %e.report(), "config rejected; keeping the last good config"),
             }
-            if snapshot.is_some() {
+            if let Some(s) = &snapshot {
+                // Pods that could not be enrolled (netns not there yet, a
+                // failed setup) are retried without waiting for a change.
+                if self.pending > 0 && last_retry.elapsed() >= RETRY_INTERVAL {
+                    last_retry = Instant::now();
+                    let s = s.clone();
+                    self.reconcile(&s);
+                }
                 self.maintain_ztunnel();
             }
         }
@@ -137,6 +151,7 @@ impl Agent {
             let reason = skipped.get(&uid).map(|r| r.to_string()).unwrap_or_else(|| "pod deleted".into());
             self.release(&uid, &reason);
         }
+        let wanted = desired.len();
         for (uid, w) in desired {
             let Some(info) = info_of(w, &node) else { continue };
             match self.pods.get(&uid) {
@@ -145,6 +160,7 @@ impl Agent {
                 None => self.enroll(w, info),
             }
         }
+        self.pending = wanted.saturating_sub(self.pods.len());
         self.sweep_stale();
     }
 
@@ -153,7 +169,7 @@ impl Agent {
         let netns = match self.locator.open(w) {
             Ok(fd) => fd,
             Err(e) => {
-                warn!(%pod, error = %e, "cannot enroll: pod network namespace not found; will retry on next change");
+                warn!(%pod, error = %e, "cannot enroll: pod network namespace not found; will retry");
                 return;
             }
         };

@@ -573,3 +573,91 @@ async fn copy_counted(
     let _ = w.shutdown().await;
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_core::{k8s::parse_documents, model::Snapshot};
+
+    fn snapshot(text: &str) -> Arc<Snapshot> {
+        let objs = parse_documents(text).unwrap().into_iter().map(|o| ("t".to_owned(), o)).collect();
+        Arc::new(Snapshot::from_objects(objs).unwrap())
+    }
+
+    fn ztunnel(snap: Arc<Snapshot>) -> Arc<Ztunnel> {
+        let (_tx, rx) = watch::channel(snap);
+        let cfg = Config { node: "n1".into(), trust_domain: "cluster.local".into(), pin_dir: None };
+        Ztunnel::new(cfg, rx).unwrap()
+    }
+
+    const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: ns, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {phase: Running, podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: ns, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8081}]}]}
+status: {phase: Running, podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: ns}
+spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: ns}
+spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
+"#;
+
+    #[test]
+    fn cluster_ip_connections_alternate_between_ready_endpoints() {
+        let snap = snapshot(CLUSTER);
+        let zt = ztunnel(snap.clone());
+        let vip = SocketAddrV4::new("10.96.0.1".parse().unwrap(), 80);
+        let picks: Vec<SocketAddrV4> = (0..4).map(|_| zt.pick_endpoint(&snap, vip).unwrap().0).collect();
+        let a = SocketAddrV4::new("10.0.0.1".parse().unwrap(), 8080);
+        let b = SocketAddrV4::new("10.0.0.2".parse().unwrap(), 8081);
+        assert!(picks == vec![b, a, b, a] || picks == vec![a, b, a, b], "{picks:?}");
+        let (_, svc) = zt.pick_endpoint(&snap, vip).unwrap();
+        assert_eq!(svc, Some(("web".to_owned(), "ns".to_owned())));
+    }
+
+    #[test]
+    fn service_without_endpoints_is_no_healthy_upstream_and_pod_ips_pass_through() {
+        let snap = snapshot(CLUSTER);
+        let zt = ztunnel(snap.clone());
+        let empty = SocketAddrV4::new("10.96.0.2".parse().unwrap(), 80);
+        assert!(matches!(zt.pick_endpoint(&snap, empty), Err(Refusal::NoHealthyUpstream)));
+        let direct = SocketAddrV4::new("10.0.0.2".parse().unwrap(), 9999);
+        assert_eq!(zt.pick_endpoint(&snap, direct).unwrap(), (direct, None));
+    }
+
+    #[tokio::test]
+    async fn node_agent_requests_are_validated() {
+        let zt = ztunnel(snapshot(CLUSTER));
+        let resp = zt.handle(Request::Hello { version: 99, node: "n1".into() }, vec![]).await;
+        assert!(matches!(resp, Response::Error { message } if message.contains("version 99")));
+        assert_eq!(zt.handle(Request::Hello { version: VERSION, node: "n1".into() }, vec![]).await, Response::Ack);
+        let w = WorkloadInfo {
+            uid: "u".into(),
+            namespace: "ns".into(),
+            name: "a".into(),
+            workload_name: "a".into(),
+            service_account: "default".into(),
+            node: "n1".into(),
+            ip: "10.0.0.1".parse().unwrap(),
+            labels: Default::default(),
+        };
+        let resp = zt.handle(Request::Add { workload: w }, vec![]).await;
+        assert!(matches!(&resp, Response::Error { message } if message.contains("exactly one")), "{resp:?}");
+        assert!(!zt.is_ready());
+        assert_eq!(zt.handle(Request::SnapshotSent, vec![]).await, Response::Ack);
+        assert!(zt.is_ready());
+        assert!(zt.pod_uids().is_empty());
+    }
+}

@@ -32,7 +32,9 @@ pub const MESH_PORTS: [u16; 3] = [PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_IN
 
 /// `EnrolledPod::flags` bit: capture outbound connects of this pod.
 pub const ENROLL_OUTBOUND: u32 = 1;
-/// `EnrolledPod::flags` bit: capture inbound connections of this pod.
+/// `EnrolledPod::flags` bit: inbound capture is attached to this pod's netns.
+/// Informational (reported by `inspect`): inbound capture is the per-netns
+/// sk_lookup link itself, so the programs do not read this bit.
 pub const ENROLL_INBOUND: u32 = 2;
 
 /// Value of the `ENROLLED` map, keyed by the pod's network-namespace cookie.
