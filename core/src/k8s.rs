@@ -41,6 +41,8 @@ pub enum Object {
     Pod(Pod),
     Deployment(Deployment),
     Service(Service),
+    PeerAuthentication(PeerAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
     /// A kind Skiff does not read (ConfigMap, Istio kinds not yet supported…).
     Other { api_version: String, kind: String },
 }
@@ -180,6 +182,147 @@ pub enum IntOrString {
     String(String),
 }
 
+/// `security.istio.io` PeerAuthentication.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthentication {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PeerAuthenticationSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub mtls: Option<MtlsSpec>,
+    /// Keys are ports; YAML allows them as numbers or strings.
+    #[serde(default)]
+    pub port_level_mtls: serde_yaml::Mapping,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsSpec {
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// `security.istio.io` AuthorizationPolicy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub action: Option<String>,
+    /// `None`: no `rules` field at all.
+    #[serde(default)]
+    pub rules: Option<Vec<AuthzRule>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzRule {
+    #[serde(default)]
+    pub from: Vec<AuthzFrom>,
+    #[serde(default)]
+    pub to: Vec<AuthzTo>,
+    #[serde(default)]
+    pub when: Vec<AuthzCondition>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzFrom {
+    #[serde(default)]
+    pub source: AuthzSource,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzTo {
+    #[serde(default)]
+    pub operation: AuthzOperation,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzOperation {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzCondition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
 /// Why a manifest document could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
@@ -249,11 +392,14 @@ fn parse_value(index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) ->
     };
     let core = api_version == "v1";
     let apps = api_version == "apps/v1";
+    let security = matches!(api_version.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1");
     let obj = match kind.as_str() {
         "Namespace" if core => Object::Namespace(typed(value).map_err(field)?),
         "Pod" if core => Object::Pod(typed(value).map_err(field)?),
         "Service" if core => Object::Service(typed(value).map_err(field)?),
         "Deployment" if apps => Object::Deployment(typed(value).map_err(field)?),
+        "PeerAuthentication" if security => Object::PeerAuthentication(typed(value).map_err(field)?),
+        "AuthorizationPolicy" if security => Object::AuthorizationPolicy(typed(value).map_err(field)?),
         _ => Object::Other { api_version, kind },
     };
     out.push(obj);
@@ -272,6 +418,8 @@ impl Object {
             Object::Pod(o) => ("Pod", &o.metadata),
             Object::Deployment(o) => ("Deployment", &o.metadata),
             Object::Service(o) => ("Service", &o.metadata),
+            Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
+            Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Object::Other { kind, .. } => return kind.clone(),
         };
         let name = meta.name.as_deref().unwrap_or("<unnamed>");

@@ -13,6 +13,7 @@ pub mod enroll;
 pub mod k8s;
 pub mod model;
 pub mod netns;
+pub mod policy;
 pub mod source;
 pub mod zds;
 

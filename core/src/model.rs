@@ -96,6 +96,8 @@ pub struct Snapshot {
     pub workloads: BTreeMap<String, Workload>,
     /// Keyed by `namespace/name`.
     pub services: BTreeMap<String, ServiceInfo>,
+    pub peer_authentications: Vec<crate::policy::PeerAuthn>,
+    pub authorization_policies: Vec<crate::policy::AuthzPolicy>,
 }
 
 /// One object that failed validation.
@@ -179,6 +181,8 @@ impl Snapshot {
                 Object::Namespace(o) => &o.metadata,
                 Object::Pod(o) => &o.metadata,
                 Object::Service(o) => &o.metadata,
+                Object::PeerAuthentication(o) => &o.metadata,
+                Object::AuthorizationPolicy(o) => &o.metadata,
                 Object::Deployment(_) | Object::Other { .. } => continue,
             };
             let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
@@ -267,6 +271,14 @@ impl Snapshot {
                         ServiceInfo { namespace, name, cluster_ip, selector: svc.spec.selector, ports },
                     );
                 }
+                Object::PeerAuthentication(pa) => match crate::policy::peer_authn_from(&pa) {
+                    Ok(p) => snap.peer_authentications.push(p),
+                    Err((field, message)) => errors.push(err(&field, message)),
+                },
+                Object::AuthorizationPolicy(ap) => match crate::policy::authz_from(&ap) {
+                    Ok(p) => snap.authorization_policies.push(p),
+                    Err((field, message)) => errors.push(err(&field, message)),
+                },
                 Object::Deployment(_) | Object::Other { .. } => {}
             }
         }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod drain;
+pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod sock;

@@ -1,0 +1,618 @@
+//! PeerAuthentication and L4 AuthorizationPolicy: validated domain types and
+//! the pure functions that decide, following Istio's documented semantics.
+//!
+//! AuthorizationPolicy, as ztunnel (L4) enforces it:
+//! - applicable policies: those in the root namespace without a selector
+//!   (every workload), in the root namespace with a matching selector, in
+//!   the workload's namespace without a selector, or with a matching
+//!   selector; policies with `targetRefs` bind to waypoints, not workloads;
+//! - any matching DENY (or CUSTOM, which Skiff cannot delegate: it fails
+//!   closed) denies; then, if any ALLOW policy applies, one must match;
+//!   with no ALLOW policy everything is allowed; AUDIT never changes the
+//!   decision;
+//! - a policy with no `rules` matches nothing (an ALLOW policy with no rules
+//!   therefore allows nothing), while `rules: [{}]` matches everything;
+//! - a rule matches when any `from` matches (or there is none), any `to`
+//!   matches (or there is none) and every `when` matches;
+//! - L7-only attributes (methods, paths, hosts, request principals, request
+//!   headers…) cannot be checked on a TCP connection: in an ALLOW rule they
+//!   make the rule not match; in a DENY rule they are treated as matching —
+//!   both fail closed, as Istio's ztunnel does.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use crate::k8s;
+
+/// Mutual TLS mode of PeerAuthentication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+impl MtlsMode {
+    fn parse(s: Option<&str>) -> Result<MtlsMode, String> {
+        match s {
+            None | Some("UNSET") | Some("") => Ok(MtlsMode::Unset),
+            Some("DISABLE") => Ok(MtlsMode::Disable),
+            Some("PERMISSIVE") => Ok(MtlsMode::Permissive),
+            Some("STRICT") => Ok(MtlsMode::Strict),
+            Some(other) => Err(format!("{other:?} is not one of UNSET, DISABLE, PERMISSIVE, STRICT")),
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MtlsMode::Unset => "UNSET",
+            MtlsMode::Disable => "DISABLE",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Strict => "STRICT",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthn {
+    pub namespace: String,
+    pub name: String,
+    /// `None`: namespace-wide (or mesh-wide in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: MtlsMode,
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The mTLS mode in force for a workload's `port`: workload-level (port
+/// level first) over namespace-level over mesh-level, each `UNSET` deferring
+/// to the next; PERMISSIVE when nothing says otherwise. Among several
+/// policies at one level the first by name wins (Istio uses the oldest).
+pub fn effective_mtls(
+    policies: &[PeerAuthn],
+    root_namespace: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    port: u16,
+) -> MtlsMode {
+    let first = |f: &dyn Fn(&PeerAuthn) -> bool| -> Option<&PeerAuthn> {
+        let mut v: Vec<&PeerAuthn> = policies.iter().filter(|p| f(p)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.into_iter().next()
+    };
+    let workload = first(&|p| p.namespace == namespace && p.selector.as_ref().is_some_and(|s| selects(s, labels)));
+    let ns = first(&|p| p.namespace == namespace && p.selector.is_none());
+    let mesh = first(&|p| p.namespace == root_namespace && p.selector.is_none());
+    let chain = [
+        workload.and_then(|w| w.port_modes.get(&port).copied()),
+        workload.map(|w| w.mode),
+        ns.map(|n| n.mode),
+        mesh.map(|m| m.mode),
+    ];
+    chain.into_iter().flatten().find(|m| *m != MtlsMode::Unset).unwrap_or(MtlsMode::Permissive)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+/// A string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StrMatch(pub String);
+
+impl StrMatch {
+    pub fn matches(&self, v: &str) -> bool {
+        let p = &self.0;
+        if p == "*" {
+            return !v.is_empty();
+        }
+        if let Some(prefix) = p.strip_suffix('*') {
+            return v.starts_with(prefix);
+        }
+        if let Some(suffix) = p.strip_prefix('*') {
+            return v.ends_with(suffix);
+        }
+        p == v
+    }
+}
+
+/// An IPv4 CIDR (a bare address is a /32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, l.parse().ok()?),
+            None => (s, 32),
+        };
+        if l > 32 {
+            return None;
+        }
+        Some(Cidr { addr: a.parse().ok()?, len: l })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let IpAddr::V4(ip) = ip else { return false };
+        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    pub principals: Vec<StrMatch>,
+    pub not_principals: Vec<StrMatch>,
+    pub namespaces: Vec<StrMatch>,
+    pub not_namespaces: Vec<StrMatch>,
+    pub ip_blocks: Vec<Cidr>,
+    pub not_ip_blocks: Vec<Cidr>,
+    pub remote_ip_blocks: Vec<Cidr>,
+    pub not_remote_ip_blocks: Vec<Cidr>,
+    /// requestPrincipals / notRequestPrincipals (JWT): L7 only.
+    pub has_l7: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Operation {
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+    /// hosts, methods, paths and their negations: L7 only.
+    pub has_l7: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConditionKey {
+    SourceIp,
+    RemoteIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationIp,
+    DestinationPort,
+    /// request.*, connection.sni, … — not checkable at L4.
+    L7(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    pub key: ConditionKey,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub to: Vec<Operation>,
+    pub when: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Bound to a waypoint (targetRefs): not enforced by ztunnel.
+    pub targets_waypoint: bool,
+    pub action: Action,
+    /// Empty: the policy matches nothing.
+    pub rules: Vec<Rule>,
+}
+
+impl AuthzPolicy {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the policy binds to this workload.
+    pub fn applies_to(&self, root_namespace: &str, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        if self.targets_waypoint {
+            return false;
+        }
+        let ns_ok = self.namespace == namespace || self.namespace == root_namespace;
+        ns_ok && self.selector.as_ref().is_none_or(|s| selects(s, labels))
+    }
+}
+
+/// What is known about a connection at L4.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub src_ip: IpAddr,
+    /// Peer principal (`td/ns/NS/sa/SA`) when the connection is mTLS.
+    pub principal: Option<String>,
+    /// Peer namespace, from its identity.
+    pub src_namespace: Option<String>,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+}
+
+fn any_str(list: &[StrMatch], v: Option<&str>) -> bool {
+    v.is_some_and(|v| list.iter().any(|m| m.matches(v)))
+}
+
+fn any_cidr(list: &[Cidr], ip: IpAddr) -> bool {
+    list.iter().any(|c| c.contains(ip))
+}
+
+impl Source {
+    fn matches(&self, c: &ConnInfo) -> bool {
+        (self.principals.is_empty() || any_str(&self.principals, c.principal.as_deref()))
+            && (self.not_principals.is_empty() || !any_str(&self.not_principals, c.principal.as_deref()))
+            && (self.namespaces.is_empty() || any_str(&self.namespaces, c.src_namespace.as_deref()))
+            && (self.not_namespaces.is_empty() || !any_str(&self.not_namespaces, c.src_namespace.as_deref()))
+            && (self.ip_blocks.is_empty() || any_cidr(&self.ip_blocks, c.src_ip))
+            && (self.not_ip_blocks.is_empty() || !any_cidr(&self.not_ip_blocks, c.src_ip))
+            && (self.remote_ip_blocks.is_empty() || any_cidr(&self.remote_ip_blocks, c.src_ip))
+            && (self.not_remote_ip_blocks.is_empty() || !any_cidr(&self.not_remote_ip_blocks, c.src_ip))
+    }
+}
+
+impl Operation {
+    fn matches(&self, c: &ConnInfo) -> bool {
+        (self.ports.is_empty() || self.ports.contains(&c.dst_port))
+            && (self.not_ports.is_empty() || !self.not_ports.contains(&c.dst_port))
+    }
+}
+
+impl Condition {
+    fn matches(&self, c: &ConnInfo) -> bool {
+        let value: Option<String> = match &self.key {
+            ConditionKey::SourceIp | ConditionKey::RemoteIp => Some(c.src_ip.to_string()),
+            ConditionKey::SourceNamespace => c.src_namespace.clone(),
+            ConditionKey::SourcePrincipal => c.principal.clone(),
+            ConditionKey::DestinationIp => Some(c.dst_ip.to_string()),
+            ConditionKey::DestinationPort => Some(c.dst_port.to_string()),
+            ConditionKey::L7(_) => return true,
+        };
+        let is_ip = matches!(self.key, ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp);
+        let hit = |list: &[String]| {
+            list.iter().any(|p| match (&value, is_ip) {
+                (Some(v), true) => Cidr::parse(p).is_some_and(|cidr| v.parse().is_ok_and(|ip| cidr.contains(ip))),
+                (Some(v), false) => StrMatch(p.clone()).matches(v),
+                (None, _) => false,
+            })
+        };
+        (self.values.is_empty() || hit(&self.values)) && (self.not_values.is_empty() || !hit(&self.not_values))
+    }
+}
+
+impl Rule {
+    fn has_l7(&self) -> bool {
+        self.from.iter().any(|f| f.has_l7)
+            || self.to.iter().any(|t| t.has_l7)
+            || self.when.iter().any(|w| matches!(w.key, ConditionKey::L7(_)))
+    }
+
+    /// Whether the rule matches, for a policy with `action`.
+    fn matches(&self, action: Action, c: &ConnInfo) -> bool {
+        if self.has_l7() && action == Action::Allow {
+            // Cannot prove the L7 part holds: an ALLOW rule never matches.
+            return false;
+        }
+        (self.from.is_empty() || self.from.iter().any(|f| f.matches(c)))
+            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(c)))
+            && self.when.iter().all(|w| w.matches(c))
+    }
+}
+
+impl AuthzPolicy {
+    pub fn matches(&self, c: &ConnInfo) -> bool {
+        self.rules.iter().any(|r| r.matches(self.action, c))
+    }
+}
+
+/// The outcome, with the policy that decided and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzDecision {
+    pub allowed: bool,
+    /// `namespace/name` of the deciding policy, if one decided.
+    pub policy: Option<String>,
+    pub reason: &'static str,
+    /// AUDIT policies that matched.
+    pub audited: Vec<String>,
+}
+
+/// Decides a connection against the policies that apply to its destination.
+pub fn evaluate(policies: &[&AuthzPolicy], c: &ConnInfo) -> AuthzDecision {
+    let audited: Vec<String> =
+        policies.iter().filter(|p| p.action == Action::Audit && p.matches(c)).map(|p| p.key()).collect();
+    for p in policies.iter().filter(|p| matches!(p.action, Action::Deny | Action::Custom)) {
+        if p.matches(c) {
+            let reason = if p.action == Action::Custom { "CUSTOM policy matched (not supported at L4: denied)" } else { "DENY policy matched" };
+            return AuthzDecision { allowed: false, policy: Some(p.key()), reason, audited };
+        }
+    }
+    let allows: Vec<&&AuthzPolicy> = policies.iter().filter(|p| p.action == Action::Allow).collect();
+    if allows.is_empty() {
+        return AuthzDecision { allowed: true, policy: None, reason: "no ALLOW policy applies", audited };
+    }
+    match allows.iter().find(|p| p.matches(c)) {
+        Some(p) => AuthzDecision { allowed: true, policy: Some(p.key()), reason: "ALLOW policy matched", audited },
+        None => AuthzDecision { allowed: false, policy: None, reason: "no ALLOW policy matched", audited },
+    }
+}
+
+/// Converts wire PeerAuthentication; errors name the field.
+pub fn peer_authn_from(pa: &k8s::PeerAuthentication) -> Result<PeerAuthn, (String, String)> {
+    let namespace = pa.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = pa.metadata.name.clone().unwrap_or_default();
+    let mode = MtlsMode::parse(pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()))
+        .map_err(|e| ("spec.mtls.mode".to_owned(), e))?;
+    let mut port_modes = BTreeMap::new();
+    for (k, v) in &pa.spec.port_level_mtls {
+        let port: Option<u16> = match k {
+            serde_yaml::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            serde_yaml::Value::String(s) => s.parse().ok(),
+            _ => None,
+        };
+        let port = port.filter(|p| *p > 0).ok_or_else(|| ("spec.portLevelMtls".to_owned(), format!("key {k:?} is not a port")))?;
+        let spec: k8s::MtlsSpec = serde_yaml::from_value(v.clone())
+            .map_err(|e| (format!("spec.portLevelMtls.{port}"), e.to_string()))?;
+        let m = MtlsMode::parse(spec.mode.as_deref()).map_err(|e| (format!("spec.portLevelMtls.{port}.mode"), e))?;
+        port_modes.insert(port, m);
+    }
+    let selector = pa.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|s| !s.is_empty());
+    if selector.is_none() && !port_modes.is_empty() {
+        return Err(("spec.portLevelMtls".into(), "requires spec.selector (port-level settings apply to selected workloads only)".into()));
+    }
+    Ok(PeerAuthn { namespace, name, selector, mode, port_modes })
+}
+
+fn str_matches(field: &str, list: &[String]) -> Result<Vec<StrMatch>, (String, String)> {
+    list.iter()
+        .map(|s| {
+            if s.is_empty() {
+                Err((field.to_owned(), "empty value".to_owned()))
+            } else {
+                Ok(StrMatch(s.clone()))
+            }
+        })
+        .collect()
+}
+
+fn cidrs(field: &str, list: &[String]) -> Result<Vec<Cidr>, (String, String)> {
+    list.iter()
+        .map(|s| Cidr::parse(s).ok_or_else(|| (field.to_owned(), format!("{s:?} is not an IPv4 address or CIDR"))))
+        .collect()
+}
+
+fn ports(field: &str, list: &[String]) -> Result<Vec<u16>, (String, String)> {
+    list.iter()
+        .map(|s| s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| (field.to_owned(), format!("{s:?} is not a port"))))
+        .collect()
+}
+
+/// Converts wire AuthorizationPolicy; errors name the field.
+pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String, String)> {
+    let namespace = ap.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = ap.metadata.name.clone().unwrap_or_default();
+    let action = match ap.spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some("AUDIT") => Action::Audit,
+        Some("CUSTOM") => Action::Custom,
+        Some(o) => return Err(("spec.action".into(), format!("{o:?} is not one of ALLOW, DENY, AUDIT, CUSTOM"))),
+    };
+    let targets_waypoint = !ap.spec.target_refs.is_empty() || ap.spec.target_ref.is_some();
+    if targets_waypoint && ap.spec.selector.is_some() {
+        return Err(("spec.selector".into(), "cannot be set together with targetRefs".into()));
+    }
+    let mut rules = Vec::new();
+    for (i, r) in ap.spec.rules.iter().flatten().enumerate() {
+        let mut rule = Rule::default();
+        for (j, f) in r.from.iter().enumerate() {
+            let s = &f.source;
+            let p = |n: &str| format!("spec.rules[{i}].from[{j}].source.{n}");
+            rule.from.push(Source {
+                principals: str_matches(&p("principals"), &s.principals)?,
+                not_principals: str_matches(&p("notPrincipals"), &s.not_principals)?,
+                namespaces: str_matches(&p("namespaces"), &s.namespaces)?,
+                not_namespaces: str_matches(&p("notNamespaces"), &s.not_namespaces)?,
+                ip_blocks: cidrs(&p("ipBlocks"), &s.ip_blocks)?,
+                not_ip_blocks: cidrs(&p("notIpBlocks"), &s.not_ip_blocks)?,
+                remote_ip_blocks: cidrs(&p("remoteIpBlocks"), &s.remote_ip_blocks)?,
+                not_remote_ip_blocks: cidrs(&p("notRemoteIpBlocks"), &s.not_remote_ip_blocks)?,
+                has_l7: !s.request_principals.is_empty() || !s.not_request_principals.is_empty(),
+            });
+        }
+        for (j, t) in r.to.iter().enumerate() {
+            let o = &t.operation;
+            let p = |n: &str| format!("spec.rules[{i}].to[{j}].operation.{n}");
+            rule.to.push(Operation {
+                ports: ports(&p("ports"), &o.ports)?,
+                not_ports: ports(&p("notPorts"), &o.not_ports)?,
+                has_l7: [&o.hosts, &o.not_hosts, &o.methods, &o.not_methods, &o.paths, &o.not_paths]
+                    .iter()
+                    .any(|v| !v.is_empty()),
+            });
+        }
+        for (j, w) in r.when.iter().enumerate() {
+            let key = match w.key.as_str() {
+                "source.ip" => ConditionKey::SourceIp,
+                "remote.ip" => ConditionKey::RemoteIp,
+                "source.namespace" => ConditionKey::SourceNamespace,
+                "source.principal" => ConditionKey::SourcePrincipal,
+                "destination.ip" => ConditionKey::DestinationIp,
+                "destination.port" => ConditionKey::DestinationPort,
+                "" => return Err((format!("spec.rules[{i}].when[{j}].key"), "required".into())),
+                other => ConditionKey::L7(other.to_owned()),
+            };
+            if w.values.is_empty() && w.not_values.is_empty() {
+                return Err((format!("spec.rules[{i}].when[{j}]"), "needs values or notValues".into()));
+            }
+            rule.when.push(Condition { key, values: w.values.clone(), not_values: w.not_values.clone() });
+        }
+        rules.push(rule);
+    }
+    let selector = ap.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|s| !s.is_empty());
+    Ok(AuthzPolicy { namespace, name, selector, targets_waypoint, action, rules })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> AuthzPolicy {
+        let objs = k8s::parse_documents(yaml).unwrap();
+        match &objs[0] {
+            k8s::Object::AuthorizationPolicy(ap) => authz_from(ap).unwrap(),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    fn conn(src: &str, principal: Option<&str>, port: u16) -> ConnInfo {
+        ConnInfo {
+            src_ip: src.parse().unwrap(),
+            principal: principal.map(|p| format!("cluster.local/ns/{p}")),
+            src_namespace: principal.map(|p| p.split('/').next().unwrap().to_owned()),
+            dst_ip: "10.0.0.9".parse().unwrap(),
+            dst_port: port,
+        }
+    }
+
+    const HDR: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: app}\nspec:\n";
+
+    #[test]
+    fn authorization_semantics_table() {
+        let allow_ns = policy(&format!("{HDR}  action: ALLOW\n  rules: [{{from: [{{source: {{namespaces: [frontend]}}}}]}}]\n"));
+        let allow_principal = policy(&format!(
+            "{HDR}  rules: [{{from: [{{source: {{principals: [cluster.local/ns/frontend/sa/web]}}}}]}}]\n"
+        ));
+        let deny_port = policy(&format!("{HDR}  action: DENY\n  rules: [{{to: [{{operation: {{ports: [\"9000\"]}}}}]}}]\n"));
+        let allow_all = policy(&format!("{HDR}  action: ALLOW\n  rules: [{{}}]\n"));
+        let allow_nothing = policy(&format!("{HDR}  action: ALLOW\n"));
+        let deny_no_rules = policy(&format!("{HDR}  action: DENY\n"));
+        let allow_ip = policy(&format!("{HDR}  rules: [{{from: [{{source: {{ipBlocks: [10.244.1.0/24]}}}}]}}]\n"));
+        let deny_not_ip = policy(&format!("{HDR}  action: DENY\n  rules: [{{from: [{{source: {{notIpBlocks: [10.244.0.0/16]}}}}]}}]\n"));
+        let allow_l7 = policy(&format!("{HDR}  rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]\n"));
+        let deny_l7 = policy(&format!("{HDR}  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/admin], ports: [\"8080\"]}}}}]}}]\n"));
+        let audit_all = policy(&format!("{HDR}  action: AUDIT\n  rules: [{{}}]\n"));
+        let allow_when = policy(&format!(
+            "{HDR}  rules: [{{when: [{{key: source.namespace, values: [front*]}}, {{key: destination.port, notValues: [\"22\"]}}]}}]\n"
+        ));
+        let deny_plaintext = policy(&format!("{HDR}  action: DENY\n  rules: [{{from: [{{source: {{notPrincipals: [\"*\"]}}}}]}}]\n"));
+
+        let web = conn("10.244.1.5", Some("frontend/sa/web"), 8080);
+        let other_sa = conn("10.244.1.6", Some("frontend/sa/batch"), 8080);
+        let other_ns = conn("10.244.2.5", Some("backend/sa/api"), 8080);
+        let plaintext = conn("10.244.1.7", None, 8080);
+        let web_9000 = conn("10.244.1.5", Some("frontend/sa/web"), 9000);
+        let outside = conn("192.0.2.1", None, 8080);
+
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<&AuthzPolicy>, &ConnInfo, bool)> = vec![
+            ("no policies: allowed", vec![], &web, true),
+            ("ALLOW by namespace: match", vec![&allow_ns], &web, true),
+            ("ALLOW by namespace: other ns", vec![&allow_ns], &other_ns, false),
+            ("ALLOW by namespace: plaintext has no namespace", vec![&allow_ns], &plaintext, false),
+            ("ALLOW by principal: match", vec![&allow_principal], &web, true),
+            ("ALLOW by principal: other SA", vec![&allow_principal], &other_sa, false),
+            ("DENY by port: denied port", vec![&deny_port], &web_9000, false),
+            ("DENY by port: other port", vec![&deny_port], &web, true),
+            ("DENY beats ALLOW", vec![&allow_all, &deny_port], &web_9000, false),
+            ("ALLOW all with rules: [{}]", vec![&allow_all], &plaintext, true),
+            ("ALLOW without rules allows nothing", vec![&allow_nothing], &web, false),
+            ("DENY without rules denies nothing", vec![&deny_no_rules], &web, true),
+            ("ipBlocks: inside", vec![&allow_ip], &plaintext, true),
+            ("ipBlocks: outside", vec![&allow_ip], &other_ns, false),
+            ("notIpBlocks DENY: outside the mesh range", vec![&deny_not_ip], &outside, false),
+            ("notIpBlocks DENY: inside", vec![&deny_not_ip], &web, true),
+            ("L7 ALLOW rule never matches at L4", vec![&allow_l7], &web, false),
+            ("L7 DENY rule matches on its L4 part", vec![&deny_l7], &web, false),
+            ("L7 DENY rule: L4 part does not match", vec![&deny_l7], &web_9000, true),
+            ("AUDIT alone changes nothing", vec![&audit_all], &web, true),
+            ("AUDIT does not rescue a failed ALLOW", vec![&audit_all, &allow_ns], &other_ns, false),
+            ("when: namespace glob and notValues", vec![&allow_when], &web, true),
+            ("when: namespace mismatch", vec![&allow_when], &other_ns, false),
+            ("notPrincipals * denies plaintext", vec![&deny_plaintext], &plaintext, false),
+            ("notPrincipals * keeps mTLS", vec![&deny_plaintext], &web, true),
+            ("one of two ALLOW policies suffices", vec![&allow_ns, &allow_ip], &plaintext, true),
+        ];
+        for (name, ps, c, want) in cases {
+            let d = evaluate(&ps, c);
+            assert_eq!(d.allowed, want, "case {name}: {d:?}");
+        }
+        let d = evaluate(&[&audit_all, &allow_ns], &web);
+        assert_eq!(d.audited, vec!["app/p".to_owned()]);
+        assert_eq!(d.policy.as_deref(), Some("app/p"));
+    }
+
+    #[test]
+    fn policy_scope() {
+        let labels: BTreeMap<String, String> = [("app".to_owned(), "web".to_owned())].into();
+        let p = |ns: &str, sel: Option<&str>, waypoint: bool| AuthzPolicy {
+            namespace: ns.into(),
+            name: "x".into(),
+            selector: sel.map(|v| [("app".to_owned(), v.to_owned())].into()),
+            targets_waypoint: waypoint,
+            action: Action::Allow,
+            rules: vec![],
+        };
+        assert!(p("app", None, false).applies_to("istio-system", "app", &labels));
+        assert!(p("istio-system", None, false).applies_to("istio-system", "app", &labels));
+        assert!(p("istio-system", Some("web"), false).applies_to("istio-system", "app", &labels));
+        assert!(!p("istio-system", Some("db"), false).applies_to("istio-system", "app", &labels));
+        assert!(p("app", Some("web"), false).applies_to("istio-system", "app", &labels));
+        assert!(!p("other", None, false).applies_to("istio-system", "app", &labels));
+        assert!(!p("app", None, true).applies_to("istio-system", "app", &labels));
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let bad = |yaml: &str| match &k8s::parse_documents(yaml).unwrap()[0] {
+            k8s::Object::AuthorizationPolicy(ap) => authz_from(ap).unwrap_err(),
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(bad(&format!("{HDR}  action: MAYBE\n")).0, "spec.action");
+        assert_eq!(bad(&format!("{HDR}  rules: [{{from: [{{source: {{ipBlocks: [10.0.0.0/33]}}}}]}}]\n")).0, "spec.rules[0].from[0].source.ipBlocks");
+        assert_eq!(bad(&format!("{HDR}  rules: [{{to: [{{operation: {{ports: [http]}}}}]}}]\n")).0, "spec.rules[0].to[0].operation.ports");
+    }
+
+    fn pa(ns: &str, name: &str, sel: Option<&str>, mode: MtlsMode, ports: &[(u16, MtlsMode)]) -> PeerAuthn {
+        PeerAuthn {
+            namespace: ns.into(),
+            name: name.into(),
+            selector: sel.map(|v| [("app".to_owned(), v.to_owned())].into()),
+            mode,
+            port_modes: ports.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn peer_authentication_inheritance() {
+        use MtlsMode::*;
+        let labels: BTreeMap<String, String> = [("app".to_owned(), "web".to_owned())].into();
+        let root = "istio-system";
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<PeerAuthn>, u16, MtlsMode)> = vec![
+            ("nothing: PERMISSIVE", vec![], 80, Permissive),
+            ("mesh STRICT", vec![pa(root, "m", None, Strict, &[])], 80, Strict),
+            ("namespace overrides mesh", vec![pa(root, "m", None, Strict, &[]), pa("app", "n", None, Permissive, &[])], 80, Permissive),
+            ("namespace UNSET inherits mesh", vec![pa(root, "m", None, Strict, &[]), pa("app", "n", None, Unset, &[])], 80, Strict),
+            ("workload overrides namespace", vec![pa("app", "n", None, Strict, &[]), pa("app", "w", Some("web"), Disable, &[])], 80, Disable),
+            ("workload UNSET inherits namespace", vec![pa("app", "n", None, Strict, &[]), pa("app", "w", Some("web"), Unset, &[])], 80, Strict),
+            ("non-matching selector ignored", vec![pa("app", "n", None, Strict, &[]), pa("app", "w", Some("db"), Disable, &[])], 80, Strict),
+            ("port level wins on its port", vec![pa("app", "w", Some("web"), Strict, &[(8080, Permissive)])], 8080, Permissive),
+            ("port level: other port", vec![pa("app", "w", Some("web"), Strict, &[(8080, Permissive)])], 80, Strict),
+            ("port level UNSET inherits", vec![pa("app", "n", None, Strict, &[]), pa("app", "w", Some("web"), Unset, &[(8080, Unset)])], 8080, Strict),
+            ("other namespace's policy ignored", vec![pa("other", "n", None, Strict, &[])], 80, Permissive),
+            ("all UNSET: PERMISSIVE", vec![pa(root, "m", None, Unset, &[])], 80, Permissive),
+        ];
+        for (name, ps, port, want) in cases {
+            assert_eq!(effective_mtls(&ps, root, "app", &labels, port), want, "case {name}");
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Workload identity: SPIFFE IDs, the local CA, workload certificates and
+//! the TLS verifiers that check a peer is who it must be.
+//!
+//! Identities are `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! Peers are verified against the trust bundle *and* the identity expected
+//! for the destination, never just "signed by the CA".
+
+use std::{
+    fmt,
+    fs,
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
+    server::ParsedCertificate,
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+
+/// A SPIFFE workload identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+    }
+}
+
+impl Identity {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Identity {
+        Identity {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        }
+    }
+
+    /// Parses `spiffe://td/ns/NS/sa/SA`.
+    pub fn parse(uri: &str) -> Option<Identity> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let mut parts = rest.split('/');
+        let td = parts.next()?;
+        if parts.next()? != "ns" {
+            return None;
+        }
+        let ns = parts.next()?;
+        if parts.next()? != "sa" {
+            return None;
+        }
+        let sa = parts.next()?;
+        if parts.next().is_some() || td.is_empty() || ns.is_empty() || sa.is_empty() {
+            return None;
+        }
+        Some(Identity::new(td, ns, sa))
+    }
+
+    /// Istio's principal form, without the scheme: `td/ns/NS/sa/SA`.
+    pub fn principal(&self) -> String {
+        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+    }
+}
+
+/// Identity problems.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The CA files could not be read or written.
+    #[error("CA file {path}")]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Key or certificate generation or parsing failed.
+    #[error("certificate generation")]
+    Rcgen(#[from] rcgen::Error),
+    /// A certificate had no SPIFFE URI SAN, or more than one.
+    #[error("certificate has no single SPIFFE identity")]
+    NoSpiffeId,
+    /// TLS setup failed.
+    #[error("TLS configuration")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A workload certificate and its key.
+#[derive(Clone, Debug)]
+pub struct WorkloadCert {
+    pub identity: Identity,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_der: Vec<u8>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl WorkloadCert {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    /// Half-life: when rotation is due.
+    pub fn refresh_at(&self) -> SystemTime {
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        self.not_before + life / 2
+    }
+}
+
+/// The local-mode CA: a self-signed root whose key lives in the state
+/// directory (mode 0600), created on first use.
+pub struct Ca {
+    trust_domain: String,
+    key: KeyPair,
+    cert: rcgen::Certificate,
+    root_der: CertificateDer<'static>,
+}
+
+const CA_KEY: &str = "ca-key.pem";
+const CA_CERT: &str = "ca-cert.pem";
+
+fn write_private(path: &Path, contents: &str) -> Result<(), IdentityError> {
+    let err = |source| IdentityError::CaFile { path: path.to_owned(), source };
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)
+}
+
+impl Ca {
+    /// A new CA in memory (tests; "another CA").
+    pub fn generate(trust_domain: &str) -> Result<Ca, IdentityError> {
+        let key = KeyPair::generate()?;
+        Self::from_key(trust_domain, key, None)
+    }
+
+    fn ca_params(trust_domain: &str) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "skiff");
+        dn.push(DnType::CommonName, format!("skiff root CA ({trust_domain})"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
+        params
+    }
+
+    fn from_key(trust_domain: &str, key: KeyPair, pem: Option<&str>) -> Result<Ca, IdentityError> {
+        // Re-signing the stored root's parameters with the stored key gives
+        // an issuer with the same name and key; the stored PEM stays the
+        // trust anchor.
+        let params = match pem {
+            Some(p) => CertificateParams::from_ca_cert_pem(p)?,
+            None => Self::ca_params(trust_domain),
+        };
+        let cert = params.self_signed(&key)?;
+        let root_der = match pem {
+            Some(p) => rustls_pki_types::pem::PemObject::from_pem_slice(p.as_bytes())
+                .map_err(|_| IdentityError::NoSpiffeId)?,
+            None => cert.der().clone(),
+        };
+        Ok(Ca { trust_domain: trust_domain.to_owned(), key, cert, root_der })
+    }
+
+    /// Loads the CA from `dir`, creating it (key file mode 0600) on first run.
+    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Ca, IdentityError> {
+        let key_path = dir.join(CA_KEY);
+        let cert_path = dir.join(CA_CERT);
+        let read = |p: &Path| fs::read_to_string(p).map_err(|source| IdentityError::CaFile { path: p.to_owned(), source });
+        if key_path.exists() && cert_path.exists() {
+            let key = KeyPair::from_pem(&read(&key_path)?)?;
+            return Self::from_key(trust_domain, key, Some(&read(&cert_path)?));
+        }
+        fs::create_dir_all(dir).map_err(|source| IdentityError::CaFile { path: dir.to_owned(), source })?;
+        let ca = Self::generate(trust_domain)?;
+        write_private(&key_path, &ca.key.serialize_pem())?;
+        fs::write(&cert_path, ca.cert.pem()).map_err(|source| IdentityError::CaFile { path: cert_path.clone(), source })?;
+        Ok(ca)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The root certificate (the trust bundle).
+    pub fn root(&self) -> CertificateDer<'static> {
+        self.root_der.clone()
+    }
+
+    /// Issues a certificate for `identity`, valid from `not_before` for `lifetime`.
+    pub fn issue_at(&self, identity: &Identity, not_before: SystemTime, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before.into();
+        params.not_after = (not_before + lifetime).into();
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            chain: vec![cert.der().clone()],
+            key_der: key.serialize_der(),
+            not_before,
+            not_after: not_before + lifetime,
+        })
+    }
+
+    /// Issues a certificate valid from now (back-dated a minute for clock skew).
+    pub fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
+        let now = SystemTime::now() - Duration::from_secs(60);
+        self.issue_at(identity, now, lifetime + Duration::from_secs(60))
+    }
+}
+
+/// The SPIFFE identity in a certificate's URI SAN.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|_| IdentityError::NoSpiffeId)?;
+    let san = parsed.subject_alternative_name().map_err(|_| IdentityError::NoSpiffeId)?.ok_or(IdentityError::NoSpiffeId)?;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Identity::parse(u),
+        _ => None,
+    });
+    match (ids.next(), ids.next()) {
+        (Some(id), None) => Ok(id),
+        _ => Err(IdentityError::NoSpiffeId),
+    }
+}
+
+pub fn roots(bundle: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, IdentityError> {
+    let mut roots = RootCertStore::empty();
+    for c in bundle {
+        roots.add(c.clone())?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Client-side verifier: the server's chain must lead to the trust bundle
+/// and its SPIFFE ID must be exactly `expected`.
+#[derive(Debug)]
+pub struct ExpectedIdentityVerifier {
+    roots: Arc<RootCertStore>,
+    expected: Identity,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl ExpectedIdentityVerifier {
+    pub fn new(roots: Arc<RootCertStore>, expected: Identity) -> Self {
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        ExpectedIdentityVerifier { roots, expected, algs }
+    }
+}
+
+impl ServerCertVerifier for ExpectedIdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algs.all)?;
+        let got = identity_of(end_entity)
+            .map_err(|_| rustls::Error::General("peer certificate carries no SPIFFE identity".into()))?;
+        if got != self.expected {
+            return Err(rustls::Error::General(format!("peer identity {got} is not the expected {}", self.expected)));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used in the mesh".into()))
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_parse_strictly() {
+        let id = Identity::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        assert_eq!(id, Identity::new("cluster.local", "a", "b"));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/a/sa/b");
+        assert_eq!(id.principal(), "cluster.local/ns/a/sa/b");
+        for bad in ["spiffe://td/ns/a", "spiffe://td/ns/a/sa/b/c", "http://td/ns/a/sa/b", "spiffe://td/x/a/sa/b", "spiffe:///ns/a/sa/b"] {
+            assert!(Identity::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ca_persists_with_private_key_mode_and_issues_spiffe_certs() {
+        let dir = std::env::temp_dir().join(format!("skiff-ca-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let ca = Ca::load_or_create(&dir, "cluster.local").unwrap();
+        let mode = fs::metadata(dir.join(CA_KEY)).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        let again = Ca::load_or_create(&dir, "cluster.local").unwrap();
+        assert_eq!(ca.root(), again.root(), "the stored root is reused");
+        let id = Identity::new("cluster.local", "ns1", "sa1");
+        let cert = again.issue(&id, Duration::from_secs(3600)).unwrap();
+        assert_eq!(identity_of(&cert.chain[0]).unwrap(), id);
+        // Issued by the reloaded CA, verified against the original root.
+        let v = ExpectedIdentityVerifier::new(roots(&[ca.root()]).unwrap(), id.clone());
+        let name = ServerName::try_from("skiff").unwrap();
+        v.verify_server_cert(&cert.chain[0], &[], &name, &[], UnixTime::now()).unwrap();
+        let other = ExpectedIdentityVerifier::new(roots(&[ca.root()]).unwrap(), Identity::new("cluster.local", "ns1", "other"));
+        let err = other.verify_server_cert(&cert.chain[0], &[], &name, &[], UnixTime::now()).unwrap_err();
+        assert!(err.to_string().contains("not the expected"), "{err}");
+        let foreign = Ca::generate("cluster.local").unwrap();
+        let v = ExpectedIdentityVerifier::new(roots(&[foreign.root()]).unwrap(), id);
+        assert!(v.verify_server_cert(&cert.chain[0], &[], &name, &[], UnixTime::now()).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
