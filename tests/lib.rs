@@ -13,6 +13,11 @@ pub use skiff_localmesh::{LocalMesh, MeshOptions, PodRt};
 /// after explaining why privileged tests are skipped. Under `CI` they never
 /// skip: not being able to run them is a failure.
 pub fn mesh(manifests: &str) -> Option<LocalMesh> {
+    mesh_with(manifests, |_| {})
+}
+
+/// Like [`mesh`], with options adjusted by `tweak`.
+pub fn mesh_with(manifests: &str, tweak: impl FnOnce(&mut MeshOptions)) -> Option<LocalMesh> {
     let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
     if !nix::unistd::geteuid().is_root() {
         if ci {
@@ -21,7 +26,8 @@ pub fn mesh(manifests: &str) -> Option<LocalMesh> {
         eprintln!("SKIPPED: privileged end-to-end test needs root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`");
         return None;
     }
-    let opts = MeshOptions { manifests: Path::new(env!("CARGO_MANIFEST_DIR")).join(manifests), nodes: 2, bin_dir: bin_dir() };
+    let mut opts = MeshOptions::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(manifests), bin_dir());
+    tweak(&mut opts);
     match LocalMesh::up(&opts) {
         Ok(m) => Some(m),
         Err(e) => panic!("local mesh did not come up: {e:#}"),

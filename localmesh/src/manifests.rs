@@ -39,6 +39,9 @@ pub struct Plan {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub pods: Vec<PlannedPod>,
     pub services: Vec<PlannedService>,
+    /// Istio security objects (PeerAuthentication, AuthorizationPolicy),
+    /// passed to the mesh as they are.
+    pub policies: Vec<Object>,
 }
 
 fn short_hash(s: &str) -> String {
@@ -185,6 +188,7 @@ pub fn plan(dir: &Path, nodes: &[String]) -> anyhow::Result<Plan> {
                     }
                     plan.services.push(PlannedService { object: svc, namespace, name, cluster_ip });
                 }
+                Object::PeerAuthentication(_) | Object::AuthorizationPolicy(_) => plan.policies.push(obj),
                 Object::Other { kind, .. } => {
                     tracing::info!(file = %f.display(), %kind, "kind not used by the local mesh; ignored");
                 }

@@ -37,6 +37,14 @@ pub struct MeshOptions {
     /// Directory holding `skiff-node-agent` and `skiff-ztunnel`; also put on
     /// the pods' PATH (so `skiff-demo-app` resolves).
     pub bin_dir: PathBuf,
+    /// Lifetime of workload certificates (ztunnel rotates at half-life).
+    pub cert_lifetime: Duration,
+}
+
+impl MeshOptions {
+    pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400) }
+    }
 }
 
 pub struct NodeRt {
@@ -84,9 +92,11 @@ pub struct LocalMesh {
     pub pods: Vec<PodRt>,
     pub services: Vec<PlannedService>,
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    policies: Vec<k8s::Object>,
     rt: Option<tokio::runtime::Runtime>,
     extra: Vec<Child>,
     torn_down: bool,
+    cert_lifetime: Duration,
 }
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
@@ -132,9 +142,11 @@ impl LocalMesh {
             pods: Vec::new(),
             services: plan.services.clone(),
             namespaces: plan.namespaces.clone(),
+            policies: plan.policies.clone(),
             rt: None,
             extra: Vec::new(),
             torn_down: false,
+            cert_lifetime: opts.cert_lifetime,
         };
         // From here on, Drop tears down whatever was created if a step fails.
         mesh.build(opts, &node_names, plan.pods)?;
@@ -337,7 +349,29 @@ impl LocalMesh {
             docs.push(with_kind("v1", "Pod", serde_yaml::to_value(&pod)?));
         }
         sys::write_atomic(&self.state_dir.join("pods.yaml"), &join_docs(&docs)?)?;
+        let mut docs = Vec::new();
+        for p in &self.policies {
+            match p {
+                k8s::Object::PeerAuthentication(o) => docs.push(with_kind("security.istio.io/v1", "PeerAuthentication", serde_yaml::to_value(o)?)),
+                k8s::Object::AuthorizationPolicy(o) => docs.push(with_kind("security.istio.io/v1", "AuthorizationPolicy", serde_yaml::to_value(o)?)),
+                _ => {}
+            }
+        }
+        sys::write_atomic(&self.state_dir.join("policies.yaml"), &join_docs(&docs)?)?;
         Ok(())
+    }
+
+    /// Applies extra manifests (policies, …) to the running mesh, like
+    /// `kubectl apply`; `None` deletes what was applied under `name`.
+    pub fn apply(&self, name: &str, yaml: Option<&str>) -> anyhow::Result<()> {
+        let path = self.state_dir.join(format!("applied-{name}.yaml"));
+        match yaml {
+            Some(y) => sys::write_atomic(&path, y),
+            None => match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            },
+        }
     }
 
     fn node_env(&self) -> Vec<(String, String)> {
@@ -392,12 +426,22 @@ impl LocalMesh {
             n.pin_dir.display().to_string(),
             "--drain-timeout".into(),
             "2".into(),
+            "--ca-dir".into(),
+            self.ca_dir().display().to_string(),
+            "--cert-lifetime".into(),
+            self.cert_lifetime.as_secs().to_string(),
         ];
         let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
         let cmd = sys::command(&place, &argv, &self.node_env())?;
         let child = sys::spawn_logged(cmd, &n.ztunnel_log)?;
         self.nodes[i].ztunnel = Some(child);
         Ok(())
+    }
+
+    /// The mesh's CA directory (shared by every node's ztunnel: one trust
+    /// domain, one root).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.work_dir.join("ca")
     }
 
     /// Stops ztunnel on node `i` (SIGTERM: it drains, then exits).

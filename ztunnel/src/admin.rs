@@ -35,6 +35,93 @@ async fn readiness(zt: Arc<Ztunnel>, req: Request<Incoming>) -> Result<Response<
     })
 }
 
+/// Changes the log filter at run time.
+pub type LogReload = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec_pretty(&v).unwrap_or_default())))
+        .expect("valid response")
+}
+
+/// What the admin port shows: the pods held, the policies in force, the
+/// certificates (identity and validity only — never keys).
+pub fn config_dump(zt: &Ztunnel) -> serde_json::Value {
+    let snap = zt.snapshot();
+    let authz: Vec<serde_json::Value> = snap
+        .authorization_policies
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.key(), "action": format!("{:?}", p.action).to_uppercase(),
+                "selector": p.selector, "rules": p.rules.len(), "waypoint_only": p.targets_waypoint,
+            })
+        })
+        .collect();
+    let peer: Vec<serde_json::Value> = snap
+        .peer_authentications
+        .iter()
+        .map(|p| {
+            let ports: std::collections::BTreeMap<String, &str> =
+                p.port_modes.iter().map(|(k, v)| (k.to_string(), v.as_str())).collect();
+            serde_json::json!({
+                "name": format!("{}/{}", p.namespace, p.name), "selector": p.selector,
+                "mode": p.mode.as_str(), "port_modes": ports,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "workloads": zt.workloads(),
+        "authorization_policies": authz,
+        "peer_authentications": peer,
+        "certificates": zt.certs.summary(),
+    })
+}
+
+async fn admin(zt: Arc<Ztunnel>, reload: LogReload, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/config_dump" => json(StatusCode::OK, config_dump(&zt)),
+        "/logging" => {
+            let level = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            match level {
+                None => text(StatusCode::OK, "set the log filter with /logging?level=debug (any SKIFF_LOG filter)\n".into()),
+                Some(l) => match l.parse::<tracing_subscriber::EnvFilter>() {
+                    Ok(f) => match reload.reload(f) {
+                        Ok(()) => {
+                            tracing::info!(filter = l, "log filter changed");
+                            text(StatusCode::OK, format!("log filter: {l}\n"))
+                        }
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                    },
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid filter {l:?}: {e}\n")),
+                },
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /config_dump or /logging?level=debug\n".into()),
+    })
+}
+
+/// Serves the admin endpoints on `addr` (localhost only by default).
+pub async fn serve_admin(zt: Arc<Ztunnel>, addr: SocketAddr, reload: LogReload) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let (zt, reload) = (zt.clone(), reload.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| admin(zt.clone(), reload.clone(), req));
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok(())
+}
+
 /// Which endpoint a server exposes.
 #[derive(Clone, Copy, Debug)]
 pub enum Endpoint {
@@ -50,7 +137,8 @@ pub async fn serve(zt: Arc<Ztunnel>, addr: SocketAddr, endpoint: Endpoint) -> st
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(error = %e, "admin accept failed");
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };

@@ -4,6 +4,8 @@
 //! metrics and logging it.
 
 pub mod admin;
+pub mod certs;
+pub mod hbone;
 pub mod drain;
 pub mod identity;
 pub mod metrics;

@@ -25,6 +25,20 @@ struct Cli {
     /// SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// Directory of the local CA (root key and certificate; created on
+    /// first run, key mode 0600).
+    #[arg(long, default_value = "/var/lib/skiff/ca")]
+    ca_dir: PathBuf,
+    /// Lifetime of workload certificates; they rotate at half-life.
+    #[arg(long, default_value = "86400", value_name = "SECONDS")]
+    cert_lifetime: u64,
+    /// Namespace whose PeerAuthentication and AuthorizationPolicy apply
+    /// mesh-wide (Istio's root namespace).
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Admin address: `/config_dump`, `/logging` (keep it on localhost).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
     /// Prometheus metrics address.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
@@ -37,18 +51,27 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into());
+    let (filter, log_reload) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
-        let cfg = proxy::Config { node: cli.node.clone(), trust_domain: cli.trust_domain, pin_dir: cli.pin_dir };
-        let zt = proxy::Ztunnel::new(cfg, cluster)?;
+        let ca = skiff_ztunnel::identity::Ca::load_or_create(&cli.ca_dir, &cli.trust_domain)
+            .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
+        let certs = skiff_ztunnel::certs::CertManager::new(ca, Duration::from_secs(cli.cert_lifetime.max(2)))
+            .map_err(|e| anyhow::anyhow!(skiff_core::report(&e)))?;
+        let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir };
+        let zt = proxy::Ztunnel::new(cfg, cluster, certs)?;
+        zt.spawn_background();
+        admin::serve_admin(zt.clone(), cli.admin_addr, log_reload)
+            .await
+            .with_context(|| format!("binding admin on {}", cli.admin_addr))?;
         admin::serve(zt.clone(), cli.metrics_addr, admin::Endpoint::Metrics)
             .await
             .with_context(|| format!("binding metrics on {}", cli.metrics_addr))?;

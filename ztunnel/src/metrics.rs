@@ -76,6 +76,8 @@ pub struct Metrics {
     pub workloads: IntGauge,
     /// Connections currently open through this ztunnel.
     pub active_connections: IntGauge,
+    /// HBONE connections refused at the TLS or identity check.
+    pub hbone_refused: prometheus::IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -106,7 +108,13 @@ impl Metrics {
         let active_connections =
             IntGauge::new("skiff_ztunnel_active_connections", "Connections open through this ztunnel").expect("valid");
         registry.register(Box::new(active_connections.clone())).expect("metric registered once");
-        Metrics { registry, opened, closed, sent, received, workloads, active_connections }
+        let hbone_refused = prometheus::IntCounter::new(
+            "skiff_ztunnel_hbone_refused_total",
+            "HBONE connections refused: bad or foreign certificate, expired, identity mismatch",
+        )
+        .expect("valid");
+        registry.register(Box::new(hbone_refused.clone())).expect("metric registered once");
+        Metrics { registry, opened, closed, sent, received, workloads, active_connections, hbone_refused }
     }
 
     /// Counters of one connection, resolved once so the data path only adds.

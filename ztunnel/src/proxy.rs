@@ -1,38 +1,52 @@
 //! The proxy: per-pod listeners inside each enrolled pod's netns, and the
-//! outbound and inbound connection handlers.
+//! connection handlers.
+//!
+//! - outbound (15001): captured connects; to a mesh workload over HBONE
+//!   (mTLS, the destination's identity verified), otherwise plain TCP;
+//! - inbound HBONE (15008, pod IP): mTLS from other ztunnels; each CONNECT
+//!   stream is authorized and delivered to the app;
+//! - inbound plaintext (15006, via sk_lookup): refused under STRICT
+//!   PeerAuthentication, otherwise authorized and delivered.
 
 use std::{
     collections::{HashMap, HashSet},
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd, OwnedFd},
     path::Path,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
     time::Instant,
 };
 
 use aya::maps::{Map, MapData, SockHash};
+use bytes::Bytes;
+use http::{Response as HttpResponse, StatusCode};
 use skiff_core::{
+    enroll,
     model::{Snapshot, Workload},
     netns::{self, NetnsThread},
+    policy::{self, AuthzDecision, ConnInfo, MtlsMode},
     zds::{Request, Response, WorkloadInfo, VERSION},
 };
-use skiff_ebpf_common::{MESH_PORTS, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND};
+use skiff_ebpf_common::{MESH_PORTS, PORT_INBOUND_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
+    task::AbortHandle,
 };
 use tracing::{debug, info, warn, Instrument};
 
 use crate::{
+    certs::CertManager,
     drain::Drain,
+    hbone::{self, Pool},
+    identity::{self, Identity},
     metrics::{ConnCounters, ConnLabels, Metrics},
-    sock,
-    transport::{self, Transport},
+    sock, transport,
 };
 
 /// ztunnel settings.
@@ -40,8 +54,8 @@ use crate::{
 pub struct Config {
     /// This node's name.
     pub node: String,
-    /// SPIFFE trust domain of workload identities.
-    pub trust_domain: String,
+    /// Namespace whose policies apply mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
     /// bpffs directory of node-agent's pinned maps; when set, ztunnel
     /// registers each pod's inbound listener for sk_lookup capture.
     pub pin_dir: Option<std::path::PathBuf>,
@@ -56,6 +70,13 @@ struct Pod {
     ctx: Arc<PodCtx>,
     netns_id: (u64, u64),
     stop: watch::Sender<bool>,
+}
+
+/// An authorized inbound connection, re-checked when policies change.
+struct ActiveConn {
+    pod_uid: String,
+    info: ConnInfo,
+    abort: AbortHandle,
 }
 
 /// Errors handling a node-agent request.
@@ -84,6 +105,9 @@ pub enum AddError {
     /// The inbound listener could not be registered for capture.
     #[error("registering the inbound listener in the capture map")]
     SockMap(#[source] aya::maps::MapError),
+    /// The pod's certificate could not be issued.
+    #[error("pod certificate")]
+    Identity(#[from] identity::IdentityError),
 }
 
 pub struct Ztunnel {
@@ -91,7 +115,8 @@ pub struct Ztunnel {
     cluster: watch::Receiver<Arc<Snapshot>>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
-    transport: Transport,
+    pub certs: Arc<CertManager>,
+    pool: Pool,
     pods: Mutex<HashMap<String, Pod>>,
     session_seen: Mutex<HashSet<String>>,
     ready: AtomicBool,
@@ -99,6 +124,8 @@ pub struct Ztunnel {
     /// may start after ztunnel).
     sockmap: Mutex<Option<SockHash<MapData, u32>>>,
     round_robin: Mutex<HashMap<String, usize>>,
+    active: Mutex<HashMap<u64, ActiveConn>>,
+    next_conn: AtomicU64,
 }
 
 /// Why a connection could not be proxied; becomes the response flag.
@@ -110,6 +137,10 @@ enum Refusal {
     NoHealthyUpstream,
     /// The upstream connection failed.
     UpstreamFailure,
+    /// Authorization policy denied it.
+    Denied,
+    /// Plaintext arrived where PeerAuthentication requires mTLS.
+    MtlsRequired,
 }
 
 impl Refusal {
@@ -118,30 +149,37 @@ impl Refusal {
             Refusal::NoRoute => "NR",
             Refusal::NoHealthyUpstream => "UH",
             Refusal::UpstreamFailure => "UF",
+            Refusal::Denied | Refusal::MtlsRequired => "UAEX",
         }
     }
 }
 
 impl Ztunnel {
-    pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>) -> anyhow::Result<Arc<Ztunnel>> {
-        let sockmap = Mutex::new(None);
+    pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> anyhow::Result<Arc<Ztunnel>> {
         Ok(Arc::new(Ztunnel {
             cfg,
             cluster,
             metrics: Arc::new(Metrics::new()),
             drain: Drain::new(),
-            transport: Transport::default(),
+            pool: Pool::new(certs.clone()),
+            certs,
             pods: Mutex::new(HashMap::new()),
             session_seen: Mutex::new(HashSet::new()),
             ready: AtomicBool::new(false),
-            sockmap,
+            sockmap: Mutex::new(None),
             round_robin: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
         }))
     }
 
     /// Ready once node-agent has sent a complete snapshot.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !*self.drain.signal().borrow()
+    }
+
+    fn identity(&self, namespace: &str, service_account: &str) -> Identity {
+        Identity::new(self.certs.trust_domain(), namespace, service_account)
     }
 
     /// Handles one node-agent request.
@@ -201,12 +239,17 @@ impl Ztunnel {
         }
         self.remove(&uid, "pod network namespace changed");
         let pod_name = format!("{}/{}", info.namespace, info.name);
+        let id = self.identity(&info.namespace, &info.service_account);
+        let tls = self.certs.server_config(id)?;
         let net = Arc::new(NetnsThread::spawn(pod_name.clone(), fd)?);
         let out_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT_OUTBOUND);
         let in_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT_INBOUND_PLAINTEXT);
-        let (out_l, in_l) = net.run(move || (sock::listener(out_addr), sock::listener(in_addr)))?;
+        let hbone_addr = SocketAddrV4::new(info.ip, PORT_INBOUND_HBONE);
+        let (out_l, in_l, hbone_l) =
+            net.run(move || (sock::listener(out_addr), sock::listener(in_addr), sock::listener(hbone_addr)))?;
         let out_l = out_l.map_err(|source| AddError::Listen { addr: out_addr, source })?;
         let in_l = in_l.map_err(|source| AddError::Listen { addr: in_addr, source })?;
+        let hbone_l = hbone_l.map_err(|source| AddError::Listen { addr: hbone_addr, source })?;
         if let Some(dir) = &self.cfg.pin_dir {
             let mut map = self.sockmap.lock().expect("lock");
             if map.is_none() {
@@ -217,15 +260,17 @@ impl Ztunnel {
                 .insert(u32::from(info.ip).to_be(), in_l.as_raw_fd(), 0)
                 .map_err(AddError::SockMap)?;
         }
-        let out_l = TcpListener::from_std(out_l).map_err(|source| AddError::Listen { addr: out_addr, source })?;
-        let in_l = TcpListener::from_std(in_l).map_err(|source| AddError::Listen { addr: in_addr, source })?;
+        let listen = |l: std::net::TcpListener, addr| TcpListener::from_std(l).map_err(|source| AddError::Listen { addr, source });
+        let (out_l, in_l, hbone_l) = (listen(out_l, out_addr)?, listen(in_l, in_addr)?, listen(hbone_l, hbone_addr)?);
         let ctx = Arc::new(PodCtx { info: RwLock::new(info.clone()), net });
         let (stop, _) = watch::channel(false);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         tokio::spawn(self.clone().accept_loop(out_l, Direction::Outbound, ctx.clone(), stop.subscribe()));
         tokio::spawn(self.clone().accept_loop(in_l, Direction::Inbound, ctx.clone(), stop.subscribe()));
+        tokio::spawn(self.clone().accept_loop(hbone_l, Direction::Hbone(acceptor), ctx.clone(), stop.subscribe()));
         self.pods.lock().expect("lock").insert(uid, Pod { ctx, netns_id, stop });
         self.metrics.workloads.set(self.pods.lock().expect("lock").len() as i64);
-        info!(pod = %pod_name, ip = %info.ip, "pod added: listening on 15001 (outbound) and 15006 (inbound)");
+        info!(pod = %pod_name, ip = %info.ip, "pod added: listening on 15001 (outbound), 15006 (inbound), 15008 (HBONE)");
         Ok(())
     }
 
@@ -233,6 +278,7 @@ impl Ztunnel {
         let removed = self.pods.lock().expect("lock").remove(uid);
         if let Some(p) = removed {
             let _ = p.stop.send(true);
+            self.pool.forget_pod(uid);
             let info = p.ctx.info.read().expect("lock").clone();
             info!(pod = %format!("{}/{}", info.namespace, info.name), %reason, "pod removed: listeners closed, open connections drain");
         }
@@ -246,13 +292,48 @@ impl Ztunnel {
         v
     }
 
-    async fn accept_loop(
-        self: Arc<Self>,
-        listener: TcpListener,
-        dir: Direction,
-        pod: Arc<PodCtx>,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    /// The identities of the pods held: the certificates to keep fresh.
+    pub fn identities(&self) -> Vec<Identity> {
+        let mut v: Vec<Identity> = self
+            .pods
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|p| {
+                let i = p.ctx.info.read().expect("lock");
+                self.identity(&i.namespace, &i.service_account)
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Pods held, for the admin config dump.
+    pub fn workloads(&self) -> Vec<serde_json::Value> {
+        let mut v: Vec<serde_json::Value> = self
+            .pods
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|p| {
+                let i = p.ctx.info.read().expect("lock");
+                serde_json::json!({
+                    "uid": i.uid, "namespace": i.namespace, "name": i.name, "workload": i.workload_name,
+                    "ip": i.ip.to_string(), "identity": self.identity(&i.namespace, &i.service_account).to_string(),
+                })
+            })
+            .collect();
+        v.sort_by_key(|w| w["uid"].as_str().unwrap_or_default().to_owned());
+        v
+    }
+
+    /// The cluster config in force (policies), for the admin config dump.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.cluster.borrow().clone()
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, dir: Direction, pod: Arc<PodCtx>, mut stop: watch::Receiver<bool>) {
         let mut drain = self.drain.signal();
         loop {
             tokio::select! {
@@ -261,11 +342,13 @@ impl Ztunnel {
                         let zt = self.clone();
                         let pod = pod.clone();
                         let guard = self.drain.track();
+                        let dir = dir.clone();
                         tokio::spawn(async move {
                             let _guard = guard;
                             match dir {
                                 Direction::Outbound => zt.outbound(pod, stream, peer).await,
                                 Direction::Inbound => zt.inbound(pod, stream, peer).await,
+                                Direction::Hbone(acceptor) => zt.hbone_inbound(pod, acceptor, stream, peer).await,
                             }
                         });
                     }
@@ -282,15 +365,7 @@ impl Ztunnel {
         // capture map, so new connections are refused, never bypassed.
     }
 
-    fn principal(&self, namespace: &str, service_account: &str) -> String {
-        format!("spiffe://{}/ns/{}/sa/{}", self.cfg.trust_domain, namespace, service_account)
-    }
-
-    fn pick_endpoint(
-        &self,
-        snap: &Snapshot,
-        dst: SocketAddrV4,
-    ) -> Result<(SocketAddrV4, Option<(String, String)>), Refusal> {
+    fn pick_endpoint(&self, snap: &Snapshot, dst: SocketAddrV4) -> Result<(SocketAddrV4, Option<(String, String)>), Refusal> {
         let Some((svc, port)) = snap.service_by_vip(*dst.ip(), dst.port()) else {
             return Ok((dst, None));
         };
@@ -314,7 +389,7 @@ impl Ztunnel {
         (
             info.workload_name.clone(),
             info.namespace.clone(),
-            self.principal(&info.namespace, &info.service_account),
+            self.identity(&info.namespace, &info.service_account).to_string(),
             info.labels.get("app").cloned().unwrap_or_else(|| "unknown".into()),
         )
     }
@@ -324,11 +399,17 @@ impl Ztunnel {
             Some(w) => (
                 w.workload_name.clone(),
                 w.namespace.clone(),
-                self.principal(&w.namespace, &w.service_account),
+                self.identity(&w.namespace, &w.service_account).to_string(),
                 w.labels.get("app").cloned().unwrap_or_else(|| "unknown".into()),
             ),
             None => ("unknown".into(), "unknown".into(), "unknown".into(), "unknown".into()),
         }
+    }
+
+    /// Whether `w` is captured by the mesh (so it terminates HBONE).
+    fn in_mesh(snap: &Snapshot, w: &Workload) -> bool {
+        let Some(node) = w.node.as_deref() else { return false };
+        enroll::decide(node, snap.namespace_labels(&w.namespace), w) == enroll::Decision::Enroll
     }
 
     async fn outbound(self: Arc<Self>, pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
@@ -356,6 +437,7 @@ impl Ztunnel {
                 Err(_) => (None, None),
             };
             let dst_w = target.and_then(|t| snap.workload_by_ip(*t.ip()));
+            let mesh_dst = dst_w.filter(|w| Self::in_mesh(&snap, w));
             let (dw, dns, dp, dapp) = self.remote_labels(dst_w);
             let (svc_name, svc_ns) = service.clone().unwrap_or_else(|| ("unknown".into(), "unknown".into()));
             let mut labels = ConnLabels {
@@ -375,34 +457,161 @@ impl Ztunnel {
                 destination_service_name: svc_name,
                 destination_service_namespace: svc_ns,
                 response_flags: "-",
-                security_policy: self.transport.security_policy(),
+                security_policy: if mesh_dst.is_some() { "mutual_tls" } else { "none" },
             };
-            let upstream = match routed {
-                Err(r) => Err(r),
-                Ok((t, _)) => self.transport.connect(&pod.net, t).await.map_err(|e| {
-                    debug!(error = %e, upstream = %t, "upstream connect failed");
-                    Refusal::UpstreamFailure
-                }),
+            let target = match routed {
+                Err(r) => return self.refused("outbound", peer, orig, None, labels, r, start),
+                Ok((t, _)) => t,
             };
-            match upstream {
+            if let Some(w) = mesh_dst {
+                let src_id = self.identity(&info.namespace, &info.service_account);
+                let dst_id = self.identity(&w.namespace, &w.service_account);
+                let via = SocketAddrV4::new(*target.ip(), PORT_INBOUND_HBONE);
+                match self.pool.connect(&info.uid, &pod.net, &src_id, &dst_id, via, target).await {
+                    Ok((send, recv, _guard)) => {
+                        let counters = self.metrics.connection(&labels);
+                        counters.opened.inc();
+                        self.metrics.active_connections.inc();
+                        let (rx, tx) = hbone::relay(client, send, recv, &counters.received, &counters.sent).await;
+                        self.metrics.active_connections.dec();
+                        counters.closed.inc();
+                        access_log("outbound", peer, orig, Some(target), &labels, tx, rx, start, None);
+                    }
+                    Err(e) => {
+                        warn!(upstream = %target, error = %skiff_core::report(&e), "HBONE connection failed; closed");
+                        labels.response_flags = Refusal::UpstreamFailure.flag();
+                        self.refused("outbound", peer, orig, Some(target), labels, Refusal::UpstreamFailure, start);
+                    }
+                }
+                return;
+            }
+            match transport::Transport::PlainTcp.connect(&pod.net, target).await {
                 Ok(up) => {
                     let counters = self.metrics.connection(&labels);
                     counters.opened.inc();
                     let (rx, tx) = relay(client, up, &counters, &self.metrics).await;
                     counters.closed.inc();
-                    access_log("outbound", peer, orig, target, &labels, tx, rx, start);
+                    access_log("outbound", peer, orig, Some(target), &labels, tx, rx, start, None);
                 }
-                Err(r) => {
-                    labels.response_flags = r.flag();
-                    let counters = self.metrics.connection(&labels);
-                    counters.opened.inc();
-                    counters.closed.inc();
-                    access_log("outbound", peer, orig, target, &labels, 0, 0, start);
+                Err(e) => {
+                    debug!(error = %e, upstream = %target, "upstream connect failed");
+                    self.refused("outbound", peer, orig, Some(target), labels, Refusal::UpstreamFailure, start);
                 }
             }
         }
         .instrument(span)
         .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn refused(&self, dir: &'static str, peer: SocketAddr, orig: SocketAddrV4, target: Option<SocketAddrV4>, mut labels: ConnLabels, r: Refusal, start: Instant) {
+        labels.response_flags = r.flag();
+        let counters = self.metrics.connection(&labels);
+        counters.opened.inc();
+        counters.closed.inc();
+        access_log(dir, peer, orig, target, &labels, 0, 0, start, None);
+    }
+
+    /// Applicable policies for a local pod and the decision for `conn`.
+    fn authorize(&self, snap: &Snapshot, info: &WorkloadInfo, conn: &ConnInfo) -> AuthzDecision {
+        let applicable: Vec<&policy::AuthzPolicy> = snap
+            .authorization_policies
+            .iter()
+            .filter(|p| p.applies_to(&self.cfg.root_namespace, &info.namespace, &info.labels))
+            .collect();
+        policy::evaluate(&applicable, conn)
+    }
+
+    fn inbound_labels(&self, snap: &Snapshot, info: &WorkloadInfo, src_ip: Ipv4Addr, dst_port: u16, principal: Option<&Identity>) -> ConnLabels {
+        let src_w = snap.workload_by_ip(src_ip);
+        let (sw, sns, mut sp, sapp) = self.remote_labels(src_w);
+        if let Some(p) = principal {
+            sp = p.to_string();
+        }
+        let (dw, dns, dp, dapp) = self.local_labels(info);
+        let local = snap.workloads.values().find(|w| w.uid == info.uid);
+        let service = local.and_then(|w| {
+            snap.services_of(w).find(|s| {
+                s.ports.iter().any(|p| match &p.target_port {
+                    skiff_core::model::TargetPort::Number(n) => *n == dst_port,
+                    skiff_core::model::TargetPort::Name(n) => w.named_ports.get(n) == Some(&dst_port),
+                })
+            })
+        });
+        ConnLabels {
+            reporter: "destination",
+            source_workload: sw,
+            source_namespace: sns,
+            source_principal: sp,
+            source_app: sapp,
+            destination_workload: dw,
+            destination_namespace: dns,
+            destination_principal: dp,
+            destination_app: dapp,
+            destination_service: service.map(|s| s.hostname()).unwrap_or_else(|| "unknown".into()),
+            destination_service_name: service.map(|s| s.name.clone()).unwrap_or_else(|| "unknown".into()),
+            destination_service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_else(|| "unknown".into()),
+            response_flags: "-",
+            security_policy: if principal.is_some() { "mutual_tls" } else { "none" },
+        }
+    }
+
+    /// Opens the delivery connection to the app, keeping the client's IP.
+    async fn deliver(pod: &PodCtx, client_ip: Ipv4Addr, avoid_port: u16, dst: SocketAddrV4) -> Result<TcpStream, Refusal> {
+        let from = SocketAddrV4::new(client_ip, avoid_port);
+        match pod.net.run(move || sock::delivery(from)) {
+            Ok(Ok(s)) => transport::connect_socket(s, dst).await.map_err(|e| {
+                debug!(error = %e, "delivery to the application failed");
+                Refusal::UpstreamFailure
+            }),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot create delivery socket");
+                Err(Refusal::UpstreamFailure)
+            }
+            Err(e) => {
+                warn!(error = %skiff_core::report(&e), "pod netns thread gone");
+                Err(Refusal::UpstreamFailure)
+            }
+        }
+    }
+
+    /// Registers an authorized connection for re-evaluation; returns its id.
+    fn track(&self, pod_uid: &str, info: ConnInfo, abort: AbortHandle) -> u64 {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.active.lock().expect("lock").insert(id, ActiveConn { pod_uid: pod_uid.to_owned(), info, abort });
+        id
+    }
+
+    fn untrack(&self, id: u64) {
+        self.active.lock().expect("lock").remove(&id);
+    }
+
+    /// Re-checks every open inbound connection against the current
+    /// policies and closes the ones now denied. Runs on each config change.
+    pub fn reevaluate(&self) {
+        let snap = self.cluster.borrow().clone();
+        let pods: HashMap<String, WorkloadInfo> = self
+            .pods
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(k, p)| (k.clone(), p.ctx.info.read().expect("lock").clone()))
+            .collect();
+        let mut closed = Vec::new();
+        for (id, c) in self.active.lock().expect("lock").iter() {
+            let Some(info) = pods.get(&c.pod_uid) else { continue };
+            let d = self.authorize(&snap, info, &c.info);
+            if !d.allowed {
+                c.abort.abort();
+                closed.push(*id);
+                info!(src = %c.info.src_ip, dst.port = c.info.dst_port, policy = ?d.policy, reason = d.reason,
+                    "open connection closed: policy now denies it");
+            }
+        }
+        let mut active = self.active.lock().expect("lock");
+        for id in closed {
+            active.remove(&id);
+        }
     }
 
     async fn inbound(self: Arc<Self>, pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
@@ -415,68 +624,181 @@ impl Ztunnel {
         let snap = self.cluster.borrow().clone();
         let span = tracing::info_span!("inbound", pod = %format!("{}/{}", info.namespace, info.name), src = %peer4, dst = %dst);
         async move {
-            let src_w = snap.workload_by_ip(*peer4.ip());
-            let (sw, sns, sp, sapp) = self.remote_labels(src_w);
-            let (dw, dns, dp, dapp) = self.local_labels(&info);
-            let local = snap.workloads.values().find(|w| w.uid == info.uid);
-            let service = local.and_then(|w| snap.services_of(w).find(|s| s.ports.iter().any(|p| match &p.target_port {
-                skiff_core::model::TargetPort::Number(n) => *n == dst.port(),
-                skiff_core::model::TargetPort::Name(n) => w.named_ports.get(n) == Some(&dst.port()),
-            })));
-            let mut labels = ConnLabels {
-                reporter: "destination",
-                source_workload: sw,
-                source_namespace: sns,
-                source_principal: sp,
-                source_app: sapp,
-                destination_workload: dw,
-                destination_namespace: dns,
-                destination_principal: dp,
-                destination_app: dapp,
-                destination_service: service.map(|s| s.hostname()).unwrap_or_else(|| "unknown".into()),
-                destination_service_name: service.map(|s| s.name.clone()).unwrap_or_else(|| "unknown".into()),
-                destination_service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_else(|| "unknown".into()),
-                response_flags: "-",
-                security_policy: self.transport.security_policy(),
-            };
-            let upstream = if MESH_PORTS.contains(&dst.port()) {
-                Err(Refusal::NoRoute)
-            } else {
-                let made = pod.net.run(move || sock::delivery(peer4));
-                match made {
-                    Ok(Ok(s)) => transport::connect_socket(s, dst).await.map_err(|e| {
-                        debug!(error = %e, "delivery to the application failed");
-                        Refusal::UpstreamFailure
-                    }),
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "cannot create delivery socket");
-                        Err(Refusal::UpstreamFailure)
-                    }
-                    Err(e) => {
-                        warn!(error = %skiff_core::report(&e), "pod netns thread gone");
-                        Err(Refusal::UpstreamFailure)
-                    }
-                }
-            };
-            match upstream {
-                Ok(app) => {
-                    let counters = self.metrics.connection(&labels);
-                    counters.opened.inc();
-                    let (rx, tx) = relay(client, app, &counters, &self.metrics).await;
-                    counters.closed.inc();
-                    access_log("inbound", peer, dst, Some(dst), &labels, tx, rx, start);
-                }
-                Err(r) => {
-                    labels.response_flags = r.flag();
-                    let counters = self.metrics.connection(&labels);
-                    counters.opened.inc();
-                    counters.closed.inc();
-                    access_log("inbound", peer, dst, Some(dst), &labels, 0, 0, start);
-                }
+            let labels = self.inbound_labels(&snap, &info, *peer4.ip(), dst.port(), None);
+            if MESH_PORTS.contains(&dst.port()) {
+                return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::NoRoute, start);
             }
+            let mode = policy::effective_mtls(&snap.peer_authentications, &self.cfg.root_namespace, &info.namespace, &info.labels, dst.port());
+            if mode == MtlsMode::Strict {
+                info!(src = %peer4, dst = %dst, "plaintext connection refused: PeerAuthentication is STRICT");
+                return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::MtlsRequired, start);
+            }
+            let conn = ConnInfo { src_ip: IpAddr::V4(*peer4.ip()), principal: None, src_namespace: None, dst_ip: IpAddr::V4(*dst.ip()), dst_port: dst.port() };
+            let decision = self.authorize(&snap, &info, &conn);
+            if !decision.allowed {
+                info!(src = %peer4, dst = %dst, policy = ?decision.policy, reason = decision.reason, "connection denied by authorization policy");
+                return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::Denied, start);
+            }
+            let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst).await {
+                Ok(a) => a,
+                Err(r) => return self.refused("inbound", peer, dst, Some(dst), labels, r, start),
+            };
+            let counters = self.metrics.connection(&labels);
+            counters.opened.inc();
+            let zt = self.clone();
+            let task = tokio::spawn({
+                let counters = counters.clone();
+                async move { relay(client, app, &counters, &zt.metrics).await }
+            });
+            let id = self.track(&info.uid, conn, task.abort_handle());
+            let (rx, tx) = task.await.unwrap_or((0, 0));
+            self.untrack(id);
+            counters.closed.inc();
+            access_log("inbound", peer, dst, Some(dst), &labels, tx, rx, start, Some(&decision));
         }
         .instrument(span)
         .await
+    }
+
+    async fn hbone_inbound(self: Arc<Self>, pod: Arc<PodCtx>, acceptor: tokio_rustls::TlsAcceptor, stream: TcpStream, peer: SocketAddr) {
+        let info = pod.info.read().expect("lock").clone();
+        let Some(peer4) = sock::v4(peer) else { return };
+        let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                warn!(pod = %format!("{}/{}", info.namespace, info.name), %peer, reason = %skiff_core::report(&e), "HBONE peer refused: TLS handshake failed");
+                self.metrics.hbone_refused.inc();
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, "HBONE peer refused: TLS handshake timed out");
+                self.metrics.hbone_refused.inc();
+                return;
+            }
+        };
+        let peer_id = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(identity::identity_of) {
+            Some(Ok(id)) => id,
+            _ => {
+                warn!(%peer, "HBONE peer refused: certificate carries no SPIFFE identity");
+                self.metrics.hbone_refused.inc();
+                return;
+            }
+        };
+        // In-pod capture makes a ztunnel dial from its pod's own IP: a peer
+        // whose certificate names another workload than the one at that
+        // address is impersonating it.
+        let snap = self.cluster.borrow().clone();
+        if let Some(w) = snap.workload_by_ip(*peer4.ip()) {
+            let expected = self.identity(&w.namespace, &w.service_account);
+            if expected != peer_id {
+                warn!(%peer, presented = %peer_id, %expected, workload = %format!("{}/{}", w.namespace, w.name),
+                    "HBONE peer refused: identity does not match the workload at its address");
+                self.metrics.hbone_refused.inc();
+                return;
+            }
+        }
+        let mut conn = match h2::server::Builder::new()
+            .initial_window_size(hbone::STREAM_WINDOW)
+            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+            .max_concurrent_streams(hbone::MAX_STREAMS_PER_CONN as u32 * 2)
+            .max_header_list_size(hbone::MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(tls)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(%peer, error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+        };
+        while let Some(next) = conn.accept().await {
+            let Ok((req, respond)) = next else { break };
+            let zt = self.clone();
+            let pod = pod.clone();
+            let peer_id = peer_id.clone();
+            let guard = self.drain.track();
+            tokio::spawn(async move {
+                let _guard = guard;
+                zt.hbone_stream(pod, peer, peer_id, req, respond).await
+            });
+        }
+    }
+
+    async fn hbone_stream(
+        self: Arc<Self>,
+        pod: Arc<PodCtx>,
+        peer: SocketAddr,
+        peer_id: Identity,
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+    ) {
+        let start = Instant::now();
+        let info = pod.info.read().expect("lock").clone();
+        let Some(peer4) = sock::v4(peer) else { return };
+        let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+            let resp = HttpResponse::builder().status(status).body(()).expect("valid response");
+            let _ = respond.send_response(resp, true);
+        };
+        let dst = match hbone::check_connect(&req, info.ip) {
+            Ok(d) => d,
+            Err((status, why)) => {
+                info!(%peer, uri = %req.uri(), %status, reason = why, "HBONE request rejected");
+                return answer(&mut respond, status);
+            }
+        };
+        let snap = self.cluster.borrow().clone();
+        let mut labels = self.inbound_labels(&snap, &info, *peer4.ip(), dst.port(), Some(&peer_id));
+        let conn = ConnInfo {
+            src_ip: IpAddr::V4(*peer4.ip()),
+            principal: Some(peer_id.principal()),
+            src_namespace: Some(peer_id.namespace.clone()),
+            dst_ip: IpAddr::V4(*dst.ip()),
+            dst_port: dst.port(),
+        };
+        let decision = self.authorize(&snap, &info, &conn);
+        if !decision.allowed {
+            info!(src = %peer4, identity = %peer_id, dst = %dst, policy = ?decision.policy, reason = decision.reason,
+                "connection denied by authorization policy");
+            answer(&mut respond, StatusCode::FORBIDDEN);
+            labels.response_flags = Refusal::Denied.flag();
+            let c = self.metrics.connection(&labels);
+            c.opened.inc();
+            c.closed.inc();
+            return access_log("inbound", peer, dst, Some(dst), &labels, 0, 0, start, Some(&decision));
+        }
+        let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst).await {
+            Ok(a) => a,
+            Err(r) => {
+                answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                labels.response_flags = r.flag();
+                let c = self.metrics.connection(&labels);
+                c.opened.inc();
+                c.closed.inc();
+                return access_log("inbound", peer, dst, Some(dst), &labels, 0, 0, start, Some(&decision));
+            }
+        };
+        let send = match respond.send_response(HttpResponse::builder().status(StatusCode::OK).body(()).expect("valid"), false) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let recv = req.into_body();
+        let counters = self.metrics.connection(&labels);
+        counters.opened.inc();
+        let zt = self.clone();
+        let task = tokio::spawn({
+            let counters = counters.clone();
+            async move {
+                zt.metrics.active_connections.inc();
+                let r = hbone::relay(app, send, recv, &counters.sent, &counters.received).await;
+                zt.metrics.active_connections.dec();
+                r
+            }
+        });
+        let id = self.track(&info.uid, conn, task.abort_handle());
+        let (tx, rx) = task.await.unwrap_or((0, 0));
+        self.untrack(id);
+        counters.closed.inc();
+        access_log("inbound", peer, dst, Some(dst), &labels, tx, rx, start, Some(&decision));
     }
 
     /// Closes every pod's listeners (drain start).
@@ -485,12 +807,31 @@ impl Ztunnel {
             let _ = p.stop.send(true);
         }
     }
+
+    /// Background duties: certificate rotation and policy re-evaluation.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let zt = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(zt.certs.refresh_interval()).await;
+                zt.certs.refresh(&zt.identities());
+            }
+        });
+        let zt = self.clone();
+        let mut changes = self.cluster.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                zt.reevaluate();
+            }
+        });
+    }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 enum Direction {
     Outbound,
     Inbound,
+    Hbone(tokio_rustls::TlsAcceptor),
 }
 
 fn error_response(e: &(dyn std::error::Error + 'static)) -> Response {
@@ -516,7 +857,11 @@ fn access_log(
     bytes_sent: u64,
     bytes_received: u64,
     start: Instant,
+    decision: Option<&AuthzDecision>,
 ) {
+    let policy = decision
+        .map(|d| format!("{} ({})", if d.allowed { "allow" } else { "deny" }, d.policy.as_deref().unwrap_or(d.reason)))
+        .unwrap_or_else(|| "-".into());
     info!(
         target: "access",
         direction,
@@ -535,6 +880,7 @@ fn access_log(
         duration_ms = start.elapsed().as_millis() as u64,
         response_flags = l.response_flags,
         security = l.security_policy,
+        %policy,
         "connection complete"
     );
 }
@@ -552,11 +898,7 @@ async fn relay(client: TcpStream, server: TcpStream, c: &ConnCounters, m: &Metri
     r
 }
 
-async fn copy_counted(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    counter: &prometheus::IntCounter,
-) -> u64 {
+async fn copy_counted(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, counter: &prometheus::IntCounter) -> u64 {
     let mut buf = vec![0u8; 16 * 1024];
     let mut total = 0u64;
     loop {
@@ -586,8 +928,10 @@ mod tests {
 
     fn ztunnel(snap: Arc<Snapshot>) -> Arc<Ztunnel> {
         let (_tx, rx) = watch::channel(snap);
-        let cfg = Config { node: "n1".into(), trust_domain: "cluster.local".into(), pin_dir: None };
-        Ztunnel::new(cfg, rx).unwrap()
+        let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None };
+        let ca = crate::identity::Ca::generate("cluster.local").unwrap();
+        let certs = CertManager::new(ca, std::time::Duration::from_secs(3600)).unwrap();
+        Ztunnel::new(cfg, rx, certs).unwrap()
     }
 
     const CLUSTER: &str = r#"

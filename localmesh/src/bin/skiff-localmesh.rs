@@ -85,7 +85,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { manifests: None, example } => (example, false),
         Cmd::Up { manifests } => (manifests, true),
     };
-    let opts = MeshOptions { manifests: manifests.clone(), nodes: cli.nodes, bin_dir };
+    let mut opts = MeshOptions::new(manifests.clone(), bin_dir);
+    opts.nodes = cli.nodes;
     println!("Building a {}-node local mesh from {} ...", cli.nodes, manifests.display());
     let mesh = LocalMesh::up(&opts)?;
     if keep {

@@ -1,0 +1,181 @@
+//! Workload certificates held by this ztunnel: one per identity of its
+//! node's pods, issued on first use and rotated at half-life. Rotation only
+//! affects new handshakes; open connections keep going.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use rustls::{
+    client::ResolvesClientCert,
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+    ClientConfig, RootCertStore, ServerConfig, SignatureScheme,
+};
+use tracing::{info, warn};
+
+use crate::identity::{self, Ca, ExpectedIdentityVerifier, Identity, IdentityError, WorkloadCert};
+
+/// ALPN of HBONE connections.
+pub const ALPN_H2: &[u8] = b"h2";
+
+struct Issued {
+    cert: WorkloadCert,
+    key: Arc<CertifiedKey>,
+}
+
+/// Summary of one certificate, for the admin config dump (never the key).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CertSummary {
+    pub identity: String,
+    pub not_before_unix: u64,
+    pub not_after_unix: u64,
+    pub rotates_at_unix: u64,
+}
+
+pub struct CertManager {
+    ca: Ca,
+    lifetime: Duration,
+    roots: Arc<RootCertStore>,
+    certs: Mutex<HashMap<Identity, Arc<Issued>>>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl CertManager {
+    pub fn new(ca: Ca, lifetime: Duration) -> Result<Arc<CertManager>, IdentityError> {
+        let roots = identity::roots(&[ca.root()])?;
+        Ok(Arc::new(CertManager { ca, lifetime, roots, certs: Mutex::new(HashMap::new()) }))
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.ca.trust_domain()
+    }
+
+    fn issued(&self, id: &Identity) -> Result<Arc<Issued>, IdentityError> {
+        let now = SystemTime::now();
+        if let Some(i) = self.certs.lock().expect("lock").get(id) {
+            if now < i.cert.refresh_at() {
+                return Ok(i.clone());
+            }
+        }
+        let cert = self.ca.issue(id, self.lifetime)?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).map_err(IdentityError::Tls)?;
+        let key = Arc::new(CertifiedKey::new(cert.chain.clone(), signing));
+        let issued = Arc::new(Issued { cert, key });
+        let previous = self.certs.lock().expect("lock").insert(id.clone(), issued.clone());
+        info!(identity = %id, expires_unix = unix(issued.cert.not_after), rotated = previous.is_some(), "workload certificate issued");
+        Ok(issued)
+    }
+
+    /// Issues or renews the certificates of `ids` now (called periodically),
+    /// and forgets identities no longer in use.
+    pub fn refresh(&self, ids: &[Identity]) {
+        for id in ids {
+            if let Err(e) = self.issued(id) {
+                warn!(identity = %id, error = %skiff_core::report(&e), "certificate renewal failed");
+            }
+        }
+        self.certs.lock().expect("lock").retain(|k, _| ids.contains(k));
+    }
+
+    /// How often `refresh` should run: well inside the half-life.
+    pub fn refresh_interval(&self) -> Duration {
+        (self.lifetime / 8).clamp(Duration::from_millis(200), Duration::from_secs(60))
+    }
+
+    pub fn summary(&self) -> Vec<CertSummary> {
+        let mut v: Vec<CertSummary> = self
+            .certs
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|i| CertSummary {
+                identity: i.cert.identity.to_string(),
+                not_before_unix: unix(i.cert.not_before),
+                not_after_unix: unix(i.cert.not_after),
+                rotates_at_unix: unix(i.cert.refresh_at()),
+            })
+            .collect();
+        v.sort_by(|a, b| a.identity.cmp(&b.identity));
+        v
+    }
+
+    /// TLS 1.3 server config for a pod: presents the pod's certificate and
+    /// requires a client certificate chaining to the trust bundle.
+    pub fn server_config(self: &Arc<Self>, id: Identity) -> Result<Arc<ServerConfig>, IdentityError> {
+        self.issued(&id)?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver { mgr: self.clone(), id }));
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// TLS 1.3 client config: presents `src`'s certificate and accepts only
+    /// a server proving `expected`.
+    pub fn client_config(self: &Arc<Self>, src: Identity, expected: Identity) -> Result<Arc<ClientConfig>, IdentityError> {
+        self.issued(&src)?;
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ExpectedIdentityVerifier::new(self.roots.clone(), expected)))
+            .with_client_cert_resolver(Arc::new(Resolver { mgr: self.clone(), id: src }));
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// Hands out the current certificate of one identity at each handshake, so
+/// rotation needs no new TLS config.
+#[derive(Debug)]
+struct Resolver {
+    mgr: Arc<CertManager>,
+    id: Identity,
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertManager")
+    }
+}
+
+impl Resolver {
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        match self.mgr.issued(&self.id) {
+            Ok(i) => Some(i.key.clone()),
+            Err(e) => {
+                warn!(identity = %self.id, error = %skiff_core::report(&e), "no certificate for handshake");
+                None
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl ResolvesClientCert for Resolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
