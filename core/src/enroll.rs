@@ -86,7 +86,7 @@ pub fn decide(node: &str, namespace_labels: Option<&BTreeMap<String, String>>, p
             }
         }
     }
-    if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
+    if pod.is_finished() {
         return Decision::Skip(Finished);
     }
     if pod.ip.is_none() {

@@ -40,6 +40,11 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Succeeded or Failed.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
     /// Running with an IP: may receive traffic as a Service endpoint.
     pub fn is_ready(&self) -> bool {
         self.ip.is_some() && self.phase.as_deref() == Some("Running")
@@ -282,6 +287,34 @@ impl Snapshot {
                 Object::Deployment(_) | Object::Other { .. } => {}
             }
         }
+        // Addresses identify workloads and Services: two live owners of one
+        // address would make identity and routing ambiguous.
+        let mut ips: BTreeMap<Ipv4Addr, &Workload> = BTreeMap::new();
+        for w in snap.workloads.values().filter(|w| !w.host_network && !w.is_finished()) {
+            if let Some(ip) = w.ip {
+                if let Some(other) = ips.insert(ip, w) {
+                    errors.push(ModelError {
+                        origin: "cluster".into(),
+                        object: format!("Pod {}/{}", w.namespace, w.name),
+                        field: "status.podIP".into(),
+                        message: format!("{ip} is also the IP of pod {}/{}", other.namespace, other.name),
+                    });
+                }
+            }
+        }
+        let mut vips: BTreeMap<Ipv4Addr, &ServiceInfo> = BTreeMap::new();
+        for s in snap.services.values() {
+            if let Some(ip) = s.cluster_ip {
+                if let Some(other) = vips.insert(ip, s) {
+                    errors.push(ModelError {
+                        origin: "cluster".into(),
+                        object: format!("Service {}/{}", s.namespace, s.name),
+                        field: "spec.clusterIP".into(),
+                        message: format!("{ip} is also the ClusterIP of {}/{}", other.namespace, other.name),
+                    });
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(snap)
         } else {
@@ -294,8 +327,10 @@ impl Snapshot {
         self.namespaces.get(ns).map(|n| &n.labels)
     }
 
+    /// The live pod with this IP (finished pods may still report an IP that
+    /// has since been reused).
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
-        self.workloads.values().find(|w| w.ip == Some(ip) && !w.host_network)
+        self.workloads.values().find(|w| w.ip == Some(ip) && !w.host_network && !w.is_finished())
     }
 
     /// The Service (and port) whose ClusterIP and port are `ip:port`.

@@ -83,6 +83,9 @@ pub enum ZdsError {
     /// A message was larger than the protocol allows.
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
+    /// A peer that is neither root nor this process's user connected.
+    #[error("peer with uid {0} is not allowed")]
+    Unauthorized(u32),
     /// The message carried the wrong number of file descriptors.
     #[error("expected {expected} file descriptor(s), got {got}")]
     Fds { expected: usize, got: usize },
@@ -103,9 +106,12 @@ impl Conn {
         let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
             .map_err(io("socket"))?;
         let addr = UnixAddr::new(path).map_err(io("socket path"))?;
-        socket::connect(fd.as_raw_fd(), &addr).map_err(io("connect"))?;
         let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
+        // The send timeout also bounds connect() when the listener's backlog
+        // is full (a stuck ztunnel must not hang node-agent).
+        socket::setsockopt(&fd, socket::sockopt::SendTimeout, &tv).map_err(io("setsockopt"))?;
         socket::setsockopt(&fd, socket::sockopt::ReceiveTimeout, &tv).map_err(io("setsockopt"))?;
+        socket::connect(fd.as_raw_fd(), &addr).map_err(io("connect"))?;
         Ok(Conn { fd })
     }
 
@@ -195,11 +201,18 @@ impl Listener {
         Ok(Listener { fd })
     }
 
+    /// Accepts the next peer. Only root (or this process's own user) may
+    /// hand ztunnel network namespaces.
     pub fn accept(&self) -> Result<Conn, ZdsError> {
         let raw = socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(io("accept"))?;
         // SAFETY: accept4 returned a new descriptor that we now own.
         #[allow(unsafe_code)]
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let cred = socket::getsockopt(&fd, socket::sockopt::PeerCredentials).map_err(io("SO_PEERCRED"))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if cred.uid() != 0 && cred.uid() != me {
+            return Err(ZdsError::Unauthorized(cred.uid()));
+        }
         Ok(Conn { fd })
     }
 }

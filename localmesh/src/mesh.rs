@@ -160,10 +160,17 @@ impl LocalMesh {
     }
 
     fn build(&mut self, opts: &MeshOptions, node_names: &[String], pods: Vec<PlannedPod>) -> anyhow::Result<()> {
+        // create_dir, not create_dir_all: if another run somehow has this id,
+        // fail here rather than adopt (and later tear down) its resources.
+        let work = self.work_dir.clone();
+        self.work_dir = PathBuf::new();
+        fs::create_dir(&work).with_context(|| format!("creating {} (run id in use?)", work.display()))?;
+        self.work_dir = work;
+        fs::write(self.work_dir.join("owner.pid"), std::process::id().to_string())?;
         fs::create_dir_all(self.work_dir.join("logs"))?;
         fs::create_dir_all(&self.state_dir)?;
         let cg = sys::cgroup2_root()?.join(format!("skiff-{}", self.run_id));
-        fs::create_dir_all(&cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
+        fs::create_dir(&cg).with_context(|| format!("creating cgroup {} (run id in use?)", cg.display()))?;
         self.cgroup_root = Some(cg.clone());
         let bpffs = self.work_dir.join("bpffs");
         sys::mount_bpffs(&bpffs)?;
@@ -732,7 +739,9 @@ impl LocalMesh {
         if let Some(cg) = self.cgroup_root.take() {
             sys::cgroup_destroy(&cg);
         }
-        let _ = fs::remove_dir_all(&self.work_dir);
+        if !self.work_dir.as_os_str().is_empty() {
+            let _ = fs::remove_dir_all(&self.work_dir);
+        }
         info!(run = %self.run_id, "local mesh torn down");
     }
 

@@ -131,6 +131,8 @@ pub fn command(place: &Placement<'_>, argv: &[String], env: &[(String, String)])
                 return Err(std::io::Error::last_os_error());
             }
             libc::setpgid(0, 0);
+            // If the harness dies without tearing down, its processes die too.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
     }

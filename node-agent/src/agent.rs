@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{bpf::Capture, podnet};
 
+
 /// node-agent settings.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -154,6 +155,14 @@ impl Agent {
         let wanted = desired.len();
         for (uid, w) in desired {
             let Some(info) = info_of(w, &node) else { continue };
+            // A recreated sandbox keeps the pod's uid but has a new netns:
+            // that is a new pod for capture.
+            if let Some(e) = self.pods.get(&uid) {
+                let current = self.locator.open(w).ok().and_then(|fd| netns::identity(fd.as_fd()).ok());
+                if current.is_some_and(|id| Some(id) != netns::identity(e.netns.as_fd()).ok()) {
+                    self.release(&uid, "pod network namespace changed");
+                }
+            }
             match self.pods.get(&uid) {
                 Some(e) if e.info == info => {}
                 Some(_) => self.update(info),
@@ -173,6 +182,10 @@ impl Agent {
                 return;
             }
         };
+        if self.is_node_netns(&netns) {
+            error!(%pod, "refusing to enroll: the pod's network namespace is the node's own");
+            return;
+        }
         let cookie = match netns::cookie_of(netns.as_fd()) {
             Ok(c) => c,
             Err(e) => {
@@ -184,15 +197,25 @@ impl Agent {
             error!(%pod, error = %skiff_core::report(&e), "cannot enroll: pod routing for ztunnel delivery");
             return;
         }
-        // ztunnel first, so its listeners exist before capture points at them.
-        self.send_add(&info, &netns);
+        // ztunnel first, so its listeners exist before capture points at
+        // them. If ztunnel is not connected, capture goes on anyway (its
+        // connects are refused until ztunnel gets the snapshot: fail closed);
+        // if ztunnel refuses the pod, capture would have nowhere to go, so
+        // the pod stays pending and is retried.
+        if let Sent::Refused = self.send_add(&info, &netns) {
+            error!(%pod, "not enrolled: ztunnel refused the pod; will retry");
+            return;
+        }
         let entry = EnrolledPod { pod_ip: u32::from(info.ip).to_be(), flags: ENROLL_OUTBOUND | ENROLL_INBOUND };
         if let Err(e) = self.capture.enroll(cookie, entry) {
             error!(%pod, error = %skiff_core::report(&e), "cannot enroll: capture map");
             return;
         }
         if let Err(e) = self.capture.attach_inbound(netns.as_fd(), cookie) {
-            error!(%pod, error = %skiff_core::report(&e), "inbound capture not attached");
+            error!(%pod, error = %skiff_core::report(&e), "cannot enroll: inbound capture not attached; will retry");
+            let _ = self.capture.unenroll(cookie);
+            self.send(&Request::Del { uid: info.uid.clone() }, None);
+            return;
         }
         info!(%pod, ip = %info.ip, netns_cookie = cookie, ztunnel = self.ztunnel.is_some(), "pod enrolled");
         self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie });
@@ -223,9 +246,8 @@ impl Agent {
         if let Err(err) = self.capture.detach_inbound(e.cookie) {
             error!(%pod, error = %skiff_core::report(&err), "detaching inbound capture");
         }
-        if let Err(err) = podnet::teardown(e.netns.as_fd()) {
-            debug!(%pod, error = %skiff_core::report(&err), "pod routing teardown (the pod may be gone)");
-        }
+        // The delivery routing stays: it only affects ztunnel-marked
+        // packets, and connections ztunnel is still draining need it.
         self.send(&Request::Del { uid: uid.to_owned() }, None);
         info!(%pod, %reason, "pod released");
     }
@@ -249,22 +271,35 @@ impl Agent {
         }
     }
 
-    fn send_add(&mut self, info: &WorkloadInfo, netns: &OwnedFd) {
-        self.send(&Request::Add { workload: info.clone() }, Some(netns));
+    fn send_add(&mut self, info: &WorkloadInfo, netns: &OwnedFd) -> Sent {
+        self.send(&Request::Add { workload: info.clone() }, Some(netns))
     }
 
     /// Sends one request if connected; a broken connection is dropped and
     /// re-established (with a full snapshot) later.
-    fn send(&mut self, req: &Request, fd: Option<&OwnedFd>) {
-        let Some(conn) = &self.ztunnel else { return };
+    fn send(&mut self, req: &Request, fd: Option<&OwnedFd>) -> Sent {
+        let Some(conn) = &self.ztunnel else { return Sent::NotConnected };
         match conn.call(req, fd.map(|f| f.as_fd())) {
-            Ok(Response::Ack) => {}
-            Ok(Response::Error { message }) => error!(request = ?req_kind(req), %message, "ztunnel refused"),
+            Ok(Response::Ack) => Sent::Acked,
+            Ok(Response::Error { message }) => {
+                error!(request = ?req_kind(req), %message, "ztunnel refused");
+                Sent::Refused
+            }
             Err(e) => {
                 warn!(error = %skiff_core::report(&e), "lost ztunnel connection; will reconnect and resend the snapshot");
                 self.ztunnel = None;
+                Sent::NotConnected
             }
         }
+    }
+
+    /// Whether `fd` is the node's own netns (node-agent's, or init's): never
+    /// a pod's, whatever a manifest claims.
+    fn is_node_netns(&self, fd: &OwnedFd) -> bool {
+        let Ok(id) = netns::identity(fd.as_fd()) else { return true };
+        ["/proc/self/ns/net", "/proc/1/ns/net"].iter().any(|p| {
+            std::fs::File::open(p).ok().and_then(|f| netns::identity(f.as_fd()).ok()) == Some(id)
+        })
     }
 
     fn maintain_ztunnel(&mut self) {
@@ -315,6 +350,13 @@ impl Agent {
         expect_ack(conn.call(&Request::SnapshotSent, None), "snapshot")?;
         Ok(conn)
     }
+}
+
+/// Outcome of sending a request to ztunnel.
+enum Sent {
+    Acked,
+    Refused,
+    NotConnected,
 }
 
 fn req_kind(r: &Request) -> &'static str {

@@ -19,8 +19,9 @@
 //! takes 10: marked packets then use `local default dev lo` and arrive on
 //! `lo`, which inbound capture skips.
 //!
-//! All of this lives in the pod's own netns, is undone on release, and goes
-//! away with the pod.
+//! All of this lives in the pod's own netns and goes away with it. It stays
+//! when a pod is released: it only affects packets carrying ztunnel's
+//! delivery mark, and connections ztunnel is still draining need it.
 
 use std::{os::fd::BorrowedFd, process::Command};
 
@@ -80,30 +81,7 @@ fn setup_here() -> Result<(), PodNetError> {
     Ok(())
 }
 
-fn teardown_here() -> Result<(), PodNetError> {
-    let mark = format!("{MARK_DELIVER:#x}");
-    let table = DELIVER_ROUTE_TABLE.to_string();
-    let rules = ip(&["-4", "rule", "show"])?;
-    if !rules.lines().any(|l| l.starts_with("0:") && l.contains("lookup local")) {
-        ip(&["-4", "rule", "add", "pref", "0", "lookup", "local"])?;
-    }
-    if rules.lines().any(|l| l.starts_with(&format!("{LOCAL_PREF}:")) && l.contains("lookup local")) {
-        ip(&["-4", "rule", "del", "pref", LOCAL_PREF, "lookup", "local"])?;
-    }
-    while ip(&["-4", "rule", "show", "fwmark", &mark])?.contains(&format!("lookup {table}")) {
-        ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table])?;
-    }
-    let _ = ip(&["-4", "route", "flush", "table", &table]);
-    std::fs::write(FWMARK_ACCEPT, "0").map_err(|e| PodNetError::Sysctl("net.ipv4.tcp_fwmark_accept", e))?;
-    Ok(())
-}
-
 /// Applies the delivery settings in a pod's netns (idempotent).
 pub fn setup(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
     netns::run_in(ns, setup_here)?
-}
-
-/// Removes the delivery settings from a pod's netns.
-pub fn teardown(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
-    netns::run_in(ns, teardown_here)?
 }

@@ -70,6 +70,10 @@ struct Pod {
     ctx: Arc<PodCtx>,
     netns_id: (u64, u64),
     stop: watch::Sender<bool>,
+    /// The inbound listener, for (re-)registration in the capture map. It
+    /// stays open as long as its accept loop runs, which outlives the Pod
+    /// entry only while the loop notices `stop`.
+    inbound_fd: std::os::fd::RawFd,
 }
 
 /// An authorized inbound connection, re-checked when policies change.
@@ -193,6 +197,9 @@ impl Ztunnel {
                     warn!(agent_node = %node, ztunnel_node = %self.cfg.node, "node-agent reports a different node name");
                 }
                 self.session_seen.lock().expect("lock").clear();
+                // node-agent may have re-created its maps (uninstall + run):
+                // open the pinned map afresh; every Add re-registers.
+                *self.sockmap.lock().expect("lock") = None;
                 info!("node-agent connected");
                 Response::Ack
             }
@@ -228,14 +235,16 @@ impl Ztunnel {
         let netns_id = netns::identity(fd.as_fd()).map_err(|e| netns::NetnsError::Open { path: "fd".into(), source: e })?;
         let uid = info.uid.clone();
         self.session_seen.lock().expect("lock").insert(uid.clone());
-        {
+        let existing = {
             let pods = self.pods.lock().expect("lock");
-            if let Some(p) = pods.get(&uid) {
-                if p.netns_id == netns_id {
-                    *p.ctx.info.write().expect("lock") = info;
-                    return Ok(());
-                }
-            }
+            pods.get(&uid).filter(|p| p.netns_id == netns_id).map(|p| {
+                *p.ctx.info.write().expect("lock") = info.clone();
+                p.inbound_fd
+            })
+        };
+        if let Some(fd) = existing {
+            self.register_inbound(info.ip, fd)?;
+            return Ok(());
         }
         self.remove(&uid, "pod network namespace changed");
         let pod_name = format!("{}/{}", info.namespace, info.name);
@@ -250,16 +259,8 @@ impl Ztunnel {
         let out_l = out_l.map_err(|source| AddError::Listen { addr: out_addr, source })?;
         let in_l = in_l.map_err(|source| AddError::Listen { addr: in_addr, source })?;
         let hbone_l = hbone_l.map_err(|source| AddError::Listen { addr: hbone_addr, source })?;
-        if let Some(dir) = &self.cfg.pin_dir {
-            let mut map = self.sockmap.lock().expect("lock");
-            if map.is_none() {
-                *map = Some(open_sockmap(dir)?);
-            }
-            map.as_mut()
-                .expect("opened above")
-                .insert(u32::from(info.ip).to_be(), in_l.as_raw_fd(), 0)
-                .map_err(AddError::SockMap)?;
-        }
+        let inbound_fd = in_l.as_raw_fd();
+        self.register_inbound(info.ip, inbound_fd)?;
         let listen = |l: std::net::TcpListener, addr| TcpListener::from_std(l).map_err(|source| AddError::Listen { addr, source });
         let (out_l, in_l, hbone_l) = (listen(out_l, out_addr)?, listen(in_l, in_addr)?, listen(hbone_l, hbone_addr)?);
         let ctx = Arc::new(PodCtx { info: RwLock::new(info.clone()), net });
@@ -268,10 +269,20 @@ impl Ztunnel {
         tokio::spawn(self.clone().accept_loop(out_l, Direction::Outbound, ctx.clone(), stop.subscribe()));
         tokio::spawn(self.clone().accept_loop(in_l, Direction::Inbound, ctx.clone(), stop.subscribe()));
         tokio::spawn(self.clone().accept_loop(hbone_l, Direction::Hbone(acceptor), ctx.clone(), stop.subscribe()));
-        self.pods.lock().expect("lock").insert(uid, Pod { ctx, netns_id, stop });
+        self.pods.lock().expect("lock").insert(uid, Pod { ctx, netns_id, stop, inbound_fd });
         self.metrics.workloads.set(self.pods.lock().expect("lock").len() as i64);
         info!(pod = %pod_name, ip = %info.ip, "pod added: listening on 15001 (outbound), 15006 (inbound), 15008 (HBONE)");
         Ok(())
+    }
+
+    /// Puts a pod's inbound listener in node-agent's capture map.
+    fn register_inbound(&self, ip: Ipv4Addr, fd: std::os::fd::RawFd) -> Result<(), AddError> {
+        let Some(dir) = &self.cfg.pin_dir else { return Ok(()) };
+        let mut map = self.sockmap.lock().expect("lock");
+        if map.is_none() {
+            *map = Some(open_sockmap(dir)?);
+        }
+        map.as_mut().expect("opened above").insert(u32::from(ip).to_be(), fd, 0).map_err(AddError::SockMap)
     }
 
     fn remove(&self, uid: &str, reason: &str) {
@@ -450,10 +461,11 @@ impl Ztunnel {
                 destination_namespace: dns,
                 destination_principal: dp,
                 destination_app: dapp,
+                // Never the raw IP: label values must stay a bounded set.
                 destination_service: service
                     .as_ref()
                     .map(|(n, ns)| format!("{n}.{ns}.svc.cluster.local"))
-                    .unwrap_or_else(|| orig.ip().to_string()),
+                    .unwrap_or_else(|| "unknown".into()),
                 destination_service_name: svc_name,
                 destination_service_namespace: svc_ns,
                 response_flags: "-",

@@ -87,9 +87,10 @@ mod pod_impls {
 
 /// Index into the `STATS` per-CPU array: connects redirected to ztunnel.
 pub const STAT_CAPTURED_CONNECTS: u32 = 0;
-/// Connects refused because the original destination could not be stored.
+/// Connects refused because the original destination could not be stored
+/// (an internal map error: the maps are LRU and never full).
 pub const STAT_REFUSED_NO_STATE: u32 = 1;
-/// Native IPv6 connects from enrolled pods, refused.
+/// Native IPv6 connects from, and IPv6 connections into, enrolled pods: refused.
 pub const STAT_REFUSED_NATIVE_V6: u32 = 2;
 /// Binds of a mesh port by an application in an enrolled pod, refused.
 pub const STAT_BIND_DENIED: u32 = 3;

@@ -149,7 +149,8 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     };
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // No room to remember the destination: refuse rather than bypass.
+    // The map is LRU (the oldest entry makes room), so this fails only on
+    // an internal error: refuse rather than bypass.
     ORIG_BY_COOKIE.insert(&cookie, &orig, 0).map_err(|_| {
         count(STAT_REFUSED_NO_STATE);
         0i64
@@ -330,6 +331,9 @@ fn try_getsockopt(ctx: &SockoptContext) -> Option<()> {
     };
     // SAFETY: read-only copy of a plain value.
     let orig = unsafe { ORIG_BY_PORT.get(&key) }.copied()?;
+    // One answer per connection: a later socket reusing the port must not
+    // inherit this destination.
+    let _ = ORIG_BY_PORT.remove(&key);
     // SAFETY: bounds are checked against optval_end before any write, which
     // is what the verifier needs to accept the stores.
     unsafe {
@@ -361,8 +365,15 @@ pub fn skiff_inbound(ctx: SkLookupContext) -> u32 {
     let l = unsafe { &*ctx.lookup };
     // Loopback carries ztunnel's own delivery to the app (and the pod's
     // traffic to itself): capturing it again would loop.
-    if l.family != AF_INET || l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
+    if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
+    }
+    if l.family != AF_INET {
+        // IPv6 into an enrolled pod (link-local addresses exist on every
+        // veth): ztunnel has no IPv6 path yet, so drop rather than let it
+        // reach the app uncaptured.
+        count(STAT_REFUSED_NATIVE_V6);
+        return SK_DROP;
     }
     if is_mesh_port(l.local_port as u16) {
         return SK_PASS;

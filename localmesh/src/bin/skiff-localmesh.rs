@@ -45,10 +45,7 @@ enum Cmd {
     },
 }
 
-fn wait_for_interrupt(mesh: &LocalMesh) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+fn wait_for_interrupt(mesh: &LocalMesh, stop: &AtomicBool) -> anyhow::Result<()> {
     println!("\nThe mesh is up (run {}). Logs: {}/logs", mesh.run_id, mesh.work_dir.display());
     println!("Run a shell inside a pod (its netns and cgroup, so capture applies as to the pod's own processes):");
     for p in &mesh.pods {
@@ -87,11 +84,20 @@ fn main() -> anyhow::Result<()> {
     };
     let mut opts = MeshOptions::new(manifests.clone(), bin_dir);
     opts.nodes = cli.nodes;
+    // Ctrl-C at any point (even while the mesh is being built) ends in a
+    // teardown, never in leftovers: the signal only sets a flag.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     println!("Building a {}-node local mesh from {} ...", cli.nodes, manifests.display());
     let mesh = LocalMesh::up(&opts)?;
+    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("interrupted; tearing down");
+        return Ok(());
+    }
     if keep {
         demo::print_topology(&mesh)?;
-        wait_for_interrupt(&mesh)?;
+        wait_for_interrupt(&mesh, &stop)?;
         Ok(())
     } else {
         let result = demo::run(&mesh);
