@@ -120,9 +120,32 @@ pub fn enrolled_ips(mesh: &LocalMesh, i: usize) -> Vec<String> {
     v
 }
 
-/// The server-side echo server is listening (it starts asynchronously).
+/// The pod's echo server is listening (it starts asynchronously).
 pub fn wait_listening(pod: &PodRt) {
     eventually(Duration::from_secs(10), &format!("{} listening", pod.name), || {
         server_events(pod).iter().any(|e| e["event"] == "listening").then_some(())
+    })
+}
+
+/// The pod's echo server on `port` is listening.
+pub fn wait_listening_on(pod: &PodRt, port: u16) {
+    eventually(Duration::from_secs(10), &format!("{} listening on {port}", pod.name), || {
+        server_events(pod).iter().any(|e| e["event"] == "listening" && e["port"] == port).then_some(())
+    })
+}
+
+/// Applies a manifest to the running mesh and waits until node `i`'s
+/// ztunnel has the policy `name` in force (or, with `None`, has dropped it).
+pub fn apply_policy(mesh: &LocalMesh, node: usize, name: &str, yaml: Option<&str>) {
+    let policies = || -> Option<String> {
+        let (_, body) = mesh.node_http_get(node, 15000, "/config_dump").ok()?;
+        let dump: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some(format!("{}{}", dump["authorization_policies"], dump["peer_authentications"]))
+    };
+    let before = eventually(Duration::from_secs(10), "config dump", policies);
+    mesh.apply(name, yaml).expect("apply");
+    // Every application in the tests changes the policies in force.
+    eventually(Duration::from_secs(10), &format!("policy change {name} in force on node {node}"), || {
+        policies().filter(|now| *now != before).map(|_| ())
     })
 }

@@ -27,7 +27,7 @@ use std::{
 use crate::k8s;
 
 /// Mutual TLS mode of PeerAuthentication.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum MtlsMode {
     Unset,
     Disable,
@@ -56,7 +56,7 @@ impl MtlsMode {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PeerAuthn {
     pub namespace: String,
     pub name: String,
@@ -98,7 +98,7 @@ pub fn effective_mtls(
     chain.into_iter().flatten().find(|m| *m != MtlsMode::Unset).unwrap_or(MtlsMode::Permissive)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Action {
     Allow,
     Deny,
@@ -107,7 +107,7 @@ pub enum Action {
 }
 
 /// A string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct StrMatch(pub String);
 
 impl StrMatch {
@@ -127,7 +127,7 @@ impl StrMatch {
 }
 
 /// An IPv4 CIDR (a bare address is a /32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Cidr {
     pub addr: Ipv4Addr,
     pub len: u8,
@@ -152,7 +152,7 @@ impl Cidr {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Source {
     pub principals: Vec<StrMatch>,
     pub not_principals: Vec<StrMatch>,
@@ -166,7 +166,7 @@ pub struct Source {
     pub has_l7: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Operation {
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
@@ -174,7 +174,7 @@ pub struct Operation {
     pub has_l7: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum ConditionKey {
     SourceIp,
     RemoteIp,
@@ -186,21 +186,21 @@ pub enum ConditionKey {
     L7(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Condition {
     pub key: ConditionKey,
     pub values: Vec<String>,
     pub not_values: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Rule {
     pub from: Vec<Source>,
     pub to: Vec<Operation>,
     pub when: Vec<Condition>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct AuthzPolicy {
     pub namespace: String,
     pub name: String,

@@ -445,6 +445,14 @@ impl LocalMesh {
         Ok(())
     }
 
+    /// Starts a packet capture on the link between the nodes (every port
+    /// of the fabric bridge: a bridged frame is seen once per port it
+    /// crosses).
+    pub fn capture_between_nodes(&self) -> anyhow::Result<crate::capture::Capture> {
+        let fabric = self.fabric.as_ref().context("no fabric")?;
+        crate::capture::Capture::start(Path::new(&format!("/var/run/netns/{fabric}")), None)
+    }
+
     /// The mesh's CA directory (shared by every node's ztunnel: one trust
     /// domain, one root).
     pub fn ca_dir(&self) -> PathBuf {

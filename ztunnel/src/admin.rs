@@ -56,7 +56,7 @@ pub fn config_dump(zt: &Ztunnel) -> serde_json::Value {
         .map(|p| {
             serde_json::json!({
                 "name": p.key(), "action": format!("{:?}", p.action).to_uppercase(),
-                "selector": p.selector, "rules": p.rules.len(), "waypoint_only": p.targets_waypoint,
+                "selector": p.selector, "waypoint_only": p.targets_waypoint, "rules": p.rules,
             })
         })
         .collect();

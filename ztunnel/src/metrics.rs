@@ -128,6 +128,13 @@ impl Metrics {
         }
     }
 
+    /// Counts an open connection until the guard drops (also when the
+    /// connection's task is aborted).
+    pub fn open_connection(&self) -> ActiveGuard {
+        self.active_connections.inc();
+        ActiveGuard(self.active_connections.clone())
+    }
+
     /// Text exposition format.
     pub fn render(&self) -> String {
         use prometheus::Encoder;
@@ -140,6 +147,15 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// See [`Metrics::open_connection`].
+pub struct ActiveGuard(IntGauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

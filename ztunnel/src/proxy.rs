@@ -483,9 +483,8 @@ impl Ztunnel {
                     Ok((send, recv, _guard)) => {
                         let counters = self.metrics.connection(&labels);
                         counters.opened.inc();
-                        self.metrics.active_connections.inc();
+                        let _active = self.metrics.open_connection();
                         let (rx, tx) = hbone::relay(client, send, recv, &counters.received, &counters.sent).await;
-                        self.metrics.active_connections.dec();
                         counters.closed.inc();
                         access_log("outbound", peer, orig, Some(target), &labels, tx, rx, start, None);
                     }
@@ -800,10 +799,8 @@ impl Ztunnel {
         let task = tokio::spawn({
             let counters = counters.clone();
             async move {
-                zt.metrics.active_connections.inc();
-                let r = hbone::relay(app, send, recv, &counters.sent, &counters.received).await;
-                zt.metrics.active_connections.dec();
-                r
+                let _active = zt.metrics.open_connection();
+                hbone::relay(app, send, recv, &counters.sent, &counters.received).await
             }
         });
         let id = self.track(&info.uid, conn, task.abort_handle());
@@ -900,14 +897,12 @@ fn access_log(
 /// Copies both ways until both sides are done, counting bytes as they pass.
 /// Returns (client→server, server→client) byte counts.
 async fn relay(client: TcpStream, server: TcpStream, c: &ConnCounters, m: &Metrics) -> (u64, u64) {
-    m.active_connections.inc();
+    let _active = m.open_connection();
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
     let up = copy_counted(cr, sw, &c.received);
     let down = copy_counted(sr, cw, &c.sent);
-    let r = tokio::join!(up, down);
-    m.active_connections.dec();
-    r
+    tokio::join!(up, down)
 }
 
 async fn copy_counted(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, counter: &prometheus::IntCounter) -> u64 {

@@ -87,7 +87,7 @@ fn echo_server(port: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn client(target: &str, message: &str, hold: Duration) -> ExitCode {
+fn client(target: &str, message: &str, hold: Duration, stream: Duration) -> ExitCode {
     let result = (|| -> std::io::Result<(String, String, String)> {
         let addrs: Vec<_> = target.to_socket_addrs()?.collect();
         let addr = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or(std::io::ErrorKind::NotFound)?;
@@ -96,6 +96,14 @@ fn client(target: &str, message: &str, hold: Duration) -> ExitCode {
         let peer = s.peer_addr()?.to_string();
         let local = s.local_addr()?.to_string();
         s.write_all(message.as_bytes())?;
+        // --stream-ms: keep sending a numbered chunk every 50 ms.
+        let start = std::time::Instant::now();
+        let mut i = 0;
+        while start.elapsed() < stream {
+            thread::sleep(Duration::from_millis(50));
+            s.write_all(format!(" chunk-{i}").as_bytes())?;
+            i += 1;
+        }
         thread::sleep(hold);
         s.shutdown(Shutdown::Write)?;
         let mut reply = String::new();
@@ -187,8 +195,8 @@ fn main() -> ExitCode {
         },
         Some("client") => match (arg(&args, "--target"), arg(&args, "--message")) {
             (Some(t), Some(m)) => {
-                let hold = arg(&args, "--hold-ms").and_then(|h| h.parse().ok()).unwrap_or(0);
-                client(&t, &m, Duration::from_millis(hold))
+                let ms = |name: &str| Duration::from_millis(arg(&args, name).and_then(|h| h.parse().ok()).unwrap_or(0));
+                client(&t, &m, ms("--hold-ms"), ms("--stream-ms"))
             }
             _ => usage(),
         },
