@@ -275,3 +275,33 @@ fn certificates_rotate_under_a_long_lived_connection() {
     let r = client(&mesh, &mesh.pods[k], &target, "after-rotation");
     assert!(r.ok && r.reply.ends_with("after-rotation"), "{r:?}");
 }
+
+#[test]
+fn malformed_connect_requests_get_4xx_and_only_their_stream_ends() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let server = mesh.pod("mesh", "server");
+    let from = mesh.pod("plain", "client");
+    wait_listening_on(server, 9000);
+    let other_pod = format!("{}:9000", mesh.pod("mesh", "client").ip);
+    let mesh_port = format!("{}:15008", server.ip);
+    let cases: [(&str, Vec<&str>, u64); 5] = [
+        ("non-CONNECT method", vec!["--method", "GET"], 405),
+        ("authority is not IP:port", vec!["--authority", "example.com:80"], 400),
+        ("target is another pod", vec!["--authority", &other_pod], 400),
+        ("target is a mesh port", vec!["--authority", &mesh_port], 400),
+        ("oversized headers", vec!["--header-bytes", "20000"], 431),
+    ];
+    for (what, mut args, want) in cases {
+        args.push("--then-valid");
+        let v = probe(&mesh, from, server, "plain/default", "mesh/echo", &args);
+        assert_eq!(v["ok"], false, "{what}: {v}");
+        assert_eq!(v["status"].as_u64(), Some(want), "{what}: {v}");
+        // The connection survived its bad stream: a proper request on it works.
+        assert!(
+            v["error"].as_str().unwrap().contains("follow-up on the same connection answered: echo from server: probe-data"),
+            "{what}: {v}"
+        );
+    }
+    // ztunnel is still up and serving.
+    assert_eq!(mesh.node_http_get(server.node, 15021, "/healthz/ready").unwrap().0, 200);
+}

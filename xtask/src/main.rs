@@ -5,7 +5,8 @@
 //!   tools), idempotently;
 //! - `demo [--manifests DIR] [--nodes N]`: setup, build, run the local mesh demo;
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
-//!   end-to-end tests included.
+//!   end-to-end tests included;
+//! - `fuzz [--seconds N]`: fuzz ztunnel's inbound CONNECT handling.
 
 use std::{
     path::{Path, PathBuf},
@@ -199,6 +200,26 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fuzzes ztunnel's inbound CONNECT handling (HTTP/2 frames after the
+/// preface, through the same h2 settings and request checks) for a bounded
+/// time. Needs nightly; installs cargo-fuzz if missing.
+fn fuzz(args: &[String]) -> anyhow::Result<()> {
+    let seconds: u64 = match args {
+        [] => 60,
+        [flag, n] if flag == "--seconds" => n.parse().context("--seconds takes a number")?,
+        _ => bail!("usage: cargo xtask fuzz [--seconds N]"),
+    };
+    setup_nightly()?;
+    if output(Command::new(cargo_bin("cargo-fuzz")?).arg("--version")).is_none() {
+        step("installing cargo-fuzz");
+        run(Command::new("cargo").args(["install", "cargo-fuzz"]))?;
+    }
+    step(&format!("fuzzing the HBONE CONNECT handler for {seconds} s"));
+    run(Command::new("cargo")
+        .current_dir(root().join("ztunnel"))
+        .args(["+nightly", "fuzz", "run", "connect_request", "--", &format!("-max_total_time={seconds}")]))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = &args[args.len().min(1)..];
@@ -206,8 +227,9 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("demo") => demo(rest),
         Some("test") => test(rest),
+        Some("fuzz") => fuzz(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS]>");
+            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS] | fuzz [--seconds N]>");
             return ExitCode::from(2);
         }
     };

@@ -37,6 +37,19 @@ struct Cli {
     expired: bool,
     #[arg(long, default_value = "probe")]
     message: String,
+    /// Send this method instead of CONNECT (malformed-request checks).
+    #[arg(long)]
+    method: Option<String>,
+    /// Send this authority instead of --target.
+    #[arg(long)]
+    authority: Option<String>,
+    /// Add a header of this many bytes (oversized-header checks).
+    #[arg(long)]
+    header_bytes: Option<usize>,
+    /// After the request, open one more proper CONNECT on the same
+    /// connection: shows whether a bad request ended only its stream.
+    #[arg(long)]
+    then_valid: bool,
 }
 
 fn id(td: &str, s: &str) -> Identity {
@@ -78,12 +91,35 @@ async fn run(cli: Cli) -> Result<(), (String, Option<u16>, String)> {
     let (send, conn) = h2::client::handshake(tls).await.map_err(|e| err("tls")(&e))?;
     tokio::spawn(conn);
     let mut send = send.ready().await.map_err(|e| err("tls")(&e))?;
-    let req = http::Request::builder().method(http::Method::CONNECT).uri(cli.target.to_string()).body(()).expect("valid");
+    let method = http::Method::from_bytes(cli.method.as_deref().unwrap_or("CONNECT").as_bytes()).map_err(|e| err("setup")(&e))?;
+    let uri = cli.authority.clone().unwrap_or_else(|| cli.target.to_string());
+    let uri = if method == http::Method::CONNECT { uri } else { format!("http://{uri}/") };
+    let mut req = http::Request::builder().method(method).uri(uri);
+    if let Some(n) = cli.header_bytes {
+        req = req.header("x-padding", "a".repeat(n));
+    }
+    let req = req.body(()).map_err(|e| err("setup")(&e))?;
     let (resp, mut stream) = send.send_request(req, false).map_err(|e| err("connect")(&e))?;
     let resp = resp.await.map_err(|e| err("connect")(&e))?;
     let status = resp.status().as_u16();
     if status != 200 {
-        return Err(("connect".into(), Some(status), format!("CONNECT answered {status}")));
+        let mut error = format!("CONNECT answered {status}");
+        if cli.then_valid {
+            // Same connection, a proper request: is it still usable?
+            let mut send = send.ready().await.map_err(|e| err("followup")(&e))?;
+            let req = http::Request::builder().method(http::Method::CONNECT).uri(cli.target.to_string()).body(()).expect("valid");
+            let (resp, mut stream) = send.send_request(req, false).map_err(|e| err("followup")(&e))?;
+            let resp = resp.await.map_err(|e| err("followup")(&e))?;
+            stream.send_data(Bytes::from(cli.message.clone()), true).map_err(|e| err("followup")(&e))?;
+            let mut body = resp.into_body();
+            let mut reply = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                reply.extend_from_slice(&chunk);
+            }
+            error = format!("{error}; follow-up on the same connection answered: {}", String::from_utf8_lossy(&reply));
+        }
+        return Err(("connect".into(), Some(status), error));
     }
     stream.send_data(Bytes::from(cli.message.clone()), true).map_err(|e| err("data")(&e))?;
     let mut body = resp.into_body();
