@@ -3,6 +3,7 @@
 //! the real Skiff node-agent and ztunnel on every node. The demo and the
 //! end-to-end tests both run on it.
 
+pub mod bench;
 pub mod capture;
 pub mod demo;
 pub mod kubeproxy;

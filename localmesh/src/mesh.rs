@@ -39,11 +39,13 @@ pub struct MeshOptions {
     pub bin_dir: PathBuf,
     /// Lifetime of workload certificates (ztunnel rotates at half-life).
     pub cert_lifetime: Duration,
+    /// Extra ztunnel arguments.
+    pub ztunnel_args: Vec<String>,
 }
 
 impl MeshOptions {
     pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
-        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400) }
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new() }
     }
 }
 
@@ -97,6 +99,7 @@ pub struct LocalMesh {
     extra: Vec<Child>,
     torn_down: bool,
     cert_lifetime: Duration,
+    ztunnel_args: Vec<String>,
 }
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
@@ -147,6 +150,7 @@ impl LocalMesh {
             extra: Vec::new(),
             torn_down: false,
             cert_lifetime: opts.cert_lifetime,
+            ztunnel_args: opts.ztunnel_args.clone(),
         };
         // From here on, Drop tears down whatever was created if a step fails.
         mesh.build(opts, &node_names, plan.pods)?;
@@ -421,7 +425,7 @@ impl LocalMesh {
     /// Starts (or restarts) ztunnel on node `i`.
     pub fn start_ztunnel(&mut self, i: usize) -> anyhow::Result<()> {
         let n = &self.nodes[i];
-        let argv: Vec<String> = vec![
+        let argv: Vec<String> = [
             self.bin_dir.join("skiff-ztunnel").display().to_string(),
             "--node".into(),
             n.name.clone(),
@@ -437,7 +441,10 @@ impl LocalMesh {
             self.ca_dir().display().to_string(),
             "--cert-lifetime".into(),
             self.cert_lifetime.as_secs().to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(self.ztunnel_args.iter().cloned())
+        .collect();
         let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
         let cmd = sys::command(&place, &argv, &self.node_env())?;
         let child = sys::spawn_logged(cmd, &n.ztunnel_log)?;

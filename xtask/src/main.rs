@@ -6,7 +6,8 @@
 //! - `demo [--manifests DIR] [--nodes N]`: setup, build, run the local mesh demo;
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
-//! - `fuzz [--seconds N]`: fuzz ztunnel's inbound CONNECT handling.
+//! - `fuzz [--seconds N]`: fuzz ztunnel's inbound CONNECT handling;
+//! - `bench hbone [--quick]`: what the tunnel costs (release builds).
 
 use std::{
     path::{Path, PathBuf},
@@ -200,6 +201,22 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Benchmarks, on release builds (figures, not assertions).
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    if !is_root() {
+        bail!("the benchmark builds a local mesh: run it as root");
+    }
+    step("building release binaries");
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    let mut cmd = Command::new(root().join("target/release/skiff-localmesh"));
+    cmd.current_dir(root()).arg("bench").args(args);
+    if !args.iter().any(|a| a == "--out") {
+        cmd.args(["--out", "target/bench/hbone.json"]);
+    }
+    run(&mut cmd)
+}
+
 /// Fuzzes ztunnel's inbound CONNECT handling (HTTP/2 frames after the
 /// preface, through the same h2 settings and request checks) for a bounded
 /// time. Needs nightly; installs cargo-fuzz if missing.
@@ -228,8 +245,9 @@ fn main() -> ExitCode {
         Some("demo") => demo(rest),
         Some("test") => test(rest),
         Some("fuzz") => fuzz(rest),
+        Some("bench") => bench(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS] | fuzz [--seconds N]>");
+            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS] | fuzz [--seconds N] | bench hbone [--quick]>");
             return ExitCode::from(2);
         }
     };

@@ -36,6 +36,10 @@ struct Cli {
     /// mesh-wide (Istio's root namespace).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Benchmarks only: carry mesh-to-mesh traffic as plain TCP instead of
+    /// HBONE (turns mutual TLS off).
+    #[arg(long, hide = true)]
+    insecure_plaintext_mesh: bool,
     /// Admin address: `/config_dump`, `/logging` (keep it on localhost).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -66,7 +70,10 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
         let certs = skiff_ztunnel::certs::CertManager::new(ca, Duration::from_secs(cli.cert_lifetime.max(2)))
             .map_err(|e| anyhow::anyhow!(skiff_core::report(&e)))?;
-        let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir };
+        let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh };
+        if cli.insecure_plaintext_mesh {
+            tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");
+        }
         let zt = proxy::Ztunnel::new(cfg, cluster, certs)?;
         zt.spawn_background();
         admin::serve_admin(zt.clone(), cli.admin_addr, log_reload)

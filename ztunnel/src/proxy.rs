@@ -59,6 +59,9 @@ pub struct Config {
     /// bpffs directory of node-agent's pinned maps; when set, ztunnel
     /// registers each pod's inbound listener for sk_lookup capture.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Send mesh-to-mesh traffic as plain TCP instead of HBONE. Only for
+    /// pricing mTLS in benchmarks: it turns the mesh's encryption off.
+    pub plaintext_mesh: bool,
 }
 
 struct PodCtx {
@@ -448,7 +451,7 @@ impl Ztunnel {
                 Err(_) => (None, None),
             };
             let dst_w = target.and_then(|t| snap.workload_by_ip(*t.ip()));
-            let mesh_dst = dst_w.filter(|w| Self::in_mesh(&snap, w));
+            let mesh_dst = dst_w.filter(|w| !self.cfg.plaintext_mesh && Self::in_mesh(&snap, w));
             let (dw, dns, dp, dapp) = self.remote_labels(dst_w);
             let (svc_name, svc_ns) = service.clone().unwrap_or_else(|| ("unknown".into(), "unknown".into()));
             let mut labels = ConnLabels {
@@ -935,7 +938,7 @@ mod tests {
 
     fn ztunnel(snap: Arc<Snapshot>) -> Arc<Ztunnel> {
         let (_tx, rx) = watch::channel(snap);
-        let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None };
+        let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None, plaintext_mesh: false };
         let ca = crate::identity::Ca::generate("cluster.local").unwrap();
         let certs = CertManager::new(ca, std::time::Duration::from_secs(3600)).unwrap();
         Ztunnel::new(cfg, rx, certs).unwrap()

@@ -122,6 +122,115 @@ fn client(target: &str, message: &str, hold: Duration, stream: Duration) -> Exit
     }
 }
 
+/// Request/response server: reads `size`-byte requests and answers each
+/// with `size` bytes, until the client closes.
+fn rr_server(port: &str, size: usize) -> ExitCode {
+    let l = listen(port);
+    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    for s in l.incoming().flatten() {
+        thread::spawn(move || {
+            let mut s = s;
+            let _ = s.set_nodelay(true);
+            let mut buf = vec![0u8; size];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+/// Request/response client: `count` round trips of `size` bytes after
+/// `warmup` ones; prints latency percentiles in microseconds as JSON.
+fn rr_client(target: &str, size: usize, count: usize, warmup: usize) -> ExitCode {
+    let run = || -> std::io::Result<Vec<u128>> {
+        let addr = target.to_socket_addrs()?.next().ok_or(std::io::ErrorKind::NotFound)?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let req = vec![7u8; size];
+        let mut resp = vec![0u8; size];
+        let mut lat = Vec::with_capacity(count);
+        for i in 0..warmup + count {
+            let t = std::time::Instant::now();
+            s.write_all(&req)?;
+            s.read_exact(&mut resp)?;
+            if i >= warmup {
+                lat.push(t.elapsed().as_micros());
+            }
+        }
+        Ok(lat)
+    };
+    match run() {
+        Ok(mut lat) => {
+            lat.sort_unstable();
+            let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+            let mean = lat.iter().sum::<u128>() as f64 / lat.len() as f64;
+            log(format!(
+                "{{\"count\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"mean_us\":{mean:.1}}}",
+                lat.len(), pct(0.5), pct(0.9), pct(0.99), pct(0.999)
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log(format!("{{\"error\":{}}}", json_str(&e.to_string())));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Bulk sink: counts what a connection sends and answers with the count.
+fn bulk_server(port: &str) -> ExitCode {
+    let l = listen(port);
+    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    for s in l.incoming().flatten() {
+        thread::spawn(move || {
+            let mut s = s;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total: u64 = 0;
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let _ = s.write_all(total.to_string().as_bytes());
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+/// Bulk source: sends for `secs` seconds, then reports the rate the server
+/// confirmed receiving.
+fn bulk_client(target: &str, secs: f64) -> ExitCode {
+    let run = || -> std::io::Result<(u64, f64)> {
+        let addr = target.to_socket_addrs()?.next().ok_or(std::io::ErrorKind::NotFound)?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        let buf = vec![1u8; 256 * 1024];
+        let start = std::time::Instant::now();
+        while start.elapsed().as_secs_f64() < secs {
+            s.write_all(&buf)?;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        let elapsed = start.elapsed().as_secs_f64();
+        Ok((answer.trim().parse().unwrap_or(0), elapsed))
+    };
+    match run() {
+        Ok((bytes, elapsed)) => {
+            log(format!("{{\"bytes\":{bytes},\"seconds\":{elapsed:.3},\"gbit_per_s\":{:.3}}}", bytes as f64 * 8.0 / elapsed / 1e9));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log(format!("{{\"error\":{}}}", json_str(&e.to_string())));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn read_request(s: &mut TcpStream) -> Option<String> {
     let mut r = BufReader::new(s.try_clone().ok()?);
     let mut first = String::new();
@@ -223,6 +332,25 @@ fn main() -> ExitCode {
                 http_server(&p, frontend)
             }
             _ => usage(),
+        },
+        Some("rr-server") => match arg(&args, "--port") {
+            Some(p) => rr_server(&p, arg(&args, "--size").and_then(|v| v.parse().ok()).unwrap_or(1024)),
+            None => usage(),
+        },
+        Some("rr-client") => match arg(&args, "--target") {
+            Some(t) => {
+                let n = |k: &str, d: usize| arg(&args, k).and_then(|v| v.parse().ok()).unwrap_or(d);
+                rr_client(&t, n("--size", 1024), n("--count", 10000), n("--warmup", 500))
+            }
+            None => usage(),
+        },
+        Some("bulk-server") => match arg(&args, "--port") {
+            Some(p) => bulk_server(&p),
+            None => usage(),
+        },
+        Some("bulk-client") => match arg(&args, "--target") {
+            Some(t) => bulk_client(&t, arg(&args, "--seconds").and_then(|v| v.parse().ok()).unwrap_or(3.0)),
+            None => usage(),
         },
         Some("http-get") => match args.get(1) {
             Some(url) => match http_get(url) {

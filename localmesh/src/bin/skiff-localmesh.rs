@@ -43,6 +43,19 @@ enum Cmd {
         #[arg(long)]
         manifests: PathBuf,
     },
+    /// Benchmarks (figures, not assertions).
+    Bench {
+        /// Which benchmark: `hbone` (direct vs ztunnel plain vs ztunnel HBONE).
+        which: String,
+        /// Seconds instead of minutes: checks the harness works.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "examples/bench")]
+        manifests: PathBuf,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn wait_for_interrupt(mesh: &LocalMesh, stop: &AtomicBool) -> anyhow::Result<()> {
@@ -81,6 +94,19 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { manifests: Some(m), .. } => (m, true),
         Cmd::Demo { manifests: None, example } => (example, false),
         Cmd::Up { manifests } => (manifests, true),
+        Cmd::Bench { which, quick, manifests, out } => {
+            if which != "hbone" {
+                anyhow::bail!("unknown benchmark {which:?} (available: hbone)");
+            }
+            let mut o = if quick {
+                skiff_localmesh::bench::BenchOptions::quick(manifests, bin_dir)
+            } else {
+                skiff_localmesh::bench::BenchOptions::full(manifests, bin_dir)
+            };
+            o.out = out;
+            skiff_localmesh::bench::hbone(&o)?;
+            return Ok(());
+        }
     };
     let mut opts = MeshOptions::new(manifests.clone(), bin_dir);
     opts.nodes = cli.nodes;
