@@ -309,6 +309,11 @@ impl Rule {
 }
 
 impl AuthzPolicy {
+    /// Whether some rule uses attributes only a waypoint can check.
+    pub fn has_l7(&self) -> bool {
+        self.rules.iter().any(Rule::has_l7)
+    }
+
     pub fn matches(&self, c: &ConnInfo) -> bool {
         self.rules.iter().any(|r| r.matches(self.action, c))
     }
