@@ -123,10 +123,49 @@ fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes what earlier runs left behind when their harness was killed
+/// (SIGKILL, a crash) before it could tear down: only runs whose recorded
+/// owner process is gone, identified by their run id.
+pub fn sweep_dead_runs() {
+    let Ok(rd) = fs::read_dir(std::env::temp_dir()) else { return };
+    for e in rd.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix("skiff-") else { continue };
+        if id.len() != 6 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            continue;
+        }
+        let dir = e.path();
+        let Ok(pid) = fs::read_to_string(dir.join("owner.pid")) else { continue };
+        let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        warn!(run = id, "cleaning up after a local mesh whose harness died");
+        if let Ok(cg) = sys::cgroup2_root() {
+            sys::cgroup_destroy(&cg.join(format!("skiff-{id}")));
+        }
+        if let Ok(ns) = fs::read_dir("/var/run/netns") {
+            for n in ns.filter_map(Result::ok) {
+                let n = n.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&format!("skiff-{id}-")) {
+                    let _ = sys::ip(&["netns", "del", &n]);
+                    let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&n));
+                }
+            }
+        }
+        let bpffs = dir.join("bpffs");
+        if fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| m.contains(&bpffs.display().to_string())) {
+            sys::unmount(&bpffs);
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
 impl LocalMesh {
     /// Builds the mesh and waits until every node's ztunnel is ready.
     pub fn up(opts: &MeshOptions) -> anyhow::Result<LocalMesh> {
         preflight(opts)?;
+        sweep_dead_runs();
         let node_names: Vec<String> = (1..=opts.nodes).map(|i| format!("node-{i}")).collect();
         let plan = manifests::plan(&opts.manifests, &node_names)?;
         let run_id = sys::run_id();

@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         admin::serve(zt.clone(), cli.readiness_addr, admin::Endpoint::Readiness)
             .await
             .with_context(|| format!("binding readiness on {}", cli.readiness_addr))?;
-        skiff_ztunnel::zds_server::spawn(zt.clone(), cli.zds_socket.clone(), tokio::runtime::Handle::current())
+        let socket_inode = skiff_ztunnel::zds_server::spawn(zt.clone(), cli.zds_socket.clone(), tokio::runtime::Handle::current())
             .map_err(|e| anyhow::anyhow!(skiff_core::report(&e)))?;
         info!(node = %cli.node, metrics = %cli.metrics_addr, readiness = %cli.readiness_addr, "ztunnel started");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -97,7 +97,9 @@ fn main() -> anyhow::Result<()> {
         zt.stop_listeners();
         let left = zt.drain.drain(Duration::from_secs(cli.drain_timeout)).await;
         info!(closed_by_deadline = left, "drained; exiting");
-        let _ = std::fs::remove_file(&cli.zds_socket);
+        if std::fs::metadata(&cli.zds_socket).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == socket_inode) {
+            let _ = std::fs::remove_file(&cli.zds_socket);
+        }
         Ok(())
     })
 }

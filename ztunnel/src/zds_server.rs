@@ -10,11 +10,14 @@ use tracing::{info, warn};
 use crate::proxy::Ztunnel;
 
 /// Binds `path` and serves node-agent sessions on a background thread.
-pub fn spawn(zt: Arc<Ztunnel>, path: PathBuf, rt: Handle) -> Result<(), ZdsError> {
+/// Returns the socket file's inode, so shutdown removes the file only if it
+/// is still ours (a newer ztunnel may have bound the path meanwhile).
+pub fn spawn(zt: Arc<Ztunnel>, path: PathBuf, rt: Handle) -> Result<u64, ZdsError> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     let listener = Listener::bind(&path)?;
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).map_err(|_| ZdsError::Closed)?);
     info!(socket = %path.display(), "waiting for node-agent");
     thread::Builder::new()
         .name("zds".into())
@@ -29,7 +32,17 @@ pub fn spawn(zt: Arc<Ztunnel>, path: PathBuf, rt: Handle) -> Result<(), ZdsError
             };
             loop {
                 let resp = match conn.recv::<Request>() {
-                    Ok((req, fds)) => rt.block_on(zt.handle(req, fds)),
+                    Ok((req, fds)) => {
+                        // A bug must not silently end the node-agent session
+                        // thread: answer with an error and keep serving.
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(zt.handle(req, fds)))) {
+                            Ok(r) => r,
+                            Err(_) => {
+                                tracing::error!("handling a node-agent request panicked");
+                                Response::Error { message: "internal error in ztunnel (see its log)".into() }
+                            }
+                        }
+                    }
                     Err(ZdsError::Closed) => {
                         info!("node-agent disconnected");
                         break;
@@ -50,5 +63,5 @@ pub fn spawn(zt: Arc<Ztunnel>, path: PathBuf, rt: Handle) -> Result<(), ZdsError
             }
         })
         .expect("spawn zds thread");
-    Ok(())
+    Ok(inode)
 }
