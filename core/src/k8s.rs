@@ -43,6 +43,8 @@ pub enum Object {
     Service(Service),
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
+    VirtualService(VirtualService),
+    DestinationRule(DestinationRule),
     /// A kind Skiff does not read (ConfigMap, Istio kinds not yet supported…).
     Other { api_version: String, kind: String },
 }
@@ -323,6 +325,242 @@ pub struct AuthzCondition {
     pub not_values: Vec<String>,
 }
 
+/// `networking.istio.io` VirtualService (the fields Skiff reads).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualService {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VirtualServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatchRequest>,
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+    #[serde(default)]
+    pub rewrite: Option<HttpRewrite>,
+    #[serde(default)]
+    pub fault: Option<HttpFault>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub retries: Option<HttpRetry>,
+    #[serde(default)]
+    pub headers: Option<Headers>,
+    #[serde(default)]
+    pub direct_response: Option<DirectResponse>,
+    #[serde(default)]
+    pub redirect: Option<HttpRedirect>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StringMatchSpec {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatchRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub uri: Option<StringMatchSpec>,
+    #[serde(default)]
+    pub authority: Option<StringMatchSpec>,
+    #[serde(default)]
+    pub method: Option<StringMatchSpec>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatchSpec>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatchSpec>,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatchSpec>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteDestination {
+    pub destination: Destination,
+    #[serde(default)]
+    pub weight: Option<i64>,
+    #[serde(default)]
+    pub headers: Option<Headers>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    pub host: String,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortSelector {
+    pub number: u16,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRewrite {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Percent {
+    pub value: f64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpFault {
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    /// Deprecated integer percentage.
+    #[serde(default)]
+    pub percent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    #[serde(default)]
+    pub grpc_status: Option<String>,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRetry {
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    #[serde(default)]
+    pub retry_on: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Headers {
+    #[serde(default)]
+    pub request: Option<HeaderOperations>,
+    #[serde(default)]
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub body: Option<DirectBody>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectBody {
+    #[serde(default)]
+    pub string: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRedirect {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub redirect_code: Option<u16>,
+}
+
+/// `networking.istio.io` DestinationRule (the fields Skiff reads).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRule {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: DestinationRuleSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+    #[serde(default)]
+    pub traffic_policy: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub traffic_policy: Option<serde_yaml::Value>,
+}
+
 /// Why a manifest document could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
@@ -393,6 +631,10 @@ fn parse_value(index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) ->
     let core = api_version == "v1";
     let apps = api_version == "apps/v1";
     let security = matches!(api_version.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1");
+    let networking = matches!(
+        api_version.as_str(),
+        "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
+    );
     let obj = match kind.as_str() {
         "Namespace" if core => Object::Namespace(typed(value).map_err(field)?),
         "Pod" if core => Object::Pod(typed(value).map_err(field)?),
@@ -400,6 +642,8 @@ fn parse_value(index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) ->
         "Deployment" if apps => Object::Deployment(typed(value).map_err(field)?),
         "PeerAuthentication" if security => Object::PeerAuthentication(typed(value).map_err(field)?),
         "AuthorizationPolicy" if security => Object::AuthorizationPolicy(typed(value).map_err(field)?),
+        "VirtualService" if networking => Object::VirtualService(typed(value).map_err(field)?),
+        "DestinationRule" if networking => Object::DestinationRule(typed(value).map_err(field)?),
         _ => Object::Other { api_version, kind },
     };
     out.push(obj);
@@ -420,6 +664,8 @@ impl Object {
             Object::Service(o) => ("Service", &o.metadata),
             Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
+            Object::VirtualService(o) => ("VirtualService", &o.metadata),
+            Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
             Object::Other { kind, .. } => return kind.clone(),
         };
         let name = meta.name.as_deref().unwrap_or("<unnamed>");

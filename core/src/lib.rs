@@ -14,6 +14,7 @@ pub mod k8s;
 pub mod model;
 pub mod netns;
 pub mod policy;
+pub mod routing;
 pub mod source;
 pub mod zds;
 

@@ -94,7 +94,7 @@ impl ServiceInfo {
 }
 
 /// One consistent view of the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, NamespaceInfo>,
     /// Keyed by [`Workload::uid`].
@@ -103,6 +103,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, ServiceInfo>,
     pub peer_authentications: Vec<crate::policy::PeerAuthn>,
     pub authorization_policies: Vec<crate::policy::AuthzPolicy>,
+    pub virtual_services: Vec<crate::routing::VirtualService>,
+    pub destination_rules: Vec<crate::routing::DestinationRule>,
 }
 
 /// One object that failed validation.
@@ -188,6 +190,8 @@ impl Snapshot {
                 Object::Service(o) => &o.metadata,
                 Object::PeerAuthentication(o) => &o.metadata,
                 Object::AuthorizationPolicy(o) => &o.metadata,
+                Object::VirtualService(o) => &o.metadata,
+                Object::DestinationRule(o) => &o.metadata,
                 Object::Deployment(_) | Object::Other { .. } => continue,
             };
             let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
@@ -282,6 +286,14 @@ impl Snapshot {
                 },
                 Object::AuthorizationPolicy(ap) => match crate::policy::authz_from(&ap) {
                     Ok(p) => snap.authorization_policies.push(p),
+                    Err((field, message)) => errors.push(err(&field, message)),
+                },
+                Object::VirtualService(v) => match crate::routing::virtual_service_from(&v) {
+                    Ok(v) => snap.virtual_services.push(v),
+                    Err((field, message)) => errors.push(err(&field, message)),
+                },
+                Object::DestinationRule(d) => match crate::routing::destination_rule_from(&d) {
+                    Ok(d) => snap.destination_rules.push(d),
                     Err((field, message)) => errors.push(err(&field, message)),
                 },
                 Object::Deployment(_) | Object::Other { .. } => {}

@@ -1,0 +1,584 @@
+//! VirtualService and DestinationRule: validated domain types and the pure
+//! functions the waypoint routes with (matching, weighted choice, fault
+//! decisions). Randomness is passed in, so every decision is testable.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::k8s;
+
+/// A compiled regular expression that compares by its pattern.
+#[derive(Clone, Debug)]
+pub struct Regex(pub regex::Regex);
+
+impl PartialEq for Regex {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+/// Istio's StringMatch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StrMatch {
+    Exact(String),
+    Prefix(String),
+    /// Full match (RE2 semantics, anchored), as Envoy applies it.
+    Regex(Regex),
+}
+
+impl StrMatch {
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Exact(e) => v == e,
+            StrMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StrMatch::Regex(r) => r.0.is_match(v),
+        }
+    }
+
+    fn matches_ci(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Exact(e) => v.eq_ignore_ascii_case(e),
+            StrMatch::Prefix(p) => v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p),
+            StrMatch::Regex(r) => r.0.is_match(v),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpMatch {
+    pub uri: Option<StrMatch>,
+    pub authority: Option<StrMatch>,
+    pub method: Option<StrMatch>,
+    pub headers: Vec<(String, StrMatch)>,
+    pub query_params: Vec<(String, StrMatch)>,
+    pub without_headers: Vec<(String, StrMatch)>,
+    pub port: Option<u16>,
+    pub ignore_uri_case: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteDest {
+    /// As written (short name, namespace-qualified or FQDN).
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AbortStatus {
+    Http(u16),
+    /// gRPC status name or number.
+    Grpc(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fault {
+    /// Delay and the percentage of requests it applies to.
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(AbortStatus, f64)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retries {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    /// Empty: matches every request.
+    pub matches: Vec<HttpMatch>,
+    pub destinations: Vec<RouteDest>,
+    pub rewrite_uri: Option<String>,
+    pub rewrite_authority: Option<String>,
+    pub fault: Option<Fault>,
+    pub timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub direct_response: Option<(u16, String)>,
+    pub redirect: Option<(Option<String>, Option<String>, u16)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VirtualService {
+    pub namespace: String,
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DestinationRule {
+    pub namespace: String,
+    pub name: String,
+    pub host: String,
+    /// Subset name → pod labels.
+    pub subsets: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// What routing looks at in a request (header names lower-case).
+#[derive(Clone, Debug, Default)]
+pub struct RequestInfo<'a> {
+    pub method: &'a str,
+    /// Path and query, as sent.
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub headers: &'a [(String, String)],
+    pub port: u16,
+}
+
+impl RequestInfo<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn query(&self, name: &str) -> Option<&str> {
+        let q = self.path.split_once('?')?.1;
+        q.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then_some(v)
+        })
+    }
+}
+
+impl HttpMatch {
+    pub fn matches(&self, r: &RequestInfo<'_>) -> bool {
+        let path_only = r.path.split('?').next().unwrap_or("");
+        if let Some(m) = &self.uri {
+            let ok = if self.ignore_uri_case { m.matches_ci(path_only) } else { m.matches(path_only) };
+            if !ok {
+                return false;
+            }
+        }
+        if self.authority.as_ref().is_some_and(|m| !m.matches(r.authority)) {
+            return false;
+        }
+        if self.method.as_ref().is_some_and(|m| !m.matches(r.method)) {
+            return false;
+        }
+        if self.port.is_some_and(|p| p != r.port) {
+            return false;
+        }
+        if !self.headers.iter().all(|(k, m)| r.header(k).is_some_and(|v| m.matches(v))) {
+            return false;
+        }
+        if !self.query_params.iter().all(|(k, m)| r.query(k).is_some_and(|v| m.matches(v))) {
+            return false;
+        }
+        // withoutHeaders: the request must not have a matching header.
+        !self.without_headers.iter().any(|(k, m)| r.header(k).is_some_and(|v| m.matches(v)))
+    }
+}
+
+impl HttpRoute {
+    pub fn matches(&self, r: &RequestInfo<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(r))
+    }
+}
+
+impl VirtualService {
+    /// The first `http` route (in order) matching the request.
+    pub fn route(&self, r: &RequestInfo<'_>) -> Option<&HttpRoute> {
+        self.http.iter().find(|h| h.matches(r))
+    }
+
+    /// Whether this VirtualService's `hosts` name the Service `name.namespace`.
+    pub fn applies_to(&self, name: &str, namespace: &str) -> bool {
+        self.hosts.iter().any(|h| host_matches(h, &self.namespace, name, namespace))
+    }
+}
+
+/// Whether `host` (as written in an object in `obj_ns`) names the Service
+/// `name.namespace`: short names resolve in the object's namespace;
+/// `name.ns`, `name.ns.svc`, FQDNs and `*` / `*.suffix` wildcards work.
+pub fn host_matches(host: &str, obj_ns: &str, name: &str, namespace: &str) -> bool {
+    let fqdn = format!("{name}.{namespace}.svc.cluster.local");
+    if host == "*" {
+        return true;
+    }
+    if let Some(suffix) = host.strip_prefix('*') {
+        return fqdn.ends_with(suffix);
+    }
+    let full = match host.matches('.').count() {
+        0 => format!("{host}.{obj_ns}.svc.cluster.local"),
+        1 => format!("{host}.svc.cluster.local"),
+        2 if host.ends_with(".svc") => format!("{host}.cluster.local"),
+        _ => host.to_owned(),
+    };
+    full == fqdn
+}
+
+/// Weighted choice: `roll` in 0..100 (uniform) picks the destination whose
+/// cumulative weight range holds it.
+pub fn pick_weighted(dests: &[RouteDest], roll: u32) -> Option<&RouteDest> {
+    let mut acc = 0;
+    for d in dests {
+        acc += d.weight;
+        if roll < acc {
+            return Some(d);
+        }
+    }
+    dests.last()
+}
+
+/// What a route's fault does to one request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultDecision {
+    pub delay: Option<Duration>,
+    pub abort: Option<AbortStatus>,
+}
+
+/// Decides a request's faults; `delay_roll` and `abort_roll` are uniform
+/// in [0, 100).
+pub fn fault_decision(f: &Fault, delay_roll: f64, abort_roll: f64) -> FaultDecision {
+    FaultDecision {
+        delay: f.delay.as_ref().and_then(|(d, pct)| (delay_roll < *pct).then_some(*d)),
+        abort: f.abort.as_ref().and_then(|(s, pct)| (abort_roll < *pct).then(|| s.clone())),
+    }
+}
+
+/// Parses a protobuf-style duration: `1.5s`, `100ms`, `2m`, `1h`, `250us`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map(|i| s.split_at(i))?;
+    let n: f64 = num.parse().ok().filter(|n: &f64| *n >= 0.0 && n.is_finite())?;
+    let secs = match unit {
+        "h" => n * 3600.0,
+        "m" => n * 60.0,
+        "s" => n,
+        "ms" => n / 1e3,
+        "us" | "µs" => n / 1e6,
+        "ns" => n / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+type FieldError = (String, String);
+
+fn str_match(field: &str, m: &k8s::StringMatchSpec) -> Result<StrMatch, FieldError> {
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), None, None) => Ok(StrMatch::Exact(e.clone())),
+        (None, Some(p), None) => Ok(StrMatch::Prefix(p.clone())),
+        (None, None, Some(r)) => regex::Regex::new(&format!("^(?:{r})$"))
+            .map(|re| StrMatch::Regex(Regex(re)))
+            .map_err(|e| (format!("{field}.regex"), format!("invalid regex: {e}"))),
+        _ => Err((field.to_owned(), "exactly one of exact, prefix, regex".into())),
+    }
+}
+
+fn duration(field: &str, s: &Option<String>) -> Result<Option<Duration>, FieldError> {
+    s.as_deref()
+        .map(|v| parse_duration(v).ok_or_else(|| (field.to_owned(), format!("{v:?} is not a duration (e.g. 1.5s, 100ms)"))))
+        .transpose()
+}
+
+fn percent(field: &str, p: &Option<k8s::Percent>, legacy: Option<u32>) -> Result<f64, FieldError> {
+    let v = match (p, legacy) {
+        (Some(p), _) => p.value,
+        (None, Some(l)) => l as f64,
+        (None, None) => 100.0,
+    };
+    if !(0.0..=100.0).contains(&v) {
+        return Err((field.to_owned(), format!("{v} is not a percentage (0-100)")));
+    }
+    Ok(v)
+}
+
+fn header_ops(h: &Option<k8s::HeaderOperations>) -> HeaderOps {
+    h.as_ref()
+        .map(|h| HeaderOps {
+            set: h.set.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+            add: h.add.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+            remove: h.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
+        })
+        .unwrap_or_default()
+}
+
+fn kv_matches(field: &str, m: &BTreeMap<String, k8s::StringMatchSpec>) -> Result<Vec<(String, StrMatch)>, FieldError> {
+    m.iter().map(|(k, v)| Ok((k.to_ascii_lowercase(), str_match(&format!("{field}.{k}"), v)?))).collect()
+}
+
+/// Validates and converts a VirtualService; the error names the field.
+pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, FieldError> {
+    let namespace = vs.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = vs.metadata.name.clone().unwrap_or_default();
+    if vs.spec.hosts.is_empty() {
+        return Err(("spec.hosts".into(), "at least one host is required".into()));
+    }
+    let mut http = Vec::new();
+    for (i, h) in vs.spec.http.iter().enumerate() {
+        let f = |s: &str| format!("spec.http[{i}].{s}");
+        let mut matches = Vec::new();
+        for (j, m) in h.matches.iter().enumerate() {
+            let g = |s: &str| format!("spec.http[{i}].match[{j}].{s}");
+            matches.push(HttpMatch {
+                uri: m.uri.as_ref().map(|u| str_match(&g("uri"), u)).transpose()?,
+                authority: m.authority.as_ref().map(|u| str_match(&g("authority"), u)).transpose()?,
+                method: m.method.as_ref().map(|u| str_match(&g("method"), u)).transpose()?,
+                headers: kv_matches(&g("headers"), &m.headers)?,
+                query_params: kv_matches(&g("queryParams"), &m.query_params)?,
+                without_headers: kv_matches(&g("withoutHeaders"), &m.without_headers)?,
+                port: m.port,
+                ignore_uri_case: m.ignore_uri_case,
+            });
+        }
+        let mut destinations = Vec::new();
+        let explicit = h.route.iter().any(|d| d.weight.is_some());
+        for (j, d) in h.route.iter().enumerate() {
+            let w = d.weight.unwrap_or(0);
+            if w < 0 {
+                return Err((format!("spec.http[{i}].route[{j}].weight"), format!("{w} is negative")));
+            }
+            if d.destination.host.is_empty() {
+                return Err((format!("spec.http[{i}].route[{j}].destination.host"), "required".into()));
+            }
+            destinations.push(RouteDest {
+                host: d.destination.host.clone(),
+                subset: d.destination.subset.clone(),
+                port: d.destination.port.as_ref().map(|p| p.number),
+                weight: w as u32,
+            });
+        }
+        if destinations.len() == 1 && !explicit {
+            destinations[0].weight = 100;
+        } else if !destinations.is_empty() {
+            let sum: u32 = destinations.iter().map(|d| d.weight).sum();
+            if sum != 100 {
+                return Err((f("route"), format!("weights add to {sum}; they must add to 100")));
+            }
+        }
+        if destinations.is_empty() && h.direct_response.is_none() && h.redirect.is_none() {
+            return Err((f("route"), "a route needs destinations, a redirect or a directResponse".into()));
+        }
+        let fault = match &h.fault {
+            None => None,
+            Some(fl) => {
+                let delay = match &fl.delay {
+                    None => None,
+                    Some(d) => {
+                        let dur = duration(&f("fault.delay.fixedDelay"), &d.fixed_delay)?
+                            .ok_or_else(|| (f("fault.delay.fixedDelay"), "required".into()))?;
+                        Some((dur, percent(&f("fault.delay.percentage"), &d.percentage, d.percent)?))
+                    }
+                };
+                let abort = match &fl.abort {
+                    None => None,
+                    Some(a) => {
+                        let status = match (a.http_status, &a.grpc_status) {
+                            (Some(s), None) if (200..=599).contains(&s) => AbortStatus::Http(s),
+                            (Some(s), None) => return Err((f("fault.abort.httpStatus"), format!("{s} is not an HTTP status"))),
+                            (None, Some(g)) => AbortStatus::Grpc(g.clone()),
+                            _ => return Err((f("fault.abort"), "exactly one of httpStatus, grpcStatus".into())),
+                        };
+                        Some((status, percent(&f("fault.abort.percentage"), &a.percentage, None)?))
+                    }
+                };
+                Some(Fault { delay, abort })
+            }
+        };
+        let retries = match &h.retries {
+            None => None,
+            Some(r) => Some(Retries {
+                attempts: r.attempts.unwrap_or(0),
+                per_try_timeout: duration(&f("retries.perTryTimeout"), &r.per_try_timeout)?,
+                retry_on: r
+                    .retry_on
+                    .as_deref()
+                    .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,503")
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            }),
+        };
+        let headers = h.headers.clone().unwrap_or_default();
+        http.push(HttpRoute {
+            name: h.name.clone(),
+            matches,
+            destinations,
+            rewrite_uri: h.rewrite.as_ref().and_then(|r| r.uri.clone()),
+            rewrite_authority: h.rewrite.as_ref().and_then(|r| r.authority.clone()),
+            fault,
+            timeout: duration(&f("timeout"), &h.timeout)?,
+            retries,
+            request_headers: header_ops(&headers.request),
+            response_headers: header_ops(&headers.response),
+            direct_response: h
+                .direct_response
+                .as_ref()
+                .map(|d| (d.status, d.body.as_ref().and_then(|b| b.string.clone()).unwrap_or_default())),
+            redirect: h.redirect.as_ref().map(|r| (r.uri.clone(), r.authority.clone(), r.redirect_code.unwrap_or(301))),
+        });
+    }
+    Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http })
+}
+
+/// Validates and converts a DestinationRule.
+pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRule, FieldError> {
+    let namespace = dr.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = dr.metadata.name.clone().unwrap_or_default();
+    if dr.spec.host.is_empty() {
+        return Err(("spec.host".into(), "required".into()));
+    }
+    let mut subsets = BTreeMap::new();
+    for (i, s) in dr.spec.subsets.iter().enumerate() {
+        if s.name.is_empty() {
+            return Err((format!("spec.subsets[{i}].name"), "required".into()));
+        }
+        if subsets.insert(s.name.clone(), s.labels.clone()).is_some() {
+            return Err((format!("spec.subsets[{i}].name"), format!("subset {:?} defined twice", s.name)));
+        }
+    }
+    Ok(DestinationRule { namespace, name, host: dr.spec.host.clone(), subsets })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vs(yaml: &str) -> Result<VirtualService, FieldError> {
+        let text = format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: shop}}\nspec:\n{yaml}");
+        match &k8s::parse_documents(&text).unwrap()[0] {
+            k8s::Object::VirtualService(v) => virtual_service_from(v),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn route_matching_table() {
+        let v = vs(r#"  hosts: [reviews]
+  http:
+  - name: mobile
+    match: [{headers: {user-agent: {regex: ".*Mobile.*"}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: api
+    match: [{uri: {prefix: /api/}, method: {exact: GET}}, {uri: {exact: /legacy}, ignoreUriCase: true}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - name: beta
+    match: [{queryParams: {beta: {exact: "1"}}, withoutHeaders: {x-block: {exact: "yes"}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: port
+    match: [{port: 9080}]
+    route: [{destination: {host: reviews, subset: v1}}]
+"#)
+        .unwrap();
+        let ua = hdrs(&[("user-agent", "Foo Mobile Safari")]);
+        let block = hdrs(&[("x-block", "yes")]);
+        let none = hdrs(&[]);
+        let only_mobile = hdrs(&[("user-agent", "Mobile")]);
+        #[rustfmt::skip]
+        let cases: Vec<(&str, &str, &str, &[(String, String)], u16, Option<&str>)> = vec![
+            ("regex header", "GET", "/", &ua, 80, Some("mobile")),
+            ("regex covers the whole value", "GET", "/", &only_mobile, 80, Some("mobile")),
+            ("prefix and method", "GET", "/api/items?x=1", &none, 80, Some("api")),
+            ("method mismatch", "POST", "/api/items", &none, 80, None),
+            ("ignoreUriCase exact", "PUT", "/LEGACY", &none, 80, Some("api")),
+            ("query param", "GET", "/p?beta=1", &none, 80, Some("beta")),
+            ("withoutHeaders excludes", "GET", "/p?beta=1", &block, 80, None),
+            ("port match", "GET", "/other", &none, 9080, Some("port")),
+            ("no match", "GET", "/other", &none, 80, None),
+        ];
+        for (name, method, path, headers, port, want) in cases {
+            let r = RequestInfo { method, path, authority: "reviews", headers, port };
+            assert_eq!(v.route(&r).and_then(|h| h.name.as_deref()), want, "case {name}");
+        }
+    }
+
+    #[test]
+    fn regexes_are_anchored_like_envoy() {
+        let m = str_match("f", &k8s::StringMatchSpec { regex: Some("Mobile".into()), ..Default::default() }).unwrap();
+        assert!(m.matches("Mobile"));
+        assert!(!m.matches("Foo Mobile"), "a regex must match the whole value");
+    }
+
+    #[test]
+    fn weighted_selection_follows_cumulative_weights() {
+        let v = vs("  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}, weight: 90}\n    - {destination: {host: r, subset: v2}, weight: 10}\n").unwrap();
+        let d = &v.http[0].destinations;
+        assert_eq!(pick_weighted(d, 0).unwrap().subset.as_deref(), Some("v1"));
+        assert_eq!(pick_weighted(d, 89).unwrap().subset.as_deref(), Some("v1"));
+        assert_eq!(pick_weighted(d, 90).unwrap().subset.as_deref(), Some("v2"));
+        assert_eq!(pick_weighted(d, 99).unwrap().subset.as_deref(), Some("v2"));
+        // A seeded generator over many rolls lands near 10 %.
+        let mut x: u64 = 42;
+        let mut v2 = 0;
+        for _ in 0..10_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            if pick_weighted(d, ((x >> 33) % 100) as u32).unwrap().subset.as_deref() == Some("v2") {
+                v2 += 1;
+            }
+        }
+        assert!((900..1100).contains(&v2), "{v2}");
+    }
+
+    #[test]
+    fn fault_decisions_by_roll() {
+        let f = Fault { delay: Some((Duration::from_millis(300), 50.0)), abort: Some((AbortStatus::Http(503), 10.0)) };
+        assert_eq!(fault_decision(&f, 49.9, 10.0), FaultDecision { delay: Some(Duration::from_millis(300)), abort: None });
+        assert_eq!(fault_decision(&f, 50.0, 9.99), FaultDecision { delay: None, abort: Some(AbortStatus::Http(503)) });
+        assert_eq!(fault_decision(&Fault::default(), 0.0, 0.0), FaultDecision { delay: None, abort: None });
+    }
+
+    #[test]
+    fn validation_table() {
+        #[rustfmt::skip]
+        let cases: Vec<(&str, &str, Option<&str>)> = vec![
+            ("weights add to 90", "  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}, weight: 80}\n    - {destination: {host: r, subset: v2}, weight: 10}\n", Some("spec.http[0].route")),
+            ("two destinations without weights", "  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}}\n    - {destination: {host: r, subset: v2}}\n", Some("spec.http[0].route")),
+            ("single destination, no weight", "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n", None),
+            ("no hosts", "  http:\n  - route: [{destination: {host: r}}]\n", Some("spec.hosts")),
+            ("bad regex", "  hosts: [r]\n  http:\n  - match: [{uri: {regex: \"(\"}}]\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].match[0].uri.regex")),
+            ("two kinds in one match", "  hosts: [r]\n  http:\n  - match: [{uri: {exact: /a, prefix: /b}}]\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].match[0].uri")),
+            ("bad timeout", "  hosts: [r]\n  http:\n  - timeout: soon\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].timeout")),
+            ("abort status", "  hosts: [r]\n  http:\n  - fault: {abort: {httpStatus: 99}}\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].fault.abort.httpStatus")),
+            ("percentage", "  hosts: [r]\n  http:\n  - fault: {delay: {fixedDelay: 1s, percentage: {value: 120}}}\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].fault.delay.percentage")),
+            ("no destination", "  hosts: [r]\n  http:\n  - name: x\n", Some("spec.http[0].route")),
+        ];
+        for (name, yaml, want) in cases {
+            let got = vs(yaml).err().map(|e| e.0);
+            assert_eq!(got.as_deref(), want, "case {name}");
+        }
+        let err = vs("  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r}, weight: 60}\n    - {destination: {host: r}, weight: 30}\n").unwrap_err();
+        assert!(err.1.contains("add to 90"), "{err:?}");
+    }
+
+    #[test]
+    fn hosts_resolve_like_istio() {
+        for (host, want) in [
+            ("reviews", true),
+            ("reviews.shop", true),
+            ("reviews.shop.svc", true),
+            ("reviews.shop.svc.cluster.local", true),
+            ("*", true),
+            ("*.shop.svc.cluster.local", true),
+            ("reviews.other", false),
+            ("ratings", false),
+        ] {
+            assert_eq!(host_matches(host, "shop", "reviews", "shop"), want, "{host}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("100ms"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("5"), None);
+    }
+}
