@@ -39,8 +39,8 @@ pub struct Plan {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub pods: Vec<PlannedPod>,
     pub services: Vec<PlannedService>,
-    /// Istio security objects (PeerAuthentication, AuthorizationPolicy),
-    /// passed to the mesh as they are.
+    /// Istio objects (PeerAuthentication, AuthorizationPolicy,
+    /// VirtualService, DestinationRule), passed to the mesh as they are.
     pub policies: Vec<Object>,
 }
 
@@ -188,7 +188,10 @@ pub fn plan(dir: &Path, nodes: &[String]) -> anyhow::Result<Plan> {
                     }
                     plan.services.push(PlannedService { object: svc, namespace, name, cluster_ip });
                 }
-                Object::PeerAuthentication(_) | Object::AuthorizationPolicy(_) => plan.policies.push(obj),
+                Object::PeerAuthentication(_)
+                | Object::AuthorizationPolicy(_)
+                | Object::VirtualService(_)
+                | Object::DestinationRule(_) => plan.policies.push(obj),
                 Object::Other { kind, .. } => {
                     tracing::info!(file = %f.display(), %kind, "kind not used by the local mesh; ignored");
                 }

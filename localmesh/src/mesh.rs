@@ -404,6 +404,8 @@ impl LocalMesh {
             match p {
                 k8s::Object::PeerAuthentication(o) => docs.push(with_kind("security.istio.io/v1", "PeerAuthentication", serde_yaml::to_value(o)?)),
                 k8s::Object::AuthorizationPolicy(o) => docs.push(with_kind("security.istio.io/v1", "AuthorizationPolicy", serde_yaml::to_value(o)?)),
+                k8s::Object::VirtualService(o) => docs.push(with_kind("networking.istio.io/v1", "VirtualService", serde_yaml::to_value(o)?)),
+                k8s::Object::DestinationRule(o) => docs.push(with_kind("networking.istio.io/v1", "DestinationRule", serde_yaml::to_value(o)?)),
                 _ => {}
             }
         }
