@@ -26,6 +26,7 @@ pub enum SkipReason {
     HostNetwork,
     SystemNamespace,
     SidecarInjected,
+    Waypoint,
     PodOptOut,
     NamespaceNotEnrolled,
     NoPodIp,
@@ -39,6 +40,7 @@ impl fmt::Display for SkipReason {
             SkipReason::HostNetwork => "hostNetwork pod",
             SkipReason::SystemNamespace => "system namespace (skiff-system, kube-system)",
             SkipReason::SidecarInjected => "pod already has an Istio sidecar",
+            SkipReason::Waypoint => "waypoint pod (terminates HBONE itself)",
             SkipReason::PodOptOut => "pod label dataplane-mode=none",
             SkipReason::NamespaceNotEnrolled => "namespace not labelled dataplane-mode=ambient",
             SkipReason::NoPodIp => "pod has no IP yet",
@@ -76,6 +78,9 @@ pub fn decide(node: &str, namespace_labels: Option<&BTreeMap<String, String>>, p
     // The sidecar injector labels every pod it injects this way.
     if pod.labels.get("security.istio.io/tlsMode").map(String::as_str) == Some("istio") {
         return Decision::Skip(SidecarInjected);
+    }
+    if pod.labels.contains_key(crate::LABEL_GATEWAY_NAME) {
+        return Decision::Skip(Waypoint);
     }
     match mode(&pod.labels) {
         Some(DATAPLANE_NONE) => return Decision::Skip(PodOptOut),
@@ -144,6 +149,7 @@ mod tests {
             ("mesh namespace", Some(&ambient), pod("skiff-system", "n1", &[], false, true, "Running"), Decision::Skip(SystemNamespace)),
             ("kube-system", Some(&ambient), pod("kube-system", "n1", &[], false, true, "Running"), Decision::Skip(SystemNamespace)),
             ("sidecar pod", Some(&ambient), pod("a", "n1", &sidecar, false, true, "Running"), Decision::Skip(SidecarInjected)),
+            ("waypoint pod", Some(&ambient), pod("a", "n1", &[("gateway.networking.k8s.io/gateway-name", "wp")], false, true, "Running"), Decision::Skip(Waypoint)),
             ("no IP yet", Some(&ambient), pod("a", "n1", &[], false, false, "Pending"), Decision::Skip(NoPodIp)),
             ("succeeded", Some(&ambient), pod("a", "n1", &[], false, true, "Succeeded"), Decision::Skip(Finished)),
             ("failed", Some(&ambient), pod("a", "n1", &[], false, true, "Failed"), Decision::Skip(Finished)),

@@ -28,6 +28,12 @@ pub const DATAPLANE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_NONE: &str = "none";
 /// The mesh's own namespace: never captured.
 pub const MESH_NAMESPACE: &str = "skiff-system";
+/// Label (on a Service or Namespace) naming the waypoint its traffic goes through.
+pub const LABEL_USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// Skiff's spelling of the same label.
+pub const LABEL_SKIFF_USE_WAYPOINT: &str = "skiff.dev/use-waypoint";
+/// Label on waypoint pods: the waypoint (Gateway) name.
+pub const LABEL_GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 /// Pod annotation written by the local mesh: path of the pod's netns.
 pub const ANNOTATION_LOCAL_NETNS: &str = "local.skiff.dev/netns";
 

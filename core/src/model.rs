@@ -75,6 +75,7 @@ pub struct ServicePort {
 pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
+    pub labels: BTreeMap<String, String>,
     pub cluster_ip: Option<Ipv4Addr>,
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
@@ -277,7 +278,7 @@ impl Snapshot {
                     let key = format!("{namespace}/{name}");
                     snap.services.insert(
                         key,
-                        ServiceInfo { namespace, name, cluster_ip, selector: svc.spec.selector, ports },
+                        ServiceInfo { namespace, name, labels: svc.metadata.labels.clone(), cluster_ip, selector: svc.spec.selector, ports },
                     );
                 }
                 Object::PeerAuthentication(pa) => match crate::policy::peer_authn_from(&pa) {
@@ -371,6 +372,28 @@ impl Snapshot {
             .collect();
         out.sort_by_key(|(w, _)| (w.ip, w.uid.clone()));
         out
+    }
+
+    /// The waypoint a Service's traffic goes through: the Service's
+    /// `istio.io/use-waypoint` (or `skiff.dev/use-waypoint`) label, else its
+    /// namespace's; `none` opts out. Returns a ready waypoint pod of that
+    /// name in the Service's namespace, or the name when none is ready.
+    pub fn waypoint_for(&self, svc: &ServiceInfo) -> Option<Result<&Workload, String>> {
+        let label = |l: &BTreeMap<String, String>| {
+            l.get(crate::LABEL_USE_WAYPOINT).or_else(|| l.get(crate::LABEL_SKIFF_USE_WAYPOINT)).cloned()
+        };
+        let name = label(&svc.labels).or_else(|| self.namespace_labels(&svc.namespace).and_then(label))?;
+        if name == "none" || name.is_empty() {
+            return None;
+        }
+        let found = self
+            .workloads
+            .values()
+            .filter(|w| {
+                w.namespace == svc.namespace && w.is_ready() && w.labels.get(crate::LABEL_GATEWAY_NAME) == Some(&name)
+            })
+            .min_by_key(|w| w.ip);
+        Some(found.ok_or(name))
     }
 
     /// Services that select a workload, for metrics labels.

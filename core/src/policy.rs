@@ -458,6 +458,20 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
             if w.values.is_empty() && w.not_values.is_empty() {
                 return Err((format!("spec.rules[{i}].when[{j}]"), "needs values or notValues".into()));
             }
+            // A typo in an address or port must not silently never match
+            // (a DENY would fail open).
+            for (field, list) in [("values", &w.values), ("notValues", &w.not_values)] {
+                let p = format!("spec.rules[{i}].when[{j}].{field}");
+                match key {
+                    ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp => {
+                        cidrs(&p, list)?;
+                    }
+                    ConditionKey::DestinationPort => {
+                        ports(&p, list)?;
+                    }
+                    _ => {}
+                }
+            }
             rule.when.push(Condition { key, values: w.values.clone(), not_values: w.not_values.clone() });
         }
         rules.push(rule);
@@ -584,6 +598,8 @@ mod tests {
         assert_eq!(bad(&format!("{HDR}  action: MAYBE\n")).0, "spec.action");
         assert_eq!(bad(&format!("{HDR}  rules: [{{from: [{{source: {{ipBlocks: [10.0.0.0/33]}}}}]}}]\n")).0, "spec.rules[0].from[0].source.ipBlocks");
         assert_eq!(bad(&format!("{HDR}  rules: [{{to: [{{operation: {{ports: [http]}}}}]}}]\n")).0, "spec.rules[0].to[0].operation.ports");
+        assert_eq!(bad(&format!("{HDR}  rules: [{{when: [{{key: source.ip, values: [10.1.0.0/33]}}]}}]\n")).0, "spec.rules[0].when[0].values");
+        assert_eq!(bad(&format!("{HDR}  rules: [{{when: [{{key: destination.port, notValues: [ssh]}}]}}]\n")).0, "spec.rules[0].when[0].notValues");
     }
 
     fn pa(ns: &str, name: &str, sel: Option<&str>, mode: MtlsMode, ports: &[(u16, MtlsMode)]) -> PeerAuthn {

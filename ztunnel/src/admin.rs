@@ -115,11 +115,19 @@ pub async fn serve_admin(zt: Arc<Ztunnel>, addr: SocketAddr, reload: LogReload) 
             let (zt, reload) = (zt.clone(), reload.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| admin(zt.clone(), reload.clone(), req));
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = slow_client_guard().serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
     Ok(())
+}
+
+/// HTTP/1 server settings for the node-side endpoints: a client that does
+/// not send its request headers within 5 s is dropped.
+fn slow_client_guard() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(5));
+    b
 }
 
 /// Which endpoint a server exposes.
@@ -153,7 +161,7 @@ pub async fn serve(zt: Arc<Ztunnel>, addr: SocketAddr, endpoint: Endpoint) -> st
                         }
                     }
                 });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = slow_client_guard().serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });

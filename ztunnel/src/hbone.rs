@@ -68,6 +68,19 @@ struct PooledConn {
     dead: Arc<AtomicBool>,
 }
 
+trait ClosedCheck {
+    fn poll_ready_is_closed(&mut self) -> bool;
+}
+
+impl ClosedCheck for SendRequest<Bytes> {
+    /// Whether the connection can no longer open streams.
+    fn poll_ready_is_closed(&mut self) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        matches!(self.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
+    }
+}
+
 /// Counts a stream against its pooled connection while it lives.
 pub struct StreamGuard(Arc<AtomicUsize>);
 
@@ -95,6 +108,11 @@ impl Pool {
         let mut conns = self.conns.lock().expect("lock");
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.dead.load(Ordering::Acquire));
+        if list.is_empty() {
+            conns.remove(key);
+            return None;
+        }
+        let list = conns.get_mut(key)?;
         let c = list.iter().find(|c| c.streams.load(Ordering::Acquire) < MAX_STREAMS_PER_CONN)?;
         c.streams.fetch_add(1, Ordering::AcqRel);
         Some((c.send.clone(), StreamGuard(c.streams.clone())))
@@ -102,12 +120,17 @@ impl Pool {
 
     async fn dial(
         &self,
-        net: &Arc<NetnsThread>,
+        net: Option<&Arc<NetnsThread>>,
         src: &Identity,
         dst: &Identity,
         addr: SocketAddrV4,
     ) -> Result<PooledConn, HboneError> {
-        let std = net.run(sock::outbound)?.map_err(|e| HboneError::Connect(addr, e))?;
+        // From the source pod's netns (ztunnel), or from our own (waypoint).
+        let std = match net {
+            Some(net) => net.run(sock::outbound)?,
+            None => sock::outbound(),
+        }
+        .map_err(|e| HboneError::Connect(addr, e))?;
         let tcp = transport::connect_socket(std, addr).await.map_err(|e| HboneError::Connect(addr, e))?;
         let cfg = self.certs.client_config(src.clone(), dst.clone())?;
         let connector = tokio_rustls::TlsConnector::from(cfg);
@@ -139,7 +162,7 @@ impl Pool {
     pub async fn connect(
         &self,
         src_pod: &str,
-        net: &Arc<NetnsThread>,
+        net: Option<&Arc<NetnsThread>>,
         src: &Identity,
         dst: &Identity,
         addr: SocketAddrV4,
@@ -156,10 +179,27 @@ impl Pool {
                 picked
             }
         };
-        let mut send = send.ready().await?;
+        let key2 = (src_pod.to_owned(), addr);
+        let mark_dead = |e: h2::Error| {
+            // A connection that fails a stream (GOAWAY, reset, gone) is not
+            // picked again.
+            if e.is_go_away() || e.is_io() || e.reason().is_none() {
+                if let Some(list) = self.conns.lock().expect("lock").get_mut(&key2) {
+                    list.retain(|c| !c.send.clone().poll_ready_is_closed());
+                }
+            }
+            HboneError::H2(e)
+        };
+        let mut send = tokio::time::timeout(HANDSHAKE_TIMEOUT, send.ready())
+            .await
+            .map_err(|_| HboneError::Timeout("HTTP/2 stream slot"))?
+            .map_err(mark_dead)?;
         let req = Request::builder().method(Method::CONNECT).uri(target.to_string()).body(()).expect("valid CONNECT");
-        let (resp, stream) = send.send_request(req, false)?;
-        let resp = resp.await?;
+        let (resp, stream) = send.send_request(req, false).map_err(mark_dead)?;
+        let resp = tokio::time::timeout(HANDSHAKE_TIMEOUT, resp)
+            .await
+            .map_err(|_| HboneError::Timeout("CONNECT response"))?
+            .map_err(mark_dead)?;
         if resp.status() != StatusCode::OK {
             return Err(HboneError::Status(resp.status()));
         }
@@ -176,12 +216,23 @@ impl Pool {
 /// end, counting bytes as they pass. Returns (tcp→stream, stream→tcp).
 pub async fn relay(
     tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    tcp_to_stream: &prometheus::IntCounter,
+    stream_to_tcp: &prometheus::IntCounter,
+) -> (u64, u64) {
+    relay_io(tcp, send, recv, tcp_to_stream, stream_to_tcp).await
+}
+
+/// [`relay`] over any byte stream (a TCP socket, an in-memory pipe).
+pub async fn relay_io<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
+    io: S,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     tcp_to_stream: &prometheus::IntCounter,
     stream_to_tcp: &prometheus::IntCounter,
 ) -> (u64, u64) {
-    let (mut r, mut w) = tcp.into_split();
+    let (mut r, mut w) = tokio::io::split(io);
     let up = async {
         let mut total = 0u64;
         let mut buf = BytesMut::with_capacity(32 * 1024);

@@ -133,6 +133,8 @@ pub struct Ztunnel {
     round_robin: Mutex<HashMap<String, usize>>,
     active: Mutex<HashMap<u64, ActiveConn>>,
     next_conn: AtomicU64,
+    /// Bounds unauthenticated HBONE connections (TLS handshakes) node-wide.
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a connection could not be proxied; becomes the response flag.
@@ -177,6 +179,7 @@ impl Ztunnel {
             round_robin: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(1024)),
         }))
     }
 
@@ -247,6 +250,8 @@ impl Ztunnel {
         };
         if let Some(fd) = existing {
             self.register_inbound(info.ip, fd)?;
+            // New labels may bring the pod under other policies.
+            self.reevaluate();
             return Ok(());
         }
         self.remove(&uid, "pod network namespace changed");
@@ -357,12 +362,13 @@ impl Ztunnel {
                         let pod = pod.clone();
                         let guard = self.drain.track();
                         let dir = dir.clone();
+                        let stop = stop.clone();
                         tokio::spawn(async move {
                             let _guard = guard;
                             match dir {
                                 Direction::Outbound => zt.outbound(pod, stream, peer).await,
                                 Direction::Inbound => zt.inbound(pod, stream, peer).await,
-                                Direction::Hbone(acceptor) => zt.hbone_inbound(pod, acceptor, stream, peer).await,
+                                Direction::Hbone(acceptor) => zt.hbone_inbound(pod, acceptor, stream, peer, stop).await,
                             }
                         });
                     }
@@ -474,6 +480,39 @@ impl Ztunnel {
                 response_flags: "-",
                 security_policy: if mesh_dst.is_some() { "mutual_tls" } else { "none" },
             };
+            // A Service that asks for a waypoint: tunnel to the waypoint,
+            // which applies L7 and picks the endpoint.
+            let waypoint = snap.service_by_vip(*orig.ip(), orig.port()).and_then(|(svc, _)| snap.waypoint_for(svc));
+            if let Some(wp) = waypoint {
+                let wp = match wp {
+                    Ok(w) => w,
+                    Err(name) => {
+                        warn!(waypoint = %name, "the Service's waypoint has no ready pod; connection refused");
+                        return self.refused("outbound", peer, orig, None, labels, Refusal::NoHealthyUpstream, start);
+                    }
+                };
+                let (Some(ip), src_id) = (wp.ip, self.identity(&info.namespace, &info.service_account)) else { return };
+                let wp_id = self.identity(&wp.namespace, &wp.service_account);
+                labels.security_policy = "mutual_tls";
+                labels.destination_workload = "unknown".into();
+                labels.destination_principal = "unknown".into();
+                let via = SocketAddrV4::new(ip, PORT_INBOUND_HBONE);
+                match self.pool.connect(&info.uid, Some(&pod.net), &src_id, &wp_id, via, orig).await {
+                    Ok((send, recv, _guard)) => {
+                        let counters = self.metrics.connection(&labels);
+                        counters.opened.inc();
+                        let _active = self.metrics.open_connection();
+                        let (rx, tx) = hbone::relay(client, send, recv, &counters.received, &counters.sent).await;
+                        counters.closed.inc();
+                        access_log("outbound", peer, orig, Some(via), &labels, tx, rx, start, None);
+                    }
+                    Err(e) => {
+                        warn!(waypoint = %via, error = %skiff_core::report(&e), "HBONE to the waypoint failed; closed");
+                        self.refused("outbound", peer, orig, Some(via), labels, Refusal::UpstreamFailure, start);
+                    }
+                }
+                return;
+            }
             let target = match routed {
                 Err(r) => return self.refused("outbound", peer, orig, None, labels, r, start),
                 Ok((t, _)) => t,
@@ -482,7 +521,7 @@ impl Ztunnel {
                 let src_id = self.identity(&info.namespace, &info.service_account);
                 let dst_id = self.identity(&w.namespace, &w.service_account);
                 let via = SocketAddrV4::new(*target.ip(), PORT_INBOUND_HBONE);
-                match self.pool.connect(&info.uid, &pod.net, &src_id, &dst_id, via, target).await {
+                match self.pool.connect(&info.uid, Some(&pod.net), &src_id, &dst_id, via, target).await {
                     Ok((send, recv, _guard)) => {
                         let counters = self.metrics.connection(&labels);
                         counters.opened.inc();
@@ -600,6 +639,34 @@ impl Ztunnel {
         self.active.lock().expect("lock").remove(&id);
     }
 
+    /// Why the current config no longer admits an open connection, if so:
+    /// AuthorizationPolicy, and STRICT PeerAuthentication for plaintext.
+    fn denies(&self, snap: &Snapshot, info: &WorkloadInfo, c: &ConnInfo) -> Option<String> {
+        if c.principal.is_none()
+            && policy::effective_mtls(&snap.peer_authentications, &self.cfg.root_namespace, &info.namespace, &info.labels, c.dst_port)
+                == MtlsMode::Strict
+        {
+            return Some("plaintext under STRICT PeerAuthentication".into());
+        }
+        let d = self.authorize(snap, info, c);
+        (!d.allowed).then(|| format!("{} ({})", d.reason, d.policy.as_deref().unwrap_or("-")))
+    }
+
+    /// Re-checks one tracked connection now (closes the race between a
+    /// decision and its registration).
+    fn recheck(&self, id: u64) {
+        let snap = self.cluster.borrow().clone();
+        let active = self.active.lock().expect("lock");
+        let Some(c) = active.get(&id) else { return };
+        let info = self.pods.lock().expect("lock").get(&c.pod_uid).map(|p| p.ctx.info.read().expect("lock").clone());
+        if let Some(info) = info {
+            if let Some(why) = self.denies(&snap, &info, &c.info) {
+                c.abort.abort();
+                info!(src = %c.info.src_ip, dst.port = c.info.dst_port, reason = %why, "connection closed: policy changed while it was set up");
+            }
+        }
+    }
+
     /// Re-checks every open inbound connection against the current
     /// policies and closes the ones now denied. Runs on each config change.
     pub fn reevaluate(&self) {
@@ -614,12 +681,10 @@ impl Ztunnel {
         let mut closed = Vec::new();
         for (id, c) in self.active.lock().expect("lock").iter() {
             let Some(info) = pods.get(&c.pod_uid) else { continue };
-            let d = self.authorize(&snap, info, &c.info);
-            if !d.allowed {
+            if let Some(why) = self.denies(&snap, info, &c.info) {
                 c.abort.abort();
                 closed.push(*id);
-                info!(src = %c.info.src_ip, dst.port = c.info.dst_port, policy = ?d.policy, reason = d.reason,
-                    "open connection closed: policy now denies it");
+                info!(src = %c.info.src_ip, dst.port = c.info.dst_port, reason = %why, "open connection closed: policy now denies it");
             }
         }
         let mut active = self.active.lock().expect("lock");
@@ -664,7 +729,8 @@ impl Ztunnel {
                 let counters = counters.clone();
                 async move { relay(client, app, &counters, &zt.metrics).await }
             });
-            let id = self.track(&info.uid, conn, task.abort_handle());
+            let id = self.track(&info.uid, conn.clone(), task.abort_handle());
+            self.recheck(id);
             let (rx, tx) = task.await.unwrap_or((0, 0));
             self.untrack(id);
             counters.closed.inc();
@@ -674,7 +740,34 @@ impl Ztunnel {
         .await
     }
 
-    async fn hbone_inbound(self: Arc<Self>, pod: Arc<PodCtx>, acceptor: tokio_rustls::TlsAcceptor, stream: TcpStream, peer: SocketAddr) {
+    /// The peer's certificate must name the workload at its address: in-pod
+    /// capture makes every ztunnel (and waypoint) dial from its own pod IP.
+    /// An address with no workload is refused too (a stolen certificate used
+    /// from elsewhere).
+    fn peer_matches(&self, ip: Ipv4Addr, peer_id: &Identity) -> Result<(), String> {
+        let snap = self.cluster.borrow().clone();
+        let Some(w) = snap.workload_by_ip(ip) else {
+            return Err(format!("no workload has the address {ip}"));
+        };
+        let expected = self.identity(&w.namespace, &w.service_account);
+        if expected != *peer_id {
+            return Err(format!("{ip} is {}/{}, whose identity is {expected}", w.namespace, w.name));
+        }
+        Ok(())
+    }
+
+    async fn hbone_inbound(
+        self: Arc<Self>,
+        pod: Arc<PodCtx>,
+        acceptor: tokio_rustls::TlsAcceptor,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let Ok(_permit) = self.handshakes.clone().try_acquire_owned() else {
+            debug!(%peer, "too many HBONE handshakes in progress; connection dropped");
+            return;
+        };
         let info = pod.info.read().expect("lock").clone();
         let Some(peer4) = sock::v4(peer) else { return };
         let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
@@ -698,34 +791,39 @@ impl Ztunnel {
                 return;
             }
         };
-        // In-pod capture makes a ztunnel dial from its pod's own IP: a peer
-        // whose certificate names another workload than the one at that
-        // address is impersonating it.
-        let snap = self.cluster.borrow().clone();
-        if let Some(w) = snap.workload_by_ip(*peer4.ip()) {
-            let expected = self.identity(&w.namespace, &w.service_account);
-            if expected != peer_id {
-                warn!(%peer, presented = %peer_id, %expected, workload = %format!("{}/{}", w.namespace, w.name),
-                    "HBONE peer refused: identity does not match the workload at its address");
-                self.metrics.hbone_refused.inc();
-                return;
-            }
+        if let Err(why) = self.peer_matches(*peer4.ip(), &peer_id) {
+            warn!(%peer, presented = %peer_id, reason = %why, "HBONE peer refused: identity does not match the workload at its address");
+            self.metrics.hbone_refused.inc();
+            return;
         }
-        let mut conn = match h2::server::Builder::new()
+        let handshake = h2::server::Builder::new()
             .initial_window_size(hbone::STREAM_WINDOW)
             .initial_connection_window_size(hbone::CONNECTION_WINDOW)
             .max_concurrent_streams(hbone::MAX_STREAMS_PER_CONN as u32 * 2)
             .max_header_list_size(hbone::MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(tls)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
+            .handshake::<_, Bytes>(tls);
+        let mut conn = match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 debug!(%peer, error = %e, "HTTP/2 handshake failed");
                 return;
             }
+            Err(_) => {
+                debug!(%peer, "HTTP/2 handshake timed out");
+                return;
+            }
         };
-        while let Some(next) = conn.accept().await {
+        let mut drain = self.drain.signal();
+        let mut closing = false;
+        loop {
+            let next = tokio::select! {
+                n = conn.accept() => n,
+                // Pod released or ztunnel draining: no new streams; open
+                // ones finish. (Once: a dropped sender resolves at once.)
+                _ = stop.changed(), if !closing => { closing = true; conn.graceful_shutdown(); continue; }
+                _ = drain.changed(), if !closing => { closing = true; conn.graceful_shutdown(); continue; }
+            };
+            let Some(next) = next else { break };
             let Ok((req, respond)) = next else { break };
             let zt = self.clone();
             let pod = pod.clone();
@@ -760,6 +858,10 @@ impl Ztunnel {
                 return answer(&mut respond, status);
             }
         };
+        if let Err(why) = self.peer_matches(*peer4.ip(), &peer_id) {
+            info!(%peer, presented = %peer_id, reason = %why, "HBONE stream refused: the peer's address changed hands");
+            return answer(&mut respond, StatusCode::FORBIDDEN);
+        }
         let snap = self.cluster.borrow().clone();
         let mut labels = self.inbound_labels(&snap, &info, *peer4.ip(), dst.port(), Some(&peer_id));
         let conn = ConnInfo {
@@ -806,7 +908,9 @@ impl Ztunnel {
                 hbone::relay(app, send, recv, &counters.sent, &counters.received).await
             }
         });
-        let id = self.track(&info.uid, conn, task.abort_handle());
+        let id = self.track(&info.uid, conn.clone(), task.abort_handle());
+        // Policy may have changed between the decision and tracking.
+        self.recheck(id);
         let (tx, rx) = task.await.unwrap_or((0, 0));
         self.untrack(id);
         counters.closed.inc();

@@ -36,6 +36,15 @@ pub fn outbound() -> io::Result<std::net::TcpStream> {
     let s = tcp4()?;
     s.set_mark(MARK_BYPASS)?;
     s.set_nodelay(true)?;
+    // A peer that vanishes (partition, node loss) is noticed in about a
+    // minute instead of the kernel's retransmission timeout (~15 min).
+    s.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(30))
+            .with_interval(std::time::Duration::from_secs(10))
+            .with_retries(3),
+    )?;
+    s.set_tcp_user_timeout(Some(std::time::Duration::from_secs(60)))?;
     Ok(s.into())
 }
 

@@ -1,0 +1,606 @@
+//! Skiff waypoint: an L7 proxy that runs only where a namespace or Service
+//! asks for one (`istio.io/use-waypoint: <name>`). Client ztunnels tunnel
+//! (HBONE) to it; it terminates the tunnel, speaks HTTP/1.1 or HTTP/2 (gRPC
+//! included) on each stream, applies VirtualService / DestinationRule, and
+//! tunnels each request (HBONE) on to the chosen pod's ztunnel.
+
+pub mod metrics;
+pub mod trace;
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use skiff_core::{
+    model::{ServiceInfo, ServicePort, Snapshot, Workload},
+    routing::{self, AbortStatus, HttpRoute, RequestInfo, RouteDest},
+};
+use skiff_ztunnel::{
+    certs::CertManager,
+    hbone::{self, Pool},
+    identity::{self, Identity},
+};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info, warn};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request body buffered (bodies are buffered so a retry can
+/// resend them).
+const MAX_BUFFERED_BODY: usize = 16 * 1024 * 1024;
+
+/// Waypoint settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Waypoint (Gateway) name, as in `istio.io/use-waypoint: <name>`.
+    pub name: String,
+    /// The waypoint's own namespace and service account: its identity.
+    pub namespace: String,
+    pub service_account: String,
+    /// The waypoint pod's IP (HBONE listener).
+    pub pod_ip: Ipv4Addr,
+}
+
+/// Why a request got a synthetic response; becomes the response flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No route matched (404).
+    NoRoute,
+    /// No ready endpoint (503).
+    NoHealthyUpstream,
+    /// Connecting upstream failed (503).
+    UpstreamConnect,
+    /// The route's timeout passed (504).
+    Timeout,
+    /// Fault injection aborted the request.
+    FaultAbort(u16),
+    /// The request body was too large to buffer (413).
+    TooLarge,
+}
+
+impl Failure {
+    /// The one place an error becomes a response: status and flag.
+    pub fn response(self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Failure::NoRoute => (StatusCode::NOT_FOUND, "NR", "route not found"),
+            Failure::NoHealthyUpstream => (StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"),
+            Failure::UpstreamConnect => (StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream connect error"),
+            Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"),
+            Failure::FaultAbort(s) => (StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "FI", "fault filter abort"),
+            Failure::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "-", "request body too large"),
+        }
+    }
+}
+
+/// One upstream HTTP connection, reusable (keep-alive / multiplexed).
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+pub struct Waypoint {
+    cfg: Config,
+    cluster: watch::Receiver<Arc<Snapshot>>,
+    certs: Arc<CertManager>,
+    pool: Pool,
+    pub metrics: metrics::Metrics,
+    idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Upstream>>>,
+    round_robin: AtomicUsize,
+    rng: AtomicU64,
+}
+
+/// Where one HBONE stream was addressed.
+struct StreamCtx {
+    svc: ServiceInfo,
+    port: ServicePort,
+    peer: SocketAddr,
+    peer_id: Identity,
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn synthetic(status: StatusCode, flag: &str, text: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{text}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Ok(v) = HeaderValue::from_str(flag) {
+        r.headers_mut().insert("x-skiff-response-flags", v);
+    }
+    r
+}
+
+/// Whether a Service port speaks HTTP (Istio's protocol selection:
+/// `appProtocol`, else the port name's prefix).
+pub fn port_protocol(p: &ServicePort) -> &'static str {
+    let from = |s: &str| {
+        let s = s.to_ascii_lowercase();
+        if s == "grpc" || s.starts_with("grpc-") || s == "http2" || s.starts_with("http2-") || s == "kubernetes.io/h2c" {
+            Some("http2")
+        } else if s == "http" || s.starts_with("http-") {
+            Some("http")
+        } else if s == "tcp" || s.starts_with("tcp-") {
+            Some("tcp")
+        } else {
+            None
+        }
+    };
+    p.app_protocol.as_deref().and_then(from).or_else(|| p.name.as_deref().and_then(from)).unwrap_or("tcp")
+}
+
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer", "proxy-authorization"];
+
+impl Waypoint {
+    pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> Arc<Waypoint> {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        Arc::new(Waypoint {
+            pool: Pool::new(certs.clone()),
+            cfg,
+            cluster,
+            certs,
+            metrics: metrics::Metrics::new(),
+            idle: Mutex::new(HashMap::new()),
+            round_robin: AtomicUsize::new(0),
+            rng: AtomicU64::new(seed | 1),
+        })
+    }
+
+    fn identity(&self, ns: &str, sa: &str) -> Identity {
+        Identity::new(self.certs.trust_domain(), ns, sa)
+    }
+
+    /// Uniform in 0..n (xorshift; decisions take it as input).
+    fn roll(&self, n: u64) -> u64 {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        x % n
+    }
+
+    fn hex(&self, bytes: usize) -> String {
+        (0..bytes).map(|_| format!("{:02x}", self.roll(256))).collect()
+    }
+
+    /// Accepts HBONE connections until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
+        let me = self.identity(&self.cfg.namespace, &self.cfg.service_account);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.certs.server_config(me)?);
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (wp, acceptor) = (self.clone(), acceptor.clone());
+            tokio::spawn(async move { wp.connection(acceptor, tcp, peer).await });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return warn!(%peer, reason = %skiff_core::report(&e), "HBONE peer refused: TLS handshake failed"),
+            Err(_) => return warn!(%peer, "HBONE peer refused: TLS handshake timed out"),
+        };
+        let Some(Ok(peer_id)) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(identity::identity_of) else {
+            return warn!(%peer, "HBONE peer refused: no SPIFFE identity");
+        };
+        let Ok(mut conn) = h2::server::Builder::new()
+            .initial_window_size(hbone::STREAM_WINDOW)
+            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+            .max_header_list_size(hbone::MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(tls)
+            .await
+        else {
+            return;
+        };
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            let wp = self.clone();
+            let peer_id = peer_id.clone();
+            tokio::spawn(async move { wp.stream(req, respond, peer, peer_id).await });
+        }
+    }
+
+    async fn stream(
+        self: Arc<Self>,
+        req: Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        peer: SocketAddr,
+        peer_id: Identity,
+    ) {
+        let answer = |respond: &mut h2::server::SendResponse<Bytes>, s: StatusCode| {
+            let _ = respond.send_response(Response::builder().status(s).body(()).expect("valid"), true);
+        };
+        if req.method() != http::Method::CONNECT {
+            return answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+            return answer(&mut respond, StatusCode::BAD_REQUEST);
+        };
+        let snap = self.cluster.borrow().clone();
+        let Some((svc, port)) = snap.service_by_vip(*target.ip(), target.port()) else {
+            info!(%peer, %target, "CONNECT to an address that is not a Service this waypoint serves");
+            return answer(&mut respond, StatusCode::BAD_REQUEST);
+        };
+        let ctx = Arc::new(StreamCtx { svc: svc.clone(), port: port.clone(), peer, peer_id });
+        let Ok(send) = respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false) else {
+            return;
+        };
+        let recv = req.into_body();
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let counters = self.metrics.tcp.clone();
+        tokio::spawn(async move { hbone::relay_io(theirs, send, recv, &counters, &counters).await });
+        if port_protocol(port) == "tcp" {
+            return self.tcp_passthrough(ctx, ours).await;
+        }
+        let wp = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let (wp, ctx) = (wp.clone(), ctx.clone());
+            async move { Ok::<_, Infallible>(wp.request(ctx, req).await) }
+        });
+        if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(ours), svc).await {
+            debug!(error = %e, "downstream HTTP connection ended");
+        }
+    }
+
+    /// Non-HTTP ports: bytes through to one endpoint.
+    async fn tcp_passthrough(&self, ctx: Arc<StreamCtx>, io: tokio::io::DuplexStream) {
+        let snap = self.cluster.borrow().clone();
+        let eps = snap.endpoints(&ctx.svc, &ctx.port);
+        if eps.is_empty() {
+            return;
+        }
+        let (w, port) = eps[self.round_robin.fetch_add(1, Ordering::Relaxed) % eps.len()];
+        let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
+        let c = self.metrics.tcp.clone();
+        hbone::relay_io(io, send, recv, &c, &c).await;
+    }
+
+    async fn dial(&self, w: &Workload, port: u16) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, hbone::StreamGuard), hbone::HboneError> {
+        let ip = w.ip.expect("ready endpoints have an IP");
+        let me = self.identity(&self.cfg.namespace, &self.cfg.service_account);
+        let dst = self.identity(&w.namespace, &w.service_account);
+        self.pool
+            .connect("waypoint", None, &me, &dst, SocketAddrV4::new(ip, HBONE_PORT), SocketAddrV4::new(ip, port))
+            .await
+    }
+
+    /// An HTTP connection to `ep` (reused when one is idle).
+    async fn upstream(&self, w: &Workload, port: u16, h2: bool) -> Result<Upstream, Failure> {
+        let ep = SocketAddrV4::new(w.ip.expect("ready"), port);
+        loop {
+            let cached = self.idle.lock().expect("lock").get_mut(&(ep, h2)).and_then(|v| v.pop());
+            match cached {
+                Some(Upstream::H1(s)) if !s.is_closed() => return Ok(Upstream::H1(s)),
+                Some(Upstream::H2(s)) if !s.is_closed() => return Ok(Upstream::H2(s)),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let (send, recv, guard) = self.dial(w, port).await.map_err(|e| {
+            debug!(error = %skiff_core::report(&e), upstream = %ep, "HBONE to endpoint failed");
+            Failure::UpstreamConnect
+        })?;
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let counters = self.metrics.tcp.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            hbone::relay_io(theirs, send, recv, &counters, &counters).await
+        });
+        if h2 {
+            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(ours))
+                .await
+                .map_err(|_| Failure::UpstreamConnect)?;
+            tokio::spawn(conn);
+            Ok(Upstream::H2(s))
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours)).await.map_err(|_| Failure::UpstreamConnect)?;
+            tokio::spawn(conn);
+            Ok(Upstream::H1(s))
+        }
+    }
+
+    fn put_back(&self, w: &Workload, port: u16, h2: bool, u: Upstream) {
+        let ep = SocketAddrV4::new(w.ip.expect("ready"), port);
+        let mut idle = self.idle.lock().expect("lock");
+        let v = idle.entry((ep, h2)).or_default();
+        if v.len() < 16 {
+            v.push(u);
+        }
+    }
+
+    /// Sends one attempt; returns the response or why it failed.
+    async fn attempt(&self, w: &Workload, port: u16, h2: bool, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, Failure> {
+        let u = self.upstream(w, port, h2).await?;
+        match u {
+            Upstream::H1(mut s) => {
+                s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
+                let r = s.send_request(req).await.map_err(|_| Failure::UpstreamConnect);
+                // hyper waits for this response's body before the next request.
+                self.put_back(w, port, h2, Upstream::H1(s));
+                r
+            }
+            Upstream::H2(mut s) => {
+                s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
+                let r = s.send_request(req).await.map_err(|_| Failure::UpstreamConnect);
+                self.put_back(w, port, h2, Upstream::H2(s));
+                r
+            }
+        }
+    }
+
+    fn default_route(svc: &ServiceInfo) -> HttpRoute {
+        HttpRoute {
+            name: None,
+            matches: vec![],
+            destinations: vec![RouteDest { host: svc.hostname(), subset: None, port: None, weight: 100 }],
+            rewrite_uri: None,
+            rewrite_authority: None,
+            fault: None,
+            timeout: None,
+            retries: None,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
+            direct_response: None,
+            redirect: None,
+        }
+    }
+
+    /// Handles one request: route, fault, pick, forward (with retries and
+    /// timeout), answer. Errors become responses in `Failure::response`.
+    async fn request(&self, ctx: Arc<StreamCtx>, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let snap = self.cluster.borrow().clone();
+        let (mut parts, body) = req.into_parts();
+        let trace = trace::continue_or_start(&parts.headers, &self.hex(16), &self.hex(8));
+        let headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
+            .collect();
+        let path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port: ctx.port.port };
+        let protocol = if parts.version == http::Version::HTTP_2 { "http2" } else { "http" };
+        let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
+        let vs = snap
+            .virtual_services
+            .iter()
+            .filter(|v| v.applies_to(&ctx.svc.name, &ctx.svc.namespace))
+            .min_by_key(|v| (v.namespace != ctx.svc.namespace, v.name.clone()));
+        let route = match vs {
+            Some(vs) => vs.route(&info).cloned(),
+            None => Some(Self::default_route(&ctx.svc)),
+        };
+        let mut log = metrics::RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &path, protocol, &trace.trace_id);
+        let Some(route) = route else {
+            return self.finish(log, start, Err(Failure::NoRoute), &Default::default());
+        };
+        if let Some((status, text)) = &route.direct_response {
+            let mut r = Response::new(full(text.clone()));
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            return self.finish(log, start, Ok((r, None)), &route.response_headers);
+        }
+        if let Some((uri, auth, code)) = &route.redirect {
+            let loc = format!("http://{}{}", auth.as_deref().unwrap_or(&authority), uri.as_deref().unwrap_or(&path));
+            let mut r = Response::new(full(""));
+            *r.status_mut() = StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            if let Ok(v) = HeaderValue::from_str(&loc) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            return self.finish(log, start, Ok((r, None)), &route.response_headers);
+        }
+        if let Some(f) = &route.fault {
+            let d = routing::fault_decision(f, self.roll(1_000_000) as f64 / 10_000.0, self.roll(1_000_000) as f64 / 10_000.0);
+            if let Some(delay) = d.delay {
+                tokio::time::sleep(delay).await;
+                log.flags.push("DI");
+            }
+            match d.abort {
+                Some(AbortStatus::Http(s)) => return self.finish(log, start, Err(Failure::FaultAbort(s)), &route.response_headers),
+                Some(AbortStatus::Grpc(g)) => {
+                    let mut r = synthetic(StatusCode::OK, "FI", "fault filter abort");
+                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                    if let Ok(v) = HeaderValue::from_str(&grpc_code(&g).to_string()) {
+                        r.headers_mut().insert("grpc-status", v);
+                    }
+                    log.flags.push("FI");
+                    return self.finish(log, start, Ok((r, None)), &route.response_headers);
+                }
+                None => {}
+            }
+        }
+        let Some(dest) = routing::pick_weighted(&route.destinations, self.roll(100) as u32).cloned() else {
+            return self.finish(log, start, Err(Failure::NoRoute), &route.response_headers);
+        };
+        // The destination Service, its port, the subset's pods.
+        let host_ns = vs.map(|v| v.namespace.as_str()).unwrap_or(&ctx.svc.namespace);
+        let Some(dsvc) = snap.services.values().find(|s| routing::host_matches(&dest.host, host_ns, &s.name, &s.namespace)) else {
+            return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
+        };
+        let want_port = dest.port.unwrap_or(ctx.port.port);
+        let Some(dport) = dsvc.ports.iter().find(|p| p.port == want_port).or_else(|| dsvc.ports.first()) else {
+            return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
+        };
+        let subset_labels = dest.subset.as_ref().and_then(|sub| {
+            snap.destination_rules
+                .iter()
+                .find(|dr| routing::host_matches(&dr.host, &dr.namespace, &dsvc.name, &dsvc.namespace))
+                .and_then(|dr| dr.subsets.get(sub).cloned())
+        });
+        if dest.subset.is_some() && subset_labels.is_none() {
+            warn!(subset = ?dest.subset, service = %dsvc.hostname(), "route names a subset no DestinationRule defines");
+            return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
+        }
+        let eps: Vec<(&Workload, u16)> = snap
+            .endpoints(dsvc, dport)
+            .into_iter()
+            .filter(|(w, _)| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+            .collect();
+        if eps.is_empty() {
+            return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
+        }
+        let Ok(body) = http_body_util::Limited::new(body, MAX_BUFFERED_BODY).collect().await.map(|c| c.to_bytes()) else {
+            return self.finish(log, start, Err(Failure::TooLarge), &route.response_headers);
+        };
+        // The upstream request.
+        for h in HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+        if let Some(uri) = &route.rewrite_uri {
+            let rest = route
+                .matches
+                .iter()
+                .find_map(|m| match &m.uri {
+                    Some(routing::StrMatch::Prefix(p)) if path.starts_with(p.as_str()) => Some(&path[p.len()..]),
+                    _ => None,
+                })
+                .unwrap_or("");
+            let new = if rest.is_empty() { uri.clone() } else { format!("{}{}", uri.trim_end_matches('/'), if rest.starts_with('/') || rest.starts_with('?') { rest.to_owned() } else { format!("/{rest}") }) };
+            if let Ok(u) = new.parse() {
+                parts.uri = u;
+            }
+            log.rewritten = Some(new);
+        }
+        if let Some(a) = &route.rewrite_authority {
+            if let Ok(v) = HeaderValue::from_str(a) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        apply_header_ops(&mut parts.headers, &route.request_headers);
+        trace::inject(&trace, &mut parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&format!("{}", trace.trace_id)) {
+            parts.headers.entry("x-request-id").or_insert(v);
+        }
+        let h2 = port_protocol(dport) == "http2" || grpc;
+        let attempts = 1 + route.retries.as_ref().map(|r| r.attempts).unwrap_or(0);
+        let per_try = route.retries.as_ref().and_then(|r| r.per_try_timeout);
+        let retry_on: Vec<String> = route.retries.as_ref().map(|r| r.retry_on.clone()).unwrap_or_default();
+        let deadline = route.timeout.map(|t| Instant::now() + t);
+        let mut outcome: Result<(Response<Body>, Option<&Workload>), Failure> = Err(Failure::NoHealthyUpstream);
+        for n in 0..attempts {
+            let (w, port) = eps[self.round_robin.fetch_add(1, Ordering::Relaxed) % eps.len()];
+            let mut req = Request::from_parts(parts.clone(), Full::new(body.clone()));
+            *req.version_mut() = if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
+            let limit = match (per_try, deadline) {
+                (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(Instant::now()))),
+                (Some(p), None) => Some(p),
+                (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+                (None, None) => None,
+            };
+            let fut = self.attempt(w, port, h2, req);
+            let r = match limit {
+                Some(l) => tokio::time::timeout(l, fut).await.unwrap_or(Err(Failure::Timeout)),
+                None => fut.await,
+            };
+            let last = n + 1 == attempts || deadline.is_some_and(|d| Instant::now() >= d);
+            match r {
+                Ok(resp) => {
+                    let code = resp.status().as_u16();
+                    let retriable = code >= 500
+                        && retry_on.iter().any(|c| c == "5xx" || c == &code.to_string() || (c == "gateway-error" && matches!(code, 502..=504)));
+                    if retriable && !last {
+                        log.retries += 1;
+                        continue;
+                    }
+                    outcome = Ok((resp.map(|b| b.boxed()), Some(w)));
+                    break;
+                }
+                Err(f) => {
+                    let retriable = match f {
+                        Failure::UpstreamConnect => retry_on.iter().any(|c| c == "connect-failure" || c == "5xx" || c == "reset"),
+                        Failure::Timeout => per_try.is_some() && deadline.is_none_or(|d| Instant::now() < d),
+                        _ => false,
+                    };
+                    if retriable && !last {
+                        log.retries += 1;
+                        continue;
+                    }
+                    outcome = Err(f);
+                    break;
+                }
+            }
+        }
+        let outcome = outcome.map(|(r, w)| (r, w.cloned()));
+        self.finish(log, start, outcome.map(|(r, w)| (r, w)), &route.response_headers)
+    }
+
+    fn finish(
+        &self,
+        mut log: metrics::RequestLog,
+        start: Instant,
+        outcome: Result<(Response<Body>, Option<Workload>), Failure>,
+        response_ops: &routing::HeaderOps,
+    ) -> Response<Body> {
+        let mut resp = match outcome {
+            Ok((r, w)) => {
+                if let Some(w) = w {
+                    log.set_destination(&w);
+                }
+                r
+            }
+            Err(f) => {
+                let (status, flag, text) = f.response();
+                log.flags.push(flag);
+                synthetic(status, flag, text)
+            }
+        };
+        apply_header_ops(resp.headers_mut(), response_ops);
+        log.finish(&self.metrics, resp.status().as_u16(), start.elapsed());
+        resp
+    }
+}
+
+/// Port every pod's ztunnel terminates HBONE on.
+const HBONE_PORT: u16 = 15008;
+
+fn apply_header_ops(h: &mut HeaderMap, ops: &routing::HeaderOps) {
+    for k in &ops.remove {
+        h.remove(k.as_str());
+    }
+    for (k, v) in &ops.set {
+        if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            h.insert(k, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            h.append(k, v);
+        }
+    }
+}
+
+/// gRPC status code from a name (`UNAVAILABLE`) or number.
+pub fn grpc_code(s: &str) -> u32 {
+    const NAMES: [&str; 17] = [
+        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+        "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+        "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+    ];
+    s.parse().ok().or_else(|| NAMES.iter().position(|n| n.eq_ignore_ascii_case(s)).map(|i| i as u32)).unwrap_or(2)
+}

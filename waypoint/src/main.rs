@@ -1,0 +1,80 @@
+use std::{net::{Ipv4Addr, SocketAddr}, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use skiff_waypoint::{Config, Waypoint};
+use tracing::info;
+
+/// Skiff waypoint: the L7 proxy for namespaces and Services that ask for one.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Waypoint name (what `istio.io/use-waypoint` names).
+    #[arg(long)]
+    name: String,
+    /// The waypoint's namespace (its identity's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// The waypoint's service account.
+    #[arg(long, default_value = "default")]
+    service_account: String,
+    /// The pod's IP: HBONE is served on it, port 15008.
+    #[arg(long, env = "POD_IP")]
+    pod_ip: Ipv4Addr,
+    /// Directory of Kubernetes manifests describing the cluster.
+    #[arg(long, env = "SKIFF_MANIFESTS")]
+    manifests: PathBuf,
+    /// The mesh CA directory (local mode).
+    #[arg(long, env = "SKIFF_CA_DIR")]
+    ca_dir: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of the waypoint's certificate; rotated at half-life.
+    #[arg(long, default_value = "86400", value_name = "SECONDS")]
+    cert_lifetime: u64,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
+        let ca = skiff_ztunnel::identity::Ca::load_or_create(&cli.ca_dir, &cli.trust_domain)
+            .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
+        let certs = skiff_ztunnel::certs::CertManager::new(ca, Duration::from_secs(cli.cert_lifetime.max(2)))
+            .map_err(|e| anyhow::anyhow!(skiff_core::report(&e)))?;
+        let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account, pod_ip: cli.pod_ip };
+        let wp = Waypoint::new(cfg, cluster, certs);
+        let hbone = tokio::net::TcpListener::bind((cli.pod_ip, 15008)).await.with_context(|| format!("binding {}:15008", cli.pod_ip))?;
+        let metrics = tokio::net::TcpListener::bind(cli.metrics_addr).await.with_context(|| format!("binding {}", cli.metrics_addr))?;
+        let m = wp.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = metrics.accept().await else { continue };
+                let body = m.metrics.render();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes()).await;
+                });
+            }
+        });
+        info!(name = %cli.name, ip = %cli.pod_ip, "waypoint serving HBONE on 15008");
+        let serve = tokio::spawn(Arc::clone(&wp).serve(hbone));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = serve => r??,
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,178 @@
+//! The waypoint's metrics, with Istio's names and labels
+//! (`istio_requests_total`, `istio_request_duration_milliseconds`,
+//! reporter="waypoint"), and its access log: one line per request.
+
+use std::{net::SocketAddr, time::Duration};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use skiff_core::model::{ServiceInfo, Snapshot, Workload};
+use skiff_ztunnel::identity::Identity;
+use tracing::info;
+
+const LABELS: [&str; 15] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_version",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    /// Bytes through HBONE streams (both directions).
+    pub tcp: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(Opts::new("istio_requests_total", "Requests handled"), &LABELS).expect("valid");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("istio_request_duration_milliseconds", "Request duration")
+                .buckets(vec![0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0]),
+            &LABELS,
+        )
+        .expect("valid");
+        let tcp = IntCounter::new("skiff_waypoint_tunnel_bytes_total", "Bytes through HBONE streams").expect("valid");
+        registry.register(Box::new(requests.clone())).expect("once");
+        registry.register(Box::new(duration.clone())).expect("once");
+        registry.register(Box::new(tcp.clone())).expect("once");
+        Metrics { registry, requests, duration, tcp }
+    }
+
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What is known about one request, for its metrics and access-log line.
+pub struct RequestLog {
+    source_workload: String,
+    source_namespace: String,
+    source_principal: String,
+    destination_workload: String,
+    destination_namespace: String,
+    destination_principal: String,
+    destination_version: String,
+    service: String,
+    service_name: String,
+    service_namespace: String,
+    protocol: &'static str,
+    peer: SocketAddr,
+    method: String,
+    path: String,
+    trace_id: String,
+    pub rewritten: Option<String>,
+    pub flags: Vec<&'static str>,
+    pub retries: u32,
+    trust_domain: String,
+}
+
+impl RequestLog {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        svc: &ServiceInfo,
+        peer_id: &Identity,
+        snap: &Snapshot,
+        peer: SocketAddr,
+        method: &http::Method,
+        path: &str,
+        protocol: &'static str,
+        trace_id: &str,
+    ) -> RequestLog {
+        let src = match peer {
+            SocketAddr::V4(a) => snap.workload_by_ip(*a.ip()),
+            SocketAddr::V6(_) => None,
+        };
+        RequestLog {
+            source_workload: src.map(|w| w.workload_name.clone()).unwrap_or_else(|| "unknown".into()),
+            source_namespace: peer_id.namespace.clone(),
+            source_principal: peer_id.to_string(),
+            destination_workload: "unknown".into(),
+            destination_namespace: svc.namespace.clone(),
+            destination_principal: "unknown".into(),
+            destination_version: "unknown".into(),
+            service: svc.hostname(),
+            service_name: svc.name.clone(),
+            service_namespace: svc.namespace.clone(),
+            protocol,
+            peer,
+            method: method.to_string(),
+            path: path.to_owned(),
+            trace_id: trace_id.to_owned(),
+            rewritten: None,
+            flags: Vec::new(),
+            retries: 0,
+            trust_domain: peer_id.trust_domain.clone(),
+        }
+    }
+
+    pub fn set_destination(&mut self, w: &Workload) {
+        self.destination_workload = w.workload_name.clone();
+        self.destination_namespace = w.namespace.clone();
+        self.destination_principal = format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, w.namespace, w.service_account);
+        self.destination_version = w.labels.get("version").cloned().unwrap_or_else(|| "unknown".into());
+    }
+
+    pub fn finish(self, m: &Metrics, code: u16, took: Duration) {
+        let flags = if self.flags.is_empty() { "-".to_owned() } else { self.flags.join(",") };
+        let code_s = code.to_string();
+        let values = [
+            "waypoint",
+            &self.source_workload,
+            &self.source_namespace,
+            &self.source_principal,
+            &self.destination_workload,
+            &self.destination_namespace,
+            &self.destination_principal,
+            &self.service,
+            &self.service_name,
+            &self.service_namespace,
+            &self.destination_version,
+            self.protocol,
+            &code_s,
+            &flags,
+            "mutual_tls",
+        ];
+        m.requests.with_label_values(&values).inc();
+        m.duration.with_label_values(&values).observe(took.as_secs_f64() * 1000.0);
+        info!(
+            target: "access",
+            method = %self.method,
+            path = %self.path,
+            rewritten = %self.rewritten.as_deref().unwrap_or("-"),
+            code,
+            response_flags = %flags,
+            src.addr = %self.peer,
+            src.identity = %self.source_principal,
+            dst.service = %self.service,
+            dst.workload = %self.destination_workload,
+            dst.version = %self.destination_version,
+            retries = self.retries,
+            duration_ms = took.as_millis() as u64,
+            trace_id = %self.trace_id,
+            "request complete"
+        );
+    }
+}
