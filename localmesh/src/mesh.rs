@@ -603,6 +603,10 @@ impl LocalMesh {
             ("POD_NAMESPACE".into(), p.namespace.clone()),
             ("POD_IP".into(), p.ip.to_string()),
             ("NODE_NAME".into(), self.nodes[p.node].name.clone()),
+            // Local-mode stand-ins for the API server and the CA signer,
+            // for mesh components that run as pods (waypoints).
+            ("SKIFF_MANIFESTS".into(), self.state_dir.display().to_string()),
+            ("SKIFF_CA_DIR".into(), self.ca_dir().display().to_string()),
         ];
         for e in extra {
             env.push((e.name.clone(), e.value.clone().unwrap_or_default()));

@@ -231,17 +231,44 @@ fn bulk_client(target: &str, secs: f64) -> ExitCode {
     }
 }
 
-fn read_request(s: &mut TcpStream) -> Option<String> {
+/// One parsed request: request line and lower-cased headers.
+struct Req {
+    line: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Req {
+    fn header(&self, k: &str) -> &str {
+        self.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap_or("-")
+    }
+
+    fn path(&self) -> &str {
+        self.line.split_whitespace().nth(1).unwrap_or("/")
+    }
+}
+
+fn read_request(s: &mut TcpStream) -> Option<Req> {
     let mut r = BufReader::new(s.try_clone().ok()?);
     let mut first = String::new();
     r.read_line(&mut first).ok()?;
+    let mut headers = Vec::new();
+    let mut len = 0usize;
     loop {
         let mut line = String::new();
         if r.read_line(&mut line).ok()? == 0 || line == "\r\n" || line == "\n" {
             break;
         }
+        if let Some((k, v)) = line.split_once(':') {
+            let k = k.trim().to_ascii_lowercase();
+            if k == "content-length" {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            headers.push((k, v.trim().to_owned()));
+        }
     }
-    Some(first.trim().to_owned())
+    let mut body = vec![0u8; len.min(1 << 20)];
+    let _ = r.read_exact(&mut body);
+    Some(Req { line: first.trim().to_owned(), headers })
 }
 
 fn respond(s: &mut TcpStream, status: &str, body: &str) {
@@ -267,13 +294,14 @@ fn http_get(url: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
-fn http_server(port: &str, handler: fn(&TcpStream) -> (String, String)) -> ExitCode {
+fn http_server(port: &str, handler: fn(&TcpStream, &Req) -> (String, String)) -> ExitCode {
     let l = listen(port);
+    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
     for s in l.incoming().flatten() {
         thread::spawn(move || {
             let mut s = s;
-            if read_request(&mut s).is_some() {
-                let (status, body) = handler(&s);
+            if let Some(req) = read_request(&mut s) {
+                let (status, body) = handler(&s, &req);
                 respond(&mut s, &status, &body);
             }
         });
@@ -281,13 +309,125 @@ fn http_server(port: &str, handler: fn(&TcpStream) -> (String, String)) -> ExitC
     ExitCode::SUCCESS
 }
 
-fn backend(s: &TcpStream) -> (String, String) {
+static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Answers with what it saw. `FAIL_FIRST=N`: the first N requests get 503;
+/// paths under `/slow` take 2 s.
+fn backend(s: &TcpStream, req: &Req) -> (String, String) {
     let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let version = env::var("VERSION").unwrap_or_else(|_| "v1".into());
-    ("200 OK".into(), format!("backend {} version={version} saw client {peer}\n", pod()))
+    let n = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let fail_first: u64 = env::var("FAIL_FIRST").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    if n < fail_first {
+        return ("503 Service Unavailable".into(), format!("backend {} failing request {n}\n", pod()));
+    }
+    if req.path().starts_with("/slow") {
+        thread::sleep(Duration::from_secs(2));
+    }
+    (
+        "200 OK".into(),
+        format!(
+            "backend {} version={version} path={} saw client {peer} traceparent={} x-b3-traceid={} user-agent={}\n",
+            pod(),
+            req.path(),
+            req.header("traceparent"),
+            req.header("x-b3-traceid"),
+            req.header("user-agent"),
+        ),
+    )
 }
 
-fn frontend(_s: &TcpStream) -> (String, String) {
+/// N requests over one keep-alive connection; prints status and version
+/// counts and each request's latency (ms) as JSON.
+fn http_load(url: &str, count: usize, headers: &[String]) -> ExitCode {
+    let run = || -> Result<(BTreeMapStr, BTreeMapStr, Vec<u128>, Vec<String>), String> {
+        let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let hostport = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:80") };
+        let addr = hostport.to_socket_addrs().map_err(|e| format!("{hostport}: {e}"))?.next().ok_or("no address")?;
+        let host = hostport.split(':').next().unwrap_or("");
+        let mut codes = BTreeMapStr::new();
+        let mut versions = BTreeMapStr::new();
+        let mut lat = Vec::new();
+        let mut bodies = Vec::new();
+        let mut conn: Option<BufReader<TcpStream>> = None;
+        for _ in 0..count {
+            let start = std::time::Instant::now();
+            if conn.is_none() {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(15))).map_err(|e| e.to_string())?;
+                conn = Some(BufReader::new(s));
+            }
+            let r = conn.as_mut().expect("connected");
+            let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+            for h in headers {
+                req.push_str(h);
+                req.push_str("\r\n");
+            }
+            req.push_str("\r\n");
+            r.get_mut().write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+            let mut status = String::new();
+            r.read_line(&mut status).map_err(|e| e.to_string())?;
+            let code = status.split_whitespace().nth(1).unwrap_or("000").to_owned();
+            let (mut len, mut close) = (0usize, false);
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 || line == "\r\n" {
+                    break;
+                }
+                let l = line.to_ascii_lowercase();
+                if let Some(v) = l.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if l.starts_with("connection:") && l.contains("close") {
+                    close = true;
+                }
+            }
+            let mut body = vec![0u8; len];
+            r.read_exact(&mut body).map_err(|e| e.to_string())?;
+            let body = String::from_utf8_lossy(&body).into_owned();
+            lat.push(start.elapsed().as_millis());
+            *codes.entry(code).or_insert(0) += 1;
+            let version = body.split_whitespace().find_map(|w| w.strip_prefix("version=")).unwrap_or("none").to_owned();
+            *versions.entry(version).or_insert(0) += 1;
+            if bodies.len() < 5 {
+                bodies.push(body.trim().to_owned());
+            }
+            if close {
+                conn = None;
+            }
+        }
+        Ok((codes, versions, lat, bodies))
+    };
+    match run() {
+        Ok((codes, versions, lat, bodies)) => {
+            let obj = |m: &BTreeMapStr| {
+                format!("{{{}}}", m.iter().map(|(k, v)| format!("{}:{v}", json_str(k))).collect::<Vec<_>>().join(","))
+            };
+            let lat: Vec<String> = lat.iter().map(|l| l.to_string()).collect();
+            let bodies: Vec<String> = bodies.iter().map(|b| json_str(b)).collect();
+            log(format!(
+                "{{\"codes\":{},\"versions\":{},\"latency_ms\":[{}],\"bodies\":[{}]}}",
+                obj(&codes),
+                obj(&versions),
+                lat.join(","),
+                bodies.join(",")
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log(format!("{{\"error\":{}}}", json_str(&e)));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BTreeMapStr = std::collections::BTreeMap<String, u64>;
+
+fn frontend(_s: &TcpStream, _req: &Req) -> (String, String) {
     let url = BACKEND_URL.get().map(String::as_str).unwrap_or_default();
     match http_get(url) {
         Ok((code, body)) => ("200 OK".into(), format!("frontend {} -> [{code}] {body}", pod())),
@@ -350,6 +490,15 @@ fn main() -> ExitCode {
         },
         Some("bulk-client") => match arg(&args, "--target") {
             Some(t) => bulk_client(&t, arg(&args, "--seconds").and_then(|v| v.parse().ok()).unwrap_or(3.0)),
+            None => usage(),
+        },
+        Some("http-load") => match arg(&args, "--url") {
+            Some(u) => {
+                let count = arg(&args, "--count").and_then(|v| v.parse().ok()).unwrap_or(1);
+                let headers: Vec<String> =
+                    args.windows(2).filter(|w| w[0] == "--header").map(|w| w[1].clone()).collect();
+                http_load(&u, count, &headers)
+            }
             None => usage(),
         },
         Some("http-get") => match args.get(1) {
