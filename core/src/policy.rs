@@ -172,6 +172,12 @@ pub struct Operation {
     pub not_ports: Vec<u16>,
     /// hosts, methods, paths and their negations: L7 only.
     pub has_l7: bool,
+    pub hosts: Vec<StrMatch>,
+    pub not_hosts: Vec<StrMatch>,
+    pub methods: Vec<StrMatch>,
+    pub not_methods: Vec<StrMatch>,
+    pub paths: Vec<StrMatch>,
+    pub not_paths: Vec<StrMatch>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -207,6 +213,8 @@ pub struct AuthzPolicy {
     pub selector: Option<BTreeMap<String, String>>,
     /// Bound to a waypoint (targetRefs): not enforced by ztunnel.
     pub targets_waypoint: bool,
+    /// `targetRefs` as (kind, name).
+    pub target_refs: Vec<(String, String)>,
     pub action: Action,
     /// Empty: the policy matches nothing.
     pub rules: Vec<Rule>,
@@ -239,6 +247,17 @@ pub struct ConnInfo {
     pub dst_port: u16,
 }
 
+/// The request attributes a waypoint knows (header names lower-case).
+#[derive(Clone, Debug)]
+pub struct L7Attrs<'a> {
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    /// Host (authority) without the port.
+    pub host: &'a str,
+    pub headers: &'a [(String, String)],
+}
+
 fn any_str(list: &[StrMatch], v: Option<&str>) -> bool {
     v.is_some_and(|v| list.iter().any(|m| m.matches(v)))
 }
@@ -261,21 +280,37 @@ impl Source {
 }
 
 impl Operation {
-    fn matches(&self, c: &ConnInfo) -> bool {
-        (self.ports.is_empty() || self.ports.contains(&c.dst_port))
-            && (self.not_ports.is_empty() || !self.not_ports.contains(&c.dst_port))
+    fn matches(&self, c: &ConnInfo, l7: Option<&L7Attrs<'_>>) -> bool {
+        let l4 = (self.ports.is_empty() || self.ports.contains(&c.dst_port))
+            && (self.not_ports.is_empty() || !self.not_ports.contains(&c.dst_port));
+        let Some(r) = l7 else { return l4 };
+        let field = |yes: &[StrMatch], no: &[StrMatch], v: &str| {
+            (yes.is_empty() || any_str(yes, Some(v))) && (no.is_empty() || !any_str(no, Some(v)))
+        };
+        l4 && field(&self.methods, &self.not_methods, r.method)
+            && field(&self.paths, &self.not_paths, r.path)
+            && field(&self.hosts, &self.not_hosts, r.host)
     }
 }
 
 impl Condition {
-    fn matches(&self, c: &ConnInfo) -> bool {
+    fn matches(&self, c: &ConnInfo, l7: Option<&L7Attrs<'_>>) -> bool {
         let value: Option<String> = match &self.key {
             ConditionKey::SourceIp | ConditionKey::RemoteIp => Some(c.src_ip.to_string()),
             ConditionKey::SourceNamespace => c.src_namespace.clone(),
             ConditionKey::SourcePrincipal => c.principal.clone(),
             ConditionKey::DestinationIp => Some(c.dst_ip.to_string()),
             ConditionKey::DestinationPort => Some(c.dst_port.to_string()),
-            ConditionKey::L7(_) => return true,
+            ConditionKey::L7(k) => match (l7, k.strip_prefix("request.headers[").and_then(|h| h.strip_suffix(']'))) {
+                // A waypoint can check request headers.
+                (Some(r), Some(name)) => {
+                    let name = name.to_ascii_lowercase();
+                    r.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone())
+                }
+                // At L4, or an attribute even the waypoint cannot see:
+                // the caller fails closed (see Rule::matches).
+                _ => return true,
+            },
         };
         let is_ip = matches!(self.key, ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp);
         let hit = |list: &[String]| {
@@ -296,15 +331,24 @@ impl Rule {
             || self.when.iter().any(|w| matches!(w.key, ConditionKey::L7(_)))
     }
 
-    /// Whether the rule matches, for a policy with `action`.
-    fn matches(&self, action: Action, c: &ConnInfo) -> bool {
-        if self.has_l7() && action == Action::Allow {
-            // Cannot prove the L7 part holds: an ALLOW rule never matches.
+    /// Attributes even a waypoint cannot check (JWT request principals,
+    /// `when` keys other than request headers and the L4 ones).
+    fn has_unsupported(&self) -> bool {
+        self.from.iter().any(|f| f.has_l7)
+            || self.when.iter().any(|w| matches!(&w.key, ConditionKey::L7(k) if !k.starts_with("request.headers[")))
+    }
+
+    /// Whether the rule matches, for a policy with `action`; `l7` is the
+    /// request when evaluated at a waypoint.
+    fn matches(&self, action: Action, c: &ConnInfo, l7: Option<&L7Attrs<'_>>) -> bool {
+        let unknowable = if l7.is_some() { self.has_unsupported() } else { self.has_l7() };
+        if unknowable && action == Action::Allow {
+            // Cannot prove the rule holds: an ALLOW rule never matches.
             return false;
         }
         (self.from.is_empty() || self.from.iter().any(|f| f.matches(c)))
-            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(c)))
-            && self.when.iter().all(|w| w.matches(c))
+            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(c, l7)))
+            && self.when.iter().all(|w| w.matches(c, l7))
     }
 }
 
@@ -315,7 +359,18 @@ impl AuthzPolicy {
     }
 
     pub fn matches(&self, c: &ConnInfo) -> bool {
-        self.rules.iter().any(|r| r.matches(self.action, c))
+        self.rules.iter().any(|r| r.matches(self.action, c, None))
+    }
+
+    pub fn matches_l7(&self, c: &ConnInfo, r: &L7Attrs<'_>) -> bool {
+        self.rules.iter().any(|rule| rule.matches(self.action, c, Some(r)))
+    }
+
+    /// Whether the policy binds to the waypoint `name` in `namespace` (or to
+    /// the Service `service` there) through `targetRefs`.
+    pub fn targets(&self, namespace: &str, waypoint: &str, service: &str) -> bool {
+        self.namespace == namespace
+            && self.target_refs.iter().any(|(kind, n)| (kind == "Gateway" && n == waypoint) || (kind == "Service" && n == service))
     }
 }
 
@@ -332,10 +387,19 @@ pub struct AuthzDecision {
 
 /// Decides a connection against the policies that apply to its destination.
 pub fn evaluate(policies: &[&AuthzPolicy], c: &ConnInfo) -> AuthzDecision {
+    decide(policies, &|p: &AuthzPolicy| p.matches(c))
+}
+
+/// Decides a request at a waypoint (L7 attributes known).
+pub fn evaluate_l7(policies: &[&AuthzPolicy], c: &ConnInfo, r: &L7Attrs<'_>) -> AuthzDecision {
+    decide(policies, &|p: &AuthzPolicy| p.matches_l7(c, r))
+}
+
+fn decide(policies: &[&AuthzPolicy], matches: &dyn Fn(&AuthzPolicy) -> bool) -> AuthzDecision {
     let audited: Vec<String> =
-        policies.iter().filter(|p| p.action == Action::Audit && p.matches(c)).map(|p| p.key()).collect();
+        policies.iter().filter(|p| p.action == Action::Audit && matches(p)).map(|p| p.key()).collect();
     for p in policies.iter().filter(|p| matches!(p.action, Action::Deny | Action::Custom)) {
-        if p.matches(c) {
+        if matches(p) {
             let reason = if p.action == Action::Custom { "CUSTOM policy matched (not supported at L4: denied)" } else { "DENY policy matched" };
             return AuthzDecision { allowed: false, policy: Some(p.key()), reason, audited };
         }
@@ -344,7 +408,7 @@ pub fn evaluate(policies: &[&AuthzPolicy], c: &ConnInfo) -> AuthzDecision {
     if allows.is_empty() {
         return AuthzDecision { allowed: true, policy: None, reason: "no ALLOW policy applies", audited };
     }
-    match allows.iter().find(|p| p.matches(c)) {
+    match allows.iter().find(|p| matches(p)) {
         Some(p) => AuthzDecision { allowed: true, policy: Some(p.key()), reason: "ALLOW policy matched", audited },
         None => AuthzDecision { allowed: false, policy: None, reason: "no ALLOW policy matched", audited },
     }
@@ -412,6 +476,14 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
         Some(o) => return Err(("spec.action".into(), format!("{o:?} is not one of ALLOW, DENY, AUDIT, CUSTOM"))),
     };
     let targets_waypoint = !ap.spec.target_refs.is_empty() || ap.spec.target_ref.is_some();
+    let mut target_refs = Vec::new();
+    for (i, r) in ap.spec.target_refs.iter().chain(ap.spec.target_ref.iter()).enumerate() {
+        let get = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        match (get("kind"), get("name")) {
+            (Some(kind), Some(name)) => target_refs.push((kind, name)),
+            _ => return Err((format!("spec.targetRefs[{i}]"), "needs kind and name".into())),
+        }
+    }
     if targets_waypoint && ap.spec.selector.is_some() {
         return Err(("spec.selector".into(), "cannot be set together with targetRefs".into()));
     }
@@ -442,6 +514,12 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
                 has_l7: [&o.hosts, &o.not_hosts, &o.methods, &o.not_methods, &o.paths, &o.not_paths]
                     .iter()
                     .any(|v| !v.is_empty()),
+                hosts: str_matches(&p("hosts"), &o.hosts)?,
+                not_hosts: str_matches(&p("notHosts"), &o.not_hosts)?,
+                methods: str_matches(&p("methods"), &o.methods)?,
+                not_methods: str_matches(&p("notMethods"), &o.not_methods)?,
+                paths: str_matches(&p("paths"), &o.paths)?,
+                not_paths: str_matches(&p("notPaths"), &o.not_paths)?,
             });
         }
         for (j, w) in r.when.iter().enumerate() {
@@ -477,7 +555,7 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
         rules.push(rule);
     }
     let selector = ap.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|s| !s.is_empty());
-    Ok(AuthzPolicy { namespace, name, selector, targets_waypoint, action, rules })
+    Ok(AuthzPolicy { namespace, name, selector, targets_waypoint, target_refs, action, rules })
 }
 
 #[cfg(test)]
@@ -570,6 +648,35 @@ mod tests {
     }
 
     #[test]
+    fn l7_rules_at_the_waypoint() {
+        let allow_get_public = policy(&format!("{HDR}  rules: [{{to: [{{operation: {{methods: [GET], paths: [/public*]}}}}]}}]\n"));
+        let deny_post_admin = policy(&format!("{HDR}  action: DENY\n  rules: [{{to: [{{operation: {{methods: [POST], paths: [/admin]}}}}]}}]\n"));
+        let allow_header = policy(&format!("{HDR}  rules: [{{when: [{{key: \"request.headers[x-team]\", values: [blue]}}]}}]\n"));
+        let jwt = policy(&format!("{HDR}  rules: [{{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]\n"));
+        let c = conn("10.244.1.5", Some("frontend/sa/web"), 8080);
+        let none: Vec<(String, String)> = vec![];
+        let blue = vec![("x-team".to_owned(), "blue".to_owned())];
+        let req = |method: &'static str, path: &'static str, headers: &[(String, String)]| {
+            (method, path, headers.to_vec())
+        };
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<&AuthzPolicy>, (&str, &str, Vec<(String, String)>), bool)> = vec![
+            ("GET /public allowed", vec![&allow_get_public], req("GET", "/public/x", &none), true),
+            ("POST /public not allowed", vec![&allow_get_public], req("POST", "/public/x", &none), false),
+            ("GET /private not allowed", vec![&allow_get_public], req("GET", "/private", &none), false),
+            ("POST /admin denied", vec![&deny_post_admin], req("POST", "/admin", &none), false),
+            ("GET /admin passes the DENY", vec![&deny_post_admin], req("GET", "/admin", &none), true),
+            ("header condition met", vec![&allow_header], req("GET", "/", &blue), true),
+            ("header condition missing", vec![&allow_header], req("GET", "/", &none), false),
+            ("JWT principals cannot be checked: ALLOW fails closed", vec![&jwt], req("GET", "/", &none), false),
+        ];
+        for (name, ps, (method, path, headers), want) in cases {
+            let r = L7Attrs { method, path, host: "reviews", headers: &headers };
+            assert_eq!(evaluate_l7(&ps, &c, &r).allowed, want, "case {name}");
+        }
+    }
+
+    #[test]
     fn policy_scope() {
         let labels: BTreeMap<String, String> = [("app".to_owned(), "web".to_owned())].into();
         let p = |ns: &str, sel: Option<&str>, waypoint: bool| AuthzPolicy {
@@ -577,6 +684,7 @@ mod tests {
             name: "x".into(),
             selector: sel.map(|v| [("app".to_owned(), v.to_owned())].into()),
             targets_waypoint: waypoint,
+            target_refs: vec![],
             action: Action::Allow,
             rules: vec![],
         };

@@ -16,8 +16,12 @@ struct Load {
 }
 
 fn load(mesh: &LocalMesh, url: &str, count: usize, headers: &[&str]) -> Load {
+    load_with(mesh, "GET", url, count, headers)
+}
+
+fn load_with(mesh: &LocalMesh, method: &str, url: &str, count: usize, headers: &[&str]) -> Load {
     let count = count.to_string();
-    let mut argv = vec!["skiff-demo-app", "http-load", "--url", url, "--count", &count];
+    let mut argv = vec!["skiff-demo-app", "http-load", "--method", method, "--url", url, "--count", &count];
     for h in headers {
         argv.push("--header");
         argv.push(h);
@@ -190,4 +194,25 @@ fn trace_context_is_generated_or_kept() {
     assert_eq!(&tp[3..35], trace, "the incoming trace id is kept: {body}");
     assert_ne!(&tp[36..52], "00f067aa0ba902b7", "the waypoint sets its own span id: {body}");
     assert!(body.contains(&format!("x-b3-traceid={trace}")), "{body}");
+}
+
+#[test]
+fn l7_authorization_allows_get_public_and_denies_post_admin() {
+    let Some(mesh) = up() else { return };
+    let policy = |name: &str, body: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n{body}")
+    };
+    let allow = policy("allow-public", "  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]\n    to: [{operation: {methods: [GET], paths: [\"/public*\"]}}]\n");
+    let deny = policy("deny-admin", "  action: DENY\n  rules: [{to: [{operation: {methods: [POST], paths: [/admin]}}]}]\n");
+    mesh.apply("deny-admin", Some(&deny)).unwrap();
+    apply_vs(&mesh, "allow-public", &allow, |m| count(&load(m, "http://reviews:9080/private", 1, &[]).codes, "403") == 1);
+    let public = load(&mesh, "http://reviews:9080/public/page", 5, &[]);
+    assert_eq!(count(&public.codes, "200"), 5, "{:?}", public.codes);
+    let admin = load_with(&mesh, "POST", "http://reviews:9080/admin", 3, &[]);
+    assert_eq!(count(&admin.codes, "403"), 3, "{:?}", admin.codes);
+    assert!(admin.bodies[0].contains("RBAC: access denied"), "{:?}", admin.bodies);
+    let post_public = load_with(&mesh, "POST", "http://reviews:9080/public/page", 1, &[]);
+    assert_eq!(count(&post_public.codes, "403"), 1, "only GET is allowed: {:?}", post_public.codes);
+    let wp = std::fs::read_to_string(&mesh.pod("shop", "waypoint").log).unwrap();
+    assert!(wp.contains("request denied by authorization policy"), "denials are logged");
 }

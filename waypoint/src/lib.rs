@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use skiff_core::{
     model::{ServiceInfo, ServicePort, Snapshot, Workload},
+    policy,
     routing::{self, AbortStatus, HttpRoute, RequestInfo, RouteDest},
 };
 use skiff_ztunnel::{
@@ -68,6 +69,8 @@ pub enum Failure {
     FaultAbort(u16),
     /// The request body was too large to buffer (413).
     TooLarge,
+    /// AuthorizationPolicy denied it (403).
+    Denied,
 }
 
 impl Failure {
@@ -80,6 +83,7 @@ impl Failure {
             Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"),
             Failure::FaultAbort(s) => (StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "FI", "fault filter abort"),
             Failure::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "-", "request body too large"),
+            Failure::Denied => (StatusCode::FORBIDDEN, "-", "RBAC: access denied"),
         }
     }
 }
@@ -398,6 +402,29 @@ impl Waypoint {
             None => Some(Self::default_route(&ctx.svc)),
         };
         let mut log = metrics::RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &path, protocol, &trace.trace_id);
+        // L7 authorization: policies whose targetRefs name this waypoint (or
+        // the Service), with the tunnel peer's identity.
+        let policies: Vec<&policy::AuthzPolicy> = snap
+            .authorization_policies
+            .iter()
+            .filter(|p| p.targets(&self.cfg.namespace, &self.cfg.name, &ctx.svc.name))
+            .collect();
+        if !policies.is_empty() {
+            let conn = policy::ConnInfo {
+                src_ip: ctx.peer.ip(),
+                principal: Some(ctx.peer_id.principal()),
+                src_namespace: Some(ctx.peer_id.namespace.clone()),
+                dst_ip: std::net::IpAddr::V4(ctx.svc.cluster_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)),
+                dst_port: ctx.port.port,
+            };
+            let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(&authority);
+            let attrs = policy::L7Attrs { method: parts.method.as_str(), path: path.split('?').next().unwrap_or("/"), host, headers: &headers };
+            let d = policy::evaluate_l7(&policies, &conn, &attrs);
+            if !d.allowed {
+                info!(method = %parts.method, %path, identity = %ctx.peer_id, policy = ?d.policy, reason = d.reason, "request denied by authorization policy");
+                return self.finish(log, start, Err(Failure::Denied), &Default::default());
+            }
+        }
         let Some(route) = route else {
             return self.finish(log, start, Err(Failure::NoRoute), &Default::default());
         };

@@ -339,7 +339,7 @@ fn backend(s: &TcpStream, req: &Req) -> (String, String) {
 
 /// N requests over one keep-alive connection; prints status and version
 /// counts and each request's latency (ms) as JSON.
-fn http_load(url: &str, count: usize, headers: &[String]) -> ExitCode {
+fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitCode {
     let run = || -> Result<(BTreeMapStr, BTreeMapStr, Vec<u128>, Vec<String>), String> {
         let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
         let (hostport, path) = match rest.find('/') {
@@ -362,7 +362,7 @@ fn http_load(url: &str, count: usize, headers: &[String]) -> ExitCode {
                 conn = Some(BufReader::new(s));
             }
             let r = conn.as_mut().expect("connected");
-            let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+            let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n");
             for h in headers {
                 req.push_str(h);
                 req.push_str("\r\n");
@@ -497,7 +497,8 @@ fn main() -> ExitCode {
                 let count = arg(&args, "--count").and_then(|v| v.parse().ok()).unwrap_or(1);
                 let headers: Vec<String> =
                     args.windows(2).filter(|w| w[0] == "--header").map(|w| w[1].clone()).collect();
-                http_load(&u, count, &headers)
+                let method = arg(&args, "--method").unwrap_or_else(|| "GET".into());
+                http_load(&u, &method, count, &headers)
             }
             None => usage(),
         },
