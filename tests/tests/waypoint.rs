@@ -216,3 +216,30 @@ fn l7_authorization_allows_get_public_and_denies_post_admin() {
     let wp = std::fs::read_to_string(&mesh.pod("shop", "waypoint").log).unwrap();
     assert!(wp.contains("request denied by authorization policy"), "denials are logged");
 }
+
+#[test]
+fn grpc_goes_through_the_waypoint_with_status_in_trailers() {
+    let Some(mesh) = up() else { return };
+    wait_listening(mesh.pod("shop", "grpc-echo"));
+    let call = |message: &str| {
+        let out = mesh
+            .exec(
+                mesh.pod("shop", "client"),
+                &["skiff-grpc-probe", "client", "--url", "http://grpc-echo:9090/skiff.Echo/Say", "--message", message],
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        v
+    };
+    let ok = eventually(WAIT, "gRPC call through the waypoint", || Some(call("hello")).filter(|v| v["http_status"] == 200));
+    assert_eq!(ok["reply"], "echo: hello", "{ok}");
+    assert_eq!(ok["grpc_status"], "0", "{ok}");
+    assert_eq!(ok["status_in_trailers"], true, "{ok}");
+    let fail = call("fail");
+    assert_eq!(fail["grpc_status"], "14", "an error status travels in the trailers: {fail}");
+    assert_eq!(fail["grpc_message"], "backend unavailable", "{fail}");
+    let metrics = mesh.pod("shop", "waypoint");
+    let log = std::fs::read_to_string(&metrics.log).unwrap();
+    assert!(log.contains("/skiff.Echo/Say"), "the waypoint handled the call at L7");
+}

@@ -496,8 +496,13 @@ impl Waypoint {
             return self.finish(log, start, Err(Failure::TooLarge), &route.response_headers);
         };
         // The upstream request.
+        // `te: trailers` is end-to-end for gRPC and must reach the backend.
+        let te_trailers = parts.headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         for h in HOP_BY_HOP {
             parts.headers.remove(h);
+        }
+        if te_trailers {
+            parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
         if let Some(uri) = &route.rewrite_uri {
             let rest = route
