@@ -548,7 +548,69 @@ pub struct DestinationRuleSpec {
     #[serde(default)]
     pub subsets: Vec<Subset>,
     #[serde(default)]
-    pub traffic_policy: Option<serde_yaml::Value>,
+    pub traffic_policy: Option<TrafficPolicySpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSpec>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerSpec {
+    #[serde(default)]
+    pub simple: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolSpec {
+    #[serde(default)]
+    pub tcp: Option<TcpPoolSpec>,
+    #[serde(default)]
+    pub http: Option<HttpPoolSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpPoolSpec {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPoolSpec {
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<u32>,
+    #[serde(default)]
+    pub http2_max_requests: Option<u32>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    #[serde(default)]
+    pub consecutive5xx_errors: Option<u32>,
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -558,7 +620,7 @@ pub struct Subset {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
-    pub traffic_policy: Option<serde_yaml::Value>,
+    pub traffic_policy: Option<TrafficPolicySpec>,
 }
 
 /// Why a manifest document could not be read.

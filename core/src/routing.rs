@@ -117,6 +117,54 @@ pub struct VirtualService {
     pub http: Vec<HttpRoute>,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+/// Limits that make a destination answer 503 (flag UO) instead of queueing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConnectionPool {
+    pub max_connections: Option<u32>,
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub max_retries: Option<u32>,
+}
+
+impl ConnectionPool {
+    /// Concurrent requests allowed to the destination: for HTTP/1.1,
+    /// connections plus the pending queue; for HTTP/2, max requests.
+    pub fn max_in_flight(&self, h2: bool) -> Option<u32> {
+        if h2 {
+            return self.http2_max_requests;
+        }
+        match (self.max_connections, self.http1_max_pending_requests) {
+            (None, None) => None,
+            (c, p) => Some(c.unwrap_or(1024).saturating_add(p.unwrap_or(1024))),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway: Option<u32>,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrafficPolicy {
+    pub load_balancer: LoadBalancer,
+    pub connection_pool: ConnectionPool,
+    pub outlier: Option<OutlierDetection>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct DestinationRule {
     pub namespace: String,
@@ -124,6 +172,17 @@ pub struct DestinationRule {
     pub host: String,
     /// Subset name → pod labels.
     pub subsets: BTreeMap<String, BTreeMap<String, String>>,
+    pub traffic_policy: TrafficPolicy,
+    /// Per-subset policies (whole replacement of the top-level one, as Istio
+    /// merges per field: here the subset's set fields win).
+    pub subset_policies: BTreeMap<String, TrafficPolicy>,
+}
+
+impl DestinationRule {
+    /// The policy in force for a subset (or the whole host).
+    pub fn policy_for(&self, subset: Option<&str>) -> &TrafficPolicy {
+        subset.and_then(|s| self.subset_policies.get(s)).unwrap_or(&self.traffic_policy)
+    }
 }
 
 /// What routing looks at in a request (header names lower-case).
@@ -431,7 +490,9 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
     if dr.spec.host.is_empty() {
         return Err(("spec.host".into(), "required".into()));
     }
+    let top = traffic_policy("spec.trafficPolicy", dr.spec.traffic_policy.as_ref(), &TrafficPolicy::default())?;
     let mut subsets = BTreeMap::new();
+    let mut subset_policies = BTreeMap::new();
     for (i, s) in dr.spec.subsets.iter().enumerate() {
         if s.name.is_empty() {
             return Err((format!("spec.subsets[{i}].name"), "required".into()));
@@ -439,8 +500,54 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
         if subsets.insert(s.name.clone(), s.labels.clone()).is_some() {
             return Err((format!("spec.subsets[{i}].name"), format!("subset {:?} defined twice", s.name)));
         }
+        if let Some(p) = &s.traffic_policy {
+            subset_policies.insert(s.name.clone(), traffic_policy(&format!("spec.subsets[{i}].trafficPolicy"), Some(p), &top)?);
+        }
     }
-    Ok(DestinationRule { namespace, name, host: dr.spec.host.clone(), subsets })
+    Ok(DestinationRule { namespace, name, host: dr.spec.host.clone(), subsets, traffic_policy: top, subset_policies })
+}
+
+/// Converts a trafficPolicy; fields it leaves unset come from `base`.
+fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &TrafficPolicy) -> Result<TrafficPolicy, FieldError> {
+    let mut out = base.clone();
+    let Some(p) = p else { return Ok(out) };
+    if let Some(lb) = p.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+        out.load_balancer = match lb {
+            "ROUND_ROBIN" | "UNSPECIFIED" => LoadBalancer::RoundRobin,
+            "LEAST_REQUEST" | "LEAST_CONN" => LoadBalancer::LeastRequest,
+            "RANDOM" => LoadBalancer::Random,
+            o => return Err((format!("{field}.loadBalancer.simple"), format!("{o:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"))),
+        };
+    }
+    if let Some(cp) = &p.connection_pool {
+        let c = &mut out.connection_pool;
+        if let Some(t) = &cp.tcp {
+            c.max_connections = t.max_connections.or(c.max_connections);
+        }
+        if let Some(h) = &cp.http {
+            c.http1_max_pending_requests = h.http1_max_pending_requests.or(c.http1_max_pending_requests);
+            c.http2_max_requests = h.http2_max_requests.or(c.http2_max_requests);
+            c.max_requests_per_connection = h.max_requests_per_connection.or(c.max_requests_per_connection);
+            c.max_retries = h.max_retries.or(c.max_retries);
+        }
+    }
+    if let Some(o) = &p.outlier_detection {
+        let dur = |f: &str, v: &Option<String>, d: Duration| -> Result<Duration, FieldError> {
+            Ok(duration(&format!("{field}.outlierDetection.{f}"), v)?.unwrap_or(d))
+        };
+        let pct = o.max_ejection_percent.unwrap_or(10);
+        if pct > 100 {
+            return Err((format!("{field}.outlierDetection.maxEjectionPercent"), format!("{pct} is over 100")));
+        }
+        out.outlier = Some(OutlierDetection {
+            consecutive_5xx: Some(o.consecutive5xx_errors.unwrap_or(5)).filter(|n| *n > 0),
+            consecutive_gateway: o.consecutive_gateway_errors.filter(|n| *n > 0),
+            interval: dur("interval", &o.interval, Duration::from_secs(10))?,
+            base_ejection_time: dur("baseEjectionTime", &o.base_ejection_time, Duration::from_secs(30))?,
+            max_ejection_percent: pct,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -571,6 +678,28 @@ mod tests {
         ] {
             assert_eq!(host_matches(host, "shop", "reviews", "shop"), want, "{host}");
         }
+    }
+
+    #[test]
+    fn destination_rule_policies_inherit_per_field() {
+        let text = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: r, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 2s, maxEjectionPercent: 100}\n  subsets:\n  - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}\n  - {name: v2, labels: {version: v2}}\n";
+        let dr = match &k8s::parse_documents(text).unwrap()[0] {
+            k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap(),
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(dr.traffic_policy.connection_pool.max_in_flight(false), Some(2));
+        let v1 = dr.policy_for(Some("v1"));
+        assert_eq!(v1.load_balancer, LoadBalancer::Random);
+        assert_eq!(v1.connection_pool.max_connections, Some(1), "subset inherits unset fields");
+        assert_eq!(dr.policy_for(Some("v2")).load_balancer, LoadBalancer::RoundRobin);
+        let o = dr.traffic_policy.outlier.as_ref().unwrap();
+        assert_eq!((o.consecutive_5xx, o.base_ejection_time, o.max_ejection_percent), (Some(3), Duration::from_secs(2), 100));
+        let bad = text.replace("RANDOM", "FASTEST");
+        let err = match &k8s::parse_documents(&bad).unwrap()[0] {
+            k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap_err(),
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(err.0, "spec.subsets[0].trafficPolicy.loadBalancer.simple");
     }
 
     #[test]

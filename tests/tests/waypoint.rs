@@ -243,3 +243,55 @@ fn grpc_goes_through_the_waypoint_with_status_in_trailers() {
     let log = std::fs::read_to_string(&metrics.log).unwrap();
     assert!(log.contains("/skiff.Echo/Say"), "the waypoint handled the call at L7");
 }
+
+fn load_parallel(mesh: &LocalMesh, url: &str, parallel: usize) -> Vec<serde_json::Value> {
+    let p = parallel.to_string();
+    let out = mesh
+        .exec(mesh.pod("shop", "client"), &["skiff-demo-app", "http-load", "--url", url, "--count", "1", "--parallel", &p], Duration::from_secs(60))
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn circuit_breaking_answers_503_uo_when_the_pool_overflows() {
+    let Some(mesh) = up() else { return };
+    // At most 1 connection + 1 pending request to `slow`; /slow takes 2 s.
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: slow, namespace: shop}\nspec:\n  host: slow\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n";
+    mesh.apply("slow-dr", Some(dr)).unwrap();
+    let wp = mesh.pod("shop", "waypoint");
+    let results = eventually(WAIT, "overflow answered", || {
+        let r = load_parallel(&mesh, "http://slow/slow", 6);
+        r.iter().any(|v| v["codes"]["503"].as_u64() == Some(1)).then_some(r)
+    });
+    let ok = results.iter().filter(|v| v["codes"]["200"].as_u64() == Some(1)).count();
+    let overflow = results.iter().filter(|v| v["codes"]["503"].as_u64() == Some(1)).count();
+    assert_eq!(ok + overflow, 6, "{results:?}");
+    assert!(ok >= 1 && ok <= 2, "at most 2 in flight (1 connection + 1 pending): {results:?}");
+    let bodies: Vec<String> = results.iter().filter_map(|v| v["bodies"][0].as_str().map(str::to_owned)).collect();
+    assert!(bodies.iter().any(|b| b.contains("overflow")), "{bodies:?}");
+    eventually(WAIT, "UO in the access log", || {
+        std::fs::read_to_string(&wp.log).ok().filter(|l| l.contains("response_flags=UO")).map(|_| ())
+    });
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_endpoint_and_restores_it() {
+    let Some(mesh) = up() else { return };
+    wait_listening(mesh.pod("shop", "outlier-good"));
+    wait_listening(mesh.pod("shop", "outlier-bad"));
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: outlier, namespace: shop}\nspec:\n  host: outlier\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}\n";
+    mesh.apply("outlier-dr", Some(dr)).unwrap();
+    let wp = mesh.pod("shop", "waypoint");
+    // Round robin alternates; two failures in a row from the bad pod eject it.
+    eventually(WAIT, "ejection", || {
+        let _ = load(&mesh, "http://outlier/", 6, &[]);
+        std::fs::read_to_string(&wp.log).ok().filter(|l| l.contains("outlier detection: endpoint ejected")).map(|_| ())
+    });
+    let while_ejected = load(&mesh, "http://outlier/", 20, &[]);
+    assert_eq!(count(&while_ejected.codes, "200"), 20, "only the healthy pod serves while the other is ejected: {:?}", while_ejected.codes);
+    assert_eq!(count(&while_ejected.versions, "good"), 20);
+    // After the ejection time the endpoint is back in rotation (and fails again).
+    std::thread::sleep(Duration::from_millis(3500));
+    let restored = load(&mesh, "http://outlier/", 4, &[]);
+    assert!(count(&restored.codes, "503") >= 1, "the ejected endpoint was restored: {:?}", restored.codes);
+}

@@ -69,6 +69,8 @@ pub enum Failure {
     FaultAbort(u16),
     /// The request body was too large to buffer (413).
     TooLarge,
+    /// The destination's connection pool is full (503, circuit breaking).
+    Overflow,
     /// AuthorizationPolicy denied it (403).
     Denied,
 }
@@ -83,6 +85,7 @@ impl Failure {
             Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"),
             Failure::FaultAbort(s) => (StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "FI", "fault filter abort"),
             Failure::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "-", "request body too large"),
+            Failure::Overflow => (StatusCode::SERVICE_UNAVAILABLE, "UO", "upstream connect error or disconnect/reset before headers. reset reason: overflow"),
             Failure::Denied => (StatusCode::FORBIDDEN, "-", "RBAC: access denied"),
         }
     }
@@ -103,6 +106,29 @@ pub struct Waypoint {
     idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Upstream>>>,
     round_robin: AtomicUsize,
     rng: AtomicU64,
+    /// Requests in flight per destination (Service + subset): circuit breaking.
+    in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// Per endpoint: requests in flight, failures, ejection.
+    endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
+}
+
+/// Outlier-detection and load state of one endpoint.
+#[derive(Clone, Debug, Default)]
+struct EndpointState {
+    active: usize,
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+}
+
+/// Releases a circuit-breaker slot when the request is done.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Where one HBONE stream was addressed.
@@ -160,6 +186,8 @@ impl Waypoint {
             idle: Mutex::new(HashMap::new()),
             round_robin: AtomicUsize::new(0),
             rng: AtomicU64::new(seed | 1),
+            in_flight: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
         })
     }
 
@@ -492,6 +520,24 @@ impl Waypoint {
         if eps.is_empty() {
             return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
         }
+        let policy = snap
+            .destination_rules
+            .iter()
+            .find(|dr| routing::host_matches(&dr.host, &dr.namespace, &dsvc.name, &dsvc.namespace))
+            .map(|dr| dr.policy_for(dest.subset.as_deref()).clone())
+            .unwrap_or_default();
+        let h2_upstream = port_protocol(dport) == "http2" || grpc;
+        // Circuit breaking: a full pool answers at once instead of queueing.
+        let _slot = {
+            let key = format!("{}|{}", dsvc.hostname(), dest.subset.as_deref().unwrap_or(""));
+            let counter = self.in_flight.lock().expect("lock").entry(key).or_default().clone();
+            let now = counter.fetch_add(1, Ordering::AcqRel);
+            let slot = Slot(counter);
+            if policy.connection_pool.max_in_flight(h2_upstream).is_some_and(|max| now as u32 >= max) {
+                return self.finish(log, start, Err(Failure::Overflow), &route.response_headers);
+            }
+            slot
+        };
         let Ok(body) = http_body_util::Limited::new(body, MAX_BUFFERED_BODY).collect().await.map(|c| c.to_bytes()) else {
             return self.finish(log, start, Err(Failure::TooLarge), &route.response_headers);
         };
@@ -529,14 +575,20 @@ impl Waypoint {
         if let Ok(v) = HeaderValue::from_str(&format!("{}", trace.trace_id)) {
             parts.headers.entry("x-request-id").or_insert(v);
         }
-        let h2 = port_protocol(dport) == "http2" || grpc;
-        let attempts = 1 + route.retries.as_ref().map(|r| r.attempts).unwrap_or(0);
+        let h2 = h2_upstream;
+        let max_retries = policy.connection_pool.max_retries.unwrap_or(u32::MAX);
+        let attempts = 1 + route.retries.as_ref().map(|r| r.attempts).unwrap_or(0).min(max_retries);
         let per_try = route.retries.as_ref().and_then(|r| r.per_try_timeout);
         let retry_on: Vec<String> = route.retries.as_ref().map(|r| r.retry_on.clone()).unwrap_or_default();
         let deadline = route.timeout.map(|t| Instant::now() + t);
         let mut outcome: Result<(Response<Body>, Option<&Workload>), Failure> = Err(Failure::NoHealthyUpstream);
         for n in 0..attempts {
-            let (w, port) = eps[self.round_robin.fetch_add(1, Ordering::Relaxed) % eps.len()];
+            let Some((w, port)) = self.choose(&eps, &policy) else {
+                outcome = Err(Failure::NoHealthyUpstream);
+                break;
+            };
+            let ep = SocketAddrV4::new(w.ip.expect("ready"), port);
+            self.endpoints.lock().expect("lock").entry(ep).or_default().active += 1;
             let mut req = Request::from_parts(parts.clone(), Full::new(body.clone()));
             *req.version_mut() = if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
             let limit = match (per_try, deadline) {
@@ -550,6 +602,7 @@ impl Waypoint {
                 Some(l) => tokio::time::timeout(l, fut).await.unwrap_or(Err(Failure::Timeout)),
                 None => fut.await,
             };
+            self.observe(ep, &r, &policy, eps.len());
             let last = n + 1 == attempts || deadline.is_some_and(|d| Instant::now() >= d);
             match r {
                 Ok(resp) => {
@@ -580,6 +633,70 @@ impl Waypoint {
         }
         let outcome = outcome.map(|(r, w)| (r, w.cloned()));
         self.finish(log, start, outcome.map(|(r, w)| (r, w)), &route.response_headers)
+    }
+
+    /// Picks an endpoint by the destination's load-balancing policy,
+    /// skipping endpoints that outlier detection has ejected.
+    fn choose<'a>(&self, eps: &[(&'a Workload, u16)], policy: &routing::TrafficPolicy) -> Option<(&'a Workload, u16)> {
+        let now = Instant::now();
+        let states = self.endpoints.lock().expect("lock");
+        let state = |w: &Workload, p: u16| states.get(&SocketAddrV4::new(w.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), p)).cloned().unwrap_or_default();
+        let live: Vec<(&'a Workload, u16)> =
+            eps.iter().copied().filter(|(w, p)| state(w, *p).ejected_until.is_none_or(|t| t <= now)).collect();
+        if live.is_empty() {
+            return None;
+        }
+        Some(match policy.load_balancer {
+            routing::LoadBalancer::RoundRobin => live[self.round_robin.fetch_add(1, Ordering::Relaxed) % live.len()],
+            routing::LoadBalancer::Random => live[self.roll(live.len() as u64) as usize],
+            routing::LoadBalancer::LeastRequest => {
+                // Power of two choices.
+                let a = live[self.roll(live.len() as u64) as usize];
+                let b = live[self.roll(live.len() as u64) as usize];
+                if state(a.0, a.1).active <= state(b.0, b.1).active { a } else { b }
+            }
+        })
+    }
+
+    /// Records an attempt's outcome for outlier detection.
+    fn observe(&self, ep: SocketAddrV4, r: &Result<Response<Incoming>, Failure>, policy: &routing::TrafficPolicy, total: usize) {
+        let mut states = self.endpoints.lock().expect("lock");
+        let now = Instant::now();
+        let ejected = states.values().filter(|s| s.ejected_until.is_some_and(|t| t > now)).count();
+        let s = states.entry(ep).or_default();
+        s.active = s.active.saturating_sub(1);
+        if s.ejected_until.is_some_and(|t| t <= now) {
+            // Back from ejection: starts with a clean slate.
+            s.ejected_until = None;
+            s.consecutive_5xx = 0;
+            s.consecutive_gateway = 0;
+        }
+        let code = match r {
+            Ok(resp) => resp.status().as_u16(),
+            Err(Failure::UpstreamConnect) => 503,
+            Err(Failure::Timeout) => 504,
+            Err(_) => return,
+        };
+        if code >= 500 {
+            s.consecutive_5xx += 1;
+            if matches!(code, 502..=504) {
+                s.consecutive_gateway += 1;
+            }
+        } else {
+            s.consecutive_5xx = 0;
+            s.consecutive_gateway = 0;
+            return;
+        }
+        let Some(o) = &policy.outlier else { return };
+        let tripped = o.consecutive_5xx.is_some_and(|n| s.consecutive_5xx >= n)
+            || o.consecutive_gateway.is_some_and(|n| s.consecutive_gateway >= n);
+        let room = (ejected + 1) * 100 <= total * o.max_ejection_percent as usize || ejected == 0;
+        if tripped && room && s.ejected_until.is_none() {
+            s.ejections += 1;
+            let for_how_long = o.base_ejection_time * s.ejections;
+            s.ejected_until = Some(now + for_how_long);
+            warn!(endpoint = %ep, ejected_for_ms = for_how_long.as_millis() as u64, "outlier detection: endpoint ejected");
+        }
     }
 
     fn finish(

@@ -498,7 +498,22 @@ fn main() -> ExitCode {
                 let headers: Vec<String> =
                     args.windows(2).filter(|w| w[0] == "--header").map(|w| w[1].clone()).collect();
                 let method = arg(&args, "--method").unwrap_or_else(|| "GET".into());
-                http_load(&u, &method, count, &headers)
+                let parallel: usize = arg(&args, "--parallel").and_then(|v| v.parse().ok()).unwrap_or(1);
+                if parallel > 1 {
+                    // Concurrent clients: each prints its own JSON line.
+                    let hs: Vec<_> = (0..parallel)
+                        .map(|_| {
+                            let (u, m, h) = (u.clone(), method.clone(), headers.clone());
+                            thread::spawn(move || http_load(&u, &m, count, &h))
+                        })
+                        .collect();
+                    for h in hs {
+                        let _ = h.join();
+                    }
+                    ExitCode::SUCCESS
+                } else {
+                    http_load(&u, &method, count, &headers)
+                }
             }
             None => usage(),
         },
