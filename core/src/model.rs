@@ -76,6 +76,7 @@ pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     pub cluster_ip: Option<Ipv4Addr>,
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
@@ -275,10 +276,19 @@ impl Snapshot {
                             app_protocol: p.app_protocol.clone(),
                         });
                     }
+                    if let Some(v) = svc.metadata.annotations.get(crate::routing::ANNOTATION_RATE_LIMIT) {
+                        if crate::routing::RateLimit::parse(v).is_none() {
+                            errors.push(err(
+                                &format!("metadata.annotations[{}]", crate::routing::ANNOTATION_RATE_LIMIT),
+                                format!("{v:?} is not <requests>/<s|m|h>, e.g. 100/s"),
+                            ));
+                            continue;
+                        }
+                    }
                     let key = format!("{namespace}/{name}");
                     snap.services.insert(
                         key,
-                        ServiceInfo { namespace, name, labels: svc.metadata.labels.clone(), cluster_ip, selector: svc.spec.selector, ports },
+                        ServiceInfo { namespace, name, labels: svc.metadata.labels.clone(), annotations: svc.metadata.annotations.clone(), cluster_ip, selector: svc.spec.selector, ports },
                     );
                 }
                 Object::PeerAuthentication(pa) => match crate::policy::peer_authn_from(&pa) {

@@ -115,6 +115,56 @@ pub struct VirtualService {
     pub name: String,
     pub hosts: Vec<String>,
     pub http: Vec<HttpRoute>,
+    /// `skiff.dev/local-rate-limit.<route name>` annotations, by route name.
+    pub route_rate_limits: BTreeMap<String, RateLimit>,
+}
+
+/// Annotation on a Service: a local rate limit for all its requests through
+/// the waypoint. Value: `<requests>/<s|m|h>`, e.g. `100/s`.
+pub const ANNOTATION_RATE_LIMIT: &str = "skiff.dev/local-rate-limit";
+
+/// A token bucket: `requests` tokens, refilled evenly over `per`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// Parses `100/s`, `5/m`, `1000/h`.
+    pub fn parse(s: &str) -> Option<RateLimit> {
+        let (n, unit) = s.trim().split_once('/')?;
+        let requests: u32 = n.trim().parse().ok().filter(|n| *n > 0)?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return None,
+        };
+        Some(RateLimit { requests, per })
+    }
+}
+
+/// Token bucket state: `tokens` at `at`. Pure: the caller keeps the state
+/// and passes the time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bucket {
+    pub tokens: f64,
+    pub at: std::time::Instant,
+}
+
+/// Takes one token if there is one; returns whether the request may pass.
+pub fn take_token(limit: &RateLimit, b: &mut Bucket, now: std::time::Instant) -> bool {
+    let rate = limit.requests as f64 / limit.per.as_secs_f64();
+    let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+    b.tokens = (b.tokens + elapsed * rate).min(limit.requests as f64);
+    b.at = now;
+    if b.tokens >= 1.0 {
+        b.tokens -= 1.0;
+        true
+    } else {
+        false
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -480,7 +530,18 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             redirect: h.redirect.as_ref().map(|r| (r.uri.clone(), r.authority.clone(), r.redirect_code.unwrap_or(301))),
         });
     }
-    Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http })
+    let mut route_rate_limits = BTreeMap::new();
+    for (k, v) in &vs.metadata.annotations {
+        if let Some(route) = k.strip_prefix(&format!("{ANNOTATION_RATE_LIMIT}.")) {
+            let limit = RateLimit::parse(v)
+                .ok_or_else(|| (format!("metadata.annotations[{k}]"), format!("{v:?} is not <requests>/<s|m|h>, e.g. 100/s")))?;
+            if !http.iter().any(|h| h.name.as_deref() == Some(route)) {
+                return Err((format!("metadata.annotations[{k}]"), format!("no http route named {route:?}")));
+            }
+            route_rate_limits.insert(route.to_owned(), limit);
+        }
+    }
+    Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http, route_rate_limits })
 }
 
 /// Validates and converts a DestinationRule.
@@ -700,6 +761,20 @@ mod tests {
             o => panic!("{o:?}"),
         };
         assert_eq!(err.0, "spec.subsets[0].trafficPolicy.loadBalancer.simple");
+    }
+
+    #[test]
+    fn token_bucket() {
+        let l = RateLimit::parse("2/s").unwrap();
+        assert_eq!(RateLimit::parse("0/s"), None);
+        assert_eq!(RateLimit::parse("5/day"), None);
+        let t0 = std::time::Instant::now();
+        let mut b = Bucket { tokens: 2.0, at: t0 };
+        assert!(take_token(&l, &mut b, t0));
+        assert!(take_token(&l, &mut b, t0));
+        assert!(!take_token(&l, &mut b, t0), "the burst is the bucket size");
+        assert!(take_token(&l, &mut b, t0 + Duration::from_millis(500)), "refills at 2 per second");
+        assert!(!take_token(&l, &mut b, t0 + Duration::from_millis(600)));
     }
 
     #[test]

@@ -702,7 +702,17 @@ impl LocalMesh {
 
     /// HTTP GET to 127.0.0.1:`port` inside node `i`'s netns.
     pub fn node_http_get(&self, i: usize, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-        let ns = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{}", self.nodes[i].netns)))?;
+        self.netns_http_get(&self.nodes[i].netns, port, path)
+    }
+
+    /// HTTP GET to 127.0.0.1:`port` inside a pod's netns (e.g. a waypoint's
+    /// metrics).
+    pub fn pod_http_get(&self, pod: &PodRt, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        self.netns_http_get(&pod.netns, port, path)
+    }
+
+    fn netns_http_get(&self, netns: &str, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        let ns = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{netns}")))?;
         let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         let raw = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || -> std::io::Result<String> {
             let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);

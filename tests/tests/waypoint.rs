@@ -295,3 +295,50 @@ fn outlier_detection_ejects_a_failing_endpoint_and_restores_it() {
     let restored = load(&mesh, "http://outlier/", 4, &[]);
     assert!(count(&restored.codes, "503") >= 1, "the ejected endpoint was restored: {:?}", restored.codes);
 }
+
+#[test]
+fn rate_limits_no_route_direct_responses_header_ops_and_request_metrics() {
+    let Some(mesh) = up() else { return };
+    let y = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+  namespace: shop
+  annotations: {skiff.dev/local-rate-limit.limited: 3/m}
+spec:
+  hosts: [reviews]
+  http:
+  - name: limited
+    match: [{uri: {prefix: /limited}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - name: canned
+    match: [{uri: {exact: /canned}}]
+    directResponse: {status: 418, body: {string: "short and stout"}}
+  - name: decorated
+    match: [{uri: {prefix: /decorated}}]
+    headers:
+      request: {set: {x-added: yes-please}}
+      response: {set: {x-served-by: skiff-waypoint}}
+    route: [{destination: {host: reviews, subset: v2}}]
+"#;
+    apply_vs(&mesh, "reviews", y, |m| count(&load(m, "http://reviews:9080/canned", 1, &[]).codes, "418") == 1);
+    // Token bucket of 3 per minute: 3 pass, the rest get 429.
+    let limited = load(&mesh, "http://reviews:9080/limited", 6, &[]);
+    assert_eq!((count(&limited.codes, "200"), count(&limited.codes, "429")), (3, 3), "{:?}", limited.codes);
+    // No route matches: Istio's 404 with flag NR.
+    let none = load(&mesh, "http://reviews:9080/nowhere", 1, &[]);
+    assert_eq!(count(&none.codes, "404"), 1, "{:?}", none.codes);
+    let canned = load(&mesh, "http://reviews:9080/canned", 1, &[]);
+    assert_eq!(canned.bodies[0], "short and stout");
+    let decorated = load(&mesh, "http://reviews:9080/decorated", 1, &[]);
+    assert_eq!(count(&decorated.versions, "v2"), 1, "{:?}", decorated.bodies);
+    // Request metrics with Istio's labels, read from the waypoint.
+    let wp = mesh.pod("shop", "waypoint");
+    let (status, text) = mesh.pod_http_get(wp, 15020, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let sum = |labels: &[(&str, &str)]| skiff_localmesh::mesh::sum_metric(&text, "istio_requests_total", labels);
+    assert!(sum(&[("reporter", "waypoint"), ("response_code", "429"), ("response_flags", "RL")]) >= 3.0, "{text}");
+    assert!(sum(&[("response_code", "404"), ("response_flags", "NR")]) >= 1.0);
+    assert!(sum(&[("destination_version", "v2"), ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"), ("response_code", "200")]) >= 1.0);
+    assert!(text.contains("istio_request_duration_milliseconds_bucket"), "duration histogram exported");
+}

@@ -71,6 +71,8 @@ pub enum Failure {
     TooLarge,
     /// The destination's connection pool is full (503, circuit breaking).
     Overflow,
+    /// A local rate limit is exhausted (429).
+    RateLimited,
     /// AuthorizationPolicy denied it (403).
     Denied,
 }
@@ -85,6 +87,7 @@ impl Failure {
             Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"),
             Failure::FaultAbort(s) => (StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "FI", "fault filter abort"),
             Failure::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "-", "request body too large"),
+            Failure::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "RL", "local_rate_limited"),
             Failure::Overflow => (StatusCode::SERVICE_UNAVAILABLE, "UO", "upstream connect error or disconnect/reset before headers. reset reason: overflow"),
             Failure::Denied => (StatusCode::FORBIDDEN, "-", "RBAC: access denied"),
         }
@@ -110,6 +113,8 @@ pub struct Waypoint {
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     /// Per endpoint: requests in flight, failures, ejection.
     endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
+    /// Local rate limits' token buckets, by Service or route.
+    buckets: Mutex<HashMap<String, routing::Bucket>>,
 }
 
 /// Outlier-detection and load state of one endpoint.
@@ -188,6 +193,7 @@ impl Waypoint {
             rng: AtomicU64::new(seed | 1),
             in_flight: Mutex::new(HashMap::new()),
             endpoints: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
         })
     }
 
@@ -456,6 +462,26 @@ impl Waypoint {
         let Some(route) = route else {
             return self.finish(log, start, Err(Failure::NoRoute), &Default::default());
         };
+        // Local rate limits: the route's (VirtualService annotation), then
+        // the Service's (annotation).
+        let route_limit = vs.zip(route.name.as_ref()).and_then(|(v, n)| {
+            v.route_rate_limits.get(n).map(|l| (format!("route:{}/{}/{n}", v.namespace, v.name), *l))
+        });
+        let svc_limit = ctx
+            .svc
+            .annotations
+            .get(routing::ANNOTATION_RATE_LIMIT)
+            .and_then(|v| routing::RateLimit::parse(v))
+            .map(|l| (format!("service:{}", ctx.svc.hostname()), l));
+        for (key, limit) in route_limit.into_iter().chain(svc_limit) {
+            let now = Instant::now();
+            let mut buckets = self.buckets.lock().expect("lock");
+            let b = buckets.entry(key).or_insert(routing::Bucket { tokens: limit.requests as f64, at: now });
+            if !routing::take_token(&limit, b, now) {
+                drop(buckets);
+                return self.finish(log, start, Err(Failure::RateLimited), &route.response_headers);
+            }
+        }
         if let Some((status, text)) = &route.direct_response {
             let mut r = Response::new(full(text.clone()));
             *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
