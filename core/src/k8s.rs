@@ -366,6 +366,13 @@ pub struct HttpRoute {
     pub direct_response: Option<DirectResponse>,
     #[serde(default)]
     pub redirect: Option<HttpRedirect>,
+    #[serde(default)]
+    pub mirror: Option<Destination>,
+    #[serde(default)]
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated integer form.
+    #[serde(default)]
+    pub mirror_percent: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -107,6 +107,8 @@ pub struct HttpRoute {
     pub response_headers: HeaderOps,
     pub direct_response: Option<(u16, String)>,
     pub redirect: Option<(Option<String>, Option<String>, u16)>,
+    /// Where to send a copy of the request, and for what share (percent).
+    pub mirror: Option<(RouteDest, f64)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -528,6 +530,13 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                 .as_ref()
                 .map(|d| (d.status, d.body.as_ref().and_then(|b| b.string.clone()).unwrap_or_default())),
             redirect: h.redirect.as_ref().map(|r| (r.uri.clone(), r.authority.clone(), r.redirect_code.unwrap_or(301))),
+            mirror: match &h.mirror {
+                None => None,
+                Some(m) => Some((
+                    RouteDest { host: m.host.clone(), subset: m.subset.clone(), port: m.port.as_ref().map(|p| p.number), weight: 100 },
+                    percent(&f("mirrorPercentage"), &h.mirror_percentage, h.mirror_percent)?,
+                )),
+            },
         });
     }
     let mut route_rate_limits = BTreeMap::new();

@@ -342,3 +342,26 @@ spec:
     assert!(sum(&[("destination_version", "v2"), ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"), ("response_code", "200")]) >= 1.0);
     assert!(text.contains("istio_request_duration_milliseconds_bucket"), "duration histogram exported");
 }
+
+#[test]
+fn mirrored_requests_reach_the_shadow_destination() {
+    let Some(mesh) = up() else { return };
+    let y = vs(
+        "reviews",
+        "  http:\n  - route: [{destination: {host: reviews, subset: v1}}]\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 100}\n",
+    );
+    apply_vs(&mesh, "reviews", &y, |m| {
+        let _ = load(m, "http://reviews:9080/mirrored", 1, &[]);
+        server_events(m.pod("shop", "reviews-v2")).iter().any(|e| e["event"] == "request" && e["path"] == "/mirrored")
+    });
+    let l = load(&mesh, "http://reviews:9080/mirrored", 10, &[]);
+    assert_eq!(count(&l.versions, "v1"), 10, "answers come from the primary destination: {:?}", l.versions);
+    let v2 = mesh.pod("shop", "reviews-v2");
+    eventually(WAIT, "copies at v2", || {
+        let copies = server_events(v2)
+            .iter()
+            .filter(|e| e["event"] == "request" && e["path"] == "/mirrored" && e["host"].as_str().is_some_and(|h| h.ends_with("-shadow")))
+            .count();
+        (copies >= 10).then_some(())
+    });
+}

@@ -400,12 +400,13 @@ impl Waypoint {
             response_headers: Default::default(),
             direct_response: None,
             redirect: None,
+            mirror: None,
         }
     }
 
     /// Handles one request: route, fault, pick, forward (with retries and
     /// timeout), answer. Errors become responses in `Failure::response`.
-    async fn request(&self, ctx: Arc<StreamCtx>, req: Request<Incoming>) -> Response<Body> {
+    async fn request(self: &Arc<Self>, ctx: Arc<StreamCtx>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let snap = self.cluster.borrow().clone();
         let (mut parts, body) = req.into_parts();
@@ -520,38 +521,12 @@ impl Waypoint {
             return self.finish(log, start, Err(Failure::NoRoute), &route.response_headers);
         };
         // The destination Service, its port, the subset's pods.
-        let host_ns = vs.map(|v| v.namespace.as_str()).unwrap_or(&ctx.svc.namespace);
-        let Some(dsvc) = snap.services.values().find(|s| routing::host_matches(&dest.host, host_ns, &s.name, &s.namespace)) else {
-            return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
+        let host_ns = vs.map(|v| v.namespace.as_str()).unwrap_or(&ctx.svc.namespace).to_owned();
+        let (dsvc, dport, eps, policy) = match Self::resolve(&snap, &dest, &host_ns, ctx.port.port) {
+            Ok(r) => r,
+            Err(f) => return self.finish(log, start, Err(f), &route.response_headers),
         };
-        let want_port = dest.port.unwrap_or(ctx.port.port);
-        let Some(dport) = dsvc.ports.iter().find(|p| p.port == want_port).or_else(|| dsvc.ports.first()) else {
-            return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
-        };
-        let subset_labels = dest.subset.as_ref().and_then(|sub| {
-            snap.destination_rules
-                .iter()
-                .find(|dr| routing::host_matches(&dr.host, &dr.namespace, &dsvc.name, &dsvc.namespace))
-                .and_then(|dr| dr.subsets.get(sub).cloned())
-        });
-        if dest.subset.is_some() && subset_labels.is_none() {
-            warn!(subset = ?dest.subset, service = %dsvc.hostname(), "route names a subset no DestinationRule defines");
-            return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
-        }
-        let eps: Vec<(&Workload, u16)> = snap
-            .endpoints(dsvc, dport)
-            .into_iter()
-            .filter(|(w, _)| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
-            .collect();
-        if eps.is_empty() {
-            return self.finish(log, start, Err(Failure::NoHealthyUpstream), &route.response_headers);
-        }
-        let policy = snap
-            .destination_rules
-            .iter()
-            .find(|dr| routing::host_matches(&dr.host, &dr.namespace, &dsvc.name, &dsvc.namespace))
-            .map(|dr| dr.policy_for(dest.subset.as_deref()).clone())
-            .unwrap_or_default();
+        let (dsvc, dport) = (&dsvc, &dport);
         let h2_upstream = port_protocol(dport) == "http2" || grpc;
         // Circuit breaking: a full pool answers at once instead of queueing.
         let _slot = {
@@ -600,6 +575,11 @@ impl Waypoint {
         trace::inject(&trace, &mut parts.headers);
         if let Ok(v) = HeaderValue::from_str(&format!("{}", trace.trace_id)) {
             parts.headers.entry("x-request-id").or_insert(v);
+        }
+        if let Some((mirror, pct)) = &route.mirror {
+            if (self.roll(1_000_000) as f64 / 10_000.0) < *pct {
+                self.mirror(&snap, mirror, &host_ns, ctx.port.port, parts.clone(), body.clone(), grpc);
+            }
         }
         let h2 = h2_upstream;
         let max_retries = policy.connection_pool.max_retries.unwrap_or(u32::MAX);
@@ -659,6 +639,67 @@ impl Waypoint {
         }
         let outcome = outcome.map(|(r, w)| (r, w.cloned()));
         self.finish(log, start, outcome.map(|(r, w)| (r, w)), &route.response_headers)
+    }
+
+    /// A route destination → its Service, port, ready endpoints (of the
+    /// subset) and traffic policy.
+    #[allow(clippy::type_complexity)]
+    fn resolve<'s>(
+        snap: &'s Snapshot,
+        dest: &RouteDest,
+        host_ns: &str,
+        default_port: u16,
+    ) -> Result<(ServiceInfo, ServicePort, Vec<(&'s Workload, u16)>, routing::TrafficPolicy), Failure> {
+        let dsvc = snap
+            .services
+            .values()
+            .find(|s| routing::host_matches(&dest.host, host_ns, &s.name, &s.namespace))
+            .ok_or(Failure::NoHealthyUpstream)?;
+        let want_port = dest.port.unwrap_or(default_port);
+        let dport = dsvc.ports.iter().find(|p| p.port == want_port).or_else(|| dsvc.ports.first()).ok_or(Failure::NoHealthyUpstream)?;
+        let dr = snap.destination_rules.iter().find(|dr| routing::host_matches(&dr.host, &dr.namespace, &dsvc.name, &dsvc.namespace));
+        let subset_labels = dest.subset.as_ref().and_then(|sub| dr.and_then(|dr| dr.subsets.get(sub).cloned()));
+        if dest.subset.is_some() && subset_labels.is_none() {
+            warn!(subset = ?dest.subset, service = %dsvc.hostname(), "route names a subset no DestinationRule defines");
+            return Err(Failure::NoHealthyUpstream);
+        }
+        let eps: Vec<(&Workload, u16)> = snap
+            .endpoints(dsvc, dport)
+            .into_iter()
+            .filter(|(w, _)| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+            .collect();
+        if eps.is_empty() {
+            return Err(Failure::NoHealthyUpstream);
+        }
+        let policy = dr.map(|dr| dr.policy_for(dest.subset.as_deref()).clone()).unwrap_or_default();
+        Ok((dsvc.clone(), dport.clone(), eps, policy))
+    }
+
+    /// Sends a copy of the request to the mirror destination, fire and
+    /// forget; its authority gets `-shadow` appended, as Envoy does.
+    #[allow(clippy::too_many_arguments)]
+    fn mirror(self: &Arc<Self>, snap: &Snapshot, dest: &RouteDest, host_ns: &str, port: u16, mut parts: http::request::Parts, body: Bytes, grpc: bool) {
+        let Ok((svc, sport, eps, policy)) = Self::resolve(snap, dest, host_ns, port) else {
+            debug!(mirror = %dest.host, "mirror destination has no endpoint; copy dropped");
+            return;
+        };
+        let Some((w, p)) = self.choose(&eps, &policy) else { return };
+        let w = w.clone();
+        if let Some(host) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(|h| format!("{h}-shadow")) {
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let h2 = port_protocol(&sport) == "http2" || grpc;
+        let me = self.clone();
+        debug!(mirror = %svc.hostname(), "mirroring request");
+        tokio::spawn(async move {
+            let mut req = Request::from_parts(parts, Full::new(body));
+            *req.version_mut() = if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&w, p, h2, req)).await {
+                let _ = resp.into_body().collect().await;
+            }
+        });
     }
 
     /// Picks an endpoint by the destination's load-balancing policy,

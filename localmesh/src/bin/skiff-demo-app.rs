@@ -317,6 +317,12 @@ fn backend(s: &TcpStream, req: &Req) -> (String, String) {
     let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let version = env::var("VERSION").unwrap_or_else(|_| "v1".into());
     let n = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    log(format!(
+        "{{\"event\":\"request\",\"path\":{},\"host\":{},\"peer\":{}}}",
+        json_str(req.path()),
+        json_str(req.header("host")),
+        json_str(&peer)
+    ));
     let fail_first: u64 = env::var("FAIL_FIRST").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     if n < fail_first {
         return ("503 Service Unavailable".into(), format!("backend {} failing request {n}\n", pod()));
