@@ -139,3 +139,167 @@ pub fn hbone(o: &BenchOptions) -> anyhow::Result<Vec<ModeResult>> {
     }
     Ok(results)
 }
+
+/// Sizes of the waypoint benchmark.
+#[derive(Clone, Debug)]
+pub struct L7BenchOptions {
+    pub manifests: PathBuf,
+    pub bin_dir: PathBuf,
+    /// The `oha` load generator.
+    pub oha: PathBuf,
+    pub rate: u32,
+    pub connections: u32,
+    pub seconds: u32,
+    pub repetitions: usize,
+    pub out: Option<PathBuf>,
+}
+
+/// Medians of one path of the waypoint benchmark (latencies in µs).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct L7Result {
+    pub mode: &'static str,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub achieved_rps: f64,
+    pub target_rps: u32,
+    /// Waypoint CPU time per 1000 requests (waypoint path only).
+    pub waypoint_cpu_ms_per_1000: Option<f64>,
+}
+
+/// CPU seconds (user + system) of every process in a pod's cgroup.
+fn pod_cpu_seconds(pod: &crate::PodRt) -> f64 {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(pod.cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may contain spaces).
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .sum()
+}
+
+fn oha(mesh: &LocalMesh, ns: &str, o: &L7BenchOptions) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let url = format!("http://server.{ns}:8080/");
+    let (z, q, c) = (format!("{}s", o.seconds), o.rate.to_string(), o.connections.to_string());
+    let oha = o.oha.display().to_string();
+    let argv = ["taskset", "-c", "0", &oha, "-z", &z, "-q", &q, "-c", &c, "--latency-correction", "--no-tui", "--output-format", "json", &url];
+    let out = mesh.exec(mesh.pod(ns, "client"), &argv, Duration::from_secs(o.seconds as u64 + 120))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("oha output: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
+    let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(0.0) * 1e6;
+    let rps = v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0);
+    let ok = v["summary"]["successRate"].as_f64().unwrap_or(0.0);
+    if ok < 0.999 {
+        bail!("{ns}: only {:.1}% of requests succeeded", ok * 100.0);
+    }
+    Ok((pct("p50"), pct("p90"), pct("p99"), rps))
+}
+
+/// `bench waypoint`: HTTP/1.1 1 KiB at a fixed rate, coordinated-omission
+/// corrected (oha `--latency-correction`), for direct, ambient L4 and
+/// ambient + waypoint; added latency and the waypoint's CPU per 1000
+/// requests.
+pub fn waypoint(o: &L7BenchOptions) -> anyhow::Result<Vec<L7Result>> {
+    let mesh = LocalMesh::up(&MeshOptions::new(&o.manifests, &o.bin_dir))?;
+    let wp = mesh.pod("bench-waypoint", "waypoint");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&wp.log).unwrap_or_default().contains("waypoint serving") {
+        if std::time::Instant::now() > deadline {
+            bail!("the waypoint did not start:\n{}", crate::mesh::tail(&wp.log, 20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let modes: [(&'static str, &str); 3] = [("direct", "bench-direct"), ("ambient-l4", "bench-l4"), ("ambient-waypoint", "bench-waypoint")];
+    // Warm up every path (and wait for the servers).
+    for (mode, ns) in modes {
+        let warm = L7BenchOptions { seconds: 1, rate: 100, ..o.clone() };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = oha(&mesh, ns, &warm) {
+            if std::time::Instant::now() > deadline {
+                bail!("{mode}: {e:#}");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let mut figures: std::collections::BTreeMap<&str, Vec<(f64, f64, f64, f64, Option<f64>)>> = Default::default();
+    let mut order = modes.to_vec();
+    for rep in 0..o.repetitions {
+        // A different order each repetition: drift does not favour a mode.
+        order.rotate_left(rep % modes.len());
+        for (mode, ns) in &order {
+            let cpu0 = pod_cpu_seconds(wp);
+            let (p50, p90, p99, rps) = oha(&mesh, ns, o)?;
+            let cpu = pod_cpu_seconds(wp) - cpu0;
+            let per_1000 = (*mode == "ambient-waypoint").then(|| cpu * 1000.0 / (rps * o.seconds as f64) * 1000.0);
+            eprintln!("  {mode}: p50 {p50:.0} µs, p99 {p99:.0} µs, {rps:.0} req/s");
+            figures.entry(mode).or_default().push((p50, p90, p99, rps, per_1000));
+        }
+    }
+    // The paths really were what they claim.
+    let l4 = (0..mesh.nodes.len())
+        .map(|i| mesh.metric(i, "istio_tcp_connections_opened_total", &[("source_workload_namespace", "bench-l4")]).unwrap_or(0.0))
+        .sum::<f64>();
+    if l4 < 1.0 {
+        bail!("ambient-l4: ztunnel saw no connection");
+    }
+    let (_, wp_metrics) = mesh.pod_http_get(wp, 15020, "/metrics")?;
+    if crate::mesh::sum_metric(&wp_metrics, "istio_requests_total", &[("response_code", "200")]) < 1.0 {
+        bail!("ambient-waypoint: the waypoint served no request");
+    }
+    let results: Vec<L7Result> = modes
+        .iter()
+        .map(|(mode, _)| {
+            let f = &figures[mode];
+            L7Result {
+                mode,
+                p50_us: median(f.iter().map(|x| x.0).collect()),
+                p90_us: median(f.iter().map(|x| x.1).collect()),
+                p99_us: median(f.iter().map(|x| x.2).collect()),
+                achieved_rps: median(f.iter().map(|x| x.3).collect()),
+                target_rps: o.rate,
+                waypoint_cpu_ms_per_1000: f[0].4.map(|_| median(f.iter().filter_map(|x| x.4).collect())),
+            }
+        })
+        .collect();
+    let d = results[0].clone();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!(
+        "\nWaypoint benchmark — HTTP/1.1 1 KiB responses at {} req/s over {} connections for {} s (oha, latency corrected), median of {} run(s)",
+        o.rate, o.connections, o.seconds, o.repetitions
+    );
+    println!("CPU placement: load generator on CPU 0, servers on CPU 1, ztunnels and the waypoint unpinned ({cpus} CPUs)");
+    println!("| path | p50 µs | p90 µs | p99 µs | added p50 | added p90 | added p99 | achieved req/s | waypoint CPU ms / 1000 req |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:+.0} | {:.0} | {} |",
+            r.mode,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            r.p50_us - d.p50_us,
+            r.p90_us - d.p90_us,
+            r.p99_us - d.p99_us,
+            r.achieved_rps,
+            r.waypoint_cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into())
+        );
+        if r.achieved_rps < r.target_rps as f64 * 0.99 {
+            println!("  note: {} reached {:.0} of {} req/s: below 99% of the target, its latencies are not comparable", r.mode, r.achieved_rps, r.target_rps);
+        }
+    }
+    if let Some(out) = &o.out {
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
+        println!("figures written to {}", out.display());
+    }
+    Ok(results)
+}

@@ -228,6 +228,7 @@ impl Waypoint {
                     continue;
                 }
             };
+            let _ = tcp.set_nodelay(true);
             let (wp, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move { wp.connection(acceptor, tcp, peer).await });
         }

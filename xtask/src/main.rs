@@ -7,7 +7,8 @@
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
 //! - `fuzz [--seconds N]`: fuzz ztunnel's inbound CONNECT handling;
-//! - `bench hbone [--quick]`: what the tunnel costs (release builds).
+//! - `bench hbone|waypoint [--quick]`: what the tunnel and the waypoint cost
+//!   (release builds).
 
 use std::{
     path::{Path, PathBuf},
@@ -207,12 +208,24 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark builds a local mesh: run it as root");
     }
+    let which = args.first().map(String::as_str).unwrap_or("hbone");
+    let mut extra: Vec<String> = Vec::new();
+    if which == "waypoint" {
+        // The load generator: oha, from crates.io (coordinated-omission
+        // corrected latencies at a fixed rate).
+        let oha = cargo_bin("oha")?;
+        if output(Command::new(&oha).arg("--version")).is_none() {
+            step("installing the oha load generator (a few minutes, once)");
+            run(Command::new("cargo").args(["install", "oha", "--locked"]))?;
+        }
+        extra.extend(["--oha".to_owned(), oha.display().to_string()]);
+    }
     step("building release binaries");
     run(cargo().args(["build", "--release", "--bins"]))?;
     let mut cmd = Command::new(root().join("target/release/skiff-localmesh"));
-    cmd.current_dir(root()).arg("bench").args(args);
+    cmd.current_dir(root()).arg("bench").args(args).args(&extra);
     if !args.iter().any(|a| a == "--out") {
-        cmd.args(["--out", "target/bench/hbone.json"]);
+        cmd.args(["--out", &format!("target/bench/{which}.json")]);
     }
     run(&mut cmd)
 }
@@ -247,7 +260,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz(rest),
         Some("bench") => bench(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS] | fuzz [--seconds N] | bench hbone [--quick]>");
+            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS] | fuzz [--seconds N] | bench <hbone|waypoint> [--quick]>");
             return ExitCode::from(2);
         }
     };

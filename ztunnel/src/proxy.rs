@@ -358,6 +358,9 @@ impl Ztunnel {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
+                        // A proxy must not add Nagle delays to small writes
+                        // (a response's headers then its body).
+                        let _ = stream.set_nodelay(true);
                         let zt = self.clone();
                         let pod = pod.clone();
                         let guard = self.drain.track();

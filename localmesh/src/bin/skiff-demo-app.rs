@@ -181,6 +181,51 @@ fn rr_client(target: &str, size: usize, count: usize, warmup: usize) -> ExitCode
     }
 }
 
+/// Keep-alive HTTP/1.1 server answering every request with `size` bytes:
+/// the benchmark backend (load tools reuse connections).
+fn http_fixed(port: &str, size: usize) -> ExitCode {
+    let l = listen(port);
+    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    let body = "x".repeat(size);
+    for s in l.incoming().flatten() {
+        let body = body.clone();
+        thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let Ok(w) = s.try_clone() else { return };
+            let mut r = BufReader::new(s);
+            let mut w = w;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if h == "\r\n" || h == "\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut req_body = vec![0u8; len];
+                if r.read_exact(&mut req_body).is_err() {
+                    return;
+                }
+                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                if w.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    ExitCode::SUCCESS
+}
+
 /// Bulk sink: counts what a connection sends and answers with the count.
 fn bulk_server(port: &str) -> ExitCode {
     let l = listen(port);
@@ -488,6 +533,10 @@ fn main() -> ExitCode {
                 let n = |k: &str, d: usize| arg(&args, k).and_then(|v| v.parse().ok()).unwrap_or(d);
                 rr_client(&t, n("--size", 1024), n("--count", 10000), n("--warmup", 500))
             }
+            None => usage(),
+        },
+        Some("http-fixed") => match arg(&args, "--port") {
+            Some(p) => http_fixed(&p, arg(&args, "--size").and_then(|v| v.parse().ok()).unwrap_or(1024)),
             None => usage(),
         },
         Some("bulk-server") => match arg(&args, "--port") {

@@ -45,13 +45,18 @@ enum Cmd {
     },
     /// Benchmarks (figures, not assertions).
     Bench {
-        /// Which benchmark: `hbone` (direct vs ztunnel plain vs ztunnel HBONE).
+        /// Which benchmark: `hbone` (direct vs ztunnel plain vs ztunnel
+        /// HBONE) or `waypoint` (HTTP: direct vs ambient L4 vs waypoint).
         which: String,
         /// Seconds instead of minutes: checks the harness works.
         #[arg(long)]
         quick: bool,
-        #[arg(long, default_value = "examples/bench")]
-        manifests: PathBuf,
+        /// Manifests (default: examples/bench, or examples/bench-l7 for `waypoint`).
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// The oha load generator (`waypoint`).
+        #[arg(long, default_value = "oha")]
+        oha: PathBuf,
         /// Write the figures as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -95,10 +100,25 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { manifests: Some(m), .. } => (m, true),
         Cmd::Demo { manifests: None, example } => (example, false),
         Cmd::Up { manifests } => (manifests, true),
-        Cmd::Bench { which, quick, manifests, out } => {
-            if which != "hbone" {
-                anyhow::bail!("unknown benchmark {which:?} (available: hbone)");
+        Cmd::Bench { which, quick, manifests, out, oha } => {
+            if which == "waypoint" {
+                let o = skiff_localmesh::bench::L7BenchOptions {
+                    manifests: manifests.unwrap_or_else(|| "examples/bench-l7".into()),
+                    bin_dir,
+                    oha,
+                    rate: if quick { 200 } else { 1000 },
+                    connections: 4,
+                    seconds: if quick { 2 } else { 10 },
+                    repetitions: if quick { 1 } else { 3 },
+                    out,
+                };
+                skiff_localmesh::bench::waypoint(&o)?;
+                return Ok(());
             }
+            if which != "hbone" {
+                anyhow::bail!("unknown benchmark {which:?} (available: hbone, waypoint)");
+            }
+            let manifests = manifests.unwrap_or_else(|| "examples/bench".into());
             let mut o = if quick {
                 skiff_localmesh::bench::BenchOptions::quick(manifests, bin_dir)
             } else {
