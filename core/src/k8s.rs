@@ -567,6 +567,20 @@ pub struct TrafficPolicySpec {
     pub connection_pool: Option<ConnectionPoolSpec>,
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicySpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicySpec {
+    pub port: PortSelector,
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSpec>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -215,6 +215,8 @@ pub struct TrafficPolicy {
     pub load_balancer: LoadBalancer,
     pub connection_pool: ConnectionPool,
     pub outlier: Option<OutlierDetection>,
+    /// `portLevelSettings`: per Service port, over this policy.
+    pub ports: BTreeMap<u16, TrafficPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -231,9 +233,11 @@ pub struct DestinationRule {
 }
 
 impl DestinationRule {
-    /// The policy in force for a subset (or the whole host).
-    pub fn policy_for(&self, subset: Option<&str>) -> &TrafficPolicy {
-        subset.and_then(|s| self.subset_policies.get(s)).unwrap_or(&self.traffic_policy)
+    /// The policy in force for a subset (or the whole host) on a port:
+    /// subset over host, port-level over both.
+    pub fn policy_for(&self, subset: Option<&str>, port: u16) -> &TrafficPolicy {
+        let p = subset.and_then(|s| self.subset_policies.get(s)).unwrap_or(&self.traffic_policy);
+        p.ports.get(&port).unwrap_or(p)
     }
 }
 
@@ -581,7 +585,31 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
 fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &TrafficPolicy) -> Result<TrafficPolicy, FieldError> {
     let mut out = base.clone();
     let Some(p) = p else { return Ok(out) };
-    if let Some(lb) = p.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+    apply_policy_fields(field, &mut out, p.load_balancer.as_ref(), p.connection_pool.as_ref(), p.outlier_detection.as_ref())?;
+    for (i, pl) in p.port_level_settings.iter().enumerate() {
+        let f = format!("{field}.portLevelSettings[{i}]");
+        if pl.port.number == 0 {
+            return Err((format!("{f}.port.number"), "must be 1-65535".into()));
+        }
+        // A port's settings start from this level's (without its own ports).
+        let mut port_policy = TrafficPolicy { ports: BTreeMap::new(), ..out.clone() };
+        if let Some(inherited) = base.ports.get(&pl.port.number) {
+            port_policy = inherited.clone();
+        }
+        apply_policy_fields(&f, &mut port_policy, pl.load_balancer.as_ref(), pl.connection_pool.as_ref(), pl.outlier_detection.as_ref())?;
+        out.ports.insert(pl.port.number, port_policy);
+    }
+    Ok(out)
+}
+
+fn apply_policy_fields(
+    field: &str,
+    out: &mut TrafficPolicy,
+    lb: Option<&k8s::LoadBalancerSpec>,
+    pool: Option<&k8s::ConnectionPoolSpec>,
+    outlier: Option<&k8s::OutlierDetectionSpec>,
+) -> Result<(), FieldError> {
+    if let Some(lb) = lb.and_then(|l| l.simple.as_deref()) {
         out.load_balancer = match lb {
             "ROUND_ROBIN" | "UNSPECIFIED" => LoadBalancer::RoundRobin,
             "LEAST_REQUEST" | "LEAST_CONN" => LoadBalancer::LeastRequest,
@@ -589,7 +617,7 @@ fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &Traffi
             o => return Err((format!("{field}.loadBalancer.simple"), format!("{o:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"))),
         };
     }
-    if let Some(cp) = &p.connection_pool {
+    if let Some(cp) = pool {
         let c = &mut out.connection_pool;
         if let Some(t) = &cp.tcp {
             c.max_connections = t.max_connections.or(c.max_connections);
@@ -601,7 +629,7 @@ fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &Traffi
             c.max_retries = h.max_retries.or(c.max_retries);
         }
     }
-    if let Some(o) = &p.outlier_detection {
+    if let Some(o) = outlier {
         let dur = |f: &str, v: &Option<String>, d: Duration| -> Result<Duration, FieldError> {
             Ok(duration(&format!("{field}.outlierDetection.{f}"), v)?.unwrap_or(d))
         };
@@ -617,7 +645,7 @@ fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &Traffi
             max_ejection_percent: pct,
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -758,12 +786,26 @@ mod tests {
             o => panic!("{o:?}"),
         };
         assert_eq!(dr.traffic_policy.connection_pool.max_in_flight(false), Some(2));
-        let v1 = dr.policy_for(Some("v1"));
+        let v1 = dr.policy_for(Some("v1"), 80);
         assert_eq!(v1.load_balancer, LoadBalancer::Random);
         assert_eq!(v1.connection_pool.max_connections, Some(1), "subset inherits unset fields");
-        assert_eq!(dr.policy_for(Some("v2")).load_balancer, LoadBalancer::RoundRobin);
+        assert_eq!(dr.policy_for(Some("v2"), 80).load_balancer, LoadBalancer::RoundRobin);
         let o = dr.traffic_policy.outlier.as_ref().unwrap();
         assert_eq!((o.consecutive_5xx, o.base_ejection_time, o.max_ejection_percent), (Some(3), Duration::from_secs(2), 100));
+        let ported = text.replace(
+            "    outlierDetection:",
+            "    portLevelSettings: [{port: {number: 9080}, loadBalancer: {simple: LEAST_REQUEST}, connectionPool: {tcp: {maxConnections: 7}}}]\n    outlierDetection:",
+        );
+        let dr2 = match &k8s::parse_documents(&ported).unwrap()[0] {
+            k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap(),
+            o => panic!("{o:?}"),
+        };
+        let p = dr2.policy_for(Some("v2"), 9080);
+        assert_eq!(p.load_balancer, LoadBalancer::LeastRequest);
+        assert_eq!(p.connection_pool.max_connections, Some(7));
+        assert_eq!(p.connection_pool.http1_max_pending_requests, Some(1), "port level inherits the rest");
+        assert_eq!(dr2.policy_for(Some("v2"), 80).load_balancer, LoadBalancer::RoundRobin);
+        assert_eq!(dr2.policy_for(Some("v1"), 9080).load_balancer, LoadBalancer::LeastRequest, "subset inherits host port levels");
         let bad = text.replace("RANDOM", "FASTEST");
         let err = match &k8s::parse_documents(&bad).unwrap()[0] {
             k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap_err(),

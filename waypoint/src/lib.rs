@@ -672,7 +672,7 @@ impl Waypoint {
         if eps.is_empty() {
             return Err(Failure::NoHealthyUpstream);
         }
-        let policy = dr.map(|dr| dr.policy_for(dest.subset.as_deref()).clone()).unwrap_or_default();
+        let policy = dr.map(|dr| dr.policy_for(dest.subset.as_deref(), dport.port).clone()).unwrap_or_default();
         Ok((dsvc.clone(), dport.clone(), eps, policy))
     }
 
