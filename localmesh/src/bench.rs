@@ -47,6 +47,17 @@ pub struct ModeResult {
     pub gbit_per_s: f64,
 }
 
+/// Writes a benchmark's figures as JSON when asked to.
+fn write_figures<T: serde::Serialize>(out: Option<&std::path::Path>, results: &T) -> anyhow::Result<()> {
+    let Some(out) = out else { return Ok(()) };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(results)?)?;
+    println!("figures written to {}", out.display());
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
@@ -130,13 +141,7 @@ pub fn hbone(o: &BenchOptions) -> anyhow::Result<Vec<ModeResult>> {
             r.mode, r.p50_us, r.p90_us, r.p99_us, r.p50_us - direct.p50_us, r.p99_us - direct.p99_us, r.gbit_per_s
         );
     }
-    if let Some(out) = &o.out {
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
-        println!("figures written to {}", out.display());
-    }
+    write_figures(o.out.as_deref(), &results)?;
     Ok(results)
 }
 
@@ -294,12 +299,6 @@ pub fn waypoint(o: &L7BenchOptions) -> anyhow::Result<Vec<L7Result>> {
             println!("  note: {} reached {:.0} of {} req/s: below 99% of the target, its latencies are not comparable", r.mode, r.achieved_rps, r.target_rps);
         }
     }
-    if let Some(out) = &o.out {
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
-        println!("figures written to {}", out.display());
-    }
+    write_figures(o.out.as_deref(), &results)?;
     Ok(results)
 }

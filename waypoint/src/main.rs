@@ -47,10 +47,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
-        let ca = skiff_ztunnel::identity::Ca::load_or_create(&cli.ca_dir, &cli.trust_domain)
+        let certs = skiff_ztunnel::certs::CertManager::from_ca_dir(&cli.ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))
             .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
-        let certs = skiff_ztunnel::certs::CertManager::new(ca, Duration::from_secs(cli.cert_lifetime.max(2)))
-            .map_err(|e| anyhow::anyhow!(skiff_core::report(&e)))?;
         let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account, pod_ip: cli.pod_ip };
         let wp = Waypoint::new(cfg, cluster, certs);
         let hbone = tokio::net::TcpListener::bind((cli.pod_ip, 15008)).await.with_context(|| format!("binding {}:15008", cli.pod_ip))?;

@@ -53,10 +53,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        use prometheus::Encoder;
-        let mut buf = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        skiff_ztunnel::metrics::render(&self.registry)
     }
 }
 

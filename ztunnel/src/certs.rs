@@ -51,6 +51,13 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 impl CertManager {
+    /// The local-mode setup: the CA in `dir` (created on first use) and
+    /// workload certificates of `lifetime` (at least 2 s).
+    pub fn from_ca_dir(dir: &std::path::Path, trust_domain: &str, lifetime: Duration) -> Result<Arc<CertManager>, IdentityError> {
+        let ca = Ca::load_or_create(dir, trust_domain)?;
+        CertManager::new(ca, lifetime.max(Duration::from_secs(2)))
+    }
+
     pub fn new(ca: Ca, lifetime: Duration) -> Result<Arc<CertManager>, IdentityError> {
         let roots = identity::roots(&[ca.root()])?;
         Ok(Arc::new(CertManager { ca, lifetime, roots, certs: Mutex::new(HashMap::new()) }))

@@ -66,10 +66,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
-        let ca = skiff_ztunnel::identity::Ca::load_or_create(&cli.ca_dir, &cli.trust_domain)
+        let certs = skiff_ztunnel::certs::CertManager::from_ca_dir(&cli.ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))
             .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
-        let certs = skiff_ztunnel::certs::CertManager::new(ca, Duration::from_secs(cli.cert_lifetime.max(2)))
-            .map_err(|e| anyhow::anyhow!(skiff_core::report(&e)))?;
         let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");

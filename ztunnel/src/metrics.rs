@@ -137,10 +137,7 @@ impl Metrics {
 
     /// Text exposition format.
     pub fn render(&self) -> String {
-        use prometheus::Encoder;
-        let mut buf = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        render(&self.registry)
     }
 }
 
@@ -157,6 +154,14 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// A registry in Prometheus' text exposition format.
+pub fn render(registry: &Registry) -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 #[derive(Clone)]

@@ -500,46 +500,22 @@ impl Ztunnel {
                 labels.destination_workload = "unknown".into();
                 labels.destination_principal = "unknown".into();
                 let via = SocketAddrV4::new(ip, PORT_INBOUND_HBONE);
-                match self.pool.connect(&info.uid, Some(&pod.net), &src_id, &wp_id, via, orig).await {
-                    Ok((send, recv, _guard)) => {
-                        let counters = self.metrics.connection(&labels);
-                        counters.opened.inc();
-                        let _active = self.metrics.open_connection();
-                        let (rx, tx) = hbone::relay(client, send, recv, &counters.received, &counters.sent).await;
-                        counters.closed.inc();
-                        access_log("outbound", peer, orig, Some(via), &labels, tx, rx, start, None);
-                    }
-                    Err(e) => {
-                        warn!(waypoint = %via, error = %skiff_core::report(&e), "HBONE to the waypoint failed; closed");
-                        self.refused("outbound", peer, orig, Some(via), labels, Refusal::UpstreamFailure, start);
-                    }
-                }
-                return;
+                let tunnel = Tunnel { src: src_id, dst: wp_id, via, target: orig, upstream: via };
+                return self.hbone_outbound(&info, &pod, tunnel, client, peer, orig, labels, start).await;
             }
             let target = match routed {
                 Err(r) => return self.refused("outbound", peer, orig, None, labels, r, start),
                 Ok((t, _)) => t,
             };
             if let Some(w) = mesh_dst {
-                let src_id = self.identity(&info.namespace, &info.service_account);
-                let dst_id = self.identity(&w.namespace, &w.service_account);
-                let via = SocketAddrV4::new(*target.ip(), PORT_INBOUND_HBONE);
-                match self.pool.connect(&info.uid, Some(&pod.net), &src_id, &dst_id, via, target).await {
-                    Ok((send, recv, _guard)) => {
-                        let counters = self.metrics.connection(&labels);
-                        counters.opened.inc();
-                        let _active = self.metrics.open_connection();
-                        let (rx, tx) = hbone::relay(client, send, recv, &counters.received, &counters.sent).await;
-                        counters.closed.inc();
-                        access_log("outbound", peer, orig, Some(target), &labels, tx, rx, start, None);
-                    }
-                    Err(e) => {
-                        warn!(upstream = %target, error = %skiff_core::report(&e), "HBONE connection failed; closed");
-                        labels.response_flags = Refusal::UpstreamFailure.flag();
-                        self.refused("outbound", peer, orig, Some(target), labels, Refusal::UpstreamFailure, start);
-                    }
-                }
-                return;
+                let tunnel = Tunnel {
+                    src: self.identity(&info.namespace, &info.service_account),
+                    dst: self.identity(&w.namespace, &w.service_account),
+                    via: SocketAddrV4::new(*target.ip(), PORT_INBOUND_HBONE),
+                    target,
+                    upstream: target,
+                };
+                return self.hbone_outbound(&info, &pod, tunnel, client, peer, orig, labels, start).await;
             }
             match transport::Transport::PlainTcp.connect(&pod.net, target).await {
                 Ok(up) => {
@@ -557,6 +533,36 @@ impl Ztunnel {
         }
         .instrument(span)
         .await
+    }
+
+    /// Carries a captured connection over HBONE (to the destination pod's
+    /// ztunnel, or to a waypoint), counting and logging it.
+    #[allow(clippy::too_many_arguments)]
+    async fn hbone_outbound(
+        &self,
+        info: &WorkloadInfo,
+        pod: &PodCtx,
+        t: Tunnel,
+        client: TcpStream,
+        peer: SocketAddr,
+        orig: SocketAddrV4,
+        labels: ConnLabels,
+        start: Instant,
+    ) {
+        match self.pool.connect(&info.uid, Some(&pod.net), &t.src, &t.dst, t.via, t.target).await {
+            Ok((send, recv, _guard)) => {
+                let counters = self.metrics.connection(&labels);
+                counters.opened.inc();
+                let _active = self.metrics.open_connection();
+                let (rx, tx) = hbone::relay(client, send, recv, &counters.received, &counters.sent).await;
+                counters.closed.inc();
+                access_log("outbound", peer, orig, Some(t.upstream), &labels, tx, rx, start, None);
+            }
+            Err(e) => {
+                warn!(via = %t.via, peer_identity = %t.dst, error = %skiff_core::report(&e), "HBONE connection failed; closed");
+                self.refused("outbound", peer, orig, Some(t.upstream), labels, Refusal::UpstreamFailure, start);
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -949,6 +955,16 @@ impl Ztunnel {
             }
         });
     }
+}
+
+/// One HBONE hop: who dials, who must answer, where, and the CONNECT target.
+struct Tunnel {
+    src: Identity,
+    dst: Identity,
+    via: SocketAddrV4,
+    target: SocketAddrV4,
+    /// What the access log names as the upstream (the waypoint, or the pod).
+    upstream: SocketAddrV4,
 }
 
 #[derive(Clone)]
