@@ -178,6 +178,16 @@ impl Ca {
             let key = KeyPair::from_pem(&read(&key_path)?)?;
             return Self::from_key(trust_domain, key, Some(&read(&cert_path)?));
         }
+        if key_path.exists() != cert_path.exists() {
+            // An interrupted first run: the key is never overwritten, so say
+            // what to do instead of failing obscurely at every start.
+            return Err(IdentityError::CaFile {
+                path: dir.to_owned(),
+                source: std::io::Error::other(format!(
+                    "holds only one of {CA_KEY} and {CA_CERT} (interrupted first run?): remove it to create a new CA"
+                )),
+            });
+        }
         fs::create_dir_all(dir).map_err(|source| IdentityError::CaFile { path: dir.to_owned(), source })?;
         let ca = Self::generate(trust_domain)?;
         write_private(&key_path, &ca.key.serialize_pem())?;
