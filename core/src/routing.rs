@@ -37,7 +37,7 @@ impl StrMatch {
     fn matches_ci(&self, v: &str) -> bool {
         match self {
             StrMatch::Exact(e) => v.eq_ignore_ascii_case(e),
-            StrMatch::Prefix(p) => v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p),
+            StrMatch::Prefix(p) => v.as_bytes().get(..p.len()).is_some_and(|b| b.eq_ignore_ascii_case(p.as_bytes())),
             StrMatch::Regex(r) => r.0.is_match(v),
         }
     }
@@ -376,7 +376,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "ns" => n / 1e9,
         _ => return None,
     };
-    Some(Duration::from_secs_f64(secs))
+    // Bounded: a year is longer than any timeout anyone means, and keeps
+    // `Instant + duration` from overflowing.
+    Duration::try_from_secs_f64(secs).ok().filter(|d| *d <= Duration::from_secs(365 * 24 * 3600))
 }
 
 type FieldError = (String, String);
@@ -835,5 +837,6 @@ mod tests {
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("99999999999999999999s"), None, "absurd durations are rejected, not a panic");
     }
 }

@@ -211,6 +211,13 @@ fn l7_authorization_allows_get_public_and_denies_post_admin() {
     let admin = load_with(&mesh, "POST", "http://reviews:9080/admin", 3, &[]);
     assert_eq!(count(&admin.codes, "403"), 3, "{:?}", admin.codes);
     assert!(admin.bodies[0].contains("RBAC: access denied"), "{:?}", admin.bodies);
+    // Normalized before policy: these are /admin, not /public/...
+    for sneaky in ["http://reviews:9080/public/../admin", "http://reviews:9080/public/%2e%2e/admin"] {
+        let l = load(&mesh, sneaky, 1, &[]);
+        assert_eq!(count(&l.codes, "403"), 1, "{sneaky}: {:?}", l.codes);
+    }
+    let encoded_slash = load(&mesh, "http://reviews:9080/public%2F..%2Fadmin", 1, &[]);
+    assert_eq!(count(&encoded_slash.codes, "400"), 1, "{:?}", encoded_slash.codes);
     let post_public = load_with(&mesh, "POST", "http://reviews:9080/public/page", 1, &[]);
     assert_eq!(count(&post_public.codes, "403"), 1, "only GET is allowed: {:?}", post_public.codes);
     let wp = std::fs::read_to_string(&mesh.pod("shop", "waypoint").log).unwrap();

@@ -75,6 +75,8 @@ pub enum Failure {
     RateLimited,
     /// AuthorizationPolicy denied it (403).
     Denied,
+    /// A path or authority that cannot be normalized safely (400).
+    BadRequest,
 }
 
 impl Failure {
@@ -90,6 +92,7 @@ impl Failure {
             Failure::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "RL", "local_rate_limited"),
             Failure::Overflow => (StatusCode::SERVICE_UNAVAILABLE, "UO", "upstream connect error or disconnect/reset before headers. reset reason: overflow"),
             Failure::Denied => (StatusCode::FORBIDDEN, "-", "RBAC: access denied"),
+            Failure::BadRequest => (StatusCode::BAD_REQUEST, "-", "bad request: path or authority"),
         }
     }
 }
@@ -115,6 +118,8 @@ pub struct Waypoint {
     endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
     /// Local rate limits' token buckets, by Service or route.
     buckets: Mutex<HashMap<String, routing::Bucket>>,
+    /// Round-robin position per destination (endpoint set).
+    rr: Mutex<HashMap<Vec<SocketAddrV4>, usize>>,
 }
 
 /// Outlier-detection and load state of one endpoint.
@@ -125,6 +130,20 @@ struct EndpointState {
     consecutive_gateway: u32,
     ejected_until: Option<Instant>,
     ejections: u32,
+}
+
+/// Counts an attempt against its endpoint until it ends (or is dropped).
+struct ActiveGuard<'a> {
+    wp: &'a Waypoint,
+    ep: SocketAddrV4,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.wp.endpoints.lock().expect("lock").get_mut(&self.ep) {
+            s.active = s.active.saturating_sub(1);
+        }
+    }
 }
 
 /// Releases a circuit-breaker slot when the request is done.
@@ -194,6 +213,7 @@ impl Waypoint {
             in_flight: Mutex::new(HashMap::new()),
             endpoints: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            rr: Mutex::new(HashMap::new()),
         })
     }
 
@@ -280,7 +300,33 @@ impl Waypoint {
             info!(%peer, %target, "CONNECT to an address that is not a Service this waypoint serves");
             return answer(&mut respond, StatusCode::BAD_REQUEST);
         };
+        // Only Services bound to this waypoint: otherwise any workload could
+        // use it as a middleman carrying the waypoint's identity.
+        let bound = svc.namespace == self.cfg.namespace
+            && matches!(snap.waypoint_for(svc), Some(Ok(w)) if w.labels.get(skiff_core::LABEL_GATEWAY_NAME) == Some(&self.cfg.name));
+        if !bound {
+            info!(%peer, %target, service = %svc.hostname(), "CONNECT to a Service not bound to this waypoint");
+            return answer(&mut respond, StatusCode::FORBIDDEN);
+        }
         let ctx = Arc::new(StreamCtx { svc: svc.clone(), port: port.clone(), peer, peer_id });
+        if port_protocol(port) == "tcp" {
+            // No L7 here, but the policies bound to the waypoint still apply
+            // at L4 (the destination only sees the waypoint's identity).
+            let policies: Vec<&policy::AuthzPolicy> =
+                snap.authorization_policies.iter().filter(|p| p.targets(&self.cfg.namespace, &self.cfg.name, &svc.name)).collect();
+            let conn = policy::ConnInfo {
+                src_ip: peer.ip(),
+                principal: Some(ctx.peer_id.principal()),
+                src_namespace: Some(ctx.peer_id.namespace.clone()),
+                dst_ip: std::net::IpAddr::V4(*target.ip()),
+                dst_port: target.port(),
+            };
+            let d = policy::evaluate(&policies, &conn);
+            if !d.allowed {
+                info!(%peer, identity = %ctx.peer_id, policy = ?d.policy, reason = d.reason, "TCP stream denied by authorization policy");
+                return answer(&mut respond, StatusCode::FORBIDDEN);
+            }
+        }
         let Ok(send) = respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false) else {
             return;
         };
@@ -326,13 +372,23 @@ impl Waypoint {
     /// An HTTP connection to `ep` (reused when one is idle).
     async fn upstream(&self, w: &Workload, port: u16, h2: bool) -> Result<Upstream, Failure> {
         let ep = SocketAddrV4::new(w.ip.expect("ready"), port);
-        loop {
-            let cached = self.idle.lock().expect("lock").get_mut(&(ep, h2)).and_then(|v| v.pop());
-            match cached {
-                Some(Upstream::H1(s)) if !s.is_closed() => return Ok(Upstream::H1(s)),
-                Some(Upstream::H2(s)) if !s.is_closed() => return Ok(Upstream::H2(s)),
-                Some(_) => continue,
-                None => break,
+        {
+            // Reuse a connection only when it can take a request now: an
+            // HTTP/1.1 connection is busy until the previous response body
+            // has been read to the end.
+            let mut idle = self.idle.lock().expect("lock");
+            if let Some(list) = idle.get_mut(&(ep, h2)) {
+                list.retain(|u| match u {
+                    Upstream::H1(s) => !s.is_closed(),
+                    Upstream::H2(s) => !s.is_closed(),
+                });
+                let ready = list.iter().position(|u| match u {
+                    Upstream::H1(s) => s.is_ready(),
+                    Upstream::H2(s) => s.is_ready(),
+                });
+                if let Some(i) = ready {
+                    return Ok(list.swap_remove(i));
+                }
             }
         }
         let (send, recv, guard) = self.dial(w, port).await.map_err(|e| {
@@ -412,19 +468,40 @@ impl Waypoint {
         let snap = self.cluster.borrow().clone();
         let (mut parts, body) = req.into_parts();
         let trace = trace::continue_or_start(&parts.headers, &self.hex(16), &self.hex(8));
-        let headers: Vec<(String, String)> = parts
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
-            .collect();
-        let path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-        let authority = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+        // Repeated headers joined with ",", as Envoy presents them; a value
+        // that is not text stays present (as its lossy form), so a DENY on
+        // the header still sees it.
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for (k, v) in parts.headers.iter() {
+            let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            match headers.iter_mut().find(|(n, _)| n == k.as_str()) {
+                Some((_, existing)) => {
+                    existing.push(',');
+                    existing.push_str(&v);
+                }
+                None => headers.push((k.as_str().to_owned(), v)),
+            }
+        }
+        let raw_path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+        // Policy, routing and the upstream all see one normalized path, so
+        // `/public/../admin` cannot pass as `/public/...` and reach `/admin`.
+        let Some(path) = normalize_path(&raw_path) else {
+            let mut log = metrics::RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &raw_path, "http", &trace.trace_id);
+            log.flags.push("-");
+            return self.finish(log, start, Err(Failure::BadRequest), &Default::default());
+        };
+        let host_header = parts.headers.get(header::HOST).map(|h| h.to_str().map(str::to_owned));
+        let authority = match (parts.uri.authority().map(|a| a.to_string()), host_header) {
+            (_, Some(Err(_))) => None,
+            (Some(a), Some(Ok(h))) if !a.eq_ignore_ascii_case(&h) => None,
+            (Some(a), _) => Some(a),
+            (None, Some(Ok(h))) => Some(h),
+            (None, None) => Some(String::new()),
+        };
+        let Some(authority) = authority.map(|a| a.trim_end_matches('.').to_ascii_lowercase()) else {
+            let log = metrics::RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &raw_path, "http", &trace.trace_id);
+            return self.finish(log, start, Err(Failure::BadRequest), &Default::default());
+        };
         let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port: ctx.port.port };
         let protocol = if parts.version == http::Version::HTTP_2 { "http2" } else { "http" };
         let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
@@ -552,6 +629,9 @@ impl Waypoint {
         if te_trailers {
             parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
+        if let Ok(u) = path.parse() {
+            parts.uri = u;
+        }
         if let Some(uri) = &route.rewrite_uri {
             let rest = route
                 .matches
@@ -587,7 +667,7 @@ impl Waypoint {
         let attempts = 1 + route.retries.as_ref().map(|r| r.attempts).unwrap_or(0).min(max_retries);
         let per_try = route.retries.as_ref().and_then(|r| r.per_try_timeout);
         let retry_on: Vec<String> = route.retries.as_ref().map(|r| r.retry_on.clone()).unwrap_or_default();
-        let deadline = route.timeout.map(|t| Instant::now() + t);
+        let deadline = route.timeout.and_then(|t| Instant::now().checked_add(t));
         let mut outcome: Result<(Response<Body>, Option<&Workload>), Failure> = Err(Failure::NoHealthyUpstream);
         for n in 0..attempts {
             let Some((w, port)) = self.choose(&eps, &policy) else {
@@ -596,8 +676,9 @@ impl Waypoint {
             };
             let ep = SocketAddrV4::new(w.ip.expect("ready"), port);
             self.endpoints.lock().expect("lock").entry(ep).or_default().active += 1;
-            let mut req = Request::from_parts(parts.clone(), Full::new(body.clone()));
-            *req.version_mut() = if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
+            // Decrements `active` even if the client goes away mid-attempt.
+            let _active = ActiveGuard { wp: self, ep };
+            let req = upstream_request(&parts, &body, h2);
             let limit = match (per_try, deadline) {
                 (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(Instant::now()))),
                 (Some(p), None) => Some(p),
@@ -609,7 +690,8 @@ impl Waypoint {
                 Some(l) => tokio::time::timeout(l, fut).await.unwrap_or(Err(Failure::Timeout)),
                 None => fut.await,
             };
-            self.observe(ep, &r, &policy, eps.len());
+            let members: Vec<SocketAddrV4> = eps.iter().map(|(w, p)| SocketAddrV4::new(w.ip.expect("ready"), *p)).collect();
+            self.observe(ep, &r, &policy, &members);
             let last = n + 1 == attempts || deadline.is_some_and(|d| Instant::now() >= d);
             match r {
                 Ok(resp) => {
@@ -695,8 +777,7 @@ impl Waypoint {
         let me = self.clone();
         debug!(mirror = %svc.hostname(), "mirroring request");
         tokio::spawn(async move {
-            let mut req = Request::from_parts(parts, Full::new(body));
-            *req.version_mut() = if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
+            let req = upstream_request(&parts, &body, h2);
             if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&w, p, h2, req)).await {
                 let _ = resp.into_body().collect().await;
             }
@@ -715,7 +796,15 @@ impl Waypoint {
             return None;
         }
         Some(match policy.load_balancer {
-            routing::LoadBalancer::RoundRobin => live[self.round_robin.fetch_add(1, Ordering::Relaxed) % live.len()],
+            routing::LoadBalancer::RoundRobin => {
+                // One counter per destination (its endpoint set): traffic to
+                // one Service (or a mirror) does not skew another's rotation.
+                let key: Vec<SocketAddrV4> = eps.iter().map(|(w, p)| SocketAddrV4::new(w.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), *p)).collect();
+                let mut rr = self.rr.lock().expect("lock");
+                let n = rr.entry(key).or_insert(0);
+                *n = n.wrapping_add(1);
+                live[*n % live.len()]
+            }
             routing::LoadBalancer::Random => live[self.roll(live.len() as u64) as usize],
             routing::LoadBalancer::LeastRequest => {
                 // Power of two choices.
@@ -727,12 +816,16 @@ impl Waypoint {
     }
 
     /// Records an attempt's outcome for outlier detection.
-    fn observe(&self, ep: SocketAddrV4, r: &Result<Response<Incoming>, Failure>, policy: &routing::TrafficPolicy, total: usize) {
+    fn observe(&self, ep: SocketAddrV4, r: &Result<Response<Incoming>, Failure>, policy: &routing::TrafficPolicy, members: &[SocketAddrV4]) {
+        let total = members.len();
         let mut states = self.endpoints.lock().expect("lock");
         let now = Instant::now();
-        let ejected = states.values().filter(|s| s.ejected_until.is_some_and(|t| t > now)).count();
+        // maxEjectionPercent counts this destination's endpoints only.
+        let ejected = members
+            .iter()
+            .filter(|m| states.get(m).is_some_and(|s| s.ejected_until.is_some_and(|t| t > now)))
+            .count();
         let s = states.entry(ep).or_default();
-        s.active = s.active.saturating_sub(1);
         if s.ejected_until.is_some_and(|t| t <= now) {
             // Back from ejection: starts with a clean slate.
             s.ejected_until = None;
@@ -760,9 +853,9 @@ impl Waypoint {
             || o.consecutive_gateway.is_some_and(|n| s.consecutive_gateway >= n);
         let room = (ejected + 1) * 100 <= total * o.max_ejection_percent as usize || ejected == 0;
         if tripped && room && s.ejected_until.is_none() {
-            s.ejections += 1;
-            let for_how_long = o.base_ejection_time * s.ejections;
-            s.ejected_until = Some(now + for_how_long);
+            s.ejections = s.ejections.saturating_add(1).min(100);
+            let for_how_long = o.base_ejection_time.checked_mul(s.ejections).unwrap_or(Duration::from_secs(3600)).min(Duration::from_secs(3600));
+            s.ejected_until = now.checked_add(for_how_long);
             warn!(endpoint = %ep, ejected_for_ms = for_how_long.as_millis() as u64, "outlier detection: endpoint ejected");
         }
     }
@@ -790,6 +883,114 @@ impl Waypoint {
         apply_header_ops(resp.headers_mut(), response_ops);
         log.finish(&self.metrics, resp.status().as_u16(), start.elapsed());
         resp
+    }
+}
+
+/// The upstream form of a request: HTTP/2 takes the authority in the URI
+/// (`:authority`) and no Host header; HTTP/1.1 takes origin-form and Host.
+fn upstream_request(parts: &http::request::Parts, body: &Bytes, h2: bool) -> Request<Full<Bytes>> {
+    let mut parts = parts.clone();
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| "localhost".into());
+    let pq = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    if h2 {
+        parts.headers.remove(header::HOST);
+        if let Ok(u) = format!("http://{authority}{pq}").parse() {
+            parts.uri = u;
+        }
+        parts.version = http::Version::HTTP_2;
+    } else {
+        if let Ok(u) = pq.parse() {
+            parts.uri = u;
+        }
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.version = http::Version::HTTP_11;
+    }
+    Request::from_parts(parts, Full::new(body.clone()))
+}
+
+/// Istio's BASE path normalization plus merged slashes: `%xx` of unreserved
+/// characters decoded, `.` and `..` segments resolved, `//` merged; encoded
+/// `/` or `\\` and raw `\\` are refused (None). The query is kept as is.
+pub fn normalize_path(raw: &str) -> Option<String> {
+    let (path, query) = match raw.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (raw, None),
+    };
+    if !path.starts_with('/') || path.contains('\\') {
+        return None;
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = path.get(i + 1..i + 3)?;
+            let v = u8::from_str_radix(hex, 16).ok()?;
+            if v == b'/' || v == b'\\' {
+                return None;
+            }
+            if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                decoded.push(v as char);
+            } else {
+                decoded.push('%');
+                decoded.push_str(&hex.to_ascii_uppercase());
+            }
+            i += 3;
+        } else {
+            decoded.push(bytes[i] as char);
+            i += 1;
+        }
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut p = format!("/{}", out.join("/"));
+    if (decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..")) && p != "/" {
+        p.push('/');
+    }
+    Some(match query {
+        Some(q) => format!("{p}?{q}"),
+        None => p,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_path;
+
+    #[test]
+    fn paths_are_normalized_before_policy_and_routing() {
+        for (raw, want) in [
+            ("/public/../admin", Some("/admin")),
+            ("//admin", Some("/admin")),
+            ("/%61dmin", Some("/admin")),
+            ("/a/./b/", Some("/a/b/")),
+            ("/a/b?x=../y", Some("/a/b?x=../y")),
+            ("/../..", Some("/")),
+            ("/a%2Fb", None),
+            ("/a%5cb", None),
+            ("/a\\b", None),
+            ("/a%zz", None),
+            ("/caf%C3%A9", Some("/caf%C3%A9")),
+            ("relative", None),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), want, "{raw}");
+        }
     }
 }
 
