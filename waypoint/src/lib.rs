@@ -641,7 +641,10 @@ impl Waypoint {
                     _ => None,
                 })
                 .unwrap_or("");
-            let new = if rest.is_empty() { uri.clone() } else { format!("{}{}", uri.trim_end_matches('/'), if rest.starts_with('/') || rest.starts_with('?') { rest.to_owned() } else { format!("/{rest}") }) };
+            // Exact, regex or no match: the whole path is replaced and the
+            // query string kept.
+            let query = path.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+            let new = if rest.is_empty() { format!("{uri}{query}") } else { format!("{}{}", uri.trim_end_matches('/'), if rest.starts_with('/') || rest.starts_with('?') { rest.to_owned() } else { format!("/{rest}") }) };
             if let Ok(u) = new.parse() {
                 parts.uri = u;
             }
