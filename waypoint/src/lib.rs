@@ -41,6 +41,10 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// Largest request body buffered (bodies are buffered so a retry can
 /// resend them).
 const MAX_BUFFERED_BODY: usize = 16 * 1024 * 1024;
+/// Request-body bytes buffered across all requests at once.
+const MAX_BUFFERED_TOTAL: usize = 256 * 1024 * 1024;
+/// How long a client may take to send its request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Waypoint settings.
 #[derive(Clone, Debug)]
@@ -120,6 +124,20 @@ pub struct Waypoint {
     buckets: Mutex<HashMap<String, routing::Bucket>>,
     /// Round-robin position per destination (endpoint set).
     rr: Mutex<HashMap<Vec<SocketAddrV4>, usize>>,
+    /// Request-body bytes currently buffered.
+    buffered: AtomicUsize,
+}
+
+/// Releases buffered-body accounting when a request ends.
+struct Buffered<'a> {
+    counter: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl Drop for Buffered<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// Outlier-detection and load state of one endpoint.
@@ -214,6 +232,7 @@ impl Waypoint {
             endpoints: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             rr: Mutex::new(HashMap::new()),
+            buffered: AtomicUsize::new(0),
         })
     }
 
@@ -606,6 +625,22 @@ impl Waypoint {
         };
         let (dsvc, dport) = (&dsvc, &dport);
         let h2_upstream = port_protocol(dport) == "http2" || grpc;
+        // The body is read (bounded in size and time) before a pool slot is
+        // taken, so slow senders cannot hold slots; the bytes buffered
+        // across all requests are capped too.
+        let body = match tokio::time::timeout(BODY_READ_TIMEOUT, http_body_util::Limited::new(body, MAX_BUFFERED_BODY).collect()).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(_)) => return self.finish(log, start, Err(Failure::TooLarge), &route.response_headers),
+            Err(_) => return self.finish(log, start, Err(Failure::BadRequest), &route.response_headers),
+        };
+        let _buffered = {
+            let now = self.buffered.fetch_add(body.len(), Ordering::AcqRel) + body.len();
+            let guard = Buffered { counter: &self.buffered, bytes: body.len() };
+            if now > MAX_BUFFERED_TOTAL {
+                return self.finish(log, start, Err(Failure::Overflow), &route.response_headers);
+            }
+            guard
+        };
         // Circuit breaking: a full pool answers at once instead of queueing.
         let _slot = {
             let key = format!("{}|{}", dsvc.hostname(), dest.subset.as_deref().unwrap_or(""));
@@ -616,9 +651,6 @@ impl Waypoint {
                 return self.finish(log, start, Err(Failure::Overflow), &route.response_headers);
             }
             slot
-        };
-        let Ok(body) = http_body_util::Limited::new(body, MAX_BUFFERED_BODY).collect().await.map(|c| c.to_bytes()) else {
-            return self.finish(log, start, Err(Failure::TooLarge), &route.response_headers);
         };
         // The upstream request.
         // `te: trailers` is end-to-end for gRPC and must reach the backend.
