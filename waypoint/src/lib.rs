@@ -254,8 +254,33 @@ impl Waypoint {
         (0..bytes).map(|_| format!("{:02x}", self.roll(256))).collect()
     }
 
+    /// Drops state of endpoints that left the cluster and closed idle
+    /// connections, so the maps track the cluster instead of its history.
+    pub fn sweep(&self) {
+        let snap = self.cluster.borrow().clone();
+        let live: std::collections::HashSet<Ipv4Addr> =
+            snap.workloads.values().filter(|w| w.is_ready()).filter_map(|w| w.ip).collect();
+        self.idle.lock().expect("lock").retain(|(ep, _), list| {
+            list.retain(|u| match u {
+                Upstream::H1(s) => !s.is_closed(),
+                Upstream::H2(s) => !s.is_closed(),
+            });
+            live.contains(ep.ip()) && !list.is_empty()
+        });
+        self.endpoints.lock().expect("lock").retain(|ep, st| live.contains(ep.ip()) || st.active > 0);
+        self.rr.lock().expect("lock").retain(|eps, _| eps.iter().all(|e| live.contains(e.ip())));
+        self.in_flight.lock().expect("lock").retain(|_, c| Arc::strong_count(c) > 1 || c.load(Ordering::Acquire) > 0);
+    }
+
     /// Accepts HBONE connections until the process ends.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
+        let sweeper = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                sweeper.sweep();
+            }
+        });
         let me = self.identity(&self.cfg.namespace, &self.cfg.service_account);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.certs.server_config(me)?);
         loop {
