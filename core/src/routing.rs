@@ -92,6 +92,20 @@ pub struct Retries {
     pub retry_on: Vec<String>,
 }
 
+impl Retries {
+    /// What Istio applies to a route that sets no `retries`: 2 retries on
+    /// connection failures, refused streams and 503.
+    pub fn istio_default() -> Retries {
+        Retries {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpRoute {
     pub name: Option<String>,

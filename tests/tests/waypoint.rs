@@ -288,6 +288,10 @@ fn outlier_detection_ejects_a_failing_endpoint_and_restores_it() {
     wait_listening(mesh.pod("shop", "outlier-bad"));
     let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: outlier, namespace: shop}\nspec:\n  host: outlier\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}\n";
     mesh.apply("outlier-dr", Some(dr)).unwrap();
+    // Retries off, so the client sees what each endpoint answers (Istio's
+    // default policy would retry the bad pod's 503s on the good one).
+    let no_retries = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: outlier, namespace: shop}\nspec:\n  hosts: [outlier]\n  http:\n  - retries: {attempts: 0}\n    route: [{destination: {host: outlier}}]\n";
+    mesh.apply("outlier-vs", Some(no_retries)).unwrap();
     let wp = mesh.pod("shop", "waypoint");
     // Round robin alternates; two failures in a row from the bad pod eject it.
     eventually(WAIT, "ejection", || {
@@ -375,4 +379,15 @@ fn mirrored_requests_reach_the_shadow_destination() {
         // The probe's requests were mirrored too: at least the 10 measured.
         (copies >= 10).then_some(())
     });
+}
+
+#[test]
+fn routes_without_retries_get_istios_default_retry_policy() {
+    let Some(mesh) = up() else { return };
+    // flaky answers 503 to its first request; no VirtualService names it,
+    // so the default policy (2 retries on 503) turns that into a success.
+    let l = load(&mesh, "http://flaky/", 1, &[]);
+    assert_eq!(count(&l.codes, "200"), 1, "{:?} {:?}", l.codes, l.bodies);
+    let served = server_events(mesh.pod("shop", "flaky")).iter().filter(|e| e["event"] == "request").count();
+    assert_eq!(served, 2, "one failed attempt, one retry");
 }

@@ -724,9 +724,12 @@ impl Waypoint {
         }
         let h2 = h2_upstream;
         let max_retries = policy.connection_pool.max_retries.unwrap_or(u32::MAX);
-        let attempts = 1 + route.retries.as_ref().map(|r| r.attempts).unwrap_or(0).min(max_retries);
-        let per_try = route.retries.as_ref().and_then(|r| r.per_try_timeout);
-        let retry_on: Vec<String> = route.retries.as_ref().map(|r| r.retry_on.clone()).unwrap_or_default();
+        // A route without `retries` gets Istio's default policy;
+        // `retries: {attempts: 0}` turns retrying off.
+        let retries = route.retries.clone().unwrap_or_else(routing::Retries::istio_default);
+        let attempts = 1 + retries.attempts.min(max_retries);
+        let per_try = retries.per_try_timeout;
+        let retry_on: Vec<String> = retries.retry_on.clone();
         let deadline = route.timeout.and_then(|t| Instant::now().checked_add(t));
         let mut outcome: Result<(Response<Body>, Option<&Workload>), Failure> = Err(Failure::NoHealthyUpstream);
         for n in 0..attempts {
@@ -757,7 +760,12 @@ impl Waypoint {
                 Ok(resp) => {
                     let code = resp.status().as_u16();
                     let retriable = code >= 500
-                        && retry_on.iter().any(|c| c == "5xx" || c == &code.to_string() || (c == "gateway-error" && matches!(code, 502..=504)));
+                        && retry_on.iter().any(|c| {
+                            c == "5xx"
+                                || c == &code.to_string()
+                                || (c == "gateway-error" && matches!(code, 502..=504))
+                                || (c == "retriable-status-codes" && code == 503)
+                        });
                     if retriable && !last {
                         log.retries += 1;
                         continue;
@@ -767,7 +775,9 @@ impl Waypoint {
                 }
                 Err(f) => {
                     let retriable = match f {
-                        Failure::UpstreamConnect => retry_on.iter().any(|c| c == "connect-failure" || c == "5xx" || c == "reset"),
+                        Failure::UpstreamConnect => {
+                            retry_on.iter().any(|c| matches!(c.as_str(), "connect-failure" | "5xx" | "reset" | "refused-stream"))
+                        }
                         Failure::Timeout => per_try.is_some() && deadline.is_none_or(|d| Instant::now() < d),
                         _ => false,
                     };
