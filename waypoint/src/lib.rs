@@ -164,6 +164,32 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// A response body that keeps a circuit-breaker slot until it ends.
+struct HoldSlot<B> {
+    inner: B,
+    _slot: Option<Slot>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for HoldSlot<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Releases a circuit-breaker slot when the request is done.
 struct Slot(Arc<AtomicUsize>);
 
@@ -667,7 +693,7 @@ impl Waypoint {
             guard
         };
         // Circuit breaking: a full pool answers at once instead of queueing.
-        let _slot = {
+        let mut slot = {
             let key = format!("{}|{}", dsvc.hostname(), dest.subset.as_deref().unwrap_or(""));
             let counter = self.in_flight.lock().expect("lock").entry(key).or_default().clone();
             let now = counter.fetch_add(1, Ordering::AcqRel);
@@ -675,7 +701,7 @@ impl Waypoint {
             if policy.connection_pool.max_in_flight(h2_upstream).is_some_and(|max| now as u32 >= max) {
                 return self.finish(log, start, Err(Failure::Overflow), &route.response_headers);
             }
-            slot
+            Some(slot)
         };
         // The upstream request.
         // `te: trailers` is end-to-end for gRPC and must reach the backend.
@@ -770,7 +796,10 @@ impl Waypoint {
                         log.retries += 1;
                         continue;
                     }
-                    outcome = Ok((resp.map(|b| b.boxed()), Some(w)));
+                    // The circuit-breaker slot is held until the response
+                    // body has been sent (or dropped), not just its headers.
+                    let held = slot.take();
+                    outcome = Ok((resp.map(|b| HoldSlot { inner: b, _slot: held }.boxed()), Some(w)));
                     break;
                 }
                 Err(f) => {
