@@ -80,6 +80,14 @@ pub struct PodRt {
     children: Vec<Child>,
 }
 
+impl PodRt {
+    /// Where the pod's processes run: its netns and cgroup, and (unless
+    /// hostNetwork) its own /etc view.
+    fn placement(&self) -> sys::Placement<'_> {
+        sys::Placement { netns: &self.netns, cgroup: &self.cgroup, pod_view: !self.host_network }
+    }
+}
+
 pub struct LocalMesh {
     pub run_id: String,
     pub work_dir: PathBuf,
@@ -448,11 +456,17 @@ impl LocalMesh {
             "--ztunnel-socket".into(),
             n.zds_socket.display().to_string(),
         ];
-        let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
-        let cmd = sys::command(&place, &argv, &self.node_env())?;
-        let child = sys::spawn_logged(cmd, &n.agent_log)?;
+        let child = self.spawn_on_node(i, &argv, &n.agent_log)?;
         self.nodes[i].agent = Some(child);
         Ok(())
+    }
+
+    /// Starts a node process (node netns, the node's system cgroup, host
+    /// mounts) with its output in `log`.
+    fn spawn_on_node(&self, i: usize, argv: &[String], log: &Path) -> anyhow::Result<Child> {
+        let n = &self.nodes[i];
+        let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
+        sys::spawn_logged(sys::command(&place, argv, &self.node_env())?, log)
     }
 
     /// Kills node-agent on node `i` with SIGKILL (no chance to clean up).
@@ -486,9 +500,7 @@ impl LocalMesh {
         .into_iter()
         .chain(self.ztunnel_args.iter().cloned())
         .collect();
-        let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
-        let cmd = sys::command(&place, &argv, &self.node_env())?;
-        let child = sys::spawn_logged(cmd, &n.ztunnel_log)?;
+        let child = self.spawn_on_node(i, &argv, &n.ztunnel_log)?;
         self.nodes[i].ztunnel = Some(child);
         Ok(())
     }
@@ -620,7 +632,7 @@ impl LocalMesh {
             let p = &self.pods[k];
             let argv: Vec<String> = c.command.iter().chain(c.args.iter()).cloned().collect();
             let env = self.pod_env(p, &c.env);
-            let place = sys::Placement { netns: &p.netns, cgroup: &p.cgroup, pod_view: !p.host_network };
+            let place = p.placement();
             let cmd = sys::command(&place, &argv, &env)?;
             let child = sys::spawn_logged(cmd, &p.log)
                 .with_context(|| format!("pod {}/{} container {}", p.namespace, p.name, c.name))?;
@@ -663,7 +675,7 @@ impl LocalMesh {
     pub fn exec(&self, pod: &PodRt, argv: &[&str], timeout: Duration) -> anyhow::Result<Output> {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let env = self.pod_env(pod, &[]);
-        let place = sys::Placement { netns: &pod.netns, cgroup: &pod.cgroup, pod_view: !pod.host_network };
+        let place = pod.placement();
         let mut cmd = sys::command(&place, &argv, &env)?;
         cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().context("exec in pod")?;
@@ -693,7 +705,7 @@ impl LocalMesh {
         let p = &self.pods[pod_index];
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let env = self.pod_env(p, &[]);
-        let place = sys::Placement { netns: &p.netns, cgroup: &p.cgroup, pod_view: !p.host_network };
+        let place = p.placement();
         let cmd = sys::command(&place, &argv, &env)?;
         let child = sys::spawn_logged(cmd, log)?;
         self.extra.push(child);

@@ -54,8 +54,6 @@ pub struct Config {
     /// The waypoint's own namespace and service account: its identity.
     pub namespace: String,
     pub service_account: String,
-    /// The waypoint pod's IP (HBONE listener).
-    pub pod_ip: Ipv4Addr,
 }
 
 /// Why a request got a synthetic response; becomes the response flag.
@@ -114,7 +112,6 @@ pub struct Waypoint {
     pool: Pool,
     pub metrics: metrics::Metrics,
     idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Upstream>>>,
-    round_robin: AtomicUsize,
     rng: AtomicU64,
     /// Requests in flight per destination (Service + subset): circuit breaking.
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
@@ -252,7 +249,6 @@ impl Waypoint {
             certs,
             metrics: metrics::Metrics::new(),
             idle: Mutex::new(HashMap::new()),
-            round_robin: AtomicUsize::new(0),
             rng: AtomicU64::new(seed | 1),
             in_flight: Mutex::new(HashMap::new()),
             endpoints: Mutex::new(HashMap::new()),
@@ -417,14 +413,13 @@ impl Waypoint {
         }
     }
 
-    /// Non-HTTP ports: bytes through to one endpoint.
+    /// Non-HTTP ports: bytes through to one endpoint, chosen as for HTTP
+    /// (the destination's load balancer, ejected endpoints skipped).
     async fn tcp_passthrough(&self, ctx: Arc<StreamCtx>, io: tokio::io::DuplexStream) {
         let snap = self.cluster.borrow().clone();
-        let eps = snap.endpoints(&ctx.svc, &ctx.port);
-        if eps.is_empty() {
-            return;
-        }
-        let (w, port) = eps[self.round_robin.fetch_add(1, Ordering::Relaxed) % eps.len()];
+        let dest = RouteDest { host: ctx.svc.hostname(), subset: None, port: Some(ctx.port.port), weight: 100 };
+        let Ok((_, _, eps, policy)) = Self::resolve(&snap, &dest, &ctx.svc.namespace, ctx.port.port) else { return };
+        let Some((w, port)) = self.choose(&eps, &policy) else { return };
         let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
         let c = self.metrics.tcp.clone();
         hbone::relay_io(io, send, recv, &c, &c).await;

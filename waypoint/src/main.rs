@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
         let certs = skiff_ztunnel::certs::CertManager::from_ca_dir(&cli.ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))
             .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
-        let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account, pod_ip: cli.pod_ip };
+        let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account };
         let wp = Waypoint::new(cfg, cluster, certs);
         let hbone = tokio::net::TcpListener::bind((cli.pod_ip, 15008)).await.with_context(|| format!("binding {}:15008", cli.pod_ip))?;
         let metrics = tokio::net::TcpListener::bind(cli.metrics_addr).await.with_context(|| format!("binding {}", cli.metrics_addr))?;

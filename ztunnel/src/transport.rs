@@ -31,12 +31,6 @@ impl Transport {
         }
     }
 
-    /// Label value for `connection_security_policy`.
-    pub fn security_policy(&self) -> &'static str {
-        match self {
-            Transport::PlainTcp => "none",
-        }
-    }
 }
 
 /// Connects an unconnected socket made in a pod's netns, with a timeout.
