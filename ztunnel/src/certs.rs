@@ -42,8 +42,21 @@ pub struct CertManager {
     certs: Mutex<HashMap<Identity, Arc<Issued>>>,
 }
 
+/// TLS 1.3 with AES-128-GCM preferred and X25519 first: the suite and
+/// key exchange an Istio mesh of Envoy sidecars (BoringSSL) negotiates, so
+/// the two are compared like for like (`cargo xtask bench compare` checks
+/// it). AES-256-GCM and ChaCha20 stay acceptable to peers that prefer them.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::{cipher_suite, default_provider, kx_group};
+    Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        ..default_provider()
+    })
 }
 
 fn unix(t: SystemTime) -> u64 {

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub active_connections: IntGauge,
     /// HBONE connections refused at the TLS or identity check.
     pub hbone_refused: prometheus::IntCounter,
+    /// Accepted HBONE handshakes by negotiated cipher suite and key exchange.
+    pub tls_handshakes: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -114,7 +116,13 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(hbone_refused.clone())).expect("metric registered once");
-        Metrics { registry, opened, closed, sent, received, workloads, active_connections, hbone_refused }
+        let tls_handshakes = counter(
+            &registry,
+            "skiff_ztunnel_tls_handshakes_total",
+            "HBONE TLS handshakes accepted, by negotiated cipher suite and key exchange group",
+            &["cipher_suite", "kx_group"],
+        );
+        Metrics { registry, opened, closed, sent, received, workloads, active_connections, hbone_refused, tls_handshakes }
     }
 
     /// Counters of one connection, resolved once so the data path only adds.

@@ -705,7 +705,15 @@ impl Ztunnel {
     async fn inbound(self: Arc<Self>, pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
         let start = Instant::now();
         let info = pod.info.read().expect("lock").clone();
-        let (Some(dst), Some(peer4)) = (client.local_addr().ok().and_then(sock::v4), sock::v4(peer)) else {
+        // eBPF capture (sk_lookup) keeps the original destination as the
+        // local address; iptables capture (DNAT to 127.0.0.1:15006) leaves
+        // it in conntrack, where SO_ORIGINAL_DST finds it.
+        let local = client.local_addr().ok().and_then(sock::v4);
+        let local = match local {
+            Some(a) if a.ip().is_loopback() => sock::original_dst(&client).ok(),
+            other => other,
+        };
+        let (Some(dst), Some(peer4)) = (local, sock::v4(peer)) else {
             warn!(%peer, "inbound connection with a non-IPv4 address; closed");
             return;
         };
@@ -792,6 +800,12 @@ impl Ztunnel {
                 return;
             }
         };
+        {
+            let conn = tls.get_ref().1;
+            let suite = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+            let kx = conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name())).unwrap_or_default();
+            self.metrics.tls_handshakes.with_label_values(&[&suite, &kx]).inc();
+        }
         let peer_id = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(identity::identity_of) {
             Some(Ok(id)) => id,
             _ => {
