@@ -34,6 +34,11 @@ pub const LABEL_USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const LABEL_SKIFF_USE_WAYPOINT: &str = "skiff.dev/use-waypoint";
 /// Label on waypoint pods: the waypoint (Gateway) name.
 pub const LABEL_GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
+/// Pod or namespace label choosing the capture mechanism of an enrolled
+/// pod: eBPF unless it says `iptables`.
+pub const LABEL_CAPTURE: &str = "skiff.dev/capture";
+/// Value of [`LABEL_CAPTURE`] that captures with iptables REDIRECT/DNAT.
+pub const CAPTURE_IPTABLES: &str = "iptables";
 /// Pod annotation written by the local mesh: path of the pod's netns.
 pub const ANNOTATION_LOCAL_NETNS: &str = "local.skiff.dev/netns";
 

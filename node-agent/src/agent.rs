@@ -59,6 +59,18 @@ struct Enrolled {
     info: WorkloadInfo,
     netns: OwnedFd,
     cookie: u64,
+    /// Captured by iptables rules in the pod's netns instead of eBPF.
+    iptables: bool,
+}
+
+/// Whether a pod asks for iptables capture (`skiff.dev/capture: iptables`
+/// on the pod, or else on its namespace).
+fn wants_iptables(w: &Workload, ns_labels: Option<&BTreeMap<String, String>>) -> bool {
+    let label = skiff_core::LABEL_CAPTURE;
+    match w.labels.get(label) {
+        Some(v) => v == skiff_core::CAPTURE_IPTABLES,
+        None => ns_labels.and_then(|l| l.get(label)).is_some_and(|v| v == skiff_core::CAPTURE_IPTABLES),
+    }
 }
 
 pub struct Agent {
@@ -135,12 +147,12 @@ impl Agent {
     /// Brings kernel state and ztunnel in line with `snap`.
     pub fn reconcile(&mut self, snap: &Snapshot) {
         let node = self.cfg.node.clone();
-        let mut desired: BTreeMap<String, &Workload> = BTreeMap::new();
+        let mut desired: BTreeMap<String, (&Workload, bool)> = BTreeMap::new();
         let mut skipped: BTreeMap<String, SkipReason> = BTreeMap::new();
         for w in snap.workloads.values() {
             match decide(&node, snap.namespace_labels(&w.namespace), w) {
                 Decision::Enroll => {
-                    desired.insert(w.uid.clone(), w);
+                    desired.insert(w.uid.clone(), (w, wants_iptables(w, snap.namespace_labels(&w.namespace))));
                 }
                 Decision::Skip(reason) => {
                     skipped.insert(w.uid.clone(), reason);
@@ -153,10 +165,13 @@ impl Agent {
             self.release(&uid, &reason);
         }
         let wanted = desired.len();
-        for (uid, w) in desired {
+        for (uid, (w, iptables)) in desired {
             let Some(info) = info_of(w, &node) else { continue };
             // A recreated sandbox keeps the pod's uid but has a new netns:
             // that is a new pod for capture.
+            if self.pods.get(&uid).is_some_and(|e| e.iptables != iptables) {
+                self.release(&uid, "capture mechanism changed");
+            }
             if let Some(e) = self.pods.get(&uid) {
                 let current = self.locator.open(w).ok().and_then(|fd| netns::identity(fd.as_fd()).ok());
                 if current.is_some_and(|id| Some(id) != netns::identity(e.netns.as_fd()).ok()) {
@@ -166,14 +181,14 @@ impl Agent {
             match self.pods.get(&uid) {
                 Some(e) if e.info == info => {}
                 Some(_) => self.update(info),
-                None => self.enroll(w, info),
+                None => self.enroll(w, info, iptables),
             }
         }
         self.pending = wanted.saturating_sub(self.pods.len());
         self.sweep_stale();
     }
 
-    fn enroll(&mut self, w: &Workload, info: WorkloadInfo) {
+    fn enroll(&mut self, w: &Workload, info: WorkloadInfo, iptables: bool) {
         let pod = format!("{}/{}", info.namespace, info.name);
         let netns = match self.locator.open(w) {
             Ok(fd) => fd,
@@ -206,6 +221,17 @@ impl Agent {
             error!(%pod, "not enrolled: ztunnel refused the pod; will retry");
             return;
         }
+        if iptables {
+            match podnet::iptables::install(netns.as_fd()) {
+                Ok(()) => {
+                    info!(%pod, ip = %info.ip, netns_cookie = cookie, ztunnel = self.ztunnel.is_some(), capture = "iptables", "pod enrolled");
+                    self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, iptables: true });
+                    return;
+                }
+                // Never uncaptured: eBPF takes the pod instead.
+                Err(e) => error!(%pod, error = %skiff_core::report(&e), "iptables capture failed; capturing with eBPF instead"),
+            }
+        }
         let entry = EnrolledPod { pod_ip: u32::from(info.ip).to_be(), flags: ENROLL_OUTBOUND | ENROLL_INBOUND };
         if let Err(e) = self.capture.enroll(cookie, entry) {
             error!(%pod, error = %skiff_core::report(&e), "cannot enroll: capture map");
@@ -218,7 +244,7 @@ impl Agent {
             return;
         }
         info!(%pod, ip = %info.ip, netns_cookie = cookie, ztunnel = self.ztunnel.is_some(), "pod enrolled");
-        self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie });
+        self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, iptables: false });
     }
 
     fn update(&mut self, info: WorkloadInfo) {
@@ -240,6 +266,11 @@ impl Agent {
         let pod = format!("{}/{}", e.info.namespace, e.info.name);
         // Capture off first, then ztunnel: no connection is refused for lack
         // of a listener in between.
+        if e.iptables {
+            if let Err(err) = podnet::iptables::remove(e.netns.as_fd()) {
+                error!(%pod, error = %skiff_core::report(&err), "removing iptables capture");
+            }
+        }
         if let Err(err) = self.capture.unenroll(e.cookie) {
             error!(%pod, error = %skiff_core::report(&err), "removing capture entry");
         }

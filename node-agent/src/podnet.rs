@@ -45,6 +45,9 @@ pub enum PodNetError {
     /// `ip` could not run or failed.
     #[error("`ip {args}` failed: {stderr}")]
     Ip { args: String, stderr: String },
+    /// `iptables-restore` could not run or failed.
+    #[error("iptables-restore failed: {stderr}")]
+    Iptables { stderr: String },
 }
 
 fn ip(args: &[&str]) -> Result<String, PodNetError> {
@@ -84,4 +87,87 @@ fn setup_here() -> Result<(), PodNetError> {
 /// Applies the delivery settings in a pod's netns (idempotent).
 pub fn setup(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
     netns::run_in(ns, setup_here)?
+}
+
+/// iptables capture, the alternative to eBPF for pods labelled
+/// `skiff.dev/capture: iptables` (kept to price the capture mechanism
+/// alone in `cargo xtask bench compare`, and for hosts where cgroup eBPF
+/// cannot be attached). The pod's `nat` table is replaced by:
+/// - OUTPUT: TCP the pod opens is redirected to ztunnel's outbound listener
+///   (127.0.0.1:15001), except ztunnel's own sockets (marks
+///   `MARK_BYPASS`, `MARK_DELIVER`) and loopback;
+/// - PREROUTING: TCP arriving from outside goes to ztunnel's plaintext
+///   inbound listener (127.0.0.1:15006, `route_localnet` on), except HBONE
+///   (15008), which ztunnel itself serves.
+///
+/// ztunnel reads the original destination with `SO_ORIGINAL_DST`, which
+/// conntrack answers for these connections. The pod's `nat` table is
+/// Skiff's: rules others put there are replaced.
+pub mod iptables {
+    use std::{
+        io::Write as _,
+        os::fd::BorrowedFd,
+        process::{Command, Stdio},
+    };
+
+    use skiff_core::netns;
+    use skiff_ebpf_common::{MARK_BYPASS, MARK_DELIVER, PORT_INBOUND_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND};
+
+    use super::PodNetError;
+
+    const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+
+    /// The `nat` table for an iptables-captured pod (iptables-restore input).
+    pub fn rules() -> String {
+        format!(
+            "*nat\n\
+             :PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+             :SKIFF_OUTPUT - [0:0]\n:SKIFF_INBOUND - [0:0]\n\
+             -A OUTPUT -p tcp -j SKIFF_OUTPUT\n\
+             -A SKIFF_OUTPUT -m mark --mark {bypass:#x} -j RETURN\n\
+             -A SKIFF_OUTPUT -m mark --mark {deliver:#x} -j RETURN\n\
+             -A SKIFF_OUTPUT -d 127.0.0.0/8 -j RETURN\n\
+             -A SKIFF_OUTPUT -p tcp -j REDIRECT --to-ports {out}\n\
+             -A PREROUTING -p tcp -j SKIFF_INBOUND\n\
+             -A SKIFF_INBOUND -i lo -j RETURN\n\
+             -A SKIFF_INBOUND -p tcp --dport {hbone} -j RETURN\n\
+             -A SKIFF_INBOUND -p tcp -j DNAT --to-destination 127.0.0.1:{inb}\n\
+             COMMIT\n",
+            bypass = MARK_BYPASS,
+            deliver = MARK_DELIVER,
+            out = PORT_OUTBOUND,
+            hbone = PORT_INBOUND_HBONE,
+            inb = PORT_INBOUND_PLAINTEXT,
+        )
+    }
+
+    fn restore(input: &str) -> Result<(), PodNetError> {
+        let err = |stderr: String| PodNetError::Iptables { stderr };
+        let mut child = Command::new("iptables-restore")
+            .arg("-w")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| err(format!("cannot run iptables-restore: {e} (install the iptables package)")))?;
+        child.stdin.take().expect("piped").write_all(input.as_bytes()).map_err(|e| err(e.to_string()))?;
+        let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+        if !out.status.success() {
+            return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Installs the capture rules in a pod's netns (idempotent).
+    pub fn install(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
+        netns::run_in(ns, || {
+            std::fs::write(ROUTE_LOCALNET, "1").map_err(|e| PodNetError::Sysctl("net.ipv4.conf.all.route_localnet", e))?;
+            restore(&rules())
+        })?
+    }
+
+    /// Removes the capture rules (empties the pod's `nat` table).
+    pub fn remove(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
+        netns::run_in(ns, || restore("*nat\nCOMMIT\n"))?
+    }
 }
