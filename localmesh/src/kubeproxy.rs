@@ -65,3 +65,47 @@ pub fn start(rt: &tokio::runtime::Handle, node: &str, node_ns: OwnedFd, frontend
 pub fn is_vip(ip: Ipv4Addr) -> bool {
     ip.octets()[0..2] == [10, 96]
 }
+
+/// kube-proxy's iptables mode in spirit: DNAT each ClusterIP:port to one of
+/// its endpoints, chosen at random per connection, for pods (PREROUTING)
+/// and the node itself (OUTPUT). The rules live in the node's netns and go
+/// with it.
+pub fn iptables_rules(frontends: &[Frontend]) -> String {
+    let mut r = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
+         -A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n",
+    );
+    for f in frontends {
+        let n = f.endpoints.len();
+        for (i, ep) in f.endpoints.iter().enumerate() {
+            let pick = if i + 1 < n { format!("-m statistic --mode random --probability {:.5} ", 1.0 / (n - i) as f64) } else { String::new() };
+            r.push_str(&format!(
+                "-A KUBE-SERVICES -d {}/32 -p tcp --dport {} {pick}-j DNAT --to-destination {ep}\n",
+                f.vip.ip(),
+                f.vip.port()
+            ));
+        }
+        if n == 0 {
+            r.push_str(&format!("-A KUBE-SERVICES -d {}/32 -p tcp --dport {} -j REJECT --reject-with tcp-reset\n", f.vip.ip(), f.vip.port()));
+        }
+    }
+    r.push_str("COMMIT\n");
+    r
+}
+
+/// Loads `rules` (iptables-restore input) into `netns`.
+pub fn iptables_apply(netns: &str, rules: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "iptables-restore", "-w"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("running iptables-restore (install the iptables package): {e}"))?;
+    child.stdin.take().expect("piped").write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!("iptables-restore in {netns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}

@@ -5,10 +5,11 @@
 
 pub mod bench;
 pub mod capture;
+pub mod compare;
 pub mod demo;
 pub mod kubeproxy;
 pub mod manifests;
 pub mod mesh;
 pub mod sys;
 
-pub use mesh::{LocalMesh, MeshOptions, PodRt};
+pub use mesh::{KubeProxy, LocalMesh, MeshOptions, PodRt};

@@ -41,11 +41,26 @@ pub struct MeshOptions {
     pub cert_lifetime: Duration,
     /// Extra ztunnel arguments.
     pub ztunnel_args: Vec<String>,
+    /// How uncaptured pods reach ClusterIPs.
+    pub kube_proxy: KubeProxy,
+    /// Pin each node's processes (ztunnel, node-agent) to one CPU: node `i`
+    /// on CPU `i mod CPUs` (benchmarks).
+    pub pin_node_cpus: bool,
+}
+
+/// The kube-proxy stand-in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeProxy {
+    /// A userspace forwarder on each node (no iptables needed).
+    Userspace,
+    /// iptables DNAT in each node's netns, as kube-proxy's iptables mode
+    /// (benchmarks: the baseline then has no extra proxy hop).
+    Iptables,
 }
 
 impl MeshOptions {
     pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
-        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new() }
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Userspace, pin_node_cpus: false }
     }
 }
 
@@ -108,6 +123,8 @@ pub struct LocalMesh {
     torn_down: bool,
     cert_lifetime: Duration,
     ztunnel_args: Vec<String>,
+    kube_proxy: KubeProxy,
+    pin_node_cpus: bool,
 }
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
@@ -198,6 +215,8 @@ impl LocalMesh {
             torn_down: false,
             cert_lifetime: opts.cert_lifetime,
             ztunnel_args: opts.ztunnel_args.clone(),
+            kube_proxy: opts.kube_proxy,
+            pin_node_cpus: opts.pin_node_cpus,
         };
         // From here on, Drop tears down whatever was created if a step fails.
         mesh.build(opts, &node_names, plan.pods)?;
@@ -466,7 +485,12 @@ impl LocalMesh {
     fn spawn_on_node(&self, i: usize, argv: &[String], log: &Path) -> anyhow::Result<Child> {
         let n = &self.nodes[i];
         let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
-        sys::spawn_logged(sys::command(&place, argv, &self.node_env())?, log)
+        let mut argv = argv.to_vec();
+        if self.pin_node_cpus {
+            let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            argv.splice(0..0, ["taskset".to_owned(), "-c".to_owned(), (i % cpus).to_string()]);
+        }
+        sys::spawn_logged(sys::command(&place, &argv, &self.node_env())?, log)
     }
 
     /// Kills node-agent on node `i` with SIGKILL (no chance to clean up).
@@ -593,6 +617,13 @@ impl LocalMesh {
                     .collect();
                 frontends.push(kubeproxy::Frontend { vip: SocketAddrV4::new(s.cluster_ip, port.port), endpoints });
             }
+        }
+        if self.kube_proxy == KubeProxy::Iptables {
+            let rules = kubeproxy::iptables_rules(&frontends);
+            for n in &self.nodes {
+                kubeproxy::iptables_apply(&n.netns, &rules).with_context(|| format!("kube-proxy rules on {}", n.name))?;
+            }
+            return Ok(());
         }
         for n in &self.nodes {
             let mut vips: Vec<Ipv4Addr> = frontends.iter().map(|f| *f.vip.ip()).collect();

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use skiff_e2e::*;
-use skiff_localmesh::bench;
+use skiff_localmesh::{bench, compare};
 
 #[test]
 fn hbone_benchmark_harness_produces_figures_for_every_path() {
@@ -17,5 +17,63 @@ fn hbone_benchmark_harness_produces_figures_for_every_path() {
     assert_eq!(modes, ["direct", "ztunnel-plain", "hbone"]);
     for r in &results {
         assert!(r.p50_us > 0.0 && r.p99_us >= r.p50_us && r.gbit_per_s > 0.0, "{r:?}");
+    }
+}
+
+/// A `--quick` run of `bench compare`: every mode (no mesh, Envoy sidecars,
+/// ambient L4, ambient + waypoint, ambient with iptables capture) produced
+/// valid figures, the in-bench correctness checks passed (they fail the
+/// run otherwise), and the JSON, table and chart were written. No timing is
+/// asserted.
+#[test]
+fn compare_benchmark_harness_produces_valid_figures_for_every_mode() {
+    let Some(probe) = mesh("manifests/l4") else { return };
+    drop(probe);
+    let tool = |var: &str| std::env::var_os(var).map(std::path::PathBuf::from).filter(|p| p.exists());
+    let (Some(envoy), Some(oha)) = (tool("SKIFF_ENVOY"), tool("SKIFF_OHA")) else {
+        let msg = "SKIFF_ENVOY / SKIFF_OHA not set to installed tools: run the suite with `cargo xtask test`, which installs them";
+        if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0") {
+            panic!("{msg}");
+        }
+        eprintln!("skipped: {msg}");
+        return;
+    };
+    let dir = TempDir::new("compare");
+    let out = dir.0.clone();
+    let o = compare::CompareOptions::quick(bin_dir(), envoy, oha, out.clone());
+    let report = compare::compare(&o).expect("benchmark ran");
+    let modes: Vec<compare::Mode> = report.summary.iter().map(|s| s.mode).collect();
+    assert_eq!(modes, compare::Mode::ALL.to_vec());
+    for r in &report.runs {
+        assert!(r.http_valid, "{:?}: generator below target or failures: {r:?}", r.mode);
+        assert!(r.http.p50 > 0.0 && r.http.p99 >= r.http.p50, "{r:?}");
+        assert!(r.tcp_rr.p50 > 0.0 && r.tcp_rr_valid, "{r:?}");
+        assert!(r.bulk_1_gbit_s > 0.0 && r.bulk_4_gbit_s > 0.0 && r.churn_per_s > 0.0, "{r:?}");
+        assert!(r.usage.box_cpu_s > 0.0, "{r:?}");
+        if r.mode != compare::Mode::M0 {
+            assert!(!r.usage.process_cpu_s.is_empty() && r.usage.rss_mib.values().all(|&m| m > 0.0), "mesh processes not found: {r:?}");
+        }
+    }
+    assert!(report.scale.iter().all(|p| p.sidecar_total_mib > 0.0 && p.ambient_ztunnel_mib > 0.0), "{:?}", report.scale);
+    for f in ["compare.json", "compare.md", "compare.svg"] {
+        let meta = std::fs::metadata(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(meta.len() > 100, "{f} is empty");
+    }
+}
+
+/// A per-run output directory, removed however the test ends.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("skiff-bench-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

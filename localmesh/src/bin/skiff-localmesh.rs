@@ -57,9 +57,31 @@ enum Cmd {
         /// The oha load generator (`waypoint`).
         #[arg(long, default_value = "oha")]
         oha: PathBuf,
-        /// Write the figures as JSON here.
+        /// Write the figures as JSON here (`compare`: a directory for
+        /// compare.json, compare.md and compare.svg).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// `compare`: the Envoy binary for sidecar mode.
+        #[arg(long, default_value = "envoy")]
+        envoy: PathBuf,
+        /// `compare`: modes to run, comma-separated (M0,M1,M2,M3,M2-ipt; M0 always runs).
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
+        /// `compare`: repetitions (default 5; 1 with --quick).
+        #[arg(long)]
+        repetitions: Option<usize>,
+        /// `compare`: fixed HTTP rate, req/s (default 1000).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// `compare`: seconds per fixed-rate run (default 10).
+        #[arg(long)]
+        seconds: Option<u32>,
+        /// `compare`: server pod counts of the memory phase (default 1,8,32; empty to skip).
+        #[arg(long, value_delimiter = ',')]
+        scale: Option<Vec<usize>>,
+        /// `compare`: seed of the shuffled mode order.
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -100,7 +122,35 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { manifests: Some(m), .. } => (m, true),
         Cmd::Demo { manifests: None, example } => (example, false),
         Cmd::Up { manifests } => (manifests, true),
-        Cmd::Bench { which, quick, manifests, out, oha } => {
+        Cmd::Bench { which, quick, manifests, out, oha, envoy, modes, repetitions, rate, seconds, scale, seed } => {
+            if which == "compare" {
+                use skiff_localmesh::compare::{self, Mode};
+                let out = out.unwrap_or_else(|| "target/bench/compare".into());
+                let mut o = if quick {
+                    compare::CompareOptions::quick(bin_dir, envoy, oha, out)
+                } else {
+                    compare::CompareOptions::full(bin_dir, envoy, oha, out)
+                };
+                if !modes.is_empty() {
+                    let mut ms = vec![Mode::M0];
+                    for m in &modes {
+                        let m = Mode::parse(m).with_context(|| format!("unknown mode {m:?} (M0, M1, M2, M3, M2-ipt)"))?;
+                        if !ms.contains(&m) {
+                            ms.push(m);
+                        }
+                    }
+                    o.modes = ms;
+                }
+                o.repetitions = repetitions.unwrap_or(o.repetitions).max(1);
+                o.rate = rate.unwrap_or(o.rate);
+                o.seconds = seconds.unwrap_or(o.seconds);
+                if let Some(s) = scale {
+                    o.scale = s.into_iter().filter(|&n| n > 0).collect();
+                }
+                o.seed = seed.unwrap_or(o.seed);
+                compare::compare(&o)?;
+                return Ok(());
+            }
             if which == "waypoint" {
                 let o = skiff_localmesh::bench::L7BenchOptions {
                     manifests: manifests.unwrap_or_else(|| "examples/bench-l7".into()),
@@ -116,7 +166,7 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             if which != "hbone" {
-                anyhow::bail!("unknown benchmark {which:?} (available: hbone, waypoint)");
+                anyhow::bail!("unknown benchmark {which:?} (available: hbone, waypoint, compare)");
             }
             let manifests = manifests.unwrap_or_else(|| "examples/bench".into());
             let mut o = if quick {
