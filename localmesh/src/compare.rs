@@ -252,6 +252,7 @@ pub struct Summary {
     pub mesh_cpu_ms_per_1000: f64,
     pub mesh_cpu_ms_per_1000_by_process: BTreeMap<String, f64>,
     pub mesh_rss_mib: f64,
+    pub mesh_rss_mib_by_process: BTreeMap<String, f64>,
     pub tcp_rr: Latency,
     pub tcp_rr_added_p50_us: f64,
     pub tcp_rr_added_p99_us: f64,
@@ -1005,6 +1006,13 @@ fn summarize(o: &CompareOptions, runs: &[Run], sweep: &[SweepStep]) -> Vec<Summa
                 }
             }
             let by_proc: BTreeMap<String, f64> = by_proc.into_iter().map(|(k, v)| (k, median(v))).collect();
+            let mut rss: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            for r in &use_runs {
+                for (k, m) in &r.usage.rss_mib {
+                    rss.entry(k.clone()).or_default().push(*m);
+                }
+            }
+            let rss: BTreeMap<String, f64> = rss.into_iter().map(|(k, v)| (k, median(v))).collect();
             let base_box = median(base.values().map(|r| box_ms(r)).collect());
             let b = |f: &dyn Fn(&Run) -> f64| median(base.values().map(|r| f(r)).collect());
             Summary {
@@ -1026,6 +1034,7 @@ fn summarize(o: &CompareOptions, runs: &[Run], sweep: &[SweepStep]) -> Vec<Summa
                 mesh_cpu_ms_per_1000: by_proc.values().sum::<f64>() + 0.0,
                 mesh_cpu_ms_per_1000_by_process: by_proc,
                 mesh_rss_mib: m(&|r| r.usage.rss_mib.values().sum::<f64>() + 0.0),
+                mesh_rss_mib_by_process: rss,
                 tcp_rr: Latency { p50: m(&|r| r.tcp_rr.p50), p90: m(&|r| r.tcp_rr.p90), p99: m(&|r| r.tcp_rr.p99), p999: m(&|r| r.tcp_rr.p999) },
                 tcp_rr_added_p50_us: median(added(&|r| r.tcp_rr.p50)),
                 tcp_rr_added_p99_us: median(added(&|r| r.tcp_rr.p99)),
@@ -1106,6 +1115,14 @@ pub fn markdown(r: &Report) -> String {
             s.churn_per_s,
             s.churn_p50_us
         );
+    }
+    let _ = writeln!(md, "\n**Mesh processes** during the fixed-rate runs (CPU ms per 1000 requests; RSS at the end)\n");
+    let _ = writeln!(md, "| mode | process | CPU ms / 1000 req | RSS MiB |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for s in r.summary.iter().filter(|s| !s.mesh_cpu_ms_per_1000_by_process.is_empty()) {
+        for (p, cpu) in &s.mesh_cpu_ms_per_1000_by_process {
+            let _ = writeln!(md, "| {} | {p} | {cpu:.1} | {:.1} |", s.mode.id(), s.mesh_rss_mib_by_process.get(p).copied().unwrap_or(0.0));
+        }
     }
     if !r.scale.is_empty() {
         let _ = writeln!(md, "\n**Memory per pod** (idle after a warm-up request to every pod; RSS)\n");
