@@ -193,3 +193,118 @@ fn cni_add_enrolls_before_answering_and_del_releases() {
 fn mesh_bin(name: &str) -> std::path::PathBuf {
     bin_dir().join(name)
 }
+
+/// A netns the test makes for a pod sandbox the runtime "just created":
+/// unique per run, removed on drop (pass, fail or panic).
+struct Sandbox {
+    name: String,
+}
+
+impl Sandbox {
+    fn new(name: String, ip: &str) -> Sandbox {
+        let sb = Sandbox { name };
+        let ip_cmd = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip_cmd(&["netns", "add", &sb.name]);
+        ip_cmd(&["-n", &sb.name, "link", "set", "lo", "up"]);
+        ip_cmd(&["-n", &sb.name, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"]);
+        ip_cmd(&["-n", &sb.name, "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ip_cmd(&["-n", &sb.name, "link", "set", "peer0", "up"]);
+        ip_cmd(&["-n", &sb.name, "link", "set", "eth0", "up"]);
+        sb
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn invoke_raw(mesh: &LocalMesh, node: usize, command: &str, ns: &str, name: &str, uid: &str, netns: &str, prev: &Value) -> Invocation {
+    let n = &mesh.nodes[node];
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "localmesh", "type": "skiff-cni",
+        "agentSocket": n.cni_socket, "stateFile": n.cni_state_file, "prevResult": prev,
+    });
+    let mut child = Command::new(n.cni_bin_dir.join("skiff-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("sandbox-{}-{name}", mesh.run_id))
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", &n.cni_bin_dir)
+        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID={uid}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec skiff-cni");
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    Invocation { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into_owned() }
+}
+
+#[test]
+fn cni_add_waits_for_the_api_then_enrolls_with_the_cni_ip_or_fails_closed() {
+    let Some(mesh) = mesh_with("manifests/l4", |o| {
+        o.netns_annotation = false;
+        o.agent_args = vec!["--netns-from".into(), "cni".into(), "--cni-wait-seconds".into(), "3".into()];
+    }) else {
+        return;
+    };
+    let run = mesh.run_id.clone();
+    let node = 0;
+    let node_name = mesh.nodes[node].name.clone();
+    let ip = "10.244.1.99";
+    let sb = Sandbox::new(format!("skiff-{run}-late"), ip);
+    let netns = format!("/var/run/netns/{}", sb.name);
+    let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{ip}/24")}]});
+
+    // The pod shows up in the API while ADD waits — as in a cluster, without
+    // an IP yet (the API learns it only after the sandbox exists): node-agent
+    // enrolls it with the IP from the CNI result before answering.
+    let uid = format!("uid-{run}-late");
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: late, namespace: mesh, uid: {uid}}}\nspec:\n  nodeName: {node_name}\n  serviceAccountName: late\n  containers: [{{name: c, command: [sleep, infinity]}}]\nstatus: {{phase: Pending}}\n"
+    );
+    let writer = {
+        let state = mesh.state_dir.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(800));
+            let tmp = state.join(".applied-late.yaml");
+            std::fs::write(&tmp, pod).unwrap();
+            std::fs::rename(&tmp, state.join("applied-late.yaml")).unwrap();
+        })
+    };
+    let add = invoke_raw(&mesh, node, "ADD", "mesh", "late", &uid, &netns, &prev);
+    writer.join().unwrap();
+    assert_eq!((add.code, json_of(&add.stdout)), (0, prev.clone()), "{}", add.stdout);
+    assert!(enrolled_ips(&mesh, node).contains(&ip.to_string()), "late pod not enrolled when ADD returned");
+
+    // A pod the API never shows, in an enrolled namespace: after the bounded
+    // wait, ADD fails closed (the runtime retries the sandbox)…
+    let started = std::time::Instant::now();
+    let add = invoke_raw(&mesh, node, "ADD", "mesh", "ghost", "uid-ghost", &netns, &prev);
+    assert!(started.elapsed() >= Duration::from_secs(3), "answered before the wait ran out");
+    assert_ne!(add.code, 0);
+    let err = json_of(&add.stdout);
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(err["details"].as_str().unwrap().contains("not in node-agent's view of the API"), "{err}");
+    // …and in a namespace that is not enrolled, the pod starts.
+    let add = invoke_raw(&mesh, node, "ADD", "plain", "ghost", "uid-ghost2", &netns, &prev);
+    assert_eq!((add.code, json_of(&add.stdout)), (0, prev));
+
+    // The primary CNI rewrites its config (e.g. on its own restart):
+    // node-agent chains skiff-cni in again.
+    let conf = mesh.nodes[node].cni_conf_dir.join("10-localmesh.conflist");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let mut v = json_of(&text);
+    v["plugins"].as_array_mut().unwrap().retain(|p| p["type"] != "skiff-cni");
+    std::fs::write(&conf, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    eventually(Duration::from_secs(10), "skiff-cni chained again", || {
+        let v = json_of(&std::fs::read_to_string(&conf).ok()?);
+        v["plugins"].as_array()?.iter().any(|p| p["type"] == "skiff-cni").then_some(())
+    });
+}
