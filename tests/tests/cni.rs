@@ -223,7 +223,9 @@ impl Drop for Sandbox {
     }
 }
 
-fn invoke_raw(mesh: &LocalMesh, node: usize, command: &str, ns: &str, name: &str, uid: &str, netns: &str, prev: &Value) -> Invocation {
+/// Runs the plugin for a pod `(namespace, name, uid)` in `netns`.
+fn invoke_raw(mesh: &LocalMesh, node: usize, command: &str, pod: (&str, &str, &str), netns: &str, prev: &Value) -> Invocation {
+    let (ns, name, uid) = pod;
     let n = &mesh.nodes[node];
     let conf = json!({
         "cniVersion": "1.0.0", "name": "localmesh", "type": "skiff-cni",
@@ -278,7 +280,7 @@ fn cni_add_waits_for_the_api_then_enrolls_with_the_cni_ip_or_fails_closed() {
             std::fs::rename(&tmp, state.join("applied-late.yaml")).unwrap();
         })
     };
-    let add = invoke_raw(&mesh, node, "ADD", "mesh", "late", &uid, &netns, &prev);
+    let add = invoke_raw(&mesh, node, "ADD", ("mesh", "late", &uid), &netns, &prev);
     writer.join().unwrap();
     assert_eq!((add.code, json_of(&add.stdout)), (0, prev.clone()), "{}", add.stdout);
     assert!(enrolled_ips(&mesh, node).contains(&ip.to_string()), "late pod not enrolled when ADD returned");
@@ -286,14 +288,14 @@ fn cni_add_waits_for_the_api_then_enrolls_with_the_cni_ip_or_fails_closed() {
     // A pod the API never shows, in an enrolled namespace: after the bounded
     // wait, ADD fails closed (the runtime retries the sandbox)…
     let started = std::time::Instant::now();
-    let add = invoke_raw(&mesh, node, "ADD", "mesh", "ghost", "uid-ghost", &netns, &prev);
+    let add = invoke_raw(&mesh, node, "ADD", ("mesh", "ghost", "uid-ghost"), &netns, &prev);
     assert!(started.elapsed() >= Duration::from_secs(3), "answered before the wait ran out");
     assert_ne!(add.code, 0);
     let err = json_of(&add.stdout);
     assert_eq!(err["code"], 11, "{err}");
     assert!(err["details"].as_str().unwrap().contains("not in node-agent's view of the API"), "{err}");
     // …and in a namespace that is not enrolled, the pod starts.
-    let add = invoke_raw(&mesh, node, "ADD", "plain", "ghost", "uid-ghost2", &netns, &prev);
+    let add = invoke_raw(&mesh, node, "ADD", ("plain", "ghost", "uid-ghost2"), &netns, &prev);
     assert_eq!((add.code, json_of(&add.stdout)), (0, prev));
 
     // The primary CNI rewrites its config (e.g. on its own restart):
