@@ -277,6 +277,75 @@ mod tests {
         assert!(st.success(), "ip {args:?} failed");
     }
 
+    fn workload(ns: &str, name: &str, uid: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            workload_name: name.into(),
+            service_account: "default".into(),
+            node: Some("n".into()),
+            ip: Some("10.0.0.1".parse().unwrap()),
+            labels: Default::default(),
+            host_network: false,
+            phase: None,
+            netns_path: None,
+            named_ports: Default::default(),
+        }
+    }
+
+    /// Any file stands in for a netns here: the locators only fstat it.
+    fn fd(path: &str) -> OwnedFd {
+        OwnedFd::from(File::open(path).unwrap())
+    }
+
+    struct Fixed(&'static str);
+    impl NetnsLocator for Fixed {
+        fn open(&self, _: &Workload) -> Result<OwnedFd, String> {
+            Ok(fd(self.0))
+        }
+    }
+
+    #[test]
+    fn cni_records_match_by_name_and_uid() {
+        let state: SharedCni = Default::default();
+        let f = fd("/dev/null");
+        let id = netns::identity(f.as_fd()).unwrap();
+        state.lock().unwrap().pods.insert(
+            "shop/web".into(),
+            CniRecord { uid: Some("u1".into()), container_id: "c".into(), netns_path: "/dev/null".into(), netns: f, id, ips: vec![] },
+        );
+        let loc = CniNetns(state);
+        assert_eq!(netns::identity(loc.open(&workload("shop", "web", "u1")).unwrap().as_fd()).unwrap(), id);
+        // Same name, another pod (a StatefulSet pod recreated): not this sandbox.
+        assert!(loc.open(&workload("shop", "web", "u2")).unwrap_err().contains("another pod"));
+        assert!(loc.open(&workload("shop", "api", "u3")).unwrap_err().contains("no CNI ADD"));
+    }
+
+    #[test]
+    fn chain_takes_the_first_hit_and_never_a_torn_down_netns() {
+        let state: SharedCni = Default::default();
+        let chain = Chain {
+            locators: vec![("first", Box::new(Fixed("/dev/null"))), ("second", Box::new(Fixed("/dev/zero")))],
+            cni: state.clone(),
+        };
+        let w = workload("shop", "web", "u1");
+        let null = netns::identity(fd("/dev/null").as_fd()).unwrap();
+        let zero = netns::identity(fd("/dev/zero").as_fd()).unwrap();
+        assert_eq!(netns::identity(chain.open(&w).unwrap().as_fd()).unwrap(), null);
+        // The first one's netns belongs to a sandbox CNI DEL tore down: skipped.
+        state.lock().unwrap().released.insert(null, Instant::now());
+        assert_eq!(netns::identity(chain.open(&w).unwrap().as_fd()).unwrap(), zero);
+        state.lock().unwrap().released.insert(zero, Instant::now());
+        let e = chain.open(&w).unwrap_err();
+        assert!(e.contains("first:") && e.contains("second:") && e.contains("tore down"), "{e}");
+        // Tombstones expire.
+        if let Some(old) = Instant::now().checked_sub(RELEASED_TTL + Duration::from_secs(1)) {
+            state.lock().unwrap().released.insert(null, old);
+            assert_eq!(netns::identity(chain.open(&w).unwrap().as_fd()).unwrap(), null);
+        }
+    }
+
     #[test]
     fn proc_locator_finds_a_netns_by_address_and_forgets_it_when_its_processes_exit() {
         if !privileged() {
