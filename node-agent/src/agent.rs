@@ -260,6 +260,15 @@ impl Agent {
     /// Publishes the enrolled namespaces for the CNI plugin (used when it
     /// cannot reach node-agent: fail closed for those namespaces).
     fn publish(&mut self, snap: &Snapshot) {
+        if let Some(link) = &self.cni {
+            let names: std::collections::BTreeSet<String> =
+                snap.workloads.values().map(|w| format!("{}/{}", w.namespace, w.name)).collect();
+            if let Ok(mut st) = link.state.lock() {
+                for pod in st.prune(|k| names.contains(k)) {
+                    info!(%pod, "dropping the CNI record of a pod the API no longer shows (its DEL was missed)");
+                }
+            }
+        }
         let Some(path) = self.cni.as_ref().and_then(|c| c.state_file.clone()) else { return };
         let names: Vec<String> =
             snap.namespaces.iter().filter(|(n, i)| namespace_enrolled(n, &i.labels)).map(|(n, _)| n.clone()).collect();
@@ -314,6 +323,7 @@ impl Agent {
                                 netns: fd,
                                 id,
                                 ips,
+                                added: Instant::now(),
                             },
                         );
                     }

@@ -41,6 +41,8 @@ pub struct CniRecord {
     pub id: NetnsId,
     /// IPv4 addresses from the primary plugin's result.
     pub ips: Vec<Ipv4Addr>,
+    /// When the ADD arrived.
+    pub added: Instant,
 }
 
 /// What the CNI plugin reported, shared between the socket server, the
@@ -57,7 +59,23 @@ pub struct CniState {
 /// exit within seconds of DEL; the netns inode could be reused long after.
 const RELEASED_TTL: Duration = Duration::from_secs(600);
 
+/// How long a CNI record may go without its pod in the config source before
+/// it is dropped (a DEL node-agent missed; the record's fd would otherwise
+/// keep the old netns alive). Longer than any lag of the source behind ADD.
+pub const ORPHAN_TTL: Duration = Duration::from_secs(120);
+
 impl CniState {
+    /// Drops records whose pod the config source no longer shows.
+    pub fn prune(&mut self, exists: impl Fn(&str) -> bool) -> Vec<String> {
+        let gone: Vec<String> =
+            self.pods.iter().filter(|(k, r)| !exists(k) && r.added.elapsed() > ORPHAN_TTL).map(|(k, _)| k.clone()).collect();
+        for k in &gone {
+            self.pods.remove(k);
+        }
+        gone
+    }
+
+
     pub fn is_released(&mut self, id: NetnsId) -> bool {
         self.released.retain(|_, t| t.elapsed() < RELEASED_TTL);
         self.released.contains_key(&id)
@@ -313,13 +331,38 @@ mod tests {
         let id = netns::identity(f.as_fd()).unwrap();
         state.lock().unwrap().pods.insert(
             "shop/web".into(),
-            CniRecord { uid: Some("u1".into()), container_id: "c".into(), netns_path: "/dev/null".into(), netns: f, id, ips: vec![] },
+            CniRecord {
+                uid: Some("u1".into()),
+                container_id: "c".into(),
+                netns_path: "/dev/null".into(),
+                netns: f,
+                id,
+                ips: vec![],
+                added: Instant::now(),
+            },
         );
         let loc = CniNetns(state);
         assert_eq!(netns::identity(loc.open(&workload("shop", "web", "u1")).unwrap().as_fd()).unwrap(), id);
         // Same name, another pod (a StatefulSet pod recreated): not this sandbox.
         assert!(loc.open(&workload("shop", "web", "u2")).unwrap_err().contains("another pod"));
         assert!(loc.open(&workload("shop", "api", "u3")).unwrap_err().contains("no CNI ADD"));
+    }
+
+    #[test]
+    fn records_of_pods_gone_from_the_api_are_pruned_after_a_grace_period() {
+        let Some(old) = Instant::now().checked_sub(ORPHAN_TTL + Duration::from_secs(1)) else { return };
+        let mut st = CniState::default();
+        for (key, added) in [("shop/old", old), ("shop/new", Instant::now()), ("shop/kept", old)] {
+            let f = fd("/dev/null");
+            let id = netns::identity(f.as_fd()).unwrap();
+            st.pods.insert(
+                key.into(),
+                CniRecord { uid: None, container_id: key.into(), netns_path: "/dev/null".into(), netns: f, id, ips: vec![], added },
+            );
+        }
+        // "shop/new" is not in the API yet either, but its ADD is recent.
+        assert_eq!(st.prune(|k| k == "shop/kept"), ["shop/old"]);
+        assert_eq!(st.pods.keys().collect::<Vec<_>>(), ["shop/kept", "shop/new"]);
     }
 
     #[test]
