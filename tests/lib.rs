@@ -39,7 +39,7 @@ pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> → target/<profile>
     let dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
-    for bin in ["skiff-node-agent", "skiff-ztunnel", "skiff-demo-app"] {
+    for bin in ["skiff-node-agent", "skiff-ztunnel", "skiff-demo-app", "skiff-cni"] {
         assert!(
             dir.join(bin).exists(),
             "{} is missing: build the binaries first (`cargo build --bins`), or run `cargo xtask test`",

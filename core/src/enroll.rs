@@ -100,6 +100,12 @@ pub fn decide(node: &str, namespace_labels: Option<&BTreeMap<String, String>>, p
     Decision::Enroll
 }
 
+/// Whether pods in namespace `name` with these labels are captured (unless
+/// a pod opts out): the namespace-level part of [`decide`].
+pub fn namespace_enrolled(name: &str, labels: &BTreeMap<String, String>) -> bool {
+    name != MESH_NAMESPACE && name != "kube-system" && mode(labels) == Some(DATAPLANE_AMBIENT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

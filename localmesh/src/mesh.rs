@@ -46,6 +46,11 @@ pub struct MeshOptions {
     /// Pin each node's processes (ztunnel, node-agent) to one CPU: node `i`
     /// on CPU `i mod CPUs` (benchmarks).
     pub pin_node_cpus: bool,
+    /// Extra node-agent `run` arguments.
+    pub agent_args: Vec<String>,
+    /// Write the `local.skiff.dev/netns` annotation on pods (off: node-agent
+    /// must find the netns another way, e.g. from the CNI plugin).
+    pub netns_annotation: bool,
 }
 
 /// The kube-proxy stand-in.
@@ -60,7 +65,7 @@ pub enum KubeProxy {
 
 impl MeshOptions {
     pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
-        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Userspace, pin_node_cpus: false }
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Userspace, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true }
     }
 }
 
@@ -77,6 +82,13 @@ pub struct NodeRt {
     ztunnel: Option<Child>,
     pub agent_log: PathBuf,
     pub ztunnel_log: PathBuf,
+    /// This node's CNI plugin dir, CNI config dir, plugin socket and state
+    /// file (node-agent installs `skiff-cni` here, as on a real node under
+    /// /opt/cni/bin and /etc/cni/net.d).
+    pub cni_bin_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub cni_socket: PathBuf,
+    pub cni_state_file: PathBuf,
     pods_on_node: u32,
 }
 
@@ -125,6 +137,8 @@ pub struct LocalMesh {
     ztunnel_args: Vec<String>,
     kube_proxy: KubeProxy,
     pin_node_cpus: bool,
+    agent_args: Vec<String>,
+    netns_annotation: bool,
 }
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
@@ -139,7 +153,7 @@ fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
             bail!("`{tool}` not found on PATH (install iproute2, util-linux and procps; `cargo xtask setup` does)");
         }
     }
-    for bin in ["skiff-node-agent", "skiff-ztunnel"] {
+    for bin in ["skiff-node-agent", "skiff-ztunnel", "skiff-cni"] {
         let p = opts.bin_dir.join(bin);
         if !p.exists() {
             bail!("{} not found: build the workspace first (`cargo build --bins`, or use `cargo xtask`)", p.display());
@@ -217,6 +231,8 @@ impl LocalMesh {
             ztunnel_args: opts.ztunnel_args.clone(),
             kube_proxy: opts.kube_proxy,
             pin_node_cpus: opts.pin_node_cpus,
+            agent_args: opts.agent_args.clone(),
+            netns_annotation: opts.netns_annotation,
         };
         // From here on, Drop tears down whatever was created if a step fails.
         mesh.build(opts, &node_names, plan.pods)?;
@@ -279,6 +295,16 @@ impl LocalMesh {
             fs::create_dir_all(node_cg.join("pods"))?;
             let node_dir = self.work_dir.join(name);
             fs::create_dir_all(&node_dir)?;
+            // A stand-in for the primary CNI's config, for node-agent to chain into.
+            let cni_conf_dir = node_dir.join("cni").join("net.d");
+            fs::create_dir_all(&cni_conf_dir)?;
+            fs::write(
+                cni_conf_dir.join("10-localmesh.conflist"),
+                format!(
+                    "{{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"localmesh\",\n  \"plugins\": [\n    {{\"type\": \"bridge\", \"bridge\": \"cni0\", \"ipam\": {{\"type\": \"host-local\", \"subnet\": \"10.244.{}.0/24\"}}}}\n  ]\n}}\n",
+                    self.nodes.len() + 1
+                ),
+            )?;
             self.nodes.push(NodeRt {
                 name: name.clone(),
                 netns,
@@ -292,6 +318,10 @@ impl LocalMesh {
                 ztunnel: None,
                 agent_log: self.work_dir.join("logs").join(format!("{name}-node-agent.log")),
                 ztunnel_log: self.work_dir.join("logs").join(format!("{name}-ztunnel.log")),
+                cni_bin_dir: node_dir.join("cni").join("bin"),
+                cni_conf_dir,
+                cni_socket: node_dir.join("cni.sock"),
+                cni_state_file: node_dir.join("cni-state.json"),
                 pods_on_node: 0,
             });
         }
@@ -405,7 +435,7 @@ impl LocalMesh {
         let mut docs = Vec::new();
         for p in &self.pods {
             let mut annotations = BTreeMap::new();
-            if !p.host_network {
+            if !p.host_network && self.netns_annotation {
                 annotations.insert(skiff_core::ANNOTATION_LOCAL_NETNS.to_owned(), format!("/var/run/netns/{}", p.netns));
             }
             let mut spec = p.planned.spec.clone();
@@ -474,7 +504,18 @@ impl LocalMesh {
             n.pin_dir.display().to_string(),
             "--ztunnel-socket".into(),
             n.zds_socket.display().to_string(),
+            "--cni-bin-dir".into(),
+            n.cni_bin_dir.display().to_string(),
+            "--cni-conf-dir".into(),
+            n.cni_conf_dir.display().to_string(),
+            "--cni-socket".into(),
+            n.cni_socket.display().to_string(),
+            "--cni-state-file".into(),
+            n.cni_state_file.display().to_string(),
+            "--cni-plugin".into(),
+            self.bin_dir.join("skiff-cni").display().to_string(),
         ];
+        let argv: Vec<String> = argv.into_iter().chain(self.agent_args.iter().cloned()).collect();
         let child = self.spawn_on_node(i, &argv, &n.agent_log)?;
         self.nodes[i].agent = Some(child);
         Ok(())

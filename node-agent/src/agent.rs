@@ -8,13 +8,14 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        mpsc, Arc,
     },
     time::{Duration, Instant},
 };
 
+use skiff_cni::proto::{PodRef, Reply, Request as CniRequest};
 use skiff_core::{
-    enroll::{decide, Decision, SkipReason},
+    enroll::{decide, namespace_enrolled, Decision, SkipReason},
     model::{Snapshot, Workload},
     netns,
     source::ConfigSource,
@@ -23,7 +24,12 @@ use skiff_core::{
 use skiff_ebpf_common::{EnrolledPod, ENROLL_INBOUND, ENROLL_OUTBOUND};
 use tracing::{debug, error, info, warn};
 
-use crate::{bpf::Capture, podnet};
+use crate::{
+    bpf::Capture,
+    cni::CniEvent,
+    locate::{self, CniRecord, SharedCni},
+    podnet,
+};
 
 
 /// node-agent settings.
@@ -55,6 +61,28 @@ impl NetnsLocator for AnnotatedNetns {
     }
 }
 
+/// The CNI plugin's link to the agent loop.
+pub struct CniLink {
+    /// Requests from the plugin (via the socket thread).
+    pub events: mpsc::Receiver<CniEvent>,
+    /// What the plugin reported, shared with the [`locate::CniNetns`] locator.
+    pub state: SharedCni,
+    /// Where the enrolled namespaces are published for the plugin.
+    pub state_file: Option<PathBuf>,
+    /// How long an ADD for a pod the config source does not show yet waits
+    /// for it before answering.
+    pub wait: Duration,
+}
+
+/// A plugin request waiting for the agent's decision.
+struct Waiting {
+    pod: PodRef,
+    check: bool,
+    netns: Option<locate::NetnsId>,
+    deadline: Instant,
+    reply: mpsc::SyncSender<Reply>,
+}
+
 struct Enrolled {
     info: WorkloadInfo,
     netns: OwnedFd,
@@ -83,6 +111,12 @@ pub struct Agent {
     ztunnel_warned: bool,
     /// Pods that should be enrolled but are not (yet).
     pending: usize,
+    /// Why the last enrollment attempt of a pod failed, by uid.
+    last_error: BTreeMap<String, String>,
+    cni: Option<CniLink>,
+    waiting: Vec<Waiting>,
+    published: Option<Vec<String>>,
+    ready: Option<Arc<AtomicBool>>,
 }
 
 /// How often pods that failed to enroll are retried.
@@ -112,7 +146,25 @@ impl Agent {
             last_connect_attempt: None,
             ztunnel_warned: false,
             pending: 0,
+            last_error: BTreeMap::new(),
+            cni: None,
+            waiting: Vec::new(),
+            published: None,
+            ready: None,
         }
+    }
+
+    /// Takes requests from the CNI plugin.
+    pub fn with_cni(mut self, link: CniLink) -> Self {
+        self.cni = Some(link);
+        self
+    }
+
+    /// Sets `flag` once the first reconcile is done (capture is installed
+    /// before the agent exists).
+    pub fn with_ready(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.ready = Some(flag);
+        self
     }
 
     /// Runs until `stop` is set. Capture is left in place on exit.
@@ -121,15 +173,26 @@ impl Agent {
         // cluster: an empty or partial view would release every pod.
         let mut snapshot: Option<Arc<Snapshot>> = None;
         let mut last_retry = Instant::now();
+        // With the CNI plugin waiting on answers, look at its requests often.
+        let poll = if self.cni.is_some() { Duration::from_millis(50) } else { Duration::from_millis(300) };
         while !stop.load(Ordering::Relaxed) {
-            match source.poll(Duration::from_millis(300)) {
+            match source.poll(poll) {
                 Ok(Some(s)) => {
                     self.reconcile(&s);
                     snapshot = Some(s);
+                    if let Some(r) = &self.ready {
+                        r.store(true, Ordering::Relaxed);
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => error!(error = %e.report(), "config rejected; keeping the last good config"),
             }
+            if self.take_cni_events(snapshot.as_deref()) {
+                if let Some(s) = snapshot.clone() {
+                    self.reconcile(&s);
+                }
+            }
+            self.answer_waiting(snapshot.as_deref());
             if let Some(s) = &snapshot {
                 // Pods that could not be enrolled (netns not there yet, a
                 // failed setup) are retried without waiting for a change.
@@ -149,7 +212,8 @@ impl Agent {
         let node = self.cfg.node.clone();
         let mut desired: BTreeMap<String, (&Workload, bool)> = BTreeMap::new();
         let mut skipped: BTreeMap<String, SkipReason> = BTreeMap::new();
-        for w in snap.workloads.values() {
+        let patched: Vec<Workload> = snap.workloads.values().map(|w| self.with_cni_ip(w)).collect();
+        for w in &patched {
             match decide(&node, snap.namespace_labels(&w.namespace), w) {
                 Decision::Enroll => {
                     desired.insert(w.uid.clone(), (w, wants_iptables(w, snap.namespace_labels(&w.namespace))));
@@ -186,31 +250,244 @@ impl Agent {
         }
         self.pending = wanted.saturating_sub(self.pods.len());
         self.sweep_stale();
+        self.publish(snap);
+    }
+
+    /// In a cluster the API shows a pod's IP only after its sandbox is up,
+    /// i.e. after CNI ADD: until then, the IP the CNI reported stands in, so
+    /// capture is in place before the pod's first packet.
+    fn with_cni_ip(&self, w: &Workload) -> Workload {
+        let mut w = w.clone();
+        if w.ip.is_none() {
+            if let Some(link) = &self.cni {
+                if let Ok(state) = link.state.lock() {
+                    if let Some(rec) = state.pods.get(&format!("{}/{}", w.namespace, w.name)) {
+                        if rec.uid.as_ref().is_none_or(|u| *u == w.uid) {
+                            w.ip = rec.ips.first().copied();
+                        }
+                    }
+                }
+            }
+        }
+        w
+    }
+
+    /// Publishes the enrolled namespaces for the CNI plugin (used when it
+    /// cannot reach node-agent: fail closed for those namespaces).
+    fn publish(&mut self, snap: &Snapshot) {
+        if let Some(link) = &self.cni {
+            let names: std::collections::BTreeSet<String> =
+                snap.workloads.values().map(|w| format!("{}/{}", w.namespace, w.name)).collect();
+            if let Ok(mut st) = link.state.lock() {
+                for pod in st.prune(|k| names.contains(k)) {
+                    info!(%pod, "dropping the CNI record of a pod the API no longer shows (its DEL was missed)");
+                }
+            }
+        }
+        let Some(path) = self.cni.as_ref().and_then(|c| c.state_file.clone()) else { return };
+        let names: Vec<String> =
+            snap.namespaces.iter().filter(|(n, i)| namespace_enrolled(n, &i.labels)).map(|(n, _)| n.clone()).collect();
+        if self.published.as_ref() == Some(&names) {
+            return;
+        }
+        match crate::cni::write_state(&path, names.clone()) {
+            Ok(()) => self.published = Some(names),
+            Err(e) => error!(file = %path.display(), error = %skiff_core::report(&e), "cannot publish enrolled namespaces for the CNI plugin"),
+        }
+    }
+
+    /// Records what the CNI plugin reported; true if a reconcile is due.
+    fn take_cni_events(&mut self, snap: Option<&Snapshot>) -> bool {
+        let mut changed = false;
+        loop {
+            let Some(link) = &self.cni else { return changed };
+            let ev = match link.events.try_recv() {
+                Ok(ev) => ev,
+                Err(_) => return changed,
+            };
+            let state = link.state.clone();
+            let wait = link.wait;
+            match ev.req {
+                CniRequest::Add { pod, netns, ips } => {
+                    let key = format!("{}/{}", pod.namespace, pod.name);
+                    let (fd, id) = match locate::open_path(std::path::Path::new(&netns)) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let enrolled_ns = snap
+                                .and_then(|s| s.namespace_labels(&pod.namespace))
+                                .is_some_and(|l| namespace_enrolled(&pod.namespace, l));
+                            warn!(pod = %key, %netns, error = %e, "CNI ADD: cannot open the sandbox's netns");
+                            let _ = ev.reply.send(if enrolled_ns {
+                                Reply::Failed { message: format!("cannot open netns {netns}: {e}") }
+                            } else {
+                                Reply::NotEnrolled { reason: format!("cannot open netns {netns}: {e}") }
+                            });
+                            continue;
+                        }
+                    };
+                    info!(pod = %key, container = %pod.container_id, %netns, ?ips, "CNI ADD: sandbox created");
+                    let ips = ips.iter().filter_map(|s| s.parse().ok()).collect();
+                    if let Ok(mut st) = state.lock() {
+                        st.released.remove(&id);
+                        st.pods.insert(
+                            key,
+                            CniRecord {
+                                uid: pod.uid.clone(),
+                                container_id: pod.container_id.clone(),
+                                netns_path: netns.into(),
+                                netns: fd,
+                                id,
+                                ips,
+                                added: Instant::now(),
+                            },
+                        );
+                    }
+                    self.waiting.push(Waiting { pod, check: false, netns: Some(id), deadline: Instant::now() + wait, reply: ev.reply });
+                    changed = true;
+                }
+                CniRequest::Check { pod, .. } => {
+                    self.waiting.push(Waiting { pod, check: true, netns: None, deadline: Instant::now(), reply: ev.reply });
+                }
+                CniRequest::Del { pod } => {
+                    let key = format!("{}/{}", pod.namespace, pod.name);
+                    info!(pod = %key, container = %pod.container_id, "CNI DEL: sandbox torn down");
+                    let mut torn = Vec::new();
+                    if let Ok(mut st) = state.lock() {
+                        if st.pods.get(&key).is_some_and(|r| r.container_id == pod.container_id) {
+                            if let Some(r) = st.pods.remove(&key) {
+                                torn.push(r.id);
+                            }
+                        }
+                    }
+                    // The enrolled pod of that sandbox (by uid, else by name).
+                    let uid = self
+                        .pods
+                        .iter()
+                        .find(|(uid, e)| {
+                            pod.uid.as_ref().map_or(e.info.namespace == pod.namespace && e.info.name == pod.name, |u| *u == **uid)
+                        })
+                        .map(|(uid, e)| (uid.clone(), netns::identity(e.netns.as_fd()).ok()));
+                    if let Some((_, Some(id))) = &uid {
+                        torn.push(*id);
+                    }
+                    if let Ok(mut st) = state.lock() {
+                        for id in torn {
+                            st.released.insert(id, Instant::now());
+                        }
+                    }
+                    if let Some((uid, _)) = uid {
+                        self.release(&uid, "CNI DEL: pod sandbox torn down");
+                    }
+                    for w in std::mem::take(&mut self.waiting) {
+                        if w.pod.namespace == pod.namespace && w.pod.name == pod.name && !w.check {
+                            let _ = w.reply.send(Reply::NotEnrolled { reason: "sandbox deleted before a decision".into() });
+                        } else {
+                            self.waiting.push(w);
+                        }
+                    }
+                    let _ = ev.reply.send(Reply::Done);
+                }
+            }
+        }
+    }
+
+    /// Answers plugin requests whose pod is decided (or whose wait ran out).
+    fn answer_waiting(&mut self, snap: Option<&Snapshot>) {
+        let now = Instant::now();
+        for w in std::mem::take(&mut self.waiting) {
+            let key = format!("{}/{}", w.pod.namespace, w.pod.name);
+            let found = snap.and_then(|s| {
+                s.workloads
+                    .values()
+                    .find(|x| x.namespace == w.pod.namespace && x.name == w.pod.name && w.pod.uid.as_ref().is_none_or(|u| *u == x.uid))
+                    .map(|x| (self.with_cni_ip(x), s.namespace_labels(&x.namespace)))
+            });
+            let reply = match found {
+                Some((pod, ns_labels)) => match decide(&self.cfg.node, ns_labels, &pod) {
+                    Decision::Skip(reason) => Reply::NotEnrolled { reason: reason.to_string() },
+                    Decision::Enroll => {
+                        let same_netns = |e: &Enrolled| w.netns.is_none() || netns::identity(e.netns.as_fd()).ok() == w.netns;
+                        match self.pods.get(&pod.uid) {
+                            Some(e) if same_netns(e) => Reply::Enrolled,
+                            _ => Reply::Failed {
+                                message: self
+                                    .last_error
+                                    .get(&pod.uid)
+                                    .cloned()
+                                    .unwrap_or_else(|| "not enrolled yet (see node-agent's log)".into()),
+                            },
+                        }
+                    }
+                },
+                None if now < w.deadline => {
+                    self.waiting.push(w);
+                    continue;
+                }
+                None => {
+                    let enrolled_ns = snap
+                        .and_then(|s| s.namespace_labels(&w.pod.namespace))
+                        .is_some_and(|l| namespace_enrolled(&w.pod.namespace, l));
+                    if enrolled_ns && !w.check {
+                        Reply::Failed {
+                            message: format!(
+                                "pod {key} is not in node-agent's view of the API yet and namespace {} is enrolled: not starting it uncaptured",
+                                w.pod.namespace
+                            ),
+                        }
+                    } else {
+                        Reply::NotEnrolled {
+                            reason: "not in node-agent's view of the API yet; enrolled when the API shows it, if it should be".into(),
+                        }
+                    }
+                }
+            };
+            let what = if w.check { "CNI CHECK" } else { "CNI ADD" };
+            match &reply {
+                Reply::Enrolled => info!(pod = %key, "{what}: answered enrolled"),
+                Reply::NotEnrolled { reason } => info!(pod = %key, %reason, "{what}: answered not enrolled"),
+                Reply::Failed { message } => warn!(pod = %key, %message, "{what}: answered failed (the runtime retries the sandbox)"),
+                Reply::Done => {}
+            }
+            let _ = w.reply.send(reply);
+        }
     }
 
     fn enroll(&mut self, w: &Workload, info: WorkloadInfo, iptables: bool) {
+        let uid = info.uid.clone();
+        match self.try_enroll(w, info, iptables) {
+            Ok(()) => {
+                self.last_error.remove(&uid);
+            }
+            Err(e) => {
+                self.last_error.insert(uid, e);
+            }
+        }
+    }
+
+    /// Enrolls one pod; the error (already logged) says why not.
+    fn try_enroll(&mut self, w: &Workload, info: WorkloadInfo, iptables: bool) -> Result<(), String> {
         let pod = format!("{}/{}", info.namespace, info.name);
         let netns = match self.locator.open(w) {
             Ok(fd) => fd,
             Err(e) => {
                 warn!(%pod, error = %e, "cannot enroll: pod network namespace not found; will retry");
-                return;
+                return Err(format!("pod network namespace not found: {e}"));
             }
         };
         if self.is_node_netns(&netns) {
             error!(%pod, "refusing to enroll: the pod's network namespace is the node's own");
-            return;
+            return Err("the pod's network namespace is the node's own".into());
         }
         let cookie = match netns::cookie_of(netns.as_fd()) {
             Ok(c) => c,
             Err(e) => {
                 error!(%pod, error = %skiff_core::report(&e), "cannot enroll: netns cookie");
-                return;
+                return Err(format!("netns cookie: {}", skiff_core::report(&e)));
             }
         };
         if let Err(e) = podnet::setup(netns.as_fd()) {
             error!(%pod, error = %skiff_core::report(&e), "cannot enroll: pod routing for ztunnel delivery");
-            return;
+            return Err(format!("pod routing for ztunnel delivery: {}", skiff_core::report(&e)));
         }
         // ztunnel first, so its listeners exist before capture points at
         // them. If ztunnel is not connected, capture goes on anyway (its
@@ -219,14 +496,14 @@ impl Agent {
         // the pod stays pending and is retried.
         if let Sent::Refused = self.send_add(&info, &netns) {
             error!(%pod, "not enrolled: ztunnel refused the pod; will retry");
-            return;
+            return Err("ztunnel refused the pod (see its log)".into());
         }
         if iptables {
             match podnet::iptables::install(netns.as_fd()) {
                 Ok(()) => {
                     info!(%pod, ip = %info.ip, netns_cookie = cookie, ztunnel = self.ztunnel.is_some(), capture = "iptables", "pod enrolled");
                     self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, iptables: true });
-                    return;
+                    return Ok(());
                 }
                 // Never uncaptured: eBPF takes the pod instead.
                 Err(e) => error!(%pod, error = %skiff_core::report(&e), "iptables capture failed; capturing with eBPF instead"),
@@ -235,16 +512,17 @@ impl Agent {
         let entry = EnrolledPod { pod_ip: u32::from(info.ip).to_be(), flags: ENROLL_OUTBOUND | ENROLL_INBOUND };
         if let Err(e) = self.capture.enroll(cookie, entry) {
             error!(%pod, error = %skiff_core::report(&e), "cannot enroll: capture map");
-            return;
+            return Err(format!("capture map: {}", skiff_core::report(&e)));
         }
         if let Err(e) = self.capture.attach_inbound(netns.as_fd(), cookie) {
             error!(%pod, error = %skiff_core::report(&e), "cannot enroll: inbound capture not attached; will retry");
             let _ = self.capture.unenroll(cookie);
             self.send(&Request::Del { uid: info.uid.clone() }, None);
-            return;
+            return Err(format!("inbound capture not attached: {}", skiff_core::report(&e)));
         }
         info!(%pod, ip = %info.ip, netns_cookie = cookie, ztunnel = self.ztunnel.is_some(), "pod enrolled");
         self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, iptables: false });
+        Ok(())
     }
 
     fn update(&mut self, info: WorkloadInfo) {

@@ -4,7 +4,10 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod cni;
+pub mod locate;
 pub mod podnet;
+pub mod ready;
 mod rawlink;
 
 /// The cgroup2 mount point, read from `/proc/self/mountinfo` (cgroup v2 is

@@ -4,8 +4,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use skiff_core::source::LocalDirSource;
 use skiff_node_agent::{
-    agent::{stop_flag, Agent, AgentConfig, AnnotatedNetns},
-    bpf,
+    agent::{stop_flag, Agent, AgentConfig},
+    bpf, cni,
 };
 
 /// Skiff node-agent: eBPF capture and pod enrollment for one node.
@@ -17,6 +17,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing would only add noise
 enum Cmd {
     /// Attach capture and enroll pods until SIGTERM (capture stays attached).
     Run {
@@ -35,16 +36,23 @@ enum Cmd {
         /// ztunnel's node-agent socket.
         #[arg(long, default_value = "/var/run/skiff/ztunnel.sock")]
         ztunnel_socket: PathBuf,
+        #[command(flatten)]
+        cni: cni::CniArgs,
+        /// Readiness (`/healthz/ready`: 200 once capture is installed and the first reconcile is done).
+        #[arg(long, default_value = "0.0.0.0:15022")]
+        readiness_addr: std::net::SocketAddr,
     },
     /// Print the pinned capture state (enrolled netns, links, counters) as JSON.
     Inspect {
         #[arg(long, default_value = "/sys/fs/bpf/skiff")]
         pin_dir: PathBuf,
     },
-    /// Detach every program and remove every pin: capture stops.
+    /// Take skiff-cni out of the CNI chain, detach every program and remove every pin: capture stops.
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/skiff")]
         pin_dir: PathBuf,
+        #[command(flatten)]
+        cni: cni::CniPaths,
     },
 }
 
@@ -57,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { node, manifests, cgroup, pin_dir, ztunnel_socket } => {
+        Cmd::Run { node, manifests, cgroup, pin_dir, ztunnel_socket, cni, readiness_addr } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => skiff_node_agent::cgroup2_root().context("no cgroup2 mount found in /proc/self/mountinfo")?,
@@ -69,8 +77,12 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("installing capture under cgroup {}", cgroup.display()))?;
             tracing::info!(node = %node, cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), "capture installed");
             let stop = stop_flag();
+            let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            skiff_node_agent::ready::serve(readiness_addr, ready.clone())
+                .with_context(|| format!("readiness endpoint on {readiness_addr}"))?;
+            let started = cni::start(&cni, stop.clone()).map_err(report)?;
             let cfg = AgentConfig { node, ztunnel_socket, ztunnel_timeout: Duration::from_secs(10) };
-            let mut agent = Agent::new(cfg, capture, Box::new(AnnotatedNetns));
+            let mut agent = Agent::new(cfg, capture, started.locator).with_cni(started.link).with_ready(ready);
             let mut source = LocalDirSource::new(manifests);
             agent.run(&mut source, &stop);
             Ok(())
@@ -80,7 +92,12 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(())
         }
-        Cmd::Uninstall { pin_dir } => {
+        Cmd::Uninstall { pin_dir, cni } => {
+            // The CNI chain first: new pods must not wait for a node-agent
+            // that is going away.
+            for f in cni::uninstall(&cni.cni_bin_dir, &cni.cni_conf_dir, &cni.cni_state_file).map_err(report)? {
+                tracing::info!(file = %f.display(), "CNI: restored or removed");
+            }
             bpf::uninstall(&pin_dir).map_err(report)?;
             tracing::info!(pin_dir = %pin_dir.display(), "capture removed");
             Ok(())

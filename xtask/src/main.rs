@@ -2,7 +2,8 @@
 //!
 //! - `setup`: install what building and running Skiff needs (nightly
 //!   `rust-src`, `bpf-linker` linked against the Rust toolchain's LLVM, host
-//!   tools), idempotently;
+//!   tools, kubernetes-validate in a project venv for checking deploy/),
+//!   idempotently;
 //! - `demo [--manifests DIR] [--nodes N]`: setup, build, run the local mesh demo;
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
@@ -20,6 +21,10 @@ use anyhow::{bail, Context as _};
 /// The bpf-linker release that builds against LLVM 22 (the LLVM inside the
 /// pinned Rust toolchains).
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// kubernetes-validate (PyPI), pinned: validates deploy/ offline against
+/// Kubernetes' schemas (tests/tests/deploy.rs checks this exact version).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.34.1";
 
 fn step(msg: &str) {
     eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
@@ -129,10 +134,41 @@ fn setup_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A project-local venv (`~/.cache/skiff/venv`) with kubernetes-validate,
+/// for the offline validation of deploy/. Needs python3 with venv (Debian
+/// packages python3, python3-venv) and PyPI.
+fn setup_kubernetes_validate() -> anyhow::Result<()> {
+    let venv = home()?.join(".cache").join("skiff").join("venv");
+    let bin = venv.join("bin").join("kubernetes-validate");
+    if output(Command::new(&bin).arg("--version")).is_some_and(|v| v.contains(KUBERNETES_VALIDATE_VERSION)) {
+        step(&format!("kubernetes-validate {KUBERNETES_VALIDATE_VERSION}: present"));
+        return Ok(());
+    }
+    let has_venv = || output(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_some();
+    if !has_venv() {
+        if !is_root() {
+            bail!("python3 with venv is missing: install the Debian packages python3 and python3-venv as root");
+        }
+        step("installing Debian packages python3, python3-venv");
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get").args(["install", "-y", "-q", "python3", "python3-venv"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    step(&format!("installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}", venv.display()));
+    if !venv.join("bin").join("pip").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    run(Command::new(venv.join("bin").join("pip"))
+        .args(["install", "-q", &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")]))
+    .context("installing kubernetes-validate")?;
+    output(Command::new(&bin).arg("--version")).context("kubernetes-validate was installed but does not run")?;
+    Ok(())
+}
+
 fn setup() -> anyhow::Result<()> {
     setup_host_tools()?;
     setup_nightly()?;
     setup_bpf_linker()?;
+    setup_kubernetes_validate()?;
     step("setup complete");
     Ok(())
 }

@@ -1,0 +1,5 @@
+//! `skiff-cni`: the chained CNI plugin (see `skiff_cni::plugin`).
+
+fn main() {
+    std::process::exit(skiff_cni::plugin::main_with_io());
+}

@@ -1,0 +1,107 @@
+//! The plugin ↔ node-agent protocol: a Unix stream socket; the plugin writes
+//! one JSON [`Request`] line and reads one JSON [`Reply`] line.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Which pod sandbox a request is about (from `CNI_ARGS` and the CNI env).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    /// `K8S_POD_NAMESPACE`.
+    pub namespace: String,
+    /// `K8S_POD_NAME`.
+    pub name: String,
+    /// `K8S_POD_UID` (not every runtime sends it).
+    #[serde(default)]
+    pub uid: Option<String>,
+    /// `CNI_CONTAINERID`: the sandbox.
+    pub container_id: String,
+}
+
+/// What the plugin asks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Request {
+    /// A sandbox was created: its netns and the IPs the primary plugin gave it.
+    Add {
+        pod: PodRef,
+        /// `CNI_NETNS`.
+        netns: String,
+        /// IPv4/IPv6 addresses from `prevResult.ips` (without prefix length).
+        ips: Vec<String>,
+    },
+    /// A sandbox is being torn down.
+    Del { pod: PodRef },
+    /// Is the pod's enrollment as it should be?
+    Check { pod: PodRef, netns: String },
+}
+
+/// node-agent's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Reply {
+    /// The pod is captured: ztunnel listens in its netns and capture points there.
+    Enrolled,
+    /// The pod is not captured, and that is the decision (reason given).
+    NotEnrolled { reason: String },
+    /// The pod should be captured but is not: the sandbox must not start.
+    Failed { message: String },
+    /// The request was taken (DEL).
+    Done,
+}
+
+/// Errors talking to node-agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// The socket could not be reached (node-agent not running).
+    #[error("cannot connect to node-agent at {path}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing the socket failed, or timed out.
+    #[error("talking to node-agent at {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer sent something that is not a reply.
+    #[error("node-agent at {path} sent an invalid reply")]
+    Decode {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Sends `req` and waits up to `timeout` for the reply.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, ProtoError> {
+    let path = socket.display().to_string();
+    let stream = UnixStream::connect(socket).map_err(|source| ProtoError::Connect { path: path.clone(), source })?;
+    let io = |source| ProtoError::Io { path: path.clone(), source };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(req).expect("requests always serialize");
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
+    serde_json::from_str(&reply).map_err(|source| ProtoError::Decode { path, source })
+}
+
+/// The node-agent's published view, read by the plugin when node-agent is
+/// unreachable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    /// Namespaces labelled for ambient capture.
+    pub enrolled_namespaces: Vec<String>,
+}
