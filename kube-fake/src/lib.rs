@@ -176,6 +176,7 @@ struct State {
     objects: BTreeMap<Key, Value>,
     history: Vec<HistoryEvent>,
     absent: BTreeSet<&'static str>,
+    failing: BTreeSet<&'static str>,
     requests: Vec<ApiRequest>,
     tokens: BTreeMap<String, TokenIdentity>,
     bookmark_interval: Duration,
@@ -225,6 +226,7 @@ impl FakeApiServer {
                 objects: BTreeMap::new(),
                 history: Vec::new(),
                 absent: BTreeSet::new(),
+                failing: BTreeSet::new(),
                 requests: Vec::new(),
                 tokens: BTreeMap::new(),
                 bookmark_interval: Duration::from_secs(1),
@@ -401,6 +403,18 @@ impl FakeApiServer {
             st.absent.insert(k.resource);
         } else {
             st.absent.remove(k.resource);
+        }
+    }
+
+    /// Makes a kind answer 500 to list and watch (an API server that
+    /// cannot serve it right now), or serve again.
+    pub fn set_failing(&self, kind_name: &str, failing: bool) {
+        let k = kind(kind_name).unwrap_or_else(|| panic!("unknown kind {kind_name}"));
+        let mut st = self.shared.lock();
+        if failing {
+            st.failing.insert(k.resource);
+        } else {
+            st.failing.remove(k.resource);
         }
     }
 
@@ -600,6 +614,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     record(&shared, verb, &t);
     if shared.lock().absent.contains(k.resource) {
         return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
+    }
+    if shared.lock().failing.contains(k.resource) {
+        return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "the test made this kind fail");
     }
     if let Some(name) = &t.name {
         let ns = if k.namespaced { t.namespace.clone().unwrap_or_default() } else { String::new() };
