@@ -423,3 +423,59 @@ fn build(stores: &[Store<DynamicObject>]) -> Result<Arc<Snapshot>, SourceError> 
     }
     Snapshot::from_objects(objects).map(Arc::new).map_err(SourceError::Invalid)
 }
+
+/// Which config source a process was told to use.
+#[derive(Clone, Debug)]
+pub enum SourceChoice {
+    /// A directory of manifests (`--manifests DIR`).
+    Manifests(std::path::PathBuf),
+    /// The Kubernetes API (`--kube`, or `--kube-url URL`).
+    Kube(KubeOptions),
+}
+
+/// The command line did not name exactly one config source.
+#[derive(Debug, thiserror::Error)]
+pub enum ChoiceError {
+    /// None given.
+    #[error("no config source: give --manifests DIR, --kube (in-cluster config or KUBECONFIG) or --kube-url URL")]
+    None,
+    /// More than one given.
+    #[error("more than one config source ({0}): give exactly one of --manifests DIR, --kube, --kube-url URL")]
+    Several(String),
+}
+
+impl SourceChoice {
+    /// From the three flags every node process has. `--kube` and
+    /// `--kube-url` together are one choice (the URL wins over inference).
+    pub fn from_args(manifests: Option<std::path::PathBuf>, kube: bool, kube_url: Option<String>) -> Result<SourceChoice, ChoiceError> {
+        match (manifests, kube || kube_url.is_some()) {
+            (Some(dir), false) => Ok(SourceChoice::Manifests(dir)),
+            (None, true) => Ok(SourceChoice::Kube(KubeOptions { url: kube_url, ..Default::default() })),
+            (None, false) => Err(ChoiceError::None),
+            (Some(dir), true) => Err(ChoiceError::Several(format!(
+                "--manifests {} and {}",
+                dir.display(),
+                kube_url.map_or("--kube".to_owned(), |u| format!("--kube-url {u}"))
+            ))),
+        }
+    }
+
+    /// Only this node's pods (node-agent). No effect on a manifests directory.
+    pub fn pods_on_node(mut self, node: &str) -> SourceChoice {
+        if let SourceChoice::Kube(o) = &mut self {
+            o.pods_on_node = Some(node.to_owned());
+        }
+        self
+    }
+
+    /// Opens the source.
+    pub fn open(self) -> Result<Box<dyn ConfigSource>, KubeSourceError> {
+        Ok(match self {
+            SourceChoice::Manifests(dir) => Box::new(skiff_core::source::LocalDirSource::new(dir)),
+            SourceChoice::Kube(o) => {
+                info!(url = o.url.as_deref().unwrap_or("(in-cluster or kubeconfig)"), pods_on_node = ?o.pods_on_node, "reading the cluster from the Kubernetes API");
+                Box::new(KubeSource::start(o)?)
+            }
+        })
+    }
+}

@@ -12,9 +12,18 @@ struct Cli {
     /// This node's name.
     #[arg(long, env = "SKIFF_NODE_NAME")]
     node: String,
-    /// Directory of Kubernetes manifests describing the cluster (pods, services).
+    /// Directory of Kubernetes manifests describing the cluster (pods,
+    /// services). Exactly one of --manifests, --kube, --kube-url.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API (in-cluster config, else
+    /// KUBECONFIG).
+    #[arg(long)]
+    kube: bool,
+    /// Read the cluster from the Kubernetes API at this URL (tests: a
+    /// plain-http fake API server).
+    #[arg(long, value_name = "URL")]
+    kube_url: Option<String>,
     /// Socket node-agent connects to.
     #[arg(long, default_value = "/var/run/skiff/ztunnel.sock")]
     zds_socket: PathBuf,
@@ -63,9 +72,11 @@ fn main() -> anyhow::Result<()> {
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
         .init();
     let cli = Cli::parse();
+    let source = skiff_kube_source::SourceChoice::from_args(cli.manifests.clone(), cli.kube, cli.kube_url.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
-        let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
+        let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
+        let cluster = skiff_ztunnel::watch_cluster(source);
         let certs = skiff_ztunnel::certs::CertManager::from_ca_dir(&cli.ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))
             .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
         let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh };
