@@ -10,6 +10,7 @@ pub mod drain;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;
+pub mod signer_client;
 pub mod sock;
 pub mod transport;
 pub mod zds_server;
