@@ -155,7 +155,7 @@ impl KubeSource {
                     }
                 };
                 rt.block_on(async move {
-                    let client = match client(&opts).await {
+                    let client = match connect(opts.url.as_deref()).await {
                         Ok(c) => c,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -215,10 +215,11 @@ impl ConfigSource for KubeSource {
     }
 }
 
-async fn client(opts: &KubeOptions) -> Result<Client, KubeSourceError> {
-    let config = match &opts.url {
+/// A Kubernetes client for `url`, or from in-cluster config / kubeconfig.
+pub async fn connect(url: Option<&str>) -> Result<Client, KubeSourceError> {
+    let config = match url {
         Some(url) => {
-            let uri: http::Uri = url.parse().map_err(|source| KubeSourceError::Url { url: url.clone(), source })?;
+            let uri: http::Uri = url.parse().map_err(|source| KubeSourceError::Url { url: url.to_owned(), source })?;
             kube::Config::new(uri)
         }
         None => kube::Config::infer().await.map_err(KubeSourceError::Infer)?,

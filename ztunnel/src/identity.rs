@@ -229,11 +229,13 @@ impl Ca {
     /// Signs the public key of a CSR (whose signature must verify) as
     /// `identity`. Only the key is taken from the CSR: subject, SANs and
     /// extensions are the signer's, so a requester cannot slip in others.
-    pub fn sign_csr(&self, identity: &Identity, csr_pem: &str, lifetime: Duration) -> Result<CertificateDer<'static>, IdentityError> {
+    /// Returns the certificate as DER and as PEM.
+    pub fn sign_csr(&self, identity: &Identity, csr_pem: &str, lifetime: Duration) -> Result<(CertificateDer<'static>, String), IdentityError> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(IdentityError::Csr)?;
         let not_before = SystemTime::now() - Duration::from_secs(60);
         csr.params = leaf_params(identity, not_before, lifetime + Duration::from_secs(60))?;
-        Ok(csr.signed_by(&self.cert, &self.key)?.der().clone())
+        let cert = csr.signed_by(&self.cert, &self.key)?;
+        Ok((cert.der().clone(), cert.pem()))
     }
 
     /// A TLS server certificate for `dns_names` (the signer's own endpoint).
@@ -380,6 +382,30 @@ mod tests {
         for bad in ["spiffe://td/ns/a", "spiffe://td/ns/a/sa/b/c", "http://td/ns/a/sa/b", "spiffe://td/x/a/sa/b", "spiffe:///ns/a/sa/b"] {
             assert!(Identity::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn signing_a_csr_takes_only_its_key() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let wanted = Identity::new("cluster.local", "app", "web");
+        // A CSR asking for more than it is given: an extra SPIFFE ID.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![
+            SanType::URI("spiffe://cluster.local/ns/app/sa/web".try_into().unwrap()),
+            SanType::URI("spiffe://cluster.local/ns/kube-system/sa/admin".try_into().unwrap()),
+        ];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let (der, pem) = ca.sign_csr(&wanted, &csr, Duration::from_secs(600)).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(identity_of(&der).unwrap(), wanted, "exactly one SAN, the signer's");
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        assert!(!parsed.is_ca());
+        // A CSR whose signature does not match its key is refused.
+        let mut bad = csr.clone().into_bytes();
+        let i = bad.len() - 40;
+        bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+        assert!(matches!(ca.sign_csr(&wanted, std::str::from_utf8(&bad).unwrap(), Duration::from_secs(600)), Err(IdentityError::Csr(_))));
     }
 
     #[test]
