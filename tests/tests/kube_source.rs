@@ -66,3 +66,31 @@ fn kube_source_labelling_a_namespace_captures_and_unlabelling_releases() {
     });
     assert!(enrolled_ips(&mesh, mesh_client_node).contains(&mesh_client_ip), "mesh/client released by the relist");
 }
+
+/// The waypoint (a pod, given `SKIFF_KUBE_URL`) routes by a VirtualService
+/// that exists only in the API server's view.
+#[test]
+fn kube_source_waypoint_routes_by_a_virtual_service_from_the_api() {
+    let Some(mesh) = mesh_with("manifests/l7", |o| o.kube_api = true) else { return };
+    for p in ["reviews-v1", "reviews-v2"] {
+        wait_listening(mesh.pod("shop", p));
+    }
+    let wp = mesh.pod("shop", "waypoint");
+    eventually(WAIT, "waypoint serving", || {
+        std::fs::read_to_string(&wp.log).ok().filter(|l| l.contains("waypoint serving")).map(|_| ())
+    });
+    let log = std::fs::read_to_string(&wp.log).unwrap();
+    assert!(log.contains("reading the cluster from the Kubernetes API"), "the waypoint did not use the API:\n{log}");
+
+    let versions = |m: &LocalMesh| -> serde_json::Value {
+        let out = m
+            .exec(m.pod("shop", "client"), &["skiff-demo-app", "http-load", "--url", "http://reviews:9080/", "--count", "5"], Duration::from_secs(60))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["versions"].clone()
+    };
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews, subset: v2}}]\n";
+    mesh.apply("reviews-vs", Some(vs)).unwrap();
+    assert!(mesh.kube_api().unwrap().get("VirtualService", "shop", "reviews").is_some());
+    eventually(WAIT, "every request routed to v2", || (versions(&mesh)["v2"].as_u64() == Some(5)).then_some(()));
+}
