@@ -81,7 +81,7 @@ fn setup(tag: &str) -> Setup {
 
 impl Setup {
     fn client(&self, token: &str) -> SignerClient {
-        SignerClient::new(&self.url, SIGNER_NAME, self.dir.0.join(token), &[self.ca_root.clone()]).unwrap()
+        SignerClient::new(&self.url, SIGNER_NAME, self.dir.0.join(token), std::slice::from_ref(&self.ca_root)).unwrap()
     }
 }
 
@@ -100,7 +100,7 @@ fn signs_an_identity_of_a_pod_on_the_callers_node_chained_to_the_root() {
     let cert = s.client("zt-node-1").issue(&id, Duration::from_secs(3600)).unwrap();
     assert_eq!(identity_of(&cert.chain[0]).unwrap(), id, "the SAN is the requested identity");
     let name = ServerName::try_from("x").unwrap();
-    ExpectedIdentityVerifier::new(roots(&[s.ca_root.clone()]).unwrap(), id.clone())
+    ExpectedIdentityVerifier::new(roots(std::slice::from_ref(&s.ca_root)).unwrap(), id.clone())
         .verify_server_cert(&cert.chain[0], &[], &name, &[], UnixTime::now())
         .expect("chains to the root");
     let foreign = Ca::generate("cluster.local").unwrap();
@@ -148,7 +148,7 @@ fn a_token_bound_only_to_a_pod_is_placed_by_that_pods_node() {
 #[test]
 fn ztunnel_cert_manager_in_signer_mode_serves_only_its_nodes_identities() {
     let s = setup("mgr");
-    let mgr = CertManager::from_signer(s.client("zt-node-1"), &[s.ca_root.clone()], "cluster.local", Duration::from_secs(600)).unwrap();
+    let mgr = CertManager::from_signer(s.client("zt-node-1"), std::slice::from_ref(&s.ca_root), "cluster.local", Duration::from_secs(600)).unwrap();
     mgr.server_config(Identity::new("cluster.local", "app", "web")).expect("own pod's identity");
     assert_eq!(mgr.summary().len(), 1);
     let err = mgr.server_config(Identity::new("cluster.local", "app", "db")).unwrap_err();

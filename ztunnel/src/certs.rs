@@ -24,7 +24,7 @@ use crate::{
 /// Where workload certificates come from.
 enum Issuer {
     /// A root key held by this process (local mode).
-    Local(Ca),
+    Local(Box<Ca>),
     /// The in-cluster signer; ztunnel holds no root key.
     Signer { client: SignerClient, trust_domain: String },
 }
@@ -82,7 +82,7 @@ impl CertManager {
 
     pub fn new(ca: Ca, lifetime: Duration) -> Result<Arc<CertManager>, IdentityError> {
         let roots = identity::roots(&[ca.root()])?;
-        Ok(Arc::new(CertManager { issuer: Issuer::Local(ca), lifetime, roots, certs: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(CertManager { issuer: Issuer::Local(Box::new(ca)), lifetime, roots, certs: Mutex::new(HashMap::new()) }))
     }
 
     /// The in-cluster setup: certificates from the signer, peers checked
