@@ -283,3 +283,39 @@ fn the_same_objects_give_the_same_snapshot_as_the_manifests_directory() {
         assert_eq!(*from_api, from_files, "{}: the sources disagree", dir.display());
     }
 }
+
+/// Relists and reconnects of an unchanged cluster publish nothing: no
+/// intermediate (partial or empty) view ever reaches the node.
+#[test]
+fn relists_of_an_unchanged_cluster_publish_nothing() {
+    let fake = FakeApiServer::start().unwrap();
+    fake.apply(namespace("app", Some("istio.io/dataplane-mode"))).unwrap();
+    for i in 0..20 {
+        fake.apply(pod("app", &format!("p{i}"), NODE, &format!("10.244.1.{}", 10 + i))).unwrap();
+    }
+    let mut src = KubeSource::start(options(&fake, Some(NODE))).unwrap();
+    let mut last = None;
+    wait_until(&mut src, &mut last, "the initial snapshot", |s| enrolled(s).len() == 20);
+    let lists = || fake.requests().iter().filter(|r| r.verb == "list" && r.resource == "pods").count();
+    for round in 0..3 {
+        wait_watches(&fake, WATCHED.len());
+        let before = lists();
+        if round % 2 == 0 {
+            fake.force_relist();
+        } else {
+            fake.drop_watches();
+        }
+        let deadline = Instant::now() + WAIT;
+        // Until the watches are back (and, after a compaction, pods relisted),
+        // and a little beyond the debounce, nothing may be published.
+        while fake.active_watches() < WATCHED.len() || (round % 2 == 0 && lists() == before) {
+            assert!(Instant::now() < deadline, "round {round}: watches did not come back");
+            if let Some(s) = src.poll(Duration::from_millis(50)).unwrap() {
+                panic!("round {round}: published during a relist: {:?}", enrolled(&s));
+            }
+        }
+        if let Some(s) = src.poll(Duration::from_millis(500)).unwrap() {
+            panic!("round {round}: published after a relist of unchanged objects: {:?}", enrolled(&s));
+        }
+    }
+}
