@@ -684,6 +684,18 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
     Ok(out)
 }
 
+/// Parses one object (as served by the Kubernetes API, with `apiVersion`
+/// and `kind` set), with the same typing and errors as a manifest document.
+pub fn parse_object(value: serde_yaml::Value) -> Result<Object, ParseError> {
+    let mut out = Vec::with_capacity(1);
+    parse_value(0, value, &mut out)?;
+    match out.len() {
+        1 => Ok(out.remove(0)),
+        // A `List` object: not something a single API object can be.
+        _ => Err(ParseError::MissingKind { index: 0 }),
+    }
+}
+
 fn parse_value(index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
     let api_version = value.get("apiVersion").and_then(|v| v.as_str()).map(str::to_owned);
     let kind = value.get("kind").and_then(|v| v.as_str()).map(str::to_owned);

@@ -34,6 +34,14 @@ pub enum SourceError {
         #[source]
         source: k8s::ParseError,
     },
+    /// An object read from the Kubernetes API has a field of the wrong type.
+    #[error("{origin}: invalid object")]
+    Object {
+        /// The object's API path.
+        origin: String,
+        #[source]
+        source: k8s::ParseError,
+    },
     /// Objects failed validation.
     #[error("config rejected")]
     Invalid(#[source] ModelErrors),

@@ -51,6 +51,11 @@ pub struct MeshOptions {
     /// Write the `local.skiff.dev/netns` annotation on pods (off: node-agent
     /// must find the netns another way, e.g. from the CNI plugin).
     pub netns_annotation: bool,
+    /// Serve the cluster to node-agent, ztunnel and waypoints from a fake
+    /// Kubernetes API server (`--kube-url`) instead of the state directory
+    /// (`--manifests`). The state directory is still written, and every
+    /// change to it is mirrored into the API server.
+    pub kube_api: bool,
 }
 
 /// The kube-proxy stand-in.
@@ -65,7 +70,7 @@ pub enum KubeProxy {
 
 impl MeshOptions {
     pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
-        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Userspace, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true }
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Userspace, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false }
     }
 }
 
@@ -139,7 +144,16 @@ pub struct LocalMesh {
     pin_node_cpus: bool,
     agent_args: Vec<String>,
     netns_annotation: bool,
+    /// The fake API server in kube mode (listening in the fabric netns).
+    kube: Option<skiff_kube_fake::FakeApiServer>,
 }
+
+/// The fabric bridge's own address in kube mode: the fake API server's.
+const FABRIC_API_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
+
+/// Kinds mirrored from the state directory into the fake API server.
+const MIRRORED_KINDS: &[&str] =
+    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "AuthorizationPolicy", "PeerAuthentication"];
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -233,6 +247,7 @@ impl LocalMesh {
             pin_node_cpus: opts.pin_node_cpus,
             agent_args: opts.agent_args.clone(),
             netns_annotation: opts.netns_annotation,
+            kube: None,
         };
         // From here on, Drop tears down whatever was created if a step fails.
         mesh.build(opts, &node_names, plan.pods)?;
@@ -326,6 +341,9 @@ impl LocalMesh {
             });
         }
 
+        if opts.kube_api {
+            self.start_kube_api(&fabric, node_names.len())?;
+        }
         for (k, planned) in pods.into_iter().enumerate() {
             self.add_pod(k, planned)?;
         }
@@ -346,6 +364,58 @@ impl LocalMesh {
             self.start_containers(k, opts)?;
         }
         Ok(())
+    }
+
+    /// Kube mode: the fake API server on the fabric bridge's address, which
+    /// every node reaches over its eth0 (pods through their node).
+    fn start_kube_api(&mut self, fabric: &str, nodes: usize) -> anyhow::Result<()> {
+        sys::ip_in(fabric, &["addr", "add", &format!("{FABRIC_API_IP}/24"), "dev", "br0"])?;
+        for j in 1..=nodes {
+            let via = Ipv4Addr::new(172, 18, 0, 10 + j as u8).to_string();
+            sys::ip_in(fabric, &["route", "add", &format!("10.244.{j}.0/24"), "via", &via])?;
+        }
+        let ns = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{fabric}")))?;
+        let listener = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), || std::net::TcpListener::bind((FABRIC_API_IP, 0)))?
+            .with_context(|| format!("binding the fake API server to {FABRIC_API_IP} in {fabric}"))?;
+        let fake = skiff_kube_fake::FakeApiServer::start_on(listener).context("starting the fake API server")?;
+        info!(url = %fake.url(), "fake Kubernetes API server serving the cluster");
+        self.kube = Some(fake);
+        Ok(())
+    }
+
+    /// The fake API server (kube mode only).
+    pub fn kube_api(&self) -> Option<&skiff_kube_fake::FakeApiServer> {
+        self.kube.as_ref()
+    }
+
+    /// How node processes and waypoints are told where the cluster is.
+    fn source_args(&self) -> [String; 2] {
+        match &self.kube {
+            Some(k) => ["--kube-url".into(), k.url()],
+            None => ["--manifests".into(), self.state_dir.display().to_string()],
+        }
+    }
+
+    /// Kube mode: makes the API server hold what the state directory holds.
+    fn mirror_to_kube(&self) -> anyhow::Result<()> {
+        let Some(fake) = &self.kube else { return Ok(()) };
+        let mut objects = Vec::new();
+        let mut paths: Vec<PathBuf> = fs::read_dir(&self.state_dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+                continue;
+            }
+            let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let v: serde_json::Value = serde::Deserialize::deserialize(doc).with_context(|| format!("parsing {}", path.display()))?;
+                let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+                if MIRRORED_KINDS.contains(&kind) {
+                    objects.push(v);
+                }
+            }
+        }
+        fake.sync(MIRRORED_KINDS, &objects).context("mirroring the cluster into the fake API server")
     }
 
     fn add_pod(&mut self, k: usize, planned: PlannedPod) -> anyhow::Result<()> {
@@ -467,7 +537,7 @@ impl LocalMesh {
             }
         }
         sys::write_atomic(&self.state_dir.join("policies.yaml"), &join_docs(&docs)?)?;
-        Ok(())
+        self.mirror_to_kube()
     }
 
     /// Applies extra manifests (policies, …) to the running mesh, like
@@ -475,12 +545,13 @@ impl LocalMesh {
     pub fn apply(&self, name: &str, yaml: Option<&str>) -> anyhow::Result<()> {
         let path = self.state_dir.join(format!("applied-{name}.yaml"));
         match yaml {
-            Some(y) => sys::write_atomic(&path, y),
+            Some(y) => sys::write_atomic(&path, y)?,
             None => match fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-                _ => Ok(()),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
             },
         }
+        self.mirror_to_kube()
     }
 
     fn node_env(&self) -> Vec<(String, String)> {
@@ -491,13 +562,14 @@ impl LocalMesh {
     /// Starts (or restarts) node-agent on node `i`.
     pub fn start_node_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let n = &self.nodes[i];
+        let source = self.source_args();
         let argv: Vec<String> = vec![
             self.bin_dir.join("skiff-node-agent").display().to_string(),
             "run".into(),
             "--node".into(),
             n.name.clone(),
-            "--manifests".into(),
-            self.state_dir.display().to_string(),
+            source[0].clone(),
+            source[1].clone(),
             "--cgroup".into(),
             n.cgroup.display().to_string(),
             "--pin-dir".into(),
@@ -545,12 +617,13 @@ impl LocalMesh {
     /// Starts (or restarts) ztunnel on node `i`.
     pub fn start_ztunnel(&mut self, i: usize) -> anyhow::Result<()> {
         let n = &self.nodes[i];
+        let [source_flag, source_value] = self.source_args();
         let argv: Vec<String> = [
             self.bin_dir.join("skiff-ztunnel").display().to_string(),
             "--node".into(),
             n.name.clone(),
-            "--manifests".into(),
-            self.state_dir.display().to_string(),
+            source_flag,
+            source_value,
             "--zds-socket".into(),
             n.zds_socket.display().to_string(),
             "--pin-dir".into(),
@@ -689,9 +762,12 @@ impl LocalMesh {
             ("NODE_NAME".into(), self.nodes[p.node].name.clone()),
             // Local-mode stand-ins for the API server and the CA signer,
             // for mesh components that run as pods (waypoints).
-            ("SKIFF_MANIFESTS".into(), self.state_dir.display().to_string()),
             ("SKIFF_CA_DIR".into(), self.ca_dir().display().to_string()),
         ];
+        match &self.kube {
+            Some(k) => env.push(("SKIFF_KUBE_URL".into(), k.url())),
+            None => env.push(("SKIFF_MANIFESTS".into(), self.state_dir.display().to_string())),
+        }
         for e in extra {
             env.push((e.name.clone(), e.value.clone().unwrap_or_default()));
         }
@@ -876,6 +952,8 @@ impl LocalMesh {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+        // Its listener lives in the fabric netns: stop it before that goes.
+        drop(self.kube.take());
         if let Some(bpffs) = self.bpffs.take() {
             for n in &self.nodes {
                 remove_pins(&n.pin_dir);

@@ -2,7 +2,6 @@ use std::{fs::File, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use skiff_core::source::LocalDirSource;
 use skiff_node_agent::{
     agent::{stop_flag, Agent, AgentConfig},
     bpf, cni,
@@ -25,8 +24,17 @@ enum Cmd {
         #[arg(long, env = "SKIFF_NODE_NAME")]
         node: String,
         /// Directory of Kubernetes manifests to read the cluster from.
+        /// Exactly one of --manifests, --kube, --kube-url.
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
+        /// Read the cluster from the Kubernetes API (in-cluster config,
+        /// else KUBECONFIG); only this node's pods are watched.
+        #[arg(long)]
+        kube: bool,
+        /// Read the cluster from the Kubernetes API at this URL (tests: a
+        /// plain-http fake API server).
+        #[arg(long, value_name = "URL")]
+        kube_url: Option<String>,
         /// cgroup v2 directory to attach under (default: the cgroup2 root).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -65,7 +73,13 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { node, manifests, cgroup, pin_dir, ztunnel_socket, cni, readiness_addr } => {
+        Cmd::Run { node, manifests, kube, kube_url, cgroup, pin_dir, ztunnel_socket, cni, readiness_addr } => {
+            // Checked before capture is installed: a wrong command line
+            // changes nothing on the node.
+            let mut source = skiff_kube_source::SourceChoice::from_args(manifests, kube, kube_url)?
+                .pods_on_node(&node)
+                .open()
+                .map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => skiff_node_agent::cgroup2_root().context("no cgroup2 mount found in /proc/self/mountinfo")?,
@@ -83,8 +97,7 @@ fn main() -> anyhow::Result<()> {
             let started = cni::start(&cni, stop.clone()).map_err(report)?;
             let cfg = AgentConfig { node, ztunnel_socket, ztunnel_timeout: Duration::from_secs(10) };
             let mut agent = Agent::new(cfg, capture, started.locator).with_cni(started.link).with_ready(ready);
-            let mut source = LocalDirSource::new(manifests);
-            agent.run(&mut source, &stop);
+            agent.run(source.as_mut(), &stop);
             Ok(())
         }
         Cmd::Inspect { pin_dir } => {

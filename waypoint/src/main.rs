@@ -21,9 +21,17 @@ struct Cli {
     /// The pod's IP: HBONE is served on it, port 15008.
     #[arg(long, env = "POD_IP")]
     pod_ip: Ipv4Addr,
-    /// Directory of Kubernetes manifests describing the cluster.
+    /// Directory of Kubernetes manifests describing the cluster. Exactly
+    /// one of --manifests, --kube, --kube-url.
     #[arg(long, env = "SKIFF_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API (in-cluster config, else
+    /// KUBECONFIG).
+    #[arg(long)]
+    kube: bool,
+    /// Read the cluster from the Kubernetes API at this URL.
+    #[arg(long, env = "SKIFF_KUBE_URL", value_name = "URL")]
+    kube_url: Option<String>,
     /// The mesh CA directory (local mode).
     #[arg(long, env = "SKIFF_CA_DIR")]
     ca_dir: PathBuf,
@@ -44,9 +52,11 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    let source = skiff_kube_source::SourceChoice::from_args(cli.manifests.clone(), cli.kube, cli.kube_url.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
-        let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
+        let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
+        let cluster = skiff_ztunnel::watch_cluster(source);
         let certs = skiff_ztunnel::certs::CertManager::from_ca_dir(&cli.ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))
             .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
         let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account };

@@ -16,7 +16,29 @@ use rustls::{
 };
 use tracing::{info, warn};
 
-use crate::identity::{self, Ca, ExpectedIdentityVerifier, Identity, IdentityError, WorkloadCert};
+use crate::{
+    identity::{self, Ca, ExpectedIdentityVerifier, Identity, IdentityError, WorkloadCert},
+    signer_client::{SignerClient, SignerError},
+};
+
+/// Where workload certificates come from.
+enum Issuer {
+    /// A root key held by this process (local mode).
+    Local(Box<Ca>),
+    /// The in-cluster signer; ztunnel holds no root key.
+    Signer { client: SignerClient, trust_domain: String },
+}
+
+/// Why a workload certificate or TLS config is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// Local issuance or TLS setup failed.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The in-cluster signer did not issue it.
+    #[error(transparent)]
+    Signer(#[from] SignerError),
+}
 
 /// ALPN of HBONE connections.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -36,7 +58,7 @@ pub struct CertSummary {
 }
 
 pub struct CertManager {
-    ca: Ca,
+    issuer: Issuer,
     lifetime: Duration,
     roots: Arc<RootCertStore>,
     certs: Mutex<HashMap<Identity, Arc<Issued>>>,
@@ -73,21 +95,49 @@ impl CertManager {
 
     pub fn new(ca: Ca, lifetime: Duration) -> Result<Arc<CertManager>, IdentityError> {
         let roots = identity::roots(&[ca.root()])?;
-        Ok(Arc::new(CertManager { ca, lifetime, roots, certs: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(CertManager { issuer: Issuer::Local(Box::new(ca)), lifetime, roots, certs: Mutex::new(HashMap::new()) }))
+    }
+
+    /// The in-cluster setup: certificates from the signer, peers checked
+    /// against `bundle` (every root currently trusted: during a root
+    /// rotation, old and new).
+    pub fn from_signer(
+        client: SignerClient,
+        bundle: &[rustls::pki_types::CertificateDer<'static>],
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Arc<CertManager>, IdentityError> {
+        let roots = identity::roots(bundle)?;
+        Ok(Arc::new(CertManager {
+            issuer: Issuer::Signer { client, trust_domain: trust_domain.to_owned() },
+            lifetime: lifetime.max(Duration::from_secs(2)),
+            roots,
+            certs: Mutex::new(HashMap::new()),
+        }))
     }
 
     pub fn trust_domain(&self) -> &str {
-        self.ca.trust_domain()
+        match &self.issuer {
+            Issuer::Local(ca) => ca.trust_domain(),
+            Issuer::Signer { trust_domain, .. } => trust_domain,
+        }
     }
 
-    fn issued(&self, id: &Identity) -> Result<Arc<Issued>, IdentityError> {
+    fn issue(&self, id: &Identity) -> Result<WorkloadCert, CertError> {
+        match &self.issuer {
+            Issuer::Local(ca) => Ok(ca.issue(id, self.lifetime)?),
+            Issuer::Signer { client, .. } => Ok(client.issue(id, self.lifetime)?),
+        }
+    }
+
+    fn issued(&self, id: &Identity) -> Result<Arc<Issued>, CertError> {
         let now = SystemTime::now();
         if let Some(i) = self.certs.lock().expect("lock").get(id) {
             if now < i.cert.refresh_at() {
                 return Ok(i.clone());
             }
         }
-        let cert = self.ca.issue(id, self.lifetime)?;
+        let cert = self.issue(id)?;
         let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).map_err(IdentityError::Tls)?;
         let key = Arc::new(CertifiedKey::new(cert.chain.clone(), signing));
         let issued = Arc::new(Issued { cert, key });
@@ -131,13 +181,14 @@ impl CertManager {
 
     /// TLS 1.3 server config for a pod: presents the pod's certificate and
     /// requires a client certificate chaining to the trust bundle.
-    pub fn server_config(self: &Arc<Self>, id: Identity) -> Result<Arc<ServerConfig>, IdentityError> {
+    pub fn server_config(self: &Arc<Self>, id: Identity) -> Result<Arc<ServerConfig>, CertError> {
         self.issued(&id)?;
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
         let mut cfg = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(IdentityError::Tls)?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver { mgr: self.clone(), id }));
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -146,10 +197,11 @@ impl CertManager {
 
     /// TLS 1.3 client config: presents `src`'s certificate and accepts only
     /// a server proving `expected`.
-    pub fn client_config(self: &Arc<Self>, src: Identity, expected: Identity) -> Result<Arc<ClientConfig>, IdentityError> {
+    pub fn client_config(self: &Arc<Self>, src: Identity, expected: Identity) -> Result<Arc<ClientConfig>, CertError> {
         self.issued(&src)?;
         let mut cfg = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(IdentityError::Tls)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(ExpectedIdentityVerifier::new(self.roots.clone(), expected)))
             .with_client_cert_resolver(Arc::new(Resolver { mgr: self.clone(), id: src }));

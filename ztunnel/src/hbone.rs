@@ -56,7 +56,7 @@ pub enum HboneError {
     Status(StatusCode),
     /// Certificates could not be prepared.
     #[error("certificates")]
-    Identity(#[from] crate::identity::IdentityError),
+    Identity(#[from] crate::certs::CertError),
     /// The pod's netns thread is gone.
     #[error("pod network namespace")]
     Netns(#[from] skiff_core::netns::NetnsError),

@@ -90,6 +90,13 @@ pub enum IdentityError {
     /// TLS setup failed.
     #[error("TLS configuration")]
     Tls(#[from] rustls::Error),
+    /// The root key file may be read by others than its owner.
+    #[error("root key {path} has mode {mode:o}: it must be readable by its owner only (0600 or 0400)")]
+    KeyMode { path: PathBuf, mode: u32 },
+    /// A certificate signing request is malformed or its signature (proof
+    /// of possession of the key) is wrong.
+    #[error("invalid certificate signing request")]
+    Csr(#[source] rcgen::Error),
 }
 
 /// A workload certificate and its key.
@@ -195,8 +202,53 @@ impl Ca {
         Ok(ca)
     }
 
+    /// Loads an existing root (the in-cluster signer's mounted Secret);
+    /// never creates one. The key file must be private to its owner.
+    pub fn load(key_path: &Path, cert_path: &Path, trust_domain: &str) -> Result<Ca, IdentityError> {
+        let meta = fs::metadata(key_path).map_err(|source| IdentityError::CaFile { path: key_path.to_owned(), source })?;
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(IdentityError::KeyMode { path: key_path.to_owned(), mode });
+        }
+        let read = |p: &Path| fs::read_to_string(p).map_err(|source| IdentityError::CaFile { path: p.to_owned(), source });
+        let key = KeyPair::from_pem(&read(key_path)?)?;
+        Self::from_key(trust_domain, key, Some(&read(cert_path)?))
+    }
+
+    /// Writes this CA's key (mode 0600) and certificate as PEM (tests, and
+    /// creating a root for a Secret).
+    pub fn write_files(&self, key_path: &Path, cert_path: &Path) -> Result<(), IdentityError> {
+        write_private(key_path, &self.key.serialize_pem())?;
+        fs::write(cert_path, self.cert.pem()).map_err(|source| IdentityError::CaFile { path: cert_path.to_owned(), source })
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// Signs the public key of a CSR (whose signature must verify) as
+    /// `identity`. Only the key is taken from the CSR: subject, SANs and
+    /// extensions are the signer's, so a requester cannot slip in others.
+    /// Returns the certificate as DER and as PEM.
+    pub fn sign_csr(&self, identity: &Identity, csr_pem: &str, lifetime: Duration) -> Result<(CertificateDer<'static>, String), IdentityError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(IdentityError::Csr)?;
+        let not_before = SystemTime::now() - Duration::from_secs(60);
+        csr.params = leaf_params(identity, not_before, lifetime + Duration::from_secs(60))?;
+        let cert = csr.signed_by(&self.cert, &self.key)?;
+        Ok((cert.der().clone(), cert.pem()))
+    }
+
+    /// A TLS server certificate for `dns_names` (the signer's own endpoint).
+    pub fn issue_server(&self, dns_names: &[String], lifetime: Duration) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let now = SystemTime::now() - Duration::from_secs(60);
+        params.not_before = now.into();
+        params.not_after = (now + lifetime).into();
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
     }
 
     /// The root certificate (the trust bundle).
@@ -207,14 +259,7 @@ impl Ca {
     /// Issues a certificate for `identity`, valid from `not_before` for `lifetime`.
     pub fn issue_at(&self, identity: &Identity, not_before: SystemTime, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = not_before.into();
-        params.not_after = (not_before + lifetime).into();
+        let params = leaf_params(identity, not_before, lifetime)?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(WorkloadCert {
             identity: identity.clone(),
@@ -230,6 +275,28 @@ impl Ca {
         let now = SystemTime::now() - Duration::from_secs(60);
         self.issue_at(identity, now, lifetime + Duration::from_secs(60))
     }
+}
+
+/// A workload certificate's parameters: the SPIFFE URI SAN only.
+fn leaf_params(identity: &Identity, not_before: SystemTime, lifetime: Duration) -> Result<CertificateParams, IdentityError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = not_before.into();
+    params.not_after = (not_before + lifetime).into();
+    Ok(params)
+}
+
+/// A key pair and a CSR for `identity` (what ztunnel sends the signer).
+pub fn csr_for(identity: &Identity) -> Result<(KeyPair, String), IdentityError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.pem()?))
 }
 
 /// The SPIFFE identity in a certificate's URI SAN.
@@ -315,6 +382,30 @@ mod tests {
         for bad in ["spiffe://td/ns/a", "spiffe://td/ns/a/sa/b/c", "http://td/ns/a/sa/b", "spiffe://td/x/a/sa/b", "spiffe:///ns/a/sa/b"] {
             assert!(Identity::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn signing_a_csr_takes_only_its_key() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let wanted = Identity::new("cluster.local", "app", "web");
+        // A CSR asking for more than it is given: an extra SPIFFE ID.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![
+            SanType::URI("spiffe://cluster.local/ns/app/sa/web".try_into().unwrap()),
+            SanType::URI("spiffe://cluster.local/ns/kube-system/sa/admin".try_into().unwrap()),
+        ];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let (der, pem) = ca.sign_csr(&wanted, &csr, Duration::from_secs(600)).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(identity_of(&der).unwrap(), wanted, "exactly one SAN, the signer's");
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        assert!(!parsed.is_ca());
+        // A CSR whose signature does not match its key is refused.
+        let mut bad = csr.clone().into_bytes();
+        let i = bad.len() - 40;
+        bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+        assert!(matches!(ca.sign_csr(&wanted, std::str::from_utf8(&bad).unwrap(), Duration::from_secs(600)), Err(IdentityError::Csr(_))));
     }
 
     #[test]

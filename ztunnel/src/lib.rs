@@ -10,27 +10,25 @@ pub mod drain;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;
+pub mod signer_client;
 pub mod sock;
 pub mod transport;
 pub mod zds_server;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use skiff_core::{
-    model::Snapshot,
-    source::{ConfigSource, LocalDirSource},
-};
+use skiff_core::{model::Snapshot, source::ConfigSource};
 use tokio::sync::watch;
 use tracing::error;
 
-/// Watches the manifests directory on a thread and publishes each accepted
-/// snapshot. Rejected configs are logged; the last good one stays.
-pub fn watch_cluster(dir: PathBuf) -> watch::Receiver<Arc<Snapshot>> {
+/// Polls the config source (a manifests directory or the Kubernetes API) on
+/// a thread and publishes each accepted snapshot. Rejected configs are
+/// logged; the last good one stays.
+pub fn watch_cluster(mut source: Box<dyn ConfigSource>) -> watch::Receiver<Arc<Snapshot>> {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     std::thread::Builder::new()
         .name("config".into())
         .spawn(move || {
-            let mut source = LocalDirSource::new(dir);
             loop {
                 match source.poll(Duration::from_millis(500)) {
                     Ok(Some(s)) => {

@@ -1,6 +1,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
+use rustls_pki_types::pem::PemObject as _;
 use clap::Parser;
 use skiff_ztunnel::{admin, proxy};
 use tracing::info;
@@ -12,9 +13,18 @@ struct Cli {
     /// This node's name.
     #[arg(long, env = "SKIFF_NODE_NAME")]
     node: String,
-    /// Directory of Kubernetes manifests describing the cluster (pods, services).
+    /// Directory of Kubernetes manifests describing the cluster (pods,
+    /// services). Exactly one of --manifests, --kube, --kube-url.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API (in-cluster config, else
+    /// KUBECONFIG).
+    #[arg(long)]
+    kube: bool,
+    /// Read the cluster from the Kubernetes API at this URL (tests: a
+    /// plain-http fake API server).
+    #[arg(long, value_name = "URL")]
+    kube_url: Option<String>,
     /// Socket node-agent connects to.
     #[arg(long, default_value = "/var/run/skiff/ztunnel.sock")]
     zds_socket: PathBuf,
@@ -29,6 +39,20 @@ struct Cli {
     /// first run, key mode 0600).
     #[arg(long, default_value = "/var/lib/skiff/ca")]
     ca_dir: PathBuf,
+    /// Obtain workload certificates from the in-cluster signer at this URL
+    /// (`https://host:port`) instead of a local CA (--ca-dir is then unused).
+    #[arg(long, value_name = "URL", requires = "trust_bundle")]
+    signer_url: Option<String>,
+    /// The name the signer's TLS certificate must carry.
+    #[arg(long, default_value = "skiff-ca.skiff-system.svc")]
+    signer_name: String,
+    /// Projected service-account token (audience skiff-ca) sent to the signer.
+    #[arg(long, default_value = "/var/run/secrets/tokens/skiff-ca-token")]
+    signer_token: PathBuf,
+    /// PEM file of the trusted roots (every root during a rotation); with
+    /// --signer-url.
+    #[arg(long, value_name = "PATH")]
+    trust_bundle: Option<PathBuf>,
     /// Lifetime of workload certificates; they rotate at half-life.
     #[arg(long, default_value = "86400", value_name = "SECONDS")]
     cert_lifetime: u64,
@@ -63,11 +87,28 @@ fn main() -> anyhow::Result<()> {
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
         .init();
     let cli = Cli::parse();
+    let source = skiff_kube_source::SourceChoice::from_args(cli.manifests.clone(), cli.kube, cli.kube_url.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
-        let cluster = skiff_ztunnel::watch_cluster(cli.manifests.clone());
-        let certs = skiff_ztunnel::certs::CertManager::from_ca_dir(&cli.ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))
-            .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?;
+        let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
+        let cluster = skiff_ztunnel::watch_cluster(source);
+        let lifetime = Duration::from_secs(cli.cert_lifetime);
+        let certs = match (&cli.signer_url, &cli.trust_bundle) {
+            (Some(url), Some(bundle_path)) => {
+                let pem = std::fs::read(bundle_path).with_context(|| format!("reading the trust bundle {}", bundle_path.display()))?;
+                let bundle: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow::anyhow!("trust bundle {}: {e}", bundle_path.display()))?;
+                anyhow::ensure!(!bundle.is_empty(), "trust bundle {} holds no certificate", bundle_path.display());
+                let client = skiff_ztunnel::signer_client::SignerClient::new(url, &cli.signer_name, cli.signer_token.clone(), &bundle)
+                    .map_err(|e| anyhow::anyhow!("signer {url}: {}", skiff_core::report(&e)))?;
+                info!(signer = %url, roots = bundle.len(), "workload certificates from the in-cluster signer");
+                skiff_ztunnel::certs::CertManager::from_signer(client, &bundle, &cli.trust_domain, lifetime)
+                    .map_err(|e| anyhow::anyhow!("trust bundle {}: {}", bundle_path.display(), skiff_core::report(&e)))?
+            }
+            _ => skiff_ztunnel::certs::CertManager::from_ca_dir(&cli.ca_dir, &cli.trust_domain, lifetime)
+                .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?,
+        };
         let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");

@@ -114,7 +114,7 @@ pub enum AddError {
     SockMap(#[source] aya::maps::MapError),
     /// The pod's certificate could not be issued.
     #[error("pod certificate")]
-    Identity(#[from] identity::IdentityError),
+    Identity(#[from] crate::certs::CertError),
 }
 
 pub struct Ztunnel {

@@ -1,0 +1,482 @@
+//! The Kubernetes API as a Skiff config source.
+//!
+//! One kube-rs watcher and reflector store per kind (Namespaces, Pods —
+//! optionally only this node's —, Services, ServiceAccounts, EndpointSlices
+//! and the Istio kinds the model reads), on a runtime thread of its own so
+//! that synchronous callers (node-agent) and async ones (ztunnel, waypoint)
+//! use it alike through [`ConfigSource`]. Objects are read as JSON
+//! (`DynamicObject`) and go through the same parsing and validation as the
+//! manifests directory ([`skiff_core::k8s::parse_object`],
+//! [`Snapshot::from_objects`]), so both sources produce the same
+//! [`Snapshot`] for the same objects.
+//!
+//! Publishing rules:
+//! - nothing until every kind has finished its first list (a kind whose CRD
+//!   is not installed counts as finished and empty, logged once);
+//! - a relist (after `410 Gone`) replaces a store only when complete (the
+//!   reflector's buffered `Init`/`InitDone`), and while any kind is
+//!   relisting, publishing waits (up to [`KubeOptions::max_hold`]);
+//! - changes are debounced ([`KubeOptions::debounce`], at most
+//!   [`KubeOptions::max_delay`] behind), and a snapshot equal to the last
+//!   one published is not published again.
+
+use std::{
+    sync::{mpsc as std_mpsc, Arc},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use kube::{
+    api::{ApiResource, DynamicObject},
+    runtime::{
+        reflector::{self, store::Writer, Store},
+        watcher, WatchStreamExt as _,
+    },
+    Api, Client,
+};
+use skiff_core::{
+    k8s::{self, Object},
+    model::Snapshot,
+    source::{ConfigSource, SourceError},
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+/// How to reach the API server and what to watch.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// API server URL (e.g. `http://127.0.0.1:6443` for a test server);
+    /// `None`: in-cluster config, else `KUBECONFIG`/`~/.kube/config`.
+    pub url: Option<String>,
+    /// Watch only pods with this `spec.nodeName` (node-agent). ztunnel and
+    /// waypoints need every pod (peers, Service endpoints) and leave it unset.
+    pub pods_on_node: Option<String>,
+    /// Quiet time after a change before a snapshot is published.
+    pub debounce: Duration,
+    /// Upper bound on how long a stream of changes delays publishing.
+    pub max_delay: Duration,
+    /// Upper bound on how long a relist in progress holds publishing.
+    pub max_hold: Duration,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        KubeOptions {
+            url: None,
+            pods_on_node: None,
+            debounce: Duration::from_millis(150),
+            max_delay: Duration::from_secs(1),
+            max_hold: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A watched kind.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchedKind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    /// What it feeds in the model.
+    pub feeds: &'static str,
+}
+
+/// Every kind the source watches (and so the `list`/`watch` RBAC it needs).
+pub const WATCHED: &[WatchedKind] = &[
+    WatchedKind { group: "", version: "v1", kind: "Namespace", plural: "namespaces", feeds: "enrollment (dataplane-mode label), waypoint use" },
+    WatchedKind { group: "", version: "v1", kind: "Pod", plural: "pods", feeds: "workloads: enrollment, identities, Service endpoints" },
+    WatchedKind { group: "", version: "v1", kind: "Service", plural: "services", feeds: "ClusterIPs, ports, waypoint use" },
+    WatchedKind { group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts", feeds: "nothing yet (identities come from pods' serviceAccountName)" },
+    WatchedKind { group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices", feeds: "nothing yet (endpoints come from pods and selectors)" },
+    WatchedKind { group: "networking.istio.io", version: "v1", kind: "VirtualService", plural: "virtualservices", feeds: "waypoint routing" },
+    WatchedKind { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules", feeds: "waypoint subsets and traffic policy" },
+    WatchedKind { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", feeds: "L4 and L7 authorization" },
+    WatchedKind { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications", feeds: "mTLS mode" },
+];
+
+impl WatchedKind {
+    fn api_resource(&self) -> ApiResource {
+        let api_version = if self.group.is_empty() { self.version.to_owned() } else { format!("{}/{}", self.group, self.version) };
+        ApiResource {
+            group: self.group.into(),
+            version: self.version.into(),
+            api_version,
+            kind: self.kind.into(),
+            plural: self.plural.into(),
+        }
+    }
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    /// The `--kube-url` is not a URL.
+    #[error("Kubernetes API URL {url:?} is not a valid URL")]
+    Url {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    /// Neither in-cluster config nor a kubeconfig was found.
+    #[error("no Kubernetes config: not in a cluster (KUBERNETES_SERVICE_HOST unset or token missing) and no usable kubeconfig")]
+    Infer(#[source] kube::config::InferConfigError),
+    /// The client could not be built from the config (TLS, auth).
+    #[error("building the Kubernetes client")]
+    Client(#[source] kube::Error),
+    /// The runtime thread could not start.
+    #[error("starting the Kubernetes source thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The Kubernetes API source. Dropping it stops its watches.
+pub struct KubeSource {
+    rx: std_mpsc::Receiver<Result<Arc<Snapshot>, SourceError>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KubeSource {
+    /// Connects (lazily: the first request happens on the source's thread)
+    /// and starts watching.
+    pub fn start(opts: KubeOptions) -> Result<KubeSource, KubeSourceError> {
+        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), KubeSourceError>>();
+        let (out_tx, out_rx) = std_mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("kube-source".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(KubeSourceError::Thread(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let client = match connect(opts.url.as_deref()).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    tokio::select! {
+                        _ = run(client, opts, out_tx) => {}
+                        _ = stop_rx => {}
+                    }
+                });
+            })
+            .map_err(KubeSourceError::Thread)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(KubeSource { rx: out_rx, stop: Some(stop_tx), thread: Some(thread) }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(KubeSourceError::Thread(std::io::Error::other("the source thread ended before it started")))
+            }
+        }
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl ConfigSource for KubeSource {
+    fn poll(&mut self, timeout: Duration) -> Result<Option<Arc<Snapshot>>, SourceError> {
+        let first = match self.rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => return Ok(None),
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                // The thread only ends when dropped; don't spin if it died.
+                std::thread::sleep(timeout);
+                return Ok(None);
+            }
+        };
+        // Only the newest outcome matters.
+        let mut last = first;
+        while let Ok(r) = self.rx.try_recv() {
+            last = r;
+        }
+        last.map(Some)
+    }
+}
+
+/// A Kubernetes client for `url`, or from in-cluster config / kubeconfig.
+pub async fn connect(url: Option<&str>) -> Result<Client, KubeSourceError> {
+    let config = match url {
+        Some(url) => {
+            let uri: http::Uri = url.parse().map_err(|source| KubeSourceError::Url { url: url.to_owned(), source })?;
+            kube::Config::new(uri)
+        }
+        None => kube::Config::infer().await.map_err(KubeSourceError::Infer)?,
+    };
+    Client::try_from(config).map_err(KubeSourceError::Client)
+}
+
+/// What a kind's watch task reports to the publisher.
+#[derive(Debug)]
+enum Update {
+    /// The store changed (an object applied or deleted, or a relist swapped in).
+    Changed,
+    /// A relist started: the store keeps its old contents until it ends.
+    Relisting,
+    /// A (re)list completed.
+    Listed,
+    /// The kind's CRD is not installed (404 on list): empty.
+    Absent,
+}
+
+async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc<Snapshot>, SourceError>>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Update)>();
+    let mut stores: Vec<Store<DynamicObject>> = Vec::new();
+    for (i, wk) in WATCHED.iter().enumerate() {
+        let ar = wk.api_resource();
+        let writer = Writer::<DynamicObject>::new(ar.clone());
+        stores.push(writer.as_reader());
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        let mut cfg = watcher::Config::default();
+        if wk.plural == "pods" {
+            if let Some(node) = &opts.pods_on_node {
+                cfg = cfg.fields(&format!("spec.nodeName={node}"));
+            }
+        }
+        let tx = tx.clone();
+        let wk = *wk;
+        tokio::spawn(async move {
+            let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff());
+            futures::pin_mut!(stream);
+            let mut listed = false;
+            let mut absent_logged = false;
+            while let Some(item) = stream.next().await {
+                let update = match item {
+                    Ok(watcher::Event::Init) => Update::Relisting,
+                    Ok(watcher::Event::InitApply(_)) => continue,
+                    Ok(watcher::Event::InitDone) => {
+                        if !listed {
+                            info!(kind = wk.kind, "initial list complete");
+                        } else {
+                            debug!(kind = wk.kind, "relist complete");
+                        }
+                        listed = true;
+                        absent_logged = false;
+                        Update::Listed
+                    }
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Update::Changed,
+                    Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => {
+                        if !absent_logged {
+                            info!(kind = wk.kind, group = wk.group, "not served by the API server (CRD not installed?): treated as empty; retrying in the background");
+                            absent_logged = true;
+                        }
+                        Update::Absent
+                    }
+                    Err(e) => {
+                        // 410 Gone and dropped connections land here; the
+                        // watcher resumes or relists by itself (with backoff).
+                        warn!(kind = wk.kind, error = %skiff_core::report(&e), "watch interrupted; resuming");
+                        continue;
+                    }
+                };
+                if tx.send((i, update)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    publish_loop(&opts, &stores, &mut rx, &out).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KindState {
+    Waiting,
+    Ready,
+    Relisting,
+}
+
+async fn publish_loop(
+    opts: &KubeOptions,
+    stores: &[Store<DynamicObject>],
+    rx: &mut mpsc::UnboundedReceiver<(usize, Update)>,
+    out: &std_mpsc::Sender<Result<Arc<Snapshot>, SourceError>>,
+) {
+    use tokio::time::{sleep_until, Instant};
+    let mut state = vec![KindState::Waiting; WATCHED.len()];
+    let mut absent = vec![false; WATCHED.len()];
+    let mut dirty_since: Option<Instant> = None;
+    let mut last_change = Instant::now();
+    let mut hold_since: Option<Instant> = None;
+    let mut last: Option<Result<Arc<Snapshot>, String>> = None;
+    loop {
+        let all_listed = state.iter().all(|s| *s != KindState::Waiting);
+        let relisting = state.contains(&KindState::Relisting);
+        // When may we publish next?
+        let due = match dirty_since {
+            Some(first) if all_listed => {
+                let at = (last_change + opts.debounce).min(first + opts.max_delay);
+                Some(match (relisting, hold_since) {
+                    (true, Some(h)) => at.max(h + opts.max_hold),
+                    _ => at,
+                })
+            }
+            _ => None,
+        };
+        let wait = async {
+            match due {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some((i, update)) = msg else { return };
+                match update {
+                    Update::Relisting => {
+                        if state[i] == KindState::Ready {
+                            state[i] = KindState::Relisting;
+                            hold_since.get_or_insert_with(Instant::now);
+                        }
+                        continue;
+                    }
+                    Update::Listed => {
+                        state[i] = KindState::Ready;
+                        absent[i] = false;
+                        if !state.contains(&KindState::Relisting) {
+                            hold_since = None;
+                        }
+                    }
+                    Update::Absent => {
+                        if state[i] == KindState::Waiting {
+                            state[i] = KindState::Ready;
+                            absent[i] = true;
+                        } else {
+                            continue;
+                        }
+                    }
+                    Update::Changed => {}
+                }
+                last_change = Instant::now();
+                dirty_since.get_or_insert(last_change);
+            }
+            _ = wait => {
+                dirty_since = None;
+                hold_since = None;
+                let outcome = build(stores);
+                let key = match &outcome {
+                    Ok(s) => Ok(s.clone()),
+                    Err(e) => Err(e.report()),
+                };
+                let same = match (&last, &key) {
+                    (Some(Ok(a)), Ok(b)) => a == b,
+                    (Some(Err(a)), Err(b)) => a == b,
+                    _ => false,
+                };
+                if same {
+                    continue;
+                }
+                last = Some(key);
+                if out.send(outcome).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The snapshot of everything in the stores, validated like a manifests
+/// directory.
+fn build(stores: &[Store<DynamicObject>]) -> Result<Arc<Snapshot>, SourceError> {
+    let mut objects: Vec<(String, Object)> = Vec::new();
+    for (wk, store) in WATCHED.iter().zip(stores) {
+        let mut items = store.state();
+        // Stores are hash maps: sort so equal contents give equal snapshots.
+        items.sort_by(|a, b| (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name)));
+        for obj in items {
+            let origin = match &obj.metadata.namespace {
+                Some(ns) => format!("kube: {} {ns}/{}", wk.plural, obj.metadata.name.as_deref().unwrap_or("")),
+                None => format!("kube: {} {}", wk.plural, obj.metadata.name.as_deref().unwrap_or("")),
+            };
+            let mut y = serde_yaml::to_value(&*obj).map_err(|e| SourceError::Object {
+                origin: origin.clone(),
+                source: k8s::ParseError::Yaml { index: 0, source: e },
+            })?;
+            // List items come without apiVersion and kind.
+            if let Some(m) = y.as_mapping_mut() {
+                m.insert("apiVersion".into(), wk.api_resource().api_version.into());
+                m.insert("kind".into(), wk.kind.into());
+            }
+            let parsed = k8s::parse_object(y).map_err(|source| SourceError::Object { origin: origin.clone(), source })?;
+            objects.push((origin, parsed));
+        }
+    }
+    Snapshot::from_objects(objects).map(Arc::new).map_err(SourceError::Invalid)
+}
+
+/// Which config source a process was told to use.
+#[derive(Clone, Debug)]
+pub enum SourceChoice {
+    /// A directory of manifests (`--manifests DIR`).
+    Manifests(std::path::PathBuf),
+    /// The Kubernetes API (`--kube`, or `--kube-url URL`).
+    Kube(KubeOptions),
+}
+
+/// The command line did not name exactly one config source.
+#[derive(Debug, thiserror::Error)]
+pub enum ChoiceError {
+    /// None given.
+    #[error("no config source: give --manifests DIR, --kube (in-cluster config or KUBECONFIG) or --kube-url URL")]
+    None,
+    /// More than one given.
+    #[error("more than one config source ({0}): give exactly one of --manifests DIR, --kube, --kube-url URL")]
+    Several(String),
+}
+
+impl SourceChoice {
+    /// From the three flags every node process has. `--kube` and
+    /// `--kube-url` together are one choice (the URL wins over inference).
+    pub fn from_args(manifests: Option<std::path::PathBuf>, kube: bool, kube_url: Option<String>) -> Result<SourceChoice, ChoiceError> {
+        match (manifests, kube || kube_url.is_some()) {
+            (Some(dir), false) => Ok(SourceChoice::Manifests(dir)),
+            (None, true) => Ok(SourceChoice::Kube(KubeOptions { url: kube_url, ..Default::default() })),
+            (None, false) => Err(ChoiceError::None),
+            (Some(dir), true) => Err(ChoiceError::Several(format!(
+                "--manifests {} and {}",
+                dir.display(),
+                kube_url.map_or("--kube".to_owned(), |u| format!("--kube-url {u}"))
+            ))),
+        }
+    }
+
+    /// Only this node's pods (node-agent). No effect on a manifests directory.
+    pub fn pods_on_node(mut self, node: &str) -> SourceChoice {
+        if let SourceChoice::Kube(o) = &mut self {
+            o.pods_on_node = Some(node.to_owned());
+        }
+        self
+    }
+
+    /// Opens the source.
+    pub fn open(self) -> Result<Box<dyn ConfigSource>, KubeSourceError> {
+        Ok(match self {
+            SourceChoice::Manifests(dir) => Box::new(skiff_core::source::LocalDirSource::new(dir)),
+            SourceChoice::Kube(o) => {
+                info!(url = o.url.as_deref().unwrap_or("(in-cluster or kubeconfig)"), pods_on_node = ?o.pods_on_node, "reading the cluster from the Kubernetes API");
+                Box::new(KubeSource::start(o)?)
+            }
+        })
+    }
+}

@@ -1,0 +1,290 @@
+//! Skiff's in-cluster signer: the only holder of the mesh root key. A
+//! ztunnel sends a CSR for one SPIFFE identity with its projected
+//! service-account token; the signer signs only if
+//!
+//! 1. TokenReview authenticates the token (audience [`Config::audience`]) as
+//!    the ztunnel service account, bound to a pod on a node — the node from
+//!    `authentication.kubernetes.io/node-name`, else from the bound pod
+//!    (`pod-name` + `pod-uid`) read from the API;
+//! 2. the identity is in this trust domain, and
+//! 3. a pod with that namespace and service account runs on that node
+//!    (listed from the API with `spec.nodeName=<node>`, not finished).
+//!
+//! Everything else is refused with the reason (401 for the token, 403 for
+//! what it may not have, 400 for a malformed request) and logged. A
+//! compromised node can so obtain only the identities of its own pods.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec},
+    core::v1::Pod,
+};
+use kube::{
+    api::{ListParams, PostParams},
+    Api, Client,
+};
+use serde_json::json;
+use skiff_ztunnel::{
+    identity::{Ca, Identity, IdentityError},
+    signer_client::SIGN_PATH,
+};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// The ztunnel service account, as TokenReview names it.
+pub const ZTUNNEL_USER: &str = "system:serviceaccount:skiff-system:ztunnel";
+/// TokenReview `extra` keys of a token bound to a pod.
+pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// What the signer accepts.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// SPIFFE trust domain of the identities it signs.
+    pub trust_domain: String,
+    /// The only user allowed to ask (TokenReview username).
+    pub ztunnel_user: String,
+    /// The namespace of ztunnel's pods (for the bound-pod fallback).
+    pub ztunnel_namespace: String,
+    /// Audience the tokens must carry.
+    pub audience: String,
+    /// Longest certificate lifetime handed out.
+    pub max_lifetime: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            trust_domain: "cluster.local".into(),
+            ztunnel_user: ZTUNNEL_USER.into(),
+            ztunnel_namespace: "skiff-system".into(),
+            audience: "skiff-ca".into(),
+            max_lifetime: Duration::from_secs(86400),
+        }
+    }
+}
+
+/// Why a request was not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// No bearer token, or TokenReview did not authenticate it.
+    #[error("token not authenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller may not have this certificate.
+    #[error("refused: {0}")]
+    Forbidden(String),
+    /// The request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The CSR did not verify.
+    #[error("bad request")]
+    Csr(#[source] IdentityError),
+    /// The Kubernetes API could not answer: nothing is signed without it.
+    #[error("Kubernetes API {what}")]
+    Api {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    /// Signing failed.
+    #[error("signing")]
+    Sign(#[source] IdentityError),
+}
+
+impl SignError {
+    fn status(&self) -> StatusCode {
+        match self {
+            SignError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            SignError::Forbidden(_) => StatusCode::FORBIDDEN,
+            SignError::BadRequest(_) | SignError::Csr(_) => StatusCode::BAD_REQUEST,
+            SignError::Api { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            SignError::Sign(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The signer: a root and an API client.
+pub struct Signer {
+    cfg: Config,
+    ca: Ca,
+    kube: Client,
+}
+
+impl Signer {
+    pub fn new(cfg: Config, ca: Ca, kube: Client) -> Arc<Signer> {
+        Arc::new(Signer { cfg, ca, kube })
+    }
+
+    /// Checks and signs one request: returns the certificate as PEM.
+    pub async fn sign(&self, token: &str, identity: &str, csr_pem: &str, lifetime: Duration) -> Result<String, SignError> {
+        let node = self.node_of(token).await?;
+        let id = Identity::parse(identity).ok_or_else(|| SignError::BadRequest(format!("{identity:?} is not spiffe://<td>/ns/<ns>/sa/<sa>")))?;
+        if id.trust_domain != self.cfg.trust_domain {
+            return Err(SignError::Forbidden(format!("{identity}: trust domain is not {}", self.cfg.trust_domain)));
+        }
+        self.check_pod_on_node(&id, &node).await?;
+        let lifetime = lifetime.clamp(Duration::from_secs(60), self.cfg.max_lifetime);
+        let (_, pem) = self.ca.sign_csr(&id, csr_pem, lifetime).map_err(|e| match e {
+            IdentityError::Csr(_) => SignError::Csr(e),
+            e => SignError::Sign(e),
+        })?;
+        info!(%identity, node = %node, lifetime_s = lifetime.as_secs(), "certificate signed");
+        Ok(pem)
+    }
+
+    /// The node the token's ztunnel runs on.
+    async fn node_of(&self, token: &str) -> Result<String, SignError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![self.cfg.audience.clone()]) },
+            ..Default::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.kube.clone());
+        let done = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|source| SignError::Api { what: "TokenReview", source })?;
+        let status = done.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(SignError::Unauthenticated(status.error.unwrap_or_else(|| "TokenReview: not authenticated".into())));
+        }
+        if let Some(aud) = &status.audiences {
+            if !aud.contains(&self.cfg.audience) {
+                return Err(SignError::Unauthenticated(format!("token is not for audience {}", self.cfg.audience)));
+            }
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.cfg.ztunnel_user {
+            return Err(SignError::Forbidden(format!("{username} is not the ztunnel service account {}", self.cfg.ztunnel_user)));
+        }
+        let extra = user.extra.unwrap_or_default();
+        let one = |k: &str| extra.get(k).and_then(|v| v.first()).filter(|s| !s.is_empty()).cloned();
+        if let Some(node) = one(EXTRA_NODE_NAME) {
+            return Ok(node);
+        }
+        // Older API servers put only the bound pod in the token: read its node.
+        let (Some(pod_name), Some(pod_uid)) = (one(EXTRA_POD_NAME), one(EXTRA_POD_UID)) else {
+            return Err(SignError::Forbidden("token is not bound to a pod (no node-name, pod-name or pod-uid in TokenReview extra)".into()));
+        };
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &self.cfg.ztunnel_namespace);
+        let pod = pods
+            .get_opt(&pod_name)
+            .await
+            .map_err(|source| SignError::Api { what: "get pod", source })?
+            .ok_or_else(|| SignError::Forbidden(format!("the token's pod {}/{pod_name} does not exist", self.cfg.ztunnel_namespace)))?;
+        if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
+            return Err(SignError::Forbidden(format!("the token's pod {pod_name} was replaced (uid differs)")));
+        }
+        pod.spec
+            .and_then(|s| s.node_name)
+            .ok_or_else(|| SignError::Forbidden(format!("the token's pod {pod_name} is not scheduled")))
+    }
+
+    async fn check_pod_on_node(&self, id: &Identity, node: &str) -> Result<(), SignError> {
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &id.namespace);
+        let list = pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .map_err(|source| SignError::Api { what: "list pods", source })?;
+        let found = list.items.iter().any(|p| {
+            let sa = p.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+                && sa == id.service_account
+                && !matches!(phase, Some("Succeeded" | "Failed"))
+        });
+        if found {
+            Ok(())
+        } else {
+            Err(SignError::Forbidden(format!(
+                "no running pod with service account {} in namespace {} on node {node}",
+                id.service_account, id.namespace
+            )))
+        }
+    }
+
+    /// Serves the signing endpoint over TLS until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> std::io::Result<()> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let (tcp, peer) = listener.accept().await?;
+            let acceptor = acceptor.clone();
+            let me = self.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        warn!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let svc = service_fn(move |req| {
+                    let me = me.clone();
+                    async move { Ok::<_, Infallible>(me.handle(req, peer).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+        if req.method() != Method::POST || req.uri().path() != SIGN_PATH {
+            return answer(StatusCode::NOT_FOUND, json!({"error": format!("only POST {SIGN_PATH}")}));
+        }
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("reading the request: {e}")})),
+        };
+        let result = async {
+            let token = token.ok_or_else(|| SignError::Unauthenticated("no bearer token".into()))?;
+            let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| SignError::BadRequest(format!("not JSON: {e}")))?;
+            let identity = v["identity"].as_str().ok_or_else(|| SignError::BadRequest("`identity` missing".into()))?;
+            let csr = v["csr"].as_str().ok_or_else(|| SignError::BadRequest("`csr` missing".into()))?;
+            let lifetime = Duration::from_secs(v["lifetimeSeconds"].as_u64().unwrap_or(self.cfg.max_lifetime.as_secs()));
+            self.sign(&token, identity, csr, lifetime).await
+        }
+        .await;
+        match result {
+            Ok(cert) => answer(StatusCode::OK, json!({"certificate": cert})),
+            Err(e) => {
+                let msg = skiff_core::report(&e);
+                let identity = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["identity"].as_str().map(str::to_owned));
+                warn!(%peer, identity = identity.as_deref().unwrap_or("-"), error = %msg, "certificate request refused");
+                answer(e.status(), json!({"error": msg}))
+            }
+        }
+    }
+}
+
+fn answer(code: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())))
+        .expect("static response parts")
+}
+
+/// The signer's TLS config: a server certificate for `dns_names` issued by
+/// the root itself (ztunnels trust the root already).
+pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+    let (cert, key) = ca.issue_server(dns_names, Duration::from_secs(365 * 86400))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,72 @@
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use skiff_signer::{Config, Signer};
+use tracing::info;
+
+/// Skiff signer: issues workload certificates to ztunnels, for the pods on
+/// their own node only. Holds the mesh root key.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// TLS listen address.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// The root key (PEM; a mounted Secret, readable by its owner only).
+    #[arg(long, default_value = "/var/run/secrets/skiff-ca/ca-key.pem")]
+    root_key: PathBuf,
+    /// The root certificate (PEM).
+    #[arg(long, default_value = "/var/run/secrets/skiff-ca/ca-cert.pem")]
+    root_cert: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Names in the signer's TLS certificate (what ztunnel's --signer-name checks).
+    #[arg(long = "dns-name", default_value = "skiff-ca.skiff-system.svc")]
+    dns_names: Vec<String>,
+    /// The only user that may ask (TokenReview username).
+    #[arg(long, default_value = skiff_signer::ZTUNNEL_USER)]
+    ztunnel_user: String,
+    /// Audience the ztunnel tokens must carry.
+    #[arg(long, default_value = "skiff-ca")]
+    audience: String,
+    /// Longest certificate lifetime handed out.
+    #[arg(long, default_value = "86400", value_name = "SECONDS")]
+    max_lifetime: u64,
+    /// The Kubernetes API at this URL instead of in-cluster config / KUBECONFIG.
+    #[arg(long, value_name = "URL")]
+    kube_url: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let ca = skiff_ztunnel::identity::Ca::load(&cli.root_key, &cli.root_cert, &cli.trust_domain)
+        .map_err(|e| anyhow::anyhow!("loading the root: {}", skiff_core::report(&e)))?;
+    let tls = skiff_signer::tls_config(&ca, &cli.dns_names).map_err(|e| anyhow::anyhow!("TLS setup: {}", skiff_core::report(&e)))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let kube = skiff_kube_source::connect(cli.kube_url.as_deref())
+            .await
+            .map_err(|e| anyhow::anyhow!("Kubernetes client: {}", skiff_core::report(&e)))?;
+        let cfg = Config {
+            trust_domain: cli.trust_domain,
+            ztunnel_user: cli.ztunnel_user,
+            audience: cli.audience,
+            max_lifetime: Duration::from_secs(cli.max_lifetime),
+            ..Config::default()
+        };
+        let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
+        info!(listen = %cli.listen, "signer serving");
+        let signer = Signer::new(cfg, ca, kube);
+        tokio::select! {
+            r = signer.serve(listener, tls) => r.context("accepting connections")?,
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,168 @@
+//! The signer against the fake API server, asked by ztunnel's own signer
+//! client (and CertManager in signer mode) over TLS on loopback.
+
+use std::{path::PathBuf, time::Duration};
+
+use rustls::{
+    client::danger::ServerCertVerifier as _,
+    pki_types::{ServerName, UnixTime},
+};
+use serde_json::json;
+use skiff_kube_fake::{FakeApiServer, TokenIdentity};
+use skiff_signer::{Config, Signer};
+use skiff_ztunnel::{
+    certs::CertManager,
+    identity::{identity_of, roots, Ca, ExpectedIdentityVerifier, Identity, IdentityError},
+    signer_client::{SignerClient, SignerError},
+};
+
+const SIGNER_NAME: &str = "skiff-ca.skiff-system.svc";
+
+/// A temporary directory removed on drop.
+struct TmpDir(PathBuf);
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Setup {
+    fake: FakeApiServer,
+    ca_root: rustls::pki_types::CertificateDer<'static>,
+    url: String,
+    dir: TmpDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn pod(ns: &str, name: &str, node: &str, sa: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}")},
+           "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "c"}]},
+           "status": {"phase": "Running", "podIP": "10.244.1.10"}})
+}
+
+fn setup(tag: &str) -> Setup {
+    let fake = FakeApiServer::start().unwrap();
+    fake.apply(pod("app", "web-1", "node-1", "web")).unwrap();
+    fake.apply(pod("app", "db-1", "node-2", "db")).unwrap();
+    fake.apply(pod("skiff-system", "ztunnel-old", "node-2", "ztunnel")).unwrap();
+    let zt = || TokenIdentity::service_account("skiff-system", "ztunnel");
+    fake.add_token("zt-node-1", zt().bound_to_pod("ztunnel-a", "uid-ztunnel-a", "node-1").with_audiences(&["skiff-ca"]));
+    fake.add_token("zt-wrong-audience", zt().bound_to_pod("ztunnel-a", "uid-ztunnel-a", "node-1"));
+    fake.add_token("web-sa", TokenIdentity::service_account("app", "web").bound_to_pod("web-1", "uid-web-1", "node-1").with_audiences(&["skiff-ca"]));
+    // A token that names only its pod (no node-name extra): the node is read from the pod.
+    let mut only_pod = zt().with_audiences(&["skiff-ca"]);
+    only_pod.extra.insert("authentication.kubernetes.io/pod-name".into(), vec!["ztunnel-old".into()]);
+    only_pod.extra.insert("authentication.kubernetes.io/pod-uid".into(), vec!["uid-ztunnel-old".into()]);
+    fake.add_token("zt-pod-only", only_pod);
+
+    let dir = std::env::temp_dir().join(format!("skiff-signer-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TmpDir(dir);
+    for t in ["zt-node-1", "zt-wrong-audience", "web-sa", "zt-pod-only", "forged"] {
+        std::fs::write(dir.0.join(t), format!("{t}\n")).unwrap();
+    }
+    let ca = Ca::generate("cluster.local").unwrap();
+    ca.write_files(&dir.0.join("ca-key.pem"), &dir.0.join("ca-cert.pem")).unwrap();
+    let ca = Ca::load(&dir.0.join("ca-key.pem"), &dir.0.join("ca-cert.pem"), "cluster.local").unwrap();
+    let ca_root = ca.root();
+    let tls = skiff_signer::tls_config(&ca, &[SIGNER_NAME.to_owned()]).unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let url = fake.url();
+    let kube = rt.block_on(skiff_kube_source::connect(Some(&url))).unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let signer = Signer::new(Config::default(), ca, kube);
+    rt.spawn(signer.serve(listener, tls));
+    Setup { fake, ca_root, url: format!("https://{addr}"), dir, _rt: rt }
+}
+
+impl Setup {
+    fn client(&self, token: &str) -> SignerClient {
+        SignerClient::new(&self.url, SIGNER_NAME, self.dir.0.join(token), std::slice::from_ref(&self.ca_root)).unwrap()
+    }
+}
+
+fn refused(r: Result<skiff_ztunnel::identity::WorkloadCert, SignerError>) -> (u16, String) {
+    match r {
+        Err(SignerError::Refused { status, message, .. }) => (status, message),
+        Err(e) => panic!("expected a refusal, got {}", skiff_core::report(&e)),
+        Ok(c) => panic!("expected a refusal, got a certificate for {}", c.identity),
+    }
+}
+
+#[test]
+fn signs_an_identity_of_a_pod_on_the_callers_node_chained_to_the_root() {
+    let s = setup("ok");
+    let id = Identity::new("cluster.local", "app", "web");
+    let cert = s.client("zt-node-1").issue(&id, Duration::from_secs(3600)).unwrap();
+    assert_eq!(identity_of(&cert.chain[0]).unwrap(), id, "the SAN is the requested identity");
+    let name = ServerName::try_from("x").unwrap();
+    ExpectedIdentityVerifier::new(roots(std::slice::from_ref(&s.ca_root)).unwrap(), id.clone())
+        .verify_server_cert(&cert.chain[0], &[], &name, &[], UnixTime::now())
+        .expect("chains to the root");
+    let foreign = Ca::generate("cluster.local").unwrap();
+    assert!(ExpectedIdentityVerifier::new(roots(&[foreign.root()]).unwrap(), id)
+        .verify_server_cert(&cert.chain[0], &[], &name, &[], UnixTime::now())
+        .is_err());
+    let life = cert.not_after.duration_since(cert.not_before).unwrap();
+    assert!(life <= Duration::from_secs(3600 + 120), "lifetime {life:?}");
+    // Exactly what the signer's RBAC must allow.
+    let verbs: std::collections::BTreeSet<(String, String, String)> =
+        s.fake.requests().into_iter().map(|r| (r.verb, r.group, r.resource)).collect();
+    let want = [("create", "authentication.k8s.io", "tokenreviews"), ("list", "", "pods")];
+    assert_eq!(verbs, want.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect());
+}
+
+#[test]
+fn refuses_a_pod_of_another_node_an_invalid_token_and_other_callers() {
+    let s = setup("refuse");
+    let (code, msg) = refused(s.client("zt-node-1").issue(&Identity::new("cluster.local", "app", "db"), Duration::from_secs(3600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("service account db") && msg.contains("node node-1"), "{msg}");
+    let (code, msg) = refused(s.client("forged").issue(&Identity::new("cluster.local", "app", "web"), Duration::from_secs(3600)));
+    assert_eq!(code, 401, "{msg}");
+    let (code, msg) = refused(s.client("zt-wrong-audience").issue(&Identity::new("cluster.local", "app", "web"), Duration::from_secs(3600)));
+    assert_eq!(code, 401, "{msg}");
+    let (code, msg) = refused(s.client("web-sa").issue(&Identity::new("cluster.local", "app", "web"), Duration::from_secs(3600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("system:serviceaccount:app:web is not the ztunnel"), "{msg}");
+    let (code, msg) = refused(s.client("zt-node-1").issue(&Identity::new("evil.example", "app", "web"), Duration::from_secs(3600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("trust domain"), "{msg}");
+}
+
+#[test]
+fn a_token_bound_only_to_a_pod_is_placed_by_that_pods_node() {
+    let s = setup("podonly");
+    // ztunnel-old runs on node-2, where db-1 is.
+    let id = Identity::new("cluster.local", "app", "db");
+    let cert = s.client("zt-pod-only").issue(&id, Duration::from_secs(600)).unwrap();
+    assert_eq!(identity_of(&cert.chain[0]).unwrap(), id);
+    assert!(s.fake.requests().iter().any(|r| r.verb == "get" && r.resource == "pods" && r.namespace.as_deref() == Some("skiff-system")));
+    refused(s.client("zt-pod-only").issue(&Identity::new("cluster.local", "app", "web"), Duration::from_secs(600)));
+}
+
+#[test]
+fn ztunnel_cert_manager_in_signer_mode_serves_only_its_nodes_identities() {
+    let s = setup("mgr");
+    let mgr = CertManager::from_signer(s.client("zt-node-1"), std::slice::from_ref(&s.ca_root), "cluster.local", Duration::from_secs(600)).unwrap();
+    mgr.server_config(Identity::new("cluster.local", "app", "web")).expect("own pod's identity");
+    assert_eq!(mgr.summary().len(), 1);
+    let err = mgr.server_config(Identity::new("cluster.local", "app", "db")).unwrap_err();
+    assert!(skiff_core::report(&err).contains("refused"), "{}", skiff_core::report(&err));
+}
+
+#[test]
+fn the_signer_does_not_trust_a_root_key_others_can_read() {
+    let s = setup("mode");
+    let key = s.dir.0.join("ca-key.pem");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    match Ca::load(&key, &s.dir.0.join("ca-cert.pem"), "cluster.local") {
+        Err(e @ IdentityError::KeyMode { .. }) => assert!(e.to_string().contains("644"), "{e}"),
+        Err(e) => panic!("unexpected {e}"),
+        Ok(_) => panic!("loaded a world-readable root key"),
+    }
+}
