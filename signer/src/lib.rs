@@ -10,6 +10,11 @@
 //! 3. a pod with that namespace and service account runs on that node
 //!    (listed from the API with `spec.nodeName=<node>`, not finished).
 //!
+//! A waypoint may obtain its *own* identity: a token of service account
+//! `<ns>/<sa>` gets `spiffe://<td>/ns/<ns>/sa/<sa>` only, and only when the
+//! token is bound to a live pod of that service account carrying the
+//! `gateway.networking.k8s.io/gateway-name` label (a waypoint pod).
+//!
 //! Everything else is refused with the reason (401 for the token, 403 for
 //! what it may not have, 400 for a malformed request) and logged. A
 //! compromised node can so obtain only the identities of its own pods.
@@ -108,6 +113,18 @@ impl SignError {
     }
 }
 
+/// An authenticated caller (TokenReview's user).
+struct Caller {
+    username: String,
+    extra: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl Caller {
+    fn one(&self, key: &str) -> Option<String> {
+        self.extra.get(key).and_then(|v| v.first()).filter(|s| !s.is_empty()).cloned()
+    }
+}
+
 /// The signer: a root and an API client.
 pub struct Signer {
     cfg: Config,
@@ -122,12 +139,18 @@ impl Signer {
 
     /// Checks and signs one request: returns the certificate as PEM.
     pub async fn sign(&self, token: &str, identity: &str, csr_pem: &str, lifetime: Duration) -> Result<String, SignError> {
-        let node = self.node_of(token).await?;
+        let caller = self.review(token).await?;
         let id = Identity::parse(identity).ok_or_else(|| SignError::BadRequest(format!("{identity:?} is not spiffe://<td>/ns/<ns>/sa/<sa>")))?;
         if id.trust_domain != self.cfg.trust_domain {
             return Err(SignError::Forbidden(format!("{identity}: trust domain is not {}", self.cfg.trust_domain)));
         }
-        self.check_pod_on_node(&id, &node).await?;
+        let node = if caller.username == self.cfg.ztunnel_user {
+            let node = self.node_of(&caller).await?;
+            self.check_pod_on_node(&id, &node).await?;
+            node
+        } else {
+            self.check_waypoint_own_identity(&caller, &id).await?
+        };
         let lifetime = lifetime.clamp(Duration::from_secs(60), self.cfg.max_lifetime);
         let (_, pem) = self.ca.sign_csr(&id, csr_pem, lifetime).map_err(|e| match e {
             IdentityError::Csr(_) => SignError::Csr(e),
@@ -137,8 +160,8 @@ impl Signer {
         Ok(pem)
     }
 
-    /// The node the token's ztunnel runs on.
-    async fn node_of(&self, token: &str) -> Result<String, SignError> {
+    /// Authenticates a token (TokenReview, audience checked).
+    async fn review(&self, token: &str) -> Result<Caller, SignError> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![self.cfg.audience.clone()]) },
             ..Default::default()
@@ -158,12 +181,52 @@ impl Signer {
             }
         }
         let user = status.user.unwrap_or_default();
-        let username = user.username.unwrap_or_default();
-        if username != self.cfg.ztunnel_user {
-            return Err(SignError::Forbidden(format!("{username} is not the ztunnel service account {}", self.cfg.ztunnel_user)));
+        Ok(Caller { username: user.username.unwrap_or_default(), extra: user.extra.unwrap_or_default() })
+    }
+
+    /// A waypoint asking for its own identity: the token must belong to
+    /// that identity's service account and be bound to a live pod of it
+    /// that carries the waypoint label. Returns the pod's node (for the log).
+    async fn check_waypoint_own_identity(&self, caller: &Caller, id: &Identity) -> Result<String, SignError> {
+        let not_allowed = |why: String| {
+            SignError::Forbidden(format!("{} is not the ztunnel service account {} and {why}", caller.username, self.cfg.ztunnel_user))
+        };
+        let Some((ns, sa)) = caller.username.strip_prefix("system:serviceaccount:").and_then(|r| r.split_once(':')) else {
+            return Err(not_allowed("not a service account".into()));
+        };
+        if (ns, sa) != (id.namespace.as_str(), id.service_account.as_str()) {
+            return Err(not_allowed(format!("may only obtain its own identity spiffe://{}/ns/{ns}/sa/{sa}", self.cfg.trust_domain)));
         }
-        let extra = user.extra.unwrap_or_default();
-        let one = |k: &str| extra.get(k).and_then(|v| v.first()).filter(|s| !s.is_empty()).cloned();
+        let (Some(pod_name), Some(pod_uid)) = (caller.one(EXTRA_POD_NAME), caller.one(EXTRA_POD_UID)) else {
+            return Err(not_allowed("its token is not bound to a pod".into()));
+        };
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), ns);
+        let pod = pods
+            .get_opt(&pod_name)
+            .await
+            .map_err(|source| SignError::Api { what: "get pod", source })?
+            .ok_or_else(|| not_allowed(format!("its token's pod {ns}/{pod_name} does not exist")))?;
+        if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
+            return Err(not_allowed(format!("its token's pod {ns}/{pod_name} was replaced (uid differs)")));
+        }
+        let is_waypoint = pod.metadata.labels.as_ref().is_some_and(|l| l.contains_key(skiff_core::LABEL_GATEWAY_NAME));
+        if !is_waypoint {
+            return Err(not_allowed(format!("its pod {ns}/{pod_name} is not a waypoint (no {} label)", skiff_core::LABEL_GATEWAY_NAME)));
+        }
+        let spec = pod.spec.unwrap_or_default();
+        if spec.service_account_name.as_deref().unwrap_or("default") != sa {
+            return Err(not_allowed(format!("its pod {ns}/{pod_name} runs as another service account")));
+        }
+        let finished = pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+        if finished {
+            return Err(not_allowed(format!("its pod {ns}/{pod_name} has finished")));
+        }
+        Ok(spec.node_name.unwrap_or_else(|| "(unscheduled)".into()))
+    }
+
+    /// The node the token's ztunnel runs on.
+    async fn node_of(&self, caller: &Caller) -> Result<String, SignError> {
+        let one = |k: &str| caller.one(k);
         if let Some(node) = one(EXTRA_NODE_NAME) {
             return Ok(node);
         }

@@ -55,12 +55,20 @@ fn setup(tag: &str) -> Setup {
     only_pod.extra.insert("authentication.kubernetes.io/pod-name".into(), vec!["ztunnel-old".into()]);
     only_pod.extra.insert("authentication.kubernetes.io/pod-uid".into(), vec!["uid-ztunnel-old".into()]);
     fake.add_token("zt-pod-only", only_pod);
+    // A waypoint pod (gateway label) and its own bound token.
+    fake.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "waypoint-1", "namespace": "app", "uid": "uid-waypoint-1", "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}},
+        "spec": {"nodeName": "node-2", "serviceAccountName": "waypoint", "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": "10.244.2.20"}}))
+    .unwrap();
+    fake.add_token("wp", TokenIdentity::service_account("app", "waypoint").bound_to_pod("waypoint-1", "uid-waypoint-1", "node-2").with_audiences(&["skiff-ca"]));
+    fake.add_token("wp-replaced", TokenIdentity::service_account("app", "waypoint").bound_to_pod("waypoint-1", "uid-old", "node-2").with_audiences(&["skiff-ca"]));
 
     let dir = std::env::temp_dir().join(format!("skiff-signer-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let dir = TmpDir(dir);
-    for t in ["zt-node-1", "zt-wrong-audience", "web-sa", "zt-pod-only", "forged"] {
+    for t in ["zt-node-1", "zt-wrong-audience", "web-sa", "zt-pod-only", "forged", "wp", "wp-replaced"] {
         std::fs::write(dir.0.join(t), format!("{t}\n")).unwrap();
     }
     let ca = Ca::generate("cluster.local").unwrap();
@@ -165,4 +173,26 @@ fn the_signer_does_not_trust_a_root_key_others_can_read() {
         Err(e) => panic!("unexpected {e}"),
         Ok(_) => panic!("loaded a world-readable root key"),
     }
+}
+
+#[test]
+fn a_waypoint_obtains_its_own_identity_and_nothing_else() {
+    let s = setup("waypoint");
+    let own = Identity::new("cluster.local", "app", "waypoint");
+    let cert = s.client("wp").issue(&own, Duration::from_secs(600)).unwrap();
+    assert_eq!(identity_of(&cert.chain[0]).unwrap(), own);
+    // Not another identity, even one of a pod on its node.
+    let (code, msg) = refused(s.client("wp").issue(&Identity::new("cluster.local", "app", "db"), Duration::from_secs(600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("may only obtain its own identity"), "{msg}");
+    // A token bound to a pod that was replaced.
+    let (code, msg) = refused(s.client("wp-replaced").issue(&own, Duration::from_secs(600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("replaced"), "{msg}");
+    // An ordinary workload (no waypoint label) does not get even its own.
+    let (code, msg) = refused(s.client("web-sa").issue(&Identity::new("cluster.local", "app", "web"), Duration::from_secs(600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("is not a waypoint"), "{msg}");
+    // The waypoint path reads the bound pod: get pods in its namespace.
+    assert!(s.fake.requests().iter().any(|r| r.verb == "get" && r.resource == "pods" && r.namespace.as_deref() == Some("app")));
 }

@@ -305,3 +305,138 @@ fn node_daemonset_is_wired_as_the_code_expects() {
     assert!(na.contains(&format!("--cni-socket={}", skiff_cni::DEFAULT_SOCKET).as_str()), "{na:?}");
     assert!(na.contains(&format!("--cni-state-file={}", skiff_cni::DEFAULT_STATE_FILE).as_str()), "{na:?}");
 }
+
+/// The other direction of the RBAC check: run the code that talks to the
+/// API — the Kubernetes config source as node-agent and ztunnel run it, and
+/// the signer through every path it has (ztunnel by node-name, ztunnel by
+/// bound pod, a waypoint for its own identity) — against the fake API
+/// server, record every request, and compare with the table, per service
+/// account. A call the table (and so the RBAC) lacks, or a grant no code
+/// uses, fails here.
+#[test]
+fn rbac_table_equals_what_the_code_asks_of_the_api() {
+    use skiff_kube_fake::{FakeApiServer, TokenIdentity};
+    use skiff_ztunnel::identity::{Ca, Identity};
+    use std::time::{Duration, Instant};
+
+    let table = |subject: &str| -> BTreeSet<(String, String, String)> {
+        expected_grants()
+            .into_iter()
+            .filter(|g| g.0 == subject)
+            .map(|(_, verb, group, res, _)| (verb, if group == "core" { String::new() } else { group }, res))
+            .collect()
+    };
+    let asked = |fake: &FakeApiServer| -> BTreeSet<(String, String, String)> {
+        fake.requests().into_iter().map(|r| (r.verb, r.group, r.resource)).collect()
+    };
+    let pod = |ns: &str, name: &str, node: &str, sa: &str, labels: serde_json::Value| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": labels},
+            "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "10.244.1.10"}})
+    };
+
+    // node-agent / ztunnel (service account skiff-system/ztunnel).
+    let fake = FakeApiServer::start().unwrap();
+    fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app"}})).unwrap();
+    fake.apply(pod("app", "web-1", "node-1", "web", serde_json::json!({}))).unwrap();
+    let mut src = skiff_kube_source::SourceChoice::from_args(None, false, Some(fake.url())).unwrap().pods_on_node("node-1").open().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the Kubernetes source published no snapshot");
+        if let Ok(Some(s)) = src.poll(Duration::from_millis(200)) {
+            if s.namespaces.contains_key("app") {
+                break;
+            }
+        }
+    }
+    // Every kind's watch is open by now or soon: wait until the set stops growing.
+    let want = table("skiff-system/ztunnel");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while asked(&fake) != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(asked(&fake), want, "the config source's requests vs deploy/rbac-expectations.tsv (skiff-system/ztunnel)");
+    drop(src);
+
+    // The signer (service account skiff-system/skiff-signer), every path.
+    let fake = FakeApiServer::start().unwrap();
+    fake.apply(pod("app", "web-1", "node-1", "web", serde_json::json!({}))).unwrap();
+    fake.apply(pod("skiff-system", "ztunnel-a", "node-1", "ztunnel", serde_json::json!({}))).unwrap();
+    fake.apply(pod("app", "waypoint-1", "node-1", "waypoint", serde_json::json!({"gateway.networking.k8s.io/gateway-name": "waypoint"}))).unwrap();
+    let zt = || TokenIdentity::service_account("skiff-system", "ztunnel");
+    fake.add_token("zt", zt().bound_to_pod("ztunnel-a", "uid-ztunnel-a", "node-1").with_audiences(&["skiff-ca"]));
+    let mut pod_only = zt().with_audiences(&["skiff-ca"]);
+    pod_only.extra.insert("authentication.kubernetes.io/pod-name".into(), vec!["ztunnel-a".into()]);
+    pod_only.extra.insert("authentication.kubernetes.io/pod-uid".into(), vec!["uid-ztunnel-a".into()]);
+    fake.add_token("zt-pod-only", pod_only);
+    fake.add_token("wp", TokenIdentity::service_account("app", "waypoint").bound_to_pod("waypoint-1", "uid-waypoint-1", "node-1").with_audiences(&["skiff-ca"]));
+    let dir = std::env::temp_dir().join(format!("skiff-rbac-test-{}", std::process::id()));
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    for t in ["zt", "zt-pod-only", "wp"] {
+        std::fs::write(dir.join(t), t).unwrap();
+    }
+    let ca = Ca::generate("cluster.local").unwrap();
+    let root = ca.root();
+    let tls = skiff_signer::tls_config(&ca, &["signer.test".to_owned()]).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let kube = rt.block_on(skiff_kube_source::connect(Some(&fake.url()))).unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    rt.spawn(skiff_signer::Signer::new(skiff_signer::Config::default(), ca, kube).serve(listener, tls));
+    let issue = |token: &str, id: Identity| {
+        skiff_ztunnel::signer_client::SignerClient::new(&url, "signer.test", dir.join(token), std::slice::from_ref(&root))
+            .unwrap()
+            .issue(&id, Duration::from_secs(600))
+            .unwrap_or_else(|e| panic!("{token}: {}", skiff_core::report(&e)))
+    };
+    issue("zt", Identity::new("cluster.local", "app", "web"));
+    issue("zt-pod-only", Identity::new("cluster.local", "app", "web"));
+    issue("wp", Identity::new("cluster.local", "app", "waypoint"));
+    assert_eq!(asked(&fake), table("skiff-system/skiff-signer"), "the signer's requests vs deploy/rbac-expectations.tsv (skiff-system/skiff-signer)");
+}
+
+/// Every Skiff container in every overlay runs a binary this workspace
+/// builds, with a subcommand and flags that binary accepts (checked against
+/// its own `--help`), so a renamed flag cannot leave deploy/ behind.
+#[test]
+fn every_container_command_line_is_accepted_by_its_binary() {
+    let bins = skiff_e2e::bin_dir();
+    let mut checked = 0;
+    for o in OVERLAYS {
+        for obj in render(&deploy_dir().join(o)) {
+            let Some(containers) = obj["spec"]["template"]["spec"]["containers"].as_sequence() else { continue };
+            for c in containers {
+                let strs = |k: &str| -> Vec<String> {
+                    c[k].as_sequence().map(|s| s.iter().map(|x| x.as_str().unwrap().to_owned()).collect()).unwrap_or_default()
+                };
+                let (command, args) = (strs("command"), strs("args"));
+                let Some(program) = command.first().filter(|p| p.starts_with("skiff-")) else { continue };
+                let bin = bins.join(program);
+                assert!(bin.exists(), "{o:?} {:?}: {program} is not a binary of this workspace", key(&obj));
+                let sub: Vec<&String> = command[1..].iter().chain(args.iter()).take_while(|a| !a.starts_with('-')).collect();
+                let out = Command::new(&bin).args(&sub).arg("--help").output().unwrap();
+                assert!(out.status.success(), "{program} {sub:?} --help: {}", String::from_utf8_lossy(&out.stderr));
+                let help = String::from_utf8_lossy(&out.stdout);
+                for a in command[1..].iter().chain(args.iter()).filter(|a| a.starts_with("--")) {
+                    let flag = a.split('=').next().unwrap();
+                    assert!(
+                        help.lines().any(|l| l.split(|ch: char| ch.is_whitespace() || ch == ',' || ch == '=').any(|w| w == flag)),
+                        "{o:?} {:?}: `{program} {}` has no {flag}:\n{help}",
+                        key(&obj),
+                        sub.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} flags checked");
+}

@@ -116,6 +116,37 @@ impl CertManager {
         }))
     }
 
+    /// The certificate source a command line names: the in-cluster signer
+    /// (`signer_url`, checked against `trust_bundle`) or else the local CA
+    /// in `ca_dir`. Shared by ztunnel and the waypoint.
+    pub fn from_args(
+        signer_url: Option<&str>,
+        signer_name: &str,
+        signer_token: &std::path::Path,
+        trust_bundle: Option<&std::path::Path>,
+        ca_dir: &std::path::Path,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> anyhow::Result<Arc<CertManager>> {
+        use anyhow::Context as _;
+        use rustls::pki_types::pem::PemObject as _;
+        let Some(url) = signer_url else {
+            return CertManager::from_ca_dir(ca_dir, trust_domain, lifetime)
+                .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", ca_dir.display(), skiff_core::report(&e)));
+        };
+        let bundle_path = trust_bundle.context("--signer-url needs --trust-bundle (the PEM roots the signer is checked against)")?;
+        let pem = std::fs::read(bundle_path).with_context(|| format!("reading the trust bundle {}", bundle_path.display()))?;
+        let bundle: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("trust bundle {}: {e}", bundle_path.display()))?;
+        anyhow::ensure!(!bundle.is_empty(), "trust bundle {} holds no certificate", bundle_path.display());
+        let client = crate::signer_client::SignerClient::new(url, signer_name, signer_token.to_owned(), &bundle)
+            .map_err(|e| anyhow::anyhow!("signer {url}: {}", skiff_core::report(&e)))?;
+        tracing::info!(signer = %url, roots = bundle.len(), "workload certificates from the in-cluster signer");
+        CertManager::from_signer(client, &bundle, trust_domain, lifetime)
+            .map_err(|e| anyhow::anyhow!("trust bundle {}: {}", bundle_path.display(), skiff_core::report(&e)))
+    }
+
     pub fn trust_domain(&self) -> &str {
         match &self.issuer {
             Issuer::Local(ca) => ca.trust_domain(),

@@ -1,7 +1,6 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use rustls_pki_types::pem::PemObject as _;
 use clap::Parser;
 use skiff_ztunnel::{admin, proxy};
 use tracing::info;
@@ -93,22 +92,15 @@ fn main() -> anyhow::Result<()> {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
         let cluster = skiff_ztunnel::watch_cluster(source);
         let lifetime = Duration::from_secs(cli.cert_lifetime);
-        let certs = match (&cli.signer_url, &cli.trust_bundle) {
-            (Some(url), Some(bundle_path)) => {
-                let pem = std::fs::read(bundle_path).with_context(|| format!("reading the trust bundle {}", bundle_path.display()))?;
-                let bundle: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| anyhow::anyhow!("trust bundle {}: {e}", bundle_path.display()))?;
-                anyhow::ensure!(!bundle.is_empty(), "trust bundle {} holds no certificate", bundle_path.display());
-                let client = skiff_ztunnel::signer_client::SignerClient::new(url, &cli.signer_name, cli.signer_token.clone(), &bundle)
-                    .map_err(|e| anyhow::anyhow!("signer {url}: {}", skiff_core::report(&e)))?;
-                info!(signer = %url, roots = bundle.len(), "workload certificates from the in-cluster signer");
-                skiff_ztunnel::certs::CertManager::from_signer(client, &bundle, &cli.trust_domain, lifetime)
-                    .map_err(|e| anyhow::anyhow!("trust bundle {}: {}", bundle_path.display(), skiff_core::report(&e)))?
-            }
-            _ => skiff_ztunnel::certs::CertManager::from_ca_dir(&cli.ca_dir, &cli.trust_domain, lifetime)
-                .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", cli.ca_dir.display(), skiff_core::report(&e)))?,
-        };
+        let certs = skiff_ztunnel::certs::CertManager::from_args(
+            cli.signer_url.as_deref(),
+            &cli.signer_name,
+            &cli.signer_token,
+            cli.trust_bundle.as_deref(),
+            &cli.ca_dir,
+            &cli.trust_domain,
+            lifetime,
+        )?;
         let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");
