@@ -61,16 +61,19 @@ pub struct MeshOptions {
 /// The kube-proxy stand-in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KubeProxy {
-    /// A userspace forwarder on each node (no iptables needed).
+    /// A userspace forwarder on each node (no iptables needed). The
+    /// endpoint sees the node's address as the source, which ztunnel takes
+    /// for a kubelet probe: not faithful for policy tests.
     Userspace,
     /// iptables DNAT in each node's netns, as kube-proxy's iptables mode
-    /// (benchmarks: the baseline then has no extra proxy hop).
+    /// (the default): the client's own address reaches the endpoint, and
+    /// the benchmarks' baseline has no extra proxy hop.
     Iptables,
 }
 
 impl MeshOptions {
     pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
-        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Userspace, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false }
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Iptables, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false }
     }
 }
 
@@ -159,12 +162,16 @@ fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the local mesh needs root (network namespaces, cgroups, eBPF)");
     }
-    for tool in ["ip", "nsenter", "sysctl"] {
+    let mut tools = vec!["ip", "nsenter", "sysctl"];
+    if opts.kube_proxy == KubeProxy::Iptables {
+        tools.push("iptables-restore");
+    }
+    for tool in tools {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
             .unwrap_or(false);
         if !found {
-            bail!("`{tool}` not found on PATH (install iproute2, util-linux and procps; `cargo xtask setup` does)");
+            bail!("`{tool}` not found on PATH (install iproute2, util-linux, procps and iptables; `cargo xtask setup` does)");
         }
     }
     for bin in ["skiff-node-agent", "skiff-ztunnel", "skiff-cni"] {
@@ -858,6 +865,28 @@ impl LocalMesh {
         let child = sys::spawn_logged(cmd, log)?;
         self.extra.push(child);
         Ok(())
+    }
+
+    /// Sends `message` over TCP from node `i`'s own netns (as kubelet's
+    /// probes do) to `addr`, and returns what comes back before the peer
+    /// closes or 3 s pass.
+    pub fn node_exchange(&self, i: usize, addr: SocketAddrV4, message: &str) -> anyhow::Result<String> {
+        let ns = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{}", self.nodes[i].netns)))?;
+        let message = message.to_owned();
+        let out = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.write_all(message.as_bytes())?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut out = Vec::new();
+            match s.read_to_end(&mut out) {
+                Ok(_) => {}
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => {}
+            }
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        })??;
+        Ok(out)
     }
 
     /// HTTP GET to 127.0.0.1:`port` inside node `i`'s netns.

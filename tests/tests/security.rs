@@ -153,6 +153,12 @@ fn strict_refuses_plaintext_and_permissive_accepts_it_without_restart() {
     let r = client(&mesh, mesh.pod("mesh", "client"), &target, "mtls-under-strict");
     assert!(r.ok && r.reply.ends_with("mtls-under-strict"), "mTLS must still work under STRICT: {r:?}");
 
+    // kubelet's health probes come from the node itself: they still reach
+    // the pod under STRICT (and are counted).
+    let reply = mesh.node_exchange(server.node, std::net::SocketAddrV4::new(server.ip, 9000), "probe-under-strict").expect("probe from the node");
+    assert!(reply.ends_with("probe-under-strict"), "a probe from the node did not reach the app under STRICT: {reply:?}");
+    assert!(mesh.metric(server.node, "skiff_ztunnel_node_probe_connections_total", &[]).unwrap() >= 1.0, "probe not counted");
+
     apply_policy(&mesh, server.node, "mtls", Some(PERMISSIVE));
     let r = client(&mesh, mesh.pod("plain", "client"), &target, "plain-under-permissive");
     assert!(r.ok && r.reply.ends_with("plain-under-permissive"), "{r:?}");

@@ -65,12 +65,16 @@ fn cargo_bin(tool: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Host tools the local mesh drives: `ip` (iproute2), `nsenter`
-/// (util-linux), `sysctl` (procps).
+/// (util-linux), `sysctl` (procps), `iptables-restore` (the kube-proxy
+/// stand-in and iptables capture).
 fn setup_host_tools() -> anyhow::Result<()> {
     let missing: Vec<(&str, &str)> =
-        [("ip", "iproute2"), ("nsenter", "util-linux"), ("sysctl", "procps")].into_iter().filter(|(t, _)| !on_path(t)).collect();
+        [("ip", "iproute2"), ("nsenter", "util-linux"), ("sysctl", "procps"), ("iptables-restore", "iptables")]
+            .into_iter()
+            .filter(|(t, _)| !on_path(t) && !Path::new("/usr/sbin").join(t).exists())
+            .collect();
     if missing.is_empty() {
-        step("host tools (ip, nsenter, sysctl): present");
+        step("host tools (ip, nsenter, sysctl, iptables): present");
         return Ok(());
     }
     let pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();

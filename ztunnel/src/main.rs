@@ -63,6 +63,12 @@ struct Cli {
     /// HBONE (turns mutual TLS off).
     #[arg(long, hide = true)]
     insecure_plaintext_mesh: bool,
+    /// Plaintext from the node's own addresses (kubelet health probes):
+    /// `allow` lets it reach enrolled pods past STRICT PeerAuthentication
+    /// and AuthorizationPolicy (so probes keep working); `enforce` treats
+    /// it like any other plaintext (probes of STRICT pods then fail).
+    #[arg(long, default_value = "allow", value_parser = ["allow", "enforce"])]
+    node_probes: String,
     /// Admin address: `/config_dump`, `/logging` (keep it on localhost).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -101,7 +107,7 @@ fn main() -> anyhow::Result<()> {
             &cli.trust_domain,
             lifetime,
         )?;
-        let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh };
+        let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh, node_probes: cli.node_probes == "allow" };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");
         }

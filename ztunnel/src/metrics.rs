@@ -80,6 +80,9 @@ pub struct Metrics {
     pub hbone_refused: prometheus::IntCounter,
     /// Accepted HBONE handshakes by negotiated cipher suite and key exchange.
     pub tls_handshakes: IntCounterVec,
+    /// Plaintext connections from the node itself (kubelet probes) let
+    /// past STRICT and policy.
+    pub node_probes: prometheus::IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -122,7 +125,13 @@ impl Metrics {
             "HBONE TLS handshakes accepted, by negotiated cipher suite and key exchange group",
             &["cipher_suite", "kx_group"],
         );
-        Metrics { registry, opened, closed, sent, received, workloads, active_connections, hbone_refused, tls_handshakes }
+        let node_probes = prometheus::IntCounter::new(
+            "skiff_ztunnel_node_probe_connections_total",
+            "Plaintext connections from the node's own addresses (kubelet health probes) delivered without mTLS or policy",
+        )
+        .expect("valid");
+        registry.register(Box::new(node_probes.clone())).expect("metric registered once");
+        Metrics { registry, opened, closed, sent, received, workloads, active_connections, hbone_refused, tls_handshakes, node_probes }
     }
 
     /// Counters of one connection, resolved once so the data path only adds.

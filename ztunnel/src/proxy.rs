@@ -18,7 +18,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{Map, MapData, SockHash};
@@ -62,6 +62,43 @@ pub struct Config {
     /// Send mesh-to-mesh traffic as plain TCP instead of HBONE. Only for
     /// pricing mTLS in benchmarks: it turns the mesh's encryption off.
     pub plaintext_mesh: bool,
+    /// Plaintext from the node's own addresses (kubelet health probes)
+    /// reaches enrolled pods even under STRICT PeerAuthentication and
+    /// AuthorizationPolicy. Off: such traffic is treated like any other.
+    pub node_probes: bool,
+}
+
+/// The node's own IPv4 addresses. ztunnel runs in the node's network
+/// namespace, so these are the sources kubelet's health probes come from
+/// (the address of the interface towards the pod: a bridge gateway or the
+/// host's own IP). Re-read at most every 5 s, and at most every 0.5 s on a
+/// miss (an address added since).
+struct NodeAddrs {
+    cache: Mutex<(Option<Instant>, HashSet<Ipv4Addr>)>,
+}
+
+impl NodeAddrs {
+    fn new() -> NodeAddrs {
+        NodeAddrs { cache: Mutex::new((None, HashSet::new())) }
+    }
+
+    fn read() -> HashSet<Ipv4Addr> {
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return HashSet::new() };
+        addrs
+            .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+            .filter(|ip| !ip.is_loopback())
+            .collect()
+    }
+
+    fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mut c = self.cache.lock().expect("lock");
+        let age = c.0.map(|t| t.elapsed());
+        let stale = age.is_none_or(|a| a > Duration::from_secs(5) || (!c.1.contains(&ip) && a > Duration::from_millis(500)));
+        if stale {
+            *c = (Some(Instant::now()), Self::read());
+        }
+        c.1.contains(&ip)
+    }
 }
 
 struct PodCtx {
@@ -135,6 +172,7 @@ pub struct Ztunnel {
     next_conn: AtomicU64,
     /// Bounds unauthenticated HBONE connections (TLS handshakes) node-wide.
     handshakes: Arc<tokio::sync::Semaphore>,
+    node_addrs: NodeAddrs,
 }
 
 /// Why a connection could not be proxied; becomes the response flag.
@@ -180,6 +218,7 @@ impl Ztunnel {
             active: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             handshakes: Arc::new(tokio::sync::Semaphore::new(1024)),
+            node_addrs: NodeAddrs::new(),
         }))
     }
 
@@ -723,6 +762,23 @@ impl Ztunnel {
             let labels = self.inbound_labels(&snap, &info, *peer4.ip(), dst.port(), None);
             if MESH_PORTS.contains(&dst.port()) {
                 return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::NoRoute, start);
+            }
+            // kubelet's health probes come from the node itself: they pass
+            // STRICT and policy (as with Istio), and are not re-evaluated.
+            let from_node = self.cfg.node_probes && self.node_addrs.contains(*peer4.ip());
+            if from_node {
+                debug!(src = %peer4, dst = %dst, "plaintext from the node itself (kubelet probe): delivered without mTLS or policy");
+                let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst).await {
+                    Ok(a) => a,
+                    Err(r) => return self.refused("inbound", peer, dst, Some(dst), labels, r, start),
+                };
+                let counters = self.metrics.connection(&labels);
+                counters.opened.inc();
+                let (rx, tx) = relay(client, app, &counters, &self.metrics).await;
+                counters.closed.inc();
+                self.metrics.node_probes.inc();
+                access_log("inbound", peer, dst, Some(dst), &labels, tx, rx, start, None);
+                return;
             }
             let mode = policy::effective_mtls(&snap.peer_authentications, &self.cfg.root_namespace, &info.namespace, &info.labels, dst.port());
             if mode == MtlsMode::Strict {
