@@ -1136,7 +1136,7 @@ mod tests {
 
     fn ztunnel(snap: Arc<Snapshot>) -> Arc<Ztunnel> {
         let (_tx, rx) = watch::channel(snap);
-        let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None, plaintext_mesh: false };
+        let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None, plaintext_mesh: false, node_probes: true };
         let ca = crate::identity::Ca::generate("cluster.local").unwrap();
         let certs = CertManager::new(ca, std::time::Duration::from_secs(3600)).unwrap();
         Ztunnel::new(cfg, rx, certs).unwrap()
