@@ -35,19 +35,8 @@ struct Cli {
     /// The mesh CA directory (local mode; unused with --signer-url).
     #[arg(long, env = "SKIFF_CA_DIR", required_unless_present = "signer_url")]
     ca_dir: Option<PathBuf>,
-    /// Obtain the waypoint's certificate from the in-cluster signer at this
-    /// URL (`https://host:port`), with its own projected token.
-    #[arg(long, value_name = "URL", requires = "trust_bundle")]
-    signer_url: Option<String>,
-    /// The name the signer's TLS certificate must carry.
-    #[arg(long, default_value = "skiff-ca.skiff-system.svc")]
-    signer_name: String,
-    /// Projected service-account token (audience skiff-ca) sent to the signer.
-    #[arg(long, default_value = "/var/run/secrets/tokens/skiff-ca-token")]
-    signer_token: PathBuf,
-    /// PEM file of the trusted roots; with --signer-url.
-    #[arg(long, value_name = "PATH")]
-    trust_bundle: Option<PathBuf>,
+    #[command(flatten)]
+    signer: skiff_ztunnel::certs::SignerArgs,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Lifetime of the waypoint's certificate; rotated at half-life.
@@ -70,15 +59,8 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
         let cluster = skiff_ztunnel::watch_cluster(source);
-        let certs = skiff_ztunnel::certs::CertManager::from_args(
-            cli.signer_url.as_deref(),
-            &cli.signer_name,
-            &cli.signer_token,
-            cli.trust_bundle.as_deref(),
-            cli.ca_dir.as_deref().unwrap_or(std::path::Path::new("/var/lib/skiff/ca")),
-            &cli.trust_domain,
-            Duration::from_secs(cli.cert_lifetime),
-        )?;
+        let ca_dir = cli.ca_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/skiff/ca"));
+        let certs = skiff_ztunnel::certs::CertManager::from_args(&cli.signer, &ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))?;
         let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account };
         let wp = Waypoint::new(cfg, cluster, certs);
         let hbone = tokio::net::TcpListener::bind((cli.pod_ip, 15008)).await.with_context(|| format!("binding {}:15008", cli.pod_ip))?;

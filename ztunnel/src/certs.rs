@@ -117,30 +117,23 @@ impl CertManager {
     }
 
     /// The certificate source a command line names: the in-cluster signer
-    /// (`signer_url`, checked against `trust_bundle`) or else the local CA
-    /// in `ca_dir`. Shared by ztunnel and the waypoint.
-    pub fn from_args(
-        signer_url: Option<&str>,
-        signer_name: &str,
-        signer_token: &std::path::Path,
-        trust_bundle: Option<&std::path::Path>,
-        ca_dir: &std::path::Path,
-        trust_domain: &str,
-        lifetime: Duration,
-    ) -> anyhow::Result<Arc<CertManager>> {
+    /// (`--signer-url`, checked against `--trust-bundle`) or else the local
+    /// CA in `ca_dir`. Shared by ztunnel and the waypoint.
+    pub fn from_args(signer: &SignerArgs, ca_dir: &std::path::Path, trust_domain: &str, lifetime: Duration) -> anyhow::Result<Arc<CertManager>> {
         use anyhow::Context as _;
         use rustls::pki_types::pem::PemObject as _;
-        let Some(url) = signer_url else {
+        let Some(url) = signer.signer_url.as_deref() else {
             return CertManager::from_ca_dir(ca_dir, trust_domain, lifetime)
                 .map_err(|e| anyhow::anyhow!("loading the CA from {}: {}", ca_dir.display(), skiff_core::report(&e)));
         };
-        let bundle_path = trust_bundle.context("--signer-url needs --trust-bundle (the PEM roots the signer is checked against)")?;
+        let bundle_path =
+            signer.trust_bundle.as_deref().context("--signer-url needs --trust-bundle (the PEM roots the signer is checked against)")?;
         let pem = std::fs::read(bundle_path).with_context(|| format!("reading the trust bundle {}", bundle_path.display()))?;
         let bundle: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!("trust bundle {}: {e}", bundle_path.display()))?;
         anyhow::ensure!(!bundle.is_empty(), "trust bundle {} holds no certificate", bundle_path.display());
-        let client = crate::signer_client::SignerClient::new(url, signer_name, signer_token.to_owned(), &bundle)
+        let client = crate::signer_client::SignerClient::new(url, &signer.signer_name, signer.signer_token.clone(), &bundle)
             .map_err(|e| anyhow::anyhow!("signer {url}: {}", skiff_core::report(&e)))?;
         tracing::info!(signer = %url, roots = bundle.len(), "workload certificates from the in-cluster signer");
         CertManager::from_signer(client, &bundle, trust_domain, lifetime)
@@ -281,4 +274,24 @@ impl ResolvesClientCert for Resolver {
     fn has_certs(&self) -> bool {
         true
     }
+}
+
+/// Command-line flags naming the in-cluster signer (ztunnel and the
+/// waypoint take the same ones).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SignerArgs {
+    /// Obtain workload certificates from the in-cluster signer at this URL
+    /// (`https://host:port`) instead of a local CA (--ca-dir is then unused).
+    #[arg(long, value_name = "URL", requires = "trust_bundle")]
+    pub signer_url: Option<String>,
+    /// The name the signer's TLS certificate must carry.
+    #[arg(long, default_value = "skiff-ca.skiff-system.svc")]
+    pub signer_name: String,
+    /// Projected service-account token (audience skiff-ca) sent to the signer.
+    #[arg(long, default_value = "/var/run/secrets/tokens/skiff-ca-token")]
+    pub signer_token: std::path::PathBuf,
+    /// PEM file of the trusted roots (every root during a rotation); with
+    /// --signer-url.
+    #[arg(long, value_name = "PATH")]
+    pub trust_bundle: Option<std::path::PathBuf>,
 }

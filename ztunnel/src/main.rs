@@ -38,20 +38,8 @@ struct Cli {
     /// first run, key mode 0600).
     #[arg(long, default_value = "/var/lib/skiff/ca")]
     ca_dir: PathBuf,
-    /// Obtain workload certificates from the in-cluster signer at this URL
-    /// (`https://host:port`) instead of a local CA (--ca-dir is then unused).
-    #[arg(long, value_name = "URL", requires = "trust_bundle")]
-    signer_url: Option<String>,
-    /// The name the signer's TLS certificate must carry.
-    #[arg(long, default_value = "skiff-ca.skiff-system.svc")]
-    signer_name: String,
-    /// Projected service-account token (audience skiff-ca) sent to the signer.
-    #[arg(long, default_value = "/var/run/secrets/tokens/skiff-ca-token")]
-    signer_token: PathBuf,
-    /// PEM file of the trusted roots (every root during a rotation); with
-    /// --signer-url.
-    #[arg(long, value_name = "PATH")]
-    trust_bundle: Option<PathBuf>,
+    #[command(flatten)]
+    signer: skiff_ztunnel::certs::SignerArgs,
     /// Lifetime of workload certificates; they rotate at half-life.
     #[arg(long, default_value = "86400", value_name = "SECONDS")]
     cert_lifetime: u64,
@@ -98,15 +86,7 @@ fn main() -> anyhow::Result<()> {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
         let cluster = skiff_ztunnel::watch_cluster(source);
         let lifetime = Duration::from_secs(cli.cert_lifetime);
-        let certs = skiff_ztunnel::certs::CertManager::from_args(
-            cli.signer_url.as_deref(),
-            &cli.signer_name,
-            &cli.signer_token,
-            cli.trust_bundle.as_deref(),
-            &cli.ca_dir,
-            &cli.trust_domain,
-            lifetime,
-        )?;
+        let certs = skiff_ztunnel::certs::CertManager::from_args(&cli.signer, &cli.ca_dir, &cli.trust_domain, lifetime)?;
         let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh, node_probes: cli.node_probes == "allow" };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");
