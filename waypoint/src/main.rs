@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
-        let cluster = skiff_ztunnel::watch_cluster(source);
+        let cluster = skiff_ztunnel::watch_cluster(source).await?;
         let ca_dir = cli.ca_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/skiff/ca"));
         let certs = skiff_ztunnel::certs::CertManager::from_args(&cli.signer, &ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))?;
         let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account };

@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
-        let cluster = skiff_ztunnel::watch_cluster(source);
+        let cluster = skiff_ztunnel::watch_cluster(source).await?;
         let lifetime = Duration::from_secs(cli.cert_lifetime);
         let certs = skiff_ztunnel::certs::CertManager::from_args(&cli.signer, &cli.ca_dir, &cli.trust_domain, lifetime)?;
         let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh, node_probes: cli.node_probes == "allow" };
