@@ -105,3 +105,55 @@ pub struct State {
     /// Namespaces labelled for ambient capture.
     pub enrolled_namespaces: Vec<String>,
 }
+
+/// Namespaces whose pods start even when node-agent has no view of the
+/// cluster and no trustworthy published state: the cluster's own and
+/// Skiff's (node-agent must be able to start for anything to be captured).
+pub const SYSTEM_NAMESPACES: &[&str] = &["kube-system", "skiff-system"];
+
+/// Reads node-agent's published state; the error says what is wrong with it
+/// (missing, unreadable, not a state) and where.
+pub fn read_state(path: &Path) -> Result<State, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read state file {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("state file {} is corrupt: {e}", path.display()))
+}
+
+/// Decides, without a live view of the cluster, whether a pod in `namespace`
+/// must not start uncaptured. `state` is the last published state (or why
+/// there is none). `Some(reason)`: fail closed, for that reason.
+///
+/// - a readable state lists the enrolled namespaces: those fail closed;
+/// - no readable state (missing or corrupt): every namespace but the
+///   [`SYSTEM_NAMESPACES`] fails closed.
+pub fn fail_closed_without_view(state: &Result<State, String>, namespace: &str) -> Option<String> {
+    match state {
+        Ok(s) => s
+            .enrolled_namespaces
+            .iter()
+            .any(|n| n == namespace)
+            .then(|| format!("namespace {namespace} is enrolled in node-agent's last published state")),
+        Err(why) if !SYSTEM_NAMESPACES.contains(&namespace) => Some(format!(
+            "no trustworthy record of which namespaces are enrolled ({why}); every namespace but {} is treated as enrolled",
+            SYSTEM_NAMESPACES.join(", ")
+        )),
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_view_only_published_or_all_non_system_namespaces_fail_closed() {
+        let st = Ok(State { enrolled_namespaces: vec!["shop".into()] });
+        assert!(fail_closed_without_view(&st, "shop").is_some());
+        assert!(fail_closed_without_view(&st, "other").is_none());
+        let none: Result<State, String> = Err("cannot read state file /x: not found".into());
+        let why = fail_closed_without_view(&none, "shop").expect("fail closed without state");
+        assert!(why.contains("/x"), "{why}");
+        assert!(fail_closed_without_view(&none, "other").is_some());
+        assert!(fail_closed_without_view(&none, "kube-system").is_none());
+        assert!(fail_closed_without_view(&none, "skiff-system").is_none());
+    }
+}

@@ -101,6 +101,20 @@ fn wants_iptables(w: &Workload, ns_labels: Option<&BTreeMap<String, String>>) ->
     }
 }
 
+/// With no snapshot yet (config source not synced: startup, API down),
+/// whether an ADD in `namespace` must fail: `Some(why)` for a namespace in
+/// the last published state file, and for every namespace but kube-system
+/// and skiff-system when there is no readable state file.
+fn no_snapshot_verdict(state_file: Option<&std::path::Path>, namespace: &str) -> Option<String> {
+    let state = match state_file {
+        Some(p) => skiff_cni::proto::read_state(p),
+        None => Err("node-agent publishes no state file".into()),
+    };
+    skiff_cni::proto::fail_closed_without_view(&state, namespace).map(|why| {
+        format!("node-agent has not read the cluster yet (config source not synced: starting, or API unreachable) and {why}: not starting it uncaptured")
+    })
+}
+
 pub struct Agent {
     cfg: AgentConfig,
     capture: Capture,
@@ -313,9 +327,10 @@ impl Agent {
                     let (fd, id) = match locate::open_path(std::path::Path::new(&netns)) {
                         Ok(x) => x,
                         Err(e) => {
-                            let enrolled_ns = snap
-                                .and_then(|s| s.namespace_labels(&pod.namespace))
-                                .is_some_and(|l| namespace_enrolled(&pod.namespace, l));
+                            let enrolled_ns = match snap {
+                                Some(s) => s.namespace_labels(&pod.namespace).is_some_and(|l| namespace_enrolled(&pod.namespace, l)),
+                                None => no_snapshot_verdict(link.state_file.as_deref(), &pod.namespace).is_some(),
+                            };
                             warn!(pod = %key, %netns, error = %e, "CNI ADD: cannot open the sandbox's netns");
                             let _ = ev.reply.send(if enrolled_ns {
                                 Reply::Failed { message: format!("cannot open netns {netns}: {e}") }
@@ -422,6 +437,18 @@ impl Agent {
                 None if now < w.deadline => {
                     self.waiting.push(w);
                     continue;
+                }
+                None if snap.is_none() => {
+                    let state_file = self.cni.as_ref().and_then(|c| c.state_file.as_deref());
+                    match no_snapshot_verdict(state_file, &w.pod.namespace) {
+                        Some(why) if !w.check => {
+                            error!(pod = %key, %why, "CNI ADD: no view of the cluster yet; failing closed");
+                            Reply::Failed { message: format!("pod {key}: {why}") }
+                        }
+                        _ => Reply::NotEnrolled {
+                            reason: "node-agent has no view of the cluster yet and the namespace is not enrolled in its last published state; enrolled later if it should be".into(),
+                        },
+                    }
                 }
                 None => {
                     let enrolled_ns = snap
@@ -689,4 +716,26 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 mod signal_hook_consts {
     pub const SIGTERM: i32 = libc::SIGTERM;
     pub const SIGINT: i32 = libc::SIGINT;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_snapshot_adds_fail_closed_by_the_published_state() {
+        let dir = std::env::temp_dir().join(format!("skiff-agent-nosnap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("cni-state.json");
+        // No state file: everything but the system namespaces fails.
+        let why = no_snapshot_verdict(Some(&state), "shop").expect("fail closed without a state file");
+        assert!(why.contains("not read the cluster") && why.contains(&state.display().to_string()), "{why}");
+        assert!(no_snapshot_verdict(Some(&state), "kube-system").is_none());
+        assert!(no_snapshot_verdict(None, "shop").is_some());
+        // A published state: its namespaces fail, others start.
+        crate::cni::write_state(&state, vec!["shop".into()]).unwrap();
+        assert!(no_snapshot_verdict(Some(&state), "shop").is_some());
+        assert!(no_snapshot_verdict(Some(&state), "blog").is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
