@@ -97,6 +97,12 @@ pub enum IdentityError {
     /// of possession of the key) is wrong.
     #[error("invalid certificate signing request")]
     Csr(#[source] rcgen::Error),
+    /// The stored root certificate file does not hold a usable certificate.
+    #[error("root certificate {path}: {why}")]
+    CaCert { path: PathBuf, why: String },
+    /// The stored root key is not the key of the stored root certificate.
+    #[error("root key {key} does not belong to root certificate {cert} (the key's public key differs from the certificate's): install the matching pair")]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
 }
 
 /// A workload certificate and its key.
@@ -130,6 +136,13 @@ pub struct Ca {
     root_der: CertificateDer<'static>,
 }
 
+/// A root read from files: the certificate's PEM and both paths (for errors).
+struct StoredRoot<'a> {
+    cert_pem: &'a str,
+    key_path: &'a Path,
+    cert_path: &'a Path,
+}
+
 const CA_KEY: &str = "ca-key.pem";
 const CA_CERT: &str = "ca-cert.pem";
 
@@ -159,20 +172,26 @@ impl Ca {
         params
     }
 
-    fn from_key(trust_domain: &str, key: KeyPair, pem: Option<&str>) -> Result<Ca, IdentityError> {
-        // Re-signing the stored root's parameters with the stored key gives
-        // an issuer with the same name and key; the stored PEM stays the
-        // trust anchor.
-        let params = match pem {
-            Some(p) => CertificateParams::from_ca_cert_pem(p)?,
-            None => Self::ca_params(trust_domain),
+    fn from_key(trust_domain: &str, key: KeyPair, stored: Option<StoredRoot<'_>>) -> Result<Ca, IdentityError> {
+        let Some(stored) = stored else {
+            let cert = Self::ca_params(trust_domain).self_signed(&key)?;
+            let root_der = cert.der().clone();
+            return Ok(Ca { trust_domain: trust_domain.to_owned(), key, cert, root_der });
         };
+        // The stored PEM stays the trust anchor; re-signing its parameters
+        // with the stored key gives an issuer with the same name and key.
+        let bad = |why: String| IdentityError::CaCert { path: stored.cert_path.to_owned(), why };
+        let root_der: CertificateDer<'static> = rustls_pki_types::pem::PemObject::from_pem_slice(stored.cert_pem.as_bytes())
+            .map_err(|e| bad(format!("no PEM certificate in it ({e})")))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(root_der.as_ref()).map_err(|e| bad(format!("not a valid X.509 certificate ({e})")))?;
+        // A key that is not the certificate's would sign certificates no
+        // peer can verify: refuse at start instead of failing every handshake.
+        if parsed.tbs_certificate.subject_pki.raw != key.public_key_der().as_slice() {
+            return Err(IdentityError::KeyMismatch { key: stored.key_path.to_owned(), cert: stored.cert_path.to_owned() });
+        }
+        let params = CertificateParams::from_ca_cert_der(&root_der).map_err(|e| bad(format!("not usable as a CA certificate ({e})")))?;
         let cert = params.self_signed(&key)?;
-        let root_der = match pem {
-            Some(p) => rustls_pki_types::pem::PemObject::from_pem_slice(p.as_bytes())
-                .map_err(|_| IdentityError::NoSpiffeId)?,
-            None => cert.der().clone(),
-        };
         Ok(Ca { trust_domain: trust_domain.to_owned(), key, cert, root_der })
     }
 
@@ -183,7 +202,8 @@ impl Ca {
         let read = |p: &Path| fs::read_to_string(p).map_err(|source| IdentityError::CaFile { path: p.to_owned(), source });
         if key_path.exists() && cert_path.exists() {
             let key = KeyPair::from_pem(&read(&key_path)?)?;
-            return Self::from_key(trust_domain, key, Some(&read(&cert_path)?));
+            let cert_pem = read(&cert_path)?;
+            return Self::from_key(trust_domain, key, Some(StoredRoot { cert_pem: &cert_pem, key_path: &key_path, cert_path: &cert_path }));
         }
         if key_path.exists() != cert_path.exists() {
             // An interrupted first run: the key is never overwritten, so say
@@ -212,7 +232,8 @@ impl Ca {
         }
         let read = |p: &Path| fs::read_to_string(p).map_err(|source| IdentityError::CaFile { path: p.to_owned(), source });
         let key = KeyPair::from_pem(&read(key_path)?)?;
-        Self::from_key(trust_domain, key, Some(&read(cert_path)?))
+        let cert_pem = read(cert_path)?;
+        Self::from_key(trust_domain, key, Some(StoredRoot { cert_pem: &cert_pem, key_path, cert_path }))
     }
 
     /// Writes this CA's key (mode 0600) and certificate as PEM (tests, and
@@ -406,6 +427,47 @@ mod tests {
         let i = bad.len() - 40;
         bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
         assert!(matches!(ca.sign_csr(&wanted, std::str::from_utf8(&bad).unwrap(), Duration::from_secs(600)), Err(IdentityError::Csr(_))));
+    }
+
+    #[test]
+    fn loading_a_root_checks_the_key_is_the_certificates_and_names_a_bad_certificate_file() {
+        let dir = std::env::temp_dir().join(format!("skiff-ca-load-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let (a_key, a_cert) = (dir.join("a-key.pem"), dir.join("a-cert.pem"));
+        let (b_key, b_cert) = (dir.join("b-key.pem"), dir.join("b-cert.pem"));
+        Ca::generate("cluster.local").unwrap().write_files(&a_key, &a_cert).unwrap();
+        Ca::generate("cluster.local").unwrap().write_files(&b_key, &b_cert).unwrap();
+        Ca::load(&a_key, &a_cert, "cluster.local").expect("a matching pair loads");
+        // Key of one root, certificate of another.
+        match Ca::load(&a_key, &b_cert, "cluster.local") {
+            Err(e @ IdentityError::KeyMismatch { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&a_key.display().to_string()) && msg.contains(&b_cert.display().to_string()), "{msg}");
+            }
+            Err(e) => panic!("expected a key mismatch, got {e}"),
+            Ok(_) => panic!("loaded a key that is not the certificate's"),
+        }
+        // A certificate file that is not PEM: its own error, naming the file.
+        let junk = dir.join("junk-cert.pem");
+        fs::write(&junk, "not a certificate\n").unwrap();
+        match Ca::load(&a_key, &junk, "cluster.local") {
+            Err(e @ IdentityError::CaCert { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&junk.display().to_string()) && !msg.contains("SPIFFE"), "{msg}");
+            }
+            Err(e) => panic!("expected a certificate file error, got {e}"),
+            Ok(_) => panic!("loaded a junk certificate"),
+        }
+        // PEM framing around bytes that are no certificate.
+        let bad_der = dir.join("bad-der-cert.pem");
+        fs::write(&bad_der, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        match Ca::load(&a_key, &bad_der, "cluster.local") {
+            Err(e @ IdentityError::CaCert { .. }) => assert!(e.to_string().contains(&bad_der.display().to_string()), "{e}"),
+            Err(e) => panic!("expected a certificate file error, got {e}"),
+            Ok(_) => panic!("loaded a broken certificate"),
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
