@@ -154,14 +154,31 @@ impl CertManager {
         }
     }
 
-    fn issued(&self, id: &Identity) -> Result<Arc<Issued>, CertError> {
+    /// The certificate for `id`. `renew`: past half-life, ask for a new one
+    /// (the background refresh does; a handshake does not, so a slow or
+    /// unreachable signer never stalls connections while a valid
+    /// certificate is at hand). A renewal that fails keeps serving the
+    /// current certificate until a minute before it expires.
+    fn issued_with(&self, id: &Identity, renew: bool) -> Result<Arc<Issued>, CertError> {
         let now = SystemTime::now();
-        if let Some(i) = self.certs.lock().expect("lock").get(id) {
-            if now < i.cert.refresh_at() {
+        let cached = self.certs.lock().expect("lock").get(id).cloned();
+        let usable = cached.filter(|i| now + Duration::from_secs(60) < i.cert.not_after || now < i.cert.refresh_at());
+        if let Some(i) = &usable {
+            if now < i.cert.refresh_at() || !renew {
                 return Ok(i.clone());
             }
         }
-        let cert = self.issue(id)?;
+        let cert = match self.issue(id) {
+            Ok(c) => c,
+            Err(e) => match usable {
+                Some(i) => {
+                    warn!(identity = %id, error = %skiff_core::report(&e), expires_unix = unix(i.cert.not_after),
+                        "certificate renewal failed; the current certificate stays in use until it expires");
+                    return Ok(i);
+                }
+                None => return Err(e),
+            },
+        };
         let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).map_err(IdentityError::Tls)?;
         let key = Arc::new(CertifiedKey::new(cert.chain.clone(), signing));
         let issued = Arc::new(Issued { cert, key });
@@ -170,8 +187,13 @@ impl CertManager {
         Ok(issued)
     }
 
-    /// Issues or renews the certificates of `ids` now (called periodically),
-    /// and forgets identities no longer in use.
+    fn issued(&self, id: &Identity) -> Result<Arc<Issued>, CertError> {
+        self.issued_with(id, true)
+    }
+
+    /// Issues or renews the certificates of `ids` now (called periodically,
+    /// off the async runtime: signer requests block), and forgets
+    /// identities no longer in use.
     pub fn refresh(&self, ids: &[Identity]) {
         for id in ids {
             if let Err(e) = self.issued(id) {
@@ -250,7 +272,10 @@ impl std::fmt::Debug for CertManager {
 
 impl Resolver {
     fn current(&self) -> Option<Arc<CertifiedKey>> {
-        match self.mgr.issued(&self.id) {
+        // The local CA signs in-process: renewing here is cheap. The signer
+        // is a network call: the background refresh renews instead.
+        let renew = matches!(self.mgr.issuer, Issuer::Local(_));
+        match self.mgr.issued_with(&self.id, renew) {
             Ok(i) => Some(i.key.clone()),
             Err(e) => {
                 warn!(identity = %self.id, error = %skiff_core::report(&e), "no certificate for handshake");
@@ -294,4 +319,35 @@ pub struct SignerArgs {
     /// --signer-url.
     #[arg(long, value_name = "PATH")]
     pub trust_bundle: Option<std::path::PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A signer that cannot be reached must not take away a certificate
+    /// that is past its half-life but still valid.
+    #[test]
+    fn a_failed_renewal_keeps_the_valid_certificate() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let dir = std::env::temp_dir().join(format!("skiff-certs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "t").unwrap();
+        // Nothing listens on port 1 of loopback: every request fails.
+        let client = SignerClient::new("https://127.0.0.1:1", "signer.test", token, &[ca.root()]).unwrap();
+        let mgr = CertManager::from_signer(client, &[ca.root()], "cluster.local", Duration::from_secs(400)).unwrap();
+        let id = Identity::new("cluster.local", "app", "web");
+        assert!(mgr.issued(&id).is_err(), "no certificate and no signer: nothing to serve");
+        // Issued 250 s ago for 400 s: half-life passed, 150 s left.
+        let cert = ca.issue_at(&id, SystemTime::now() - Duration::from_secs(250), Duration::from_secs(400)).unwrap();
+        let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).unwrap();
+        let issued = Arc::new(Issued { key: Arc::new(CertifiedKey::new(cert.chain.clone(), signing)), cert });
+        mgr.certs.lock().unwrap().insert(id.clone(), issued.clone());
+        let got = mgr.issued(&id).expect("the valid certificate is kept");
+        assert!(Arc::ptr_eq(&got, &issued));
+        mgr.refresh(std::slice::from_ref(&id));
+        assert!(Arc::ptr_eq(&mgr.issued(&id).unwrap(), &issued), "refresh must not drop it either");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1009,7 +1009,9 @@ impl Ztunnel {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(zt.certs.refresh_interval()).await;
-                zt.certs.refresh(&zt.identities());
+                // Signer requests block: keep them off the proxy's workers.
+                let (certs, ids) = (zt.certs.clone(), zt.identities());
+                let _ = tokio::task::spawn_blocking(move || certs.refresh(&ids)).await;
             }
         });
         let zt = self.clone();
