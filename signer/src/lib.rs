@@ -8,7 +8,9 @@
 //!    (`pod-name` + `pod-uid`) read from the API;
 //! 2. the identity is in this trust domain, and
 //! 3. a pod with that namespace and service account runs on that node
-//!    (listed from the API with `spec.nodeName=<node>`, not finished).
+//!    (listed from the API with `spec.nodeName=<node>`, not finished; a
+//!    mirror pod or one without `serviceAccountName` never counts: a
+//!    node's kubelet can create mirror pods in any namespace).
 //!
 //! A waypoint may obtain its *own* identity: a token of service account
 //! `<ns>/<sa>` gets `spiffe://<td>/ns/<ns>/sa/<sa>` only, and only when the
@@ -46,6 +48,22 @@ pub const ZTUNNEL_USER: &str = "system:serviceaccount:skiff-system:ztunnel";
 pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// Annotation the kubelet puts on the API mirror of a static pod. Such pods
+/// have no service account and a node's kubelet may create them in any
+/// namespace, so they never vouch for an identity.
+pub const ANNOTATION_MIRROR_POD: &str = "kubernetes.io/config.mirror";
+
+/// The service account a pod runs as, if it may vouch for an identity:
+/// `None` for mirror (static) pods and pods without a `serviceAccountName`
+/// (never defaulted to `default`).
+fn pod_service_account(pod: &Pod) -> Option<&str> {
+    let mirror = pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_MIRROR_POD));
+    if mirror {
+        return None;
+    }
+    pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).filter(|sa| !sa.is_empty())
+}
 
 /// What the signer accepts.
 #[derive(Clone, Debug)]
@@ -213,10 +231,15 @@ impl Signer {
         if !is_waypoint {
             return Err(not_allowed(format!("its pod {ns}/{pod_name} is not a waypoint (no {} label)", skiff_core::LABEL_GATEWAY_NAME)));
         }
-        let spec = pod.spec.unwrap_or_default();
-        if spec.service_account_name.as_deref().unwrap_or("default") != sa {
-            return Err(not_allowed(format!("its pod {ns}/{pod_name} runs as another service account")));
+        if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_MIRROR_POD)) {
+            return Err(not_allowed(format!("its pod {ns}/{pod_name} is a mirror (static) pod ({ANNOTATION_MIRROR_POD})")));
         }
+        match pod_service_account(&pod) {
+            Some(pod_sa) if pod_sa == sa => {}
+            Some(_) => return Err(not_allowed(format!("its pod {ns}/{pod_name} runs as another service account"))),
+            None => return Err(not_allowed(format!("its pod {ns}/{pod_name} names no service account"))),
+        }
+        let spec = pod.spec.unwrap_or_default();
         let finished = pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
         if finished {
             return Err(not_allowed(format!("its pod {ns}/{pod_name} has finished")));
@@ -254,18 +277,18 @@ impl Signer {
             .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
             .await
             .map_err(|source| SignError::Api { what: "list pods", source })?;
+        // Mirror pods and pods naming no service account vouch for nothing.
         let found = list.items.iter().any(|p| {
-            let sa = p.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
             let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
             p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-                && sa == id.service_account
+                && pod_service_account(p) == Some(id.service_account.as_str())
                 && !matches!(phase, Some("Succeeded" | "Failed"))
         });
         if found {
             Ok(())
         } else {
             Err(SignError::Forbidden(format!(
-                "no running pod with service account {} in namespace {} on node {node}",
+                "no running pod with service account {} in namespace {} on node {node} (mirror pods and pods without serviceAccountName do not count)",
                 id.service_account, id.namespace
             )))
         }

@@ -88,6 +88,12 @@ fn setup(tag: &str) -> Setup {
 }
 
 impl Setup {
+    /// Adds a token to the fake API server and its file for clients.
+    fn token(&self, name: &str, id: TokenIdentity) {
+        self.fake.add_token(name, id);
+        std::fs::write(self.dir.0.join(name), format!("{name}\n")).unwrap();
+    }
+
     fn client(&self, token: &str) -> SignerClient {
         SignerClient::new(&self.url, SIGNER_NAME, self.dir.0.join(token), std::slice::from_ref(&self.ca_root)).unwrap()
     }
@@ -195,4 +201,50 @@ fn a_waypoint_obtains_its_own_identity_and_nothing_else() {
     assert!(msg.contains("is not a waypoint"), "{msg}");
     // The waypoint path reads the bound pod: get pods in its namespace.
     assert!(s.fake.requests().iter().any(|r| r.verb == "get" && r.resource == "pods" && r.namespace.as_deref() == Some("app")));
+}
+
+#[test]
+fn mirror_pods_and_pods_without_a_service_account_vouch_for_no_identity() {
+    let s = setup("mirror");
+    // What a compromised node-1 kubelet could create: mirror pods in any
+    // namespace, with or without a service account, and a pod naming none.
+    let mirror = |ns: &str, name: &str, sa: Option<&str>, labels: serde_json::Value| {
+        let mut spec = json!({"nodeName": "node-1", "containers": [{"name": "c"}]});
+        if let Some(sa) = sa {
+            spec["serviceAccountName"] = json!(sa);
+        }
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": labels,
+                            "annotations": {"kubernetes.io/config.mirror": "0123abcd"}},
+               "spec": spec, "status": {"phase": "Running", "podIP": "10.244.1.30"}})
+    };
+    s.fake.apply(mirror("payments", "static-1", None, json!({}))).unwrap();
+    s.fake.apply(mirror("payments", "static-2", Some("admin"), json!({}))).unwrap();
+    s.fake.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "nosa-1", "namespace": "billing", "uid": "uid-nosa-1"},
+        "spec": {"nodeName": "node-1", "serviceAccountName": "", "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": "10.244.1.31"}}))
+    .unwrap();
+    for (ns, sa) in [("payments", "default"), ("payments", "admin"), ("billing", "default")] {
+        let (code, msg) = refused(s.client("zt-node-1").issue(&Identity::new("cluster.local", ns, sa), Duration::from_secs(600)));
+        assert_eq!(code, 403, "ns/{ns}/sa/{sa}: {msg}");
+        assert!(msg.contains(&format!("service account {sa} in namespace {ns} on node node-1")), "{msg}");
+    }
+    // The waypoint path: a labelled mirror pod, and a labelled pod naming
+    // no service account, do not vouch for their token's service account.
+    let wp = json!({"gateway.networking.k8s.io/gateway-name": "waypoint"});
+    s.fake.apply(mirror("app", "static-wp", Some("mirror-wp"), wp.clone())).unwrap();
+    s.token("mirror-wp", TokenIdentity::service_account("app", "mirror-wp").bound_to_pod("static-wp", "uid-static-wp", "node-1").with_audiences(&["skiff-ca"]));
+    let (code, msg) = refused(s.client("mirror-wp").issue(&Identity::new("cluster.local", "app", "mirror-wp"), Duration::from_secs(600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("mirror"), "{msg}");
+    s.fake.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "nosa-wp", "namespace": "app", "uid": "uid-nosa-wp", "labels": wp},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": "10.244.1.32"}}))
+    .unwrap();
+    s.token("nosa-wp", TokenIdentity::service_account("app", "default").bound_to_pod("nosa-wp", "uid-nosa-wp", "node-1").with_audiences(&["skiff-ca"]));
+    let (code, msg) = refused(s.client("nosa-wp").issue(&Identity::new("cluster.local", "app", "default"), Duration::from_secs(600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("names no service account"), "{msg}");
 }
