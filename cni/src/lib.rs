@@ -17,5 +17,8 @@ pub const PLUGIN_TYPE: &str = "skiff-cni";
 /// node-agent's default socket for the plugin.
 pub const DEFAULT_SOCKET: &str = "/var/run/skiff/cni.sock";
 /// Where node-agent publishes which namespaces are enrolled, for the plugin
-/// to decide whether to fail closed when node-agent cannot be reached.
-pub const DEFAULT_STATE_FILE: &str = "/var/run/skiff/cni-state.json";
+/// to decide whether to fail closed when node-agent cannot be reached. On
+/// disk (not tmpfs): after a reboot the runtime may recreate sandboxes before
+/// node-agent is back, and a lost file makes the plugin fail closed for
+/// every namespace but kube-system and skiff-system.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/skiff/cni-state.json";

@@ -15,7 +15,11 @@
 //!   list of enrolled namespaces; if the pod's namespace is in it, ADD fails
 //!   (fail closed) — otherwise the pod starts and, should it be enrolled
 //!   after all (a pod-level opt-in), node-agent enrolls it when it is back
-//!   (it finds running pods through /proc).
+//!   (it finds running pods through /proc). A missing, corrupt or not yet
+//!   synced state file fails ADD for every namespace but kube-system and
+//!   skiff-system: node-agent writes the file before it puts the plugin in
+//!   the chain, so a running plugin without a file means the state was
+//!   lost (see [`proto::fail_closed_without_view`]).
 //! - DEL always succeeds: the sandbox is going away, and a node without
 //!   node-agent must still be able to delete pods.
 
@@ -29,7 +33,7 @@ use std::{
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::proto::{self, PodRef, Reply, Request, State};
+use crate::proto::{self, PodRef, Reply, Request};
 
 /// CNI versions this plugin accepts (`prevResult` is passed through, so its
 /// shape only matters for reading `ips`, which is the same in all of these).
@@ -130,12 +134,10 @@ fn pod_ref(env: &Env, container_id: &str) -> Option<PodRef> {
     })
 }
 
-/// Whether node-agent's last published state lists `namespace` as enrolled.
-fn namespace_enrolled(state_file: &Path, namespace: &str) -> bool {
-    std::fs::read(state_file)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<State>(&b).ok())
-        .is_some_and(|s| s.enrolled_namespaces.iter().any(|n| n == namespace))
+/// Why a pod in `namespace` must not start while node-agent is unreachable,
+/// from node-agent's last published state (`None`: it may start).
+fn fail_closed(state_file: &Path, namespace: &str) -> Option<String> {
+    proto::fail_closed_without_view(&proto::read_state(state_file), namespace)
 }
 
 /// Runs one plugin invocation. Logs (for the runtime's log) go to `log`.
@@ -209,16 +211,18 @@ pub fn run(env: &Env, stdin: &[u8], log: &mut dyn std::io::Write) -> Outcome {
                     format!("skiff-cni: pod {who} must be captured but is not"),
                     message,
                 ),
-                Err(e) if namespace_enrolled(&conf.state_file, &namespace) => err(
-                    v,
-                    code::TRY_AGAIN_LATER,
-                    format!("skiff-cni: namespace {namespace} is enrolled in the mesh but node-agent cannot be reached; not starting {who} uncaptured"),
-                    report(&e),
-                ),
-                Err(e) => {
-                    let _ = writeln!(log, "skiff-cni: {command} {who}: {}; namespace not enrolled, pod starts", report(&e));
-                    ok
-                }
+                Err(e) => match fail_closed(&conf.state_file, &namespace) {
+                    Some(why) => err(
+                        v,
+                        code::TRY_AGAIN_LATER,
+                        format!("skiff-cni: node-agent cannot be reached and {why}; not starting {who} (namespace {namespace}) uncaptured"),
+                        report(&e),
+                    ),
+                    None => {
+                        let _ = writeln!(log, "skiff-cni: {command} {who}: {}; namespace not enrolled, pod starts", report(&e));
+                        ok
+                    }
+                },
             }
         }
         "" => err(v, code::INVALID_ENV, "skiff-cni: CNI_COMMAND is not set", ""),
@@ -317,14 +321,26 @@ mod tests {
         let (s, st) = (sock.to_str().unwrap(), state.to_str().unwrap());
         let c = conf(s, st);
         let prev: Value = serde_json::from_slice::<Value>(&c).unwrap()["prevResult"].clone();
-        // No state at all: the pod starts.
-        assert_eq!(run(&env("ADD", &[("CNI_ARGS", POD)]), &c, &mut Vec::new()), Outcome::Ok(Some(prev.clone())));
+        // No state file while the plugin is chained: state was lost (node-agent
+        // writes it before chaining the plugin): fail closed, but not for the
+        // system namespaces.
+        let Outcome::Err(e) = run(&env("ADD", &[("CNI_ARGS", POD)]), &c, &mut Vec::new()) else { panic!("no state: must fail closed") };
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        assert!(e.msg.contains("cannot read state file") && e.msg.contains(st), "{}", e.msg);
+        let sys = "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns-1;K8S_POD_UID=u2";
+        assert_eq!(run(&env("ADD", &[("CNI_ARGS", sys)]), &c, &mut Vec::new()), Outcome::Ok(Some(prev.clone())));
+        // Corrupt, or written before node-agent read the cluster: the same.
+        std::fs::write(&state, "{not json").unwrap();
+        let Outcome::Err(e) = run(&env("ADD", &[("CNI_ARGS", POD)]), &c, &mut Vec::new()) else { panic!("corrupt: must fail closed") };
+        assert!(e.msg.contains("corrupt"), "{}", e.msg);
+        std::fs::write(&state, r#"{"enrolledNamespaces":[],"unsynced":true}"#).unwrap();
+        assert!(matches!(run(&env("ADD", &[("CNI_ARGS", POD)]), &c, &mut Vec::new()), Outcome::Err(_)));
         std::fs::write(&state, r#"{"enrolledNamespaces":["other"]}"#).unwrap();
         assert_eq!(run(&env("ADD", &[("CNI_ARGS", POD)]), &c, &mut Vec::new()), Outcome::Ok(Some(prev.clone())));
         std::fs::write(&state, r#"{"enrolledNamespaces":["shop"]}"#).unwrap();
         let Outcome::Err(e) = run(&env("ADD", &[("CNI_ARGS", POD)]), &c, &mut Vec::new()) else { panic!("must fail closed") };
         assert_eq!(e.code, code::TRY_AGAIN_LATER);
-        assert!(e.msg.contains("shop") && e.msg.contains("node-agent"), "{}", e.msg);
+        assert!(e.msg.contains("shop") && e.msg.contains("node-agent") && e.msg.contains("enrolled"), "{}", e.msg);
         // DEL never fails.
         assert_eq!(run(&env("DEL", &[("CNI_ARGS", POD)]), &c, &mut Vec::new()), Outcome::Ok(None));
         // Not a Kubernetes pod: passthrough without asking.

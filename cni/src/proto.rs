@@ -104,6 +104,12 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, Pr
 pub struct State {
     /// Namespaces labelled for ambient capture.
     pub enrolled_namespaces: Vec<String>,
+    /// Written by node-agent at startup, before it chains the plugin, when
+    /// there was no readable state: it has not read the cluster yet, so the
+    /// list above means nothing and every namespace but the
+    /// [`SYSTEM_NAMESPACES`] is treated as enrolled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsynced: bool,
 }
 
 /// Namespaces whose pods start even when node-agent has no view of the
@@ -123,9 +129,20 @@ pub fn read_state(path: &Path) -> Result<State, String> {
 /// there is none). `Some(reason)`: fail closed, for that reason.
 ///
 /// - a readable state lists the enrolled namespaces: those fail closed;
-/// - no readable state (missing or corrupt): every namespace but the
-///   [`SYSTEM_NAMESPACES`] fails closed.
+/// - no readable state (missing or corrupt), or one written before
+///   node-agent read the cluster ([`State::unsynced`]): every namespace but
+///   the [`SYSTEM_NAMESPACES`] fails closed. node-agent writes the file
+///   before it chains the plugin, so a plugin that runs and finds no file
+///   means the state was lost, not that Skiff was never set up.
 pub fn fail_closed_without_view(state: &Result<State, String>, namespace: &str) -> Option<String> {
+    let unsynced;
+    let state = match state {
+        Ok(s) if s.unsynced => {
+            unsynced = Err("node-agent has not read the cluster since the state file was created".to_owned());
+            &unsynced
+        }
+        other => other,
+    };
     match state {
         Ok(s) => s
             .enrolled_namespaces
@@ -146,7 +163,7 @@ mod tests {
 
     #[test]
     fn without_a_view_only_published_or_all_non_system_namespaces_fail_closed() {
-        let st = Ok(State { enrolled_namespaces: vec!["shop".into()] });
+        let st = Ok(State { enrolled_namespaces: vec!["shop".into()], unsynced: false });
         assert!(fail_closed_without_view(&st, "shop").is_some());
         assert!(fail_closed_without_view(&st, "other").is_none());
         let none: Result<State, String> = Err("cannot read state file /x: not found".into());
@@ -155,5 +172,11 @@ mod tests {
         assert!(fail_closed_without_view(&none, "other").is_some());
         assert!(fail_closed_without_view(&none, "kube-system").is_none());
         assert!(fail_closed_without_view(&none, "skiff-system").is_none());
+        let unsynced = Ok(State { enrolled_namespaces: vec![], unsynced: true });
+        assert!(fail_closed_without_view(&unsynced, "other").is_some());
+        assert!(fail_closed_without_view(&unsynced, "kube-system").is_none());
+        // Files from before the field existed are synced lists.
+        let old: State = serde_json::from_str(r#"{"enrolledNamespaces":["a"]}"#).unwrap();
+        assert!(!old.unsynced);
     }
 }

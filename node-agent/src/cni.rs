@@ -180,12 +180,32 @@ pub fn keep_chained(conf_dir: PathBuf, entry: String, interval: Duration, stop: 
 
 /// Publishes the enrolled namespaces for the plugin (atomically).
 pub fn write_state(path: &Path, enrolled_namespaces: Vec<String>) -> Result<(), CniError> {
+    write(path, &State { enrolled_namespaces, unsynced: false })
+}
+
+fn write(path: &Path, state: &State) -> Result<(), CniError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| CniError::Remove { path: dir.to_owned(), source })?;
     }
-    let text = serde_json::to_vec(&State { enrolled_namespaces }).expect("state serializes");
+    let text = serde_json::to_vec(state).expect("state serializes");
     conflist::write_atomic(path, &text, 0o644)?;
     Ok(())
+}
+
+/// Before the plugin is chained: makes sure a state file exists, so that a
+/// chained plugin finding none knows the state was lost. A readable file
+/// (the last list published, e.g. before a restart) is kept; a missing or
+/// corrupt one is replaced by an "unsynced" state (every namespace but
+/// kube-system and skiff-system fails closed until node-agent publishes).
+/// Returns why it was written, if it was.
+pub fn ensure_state(path: &Path) -> Result<Option<String>, CniError> {
+    match skiff_cni::proto::read_state(path) {
+        Ok(_) => Ok(None),
+        Err(why) => {
+            write(path, &State { enrolled_namespaces: Vec::new(), unsynced: true })?;
+            Ok(Some(why))
+        }
+    }
 }
 
 /// Takes the plugin out of the CNI chain and removes its binary and state
@@ -263,6 +283,11 @@ pub fn start(args: &CniArgs, stop: Arc<AtomicBool>) -> Result<Started, CniError>
     let state: crate::locate::SharedCni = Default::default();
     let (tx, rx) = mpsc::channel();
     serve(&args.cni_socket, tx)?;
+    // The state file exists before the plugin can run (see ensure_state).
+    if let Some(why) = ensure_state(&args.paths.cni_state_file)? {
+        info!(file = %args.paths.cni_state_file.display(), %why,
+            "CNI state file written as unsynced: ADDs outside kube-system/skiff-system fail until the cluster is read");
+    }
     if !args.no_cni_install {
         let from = match &args.cni_plugin {
             Some(p) => p.clone(),
@@ -291,4 +316,34 @@ pub fn start(args: &CniArgs, stop: Arc<AtomicBool>) -> Result<Started, CniError>
         wait: Duration::from_secs(args.cni_wait_seconds),
     };
     Ok(Started { locator, link })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_exists_before_chaining_and_a_good_one_is_kept() {
+        let dir = std::env::temp_dir().join(format!("skiff-na-cni-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/cni-state.json");
+        // Missing: written as unsynced (fail closed outside system namespaces).
+        assert!(ensure_state(&path).unwrap().is_some());
+        let st = skiff_cni::proto::read_state(&path).unwrap();
+        assert!(st.unsynced && st.enrolled_namespaces.is_empty());
+        // A published list is kept as it is.
+        write_state(&path, vec!["shop".into()]).unwrap();
+        assert!(ensure_state(&path).unwrap().is_none());
+        assert_eq!(skiff_cni::proto::read_state(&path).unwrap().enrolled_namespaces, ["shop"]);
+        // Corrupt: replaced by unsynced.
+        std::fs::write(&path, "{").unwrap();
+        assert!(ensure_state(&path).unwrap().unwrap().contains("corrupt"));
+        assert!(skiff_cni::proto::read_state(&path).unwrap().unsynced);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn default_state_file_survives_reboot() {
+        assert!(skiff_cni::DEFAULT_STATE_FILE.starts_with("/var/lib/"), "{}", skiff_cni::DEFAULT_STATE_FILE);
+    }
 }
