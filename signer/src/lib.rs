@@ -143,6 +143,19 @@ impl Caller {
     }
 }
 
+/// TokenReview's `status.audiences` must be present and contain `want`: the
+/// API server returns the audiences it checked when the request names them,
+/// so an answer without them cannot show the token is meant for the signer.
+fn check_audience(granted: Option<&[String]>, want: &str) -> Result<(), SignError> {
+    match granted {
+        Some(a) if a.iter().any(|x| x == want) => Ok(()),
+        Some(a) => Err(SignError::Unauthenticated(format!("token is not for audience {want} (TokenReview granted {a:?})"))),
+        None => Err(SignError::Unauthenticated(format!(
+            "TokenReview returned no status.audiences: the token is not shown to be for audience {want}"
+        ))),
+    }
+}
+
 /// The signer: a root and an API client.
 pub struct Signer {
     cfg: Config,
@@ -193,11 +206,7 @@ impl Signer {
         if status.authenticated != Some(true) {
             return Err(SignError::Unauthenticated(status.error.unwrap_or_else(|| "TokenReview: not authenticated".into())));
         }
-        if let Some(aud) = &status.audiences {
-            if !aud.contains(&self.cfg.audience) {
-                return Err(SignError::Unauthenticated(format!("token is not for audience {}", self.cfg.audience)));
-            }
-        }
+        check_audience(status.audiences.as_deref(), &self.cfg.audience)?;
         let user = status.user.unwrap_or_default();
         Ok(Caller { username: user.username.unwrap_or_default(), extra: user.extra.unwrap_or_default() })
     }
@@ -373,4 +382,21 @@ pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<rustls::ServerCon
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)?;
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audience_must_be_granted_explicitly() {
+        let want = "skiff-ca";
+        check_audience(Some(&["other".into(), want.into()]), want).expect("granted");
+        for granted in [None, Some(&[][..]), Some(&["https://kubernetes.default.svc".to_owned()][..])] {
+            match check_audience(granted, want) {
+                Err(e @ SignError::Unauthenticated(_)) => assert!(e.to_string().contains(want), "{e}"),
+                other => panic!("{granted:?}: expected unauthenticated, got {other:?}"),
+            }
+        }
+    }
 }
