@@ -107,6 +107,9 @@ pub struct Snapshot {
     pub authorization_policies: Vec<crate::policy::AuthzPolicy>,
     pub virtual_services: Vec<crate::routing::VirtualService>,
     pub destination_rules: Vec<crate::routing::DestinationRule>,
+    /// Ports kubelet probes (liveness, readiness, startup: httpGet,
+    /// tcpSocket, grpc), by [`Workload::uid`]; named ports resolved.
+    pub probe_ports: BTreeMap<String, std::collections::BTreeSet<u16>>,
 }
 
 /// One object that failed validation.
@@ -241,6 +244,22 @@ impl Snapshot {
                     if snap.workloads.contains_key(&w.uid) {
                         errors.push(err("metadata.uid", format!("uid {:?} is used by another pod", w.uid)));
                         continue;
+                    }
+                    let probes: std::collections::BTreeSet<u16> = pod
+                        .spec
+                        .containers
+                        .iter()
+                        .flat_map(|c| [&c.liveness_probe, &c.readiness_probe, &c.startup_probe])
+                        .flatten()
+                        .flat_map(|p| [&p.http_get, &p.tcp_socket, &p.grpc])
+                        .flatten()
+                        .filter_map(|t| match t.port.as_ref()? {
+                            crate::k8s::IntOrString::Int(n) => Some(*n),
+                            crate::k8s::IntOrString::String(name) => w.named_ports.get(name).copied(),
+                        })
+                        .collect();
+                    if !probes.is_empty() {
+                        snap.probe_ports.insert(w.uid.clone(), probes);
                     }
                     snap.workloads.insert(w.uid.clone(), w);
                 }
@@ -420,6 +439,34 @@ mod tests {
     fn snap(text: &str) -> Result<Snapshot, ModelErrors> {
         let objs = parse_documents(text).unwrap().into_iter().map(|o| ("test.yaml".to_owned(), o)).collect();
         Snapshot::from_objects(objs)
+    }
+
+    #[test]
+    fn probe_ports_are_collected_with_named_ports_resolved() {
+        let s = snap(r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: a, uid: u1}
+spec:
+  containers:
+  - name: c
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {httpGet: {path: /ready, port: http}}
+    livenessProbe: {tcpSocket: {port: 9000}}
+  - name: d
+    startupProbe: {grpc: {port: 7000}}
+    livenessProbe: {exec: {command: [true]}}
+status: {phase: Running, podIP: 10.244.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: q, namespace: a, uid: u2}
+spec: {containers: [{name: c}]}
+status: {phase: Running, podIP: 10.244.1.6}
+"#)
+        .unwrap();
+        assert_eq!(s.probe_ports.get("u1").map(|p| p.iter().copied().collect::<Vec<_>>()), Some(vec![7000, 8080, 9000]));
+        assert!(!s.probe_ports.contains_key("u2"));
     }
 
     const PODS: &str = r#"

@@ -158,6 +158,10 @@ fn strict_refuses_plaintext_and_permissive_accepts_it_without_restart() {
     let reply = mesh.node_exchange(server.node, std::net::SocketAddrV4::new(server.ip, 9000), "probe-under-strict").expect("probe from the node");
     assert!(reply.ends_with("probe-under-strict"), "a probe from the node did not reach the app under STRICT: {reply:?}");
     assert!(mesh.metric(server.node, "skiff_ztunnel_node_probe_connections_total", &[]).unwrap() >= 1.0, "probe not counted");
+    // Only to a declared probe port: the node reaching 9001 (no probe) is
+    // plaintext like any other, refused under STRICT.
+    let other = mesh.node_exchange(server.node, std::net::SocketAddrV4::new(server.ip, 9001), "node-to-admin").unwrap_or_default();
+    assert!(!other.contains("node-to-admin"), "the node reached a non-probe port under STRICT: {other:?}");
 
     apply_policy(&mesh, server.node, "mtls", Some(PERMISSIVE));
     let r = client(&mesh, mesh.pod("plain", "client"), &target, "plain-under-permissive");

@@ -763,9 +763,12 @@ impl Ztunnel {
             if MESH_PORTS.contains(&dst.port()) {
                 return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::NoRoute, start);
             }
-            // kubelet's health probes come from the node itself: they pass
-            // STRICT and policy (as with Istio), and are not re-evaluated.
-            let from_node = self.cfg.node_probes && self.node_addrs.contains(*peer4.ip());
+            // kubelet's health probes come from the node itself, to a port
+            // the pod declares a probe on: they pass STRICT and policy (as
+            // with Istio), and are not re-evaluated. Anything else from the
+            // node (other ports) is treated like any plaintext.
+            let probe_port = snap.probe_ports.get(&info.uid).is_some_and(|p| p.contains(&dst.port()));
+            let from_node = self.cfg.node_probes && probe_port && self.node_addrs.contains(*peer4.ip());
             if from_node {
                 debug!(src = %peer4, dst = %dst, "plaintext from the node itself (kubelet probe): delivered without mTLS or policy");
                 let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst).await {
