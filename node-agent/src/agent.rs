@@ -87,8 +87,34 @@ struct Enrolled {
     info: WorkloadInfo,
     netns: OwnedFd,
     cookie: u64,
-    /// Captured by iptables rules in the pod's netns instead of eBPF.
+    /// iptables capture was asked for (`skiff.dev/capture: iptables`).
+    requested_iptables: bool,
+    /// iptables capture is in force (false when it was asked for but could
+    /// not be installed, and eBPF took the pod instead).
     iptables: bool,
+}
+
+/// What a reconcile does about an enrolled pod's capture mechanism.
+#[derive(Debug, PartialEq, Eq)]
+enum MechanismChange {
+    /// The request is unchanged (whatever is in force, e.g. the eBPF
+    /// fallback for a failed iptables install, stays).
+    Keep,
+    /// The request changed: switch in place to iptables (`true`) or eBPF.
+    Switch { to_iptables: bool },
+    /// The request changed but what is in force already matches it (the
+    /// fallback was in force): only the request is recorded.
+    Record,
+}
+
+fn mechanism_change(requested: bool, in_force: bool, wanted: bool) -> MechanismChange {
+    if requested == wanted {
+        MechanismChange::Keep
+    } else if in_force == wanted {
+        MechanismChange::Record
+    } else {
+        MechanismChange::Switch { to_iptables: wanted }
+    }
 }
 
 /// Whether a pod asks for iptables capture (`skiff.dev/capture: iptables`
@@ -247,8 +273,14 @@ impl Agent {
             let Some(info) = info_of(w, &node) else { continue };
             // A recreated sandbox keeps the pod's uid but has a new netns:
             // that is a new pod for capture.
-            if self.pods.get(&uid).is_some_and(|e| e.iptables != iptables) {
-                self.release(&uid, "capture mechanism changed");
+            // Compared with the request, not with what is in force: a pod on
+            // the eBPF fallback is not released and re-enrolled each time.
+            if let Some(e) = self.pods.get_mut(&uid) {
+                match mechanism_change(e.requested_iptables, e.iptables, iptables) {
+                    MechanismChange::Keep => {}
+                    MechanismChange::Record => e.requested_iptables = iptables,
+                    MechanismChange::Switch { to_iptables } => self.switch_mechanism(&uid, to_iptables),
+                }
             }
             if let Some(e) = self.pods.get(&uid) {
                 let current = self.locator.open(w).ok().and_then(|fd| netns::identity(fd.as_fd()).ok());
@@ -529,7 +561,7 @@ impl Agent {
             match podnet::iptables::install(netns.as_fd()) {
                 Ok(()) => {
                     info!(%pod, ip = %info.ip, netns_cookie = cookie, ztunnel = self.ztunnel.is_some(), capture = "iptables", "pod enrolled");
-                    self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, iptables: true });
+                    self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, requested_iptables: true, iptables: true });
                     return Ok(());
                 }
                 // Never uncaptured: eBPF takes the pod instead.
@@ -548,8 +580,46 @@ impl Agent {
             return Err(format!("inbound capture not attached: {}", skiff_core::report(&e)));
         }
         info!(%pod, ip = %info.ip, netns_cookie = cookie, ztunnel = self.ztunnel.is_some(), "pod enrolled");
-        self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, iptables: false });
+        self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, requested_iptables: iptables, iptables: false });
         Ok(())
+    }
+
+    /// Changes an enrolled pod's capture mechanism in place, new capture
+    /// first, then the old one off (both point at ztunnel, so the overlap
+    /// captures twice at worst, never not at all). If the new one cannot
+    /// be installed the old one stays in force.
+    fn switch_mechanism(&mut self, uid: &str, to_iptables: bool) {
+        let Some(e) = self.pods.get_mut(uid) else { return };
+        e.requested_iptables = to_iptables;
+        let pod = format!("{}/{}", e.info.namespace, e.info.name);
+        if to_iptables {
+            if let Err(err) = podnet::iptables::install(e.netns.as_fd()) {
+                error!(%pod, error = %skiff_core::report(&err), "iptables capture failed; eBPF capture stays in force");
+                return;
+            }
+            e.iptables = true;
+            if let Err(err) = self.capture.detach_inbound(e.cookie) {
+                error!(%pod, error = %skiff_core::report(&err), "detaching inbound capture after switching to iptables");
+            }
+            if let Err(err) = self.capture.unenroll(e.cookie) {
+                error!(%pod, error = %skiff_core::report(&err), "removing eBPF capture entry after switching to iptables");
+            }
+            info!(%pod, capture = "iptables", "capture mechanism switched");
+        } else {
+            let entry = EnrolledPod { pod_ip: u32::from(e.info.ip).to_be(), flags: ENROLL_OUTBOUND | ENROLL_INBOUND };
+            let res = self.capture.enroll(e.cookie, entry).and_then(|()| self.capture.attach_inbound(e.netns.as_fd(), e.cookie));
+            if let Err(err) = res {
+                error!(%pod, error = %skiff_core::report(&err), "eBPF capture failed; iptables capture stays in force");
+                let _ = self.capture.detach_inbound(e.cookie);
+                let _ = self.capture.unenroll(e.cookie);
+                return;
+            }
+            e.iptables = false;
+            if let Err(err) = podnet::iptables::remove(e.netns.as_fd()) {
+                error!(%pod, error = %skiff_core::report(&err), "removing iptables capture after switching to eBPF");
+            }
+            info!(%pod, capture = "ebpf", "capture mechanism switched");
+        }
     }
 
     fn update(&mut self, info: WorkloadInfo) {
@@ -721,6 +791,19 @@ mod signal_hook_consts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ebpf_fallback_is_not_a_mechanism_change() {
+        // iptables asked for, eBPF in force (iptables-restore failed): the
+        // next reconcile, still asking for iptables, leaves the pod alone.
+        assert_eq!(mechanism_change(true, false, true), MechanismChange::Keep);
+        assert_eq!(mechanism_change(false, false, false), MechanismChange::Keep);
+        assert_eq!(mechanism_change(true, true, true), MechanismChange::Keep);
+        // The label went away while the fallback was in force: nothing to switch.
+        assert_eq!(mechanism_change(true, false, false), MechanismChange::Record);
+        assert_eq!(mechanism_change(false, false, true), MechanismChange::Switch { to_iptables: true });
+        assert_eq!(mechanism_change(true, true, false), MechanismChange::Switch { to_iptables: false });
+    }
 
     #[test]
     fn without_a_snapshot_adds_fail_closed_by_the_published_state() {
