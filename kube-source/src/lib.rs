@@ -283,6 +283,18 @@ async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc
                         }
                         Update::Absent
                     }
+                    Err(watcher::Error::InitialListFailed(e)) => {
+                        // Not yet listed: nothing is published until it is.
+                        // 403 means the RBAC in deploy/ is missing a grant.
+                        let hint = match &e {
+                            kube::Error::Api(s) if s.code == 403 => " (forbidden: check the ClusterRole skiff-config-reader grants list/watch on it)",
+                            kube::Error::Api(s) if s.code == 401 => " (unauthorized: check the service account token)",
+                            _ => "",
+                        };
+                        warn!(kind = wk.kind, group = wk.group, error = %skiff_core::report(&e),
+                            "initial list failed{hint}; nothing is published until every kind is listed; retrying");
+                        continue;
+                    }
                     Err(e) => {
                         // 410 Gone and dropped connections land here; the
                         // watcher resumes or relists by itself (with backoff).
