@@ -117,14 +117,19 @@ fn mechanism_change(requested: bool, in_force: bool, wanted: bool) -> MechanismC
     }
 }
 
-/// Whether a pod asks for iptables capture (`skiff.dev/capture: iptables`
-/// on the pod, or else on its namespace).
-fn wants_iptables(w: &Workload, ns_labels: Option<&BTreeMap<String, String>>) -> bool {
-    let label = skiff_core::LABEL_CAPTURE;
-    match w.labels.get(label) {
-        Some(v) => v == skiff_core::CAPTURE_IPTABLES,
-        None => ns_labels.and_then(|l| l.get(label)).is_some_and(|v| v == skiff_core::CAPTURE_IPTABLES),
-    }
+/// Whether a pod gets iptables capture: `skiff.dev/capture: iptables` on
+/// its namespace. A pod's own label is ignored: what a pod may weaken
+/// (iptables capture lacks eBPF's per-connect checks) is not its choice.
+fn wants_iptables(ns_labels: Option<&BTreeMap<String, String>>) -> bool {
+    ns_labels.and_then(|l| l.get(skiff_core::LABEL_CAPTURE)).is_some_and(|v| v == skiff_core::CAPTURE_IPTABLES)
+}
+
+/// The `ENROLLED` entry of an iptables-captured pod: no flags, so connects
+/// are not redirected (iptables does that), but the bind guard (no binding
+/// of mesh ports but by ztunnel) applies, as it only asks whether the netns
+/// has an entry.
+fn iptables_entry(ip: std::net::Ipv4Addr) -> EnrolledPod {
+    EnrolledPod { pod_ip: u32::from(ip).to_be(), flags: 0 }
 }
 
 /// With no snapshot yet (config source not synced: startup, API down),
@@ -256,7 +261,7 @@ impl Agent {
         for w in &patched {
             match decide(&node, snap.namespace_labels(&w.namespace), w) {
                 Decision::Enroll => {
-                    desired.insert(w.uid.clone(), (w, wants_iptables(w, snap.namespace_labels(&w.namespace))));
+                    desired.insert(w.uid.clone(), (w, wants_iptables(snap.namespace_labels(&w.namespace))));
                 }
                 Decision::Skip(reason) => {
                     skipped.insert(w.uid.clone(), reason);
@@ -558,14 +563,20 @@ impl Agent {
             return Err("ztunnel refused the pod (see its log)".into());
         }
         if iptables {
-            match podnet::iptables::install(netns.as_fd()) {
+            let installed = podnet::iptables::install(netns.as_fd()).map_err(|e| skiff_core::report(&e)).and_then(|()| {
+                self.capture.enroll(cookie, iptables_entry(info.ip)).map_err(|e| {
+                    let _ = podnet::iptables::remove(netns.as_fd());
+                    format!("bind-guard entry in the capture map: {}", skiff_core::report(&e))
+                })
+            });
+            match installed {
                 Ok(()) => {
                     info!(%pod, ip = %info.ip, netns_cookie = cookie, ztunnel = self.ztunnel.is_some(), capture = "iptables", "pod enrolled");
                     self.pods.insert(info.uid.clone(), Enrolled { info, netns, cookie, requested_iptables: true, iptables: true });
                     return Ok(());
                 }
                 // Never uncaptured: eBPF takes the pod instead.
-                Err(e) => error!(%pod, error = %skiff_core::report(&e), "iptables capture failed; capturing with eBPF instead"),
+                Err(e) => error!(%pod, error = %e, "iptables capture failed; capturing with eBPF instead"),
             }
         }
         let entry = EnrolledPod { pod_ip: u32::from(info.ip).to_be(), flags: ENROLL_OUTBOUND | ENROLL_INBOUND };
@@ -601,8 +612,9 @@ impl Agent {
             if let Err(err) = self.capture.detach_inbound(e.cookie) {
                 error!(%pod, error = %skiff_core::report(&err), "detaching inbound capture after switching to iptables");
             }
-            if let Err(err) = self.capture.unenroll(e.cookie) {
-                error!(%pod, error = %skiff_core::report(&err), "removing eBPF capture entry after switching to iptables");
+            // Connect redirection off, bind guard kept (see iptables_entry).
+            if let Err(err) = self.capture.enroll(e.cookie, iptables_entry(e.info.ip)) {
+                error!(%pod, error = %skiff_core::report(&err), "rewriting the capture entry after switching to iptables");
             }
             info!(%pod, capture = "iptables", "capture mechanism switched");
         } else {
@@ -791,6 +803,20 @@ mod signal_hook_consts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_namespace_chooses_iptables_capture() {
+        // Only the namespace's labels are an input: a pod's label has no say.
+        let ipt: BTreeMap<String, String> =
+            [(skiff_core::LABEL_CAPTURE.to_owned(), skiff_core::CAPTURE_IPTABLES.to_owned())].into();
+        assert!(wants_iptables(Some(&ipt)));
+        assert!(!wants_iptables(None));
+        assert!(!wants_iptables(Some(&BTreeMap::new())));
+        // The bind guard applies to iptables pods; connects are not redirected.
+        let e = iptables_entry("10.1.0.5".parse().unwrap());
+        assert_eq!(e.flags & (ENROLL_OUTBOUND | ENROLL_INBOUND), 0);
+        assert_eq!(e.pod_ip, u32::from(std::net::Ipv4Addr::new(10, 1, 0, 5)).to_be());
+    }
 
     #[test]
     fn the_ebpf_fallback_is_not_a_mechanism_change() {

@@ -116,6 +116,25 @@ pub mod iptables {
     use super::PodNetError;
 
     const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    /// IPv6 off in the pod: iptables (IPv4) does not capture it, and eBPF's
+    /// refusal of native IPv6 needs the connect redirection this pod lacks.
+    /// `all` applies to the existing interfaces, `default` to new ones.
+    const DISABLE_IPV6: [(&str, &str); 2] = [
+        ("/proc/sys/net/ipv6/conf/all/disable_ipv6", "net.ipv6.conf.all.disable_ipv6"),
+        ("/proc/sys/net/ipv6/conf/default/disable_ipv6", "net.ipv6.conf.default.disable_ipv6"),
+    ];
+
+    /// Turns IPv6 off (a kernel without IPv6 has nothing to turn off).
+    fn disable_ipv6() -> Result<(), PodNetError> {
+        for (path, name) in DISABLE_IPV6 {
+            match std::fs::write(path, "1") {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(PodNetError::Sysctl(name, e)),
+            }
+        }
+        Ok(())
+    }
 
     /// The `nat` table for an iptables-captured pod (iptables-restore input).
     pub fn rules() -> String {
@@ -158,10 +177,12 @@ pub mod iptables {
         Ok(())
     }
 
-    /// Installs the capture rules in a pod's netns (idempotent).
+    /// Installs the capture rules in a pod's netns (idempotent), with IPv6
+    /// turned off there first (it stays off when the rules are removed).
     pub fn install(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
         netns::run_in(ns, || {
             std::fs::write(ROUTE_LOCALNET, "1").map_err(|e| PodNetError::Sysctl("net.ipv4.conf.all.route_localnet", e))?;
+            disable_ipv6()?;
             restore(&rules())
         })?
     }
