@@ -80,6 +80,35 @@ pub struct Config {
     pub max_lifetime: Duration,
 }
 
+/// Shortest certificate lifetime handed out (a request for less gets this).
+pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+/// Longest `max_lifetime` accepted (the length of a generated root's validity).
+pub const MAX_MAX_LIFETIME: Duration = Duration::from_secs(3650 * 86400);
+
+impl Config {
+    /// Checks the values the signer cannot work with.
+    pub fn validate(&self) -> Result<(), String> {
+        let max = self.max_lifetime;
+        if max < MIN_LIFETIME || max > MAX_MAX_LIFETIME {
+            return Err(format!(
+                "max lifetime {} s is outside {}..={} s (the shortest certificate the signer issues is {} s)",
+                max.as_secs(),
+                MIN_LIFETIME.as_secs(),
+                MAX_MAX_LIFETIME.as_secs(),
+                MIN_LIFETIME.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The lifetime to issue for a requested one: at least [`MIN_LIFETIME`],
+    /// at most `max_lifetime` (which wins should it be below the minimum;
+    /// never panics, whatever the config).
+    pub fn lifetime_for(&self, requested: Duration) -> Duration {
+        requested.max(MIN_LIFETIME).min(self.max_lifetime.min(MAX_MAX_LIFETIME))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -182,7 +211,7 @@ impl Signer {
         } else {
             self.check_waypoint_own_identity(&caller, &id).await?
         };
-        let lifetime = lifetime.clamp(Duration::from_secs(60), self.cfg.max_lifetime);
+        let lifetime = self.cfg.lifetime_for(lifetime);
         let (_, pem) = self.ca.sign_csr(&id, csr_pem, lifetime).map_err(|e| match e {
             IdentityError::Csr(_) => SignError::Csr(e),
             e => SignError::Sign(e),
@@ -387,6 +416,22 @@ pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<rustls::ServerCon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_lifetime_is_validated_and_never_panics_in_use() {
+        let cfg = |secs| Config { max_lifetime: Duration::from_secs(secs), ..Config::default() };
+        assert!(Config::default().validate().is_ok());
+        for bad in [0, 30, 59, u64::MAX] {
+            let e = cfg(bad).validate().unwrap_err();
+            assert!(e.contains("max lifetime") && e.contains(&bad.to_string()), "{e}");
+            // An unvalidated config still never panics nor overflows.
+            let l = cfg(bad).lifetime_for(Duration::from_secs(3600));
+            assert!(l <= MAX_MAX_LIFETIME, "{l:?}");
+        }
+        assert_eq!(cfg(30).lifetime_for(Duration::from_secs(3600)), Duration::from_secs(30));
+        assert_eq!(cfg(600).lifetime_for(Duration::from_secs(1)), MIN_LIFETIME);
+        assert_eq!(cfg(600).lifetime_for(Duration::from_secs(3600)), Duration::from_secs(600));
+    }
 
     #[test]
     fn the_audience_must_be_granted_explicitly() {

@@ -30,7 +30,8 @@ struct Cli {
     /// Audience the ztunnel tokens must carry.
     #[arg(long, default_value = "skiff-ca")]
     audience: String,
-    /// Longest certificate lifetime handed out.
+    /// Longest certificate lifetime handed out (60 s to 3650 days; shorter
+    /// requests get at least 60 s).
     #[arg(long, default_value = "86400", value_name = "SECONDS")]
     max_lifetime: u64,
     /// The Kubernetes API at this URL instead of in-cluster config / KUBECONFIG.
@@ -45,6 +46,14 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    let cfg = Config {
+        trust_domain: cli.trust_domain.clone(),
+        ztunnel_user: cli.ztunnel_user.clone(),
+        audience: cli.audience.clone(),
+        max_lifetime: Duration::from_secs(cli.max_lifetime),
+        ..Config::default()
+    };
+    cfg.validate().map_err(|e| anyhow::anyhow!("--max-lifetime {}: {e}", cli.max_lifetime))?;
     let ca = skiff_ztunnel::identity::Ca::load(&cli.root_key, &cli.root_cert, &cli.trust_domain)
         .map_err(|e| anyhow::anyhow!("loading the root: {}", skiff_core::report(&e)))?;
     let tls = skiff_signer::tls_config(&ca, &cli.dns_names).map_err(|e| anyhow::anyhow!("TLS setup: {}", skiff_core::report(&e)))?;
@@ -53,13 +62,6 @@ fn main() -> anyhow::Result<()> {
         let kube = skiff_kube_source::connect(cli.kube_url.as_deref())
             .await
             .map_err(|e| anyhow::anyhow!("Kubernetes client: {}", skiff_core::report(&e)))?;
-        let cfg = Config {
-            trust_domain: cli.trust_domain,
-            ztunnel_user: cli.ztunnel_user,
-            audience: cli.audience,
-            max_lifetime: Duration::from_secs(cli.max_lifetime),
-            ..Config::default()
-        };
         let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
         info!(listen = %cli.listen, "signer serving");
         let signer = Signer::new(cfg, ca, kube);

@@ -42,6 +42,10 @@ fn pod(ns: &str, name: &str, node: &str, sa: &str) -> serde_json::Value {
 }
 
 fn setup(tag: &str) -> Setup {
+    setup_with(tag, Config::default())
+}
+
+fn setup_with(tag: &str, cfg: Config) -> Setup {
     let fake = FakeApiServer::start().unwrap();
     fake.apply(pod("app", "web-1", "node-1", "web")).unwrap();
     fake.apply(pod("app", "db-1", "node-2", "db")).unwrap();
@@ -82,7 +86,7 @@ fn setup(tag: &str) -> Setup {
     let kube = rt.block_on(skiff_kube_source::connect(Some(&url))).unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
-    let signer = Signer::new(Config::default(), ca, kube);
+    let signer = Signer::new(cfg, ca, kube);
     rt.spawn(signer.serve(listener, tls));
     Setup { fake, ca_root, url: format!("https://{addr}"), dir, _rt: rt }
 }
@@ -247,4 +251,23 @@ fn mirror_pods_and_pods_without_a_service_account_vouch_for_no_identity() {
     let (code, msg) = refused(s.client("nosa-wp").issue(&Identity::new("cluster.local", "app", "default"), Duration::from_secs(600)));
     assert_eq!(code, 403);
     assert!(msg.contains("names no service account"), "{msg}");
+}
+
+#[test]
+fn a_max_lifetime_below_a_minute_neither_panics_nor_starts() {
+    // In use (a config not validated): the certificate is capped, the
+    // connection does not die with the handler.
+    let s = setup_with("shortmax", Config { max_lifetime: Duration::from_secs(30), ..Config::default() });
+    let id = Identity::new("cluster.local", "app", "web");
+    let cert = s.client("zt-node-1").issue(&id, Duration::from_secs(3600)).expect("signed, not a dropped connection");
+    let life = cert.not_after.duration_since(cert.not_before).unwrap();
+    assert!(life <= Duration::from_secs(30 + 60), "lifetime {life:?}");
+    // At start: the binary refuses it before reading anything, naming the flag.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skiff-signer"))
+        .args(["--max-lifetime", "30", "--root-key", "/nonexistent/key.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-lifetime 30") && err.contains("60"), "{err}");
 }
