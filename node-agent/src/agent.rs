@@ -146,6 +146,19 @@ fn no_snapshot_verdict(state_file: Option<&std::path::Path>, namespace: &str) ->
     })
 }
 
+/// Whether a CNI DEL releases the enrolled pod: only if the sandbox it
+/// tears down (the netns of the CNI record with its container id) is the
+/// enrolled netns. Unknown on either side: the capture stays (fail closed;
+/// the pod is released when the API drops it or its netns changes).
+fn del_releases(enrolled_netns: Option<locate::NetnsId>, del_netns: Option<locate::NetnsId>) -> bool {
+    enrolled_netns.is_some() && enrolled_netns == del_netns
+}
+
+/// Whether a CNI DEL answers a waiting ADD: same pod and same sandbox.
+fn del_answers(waiting: &PodRef, check: bool, del: &PodRef) -> bool {
+    !check && waiting.namespace == del.namespace && waiting.name == del.name && waiting.container_id == del.container_id
+}
+
 pub struct Agent {
     cfg: AgentConfig,
     capture: Capture,
@@ -403,35 +416,39 @@ impl Agent {
                 CniRequest::Del { pod } => {
                     let key = format!("{}/{}", pod.namespace, pod.name);
                     info!(pod = %key, container = %pod.container_id, "CNI DEL: sandbox torn down");
-                    let mut torn = Vec::new();
+                    // The sandbox this DEL is about: the record with its
+                    // container id (a stale or repeated DEL finds none, or
+                    // finds the record of a newer sandbox and leaves it).
+                    let mut del_netns = None;
                     if let Ok(mut st) = state.lock() {
                         if st.pods.get(&key).is_some_and(|r| r.container_id == pod.container_id) {
                             if let Some(r) = st.pods.remove(&key) {
-                                torn.push(r.id);
+                                del_netns = Some(r.id);
                             }
                         }
+                        if let Some(id) = del_netns {
+                            st.released.insert(id, Instant::now());
+                        }
                     }
-                    // The enrolled pod of that sandbox (by uid, else by name).
-                    let uid = self
+                    // The enrolled pod of that sandbox (by uid, else by name),
+                    // released only if its netns is the one torn down.
+                    let enrolled = self
                         .pods
                         .iter()
                         .find(|(uid, e)| {
                             pod.uid.as_ref().map_or(e.info.namespace == pod.namespace && e.info.name == pod.name, |u| *u == **uid)
                         })
                         .map(|(uid, e)| (uid.clone(), netns::identity(e.netns.as_fd()).ok()));
-                    if let Some((_, Some(id))) = &uid {
-                        torn.push(*id);
-                    }
-                    if let Ok(mut st) = state.lock() {
-                        for id in torn {
-                            st.released.insert(id, Instant::now());
+                    if let Some((uid, enrolled_netns)) = enrolled {
+                        if del_releases(enrolled_netns, del_netns) {
+                            self.release(&uid, "CNI DEL: pod sandbox torn down");
+                        } else {
+                            info!(pod = %key, container = %pod.container_id,
+                                "CNI DEL is not for the enrolled sandbox (stale, repeated, or its ADD was not seen): capture stays");
                         }
                     }
-                    if let Some((uid, _)) = uid {
-                        self.release(&uid, "CNI DEL: pod sandbox torn down");
-                    }
                     for w in std::mem::take(&mut self.waiting) {
-                        if w.pod.namespace == pod.namespace && w.pod.name == pod.name && !w.check {
+                        if del_answers(&w.pod, w.check, &pod) {
                             let _ = w.reply.send(Reply::NotEnrolled { reason: "sandbox deleted before a decision".into() });
                         } else {
                             self.waiting.push(w);
@@ -816,6 +833,22 @@ mod tests {
         let e = iptables_entry("10.1.0.5".parse().unwrap());
         assert_eq!(e.flags & (ENROLL_OUTBOUND | ENROLL_INBOUND), 0);
         assert_eq!(e.pod_ip, u32::from(std::net::Ipv4Addr::new(10, 1, 0, 5)).to_be());
+    }
+
+    #[test]
+    fn a_stale_del_leaves_the_current_sandbox_alone() {
+        let (old, cur) = ((1, 10), (1, 11));
+        // DEL of the enrolled sandbox: released.
+        assert!(del_releases(Some(cur), Some(cur)));
+        // A stale DEL (older sandbox's record, or none left): not released.
+        assert!(!del_releases(Some(cur), Some(old)));
+        assert!(!del_releases(Some(cur), None));
+        assert!(!del_releases(None, None));
+        // Waiting ADDs are answered only for the sandbox being deleted.
+        let p = |cid: &str| PodRef { namespace: "shop".into(), name: "web-1".into(), uid: Some("u1".into()), container_id: cid.into() };
+        assert!(del_answers(&p("c2"), false, &p("c2")));
+        assert!(!del_answers(&p("c2"), false, &p("c1")));
+        assert!(!del_answers(&p("c2"), true, &p("c2")));
     }
 
     #[test]
