@@ -159,6 +159,44 @@ fn del_answers(waiting: &PodRef, check: bool, del: &PodRef) -> bool {
     !check && waiting.namespace == del.namespace && waiting.name == del.name && waiting.container_id == del.container_id
 }
 
+/// What [`Agent::sweep_stale`] removes and keeps.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Sweep {
+    entries: Vec<(u64, std::net::Ipv4Addr)>,
+    links: Vec<u64>,
+    kept: Vec<(u64, std::net::Ipv4Addr)>,
+}
+
+/// Pinned state of netns the agent does not hold (`known`): removed, except
+/// for entries (and their netns's inbound link) whose pod IP belongs to a pod
+/// desired on this node that no enrolled pod holds (`held`) yet.
+fn stale(
+    known: &std::collections::BTreeSet<u64>,
+    held: &std::collections::BTreeSet<std::net::Ipv4Addr>,
+    desired_ips: &std::collections::BTreeSet<std::net::Ipv4Addr>,
+    entries: &[(u64, EnrolledPod)],
+    attached: &[u64],
+) -> Sweep {
+    let mut out = Sweep::default();
+    for (cookie, entry) in entries {
+        if known.contains(cookie) {
+            continue;
+        }
+        let ip = std::net::Ipv4Addr::from(u32::from_be(entry.pod_ip));
+        if desired_ips.contains(&ip) && !held.contains(&ip) {
+            out.kept.push((*cookie, ip));
+        } else {
+            out.entries.push((*cookie, ip));
+        }
+    }
+    for cookie in attached {
+        if !known.contains(cookie) && !out.kept.iter().any(|(c, _)| c == cookie) {
+            out.links.push(*cookie);
+        }
+    }
+    out
+}
+
 pub struct Agent {
     cfg: AgentConfig,
     capture: Capture,
@@ -287,6 +325,7 @@ impl Agent {
             self.release(&uid, &reason);
         }
         let wanted = desired.len();
+        let desired_ips: std::collections::BTreeSet<std::net::Ipv4Addr> = desired.values().filter_map(|(w, _)| w.ip).collect();
         for (uid, (w, iptables)) in desired {
             let Some(info) = info_of(w, &node) else { continue };
             // A recreated sandbox keeps the pod's uid but has a new netns:
@@ -313,7 +352,7 @@ impl Agent {
             }
         }
         self.pending = wanted.saturating_sub(self.pods.len());
-        self.sweep_stale();
+        self.sweep_stale(&desired_ips);
         self.publish(snap);
     }
 
@@ -688,21 +727,23 @@ impl Agent {
     }
 
     /// Removes kernel state for netns this agent does not hold: pods released
-    /// while node-agent was down.
-    fn sweep_stale(&mut self) {
+    /// while node-agent was down. State of a pod that is desired on this node
+    /// but not (re-)enrolled yet stays: its pinned capture is all that keeps
+    /// it in the mesh (fail closed); it is replaced when the pod enrolls.
+    fn sweep_stale(&mut self, desired_ips: &std::collections::BTreeSet<std::net::Ipv4Addr>) {
         let known: std::collections::BTreeSet<u64> = self.pods.values().map(|e| e.cookie).collect();
-        for (cookie, entry) in self.capture.enrolled() {
-            if !known.contains(&cookie) {
-                let ip = std::net::Ipv4Addr::from(u32::from_be(entry.pod_ip));
-                info!(netns_cookie = cookie, %ip, "removing stale capture entry");
-                let _ = self.capture.unenroll(cookie);
-            }
+        let held: std::collections::BTreeSet<std::net::Ipv4Addr> = self.pods.values().map(|e| e.info.ip).collect();
+        let sweep = stale(&known, &held, desired_ips, &self.capture.enrolled(), &self.capture.inbound_attached());
+        for (cookie, ip) in &sweep.kept {
+            warn!(netns_cookie = cookie, %ip, "keeping the pinned capture of a pod that should be enrolled but is not (yet): fail closed");
         }
-        for cookie in self.capture.inbound_attached() {
-            if !known.contains(&cookie) {
-                info!(netns_cookie = cookie, "removing stale inbound attachment");
-                let _ = self.capture.detach_inbound(cookie);
-            }
+        for (cookie, ip) in sweep.entries {
+            info!(netns_cookie = cookie, %ip, "removing stale capture entry");
+            let _ = self.capture.unenroll(cookie);
+        }
+        for cookie in sweep.links {
+            info!(netns_cookie = cookie, "removing stale inbound attachment");
+            let _ = self.capture.detach_inbound(cookie);
         }
     }
 
@@ -849,6 +890,22 @@ mod tests {
         assert!(del_answers(&p("c2"), false, &p("c2")));
         assert!(!del_answers(&p("c2"), false, &p("c1")));
         assert!(!del_answers(&p("c2"), true, &p("c2")));
+    }
+
+    #[test]
+    fn sweep_keeps_the_pinned_capture_of_desired_pods_not_yet_reenrolled() {
+        let ip = |s: &str| -> std::net::Ipv4Addr { s.parse().unwrap() };
+        let e = |s: &str| EnrolledPod { pod_ip: u32::from(ip(s)).to_be(), flags: ENROLL_OUTBOUND | ENROLL_INBOUND };
+        let known = [1u64].into();
+        let held = [ip("10.0.0.1")].into();
+        // .1 enrolled (cookie 1); .2 desired but not re-enrolled (cookie 2);
+        // .3 gone; cookie 4 is an old netns of the enrolled .1.
+        let desired = [ip("10.0.0.1"), ip("10.0.0.2")].into();
+        let entries = [(1, e("10.0.0.1")), (2, e("10.0.0.2")), (3, e("10.0.0.3")), (4, e("10.0.0.1"))];
+        let sw = stale(&known, &held, &desired, &entries, &[1, 2, 3, 5]);
+        assert_eq!(sw.kept, [(2, ip("10.0.0.2"))]);
+        assert_eq!(sw.entries, [(3, ip("10.0.0.3")), (4, ip("10.0.0.1"))]);
+        assert_eq!(sw.links, [3, 5]);
     }
 
     #[test]
