@@ -40,7 +40,7 @@ use skiff_ztunnel::{
     signer_client::SIGN_PATH,
 };
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The ztunnel service account, as TokenReview names it.
 pub const ZTUNNEL_USER: &str = "system:serviceaccount:skiff-system:ztunnel";
@@ -78,6 +78,16 @@ pub struct Config {
     pub audience: String,
     /// Longest certificate lifetime handed out.
     pub max_lifetime: Duration,
+    /// Time a client has to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time a client has to send a request's headers (the first request and
+    /// each next one on a kept-alive connection).
+    pub header_read_timeout: Duration,
+    /// Time a request has from its headers to the answer (body, TokenReview,
+    /// pod check, signing); past it the answer is 503.
+    pub request_timeout: Duration,
+    /// Connections served at once; more are closed as they are accepted.
+    pub max_connections: usize,
 }
 
 /// Shortest certificate lifetime handed out (a request for less gets this).
@@ -117,6 +127,10 @@ impl Default for Config {
             ztunnel_namespace: "skiff-system".into(),
             audience: "skiff-ca".into(),
             max_lifetime: Duration::from_secs(86400),
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_connections: 512,
         }
     }
 }
@@ -332,29 +346,73 @@ impl Signer {
         }
     }
 
-    /// Serves the signing endpoint over TLS until the listener fails.
+    /// Serves the signing endpoint over TLS, forever. Failing to accept
+    /// (out of file descriptors, say) is logged and retried after a short
+    /// pause, never fatal. Each connection holds one of
+    /// [`Config::max_connections`] slots (with none free it is closed at
+    /// once) and is closed when the client is slower than
+    /// [`Config::handshake_timeout`] or [`Config::header_read_timeout`];
+    /// a request not answered within [`Config::request_timeout`] gets 503.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> std::io::Result<()> {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_connections));
+        let mut last_full_warning: Option<tokio::time::Instant> = None;
         loop {
-            let (tcp, peer) = listener.accept().await?;
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "accepting a connection failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                drop(tcp);
+                // One warning per 10 s at most: a flood must not flood the log too.
+                if last_full_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    last_full_warning = Some(tokio::time::Instant::now());
+                    warn!(%peer, max_connections = self.cfg.max_connections, "connection limit reached: closing new connections");
+                }
+                continue;
+            };
             let acceptor = acceptor.clone();
             let me = self.clone();
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let _slot = slot;
+                let stream = match tokio::time::timeout(me.cfg.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         warn!(%peer, error = %e, "TLS handshake failed");
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        debug!(%peer, timeout_s = me.cfg.handshake_timeout.as_secs_f64(), "TLS handshake timed out: connection closed");
+                        return;
+                    }
                 };
+                let header_read_timeout = me.cfg.header_read_timeout;
                 let svc = service_fn(move |req| {
                     let me = me.clone();
-                    async move { Ok::<_, Infallible>(me.handle(req, peer).await) }
+                    async move {
+                        let limit = me.cfg.request_timeout;
+                        let resp = match tokio::time::timeout(limit, me.handle(req, peer)).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                warn!(%peer, timeout_s = limit.as_secs_f64(), "request not answered in time");
+                                answer(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    json!({"error": format!("request not answered within {} s", limit.as_secs_f64())}),
+                                )
+                            }
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
+                if let Err(e) = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await {
+                    debug!(%peer, error = %e, "connection closed");
+                }
             });
         }
     }

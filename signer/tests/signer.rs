@@ -271,3 +271,80 @@ fn a_max_lifetime_below_a_minute_neither_panics_nor_starts() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--max-lifetime 30") && err.contains("60"), "{err}");
 }
+
+/// How long until the signer closes `stream` (which sends nothing), if it
+/// does within `within`.
+async fn closed_after<S: tokio::io::AsyncRead + Unpin>(mut stream: S, within: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt as _;
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(within, stream.read(&mut buf)).await {
+        Ok(Ok(0) | Err(_)) => Some(start.elapsed()),
+        Ok(Ok(n)) => panic!("the signer sent {n} bytes unasked"),
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn silent_clients_are_closed_and_connections_are_bounded() {
+    let cfg = Config {
+        handshake_timeout: Duration::from_millis(800),
+        header_read_timeout: Duration::from_millis(800),
+        request_timeout: Duration::from_millis(800),
+        max_connections: 2,
+        ..Config::default()
+    };
+    let s = setup_with("slow", cfg);
+    let addr = s.url.strip_prefix("https://").unwrap().to_owned();
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(std::slice::from_ref(&s.ca_root)).unwrap())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    s._rt.block_on(async {
+        // TCP only, no TLS handshake: closed at the handshake timeout.
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let t = closed_after(tcp, Duration::from_secs(5)).await.expect("a silent TCP client is closed");
+        assert!(t >= Duration::from_millis(700), "closed after {t:?}, before the timeout");
+        // TLS done, then no request: closed at the header read timeout.
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = ServerName::try_from(SIGNER_NAME).unwrap();
+        let tls = connector.connect(name.clone(), tcp).await.expect("TLS handshake");
+        let t = closed_after(tls, Duration::from_secs(5)).await.expect("a client sending no request is closed");
+        assert!(t >= Duration::from_millis(700), "closed after {t:?}, before the timeout");
+        // Headers, then a body that never comes: 503 at the request timeout.
+        {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let mut tls = connector.connect(name.clone(), tcp).await.expect("TLS handshake");
+            let head = "POST /v1/sign HTTP/1.1\r\nhost: x\r\nauthorization: Bearer zt-node-1\r\ncontent-length: 100\r\n\r\n{";
+            tls.write_all(head.as_bytes()).await.unwrap();
+            let start = std::time::Instant::now();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                    Err(_) => panic!("no answer to a request whose body never comes"),
+                }
+            }
+            let got = String::from_utf8_lossy(&got);
+            assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+            assert!(start.elapsed() >= Duration::from_millis(700), "answered after {:?}", start.elapsed());
+        }
+        // Two silent connections hold both slots: a third is closed at once.
+        let a = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let t = closed_after(c, Duration::from_millis(500)).await.expect("a connection over the limit is closed at once");
+        assert!(t < Duration::from_millis(500), "{t:?}");
+        drop((a, b));
+    });
+    // Slots come back: a real request is served.
+    std::thread::sleep(Duration::from_millis(200));
+    let id = Identity::new("cluster.local", "app", "web");
+    s.client("zt-node-1").issue(&id, Duration::from_secs(600)).expect("served once slots are free");
+}
