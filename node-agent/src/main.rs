@@ -61,6 +61,10 @@ enum Cmd {
         pin_dir: PathBuf,
         #[command(flatten)]
         cni: cni::CniPaths,
+        /// Where the runtime names pod netns: iptables capture rules are
+        /// removed from each (pods in netns not named here keep them).
+        #[arg(long, default_value = "/var/run/netns")]
+        netns_dir: PathBuf,
     },
 }
 
@@ -105,11 +109,26 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(())
         }
-        Cmd::Uninstall { pin_dir, cni } => {
+        Cmd::Uninstall { pin_dir, cni, netns_dir } => {
             // The CNI chain first: new pods must not wait for a node-agent
             // that is going away.
             for f in cni::uninstall(&cni.cni_bin_dir, &cni.cni_conf_dir, &cni.cni_state_file).map_err(report)? {
                 tracing::info!(file = %f.display(), "CNI: restored or removed");
+            }
+            // iptables-captured pods: their nat rules would keep pointing at
+            // a ztunnel that is going away.
+            match skiff_node_agent::podnet::iptables::remove_from_netns_dir(&netns_dir) {
+                Ok(done) => {
+                    for (ns, res) in done {
+                        match res {
+                            Ok(true) => tracing::info!(netns = %ns.display(), "iptables capture removed"),
+                            Ok(false) => {}
+                            Err(e) => tracing::error!(netns = %ns.display(), error = %e, "cannot remove iptables capture; the pod keeps it until it is recreated"),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::error!(dir = %netns_dir.display(), error = %e, "cannot list pod netns; iptables-captured pods keep their rules until recreated"),
             }
             bpf::uninstall(&pin_dir).map_err(report)?;
             tracing::info!(pin_dir = %pin_dir.display(), "capture removed");

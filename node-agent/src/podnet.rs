@@ -191,4 +191,89 @@ pub mod iptables {
     pub fn remove(ns: BorrowedFd<'_>) -> Result<(), PodNetError> {
         netns::run_in(ns, || restore("*nat\nCOMMIT\n"))?
     }
+
+    /// Whether the current netns's `nat` table has Skiff's chains.
+    fn has_skiff_chains() -> Result<bool, PodNetError> {
+        let out = Command::new("iptables-save")
+            .args(["-t", "nat"])
+            .output()
+            .map_err(|e| PodNetError::Iptables { stderr: format!("cannot run iptables-save: {e}") })?;
+        if !out.status.success() {
+            return Err(PodNetError::Iptables { stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text.lines().any(|l| l.starts_with(":SKIFF_OUTPUT") || l.starts_with(":SKIFF_INBOUND")))
+    }
+
+    /// Removes the capture rules if Skiff's chains are there; true if they were.
+    pub fn remove_if_present(ns: BorrowedFd<'_>) -> Result<bool, PodNetError> {
+        netns::run_in(ns, || {
+            if has_skiff_chains()? {
+                restore("*nat\nCOMMIT\n")?;
+                Ok(true)
+            } else {
+                Ok(false)
+            }
+        })?
+    }
+
+    /// For `uninstall`: removes iptables capture from every netns named in
+    /// `dir` (the runtime's `/var/run/netns`), never from the node's own.
+    /// Returns, per netns, whether rules were removed or why not.
+    pub fn remove_from_netns_dir(dir: &std::path::Path) -> Result<Vec<(std::path::PathBuf, Result<bool, String>)>, std::io::Error> {
+        use std::os::fd::AsFd as _;
+        let node: Vec<_> = ["/proc/self/ns/net", "/proc/1/ns/net"]
+            .iter()
+            .filter_map(|p| netns::open(std::path::Path::new(p)).ok())
+            .filter_map(|fd| netns::identity(fd.as_fd()).ok())
+            .collect();
+        let mut out = Vec::new();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.filter_map(Result::ok).map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            let res = netns::open(&path).map_err(|e| skiff_core::report(&e)).and_then(|fd| {
+                // Not a netns (or the node's own): nothing to do.
+                match netns::identity(fd.as_fd()) {
+                    Ok(id) if !node.contains(&id) => remove_if_present(fd.as_fd()).map_err(|e| skiff_core::report(&e)),
+                    _ => Ok(false),
+                }
+            });
+            out.push((path, res));
+        }
+        Ok(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Privileged (root, iptables): skipped otherwise.
+        #[test]
+        fn uninstall_removes_capture_rules_from_pod_netns() {
+            let root = std::fs::read_to_string("/proc/self/status")
+                .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+            let have = Command::new("iptables-save").arg("--version").output().is_ok_and(|o| o.status.success());
+            if !root || !have {
+                eprintln!("skipped: needs root and iptables");
+                return;
+            }
+            let name = format!("skiff-ut-ipt-{}", std::process::id());
+            let dir = std::env::temp_dir().join(&name);
+            std::fs::create_dir_all(&dir).unwrap();
+            assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+            let path = std::path::PathBuf::from(format!("/var/run/netns/{name}"));
+            let fd = netns::open(&path).unwrap();
+            use std::os::fd::AsFd as _;
+            install(fd.as_fd()).unwrap();
+            assert!(netns::run_in(fd.as_fd(), has_skiff_chains).unwrap().unwrap());
+            std::os::unix::fs::symlink(&path, dir.join("pod")).unwrap();
+            let res = remove_from_netns_dir(&dir);
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            let res = res.unwrap();
+            assert_eq!(res.len(), 1);
+            assert_eq!(res[0].1, Ok(true), "{res:?}");
+            assert!(!netns::run_in(fd.as_fd(), has_skiff_chains).unwrap().unwrap());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 }

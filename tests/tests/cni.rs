@@ -182,6 +182,9 @@ fn cni_add_enrolls_before_answering_and_del_releases() {
         .arg(&n.cni_conf_dir)
         .arg("--cni-state-file")
         .arg(&n.cni_state_file)
+        // Not the host's /var/run/netns: other meshes may run beside this one.
+        .arg("--netns-dir")
+        .arg(n.cni_conf_dir.join("no-netns-here"))
         .output()
         .unwrap();
     assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
