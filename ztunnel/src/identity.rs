@@ -100,6 +100,13 @@ pub enum IdentityError {
     /// The stored root certificate file does not hold a usable certificate.
     #[error("root certificate {path}: {why}")]
     CaCert { path: PathBuf, why: String },
+    /// The stored root key file does not hold a usable private key.
+    #[error("root key {path}: not a PEM private key of a supported type")]
+    CaKey {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
     /// The stored root key is not the key of the stored root certificate.
     #[error("root key {key} does not belong to root certificate {cert} (the key's public key differs from the certificate's): install the matching pair")]
     KeyMismatch { key: PathBuf, cert: PathBuf },
@@ -201,7 +208,7 @@ impl Ca {
         let cert_path = dir.join(CA_CERT);
         let read = |p: &Path| fs::read_to_string(p).map_err(|source| IdentityError::CaFile { path: p.to_owned(), source });
         if key_path.exists() && cert_path.exists() {
-            let key = KeyPair::from_pem(&read(&key_path)?)?;
+            let key = KeyPair::from_pem(&read(&key_path)?).map_err(|source| IdentityError::CaKey { path: key_path.clone(), source })?;
             let cert_pem = read(&cert_path)?;
             return Self::from_key(trust_domain, key, Some(StoredRoot { cert_pem: &cert_pem, key_path: &key_path, cert_path: &cert_path }));
         }
@@ -231,7 +238,7 @@ impl Ca {
             return Err(IdentityError::KeyMode { path: key_path.to_owned(), mode });
         }
         let read = |p: &Path| fs::read_to_string(p).map_err(|source| IdentityError::CaFile { path: p.to_owned(), source });
-        let key = KeyPair::from_pem(&read(key_path)?)?;
+        let key = KeyPair::from_pem(&read(key_path)?).map_err(|source| IdentityError::CaKey { path: key_path.to_owned(), source })?;
         let cert_pem = read(cert_path)?;
         Self::from_key(trust_domain, key, Some(StoredRoot { cert_pem: &cert_pem, key_path, cert_path }))
     }
@@ -458,6 +465,15 @@ mod tests {
             }
             Err(e) => panic!("expected a certificate file error, got {e}"),
             Ok(_) => panic!("loaded a junk certificate"),
+        }
+        // A key file that holds no key: named too.
+        let junk_key = dir.join("junk-key.pem");
+        fs::write(&junk_key, "not a key\n").unwrap();
+        fs::set_permissions(&junk_key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        match Ca::load(&junk_key, &a_cert, "cluster.local") {
+            Err(e @ IdentityError::CaKey { .. }) => assert!(e.to_string().contains(&junk_key.display().to_string()), "{e}"),
+            Err(e) => panic!("expected a key file error, got {e}"),
+            Ok(_) => panic!("loaded a junk key"),
         }
         // PEM framing around bytes that are no certificate.
         let bad_der = dir.join("bad-der-cert.pem");
