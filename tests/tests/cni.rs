@@ -144,6 +144,12 @@ fn cni_add_enrolls_before_answering_and_del_releases() {
     assert!(!enrolled_ips(&mesh, plain.node).contains(&plain.ip.to_string()));
     assert!(agent_log(&mesh, plain.node).contains("namespace not labelled dataplane-mode=ambient"));
 
+    // A stale DEL (an older sandbox of the same pod) leaves the current
+    // sandbox enrolled.
+    let del = invoke(&mesh, sn, "DEL", server, &format!("sandbox-{run}-server-old"), None);
+    assert_eq!(del.code, 0);
+    assert!(enrolled_ips(&mesh, sn).contains(&server.ip.to_string()), "a stale DEL released the current sandbox");
+
     // DEL: released when the plugin returns; DEL again is fine.
     let del = invoke(&mesh, sn, "DEL", server, &format!("sandbox-{run}-server"), None);
     assert_eq!((del.code, del.stdout.trim()), (0, ""));
