@@ -538,8 +538,9 @@ impl Agent {
                             error!(pod = %key, %why, "CNI ADD: no view of the cluster yet; failing closed");
                             Reply::Failed { message: format!("pod {key}: {why}") }
                         }
-                        _ => Reply::NotEnrolled {
-                            reason: "node-agent has no view of the cluster yet and the namespace is not enrolled in its last published state; enrolled later if it should be".into(),
+                        Some(why) => Reply::NotEnrolled { reason: format!("CHECK before node-agent has read the cluster: {why}") },
+                        None => Reply::NotEnrolled {
+                            reason: "node-agent has not read the cluster yet and the namespace is not enrolled in its last published state; enrolled later if it should be".into(),
                         },
                     }
                 }

@@ -217,10 +217,13 @@ pub mod iptables {
         })?
     }
 
+    /// One netns `uninstall` looked at: whether rules were removed, or why not.
+    pub type Cleaned = (std::path::PathBuf, Result<bool, String>);
+
     /// For `uninstall`: removes iptables capture from every netns named in
     /// `dir` (the runtime's `/var/run/netns`), never from the node's own.
     /// Returns, per netns, whether rules were removed or why not.
-    pub fn remove_from_netns_dir(dir: &std::path::Path) -> Result<Vec<(std::path::PathBuf, Result<bool, String>)>, std::io::Error> {
+    pub fn remove_from_netns_dir(dir: &std::path::Path) -> Result<Vec<Cleaned>, std::io::Error> {
         use std::os::fd::AsFd as _;
         let node: Vec<_> = ["/proc/self/ns/net", "/proc/1/ns/net"]
             .iter()
