@@ -319,3 +319,47 @@ fn cni_add_waits_for_the_api_then_enrolls_with_the_cni_ip_or_fails_closed() {
         v["plugins"].as_array()?.iter().any(|p| p["type"] == "skiff-cni").then_some(())
     });
 }
+
+/// A namespace labelled `skiff.dev/capture: iptables`: its pods are captured
+/// by iptables rules, keep the bind guard (an `ENROLLED` entry without
+/// flags) and have IPv6 turned off; traffic still goes through ztunnel.
+#[test]
+fn iptables_capture_keeps_the_bind_guard_and_turns_ipv6_off() {
+    let dir = std::env::temp_dir().join(format!("skiff-e2e-ipt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let l4 = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/l4/cluster.yaml")).unwrap();
+    let labelled = l4.replacen(
+        "  name: mesh\n  labels:\n    skiff.dev/dataplane-mode: ambient\n",
+        "  name: mesh\n  labels:\n    skiff.dev/dataplane-mode: ambient\n    skiff.dev/capture: iptables\n",
+        1,
+    );
+    assert_ne!(labelled, l4, "the l4 manifests' mesh namespace changed shape");
+    std::fs::write(dir.join("cluster.yaml"), labelled).unwrap();
+    let mesh = mesh(dir.to_str().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+    let Some(mesh) = mesh else { return };
+    let (client_pod, server) = (mesh.pod("mesh", "client"), mesh.pod("mesh", "server"));
+    let entry = |node: usize, ip: &str| -> Option<Value> {
+        mesh.inspect(node).ok()?["enrolled"].as_array()?.iter().find(|e| e["pod_ip"] == ip).cloned()
+    };
+    for p in [client_pod, server] {
+        let e = eventually(Duration::from_secs(15), &format!("{} enrolled", p.name), || entry(p.node, &p.ip.to_string()));
+        assert_eq!(e["flags"], 0, "iptables pods: no eBPF redirection, bind guard only: {e}");
+        let v6 = mesh.exec(p, &["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"], Duration::from_secs(10)).unwrap();
+        assert_eq!(String::from_utf8_lossy(&v6.stdout).trim(), "1", "IPv6 must be off in {}", p.name);
+    }
+    assert!(agent_log(&mesh, server.node).contains("capture=\"iptables\"") || agent_log(&mesh, server.node).contains("capture=iptables"));
+    // The bind guard: an application cannot take a mesh port.
+    let denied = || mesh.inspect(client_pod.node).unwrap()["stats"]["bind_denied"].as_u64().unwrap();
+    let before = denied();
+    let bind = mesh.exec(client_pod, &["skiff-demo-app", "echo-server", "--port", "15008"], Duration::from_secs(5));
+    assert!(bind.is_ok_and(|o| !o.status.success()), "an iptables-captured app bound HBONE's port");
+    assert!(denied() > before, "the bind was not refused by the bind guard");
+    // Traffic is captured on both sides.
+    wait_listening(server);
+    let r = client(&mesh, client_pod, &format!("{}:9000", server.ip), "marker-ipt");
+    assert!(r.ok, "{r:?}");
+    eventually(Duration::from_secs(15), "destination ztunnel counted the connection", || {
+        (mesh.metric(server.node, CONNS, &[("reporter", "destination"), ("source_workload", "client")]).unwrap() > 0.0).then_some(())
+    });
+}
