@@ -925,6 +925,13 @@ mod tests {
     #[test]
     fn without_a_snapshot_adds_fail_closed_by_the_published_state() {
         let dir = std::env::temp_dir().join(format!("skiff-agent-nosnap-{}", std::process::id()));
+        struct RmDir(std::path::PathBuf);
+        impl Drop for RmDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _rm = RmDir(dir.clone());
         std::fs::create_dir_all(&dir).unwrap();
         let state = dir.join("cni-state.json");
         // No state file: everything but the system namespaces fails.

@@ -325,6 +325,13 @@ mod tests {
     #[test]
     fn state_file_exists_before_chaining_and_a_good_one_is_kept() {
         let dir = std::env::temp_dir().join(format!("skiff-na-cni-state-{}", std::process::id()));
+        struct RmDir(std::path::PathBuf);
+        impl Drop for RmDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _rm = RmDir(dir.clone());
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("sub/cni-state.json");
         // Missing: written as unsynced (fail closed outside system namespaces).

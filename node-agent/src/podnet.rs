@@ -257,12 +257,23 @@ pub mod iptables {
                 .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
             let have = Command::new("iptables-save").arg("--version").output().is_ok_and(|o| o.status.success());
             if !root || !have {
+                let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
+                assert!(!ci, "this privileged test must run under CI (needs root and iptables)");
                 eprintln!("skipped: needs root and iptables");
                 return;
             }
             let name = format!("skiff-ut-ipt-{}", std::process::id());
             let dir = std::env::temp_dir().join(&name);
             std::fs::create_dir_all(&dir).unwrap();
+            // The netns and the directory go however the test ends.
+            struct Cleanup(String, std::path::PathBuf);
+            impl Drop for Cleanup {
+                fn drop(&mut self) {
+                    let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+                    let _ = std::fs::remove_dir_all(&self.1);
+                }
+            }
+            let _cleanup = Cleanup(name.clone(), dir.clone());
             assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
             let path = std::path::PathBuf::from(format!("/var/run/netns/{name}"));
             let fd = netns::open(&path).unwrap();

@@ -441,6 +441,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("skiff-ca-load-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
+        // Removed however the test ends.
+        struct Rm(std::path::PathBuf);
+        impl Drop for Rm {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let _rm = Rm(dir.clone());
         let (a_key, a_cert) = (dir.join("a-key.pem"), dir.join("a-cert.pem"));
         let (b_key, b_cert) = (dir.join("b-key.pem"), dir.join("b-cert.pem"));
         Ca::generate("cluster.local").unwrap().write_files(&a_key, &a_cert).unwrap();
@@ -483,12 +491,18 @@ mod tests {
             Err(e) => panic!("expected a certificate file error, got {e}"),
             Ok(_) => panic!("loaded a broken certificate"),
         }
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn ca_persists_with_private_key_mode_and_issues_spiffe_certs() {
         let dir = std::env::temp_dir().join(format!("skiff-ca-test-{}", std::process::id()));
+        struct RmDir(std::path::PathBuf);
+        impl Drop for RmDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _rm = RmDir(dir.clone());
         let _ = fs::remove_dir_all(&dir);
         let ca = Ca::load_or_create(&dir, "cluster.local").unwrap();
         let mode = fs::metadata(dir.join(CA_KEY)).unwrap().permissions();
