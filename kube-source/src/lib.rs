@@ -457,6 +457,29 @@ pub enum ChoiceError {
     Several(String),
 }
 
+/// The config-source flags of node-agent and ztunnel: exactly one of
+/// `--manifests`, `--kube`, `--kube-url`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SourceArgs {
+    /// Directory of Kubernetes manifests describing the cluster.
+    #[arg(long)]
+    pub manifests: Option<std::path::PathBuf>,
+    /// Read the cluster from the Kubernetes API (in-cluster config, else
+    /// KUBECONFIG).
+    #[arg(long)]
+    pub kube: bool,
+    /// Read the cluster from the Kubernetes API at this URL (tests: a
+    /// plain-http fake API server).
+    #[arg(long, value_name = "URL")]
+    pub kube_url: Option<String>,
+}
+
+impl SourceArgs {
+    pub fn choice(&self) -> Result<SourceChoice, ChoiceError> {
+        SourceChoice::from_args(self.manifests.clone(), self.kube, self.kube_url.clone())
+    }
+}
+
 impl SourceChoice {
     /// From the three flags every node process has. `--kube` and
     /// `--kube-url` together are one choice (the URL wins over inference).

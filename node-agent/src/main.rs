@@ -23,18 +23,9 @@ enum Cmd {
         /// This node's name: pods with this `spec.nodeName` are handled here.
         #[arg(long, env = "SKIFF_NODE_NAME")]
         node: String,
-        /// Directory of Kubernetes manifests to read the cluster from.
-        /// Exactly one of --manifests, --kube, --kube-url.
-        #[arg(long)]
-        manifests: Option<PathBuf>,
-        /// Read the cluster from the Kubernetes API (in-cluster config,
-        /// else KUBECONFIG); only this node's pods are watched.
-        #[arg(long)]
-        kube: bool,
-        /// Read the cluster from the Kubernetes API at this URL (tests: a
-        /// plain-http fake API server).
-        #[arg(long, value_name = "URL")]
-        kube_url: Option<String>,
+        /// Where the cluster is read from (only this node's pods are watched).
+        #[command(flatten)]
+        source: skiff_kube_source::SourceArgs,
         /// cgroup v2 directory to attach under (default: the cgroup2 root).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -77,10 +68,11 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { node, manifests, kube, kube_url, cgroup, pin_dir, ztunnel_socket, cni, readiness_addr } => {
+        Cmd::Run { node, source, cgroup, pin_dir, ztunnel_socket, cni, readiness_addr } => {
             // Checked before capture is installed: a wrong command line
             // changes nothing on the node.
-            let mut source = skiff_kube_source::SourceChoice::from_args(manifests, kube, kube_url)?
+            let mut source = source
+                .choice()?
                 .pods_on_node(&node)
                 .open()
                 .map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;

@@ -12,18 +12,9 @@ struct Cli {
     /// This node's name.
     #[arg(long, env = "SKIFF_NODE_NAME")]
     node: String,
-    /// Directory of Kubernetes manifests describing the cluster (pods,
-    /// services). Exactly one of --manifests, --kube, --kube-url.
-    #[arg(long)]
-    manifests: Option<PathBuf>,
-    /// Read the cluster from the Kubernetes API (in-cluster config, else
-    /// KUBECONFIG).
-    #[arg(long)]
-    kube: bool,
-    /// Read the cluster from the Kubernetes API at this URL (tests: a
-    /// plain-http fake API server).
-    #[arg(long, value_name = "URL")]
-    kube_url: Option<String>,
+    /// Where the cluster is read from.
+    #[command(flatten)]
+    source: skiff_kube_source::SourceArgs,
     /// Socket node-agent connects to.
     #[arg(long, default_value = "/var/run/skiff/ztunnel.sock")]
     zds_socket: PathBuf,
@@ -80,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
         .init();
     let cli = Cli::parse();
-    let source = skiff_kube_source::SourceChoice::from_args(cli.manifests.clone(), cli.kube, cli.kube_url.clone())?;
+    let source = cli.source.choice()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
