@@ -267,18 +267,8 @@ impl Signer {
         if (ns, sa) != (id.namespace.as_str(), id.service_account.as_str()) {
             return Err(not_allowed(format!("may only obtain its own identity spiffe://{}/ns/{ns}/sa/{sa}", self.cfg.trust_domain)));
         }
-        let (Some(pod_name), Some(pod_uid)) = (caller.one(EXTRA_POD_NAME), caller.one(EXTRA_POD_UID)) else {
-            return Err(not_allowed("its token is not bound to a pod".into()));
-        };
-        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), ns);
-        let pod = pods
-            .get_opt(&pod_name)
-            .await
-            .map_err(|source| SignError::Api { what: "get pod", source })?
-            .ok_or_else(|| not_allowed(format!("its token's pod {ns}/{pod_name} does not exist")))?;
-        if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
-            return Err(not_allowed(format!("its token's pod {ns}/{pod_name} was replaced (uid differs)")));
-        }
+        let pod = self.bound_pod(caller, ns).await?.map_err(not_allowed)?;
+        let pod_name = pod.metadata.name.clone().unwrap_or_default();
         let is_waypoint = pod.metadata.labels.as_ref().is_some_and(|l| l.contains_key(skiff_core::LABEL_GATEWAY_NAME));
         if !is_waypoint {
             return Err(not_allowed(format!("its pod {ns}/{pod_name} is not a waypoint (no {} label)", skiff_core::LABEL_GATEWAY_NAME)));
@@ -299,25 +289,31 @@ impl Signer {
         Ok(spec.node_name.unwrap_or_else(|| "(unscheduled)".into()))
     }
 
+    /// The pod the caller's token is bound to (`pod-name` and `pod-uid` in
+    /// TokenReview's extra), read from `ns`. The inner error says why the
+    /// binding does not hold (unbound, no such pod, replaced).
+    async fn bound_pod(&self, caller: &Caller, ns: &str) -> Result<Result<Pod, String>, SignError> {
+        let (Some(pod_name), Some(pod_uid)) = (caller.one(EXTRA_POD_NAME), caller.one(EXTRA_POD_UID)) else {
+            return Ok(Err("its token is not bound to a pod (no pod-name and pod-uid in TokenReview extra)".into()));
+        };
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), ns);
+        let Some(pod) = pods.get_opt(&pod_name).await.map_err(|source| SignError::Api { what: "get pod", source })? else {
+            return Ok(Err(format!("its token's pod {ns}/{pod_name} does not exist")));
+        };
+        if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
+            return Ok(Err(format!("its token's pod {ns}/{pod_name} was replaced (uid differs)")));
+        }
+        Ok(Ok(pod))
+    }
+
     /// The node the token's ztunnel runs on.
     async fn node_of(&self, caller: &Caller) -> Result<String, SignError> {
-        let one = |k: &str| caller.one(k);
-        if let Some(node) = one(EXTRA_NODE_NAME) {
+        if let Some(node) = caller.one(EXTRA_NODE_NAME) {
             return Ok(node);
         }
         // Older API servers put only the bound pod in the token: read its node.
-        let (Some(pod_name), Some(pod_uid)) = (one(EXTRA_POD_NAME), one(EXTRA_POD_UID)) else {
-            return Err(SignError::Forbidden("token is not bound to a pod (no node-name, pod-name or pod-uid in TokenReview extra)".into()));
-        };
-        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &self.cfg.ztunnel_namespace);
-        let pod = pods
-            .get_opt(&pod_name)
-            .await
-            .map_err(|source| SignError::Api { what: "get pod", source })?
-            .ok_or_else(|| SignError::Forbidden(format!("the token's pod {}/{pod_name} does not exist", self.cfg.ztunnel_namespace)))?;
-        if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
-            return Err(SignError::Forbidden(format!("the token's pod {pod_name} was replaced (uid differs)")));
-        }
+        let pod = self.bound_pod(caller, &self.cfg.ztunnel_namespace).await?.map_err(SignError::Forbidden)?;
+        let pod_name = pod.metadata.name.clone().unwrap_or_default();
         pod.spec
             .and_then(|s| s.node_name)
             .ok_or_else(|| SignError::Forbidden(format!("the token's pod {pod_name} is not scheduled")))
