@@ -769,35 +769,30 @@ impl Ztunnel {
             // node (other ports) is treated like any plaintext.
             let probe_port = snap.probe_ports.get(&info.uid).is_some_and(|p| p.contains(&dst.port()));
             let from_node = self.cfg.node_probes && probe_port && self.node_addrs.contains(*peer4.ip());
-            if from_node {
-                debug!(src = %peer4, dst = %dst, "plaintext from the node itself (kubelet probe): delivered without mTLS or policy");
-                let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst).await {
-                    Ok(a) => a,
-                    Err(r) => return self.refused("inbound", peer, dst, Some(dst), labels, r, start),
-                };
-                let counters = self.metrics.connection(&labels);
-                counters.opened.inc();
-                let (rx, tx) = relay(client, app, &counters, &self.metrics).await;
-                counters.closed.inc();
-                self.metrics.node_probes.inc();
-                access_log("inbound", peer, dst, Some(dst), &labels, tx, rx, start, None);
-                return;
-            }
-            let mode = policy::effective_mtls(&snap.peer_authentications, &self.cfg.root_namespace, &info.namespace, &info.labels, dst.port());
-            if mode == MtlsMode::Strict {
-                info!(src = %peer4, dst = %dst, "plaintext connection refused: PeerAuthentication is STRICT");
-                return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::MtlsRequired, start);
-            }
             let conn = ConnInfo { src_ip: IpAddr::V4(*peer4.ip()), principal: None, src_namespace: None, dst_ip: IpAddr::V4(*dst.ip()), dst_port: dst.port() };
-            let decision = self.authorize(&snap, &info, &conn);
-            if !decision.allowed {
-                info!(src = %peer4, dst = %dst, policy = ?decision.policy, reason = decision.reason, "connection denied by authorization policy");
-                return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::Denied, start);
-            }
+            let decision = if from_node {
+                debug!(src = %peer4, dst = %dst, "plaintext from the node itself (kubelet probe): delivered without mTLS or policy");
+                None
+            } else {
+                let mode = policy::effective_mtls(&snap.peer_authentications, &self.cfg.root_namespace, &info.namespace, &info.labels, dst.port());
+                if mode == MtlsMode::Strict {
+                    info!(src = %peer4, dst = %dst, "plaintext connection refused: PeerAuthentication is STRICT");
+                    return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::MtlsRequired, start);
+                }
+                let decision = self.authorize(&snap, &info, &conn);
+                if !decision.allowed {
+                    info!(src = %peer4, dst = %dst, policy = ?decision.policy, reason = decision.reason, "connection denied by authorization policy");
+                    return self.refused("inbound", peer, dst, Some(dst), labels, Refusal::Denied, start);
+                }
+                Some(decision)
+            };
             let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst).await {
                 Ok(a) => a,
                 Err(r) => return self.refused("inbound", peer, dst, Some(dst), labels, r, start),
             };
+            if decision.is_none() {
+                self.metrics.node_probes.inc();
+            }
             let counters = self.metrics.connection(&labels);
             counters.opened.inc();
             let zt = self.clone();
@@ -805,12 +800,18 @@ impl Ztunnel {
                 let counters = counters.clone();
                 async move { relay(client, app, &counters, &zt.metrics).await }
             });
-            let id = self.track(&info.uid, conn.clone(), task.abort_handle());
-            self.recheck(id);
+            // Probes are not re-evaluated on policy changes (policy never
+            // applied to them).
+            let id = decision.is_some().then(|| self.track(&info.uid, conn.clone(), task.abort_handle()));
+            if let Some(id) = id {
+                self.recheck(id);
+            }
             let (rx, tx) = task.await.unwrap_or((0, 0));
-            self.untrack(id);
+            if let Some(id) = id {
+                self.untrack(id);
+            }
             counters.closed.inc();
-            access_log("inbound", peer, dst, Some(dst), &labels, tx, rx, start, Some(&decision));
+            access_log("inbound", peer, dst, Some(dst), &labels, tx, rx, start, decision.as_ref());
         }
         .instrument(span)
         .await
