@@ -64,14 +64,7 @@ fn main() -> anyhow::Result<()> {
         // Renew the waypoint's certificate in the background (signer
         // requests block: off the async workers).
         let own = skiff_ztunnel::identity::Identity::new(certs.trust_domain(), &cli.namespace, &cli.service_account);
-        let renew = certs.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(renew.refresh_interval()).await;
-                let (c, ids) = (renew.clone(), vec![own.clone()]);
-                let _ = tokio::task::spawn_blocking(move || c.refresh(&ids)).await;
-            }
-        });
+        certs.spawn_refresh(move || vec![own.clone()]);
         let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account };
         let wp = Waypoint::new(cfg, cluster, certs);
         let hbone = tokio::net::TcpListener::bind((cli.pod_ip, 15008)).await.with_context(|| format!("binding {}:15008", cli.pod_ip))?;

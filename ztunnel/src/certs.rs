@@ -203,6 +203,20 @@ impl CertManager {
         self.certs.lock().expect("lock").retain(|k, _| ids.contains(k));
     }
 
+    /// Runs `refresh` every [`Self::refresh_interval`] for the identities
+    /// `ids` names at that moment, on a blocking thread: signer requests
+    /// block and must stay off the async workers.
+    pub fn spawn_refresh(self: &Arc<Self>, ids: impl Fn() -> Vec<Identity> + Send + 'static) {
+        let certs = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(certs.refresh_interval()).await;
+                let (c, now) = (certs.clone(), ids());
+                let _ = tokio::task::spawn_blocking(move || c.refresh(&now)).await;
+            }
+        });
+    }
+
     /// How often `refresh` should run: well inside the half-life.
     pub fn refresh_interval(&self) -> Duration {
         (self.lifetime / 8).clamp(Duration::from_millis(200), Duration::from_secs(60))

@@ -1010,14 +1010,7 @@ impl Ztunnel {
     /// Background duties: certificate rotation and policy re-evaluation.
     pub fn spawn_background(self: &Arc<Self>) {
         let zt = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(zt.certs.refresh_interval()).await;
-                // Signer requests block: keep them off the proxy's workers.
-                let (certs, ids) = (zt.certs.clone(), zt.identities());
-                let _ = tokio::task::spawn_blocking(move || certs.refresh(&ids)).await;
-            }
-        });
+        self.certs.spawn_refresh(move || zt.identities());
         let zt = self.clone();
         let mut changes = self.cluster.clone();
         tokio::spawn(async move {
