@@ -174,19 +174,11 @@ pub struct L7Result {
 
 /// CPU seconds (user + system) of every process in a pod's cgroup.
 fn pod_cpu_seconds(pod: &crate::PodRt) -> f64 {
-    #[allow(unsafe_code)]
-    // SAFETY: sysconf has no memory effects.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     std::fs::read_to_string(pod.cgroup.join("cgroup.procs"))
         .unwrap_or_default()
         .lines()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            // Fields after the command name (which may contain spaces).
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
-        })
+        .filter_map(|pid| pid.trim().parse::<u32>().ok())
+        .map(crate::compare::pid_cpu)
         .sum()
 }
 

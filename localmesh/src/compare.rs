@@ -312,7 +312,8 @@ fn box_cpu() -> (f64, f64) {
     (busy / clk_tck(), get(6) / clk_tck())
 }
 
-fn pid_cpu(pid: u32) -> f64 {
+/// CPU seconds (user + system) a process has used.
+pub(crate) fn pid_cpu(pid: u32) -> f64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -515,10 +516,6 @@ fn sidecar_iptables() -> String {
     )
 }
 
-fn iptables_restore_in(netns: &str, rules: &str) -> anyhow::Result<()> {
-    crate::kubeproxy::iptables_apply(netns, rules)
-}
-
 fn tls_params() -> &'static str {
     "tls_params: {tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3, ecdh_curves: [X25519]}"
 }
@@ -644,7 +641,7 @@ fn start_sidecars(mesh: &mut LocalMesh, ns: &str, envoy: &Path) -> anyhow::Resul
         nix::unistd::chown(&key, uid, None)?;
         let cfg = envoy_config_path(mesh, pod);
         fs::write(&cfg, envoy_bootstrap(mesh, pod, &dir))?;
-        iptables_restore_in(&pod.netns, &sidecar_iptables())?;
+        crate::kubeproxy::iptables_apply(&pod.netns, &sidecar_iptables())?;
         // Client-side sidecars share CPU 0 with the client, server-side ones CPU 1.
         let cpu = if pod.node == 0 { "0" } else { "1" };
         let log = mesh.work_dir.join("logs").join(format!("{}_{}-envoy.log", pod.namespace, pod.name));
