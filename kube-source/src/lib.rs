@@ -19,6 +19,13 @@
 //! - changes are debounced ([`KubeOptions::debounce`], at most
 //!   [`KubeOptions::max_delay`] behind), and a snapshot equal to the last
 //!   one published is not published again.
+//!
+//! [`watch_cluster`] turns any config source (this one or a manifests
+//! directory) into the watch channel the proxies serve from.
+
+mod watch;
+
+pub use watch::{watch_cluster, WatchError};
 
 use std::{
     sync::{mpsc as std_mpsc, Arc},

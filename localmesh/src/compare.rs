@@ -614,7 +614,7 @@ fn pem(tag: &str, der: &[u8]) -> String {
 fn start_sidecars(mesh: &mut LocalMesh, ns: &str, envoy: &Path) -> anyhow::Result<()> {
     let dir = envoy_dir(mesh);
     fs::create_dir_all(&dir)?;
-    let ca = skiff_ztunnel::identity::Ca::load_or_create(&mesh.ca_dir(), TRUST_DOMAIN).context("loading the mesh CA")?;
+    let ca = skiff_hbone::identity::Ca::load_or_create(&mesh.ca_dir(), TRUST_DOMAIN).context("loading the mesh CA")?;
     fs::write(dir.join("ca.crt"), pem("CERTIFICATE", ca.root().as_ref()))?;
     let uid = Some(nix::unistd::Uid::from_raw(ENVOY_UID));
     nix::unistd::chown(&dir, uid, None)?;
@@ -630,7 +630,7 @@ fn start_sidecars(mesh: &mut LocalMesh, ns: &str, envoy: &Path) -> anyhow::Resul
     let idx: Vec<usize> = (0..mesh.pods.len()).filter(|&k| mesh.pods[k].namespace == ns).collect();
     for &k in &idx {
         let pod = &mesh.pods[k];
-        let id = skiff_ztunnel::identity::Identity::parse(&spiffe(ns, "default")).context("identity")?;
+        let id = skiff_hbone::identity::Identity::parse(&spiffe(ns, "default")).context("identity")?;
         let cert = ca.issue(&id, Duration::from_secs(86400))?;
         let base = dir.join(format!("{}_{}", pod.namespace, pod.name));
         let chain: String = cert.chain.iter().map(|c| pem("CERTIFICATE", c.as_ref())).collect();

@@ -35,7 +35,7 @@ use kube::{
     Api, Client,
 };
 use serde_json::json;
-use skiff_ztunnel::{
+use skiff_hbone::{
     identity::{Ca, Identity, IdentityError},
     signer_client::SIGN_PATH,
 };

@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         ..Config::default()
     };
     cfg.validate().map_err(|e| anyhow::anyhow!("--max-lifetime {}: {e}", cli.max_lifetime))?;
-    let ca = skiff_ztunnel::identity::Ca::load(&cli.root_key, &cli.root_cert, &cli.trust_domain)
+    let ca = skiff_hbone::identity::Ca::load(&cli.root_key, &cli.root_cert, &cli.trust_domain)
         .map_err(|e| anyhow::anyhow!("loading the root: {}", skiff_core::report(&e)))?;
     let tls = skiff_signer::tls_config(&ca, &cli.dns_names).map_err(|e| anyhow::anyhow!("TLS setup: {}", skiff_core::report(&e)))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

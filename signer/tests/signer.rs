@@ -10,7 +10,7 @@ use rustls::{
 use serde_json::json;
 use skiff_kube_fake::{FakeApiServer, TokenIdentity};
 use skiff_signer::{Config, Signer};
-use skiff_ztunnel::{
+use skiff_hbone::{
     certs::CertManager,
     identity::{identity_of, roots, Ca, ExpectedIdentityVerifier, Identity, IdentityError},
     signer_client::{SignerClient, SignerError},
@@ -103,7 +103,7 @@ impl Setup {
     }
 }
 
-fn refused(r: Result<skiff_ztunnel::identity::WorkloadCert, SignerError>) -> (u16, String) {
+fn refused(r: Result<skiff_hbone::identity::WorkloadCert, SignerError>) -> (u16, String) {
     match r {
         Err(SignerError::Refused { status, message, .. }) => (status, message),
         Err(e) => panic!("expected a refusal, got {}", skiff_core::report(&e)),

@@ -316,7 +316,7 @@ fn node_daemonset_is_wired_as_the_code_expects() {
 #[test]
 fn rbac_table_equals_what_the_code_asks_of_the_api() {
     use skiff_kube_fake::{FakeApiServer, TokenIdentity};
-    use skiff_ztunnel::identity::{Ca, Identity};
+    use skiff_hbone::identity::{Ca, Identity};
     use std::time::{Duration, Instant};
 
     let table = |subject: &str| -> BTreeSet<(String, String, String)> {
@@ -392,7 +392,7 @@ fn rbac_table_equals_what_the_code_asks_of_the_api() {
     let url = format!("https://{}", listener.local_addr().unwrap());
     rt.spawn(skiff_signer::Signer::new(skiff_signer::Config::default(), ca, kube).serve(listener, tls));
     let issue = |token: &str, id: Identity| {
-        skiff_ztunnel::signer_client::SignerClient::new(&url, "signer.test", dir.join(token), std::slice::from_ref(&root))
+        skiff_hbone::signer_client::SignerClient::new(&url, "signer.test", dir.join(token), std::slice::from_ref(&root))
             .unwrap()
             .issue(&id, Duration::from_secs(600))
             .unwrap_or_else(|e| panic!("{token}: {}", skiff_core::report(&e)))

@@ -28,10 +28,10 @@ use skiff_core::{
     policy,
     routing::{self, AbortStatus, HttpRoute, RequestInfo, RouteDest},
 };
-use skiff_ztunnel::{
+use skiff_hbone::{
     certs::CertManager,
-    hbone::{self, Pool},
     identity::{self, Identity},
+    tunnel::{self as hbone, Pool},
 };
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
@@ -329,10 +329,7 @@ impl Waypoint {
         let Some(Ok(peer_id)) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(identity::identity_of) else {
             return warn!(%peer, "HBONE peer refused: no SPIFFE identity");
         };
-        let Ok(mut conn) = h2::server::Builder::new()
-            .initial_window_size(hbone::STREAM_WINDOW)
-            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
-            .max_header_list_size(hbone::MAX_HEADER_LIST)
+        let Ok(mut conn) = hbone::server_builder()
             .handshake::<_, Bytes>(tls)
             .await
         else {

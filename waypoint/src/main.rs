@@ -36,7 +36,7 @@ struct Cli {
     #[arg(long, env = "SKIFF_CA_DIR", required_unless_present = "signer_url")]
     ca_dir: Option<PathBuf>,
     #[command(flatten)]
-    signer: skiff_ztunnel::certs::SignerArgs,
+    signer: skiff_hbone::certs::SignerArgs,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Lifetime of the waypoint's certificate; rotated at half-life.
@@ -58,12 +58,12 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
-        let cluster = skiff_ztunnel::watch_cluster(source).await?;
+        let cluster = skiff_kube_source::watch_cluster(source).await?;
         let ca_dir = cli.ca_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/skiff/ca"));
-        let certs = skiff_ztunnel::certs::CertManager::from_args(&cli.signer, &ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))?;
+        let certs = skiff_hbone::certs::CertManager::from_args(&cli.signer, &ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))?;
         // Renew the waypoint's certificate in the background (signer
         // requests block: off the async workers).
-        let own = skiff_ztunnel::identity::Identity::new(certs.trust_domain(), &cli.namespace, &cli.service_account);
+        let own = skiff_hbone::identity::Identity::new(certs.trust_domain(), &cli.namespace, &cli.service_account);
         certs.spawn_refresh(move || vec![own.clone()]);
         let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account };
         let wp = Waypoint::new(cfg, cluster, certs);

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 use skiff_core::model::{ServiceInfo, Snapshot, Workload};
-use skiff_ztunnel::identity::Identity;
+use skiff_hbone::identity::Identity;
 use tracing::info;
 
 const LABELS: [&str; 15] = [
@@ -53,7 +53,10 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        skiff_ztunnel::metrics::render(&self.registry)
+        use prometheus::Encoder as _;
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
     }
 }
 

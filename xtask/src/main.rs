@@ -7,7 +7,7 @@
 //! - `demo [--manifests DIR] [--nodes N]`: setup, build, run the local mesh demo;
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
-//! - `fuzz [--seconds N]`: fuzz ztunnel's inbound CONNECT handling;
+//! - `fuzz [--seconds N]`: fuzz the HBONE server's CONNECT handling (hbone/fuzz);
 //! - `bench hbone|waypoint|compare [--quick]`: what the tunnel and the
 //!   waypoint cost, and Skiff against Envoy sidecars (release builds).
 
@@ -336,7 +336,7 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
     }
     step(&format!("fuzzing the HBONE CONNECT handler for {seconds} s"));
     run(Command::new("cargo")
-        .current_dir(root().join("ztunnel"))
+        .current_dir(root().join("hbone"))
         .args(["+nightly", "fuzz", "run", "connect_request", "--", &format!("-max_total_time={seconds}")]))
 }
 

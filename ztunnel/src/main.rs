@@ -30,7 +30,7 @@ struct Cli {
     #[arg(long, default_value = "/var/lib/skiff/ca")]
     ca_dir: PathBuf,
     #[command(flatten)]
-    signer: skiff_ztunnel::certs::SignerArgs,
+    signer: skiff_hbone::certs::SignerArgs,
     /// Lifetime of workload certificates; they rotate at half-life.
     #[arg(long, default_value = "86400", value_name = "SECONDS")]
     cert_lifetime: u64,
@@ -75,9 +75,9 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
-        let cluster = skiff_ztunnel::watch_cluster(source).await?;
+        let cluster = skiff_kube_source::watch_cluster(source).await?;
         let lifetime = Duration::from_secs(cli.cert_lifetime);
-        let certs = skiff_ztunnel::certs::CertManager::from_args(&cli.signer, &cli.ca_dir, &cli.trust_domain, lifetime)?;
+        let certs = skiff_hbone::certs::CertManager::from_args(&cli.signer, &cli.ca_dir, &cli.trust_domain, lifetime)?;
         let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh, node_probes: cli.node_probes == "allow" };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");

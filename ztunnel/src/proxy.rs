@@ -40,13 +40,16 @@ use tokio::{
 };
 use tracing::{debug, info, warn, Instrument};
 
-use crate::{
+use skiff_hbone::{
     certs::CertManager,
-    drain::Drain,
-    hbone::{self, Pool},
     identity::{self, Identity},
-    metrics::{ConnCounters, ConnLabels, Metrics},
     sock, transport,
+    tunnel::{self as hbone, Pool},
+};
+
+use crate::{
+    drain::Drain,
+    metrics::{ConnCounters, ConnLabels, Metrics},
 };
 
 /// ztunnel settings.
@@ -151,7 +154,7 @@ pub enum AddError {
     SockMap(#[source] aya::maps::MapError),
     /// The pod's certificate could not be issued.
     #[error("pod certificate")]
-    Identity(#[from] crate::certs::CertError),
+    Identity(#[from] skiff_hbone::certs::CertError),
 }
 
 pub struct Ztunnel {
@@ -879,12 +882,7 @@ impl Ztunnel {
             self.metrics.hbone_refused.inc();
             return;
         }
-        let handshake = h2::server::Builder::new()
-            .initial_window_size(hbone::STREAM_WINDOW)
-            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
-            .max_concurrent_streams(hbone::MAX_STREAMS_PER_CONN as u32 * 2)
-            .max_header_list_size(hbone::MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(tls);
+        let handshake = hbone::server_builder().handshake::<_, Bytes>(tls);
         let mut conn = match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -1136,7 +1134,7 @@ mod tests {
     fn ztunnel(snap: Arc<Snapshot>) -> Arc<Ztunnel> {
         let (_tx, rx) = watch::channel(snap);
         let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None, plaintext_mesh: false, node_probes: true };
-        let ca = crate::identity::Ca::generate("cluster.local").unwrap();
+        let ca = skiff_hbone::identity::Ca::generate("cluster.local").unwrap();
         let certs = CertManager::new(ca, std::time::Duration::from_secs(3600)).unwrap();
         Ztunnel::new(cfg, rx, certs).unwrap()
     }

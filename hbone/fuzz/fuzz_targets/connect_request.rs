@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use skiff_ztunnel::hbone;
+use skiff_hbone::tunnel as hbone;
 use tokio::io::AsyncWriteExt;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,11 +24,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink).await;
         };
         let serve = async move {
-            let Ok(mut conn) = h2::server::Builder::new()
-                .initial_window_size(hbone::STREAM_WINDOW)
-                .initial_connection_window_size(hbone::CONNECTION_WINDOW)
-                .max_concurrent_streams(hbone::MAX_STREAMS_PER_CONN as u32 * 2)
-                .max_header_list_size(hbone::MAX_HEADER_LIST)
+            let Ok(mut conn) = hbone::server_builder()
                 .handshake::<_, Bytes>(server)
                 .await
             else {

@@ -279,6 +279,19 @@ pub async fn relay_io<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
     tokio::join!(up, down)
 }
 
+/// The HTTP/2 server settings every HBONE listener uses (ztunnel's inbound
+/// 15008, the waypoint): the windows the client pool expects, a bound on
+/// concurrent streams (twice what a pooled client opens on one connection)
+/// and on the request header block.
+pub fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32 * 2)
+        .max_header_list_size(MAX_HEADER_LIST);
+    b
+}
+
 /// Checks an inbound CONNECT request: method and authority. Returns the
 /// target address, or the status to answer with.
 pub fn check_connect<B>(req: &Request<B>, pod_ip: std::net::Ipv4Addr) -> Result<SocketAddrV4, (StatusCode, &'static str)> {

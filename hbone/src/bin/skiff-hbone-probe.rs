@@ -8,7 +8,7 @@ use std::{net::SocketAddrV4, path::PathBuf, sync::Arc, time::{Duration, SystemTi
 
 use bytes::Bytes;
 use clap::Parser;
-use skiff_ztunnel::identity::{self, Ca, ExpectedIdentityVerifier, Identity};
+use skiff_hbone::identity::{self, Ca, ExpectedIdentityVerifier, Identity};
 
 #[derive(Parser)]
 struct Cli {

@@ -1,0 +1,23 @@
+//! Skiff's mesh identity and tunnel, shared by every process that speaks
+//! mutual TLS inside the mesh (ztunnel, the waypoint, the signer, the local
+//! mesh's tools):
+//!
+//! - [`identity`]: SPIFFE identities, the mesh CA, workload certificates and
+//!   the TLS verifiers that check a peer is exactly who it must be;
+//! - [`certs`]: the certificates a process holds, issued by a local CA or by
+//!   the in-cluster signer ([`signer_client`]), renewed in the background;
+//! - [`tunnel`]: HBONE — TCP carried as HTTP/2 CONNECT streams over mutual
+//!   TLS 1.3 to port 15008 — the client connection pool, the server-side
+//!   request checks and settings, and the byte relay;
+//! - [`sock`] and [`transport`]: the sockets made inside a pod's network
+//!   namespace (marked so capture lets them pass) and how they connect.
+//!
+//! The ztunnel process crate builds on this; nothing here knows about
+//! enrollment, policy or the node.
+
+pub mod certs;
+pub mod identity;
+pub mod signer_client;
+pub mod sock;
+pub mod transport;
+pub mod tunnel;
