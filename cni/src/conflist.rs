@@ -419,31 +419,22 @@ mod tests {
         assert!(e.to_string().contains("y.conflist"), "{e}");
     }
 
-    struct Tmp(PathBuf);
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-    fn tmp(tag: &str) -> Tmp {
-        let d = std::env::temp_dir().join(format!("skiff-cni-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        Tmp(d)
+    fn tmp(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("skiff-cni-{tag}-")).tempdir().unwrap()
     }
 
     #[test]
     fn install_edits_the_lexically_first_config_and_uninstall_restores_it() {
         let t = tmp("first");
-        fs::write(t.0.join("10-flannel.conflist"), FLANNEL).unwrap();
-        fs::write(t.0.join("20-other.conflist"), FLANNEL).unwrap();
-        fs::write(t.0.join("00-notes.txt"), "ignored").unwrap();
-        assert_eq!(ensure_installed(&t.0, ENTRY).unwrap(), Installed::Inserted(t.0.join("10-flannel.conflist")));
-        assert_eq!(ensure_installed(&t.0, ENTRY).unwrap(), Installed::AlreadyThere(t.0.join("10-flannel.conflist")));
-        assert_eq!(fs::read_to_string(t.0.join("20-other.conflist")).unwrap(), FLANNEL);
-        uninstall(&t.0).unwrap();
-        assert_eq!(fs::read_to_string(t.0.join("10-flannel.conflist")).unwrap(), FLANNEL);
-        let mut left: Vec<_> = fs::read_dir(&t.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+        fs::write(t.path().join("10-flannel.conflist"), FLANNEL).unwrap();
+        fs::write(t.path().join("20-other.conflist"), FLANNEL).unwrap();
+        fs::write(t.path().join("00-notes.txt"), "ignored").unwrap();
+        assert_eq!(ensure_installed(&t.path(), ENTRY).unwrap(), Installed::Inserted(t.path().join("10-flannel.conflist")));
+        assert_eq!(ensure_installed(&t.path(), ENTRY).unwrap(), Installed::AlreadyThere(t.path().join("10-flannel.conflist")));
+        assert_eq!(fs::read_to_string(t.path().join("20-other.conflist")).unwrap(), FLANNEL);
+        uninstall(&t.path()).unwrap();
+        assert_eq!(fs::read_to_string(t.path().join("10-flannel.conflist")).unwrap(), FLANNEL);
+        let mut left: Vec<_> = fs::read_dir(&t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         left.sort();
         assert_eq!(left, ["00-notes.txt", "10-flannel.conflist", "20-other.conflist"]);
     }
@@ -452,26 +443,26 @@ mod tests {
     fn a_lone_conf_becomes_a_conflist_and_comes_back() {
         let t = tmp("conf");
         let conf = "{\n  \"cniVersion\": \"0.4.0\",\n  \"name\": \"bridge\",\n  \"type\": \"bridge\",\n  \"ipam\": {\"type\": \"host-local\"}\n}\n";
-        fs::write(t.0.join("10-bridge.conf"), conf).unwrap();
-        let list_path = t.0.join("10-bridge.conflist");
-        assert_eq!(ensure_installed(&t.0, ENTRY).unwrap(), Installed::Converted(list_path.clone()));
+        fs::write(t.path().join("10-bridge.conf"), conf).unwrap();
+        let list_path = t.path().join("10-bridge.conflist");
+        assert_eq!(ensure_installed(&t.path(), ENTRY).unwrap(), Installed::Converted(list_path.clone()));
         // The runtime now picks the conflist: the .conf is out of the way.
-        assert_eq!(primary(&t.0).unwrap(), Some(list_path.clone()));
+        assert_eq!(primary(&t.path()).unwrap(), Some(list_path.clone()));
         let v: Value = serde_json::from_str(&fs::read_to_string(&list_path).unwrap()).unwrap();
         assert_eq!(v["cniVersion"], "0.4.0");
         assert_eq!(v["name"], "bridge");
         assert_eq!(v["plugins"][0]["ipam"]["type"], "host-local");
         assert_eq!(v["plugins"][1]["type"], "skiff-cni");
-        assert_eq!(ensure_installed(&t.0, ENTRY).unwrap(), Installed::AlreadyThere(list_path.clone()));
-        uninstall(&t.0).unwrap();
-        assert_eq!(fs::read_to_string(t.0.join("10-bridge.conf")).unwrap(), conf);
+        assert_eq!(ensure_installed(&t.path(), ENTRY).unwrap(), Installed::AlreadyThere(list_path.clone()));
+        uninstall(&t.path()).unwrap();
+        assert_eq!(fs::read_to_string(t.path().join("10-bridge.conf")).unwrap(), conf);
         assert!(!list_path.exists());
     }
 
     #[test]
     fn no_config_yet_is_reported() {
         let t = tmp("none");
-        assert!(matches!(ensure_installed(&t.0, ENTRY), Err(ConfError::NoPrimary(_))));
-        assert!(uninstall(&t.0.join("missing")).unwrap().is_empty());
+        assert!(matches!(ensure_installed(&t.path(), ENTRY), Err(ConfError::NoPrimary(_))));
+        assert!(uninstall(&t.path().join("missing")).unwrap().is_empty());
     }
 }

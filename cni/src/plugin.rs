@@ -314,15 +314,8 @@ mod tests {
 
     #[test]
     fn agent_down_passes_through_unless_the_namespace_is_enrolled() {
-        let dir = std::env::temp_dir().join(format!("skiff-cni-plugin-{}", std::process::id()));
-        struct RmDir(std::path::PathBuf);
-        impl Drop for RmDir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let _rm = RmDir(dir.clone());
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let state = dir.join("state.json");
         let sock = dir.join("none.sock");
         let (s, st) = (sock.to_str().unwrap(), state.to_str().unwrap());

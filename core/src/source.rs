@@ -156,24 +156,14 @@ mod tests {
     use super::*;
 
     /// A temporary directory removed on drop, pass or fail.
-    struct TmpDir(PathBuf);
-    impl Drop for TmpDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tmpdir(tag: &str) -> TmpDir {
-        let d = std::env::temp_dir().join(format!("skiff-core-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TmpDir(d)
+    fn tmpdir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("skiff-core-{tag}-")).tempdir().unwrap()
     }
 
     #[test]
     fn reports_changes_once_and_rejects_bad_config() {
         let tmp = tmpdir("source");
-        let d = &tmp.0;
+        let d = tmp.path();
         std::fs::write(d.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n").unwrap();
         let mut src = LocalDirSource::new(d).with_interval(Duration::from_millis(10));
         let s = src.poll(Duration::ZERO).unwrap().unwrap();

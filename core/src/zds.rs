@@ -224,7 +224,8 @@ mod tests {
 
     #[test]
     fn request_with_fd_round_trips() {
-        let path = std::env::temp_dir().join(format!("skiff-zds-test-{}.sock", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("zds.sock");
         let listener = Listener::bind(&path).unwrap();
         let client = Conn::connect(&path, Duration::from_secs(5)).unwrap();
         let server = listener.accept().unwrap();

@@ -344,15 +344,8 @@ mod tests {
     #[test]
     fn a_failed_renewal_keeps_the_valid_certificate() {
         let ca = Ca::generate("cluster.local").unwrap();
-        let dir = std::env::temp_dir().join(format!("skiff-certs-test-{}", std::process::id()));
-        struct RmDir(std::path::PathBuf);
-        impl Drop for RmDir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let _rm = RmDir(dir.clone());
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let token = dir.join("token");
         std::fs::write(&token, "t").unwrap();
         // Nothing listens on port 1 of loopback: every request fails.

@@ -438,17 +438,8 @@ mod tests {
 
     #[test]
     fn loading_a_root_checks_the_key_is_the_certificates_and_names_a_bad_certificate_file() {
-        let dir = std::env::temp_dir().join(format!("skiff-ca-load-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        // Removed however the test ends.
-        struct Rm(std::path::PathBuf);
-        impl Drop for Rm {
-            fn drop(&mut self) {
-                let _ = fs::remove_dir_all(&self.0);
-            }
-        }
-        let _rm = Rm(dir.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let (a_key, a_cert) = (dir.join("a-key.pem"), dir.join("a-cert.pem"));
         let (b_key, b_cert) = (dir.join("b-key.pem"), dir.join("b-cert.pem"));
         Ca::generate("cluster.local").unwrap().write_files(&a_key, &a_cert).unwrap();
@@ -495,15 +486,8 @@ mod tests {
 
     #[test]
     fn ca_persists_with_private_key_mode_and_issues_spiffe_certs() {
-        let dir = std::env::temp_dir().join(format!("skiff-ca-test-{}", std::process::id()));
-        struct RmDir(std::path::PathBuf);
-        impl Drop for RmDir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let _rm = RmDir(dir.clone());
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
         let ca = Ca::load_or_create(&dir, "cluster.local").unwrap();
         let mode = fs::metadata(dir.join(CA_KEY)).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);

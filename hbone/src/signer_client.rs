@@ -3,17 +3,19 @@
 //! TLS (the signer's certificate must chain to the trust bundle) with the
 //! node's projected service-account token.
 //!
-//! Requests are blocking and short: certificates are pre-issued by the
+//! HTTP/1.1 through hyper's client over tokio-rustls. Requests are
+//! blocking and short: certificates are pre-issued by the
 //! periodic refresh, so handshakes normally find one in the cache.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{TcpStream, ToSocketAddrs as _},
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
 use rustls::{pki_types::ServerName, ClientConfig};
 use rustls_pki_types::{pem::PemObject as _, CertificateDer};
 
@@ -104,42 +106,53 @@ impl SignerClient {
         Ok(WorkloadCert { identity: identity.clone(), chain: vec![cert], key_der: key.serialize_der(), not_before, not_after })
     }
 
+    /// POSTs `body` to the signer and returns the status and the answer.
+    ///
+    /// Callers are synchronous (the certificate refresh runs off the async
+    /// workers, and tests), so the request runs on a thread of its own with
+    /// a current-thread runtime: safe to call from any context, async
+    /// workers included, and bounded by the client's timeout.
     fn post(&self, token: &str, body: &str) -> Result<(u16, String), SignerError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|source| SignerError::Io { addr: self.addr.clone(), source })?;
+                    rt.block_on(async {
+                        tokio::time::timeout(self.timeout, self.post_async(token, body)).await.map_err(|_| SignerError::Io {
+                            addr: self.addr.clone(),
+                            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"),
+                        })?
+                    })
+                })
+                .join()
+                .unwrap_or_else(|_| Err(SignerError::Malformed("the signer request thread panicked".into())))
+        })
+    }
+
+    async fn post_async(&self, token: &str, body: &str) -> Result<(u16, String), SignerError> {
         let io = |source| SignerError::Io { addr: self.addr.clone(), source };
-        let sock_addr = self
-            .addr
-            .to_socket_addrs()
-            .map_err(io)?
-            .next()
-            .ok_or_else(|| io(std::io::Error::other("no address")))?;
-        let tcp = TcpStream::connect_timeout(&sock_addr, self.timeout).map_err(io)?;
-        tcp.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        tcp.set_write_timeout(Some(self.timeout)).map_err(io)?;
-        let conn = rustls::ClientConnection::new(self.tls.clone(), self.server_name.clone())
+        let tcp = tokio::net::TcpStream::connect(self.addr.as_str()).await.map_err(io)?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(self.server_name.clone(), tcp).await.map_err(io)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
             .map_err(|e| io(std::io::Error::other(e)))?;
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let conn = tokio::spawn(conn);
         let host = self.addr.rsplit_once(':').map_or(self.addr.as_str(), |(h, _)| h);
-        write!(
-            tls,
-            "POST {SIGN_PATH} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .map_err(io)?;
-        let mut raw = Vec::new();
-        match tls.read_to_end(&mut raw) {
-            Ok(_) => {}
-            // The server may close without close_notify after a complete answer.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-            Err(e) => return Err(io(e)),
-        }
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| SignerError::Malformed("no HTTP header end".into()))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| SignerError::Malformed(format!("status line {:?}", head.lines().next())))?;
-        Ok((status, body.to_owned()))
+        let req = http::Request::post(SIGN_PATH)
+            .header(http::header::HOST, host)
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .map_err(|e| SignerError::Malformed(format!("request: {e}")))?;
+        let resp = sender.send_request(req).await.map_err(|e| io(std::io::Error::other(e)))?;
+        let status = resp.status().as_u16();
+        let answer = resp.into_body().collect().await.map_err(|e| io(std::io::Error::other(e)))?.to_bytes();
+        drop(sender);
+        let _ = conn.await;
+        Ok((status, String::from_utf8_lossy(&answer).into_owned()))
     }
 }
 

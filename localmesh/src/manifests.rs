@@ -210,8 +210,9 @@ mod tests {
 
     #[test]
     fn deployments_expand_and_spread_over_nodes() {
-        let d = std::env::temp_dir().join(format!("skiff-plan-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        // Removed however the test ends.
+        let tmp = tempfile::Builder::new().prefix("skiff-plan-").tempdir().unwrap();
+        let d = tmp.path();
         std::fs::write(
             d.join("app.yaml"),
             r#"
@@ -246,6 +247,5 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
         .unwrap();
         let err = plan(&d, &nodes).unwrap_err().to_string();
         assert!(err.contains("bad.yaml") && err.contains("Pod p") && err.contains("spec.containers[0].command"), "{err}");
-        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -1,7 +1,7 @@
 //! The signer against the fake API server, asked by ztunnel's own signer
 //! client (and CertManager in signer mode) over TLS on loopback.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use rustls::{
     client::danger::ServerCertVerifier as _,
@@ -18,19 +18,12 @@ use skiff_hbone::{
 
 const SIGNER_NAME: &str = "skiff-ca.skiff-system.svc";
 
-/// A temporary directory removed on drop.
-struct TmpDir(PathBuf);
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Setup {
     fake: FakeApiServer,
     ca_root: rustls::pki_types::CertificateDer<'static>,
     url: String,
-    dir: TmpDir,
+    /// Removed on drop.
+    dir: tempfile::TempDir,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -68,16 +61,13 @@ fn setup_with(tag: &str, cfg: Config) -> Setup {
     fake.add_token("wp", TokenIdentity::service_account("app", "waypoint").bound_to_pod("waypoint-1", "uid-waypoint-1", "node-2").with_audiences(&["skiff-ca"]));
     fake.add_token("wp-replaced", TokenIdentity::service_account("app", "waypoint").bound_to_pod("waypoint-1", "uid-old", "node-2").with_audiences(&["skiff-ca"]));
 
-    let dir = std::env::temp_dir().join(format!("skiff-signer-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let dir = TmpDir(dir);
+    let dir = tempfile::Builder::new().prefix(&format!("skiff-signer-test-{tag}-")).tempdir().unwrap();
     for t in ["zt-node-1", "zt-wrong-audience", "web-sa", "zt-pod-only", "forged", "wp", "wp-replaced"] {
-        std::fs::write(dir.0.join(t), format!("{t}\n")).unwrap();
+        std::fs::write(dir.path().join(t), format!("{t}\n")).unwrap();
     }
     let ca = Ca::generate("cluster.local").unwrap();
-    ca.write_files(&dir.0.join("ca-key.pem"), &dir.0.join("ca-cert.pem")).unwrap();
-    let ca = Ca::load(&dir.0.join("ca-key.pem"), &dir.0.join("ca-cert.pem"), "cluster.local").unwrap();
+    ca.write_files(&dir.path().join("ca-key.pem"), &dir.path().join("ca-cert.pem")).unwrap();
+    let ca = Ca::load(&dir.path().join("ca-key.pem"), &dir.path().join("ca-cert.pem"), "cluster.local").unwrap();
     let ca_root = ca.root();
     let tls = skiff_signer::tls_config(&ca, &[SIGNER_NAME.to_owned()]).unwrap();
 
@@ -95,11 +85,11 @@ impl Setup {
     /// Adds a token to the fake API server and its file for clients.
     fn token(&self, name: &str, id: TokenIdentity) {
         self.fake.add_token(name, id);
-        std::fs::write(self.dir.0.join(name), format!("{name}\n")).unwrap();
+        std::fs::write(self.dir.path().join(name), format!("{name}\n")).unwrap();
     }
 
     fn client(&self, token: &str) -> SignerClient {
-        SignerClient::new(&self.url, SIGNER_NAME, self.dir.0.join(token), std::slice::from_ref(&self.ca_root)).unwrap()
+        SignerClient::new(&self.url, SIGNER_NAME, self.dir.path().join(token), std::slice::from_ref(&self.ca_root)).unwrap()
     }
 }
 
@@ -176,9 +166,9 @@ fn ztunnel_cert_manager_in_signer_mode_serves_only_its_nodes_identities() {
 #[test]
 fn the_signer_does_not_trust_a_root_key_others_can_read() {
     let s = setup("mode");
-    let key = s.dir.0.join("ca-key.pem");
+    let key = s.dir.path().join("ca-key.pem");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    match Ca::load(&key, &s.dir.0.join("ca-cert.pem"), "cluster.local") {
+    match Ca::load(&key, &s.dir.path().join("ca-cert.pem"), "cluster.local") {
         Err(e @ IdentityError::KeyMode { .. }) => assert!(e.to_string().contains("644"), "{e}"),
         Err(e) => panic!("unexpected {e}"),
         Ok(_) => panic!("loaded a world-readable root key"),

@@ -38,8 +38,9 @@ fn compare_benchmark_harness_produces_valid_figures_for_every_mode() {
         eprintln!("skipped: {msg}");
         return;
     };
-    let dir = TempDir::new("compare");
-    let out = dir.0.clone();
+    // Removed however the test ends.
+    let dir = tempfile::Builder::new().prefix("skiff-bench-compare-").tempdir().expect("temporary directory");
+    let out = dir.path().join("out");
     let o = compare::CompareOptions::quick(bin_dir(), envoy, oha, out.clone());
     let report = compare::compare(&o).expect("benchmark ran");
     let modes: Vec<compare::Mode> = report.summary.iter().map(|s| s.mode).collect();
@@ -61,19 +62,3 @@ fn compare_benchmark_harness_produces_valid_figures_for_every_mode() {
     }
 }
 
-/// A per-run output directory, removed however the test ends.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("skiff-bench-{what}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}

@@ -325,8 +325,9 @@ fn cni_add_waits_for_the_api_then_enrolls_with_the_cni_ip_or_fails_closed() {
 /// flags) and have IPv6 turned off; traffic still goes through ztunnel.
 #[test]
 fn iptables_capture_keeps_the_bind_guard_and_turns_ipv6_off() {
-    let dir = std::env::temp_dir().join(format!("skiff-e2e-ipt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed however the test ends.
+    let tmp = tempfile::Builder::new().prefix("skiff-e2e-ipt-").tempdir().unwrap();
+    let dir = tmp.path();
     let l4 = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/l4/cluster.yaml")).unwrap();
     let labelled = l4.replacen(
         "  name: mesh\n  labels:\n    skiff.dev/dataplane-mode: ambient\n",
@@ -336,7 +337,7 @@ fn iptables_capture_keeps_the_bind_guard_and_turns_ipv6_off() {
     assert_ne!(labelled, l4, "the l4 manifests' mesh namespace changed shape");
     std::fs::write(dir.join("cluster.yaml"), labelled).unwrap();
     let mesh = mesh(dir.to_str().unwrap());
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
     let Some(mesh) = mesh else { return };
     let (client_pod, server) = (mesh.pod("mesh", "client"), mesh.pod("mesh", "server"));
     let entry = |node: usize, ip: &str| -> Option<Value> {

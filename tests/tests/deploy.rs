@@ -161,15 +161,9 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         eprintln!("SKIPPED: kubernetes-validate not installed (run `cargo xtask setup`)");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("skiff-deploy-validate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
+    // Removed however the test ends.
+    let tmp = tempfile::Builder::new().prefix("skiff-deploy-validate-").tempdir().unwrap();
+    let dir = tmp.path();
     let builtin = |api: &str| {
         let group = api.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
         !group.contains('.') || group.ends_with(".k8s.io")
@@ -371,15 +365,9 @@ fn rbac_table_equals_what_the_code_asks_of_the_api() {
     pod_only.extra.insert("authentication.kubernetes.io/pod-uid".into(), vec!["uid-ztunnel-a".into()]);
     fake.add_token("zt-pod-only", pod_only);
     fake.add_token("wp", TokenIdentity::service_account("app", "waypoint").bound_to_pod("waypoint-1", "uid-waypoint-1", "node-1").with_audiences(&["skiff-ca"]));
-    let dir = std::env::temp_dir().join(format!("skiff-rbac-test-{}", std::process::id()));
-    struct Rm(PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _rm = Rm(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed however the test ends.
+    let tmp = tempfile::Builder::new().prefix("skiff-rbac-test-").tempdir().unwrap();
+    let dir = tmp.path();
     for t in ["zt", "zt-pod-only", "wp"] {
         std::fs::write(dir.join(t), t).unwrap();
     }
