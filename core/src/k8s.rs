@@ -227,9 +227,10 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub mtls: Option<MtlsSpec>,
-    /// Keys are ports; YAML allows them as numbers or strings.
+    /// Keys are ports (YAML allows them as numbers or strings; both are
+    /// read as their text).
     #[serde(default)]
-    pub port_level_mtls: serde_yaml::Mapping,
+    pub port_level_mtls: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -261,9 +262,9 @@ pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub target_refs: Vec<serde_yaml::Value>,
+    pub target_refs: Vec<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_ref: Option<serde_yaml::Value>,
+    pub target_ref: Option<serde_json::Value>,
     #[serde(default)]
     pub action: Option<String>,
     /// `None`: no `rules` field at all.
@@ -679,7 +680,7 @@ pub enum ParseError {
     Yaml {
         index: usize,
         #[source]
-        source: serde_yaml::Error,
+        source: serde_saphyr::Error,
     },
     /// `apiVersion` or `kind` is missing.
     #[error("document {index}: missing `apiVersion` or `kind`")]
@@ -692,17 +693,21 @@ pub enum ParseError {
         name: String,
         path: String,
         #[source]
-        source: serde_yaml::Error,
+        source: serde_json::Error,
     },
 }
 
-/// Parses a (possibly multi-document) YAML text. Empty documents are skipped;
-/// `List` objects are flattened.
+/// Parses a (possibly multi-document) YAML text. Empty documents are skipped
+/// (and not counted in the document index of errors); `List` objects are
+/// flattened.
+///
+/// Each document is read into a JSON value first (Kubernetes objects are
+/// JSON; the API source hands over the same), then typed.
 pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|source| ParseError::Yaml { index, source })?;
+    let mut bytes = text.as_bytes();
+    for (index, value) in serde_saphyr::read::<_, serde_json::Value>(&mut bytes).enumerate() {
+        let value = value.map_err(|source| ParseError::Yaml { index, source })?;
         if value.is_null() {
             continue;
         }
@@ -713,7 +718,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
 
 /// Parses one object (as served by the Kubernetes API, with `apiVersion`
 /// and `kind` set), with the same typing and errors as a manifest document.
-pub fn parse_object(value: serde_yaml::Value) -> Result<Object, ParseError> {
+pub fn parse_object(value: serde_json::Value) -> Result<Object, ParseError> {
     let mut out = Vec::with_capacity(1);
     parse_value(0, value, &mut out)?;
     match out.len() {
@@ -723,14 +728,14 @@ pub fn parse_object(value: serde_yaml::Value) -> Result<Object, ParseError> {
     }
 }
 
-fn parse_value(index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
+fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
     let api_version = value.get("apiVersion").and_then(|v| v.as_str()).map(str::to_owned);
     let kind = value.get("kind").and_then(|v| v.as_str()).map(str::to_owned);
     let (Some(api_version), Some(kind)) = (api_version, kind) else {
         return Err(ParseError::MissingKind { index });
     };
     if kind == "List" || kind.ends_with("List") {
-        if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {
+        if let Some(items) = value.get("items").and_then(|v| v.as_array()) {
             for item in items.clone() {
                 parse_value(index, item, out)?;
             }
@@ -743,7 +748,7 @@ fn parse_value(index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) ->
         .and_then(|v| v.as_str())
         .unwrap_or("")
         .to_owned();
-    let field = |e: serde_path_to_error::Error<serde_yaml::Error>| ParseError::Field {
+    let field = |e: serde_path_to_error::Error<serde_json::Error>| ParseError::Field {
         index,
         kind: kind.clone(),
         name: name.clone(),
@@ -772,7 +777,7 @@ fn parse_value(index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) ->
     Ok(())
 }
 
-fn typed<T: for<'de> Deserialize<'de>>(value: serde_yaml::Value) -> Result<T, serde_path_to_error::Error<serde_yaml::Error>> {
+fn typed<T: for<'de> Deserialize<'de>>(value: serde_json::Value) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
     serde_path_to_error::deserialize(value)
 }
 

@@ -422,13 +422,8 @@ pub fn peer_authn_from(pa: &k8s::PeerAuthentication) -> Result<PeerAuthn, (Strin
         .map_err(|e| ("spec.mtls.mode".to_owned(), e))?;
     let mut port_modes = BTreeMap::new();
     for (k, v) in &pa.spec.port_level_mtls {
-        let port: Option<u16> = match k {
-            serde_yaml::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
-            serde_yaml::Value::String(s) => s.parse().ok(),
-            _ => None,
-        };
-        let port = port.filter(|p| *p > 0).ok_or_else(|| ("spec.portLevelMtls".to_owned(), format!("key {k:?} is not a port")))?;
-        let spec: k8s::MtlsSpec = serde_yaml::from_value(v.clone())
+        let port = k.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| ("spec.portLevelMtls".to_owned(), format!("key {k:?} is not a port")))?;
+        let spec: k8s::MtlsSpec = serde_json::from_value(v.clone())
             .map_err(|e| (format!("spec.portLevelMtls.{port}"), e.to_string()))?;
         let m = MtlsMode::parse(spec.mode.as_deref()).map_err(|e| (format!("spec.portLevelMtls.{port}.mode"), e))?;
         port_modes.insert(port, m);
@@ -708,6 +703,25 @@ mod tests {
         assert_eq!(bad(&format!("{HDR}  rules: [{{to: [{{operation: {{ports: [http]}}}}]}}]\n")).0, "spec.rules[0].to[0].operation.ports");
         assert_eq!(bad(&format!("{HDR}  rules: [{{when: [{{key: source.ip, values: [10.1.0.0/33]}}]}}]\n")).0, "spec.rules[0].when[0].values");
         assert_eq!(bad(&format!("{HDR}  rules: [{{when: [{{key: destination.port, notValues: [ssh]}}]}}]\n")).0, "spec.rules[0].when[0].notValues");
+    }
+
+    /// Port-level keys come as YAML integers or strings; both name the port.
+    #[test]
+    fn port_level_mtls_keys_are_ports_written_as_numbers_or_strings() {
+        let read = |ports: &str| {
+            let yaml = format!(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: app}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  portLevelMtls: {ports}\n"
+            );
+            match &k8s::parse_documents(&yaml).unwrap()[0] {
+                k8s::Object::PeerAuthentication(o) => peer_authn_from(o),
+                o => panic!("{o:?}"),
+            }
+        };
+        let got = read("{8080: {mode: DISABLE}, \"9090\": {mode: STRICT}}").unwrap();
+        assert_eq!(got.port_modes.into_iter().collect::<Vec<_>>(), vec![(8080, MtlsMode::Disable), (9090, MtlsMode::Strict)]);
+        assert_eq!(read("{http: {mode: DISABLE}}").unwrap_err().0, "spec.portLevelMtls");
+        assert_eq!(read("{0: {mode: DISABLE}}").unwrap_err().0, "spec.portLevelMtls");
+        assert_eq!(read("{8080: {mode: MAYBE}}").unwrap_err().0, "spec.portLevelMtls.8080.mode");
     }
 
     fn pa(ns: &str, name: &str, sel: Option<&str>, mode: MtlsMode, ports: &[(u16, MtlsMode)]) -> PeerAuthn {

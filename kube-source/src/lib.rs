@@ -428,12 +428,12 @@ fn build(stores: &[Store<DynamicObject>]) -> Result<Arc<Snapshot>, SourceError> 
                 Some(ns) => format!("kube: {} {ns}/{}", wk.plural, obj.metadata.name.as_deref().unwrap_or("")),
                 None => format!("kube: {} {}", wk.plural, obj.metadata.name.as_deref().unwrap_or("")),
             };
-            let mut y = serde_yaml::to_value(&*obj).map_err(|e| SourceError::Object {
+            let mut y = serde_json::to_value(&*obj).map_err(|e| SourceError::Object {
                 origin: origin.clone(),
-                source: k8s::ParseError::Yaml { index: 0, source: e },
+                source: k8s::ParseError::Field { index: 0, kind: wk.kind.to_owned(), name: String::new(), path: String::new(), source: e },
             })?;
             // List items come without apiVersion and kind.
-            if let Some(m) = y.as_mapping_mut() {
+            if let Some(m) = y.as_object_mut() {
                 m.insert("apiVersion".into(), wk.api_resource().api_version.into());
                 m.insert("kind".into(), wk.kind.into());
             }

@@ -258,8 +258,8 @@ fn the_same_objects_give_the_same_snapshot_as_the_manifests_directory() {
         let mut served = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            for v in serde_saphyr::from_multiple::<Value>(&text).unwrap() {
+                let mut v = v;
                 if v.is_null() || v["kind"] == "Deployment" {
                     continue; // the local mesh's business; the model ignores them
                 }

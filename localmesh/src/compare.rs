@@ -1435,7 +1435,7 @@ mod tests {
             assert!(y.contains(&format!("name: {}", m.namespace())), "{m:?}");
         }
         for doc in y.split("\n---\n") {
-            let _: serde_yaml::Value = serde_yaml::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
+            let _: serde_json::Value = serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
         }
     }
 }

@@ -414,8 +414,7 @@ impl LocalMesh {
                 continue;
             }
             let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let v: serde_json::Value = serde::Deserialize::deserialize(doc).with_context(|| format!("parsing {}", path.display()))?;
+            for v in serde_saphyr::from_multiple::<serde_json::Value>(&text).with_context(|| format!("parsing {}", path.display()))? {
                 let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
                 if MIRRORED_KINDS.contains(&kind) {
                     objects.push(v);
@@ -498,7 +497,7 @@ impl LocalMesh {
             let ns = k8s::Namespace {
                 metadata: k8s::ObjectMeta { name: Some(name.clone()), labels: labels.clone(), ..Default::default() },
             };
-            docs.push(with_kind("v1", "Namespace", serde_yaml::to_value(&ns)?));
+            docs.push(with_kind("v1", "Namespace", serde_json::to_value(&ns)?));
         }
         sys::write_atomic(&self.state_dir.join("namespaces.yaml"), &join_docs(&docs)?)?;
         let mut docs = Vec::new();
@@ -506,7 +505,7 @@ impl LocalMesh {
             let mut obj = s.object.clone();
             obj.metadata.namespace = Some(s.namespace.clone());
             obj.spec.cluster_ip = Some(s.cluster_ip.to_string());
-            docs.push(with_kind("v1", "Service", serde_yaml::to_value(&obj)?));
+            docs.push(with_kind("v1", "Service", serde_json::to_value(&obj)?));
         }
         sys::write_atomic(&self.state_dir.join("services.yaml"), &join_docs(&docs)?)?;
         let mut docs = Vec::new();
@@ -530,16 +529,16 @@ impl LocalMesh {
                 spec,
                 status: k8s::PodStatus { phase: Some("Running".into()), pod_ip: Some(p.ip.to_string()) },
             };
-            docs.push(with_kind("v1", "Pod", serde_yaml::to_value(&pod)?));
+            docs.push(with_kind("v1", "Pod", serde_json::to_value(&pod)?));
         }
         sys::write_atomic(&self.state_dir.join("pods.yaml"), &join_docs(&docs)?)?;
         let mut docs = Vec::new();
         for p in &self.policies {
             match p {
-                k8s::Object::PeerAuthentication(o) => docs.push(with_kind("security.istio.io/v1", "PeerAuthentication", serde_yaml::to_value(o)?)),
-                k8s::Object::AuthorizationPolicy(o) => docs.push(with_kind("security.istio.io/v1", "AuthorizationPolicy", serde_yaml::to_value(o)?)),
-                k8s::Object::VirtualService(o) => docs.push(with_kind("networking.istio.io/v1", "VirtualService", serde_yaml::to_value(o)?)),
-                k8s::Object::DestinationRule(o) => docs.push(with_kind("networking.istio.io/v1", "DestinationRule", serde_yaml::to_value(o)?)),
+                k8s::Object::PeerAuthentication(o) => docs.push(with_kind("security.istio.io/v1", "PeerAuthentication", serde_json::to_value(o)?)),
+                k8s::Object::AuthorizationPolicy(o) => docs.push(with_kind("security.istio.io/v1", "AuthorizationPolicy", serde_json::to_value(o)?)),
+                k8s::Object::VirtualService(o) => docs.push(with_kind("networking.istio.io/v1", "VirtualService", serde_json::to_value(o)?)),
+                k8s::Object::DestinationRule(o) => docs.push(with_kind("networking.istio.io/v1", "DestinationRule", serde_json::to_value(o)?)),
                 _ => {}
             }
         }
@@ -1035,23 +1034,21 @@ fn remove_pins(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
-fn with_kind(api_version: &str, kind: &str, v: serde_yaml::Value) -> serde_yaml::Value {
-    let mut m = serde_yaml::Mapping::new();
+fn with_kind(api_version: &str, kind: &str, v: serde_json::Value) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
     m.insert("apiVersion".into(), api_version.into());
     m.insert("kind".into(), kind.into());
-    if let serde_yaml::Value::Mapping(rest) = v {
-        for (k, v) in rest {
-            m.insert(k, v);
-        }
+    if let serde_json::Value::Object(rest) = v {
+        m.extend(rest);
     }
-    serde_yaml::Value::Mapping(m)
+    serde_json::Value::Object(m)
 }
 
-fn join_docs(docs: &[serde_yaml::Value]) -> anyhow::Result<String> {
+fn join_docs(docs: &[serde_json::Value]) -> anyhow::Result<String> {
     let mut out = String::new();
     for d in docs {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(d)?);
+        out.push_str(&serde_saphyr::to_string(d)?);
     }
     Ok(out)
 }

@@ -12,7 +12,7 @@ use std::{
     process::Command,
 };
 
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// The Kubernetes version manifests are validated against.
 const KUBERNETES_VERSION: &str = "1.34.0";
@@ -35,10 +35,10 @@ fn deploy_dir() -> PathBuf {
 /// silently ignore a feature someone starts using.
 fn render(dir: &Path) -> Vec<Value> {
     let path = dir.join("kustomization.yaml");
-    let k: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    let k: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    for key in k.as_mapping().unwrap().keys() {
-        let key = key.as_str().unwrap();
+    for key in k.as_object().unwrap().keys() {
+        let key = key.as_str();
         assert!(
             ["apiVersion", "kind", "resources", "images"].contains(&key),
             "{}: `{key}` is not supported by the test's renderer (extend render())",
@@ -46,21 +46,20 @@ fn render(dir: &Path) -> Vec<Value> {
         );
     }
     let mut out = Vec::new();
-    for r in k["resources"].as_sequence().into_iter().flatten() {
+    for r in k["resources"].as_array().into_iter().flatten() {
         let p = dir.join(r.as_str().unwrap());
         if p.is_dir() {
             out.extend(render(&p));
         } else {
             let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            for v in serde_saphyr::from_multiple::<Value>(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display())) {
                 if !v.is_null() {
                     out.push(v);
                 }
             }
         }
     }
-    for img in k["images"].as_sequence().into_iter().flatten() {
+    for img in k["images"].as_array().into_iter().flatten() {
         let name = img["name"].as_str().unwrap();
         let new = format!("{}:{}", img["newName"].as_str().unwrap_or(name), img["newTag"].as_str().unwrap_or("latest"));
         for obj in &mut out {
@@ -70,13 +69,11 @@ fn render(dir: &Path) -> Vec<Value> {
     out
 }
 
-use serde::Deserialize as _;
-
 fn set_images(v: &mut Value, name: &str, new: &str) {
     match v {
-        Value::Mapping(m) => {
+        Value::Object(m) => {
             for (k, val) in m.iter_mut() {
-                if k.as_str() == Some("image") {
+                if k == "image" {
                     if let Some(s) = val.as_str() {
                         let base = s.split([':', '@']).next().unwrap_or(s);
                         if base == name {
@@ -88,7 +85,7 @@ fn set_images(v: &mut Value, name: &str, new: &str) {
                 }
             }
         }
-        Value::Sequence(s) => s.iter_mut().for_each(|x| set_images(x, name, new)),
+        Value::Array(s) => s.iter_mut().for_each(|x| set_images(x, name, new)),
         _ => {}
     }
 }
@@ -96,10 +93,6 @@ fn set_images(v: &mut Value, name: &str, new: &str) {
 fn key(v: &Value) -> (String, String, String) {
     let s = |x: &Value| x.as_str().unwrap_or("").to_owned();
     (s(&v["kind"]), s(&v["metadata"]["namespace"]), s(&v["metadata"]["name"]))
-}
-
-fn to_json(v: &Value) -> serde_json::Value {
-    serde_json::to_value(v).unwrap()
 }
 
 fn ci() -> bool {
@@ -127,12 +120,13 @@ fn every_overlay_renders_and_matches_kubectl_kustomize() {
             continue;
         };
         assert!(out.status.success(), "kubectl kustomize {o:?}: {}", String::from_utf8_lossy(&out.stderr));
-        let theirs: BTreeMap<_, _> = serde_yaml::Deserializer::from_slice(&out.stdout)
-            .map(|d| Value::deserialize(d).unwrap())
+        let theirs: BTreeMap<_, _> = serde_saphyr::from_multiple::<Value>(&String::from_utf8_lossy(&out.stdout))
+            .unwrap()
+            .into_iter()
             .filter(|v| !v.is_null())
-            .map(|v| (key(&v), to_json(&v)))
+            .map(|v| (key(&v), v))
             .collect();
-        let ours: BTreeMap<_, _> = objs.iter().map(|v| (key(v), to_json(v))).collect();
+        let ours: BTreeMap<_, _> = objs.iter().map(|v| (key(v), v.clone())).collect();
         let differ: Vec<_> = ours
             .keys()
             .chain(theirs.keys())
@@ -179,7 +173,7 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
             }
             assert!(builtin(api), "{:?} ({api}) has no built-in schema and is not in SKIP_GROUPS", key(obj));
             let f = dir.join(format!("{}-{i}.yaml", if o.is_empty() { "deploy" } else { o }));
-            std::fs::write(&f, serde_yaml::to_string(obj).unwrap()).unwrap();
+            std::fs::write(&f, serde_saphyr::to_string(obj).unwrap()).unwrap();
             files.push(f);
         }
     }
@@ -225,12 +219,12 @@ fn granted(objs: &[Value]) -> BTreeSet<Grant> {
         let role = roles
             .get(&(rk.clone(), rns, b["roleRef"]["name"].as_str().unwrap().to_owned()))
             .unwrap_or_else(|| panic!("{bk} {bns}/{bn} refers to a missing {rk}"));
-        for s in b["subjects"].as_sequence().unwrap() {
+        for s in b["subjects"].as_array().unwrap() {
             assert_eq!(s["kind"], "ServiceAccount", "{bk} {bn}: only service accounts are bound");
             let subject = format!("{}/{}", s["namespace"].as_str().unwrap(), s["name"].as_str().unwrap());
-            for r in role["rules"].as_sequence().unwrap() {
+            for r in role["rules"].as_array().unwrap() {
                 let list = |k: &str| -> Vec<String> {
-                    r[k].as_sequence().map(|s| s.iter().map(|x| x.as_str().unwrap().to_owned()).collect()).unwrap_or_default()
+                    r[k].as_array().map(|s| s.iter().map(|x| x.as_str().unwrap().to_owned()).collect()).unwrap_or_default()
                 };
                 let names = list("resourceNames");
                 let names = if names.is_empty() { vec!["*".to_owned()] } else { names };
@@ -279,13 +273,13 @@ fn node_daemonset_is_wired_as_the_code_expects() {
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["serviceAccountName"], "ztunnel");
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1);
-    let containers = spec["containers"].as_sequence().unwrap();
+    let containers = spec["containers"].as_array().unwrap();
     let c = |name: &str| containers.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("container {name}"));
     for name in ["node-agent", "ztunnel"] {
-        let env = c(name)["env"].as_sequence().unwrap();
+        let env = c(name)["env"].as_array().unwrap();
         let node = env.iter().find(|e| e["name"] == "SKIFF_NODE_NAME").expect("SKIFF_NODE_NAME");
         assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
-        let args: Vec<&str> = c(name)["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let args: Vec<&str> = c(name)["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
         assert!(args.contains(&"--kube"), "{name}: {args:?}");
     }
     // Probes on the ports and path the code serves.
@@ -295,7 +289,7 @@ fn node_daemonset_is_wired_as_the_code_expects() {
         assert_eq!(c(name)["readinessProbe"]["httpGet"]["path"], "/healthz/ready");
     }
     // The CNI plugin's socket and state file are where skiff-cni (on the host) looks by default.
-    let na: Vec<&str> = c("node-agent")["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let na: Vec<&str> = c("node-agent")["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert!(na.contains(&format!("--cni-socket={}", skiff_cni::DEFAULT_SOCKET).as_str()), "{na:?}");
     assert!(na.contains(&format!("--cni-state-file={}", skiff_cni::DEFAULT_STATE_FILE).as_str()), "{na:?}");
 }
@@ -400,10 +394,10 @@ fn every_container_command_line_is_accepted_by_its_binary() {
     let mut checked = 0;
     for o in OVERLAYS {
         for obj in render(&deploy_dir().join(o)) {
-            let Some(containers) = obj["spec"]["template"]["spec"]["containers"].as_sequence() else { continue };
+            let Some(containers) = obj["spec"]["template"]["spec"]["containers"].as_array() else { continue };
             for c in containers {
                 let strs = |k: &str| -> Vec<String> {
-                    c[k].as_sequence().map(|s| s.iter().map(|x| x.as_str().unwrap().to_owned()).collect()).unwrap_or_default()
+                    c[k].as_array().map(|s| s.iter().map(|x| x.as_str().unwrap().to_owned()).collect()).unwrap_or_default()
                 };
                 let (command, args) = (strs("command"), strs("args"));
                 let Some(program) = command.first().filter(|p| p.starts_with("skiff-")) else { continue };
