@@ -15,7 +15,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData as _, SanType};
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
@@ -138,9 +138,10 @@ impl WorkloadCert {
 /// directory (mode 0600), created on first use.
 pub struct Ca {
     trust_domain: String,
-    key: KeyPair,
-    cert: rcgen::Certificate,
+    /// The root's name and key usages with its key: what signs.
+    issuer: Issuer<'static, KeyPair>,
     root_der: CertificateDer<'static>,
+    root_pem: String,
 }
 
 /// A root read from files: the certificate's PEM and both paths (for errors).
@@ -181,12 +182,13 @@ impl Ca {
 
     fn from_key(trust_domain: &str, key: KeyPair, stored: Option<StoredRoot<'_>>) -> Result<Ca, IdentityError> {
         let Some(stored) = stored else {
-            let cert = Self::ca_params(trust_domain).self_signed(&key)?;
-            let root_der = cert.der().clone();
-            return Ok(Ca { trust_domain: trust_domain.to_owned(), key, cert, root_der });
+            let params = Self::ca_params(trust_domain);
+            let cert = params.self_signed(&key)?;
+            let (root_der, root_pem) = (cert.der().clone(), cert.pem());
+            return Ok(Ca { trust_domain: trust_domain.to_owned(), issuer: Issuer::new(params, key), root_der, root_pem });
         };
-        // The stored PEM stays the trust anchor; re-signing its parameters
-        // with the stored key gives an issuer with the same name and key.
+        // The stored certificate stays the trust anchor; the issuer takes
+        // its name and key usages, with the stored key.
         let bad = |why: String| IdentityError::CaCert { path: stored.cert_path.to_owned(), why };
         let root_der: CertificateDer<'static> = rustls_pki_types::pem::PemObject::from_pem_slice(stored.cert_pem.as_bytes())
             .map_err(|e| bad(format!("no PEM certificate in it ({e})")))?;
@@ -194,12 +196,11 @@ impl Ca {
             x509_parser::parse_x509_certificate(root_der.as_ref()).map_err(|e| bad(format!("not a valid X.509 certificate ({e})")))?;
         // A key that is not the certificate's would sign certificates no
         // peer can verify: refuse at start instead of failing every handshake.
-        if parsed.tbs_certificate.subject_pki.raw != key.public_key_der().as_slice() {
+        if parsed.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
             return Err(IdentityError::KeyMismatch { key: stored.key_path.to_owned(), cert: stored.cert_path.to_owned() });
         }
-        let params = CertificateParams::from_ca_cert_der(&root_der).map_err(|e| bad(format!("not usable as a CA certificate ({e})")))?;
-        let cert = params.self_signed(&key)?;
-        Ok(Ca { trust_domain: trust_domain.to_owned(), key, cert, root_der })
+        let issuer = Issuer::from_ca_cert_der(&root_der, key).map_err(|e| bad(format!("not usable as a CA certificate ({e})")))?;
+        Ok(Ca { trust_domain: trust_domain.to_owned(), issuer, root_der, root_pem: stored.cert_pem.to_owned() })
     }
 
     /// Loads the CA from `dir`, creating it (key file mode 0600) on first run.
@@ -224,8 +225,8 @@ impl Ca {
         }
         fs::create_dir_all(dir).map_err(|source| IdentityError::CaFile { path: dir.to_owned(), source })?;
         let ca = Self::generate(trust_domain)?;
-        write_private(&key_path, &ca.key.serialize_pem())?;
-        fs::write(&cert_path, ca.cert.pem()).map_err(|source| IdentityError::CaFile { path: cert_path.clone(), source })?;
+        write_private(&key_path, &ca.issuer.key().serialize_pem())?;
+        fs::write(&cert_path, &ca.root_pem).map_err(|source| IdentityError::CaFile { path: cert_path.clone(), source })?;
         Ok(ca)
     }
 
@@ -246,8 +247,8 @@ impl Ca {
     /// Writes this CA's key (mode 0600) and certificate as PEM (tests, and
     /// creating a root for a Secret).
     pub fn write_files(&self, key_path: &Path, cert_path: &Path) -> Result<(), IdentityError> {
-        write_private(key_path, &self.key.serialize_pem())?;
-        fs::write(cert_path, self.cert.pem()).map_err(|source| IdentityError::CaFile { path: cert_path.to_owned(), source })
+        write_private(key_path, &self.issuer.key().serialize_pem())?;
+        fs::write(cert_path, &self.root_pem).map_err(|source| IdentityError::CaFile { path: cert_path.to_owned(), source })
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -262,7 +263,7 @@ impl Ca {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(IdentityError::Csr)?;
         let not_before = SystemTime::now() - Duration::from_secs(60);
         csr.params = leaf_params(identity, not_before, lifetime + Duration::from_secs(60))?;
-        let cert = csr.signed_by(&self.cert, &self.key)?;
+        let cert = csr.signed_by(&self.issuer)?;
         Ok((cert.der().clone(), cert.pem()))
     }
 
@@ -275,7 +276,7 @@ impl Ca {
         let now = SystemTime::now() - Duration::from_secs(60);
         params.not_before = now.into();
         params.not_after = (now + lifetime).into();
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
     }
 
@@ -288,7 +289,7 @@ impl Ca {
     pub fn issue_at(&self, identity: &Identity, not_before: SystemTime, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
         let key = KeyPair::generate()?;
         let params = leaf_params(identity, not_before, lifetime)?;
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         Ok(WorkloadCert {
             identity: identity.clone(),
             chain: vec![cert.der().clone()],

@@ -35,7 +35,7 @@ pub fn listener(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
 pub fn outbound() -> io::Result<std::net::TcpStream> {
     let s = tcp4()?;
     s.set_mark(MARK_BYPASS)?;
-    s.set_nodelay(true)?;
+    s.set_tcp_nodelay(true)?;
     // A peer that vanishes (partition, node loss) is noticed in about a
     // minute instead of the kernel's retransmission timeout (~15 min).
     s.set_tcp_keepalive(
@@ -55,9 +55,9 @@ pub fn outbound() -> io::Result<std::net::TcpStream> {
 pub fn delivery(client: SocketAddrV4) -> io::Result<std::net::TcpStream> {
     for _ in 0..8 {
         let s = tcp4()?;
-        s.set_ip_transparent(true)?;
+        s.set_ip_transparent_v4(true)?;
         s.set_mark(MARK_DELIVER)?;
-        s.set_nodelay(true)?;
+        s.set_tcp_nodelay(true)?;
         s.bind(&SockAddr::from(SocketAddrV4::new(*client.ip(), 0)))?;
         let port = s.local_addr()?.as_socket().map(|a| a.port()).unwrap_or(0);
         if port != client.port() {

@@ -26,11 +26,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     bpf::Capture,
-    cni::CniEvent,
-    locate::{self, CniRecord, SharedCni},
+    cni::CniLink,
+    locate::NetnsLocator,
     podnet,
+    sandbox::{self, CniRecord, NetnsId},
 };
-
 
 /// node-agent settings.
 #[derive(Clone, Debug)]
@@ -43,42 +43,11 @@ pub struct AgentConfig {
     pub ztunnel_timeout: Duration,
 }
 
-/// How node-agent finds a pod's network namespace.
-pub trait NetnsLocator: Send {
-    fn open(&self, pod: &Workload) -> Result<OwnedFd, String>;
-}
-
-/// Local mesh: the harness records each pod's netns path in an annotation.
-pub struct AnnotatedNetns;
-
-impl NetnsLocator for AnnotatedNetns {
-    fn open(&self, pod: &Workload) -> Result<OwnedFd, String> {
-        let path = pod
-            .netns_path
-            .as_ref()
-            .ok_or_else(|| format!("no `{}` annotation", skiff_core::ANNOTATION_LOCAL_NETNS))?;
-        netns::open(path).map_err(|e| skiff_core::report(&e))
-    }
-}
-
-/// The CNI plugin's link to the agent loop.
-pub struct CniLink {
-    /// Requests from the plugin (via the socket thread).
-    pub events: mpsc::Receiver<CniEvent>,
-    /// What the plugin reported, shared with the [`locate::CniNetns`] locator.
-    pub state: SharedCni,
-    /// Where the enrolled namespaces are published for the plugin.
-    pub state_file: Option<PathBuf>,
-    /// How long an ADD for a pod the config source does not show yet waits
-    /// for it before answering.
-    pub wait: Duration,
-}
-
 /// A plugin request waiting for the agent's decision.
 struct Waiting {
     pod: PodRef,
     check: bool,
-    netns: Option<locate::NetnsId>,
+    netns: Option<NetnsId>,
     deadline: Instant,
     reply: mpsc::SyncSender<Reply>,
 }
@@ -150,7 +119,7 @@ fn no_snapshot_verdict(state_file: Option<&std::path::Path>, namespace: &str) ->
 /// tears down (the netns of the CNI record with its container id) is the
 /// enrolled netns. Unknown on either side: the capture stays (fail closed;
 /// the pod is released when the API drops it or its netns changes).
-fn del_releases(enrolled_netns: Option<locate::NetnsId>, del_netns: Option<locate::NetnsId>) -> bool {
+fn del_releases(enrolled_netns: Option<NetnsId>, del_netns: Option<NetnsId>) -> bool {
     enrolled_netns.is_some() && enrolled_netns == del_netns
 }
 
@@ -413,7 +382,7 @@ impl Agent {
             match ev.req {
                 CniRequest::Add { pod, netns, ips } => {
                     let key = format!("{}/{}", pod.namespace, pod.name);
-                    let (fd, id) = match locate::open_path(std::path::Path::new(&netns)) {
+                    let (fd, id) = match sandbox::open_path(std::path::Path::new(&netns)) {
                         Ok(x) => x,
                         Err(e) => {
                             let enrolled_ns = match snap {
@@ -924,16 +893,8 @@ mod tests {
 
     #[test]
     fn without_a_snapshot_adds_fail_closed_by_the_published_state() {
-        let dir = std::env::temp_dir().join(format!("skiff-agent-nosnap-{}", std::process::id()));
-        struct RmDir(std::path::PathBuf);
-        impl Drop for RmDir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let _rm = RmDir(dir.clone());
-        std::fs::create_dir_all(&dir).unwrap();
-        let state = dir.join("cni-state.json");
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("cni-state.json");
         // No state file: everything but the system namespaces fails.
         let why = no_snapshot_verdict(Some(&state), "shop").expect("fail closed without a state file");
         assert!(why.contains("not read the cluster") && why.contains(&state.display().to_string()), "{why}");
@@ -943,6 +904,5 @@ mod tests {
         crate::cni::write_state(&state, vec!["shop".into()]).unwrap();
         assert!(no_snapshot_verdict(Some(&state), "shop").is_some());
         assert!(no_snapshot_verdict(Some(&state), "blog").is_none());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

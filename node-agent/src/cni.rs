@@ -20,6 +20,11 @@ use skiff_cni::{
 };
 use tracing::{error, info, warn};
 
+use crate::{
+    locate::{AnnotatedNetns, Chain, CniNetns, NetnsLocator, ProcNetns},
+    sandbox::SharedCni,
+};
+
 /// Errors setting up the CNI side.
 #[derive(Debug, thiserror::Error)]
 pub enum CniError {
@@ -271,16 +276,29 @@ pub struct CniArgs {
     pub netns_from: Vec<NetnsFrom>,
 }
 
+/// The CNI plugin's link to the agent loop.
+pub struct CniLink {
+    /// Requests from the plugin (via the socket thread).
+    pub events: mpsc::Receiver<CniEvent>,
+    /// What the plugin reported, shared with the [`CniNetns`] locator.
+    pub state: SharedCni,
+    /// Where the enrolled namespaces are published for the plugin.
+    pub state_file: Option<PathBuf>,
+    /// How long an ADD for a pod the config source does not show yet waits
+    /// for it before answering.
+    pub wait: Duration,
+}
+
 /// What [`start`] set up for the agent.
 pub struct Started {
-    pub locator: Box<dyn crate::agent::NetnsLocator>,
-    pub link: crate::agent::CniLink,
+    pub locator: Box<dyn NetnsLocator>,
+    pub link: CniLink,
 }
 
 /// Listens for the plugin, installs and chains it (unless told not to), and
 /// builds the netns locator chain.
 pub fn start(args: &CniArgs, stop: Arc<AtomicBool>) -> Result<Started, CniError> {
-    let state: crate::locate::SharedCni = Default::default();
+    let state: SharedCni = Default::default();
     let (tx, rx) = mpsc::channel();
     serve(&args.cni_socket, tx)?;
     // The state file exists before the plugin can run (see ensure_state).
@@ -300,16 +318,16 @@ pub fn start(args: &CniArgs, stop: Arc<AtomicBool>) -> Result<Started, CniError>
         let entry = plugin_entry(&args.cni_socket, &args.paths.cni_state_file);
         keep_chained(args.paths.cni_conf_dir.clone(), entry, Duration::from_secs(2), stop)?;
     }
-    let mut locators: Vec<(&'static str, Box<dyn crate::agent::NetnsLocator>)> = Vec::new();
+    let mut locators: Vec<(&'static str, Box<dyn NetnsLocator>)> = Vec::new();
     for f in &args.netns_from {
         match f {
-            NetnsFrom::Cni => locators.push(("cni", Box::new(crate::locate::CniNetns(state.clone())))),
-            NetnsFrom::Annotation => locators.push(("annotation", Box::new(crate::agent::AnnotatedNetns))),
-            NetnsFrom::Proc => locators.push(("proc", Box::new(crate::locate::ProcNetns::default()))),
+            NetnsFrom::Cni => locators.push(("cni", Box::new(CniNetns(state.clone())))),
+            NetnsFrom::Annotation => locators.push(("annotation", Box::new(AnnotatedNetns))),
+            NetnsFrom::Proc => locators.push(("proc", Box::new(ProcNetns::default()))),
         }
     }
-    let locator = Box::new(crate::locate::Chain { locators, cni: state.clone() });
-    let link = crate::agent::CniLink {
+    let locator = Box::new(Chain { locators, cni: state.clone() });
+    let link = CniLink {
         events: rx,
         state,
         state_file: Some(args.paths.cni_state_file.clone()),
@@ -324,16 +342,8 @@ mod tests {
 
     #[test]
     fn state_file_exists_before_chaining_and_a_good_one_is_kept() {
-        let dir = std::env::temp_dir().join(format!("skiff-na-cni-state-{}", std::process::id()));
-        struct RmDir(std::path::PathBuf);
-        impl Drop for RmDir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let _rm = RmDir(dir.clone());
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("sub/cni-state.json");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/cni-state.json");
         // Missing: written as unsynced (fail closed outside system namespaces).
         assert!(ensure_state(&path).unwrap().is_some());
         let st = skiff_cni::proto::read_state(&path).unwrap();
@@ -346,7 +356,6 @@ mod tests {
         std::fs::write(&path, "{").unwrap();
         assert!(ensure_state(&path).unwrap().unwrap().contains("corrupt"));
         assert!(skiff_cni::proto::read_state(&path).unwrap().unsynced);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

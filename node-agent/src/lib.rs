@@ -8,6 +8,7 @@ pub mod cni;
 pub mod locate;
 pub mod podnet;
 pub mod ready;
+pub mod sandbox;
 mod rawlink;
 
 /// The cgroup2 mount point, read from `/proc/self/mountinfo` (cgroup v2 is

@@ -3,7 +3,7 @@
 //! Three ways, tried in order by [`Chain`]:
 //! 1. [`CniNetns`]: the netns the CNI plugin reported for the pod's sandbox
 //!    (`skiff-cni` ADD). Exact, and known before the pod's containers start.
-//! 2. [`crate::agent::AnnotatedNetns`]: the local mesh's annotation.
+//! 2. [`AnnotatedNetns`]: the local mesh's annotation.
 //! 3. [`ProcNetns`]: pods that were running before Skiff was installed (or
 //!    while node-agent was down): every netns some process on the node is
 //!    in, matched by the pod's IP.
@@ -13,76 +13,36 @@
 //! process exiting, the old netns still carries the pod's IP.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fs::File,
     net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd, OwnedFd},
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    path::PathBuf,
+    sync::Mutex,
 };
 
 use skiff_core::{model::Workload, netns};
 use tracing::debug;
 
-use crate::agent::NetnsLocator;
+use crate::sandbox::{NetnsId, SharedCni};
 
-/// (device, inode) of a netns.
-pub type NetnsId = (u64, u64);
-
-/// One sandbox the CNI plugin told node-agent about.
-pub struct CniRecord {
-    pub uid: Option<String>,
-    pub container_id: String,
-    pub netns_path: PathBuf,
-    /// Opened when the ADD arrived, so the netns cannot vanish or be
-    /// replaced under the path before node-agent uses it.
-    pub netns: OwnedFd,
-    pub id: NetnsId,
-    /// IPv4 addresses from the primary plugin's result.
-    pub ips: Vec<Ipv4Addr>,
-    /// When the ADD arrived.
-    pub added: Instant,
+/// How node-agent finds a pod's network namespace.
+pub trait NetnsLocator: Send {
+    fn open(&self, pod: &Workload) -> Result<OwnedFd, String>;
 }
 
-/// What the CNI plugin reported, shared between the socket server, the
-/// agent loop and the locators.
-#[derive(Default)]
-pub struct CniState {
-    /// By `namespace/name`.
-    pub pods: BTreeMap<String, CniRecord>,
-    /// Netns of torn-down sandboxes, with when they were torn down.
-    pub released: HashMap<NetnsId, Instant>,
-}
+/// Local mesh: the harness records each pod's netns path in an annotation.
+pub struct AnnotatedNetns;
 
-/// How long a torn-down sandbox's netns stays refused. Sandboxes' processes
-/// exit within seconds of DEL; the netns inode could be reused long after.
-const RELEASED_TTL: Duration = Duration::from_secs(600);
-
-/// How long a CNI record may go without its pod in the config source before
-/// it is dropped (a DEL node-agent missed; the record's fd would otherwise
-/// keep the old netns alive). Longer than any lag of the source behind ADD.
-pub const ORPHAN_TTL: Duration = Duration::from_secs(120);
-
-impl CniState {
-    /// Drops records whose pod the config source no longer shows.
-    pub fn prune(&mut self, exists: impl Fn(&str) -> bool) -> Vec<String> {
-        let gone: Vec<String> =
-            self.pods.iter().filter(|(k, r)| !exists(k) && r.added.elapsed() > ORPHAN_TTL).map(|(k, _)| k.clone()).collect();
-        for k in &gone {
-            self.pods.remove(k);
-        }
-        gone
-    }
-
-
-    pub fn is_released(&mut self, id: NetnsId) -> bool {
-        self.released.retain(|_, t| t.elapsed() < RELEASED_TTL);
-        self.released.contains_key(&id)
+impl NetnsLocator for AnnotatedNetns {
+    fn open(&self, pod: &Workload) -> Result<OwnedFd, String> {
+        let path = pod
+            .netns_path
+            .as_ref()
+            .ok_or_else(|| format!("no `{}` annotation", skiff_core::ANNOTATION_LOCAL_NETNS))?;
+        netns::open(path).map_err(|e| skiff_core::report(&e))
     }
 }
-
-pub type SharedCni = Arc<Mutex<CniState>>;
 
 /// The netns the CNI plugin reported for the pod.
 pub struct CniNetns(pub SharedCni);
@@ -253,17 +213,15 @@ impl NetnsLocator for ProcNetns {
     }
 }
 
-/// Opens a netns path from a CNI ADD.
-pub fn open_path(path: &Path) -> Result<(OwnedFd, NetnsId), String> {
-    let fd = netns::open(path).map_err(|e| skiff_core::report(&e))?;
-    let id = netns::identity(fd.as_fd()).map_err(|e| format!("fstat {}: {e}", path.display()))?;
-    Ok((fd, id))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::{Child, Command, Stdio};
+    use crate::sandbox::{CniRecord, RELEASED_TTL};
+    use std::{
+        path::Path,
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
 
     fn privileged() -> bool {
         let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
@@ -346,23 +304,6 @@ mod tests {
         // Same name, another pod (a StatefulSet pod recreated): not this sandbox.
         assert!(loc.open(&workload("shop", "web", "u2")).unwrap_err().contains("another pod"));
         assert!(loc.open(&workload("shop", "api", "u3")).unwrap_err().contains("no CNI ADD"));
-    }
-
-    #[test]
-    fn records_of_pods_gone_from_the_api_are_pruned_after_a_grace_period() {
-        let Some(old) = Instant::now().checked_sub(ORPHAN_TTL + Duration::from_secs(1)) else { return };
-        let mut st = CniState::default();
-        for (key, added) in [("shop/old", old), ("shop/new", Instant::now()), ("shop/kept", old)] {
-            let f = fd("/dev/null");
-            let id = netns::identity(f.as_fd()).unwrap();
-            st.pods.insert(
-                key.into(),
-                CniRecord { uid: None, container_id: key.into(), netns_path: "/dev/null".into(), netns: f, id, ips: vec![], added },
-            );
-        }
-        // "shop/new" is not in the API yet either, but its ADD is recent.
-        assert_eq!(st.prune(|k| k == "shop/kept"), ["shop/old"]);
-        assert_eq!(st.pods.keys().collect::<Vec<_>>(), ["shop/kept", "shop/new"]);
     }
 
     #[test]

@@ -22,16 +22,33 @@
 //! All of this lives in the pod's own netns and goes away with it. It stays
 //! when a pod is released: it only affects packets carrying ztunnel's
 //! delivery mark, and connections ztunnel is still draining need it.
+//!
+//! The route and rules are set over rtnetlink; each request is the one the
+//! `ip` command named in its error sends (same header, attributes and
+//! flags). The netlink socket is opened on the thread that has entered the
+//! pod's netns (a socket stays in the netns it was created in), by a
+//! current-thread runtime that lives for one call.
 
-use std::{os::fd::BorrowedFd, process::Command};
+use std::{net::Ipv4Addr, os::fd::BorrowedFd};
 
+use futures_util::TryStreamExt as _;
+use rtnetlink::{
+    packet_route::{
+        route::{RouteProtocol, RouteScope, RouteType},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+        AddressFamily,
+    },
+    Handle, IpVersion, RouteMessageBuilder,
+};
 use skiff_core::netns;
 use skiff_ebpf_common::{DELIVER_ROUTE_TABLE, MARK_DELIVER};
 
 /// Priority of the delivery rule: before the `local` table.
-const RULE_PREF: &str = "10";
+const RULE_PREF: u32 = 10;
 /// Where the `local` table lookup moves to.
-const LOCAL_PREF: &str = "100";
+const LOCAL_PREF: u32 = 100;
+/// `RT_TABLE_LOCAL`.
+const TABLE_LOCAL: u32 = libc::RT_TABLE_LOCAL as u32;
 
 /// Errors from setting up a pod's netns.
 #[derive(Debug, thiserror::Error)]
@@ -42,46 +59,159 @@ pub enum PodNetError {
     /// A sysctl could not be written.
     #[error("writing sysctl {0}")]
     Sysctl(&'static str, #[source] std::io::Error),
-    /// `ip` could not run or failed.
-    #[error("`ip {args}` failed: {stderr}")]
-    Ip { args: String, stderr: String },
+    /// The netlink socket, or the runtime that drives it, could not be set up.
+    #[error("cannot open a netlink socket in the pod network namespace")]
+    NetlinkSocket(#[source] std::io::Error),
+    /// The pod's netns has no `lo` device.
+    #[error("no `lo` device in the pod network namespace")]
+    NoLoopback,
+    /// A netlink request failed; `op` is the `ip` command it stands for.
+    #[error("netlink `{op}` failed")]
+    Netlink {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
     /// `iptables-restore` could not run or failed.
     #[error("iptables-restore failed: {stderr}")]
     Iptables { stderr: String },
 }
 
-fn ip(args: &[&str]) -> Result<String, PodNetError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| PodNetError::Ip {
-        args: args.join(" "),
-        stderr: format!("cannot run ip: {e}"),
-    })?;
-    if !out.status.success() {
-        return Err(PodNetError::Ip {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+fn netlink(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> PodNetError {
+    let op = op.into();
+    move |source| PodNetError::Netlink { op, source }
 }
 
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 
-fn setup_here() -> Result<(), PodNetError> {
-    std::fs::write(FWMARK_ACCEPT, "1").map_err(|e| PodNetError::Sysctl("net.ipv4.tcp_fwmark_accept", e))?;
-    let mark = format!("{MARK_DELIVER:#x}");
-    let table = DELIVER_ROUTE_TABLE.to_string();
-    ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
-    let rules = ip(&["-4", "rule", "show"])?;
-    if !rules.lines().any(|l| l.starts_with(&format!("{RULE_PREF}:")) && l.contains(&format!("lookup {table}"))) {
-        ip(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", RULE_PREF])?;
+/// What the delivery settings change in the IPv4 rules, given the rules
+/// there now as (preference, table) pairs. Setup is idempotent: the
+/// delivery rule and the moved `local` lookup are added only when no rule
+/// with that preference looks up that table, and the `local` lookup at
+/// preference 0 is removed only when it is there.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RuleChanges {
+    add_deliver: bool,
+    add_local: bool,
+    del_local_at_0: bool,
+}
+
+fn rule_changes(rules: &[(u32, u32)]) -> RuleChanges {
+    RuleChanges {
+        add_deliver: !rules.contains(&(RULE_PREF, DELIVER_ROUTE_TABLE)),
+        add_local: !rules.contains(&(LOCAL_PREF, TABLE_LOCAL)),
+        del_local_at_0: rules.contains(&(0, TABLE_LOCAL)),
     }
-    if !rules.lines().any(|l| l.starts_with(&format!("{LOCAL_PREF}:")) && l.contains("lookup local")) {
-        ip(&["-4", "rule", "add", "pref", LOCAL_PREF, "lookup", "local"])?;
+}
+
+/// A rule's (preference, table), read as `ip rule show` reads them: the
+/// kernel leaves out `FRA_PRIORITY` for preference 0, and a table above 255
+/// is in `FRA_TABLE` rather than the header.
+fn pref_and_table(rule: &RuleMessage) -> (u32, u32) {
+    let mut pref = 0;
+    let mut table = u32::from(rule.header.table);
+    for attr in &rule.attributes {
+        match attr {
+            RuleAttribute::Priority(p) => pref = *p,
+            RuleAttribute::Table(t) => table = *t,
+            _ => {}
+        }
     }
-    if rules.lines().any(|l| l.starts_with("0:") && l.contains("lookup local")) {
-        ip(&["-4", "rule", "del", "pref", "0", "lookup", "local"])?;
+    (pref, table)
+}
+
+async fn loopback_index(nl: &Handle) -> Result<u32, PodNetError> {
+    let mut links = nl.link().get().match_name("lo").execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(link.header.index),
+        Ok(None) => Err(PodNetError::NoLoopback),
+        // The kernel answers ENODEV for a name it does not know.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => Err(PodNetError::NoLoopback),
+        Err(e) => Err(netlink("ip link show lo")(e)),
+    }
+}
+
+/// The routing part of the delivery settings, over `nl` (a socket opened in
+/// the pod's netns). Each request is the one the `ip` command in its error
+/// would send: same table, preference, mark (no mask: the kernel then
+/// matches all 32 bits), route type, scope, protocol and device.
+async fn route_delivery(nl: &Handle) -> Result<(), PodNetError> {
+    let lo = loopback_index(nl).await?;
+    // `ip -4 route replace local 0.0.0.0/0 dev lo table DELIVER_ROUTE_TABLE`
+    // (ip's defaults for a `local` route: scope host, proto boot).
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .output_interface(lo)
+        .table_id(DELIVER_ROUTE_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .protocol(RouteProtocol::Boot)
+        .build();
+    nl.route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(netlink(format!("ip -4 route replace local 0.0.0.0/0 dev lo table {DELIVER_ROUTE_TABLE}")))?;
+
+    let rules: Vec<(u32, u32)> = nl
+        .rule()
+        .get(IpVersion::V4)
+        .execute()
+        .map_ok(|r| pref_and_table(&r))
+        .try_collect()
+        .await
+        .map_err(netlink("ip -4 rule show"))?;
+    let changes = rule_changes(&rules);
+    if changes.add_deliver {
+        nl.rule()
+            .add()
+            .v4()
+            .action(RuleAction::ToTable)
+            .fw_mark(MARK_DELIVER)
+            .table_id(DELIVER_ROUTE_TABLE)
+            .priority(RULE_PREF)
+            .execute()
+            .await
+            .map_err(netlink(format!(
+                "ip -4 rule add fwmark {MARK_DELIVER:#x} lookup {DELIVER_ROUTE_TABLE} pref {RULE_PREF}"
+            )))?;
+    }
+    if changes.add_local {
+        nl.rule()
+            .add()
+            .v4()
+            .action(RuleAction::ToTable)
+            .priority(LOCAL_PREF)
+            .table_id(TABLE_LOCAL)
+            .execute()
+            .await
+            .map_err(netlink(format!("ip -4 rule add pref {LOCAL_PREF} lookup local")))?;
+    }
+    if changes.del_local_at_0 {
+        // As `ip rule del` sends it: no action, the preference given
+        // explicitly (so only the rule at 0 matches).
+        let mut rule = RuleMessage::default();
+        rule.header.family = AddressFamily::Inet;
+        rule.header.table = libc::RT_TABLE_LOCAL;
+        rule.header.action = RuleAction::Unspec;
+        rule.attributes.push(RuleAttribute::Priority(0));
+        nl.rule().del(rule).execute().await.map_err(netlink("ip -4 rule del pref 0 lookup local"))?;
     }
     Ok(())
+}
+
+fn setup_here() -> Result<(), PodNetError> {
+    std::fs::write(FWMARK_ACCEPT, "1").map_err(|e| PodNetError::Sysctl("net.ipv4.tcp_fwmark_accept", e))?;
+    // A socket belongs to the netns of the thread that creates it: this
+    // thread has entered the pod's netns, and a current-thread runtime
+    // creates the socket (and runs everything) on it.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(PodNetError::NetlinkSocket)?;
+    rt.block_on(async {
+        let (conn, nl, _) = rtnetlink::new_connection().map_err(PodNetError::NetlinkSocket)?;
+        tokio::spawn(conn);
+        route_delivery(&nl).await
+    })
 }
 
 /// Applies the delivery settings in a pod's netns (idempotent).
@@ -263,31 +393,96 @@ pub mod iptables {
                 return;
             }
             let name = format!("skiff-ut-ipt-{}", std::process::id());
-            let dir = std::env::temp_dir().join(&name);
-            std::fs::create_dir_all(&dir).unwrap();
             // The netns and the directory go however the test ends.
-            struct Cleanup(String, std::path::PathBuf);
-            impl Drop for Cleanup {
+            let dir = tempfile::tempdir().unwrap();
+            struct DelNetns(String);
+            impl Drop for DelNetns {
                 fn drop(&mut self) {
                     let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-                    let _ = std::fs::remove_dir_all(&self.1);
                 }
             }
-            let _cleanup = Cleanup(name.clone(), dir.clone());
+            let _cleanup = DelNetns(name.clone());
             assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
             let path = std::path::PathBuf::from(format!("/var/run/netns/{name}"));
             let fd = netns::open(&path).unwrap();
             use std::os::fd::AsFd as _;
             install(fd.as_fd()).unwrap();
             assert!(netns::run_in(fd.as_fd(), has_skiff_chains).unwrap().unwrap());
-            std::os::unix::fs::symlink(&path, dir.join("pod")).unwrap();
-            let res = remove_from_netns_dir(&dir);
+            std::os::unix::fs::symlink(&path, dir.path().join("pod")).unwrap();
+            let res = remove_from_netns_dir(dir.path());
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
             let res = res.unwrap();
             assert_eq!(res.len(), 1);
             assert_eq!(res[0].1, Ok(true), "{res:?}");
             assert!(!netns::run_in(fd.as_fd(), has_skiff_chains).unwrap().unwrap());
-            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn rules_already_in_place_are_left_alone() {
+        let (local0, deliver, local100) = ((0, TABLE_LOCAL), (RULE_PREF, DELIVER_ROUTE_TABLE), (LOCAL_PREF, TABLE_LOCAL));
+        let (main, default) = ((32766, 254), (32767, 253));
+        let changes = |add_deliver, add_local, del_local_at_0| RuleChanges { add_deliver, add_local, del_local_at_0 };
+        for (rules, want) in [
+            // A fresh netns.
+            (&[local0, main, default][..], changes(true, true, true)),
+            // Set up already.
+            (&[deliver, local100, main, default][..], changes(false, false, false)),
+            // Interrupted after the first rule.
+            (&[local0, deliver, main, default][..], changes(false, true, true)),
+            // Interrupted before the delete.
+            (&[local0, deliver, local100, main, default][..], changes(false, false, true)),
+            // Same preference, another table: not the delivery rule.
+            (&[(RULE_PREF, 254), local100, main, default][..], changes(true, false, false)),
+        ] {
+            assert_eq!(rule_changes(rules), want, "{rules:?}");
+        }
+    }
+
+    /// Privileged (root): skipped otherwise. The expected text is what the
+    /// `ip` commands podnet ran before it spoke netlink left behind.
+    #[test]
+    fn setup_routes_marked_packets_over_lo_and_is_idempotent() {
+        if !nix::unistd::geteuid().is_root() {
+            let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
+            assert!(!ci, "this privileged test must run under CI (needs root)");
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let name = format!("skiff-ut-podnet-{}", std::process::id());
+        struct DelNetns(String);
+        impl Drop for DelNetns {
+            fn drop(&mut self) {
+                let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            }
+        }
+        assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+        let _cleanup = DelNetns(name.clone());
+        let fd = netns::open(std::path::Path::new(&format!("/var/run/netns/{name}"))).unwrap();
+        let show = |args: &[&str]| {
+            let out = Command::new("ip").args(["-n", &name, "-d", "-4"]).args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        use std::os::fd::AsFd as _;
+        for _ in 0..2 {
+            setup(fd.as_fd()).unwrap();
+            assert_eq!(
+                show(&["rule", "show"]),
+                "10:\tfrom all fwmark 0x53a lookup 100 proto unspec\n\
+                 100:\tfrom all lookup local proto unspec\n\
+                 32766:\tfrom all lookup main proto kernel\n\
+                 32767:\tfrom all lookup default proto kernel\n"
+            );
+            assert_eq!(show(&["route", "show", "table", "100"]), "local default dev lo proto boot scope host \n");
+            let accept = netns::run_in(fd.as_fd(), || std::fs::read_to_string(FWMARK_ACCEPT).unwrap()).unwrap();
+            assert_eq!(accept.trim(), "1");
         }
     }
 }
