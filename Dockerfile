@@ -1,6 +1,6 @@
 # Skiff's one image: skiff-node-agent, skiff-cni, skiff-ztunnel,
-# skiff-waypoint and skiff-signer in /usr/local/bin (deploy/ runs each by
-# its command). Build from the repository root:
+# skiff-waypoint, skiff-signer and skiff-hbone-probe (the README's
+# debugging tool) in /usr/local/bin (deploy/ runs each by its command). Build from the repository root:
 #   docker build -t REGISTRY/skiff:TAG . && docker push REGISTRY/skiff:TAG
 # (Not built in this project's CI: the development machines have no
 # container engine.)
@@ -22,14 +22,18 @@ COPY . .
 RUN set -eux; \
     cargo build --release --bins; \
     mkdir /out; \
-    for b in skiff-node-agent skiff-cni skiff-ztunnel skiff-waypoint skiff-signer; do \
+    for b in skiff-node-agent skiff-cni skiff-ztunnel skiff-waypoint skiff-signer skiff-hbone-probe; do \
         cp "target/release/$b" /out/; \
     done
 
 # --- runtime ----------------------------------------------------------------
 FROM debian:bookworm-slim
-# iproute2: node-agent sets each enrolled pod's delivery routing with `ip`.
+# iptables: node-agent's iptables capture (`skiff.dev/capture: iptables`)
+# runs iptables-restore/iptables-save in each such pod's netns.
+# curl: querying the admin and metrics ports from inside the pod
+# (`kubectl exec ... -- curl -s localhost:15000/config_dump`), as the README
+# shows. (Pod routing is set over netlink: no iproute2 needed.)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iproute2 ca-certificates \
+    && apt-get install -y --no-install-recommends iptables curl ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
