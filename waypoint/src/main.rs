@@ -1,8 +1,12 @@
+//! `skiff-waypoint`: the process around the L7 engine (`skiff-l7`) — flags,
+//! logging, the runtime, the config source, the waypoint's certificate and
+//! shutdown.
+
 use std::{net::{Ipv4Addr, SocketAddr}, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use skiff_waypoint::{Config, Waypoint};
+use skiff_l7::{Config, Proxy};
 use tracing::info;
 
 /// Skiff waypoint: the L7 proxy for namespaces and Services that ask for one.
@@ -66,22 +70,10 @@ fn main() -> anyhow::Result<()> {
         let own = skiff_hbone::identity::Identity::new(certs.trust_domain(), &cli.namespace, &cli.service_account);
         certs.spawn_refresh(move || vec![own.clone()]);
         let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account };
-        let wp = Waypoint::new(cfg, cluster, certs);
+        let wp = Proxy::new(cfg, cluster, certs);
         let hbone = tokio::net::TcpListener::bind((cli.pod_ip, 15008)).await.with_context(|| format!("binding {}:15008", cli.pod_ip))?;
         let metrics = tokio::net::TcpListener::bind(cli.metrics_addr).await.with_context(|| format!("binding {}", cli.metrics_addr))?;
-        let m = wp.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = metrics.accept().await else { continue };
-                let body = m.metrics.render();
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buf = [0u8; 1024];
-                    let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes()).await;
-                });
-            }
-        });
+        tokio::spawn(skiff_l7::metrics::serve(metrics, wp.metrics.clone()));
         info!(name = %cli.name, ip = %cli.pod_ip, "waypoint serving HBONE on 15008");
         let serve = tokio::spawn(Arc::clone(&wp).serve(hbone));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

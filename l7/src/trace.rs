@@ -4,7 +4,7 @@
 
 use http::HeaderMap;
 
-/// The trace context of one request as it leaves the waypoint.
+/// The trace context of one request as it leaves the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
     /// 32 hex digits.
@@ -60,6 +60,11 @@ pub fn continue_or_start(h: &HeaderMap, new_trace: &str, new_span: &str) -> Trac
         }
     }
     TraceContext { trace_id: new_trace.to_owned(), span_id: new_span.to_owned(), parent_span_id: None, sampled: true }
+}
+
+/// `bytes` random bytes as lowercase hex: a new trace id (16) or span id (8).
+pub fn random_id(rng: &mut fastrand::Rng, bytes: usize) -> String {
+    (0..bytes).map(|_| format!("{:02x}", rng.u8(..))).collect()
 }
 
 /// Writes the context into outgoing headers (both formats).
@@ -122,5 +127,14 @@ mod tests {
         assert_eq!(out["traceparent"], format!("00-{NEW_T}-{NEW_S}-01"));
         assert_eq!(out["x-b3-traceid"], NEW_T);
         assert_eq!(out["b3"], format!("{NEW_T}-{NEW_S}-1"));
+    }
+
+    #[test]
+    fn random_ids_are_hex_of_the_asked_length() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let (t, s) = (random_id(&mut rng, 16), random_id(&mut rng, 8));
+        assert_eq!((t.len(), s.len()), (32, 16));
+        assert!(t.bytes().chain(s.bytes()).all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{t} {s}");
+        assert_eq!(t, random_id(&mut fastrand::Rng::with_seed(7), 16), "same seed, same id");
     }
 }

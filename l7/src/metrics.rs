@@ -1,13 +1,19 @@
-//! The waypoint's metrics, with Istio's names and labels
+//! The engine's metrics, with Istio's names and labels
 //! (`istio_requests_total`, `istio_request_duration_milliseconds`,
-//! reporter="waypoint"), and its access log: one line per request.
+//! reporter="waypoint"), its access log (one line per request), and the
+//! Prometheus endpoint that serves them.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response};
+use hyper_util::rt::TokioIo;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 use skiff_core::model::{ServiceInfo, Snapshot, Workload};
 use skiff_hbone::identity::Identity;
-use tracing::info;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
 
 const LABELS: [&str; 15] = [
     "reporter",
@@ -63,6 +69,33 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Serves the Prometheus text format on `listener` until the process ends.
+/// Every request, whatever its path, gets the metrics, and the connection
+/// is closed after the answer (scrapers read to the end).
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((s, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |_: Request<Incoming>| {
+                let body = metrics.render();
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .header("connection", "close")
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("valid response"),
+                    )
+                }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await {
+                debug!(error = %e, "metrics connection ended");
+            }
+        });
     }
 }
 
@@ -174,5 +207,30 @@ impl RequestLog {
             trace_id = %self.trace_id,
             "request complete"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_are_served_and_the_connection_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        metrics.tcp.inc_by(7);
+        tokio::spawn(serve(listener, metrics));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        // Ends only if the server closes the connection after answering.
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await.unwrap().unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
+        assert!(body.contains("skiff_waypoint_tunnel_bytes_total 7"), "{body}");
     }
 }

@@ -1,0 +1,281 @@
+//! Route application: which VirtualService and route a request takes (or
+//! the default route), where a route destination leads (Service, port,
+//! subset endpoints, DestinationRule policy), what a Service port speaks,
+//! and what a route does to a request before it goes upstream (direct
+//! responses and redirects, faults, path and authority rewrites, header
+//! operations). The matching itself is `skiff_core::routing`'s.
+
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use skiff_core::{
+    model::{ServiceInfo, ServicePort, Snapshot, Workload},
+    routing::{self, AbortStatus, HttpRoute, RequestInfo, RouteDest, VirtualService},
+};
+use tracing::warn;
+
+use crate::{
+    body::{full, Body},
+    errors::{grpc_code, Failure},
+};
+
+/// Whether a Service port speaks HTTP (Istio's protocol selection:
+/// `appProtocol`, else the port name's prefix).
+pub fn port_protocol(p: &ServicePort) -> &'static str {
+    let from = |s: &str| {
+        let s = s.to_ascii_lowercase();
+        if s == "grpc" || s.starts_with("grpc-") || s == "http2" || s.starts_with("http2-") || s == "kubernetes.io/h2c" {
+            Some("http2")
+        } else if s == "http" || s.starts_with("http-") {
+            Some("http")
+        } else if s == "tcp" || s.starts_with("tcp-") {
+            Some("tcp")
+        } else {
+            None
+        }
+    };
+    p.app_protocol.as_deref().and_then(from).or_else(|| p.name.as_deref().and_then(from)).unwrap_or("tcp")
+}
+
+/// The VirtualService that applies to `svc` (its own namespace's first,
+/// then by name) and the route it gives the request: None when a
+/// VirtualService applies but no route matches. Without a VirtualService,
+/// the default route.
+pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>) -> (Option<&'s VirtualService>, Option<HttpRoute>) {
+    let vs = snap
+        .virtual_services
+        .iter()
+        .filter(|v| v.applies_to(&svc.name, &svc.namespace))
+        .min_by_key(|v| (v.namespace != svc.namespace, v.name.clone()));
+    let route = match vs {
+        Some(vs) => vs.route(info).cloned(),
+        None => Some(default_route(svc)),
+    };
+    (vs, route)
+}
+
+/// Everything to the Service itself, nothing else done.
+pub fn default_route(svc: &ServiceInfo) -> HttpRoute {
+    HttpRoute {
+        name: None,
+        matches: vec![],
+        destinations: vec![RouteDest { host: svc.hostname(), subset: None, port: None, weight: 100 }],
+        rewrite_uri: None,
+        rewrite_authority: None,
+        fault: None,
+        timeout: None,
+        retries: None,
+        request_headers: Default::default(),
+        response_headers: Default::default(),
+        direct_response: None,
+        redirect: None,
+        mirror: None,
+    }
+}
+
+/// A route destination's Service, port, ready endpoints (of the subset)
+/// and traffic policy.
+pub struct Resolved<'s> {
+    pub svc: ServiceInfo,
+    pub port: ServicePort,
+    pub endpoints: Vec<(&'s Workload, u16)>,
+    pub policy: routing::TrafficPolicy,
+}
+
+/// A route destination → its Service, port, ready endpoints (of the
+/// subset) and traffic policy.
+pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, default_port: u16) -> Result<Resolved<'s>, Failure> {
+    let dsvc = snap
+        .services
+        .values()
+        .find(|s| routing::host_matches(&dest.host, host_ns, &s.name, &s.namespace))
+        .ok_or(Failure::NoHealthyUpstream)?;
+    let want_port = dest.port.unwrap_or(default_port);
+    let dport = dsvc.ports.iter().find(|p| p.port == want_port).or_else(|| dsvc.ports.first()).ok_or(Failure::NoHealthyUpstream)?;
+    let dr = snap.destination_rules.iter().find(|dr| routing::host_matches(&dr.host, &dr.namespace, &dsvc.name, &dsvc.namespace));
+    let subset_labels = dest.subset.as_ref().and_then(|sub| dr.and_then(|dr| dr.subsets.get(sub).cloned()));
+    if dest.subset.is_some() && subset_labels.is_none() {
+        warn!(subset = ?dest.subset, service = %dsvc.hostname(), "route names a subset no DestinationRule defines");
+        return Err(Failure::NoHealthyUpstream);
+    }
+    let eps: Vec<(&Workload, u16)> = snap
+        .endpoints(dsvc, dport)
+        .into_iter()
+        .filter(|(w, _)| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .collect();
+    if eps.is_empty() {
+        return Err(Failure::NoHealthyUpstream);
+    }
+    let policy = dr.map(|dr| dr.policy_for(dest.subset.as_deref(), dport.port).clone()).unwrap_or_default();
+    Ok(Resolved { svc: dsvc.clone(), port: dport.clone(), endpoints: eps, policy })
+}
+
+/// The answer a route gives without any upstream: its direct response,
+/// else its redirect (to `authority` and `path` unless it replaces them).
+pub fn local_response(route: &HttpRoute, authority: &str, path: &str) -> Option<Response<Body>> {
+    if let Some((status, text)) = &route.direct_response {
+        let mut r = Response::new(full(text.clone()));
+        *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+        return Some(r);
+    }
+    if let Some((uri, auth, code)) = &route.redirect {
+        let loc = format!("http://{}{}", auth.as_deref().unwrap_or(authority), uri.as_deref().unwrap_or(path));
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+        if let Ok(v) = HeaderValue::from_str(&loc) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        return Some(r);
+    }
+    None
+}
+
+/// The route's fault on one request: an injected delay is waited out
+/// (flag DI), an injected abort is the failure to answer with. The rolls
+/// are uniform in [0, 100).
+pub async fn inject_fault(f: &routing::Fault, delay_roll: f64, abort_roll: f64, flags: &mut Vec<&'static str>) -> Result<(), Failure> {
+    let d = routing::fault_decision(f, delay_roll, abort_roll);
+    if let Some(delay) = d.delay {
+        tokio::time::sleep(delay).await;
+        flags.push("DI");
+    }
+    match d.abort {
+        Some(AbortStatus::Http(s)) => Err(Failure::FaultAbort(s)),
+        Some(AbortStatus::Grpc(g)) => Err(Failure::GrpcFaultAbort(grpc_code(&g))),
+        None => Ok(()),
+    }
+}
+
+/// A percentage roll (fault and mirror percentages): uniform in [0, 100),
+/// in steps of 1/10,000.
+pub fn percent_roll(rng: &mut fastrand::Rng) -> f64 {
+    rng.u64(..1_000_000) as f64 / 10_000.0
+}
+
+/// The path after the route's `rewrite.uri`: a prefix match's prefix is
+/// replaced; an exact, regex or no match replaces the whole path and keeps
+/// the query string.
+pub fn rewrite_path(route: &HttpRoute, path: &str) -> Option<String> {
+    let uri = route.rewrite_uri.as_ref()?;
+    let rest = route
+        .matches
+        .iter()
+        .find_map(|m| match &m.uri {
+            Some(routing::StrMatch::Prefix(p)) if path.starts_with(p.as_str()) => Some(&path[p.len()..]),
+            _ => None,
+        })
+        .unwrap_or("");
+    let query = path.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    Some(if rest.is_empty() {
+        format!("{uri}{query}")
+    } else {
+        format!("{}{}", uri.trim_end_matches('/'), if rest.starts_with('/') || rest.starts_with('?') { rest.to_owned() } else { format!("/{rest}") })
+    })
+}
+
+/// What the route does to the request going upstream: the normalized
+/// path (rewritten, if the route says so), the authority rewrite, the
+/// request header operations. Returns the rewritten path, for the access
+/// log.
+pub fn apply_to_request(parts: &mut http::request::Parts, route: &HttpRoute, path: &str) -> Option<String> {
+    if let Ok(u) = path.parse() {
+        parts.uri = u;
+    }
+    let rewritten = rewrite_path(route, path);
+    if let Some(new) = &rewritten {
+        if let Ok(u) = new.parse() {
+            parts.uri = u;
+        }
+    }
+    if let Some(a) = &route.rewrite_authority {
+        if let Ok(v) = HeaderValue::from_str(a) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    apply_header_ops(&mut parts.headers, &route.request_headers);
+    rewritten
+}
+
+/// A route's header operations, in Istio's order: remove, set, add.
+pub fn apply_header_ops(h: &mut HeaderMap, ops: &routing::HeaderOps) {
+    for k in &ops.remove {
+        h.remove(k.as_str());
+    }
+    for (k, v) in &ops.set {
+        if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            h.insert(k, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            h.append(k, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use routing::{HttpMatch, StrMatch};
+    use skiff_core::model::TargetPort;
+
+    #[test]
+    fn port_protocol_from_app_protocol_then_name() {
+        #[rustfmt::skip]
+        let cases = [
+            (Some("grpc"), None, "http2"),
+            (Some("kubernetes.io/h2c"), None, "http2"),
+            (None, Some("http2-api"), "http2"),
+            (None, Some("http-web"), "http"),
+            (Some("HTTP"), Some("tcp"), "http"),
+            (Some("mongo"), Some("http"), "http"),
+            (None, Some("tcp-db"), "tcp"),
+            (None, Some("redis"), "tcp"),
+            (None, None, "tcp"),
+        ];
+        for (app, name, want) in cases {
+            let p = ServicePort { name: name.map(String::from), port: 80, target_port: TargetPort::Number(80), app_protocol: app.map(String::from) };
+            assert_eq!(port_protocol(&p), want, "{app:?} {name:?}");
+        }
+    }
+
+    #[test]
+    fn rewrites_replace_the_matched_prefix_or_the_whole_path() {
+        let route = |m: Option<StrMatch>, rewrite: Option<&str>| HttpRoute {
+            matches: vec![HttpMatch { uri: m, ..Default::default() }],
+            rewrite_uri: rewrite.map(String::from),
+            ..default_route_for_tests()
+        };
+        let prefix = |p: &str| Some(StrMatch::Prefix(p.into()));
+        #[rustfmt::skip]
+        let cases = [
+            (prefix("/api"), Some("/v2"), "/api/items?x=1", Some("/v2/items?x=1")),
+            (prefix("/api"), Some("/v2"), "/api?q", Some("/v2?q")),
+            (prefix("/api"), Some("/"), "/api", Some("/")),
+            (prefix("/api"), Some("/v2/"), "/apiary", Some("/v2/ary")),
+            (prefix("/api/"), Some("/"), "/api/x", Some("/x")),
+            (Some(StrMatch::Exact("/login".into())), Some("/auth/login"), "/login?next=/", Some("/auth/login?next=/")),
+            (None, Some("/new"), "/old/path?k=v", Some("/new?k=v")),
+            (prefix("/api"), None, "/api/x", None),
+        ];
+        for (m, rewrite, path, want) in cases {
+            assert_eq!(rewrite_path(&route(m, rewrite), path).as_deref(), want, "{rewrite:?} {path}");
+        }
+    }
+
+    fn default_route_for_tests() -> HttpRoute {
+        HttpRoute {
+            name: None,
+            matches: vec![],
+            destinations: vec![],
+            rewrite_uri: None,
+            rewrite_authority: None,
+            fault: None,
+            timeout: None,
+            retries: None,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
+            direct_response: None,
+            redirect: None,
+            mirror: None,
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The proxy's front and its request pipeline: HBONE termination (mutual
+//! TLS, the peer's SPIFFE identity, HTTP/2 CONNECT), which CONNECTs are
+//! taken (Services bound to this proxy), what each stream speaks (HTTP/1.1,
+//! HTTP/2 and gRPC, or TCP passed through), and each request's way through
+//! the other modules' steps, in order.
+
+use std::{
+    collections::HashSet,
+    convert::Infallible,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use skiff_core::{
+    model::{ServiceInfo, ServicePort, Snapshot, Workload},
+    routing::{self, RequestInfo},
+};
+use skiff_hbone::{
+    certs::{CertError, CertManager},
+    identity::{self, Identity},
+    tunnel as hbone,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    authz,
+    body::Body,
+    errors::{self, Failure},
+    metrics::{Metrics, RequestLog},
+    normalize,
+    ratelimit::RateLimits,
+    resilience::{self, BodyBudget, CircuitBreakers, Outbound},
+    route, trace,
+    upstream::Upstreams,
+};
+
+/// Proxy settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Waypoint (Gateway) name, as in `istio.io/use-waypoint: <name>`.
+    pub name: String,
+    /// The proxy's own namespace and service account: its identity.
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// The L7 proxy: its settings, the cluster it routes by, and the state its
+/// requests share.
+pub struct Proxy {
+    cfg: Config,
+    cluster: watch::Receiver<Arc<Snapshot>>,
+    certs: Arc<CertManager>,
+    pub metrics: Arc<Metrics>,
+    upstreams: Arc<Upstreams>,
+    breakers: CircuitBreakers,
+    rate_limits: RateLimits,
+    bodies: BodyBudget,
+}
+
+/// Where one HBONE stream was addressed, and by whom.
+struct StreamCtx {
+    svc: ServiceInfo,
+    port: ServicePort,
+    peer: SocketAddr,
+    peer_id: Identity,
+}
+
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer", "proxy-authorization"];
+
+/// Drops hop-by-hop headers; `te: trailers` is end-to-end for gRPC and
+/// must reach the backend.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let te_trailers = h.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+impl Proxy {
+    pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> Arc<Proxy> {
+        let metrics = Arc::new(Metrics::new());
+        let upstreams = Upstreams::new(&cfg.namespace, &cfg.service_account, certs.clone(), metrics.tcp.clone());
+        Arc::new(Proxy {
+            upstreams: Arc::new(upstreams),
+            cfg,
+            cluster,
+            certs,
+            metrics,
+            breakers: CircuitBreakers::default(),
+            rate_limits: RateLimits::default(),
+            bodies: BodyBudget::default(),
+        })
+    }
+
+    /// Drops state of endpoints that left the cluster and closed idle
+    /// connections, so the maps track the cluster instead of its history.
+    pub fn sweep(&self) {
+        let snap = self.cluster.borrow().clone();
+        let live: HashSet<Ipv4Addr> = snap.workloads.values().filter(|w| w.is_ready()).filter_map(|w| w.ip).collect();
+        self.upstreams.sweep(&live);
+        self.breakers.sweep();
+    }
+
+    /// Accepts HBONE connections until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> Result<(), CertError> {
+        let sweeper = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                sweeper.sweep();
+            }
+        });
+        let me = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.certs.server_config(me)?);
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (proxy, acceptor) = (self.clone(), acceptor.clone());
+            tokio::spawn(async move { proxy.connection(acceptor, tcp, peer).await });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return warn!(%peer, reason = %skiff_core::report(&e), "HBONE peer refused: TLS handshake failed"),
+            Err(_) => return warn!(%peer, "HBONE peer refused: TLS handshake timed out"),
+        };
+        let Some(Ok(peer_id)) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(identity::identity_of) else {
+            return warn!(%peer, "HBONE peer refused: no SPIFFE identity");
+        };
+        let Ok(mut conn) = hbone::server_builder().handshake::<_, Bytes>(tls).await else {
+            return;
+        };
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            let proxy = self.clone();
+            let peer_id = peer_id.clone();
+            tokio::spawn(async move { proxy.stream(req, respond, peer, peer_id).await });
+        }
+    }
+
+    /// One CONNECT: checked, answered, then served as HTTP (each request
+    /// through `request`) or passed through as TCP.
+    async fn stream(self: Arc<Self>, req: Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>, peer: SocketAddr, peer_id: Identity) {
+        let answer = |respond: &mut h2::server::SendResponse<Bytes>, s: StatusCode| {
+            let _ = respond.send_response(Response::builder().status(s).body(()).expect("valid"), true);
+        };
+        if req.method() != http::Method::CONNECT {
+            return answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok()) else {
+            return answer(&mut respond, StatusCode::BAD_REQUEST);
+        };
+        let snap = self.cluster.borrow().clone();
+        let Some((svc, port)) = snap.service_by_vip(*target.ip(), target.port()) else {
+            info!(%peer, %target, "CONNECT to an address that is not a Service this waypoint serves");
+            return answer(&mut respond, StatusCode::BAD_REQUEST);
+        };
+        // Only Services bound to this waypoint: otherwise any workload could
+        // use it as a middleman carrying the waypoint's identity.
+        let bound = svc.namespace == self.cfg.namespace
+            && matches!(snap.waypoint_for(svc), Some(Ok(w)) if w.labels.get(skiff_core::LABEL_GATEWAY_NAME) == Some(&self.cfg.name));
+        if !bound {
+            info!(%peer, %target, service = %svc.hostname(), "CONNECT to a Service not bound to this waypoint");
+            return answer(&mut respond, StatusCode::FORBIDDEN);
+        }
+        let ctx = Arc::new(StreamCtx { svc: svc.clone(), port: port.clone(), peer, peer_id });
+        let tcp = route::port_protocol(port) == "tcp";
+        if tcp && !authz::allow_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc.name), peer, &ctx.peer_id, target) {
+            return answer(&mut respond, StatusCode::FORBIDDEN);
+        }
+        let Ok(send) = respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false) else {
+            return;
+        };
+        let recv = req.into_body();
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let counters = self.metrics.tcp.clone();
+        tokio::spawn(async move { hbone::relay_io(theirs, send, recv, &counters, &counters).await });
+        if tcp {
+            let snap = self.cluster.borrow().clone();
+            return self.upstreams.passthrough(&snap, &ctx.svc, ctx.port.port, ours, &mut fastrand::Rng::new()).await;
+        }
+        let proxy = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let (proxy, ctx) = (proxy.clone(), ctx.clone());
+            async move { Ok::<_, Infallible>(proxy.request(ctx, req).await) }
+        });
+        if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(ours), svc).await {
+            debug!(error = %e, "downstream HTTP connection ended");
+        }
+    }
+
+    /// One request, step by step: trace context, normalized path and
+    /// authority, route, L7 policy, rate limits, local answers, faults,
+    /// destination, body, circuit breaker, the upstream request, mirror,
+    /// forward (retries, timeouts). A step that refuses the request gives a
+    /// `Failure`, which `finish` answers with.
+    async fn request(self: &Arc<Self>, ctx: Arc<StreamCtx>, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let mut rng = fastrand::Rng::new();
+        let snap = self.cluster.borrow().clone();
+        let (mut parts, body) = req.into_parts();
+        let trace = trace::continue_or_start(&parts.headers, &trace::random_id(&mut rng, 16), &trace::random_id(&mut rng, 8));
+        let headers = normalize::joined_headers(&parts.headers);
+        let raw_path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+        // Policy, routing and the upstream all see one normalized path.
+        let Some(path) = normalize::normalize_path(&raw_path) else {
+            let mut log = RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &raw_path, "http", &trace.trace_id);
+            log.flags.push("-");
+            return self.finish(log, start, Err(Failure::BadRequest), &Default::default());
+        };
+        let Some(authority) = normalize::authority(&parts.uri, &parts.headers) else {
+            let log = RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &raw_path, "http", &trace.trace_id);
+            return self.finish(log, start, Err(Failure::BadRequest), &Default::default());
+        };
+        let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port: ctx.port.port };
+        let protocol = if parts.version == http::Version::HTTP_2 { "http2" } else { "http" };
+        let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
+        let (vs, route) = route::select(&snap, &ctx.svc, &info);
+        let mut log = RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &path, protocol, &trace.trace_id);
+        let policies = authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &ctx.svc.name);
+        let cluster_ip = ctx.svc.cluster_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        if let Err(f) = authz::check_request(&policies, ctx.peer, &ctx.peer_id, cluster_ip, &info) {
+            return self.finish(log, start, Err(f), &Default::default());
+        }
+        let Some(route) = route else {
+            return self.finish(log, start, Err(Failure::NoRoute), &Default::default());
+        };
+        let ops = &route.response_headers;
+        if let Err(f) = self.rate_limits.check(vs, &route, &ctx.svc) {
+            return self.finish(log, start, Err(f), ops);
+        }
+        if let Some(r) = route::local_response(&route, &authority, &path) {
+            return self.finish(log, start, Ok((r, None)), ops);
+        }
+        if let Some(fault) = &route.fault {
+            let (delay_roll, abort_roll) = (route::percent_roll(&mut rng), route::percent_roll(&mut rng));
+            if let Err(f) = route::inject_fault(fault, delay_roll, abort_roll, &mut log.flags).await {
+                return self.finish(log, start, Err(f), ops);
+            }
+        }
+        let Some(dest) = routing::pick_weighted(&route.destinations, rng.u32(..100)).cloned() else {
+            return self.finish(log, start, Err(Failure::NoRoute), ops);
+        };
+        // The destination Service, its port, the subset's pods.
+        let host_ns = vs.map(|v| v.namespace.as_str()).unwrap_or(&ctx.svc.namespace).to_owned();
+        let resolved = match route::resolve(&snap, &dest, &host_ns, ctx.port.port) {
+            Ok(r) => r,
+            Err(f) => return self.finish(log, start, Err(f), ops),
+        };
+        let h2 = route::port_protocol(&resolved.port) == "http2" || grpc;
+        let (body, _buffered) = match self.bodies.read(body).await {
+            Ok(b) => b,
+            Err(f) => return self.finish(log, start, Err(f), ops),
+        };
+        let mut slot = match self.breakers.acquire(&resolved.svc, dest.subset.as_deref(), &resolved.policy, h2) {
+            Ok(s) => Some(s),
+            Err(f) => return self.finish(log, start, Err(f), ops),
+        };
+        // The upstream request.
+        strip_hop_by_hop(&mut parts.headers);
+        log.rewritten = route::apply_to_request(&mut parts, &route, &path);
+        trace::inject(&trace, &mut parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&trace.trace_id) {
+            parts.headers.entry("x-request-id").or_insert(v);
+        }
+        if let Some((mirror, pct)) = &route.mirror {
+            if route::percent_roll(&mut rng) < *pct {
+                self.upstreams.mirror(&snap, mirror, &host_ns, ctx.port.port, parts.clone(), body.clone(), grpc, &mut rng);
+            }
+        }
+        let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2 };
+        let outcome = resilience::forward(&self.upstreams, out, &mut slot, &mut log.retries, &mut rng).await;
+        self.finish(log, start, outcome, ops)
+    }
+
+    /// The response and its access-log line and metrics: a failure becomes
+    /// its synthetic response (`errors::respond`), then the route's
+    /// response header operations apply either way.
+    fn finish(
+        &self,
+        mut log: RequestLog,
+        start: Instant,
+        outcome: Result<(Response<Body>, Option<Workload>), Failure>,
+        response_ops: &routing::HeaderOps,
+    ) -> Response<Body> {
+        let mut resp = match outcome {
+            Ok((r, w)) => {
+                if let Some(w) = w {
+                    log.set_destination(&w);
+                }
+                r
+            }
+            Err(f) => {
+                let (r, flag) = errors::respond(f);
+                log.flags.push(flag);
+                r
+            }
+        };
+        route::apply_header_ops(resp.headers_mut(), response_ops);
+        log.finish(&self.metrics, resp.status().as_u16(), start.elapsed());
+        resp
+    }
+}

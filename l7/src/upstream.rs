@@ -1,0 +1,354 @@
+//! The way upstream: choosing an endpoint (the DestinationRule's load
+//! balancer, ejected endpoints skipped), the HBONE tunnel to its ztunnel,
+//! the pooled HTTP/1.1 and HTTP/2 connections over it, the per-endpoint
+//! state (requests in flight, outlier-detection counters), sending one
+//! attempt, mirroring, and raw TCP passthrough for non-HTTP ports.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus::IntCounter;
+use skiff_core::{
+    model::{ServiceInfo, Snapshot, Workload},
+    routing::{self, RouteDest},
+};
+use skiff_hbone::{
+    certs::CertManager,
+    identity::Identity,
+    tunnel::{self as hbone, Pool},
+};
+use tracing::debug;
+
+use crate::{errors::Failure, route};
+
+/// Port every pod's ztunnel terminates HBONE on.
+const HBONE_PORT: u16 = 15008;
+/// Idle connections kept per endpoint and protocol.
+const MAX_IDLE_PER_ENDPOINT: usize = 16;
+
+/// One upstream HTTP connection, reusable (keep-alive / multiplexed).
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        match self {
+            Conn::H1(s) => s.is_closed(),
+            Conn::H2(s) => s.is_closed(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            Conn::H1(s) => s.is_ready(),
+            Conn::H2(s) => s.is_ready(),
+        }
+    }
+}
+
+/// Outlier-detection and load state of one endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointState {
+    /// Attempts in flight (least-request balancing).
+    pub active: usize,
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    /// Ejected by outlier detection until then.
+    pub ejected_until: Option<Instant>,
+    /// Times ejected so far (the ejection time grows with it).
+    pub ejections: u32,
+}
+
+/// The proxy's upstream side, shared by all its requests.
+pub struct Upstreams {
+    /// The proxy's own namespace and service account: the identity it
+    /// tunnels with.
+    namespace: String,
+    service_account: String,
+    certs: Arc<CertManager>,
+    pool: Pool,
+    /// Bytes through HBONE streams.
+    tcp: IntCounter,
+    idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Conn>>>,
+    /// Per endpoint: requests in flight, failures, ejection.
+    pub(crate) endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
+    /// Round-robin position per destination (endpoint set).
+    rr: Mutex<HashMap<Vec<SocketAddrV4>, usize>>,
+}
+
+/// Counts an attempt against its endpoint until it ends (or is dropped).
+pub struct ActiveGuard<'a> {
+    ups: &'a Upstreams,
+    ep: SocketAddrV4,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.ups.endpoints.lock().expect("lock").get_mut(&self.ep) {
+            s.active = s.active.saturating_sub(1);
+        }
+    }
+}
+
+/// A ready endpoint's address (`port` on the pod).
+pub fn endpoint(w: &Workload, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(w.ip.expect("ready"), port)
+}
+
+impl Upstreams {
+    pub fn new(namespace: &str, service_account: &str, certs: Arc<CertManager>, tcp: IntCounter) -> Upstreams {
+        Upstreams {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            pool: Pool::new(certs.clone()),
+            certs,
+            tcp,
+            idle: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
+            rr: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Drops state of endpoints not in `live` and closed idle connections.
+    pub fn sweep(&self, live: &HashSet<Ipv4Addr>) {
+        self.idle.lock().expect("lock").retain(|(ep, _), list| {
+            list.retain(|u| !u.is_closed());
+            live.contains(ep.ip()) && !list.is_empty()
+        });
+        self.endpoints.lock().expect("lock").retain(|ep, st| live.contains(ep.ip()) || st.active > 0);
+        self.rr.lock().expect("lock").retain(|eps, _| eps.iter().all(|e| live.contains(e.ip())));
+    }
+
+    /// Picks an endpoint by the destination's load-balancing policy,
+    /// skipping endpoints that outlier detection has ejected.
+    pub fn choose<'a>(
+        &self,
+        eps: &[(&'a Workload, u16)],
+        policy: &routing::TrafficPolicy,
+        rng: &mut fastrand::Rng,
+    ) -> Option<(&'a Workload, u16)> {
+        let now = Instant::now();
+        let states = self.endpoints.lock().expect("lock");
+        let state = |w: &Workload, p: u16| states.get(&SocketAddrV4::new(w.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), p)).cloned().unwrap_or_default();
+        let live: Vec<(&'a Workload, u16)> =
+            eps.iter().copied().filter(|(w, p)| state(w, *p).ejected_until.is_none_or(|t| t <= now)).collect();
+        if live.is_empty() {
+            return None;
+        }
+        Some(match policy.load_balancer {
+            routing::LoadBalancer::RoundRobin => {
+                // One counter per destination (its endpoint set): traffic to
+                // one Service (or a mirror) does not skew another's rotation.
+                let key: Vec<SocketAddrV4> = eps.iter().map(|(w, p)| SocketAddrV4::new(w.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), *p)).collect();
+                let mut rr = self.rr.lock().expect("lock");
+                let n = rr.entry(key).or_insert(0);
+                *n = n.wrapping_add(1);
+                live[*n % live.len()]
+            }
+            routing::LoadBalancer::Random => live[rng.usize(..live.len())],
+            routing::LoadBalancer::LeastRequest => {
+                // Power of two choices.
+                let a = live[rng.usize(..live.len())];
+                let b = live[rng.usize(..live.len())];
+                if state(a.0, a.1).active <= state(b.0, b.1).active { a } else { b }
+            }
+        })
+    }
+
+    /// Counts an attempt to `ep` as in flight until the guard drops.
+    pub fn begin(&self, ep: SocketAddrV4) -> ActiveGuard<'_> {
+        self.endpoints.lock().expect("lock").entry(ep).or_default().active += 1;
+        ActiveGuard { ups: self, ep }
+    }
+
+    async fn dial(&self, w: &Workload, port: u16) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, hbone::StreamGuard), hbone::HboneError> {
+        let ip = w.ip.expect("ready endpoints have an IP");
+        let me = Identity::new(self.certs.trust_domain(), &self.namespace, &self.service_account);
+        let dst = Identity::new(self.certs.trust_domain(), &w.namespace, &w.service_account);
+        self.pool
+            .connect("waypoint", None, &me, &dst, SocketAddrV4::new(ip, HBONE_PORT), SocketAddrV4::new(ip, port))
+            .await
+    }
+
+    /// An HTTP connection to `ep` (reused when one is idle).
+    async fn connection(&self, w: &Workload, port: u16, h2: bool) -> Result<Conn, Failure> {
+        let ep = endpoint(w, port);
+        {
+            // Reuse a connection only when it can take a request now: an
+            // HTTP/1.1 connection is busy until the previous response body
+            // has been read to the end.
+            let mut idle = self.idle.lock().expect("lock");
+            if let Some(list) = idle.get_mut(&(ep, h2)) {
+                list.retain(|u| !u.is_closed());
+                if let Some(i) = list.iter().position(Conn::is_ready) {
+                    return Ok(list.swap_remove(i));
+                }
+            }
+        }
+        let (send, recv, guard) = self.dial(w, port).await.map_err(|e| {
+            debug!(error = %skiff_core::report(&e), upstream = %ep, "HBONE to endpoint failed");
+            Failure::UpstreamConnect
+        })?;
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let counters = self.tcp.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            hbone::relay_io(theirs, send, recv, &counters, &counters).await
+        });
+        if h2 {
+            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(ours))
+                .await
+                .map_err(|_| Failure::UpstreamConnect)?;
+            tokio::spawn(conn);
+            Ok(Conn::H2(s))
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours)).await.map_err(|_| Failure::UpstreamConnect)?;
+            tokio::spawn(conn);
+            Ok(Conn::H1(s))
+        }
+    }
+
+    fn put_back(&self, w: &Workload, port: u16, h2: bool, u: Conn) {
+        let mut idle = self.idle.lock().expect("lock");
+        let v = idle.entry((endpoint(w, port), h2)).or_default();
+        if v.len() < MAX_IDLE_PER_ENDPOINT {
+            v.push(u);
+        }
+    }
+
+    /// Sends one attempt; returns the response or why it failed.
+    pub async fn attempt(&self, w: &Workload, port: u16, h2: bool, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, Failure> {
+        match self.connection(w, port, h2).await? {
+            Conn::H1(mut s) => {
+                s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
+                let r = s.send_request(req).await.map_err(|_| Failure::UpstreamConnect);
+                // hyper waits for this response's body before the next request.
+                self.put_back(w, port, h2, Conn::H1(s));
+                r
+            }
+            Conn::H2(mut s) => {
+                s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
+                let r = s.send_request(req).await.map_err(|_| Failure::UpstreamConnect);
+                self.put_back(w, port, h2, Conn::H2(s));
+                r
+            }
+        }
+    }
+
+    /// Sends a copy of the request to the mirror destination, fire and
+    /// forget; its authority gets `-shadow` appended, as Envoy does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mirror(
+        self: &Arc<Self>,
+        snap: &Snapshot,
+        dest: &RouteDest,
+        host_ns: &str,
+        port: u16,
+        mut parts: http::request::Parts,
+        body: Bytes,
+        grpc: bool,
+        rng: &mut fastrand::Rng,
+    ) {
+        let Ok(r) = route::resolve(snap, dest, host_ns, port) else {
+            debug!(mirror = %dest.host, "mirror destination has no endpoint; copy dropped");
+            return;
+        };
+        let Some((w, p)) = self.choose(&r.endpoints, &r.policy, rng) else { return };
+        let w = w.clone();
+        if let Some(host) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(|h| format!("{h}-shadow")) {
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let h2 = route::port_protocol(&r.port) == "http2" || grpc;
+        let me = self.clone();
+        debug!(mirror = %r.svc.hostname(), "mirroring request");
+        tokio::spawn(async move {
+            let req = upstream_request(&parts, &body, h2);
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&w, p, h2, req)).await {
+                let _ = resp.into_body().collect().await;
+            }
+        });
+    }
+
+    /// Non-HTTP ports: bytes through to one endpoint of `svc`, chosen as
+    /// for HTTP (the destination's load balancer, ejected endpoints
+    /// skipped).
+    pub async fn passthrough(&self, snap: &Snapshot, svc: &ServiceInfo, port: u16, io: tokio::io::DuplexStream, rng: &mut fastrand::Rng) {
+        let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100 };
+        let Ok(r) = route::resolve(snap, &dest, &svc.namespace, port) else { return };
+        let Some((w, port)) = self.choose(&r.endpoints, &r.policy, rng) else { return };
+        let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
+        hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
+    }
+}
+
+/// The upstream form of a request: HTTP/2 takes the authority in the URI
+/// (`:authority`) and no Host header; HTTP/1.1 takes origin-form and Host.
+pub fn upstream_request(parts: &http::request::Parts, body: &Bytes, h2: bool) -> Request<Full<Bytes>> {
+    let mut parts = parts.clone();
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| "localhost".into());
+    let pq = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    if h2 {
+        parts.headers.remove(header::HOST);
+        if let Ok(u) = format!("http://{authority}{pq}").parse() {
+            parts.uri = u;
+        }
+        parts.version = http::Version::HTTP_2;
+    } else {
+        if let Ok(u) = pq.parse() {
+            parts.uri = u;
+        }
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.version = http::Version::HTTP_11;
+    }
+    Request::from_parts(parts, Full::new(body.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_requests_carry_the_authority_as_their_protocol_wants() {
+        let req = |uri: &str, host: Option<&str>| {
+            let mut b = Request::builder().uri(uri);
+            if let Some(h) = host {
+                b = b.header(header::HOST, h);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        #[rustfmt::skip]
+        let cases = [
+            ("h1 from Host", req("/a?b=1", Some("reviews:9080")), false, "/a?b=1", Some("reviews:9080")),
+            ("h1 from absolute form", req("http://reviews/a", None), false, "/a", Some("reviews")),
+            ("h1 without either", req("/a", None), false, "/a", Some("localhost")),
+            ("h2 from Host", req("/a?b=1", Some("reviews:9080")), true, "http://reviews:9080/a?b=1", None),
+        ];
+        for (name, parts, h2, uri, host) in cases {
+            let r = upstream_request(&parts, &Bytes::new(), h2);
+            assert_eq!(r.uri().to_string(), uri, "case {name}");
+            assert_eq!(r.headers().get(header::HOST).map(|v| v.to_str().unwrap()), host, "case {name}");
+            assert_eq!(r.version(), if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 }, "case {name}");
+        }
+    }
+}
