@@ -111,6 +111,59 @@ pub enum Action {
 pub struct StrMatch(pub String);
 
 impl StrMatch {
+    /// A path match: as [`StrMatch::matches`], or, when the pattern holds
+    /// the template operators `{*}` (exactly one non-empty segment) or
+    /// `{**}` (one or more segments; last operator only), a path template
+    /// (Istio AuthorizationPolicy `Operation.paths`).
+    pub fn matches_path(&self, path: &str) -> bool {
+        if !self.0.contains("{*") {
+            return self.matches(path);
+        }
+        let mut want = self.0.split('/');
+        let mut have = path.split('/');
+        loop {
+            match (want.next(), have.next()) {
+                (None, None) => return true,
+                (Some("{**}"), Some(seg)) => {
+                    // The rest of the path, at least one non-empty segment.
+                    let rest: Vec<&str> = std::iter::once(seg).chain(have).collect();
+                    return !rest.iter().all(|s| s.is_empty());
+                }
+                (Some("{*}"), Some(seg)) if !seg.is_empty() => {}
+                (Some(w), Some(h)) if w == h => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Whether a path pattern is a valid template (or no template at all).
+    fn valid_path_template(p: &str) -> Result<(), String> {
+        if !p.contains('{') && !p.contains('}') {
+            return Ok(());
+        }
+        let segs: Vec<&str> = p.split('/').collect();
+        for (i, seg) in segs.iter().enumerate() {
+            match *seg {
+                "{*}" => {}
+                "{**}" if i == segs.len() - 1 => {}
+                "{**}" => return Err(format!("{p:?}: `{{**}}` must be the last operator")),
+                s if s.contains('{') || s.contains('}') => {
+                    return Err(format!("{p:?}: a template operator must be a whole segment, `{{*}}` or `{{**}}`"))
+                }
+                _ => {}
+            }
+        }
+        if !p.starts_with('/') {
+            return Err(format!("{p:?}: a path template starts with `/`"));
+        }
+        Ok(())
+    }
+
+    /// Case-insensitive [`StrMatch::matches`] (hosts).
+    pub fn matches_ignore_case(&self, v: &str) -> bool {
+        StrMatch(self.0.to_ascii_lowercase()).matches(&v.to_ascii_lowercase())
+    }
+
     pub fn matches(&self, v: &str) -> bool {
         let p = &self.0;
         if p == "*" {
@@ -158,6 +211,9 @@ pub struct Source {
     pub not_principals: Vec<StrMatch>,
     pub namespaces: Vec<StrMatch>,
     pub not_namespaces: Vec<StrMatch>,
+    /// `(namespace, service account)` of the peer's identity.
+    pub service_accounts: Vec<(String, String)>,
+    pub not_service_accounts: Vec<(String, String)>,
     pub ip_blocks: Vec<Cidr>,
     pub not_ip_blocks: Vec<Cidr>,
     pub remote_ip_blocks: Vec<Cidr>,
@@ -204,6 +260,10 @@ pub struct Rule {
     pub from: Vec<Source>,
     pub to: Vec<Operation>,
     pub when: Vec<Condition>,
+    /// Field paths in the rule Skiff cannot evaluate anywhere (fields it
+    /// does not know): an ALLOW rule with any never matches; a DENY rule
+    /// matches on what can be evaluated (Istio's fail-closed rule).
+    pub unsupported: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -266,9 +326,22 @@ fn any_cidr(list: &[Cidr], ip: IpAddr) -> bool {
     list.iter().any(|c| c.contains(ip))
 }
 
+/// `(namespace, service account)` of a principal `td/ns/NS/sa/SA`.
+fn ns_sa(principal: &str) -> Option<(&str, &str)> {
+    let mut parts = principal.split('/');
+    let (_td, ns_kw, ns, sa_kw, sa) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    (ns_kw == "ns" && sa_kw == "sa" && parts.next().is_none()).then_some((ns, sa))
+}
+
+fn any_sa(list: &[(String, String)], principal: Option<&str>) -> bool {
+    principal.and_then(ns_sa).is_some_and(|(ns, sa)| list.iter().any(|(n, s)| n == ns && s == sa))
+}
+
 impl Source {
     fn matches(&self, c: &ConnInfo) -> bool {
-        (self.principals.is_empty() || any_str(&self.principals, c.principal.as_deref()))
+        (self.service_accounts.is_empty() || any_sa(&self.service_accounts, c.principal.as_deref()))
+            && (self.not_service_accounts.is_empty() || !any_sa(&self.not_service_accounts, c.principal.as_deref()))
+            && (self.principals.is_empty() || any_str(&self.principals, c.principal.as_deref()))
             && (self.not_principals.is_empty() || !any_str(&self.not_principals, c.principal.as_deref()))
             && (self.namespaces.is_empty() || any_str(&self.namespaces, c.src_namespace.as_deref()))
             && (self.not_namespaces.is_empty() || !any_str(&self.not_namespaces, c.src_namespace.as_deref()))
@@ -284,12 +357,12 @@ impl Operation {
         let l4 = (self.ports.is_empty() || self.ports.contains(&c.dst_port))
             && (self.not_ports.is_empty() || !self.not_ports.contains(&c.dst_port));
         let Some(r) = l7 else { return l4 };
-        let field = |yes: &[StrMatch], no: &[StrMatch], v: &str| {
-            (yes.is_empty() || any_str(yes, Some(v))) && (no.is_empty() || !any_str(no, Some(v)))
+        let field = |yes: &[StrMatch], no: &[StrMatch], m: &dyn Fn(&StrMatch) -> bool| {
+            (yes.is_empty() || yes.iter().any(m)) && (no.is_empty() || !no.iter().any(m))
         };
-        l4 && field(&self.methods, &self.not_methods, r.method)
-            && field(&self.paths, &self.not_paths, r.path)
-            && field(&self.hosts, &self.not_hosts, r.host)
+        l4 && field(&self.methods, &self.not_methods, &|m| m.matches(r.method))
+            && field(&self.paths, &self.not_paths, &|m| m.matches_path(r.path))
+            && field(&self.hosts, &self.not_hosts, &|m| m.matches_ignore_case(r.host))
     }
 }
 
@@ -341,7 +414,7 @@ impl Rule {
     /// Whether the rule matches, for a policy with `action`; `l7` is the
     /// request when evaluated at a waypoint.
     fn matches(&self, action: Action, c: &ConnInfo, l7: Option<&L7Attrs<'_>>) -> bool {
-        let unknowable = if l7.is_some() { self.has_unsupported() } else { self.has_l7() };
+        let unknowable = !self.unsupported.is_empty() || if l7.is_some() { self.has_unsupported() } else { self.has_l7() };
         if unknowable && action == Action::Allow {
             // Cannot prove the rule holds: an ALLOW rule never matches.
             return false;
@@ -459,6 +532,36 @@ fn ports(field: &str, list: &[String]) -> Result<Vec<u16>, (String, String)> {
         .collect()
 }
 
+/// `serviceAccounts` / `notServiceAccounts`: `namespace/name`, no
+/// wildcards, at most 16 of at most 320 characters, and not together with
+/// principals or namespaces (Istio's CRD validation of `Source`).
+fn service_accounts(field: &str, list: &[String], s: &k8s::AuthzSource) -> Result<Vec<(String, String)>, (String, String)> {
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    if [&s.principals, &s.not_principals, &s.namespaces, &s.not_namespaces].iter().any(|l| !l.is_empty()) {
+        return Err((field.to_owned(), "cannot be set together with principals or namespaces (or their negations)".into()));
+    }
+    if list.len() > 16 {
+        return Err((field.to_owned(), format!("{} entries; at most 16", list.len())));
+    }
+    list.iter()
+        .map(|v| {
+            let bad = |why: &str| (field.to_owned(), format!("{v:?}: {why}"));
+            if v.len() > 320 {
+                return Err(bad("longer than 320 characters"));
+            }
+            if v.contains('*') {
+                return Err(bad("wildcards are not allowed"));
+            }
+            match v.split_once('/') {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => Ok((ns.to_owned(), sa.to_owned())),
+                _ => Err(bad("not <namespace>/<service account>")),
+            }
+        })
+        .collect()
+}
+
 /// Converts wire AuthorizationPolicy; errors name the field.
 pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String, String)> {
     let namespace = ap.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -482,17 +585,42 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
     if targets_waypoint && ap.spec.selector.is_some() {
         return Err(("spec.selector".into(), "cannot be set together with targetRefs".into()));
     }
+    if let Some(k) = ap.spec.unknown.keys().next() {
+        return Err((format!("spec.{k}"), "not a field of AuthorizationPolicy (Istio security/v1 AuthorizationPolicy)".into()));
+    }
+    if ap.spec.provider.is_some() && action != Action::Custom {
+        return Err(("spec.provider".into(), "only with action CUSTOM".into()));
+    }
     let mut rules = Vec::new();
     for (i, r) in ap.spec.rules.iter().flatten().enumerate() {
         let mut rule = Rule::default();
+        let unknown = |path: String, fields: &BTreeMap<String, serde_json::Value>, out: &mut Vec<String>| {
+            out.extend(fields.keys().map(|k| format!("{path}.{k}")));
+        };
+        unknown(format!("spec.rules[{i}]"), &r.unknown, &mut rule.unsupported);
         for (j, f) in r.from.iter().enumerate() {
-            let s = &f.source;
+            unknown(format!("spec.rules[{i}].from[{j}]"), &f.unknown, &mut rule.unsupported);
             let p = |n: &str| format!("spec.rules[{i}].from[{j}].source.{n}");
+            // Istio: `from.source` must be set and not empty.
+            let Some(s) = &f.source else {
+                return Err((format!("spec.rules[{i}].from[{j}].source"), "required".into()));
+            };
+            unknown(format!("spec.rules[{i}].from[{j}].source"), &s.unknown, &mut rule.unsupported);
+            let lists = [
+                &s.principals, &s.not_principals, &s.request_principals, &s.not_request_principals, &s.namespaces,
+                &s.not_namespaces, &s.service_accounts, &s.not_service_accounts, &s.ip_blocks, &s.not_ip_blocks,
+                &s.remote_ip_blocks, &s.not_remote_ip_blocks,
+            ];
+            if lists.iter().all(|l| l.is_empty()) && s.unknown.is_empty() {
+                return Err((format!("spec.rules[{i}].from[{j}].source"), "must not be empty".into()));
+            }
             rule.from.push(Source {
                 principals: str_matches(&p("principals"), &s.principals)?,
                 not_principals: str_matches(&p("notPrincipals"), &s.not_principals)?,
                 namespaces: str_matches(&p("namespaces"), &s.namespaces)?,
                 not_namespaces: str_matches(&p("notNamespaces"), &s.not_namespaces)?,
+                service_accounts: service_accounts(&p("serviceAccounts"), &s.service_accounts, s)?,
+                not_service_accounts: service_accounts(&p("notServiceAccounts"), &s.not_service_accounts, s)?,
                 ip_blocks: cidrs(&p("ipBlocks"), &s.ip_blocks)?,
                 not_ip_blocks: cidrs(&p("notIpBlocks"), &s.not_ip_blocks)?,
                 remote_ip_blocks: cidrs(&p("remoteIpBlocks"), &s.remote_ip_blocks)?,
@@ -501,8 +629,22 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
             });
         }
         for (j, t) in r.to.iter().enumerate() {
-            let o = &t.operation;
+            unknown(format!("spec.rules[{i}].to[{j}]"), &t.unknown, &mut rule.unsupported);
             let p = |n: &str| format!("spec.rules[{i}].to[{j}].operation.{n}");
+            // Istio: `to.operation` must be set and not empty.
+            let Some(o) = &t.operation else {
+                return Err((format!("spec.rules[{i}].to[{j}].operation"), "required".into()));
+            };
+            unknown(format!("spec.rules[{i}].to[{j}].operation"), &o.unknown, &mut rule.unsupported);
+            let lists = [&o.hosts, &o.not_hosts, &o.ports, &o.not_ports, &o.methods, &o.not_methods, &o.paths, &o.not_paths];
+            if lists.iter().all(|l| l.is_empty()) && o.unknown.is_empty() {
+                return Err((format!("spec.rules[{i}].to[{j}].operation"), "must not be empty".into()));
+            }
+            for (field, list) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+                for (k, v) in list.iter().enumerate() {
+                    StrMatch::valid_path_template(v).map_err(|e| (format!("{}[{k}]", p(field)), e))?;
+                }
+            }
             rule.to.push(Operation {
                 ports: ports(&p("ports"), &o.ports)?,
                 not_ports: ports(&p("notPorts"), &o.not_ports)?,
@@ -518,6 +660,7 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
             });
         }
         for (j, w) in r.when.iter().enumerate() {
+            unknown(format!("spec.rules[{i}].when[{j}]"), &w.unknown, &mut rule.unsupported);
             let key = match w.key.as_str() {
                 "source.ip" => ConditionKey::SourceIp,
                 "remote.ip" => ConditionKey::RemoteIp,
@@ -640,6 +783,135 @@ mod tests {
         let d = evaluate(&[&audit_all, &allow_ns], &web);
         assert_eq!(d.audited, vec!["app/p".to_owned()]);
         assert_eq!(d.policy.as_deref(), Some("app/p"));
+    }
+
+    /// Istio reference, AuthorizationPolicy: `Source` (serviceAccounts,
+    /// principals), `Rule` ("a match occurs when at least one source, one
+    /// operation and all conditions match"), and the fail-closed rule for
+    /// what cannot be evaluated: an ALLOW rule never matches, a DENY rule
+    /// matches on what can be evaluated. Fields Skiff does not know (a typo,
+    /// a newer field) are such attributes: never an empty source that
+    /// matches every peer.
+    #[test]
+    fn unknown_or_unevaluable_attributes_never_widen_an_allow() {
+        let allow_sa = policy(&format!("{HDR}  rules: [{{from: [{{source: {{serviceAccounts: [frontend/web]}}}}]}}]\n"));
+        let not_sa = policy(&format!("{HDR}  action: DENY\n  rules: [{{from: [{{source: {{notServiceAccounts: [frontend/web]}}}}]}}]\n"));
+        // `principal` (a typo of principals) and `trustDomains` (not an
+        // Istio field) are unknown.
+        let allow_typo = policy(&format!("{HDR}  rules: [{{from: [{{source: {{principal: [cluster.local/ns/frontend/sa/web]}}}}]}}]\n"));
+        let allow_unknown_and_known = policy(&format!(
+            "{HDR}  rules: [{{from: [{{source: {{namespaces: [frontend], trustDomains: [cluster.local]}}}}]}}]\n"
+        ));
+        let deny_typo = policy(&format!("{HDR}  action: DENY\n  rules: [{{from: [{{source: {{principal: [x]}}}}]}}]\n"));
+        let deny_typo_and_port = policy(&format!(
+            "{HDR}  action: DENY\n  rules: [{{from: [{{source: {{namespaces: [backend], nameSpaces: [x]}}}}], to: [{{operation: {{ports: [\"9000\"]}}}}]}}]\n"
+        ));
+        let allow_unknown_rule_field = policy(&format!("{HDR}  rules: [{{form: [{{source: {{namespaces: [frontend]}}}}]}}]\n"));
+        let allow_unknown_when_field = policy(&format!(
+            "{HDR}  rules: [{{when: [{{key: source.namespace, values: [frontend], notvalues: [x]}}]}}]\n"
+        ));
+        let allow_jwt = policy(&format!("{HDR}  rules: [{{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]\n"));
+        let allow_ns = policy(&format!("{HDR}  rules: [{{from: [{{source: {{namespaces: [frontend]}}}}]}}]\n"));
+
+        let web = conn("10.244.1.5", Some("frontend/sa/web"), 8080);
+        let other_sa = conn("10.244.1.6", Some("frontend/sa/batch"), 8080);
+        let other_ns = conn("10.244.2.5", Some("backend/sa/api"), 8080);
+        let other_ns_9000 = conn("10.244.2.5", Some("backend/sa/api"), 9000);
+        let plaintext = conn("10.244.1.7", None, 8080);
+
+        #[rustfmt::skip]
+        let cases: Vec<(&str, &AuthzPolicy, &ConnInfo, bool)> = vec![
+            ("serviceAccounts: that account", &allow_sa, &web, true),
+            ("serviceAccounts: another account of the namespace", &allow_sa, &other_sa, false),
+            ("serviceAccounts: plaintext has no account", &allow_sa, &plaintext, false),
+            ("notServiceAccounts DENY: another account denied", &not_sa, &other_sa, false),
+            ("notServiceAccounts DENY: that account passes", &not_sa, &web, true),
+            ("unknown source field: ALLOW never matches", &allow_typo, &web, false),
+            ("unknown source field: ALLOW never matches plaintext", &allow_typo, &plaintext, false),
+            ("unknown beside a known field: ALLOW never matches", &allow_unknown_and_known, &web, false),
+            ("unknown source field: DENY matches on the rest (all)", &deny_typo, &web, false),
+            ("DENY: known namespace and port still decide", &deny_typo_and_port, &other_ns_9000, false),
+            ("DENY: known port does not match", &deny_typo_and_port, &other_ns, true),
+            ("unknown rule field: ALLOW never matches", &allow_unknown_rule_field, &web, false),
+            ("unknown condition field: ALLOW never matches", &allow_unknown_when_field, &web, false),
+            ("requestPrincipals (JWT) at L4: ALLOW never matches", &allow_jwt, &web, false),
+            ("control: the same ALLOW without unknowns matches", &allow_ns, &web, true),
+        ];
+        for (name, p, c, want) in cases {
+            assert_eq!(evaluate(&[p], c).allowed, want, "case {name}");
+        }
+        assert_eq!(allow_typo.rules[0].unsupported, vec!["spec.rules[0].from[0].source.principal"]);
+        assert_eq!(allow_unknown_rule_field.rules[0].unsupported, vec!["spec.rules[0].form"]);
+    }
+
+    /// Istio's validation of AuthorizationPolicy: an empty or missing
+    /// `from.source` / `to.operation` is invalid, `serviceAccounts` follows
+    /// the CRD's rules (namespace/name, no wildcard, at most 16, not with
+    /// principals or namespaces), path templates are whole segments with
+    /// `{**}` last, unknown spec fields and `provider` without CUSTOM are
+    /// refused. Each refusal names the field.
+    #[test]
+    fn invalid_authorization_policies_are_refused_naming_the_field() {
+        let bad = |rules: &str| match &k8s::parse_documents(&format!("{HDR}{rules}")).unwrap()[0] {
+            k8s::Object::AuthorizationPolicy(ap) => authz_from(ap).unwrap_err(),
+            o => panic!("{o:?}"),
+        };
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, &str)] = &[
+            ("  rules: [{from: [{source: {}}]}]\n", "spec.rules[0].from[0].source", "must not be empty"),
+            ("  rules: [{from: [{}]}]\n", "spec.rules[0].from[0].source", "required"),
+            ("  rules: [{to: [{operation: {}}]}]\n", "spec.rules[0].to[0].operation", "must not be empty"),
+            ("  rules: [{to: [{}]}]\n", "spec.rules[0].to[0].operation", "required"),
+            ("  rules: [{from: [{source: {serviceAccounts: [web]}}]}]\n", "spec.rules[0].from[0].source.serviceAccounts", "not <namespace>/<service account>"),
+            ("  rules: [{from: [{source: {serviceAccounts: [\"app/*\"]}}]}]\n", "spec.rules[0].from[0].source.serviceAccounts", "wildcards"),
+            ("  rules: [{from: [{source: {serviceAccounts: [app/web], namespaces: [app]}}]}]\n", "spec.rules[0].from[0].source.serviceAccounts", "together with principals or namespaces"),
+            ("  rules: [{from: [{source: {notServiceAccounts: [app/web], notPrincipals: [x]}}]}]\n", "spec.rules[0].from[0].source.notServiceAccounts", "together"),
+            ("  rules: [{to: [{operation: {paths: [\"/a/{**}/b\"]}}]}]\n", "spec.rules[0].to[0].operation.paths[0]", "last operator"),
+            ("  rules: [{to: [{operation: {notPaths: [\"/a/x{*}\"]}}]}]\n", "spec.rules[0].to[0].operation.notPaths[0]", "whole segment"),
+            ("  rule: [{}]\n", "spec.rule", "not a field"),
+            ("  action: ALLOW\n  provider: {name: ext}\n", "spec.provider", "only with action CUSTOM"),
+        ];
+        for (rules, field, why) in cases {
+            let (f, m) = bad(rules);
+            assert_eq!(&f, field, "{rules}: {m}");
+            assert!(m.contains(why), "{rules}: {m}");
+        }
+        let many: Vec<String> = (0..17).map(|i| format!("app/sa{i}")).collect();
+        let (f, m) = bad(&format!("  rules: [{{from: [{{source: {{serviceAccounts: [{}]}}}}]}}]\n", many.join(", ")));
+        assert_eq!((f.as_str(), m.contains("at most 16")), ("spec.rules[0].from[0].source.serviceAccounts", true));
+    }
+
+    /// Istio reference, AuthorizationPolicy `Operation.paths`: path
+    /// templates, `{*}` one segment, `{**}` one or more (last operator);
+    /// `Operation.hosts`: "The match is case-insensitive".
+    #[test]
+    fn path_templates_and_case_insensitive_hosts() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, bool)] = &[
+            ("/api/{*}/orders", "/api/v1/orders", true),
+            ("/api/{*}/orders", "/api/v1/v2/orders", false),
+            ("/api/{*}/orders", "/api//orders", false),
+            ("/api/{*}", "/api/", false),
+            ("/api/{**}", "/api/a/b/c", true),
+            ("/api/{**}", "/api/a", true),
+            ("/api/{**}", "/api/", false),
+            ("/api/{**}", "/api", false),
+            ("/{*}/admin/{**}", "/x/admin/users/1", true),
+            ("/{*}/admin/{**}", "/x/public/users/1", false),
+            ("/admin*", "/admin/x", true),
+            ("/admin", "/admin", true),
+        ];
+        for (pattern, path, want) in cases {
+            assert_eq!(StrMatch((*pattern).into()).matches_path(path), *want, "{pattern} vs {path}");
+        }
+        let deny_tpl = policy(&format!("{HDR}  action: DENY\n  rules: [{{to: [{{operation: {{paths: [\"/users/{{*}}/secrets\"]}}}}]}}]\n"));
+        let allow_host = policy(&format!("{HDR}  rules: [{{to: [{{operation: {{hosts: [Shop.Example.COM]}}}}]}}]\n"));
+        let web = conn("10.244.1.5", Some("frontend/sa/web"), 8080);
+        let req = |path: &'static str, host: &'static str| L7Attrs { method: "GET", path, host, headers: &[] };
+        assert!(!evaluate_l7(&[&deny_tpl], &web, &req("/users/42/secrets", "a")).allowed, "a DENY with a path template matches");
+        assert!(evaluate_l7(&[&deny_tpl], &web, &req("/users/42/public", "a")).allowed);
+        assert!(evaluate_l7(&[&allow_host], &web, &req("/", "shop.example.com")).allowed, "hosts match case-insensitively");
+        assert!(!evaluate_l7(&[&allow_host], &web, &req("/", "other.example.com")).allowed);
     }
 
     #[test]
