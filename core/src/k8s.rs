@@ -47,6 +47,26 @@ pub enum Object {
     DestinationRule(DestinationRule),
     /// A kind Skiff does not read (ConfigMap, Istio kinds not yet supported…).
     Other { api_version: String, kind: String },
+    /// An object of a kind Skiff reads that it cannot take: a field of the
+    /// wrong shape, or (Istio kinds) a field Skiff does not know. It is
+    /// refused on its own; the rest of the config is unaffected.
+    Invalid(InvalidObject),
+}
+
+/// An object refused at parse time, with what is known of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InvalidObject {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    /// The field at fault, as a path (`spec.gateways`).
+    pub field: String,
+    pub message: String,
+    /// The object as written: passed on as is (the local mesh's state
+    /// files), and read for what a fail-closed stand-in needs (selector,
+    /// action).
+    pub raw: serde_json::Value,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -267,9 +287,16 @@ pub struct AuthorizationPolicySpec {
     pub target_ref: Option<serde_json::Value>,
     #[serde(default)]
     pub action: Option<String>,
+    /// CUSTOM's extension provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<serde_json::Value>,
     /// `None`: no `rules` field at all.
     #[serde(default)]
     pub rules: Option<Vec<AuthzRule>>,
+    /// Fields Skiff does not know (typos, newer Istio fields): kept so the
+    /// conversion can refuse them aloud instead of reading them as absent.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -281,13 +308,22 @@ pub struct AuthzRule {
     pub to: Vec<AuthzTo>,
     #[serde(default)]
     pub when: Vec<AuthzCondition>,
+    /// Fields Skiff does not know (typos, newer Istio fields): kept so the
+    /// conversion can refuse them aloud instead of reading them as absent.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthzFrom {
+    /// `None`: no `source` (invalid, as in Istio).
     #[serde(default)]
-    pub source: AuthzSource,
+    pub source: Option<AuthzSource>,
+    /// Fields Skiff does not know (typos, newer Istio fields): kept so the
+    /// conversion can refuse them aloud instead of reading them as absent.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -305,6 +341,11 @@ pub struct AuthzSource {
     pub namespaces: Vec<String>,
     #[serde(default)]
     pub not_namespaces: Vec<String>,
+    /// `namespace/name` of the peer's service account.
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
     #[serde(default)]
     pub ip_blocks: Vec<String>,
     #[serde(default)]
@@ -313,13 +354,22 @@ pub struct AuthzSource {
     pub remote_ip_blocks: Vec<String>,
     #[serde(default)]
     pub not_remote_ip_blocks: Vec<String>,
+    /// Fields Skiff does not know (typos, newer Istio fields): kept so the
+    /// conversion can refuse them aloud instead of reading them as absent.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthzTo {
+    /// `None`: no `operation` (invalid, as in Istio).
     #[serde(default)]
-    pub operation: AuthzOperation,
+    pub operation: Option<AuthzOperation>,
+    /// Fields Skiff does not know (typos, newer Istio fields): kept so the
+    /// conversion can refuse them aloud instead of reading them as absent.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -341,6 +391,10 @@ pub struct AuthzOperation {
     pub paths: Vec<String>,
     #[serde(default)]
     pub not_paths: Vec<String>,
+    /// Fields Skiff does not know (typos, newer Istio fields): kept so the
+    /// conversion can refuse them aloud instead of reading them as absent.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -351,6 +405,10 @@ pub struct AuthzCondition {
     pub values: Vec<String>,
     #[serde(default)]
     pub not_values: Vec<String>,
+    /// Fields Skiff does not know (typos, newer Istio fields): kept so the
+    /// conversion can refuse them aloud instead of reading them as absent.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `networking.istio.io` VirtualService (the fields Skiff reads).
@@ -367,6 +425,10 @@ pub struct VirtualService {
 pub struct VirtualServiceSpec {
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Where it applies: Gateway names and `mesh` (every sidecar and
+    /// waypoint). Empty: `mesh` only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
 }
@@ -431,6 +493,10 @@ pub struct HttpMatchRequest {
     pub query_params: BTreeMap<String, StringMatchSpec>,
     #[serde(default)]
     pub without_headers: BTreeMap<String, StringMatchSpec>,
+    /// Narrows where this match applies (overrides the VirtualService's
+    /// `gateways`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
     #[serde(default)]
     pub port: Option<u16>,
     #[serde(default)]
@@ -680,7 +746,7 @@ pub enum ParseError {
     Yaml {
         index: usize,
         #[source]
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
     /// `apiVersion` or `kind` is missing.
     #[error("document {index}: missing `apiVersion` or `kind`")]
@@ -707,7 +773,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
     let mut out = Vec::new();
     let mut bytes = text.as_bytes();
     for (index, value) in serde_saphyr::read::<_, serde_json::Value>(&mut bytes).enumerate() {
-        let value = value.map_err(|source| ParseError::Yaml { index, source })?;
+        let value = value.map_err(|source| ParseError::Yaml { index, source: Box::new(source) })?;
         if value.is_null() {
             continue;
         }
@@ -748,13 +814,21 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
         .and_then(|v| v.as_str())
         .unwrap_or("")
         .to_owned();
-    let field = |e: serde_path_to_error::Error<serde_json::Error>| ParseError::Field {
-        index,
-        kind: kind.clone(),
-        name: name.clone(),
-        path: e.path().to_string(),
-        source: e.into_inner(),
+    let namespace = value.get("metadata").and_then(|m| m.get("namespace")).and_then(|v| v.as_str()).map(str::to_owned);
+    let raw = value.clone();
+    let invalid = |field: String, message: String| {
+        Object::Invalid(InvalidObject {
+            api_version: api_version.clone(),
+            kind: kind.clone(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+            field,
+            message,
+            raw: raw.clone(),
+        })
     };
+    // A field of the wrong shape refuses this object only.
+    let field = |e: serde_path_to_error::Error<serde_json::Error>| invalid(e.path().to_string(), e.into_inner().to_string());
     let core = api_version == "v1";
     let apps = api_version == "apps/v1";
     let security = matches!(api_version.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1");
@@ -762,19 +836,74 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
         api_version.as_str(),
         "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
     );
+    // Istio kinds: a field the typed form drops is a field Skiff does not
+    // know; it is refused aloud, never read as absent.
+    fn istio<T: for<'de> Deserialize<'de> + Serialize>(
+        value: serde_json::Value,
+        wrap: fn(T) -> Object,
+        field: &dyn Fn(serde_path_to_error::Error<serde_json::Error>) -> Object,
+        invalid: &dyn Fn(String, String) -> Object,
+    ) -> Object {
+        let spec = value.get("spec").cloned().unwrap_or(serde_json::Value::Null);
+        match typed::<T>(value) {
+            Err(e) => field(e),
+            Ok(t) => {
+                let back = serde_json::to_value(&t).ok().and_then(|v| v.get("spec").cloned()).unwrap_or_default();
+                let mut dropped = Vec::new();
+                dropped_fields(&spec, &back, "spec", &mut dropped);
+                match dropped.into_iter().next() {
+                    Some(path) => invalid(path, "not a field Skiff supports (refused rather than ignored)".into()),
+                    None => wrap(t),
+                }
+            }
+        }
+    }
+    let typed_or = |r: Result<Object, serde_path_to_error::Error<serde_json::Error>>| r.unwrap_or_else(&field);
     let obj = match kind.as_str() {
-        "Namespace" if core => Object::Namespace(typed(value).map_err(field)?),
-        "Pod" if core => Object::Pod(typed(value).map_err(field)?),
-        "Service" if core => Object::Service(typed(value).map_err(field)?),
-        "Deployment" if apps => Object::Deployment(typed(value).map_err(field)?),
-        "PeerAuthentication" if security => Object::PeerAuthentication(typed(value).map_err(field)?),
-        "AuthorizationPolicy" if security => Object::AuthorizationPolicy(typed(value).map_err(field)?),
-        "VirtualService" if networking => Object::VirtualService(typed(value).map_err(field)?),
-        "DestinationRule" if networking => Object::DestinationRule(typed(value).map_err(field)?),
+        "Namespace" if core => typed_or(typed(value).map(Object::Namespace)),
+        "Pod" if core => typed_or(typed(value).map(Object::Pod)),
+        "Service" if core => typed_or(typed(value).map(Object::Service)),
+        "Deployment" if apps => typed_or(typed(value).map(Object::Deployment)),
+        "PeerAuthentication" if security => istio(value, Object::PeerAuthentication, &field, &invalid),
+        // Unknown fields inside rules are kept and fail closed there (an
+        // ALLOW rule never matches); unknown spec fields are refused.
+        "AuthorizationPolicy" if security => typed_or(typed(value).map(Object::AuthorizationPolicy)),
+        "VirtualService" if networking => istio(value, Object::VirtualService, &field, &invalid),
+        "DestinationRule" if networking => istio(value, Object::DestinationRule, &field, &invalid),
         _ => Object::Other { api_version, kind },
     };
     out.push(obj);
     Ok(())
+}
+
+/// Paths of the fields in `raw` that `typed` (the same object read into a
+/// typed form and written back) does not have: the fields the typed form
+/// does not know. Empty values (`null`, `[]`, `{}`) are not counted.
+fn dropped_fields(raw: &serde_json::Value, typed: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    };
+    match (raw, typed) {
+        (Value::Object(r), Value::Object(t)) => {
+            for (k, v) in r {
+                match t.get(k) {
+                    None if !empty(v) => out.push(format!("{path}.{k}")),
+                    None => {}
+                    Some(tv) => dropped_fields(v, tv, &format!("{path}.{k}"), out),
+                }
+            }
+        }
+        (Value::Array(r), Value::Array(t)) => {
+            for (i, (rv, tv)) in r.iter().zip(t).enumerate() {
+                dropped_fields(rv, tv, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn typed<T: for<'de> Deserialize<'de>>(value: serde_json::Value) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
@@ -794,6 +923,12 @@ impl Object {
             Object::VirtualService(o) => ("VirtualService", &o.metadata),
             Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
             Object::Other { kind, .. } => return kind.clone(),
+            Object::Invalid(o) => {
+                return match &o.namespace {
+                    Some(ns) => format!("{} {ns}/{}", o.kind, o.name),
+                    None => format!("{} {}", o.kind, o.name),
+                }
+            }
         };
         let name = meta.name.as_deref().unwrap_or("<unnamed>");
         match &meta.namespace {
@@ -820,12 +955,42 @@ mod tests {
     }
 
     #[test]
-    fn wrong_field_type_names_document_and_object() {
-        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: eighty\n";
-        let err = parse_documents(text).unwrap_err();
-        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
-        assert!(msg.contains("Service \"web\""), "{msg}");
-        assert!(msg.contains("spec.ports[0].port"), "{msg}");
+    fn wrong_field_type_refuses_that_object_only_naming_the_field() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: eighty\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+        let objs = parse_documents(text).unwrap();
+        match &objs[0] {
+            Object::Invalid(o) => {
+                assert_eq!((o.kind.as_str(), o.name.as_str(), o.field.as_str()), ("Service", "web", "spec.ports[0].port"));
+                assert!(o.message.contains("eighty"), "{o:?}");
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(&objs[1], Object::Namespace(_)), "the next document is read");
+    }
+
+    /// Istio kinds: a field the typed reading does not know is refused with
+    /// its path, never read as absent (VirtualService, DestinationRule,
+    /// PeerAuthentication); empty values are not counted.
+    #[test]
+    fn unknown_istio_fields_are_refused_naming_the_path() {
+        let one = |text: &str| parse_documents(text).unwrap().remove(0);
+        #[rustfmt::skip]
+        let cases: &[(&str, Option<&str>)] = &[
+            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], exportTo: [\".\"]}\n", Some("spec.exportTo")),
+            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], http: [{route: [{destination: {host: r}}], corsPolicy: {allowOrigins: [{exact: x}]}}]}\n", Some("spec.http[0].corsPolicy")),
+            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], tcp: []}\n", None),
+            ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: a}\nspec: {host: r, trafficPolicy: {tls: {mode: SIMPLE}}}\n", Some("spec.trafficPolicy.tls")),
+            ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: a}\nspec: {mtls: {mode: STRICT, strict: true}}\n", Some("spec.mtls.strict")),
+            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], gateways: [mesh]}\n", None),
+        ];
+        for (text, want) in cases {
+            match (one(text), want) {
+                (Object::Invalid(o), Some(field)) => assert_eq!(&o.field, field, "{text}"),
+                (Object::Invalid(o), None) => panic!("refused {text}: {o:?}"),
+                (o, Some(field)) => panic!("{field} not refused: {o:?}"),
+                (_, None) => {}
+            }
+        }
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Validated domain types built from Kubernetes objects.
 //!
-//! Conversion happens once, here; the data path never sees wire types. A
-//! snapshot that fails validation is rejected whole, with every error naming
-//! the object and the field, so the caller keeps serving the last good one.
+//! Conversion happens once, here; the data path never sees wire types.
+//! Validation is per object: an object that fails is refused on its own,
+//! naming the object and the field, and the last accepted version of that
+//! object keeps serving (security objects with none fail closed); every
+//! other object is unaffected.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -110,10 +112,15 @@ pub struct Snapshot {
     /// Ports kubelet probes (liveness, readiness, startup: httpGet,
     /// tcpSocket, grpc), by [`Workload::uid`]; named ports resolved.
     pub probe_ports: BTreeMap<String, std::collections::BTreeSet<u16>>,
+    /// Objects refused, each on its own, with what serves instead.
+    pub rejected: Vec<Rejection>,
+    /// Objects taken with a documented fail-closed reading (an
+    /// AuthorizationPolicy rule with a field Skiff cannot evaluate).
+    pub warnings: Vec<ModelError>,
 }
 
 /// One object that failed validation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ModelError {
     /// Where the object came from (file and document, or API path).
     pub origin: String,
@@ -127,6 +134,124 @@ pub struct ModelError {
 impl fmt::Display for ModelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}: field `{}`: {}", self.origin, self.object, self.field, self.message)
+    }
+}
+
+/// Which object a rejection is about.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct ObjectKey {
+    pub kind: &'static str,
+    /// Empty for cluster-scoped kinds.
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What serves in place of a refused object.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Instead {
+    /// The version accepted before keeps serving.
+    Previous,
+    /// A security object with no accepted version: a stand-in that fails
+    /// closed (what it does).
+    FailClosed(&'static str),
+    /// Nothing: there was no accepted version.
+    Nothing,
+    /// Another object (the first definition, the first owner of an address).
+    Other,
+}
+
+impl fmt::Display for Instead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Instead::Previous => f.write_str("the last accepted version keeps serving"),
+            Instead::FailClosed(what) => write!(f, "fails closed: {what}"),
+            Instead::Nothing => f.write_str("not in force (no accepted version)"),
+            Instead::Other => f.write_str("the other object stays in force"),
+        }
+    }
+}
+
+/// An object Skiff refused, why, and what serves instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub error: ModelError,
+    pub key: ObjectKey,
+    pub instead: Instead,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}; {}", self.error, self.instead)
+    }
+}
+
+impl Rejection {
+    /// For the admin port and `skiff analyze -o json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "origin": self.error.origin, "object": self.error.object, "kind": self.key.kind,
+            "namespace": self.key.namespace, "name": self.key.name, "field": self.error.field,
+            "reason": self.error.message, "instead": self.instead.to_string(),
+        })
+    }
+}
+
+/// Logs each refused object and each fail-closed reading once per version
+/// of the problem (not at every snapshot), and says when one is resolved.
+#[derive(Debug, Default)]
+pub struct RejectionLog {
+    seen: BTreeSet<String>,
+}
+
+impl RejectionLog {
+    pub fn report(&mut self, snap: &Snapshot) {
+        let mut now = BTreeSet::new();
+        for r in &snap.rejected {
+            let line = r.to_string();
+            if !self.seen.contains(&line) {
+                tracing::error!(origin = %r.error.origin, object = %r.error.object, field = %r.error.field,
+                    reason = %r.error.message, instead = %r.instead, "config object refused");
+            }
+            now.insert(line);
+        }
+        for w in &snap.warnings {
+            let line = format!("warning: {w}");
+            if !self.seen.contains(&line) {
+                tracing::warn!(origin = %w.origin, object = %w.object, field = %w.field, reason = %w.message,
+                    "config object taken with a fail-closed reading");
+            }
+            now.insert(line);
+        }
+        for gone in self.seen.difference(&now) {
+            tracing::info!(problem = %gone, "config problem resolved");
+        }
+        self.seen = now;
+    }
+}
+
+impl Snapshot {
+    /// Refused objects by (kind, namespace), for the
+    /// `skiff_config_rejected_objects` gauge.
+    pub fn rejected_counts(&self) -> BTreeMap<(&'static str, String), i64> {
+        let mut out = BTreeMap::new();
+        for r in &self.rejected {
+            *out.entry((r.key.kind, r.key.namespace.clone())).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+/// The kinds the model holds, by name (`""` for others).
+fn kind_name(kind: &str) -> &'static str {
+    match kind {
+        "Namespace" => "Namespace",
+        "Pod" => "Pod",
+        "Service" => "Service",
+        "PeerAuthentication" => "PeerAuthentication",
+        "AuthorizationPolicy" => "AuthorizationPolicy",
+        "VirtualService" => "VirtualService",
+        "DestinationRule" => "DestinationRule",
+        _ => "",
     }
 }
 
@@ -175,11 +300,28 @@ fn parse_ip(
 }
 
 impl Snapshot {
-    /// Builds a snapshot from parsed objects, each with its origin. Kinds the
+    /// Builds a snapshot from parsed objects, each with its origin, and
+    /// fails if any object is refused (tests, offline checks). Kinds the
     /// model does not hold (Deployments, unknown kinds) are ignored.
     pub fn from_objects(objects: Vec<(String, Object)>) -> Result<Snapshot, ModelErrors> {
+        let snap = Snapshot::build(objects, None);
+        if snap.rejected.is_empty() {
+            Ok(snap)
+        } else {
+            Err(ModelErrors(snap.rejected.iter().map(|r| r.error.clone()).collect()))
+        }
+    }
+
+    /// Builds a snapshot object by object: an object that cannot be taken
+    /// is refused on its own (listed in [`Snapshot::rejected`]) and the rest
+    /// is served. In its place, the version of it accepted in `previous`
+    /// keeps serving; with none, a security object fails closed
+    /// (a PeerAuthentication reads as STRICT, an ALLOW AuthorizationPolicy
+    /// allows nothing, a DENY one denies everything, each for the workloads
+    /// it selects — all of the namespace when its selector cannot be read)
+    /// and any other object is absent.
+    pub fn build(objects: Vec<(String, Object)>, previous: Option<&Snapshot>) -> Snapshot {
         let mut snap = Snapshot::default();
-        let mut errors = Vec::new();
         let mut seen = BTreeSet::new();
         for (origin, obj) in objects {
             let object = obj.describe();
@@ -189,178 +331,315 @@ impl Snapshot {
                 field: field.to_owned(),
                 message,
             };
-            let meta = match &obj {
-                Object::Namespace(o) => &o.metadata,
-                Object::Pod(o) => &o.metadata,
-                Object::Service(o) => &o.metadata,
-                Object::PeerAuthentication(o) => &o.metadata,
-                Object::AuthorizationPolicy(o) => &o.metadata,
-                Object::VirtualService(o) => &o.metadata,
-                Object::DestinationRule(o) => &o.metadata,
+            let (kind, meta_ns, meta_name) = match &obj {
+                Object::Namespace(o) => ("Namespace", None, o.metadata.name.clone()),
+                Object::Pod(o) => ("Pod", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::Service(o) => ("Service", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::PeerAuthentication(o) => ("PeerAuthentication", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::VirtualService(o) => ("VirtualService", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::DestinationRule(o) => ("DestinationRule", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::Invalid(o) => (kind_name(&o.kind), o.namespace.clone(), Some(o.name.clone())),
                 Object::Deployment(_) | Object::Other { .. } => continue,
             };
-            let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
-                errors.push(err("metadata.name", "required".into()));
+            if kind.is_empty() {
+                // Invalid objects of kinds the model does not hold (a
+                // Deployment): the local mesh's business.
+                continue;
+            }
+            let key = ObjectKey {
+                kind,
+                namespace: if kind == "Namespace" { String::new() } else { meta_ns.unwrap_or_else(|| "default".into()) },
+                name: meta_name.clone().unwrap_or_default(),
+            };
+            let Some(name) = meta_name.filter(|n| !n.is_empty()) else {
+                // Nothing identifies it: nothing can stand in for it.
+                snap.rejected.push(Rejection { error: err("metadata.name", "required".into()), key, instead: Instead::Nothing });
                 continue;
             };
             if !seen.insert(object.clone()) {
-                errors.push(err("metadata.name", "defined more than once".into()));
+                // The first definition stays; this one is refused.
+                snap.rejected.push(Rejection { error: err("metadata.name", "defined more than once".into()), key, instead: Instead::Other });
                 continue;
             }
-            match obj {
-                Object::Namespace(ns) => {
-                    snap.namespaces.insert(name.clone(), NamespaceInfo { name, labels: ns.metadata.labels });
-                }
-                Object::Pod(pod) => {
-                    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-                    let ip = parse_ip(pod.status.pod_ip.as_deref(), &origin, &object, "status.podIP", &mut errors);
-                    let mut named_ports = BTreeMap::new();
-                    for c in &pod.spec.containers {
-                        for p in &c.ports {
-                            if let Some(n) = &p.name {
-                                named_ports.insert(n.clone(), p.container_port);
-                            }
-                        }
-                    }
-                    let w = Workload {
-                        uid: pod.metadata.uid.clone().unwrap_or_else(|| format!("{namespace}/{name}")),
-                        workload_name: workload_name(&pod, &name),
-                        service_account: pod
-                            .spec
-                            .service_account_name
-                            .clone()
-                            .filter(|s| !s.is_empty())
-                            .unwrap_or_else(|| "default".into()),
-                        node: pod.spec.node_name.clone(),
-                        ip,
-                        labels: pod.metadata.labels.clone(),
-                        host_network: pod.spec.host_network.unwrap_or(false),
-                        phase: pod.status.phase.clone(),
-                        netns_path: pod.metadata.annotations.get(crate::ANNOTATION_LOCAL_NETNS).map(PathBuf::from),
-                        named_ports,
-                        namespace,
-                        name,
-                    };
-                    if snap.workloads.contains_key(&w.uid) {
-                        errors.push(err("metadata.uid", format!("uid {:?} is used by another pod", w.uid)));
-                        continue;
-                    }
-                    let probes: std::collections::BTreeSet<u16> = pod
-                        .spec
-                        .containers
-                        .iter()
-                        .flat_map(|c| [&c.liveness_probe, &c.readiness_probe, &c.startup_probe])
-                        .flatten()
-                        .flat_map(|p| [&p.http_get, &p.tcp_socket, &p.grpc])
-                        .flatten()
-                        .filter_map(|t| match t.port.as_ref()? {
-                            crate::k8s::IntOrString::Int(n) => Some(*n),
-                            crate::k8s::IntOrString::String(name) => w.named_ports.get(name).copied(),
-                        })
-                        .collect();
-                    if !probes.is_empty() {
-                        snap.probe_ports.insert(w.uid.clone(), probes);
-                    }
-                    snap.workloads.insert(w.uid.clone(), w);
-                }
-                Object::Service(svc) => {
-                    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-                    let cluster_ip =
-                        parse_ip(svc.spec.cluster_ip.as_deref(), &origin, &object, "spec.clusterIP", &mut errors);
-                    let mut ports = Vec::new();
-                    for (i, p) in svc.spec.ports.iter().enumerate() {
-                        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
-                            continue;
-                        }
-                        let target_port = match &p.target_port {
-                            None => TargetPort::Number(p.port),
-                            Some(IntOrString::Int(n)) => TargetPort::Number(*n),
-                            Some(IntOrString::String(s)) => match s.parse::<u16>() {
-                                Ok(n) => TargetPort::Number(n),
-                                Err(_) if !s.is_empty() => TargetPort::Name(s.clone()),
-                                Err(_) => {
-                                    errors.push(err(&format!("spec.ports[{i}].targetPort"), "empty".into()));
-                                    continue;
-                                }
-                            },
-                        };
-                        if p.port == 0 {
-                            errors.push(err(&format!("spec.ports[{i}].port"), "must be 1-65535".into()));
-                            continue;
-                        }
-                        ports.push(ServicePort {
-                            name: p.name.clone(),
-                            port: p.port,
-                            target_port,
-                            app_protocol: p.app_protocol.clone(),
-                        });
-                    }
-                    if let Some(v) = svc.metadata.annotations.get(crate::routing::ANNOTATION_RATE_LIMIT) {
-                        if crate::routing::RateLimit::parse(v).is_none() {
-                            errors.push(err(
-                                &format!("metadata.annotations[{}]", crate::routing::ANNOTATION_RATE_LIMIT),
-                                format!("{v:?} is not <requests>/<s|m|h>, e.g. 100/s"),
-                            ));
-                            continue;
-                        }
-                    }
-                    let key = format!("{namespace}/{name}");
-                    snap.services.insert(
-                        key,
-                        ServiceInfo { namespace, name, labels: svc.metadata.labels.clone(), annotations: svc.metadata.annotations.clone(), cluster_ip, selector: svc.spec.selector, ports },
-                    );
-                }
-                Object::PeerAuthentication(pa) => match crate::policy::peer_authn_from(&pa) {
-                    Ok(p) => snap.peer_authentications.push(p),
-                    Err((field, message)) => errors.push(err(&field, message)),
-                },
-                Object::AuthorizationPolicy(ap) => match crate::policy::authz_from(&ap) {
-                    Ok(p) => snap.authorization_policies.push(p),
-                    Err((field, message)) => errors.push(err(&field, message)),
-                },
-                Object::VirtualService(v) => match crate::routing::virtual_service_from(&v) {
-                    Ok(v) => snap.virtual_services.push(v),
-                    Err((field, message)) => errors.push(err(&field, message)),
-                },
-                Object::DestinationRule(d) => match crate::routing::destination_rule_from(&d) {
-                    Ok(d) => snap.destination_rules.push(d),
-                    Err((field, message)) => errors.push(err(&field, message)),
-                },
-                Object::Deployment(_) | Object::Other { .. } => {}
-            }
+            let raw = match &obj {
+                Object::Invalid(o) => o.raw.clone(),
+                Object::PeerAuthentication(o) => serde_json::to_value(o).unwrap_or_default(),
+                Object::AuthorizationPolicy(o) => serde_json::to_value(o).unwrap_or_default(),
+                _ => serde_json::Value::Null,
+            };
+            let refused = match snap.accept(obj, name, &origin, &object) {
+                Ok(()) => continue,
+                Err(e) => e,
+            };
+            let instead = snap.stand_in(&key, &raw, previous);
+            snap.rejected.push(Rejection { error: refused, key, instead });
         }
         // Addresses identify workloads and Services: two live owners of one
-        // address would make identity and routing ambiguous.
-        let mut ips: BTreeMap<Ipv4Addr, &Workload> = BTreeMap::new();
+        // address would make identity and routing ambiguous. The later one
+        // (in name order) is refused.
+        let mut ips: BTreeMap<Ipv4Addr, (String, String)> = BTreeMap::new();
+        let mut clash = Vec::new();
         for w in snap.workloads.values().filter(|w| !w.host_network && !w.is_finished()) {
             if let Some(ip) = w.ip {
-                if let Some(other) = ips.insert(ip, w) {
-                    errors.push(ModelError {
+                let me = (w.namespace.clone(), w.name.clone());
+                if let Some(other) = ips.insert(ip, me) {
+                    clash.push((w.uid.clone(), ip, other));
+                }
+            }
+        }
+        for (uid, ip, (ons, oname)) in clash {
+            if let Some(w) = snap.workloads.remove(&uid) {
+                snap.probe_ports.remove(&uid);
+                snap.rejected.push(Rejection {
+                    error: ModelError {
                         origin: "cluster".into(),
                         object: format!("Pod {}/{}", w.namespace, w.name),
                         field: "status.podIP".into(),
-                        message: format!("{ip} is also the IP of pod {}/{}", other.namespace, other.name),
-                    });
+                        message: format!("{ip} is also the IP of pod {ons}/{oname}"),
+                    },
+                    key: ObjectKey { kind: "Pod", namespace: w.namespace, name: w.name },
+                    instead: Instead::Other,
+                });
+            }
+        }
+        let mut vips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        let mut clash = Vec::new();
+        for (k, s) in &snap.services {
+            if let Some(ip) = s.cluster_ip {
+                if let Some(other) = vips.insert(ip, k.clone()) {
+                    clash.push((k.clone(), ip, other));
                 }
             }
         }
-        let mut vips: BTreeMap<Ipv4Addr, &ServiceInfo> = BTreeMap::new();
-        for s in snap.services.values() {
-            if let Some(ip) = s.cluster_ip {
-                if let Some(other) = vips.insert(ip, s) {
-                    errors.push(ModelError {
+        for (k, ip, other) in clash {
+            if let Some(s) = snap.services.remove(&k) {
+                snap.rejected.push(Rejection {
+                    error: ModelError {
                         origin: "cluster".into(),
                         object: format!("Service {}/{}", s.namespace, s.name),
                         field: "spec.clusterIP".into(),
-                        message: format!("{ip} is also the ClusterIP of {}/{}", other.namespace, other.name),
-                    });
-                }
+                        message: format!("{ip} is also the ClusterIP of {other}"),
+                    },
+                    key: ObjectKey { kind: "Service", namespace: s.namespace, name: s.name },
+                    instead: Instead::Other,
+                });
             }
         }
-        if errors.is_empty() {
-            Ok(snap)
-        } else {
-            Err(ModelErrors(errors))
+        snap
+    }
+
+    /// Takes one object into the snapshot, or says why not (the first
+    /// problem, naming the field).
+    fn accept(&mut self, obj: Object, name: String, origin: &str, object: &str) -> Result<(), ModelError> {
+        let err = |field: &str, message: String| ModelError {
+            origin: origin.to_owned(),
+            object: object.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let ip = |raw: Option<&str>, field: &str| -> Result<Option<Ipv4Addr>, ModelError> {
+            let mut errors = Vec::new();
+            let ip = parse_ip(raw, origin, object, field, &mut errors);
+            errors.into_iter().next().map_or(Ok(ip), Err)
+        };
+        match obj {
+            Object::Namespace(ns) => {
+                self.namespaces.insert(name.clone(), NamespaceInfo { name, labels: ns.metadata.labels });
+            }
+            Object::Pod(pod) => {
+                let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                let ip = ip(pod.status.pod_ip.as_deref(), "status.podIP")?;
+                let mut named_ports = BTreeMap::new();
+                for c in &pod.spec.containers {
+                    for p in &c.ports {
+                        if let Some(n) = &p.name {
+                            named_ports.insert(n.clone(), p.container_port);
+                        }
+                    }
+                }
+                let w = Workload {
+                    uid: pod.metadata.uid.clone().unwrap_or_else(|| format!("{namespace}/{name}")),
+                    workload_name: workload_name(&pod, &name),
+                    service_account: pod.spec.service_account_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
+                    node: pod.spec.node_name.clone(),
+                    ip,
+                    labels: pod.metadata.labels.clone(),
+                    host_network: pod.spec.host_network.unwrap_or(false),
+                    phase: pod.status.phase.clone(),
+                    netns_path: pod.metadata.annotations.get(crate::ANNOTATION_LOCAL_NETNS).map(PathBuf::from),
+                    named_ports,
+                    namespace,
+                    name,
+                };
+                if self.workloads.contains_key(&w.uid) {
+                    return Err(err("metadata.uid", format!("uid {:?} is used by another pod", w.uid)));
+                }
+                let probes: std::collections::BTreeSet<u16> = pod
+                    .spec
+                    .containers
+                    .iter()
+                    .flat_map(|c| [&c.liveness_probe, &c.readiness_probe, &c.startup_probe])
+                    .flatten()
+                    .flat_map(|p| [&p.http_get, &p.tcp_socket, &p.grpc])
+                    .flatten()
+                    .filter_map(|t| match t.port.as_ref()? {
+                        crate::k8s::IntOrString::Int(n) => Some(*n),
+                        crate::k8s::IntOrString::String(name) => w.named_ports.get(name).copied(),
+                    })
+                    .collect();
+                if !probes.is_empty() {
+                    self.probe_ports.insert(w.uid.clone(), probes);
+                }
+                self.workloads.insert(w.uid.clone(), w);
+            }
+            Object::Service(svc) => {
+                let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                let cluster_ip = ip(svc.spec.cluster_ip.as_deref(), "spec.clusterIP")?;
+                let mut ports = Vec::new();
+                for (i, p) in svc.spec.ports.iter().enumerate() {
+                    if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                        continue;
+                    }
+                    let target_port = match &p.target_port {
+                        None => TargetPort::Number(p.port),
+                        Some(IntOrString::Int(n)) => TargetPort::Number(*n),
+                        Some(IntOrString::String(s)) => match s.parse::<u16>() {
+                            Ok(n) => TargetPort::Number(n),
+                            Err(_) if !s.is_empty() => TargetPort::Name(s.clone()),
+                            Err(_) => return Err(err(&format!("spec.ports[{i}].targetPort"), "empty".into())),
+                        },
+                    };
+                    if p.port == 0 {
+                        return Err(err(&format!("spec.ports[{i}].port"), "must be 1-65535".into()));
+                    }
+                    ports.push(ServicePort { name: p.name.clone(), port: p.port, target_port, app_protocol: p.app_protocol.clone() });
+                }
+                if let Some(v) = svc.metadata.annotations.get(crate::routing::ANNOTATION_RATE_LIMIT) {
+                    if crate::routing::RateLimit::parse(v).is_none() {
+                        return Err(err(
+                            &format!("metadata.annotations[{}]", crate::routing::ANNOTATION_RATE_LIMIT),
+                            format!("{v:?} is not <requests>/<s|m|h>, e.g. 100/s"),
+                        ));
+                    }
+                }
+                let key = format!("{namespace}/{name}");
+                self.services.insert(
+                    key,
+                    ServiceInfo { namespace, name, labels: svc.metadata.labels.clone(), annotations: svc.metadata.annotations.clone(), cluster_ip, selector: svc.spec.selector, ports },
+                );
+            }
+            Object::PeerAuthentication(pa) => {
+                let p = crate::policy::peer_authn_from(&pa).map_err(|(f, m)| err(&f, m))?;
+                self.peer_authentications.push(p);
+            }
+            Object::AuthorizationPolicy(ap) => {
+                let p = crate::policy::authz_from(&ap).map_err(|(f, m)| err(&f, m))?;
+                for r in &p.rules {
+                    for field in &r.unsupported {
+                        self.warnings.push(err(
+                            field,
+                            match p.action {
+                                crate::policy::Action::Allow => "not a field Skiff can evaluate: this ALLOW rule never matches (fail closed)".into(),
+                                _ => "not a field Skiff can evaluate: the rule matches on its other fields (fail closed)".into(),
+                            },
+                        ));
+                    }
+                }
+                self.authorization_policies.push(p);
+            }
+            Object::VirtualService(v) => {
+                let v = crate::routing::virtual_service_from(&v).map_err(|(f, m)| err(&f, m))?;
+                self.virtual_services.push(v);
+            }
+            Object::DestinationRule(d) => {
+                let d = crate::routing::destination_rule_from(&d).map_err(|(f, m)| err(&f, m))?;
+                self.destination_rules.push(d);
+            }
+            Object::Invalid(o) => return Err(err(&o.field, o.message)),
+            Object::Deployment(_) | Object::Other { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// What serves in place of a refused object: its version in `previous`,
+    /// or for security kinds a fail-closed stand-in, or nothing.
+    fn stand_in(&mut self, key: &ObjectKey, raw: &serde_json::Value, previous: Option<&Snapshot>) -> Instead {
+        let same = |ns: &str, name: &str| ns == key.namespace && name == key.name;
+        if let Some(prev) = previous {
+            let carried = match key.kind {
+                "Namespace" => prev.namespaces.get(&key.name).cloned().map(|n| self.namespaces.insert(n.name.clone(), n)).is_some(),
+                "Pod" => match prev.workloads.values().find(|w| same(&w.namespace, &w.name)).cloned() {
+                    Some(w) => {
+                        if let Some(p) = prev.probe_ports.get(&w.uid) {
+                            self.probe_ports.insert(w.uid.clone(), p.clone());
+                        }
+                        self.workloads.insert(w.uid.clone(), w);
+                        true
+                    }
+                    None => false,
+                },
+                "Service" => prev.services.get(&format!("{}/{}", key.namespace, key.name)).cloned().map(|s| self.services.insert(format!("{}/{}", s.namespace, s.name), s)).is_some(),
+                "PeerAuthentication" => prev.peer_authentications.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.peer_authentications.push(p)).is_some(),
+                "AuthorizationPolicy" => prev.authorization_policies.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.authorization_policies.push(p)).is_some(),
+                "VirtualService" => prev.virtual_services.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.virtual_services.push(p)).is_some(),
+                "DestinationRule" => prev.destination_rules.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.destination_rules.push(p)).is_some(),
+                _ => false,
+            };
+            if carried {
+                return Instead::Previous;
+            }
+        }
+        let spec = raw.get("spec").cloned().unwrap_or_default();
+        // matchLabels as a string map, or None (all of the namespace) when
+        // absent or unreadable: the wider scope is the stricter one.
+        let selector = spec
+            .get("selector")
+            .and_then(|s| s.get("matchLabels"))
+            .and_then(|m| serde_json::from_value::<BTreeMap<String, String>>(m.clone()).ok())
+            .filter(|m| !m.is_empty());
+        match key.kind {
+            "PeerAuthentication" => {
+                self.peer_authentications.push(crate::policy::PeerAuthn {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    selector,
+                    mode: crate::policy::MtlsMode::Strict,
+                    port_modes: BTreeMap::new(),
+                });
+                Instead::FailClosed("STRICT for the workloads it selects")
+            }
+            "AuthorizationPolicy" => {
+                use crate::policy::{Action, AuthzPolicy, Rule};
+                let action = spec.get("action").and_then(|a| a.as_str()).unwrap_or("ALLOW");
+                let (action, rules, what) = match action {
+                    "AUDIT" => return Instead::Nothing,
+                    "ALLOW" => (Action::Allow, vec![], "an ALLOW policy that allows nothing"),
+                    _ => (Action::Deny, vec![Rule::default()], "a DENY policy that denies everything"),
+                };
+                // Bound to a waypoint or Service when targetRefs can be read;
+                // otherwise enforced namespace-wide by ztunnel.
+                let refs: Vec<(String, String)> = spec
+                    .get("targetRefs")
+                    .and_then(|r| r.as_array().cloned())
+                    .or_else(|| spec.get("targetRef").map(|r| vec![r.clone()]))
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|r| Some((r.get("kind")?.as_str()?.to_owned(), r.get("name")?.as_str()?.to_owned())))
+                    .collect();
+                let targets_waypoint = !refs.is_empty();
+                self.authorization_policies.push(AuthzPolicy {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    selector: if targets_waypoint { None } else { selector },
+                    targets_waypoint,
+                    target_refs: refs,
+                    action,
+                    rules,
+                });
+                Instead::FailClosed(what)
+            }
+            _ => Instead::Nothing,
         }
     }
 
@@ -526,6 +805,143 @@ spec:
         assert_eq!(err.0[0].object, "Pod a/p");
         assert_eq!(err.0[0].field, "status.podIP");
         assert!(err.to_string().contains("test.yaml"));
+    }
+
+    fn build(text: &str, previous: Option<&Snapshot>) -> Snapshot {
+        let objs = parse_documents(text).unwrap().into_iter().map(|o| ("test.yaml".to_owned(), o)).collect();
+        Snapshot::build(objs, previous)
+    }
+
+    const TENANTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: a}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a, annotations: {skiff.dev/local-rate-limit: "lots"}}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: a}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web}}], corsPolicy: {allowOrigins: [{exact: x}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: b, uid: ub}
+spec: {containers: [{name: c}]}
+status: {phase: Running, podIP: 10.244.1.5}
+"#;
+
+    /// One tenant's bad objects refuse only themselves: the other
+    /// namespace's pod is in the snapshot, and each refusal names the
+    /// object and the field.
+    #[test]
+    fn a_bad_object_refuses_only_itself() {
+        let s = build(TENANTS, None);
+        assert!(s.workloads.contains_key("ub") && s.namespaces.contains_key("a") && s.namespaces.contains_key("b"));
+        assert!(s.services.is_empty() && s.virtual_services.is_empty());
+        let got: Vec<(&str, &str, &str)> =
+            s.rejected.iter().map(|r| (r.error.object.as_str(), r.error.field.as_str(), r.key.kind)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("Service a/web", "metadata.annotations[skiff.dev/local-rate-limit]", "Service"),
+                ("VirtualService a/web", "spec.http[0].corsPolicy", "VirtualService"),
+            ]
+        );
+        assert!(s.rejected.iter().all(|r| r.instead == Instead::Nothing));
+        assert_eq!(s.rejected_counts().get(&("VirtualService", "a".to_owned())), Some(&1));
+    }
+
+    /// The last accepted version of a refused object keeps serving.
+    #[test]
+    fn the_last_accepted_version_keeps_serving() {
+        let good = TENANTS.replace("\"lots\"", "\"10/s\"").replace(", corsPolicy: {allowOrigins: [{exact: x}]}", "");
+        let first = build(&good, None);
+        assert!(first.rejected.is_empty(), "{:?}", first.rejected);
+        let second = build(TENANTS, Some(&first));
+        assert_eq!(second.services.len(), 1);
+        assert_eq!(second.virtual_services, first.virtual_services);
+        assert!(second.rejected.iter().all(|r| r.instead == Instead::Previous), "{:?}", second.rejected);
+        // A third version still refused: still the first one serving.
+        let third = build(TENANTS, Some(&second));
+        assert_eq!(third.virtual_services, first.virtual_services);
+    }
+
+    /// Security objects with no accepted version fail closed: a
+    /// PeerAuthentication reads as STRICT, an ALLOW policy allows nothing,
+    /// a DENY policy denies everything (for what they select; the whole
+    /// namespace when the selector cannot be read), AUDIT is dropped.
+    #[test]
+    fn refused_security_objects_without_a_previous_version_fail_closed() {
+        use crate::policy::{self, Action, MtlsMode};
+        let s = build(
+            r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: pa, namespace: a}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}, portLevelMtls: {http: {mode: DISABLE}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: pa2, namespace: b}
+spec: {selector: {matchLabels: [oops]}, mtls: {mode: DISABLE}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow, namespace: a}
+spec: {selector: {matchLabels: {app: web}}, rules: [{from: [{source: {}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: a}
+spec: {action: DENY, rules: [{to: [{operation: {ports: [ssh]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit, namespace: a}
+spec: {action: AUDIT, rules: [{to: [{}]}]}
+"#,
+            None,
+        );
+        assert_eq!(s.rejected.len(), 5, "{:?}", s.rejected);
+        let web: BTreeMap<String, String> = [("app".to_owned(), "web".to_owned())].into();
+        let other: BTreeMap<String, String> = [("app".to_owned(), "db".to_owned())].into();
+        assert_eq!(policy::effective_mtls(&s.peer_authentications, "istio-system", "a", &web, 80), MtlsMode::Strict);
+        assert_eq!(policy::effective_mtls(&s.peer_authentications, "istio-system", "a", &other, 80), MtlsMode::Permissive, "only what it selects");
+        assert_eq!(policy::effective_mtls(&s.peer_authentications, "istio-system", "b", &other, 80), MtlsMode::Strict, "unreadable selector: the whole namespace");
+        let conn = policy::ConnInfo {
+            src_ip: "10.244.1.9".parse().unwrap(),
+            principal: Some("cluster.local/ns/a/sa/x".into()),
+            src_namespace: Some("a".into()),
+            dst_ip: "10.244.1.5".parse().unwrap(),
+            dst_port: 80,
+        };
+        let allow = s.authorization_policies.iter().find(|p| p.name == "allow").unwrap();
+        let deny = s.authorization_policies.iter().find(|p| p.name == "deny").unwrap();
+        assert_eq!((allow.action, deny.action), (Action::Allow, Action::Deny));
+        assert!(!policy::evaluate(&[allow], &conn).allowed, "an unreadable ALLOW allows nothing");
+        assert!(!policy::evaluate(&[deny], &conn).allowed, "an unreadable DENY denies everything");
+        assert!(deny.applies_to("istio-system", "a", &other), "namespace-wide without a selector");
+        assert!(!s.authorization_policies.iter().any(|p| p.name == "audit"));
+    }
+
+    #[test]
+    fn the_second_owner_of_an_address_is_refused_the_first_stays() {
+        let s = build(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, namespace: a, uid: u1}\nstatus: {phase: Running, podIP: 10.244.1.5}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p2, namespace: a, uid: u2}\nstatus: {phase: Running, podIP: 10.244.1.5}\n",
+            None,
+        );
+        assert!(s.workloads.contains_key("u1") && !s.workloads.contains_key("u2"));
+        assert_eq!(s.rejected[0].error.object, "Pod a/p2");
     }
 
     #[test]

@@ -133,6 +133,10 @@ pub struct VirtualService {
     pub http: Vec<HttpRoute>,
     /// `skiff.dev/local-rate-limit.<route name>` annotations, by route name.
     pub route_rate_limits: BTreeMap<String, RateLimit>,
+    /// Applies to mesh traffic (waypoints): `gateways` empty or naming
+    /// `mesh`, or some match naming `mesh`. Only the routes and matches
+    /// for the mesh are kept in `http`.
+    pub mesh: bool,
 }
 
 /// Annotation on a Service: a local rate limit for all its requests through
@@ -323,7 +327,7 @@ impl VirtualService {
 
     /// Whether this VirtualService's `hosts` name the Service `name.namespace`.
     pub fn applies_to(&self, name: &str, namespace: &str) -> bool {
-        self.hosts.iter().any(|h| host_matches(h, &self.namespace, name, namespace))
+        self.mesh && self.hosts.iter().any(|h| host_matches(h, &self.namespace, name, namespace))
     }
 }
 
@@ -331,6 +335,9 @@ impl VirtualService {
 /// `name.namespace`: short names resolve in the object's namespace;
 /// `name.ns`, `name.ns.svc`, FQDNs and `*` / `*.suffix` wildcards work.
 pub fn host_matches(host: &str, obj_ns: &str, name: &str, namespace: &str) -> bool {
+    // DNS names compare case-insensitively.
+    let host = host.to_ascii_lowercase();
+    let host = host.as_str();
     let fqdn = format!("{name}.{namespace}.svc.cluster.local");
     if host == "*" {
         return true;
@@ -347,8 +354,15 @@ pub fn host_matches(host: &str, obj_ns: &str, name: &str, namespace: &str) -> bo
     full == fqdn
 }
 
-/// Weighted choice: `roll` in 0..100 (uniform) picks the destination whose
-/// cumulative weight range holds it.
+/// The sum of the destinations' weights (relative weights: the roll for
+/// [`pick_weighted`] is uniform in `0..total_weight`).
+pub fn total_weight(dests: &[RouteDest]) -> u32 {
+    dests.iter().map(|d| d.weight).sum()
+}
+
+/// Weighted choice: `roll` in `0..total_weight(dests)` (uniform) picks the
+/// destination whose cumulative weight range holds it. Weights are
+/// relative (Istio: they need not add to 100).
 pub fn pick_weighted(dests: &[RouteDest], roll: u32) -> Option<&RouteDest> {
     let mut acc = 0;
     for d in dests {
@@ -447,11 +461,26 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
     if vs.spec.hosts.is_empty() {
         return Err(("spec.hosts".into(), "at least one host is required".into()));
     }
+    // `gateways`: empty means `mesh`; a VirtualService (or a match) bound
+    // only to Gateways never applies to mesh traffic (Istio
+    // VirtualService.gateways, HTTPMatchRequest.gateways).
+    let top_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+    if top_mesh && vs.spec.hosts.iter().any(|h| h == "*") {
+        return Err(("spec.hosts".into(), "`*` is not allowed for a VirtualService bound to the mesh".into()));
+    }
     let mut http = Vec::new();
     for (i, h) in vs.spec.http.iter().enumerate() {
         let f = |s: &str| format!("spec.http[{i}].{s}");
         let mut matches = Vec::new();
+        let applies = |m: &k8s::HttpMatchRequest| if m.gateways.is_empty() { top_mesh } else { m.gateways.iter().any(|g| g == "mesh") };
+        if (h.matches.is_empty() && !top_mesh) || (!h.matches.is_empty() && !h.matches.iter().any(applies)) {
+            // Not for the mesh: this route is for Gateways only.
+            continue;
+        }
         for (j, m) in h.matches.iter().enumerate() {
+            if !applies(m) {
+                continue;
+            }
             let g = |s: &str| format!("spec.http[{i}].match[{j}].{s}");
             matches.push(HttpMatch {
                 uri: m.uri.as_ref().map(|u| str_match(&g("uri"), u)).transpose()?,
@@ -484,9 +513,11 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
         if destinations.len() == 1 && !explicit {
             destinations[0].weight = 100;
         } else if !destinations.is_empty() {
+            // Relative weights: only a zero total is invalid (Istio's
+            // validation, "total destination weight = 0").
             let sum: u32 = destinations.iter().map(|d| d.weight).sum();
-            if sum != 100 {
-                return Err((f("route"), format!("weights add to {sum}; they must add to 100")));
+            if sum == 0 {
+                return Err((f("route"), "the weights add to 0: no destination would get traffic".into()));
             }
         }
         if destinations.is_empty() && h.direct_response.is_none() && h.redirect.is_none() {
@@ -570,7 +601,8 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             route_rate_limits.insert(route.to_owned(), limit);
         }
     }
-    Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http, route_rate_limits })
+    let mesh = top_mesh || !http.is_empty();
+    Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http, route_rate_limits, mesh })
 }
 
 /// Validates and converts a DestinationRule.
@@ -680,6 +712,53 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    /// Istio reference, VirtualService `gateways`: "The reserved word mesh
+    /// is used to imply all the sidecars in the mesh. When this field is
+    /// omitted, the default gateway (mesh) will be used"; HTTPMatchRequest
+    /// `gateways` overrides it per match. A VirtualService (or match) bound
+    /// only to Gateways never applies to mesh traffic; `hosts: ["*"]` is
+    /// refused for one bound to the mesh (Istio's validation).
+    #[test]
+    fn gateways_binding_for_mesh_traffic() {
+        let route = "  http: [{route: [{destination: {host: reviews}}]}]\n";
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, bool)] = &[
+            ("no gateways: mesh", "  hosts: [reviews]\n", true),
+            ("gateways [mesh]", "  hosts: [reviews]\n  gateways: [mesh]\n", true),
+            ("gateways [gw, mesh]", "  hosts: [reviews]\n  gateways: [my-gateway, mesh]\n", true),
+            ("gateways [gw] only", "  hosts: [reviews]\n  gateways: [my-gateway]\n", false),
+            ("gateways [ns/gw] only, hosts *", "  hosts: [\"*\"]\n  gateways: [istio-system/my-gateway]\n", false),
+        ];
+        for (name, spec, mesh) in cases {
+            let v = vs(&format!("{spec}{route}")).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert_eq!(v.mesh, *mesh, "{name}");
+            assert_eq!(v.applies_to("reviews", "shop"), *mesh, "{name}: applies at a waypoint");
+        }
+        let err = vs(&format!("  hosts: [\"*\"]\n{route}")).unwrap_err();
+        assert_eq!(err.0, "spec.hosts");
+        // Per-match gateways: a match for a Gateway only is not a mesh match;
+        // a route left without mesh matches does not apply to the mesh.
+        let v = vs(r#"  hosts: [reviews]
+  gateways: [my-gateway]
+  http:
+  - match: [{uri: {prefix: /gw}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /both}, gateways: [mesh]}, {uri: {prefix: /only-gw}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+"#)
+        .unwrap();
+        assert!(v.mesh);
+        assert_eq!(v.http.len(), 1, "only the route with a mesh match applies to the mesh");
+        assert_eq!(v.http[0].matches.len(), 1);
+        let info = |path| RequestInfo { method: "GET", path, authority: "reviews", headers: &[], port: 80 };
+        assert!(v.route(&info("/both/x")).is_some());
+        assert!(v.route(&info("/only-gw")).is_none());
+        assert!(v.route(&info("/gw")).is_none());
+        // Host names compare case-insensitively.
+        let v = vs(&format!("  hosts: [Reviews.Shop.svc.cluster.local]\n{route}")).unwrap();
+        assert!(v.applies_to("reviews", "shop"));
+    }
+
     #[test]
     fn route_matching_table() {
         let v = vs(r#"  hosts: [reviews]
@@ -755,11 +834,26 @@ mod tests {
         assert_eq!(fault_decision(&Fault::default(), 0.0, 0.0), FaultDecision { delay: None, abort: None });
     }
 
+    /// Istio VirtualService HTTPRouteDestination.weight: weights are
+    /// relative; a roll uniform in 0..total picks in proportion.
+    #[test]
+    fn relative_weights_split_in_proportion() {
+        let v = vs("  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}, weight: 1}\n    - {destination: {host: r, subset: v2}, weight: 3}\n").unwrap();
+        let d = &v.http[0].destinations;
+        assert_eq!(total_weight(d), 4);
+        let picks: Vec<String> = (0..4).map(|roll| pick_weighted(d, roll).unwrap().subset.clone().unwrap()).collect();
+        assert_eq!(picks, ["v1", "v2", "v2", "v2"]);
+    }
+
     #[test]
     fn validation_table() {
         #[rustfmt::skip]
         let cases: Vec<(&str, &str, Option<&str>)> = vec![
-            ("weights add to 90", "  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}, weight: 80}\n    - {destination: {host: r, subset: v2}, weight: 10}\n", Some("spec.http[0].route")),
+            // Istio VirtualService HTTPRouteDestination.weight: relative
+            // weights; only a zero total is invalid.
+            ("weights add to 90 (relative)", "  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}, weight: 80}\n    - {destination: {host: r, subset: v2}, weight: 10}\n", None),
+            ("weights 1/1 (relative)", "  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}, weight: 1}\n    - {destination: {host: r, subset: v2}, weight: 1}\n", None),
+            ("weights 0/0", "  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}, weight: 0}\n    - {destination: {host: r, subset: v2}, weight: 0}\n", Some("spec.http[0].route")),
             ("two destinations without weights", "  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: v1}}\n    - {destination: {host: r, subset: v2}}\n", Some("spec.http[0].route")),
             ("single destination, no weight", "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n", None),
             ("no hosts", "  http:\n  - route: [{destination: {host: r}}]\n", Some("spec.hosts")),
@@ -774,8 +868,8 @@ mod tests {
             let got = vs(yaml).err().map(|e| e.0);
             assert_eq!(got.as_deref(), want, "case {name}");
         }
-        let err = vs("  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r}, weight: 60}\n    - {destination: {host: r}, weight: 30}\n").unwrap_err();
-        assert!(err.1.contains("add to 90"), "{err:?}");
+        let err = vs("  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r}, weight: 0}\n    - {destination: {host: r}, weight: 0}\n").unwrap_err();
+        assert!(err.1.contains("add to 0"), "{err:?}");
     }
 
     #[test]

@@ -56,9 +56,10 @@ impl SourceError {
 
 /// A source of cluster state.
 pub trait ConfigSource: Send {
-    /// Waits up to `timeout` for a change. `Ok(Some)` is a new, valid
-    /// snapshot; `Ok(None)` means nothing changed; `Err` means the source
-    /// changed but the new state was rejected (reported once per change).
+    /// Waits up to `timeout` for a change. `Ok(Some)` is a new snapshot
+    /// (objects that failed validation are refused each on its own and
+    /// listed in its `rejected`); `Ok(None)` means nothing changed; `Err`
+    /// means the source could not be read at all (reported once per change).
     fn poll(&mut self, timeout: Duration) -> Result<Option<Arc<Snapshot>>, SourceError>;
 }
 
@@ -69,11 +70,23 @@ pub struct LocalDirSource {
     dir: PathBuf,
     interval: Duration,
     last_fingerprint: Option<u64>,
+    /// The last snapshot published: its accepted objects stand in for
+    /// refused ones.
+    previous: Option<Arc<Snapshot>>,
+    /// Each file's objects as last read successfully: a file that is no
+    /// longer valid YAML keeps serving them.
+    last_good: std::collections::HashMap<PathBuf, Vec<Object>>,
 }
 
 impl LocalDirSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        LocalDirSource { dir: dir.into(), interval: Duration::from_millis(200), last_fingerprint: None }
+        LocalDirSource {
+            dir: dir.into(),
+            interval: Duration::from_millis(200),
+            last_fingerprint: None,
+            previous: None,
+            last_good: Default::default(),
+        }
     }
 
     /// How often the directory is re-read.
@@ -82,10 +95,55 @@ impl LocalDirSource {
         self
     }
 
-    /// Reads and validates the directory now, regardless of changes.
+    /// Reads and validates the directory now, regardless of changes;
+    /// strict: any refused object fails the load (tests, offline checks).
     pub fn load(dir: &Path) -> Result<Snapshot, SourceError> {
         let files = read_files(dir)?;
         build(&files)
+    }
+
+    /// Reads the directory once, object by object, as the running mesh
+    /// would (`skiff analyze`): refused objects are listed in the
+    /// snapshot's `rejected`, never fail the read.
+    pub fn analyze(dir: &Path) -> Result<Snapshot, SourceError> {
+        let files = read_files(dir)?;
+        Ok(LocalDirSource::new(dir).build_lenient(&files))
+    }
+
+    /// Reads the directory object by object (see [`Snapshot::build`]): a
+    /// file that is not valid YAML, or an object that fails, is refused on
+    /// its own and reported in the snapshot.
+    fn build_lenient(&mut self, files: &[(PathBuf, String)]) -> Snapshot {
+        let mut objects: Vec<(String, Object)> = Vec::new();
+        let mut unreadable = Vec::new();
+        for (path, text) in files {
+            match k8s::parse_documents(text) {
+                Ok(docs) => {
+                    self.last_good.insert(path.clone(), docs.clone());
+                    objects.extend(docs.into_iter().map(|o| (path.display().to_string(), o)));
+                }
+                Err(e) => {
+                    let kept = self.last_good.get(path).cloned();
+                    unreadable.push((path.clone(), crate::report(&e), kept.is_some()));
+                    objects.extend(kept.into_iter().flatten().map(|o| (path.display().to_string(), o)));
+                }
+            }
+        }
+        self.last_good.retain(|p, _| files.iter().any(|(f, _)| f == p));
+        let mut snap = Snapshot::build(objects, self.previous.as_deref());
+        for (path, why, kept) in unreadable {
+            snap.rejected.push(crate::model::Rejection {
+                error: crate::model::ModelError {
+                    origin: path.display().to_string(),
+                    object: "file".into(),
+                    field: String::new(),
+                    message: why,
+                },
+                key: crate::model::ObjectKey { kind: "File", namespace: String::new(), name: path.display().to_string() },
+                instead: if kept { crate::model::Instead::Previous } else { crate::model::Instead::Nothing },
+            });
+        }
+        snap
     }
 }
 
@@ -140,7 +198,9 @@ impl ConfigSource for LocalDirSource {
             let fp = h.finish();
             if self.last_fingerprint != Some(fp) {
                 self.last_fingerprint = Some(fp);
-                return build(&files).map(|s| Some(Arc::new(s)));
+                let snap = Arc::new(self.build_lenient(&files));
+                self.previous = Some(snap.clone());
+                return Ok(Some(snap));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -161,7 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn reports_changes_once_and_rejects_bad_config() {
+    fn reports_changes_once_and_refuses_bad_objects_one_by_one() {
         let tmp = tmpdir("source");
         let d = tmp.path();
         std::fs::write(d.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n").unwrap();
@@ -170,13 +230,22 @@ mod tests {
         assert!(s.namespaces.contains_key("a"));
         assert!(src.poll(Duration::from_millis(30)).unwrap().is_none());
 
+        // A bad object is refused on its own: the rest is still served.
         std::fs::write(d.join("bad.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}\n")
             .unwrap();
-        let err = src.poll(Duration::ZERO).unwrap_err();
-        let msg = err.report();
+        let s = src.poll(Duration::ZERO).unwrap().unwrap();
+        assert!(s.namespaces.contains_key("a"));
+        let msg = s.rejected.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n");
         assert!(msg.contains("bad.yaml") && msg.contains("status.podIP"), "{msg}");
-        // The same broken state is not reported again.
+        // The same state is not published again.
         assert!(src.poll(Duration::from_millis(30)).unwrap().is_none());
+
+        // A file that stops being YAML keeps serving what it held.
+        std::fs::write(d.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a\n").unwrap();
+        let s = src.poll(Duration::ZERO).unwrap().unwrap();
+        assert!(s.namespaces.contains_key("a"), "the file's last good objects keep serving");
+        assert!(s.rejected.iter().any(|r| r.key.kind == "File" && r.instead == crate::model::Instead::Previous), "{:?}", s.rejected);
+        std::fs::write(d.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n").unwrap();
 
         std::fs::write(d.join(".hidden.yaml"), "garbage: [").unwrap();
         std::fs::remove_file(d.join("bad.yaml")).unwrap();

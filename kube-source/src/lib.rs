@@ -393,7 +393,11 @@ async fn publish_loop(
             _ = wait => {
                 dirty_since = None;
                 hold_since = None;
-                let outcome = build(stores);
+                let previous = match &last {
+                    Some(Ok(s)) => Some(s.clone()),
+                    _ => None,
+                };
+                let outcome = build(stores, previous.as_deref());
                 let key = match &outcome {
                     Ok(s) => Ok(s.clone()),
                     Err(e) => Err(e.report()),
@@ -416,8 +420,9 @@ async fn publish_loop(
 }
 
 /// The snapshot of everything in the stores, validated like a manifests
-/// directory.
-fn build(stores: &[Store<DynamicObject>]) -> Result<Arc<Snapshot>, SourceError> {
+/// directory, object by object (`previous`: the last published, whose
+/// accepted objects stand in for refused ones).
+fn build(stores: &[Store<DynamicObject>], previous: Option<&Snapshot>) -> Result<Arc<Snapshot>, SourceError> {
     let mut objects: Vec<(String, Object)> = Vec::new();
     for (wk, store) in WATCHED.iter().zip(stores) {
         let mut items = store.state();
@@ -437,11 +442,23 @@ fn build(stores: &[Store<DynamicObject>]) -> Result<Arc<Snapshot>, SourceError> 
                 m.insert("apiVersion".into(), wk.api_resource().api_version.into());
                 m.insert("kind".into(), wk.kind.into());
             }
-            let parsed = k8s::parse_object(y).map_err(|source| SourceError::Object { origin: origin.clone(), source })?;
+            // An object that cannot be read at all (no kind) is refused on
+            // its own; kinds are known here, so keep what identifies it.
+            let parsed = k8s::parse_object(y.clone()).unwrap_or_else(|e| {
+                k8s::Object::Invalid(k8s::InvalidObject {
+                    api_version: wk.api_resource().api_version,
+                    kind: wk.kind.to_owned(),
+                    namespace: obj.metadata.namespace.clone(),
+                    name: obj.metadata.name.clone().unwrap_or_default(),
+                    field: String::new(),
+                    message: skiff_core::report(&e),
+                    raw: y,
+                })
+            });
             objects.push((origin, parsed));
         }
     }
-    Snapshot::from_objects(objects).map(Arc::new).map_err(SourceError::Invalid)
+    Ok(Arc::new(Snapshot::build(objects, previous)))
 }
 
 /// Which config source a process was told to use.

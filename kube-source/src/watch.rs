@@ -36,15 +36,19 @@ pub async fn watch_cluster(mut source: Box<dyn ConfigSource>) -> Result<watch::R
     let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
     std::thread::Builder::new()
         .name("config".into())
-        .spawn(move || loop {
+        .spawn(move || {
+            let mut rejections = skiff_core::model::RejectionLog::default();
+            loop {
             match source.poll(Duration::from_millis(500)) {
                 Ok(Some(s)) => {
+                    rejections.report(&s);
                     if tx.send(s).is_err() {
                         return;
                     }
                 }
                 Ok(None) => {}
-                Err(e) => error!(error = %e.report(), "config rejected; keeping the last good config"),
+                Err(e) => error!(error = %e.report(), "config source unreadable; keeping the last good config"),
+            }
             }
         })
     .map_err(WatchError::Thread)?;

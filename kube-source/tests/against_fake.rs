@@ -222,27 +222,24 @@ fn every_watched_kind_is_listed_and_watched_and_nothing_else_is_asked() {
 }
 
 #[test]
-fn an_invalid_object_is_reported_and_the_last_good_snapshot_stays() {
+fn an_invalid_object_is_refused_on_its_own_and_the_rest_is_published() {
     let fake = FakeApiServer::start().unwrap();
     fake.apply(namespace("app", Some("istio.io/dataplane-mode"))).unwrap();
     fake.apply(pod("app", "a", NODE, "10.244.1.10")).unwrap();
     let mut src = KubeSource::start(options(&fake, None)).unwrap();
     let mut last = None;
     wait_until(&mut src, &mut last, "the initial snapshot", |s| enrolled(s) == set(&["app/a"]));
+    // A bad pod is refused, named with its field; a good pod added with it
+    // is published all the same.
     fake.apply(pod("app", "bad", NODE, "not-an-ip")).unwrap();
-    let deadline = Instant::now() + WAIT;
-    let err = loop {
-        assert!(Instant::now() < deadline, "the invalid pod was never reported");
-        match src.poll(Duration::from_millis(200)) {
-            Err(e) => break e.report(),
-            Ok(Some(s)) => panic!("published a snapshot with an invalid pod: {:?}", enrolled(&s)),
-            Ok(None) => {}
-        }
-    };
-    assert!(err.contains("pods app/bad") && err.contains("status.podIP"), "{err}");
-    // Fixed: published again.
+    fake.apply(pod("app", "c", NODE, "10.244.1.11")).unwrap();
+    wait_until(&mut src, &mut last, "the good pod next to the refused one", |s| enrolled(s) == set(&["app/a", "app/c"]));
+    let refused: Vec<String> = last.as_ref().unwrap().rejected.iter().map(|r| r.to_string()).collect();
+    assert!(refused.iter().any(|r| r.contains("pods app/bad") && r.contains("status.podIP")), "{refused:?}");
+    // Fixed: taken.
     fake.apply(pod("app", "bad", NODE, "10.244.1.20")).unwrap();
-    wait_until(&mut src, &mut last, "the fixed pod", |s| enrolled(s) == set(&["app/a", "app/bad"]));
+    wait_until(&mut src, &mut last, "the fixed pod", |s| enrolled(s) == set(&["app/a", "app/bad", "app/c"]));
+    assert!(last.as_ref().unwrap().rejected.is_empty(), "{:?}", last.as_ref().unwrap().rejected);
 }
 
 /// The same objects give the same snapshot from either source: the

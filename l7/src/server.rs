@@ -256,7 +256,7 @@ impl Proxy {
                 return self.finish(log, start, Err(f), ops);
             }
         }
-        let Some(dest) = routing::pick_weighted(&route.destinations, rng.u32(..100)).cloned() else {
+        let Some(dest) = routing::pick_weighted(&route.destinations, rng.u32(..routing::total_weight(&route.destinations).max(1))).cloned() else {
             return self.finish(log, start, Err(Failure::NoRoute), ops);
         };
         // The destination Service, its port, the subset's pods.

@@ -192,6 +192,15 @@ pub fn plan(dir: &Path, nodes: &[String]) -> anyhow::Result<Plan> {
                 | Object::AuthorizationPolicy(_)
                 | Object::VirtualService(_)
                 | Object::DestinationRule(_) => plan.policies.push(obj),
+                // An Istio object Skiff refuses is passed on as written:
+                // node-agent and ztunnel refuse it on their own (and report
+                // it) while everything else runs.
+                Object::Invalid(ref o)
+                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule") =>
+                {
+                    plan.policies.push(obj)
+                }
+                Object::Invalid(o) => bail!("{what}: field `{}`: {}", o.field, o.message),
                 Object::Other { kind, .. } => {
                     tracing::info!(file = %f.display(), %kind, "kind not used by the local mesh; ignored");
                 }

@@ -539,6 +539,7 @@ impl LocalMesh {
                 k8s::Object::AuthorizationPolicy(o) => docs.push(with_kind("security.istio.io/v1", "AuthorizationPolicy", serde_json::to_value(o)?)),
                 k8s::Object::VirtualService(o) => docs.push(with_kind("networking.istio.io/v1", "VirtualService", serde_json::to_value(o)?)),
                 k8s::Object::DestinationRule(o) => docs.push(with_kind("networking.istio.io/v1", "DestinationRule", serde_json::to_value(o)?)),
+                k8s::Object::Invalid(o) => docs.push(o.raw.clone()),
                 _ => {}
             }
         }

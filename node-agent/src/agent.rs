@@ -240,9 +240,13 @@ impl Agent {
         let mut last_retry = Instant::now();
         // With the CNI plugin waiting on answers, look at its requests often.
         let poll = if self.cni.is_some() { Duration::from_millis(50) } else { Duration::from_millis(300) };
+        let mut rejections = skiff_core::model::RejectionLog::default();
         while !stop.load(Ordering::Relaxed) {
             match source.poll(poll) {
                 Ok(Some(s)) => {
+                    // A refused object affects only itself: enrollment
+                    // goes on with everything else.
+                    rejections.report(&s);
                     self.reconcile(&s);
                     snapshot = Some(s);
                     if let Some(r) = &self.ready {
@@ -250,7 +254,7 @@ impl Agent {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => error!(error = %e.report(), "config rejected; keeping the last good config"),
+                Err(e) => error!(error = %e.report(), "config source unreadable; keeping the last good config"),
             }
             if self.take_cni_events(snapshot.as_deref()) {
                 if let Some(s) = snapshot.clone() {

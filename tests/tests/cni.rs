@@ -81,14 +81,18 @@ fn agent_log(mesh: &LocalMesh, node: usize) -> String {
     std::fs::read_to_string(&mesh.nodes[node].agent_log).unwrap_or_default()
 }
 
-#[test]
-fn cni_add_enrolls_before_answering_and_del_releases() {
-    let Some(mut mesh) = mesh_with("manifests/l4", |o| {
+/// The l4 mesh with node-agent finding pods' netns only through CNI ADD:
+/// every pod is "new" until the test invokes the plugin for it.
+fn cni_mesh() -> Option<LocalMesh> {
+    mesh_with("manifests/l4", |o| {
         o.netns_annotation = false;
         o.agent_args = vec!["--netns-from".into(), "cni".into()];
-    }) else {
-        return;
-    };
+    })
+}
+
+#[test]
+fn cni_add_enrolls_before_answering_and_del_releases() {
+    let Some(mut mesh) = cni_mesh() else { return };
     let run = mesh.run_id.clone();
     let (client_pod, server) = (mesh.pod("mesh", "client"), mesh.pod("mesh", "server"));
     let (cn, sn) = (client_pod.node, server.node);
@@ -363,4 +367,61 @@ fn iptables_capture_keeps_the_bind_guard_and_turns_ipv6_off() {
     eventually(Duration::from_secs(15), "destination ztunnel counted the connection", || {
         (mesh.metric(server.node, CONNS, &[("reporter", "destination"), ("source_workload", "client")]).unwrap() > 0.0).then_some(())
     });
+}
+
+/// One tenant's refused objects hold back nothing else (issue: "one bad
+/// object never freezes the mesh"): a VirtualService with a field Skiff
+/// does not support and a Service with a malformed annotation in namespace
+/// `tenant-a` are reported — log, metric, config_dump — while new pods in
+/// namespace `mesh` start (CNI ADD) and are enrolled, and a DENY policy
+/// added there afterwards closes a connection it denies.
+#[test]
+fn a_refused_object_in_one_namespace_holds_back_nothing_in_another() {
+    let Some(mut mesh) = cni_mesh() else { return };
+    let run = mesh.run_id.clone();
+    const BAD: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: tenant-a\n  annotations: {skiff.dev/local-rate-limit: lots}\nspec: {selector: {app: web}, ports: [{port: 80}]}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: tenant-a}\nspec:\n  hosts: [web]\n  http: [{route: [{destination: {host: web}}], corsPolicy: {allowOrigins: [{exact: x}]}}]\n";
+    mesh.apply("tenant-a", Some(BAD)).unwrap();
+    for i in 0..mesh.nodes.len() {
+        eventually(Duration::from_secs(15), &format!("the refusals in ztunnel's config_dump on node {i}"), || {
+            let (_, body) = mesh.node_http_get(i, 15000, "/config_dump").ok()?;
+            let dump: Value = serde_json::from_str(&body).ok()?;
+            let rejected = dump["rejected"].as_array()?.clone();
+            let has = |object: &str, field: &str| rejected.iter().any(|r| r["object"] == object && r["field"] == field && r["reason"].as_str().is_some_and(|s| !s.is_empty()));
+            (has("VirtualService tenant-a/web", "spec.http[0].corsPolicy") && has("Service tenant-a/web", "metadata.annotations[skiff.dev/local-rate-limit]")).then_some(())
+        });
+        assert_eq!(mesh.metric(i, "skiff_config_rejected_objects", &[("kind", "VirtualService"), ("namespace", "tenant-a")]).unwrap(), 1.0);
+        assert_eq!(mesh.metric(i, "skiff_config_rejected_objects", &[("kind", "Service"), ("namespace", "tenant-a")]).unwrap(), 1.0);
+        let zlog = std::fs::read_to_string(&mesh.nodes[i].ztunnel_log).unwrap();
+        let refused: Vec<&str> = zlog.lines().filter(|l| l.contains("config object refused") && l.contains("VirtualService tenant-a/web")).collect();
+        assert_eq!(refused.len(), 1, "logged once per object version, not per snapshot:\n{}", refused.join("\n"));
+        eventually(Duration::from_secs(10), "node-agent logs the refusal", || agent_log(&mesh, i).contains("config object refused").then_some(()));
+    }
+
+    // New pods in another namespace start and are enrolled.
+    let (client_pod, server) = (mesh.pod("mesh", "client"), mesh.pod("mesh", "server"));
+    let (cn, sn) = (client_pod.node, server.node);
+    let add = invoke(&mesh, sn, "ADD", server, &format!("sandbox-{run}-server"), Some(&prev_result(server)));
+    assert_eq!(add.code, 0, "ADD failed: {}", add.stdout);
+    assert!(enrolled_ips(&mesh, sn).contains(&server.ip.to_string()), "server not enrolled");
+    let add = invoke(&mesh, cn, "ADD", client_pod, &format!("sandbox-{run}-client"), Some(&prev_result(client_pod)));
+    assert_eq!(add.code, 0, "ADD failed: {}", add.stdout);
+    assert!(enrolled_ips(&mesh, cn).contains(&client_pod.ip.to_string()), "client not enrolled");
+
+    // A policy added afterwards takes effect: DENY closes an open connection.
+    let server_ip = server.ip;
+    wait_listening_on(server, 9000);
+    let k = mesh.pods.iter().position(|p| p.namespace == "mesh" && p.name == "client").unwrap();
+    let log = mesh.work_dir.join("logs").join("held-client.log");
+    let target = format!("{server_ip}:9000");
+    mesh.spawn_in(k, &["skiff-demo-app", "client", "--target", &target, "--message", "held", "--hold-ms", "20000"], &log).unwrap();
+    eventually(Duration::from_secs(15), "connection open at the server's ztunnel", || {
+        (mesh.metric(sn, "skiff_ztunnel_active_connections", &[]).unwrap() >= 1.0).then_some(())
+    });
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-mesh, namespace: mesh}\nspec:\n  action: DENY\n  rules: [{from: [{source: {namespaces: [mesh]}}]}]\n";
+    mesh.apply("deny", Some(deny)).unwrap();
+    eventually(Duration::from_secs(5), "the DENY policy closed the open connection", || {
+        (mesh.metric(sn, "skiff_ztunnel_active_connections", &[]).unwrap() == 0.0).then_some(())
+    });
+    let zlog = std::fs::read_to_string(&mesh.nodes[sn].ztunnel_log).unwrap();
+    assert!(zlog.contains("open connection closed: policy now denies it"), "{zlog}");
 }

@@ -178,7 +178,8 @@ fn binaries() -> BTreeSet<String> {
             .lines()
             .filter_map(|l| l.trim().strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')))
             .collect();
-        if member.join("src/main.rs").exists() {
+        // src/main.rs is the package's binary unless a [[bin]] names it.
+        if member.join("src/main.rs").exists() && !manifest.contains("path = \"src/main.rs\"") {
             out.insert(names[0].to_owned());
         }
         if manifest.contains("[[bin]]") {

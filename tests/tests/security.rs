@@ -222,6 +222,19 @@ fn authorization_policies_allow_and_deny_as_istio_specifies() {
     assert!(try_(plain_client, 9000), "ipBlocks: listed address");
     assert!(!try_(mesh_client, 9000), "ipBlocks: other address");
 
+    // ALLOW by serviceAccounts (namespace/name): exactly that account;
+    // another account and plaintext are refused.
+    apply_policy(&mesh, node, "p", Some(&authz("p", "  rules: [{from: [{source: {serviceAccounts: [mesh/client]}}]}]\n")));
+    assert!(try_(mesh_client, 9000), "serviceAccounts: the named account");
+    assert!(!try_(echo_b, 9000), "serviceAccounts: another account (echo)");
+    assert!(!try_(plain_client, 9000), "serviceAccounts: plaintext has no account");
+
+    // A field Skiff does not know (`principal`, a typo) never widens an
+    // ALLOW: the rule never matches (fail closed), for anyone.
+    apply_policy(&mesh, node, "p", Some(&authz("p", "  rules: [{from: [{source: {principal: [cluster.local/ns/mesh/sa/client]}}]}]\n")));
+    assert!(!try_(mesh_client, 9000), "unknown source field: the ALLOW rule never matches");
+    assert!(!try_(plain_client, 9000), "unknown source field: plaintext refused");
+
     // An ALLOW policy with no rules allows nothing.
     apply_policy(&mesh, node, "p", Some(&authz("p", "  action: ALLOW\n")));
     assert!(!try_(mesh_client, 9000), "ALLOW without rules");

@@ -87,6 +87,20 @@ fn weighted_route_splits_ninety_ten_between_subsets() {
     // correct implementation about once in 16 000 runs.
     assert!((0.073..=0.127).contains(&v2), "v2 share {v2} outside [0.073, 0.127]: {:?}", l.versions);
     assert_eq!(count(&l.versions, "v1") + count(&l.versions, "v2"), n as u64);
+
+    // Relative weights (Istio HTTPRouteDestination.weight): 1/1 is an even
+    // split, not a refused config.
+    let even = vs(
+        "reviews",
+        "  http:\n  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 1}\n    - {destination: {host: reviews, subset: v2}, weight: 1}\n",
+    );
+    apply_vs(&mesh, "reviews", &even, |m| count(&load(m, URL, 40, &[]).versions, "v2") >= 8);
+    let l = load(&mesh, URL, n, &[]);
+    assert_eq!(count(&l.codes, "200"), n as u64, "{:?}", l.codes);
+    let v2 = count(&l.versions, "v2") as f64 / n as f64;
+    // p = 0.5: sd = sqrt(0.25 / 2000) ≈ 0.0112; ±4 sd is [0.455, 0.545]
+    // (a correct implementation fails about once in 16 000 runs).
+    assert!((0.455..=0.545).contains(&v2), "v2 share {v2} outside [0.455, 0.545]: {:?}", l.versions);
 }
 
 #[test]
@@ -163,15 +177,17 @@ fn invalid_virtual_service_is_rejected_and_the_previous_one_keeps_serving() {
     let Some(mesh) = up() else { return };
     let good = vs("reviews", "  http:\n  - route: [{destination: {host: reviews, subset: v2}}]\n");
     apply_vs(&mesh, "reviews", &good, |m| count(&load(m, URL, 5, &[]).versions, "v2") == 5);
+    // Weights adding to 0: refused (Istio's validation), naming the field.
     let bad = vs(
         "reviews",
-        "  http:\n  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 80}\n    - {destination: {host: reviews, subset: v2}, weight: 10}\n",
+        "  http:\n  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 0}\n    - {destination: {host: reviews, subset: v2}, weight: 0}\n",
     );
     mesh.apply("reviews", Some(&bad)).unwrap();
     let wp = mesh.pod("shop", "waypoint");
-    eventually(WAIT, "rejection logged", || {
+    eventually(WAIT, "refusal logged", || {
         std::fs::read_to_string(&wp.log).ok().filter(|l| {
-            l.contains("config rejected") && l.contains("VirtualService shop/reviews") && l.contains("spec.http[0].route") && l.contains("add to 90")
+            l.contains("config object refused") && l.contains("VirtualService shop/reviews") && l.contains("spec.http[0].route") && l.contains("add to 0")
+                && l.contains("the last accepted version keeps serving")
         }).map(|_| ())
     });
     let l = load(&mesh, URL, 50, &[]);
@@ -390,4 +406,33 @@ fn routes_without_retries_get_istios_default_retry_policy() {
     assert_eq!(count(&l.codes, "200"), 1, "{:?} {:?}", l.codes, l.bodies);
     let served = server_events(mesh.pod("shop", "flaky")).iter().filter(|e| e["event"] == "request").count();
     assert_eq!(served, 2, "one failed attempt, one retry");
+}
+
+/// A VirtualService bound only to a Gateway (`gateways: [my-gateway]`,
+/// `hosts: ["*"]`) applies to no mesh traffic (Istio VirtualService
+/// `gateways`: `mesh` is implied only when the field is omitted): neither
+/// in another namespace nor in the waypoint's own does it change routing.
+#[test]
+fn a_gateway_bound_virtual_service_does_not_route_mesh_traffic() {
+    let Some(mesh) = up() else { return };
+    let both = |m: &LocalMesh| {
+        let l = load(m, URL, 40, &[]);
+        count(&l.versions, "v1") > 0 && count(&l.versions, "v2") > 0
+    };
+    assert!(both(&mesh), "without a VirtualService both versions serve");
+    let gateway_only = |ns: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: edge, namespace: {ns}}}\nspec:\n  hosts: [\"*\"]\n  gateways: [istio-system/my-gateway]\n  http:\n  - route: [{{destination: {{host: reviews.shop.svc.cluster.local, subset: v2}}}}]\n")
+    };
+    mesh.apply("edge-other", Some(&gateway_only("other"))).unwrap();
+    mesh.apply("edge-shop", Some(&gateway_only("shop"))).unwrap();
+    // A marker applied after them shows the waypoint has read them: a
+    // mesh-bound route for another Service.
+    let marker = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: marker, namespace: shop}\nspec:\n  hosts: [flaky]\n  http:\n  - directResponse: {status: 299}\n";
+    mesh.apply("marker", Some(marker)).unwrap();
+    eventually(WAIT, "the waypoint read the new config", || {
+        (count(&load(&mesh, "http://flaky:80/", 1, &[]).codes, "299") == 1).then_some(())
+    });
+    let l = load(&mesh, URL, 200, &[]);
+    assert_eq!(count(&l.codes, "200"), 200, "{:?}", l.codes);
+    assert!(count(&l.versions, "v1") > 0 && count(&l.versions, "v2") > 0, "a gateway-only VirtualService routed mesh traffic: {:?}", l.versions);
 }

@@ -47,7 +47,9 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 /// What the admin port shows: the pods held, the policies in force, the
-/// certificates (identity and validity only — never keys).
+/// config objects refused (with why and what serves instead) and those
+/// read fail-closed, the certificates (identity and validity only — never
+/// keys).
 pub fn config_dump(zt: &Ztunnel) -> serde_json::Value {
     let snap = zt.snapshot();
     let authz: Vec<serde_json::Value> = snap
@@ -76,6 +78,8 @@ pub fn config_dump(zt: &Ztunnel) -> serde_json::Value {
         "workloads": zt.workloads(),
         "authorization_policies": authz,
         "peer_authentications": peer,
+        "rejected": snap.rejected.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+        "warnings": snap.warnings,
         "certificates": zt.certs.summary(),
     })
 }

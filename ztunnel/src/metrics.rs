@@ -83,6 +83,8 @@ pub struct Metrics {
     /// Plaintext connections from the node itself (kubelet probes) let
     /// past STRICT and policy.
     pub node_probes: prometheus::IntCounter,
+    /// `skiff_config_rejected_objects{kind,namespace}`.
+    config_rejected: prometheus::IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -131,7 +133,21 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(node_probes.clone())).expect("metric registered once");
-        Metrics { registry, opened, closed, sent, received, workloads, active_connections, hbone_refused, tls_handshakes, node_probes }
+        let config_rejected = prometheus::IntGaugeVec::new(
+            Opts::new("skiff_config_rejected_objects", "Config objects refused (each on its own; see the log and /config_dump), by kind and namespace"),
+            &["kind", "namespace"],
+        )
+        .expect("valid");
+        registry.register(Box::new(config_rejected.clone())).expect("metric registered once");
+        Metrics { registry, opened, closed, sent, received, workloads, active_connections, hbone_refused, tls_handshakes, node_probes, config_rejected }
+    }
+
+    /// Sets `skiff_config_rejected_objects` from a snapshot.
+    pub fn set_rejected(&self, snap: &skiff_core::model::Snapshot) {
+        self.config_rejected.reset();
+        for ((kind, namespace), n) in snap.rejected_counts() {
+            self.config_rejected.with_label_values(&[kind, namespace.as_str()]).set(n);
+        }
     }
 
     /// Counters of one connection, resolved once so the data path only adds.

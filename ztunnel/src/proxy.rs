@@ -1012,8 +1012,10 @@ impl Ztunnel {
         let zt = self.clone();
         let mut changes = self.cluster.clone();
         tokio::spawn(async move {
+            zt.metrics.set_rejected(&changes.borrow());
             while changes.changed().await.is_ok() {
                 let snap = changes.borrow().clone();
+                zt.metrics.set_rejected(&snap);
                 for p in snap.authorization_policies.iter().filter(|p| !p.targets_waypoint && p.has_l7()) {
                     warn!(policy = %p.key(), action = ?p.action,
                         "policy uses L7 attributes ztunnel cannot see: its ALLOW rules with them never match, its DENY rules match on their L4 part (fail closed); use a waypoint for L7");
