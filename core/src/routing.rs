@@ -106,7 +106,7 @@ impl Retries {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct HttpRoute {
     pub name: Option<String>,
     /// Empty: matches every request.

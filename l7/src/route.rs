@@ -55,19 +55,8 @@ pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>)
 /// Everything to the Service itself, nothing else done.
 pub fn default_route(svc: &ServiceInfo) -> HttpRoute {
     HttpRoute {
-        name: None,
-        matches: vec![],
         destinations: vec![RouteDest { host: svc.hostname(), subset: None, port: None, weight: 100 }],
-        rewrite_uri: None,
-        rewrite_authority: None,
-        fault: None,
-        timeout: None,
-        retries: None,
-        request_headers: Default::default(),
-        response_headers: Default::default(),
-        direct_response: None,
-        redirect: None,
-        mirror: None,
+        ..Default::default()
     }
 }
 
@@ -242,7 +231,7 @@ mod tests {
         let route = |m: Option<StrMatch>, rewrite: Option<&str>| HttpRoute {
             matches: vec![HttpMatch { uri: m, ..Default::default() }],
             rewrite_uri: rewrite.map(String::from),
-            ..default_route_for_tests()
+            ..Default::default()
         };
         let prefix = |p: &str| Some(StrMatch::Prefix(p.into()));
         #[rustfmt::skip]
@@ -258,24 +247,6 @@ mod tests {
         ];
         for (m, rewrite, path, want) in cases {
             assert_eq!(rewrite_path(&route(m, rewrite), path).as_deref(), want, "{rewrite:?} {path}");
-        }
-    }
-
-    fn default_route_for_tests() -> HttpRoute {
-        HttpRoute {
-            name: None,
-            matches: vec![],
-            destinations: vec![],
-            rewrite_uri: None,
-            rewrite_authority: None,
-            fault: None,
-            timeout: None,
-            retries: None,
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-            direct_response: None,
-            redirect: None,
-            mirror: None,
         }
     }
 }

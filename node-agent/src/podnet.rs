@@ -131,6 +131,16 @@ async fn loopback_index(nl: &Handle) -> Result<u32, PodNetError> {
     }
 }
 
+/// `ip -4 rule add [fwmark MARK] lookup TABLE pref PREF` (`what`: that
+/// command, for the error).
+async fn add_rule(nl: &Handle, mark: Option<u32>, table: u32, pref: u32, what: String) -> Result<(), PodNetError> {
+    let mut req = nl.rule().add().v4().action(RuleAction::ToTable);
+    if let Some(m) = mark {
+        req = req.fw_mark(m);
+    }
+    req.table_id(table).priority(pref).execute().await.map_err(netlink(what))
+}
+
 /// The routing part of the delivery settings, over `nl` (a socket opened in
 /// the pod's netns). Each request is the one the `ip` command in its error
 /// would send: same table, preference, mark (no mask: the kernel then
@@ -164,29 +174,10 @@ async fn route_delivery(nl: &Handle) -> Result<(), PodNetError> {
         .map_err(netlink("ip -4 rule show"))?;
     let changes = rule_changes(&rules);
     if changes.add_deliver {
-        nl.rule()
-            .add()
-            .v4()
-            .action(RuleAction::ToTable)
-            .fw_mark(MARK_DELIVER)
-            .table_id(DELIVER_ROUTE_TABLE)
-            .priority(RULE_PREF)
-            .execute()
-            .await
-            .map_err(netlink(format!(
-                "ip -4 rule add fwmark {MARK_DELIVER:#x} lookup {DELIVER_ROUTE_TABLE} pref {RULE_PREF}"
-            )))?;
+        add_rule(nl, Some(MARK_DELIVER), DELIVER_ROUTE_TABLE, RULE_PREF, format!("ip -4 rule add fwmark {MARK_DELIVER:#x} lookup {DELIVER_ROUTE_TABLE} pref {RULE_PREF}")).await?;
     }
     if changes.add_local {
-        nl.rule()
-            .add()
-            .v4()
-            .action(RuleAction::ToTable)
-            .priority(LOCAL_PREF)
-            .table_id(TABLE_LOCAL)
-            .execute()
-            .await
-            .map_err(netlink(format!("ip -4 rule add pref {LOCAL_PREF} lookup local")))?;
+        add_rule(nl, None, TABLE_LOCAL, LOCAL_PREF, format!("ip -4 rule add pref {LOCAL_PREF} lookup local")).await?;
     }
     if changes.del_local_at_0 {
         // As `ip rule del` sends it: no action, the preference given
