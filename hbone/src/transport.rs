@@ -33,6 +33,21 @@ impl Transport {
 
 }
 
+/// Waits for the next connection on `listener`. An accept error (out of
+/// file descriptors, a connection reset before it was taken) is logged and
+/// retried after a pause, so a server never spins on it nor stops.
+pub async fn accept(listener: &tokio::net::TcpListener, what: &'static str) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(server = what, error = %e, "accepting a connection failed; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Connects an unconnected socket made in a pod's netns, with a timeout.
 pub async fn connect_socket(std: std::net::TcpStream, dst: SocketAddrV4) -> io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(std);

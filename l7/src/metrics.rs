@@ -77,7 +77,7 @@ impl Default for Metrics {
 /// is closed after the answer (scrapers read to the end).
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((s, _)) = listener.accept().await else { continue };
+        let (s, _) = skiff_hbone::transport::accept(&listener, "metrics").await;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |_: Request<Incoming>| {

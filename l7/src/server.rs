@@ -123,14 +123,7 @@ impl Proxy {
         let me = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.certs.server_config(me)?);
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (tcp, peer) = skiff_hbone::transport::accept(&listener, "waypoint HBONE").await;
             let _ = tcp.set_nodelay(true);
             let (proxy, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move { proxy.connection(acceptor, tcp, peer).await });

@@ -354,14 +354,7 @@ impl Signer {
         let slots = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_connections));
         let mut last_full_warning: Option<tokio::time::Instant> = None;
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accepting a connection failed; retrying in 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (tcp, peer) = skiff_hbone::transport::accept(&listener, "signer").await;
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 drop(tcp);
                 // One warning per 10 s at most: a flood must not flood the log too.

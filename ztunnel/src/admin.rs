@@ -8,7 +8,6 @@ use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::warn;
 
 use crate::proxy::Ztunnel;
 
@@ -112,10 +111,7 @@ pub async fn serve_admin(zt: Arc<Ztunnel>, addr: SocketAddr, reload: LogReload) 
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
+            let (stream, _) = skiff_hbone::transport::accept(&listener, "admin").await;
             let (zt, reload) = (zt.clone(), reload.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| admin(zt.clone(), reload.clone(), req));
@@ -146,14 +142,7 @@ pub async fn serve(zt: Arc<Ztunnel>, addr: SocketAddr, endpoint: Endpoint) -> st
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (stream, _) = skiff_hbone::transport::accept(&listener, "metrics/readiness").await;
             let zt = zt.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
