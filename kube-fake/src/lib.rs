@@ -176,6 +176,9 @@ struct State {
     objects: BTreeMap<Key, Value>,
     history: Vec<HistoryEvent>,
     absent: BTreeSet<&'static str>,
+    /// Kinds served at these versions only (others: 404); kinds not here
+    /// are served at any version.
+    served: BTreeMap<&'static str, Vec<String>>,
     failing: BTreeSet<&'static str>,
     requests: Vec<ApiRequest>,
     tokens: BTreeMap<String, TokenIdentity>,
@@ -226,6 +229,7 @@ impl FakeApiServer {
                 objects: BTreeMap::new(),
                 history: Vec::new(),
                 absent: BTreeSet::new(),
+                served: BTreeMap::new(),
                 failing: BTreeSet::new(),
                 requests: Vec::new(),
                 tokens: BTreeMap::new(),
@@ -404,6 +408,13 @@ impl FakeApiServer {
         } else {
             st.absent.remove(k.resource);
         }
+    }
+
+    /// Serves a kind at these API versions only (as a cluster whose CRD
+    /// serves, say, only `v1beta1`); any other version answers 404.
+    pub fn set_served_versions(&self, kind_name: &str, versions: &[&str]) {
+        let k = kind(kind_name).unwrap_or_else(|| panic!("unknown kind {kind_name}"));
+        self.shared.lock().served.insert(k.resource, versions.iter().map(|v| v.to_string()).collect());
     }
 
     /// Makes a kind answer 500 to list and watch (an API server that
@@ -612,7 +623,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (None, false) => "list",
     };
     record(&shared, verb, &t);
-    if shared.lock().absent.contains(k.resource) {
+    let unserved = shared.lock().served.get(k.resource).is_some_and(|v| !v.contains(&t.version));
+    if unserved || shared.lock().absent.contains(k.resource) {
         return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
     }
     if shared.lock().failing.contains(k.resource) {

@@ -86,34 +86,65 @@ pub struct WatchedKind {
     pub version: &'static str,
     pub kind: &'static str,
     pub plural: &'static str,
+    /// Older API versions to read the kind at when `version` is not served
+    /// (Istio CRDs serve v1, v1beta1 and, for networking, v1alpha3; a
+    /// cluster may serve only some).
+    pub fallback: &'static [&'static str],
     /// What it feeds in the model.
     pub feeds: &'static str,
 }
 
 /// Every kind the source watches (and so the `list`/`watch` RBAC it needs).
 pub const WATCHED: &[WatchedKind] = &[
-    WatchedKind { group: "", version: "v1", kind: "Namespace", plural: "namespaces", feeds: "enrollment (dataplane-mode label), waypoint use" },
-    WatchedKind { group: "", version: "v1", kind: "Pod", plural: "pods", feeds: "workloads: enrollment, identities, Service endpoints" },
-    WatchedKind { group: "", version: "v1", kind: "Service", plural: "services", feeds: "ClusterIPs, ports, waypoint use" },
-    WatchedKind { group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts", feeds: "nothing yet (identities come from pods' serviceAccountName)" },
-    WatchedKind { group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices", feeds: "nothing yet (endpoints come from pods and selectors)" },
-    WatchedKind { group: "networking.istio.io", version: "v1", kind: "VirtualService", plural: "virtualservices", feeds: "waypoint routing" },
-    WatchedKind { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules", feeds: "waypoint subsets and traffic policy" },
-    WatchedKind { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", feeds: "L4 and L7 authorization" },
-    WatchedKind { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications", feeds: "mTLS mode" },
+    WatchedKind { group: "", version: "v1", kind: "Namespace", plural: "namespaces", fallback: &[], feeds: "enrollment (dataplane-mode label), waypoint use" },
+    WatchedKind { group: "", version: "v1", kind: "Pod", plural: "pods", fallback: &[], feeds: "workloads: enrollment, identities, Service endpoints" },
+    WatchedKind { group: "", version: "v1", kind: "Service", plural: "services", fallback: &[], feeds: "ClusterIPs, ports, waypoint use" },
+    WatchedKind { group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts", fallback: &[], feeds: "nothing yet (identities come from pods' serviceAccountName)" },
+    WatchedKind { group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices", fallback: &[], feeds: "nothing yet (endpoints come from pods and selectors)" },
+    WatchedKind { group: "networking.istio.io", version: "v1", kind: "VirtualService", plural: "virtualservices", fallback: &["v1beta1", "v1alpha3"], feeds: "waypoint routing" },
+    WatchedKind { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules", fallback: &["v1beta1", "v1alpha3"], feeds: "waypoint subsets and traffic policy" },
+    WatchedKind { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", fallback: &["v1beta1"], feeds: "L4 and L7 authorization" },
+    WatchedKind { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications", fallback: &["v1beta1"], feeds: "mTLS mode" },
 ];
 
 impl WatchedKind {
     fn api_resource(&self) -> ApiResource {
-        let api_version = if self.group.is_empty() { self.version.to_owned() } else { format!("{}/{}", self.group, self.version) };
+        self.api_resource_at(self.version)
+    }
+
+    fn api_resource_at(&self, version: &str) -> ApiResource {
+        let api_version = if self.group.is_empty() { version.to_owned() } else { format!("{}/{version}", self.group) };
         ApiResource {
             group: self.group.into(),
-            version: self.version.into(),
+            version: version.into(),
             api_version,
             kind: self.kind.into(),
             plural: self.plural.into(),
         }
     }
+}
+
+/// The API version to read `wk` at: the first of its versions the server
+/// serves (a one-object list; 404 means not served). With none served the
+/// preferred one, which the watcher then reports as absent. A cluster that
+/// serves an Istio kind only at an older version is read at that version:
+/// its policies are never taken for "none".
+async fn served_resource(client: &Client, wk: &WatchedKind) -> ApiResource {
+    for version in std::iter::once(wk.version).chain(wk.fallback.iter().copied()) {
+        let ar = wk.api_resource_at(version);
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        match api.list(&kube::api::ListParams::default().limit(1)).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            _ => {
+                if version != wk.version {
+                    warn!(kind = wk.kind, group = wk.group, version, preferred = wk.version,
+                        "the API server does not serve the preferred version; reading this kind at an older one");
+                }
+                return ar;
+            }
+        }
+    }
+    wk.api_resource()
 }
 
 /// Why the source could not start.
@@ -254,7 +285,6 @@ async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc
         let ar = wk.api_resource();
         let writer = Writer::<DynamicObject>::new(ar.clone());
         stores.push(writer.as_reader());
-        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
         let mut cfg = watcher::Config::default();
         if wk.plural == "pods" {
             if let Some(node) = &opts.pods_on_node {
@@ -263,7 +293,9 @@ async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc
         }
         let tx = tx.clone();
         let wk = *wk;
+        let client = client.clone();
         tokio::spawn(async move {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &served_resource(&client, &wk).await);
             let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff());
             futures::pin_mut!(stream);
             let mut listed = false;
@@ -285,7 +317,8 @@ async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc
                     Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Update::Changed,
                     Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => {
                         if !absent_logged {
-                            info!(kind = wk.kind, group = wk.group, "not served by the API server (CRD not installed?): treated as empty; retrying in the background");
+                            warn!(kind = wk.kind, group = wk.group, versions = ?std::iter::once(wk.version).chain(wk.fallback.iter().copied()).collect::<Vec<_>>(),
+                                "not served by the API server at any version Skiff reads (CRD not installed?): treated as empty; retrying in the background");
                             absent_logged = true;
                         }
                         Update::Absent

@@ -316,3 +316,31 @@ fn relists_of_an_unchanged_cluster_publish_nothing() {
         }
     }
 }
+
+/// A cluster whose Istio security CRDs serve only `v1beta1`: the policies
+/// are read at that version — a STRICT PeerAuthentication and a DENY
+/// policy are in the snapshot, never taken for "no policy" (which would
+/// read as PERMISSIVE and allow).
+#[test]
+fn istio_kinds_served_only_at_an_older_version_are_read_there() {
+    let fake = FakeApiServer::start().unwrap();
+    for kind in ["PeerAuthentication", "AuthorizationPolicy"] {
+        fake.set_served_versions(kind, &["v1beta1"]);
+    }
+    fake.set_served_versions("VirtualService", &["v1alpha3"]);
+    fake.apply(namespace("app", Some("istio.io/dataplane-mode"))).unwrap();
+    fake.apply(json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "app"}, "spec": {"mtls": {"mode": "STRICT"}}}))
+    .unwrap();
+    fake.apply(json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny", "namespace": "app"}, "spec": {"action": "DENY", "rules": [{}]}}))
+    .unwrap();
+    fake.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "r", "namespace": "app"}, "spec": {"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}}]}]}}))
+    .unwrap();
+    let mut src = KubeSource::start(options(&fake, None)).unwrap();
+    let mut last = None;
+    wait_until(&mut src, &mut last, "the policies read at v1beta1", |s| {
+        s.peer_authentications.iter().any(|p| p.name == "strict") && s.authorization_policies.iter().any(|p| p.name == "deny") && s.virtual_services.len() == 1
+    });
+}
