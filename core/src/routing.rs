@@ -428,11 +428,14 @@ fn duration(field: &str, s: &Option<String>) -> Result<Option<Duration>, FieldEr
         .transpose()
 }
 
-fn percent(field: &str, p: &Option<k8s::Percent>, legacy: Option<u32>) -> Result<f64, FieldError> {
+/// A percentage field; `absent` is what its absence means (Istio: 0 for a
+/// fault's delay and abort — no request is faulted — and 100 for
+/// `mirrorPercentage`).
+fn percent(field: &str, p: &Option<k8s::Percent>, legacy: Option<u32>, absent: f64) -> Result<f64, FieldError> {
     let v = match (p, legacy) {
         (Some(p), _) => p.value,
         (None, Some(l)) => l as f64,
-        (None, None) => 100.0,
+        (None, None) => absent,
     };
     if !(0.0..=100.0).contains(&v) {
         return Err((field.to_owned(), format!("{v} is not a percentage (0-100)")));
@@ -531,7 +534,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                     Some(d) => {
                         let dur = duration(&f("fault.delay.fixedDelay"), &d.fixed_delay)?
                             .ok_or_else(|| (f("fault.delay.fixedDelay"), "required".into()))?;
-                        Some((dur, percent(&f("fault.delay.percentage"), &d.percentage, d.percent)?))
+                        Some((dur, percent(&f("fault.delay.percentage"), &d.percentage, d.percent, 0.0)?))
                     }
                 };
                 let abort = match &fl.abort {
@@ -543,7 +546,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                             (None, Some(g)) => AbortStatus::Grpc(g.clone()),
                             _ => return Err((f("fault.abort"), "exactly one of httpStatus, grpcStatus".into())),
                         };
-                        Some((status, percent(&f("fault.abort.percentage"), &a.percentage, None)?))
+                        Some((status, percent(&f("fault.abort.percentage"), &a.percentage, None, 0.0)?))
                     }
                 };
                 Some(Fault { delay, abort })
@@ -572,7 +575,9 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             rewrite_uri: h.rewrite.as_ref().and_then(|r| r.uri.clone()),
             rewrite_authority: h.rewrite.as_ref().and_then(|r| r.authority.clone()),
             fault,
-            timeout: duration(&f("timeout"), &h.timeout)?,
+            // `timeout: 0s` disables the timeout (Istio: "default is
+            // disabled"; Envoy reads 0 as no timeout).
+            timeout: duration(&f("timeout"), &h.timeout)?.filter(|t| !t.is_zero()),
             retries,
             request_headers: header_ops(&headers.request),
             response_headers: header_ops(&headers.response),
@@ -585,7 +590,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                 None => None,
                 Some(m) => Some((
                     RouteDest { host: m.host.clone(), subset: m.subset.clone(), port: m.port.as_ref().map(|p| p.number), weight: 100 },
-                    percent(&f("mirrorPercentage"), &h.mirror_percentage, h.mirror_percent)?,
+                    percent(&f("mirrorPercentage"), &h.mirror_percentage, h.mirror_percent, 100.0)?,
                 )),
             },
         });
@@ -843,6 +848,23 @@ mod tests {
         assert_eq!(total_weight(d), 4);
         let picks: Vec<String> = (0..4).map(|roll| pick_weighted(d, roll).unwrap().subset.clone().unwrap()).collect();
         assert_eq!(picks, ["v1", "v2", "v2", "v2"]);
+    }
+
+    /// Istio VirtualService: a fault's delay or abort without a percentage
+    /// faults no request (Istio translates the absent percentage to 0%);
+    /// `mirrorPercentage` absent mirrors everything; `timeout: 0s` means no
+    /// timeout.
+    #[test]
+    fn absent_percentages_and_zero_timeout_follow_istio() {
+        let v = vs("  hosts: [r]\n  http:\n  - fault: {delay: {fixedDelay: 1s}, abort: {httpStatus: 503}}\n    timeout: 0s\n    mirror: {host: r, subset: shadow}\n    route: [{destination: {host: r}}]\n").unwrap();
+        let r = &v.http[0];
+        let f = r.fault.as_ref().unwrap();
+        assert_eq!((f.delay.as_ref().unwrap().1, f.abort.as_ref().unwrap().1), (0.0, 0.0));
+        assert_eq!(fault_decision(f, 0.0, 0.0), FaultDecision { delay: None, abort: None }, "no request faulted");
+        assert_eq!(r.mirror.as_ref().unwrap().1, 100.0);
+        assert_eq!(r.timeout, None, "0s: no timeout");
+        let v = vs("  hosts: [r]\n  http:\n  - timeout: 2s\n    route: [{destination: {host: r}}]\n").unwrap();
+        assert_eq!(v.http[0].timeout, Some(Duration::from_secs(2)));
     }
 
     #[test]
