@@ -331,6 +331,34 @@ impl VirtualService {
     }
 }
 
+/// Istio's root namespace (mesh-wide configuration) by default.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// The DestinationRule that applies to the Service `name.namespace` for a
+/// proxy in `client_ns`, as Istio looks it up: the client's namespace
+/// first, then the Service's own, then the root namespace, then any other;
+/// within one, an exact host before a wildcard (the longer wildcard first),
+/// then by name. A DestinationRule in another tenant's namespace never
+/// overrides the Service's own.
+pub fn destination_rule_for<'a>(drs: &'a [DestinationRule], name: &str, namespace: &str, client_ns: &str) -> Option<&'a DestinationRule> {
+    drs.iter()
+        .filter(|dr| host_matches(&dr.host, &dr.namespace, name, namespace))
+        .min_by_key(|dr| {
+            let tier = if dr.namespace == client_ns {
+                0
+            } else if dr.namespace == namespace {
+                1
+            } else if dr.namespace == DEFAULT_ROOT_NAMESPACE {
+                2
+            } else {
+                3
+            };
+            // Exact before wildcard; among wildcards the longer suffix.
+            let specificity = if dr.host.starts_with('*') { usize::MAX - dr.host.len() } else { 0 };
+            (tier, specificity, dr.name.clone())
+        })
+}
+
 /// Whether `host` (as written in an object in `obj_ns`) names the Service
 /// `name.namespace`: short names resolve in the object's namespace;
 /// `name.ns`, `name.ns.svc`, FQDNs and `*` / `*.suffix` wildcards work.
@@ -865,6 +893,39 @@ mod tests {
         assert_eq!(r.timeout, None, "0s: no timeout");
         let v = vs("  hosts: [r]\n  http:\n  - timeout: 2s\n    route: [{destination: {host: r}}]\n").unwrap();
         assert_eq!(v.http[0].timeout, Some(Duration::from_secs(2)));
+    }
+
+    /// Istio's DestinationRule lookup for a proxy: its own namespace, then
+    /// the Service's, then the root namespace; exact hosts before
+    /// wildcards. Another tenant's rule never overrides the Service's own.
+    #[test]
+    fn destination_rule_precedence() {
+        let dr = |ns: &str, name: &str, host: &str| {
+            let text = format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{host: \"{host}\"}}\n");
+            match &k8s::parse_documents(&text).unwrap()[0] {
+                k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap(),
+                o => panic!("{o:?}"),
+            }
+        };
+        let own = dr("shop", "a-own", "reviews");
+        let other = dr("evil", "a-other", "reviews.shop.svc.cluster.local");
+        let root = dr("istio-system", "a-root", "reviews.shop.svc.cluster.local");
+        let wildcard = dr("shop", "0-wild", "*.shop.svc.cluster.local");
+        let wp = dr("waypoint-ns", "z-wp", "reviews.shop.svc.cluster.local");
+        let pick = |drs: &[DestinationRule], client: &str| destination_rule_for(drs, "reviews", "shop", client).map(|d| d.name.clone());
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<DestinationRule>, &str, Option<&str>)> = vec![
+            ("the Service's own beats another namespace's", vec![other.clone(), own.clone()], "shop", Some("a-own")),
+            ("the Service's own beats the root namespace's", vec![root.clone(), own.clone()], "shop", Some("a-own")),
+            ("root namespace before another tenant's", vec![other.clone(), root.clone()], "shop", Some("a-root")),
+            ("the client's namespace first", vec![own.clone(), wp.clone()], "waypoint-ns", Some("z-wp")),
+            ("exact before wildcard in one namespace", vec![wildcard.clone(), own.clone()], "shop", Some("a-own")),
+            ("a wildcard alone applies", vec![wildcard.clone()], "shop", Some("0-wild")),
+            ("nothing matches", vec![dr("shop", "x", "ratings")], "shop", None),
+        ];
+        for (name, drs, client, want) in cases {
+            assert_eq!(pick(&drs, client).as_deref(), want, "{name}");
+        }
     }
 
     #[test]

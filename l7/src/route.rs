@@ -71,7 +71,9 @@ pub struct Resolved<'s> {
 
 /// A route destination → its Service, port, ready endpoints (of the
 /// subset) and traffic policy.
-pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, default_port: u16) -> Result<Resolved<'s>, Failure> {
+/// `client_ns` is the namespace of the proxy that sends (the waypoint's):
+/// its DestinationRules come first (see [`routing::destination_rule_for`]).
+pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_ns: &str, default_port: u16) -> Result<Resolved<'s>, Failure> {
     let dsvc = snap
         .services
         .values()
@@ -79,7 +81,7 @@ pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, default_
         .ok_or(Failure::NoHealthyUpstream)?;
     let want_port = dest.port.unwrap_or(default_port);
     let dport = dsvc.ports.iter().find(|p| p.port == want_port).or_else(|| dsvc.ports.first()).ok_or(Failure::NoHealthyUpstream)?;
-    let dr = snap.destination_rules.iter().find(|dr| routing::host_matches(&dr.host, &dr.namespace, &dsvc.name, &dsvc.namespace));
+    let dr = routing::destination_rule_for(&snap.destination_rules, &dsvc.name, &dsvc.namespace, client_ns);
     let subset_labels = dest.subset.as_ref().and_then(|sub| dr.and_then(|dr| dr.subsets.get(sub).cloned()));
     if dest.subset.is_some() && subset_labels.is_none() {
         warn!(subset = ?dest.subset, service = %dsvc.hostname(), "route names a subset no DestinationRule defines");

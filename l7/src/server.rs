@@ -254,7 +254,7 @@ impl Proxy {
         };
         // The destination Service, its port, the subset's pods.
         let host_ns = vs.map(|v| v.namespace.as_str()).unwrap_or(&ctx.svc.namespace).to_owned();
-        let resolved = match route::resolve(&snap, &dest, &host_ns, ctx.port.port) {
+        let resolved = match route::resolve(&snap, &dest, &host_ns, &self.cfg.namespace, ctx.port.port) {
             Ok(r) => r,
             Err(f) => return self.finish(log, start, Err(f), ops),
         };

@@ -260,7 +260,7 @@ impl Upstreams {
         grpc: bool,
         rng: &mut fastrand::Rng,
     ) {
-        let Ok(r) = route::resolve(snap, dest, host_ns, port) else {
+        let Ok(r) = route::resolve(snap, dest, host_ns, &self.namespace, port) else {
             debug!(mirror = %dest.host, "mirror destination has no endpoint; copy dropped");
             return;
         };
@@ -287,7 +287,7 @@ impl Upstreams {
     /// skipped).
     pub async fn passthrough(&self, snap: &Snapshot, svc: &ServiceInfo, port: u16, io: tokio::io::DuplexStream, rng: &mut fastrand::Rng) {
         let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100 };
-        let Ok(r) = route::resolve(snap, &dest, &svc.namespace, port) else { return };
+        let Ok(r) = route::resolve(snap, &dest, &svc.namespace, &self.namespace, port) else { return };
         let Some((w, port)) = self.choose(&r.endpoints, &r.policy, rng) else { return };
         let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
         hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
