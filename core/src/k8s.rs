@@ -250,7 +250,7 @@ pub struct PeerAuthenticationSpec {
     /// Keys are ports (YAML allows them as numbers or strings; both are
     /// read as their text).
     #[serde(default)]
-    pub port_level_mtls: serde_json::Map<String, serde_json::Value>,
+    pub port_level_mtls: BTreeMap<String, MtlsSpec>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -844,6 +844,9 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
         field: &dyn Fn(serde_path_to_error::Error<serde_json::Error>) -> Object,
         invalid: &dyn Fn(String, String) -> Object,
     ) -> Object {
+        if let Some(k) = value.as_object().and_then(|o| o.keys().find(|k| !["apiVersion", "kind", "metadata", "spec", "status"].contains(&k.as_str()))) {
+            return invalid(k.clone(), "not a top-level field of a Kubernetes object (a misspelt `spec`?)".into());
+        }
         let spec = value.get("spec").cloned().unwrap_or(serde_json::Value::Null);
         match typed::<T>(value) {
             Err(e) => field(e),
@@ -865,9 +868,11 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
         "Service" if core => typed_or(typed(value).map(Object::Service)),
         "Deployment" if apps => typed_or(typed(value).map(Object::Deployment)),
         "PeerAuthentication" if security => istio(value, Object::PeerAuthentication, &field, &invalid),
-        // Unknown fields inside rules are kept and fail closed there (an
-        // ALLOW rule never matches); unknown spec fields are refused.
-        "AuthorizationPolicy" if security => typed_or(typed(value).map(Object::AuthorizationPolicy)),
+        // AuthorizationPolicy: unknown fields inside rules are kept (and
+        // fail closed there: an ALLOW rule never matches), so the check
+        // refuses only unknown fields elsewhere (a `selector` typo would
+        // otherwise widen the policy to the whole namespace).
+        "AuthorizationPolicy" if security => istio(value, Object::AuthorizationPolicy, &field, &invalid),
         "VirtualService" if networking => istio(value, Object::VirtualService, &field, &invalid),
         "DestinationRule" if networking => istio(value, Object::DestinationRule, &field, &invalid),
         _ => Object::Other { api_version, kind },

@@ -353,8 +353,17 @@ impl Snapshot {
                 name: meta_name.clone().unwrap_or_default(),
             };
             let Some(name) = meta_name.filter(|n| !n.is_empty()) else {
-                // Nothing identifies it: nothing can stand in for it.
-                snap.rejected.push(Rejection { error: err("metadata.name", "required".into()), key, instead: Instead::Nothing });
+                // Nothing identifies it; a security object still fails
+                // closed under a name of its own.
+                let raw = match &obj {
+                    Object::Invalid(o) => o.raw.clone(),
+                    Object::PeerAuthentication(o) => serde_json::to_value(o).unwrap_or_default(),
+                    Object::AuthorizationPolicy(o) => serde_json::to_value(o).unwrap_or_default(),
+                    _ => serde_json::Value::Null,
+                };
+                let key = ObjectKey { name: "<unnamed>".into(), ..key };
+                let instead = snap.stand_in(&key, &raw, None);
+                snap.rejected.push(Rejection { error: err("metadata.name", "required".into()), key, instead });
                 continue;
             };
             if !seen.insert(object.clone()) {
@@ -388,7 +397,16 @@ impl Snapshot {
                 }
             }
         }
-        for (uid, ip, (ons, oname)) in clash {
+        // Both owners are refused: which one holds the address is unknown
+        // (the other may be a pod that is gone but still listed).
+        let mut firsts = Vec::new();
+        for (_, ip, (ons, oname)) in &clash {
+            if let Some(w) = snap.workloads.values().find(|w| w.namespace == *ons && w.name == *oname && w.ip == Some(*ip)) {
+                firsts.push((w.uid.clone(), *ip, (String::new(), String::from("another pod"))));
+            }
+        }
+        for (uid, ip, (ons, oname)) in clash.into_iter().chain(firsts) {
+            let other = if ons.is_empty() { oname } else { format!("pod {ons}/{oname}") };
             if let Some(w) = snap.workloads.remove(&uid) {
                 snap.probe_ports.remove(&uid);
                 snap.rejected.push(Rejection {
@@ -396,7 +414,7 @@ impl Snapshot {
                         origin: "cluster".into(),
                         object: format!("Pod {}/{}", w.namespace, w.name),
                         field: "status.podIP".into(),
-                        message: format!("{ip} is also the IP of pod {ons}/{oname}"),
+                        message: format!("{ip} is also the IP of {other}"),
                     },
                     key: ObjectKey { kind: "Pod", namespace: w.namespace, name: w.name },
                     instead: Instead::Other,
@@ -412,7 +430,8 @@ impl Snapshot {
                 }
             }
         }
-        for (k, ip, other) in clash {
+        let firsts: Vec<(String, Ipv4Addr, String)> = clash.iter().map(|(k, ip, o)| (o.clone(), *ip, k.clone())).collect();
+        for (k, ip, other) in clash.into_iter().chain(firsts) {
             if let Some(s) = snap.services.remove(&k) {
                 snap.rejected.push(Rejection {
                     error: ModelError {
@@ -567,21 +586,12 @@ impl Snapshot {
     fn stand_in(&mut self, key: &ObjectKey, raw: &serde_json::Value, previous: Option<&Snapshot>) -> Instead {
         let same = |ns: &str, name: &str| ns == key.namespace && name == key.name;
         if let Some(prev) = previous {
+            // Security objects are never carried over (the last version
+            // may be looser than the one refused: a stand-in fails closed
+            // instead); nor are Pods and Services, whose addresses may
+            // since belong to someone else.
             let carried = match key.kind {
                 "Namespace" => prev.namespaces.get(&key.name).cloned().map(|n| self.namespaces.insert(n.name.clone(), n)).is_some(),
-                "Pod" => match prev.workloads.values().find(|w| same(&w.namespace, &w.name)).cloned() {
-                    Some(w) => {
-                        if let Some(p) = prev.probe_ports.get(&w.uid) {
-                            self.probe_ports.insert(w.uid.clone(), p.clone());
-                        }
-                        self.workloads.insert(w.uid.clone(), w);
-                        true
-                    }
-                    None => false,
-                },
-                "Service" => prev.services.get(&format!("{}/{}", key.namespace, key.name)).cloned().map(|s| self.services.insert(format!("{}/{}", s.namespace, s.name), s)).is_some(),
-                "PeerAuthentication" => prev.peer_authentications.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.peer_authentications.push(p)).is_some(),
-                "AuthorizationPolicy" => prev.authorization_policies.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.authorization_policies.push(p)).is_some(),
                 "VirtualService" => prev.virtual_services.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.virtual_services.push(p)).is_some(),
                 "DestinationRule" => prev.destination_rules.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.destination_rules.push(p)).is_some(),
                 _ => false,
@@ -606,6 +616,7 @@ impl Snapshot {
                     selector,
                     mode: crate::policy::MtlsMode::Strict,
                     port_modes: BTreeMap::new(),
+                    fail_closed: true,
                 });
                 Instead::FailClosed("STRICT for the workloads it selects")
             }
@@ -627,16 +638,25 @@ impl Snapshot {
                     .iter()
                     .filter_map(|r| Some((r.get("kind")?.as_str()?.to_owned(), r.get("name")?.as_str()?.to_owned())))
                     .collect();
-                let targets_waypoint = !refs.is_empty();
-                self.authorization_policies.push(AuthzPolicy {
+                let base = AuthzPolicy {
                     namespace: key.namespace.clone(),
                     name: key.name.clone(),
-                    selector: if targets_waypoint { None } else { selector },
-                    targets_waypoint,
-                    target_refs: refs,
+                    selector,
+                    targets_waypoint: false,
+                    target_refs: vec![],
                     action,
                     rules,
-                });
+                };
+                // Where it was meant to apply: its targets (the waypoint
+                // enforces it), its selector or, when it has targets that
+                // cannot be read or a selector too, namespace-wide at
+                // ztunnel as well.
+                if !refs.is_empty() {
+                    self.authorization_policies.push(AuthzPolicy { selector: None, targets_waypoint: true, target_refs: refs.clone(), ..base.clone() });
+                }
+                if refs.is_empty() || spec.get("selector").is_some() {
+                    self.authorization_policies.push(base);
+                }
                 Instead::FailClosed(what)
             }
             _ => Instead::Nothing,
@@ -861,16 +881,19 @@ status: {phase: Running, podIP: 10.244.1.5}
         assert_eq!(s.rejected_counts().get(&("VirtualService", "a".to_owned())), Some(&1));
     }
 
-    /// The last accepted version of a refused object keeps serving.
+    /// The last accepted version of a refused routing object keeps
+    /// serving; a refused Service does not (its address may since be
+    /// another's).
     #[test]
     fn the_last_accepted_version_keeps_serving() {
         let good = TENANTS.replace("\"lots\"", "\"10/s\"").replace(", corsPolicy: {allowOrigins: [{exact: x}]}", "");
         let first = build(&good, None);
         assert!(first.rejected.is_empty(), "{:?}", first.rejected);
         let second = build(TENANTS, Some(&first));
-        assert_eq!(second.services.len(), 1);
+        assert!(second.services.is_empty());
         assert_eq!(second.virtual_services, first.virtual_services);
-        assert!(second.rejected.iter().all(|r| r.instead == Instead::Previous), "{:?}", second.rejected);
+        let instead: Vec<(&str, &Instead)> = second.rejected.iter().map(|r| (r.key.kind, &r.instead)).collect();
+        assert_eq!(instead, vec![("Service", &Instead::Nothing), ("VirtualService", &Instead::Previous)]);
         // A third version still refused: still the first one serving.
         let third = build(TENANTS, Some(&second));
         assert_eq!(third.virtual_services, first.virtual_services);
@@ -934,14 +957,66 @@ spec: {action: AUDIT, rules: [{to: [{}]}]}
         assert!(!s.authorization_policies.iter().any(|p| p.name == "audit"));
     }
 
+    /// Security objects fail closed even when an earlier version was
+    /// accepted (it may be looser than the refused one), and in the cases
+    /// a reviewer found open: a misspelt selector or top-level key, an
+    /// unknown field in a port-level mode, a policy without a name, a
+    /// policy with both a selector and targets, a refused PeerAuthentication
+    /// next to a looser one of the same namespace.
     #[test]
-    fn the_second_owner_of_an_address_is_refused_the_first_stays() {
+    fn refused_security_objects_fail_closed_in_every_case() {
+        use crate::policy::{self, MtlsMode};
+        const HDR: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
+        let first = build(&format!("{HDR}metadata: {{name: p, namespace: a}}\nspec: {{rules: [{{from: [{{source: {{namespaces: [x, partner]}}}}]}}]}}\n"), None);
+        assert!(first.rejected.is_empty());
+        let second = build(&format!("{HDR}metadata: {{name: p, namespace: a}}\nspec: {{rules: [{{from: [{{source: {{namespaces: [x], ipBlocks: [\"fd00::/8\"]}}}}]}}]}}\n"), Some(&first));
+        assert_eq!(second.rejected[0].instead, Instead::FailClosed("an ALLOW policy that allows nothing"));
+        assert!(second.authorization_policies[0].rules.is_empty(), "not the looser previous version");
+
+        let s = build(
+            &format!(
+                "{HDR}metadata: {{name: typo, namespace: a}}\nspec: {{selector: {{matchLabel: {{app: web}}}}, rules: [{{}}]}}\n---\n\
+                 {HDR}metadata: {{generateName: d-, namespace: a}}\nspec: {{action: DENY, rules: [{{}}]}}\n---\n\
+                 {HDR}metadata: {{name: both, namespace: a}}\nspec: {{action: DENY, selector: {{matchLabels: {{app: db}}}}, targetRefs: [{{kind: Gateway, name: wp}}], rules: [{{to: [{{}}]}}]}}\n---\n\
+                 apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: z-strict, namespace: b}}\nsepc: {{mtls: {{mode: STRICT}}}}\n---\n\
+                 apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: a-permissive, namespace: b}}\nspec: {{mtls: {{mode: PERMISSIVE}}}}\n---\n\
+                 apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: port, namespace: c}}\nspec: {{selector: {{matchLabels: {{app: db}}}}, portLevelMtls: {{\"5432\": {{Mode: STRICT}}}}}}\n"
+            ),
+            None,
+        );
+        let fields: Vec<(&str, &str)> = s.rejected.iter().map(|r| (r.error.object.as_str(), r.error.field.as_str())).collect();
+        assert_eq!(
+            fields,
+            vec![
+                ("AuthorizationPolicy a/typo", "spec.selector.matchLabel"),
+                ("AuthorizationPolicy a/<unnamed>", "metadata.name"),
+                ("AuthorizationPolicy a/both", "spec.selector"),
+                ("PeerAuthentication b/z-strict", "sepc"),
+                ("PeerAuthentication c/port", "spec.portLevelMtls.5432.Mode"),
+            ]
+        );
+        let any: BTreeMap<String, String> = BTreeMap::new();
+        let db: BTreeMap<String, String> = [("app".to_owned(), "db".to_owned())].into();
+        // The refused STRICT wins over a looser sibling that sorts first.
+        assert_eq!(policy::effective_mtls(&s.peer_authentications, "istio-system", "b", &any, 80), MtlsMode::Strict);
+        assert_eq!(policy::effective_mtls(&s.peer_authentications, "istio-system", "c", &db, 5432), MtlsMode::Strict);
+        let by_name = |n: &str| s.authorization_policies.iter().filter(|p| p.name == n).collect::<Vec<_>>();
+        assert!(by_name("typo")[0].selector.is_none(), "an unreadable selector: the whole namespace");
+        assert_eq!(by_name("<unnamed>").len(), 1, "an unnamed DENY still stands in");
+        let both = by_name("both");
+        assert_eq!(both.len(), 2, "waypoint-bound and selector-bound stand-ins");
+        assert!(both.iter().any(|p| p.targets_waypoint) && both.iter().any(|p| p.selector.as_ref() == Some(&db)));
+    }
+
+    #[test]
+    fn both_owners_of_one_address_are_refused() {
         let s = build(
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, namespace: a, uid: u1}\nstatus: {phase: Running, podIP: 10.244.1.5}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p2, namespace: a, uid: u2}\nstatus: {phase: Running, podIP: 10.244.1.5}\n",
             None,
         );
-        assert!(s.workloads.contains_key("u1") && !s.workloads.contains_key("u2"));
-        assert_eq!(s.rejected[0].error.object, "Pod a/p2");
+        assert!(s.workloads.is_empty(), "{:?}", s.workloads.keys());
+        let refused: BTreeSet<&str> = s.rejected.iter().map(|r| r.error.object.as_str()).collect();
+        assert_eq!(refused, BTreeSet::from(["Pod a/p1", "Pod a/p2"]));
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct PeerAuthn {
     pub selector: Option<BTreeMap<String, String>>,
     pub mode: MtlsMode,
     pub port_modes: BTreeMap<u16, MtlsMode>,
+    /// A stand-in for a PeerAuthentication Skiff refused: STRICT for what
+    /// it covers, whatever else applies (never the looser mode).
+    pub fail_closed: bool,
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -81,6 +84,17 @@ pub fn effective_mtls(
     labels: &BTreeMap<String, String>,
     port: u16,
 ) -> MtlsMode {
+    // A refused PeerAuthentication that covers this workload (its own
+    // namespace's, or the root namespace's mesh-wide) leaves STRICT in
+    // force, whatever else applies.
+    let refused_covers = |p: &PeerAuthn| {
+        p.fail_closed
+            && (p.namespace == namespace || (p.namespace == root_namespace && p.selector.is_none()))
+            && p.selector.as_ref().is_none_or(|s| selects(s, labels))
+    };
+    if policies.iter().any(refused_covers) {
+        return MtlsMode::Strict;
+    }
     let first = |f: &dyn Fn(&PeerAuthn) -> bool| -> Option<&PeerAuthn> {
         let mut v: Vec<&PeerAuthn> = policies.iter().filter(|p| f(p)).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -112,51 +126,25 @@ pub struct StrMatch(pub String);
 
 impl StrMatch {
     /// A path match: as [`StrMatch::matches`], or, when the pattern holds
-    /// the template operators `{*}` (exactly one non-empty segment) or
-    /// `{**}` (one or more segments; last operator only), a path template
-    /// (Istio AuthorizationPolicy `Operation.paths`).
+    /// the template operators `{*}` or `{**}`, a path template (Istio
+    /// AuthorizationPolicy `Operation.paths`, matched as Envoy's URI
+    /// templates: `{*}` is one path segment, non-empty; `{**}` is zero or
+    /// more segments, `/` included; literals between them match as written).
     pub fn matches_path(&self, path: &str) -> bool {
-        if !self.0.contains("{*") {
-            return self.matches(path);
-        }
-        let mut want = self.0.split('/');
-        let mut have = path.split('/');
-        loop {
-            match (want.next(), have.next()) {
-                (None, None) => return true,
-                (Some("{**}"), Some(seg)) => {
-                    // The rest of the path, at least one non-empty segment.
-                    let rest: Vec<&str> = std::iter::once(seg).chain(have).collect();
-                    return !rest.iter().all(|s| s.is_empty());
-                }
-                (Some("{*}"), Some(seg)) if !seg.is_empty() => {}
-                (Some(w), Some(h)) if w == h => {}
-                _ => return false,
-            }
+        match template(&self.0) {
+            Some(Ok(tokens)) => template_matches(&tokens, path),
+            // Refused at conversion; never matches if one slipped through.
+            Some(Err(_)) => false,
+            None => self.matches(path),
         }
     }
 
     /// Whether a path pattern is a valid template (or no template at all).
     fn valid_path_template(p: &str) -> Result<(), String> {
-        if !p.contains('{') && !p.contains('}') {
-            return Ok(());
+        match template(p) {
+            Some(Err(e)) => Err(format!("{p:?}: {e}")),
+            _ => Ok(()),
         }
-        let segs: Vec<&str> = p.split('/').collect();
-        for (i, seg) in segs.iter().enumerate() {
-            match *seg {
-                "{*}" => {}
-                "{**}" if i == segs.len() - 1 => {}
-                "{**}" => return Err(format!("{p:?}: `{{**}}` must be the last operator")),
-                s if s.contains('{') || s.contains('}') => {
-                    return Err(format!("{p:?}: a template operator must be a whole segment, `{{*}}` or `{{**}}`"))
-                }
-                _ => {}
-            }
-        }
-        if !p.starts_with('/') {
-            return Err(format!("{p:?}: a path template starts with `/`"));
-        }
-        Ok(())
     }
 
     /// Case-insensitive [`StrMatch::matches`] (hosts).
@@ -176,6 +164,65 @@ impl StrMatch {
             return v.ends_with(suffix);
         }
         p == v
+    }
+}
+
+/// A piece of a path template.
+#[derive(Debug, PartialEq)]
+enum Tok<'a> {
+    Lit(&'a str),
+    /// `{*}`: one or more characters other than `/`.
+    One,
+    /// `{**}`: zero or more characters, `/` included.
+    Many,
+}
+
+/// `None`: not a template (no `{*}`/`{**}` operator); otherwise the
+/// tokens, or why it is not a valid one: a `*` or brace outside an
+/// operator, an operator after `{**}`, or a template not starting with `/`.
+fn template(p: &str) -> Option<Result<Vec<Tok<'_>>, &'static str>> {
+    if !p.contains("{*") {
+        return None;
+    }
+    let mut tokens = Vec::new();
+    let mut rest = p;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("{**}") {
+            tokens.push(Tok::Many);
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("{*}") {
+            tokens.push(Tok::One);
+            rest = r;
+        } else {
+            let end = rest.find('{').unwrap_or(rest.len()).max(1);
+            let lit = &rest[..end];
+            if lit.contains(['*', '{', '}']) {
+                return Some(Err("`*` and braces are allowed only as the operators `{*}` and `{**}`"));
+            }
+            tokens.push(Tok::Lit(lit));
+            rest = &rest[end..];
+        }
+    }
+    if let Some(i) = tokens.iter().position(|t| *t == Tok::Many) {
+        if tokens[i + 1..].iter().any(|t| *t != Tok::Lit("") && !matches!(t, Tok::Lit(_))) {
+            return Some(Err("no operator may follow `{**}`"));
+        }
+    }
+    if !p.starts_with('/') {
+        return Some(Err("a path template starts with `/`"));
+    }
+    Some(Ok(tokens))
+}
+
+fn template_matches(tokens: &[Tok<'_>], path: &str) -> bool {
+    match tokens.split_first() {
+        None => path.is_empty(),
+        Some((Tok::Lit(l), rest)) => path.strip_prefix(l).is_some_and(|p| template_matches(rest, p)),
+        Some((Tok::One, rest)) => {
+            let seg = path.find('/').unwrap_or(path.len());
+            (1..=seg).any(|n| template_matches(rest, &path[n..]))
+        }
+        Some((Tok::Many, rest)) => (0..=path.len()).filter(|n| path.is_char_boundary(*n)).any(|n| template_matches(rest, &path[n..])),
     }
 }
 
@@ -496,16 +543,14 @@ pub fn peer_authn_from(pa: &k8s::PeerAuthentication) -> Result<PeerAuthn, (Strin
     let mut port_modes = BTreeMap::new();
     for (k, v) in &pa.spec.port_level_mtls {
         let port = k.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| ("spec.portLevelMtls".to_owned(), format!("key {k:?} is not a port")))?;
-        let spec: k8s::MtlsSpec = serde_json::from_value(v.clone())
-            .map_err(|e| (format!("spec.portLevelMtls.{port}"), e.to_string()))?;
-        let m = MtlsMode::parse(spec.mode.as_deref()).map_err(|e| (format!("spec.portLevelMtls.{port}.mode"), e))?;
+        let m = MtlsMode::parse(v.mode.as_deref()).map_err(|e| (format!("spec.portLevelMtls.{port}.mode"), e))?;
         port_modes.insert(port, m);
     }
     let selector = pa.spec.selector.as_ref().map(|s| s.match_labels.clone()).filter(|s| !s.is_empty());
     if selector.is_none() && !port_modes.is_empty() {
         return Err(("spec.portLevelMtls".into(), "requires spec.selector (port-level settings apply to selected workloads only)".into()));
     }
-    Ok(PeerAuthn { namespace, name, selector, mode, port_modes })
+    Ok(PeerAuthn { namespace, name, selector, mode, port_modes, fail_closed: false })
 }
 
 fn str_matches(field: &str, list: &[String]) -> Result<Vec<StrMatch>, (String, String)> {
@@ -866,8 +911,8 @@ mod tests {
             ("  rules: [{from: [{source: {serviceAccounts: [\"app/*\"]}}]}]\n", "spec.rules[0].from[0].source.serviceAccounts", "wildcards"),
             ("  rules: [{from: [{source: {serviceAccounts: [app/web], namespaces: [app]}}]}]\n", "spec.rules[0].from[0].source.serviceAccounts", "together with principals or namespaces"),
             ("  rules: [{from: [{source: {notServiceAccounts: [app/web], notPrincipals: [x]}}]}]\n", "spec.rules[0].from[0].source.notServiceAccounts", "together"),
-            ("  rules: [{to: [{operation: {paths: [\"/a/{**}/b\"]}}]}]\n", "spec.rules[0].to[0].operation.paths[0]", "last operator"),
-            ("  rules: [{to: [{operation: {notPaths: [\"/a/x{*}\"]}}]}]\n", "spec.rules[0].to[0].operation.notPaths[0]", "whole segment"),
+            ("  rules: [{to: [{operation: {paths: [\"/a/{**}/{*}\"]}}]}]\n", "spec.rules[0].to[0].operation.paths[0]", "no operator may follow"),
+            ("  rules: [{to: [{operation: {notPaths: [\"/{*}/admin*\"]}}]}]\n", "spec.rules[0].to[0].operation.notPaths[0]", "only as the operators"),
             ("  rule: [{}]\n", "spec.rule", "not a field"),
             ("  action: ALLOW\n  provider: {name: ext}\n", "spec.provider", "only with action CUSTOM"),
         ];
@@ -894,8 +939,15 @@ mod tests {
             ("/api/{*}", "/api/", false),
             ("/api/{**}", "/api/a/b/c", true),
             ("/api/{**}", "/api/a", true),
-            ("/api/{**}", "/api/", false),
+            // `{**}` is zero or more segments (Envoy's `**`): the empty
+            // remainder matches, so `/admin/{**}` covers `/admin/`.
+            ("/api/{**}", "/api/", true),
             ("/api/{**}", "/api", false),
+            ("/{**}", "/", true),
+            ("/{**}.mpd", "/a/b/c.mpd", true),
+            ("/{**}.mpd", "/a/b/c.mp4", false),
+            ("/files/{*}.pdf", "/files/x.pdf", true),
+            ("/files/{*}.pdf", "/files/a/x.pdf", false),
             ("/{*}/admin/{**}", "/x/admin/users/1", true),
             ("/{*}/admin/{**}", "/x/public/users/1", false),
             ("/admin*", "/admin/x", true),
@@ -1003,6 +1055,7 @@ mod tests {
             selector: sel.map(|v| [("app".to_owned(), v.to_owned())].into()),
             mode,
             port_modes: ports.iter().copied().collect(),
+            fail_closed: false,
         }
     }
 

@@ -496,8 +496,11 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
     // only to Gateways never applies to mesh traffic (Istio
     // VirtualService.gateways, HTTPMatchRequest.gateways).
     let top_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
-    if top_mesh && vs.spec.hosts.iter().any(|h| h == "*") {
-        return Err(("spec.hosts".into(), "`*` is not allowed for a VirtualService bound to the mesh".into()));
+    for (i, h) in vs.spec.hosts.iter().enumerate() {
+        // A wildcard is `*` or a leading `*.` label (Istio's host syntax).
+        if h.contains('*') && h != "*" && !(h.starts_with("*.") && !h[1..].contains('*')) {
+            return Err((format!("spec.hosts[{i}]"), format!("{h:?}: a wildcard host is `*` or starts with `*.`")));
+        }
     }
     let mut http = Vec::new();
     for (i, h) in vs.spec.http.iter().enumerate() {
@@ -528,9 +531,9 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
         let explicit = h.route.iter().any(|d| d.weight.is_some());
         for (j, d) in h.route.iter().enumerate() {
             let w = d.weight.unwrap_or(0);
-            if w < 0 {
-                return Err((format!("spec.http[{i}].route[{j}].weight"), format!("{w} is negative")));
-            }
+            let Ok(w) = u32::try_from(w) else {
+                return Err((format!("spec.http[{i}].route[{j}].weight"), format!("{w} is not a weight (0 or more)")));
+            };
             if d.destination.host.is_empty() {
                 return Err((format!("spec.http[{i}].route[{j}].destination.host"), "required".into()));
             }
@@ -538,7 +541,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                 host: d.destination.host.clone(),
                 subset: d.destination.subset.clone(),
                 port: d.destination.port.as_ref().map(|p| p.number),
-                weight: w as u32,
+                weight: w,
             });
         }
         if destinations.len() == 1 && !explicit {
@@ -546,7 +549,10 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
         } else if !destinations.is_empty() {
             // Relative weights: only a zero total is invalid (Istio's
             // validation, "total destination weight = 0").
-            let sum: u32 = destinations.iter().map(|d| d.weight).sum();
+            let sum: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum();
+            if sum > u64::from(u32::MAX) {
+                return Err((f("route"), format!("the weights add to {sum}, more than {}", u32::MAX)));
+            }
             if sum == 0 {
                 return Err((f("route"), "the weights add to 0: no destination would get traffic".into()));
             }
@@ -635,6 +641,10 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
         }
     }
     let mesh = top_mesh || !http.is_empty();
+    // Checked once `mesh` is known: a match bound to the mesh binds it too.
+    if mesh && vs.spec.hosts.iter().any(|h| h == "*") {
+        return Err(("spec.hosts".into(), "`*` is not allowed for a VirtualService bound to the mesh".into()));
+    }
     Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http, route_rate_limits, mesh })
 }
 
@@ -769,6 +779,17 @@ mod tests {
         }
         let err = vs(&format!("  hosts: [\"*\"]\n{route}")).unwrap_err();
         assert_eq!(err.0, "spec.hosts");
+        // Bound to the mesh through a match: still refused.
+        let err = vs("  hosts: [\"*\"]\n  gateways: [gw]\n  http: [{match: [{gateways: [mesh], uri: {prefix: /}}], route: [{destination: {host: reviews}}]}]\n").unwrap_err();
+        assert_eq!(err.0, "spec.hosts");
+        // Wildcards are `*` or `*.suffix`.
+        assert_eq!(vs(&format!("  hosts: [\"*l\"]\n{route}")).unwrap_err().0, "spec.hosts[0]");
+        assert_eq!(vs(&format!("  hosts: [\"a.*.local\"]\n{route}")).unwrap_err().0, "spec.hosts[0]");
+        assert!(vs(&format!("  hosts: [\"*.shop.svc.cluster.local\"]\n{route}")).is_ok());
+        // Weights that overflow are refused, not wrapped.
+        let big = "  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r, subset: a}, weight: 4294967295}\n    - {destination: {host: r, subset: b}, weight: 1}\n";
+        assert_eq!(vs(big).unwrap_err().0, "spec.http[0].route");
+        assert_eq!(vs("  hosts: [r]\n  http:\n  - route:\n    - {destination: {host: r}, weight: 4294967296}\n").unwrap_err().0, "spec.http[0].route[0].weight");
         // Per-match gateways: a match for a Gateway only is not a mesh match;
         // a route left without mesh matches does not apply to the mesh.
         let v = vs(r#"  hosts: [reviews]

@@ -107,13 +107,19 @@ impl LocalDirSource {
     /// snapshot's `rejected`, never fail the read.
     pub fn analyze(dir: &Path) -> Result<Snapshot, SourceError> {
         let files = read_files(dir)?;
-        Ok(LocalDirSource::new(dir).build_lenient(&files))
+        Ok(LocalDirSource::new(dir).build_lenient(&files, false).expect("lenient about files"))
     }
 
     /// Reads the directory object by object (see [`Snapshot::build`]): a
     /// file that is not valid YAML, or an object that fails, is refused on
     /// its own and reported in the snapshot.
-    fn build_lenient(&mut self, files: &[(PathBuf, String)]) -> Snapshot {
+    ///
+    /// A file that is not valid YAML keeps serving the objects it held when
+    /// it last parsed. With `hold_unknown`, a file that never parsed fails
+    /// the whole read instead (what it holds is unknown: it may be the DENY
+    /// policy or STRICT PeerAuthentication the mesh must not run without),
+    /// so the previous snapshot stays, or nothing is served at start.
+    fn build_lenient(&mut self, files: &[(PathBuf, String)], hold_unknown: bool) -> Result<Snapshot, SourceError> {
         let mut objects: Vec<(String, Object)> = Vec::new();
         let mut unreadable = Vec::new();
         for (path, text) in files {
@@ -124,6 +130,9 @@ impl LocalDirSource {
                 }
                 Err(e) => {
                     let kept = self.last_good.get(path).cloned();
+                    if kept.is_none() && hold_unknown {
+                        return Err(SourceError::Parse { path: path.clone(), source: e });
+                    }
                     unreadable.push((path.clone(), crate::report(&e), kept.is_some()));
                     objects.extend(kept.into_iter().flatten().map(|o| (path.display().to_string(), o)));
                 }
@@ -143,7 +152,7 @@ impl LocalDirSource {
                 instead: if kept { crate::model::Instead::Previous } else { crate::model::Instead::Nothing },
             });
         }
-        snap
+        Ok(snap)
     }
 }
 
@@ -198,7 +207,7 @@ impl ConfigSource for LocalDirSource {
             let fp = h.finish();
             if self.last_fingerprint != Some(fp) {
                 self.last_fingerprint = Some(fp);
-                let snap = Arc::new(self.build_lenient(&files));
+                let snap = Arc::new(self.build_lenient(&files, true)?);
                 self.previous = Some(snap.clone());
                 return Ok(Some(snap));
             }
@@ -246,6 +255,13 @@ mod tests {
         assert!(s.namespaces.contains_key("a"), "the file's last good objects keep serving");
         assert!(s.rejected.iter().any(|r| r.key.kind == "File" && r.instead == crate::model::Instead::Previous), "{:?}", s.rejected);
         std::fs::write(d.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n").unwrap();
+        assert!(src.poll(Duration::ZERO).unwrap().unwrap().rejected.iter().all(|r| r.key.kind != "File"));
+        // A file that never parsed holds everything back (it may hold a
+        // DENY policy): the previous snapshot stays.
+        std::fs::write(d.join("new.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d\n").unwrap();
+        let err = src.poll(Duration::ZERO).unwrap_err().report();
+        assert!(err.contains("new.yaml"), "{err}");
+        std::fs::remove_file(d.join("new.yaml")).unwrap();
 
         std::fs::write(d.join(".hidden.yaml"), "garbage: [").unwrap();
         std::fs::remove_file(d.join("bad.yaml")).unwrap();
