@@ -137,6 +137,19 @@ pub struct VirtualService {
     /// `mesh`, or some match naming `mesh`. Only the routes and matches
     /// for the mesh are kept in `http`.
     pub mesh: bool,
+    /// `metadata.creationTimestamp` (RFC 3339): among VirtualServices for
+    /// one host, the oldest applies (Istio), then by name.
+    pub created: Option<String>,
+}
+
+impl VirtualService {
+    /// The order in which VirtualServices for one Service are tried: the
+    /// Service's own namespace first, then the oldest (objects without a
+    /// creation time, as in a manifests directory, after those with one),
+    /// then by name.
+    pub fn precedence(&self, svc_namespace: &str) -> (bool, bool, Option<String>, String) {
+        (self.namespace != svc_namespace, self.created.is_none(), self.created.clone(), self.name.clone())
+    }
 }
 
 /// Annotation on a Service: a local rate limit for all its requests through
@@ -456,6 +469,30 @@ fn duration(field: &str, s: &Option<String>) -> Result<Option<Duration>, FieldEr
         .transpose()
 }
 
+/// `retryOn` values Skiff honours (Envoy's, as Istio passes them on):
+/// HTTP conditions, gRPC status names and HTTP status codes.
+const RETRY_ON: &[&str] = &[
+    "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream", "retriable-status-codes",
+    "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
+];
+
+/// Each comma-separated `retryOn` value must be one Skiff honours: Envoy
+/// values it does not implement and unknown values are refused, not
+/// ignored.
+fn retry_on_valid(field: &str, on: &str) -> Result<(), FieldError> {
+    for v in on.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+        let code = v.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
+        if !code && !RETRY_ON.contains(&v) {
+            let why = match v {
+                "envoy-ratelimited" | "retriable-headers" | "http3-post-connect-failure" | "reset-before-request" => "not supported by Skiff",
+                _ => "not a retryOn value",
+            };
+            return Err((field.to_owned(), format!("{v:?}: {why} (supported: {}, or an HTTP status code)", RETRY_ON.join(", "))));
+        }
+    }
+    Ok(())
+}
+
 /// A percentage field; `absent` is what its absence means (Istio: 0 for a
 /// fault's delay and abort — no request is faulted — and 100 for
 /// `mirrorPercentage`).
@@ -586,6 +623,9 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                 Some(Fault { delay, abort })
             }
         };
+        if let Some(on) = h.retries.as_ref().and_then(|r| r.retry_on.as_deref()) {
+            retry_on_valid(&f("retries.retryOn"), on)?;
+        }
         let retries = match &h.retries {
             None => None,
             Some(r) => Some(Retries {
@@ -645,7 +685,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
     if mesh && vs.spec.hosts.iter().any(|h| h == "*") {
         return Err(("spec.hosts".into(), "`*` is not allowed for a VirtualService bound to the mesh".into()));
     }
-    Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http, route_rate_limits, mesh })
+    Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http, route_rate_limits, mesh, created: vs.metadata.creation_timestamp.clone() })
 }
 
 /// Validates and converts a DestinationRule.
@@ -949,6 +989,29 @@ mod tests {
         }
     }
 
+    /// Istio: among VirtualServices for one host, the oldest (creation
+    /// time) applies; Skiff keeps the Service's own namespace first and
+    /// falls back to the name when there is no creation time.
+    #[test]
+    fn virtual_service_precedence_is_oldest_first() {
+        let at = |ns: &str, name: &str, created: Option<&str>| {
+            let meta = match created {
+                Some(t) => format!("{{name: {name}, namespace: {ns}, creationTimestamp: \"{t}\"}}"),
+                None => format!("{{name: {name}, namespace: {ns}}}"),
+            };
+            let text = format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {meta}\nspec: {{hosts: [reviews.shop.svc.cluster.local], http: [{{route: [{{destination: {{host: reviews}}}}]}}]}}\n");
+            match &k8s::parse_documents(&text).unwrap()[0] {
+                k8s::Object::VirtualService(v) => virtual_service_from(v).unwrap(),
+                o => panic!("{o:?}"),
+            }
+        };
+        let first = |vs: Vec<VirtualService>| vs.into_iter().min_by_key(|v| v.precedence("shop")).unwrap().name;
+        assert_eq!(first(vec![at("shop", "a", Some("2026-02-01T00:00:00Z")), at("shop", "z", Some("2025-01-01T00:00:00Z"))]), "z", "oldest first, not by name");
+        assert_eq!(first(vec![at("other", "old", Some("2020-01-01T00:00:00Z")), at("shop", "new", Some("2026-01-01T00:00:00Z"))]), "new", "the Service's namespace first");
+        assert_eq!(first(vec![at("shop", "b", None), at("shop", "a", None)]), "a", "no creation time: by name");
+        assert_eq!(first(vec![at("shop", "a", None), at("shop", "b", Some("2026-01-01T00:00:00Z"))]), "b");
+    }
+
     #[test]
     fn validation_table() {
         #[rustfmt::skip]
@@ -967,6 +1030,11 @@ mod tests {
             ("abort status", "  hosts: [r]\n  http:\n  - fault: {abort: {httpStatus: 99}}\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].fault.abort.httpStatus")),
             ("percentage", "  hosts: [r]\n  http:\n  - fault: {delay: {fixedDelay: 1s, percentage: {value: 120}}}\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].fault.delay.percentage")),
             ("no destination", "  hosts: [r]\n  http:\n  - name: x\n", Some("spec.http[0].route")),
+            // Istio HTTPRetry.retryOn: Envoy's retry conditions, gRPC status
+            // names and status codes; anything else is refused, not ignored.
+            ("retryOn values", "  hosts: [r]\n  http:\n  - retries: {attempts: 2, retryOn: \"5xx,retriable-4xx,unavailable,503\"}\n    route: [{destination: {host: r}}]\n", None),
+            ("retryOn typo", "  hosts: [r]\n  http:\n  - retries: {attempts: 2, retryOn: \"5xx,conect-failure\"}\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].retries.retryOn")),
+            ("retryOn unsupported", "  hosts: [r]\n  http:\n  - retries: {attempts: 2, retryOn: retriable-headers}\n    route: [{destination: {host: r}}]\n", Some("spec.http[0].retries.retryOn")),
         ];
         for (name, yaml, want) in cases {
             let got = vs(yaml).err().map(|e| e.0);

@@ -192,7 +192,8 @@ pub async fn forward(
         let last = n + 1 == attempts || deadline.is_some_and(|d| Instant::now() >= d);
         match r {
             Ok(resp) => {
-                if retriable_status(resp.status().as_u16(), &retry_on) && !last {
+                let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+                if retriable_status(resp.status().as_u16(), grpc, &retry_on) && !last {
                     *retries_made += 1;
                     continue;
                 }
@@ -215,16 +216,25 @@ pub async fn forward(
     outcome.map(|(r, w)| (r, w.cloned()))
 }
 
-/// Whether an upstream response with this status is retried under
-/// `retry_on` (only 5xx ever are).
-fn retriable_status(code: u16, retry_on: &[String]) -> bool {
-    code >= 500
-        && retry_on.iter().any(|c| {
-            c == "5xx"
+/// Whether an upstream response is retried under `retry_on`: HTTP 5xx as
+/// Envoy's `5xx`, `gateway-error`, `retriable-status-codes` (503) and
+/// listed codes; 409 under `retriable-4xx`; and the gRPC status of a
+/// trailers-only response (`grpc-status` in the headers) under `cancelled`
+/// (1), `deadline-exceeded` (4), `resource-exhausted` (8), `internal` (13),
+/// `unavailable` (14).
+fn retriable_status(code: u16, grpc: Option<u32>, retry_on: &[String]) -> bool {
+    retry_on.iter().any(|c| {
+        let http = code >= 500
+            && (c == "5xx"
                 || c == &code.to_string()
                 || (c == "gateway-error" && matches!(code, 502..=504))
-                || (c == "retriable-status-codes" && code == 503)
-        })
+                || (c == "retriable-status-codes" && code == 503));
+        let conflict = code == 409 && c == "retriable-4xx";
+        let grpc = grpc.is_some_and(|g| {
+            matches!((c.as_str(), g), ("cancelled", 1) | ("deadline-exceeded", 4) | ("resource-exhausted", 8) | ("internal", 13) | ("unavailable", 14))
+        });
+        http || conflict || grpc
+    })
 }
 
 /// Whether a failed attempt is retried: connection failures under
@@ -308,20 +318,26 @@ mod tests {
     #[test]
     fn retried_statuses() {
         #[rustfmt::skip]
-        let cases: [(u16, &[&str], bool); 10] = [
-            (503, &["retriable-status-codes"], true),
-            (502, &["retriable-status-codes"], false),
-            (502, &["gateway-error"], true),
-            (504, &["gateway-error"], true),
-            (500, &["gateway-error"], false),
-            (500, &["5xx"], true),
-            (429, &["5xx"], false),
-            (503, &["503"], true),
-            (404, &["404"], false),
-            (503, &[], false),
+        let cases: [(u16, Option<u32>, &[&str], bool); 16] = [
+            (503, None, &["retriable-status-codes"], true),
+            (502, None, &["retriable-status-codes"], false),
+            (502, None, &["gateway-error"], true),
+            (504, None, &["gateway-error"], true),
+            (500, None, &["gateway-error"], false),
+            (500, None, &["5xx"], true),
+            (429, None, &["5xx"], false),
+            (503, None, &["503"], true),
+            (404, None, &["404"], false),
+            (503, None, &[], false),
+            (409, None, &["retriable-4xx"], true),
+            (404, None, &["retriable-4xx"], false),
+            (200, Some(14), &["unavailable"], true),
+            (200, Some(14), &["cancelled"], false),
+            (200, Some(4), &["deadline-exceeded"], true),
+            (200, Some(0), &["unavailable", "internal"], false),
         ];
-        for (code, on, want) in cases {
-            assert_eq!(retriable_status(code, &strs(on)), want, "{code} {on:?}");
+        for (code, grpc, on, want) in cases {
+            assert_eq!(retriable_status(code, grpc, &strs(on)), want, "{code} {grpc:?} {on:?}");
         }
     }
 

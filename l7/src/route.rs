@@ -44,7 +44,7 @@ pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>)
         .virtual_services
         .iter()
         .filter(|v| v.applies_to(&svc.name, &svc.namespace))
-        .min_by_key(|v| (v.namespace != svc.namespace, v.name.clone()));
+        .min_by_key(|v| v.precedence(&svc.namespace));
     let route = match vs {
         Some(vs) => vs.route(info).cloned(),
         None => Some(default_route(svc)),
