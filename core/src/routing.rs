@@ -535,7 +535,8 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
     let top_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
     for (i, h) in vs.spec.hosts.iter().enumerate() {
         // A wildcard is `*` or a leading `*.` label (Istio's host syntax).
-        if h.contains('*') && h != "*" && !(h.starts_with("*.") && !h[1..].contains('*')) {
+        let wildcard_ok = h == "*" || (h.starts_with("*.") && !h[1..].contains('*'));
+        if h.contains('*') && !wildcard_ok {
             return Err((format!("spec.hosts[{i}]"), format!("{h:?}: a wildcard host is `*` or starts with `*.`")));
         }
     }
