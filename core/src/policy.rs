@@ -966,6 +966,58 @@ mod tests {
         assert!(!evaluate_l7(&[&allow_host], &web, &req("/", "other.example.com")).allowed);
     }
 
+    /// ARCHITECTURE.md's AuthorizationPolicy table names every field of
+    /// the wire types (`notX` through its `X` row's "negation"), and only
+    /// fields that exist: the table cannot drift from the code.
+    #[test]
+    fn docs_table_names_every_authorization_policy_field() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHITECTURE.md")).unwrap();
+        let start = doc.find("### AuthorizationPolicy: how Skiff reads Istio's fields").expect("the table's heading");
+        let rows: Vec<&str> = doc[start..].lines().skip_while(|l| !l.starts_with('|')).take_while(|l| l.starts_with('|')).skip(2).collect();
+        let mut names = BTreeMap::new(); // name -> its row mentions negation
+        for row in &rows {
+            let first = row.split('|').nth(1).unwrap_or("");
+            // Rows about `when[]` key names (`source.ip` …) name attributes, not fields.
+            if first.contains("keys") || first.contains("request.headers") {
+                continue;
+            }
+            let negation = first.contains("negation");
+            for tick in first.split('`').skip(1).step_by(2) {
+                for part in tick.replace("[]", "").replace("(s)", ",s").split(['.', ',']) {
+                    let part = part.trim();
+                    if part == "s" {
+                        names.insert("targetRefs".to_owned(), negation);
+                    } else if !part.is_empty() && part.chars().all(|c| c.is_ascii_alphabetic()) {
+                        names.insert(part.to_owned(), negation);
+                    }
+                }
+            }
+        }
+        let keys = |v: serde_json::Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+        let spec = k8s::AuthorizationPolicySpec {
+            target_refs: vec![serde_json::json!({})],
+            target_ref: Some(serde_json::json!({})),
+            provider: Some(serde_json::json!({})),
+            ..Default::default()
+        };
+        let mut wire = keys(serde_json::to_value(&spec).unwrap());
+        wire.extend(keys(serde_json::to_value(k8s::AuthzRule::default()).unwrap()));
+        wire.extend(keys(serde_json::to_value(k8s::AuthzFrom::default()).unwrap()));
+        wire.extend(keys(serde_json::to_value(k8s::AuthzTo::default()).unwrap()));
+        wire.extend(keys(serde_json::to_value(k8s::AuthzSource::default()).unwrap()));
+        wire.extend(keys(serde_json::to_value(k8s::AuthzOperation::default()).unwrap()));
+        wire.extend(keys(serde_json::to_value(k8s::AuthzCondition::default()).unwrap()));
+        assert!(wire.len() >= 30, "{wire:?}");
+        for w in &wire {
+            let positive = w.strip_prefix("not").map(|p| p[..1].to_ascii_lowercase() + &p[1..]);
+            let named = names.contains_key(w) || positive.as_ref().is_some_and(|p| names.get(p) == Some(&true));
+            assert!(named, "ARCHITECTURE.md's AuthorizationPolicy table does not name `{w}`");
+        }
+        for n in names.keys() {
+            assert!(wire.contains(n), "the table names `{n}`, which is not an AuthorizationPolicy field");
+        }
+    }
+
     #[test]
     fn l7_rules_at_the_waypoint() {
         let allow_get_public = policy(&format!("{HDR}  rules: [{{to: [{{operation: {{methods: [GET], paths: [/public*]}}}}]}}]\n"));
