@@ -617,6 +617,7 @@ impl Snapshot {
                     mode: crate::policy::MtlsMode::Strict,
                     port_modes: BTreeMap::new(),
                     fail_closed: true,
+                    created: None,
                 });
                 Instead::FailClosed("STRICT for the workloads it selects")
             }

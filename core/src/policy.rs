@@ -67,6 +67,9 @@ pub struct PeerAuthn {
     /// A stand-in for a PeerAuthentication Skiff refused: STRICT for what
     /// it covers, whatever else applies (never the looser mode).
     pub fail_closed: bool,
+    /// `metadata.creationTimestamp`: among several at one level, the
+    /// oldest applies.
+    pub created: Option<String>,
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -76,7 +79,8 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 /// The mTLS mode in force for a workload's `port`: workload-level (port
 /// level first) over namespace-level over mesh-level, each `UNSET` deferring
 /// to the next; PERMISSIVE when nothing says otherwise. Among several
-/// policies at one level the first by name wins (Istio uses the oldest).
+/// policies at one level the oldest wins, as in Istio (by name when there
+/// is no creation time, as in a manifests directory).
 pub fn effective_mtls(
     policies: &[PeerAuthn],
     root_namespace: &str,
@@ -97,7 +101,7 @@ pub fn effective_mtls(
     }
     let first = |f: &dyn Fn(&PeerAuthn) -> bool| -> Option<&PeerAuthn> {
         let mut v: Vec<&PeerAuthn> = policies.iter().filter(|p| f(p)).collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.sort_by_key(|p| (p.created.is_none(), p.created.clone(), p.name.clone()));
         v.into_iter().next()
     };
     let workload = first(&|p| p.namespace == namespace && p.selector.as_ref().is_some_and(|s| selects(s, labels)));
@@ -550,7 +554,7 @@ pub fn peer_authn_from(pa: &k8s::PeerAuthentication) -> Result<PeerAuthn, (Strin
     if selector.is_none() && !port_modes.is_empty() {
         return Err(("spec.portLevelMtls".into(), "requires spec.selector (port-level settings apply to selected workloads only)".into()));
     }
-    Ok(PeerAuthn { namespace, name, selector, mode, port_modes, fail_closed: false })
+    Ok(PeerAuthn { namespace, name, selector, mode, port_modes, fail_closed: false, created: pa.metadata.creation_timestamp.clone() })
 }
 
 fn str_matches(field: &str, list: &[String]) -> Result<Vec<StrMatch>, (String, String)> {
@@ -1108,9 +1112,15 @@ mod tests {
             mode,
             port_modes: ports.iter().copied().collect(),
             fail_closed: false,
+            created: None,
         }
     }
 
+    /// Istio reference, PeerAuthentication: "workload-specific policies
+    /// override namespace-wide ones, which override the mesh-wide one in
+    /// the root namespace"; `portLevelMtls` overrides the workload's mode on
+    /// its port; UNSET inherits from the parent; PERMISSIVE when nothing is
+    /// set; among several at one level the oldest applies.
     #[test]
     fn peer_authentication_inheritance() {
         use MtlsMode::*;
@@ -1130,6 +1140,10 @@ mod tests {
             ("port level UNSET inherits", vec![pa("app", "n", None, Strict, &[]), pa("app", "w", Some("web"), Unset, &[(8080, Unset)])], 8080, Strict),
             ("other namespace's policy ignored", vec![pa("other", "n", None, Strict, &[])], 80, Permissive),
             ("all UNSET: PERMISSIVE", vec![pa(root, "m", None, Unset, &[])], 80, Permissive),
+            ("two at one level: the oldest wins, not the first name",
+                vec![PeerAuthn { created: Some("2026-02-01T00:00:00Z".into()), ..pa("app", "a", None, Permissive, &[]) },
+                     PeerAuthn { created: Some("2025-01-01T00:00:00Z".into()), ..pa("app", "z", None, Strict, &[]) }], 80, Strict),
+            ("no creation times: by name", vec![pa("app", "b", None, Permissive, &[]), pa("app", "a", None, Strict, &[])], 80, Strict),
         ];
         for (name, ps, port, want) in cases {
             assert_eq!(effective_mtls(&ps, root, "app", &labels, port), want, "case {name}");
