@@ -713,21 +713,26 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
     Ok(DestinationRule { namespace, name, host: dr.spec.host.clone(), subsets, traffic_policy: top, subset_policies })
 }
 
-/// Converts a trafficPolicy; fields it leaves unset come from `base`.
+/// Converts a trafficPolicy over `base` (defaults for a DestinationRule's
+/// own, the DestinationRule's for a subset), as Istio merges them:
+/// - each sub-object this level sets (`loadBalancer`, `connectionPool`,
+///   `outlierDetection`) replaces the base's whole, on every port (a
+///   subset's settings override the destination's port-level ones too);
+/// - a `portLevelSettings` entry replaces everything for its port: what it
+///   omits takes defaults, not the level's settings.
 fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &TrafficPolicy) -> Result<TrafficPolicy, FieldError> {
     let mut out = base.clone();
     let Some(p) = p else { return Ok(out) };
     apply_policy_fields(field, &mut out, p.load_balancer.as_ref(), p.connection_pool.as_ref(), p.outlier_detection.as_ref())?;
+    for port_policy in out.ports.values_mut() {
+        apply_policy_fields(field, port_policy, p.load_balancer.as_ref(), p.connection_pool.as_ref(), p.outlier_detection.as_ref())?;
+    }
     for (i, pl) in p.port_level_settings.iter().enumerate() {
         let f = format!("{field}.portLevelSettings[{i}]");
         if pl.port.number == 0 {
             return Err((format!("{f}.port.number"), "must be 1-65535".into()));
         }
-        // A port's settings start from this level's (without its own ports).
-        let mut port_policy = TrafficPolicy { ports: BTreeMap::new(), ..out.clone() };
-        if let Some(inherited) = base.ports.get(&pl.port.number) {
-            port_policy = inherited.clone();
-        }
+        let mut port_policy = TrafficPolicy::default();
         apply_policy_fields(&f, &mut port_policy, pl.load_balancer.as_ref(), pl.connection_pool.as_ref(), pl.outlier_detection.as_ref())?;
         out.ports.insert(pl.port.number, port_policy);
     }
@@ -750,15 +755,18 @@ fn apply_policy_fields(
         };
     }
     if let Some(cp) = pool {
+        // A connectionPool replaces the inherited one whole (Istio merges
+        // traffic policies per sub-object): what it omits takes defaults.
         let c = &mut out.connection_pool;
+        *c = Default::default();
         if let Some(t) = &cp.tcp {
-            c.max_connections = t.max_connections.or(c.max_connections);
+            c.max_connections = t.max_connections;
         }
         if let Some(h) = &cp.http {
-            c.http1_max_pending_requests = h.http1_max_pending_requests.or(c.http1_max_pending_requests);
-            c.http2_max_requests = h.http2_max_requests.or(c.http2_max_requests);
-            c.max_requests_per_connection = h.max_requests_per_connection.or(c.max_requests_per_connection);
-            c.max_retries = h.max_retries.or(c.max_retries);
+            c.http1_max_pending_requests = h.http1_max_pending_requests;
+            c.http2_max_requests = h.http2_max_requests;
+            c.max_requests_per_connection = h.max_requests_per_connection;
+            c.max_retries = h.max_retries;
         }
     }
     if let Some(o) = outlier {
@@ -1061,8 +1069,12 @@ mod tests {
         }
     }
 
+    /// Istio reference, DestinationRule `Subset.trafficPolicy` and
+    /// `TrafficPolicy.portLevelSettings` ("default values will be applied
+    /// to fields omitted in port-level traffic policies"), as istiod merges
+    /// them: per sub-object for subsets, wholesale for port-level settings.
     #[test]
-    fn destination_rule_policies_inherit_per_field() {
+    fn destination_rule_policies_merge_as_istio() {
         let text = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: r, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 2s, maxEjectionPercent: 100}\n  subsets:\n  - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}\n  - {name: v2, labels: {version: v2}}\n";
         let dr = match &k8s::parse_documents(text).unwrap()[0] {
             k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap(),
@@ -1086,9 +1098,20 @@ mod tests {
         let p = dr2.policy_for(Some("v2"), 9080);
         assert_eq!(p.load_balancer, LoadBalancer::LeastRequest);
         assert_eq!(p.connection_pool.max_connections, Some(7));
-        assert_eq!(p.connection_pool.http1_max_pending_requests, Some(1), "port level inherits the rest");
+        assert_eq!(p.connection_pool.http1_max_pending_requests, None, "port level replaces the rest: defaults, not inherited");
+        assert!(p.outlier.is_none(), "the destination's outlierDetection is not inherited by a port-level policy");
         assert_eq!(dr2.policy_for(Some("v2"), 80).load_balancer, LoadBalancer::RoundRobin);
-        assert_eq!(dr2.policy_for(Some("v1"), 9080).load_balancer, LoadBalancer::LeastRequest, "subset inherits host port levels");
+        let v1_9080 = dr2.policy_for(Some("v1"), 9080);
+        assert_eq!(v1_9080.load_balancer, LoadBalancer::Random, "the subset's loadBalancer overrides the destination's port level");
+        assert_eq!(v1_9080.connection_pool.max_connections, Some(7), "what the subset does not set comes from the port level");
+        // A subset's connectionPool replaces the destination's whole.
+        let pooled = text.replace("trafficPolicy: {loadBalancer: {simple: RANDOM}}", "trafficPolicy: {connectionPool: {http: {http2MaxRequests: 9}}}");
+        let dr3 = match &k8s::parse_documents(&pooled).unwrap()[0] {
+            k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap(),
+            o => panic!("{o:?}"),
+        };
+        let v1 = &dr3.policy_for(Some("v1"), 80).connection_pool;
+        assert_eq!((v1.http2_max_requests, v1.max_connections, v1.http1_max_pending_requests), (Some(9), None, None));
         let bad = text.replace("RANDOM", "FASTEST");
         let err = match &k8s::parse_documents(&bad).unwrap()[0] {
             k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap_err(),
