@@ -277,26 +277,40 @@ fn workload_name(pod: &k8s::Pod, name: &str) -> String {
     name.to_owned()
 }
 
-fn parse_ip(
-    raw: Option<&str>,
-    origin: &str,
-    object: &str,
-    field: &str,
-    errors: &mut Vec<ModelError>,
-) -> Option<Ipv4Addr> {
-    let raw = raw.filter(|s| !s.is_empty() && *s != "None")?;
-    match Ipv4Addr::from_str(raw) {
-        Ok(ip) => Some(ip),
-        Err(_) => {
-            errors.push(ModelError {
-                origin: origin.to_owned(),
-                object: object.to_owned(),
-                field: field.to_owned(),
-                message: format!("{raw:?} is not an IPv4 address"),
-            });
-            None
+/// An optional IPv4 address field (`None`, empty or absent: no address).
+fn parse_ip(raw: Option<&str>) -> Result<Option<Ipv4Addr>, String> {
+    let Some(raw) = raw.filter(|s| !s.is_empty() && *s != "None") else { return Ok(None) };
+    Ipv4Addr::from_str(raw).map(Some).map_err(|_| format!("{raw:?} is not an IPv4 address"))
+}
+
+/// What a fail-closed stand-in is built from: the object as written (its
+/// selector, targets and action), for the security kinds; nothing for the
+/// others.
+fn stand_in_input(obj: &Object) -> serde_json::Value {
+    match obj {
+        Object::Invalid(o) => o.raw.clone(),
+        Object::PeerAuthentication(o) => serde_json::to_value(o).unwrap_or_default(),
+        Object::AuthorizationPolicy(o) => serde_json::to_value(o).unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Owners that share an address with another: each `(key, address, the
+/// others' names)`. Which of them really holds the address is unknown, so
+/// every one is refused.
+fn shared_addresses(owners: impl Iterator<Item = (String, Ipv4Addr, String)>) -> Vec<(String, Ipv4Addr, String)> {
+    let mut by_ip: BTreeMap<Ipv4Addr, Vec<(String, String)>> = BTreeMap::new();
+    for (key, ip, name) in owners {
+        by_ip.entry(ip).or_default().push((key, name));
+    }
+    let mut out = Vec::new();
+    for (ip, owners) in by_ip.into_iter().filter(|(_, o)| o.len() > 1) {
+        for (i, (key, _)) in owners.iter().enumerate() {
+            let others: Vec<&str> = owners.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, (_, n))| n.as_str()).collect();
+            out.push((key.clone(), ip, others.join(", ")));
         }
     }
+    out
 }
 
 impl Snapshot {
@@ -355,14 +369,8 @@ impl Snapshot {
             let Some(name) = meta_name.filter(|n| !n.is_empty()) else {
                 // Nothing identifies it; a security object still fails
                 // closed under a name of its own.
-                let raw = match &obj {
-                    Object::Invalid(o) => o.raw.clone(),
-                    Object::PeerAuthentication(o) => serde_json::to_value(o).unwrap_or_default(),
-                    Object::AuthorizationPolicy(o) => serde_json::to_value(o).unwrap_or_default(),
-                    _ => serde_json::Value::Null,
-                };
                 let key = ObjectKey { name: "<unnamed>".into(), ..key };
-                let instead = snap.stand_in(&key, &raw, None);
+                let instead = snap.stand_in(&key, &stand_in_input(&obj), None);
                 snap.rejected.push(Rejection { error: err("metadata.name", "required".into()), key, instead });
                 continue;
             };
@@ -371,42 +379,18 @@ impl Snapshot {
                 snap.rejected.push(Rejection { error: err("metadata.name", "defined more than once".into()), key, instead: Instead::Other });
                 continue;
             }
-            let raw = match &obj {
-                Object::Invalid(o) => o.raw.clone(),
-                Object::PeerAuthentication(o) => serde_json::to_value(o).unwrap_or_default(),
-                Object::AuthorizationPolicy(o) => serde_json::to_value(o).unwrap_or_default(),
-                _ => serde_json::Value::Null,
-            };
-            let refused = match snap.accept(obj, name, &origin, &object) {
-                Ok(()) => continue,
-                Err(e) => e,
-            };
-            let instead = snap.stand_in(&key, &raw, previous);
+            let Err(refused) = snap.accept(&obj, name, &origin, &object) else { continue };
+            let instead = snap.stand_in(&key, &stand_in_input(&obj), previous);
             snap.rejected.push(Rejection { error: refused, key, instead });
         }
         // Addresses identify workloads and Services: two live owners of one
-        // address would make identity and routing ambiguous. The later one
-        // (in name order) is refused.
-        let mut ips: BTreeMap<Ipv4Addr, (String, String)> = BTreeMap::new();
-        let mut clash = Vec::new();
-        for w in snap.workloads.values().filter(|w| !w.host_network && !w.is_finished()) {
-            if let Some(ip) = w.ip {
-                let me = (w.namespace.clone(), w.name.clone());
-                if let Some(other) = ips.insert(ip, me) {
-                    clash.push((w.uid.clone(), ip, other));
-                }
-            }
-        }
-        // Both owners are refused: which one holds the address is unknown
-        // (the other may be a pod that is gone but still listed).
-        let mut firsts = Vec::new();
-        for (_, ip, (ons, oname)) in &clash {
-            if let Some(w) = snap.workloads.values().find(|w| w.namespace == *ons && w.name == *oname && w.ip == Some(*ip)) {
-                firsts.push((w.uid.clone(), *ip, (String::new(), String::from("another pod"))));
-            }
-        }
-        for (uid, ip, (ons, oname)) in clash.into_iter().chain(firsts) {
-            let other = if ons.is_empty() { oname } else { format!("pod {ons}/{oname}") };
+        // address would make identity and routing ambiguous.
+        let pods = snap
+            .workloads
+            .values()
+            .filter(|w| !w.host_network && !w.is_finished())
+            .filter_map(|w| Some((w.uid.clone(), w.ip?, format!("pod {}/{}", w.namespace, w.name))));
+        for (uid, ip, others) in shared_addresses(pods) {
             if let Some(w) = snap.workloads.remove(&uid) {
                 snap.probe_ports.remove(&uid);
                 snap.rejected.push(Rejection {
@@ -414,31 +398,22 @@ impl Snapshot {
                         origin: "cluster".into(),
                         object: format!("Pod {}/{}", w.namespace, w.name),
                         field: "status.podIP".into(),
-                        message: format!("{ip} is also the IP of {other}"),
+                        message: format!("{ip} is also the IP of {others}"),
                     },
                     key: ObjectKey { kind: "Pod", namespace: w.namespace, name: w.name },
                     instead: Instead::Other,
                 });
             }
         }
-        let mut vips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-        let mut clash = Vec::new();
-        for (k, s) in &snap.services {
-            if let Some(ip) = s.cluster_ip {
-                if let Some(other) = vips.insert(ip, k.clone()) {
-                    clash.push((k.clone(), ip, other));
-                }
-            }
-        }
-        let firsts: Vec<(String, Ipv4Addr, String)> = clash.iter().map(|(k, ip, o)| (o.clone(), *ip, k.clone())).collect();
-        for (k, ip, other) in clash.into_iter().chain(firsts) {
+        let services = snap.services.iter().filter_map(|(k, s)| Some((k.clone(), s.cluster_ip?, k.clone())));
+        for (k, ip, others) in shared_addresses(services) {
             if let Some(s) = snap.services.remove(&k) {
                 snap.rejected.push(Rejection {
                     error: ModelError {
                         origin: "cluster".into(),
                         object: format!("Service {}/{}", s.namespace, s.name),
                         field: "spec.clusterIP".into(),
-                        message: format!("{ip} is also the ClusterIP of {other}"),
+                        message: format!("{ip} is also the ClusterIP of {others}"),
                     },
                     key: ObjectKey { kind: "Service", namespace: s.namespace, name: s.name },
                     instead: Instead::Other,
@@ -450,21 +425,17 @@ impl Snapshot {
 
     /// Takes one object into the snapshot, or says why not (the first
     /// problem, naming the field).
-    fn accept(&mut self, obj: Object, name: String, origin: &str, object: &str) -> Result<(), ModelError> {
+    fn accept(&mut self, obj: &Object, name: String, origin: &str, object: &str) -> Result<(), ModelError> {
         let err = |field: &str, message: String| ModelError {
             origin: origin.to_owned(),
             object: object.to_owned(),
             field: field.to_owned(),
             message,
         };
-        let ip = |raw: Option<&str>, field: &str| -> Result<Option<Ipv4Addr>, ModelError> {
-            let mut errors = Vec::new();
-            let ip = parse_ip(raw, origin, object, field, &mut errors);
-            errors.into_iter().next().map_or(Ok(ip), Err)
-        };
+        let ip = |raw: Option<&str>, field: &str| parse_ip(raw).map_err(|m| err(field, m));
         match obj {
             Object::Namespace(ns) => {
-                self.namespaces.insert(name.clone(), NamespaceInfo { name, labels: ns.metadata.labels });
+                self.namespaces.insert(name.clone(), NamespaceInfo { name, labels: ns.metadata.labels.clone() });
             }
             Object::Pod(pod) => {
                 let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -479,7 +450,7 @@ impl Snapshot {
                 }
                 let w = Workload {
                     uid: pod.metadata.uid.clone().unwrap_or_else(|| format!("{namespace}/{name}")),
-                    workload_name: workload_name(&pod, &name),
+                    workload_name: workload_name(pod, &name),
                     service_account: pod.spec.service_account_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
                     node: pod.spec.node_name.clone(),
                     ip,
@@ -545,15 +516,15 @@ impl Snapshot {
                 let key = format!("{namespace}/{name}");
                 self.services.insert(
                     key,
-                    ServiceInfo { namespace, name, labels: svc.metadata.labels.clone(), annotations: svc.metadata.annotations.clone(), cluster_ip, selector: svc.spec.selector, ports },
+                    ServiceInfo { namespace, name, labels: svc.metadata.labels.clone(), annotations: svc.metadata.annotations.clone(), cluster_ip, selector: svc.spec.selector.clone(), ports },
                 );
             }
             Object::PeerAuthentication(pa) => {
-                let p = crate::policy::peer_authn_from(&pa).map_err(|(f, m)| err(&f, m))?;
+                let p = crate::policy::peer_authn_from(pa).map_err(|(f, m)| err(&f, m))?;
                 self.peer_authentications.push(p);
             }
             Object::AuthorizationPolicy(ap) => {
-                let p = crate::policy::authz_from(&ap).map_err(|(f, m)| err(&f, m))?;
+                let p = crate::policy::authz_from(ap).map_err(|(f, m)| err(&f, m))?;
                 for r in &p.rules {
                     for field in &r.unsupported {
                         self.warnings.push(err(
@@ -568,14 +539,14 @@ impl Snapshot {
                 self.authorization_policies.push(p);
             }
             Object::VirtualService(v) => {
-                let v = crate::routing::virtual_service_from(&v).map_err(|(f, m)| err(&f, m))?;
+                let v = crate::routing::virtual_service_from(v).map_err(|(f, m)| err(&f, m))?;
                 self.virtual_services.push(v);
             }
             Object::DestinationRule(d) => {
-                let d = crate::routing::destination_rule_from(&d).map_err(|(f, m)| err(&f, m))?;
+                let d = crate::routing::destination_rule_from(d).map_err(|(f, m)| err(&f, m))?;
                 self.destination_rules.push(d);
             }
-            Object::Invalid(o) => return Err(err(&o.field, o.message)),
+            Object::Invalid(o) => return Err(err(&o.field, o.message.clone())),
             Object::Deployment(_) | Object::Other { .. } => {}
         }
         Ok(())
