@@ -780,14 +780,14 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
         if value.is_null() {
             continue;
         }
-        parse_value(index, value, &mut out)?;
+        parse_value(index, &value, &mut out)?;
     }
     Ok(out)
 }
 
 /// Parses one object (as served by the Kubernetes API, with `apiVersion`
 /// and `kind` set), with the same typing and errors as a manifest document.
-pub fn parse_object(value: serde_json::Value) -> Result<Object, ParseError> {
+pub fn parse_object(value: &serde_json::Value) -> Result<Object, ParseError> {
     let mut out = Vec::with_capacity(1);
     parse_value(0, value, &mut out)?;
     match out.len() {
@@ -797,7 +797,7 @@ pub fn parse_object(value: serde_json::Value) -> Result<Object, ParseError> {
     }
 }
 
-fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
+fn parse_value(index: usize, value: &serde_json::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
     let api_version = value.get("apiVersion").and_then(|v| v.as_str()).map(str::to_owned);
     let kind = value.get("kind").and_then(|v| v.as_str()).map(str::to_owned);
     let (Some(api_version), Some(kind)) = (api_version, kind) else {
@@ -805,7 +805,7 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
     };
     if kind == "List" || kind.ends_with("List") {
         if let Some(items) = value.get("items").and_then(|v| v.as_array()) {
-            for item in items.clone() {
+            for item in items {
                 parse_value(index, item, out)?;
             }
             return Ok(());
@@ -818,7 +818,7 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
         .unwrap_or("")
         .to_owned();
     let namespace = value.get("metadata").and_then(|m| m.get("namespace")).and_then(|v| v.as_str()).map(str::to_owned);
-    let raw = value.clone();
+    // The object as written is copied only when it is refused.
     let invalid = |field: String, message: String| {
         Object::Invalid(InvalidObject {
             api_version: api_version.clone(),
@@ -827,7 +827,7 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
             name: name.clone(),
             field,
             message,
-            raw: raw.clone(),
+            raw: value.clone(),
         })
     };
     // A field of the wrong shape refuses this object only.
@@ -841,8 +841,8 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
     );
     // Istio kinds: a field the typed form drops is a field Skiff does not
     // know; it is refused aloud, never read as absent.
-    fn istio<T: for<'de> Deserialize<'de> + Serialize>(
-        value: serde_json::Value,
+    fn istio<T: serde::de::DeserializeOwned + Serialize>(
+        value: &serde_json::Value,
         wrap: fn(T) -> Object,
         field: &dyn Fn(serde_path_to_error::Error<serde_json::Error>) -> Object,
         invalid: &dyn Fn(String, String) -> Object,
@@ -850,13 +850,12 @@ fn parse_value(index: usize, value: serde_json::Value, out: &mut Vec<Object>) ->
         if let Some(k) = value.as_object().and_then(|o| o.keys().find(|k| !["apiVersion", "kind", "metadata", "spec", "status"].contains(&k.as_str()))) {
             return invalid(k.clone(), "not a top-level field of a Kubernetes object (a misspelt `spec`?)".into());
         }
-        let spec = value.get("spec").cloned().unwrap_or(serde_json::Value::Null);
         match typed::<T>(value) {
             Err(e) => field(e),
             Ok(t) => {
                 let back = serde_json::to_value(&t).ok().and_then(|v| v.get("spec").cloned()).unwrap_or_default();
                 let mut dropped = Vec::new();
-                dropped_fields(&spec, &back, "spec", &mut dropped);
+                dropped_fields(value.get("spec").unwrap_or(&serde_json::Value::Null), &back, "spec", &mut dropped);
                 match dropped.into_iter().next() {
                     Some(path) => invalid(path, "not a field Skiff supports (refused rather than ignored)".into()),
                     None => wrap(t),
@@ -914,7 +913,9 @@ fn dropped_fields(raw: &serde_json::Value, typed: &serde_json::Value, path: &str
     }
 }
 
-fn typed<T: for<'de> Deserialize<'de>>(value: serde_json::Value) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
+/// Reads a typed object from the JSON value, by reference: the value stays
+/// for a refusal's record of the object as written.
+fn typed<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
     serde_path_to_error::deserialize(value)
 }
 

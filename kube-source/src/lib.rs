@@ -477,7 +477,7 @@ fn build(stores: &[Store<DynamicObject>], previous: Option<&Snapshot>) -> Result
             }
             // An object that cannot be read at all (no kind) is refused on
             // its own; kinds are known here, so keep what identifies it.
-            let parsed = k8s::parse_object(y.clone()).unwrap_or_else(|e| {
+            let parsed = k8s::parse_object(&y).unwrap_or_else(|e| {
                 k8s::Object::Invalid(k8s::InvalidObject {
                     api_version: wk.api_resource().api_version,
                     kind: wk.kind.to_owned(),
