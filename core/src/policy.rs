@@ -151,23 +151,28 @@ impl StrMatch {
         }
     }
 
-    /// Case-insensitive [`StrMatch::matches`] (hosts).
+    /// Case-insensitive [`StrMatch::matches`] (hosts), without allocating.
     pub fn matches_ignore_case(&self, v: &str) -> bool {
-        StrMatch(self.0.to_ascii_lowercase()).matches(&v.to_ascii_lowercase())
+        self.matches_by(v, str::eq_ignore_ascii_case)
     }
 
     pub fn matches(&self, v: &str) -> bool {
-        let p = &self.0;
+        self.matches_by(v, |a, b| a == b)
+    }
+
+    /// The match, with `eq` comparing the literal part.
+    fn matches_by(&self, v: &str, eq: impl Fn(&str, &str) -> bool) -> bool {
+        let p = self.0.as_str();
         if p == "*" {
             return !v.is_empty();
         }
         if let Some(prefix) = p.strip_suffix('*') {
-            return v.starts_with(prefix);
+            return v.get(..prefix.len()).is_some_and(|head| eq(head, prefix));
         }
         if let Some(suffix) = p.strip_prefix('*') {
-            return v.ends_with(suffix);
+            return v.len().checked_sub(suffix.len()).and_then(|at| v.get(at..)).is_some_and(|tail| eq(tail, suffix));
         }
-        p == v
+        eq(p, v)
     }
 }
 
@@ -208,7 +213,7 @@ fn template(p: &str) -> Option<Result<Vec<Tok<'_>>, &'static str>> {
         }
     }
     if let Some(i) = tokens.iter().position(|t| *t == Tok::Many) {
-        if tokens[i + 1..].iter().any(|t| *t != Tok::Lit("") && !matches!(t, Tok::Lit(_))) {
+        if tokens[i + 1..].iter().any(|t| !matches!(t, Tok::Lit(_))) {
             return Some(Err("no operator may follow `{**}`"));
         }
     }
