@@ -375,10 +375,11 @@ pub fn destination_rule_for<'a>(drs: &'a [DestinationRule], name: &str, namespac
 /// Whether `host` (as written in an object in `obj_ns`) names the Service
 /// `name.namespace`: short names resolve in the object's namespace;
 /// `name.ns`, `name.ns.svc`, FQDNs and `*` / `*.suffix` wildcards work.
+///
+/// DNS names compare case-insensitively: hosts are lowercased when a
+/// VirtualService or DestinationRule is read, and Service names are
+/// lowercase, so nothing is lowercased here, per request.
 pub fn host_matches(host: &str, obj_ns: &str, name: &str, namespace: &str) -> bool {
-    // DNS names compare case-insensitively.
-    let host = host.to_ascii_lowercase();
-    let host = host.as_str();
     let fqdn = format!("{name}.{namespace}.svc.cluster.local");
     if host == "*" {
         return true;
@@ -576,7 +577,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                 return Err((format!("spec.http[{i}].route[{j}].destination.host"), "required".into()));
             }
             destinations.push(RouteDest {
-                host: d.destination.host.clone(),
+                host: d.destination.host.to_ascii_lowercase(),
                 subset: d.destination.subset.clone(),
                 port: d.destination.port.as_ref().map(|p| p.number),
                 weight: w,
@@ -664,7 +665,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             mirror: match &h.mirror {
                 None => None,
                 Some(m) => Some((
-                    RouteDest { host: m.host.clone(), subset: m.subset.clone(), port: m.port.as_ref().map(|p| p.number), weight: 100 },
+                    RouteDest { host: m.host.to_ascii_lowercase(), subset: m.subset.clone(), port: m.port.as_ref().map(|p| p.number), weight: 100 },
                     percent(&f("mirrorPercentage"), &h.mirror_percentage, h.mirror_percent, 100.0)?,
                 )),
             },
@@ -686,7 +687,8 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
     if mesh && vs.spec.hosts.iter().any(|h| h == "*") {
         return Err(("spec.hosts".into(), "`*` is not allowed for a VirtualService bound to the mesh".into()));
     }
-    Ok(VirtualService { namespace, name, hosts: vs.spec.hosts.clone(), http, route_rate_limits, mesh, created: vs.metadata.creation_timestamp.clone() })
+    let hosts = vs.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+    Ok(VirtualService { namespace, name, hosts, http, route_rate_limits, mesh, created: vs.metadata.creation_timestamp.clone() })
 }
 
 /// Validates and converts a DestinationRule.
@@ -710,7 +712,7 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
             subset_policies.insert(s.name.clone(), traffic_policy(&format!("spec.subsets[{i}].trafficPolicy"), Some(p), &top)?);
         }
     }
-    Ok(DestinationRule { namespace, name, host: dr.spec.host.clone(), subsets, traffic_policy: top, subset_policies })
+    Ok(DestinationRule { namespace, name, host: dr.spec.host.to_ascii_lowercase(), subsets, traffic_policy: top, subset_policies })
 }
 
 /// Converts a trafficPolicy over `base` (defaults for a DestinationRule's
