@@ -73,9 +73,9 @@ pub struct LocalDirSource {
     /// The last snapshot published: its accepted objects stand in for
     /// refused ones.
     previous: Option<Arc<Snapshot>>,
-    /// Each file's objects as last read successfully: a file that is no
-    /// longer valid YAML keeps serving them.
-    last_good: std::collections::HashMap<PathBuf, Vec<Object>>,
+    /// Each file's text as last read successfully: a file that is no
+    /// longer valid YAML keeps serving the objects it held then.
+    last_good: std::collections::HashMap<PathBuf, String>,
 }
 
 impl LocalDirSource {
@@ -125,11 +125,11 @@ impl LocalDirSource {
         for (path, text) in files {
             match k8s::parse_documents(text) {
                 Ok(docs) => {
-                    self.last_good.insert(path.clone(), docs.clone());
+                    self.last_good.insert(path.clone(), text.clone());
                     objects.extend(docs.into_iter().map(|o| (path.display().to_string(), o)));
                 }
                 Err(e) => {
-                    let kept = self.last_good.get(path).cloned();
+                    let kept = self.last_good.get(path).and_then(|t| k8s::parse_documents(t).ok());
                     if kept.is_none() && hold_unknown {
                         return Err(SourceError::Parse { path: path.clone(), source: e });
                     }
