@@ -429,12 +429,12 @@ mod tests {
         fs::write(t.path().join("10-flannel.conflist"), FLANNEL).unwrap();
         fs::write(t.path().join("20-other.conflist"), FLANNEL).unwrap();
         fs::write(t.path().join("00-notes.txt"), "ignored").unwrap();
-        assert_eq!(ensure_installed(&t.path(), ENTRY).unwrap(), Installed::Inserted(t.path().join("10-flannel.conflist")));
-        assert_eq!(ensure_installed(&t.path(), ENTRY).unwrap(), Installed::AlreadyThere(t.path().join("10-flannel.conflist")));
+        assert_eq!(ensure_installed(t.path(), ENTRY).unwrap(), Installed::Inserted(t.path().join("10-flannel.conflist")));
+        assert_eq!(ensure_installed(t.path(), ENTRY).unwrap(), Installed::AlreadyThere(t.path().join("10-flannel.conflist")));
         assert_eq!(fs::read_to_string(t.path().join("20-other.conflist")).unwrap(), FLANNEL);
-        uninstall(&t.path()).unwrap();
+        uninstall(t.path()).unwrap();
         assert_eq!(fs::read_to_string(t.path().join("10-flannel.conflist")).unwrap(), FLANNEL);
-        let mut left: Vec<_> = fs::read_dir(&t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut left: Vec<_> = fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         left.sort();
         assert_eq!(left, ["00-notes.txt", "10-flannel.conflist", "20-other.conflist"]);
     }
@@ -445,16 +445,16 @@ mod tests {
         let conf = "{\n  \"cniVersion\": \"0.4.0\",\n  \"name\": \"bridge\",\n  \"type\": \"bridge\",\n  \"ipam\": {\"type\": \"host-local\"}\n}\n";
         fs::write(t.path().join("10-bridge.conf"), conf).unwrap();
         let list_path = t.path().join("10-bridge.conflist");
-        assert_eq!(ensure_installed(&t.path(), ENTRY).unwrap(), Installed::Converted(list_path.clone()));
+        assert_eq!(ensure_installed(t.path(), ENTRY).unwrap(), Installed::Converted(list_path.clone()));
         // The runtime now picks the conflist: the .conf is out of the way.
-        assert_eq!(primary(&t.path()).unwrap(), Some(list_path.clone()));
+        assert_eq!(primary(t.path()).unwrap(), Some(list_path.clone()));
         let v: Value = serde_json::from_str(&fs::read_to_string(&list_path).unwrap()).unwrap();
         assert_eq!(v["cniVersion"], "0.4.0");
         assert_eq!(v["name"], "bridge");
         assert_eq!(v["plugins"][0]["ipam"]["type"], "host-local");
         assert_eq!(v["plugins"][1]["type"], "skiff-cni");
-        assert_eq!(ensure_installed(&t.path(), ENTRY).unwrap(), Installed::AlreadyThere(list_path.clone()));
-        uninstall(&t.path()).unwrap();
+        assert_eq!(ensure_installed(t.path(), ENTRY).unwrap(), Installed::AlreadyThere(list_path.clone()));
+        uninstall(t.path()).unwrap();
         assert_eq!(fs::read_to_string(t.path().join("10-bridge.conf")).unwrap(), conf);
         assert!(!list_path.exists());
     }
@@ -462,7 +462,7 @@ mod tests {
     #[test]
     fn no_config_yet_is_reported() {
         let t = tmp("none");
-        assert!(matches!(ensure_installed(&t.path(), ENTRY), Err(ConfError::NoPrimary(_))));
+        assert!(matches!(ensure_installed(t.path(), ENTRY), Err(ConfError::NoPrimary(_))));
         assert!(uninstall(&t.path().join("missing")).unwrap().is_empty());
     }
 }

@@ -345,7 +345,6 @@ mod tests {
         assert_eq!(run(&env("DEL", &[("CNI_ARGS", POD)]), &c, &mut Vec::new()), Outcome::Ok(None));
         // Not a Kubernetes pod: passthrough without asking.
         assert_eq!(run(&env("ADD", &[]), &c, &mut Vec::new()), Outcome::Ok(Some(prev)));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

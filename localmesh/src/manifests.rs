@@ -242,7 +242,7 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
         )
         .unwrap();
         let nodes = vec!["node-1".to_string(), "node-2".to_string()];
-        let p = plan(&d, &nodes).unwrap();
+        let p = plan(d, &nodes).unwrap();
         assert_eq!(p.pods.len(), 3);
         assert_eq!(p.pods.iter().map(|p| p.node).collect::<Vec<_>>(), vec![0, 1, 0]);
         assert!(p.pods.iter().all(|p| p.name.starts_with("web-") && p.owner.is_some()));
@@ -254,7 +254,7 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: nginx}]}\n",
         )
         .unwrap();
-        let err = plan(&d, &nodes).unwrap_err().to_string();
+        let err = plan(d, &nodes).unwrap_err().to_string();
         assert!(err.contains("bad.yaml") && err.contains("Pod p") && err.contains("spec.containers[0].command"), "{err}");
     }
 }
