@@ -169,6 +169,14 @@ pub struct PodStatus {
     pub phase: Option<String>,
     #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
     pub pod_ip: Option<String>,
+    /// Every address of the pod, one per family (dual-stack).
+    #[serde(default, rename = "podIPs", skip_serializing_if = "Vec::is_empty")]
+    pub pod_ips: Vec<PodIp>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct PodIp {
+    pub ip: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -207,6 +215,9 @@ pub struct Service {
 pub struct ServiceSpec {
     #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<String>,
+    /// Every ClusterIP, one per family (dual-stack); the first is `clusterIP`.
+    #[serde(default, rename = "clusterIPs", skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub selector: BTreeMap<String, String>,
     #[serde(default)]
@@ -434,6 +445,10 @@ pub struct VirtualServiceSpec {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
+    /// Namespaces whose proxies see it: `.` its own, `*` all (the
+    /// default when empty), or namespace names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -653,6 +668,9 @@ pub struct DestinationRuleSpec {
     pub subsets: Vec<Subset>,
     #[serde(default)]
     pub traffic_policy: Option<TrafficPolicySpec>,
+    /// As VirtualService `exportTo`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -985,7 +1003,7 @@ mod tests {
         let one = |text: &str| parse_documents(text).unwrap().remove(0);
         #[rustfmt::skip]
         let cases: &[(&str, Option<&str>)] = &[
-            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], exportTo: [\".\"]}\n", Some("spec.exportTo")),
+            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], exportTo: [\".\"], hostz: [r]}\n", Some("spec.hostz")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], http: [{route: [{destination: {host: r}}], corsPolicy: {allowOrigins: [{exact: x}]}}]}\n", Some("spec.http[0].corsPolicy")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], tcp: []}\n", None),
             ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: a}\nspec: {host: r, trafficPolicy: {tls: {mode: SIMPLE}}}\n", Some("spec.trafficPolicy.tls")),

@@ -137,6 +137,8 @@ pub struct VirtualService {
     /// `mesh`, or some match naming `mesh`. Only the routes and matches
     /// for the mesh are kept in `http`.
     pub mesh: bool,
+    /// Which proxies' namespaces see it (`exportTo`).
+    pub export_to: ExportTo,
     /// `metadata.creationTimestamp` (RFC 3339): among VirtualServices for
     /// one host, the oldest applies (Istio), then by name.
     pub created: Option<String>,
@@ -261,6 +263,70 @@ pub struct DestinationRule {
     /// Per-subset policies (whole replacement of the top-level one, as Istio
     /// merges per field: here the subset's set fields win).
     pub subset_policies: BTreeMap<String, TrafficPolicy>,
+    /// Which proxies' namespaces see it (`exportTo`).
+    pub export_to: ExportTo,
+}
+
+/// `exportTo` of a VirtualService or DestinationRule: the namespaces whose
+/// proxies (here: waypoints) see the object. Istio's default, with no
+/// `exportTo` and no mesh-wide default set, is every namespace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum ExportTo {
+    #[default]
+    All,
+    /// `.` (resolved to the object's own namespace) and namespace names.
+    Namespaces(std::collections::BTreeSet<String>),
+}
+
+impl ExportTo {
+    /// Reads `exportTo` as Istio validates it (`validateExportTo`): `.`,
+    /// `*` or a namespace name (a DNS-1123 label); no duplicate (`.` and
+    /// the object's own namespace count as one); `*` alone; `~` (no one)
+    /// is for ServiceEntries only.
+    pub fn parse(entries: &[String], own_ns: &str) -> Result<ExportTo, FieldError> {
+        if entries.is_empty() {
+            return Ok(ExportTo::All);
+        }
+        let mut set = std::collections::BTreeSet::new();
+        for (i, e) in entries.iter().enumerate() {
+            let field = format!("spec.exportTo[{i}]");
+            let key = match e.as_str() {
+                "*" => "*".to_owned(),
+                "." => own_ns.to_owned(),
+                "~" => return Err((field, "`~` (export to no one) is only allowed on a ServiceEntry".into())),
+                ns if is_dns1123_label(ns) => ns.to_owned(),
+                other => return Err((field, format!("{other:?} is not `.`, `*` or a namespace name"))),
+            };
+            if !set.insert(key) {
+                return Err((field, format!("{e:?} is listed twice (`.` is the object's own namespace, {own_ns:?})")));
+            }
+        }
+        if set.contains("*") {
+            if set.len() > 1 {
+                return Err(("spec.exportTo".into(), "`*` exports to every namespace: it cannot be listed with others".into()));
+            }
+            return Ok(ExportTo::All);
+        }
+        Ok(ExportTo::Namespaces(set))
+    }
+
+    /// Whether a proxy in namespace `ns` sees the object.
+    pub fn visible_to(&self, ns: &str) -> bool {
+        match self {
+            ExportTo::All => true,
+            ExportTo::Namespaces(set) => set.contains(ns),
+        }
+    }
+}
+
+/// A DNS-1123 label (a Kubernetes namespace name): 1–63 of `a-z0-9-`,
+/// starting and ending alphanumeric.
+fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 impl DestinationRule {
@@ -338,9 +404,11 @@ impl VirtualService {
         self.http.iter().find(|h| h.matches(r))
     }
 
-    /// Whether this VirtualService's `hosts` name the Service `name.namespace`.
-    pub fn applies_to(&self, name: &str, namespace: &str) -> bool {
-        self.mesh && self.hosts.iter().any(|h| host_matches(h, &self.namespace, name, namespace))
+    /// Whether this VirtualService applies, at a waypoint in `proxy_ns`,
+    /// to the Service `name.namespace`: bound to the mesh, exported to the
+    /// waypoint's namespace, and its `hosts` name the Service.
+    pub fn applies_to(&self, name: &str, namespace: &str, proxy_ns: &str) -> bool {
+        self.mesh && self.export_to.visible_to(proxy_ns) && self.hosts.iter().any(|h| host_matches(h, &self.namespace, name, namespace))
     }
 }
 
@@ -355,7 +423,7 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// overrides the Service's own.
 pub fn destination_rule_for<'a>(drs: &'a [DestinationRule], name: &str, namespace: &str, client_ns: &str) -> Option<&'a DestinationRule> {
     drs.iter()
-        .filter(|dr| host_matches(&dr.host, &dr.namespace, name, namespace))
+        .filter(|dr| dr.export_to.visible_to(client_ns) && host_matches(&dr.host, &dr.namespace, name, namespace))
         .min_by_key(|dr| {
             let tier = if dr.namespace == client_ns {
                 0
@@ -688,7 +756,8 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
         return Err(("spec.hosts".into(), "`*` is not allowed for a VirtualService bound to the mesh".into()));
     }
     let hosts = vs.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
-    Ok(VirtualService { namespace, name, hosts, http, route_rate_limits, mesh, created: vs.metadata.creation_timestamp.clone() })
+    let export_to = ExportTo::parse(&vs.spec.export_to, &namespace)?;
+    Ok(VirtualService { namespace, name, hosts, http, route_rate_limits, mesh, export_to, created: vs.metadata.creation_timestamp.clone() })
 }
 
 /// Validates and converts a DestinationRule.
@@ -712,7 +781,8 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
             subset_policies.insert(s.name.clone(), traffic_policy(&format!("spec.subsets[{i}].trafficPolicy"), Some(p), &top)?);
         }
     }
-    Ok(DestinationRule { namespace, name, host: dr.spec.host.to_ascii_lowercase(), subsets, traffic_policy: top, subset_policies })
+    let export_to = ExportTo::parse(&dr.spec.export_to, &namespace)?;
+    Ok(DestinationRule { namespace, name, host: dr.spec.host.to_ascii_lowercase(), subsets, traffic_policy: top, subset_policies, export_to })
 }
 
 /// Converts a trafficPolicy over `base` (defaults for a DestinationRule's
@@ -826,7 +896,7 @@ mod tests {
         for (name, spec, mesh) in cases {
             let v = vs(&format!("{spec}{route}")).unwrap_or_else(|e| panic!("{name}: {e:?}"));
             assert_eq!(v.mesh, *mesh, "{name}");
-            assert_eq!(v.applies_to("reviews", "shop"), *mesh, "{name}: applies at a waypoint");
+            assert_eq!(v.applies_to("reviews", "shop", "shop"), *mesh, "{name}: applies at a waypoint");
         }
         let err = vs(&format!("  hosts: [\"*\"]\n{route}")).unwrap_err();
         assert_eq!(err.0, "spec.hosts");
@@ -861,7 +931,7 @@ mod tests {
         assert!(v.route(&info("/gw")).is_none());
         // Host names compare case-insensitively.
         let v = vs(&format!("  hosts: [Reviews.Shop.svc.cluster.local]\n{route}")).unwrap();
-        assert!(v.applies_to("reviews", "shop"));
+        assert!(v.applies_to("reviews", "shop", "shop"));
     }
 
     #[test]
@@ -998,6 +1068,59 @@ mod tests {
         for (name, drs, client, want) in cases {
             assert_eq!(pick(&drs, client).as_deref(), want, "{name}");
         }
+    }
+
+    /// Istio VirtualService.exportTo / DestinationRule.exportTo: `.` is the
+    /// object's own namespace, `*` every namespace (also the default),
+    /// names list namespaces; only proxies (waypoints) in those namespaces
+    /// see the object. Istio's validation refuses duplicates, `*` with
+    /// others, `~` outside ServiceEntry and names that are not namespaces.
+    #[test]
+    fn export_to_scopes_virtual_services_and_destination_rules() {
+        let vs_with = |export: &str| vs(&format!("  hosts: [reviews]\n  exportTo: {export}\n  http: [{{route: [{{destination: {{host: reviews}}}}]}}]\n"));
+        #[rustfmt::skip]
+        let visible: Vec<(&str, &str, &[(&str, bool)])> = vec![
+            ("absent: every namespace", "[]", &[("shop", true), ("other", true)]),
+            ("`.`: its own namespace", "[\".\"]", &[("shop", true), ("other", false)]),
+            ("`*`: every namespace", "[\"*\"]", &[("shop", true), ("other", true)]),
+            ("names", "[other, third]", &[("shop", false), ("other", true), ("third", true)]),
+            ("`.` and a name", "[\".\", other]", &[("shop", true), ("other", true), ("third", false)]),
+        ];
+        for (case, export, want) in visible {
+            let v = vs_with(export).unwrap_or_else(|e| panic!("{case}: {e:?}"));
+            for (proxy_ns, seen) in want.iter() {
+                assert_eq!(v.applies_to("reviews", "shop", proxy_ns), *seen, "{case}: a waypoint in {proxy_ns}");
+            }
+        }
+        #[rustfmt::skip]
+        let refused: Vec<(&str, &str, &str)> = vec![
+            ("duplicate", "[a, a]", "spec.exportTo[1]"),
+            ("`.` and the own namespace", "[\".\", shop]", "spec.exportTo[1]"),
+            ("`*` with others", "[\"*\", a]", "spec.exportTo"),
+            ("`~` outside a ServiceEntry", "[\"~\"]", "spec.exportTo[0]"),
+            ("not a namespace name", "[Shop_1]", "spec.exportTo[0]"),
+        ];
+        for (case, export, field) in refused {
+            assert_eq!(vs_with(export).map(|_| ()).unwrap_err().0, field, "{case}");
+        }
+        let dr = |ns: &str, name: &str, export: &str| {
+            let text = format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{host: reviews.shop.svc.cluster.local, exportTo: {export}}}\n");
+            match &k8s::parse_documents(&text).unwrap()[0] {
+                k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap(),
+                o => panic!("{o:?}"),
+            }
+        };
+        // A private rule in the waypoint's namespace applies there only; a
+        // rule exported elsewhere is skipped for the next in line.
+        let drs = vec![dr("wp", "private", "[\".\"]"), dr("shop", "own", "[\"*\"]"), dr("team", "other", "[team]")];
+        let pick = |client: &str| destination_rule_for(&drs, "reviews", "shop", client).map(|d| d.name.clone());
+        assert_eq!(pick("wp").as_deref(), Some("private"));
+        assert_eq!(pick("elsewhere").as_deref(), Some("own"));
+        assert_eq!(pick("team").as_deref(), Some("other"), "the waypoint's own namespace first");
+        let drs = vec![dr("shop", "own", "[\".\"]"), dr("istio-system", "root", "[]")];
+        let pick = |client: &str| destination_rule_for(&drs, "reviews", "shop", client).map(|d| d.name.clone());
+        assert_eq!(pick("wp").as_deref(), Some("root"), "`.` in shop is not seen from wp");
+        assert_eq!(pick("shop").as_deref(), Some("own"));
     }
 
     /// Istio: among VirtualServices for one host, the oldest (creation

@@ -35,15 +35,15 @@ pub fn port_protocol(p: &ServicePort) -> &'static str {
     p.app_protocol.as_deref().and_then(from).or_else(|| p.name.as_deref().and_then(from)).unwrap_or("tcp")
 }
 
-/// The VirtualService that applies to `svc` (its own namespace's first,
-/// then by name) and the route it gives the request: None when a
-/// VirtualService applies but no route matches. Without a VirtualService,
-/// the default route.
-pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>) -> (Option<&'s VirtualService>, Option<HttpRoute>) {
+/// The VirtualService that applies to `svc` at a waypoint in `proxy_ns`
+/// (exported to it; the Service's own namespace's first, then the oldest)
+/// and the route it gives the request: None when a VirtualService applies
+/// but no route matches. Without a VirtualService, the default route.
+pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>, proxy_ns: &str) -> (Option<&'s VirtualService>, Option<HttpRoute>) {
     let vs = snap
         .virtual_services
         .iter()
-        .filter(|v| v.applies_to(&svc.name, &svc.namespace))
+        .filter(|v| v.applies_to(&svc.name, &svc.namespace, proxy_ns))
         .min_by_key(|v| v.precedence(&svc.namespace));
     let route = match vs {
         Some(vs) => vs.route(info).cloned(),

@@ -226,7 +226,7 @@ impl Proxy {
         let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port: ctx.port.port };
         let protocol = if parts.version == http::Version::HTTP_2 { "http2" } else { "http" };
         let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
-        let (vs, route) = route::select(&snap, &ctx.svc, &info);
+        let (vs, route) = route::select(&snap, &ctx.svc, &info, &self.cfg.namespace);
         let mut log = RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &path, protocol, &trace.trace_id);
         let policies = authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &ctx.svc.name);
         let cluster_ip = ctx.svc.cluster_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
