@@ -278,9 +278,25 @@ fn workload_name(pod: &k8s::Pod, name: &str) -> String {
 }
 
 /// An optional IPv4 address field (`None`, empty or absent: no address).
-fn parse_ip(raw: Option<&str>) -> Result<Option<Ipv4Addr>, String> {
-    let Some(raw) = raw.filter(|s| !s.is_empty() && *s != "None") else { return Ok(None) };
-    Ipv4Addr::from_str(raw).map(Some).map_err(|_| format!("{raw:?} is not an IPv4 address"))
+/// The IPv4 address among a primary address and its per-family list
+/// (`podIP`/`podIPs`, `clusterIP`/`clusterIPs`): every entry must be an IP
+/// address (IPv4 or IPv6); the data path carries IPv4, so the first IPv4
+/// one is taken. `Ok((None, Some(v6)))` when there is only IPv6: the
+/// object is kept without an address (it affects nothing else) and the
+/// caller reports it.
+fn parse_ip<'a>(primary: Option<&'a str>, all: impl Iterator<Item = &'a str>, field: &str, list_field: &str) -> Result<(Option<Ipv4Addr>, Option<String>), (String, String)> {
+    let set = |s: &&str| !s.is_empty() && *s != "None";
+    let mut v4 = None;
+    let mut v6 = None;
+    let entries = primary.filter(set).map(|p| (field.to_owned(), p)).into_iter();
+    for (f, raw) in entries.chain(all.filter(set).enumerate().map(|(i, a)| (format!("{list_field}[{i}]"), a))) {
+        match std::net::IpAddr::from_str(raw) {
+            Ok(std::net::IpAddr::V4(a)) => v4 = v4.or(Some(a)),
+            Ok(std::net::IpAddr::V6(_)) => v6 = v6.or(Some(raw.to_owned())),
+            Err(_) => return Err((f, format!("{raw:?} is not an IP address"))),
+        }
+    }
+    Ok((v4, if v4.is_none() { v6 } else { None }))
 }
 
 /// What a fail-closed stand-in is built from: the object as written (its
@@ -432,14 +448,22 @@ impl Snapshot {
             field: field.to_owned(),
             message,
         };
-        let ip = |raw: Option<&str>, field: &str| parse_ip(raw).map_err(|m| err(field, m));
+        // The IPv4 address; an IPv6-only object is kept without one and
+        // reported (IPv6 is not carried yet).
+        let mut ipv6_only = |primary: Option<&str>, all: Vec<&str>, field: &str, list: &str| -> Result<Option<Ipv4Addr>, ModelError> {
+            let (v4, v6) = parse_ip(primary, all.into_iter(), field, list).map_err(|(f, m)| err(&f, m))?;
+            if let Some(v6) = v6 {
+                self.warnings.push(err(field, format!("{v6}: IPv6 is not carried by Skiff yet; the object is kept without an address")));
+            }
+            Ok(v4)
+        };
         match obj {
             Object::Namespace(ns) => {
                 self.namespaces.insert(name.clone(), NamespaceInfo { name, labels: ns.metadata.labels.clone() });
             }
             Object::Pod(pod) => {
                 let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-                let ip = ip(pod.status.pod_ip.as_deref(), "status.podIP")?;
+                let ip = ipv6_only(pod.status.pod_ip.as_deref(), pod.status.pod_ips.iter().map(|p| p.ip.as_str()).collect(), "status.podIP", "status.podIPs")?;
                 let mut named_ports = BTreeMap::new();
                 for c in &pod.spec.containers {
                     for p in &c.ports {
@@ -485,7 +509,7 @@ impl Snapshot {
             }
             Object::Service(svc) => {
                 let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-                let cluster_ip = ip(svc.spec.cluster_ip.as_deref(), "spec.clusterIP")?;
+                let cluster_ip = ipv6_only(svc.spec.cluster_ip.as_deref(), svc.spec.cluster_ips.iter().map(String::as_str).collect(), "spec.clusterIP", "spec.clusterIPs")?;
                 let mut ports = Vec::new();
                 for (i, p) in svc.spec.ports.iter().enumerate() {
                     if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
@@ -929,6 +953,38 @@ spec: {action: AUDIT, rules: [{to: [{}]}]}
         assert!(!s.authorization_policies.iter().any(|p| p.name == "audit"));
     }
 
+    /// Dual-stack clusters: `podIPs` / `clusterIPs` carry one address per
+    /// family. The IPv4 one is used whichever comes first; an IPv6-only
+    /// Pod or Service is kept without an address and reported as a
+    /// warning, and holds back nothing else; a value that is no IP address
+    /// at all refuses that object alone, naming the entry.
+    #[test]
+    fn dual_stack_addresses_take_the_ipv4_one_and_ipv6_only_affects_itself() {
+        let svc = |name: &str, spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: a}}\nspec: {{{spec}, ports: [{{port: 80}}]}}\n---\n");
+        let pod = |name: &str, status: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, uid: {name}}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{phase: Running, {status}}}\n---\n");
+        let text = [
+            svc("v6first", "clusterIP: \"fd00::10\", clusterIPs: [\"fd00::10\", 10.96.0.10]"),
+            svc("v6only", "clusterIP: \"fd00::11\", clusterIPs: [\"fd00::11\"]"),
+            svc("bad", "clusterIP: 10.96.0.12, clusterIPs: [10.96.0.12, \"fd00::zz\"]"),
+            svc("v4", "clusterIP: 10.96.0.13"),
+            pod("p6first", "podIP: \"fd00::5\", podIPs: [{ip: \"fd00::5\"}, {ip: 10.244.0.5}]"),
+            pod("p6only", "podIP: \"fd00::6\", podIPs: [{ip: \"fd00::6\"}]"),
+        ]
+        .concat();
+        let s = build(&text, None);
+        let vip = |n: &str| s.services.get(&format!("a/{n}")).map(|x| x.cluster_ip);
+        assert_eq!(vip("v6first"), Some(Some("10.96.0.10".parse().unwrap())));
+        assert_eq!(vip("v6only"), Some(None), "kept, without an address");
+        assert_eq!(vip("bad"), None, "refused");
+        assert_eq!(vip("v4"), Some(Some("10.96.0.13".parse().unwrap())));
+        let refused: Vec<(&str, &str)> = s.rejected.iter().map(|r| (r.error.object.as_str(), r.error.field.as_str())).collect();
+        assert_eq!(refused, [("Service a/bad", "spec.clusterIPs[1]")]);
+        assert_eq!(s.workloads.get("p6first").and_then(|w| w.ip), Some("10.244.0.5".parse().unwrap()));
+        assert_eq!(s.workloads.get("p6only").map(|w| w.ip), Some(None));
+        let warned: Vec<&str> = s.warnings.iter().map(|w| w.object.as_str()).collect();
+        assert_eq!(warned, ["Service a/v6only", "Pod a/p6only"]);
+    }
+
     /// Security objects fail closed even when an earlier version was
     /// accepted (it may be looser than the refused one), and in the cases
     /// a reviewer found open: a misspelt selector or top-level key, an
@@ -941,7 +997,7 @@ spec: {action: AUDIT, rules: [{to: [{}]}]}
         const HDR: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
         let first = build(&format!("{HDR}metadata: {{name: p, namespace: a}}\nspec: {{rules: [{{from: [{{source: {{namespaces: [x, partner]}}}}]}}]}}\n"), None);
         assert!(first.rejected.is_empty());
-        let second = build(&format!("{HDR}metadata: {{name: p, namespace: a}}\nspec: {{rules: [{{from: [{{source: {{namespaces: [x], ipBlocks: [\"fd00::/8\"]}}}}]}}]}}\n"), Some(&first));
+        let second = build(&format!("{HDR}metadata: {{name: p, namespace: a}}\nspec: {{rules: [{{from: [{{source: {{namespaces: [x], ipBlocks: [\"10.0.0.0/33\"]}}}}]}}]}}\n"), Some(&first));
         assert_eq!(second.rejected[0].instead, Instead::FailClosed("an ALLOW policy that allows nothing"));
         assert!(second.authorization_policies[0].rules.is_empty(), "not the looser previous version");
 

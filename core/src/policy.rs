@@ -21,7 +21,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use crate::k8s;
@@ -235,29 +235,45 @@ fn template_matches(tokens: &[Tok<'_>], path: &str) -> bool {
     }
 }
 
-/// An IPv4 CIDR (a bare address is a /32).
+/// An IPv4 or IPv6 CIDR (a bare address is a /32 or /128). The data path
+/// carries IPv4: an IPv6 block never contains a peer's address, so in an
+/// ALLOW's `ipBlocks` it allows no one and in `notIpBlocks` it excludes no
+/// one, as Istio reads it for an IPv4 peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
 impl Cidr {
     pub fn parse(s: &str) -> Option<Cidr> {
         let (a, l) = match s.split_once('/') {
-            Some((a, l)) => (a, l.parse().ok()?),
-            None => (s, 32),
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
         };
-        if l > 32 {
-            return None;
-        }
-        Some(Cidr { addr: a.parse().ok()?, len: l })
+        let addr: IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            // Digits only: no sign, no spaces.
+            Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => l.parse().ok()?,
+            Some(_) => return None,
+            None => max,
+        };
+        (len <= max).then_some(Cidr { addr, len })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let IpAddr::V4(ip) = ip else { return false };
-        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
-        u32::from(ip) & mask == u32::from(self.addr) & mask
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net) & mask
+            }
+            _ => false,
+        }
     }
 }
 
@@ -576,7 +592,7 @@ fn str_matches(field: &str, list: &[String]) -> Result<Vec<StrMatch>, (String, S
 
 fn cidrs(field: &str, list: &[String]) -> Result<Vec<Cidr>, (String, String)> {
     list.iter()
-        .map(|s| Cidr::parse(s).ok_or_else(|| (field.to_owned(), format!("{s:?} is not an IPv4 address or CIDR"))))
+        .map(|s| Cidr::parse(s).ok_or_else(|| (field.to_owned(), format!("{s:?} is not an IP address or CIDR"))))
         .collect()
 }
 
@@ -978,6 +994,31 @@ mod tests {
     /// ARCHITECTURE.md's AuthorizationPolicy table names every field of
     /// the wire types (`notX` through its `X` row's "negation"), and only
     /// fields that exist: the table cannot drift from the code.
+    /// Istio Source.ipBlocks: "single IP (e.g. 203.0.113.4) or CIDR (e.g.
+    /// 203.0.113.0/24)", IPv4 or IPv6. The peer here is IPv4: an IPv6
+    /// block never contains it.
+    #[test]
+    fn cidrs_of_both_families() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &[(&str, bool)])] = &[
+            ("10.1.0.0/16", &[("10.1.2.3", true), ("10.2.0.1", false)]),
+            ("10.1.2.3", &[("10.1.2.3", true), ("10.1.2.4", false)]),
+            ("0.0.0.0/0", &[("192.0.2.1", true), ("2001:db8::1", false)]),
+            ("2001:db8::/32", &[("2001:db8:1::1", true), ("2001:db9::1", false), ("10.0.0.1", false)]),
+            ("::/0", &[("2001:db8::1", true), ("10.0.0.1", false)]),
+            ("fd00::1", &[("fd00::1", true), ("fd00::2", false)]),
+        ];
+        for (cidr, ips) in cases {
+            let c = Cidr::parse(cidr).unwrap_or_else(|| panic!("{cidr} parses"));
+            for (ip, want) in ips.iter() {
+                assert_eq!(c.contains(ip.parse().unwrap()), *want, "{cidr} contains {ip}");
+            }
+        }
+        for bad in ["10.0.0.0/33", "fd00::/129", "10.0.0.0/", "10.0.0.0/+8", "10.0.0", "fd00::/ 8", "host"] {
+            assert_eq!(Cidr::parse(bad), None, "{bad}");
+        }
+    }
+
     #[test]
     fn docs_table_names_every_authorization_policy_field() {
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHITECTURE.md")).unwrap();

@@ -527,7 +527,7 @@ impl LocalMesh {
                     ..Default::default()
                 },
                 spec,
-                status: k8s::PodStatus { phase: Some("Running".into()), pod_ip: Some(p.ip.to_string()) },
+                status: k8s::PodStatus { phase: Some("Running".into()), pod_ip: Some(p.ip.to_string()), ..Default::default() },
             };
             docs.push(with_kind("v1", "Pod", serde_json::to_value(&pod)?));
         }
