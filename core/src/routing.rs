@@ -55,13 +55,17 @@ pub struct HttpMatch {
     pub ignore_uri_case: bool,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RouteDest {
     /// As written (short name, namespace-qualified or FQDN).
     pub host: String,
     pub subset: Option<String>,
     pub port: Option<u16>,
     pub weight: u32,
+    /// This destination's own header operations (`route[].headers`),
+    /// applied when it is picked, before the route's.
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -577,14 +581,39 @@ fn percent(field: &str, p: &Option<k8s::Percent>, legacy: Option<u32>, absent: f
     Ok(v)
 }
 
-fn header_ops(h: &Option<k8s::HeaderOperations>) -> HeaderOps {
-    h.as_ref()
-        .map(|h| HeaderOps {
-            set: h.set.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
-            add: h.add.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
-            remove: h.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
-        })
-        .unwrap_or_default()
+/// Header operations, checked as Envoy would take them: names are HTTP
+/// tokens (so no pseudo-headers), values carry no control characters, and
+/// `%` starts an Envoy substitution (`%DOWNSTREAM_REMOTE_ADDRESS%`), which
+/// Skiff does not evaluate: a value with one is refused rather than sent
+/// as written; `%%` is a literal `%`, as in Envoy.
+fn header_ops(field: &str, h: &Option<k8s::HeaderOperations>) -> Result<HeaderOps, FieldError> {
+    let Some(h) = h else { return Ok(HeaderOps::default()) };
+    let name = |f: String, k: &str| -> Result<String, FieldError> {
+        // RFC 9110 token characters, without `%` (an Envoy substitution).
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&b);
+        if k.is_empty() || !k.bytes().all(tchar) {
+            return Err((f, format!("{k:?} is not an HTTP header name")));
+        }
+        Ok(k.to_ascii_lowercase())
+    };
+    let value = |f: String, v: &str| -> Result<String, FieldError> {
+        if v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err((f, format!("{v:?}: control characters are not allowed in a header value")));
+        }
+        let unescaped = v.replace("%%", "");
+        if unescaped.contains('%') {
+            return Err((f, format!("{v:?}: Envoy substitutions (`%...%`) are not evaluated by Skiff; write `%%` for a literal `%`")));
+        }
+        Ok(v.replace("%%", "%"))
+    };
+    let pairs = |op: &str, m: &BTreeMap<String, String>| -> Result<Vec<(String, String)>, FieldError> {
+        m.iter().map(|(k, v)| Ok((name(format!("{field}.{op}"), k)?, value(format!("{field}.{op}.{k}"), v)?))).collect()
+    };
+    Ok(HeaderOps {
+        set: pairs("set", &h.set)?,
+        add: pairs("add", &h.add)?,
+        remove: h.remove.iter().enumerate().map(|(i, k)| name(format!("{field}.remove[{i}]"), k)).collect::<Result<_, _>>()?,
+    })
 }
 
 fn kv_matches(field: &str, m: &BTreeMap<String, k8s::StringMatchSpec>) -> Result<Vec<(String, StrMatch)>, FieldError> {
@@ -644,11 +673,15 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             if d.destination.host.is_empty() {
                 return Err((format!("spec.http[{i}].route[{j}].destination.host"), "required".into()));
             }
+            let headers = d.headers.clone().unwrap_or_default();
+            let hf = |op: &str| format!("spec.http[{i}].route[{j}].headers.{op}");
             destinations.push(RouteDest {
                 host: d.destination.host.to_ascii_lowercase(),
                 subset: d.destination.subset.clone(),
                 port: d.destination.port.as_ref().map(|p| p.number),
                 weight: w,
+                request_headers: header_ops(&hf("request"), &headers.request)?,
+                response_headers: header_ops(&hf("response"), &headers.response)?,
             });
         }
         if destinations.len() == 1 && !explicit {
@@ -723,8 +756,8 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             // disabled"; Envoy reads 0 as no timeout).
             timeout: duration(&f("timeout"), &h.timeout)?.filter(|t| !t.is_zero()),
             retries,
-            request_headers: header_ops(&headers.request),
-            response_headers: header_ops(&headers.response),
+            request_headers: header_ops(&f("headers.request"), &headers.request)?,
+            response_headers: header_ops(&f("headers.response"), &headers.response)?,
             direct_response: h
                 .direct_response
                 .as_ref()
@@ -733,7 +766,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             mirror: match &h.mirror {
                 None => None,
                 Some(m) => Some((
-                    RouteDest { host: m.host.to_ascii_lowercase(), subset: m.subset.clone(), port: m.port.as_ref().map(|p| p.number), weight: 100 },
+                    RouteDest { host: m.host.to_ascii_lowercase(), subset: m.subset.clone(), port: m.port.as_ref().map(|p| p.number), weight: 100, ..Default::default() },
                     percent(&f("mirrorPercentage"), &h.mirror_percentage, h.mirror_percent, 100.0)?,
                 )),
             },
@@ -1068,6 +1101,35 @@ mod tests {
         for (name, drs, client, want) in cases {
             assert_eq!(pick(&drs, client).as_deref(), want, "{name}");
         }
+    }
+
+    /// Istio HTTPRouteDestination.headers: header operations for one
+    /// destination, applied when it is picked; Istio Headers: names and
+    /// values as Envoy takes them. A value with an Envoy substitution is
+    /// refused (Skiff would send it literally), `%%` is a literal `%`.
+    #[test]
+    fn per_destination_headers_and_header_validation() {
+        let v = vs("  hosts: [r]\n  http:\n  - headers: {request: {set: {X-Route: r}}}\n    route:\n    - destination: {host: r, subset: v1}\n      weight: 1\n      headers: {request: {set: {X-Dest: v1, x-pct: \"50%%\"}, remove: [X-Drop]}, response: {add: {x-served-by: v1}}}\n    - {destination: {host: r, subset: v2}, weight: 1}\n").unwrap();
+        let d = &v.http[0].destinations;
+        assert_eq!(d[0].request_headers.set, [("x-dest".to_owned(), "v1".to_owned()), ("x-pct".to_owned(), "50%".to_owned())]);
+        assert_eq!(d[0].request_headers.remove, ["x-drop"]);
+        assert_eq!(d[0].response_headers.add, [("x-served-by".to_owned(), "v1".to_owned())]);
+        assert_eq!(d[1].request_headers, HeaderOps::default(), "v2 has none of v1's");
+        assert_eq!(v.http[0].request_headers.set, [("x-route".to_owned(), "r".to_owned())]);
+        #[rustfmt::skip]
+        let refused: &[(&str, &str)] = &[
+            ("headers: {request: {set: {\"bad name\": x}}}", "spec.http[0].headers.request.set"),
+            ("headers: {request: {set: {\":authority\": x}}}", "spec.http[0].headers.request.set"),
+            ("headers: {response: {add: {x-ip: \"%DOWNSTREAM_REMOTE_ADDRESS%\"}}}", "spec.http[0].headers.response.add.x-ip"),
+            ("headers: {request: {remove: [\"\"]}}", "spec.http[0].headers.request.remove[0]"),
+            ("headers: {request: {set: {x-a: \"a\\nb\"}}}", "spec.http[0].headers.request.set.x-a"),
+        ];
+        for (headers, field) in refused {
+            let got = vs(&format!("  hosts: [r]\n  http:\n  - {headers}\n    route: [{{destination: {{host: r}}}}]\n")).map(|_| ()).unwrap_err();
+            assert_eq!(got.0, *field, "{headers}: {got:?}");
+        }
+        let got = vs("  hosts: [r]\n  http:\n  - route: [{destination: {host: r}, headers: {request: {set: {x: \"%START_TIME%\"}}}}]\n").map(|_| ()).unwrap_err();
+        assert_eq!(got.0, "spec.http[0].route[0].headers.request.set.x");
     }
 
     /// Istio VirtualService.exportTo / DestinationRule.exportTo: `.` is the

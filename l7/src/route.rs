@@ -55,7 +55,7 @@ pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>,
 /// Everything to the Service itself, nothing else done.
 pub fn default_route(svc: &ServiceInfo) -> HttpRoute {
     HttpRoute {
-        destinations: vec![RouteDest { host: svc.hostname(), subset: None, port: None, weight: 100 }],
+        destinations: vec![RouteDest { host: svc.hostname(), subset: None, port: None, weight: 100, ..Default::default() }],
         ..Default::default()
     }
 }

@@ -269,6 +269,9 @@ impl Proxy {
         };
         // The upstream request.
         strip_hop_by_hop(&mut parts.headers);
+        // The destination's own header operations, then the route's (as
+        // Envoy orders weighted-cluster and route level).
+        route::apply_header_ops(&mut parts.headers, &dest.request_headers);
         log.rewritten = route::apply_to_request(&mut parts, &route, &path);
         trace::inject(&trace, &mut parts.headers);
         if let Ok(v) = HeaderValue::from_str(&trace.trace_id) {
@@ -280,7 +283,10 @@ impl Proxy {
             }
         }
         let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2 };
-        let outcome = resilience::forward(&self.upstreams, out, &mut slot, &mut log.retries, &mut rng).await;
+        let mut outcome = resilience::forward(&self.upstreams, out, &mut slot, &mut log.retries, &mut rng).await;
+        if let Ok((resp, _)) = &mut outcome {
+            route::apply_header_ops(resp.headers_mut(), &dest.response_headers);
+        }
         self.finish(log, start, outcome, ops)
     }
 

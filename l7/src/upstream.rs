@@ -286,7 +286,7 @@ impl Upstreams {
     /// for HTTP (the destination's load balancer, ejected endpoints
     /// skipped).
     pub async fn passthrough(&self, snap: &Snapshot, svc: &ServiceInfo, port: u16, io: tokio::io::DuplexStream, rng: &mut fastrand::Rng) {
-        let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100 };
+        let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100, ..Default::default() };
         let Ok(r) = route::resolve(snap, &dest, &svc.namespace, &self.namespace, port) else { return };
         let Some((w, port)) = self.choose(&r.endpoints, &r.policy, rng) else { return };
         let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
