@@ -1005,7 +1005,7 @@ spec: {action: AUDIT, rules: [{to: [{}]}]}
             &format!(
                 "{HDR}metadata: {{name: typo, namespace: a}}\nspec: {{selector: {{matchLabel: {{app: web}}}}, rules: [{{}}]}}\n---\n\
                  {HDR}metadata: {{generateName: d-, namespace: a}}\nspec: {{action: DENY, rules: [{{}}]}}\n---\n\
-                 {HDR}metadata: {{name: both, namespace: a}}\nspec: {{action: DENY, selector: {{matchLabels: {{app: db}}}}, targetRefs: [{{kind: Gateway, name: wp}}], rules: [{{to: [{{}}]}}]}}\n---\n\
+                 {HDR}metadata: {{name: both, namespace: a}}\nspec: {{action: DENY, selector: {{matchLabels: {{app: db}}}}, targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}], rules: [{{to: [{{}}]}}]}}\n---\n\
                  apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: z-strict, namespace: b}}\nsepc: {{mtls: {{mode: STRICT}}}}\n---\n\
                  apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: a-permissive, namespace: b}}\nspec: {{mtls: {{mode: PERMISSIVE}}}}\n---\n\
                  apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: port, namespace: c}}\nspec: {{selector: {{matchLabels: {{app: db}}}}, portLevelMtls: {{\"5432\": {{Mode: STRICT}}}}}}\n"

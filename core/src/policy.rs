@@ -645,12 +645,32 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
     };
     let targets_waypoint = !ap.spec.target_refs.is_empty() || ap.spec.target_ref.is_some();
     let mut target_refs = Vec::new();
-    for (i, r) in ap.spec.target_refs.iter().chain(ap.spec.target_ref.iter()).enumerate() {
-        let get = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-        match (get("kind"), get("name")) {
-            (Some(kind), Some(name)) => target_refs.push((kind, name)),
-            _ => return Err((format!("spec.targetRefs[{i}]"), "needs kind and name".into())),
+    // Istio PolicyTargetReference: `group` and `kind` name the target's
+    // type, `name` it, `namespace` (if set) must be the policy's own.
+    let refs = ap.spec.target_refs.iter().enumerate().map(|(i, r)| (format!("spec.targetRefs[{i}]"), r));
+    for (f, r) in refs.chain(ap.spec.target_ref.iter().map(|r| ("spec.targetRef".to_owned(), r))) {
+        let Some(obj) = r.as_object() else { return Err((f, "not an object".into())) };
+        if let Some(k) = obj.keys().find(|k| !["group", "kind", "name", "namespace"].contains(&k.as_str())) {
+            return Err((format!("{f}.{k}"), "not a field of a policy target reference (group, kind, name, namespace)".into()));
         }
+        let get = |k: &str| obj.get(k).and_then(|v| v.as_str()).filter(|v| !v.is_empty()).map(str::to_owned);
+        let (Some(kind), Some(target)) = (get("kind"), get("name")) else {
+            return Err((f, "needs kind and name".into()));
+        };
+        // Istio's validation: an empty group is `core`; no namespace.
+        let group = get("group").unwrap_or_else(|| "core".into());
+        let want = match kind.as_str() {
+            "Gateway" => "gateway.networking.k8s.io",
+            "Service" => "core",
+            _ => return Err((format!("{f}.kind"), format!("{kind:?}: Skiff binds policies to a waypoint (Gateway) or a Service"))),
+        };
+        if group != want {
+            return Err((format!("{f}.group"), format!("{group:?}: a {kind} target is in group {want:?}")));
+        }
+        if obj.contains_key("namespace") {
+            return Err((format!("{f}.namespace"), "must not be set (Istio: cross-namespace targets are not supported)".into()));
+        }
+        target_refs.push((kind, target));
     }
     if targets_waypoint && ap.spec.selector.is_some() {
         return Err(("spec.selector".into(), "cannot be set together with targetRefs".into()));
