@@ -638,6 +638,9 @@ pub struct DirectResponse {
 pub struct DirectBody {
     #[serde(default)]
     pub string: Option<String>,
+    /// Base64, as protobuf `bytes` read from JSON or YAML.
+    #[serde(default)]
+    pub bytes: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -23,6 +23,8 @@ pub enum StrMatch {
     Prefix(String),
     /// Full match (RE2 semantics, anchored), as Envoy applies it.
     Regex(Regex),
+    /// `{}` in a header or query parameter match: present, any value.
+    Present,
 }
 
 impl StrMatch {
@@ -31,6 +33,7 @@ impl StrMatch {
             StrMatch::Exact(e) => v == e,
             StrMatch::Prefix(p) => v.starts_with(p.as_str()),
             StrMatch::Regex(r) => r.0.is_match(v),
+            StrMatch::Present => true,
         }
     }
 
@@ -39,6 +42,7 @@ impl StrMatch {
             StrMatch::Exact(e) => v.eq_ignore_ascii_case(e),
             StrMatch::Prefix(p) => v.as_bytes().get(..p.len()).is_some_and(|b| b.eq_ignore_ascii_case(p.as_bytes())),
             StrMatch::Regex(r) => r.0.is_match(v),
+            StrMatch::Present => true,
         }
     }
 }
@@ -123,7 +127,7 @@ pub struct HttpRoute {
     pub retries: Option<Retries>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
-    pub direct_response: Option<(u16, String)>,
+    pub direct_response: Option<(u16, Vec<u8>)>,
     pub redirect: Option<(Option<String>, Option<String>, u16)>,
     /// Where to send a copy of the request, and for what share (percent).
     pub mirror: Option<(RouteDest, f64)>,
@@ -536,6 +540,16 @@ fn str_match(field: &str, m: &k8s::StringMatchSpec) -> Result<StrMatch, FieldErr
     }
 }
 
+/// A header or query parameter match: `{}` (no exact, prefix or regex)
+/// checks that it is present (Istio HTTPMatchRequest.headers: "To provide
+/// an empty value, use {}"; Envoy's present_match).
+fn present_or_str_match(field: &str, m: &k8s::StringMatchSpec) -> Result<StrMatch, FieldError> {
+    if m.exact.is_none() && m.prefix.is_none() && m.regex.is_none() {
+        return Ok(StrMatch::Present);
+    }
+    str_match(field, m)
+}
+
 fn duration(field: &str, s: &Option<String>) -> Result<Option<Duration>, FieldError> {
     s.as_deref()
         .map(|v| parse_duration(v).ok_or_else(|| (field.to_owned(), format!("{v:?} is not a duration (e.g. 1.5s, 100ms)"))))
@@ -617,7 +631,7 @@ fn header_ops(field: &str, h: &Option<k8s::HeaderOperations>) -> Result<HeaderOp
 }
 
 fn kv_matches(field: &str, m: &BTreeMap<String, k8s::StringMatchSpec>) -> Result<Vec<(String, StrMatch)>, FieldError> {
-    m.iter().map(|(k, v)| Ok((k.to_ascii_lowercase(), str_match(&format!("{field}.{k}"), v)?))).collect()
+    m.iter().map(|(k, v)| Ok((k.to_ascii_lowercase(), present_or_str_match(&format!("{field}.{k}"), v)?))).collect()
 }
 
 /// Validates and converts a VirtualService; the error names the field.
@@ -744,6 +758,47 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                     .collect(),
             }),
         };
+        // Istio validateHTTPDirectResponse: a status Envoy accepts (Istio
+        // passes 0-600 on; Envoy refuses what is not 100-599), a body
+        // under 1 MB, as a string or base64 bytes.
+        let direct_response = match &h.direct_response {
+            None => None,
+            Some(d) => {
+                if !(100..=599).contains(&d.status) {
+                    return Err((f("directResponse.status"), format!("{} is not an HTTP status (100-599)", d.status)));
+                }
+                let body = match d.body.as_ref().map(|b| (&b.string, &b.bytes)) {
+                    None | Some((None, None)) => Vec::new(),
+                    Some((Some(s), None)) => s.clone().into_bytes(),
+                    Some((None, Some(b))) => {
+                        use base64::Engine;
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b)
+                            .map_err(|e| (f("directResponse.body.bytes"), format!("not base64: {e}")))?
+                    }
+                    Some((Some(_), Some(_))) => return Err((f("directResponse.body"), "one of string, bytes".into())),
+                };
+                if body.len() >= 1 << 20 {
+                    return Err((f("directResponse.body"), format!("{} bytes; Istio allows less than 1 MB", body.len())));
+                }
+                Some((d.status, body))
+            }
+        };
+        // Istio validateHTTPRedirect: something to redirect to, a 3xx code;
+        // Envoy has 301, 302, 303, 307 and 308.
+        let redirect = match &h.redirect {
+            None => None,
+            Some(r) => {
+                if r.uri.is_none() && r.authority.is_none() {
+                    return Err((f("redirect"), "a redirect needs a uri or an authority".into()));
+                }
+                let code = r.redirect_code.unwrap_or(301);
+                if ![301, 302, 303, 307, 308].contains(&code) {
+                    return Err((f("redirect.redirectCode"), format!("{code}: one of 301, 302, 303, 307, 308")));
+                }
+                Some((r.uri.clone(), r.authority.clone(), code))
+            }
+        };
         let headers = h.headers.clone().unwrap_or_default();
         http.push(HttpRoute {
             name: h.name.clone(),
@@ -758,11 +813,8 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             retries,
             request_headers: header_ops(&f("headers.request"), &headers.request)?,
             response_headers: header_ops(&f("headers.response"), &headers.response)?,
-            direct_response: h
-                .direct_response
-                .as_ref()
-                .map(|d| (d.status, d.body.as_ref().and_then(|b| b.string.clone()).unwrap_or_default())),
-            redirect: h.redirect.as_ref().map(|r| (r.uri.clone(), r.authority.clone(), r.redirect_code.unwrap_or(301))),
+            direct_response,
+            redirect,
             mirror: match &h.mirror {
                 None => None,
                 Some(m) => Some((

@@ -102,8 +102,8 @@ pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_n
 /// The answer a route gives without any upstream: its direct response,
 /// else its redirect (to `authority` and `path` unless it replaces them).
 pub fn local_response(route: &HttpRoute, authority: &str, path: &str) -> Option<Response<Body>> {
-    if let Some((status, text)) = &route.direct_response {
-        let mut r = Response::new(full(text.clone()));
+    if let Some((status, body)) = &route.direct_response {
+        let mut r = Response::new(full(body.clone()));
         *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
         return Some(r);
     }
