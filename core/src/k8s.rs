@@ -476,6 +476,8 @@ pub struct HttpRoute {
     pub redirect: Option<HttpRedirect>,
     #[serde(default)]
     pub mirror: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<MirrorPolicy>,
     #[serde(default)]
     pub mirror_percentage: Option<Percent>,
     /// Deprecated integer form.
@@ -554,6 +556,25 @@ pub struct HttpRewrite {
     pub uri: Option<String>,
     #[serde(default)]
     pub authority: Option<String>,
+    #[serde(default)]
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegexRewrite {
+    #[serde(default, rename = "match")]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub rewrite: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorPolicy {
+    pub destination: Destination,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -652,6 +673,13 @@ pub struct HttpRedirect {
     pub authority: Option<String>,
     #[serde(default)]
     pub redirect_code: Option<u16>,
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// `FROM_PROTOCOL_DEFAULT` or `FROM_REQUEST_PORT`.
+    #[serde(default)]
+    pub derive_port: Option<String>,
 }
 
 /// `networking.istio.io` DestinationRule (the fields Skiff reads).

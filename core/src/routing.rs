@@ -121,6 +121,9 @@ pub struct HttpRoute {
     pub matches: Vec<HttpMatch>,
     pub destinations: Vec<RouteDest>,
     pub rewrite_uri: Option<String>,
+    /// `rewrite.uriRegexRewrite`: every match of the pattern in the path
+    /// (not the query) replaced, `${N}` for capture group N.
+    pub rewrite_regex: Option<(Regex, String)>,
     pub rewrite_authority: Option<String>,
     pub fault: Option<Fault>,
     pub timeout: Option<Duration>,
@@ -128,9 +131,84 @@ pub struct HttpRoute {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub direct_response: Option<(u16, Vec<u8>)>,
-    pub redirect: Option<(Option<String>, Option<String>, u16)>,
-    /// Where to send a copy of the request, and for what share (percent).
-    pub mirror: Option<(RouteDest, f64)>,
+    pub redirect: Option<Redirect>,
+    /// Where to send copies of the request (`mirror` or `mirrors`), each
+    /// for its share (percent).
+    pub mirrors: Vec<(RouteDest, f64)>,
+}
+
+/// `HTTPRedirect`: what replaces each part of the request's URL.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub code: u16,
+    /// `http` or `https`; None keeps the request's.
+    pub scheme: Option<String>,
+    pub port: RedirectPort,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RedirectPort {
+    /// The request's authority's port, if it has one.
+    Keep,
+    Fixed(u16),
+    /// `derivePort: FROM_PROTOCOL_DEFAULT`: 80 for http, 443 for https.
+    FromProtocolDefault,
+    /// `derivePort: FROM_REQUEST_PORT`: the port the request came in on.
+    FromRequestPort,
+}
+
+impl Redirect {
+    /// The Location for a request with `scheme`, `authority` (host and
+    /// maybe port), `path`, received on `port`. A port that is the
+    /// scheme's default is left out, as Envoy does.
+    pub fn location(&self, scheme: &str, authority: &str, path: &str, port: u16) -> String {
+        let scheme = self.scheme.as_deref().unwrap_or(scheme);
+        let authority = self.authority.as_deref().unwrap_or(authority);
+        // The host, and the port written in the authority, if any
+        // (`[v6]:port` keeps its brackets).
+        let (host, written) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() && (!h.contains(':') || h.ends_with(']')) => {
+                (h, p.parse::<u16>().ok())
+            }
+            _ => (authority, None),
+        };
+        let default = if scheme == "https" { 443 } else { 80 };
+        let port = match self.port {
+            RedirectPort::Keep => written,
+            RedirectPort::Fixed(p) => Some(p),
+            RedirectPort::FromProtocolDefault => Some(default),
+            RedirectPort::FromRequestPort => Some(port),
+        };
+        let path = self.uri.as_deref().unwrap_or(path);
+        match port {
+            Some(p) if p != default => format!("{scheme}://{host}:{p}{path}"),
+            _ => format!("{scheme}://{host}{path}"),
+        }
+    }
+}
+
+/// Envoy's regex_rewrite substitution (`\1`) in the `regex` crate's
+/// replacement syntax (`${1}`, a literal `$` as `$$`).
+fn regex_substitution(rewrite: &str) -> String {
+    let mut out = String::with_capacity(rewrite.len());
+    let mut chars = rewrite.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '$' => out.push_str("$$"),
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                    n.push(d);
+                    chars.next();
+                }
+                out.push_str(&format!("${{{n}}}"));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -784,27 +862,81 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                 Some((d.status, body))
             }
         };
-        // Istio validateHTTPRedirect: something to redirect to, a 3xx code;
-        // Envoy has 301, 302, 303, 307 and 308.
+        // Istio validateHTTPRedirect: something to redirect to, a 3xx code
+        // (Envoy has 301, 302, 303, 307 and 308), scheme http or https,
+        // `port` or `derivePort` (one of).
         let redirect = match &h.redirect {
             None => None,
             Some(r) => {
-                if r.uri.is_none() && r.authority.is_none() {
-                    return Err((f("redirect"), "a redirect needs a uri or an authority".into()));
+                if r.uri.is_none() && r.authority.is_none() && r.scheme.is_none() && r.port.is_none() && r.derive_port.is_none() {
+                    return Err((f("redirect"), "a redirect needs a uri, authority, scheme or port".into()));
                 }
                 let code = r.redirect_code.unwrap_or(301);
                 if ![301, 302, 303, 307, 308].contains(&code) {
                     return Err((f("redirect.redirectCode"), format!("{code}: one of 301, 302, 303, 307, 308")));
                 }
-                Some((r.uri.clone(), r.authority.clone(), code))
+                if let Some(s) = r.scheme.as_deref().filter(|s| !["http", "https"].contains(s)) {
+                    return Err((f("redirect.scheme"), format!("{s:?}: http or https")));
+                }
+                let port = match (r.port, r.derive_port.as_deref()) {
+                    (None, None) => RedirectPort::Keep,
+                    (Some(p), None) => match u16::try_from(p) {
+                        Ok(p) if p > 0 => RedirectPort::Fixed(p),
+                        _ => return Err((f("redirect.port"), format!("{p} is not a port"))),
+                    },
+                    (None, Some("FROM_PROTOCOL_DEFAULT")) => RedirectPort::FromProtocolDefault,
+                    (None, Some("FROM_REQUEST_PORT")) => RedirectPort::FromRequestPort,
+                    (None, Some(o)) => return Err((f("redirect.derivePort"), format!("{o:?}: FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT"))),
+                    (Some(_), Some(_)) => return Err((f("redirect"), "one of port, derivePort".into())),
+                };
+                Some(Redirect { uri: r.uri.clone(), authority: r.authority.clone(), code, scheme: r.scheme.clone(), port })
             }
         };
+        // Istio HTTPRewrite: `uri` or `uriRegexRewrite`, not both; the
+        // regex is RE2 and its substitution takes `\N` capture groups.
+        let rewrite_regex = match h.rewrite.as_ref().and_then(|r| r.uri_regex_rewrite.as_ref()) {
+            None => None,
+            Some(rr) => {
+                if h.rewrite.as_ref().is_some_and(|r| r.uri.is_some()) {
+                    return Err((f("rewrite"), "one of uri, uriRegexRewrite".into()));
+                }
+                let (Some(pattern), Some(rewrite)) = (&rr.pattern, &rr.rewrite) else {
+                    return Err((f("rewrite.uriRegexRewrite"), "needs match and rewrite".into()));
+                };
+                let re = regex::Regex::new(pattern).map_err(|e| (f("rewrite.uriRegexRewrite.match"), format!("invalid regex: {e}")))?;
+                Some((Regex(re), regex_substitution(rewrite)))
+            }
+        };
+        // `mirror` (with `mirrorPercentage`) or `mirrors`, not both
+        // (Istio's validation); a mirror without a percentage gets every
+        // request.
+        let mirror_dest = |d: &k8s::Destination| RouteDest {
+            host: d.host.to_ascii_lowercase(),
+            subset: d.subset.clone(),
+            port: d.port.as_ref().map(|p| p.number),
+            weight: 100,
+            ..Default::default()
+        };
+        if h.mirror.is_some() && !h.mirrors.is_empty() {
+            return Err((f("mirrors"), "one of mirror, mirrors".into()));
+        }
+        let mut mirrors = Vec::new();
+        if let Some(m) = &h.mirror {
+            mirrors.push((mirror_dest(m), percent(&f("mirrorPercentage"), &h.mirror_percentage, h.mirror_percent, 100.0)?));
+        }
+        for (j, m) in h.mirrors.iter().enumerate() {
+            if m.destination.host.is_empty() {
+                return Err((f(&format!("mirrors[{j}].destination.host")), "required".into()));
+            }
+            mirrors.push((mirror_dest(&m.destination), percent(&f(&format!("mirrors[{j}].percentage")), &m.percentage, None, 100.0)?));
+        }
         let headers = h.headers.clone().unwrap_or_default();
         http.push(HttpRoute {
             name: h.name.clone(),
             matches,
             destinations,
             rewrite_uri: h.rewrite.as_ref().and_then(|r| r.uri.clone()),
+            rewrite_regex,
             rewrite_authority: h.rewrite.as_ref().and_then(|r| r.authority.clone()),
             fault,
             // `timeout: 0s` disables the timeout (Istio: "default is
@@ -815,13 +947,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             response_headers: header_ops(&f("headers.response"), &headers.response)?,
             direct_response,
             redirect,
-            mirror: match &h.mirror {
-                None => None,
-                Some(m) => Some((
-                    RouteDest { host: m.host.to_ascii_lowercase(), subset: m.subset.clone(), port: m.port.as_ref().map(|p| p.number), weight: 100, ..Default::default() },
-                    percent(&f("mirrorPercentage"), &h.mirror_percentage, h.mirror_percent, 100.0)?,
-                )),
-            },
+            mirrors,
         });
     }
     let mut route_rate_limits = BTreeMap::new();
@@ -1116,7 +1242,7 @@ mod tests {
         let f = r.fault.as_ref().unwrap();
         assert_eq!((f.delay.as_ref().unwrap().1, f.abort.as_ref().unwrap().1), (0.0, 0.0));
         assert_eq!(fault_decision(f, 0.0, 0.0), FaultDecision { delay: None, abort: None }, "no request faulted");
-        assert_eq!(r.mirror.as_ref().unwrap().1, 100.0);
+        assert_eq!(r.mirrors[0].1, 100.0);
         assert_eq!(r.timeout, None, "0s: no timeout");
         let v = vs("  hosts: [r]\n  http:\n  - timeout: 2s\n    route: [{destination: {host: r}}]\n").unwrap();
         assert_eq!(v.http[0].timeout, Some(Duration::from_secs(2)));

@@ -224,16 +224,16 @@ const VIRTUAL_SERVICE: &[(&str, Reading)] = &[
     ("http[].mirror", H), ("http[].mirror.host", H), ("http[].mirror.port", H), ("http[].mirror.port.number", H),
     ("http[].mirror.subset", H), ("http[].mirrorPercent", H), ("http[].mirrorPercentage", H), ("http[].mirrorPercentage.value", H),
     ("http[].mirror_percent", R),
-    ("http[].mirrors", R), ("http[].mirrors[].destination", R), ("http[].mirrors[].destination.host", R),
-    ("http[].mirrors[].destination.port", R), ("http[].mirrors[].destination.port.number", R),
-    ("http[].mirrors[].destination.subset", R), ("http[].mirrors[].percentage", R), ("http[].mirrors[].percentage.value", R),
+    ("http[].mirrors", H), ("http[].mirrors[].destination", H), ("http[].mirrors[].destination.host", H),
+    ("http[].mirrors[].destination.port", H), ("http[].mirrors[].destination.port.number", H),
+    ("http[].mirrors[].destination.subset", H), ("http[].mirrors[].percentage", H), ("http[].mirrors[].percentage.value", H),
     ("http[].redirect", H), ("http[].redirect.authority", H), ("http[].redirect.uri", H), ("http[].redirect.redirectCode", H),
-    ("http[].redirect.derivePort", R), ("http[].redirect.port", R), ("http[].redirect.prefixRewrite", R),
-    ("http[].redirect.scheme", R),
+    ("http[].redirect.derivePort", H), ("http[].redirect.port", H), ("http[].redirect.prefixRewrite", R),
+    ("http[].redirect.scheme", H),
     ("http[].retries", H), ("http[].retries.attempts", H), ("http[].retries.perTryTimeout", H), ("http[].retries.retryOn", H),
     ("http[].retries.backoff", R), ("http[].retries.retryIgnorePreviousHosts", R), ("http[].retries.retryRemoteLocalities", R),
     ("http[].rewrite", H), ("http[].rewrite.authority", H), ("http[].rewrite.uri", H),
-    ("http[].rewrite.uriRegexRewrite", R), ("http[].rewrite.uriRegexRewrite.match", R), ("http[].rewrite.uriRegexRewrite.rewrite", R),
+    ("http[].rewrite.uriRegexRewrite", H), ("http[].rewrite.uriRegexRewrite.match", H), ("http[].rewrite.uriRegexRewrite.rewrite", H),
     ("http[].route", H), ("http[].route[].destination", H), ("http[].route[].destination.host", H),
     ("http[].route[].destination.port", H), ("http[].route[].destination.port.number", H), ("http[].route[].destination.subset", H),
     ("http[].route[].headers", H), ("http[].route[].headers.request", H), ("http[].route[].headers.request.add", H),
@@ -389,10 +389,30 @@ fn virtual_service_cases() -> Vec<Case<VirtualService>> {
         Case { fields: &["http[].redirect", "http[].redirect.uri", "http[].redirect.authority", "http[].redirect.redirectCode"],
             cite: "HTTPRedirect: uri, authority, redirectCode",
             spec: "{hosts: [reviews], http: [{redirect: {uri: /new, authority: example.com, redirectCode: 302}}]}",
-            expect: ok(|v| assert_eq!(v.http[0].redirect, Some((Some("/new".into()), Some("example.com".into()), 302)))) },
+            expect: ok(|v| {
+                let r = v.http[0].redirect.as_ref().unwrap();
+                assert_eq!((r.uri.as_deref(), r.authority.as_deref(), r.code), (Some("/new"), Some("example.com"), 302));
+                assert_eq!(r.location("http", "reviews:9080", "/old", 9080), "http://example.com/new");
+            }) },
+        Case { fields: &["http[].redirect.scheme", "http[].redirect.port"],
+            cite: "HTTPRedirect.scheme (http or https) and port replace theirs in the URL",
+            spec: "{hosts: [reviews], http: [{redirect: {scheme: https, port: 8443}}]}",
+            expect: ok(|v| assert_eq!(v.http[0].redirect.as_ref().unwrap().location("http", "reviews", "/a?b", 80), "https://reviews:8443/a?b")) },
+        Case { fields: &["http[].redirect.derivePort"],
+            cite: "HTTPRedirect.derivePort: FROM_PROTOCOL_DEFAULT (80 for http, 443 for https), FROM_REQUEST_PORT",
+            spec: "{hosts: [reviews], http: [{name: d, match: [{uri: {prefix: /d}}], redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}}, \
+                   {name: r, redirect: {derivePort: FROM_REQUEST_PORT}}]}",
+            expect: ok(|v| {
+                assert_eq!(v.http[0].redirect.as_ref().unwrap().location("http", "reviews:9080", "/d", 9080), "https://reviews/d");
+                assert_eq!(v.http[1].redirect.as_ref().unwrap().location("http", "reviews", "/x", 9080), "http://reviews:9080/x");
+            }) },
+        Case { fields: &["http[].redirect.scheme"], cite: "HTTPRedirect.scheme: Istio's validation allows http and https",
+            spec: "{hosts: [reviews], http: [{redirect: {scheme: ftp}}]}", expect: Err("spec.http[0].redirect.scheme") },
+        Case { fields: &["http[].redirect.port", "http[].redirect.derivePort"], cite: "HTTPRedirect: port and derivePort are one of (redirect_port)",
+            spec: "{hosts: [reviews], http: [{redirect: {port: 8080, derivePort: FROM_REQUEST_PORT}}]}", expect: Err("spec.http[0].redirect") },
         Case { fields: &["http[].redirect"], cite: "HTTPRedirect.redirectCode: 301 by default",
             spec: "{hosts: [reviews], http: [{redirect: {uri: /new}}]}",
-            expect: ok(|v| assert_eq!(v.http[0].redirect, Some((Some("/new".into()), None, 301)))) },
+            expect: ok(|v| assert_eq!(v.http[0].redirect.as_ref().unwrap().code, 301)) },
         Case { fields: &["http[].redirect.redirectCode"], cite: "HTTPRedirect.redirectCode: 3xx (Istio's validation) that Envoy can send (301, 302, 303, 307, 308)",
             spec: "{hosts: [reviews], http: [{redirect: {uri: /new, redirectCode: 200}}]}", expect: Err("spec.http[0].redirect.redirectCode") },
         Case { fields: &["http[].directResponse", "http[].directResponse.status", "http[].directResponse.body", "http[].directResponse.body.string"],
@@ -408,6 +428,16 @@ fn virtual_service_cases() -> Vec<Case<VirtualService>> {
             cite: "HTTPRewrite: uri (the matched prefix replaced) and authority",
             spec: "{hosts: [reviews], http: [{match: [{uri: {prefix: /old}}], rewrite: {uri: /v2, authority: backend}, route: [{destination: {host: reviews}}]}]}",
             expect: ok(|v| assert_eq!((v.http[0].rewrite_uri.as_deref(), v.http[0].rewrite_authority.as_deref()), (Some("/v2"), Some("backend")))) },
+        Case { fields: &["http[].rewrite.uriRegexRewrite", "http[].rewrite.uriRegexRewrite.match", "http[].rewrite.uriRegexRewrite.rewrite"],
+            cite: "RegexRewrite: an RE2 match on the path and its substitution, `\\N` for capture group N",
+            spec: "{hosts: [reviews], http: [{rewrite: {uriRegexRewrite: {match: \"^/service/([^/]+)(/.*)$\", rewrite: \"\\\\2/instance/\\\\1\"}}, route: [{destination: {host: reviews}}]}]}",
+            expect: ok(|v| {
+                let (re, with) = v.http[0].rewrite_regex.clone().unwrap();
+                assert_eq!(re.0.replace_all("/service/foo/v1/api", with.as_str()), "/v1/api/instance/foo");
+            }) },
+        Case { fields: &["http[].rewrite.uriRegexRewrite"], cite: "HTTPRewrite: one of uri, uriRegexRewrite (Istio's validation)",
+            spec: "{hosts: [reviews], http: [{rewrite: {uri: /x, uriRegexRewrite: {match: a, rewrite: b}}, route: [{destination: {host: reviews}}]}]}",
+            expect: Err("spec.http[0].rewrite") },
         Case { fields: &["http[].timeout"], cite: "HTTPRoute.timeout: a duration; 0s (and absent) disables it",
             spec: "{hosts: [reviews], http: [{name: a, match: [{uri: {prefix: /a}}], timeout: 2s, route: [{destination: {host: reviews}}]}, \
                    {name: b, timeout: 0s, route: [{destination: {host: reviews}}]}]}",
@@ -453,14 +483,28 @@ fn virtual_service_cases() -> Vec<Case<VirtualService>> {
             spec: "{hosts: [reviews], http: [{mirror: {host: reviews, subset: shadow, port: {number: 9080}}, mirrorPercentage: {value: 25}, \
                    route: [{destination: {host: reviews}}]}]}",
             expect: ok(|v| {
-                let (d, pct) = v.http[0].mirror.clone().unwrap();
+                let (d, pct) = v.http[0].mirrors[0].clone();
                 assert_eq!((d.host.as_str(), d.subset.as_deref(), d.port, pct), ("reviews", Some("shadow"), Some(9080), 25.0));
             }) },
         Case { fields: &["http[].mirror", "http[].mirrorPercent"],
             cite: "HTTPRoute.mirrorPercent (deprecated integer); without either, every request is mirrored",
             spec: "{hosts: [reviews], http: [{name: a, match: [{uri: {prefix: /a}}], mirror: {host: reviews}, mirrorPercent: 40, route: [{destination: {host: reviews}}]}, \
                    {name: b, mirror: {host: reviews}, route: [{destination: {host: reviews}}]}]}",
-            expect: ok(|v| assert_eq!((v.http[0].mirror.as_ref().unwrap().1, v.http[1].mirror.as_ref().unwrap().1), (40.0, 100.0))) },
+            expect: ok(|v| assert_eq!((v.http[0].mirrors[0].1, v.http[1].mirrors[0].1), (40.0, 100.0))) },
+        Case { fields: &["http[].mirrors", "http[].mirrors[].destination", "http[].mirrors[].destination.host", "http[].mirrors[].destination.subset",
+                "http[].mirrors[].destination.port", "http[].mirrors[].destination.port.number", "http[].mirrors[].percentage",
+                "http[].mirrors[].percentage.value"],
+            cite: "HTTPMirrorPolicy: several mirrors, each with its destination and percentage (absent: every request)",
+            spec: "{hosts: [reviews], http: [{mirrors: [{destination: {host: a, subset: s, port: {number: 81}}, percentage: {value: 5}}, {destination: {host: b}}], \
+                   route: [{destination: {host: reviews}}]}]}",
+            expect: ok(|v| {
+                let m = &v.http[0].mirrors;
+                assert_eq!((m[0].0.host.as_str(), m[0].0.subset.as_deref(), m[0].0.port, m[0].1), ("a", Some("s"), Some(81), 5.0));
+                assert_eq!((m[1].0.host.as_str(), m[1].1), ("b", 100.0));
+            }) },
+        Case { fields: &["http[].mirrors"], cite: "HTTPRoute: one of mirror, mirrors (Istio's validation)",
+            spec: "{hosts: [reviews], http: [{mirror: {host: a}, mirrors: [{destination: {host: b}}], route: [{destination: {host: reviews}}]}]}",
+            expect: Err("spec.http[0].mirrors") },
     ]
 }
 

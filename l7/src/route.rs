@@ -100,17 +100,19 @@ pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_n
 }
 
 /// The answer a route gives without any upstream: its direct response,
-/// else its redirect (to `authority` and `path` unless it replaces them).
-pub fn local_response(route: &HttpRoute, authority: &str, path: &str) -> Option<Response<Body>> {
+/// else its redirect (what it does not replace of the request's URL —
+/// `http`, `authority`, `path`, the port the request came in on — kept).
+pub fn local_response(route: &HttpRoute, authority: &str, path: &str, port: u16) -> Option<Response<Body>> {
     if let Some((status, body)) = &route.direct_response {
         let mut r = Response::new(full(body.clone()));
         *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
         return Some(r);
     }
-    if let Some((uri, auth, code)) = &route.redirect {
-        let loc = format!("http://{}{}", auth.as_deref().unwrap_or(authority), uri.as_deref().unwrap_or(path));
+    if let Some(redirect) = &route.redirect {
+        // A waypoint receives plaintext HTTP (inside HBONE): `http`.
+        let loc = redirect.location("http", authority, path, port);
         let mut r = Response::new(full(""));
-        *r.status_mut() = StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+        *r.status_mut() = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
         if let Ok(v) = HeaderValue::from_str(&loc) {
             r.headers_mut().insert(header::LOCATION, v);
         }
@@ -145,6 +147,14 @@ pub fn percent_roll(rng: &mut fastrand::Rng) -> f64 {
 /// replaced; an exact, regex or no match replaces the whole path and keeps
 /// the query string.
 pub fn rewrite_path(route: &HttpRoute, path: &str) -> Option<String> {
+    if let Some((re, with)) = &route.rewrite_regex {
+        // Envoy's regex_rewrite: every match in the path, not the query.
+        let (p, query) = match path.split_once('?') {
+            Some((p, q)) => (p, format!("?{q}")),
+            None => (path, String::new()),
+        };
+        return Some(format!("{}{query}", re.0.replace_all(p, with.as_str())));
+    }
     let uri = route.rewrite_uri.as_ref()?;
     let rest = route
         .matches
@@ -225,6 +235,64 @@ mod tests {
         for (app, name, want) in cases {
             let p = ServicePort { name: name.map(String::from), port: 80, target_port: TargetPort::Number(80), app_protocol: app.map(String::from) };
             assert_eq!(port_protocol(&p), want, "{app:?} {name:?}");
+        }
+    }
+
+    /// Istio HTTPRedirect: `uri`, `authority`, `scheme` and `port` or
+    /// `derivePort` each replace their part of the URL; what they leave is
+    /// the request's (scheme http at a waypoint). A scheme's default port
+    /// is left out of the Location, as Envoy writes it.
+    #[test]
+    fn redirect_locations() {
+        use skiff_core::routing::{Redirect, RedirectPort};
+        let r = |uri: Option<&str>, authority: Option<&str>, scheme: Option<&str>, port: RedirectPort| Redirect {
+            uri: uri.map(String::from),
+            authority: authority.map(String::from),
+            code: 301,
+            scheme: scheme.map(String::from),
+            port,
+        };
+        #[rustfmt::skip]
+        let cases = [
+            (r(Some("/new"), None, None, RedirectPort::Keep), "reviews", "http://reviews/new"),
+            (r(None, Some("example.com"), None, RedirectPort::Keep), "reviews:9080", "http://example.com/old?q=1"),
+            (r(None, None, None, RedirectPort::Keep), "reviews:9080", "http://reviews:9080/old?q=1"),
+            (r(None, None, Some("https"), RedirectPort::Keep), "reviews", "https://reviews/old?q=1"),
+            (r(None, None, Some("https"), RedirectPort::FromProtocolDefault), "reviews:9080", "https://reviews/old?q=1"),
+            (r(None, None, None, RedirectPort::FromProtocolDefault), "reviews:9080", "http://reviews/old?q=1"),
+            (r(None, None, None, RedirectPort::FromRequestPort), "reviews", "http://reviews:9080/old?q=1"),
+            (r(None, None, Some("https"), RedirectPort::Fixed(8443)), "reviews:9080", "https://reviews:8443/old?q=1"),
+            (r(None, None, None, RedirectPort::Fixed(80)), "reviews:9080", "http://reviews/old?q=1"),
+            (r(None, Some("[fd00::1]:8080"), None, RedirectPort::Fixed(81)), "reviews", "http://[fd00::1]:81/old?q=1"),
+        ];
+        for (redirect, authority, want) in cases {
+            let route = HttpRoute { redirect: Some(redirect.clone()), ..Default::default() };
+            let resp = local_response(&route, authority, "/old?q=1", 9080).unwrap();
+            assert_eq!(resp.status(), 301);
+            assert_eq!(resp.headers()[header::LOCATION], want, "{redirect:?} from {authority}");
+        }
+    }
+
+    /// Istio HTTPRewrite.uriRegexRewrite (Envoy regex_rewrite): every
+    /// match in the path replaced, `\N` capture groups, query kept.
+    #[test]
+    fn regex_rewrites() {
+        let route = |pattern: &str, with: &str| {
+            let v = format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: s}}\nspec: {{hosts: [r], http: [{{rewrite: {{uriRegexRewrite: {{match: \"{pattern}\", rewrite: \"{with}\"}}}}, route: [{{destination: {{host: r}}}}]}}]}}\n");
+            match &skiff_core::k8s::parse_documents(&v).unwrap()[0] {
+                skiff_core::k8s::Object::VirtualService(v) => skiff_core::routing::virtual_service_from(v).unwrap().http.remove(0),
+                o => panic!("{o:?}"),
+            }
+        };
+        #[rustfmt::skip]
+        let cases = [
+            ("^/service/([^/]+)(/.*)$", "\\\\2/instance/\\\\1", "/service/foo/v1/api?x=1", "/v1/api/instance/foo?x=1"),
+            ("/old/", "/new/", "/old/a/old/b", "/new/a/new/b"),
+            ("^/v1", "/price$", "/v1/x", "/price$/x"),
+            ("^/nomatch", "/x", "/path", "/path"),
+        ];
+        for (pattern, with, path, want) in cases {
+            assert_eq!(rewrite_path(&route(pattern, with), path).as_deref(), Some(want), "{pattern} -> {with} on {path}");
         }
     }
 

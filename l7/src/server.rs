@@ -240,7 +240,7 @@ impl Proxy {
         if let Err(f) = self.rate_limits.check(vs, &route, &ctx.svc) {
             return self.finish(log, start, Err(f), ops);
         }
-        if let Some(r) = route::local_response(&route, &authority, &path) {
+        if let Some(r) = route::local_response(&route, &authority, &path, ctx.port.port) {
             return self.finish(log, start, Ok((r, None)), ops);
         }
         if let Some(fault) = &route.fault {
@@ -277,7 +277,7 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&trace.trace_id) {
             parts.headers.entry("x-request-id").or_insert(v);
         }
-        if let Some((mirror, pct)) = &route.mirror {
+        for (mirror, pct) in &route.mirrors {
             if route::percent_roll(&mut rng) < *pct {
                 self.upstreams.mirror(&snap, mirror, &host_ns, ctx.port.port, parts.clone(), body.clone(), grpc, &mut rng);
             }
