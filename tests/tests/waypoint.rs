@@ -13,6 +13,9 @@ struct Load {
     versions: serde_json::Value,
     latency_ms: Vec<u64>,
     bodies: Vec<String>,
+    /// `location` and `x-*` response headers (`name: value`) of the first
+    /// five responses.
+    headers: Vec<Vec<String>>,
 }
 
 fn load(mesh: &LocalMesh, url: &str, count: usize, headers: &[&str]) -> Load {
@@ -35,6 +38,7 @@ fn load_with(mesh: &LocalMesh, method: &str, url: &str, count: usize, headers: &
         versions: v["versions"].clone(),
         latency_ms: v["latency_ms"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect(),
         bodies: v["bodies"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().to_owned()).collect(),
+        headers: serde_json::from_value(v["headers"].clone()).unwrap_or_default(),
     }
 }
 
@@ -435,4 +439,49 @@ fn a_gateway_bound_virtual_service_does_not_route_mesh_traffic() {
     let l = load(&mesh, URL, 200, &[]);
     assert_eq!(count(&l.codes, "200"), 200, "{:?}", l.codes);
     assert!(count(&l.versions, "v1") > 0 && count(&l.versions, "v2") > 0, "a gateway-only VirtualService routed mesh traffic: {:?}", l.versions);
+}
+
+/// Istio HTTPRouteDestination.headers, HTTPRewrite.uriRegexRewrite and
+/// HTTPRedirect scheme/derivePort, through the waypoint: each destination's
+/// header operations go with it (request to the picked pod, response back),
+/// a regex rewrite reaches the backend, a redirect to https drops the
+/// default port.
+#[test]
+fn destination_headers_regex_rewrites_and_scheme_redirects() {
+    let Some(mesh) = up() else { return };
+    let y = vs(
+        "reviews",
+        r#"  http:
+  - name: secure
+    match: [{uri: {prefix: /secure}}]
+    redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}
+  - name: regex
+    match: [{uri: {prefix: /service/}}]
+    rewrite: {uriRegexRewrite: {match: "^/service/([^/]+)(/.*)$", rewrite: '\2/instance/\1'}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - name: split
+    route:
+    - destination: {host: reviews, subset: v1}
+      weight: 1
+      headers: {request: {set: {x-dest: to-v1}}, response: {set: {x-picked: v1}}}
+    - destination: {host: reviews, subset: v2}
+      weight: 1
+      headers: {request: {set: {x-dest: to-v2}}, response: {set: {x-picked: v2}}}
+"#,
+    );
+    apply_vs(&mesh, "reviews", &y, |m| count(&load(m, "http://reviews:9080/secure", 1, &[]).codes, "301") == 1);
+    let secure = load(&mesh, "http://reviews:9080/secure/page?x=1", 1, &[]);
+    assert_eq!(secure.headers[0], ["location: https://reviews/secure/page?x=1"], "{:?}", secure.codes);
+    let regex = load(&mesh, "http://reviews:9080/service/foo/v1/api", 1, &[]);
+    assert!(regex.bodies[0].contains("path=/v1/api/instance/foo "), "{}", regex.bodies[0]);
+    // Both destinations get picked within 40 requests (1 - 2 * 2^-40 of
+    // the time); each of the first five carries its own destination's
+    // request header to the pod and response header back.
+    let split = load(&mesh, "http://reviews:9080/anything", 40, &[]);
+    assert!(count(&split.versions, "v1") > 0 && count(&split.versions, "v2") > 0, "{:?}", split.versions);
+    for (body, headers) in split.bodies.iter().zip(&split.headers) {
+        let version = if body.contains("version=v1") { "v1" } else { "v2" };
+        assert!(body.contains(&format!("x-dest=to-{version}")), "{body}");
+        assert_eq!(headers, &[format!("x-picked: {version}")], "{body}");
+    }
 }

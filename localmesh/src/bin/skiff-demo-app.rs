@@ -527,12 +527,13 @@ fn backend(s: &TcpStream, req: &Req) -> (String, String) {
     (
         "200 OK".into(),
         format!(
-            "backend {} version={version} path={} saw client {peer} traceparent={} x-b3-traceid={} user-agent={}\n",
+            "backend {} version={version} path={} saw client {peer} traceparent={} x-b3-traceid={} user-agent={} x-dest={}\n",
             pod(),
             req.path(),
             req.header("traceparent"),
             req.header("x-b3-traceid"),
             req.header("user-agent"),
+            req.header("x-dest"),
         ),
     )
 }
@@ -540,7 +541,8 @@ fn backend(s: &TcpStream, req: &Req) -> (String, String) {
 /// N requests over one keep-alive connection; prints status and version
 /// counts and each request's latency (ms) as JSON.
 fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitCode {
-    let run = || -> Result<(BTreeMapStr, BTreeMapStr, Vec<u128>, Vec<String>), String> {
+    type Outcome = (BTreeMapStr, BTreeMapStr, Vec<u128>, Vec<String>, Vec<Vec<String>>);
+    let run = || -> Result<Outcome, String> {
         let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -553,6 +555,8 @@ fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitC
         let mut versions = BTreeMapStr::new();
         let mut lat = Vec::new();
         let mut bodies = Vec::new();
+        // `location` and `x-*` response headers of the first responses.
+        let mut resp_headers = Vec::new();
         let mut conn: Option<BufReader<TcpStream>> = None;
         for _ in 0..count {
             let start = std::time::Instant::now();
@@ -573,6 +577,7 @@ fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitC
             r.read_line(&mut status).map_err(|e| e.to_string())?;
             let code = status.split_whitespace().nth(1).unwrap_or("000").to_owned();
             let (mut len, mut close) = (0usize, false);
+            let mut seen = Vec::new();
             loop {
                 let mut line = String::new();
                 if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 || line == "\r\n" {
@@ -585,6 +590,9 @@ fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitC
                 if l.starts_with("connection:") && l.contains("close") {
                     close = true;
                 }
+                if l.starts_with("location:") || l.starts_with("x-") {
+                    seen.push(line.trim_end().to_owned());
+                }
             }
             let mut body = vec![0u8; len];
             r.read_exact(&mut body).map_err(|e| e.to_string())?;
@@ -595,16 +603,17 @@ fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitC
             *versions.entry(version).or_insert(0) += 1;
             if bodies.len() < 5 {
                 bodies.push(body.trim().to_owned());
+                resp_headers.push(seen);
             }
             if close {
                 conn = None;
             }
         }
-        Ok((codes, versions, lat, bodies))
+        Ok((codes, versions, lat, bodies, resp_headers))
     };
     match run() {
-        Ok((codes, versions, lat, bodies)) => {
-            log(json!({"codes": codes, "versions": versions, "latency_ms": lat, "bodies": bodies}));
+        Ok((codes, versions, lat, bodies, headers)) => {
+            log(json!({"codes": codes, "versions": versions, "latency_ms": lat, "bodies": bodies, "headers": headers}));
             ExitCode::SUCCESS
         }
         Err(e) => {
