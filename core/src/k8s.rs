@@ -734,6 +734,64 @@ pub struct PortTrafficPolicySpec {
 pub struct LoadBalancerSpec {
     #[serde(default)]
     pub simple: Option<String>,
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHashSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHashSpec {
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookieSpec>,
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    #[serde(default)]
+    pub ring_hash: Option<RingHashSpec>,
+    #[serde(default)]
+    pub maglev: Option<MaglevSpec>,
+    /// Deprecated: `ringHash.minimumRingSize`.
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCookieSpec {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub attributes: Vec<CookieAttribute>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CookieAttribute {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RingHashSpec {
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MaglevSpec {
+    #[serde(default)]
+    pub table_size: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

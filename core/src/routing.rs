@@ -329,9 +329,26 @@ pub struct OutlierDetection {
     pub max_ejection_percent: u32,
 }
 
+/// `loadBalancer.consistentHash`: what a request's endpoint is chosen by.
+/// Requests with the same key go to the same endpoint while it is healthy
+/// (rendezvous hashing: when endpoints come or go, only the keys of those
+/// endpoints move).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HashKey {
+    Header(String),
+    /// A cookie; when it is absent and `ttl` is set, the proxy makes one
+    /// (a session cookie for a zero `ttl`) and sets it on the response.
+    Cookie { name: String, path: Option<String>, ttl: Option<Duration>, attributes: Vec<(String, Option<String>)> },
+    SourceIp,
+    QueryParameter(String),
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrafficPolicy {
     pub load_balancer: LoadBalancer,
+    /// Set: the endpoint is chosen by this key (`load_balancer` is then
+    /// only used when a request has no key).
+    pub hash: Option<HashKey>,
     pub connection_pool: ConnectionPool,
     pub outlier: Option<OutlierDetection>,
     /// `portLevelSettings`: per Service port, over this policy.
@@ -351,6 +368,12 @@ pub struct DestinationRule {
     pub subset_policies: BTreeMap<String, TrafficPolicy>,
     /// Which proxies' namespaces see it (`exportTo`).
     pub export_to: ExportTo,
+    /// `metadata.creationTimestamp`: several rules for one host in one
+    /// namespace merge oldest first.
+    pub created: Option<String>,
+    /// The `trafficPolicy` and subsets' policies as written, for merging.
+    pub spec_policy: Option<k8s::TrafficPolicySpec>,
+    pub spec_subset_policies: BTreeMap<String, k8s::TrafficPolicySpec>,
 }
 
 /// `exportTo` of a VirtualService or DestinationRule: the namespaces whose
@@ -502,28 +525,69 @@ impl VirtualService {
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 /// The DestinationRule that applies to the Service `name.namespace` for a
-/// proxy in `client_ns`, as Istio looks it up: the client's namespace
-/// first, then the Service's own, then the root namespace, then any other;
-/// within one, an exact host before a wildcard (the longer wildcard first),
-/// then by name. A DestinationRule in another tenant's namespace never
-/// overrides the Service's own.
-pub fn destination_rule_for<'a>(drs: &'a [DestinationRule], name: &str, namespace: &str, client_ns: &str) -> Option<&'a DestinationRule> {
-    drs.iter()
-        .filter(|dr| dr.export_to.visible_to(client_ns) && host_matches(&dr.host, &dr.namespace, name, namespace))
-        .min_by_key(|dr| {
-            let tier = if dr.namespace == client_ns {
-                0
-            } else if dr.namespace == namespace {
-                1
-            } else if dr.namespace == DEFAULT_ROOT_NAMESPACE {
-                2
-            } else {
-                3
-            };
-            // Exact before wildcard; among wildcards the longer suffix.
-            let specificity = if dr.host.starts_with('*') { usize::MAX - dr.host.len() } else { 0 };
-            (tier, specificity, dr.name.clone())
-        })
+/// proxy in `client_ns`, as Istio looks it up: among the rules exported to
+/// the proxy's namespace, the proxy's namespace first, then the Service's
+/// own, then the root namespace, then any other; within one, an exact host
+/// before a wildcard (the longer wildcard first). A DestinationRule in
+/// another tenant's namespace never overrides the Service's own.
+///
+/// Several rules for one host in that namespace are merged as Istio merges
+/// them (oldest first, by name without a creation time): subsets of later
+/// rules with new names are added; the top-level traffic policy is the
+/// first rule's that has one.
+pub fn destination_rule_for<'a>(drs: &'a [DestinationRule], name: &str, namespace: &str, client_ns: &str) -> Option<std::borrow::Cow<'a, DestinationRule>> {
+    let rank = |dr: &DestinationRule| {
+        let tier = if dr.namespace == client_ns {
+            0
+        } else if dr.namespace == namespace {
+            1
+        } else if dr.namespace == DEFAULT_ROOT_NAMESPACE {
+            2
+        } else {
+            3
+        };
+        // Exact before wildcard; among wildcards the longer suffix.
+        let specificity = if dr.host.starts_with('*') { usize::MAX - dr.host.len() } else { 0 };
+        (tier, specificity)
+    };
+    let candidates: Vec<&DestinationRule> =
+        drs.iter().filter(|dr| dr.export_to.visible_to(client_ns) && host_matches(&dr.host, &dr.namespace, name, namespace)).collect();
+    let best = candidates.iter().map(|dr| (rank(dr), dr.namespace.as_str())).min()?;
+    let mut group: Vec<&DestinationRule> = candidates.into_iter().filter(|dr| (rank(dr), dr.namespace.as_str()) == best).collect();
+    group.sort_by(|a, b| (a.created.is_none(), &a.created, &a.name).cmp(&(b.created.is_none(), &b.created, &b.name)));
+    match group.as_slice() {
+        [one] => Some(std::borrow::Cow::Borrowed(*one)),
+        _ => Some(std::borrow::Cow::Owned(merge_destination_rules(&group))),
+    }
+}
+
+/// Istio's merge of several DestinationRules for one host (oldest first):
+/// the first rule, plus the subsets of the others whose names are new;
+/// the first top-level traffic policy set wins. Subset policies are taken
+/// over the merged top-level one.
+fn merge_destination_rules(group: &[&DestinationRule]) -> DestinationRule {
+    let mut out = group[0].clone();
+    for d in &group[1..] {
+        for (subset, labels) in &d.subsets {
+            if !out.subsets.contains_key(subset) {
+                out.subsets.insert(subset.clone(), labels.clone());
+                if let Some(spec) = d.spec_subset_policies.get(subset) {
+                    out.spec_subset_policies.insert(subset.clone(), spec.clone());
+                }
+            }
+        }
+        if out.spec_policy.is_none() && d.spec_policy.is_some() {
+            out.spec_policy = d.spec_policy.clone();
+        }
+    }
+    // Each part was validated when its rule was taken: these convert.
+    out.traffic_policy = traffic_policy("spec.trafficPolicy", out.spec_policy.as_ref(), &TrafficPolicy::default()).unwrap_or_default();
+    out.subset_policies = out
+        .spec_subset_policies
+        .iter()
+        .filter_map(|(n, spec)| Some((n.clone(), traffic_policy("spec.subsets", Some(spec), &out.traffic_policy).ok()?)))
+        .collect();
+    out
 }
 
 /// Whether `host` (as written in an object in `obj_ns`) names the Service
@@ -993,7 +1057,19 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
         }
     }
     let export_to = ExportTo::parse(&dr.spec.export_to, &namespace)?;
-    Ok(DestinationRule { namespace, name, host: dr.spec.host.to_ascii_lowercase(), subsets, traffic_policy: top, subset_policies, export_to })
+    let spec_subset_policies = dr.spec.subsets.iter().filter_map(|s| Some((s.name.clone(), s.traffic_policy.clone()?))).collect();
+    Ok(DestinationRule {
+        namespace,
+        name,
+        host: dr.spec.host.to_ascii_lowercase(),
+        subsets,
+        traffic_policy: top,
+        subset_policies,
+        export_to,
+        created: dr.metadata.creation_timestamp.clone(),
+        spec_policy: dr.spec.traffic_policy.clone(),
+        spec_subset_policies,
+    })
 }
 
 /// Converts a trafficPolicy over `base` (defaults for a DestinationRule's
@@ -1022,6 +1098,44 @@ fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &Traffi
     Ok(out)
 }
 
+/// Istio ConsistentHashLB: exactly one key (header, cookie, source IP or
+/// query parameter); the ring and Maglev sizes tune Envoy's tables and
+/// have no effect here (rendezvous hashing needs no table).
+fn hash_key(field: &str, c: &k8s::ConsistentHashSpec) -> Result<HashKey, FieldError> {
+    let mut keys = Vec::new();
+    if let Some(h) = &c.http_header_name {
+        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+            return Err((format!("{field}.httpHeaderName"), format!("{h:?} is not an HTTP header name")));
+        }
+        keys.push(HashKey::Header(h.to_ascii_lowercase()));
+    }
+    if let Some(ck) = &c.http_cookie {
+        if ck.name.is_empty() {
+            return Err((format!("{field}.httpCookie.name"), "required".into()));
+        }
+        let ttl = duration(&format!("{field}.httpCookie.ttl"), &ck.ttl)?;
+        let attributes = ck.attributes.iter().map(|a| (a.name.clone(), a.value.clone())).collect();
+        keys.push(HashKey::Cookie { name: ck.name.clone(), path: ck.path.clone(), ttl, attributes });
+    }
+    if c.use_source_ip == Some(true) {
+        keys.push(HashKey::SourceIp);
+    }
+    if let Some(q) = &c.http_query_parameter_name {
+        if q.is_empty() {
+            return Err((format!("{field}.httpQueryParameterName"), "empty".into()));
+        }
+        keys.push(HashKey::QueryParameter(q.clone()));
+    }
+    if c.ring_hash.is_some() && c.maglev.is_some() {
+        return Err((field.to_owned(), "one of ringHash, maglev".into()));
+    }
+    match keys.len() {
+        1 => Ok(keys.remove(0)),
+        0 => Err((field.to_owned(), "a key is required: httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName".into())),
+        _ => Err((field.to_owned(), "only one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName".into())),
+    }
+}
+
 fn apply_policy_fields(
     field: &str,
     out: &mut TrafficPolicy,
@@ -1029,13 +1143,20 @@ fn apply_policy_fields(
     pool: Option<&k8s::ConnectionPoolSpec>,
     outlier: Option<&k8s::OutlierDetectionSpec>,
 ) -> Result<(), FieldError> {
-    if let Some(lb) = lb.and_then(|l| l.simple.as_deref()) {
-        out.load_balancer = match lb {
-            "ROUND_ROBIN" | "UNSPECIFIED" => LoadBalancer::RoundRobin,
-            "LEAST_REQUEST" | "LEAST_CONN" => LoadBalancer::LeastRequest,
-            "RANDOM" => LoadBalancer::Random,
-            o => return Err((format!("{field}.loadBalancer.simple"), format!("{o:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"))),
+    if let Some(lb) = lb {
+        // A loadBalancer replaces the inherited one whole; `simple` and
+        // `consistentHash` are one of (Istio's LoadBalancerSettings).
+        let f = |s: &str| format!("{field}.loadBalancer.{s}");
+        if lb.simple.is_some() && lb.consistent_hash.is_some() {
+            return Err((format!("{field}.loadBalancer"), "one of simple, consistentHash".into()));
+        }
+        out.load_balancer = match lb.simple.as_deref() {
+            None | Some("ROUND_ROBIN") | Some("UNSPECIFIED") => LoadBalancer::RoundRobin,
+            Some("LEAST_REQUEST") | Some("LEAST_CONN") => LoadBalancer::LeastRequest,
+            Some("RANDOM") => LoadBalancer::Random,
+            Some(o) => return Err((f("simple"), format!("{o:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"))),
         };
+        out.hash = lb.consistent_hash.as_ref().map(|c| hash_key(&f("consistentHash"), c)).transpose()?;
     }
     if let Some(cp) = pool {
         // A connectionPool replaces the inherited one whole (Istio merges
@@ -1361,6 +1482,35 @@ mod tests {
         let pick = |client: &str| destination_rule_for(&drs, "reviews", "shop", client).map(|d| d.name.clone());
         assert_eq!(pick("wp").as_deref(), Some("root"), "`.` in shop is not seen from wp");
         assert_eq!(pick("shop").as_deref(), Some("own"));
+    }
+
+    /// Istio merges DestinationRules for one host in one namespace (oldest
+    /// first): later rules add subsets with new names; the top-level
+    /// traffic policy is the first one set; a subset's policy is taken over
+    /// the merged top-level one. Rules elsewhere are not merged in.
+    #[test]
+    fn destination_rules_for_one_host_merge_as_istio_merges_them() {
+        let dr = |ns: &str, name: &str, created: &str, spec: &str| {
+            let text = format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}, creationTimestamp: \"{created}\"}}\nspec: {spec}\n");
+            match &k8s::parse_documents(&text).unwrap()[0] {
+                k8s::Object::DestinationRule(d) => destination_rule_from(d).unwrap(),
+                o => panic!("{o:?}"),
+            }
+        };
+        let subsets = dr("shop", "z-subsets", "2026-01-01T00:00:00Z", "{host: reviews, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}, trafficPolicy: {connectionPool: {tcp: {maxConnections: 2}}}}]}");
+        let sticky = dr("shop", "a-sticky", "2026-02-01T00:00:00Z", "{host: reviews.shop.svc.cluster.local, trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}, subsets: [{name: v1, labels: {version: other}}, {name: v3, labels: {version: v3}}]}");
+        let later = dr("shop", "later", "2026-03-01T00:00:00Z", "{host: reviews, trafficPolicy: {loadBalancer: {simple: RANDOM}}}");
+        let elsewhere = dr("other", "x", "2025-01-01T00:00:00Z", "{host: reviews.shop.svc.cluster.local, subsets: [{name: v9, labels: {version: v9}}]}");
+        let drs = vec![sticky, later, subsets, elsewhere];
+        let m = destination_rule_for(&drs, "reviews", "shop", "shop").unwrap();
+        assert_eq!(m.name, "z-subsets", "named after the oldest");
+        assert_eq!(m.subsets.keys().collect::<Vec<_>>(), ["v1", "v2", "v3"], "v9 is another namespace's");
+        assert_eq!(m.subsets["v1"]["version"], "v1", "the oldest rule's v1");
+        assert_eq!(m.traffic_policy.hash, Some(HashKey::Header("x-user".into())), "the first top-level policy set (a-sticky's, older than later's)");
+        let v2 = m.policy_for(Some("v2"), 80);
+        assert_eq!((v2.connection_pool.max_connections, v2.hash.clone()), (Some(2), Some(HashKey::Header("x-user".into()))));
+        let only = vec![drs[2].clone()];
+        assert!(matches!(destination_rule_for(&only, "reviews", "shop", "shop"), Some(std::borrow::Cow::Borrowed(_))), "one rule: no copy");
     }
 
     /// Istio: among VirtualServices for one host, the oldest (creation

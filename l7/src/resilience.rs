@@ -145,6 +145,8 @@ pub struct Outbound<'a> {
     pub body: &'a Bytes,
     /// Whether the upstream speaks HTTP/2.
     pub h2: bool,
+    /// The request's consistent-hash key, if the destination hashes.
+    pub hash: Option<u64>,
 }
 
 /// Sends the request with the route's retries (Istio's default policy when
@@ -168,7 +170,7 @@ pub async fn forward(
     let deadline = out.route.timeout.and_then(|t| Instant::now().checked_add(t));
     let mut outcome: Result<(Response<Body>, Option<&Workload>), Failure> = Err(Failure::NoHealthyUpstream);
     for n in 0..attempts {
-        let Some((w, port)) = ups.choose(eps, policy, rng) else {
+        let Some((w, port)) = ups.choose(eps, policy, out.hash, rng) else {
             outcome = Err(Failure::NoHealthyUpstream);
             break;
         };

@@ -82,7 +82,7 @@ pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_n
     let want_port = dest.port.unwrap_or(default_port);
     let dport = dsvc.ports.iter().find(|p| p.port == want_port).or_else(|| dsvc.ports.first()).ok_or(Failure::NoHealthyUpstream)?;
     let dr = routing::destination_rule_for(&snap.destination_rules, &dsvc.name, &dsvc.namespace, client_ns);
-    let subset_labels = dest.subset.as_ref().and_then(|sub| dr.and_then(|dr| dr.subsets.get(sub).cloned()));
+    let subset_labels = dest.subset.as_ref().and_then(|sub| dr.as_ref().and_then(|dr| dr.subsets.get(sub).cloned()));
     if dest.subset.is_some() && subset_labels.is_none() {
         warn!(subset = ?dest.subset, service = %dsvc.hostname(), "route names a subset no DestinationRule defines");
         return Err(Failure::NoHealthyUpstream);
@@ -212,6 +212,72 @@ pub fn apply_header_ops(h: &mut HeaderMap, ops: &routing::HeaderOps) {
     }
 }
 
+/// A stable 64-bit hash of a consistent-hash key.
+pub fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// The request's consistent-hash key under `policy` (Istio
+/// ConsistentHashLB: a header, a cookie, the client's address or a query
+/// parameter), hashed; and the `Set-Cookie` to send back when the cookie
+/// was absent and the policy has a `ttl`, so the client's next requests
+/// carry it (`Max-Age` left out for a zero `ttl`: a session cookie).
+pub fn request_hash(
+    policy: &routing::TrafficPolicy,
+    headers: &HeaderMap,
+    path: &str,
+    peer: std::net::IpAddr,
+    rng: &mut fastrand::Rng,
+) -> (Option<u64>, Option<HeaderValue>) {
+    let Some(key) = &policy.hash else { return (None, None) };
+    match key {
+        routing::HashKey::Header(name) => {
+            let v: Vec<&[u8]> = headers.get_all(name.as_str()).iter().map(HeaderValue::as_bytes).collect();
+            ((!v.is_empty()).then(|| key_hash(&v.join(&b","[..]))), None)
+        }
+        routing::HashKey::SourceIp => (Some(key_hash(peer.to_string().as_bytes())), None),
+        routing::HashKey::QueryParameter(q) => {
+            let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+            let v = query.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k == q).then_some(v)
+            });
+            (v.map(|v| key_hash(v.as_bytes())), None)
+        }
+        routing::HashKey::Cookie { name, path: cookie_path, ttl, attributes } => {
+            let found = headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+                line.split(';').find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    (k == name).then(|| v.trim_matches('"').to_owned())
+                })
+            });
+            if let Some(v) = found {
+                return (Some(key_hash(v.as_bytes())), None);
+            }
+            let Some(ttl) = ttl else { return (None, None) };
+            let value = format!("{:016x}", rng.u64(..));
+            let mut cookie = format!("{name}=\"{value}\"");
+            if !ttl.is_zero() {
+                cookie.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+            }
+            if let Some(p) = cookie_path {
+                cookie.push_str(&format!("; Path={p}"));
+            }
+            cookie.push_str("; HttpOnly");
+            for (k, v) in attributes {
+                match v {
+                    Some(v) => cookie.push_str(&format!("; {k}={v}")),
+                    None => cookie.push_str(&format!("; {k}")),
+                }
+            }
+            (Some(key_hash(value.as_bytes())), HeaderValue::from_str(&cookie).ok())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +384,38 @@ mod tests {
         for (m, rewrite, path, want) in cases {
             assert_eq!(rewrite_path(&route(m, rewrite), path).as_deref(), want, "{rewrite:?} {path}");
         }
+    }
+
+    /// Istio ConsistentHashLB keys: a header, a cookie (made when absent
+    /// and a `ttl` is set; a session cookie for `0s`), the client's
+    /// address, a query parameter. A request without its key has none.
+    #[test]
+    fn consistent_hash_keys() {
+        let policy = |key: routing::HashKey| routing::TrafficPolicy { hash: Some(key), ..Default::default() };
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_static("jason"));
+        h.append(header::COOKIE, HeaderValue::from_static("a=1; session=\"abc\""));
+        let peer: std::net::IpAddr = "10.244.1.5".parse().unwrap();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut hash = |p: &routing::TrafficPolicy, h: &HeaderMap, path: &str| request_hash(p, h, path, peer, &mut rng);
+        let header = policy(routing::HashKey::Header("x-user".into()));
+        assert_eq!(hash(&header, &h, "/").0, Some(key_hash(b"jason")));
+        assert_eq!(hash(&header, &HeaderMap::new(), "/"), (None, None));
+        let cookie = |ttl: Option<std::time::Duration>| {
+            policy(routing::HashKey::Cookie { name: "session".into(), path: Some("/".into()), ttl, attributes: vec![("SameSite".into(), Some("Strict".into()))] })
+        };
+        assert_eq!(hash(&cookie(None), &h, "/").0, Some(key_hash(b"abc")));
+        assert_eq!(hash(&cookie(None), &HeaderMap::new(), "/"), (None, None), "no ttl: no cookie made");
+        let (made, set) = hash(&cookie(Some(std::time::Duration::from_secs(60))), &HeaderMap::new(), "/");
+        let set = set.unwrap().to_str().unwrap().to_owned();
+        let value = set.strip_prefix("session=\"").and_then(|r| r.split('"').next()).unwrap().to_owned();
+        assert_eq!(made, Some(key_hash(value.as_bytes())), "the made cookie is this request's key");
+        assert!(set.ends_with("; Max-Age=60; Path=/; HttpOnly; SameSite=Strict"), "{set}");
+        let (_, session) = hash(&cookie(Some(std::time::Duration::ZERO)), &HeaderMap::new(), "/");
+        assert!(!session.unwrap().to_str().unwrap().contains("Max-Age"), "a zero ttl makes a session cookie");
+        assert_eq!(hash(&policy(routing::HashKey::SourceIp), &h, "/").0, Some(key_hash(b"10.244.1.5")));
+        let query = policy(routing::HashKey::QueryParameter("user".into()));
+        assert_eq!(hash(&query, &h, "/p?a=1&user=ann").0, Some(key_hash(b"ann")));
+        assert_eq!(hash(&query, &h, "/p?a=1").0, None);
     }
 }

@@ -188,7 +188,7 @@ impl Proxy {
         tokio::spawn(async move { hbone::relay_io(theirs, send, recv, &counters, &counters).await });
         if tcp {
             let snap = self.cluster.borrow().clone();
-            return self.upstreams.passthrough(&snap, &ctx.svc, ctx.port.port, ours, &mut fastrand::Rng::new()).await;
+            return self.upstreams.passthrough(&snap, &ctx.svc, ctx.port.port, ctx.peer.ip(), ours, &mut fastrand::Rng::new()).await;
         }
         let proxy = self.clone();
         let svc = hyper::service::service_fn(move |req| {
@@ -282,10 +282,14 @@ impl Proxy {
                 self.upstreams.mirror(&snap, mirror, &host_ns, ctx.port.port, parts.clone(), body.clone(), grpc, &mut rng);
             }
         }
-        let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2 };
+        let (hash, set_cookie) = route::request_hash(&resolved.policy, &parts.headers, &path, ctx.peer.ip(), &mut rng);
+        let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2, hash };
         let mut outcome = resilience::forward(&self.upstreams, out, &mut slot, &mut log.retries, &mut rng).await;
         if let Ok((resp, _)) = &mut outcome {
             route::apply_header_ops(resp.headers_mut(), &dest.response_headers);
+            if let Some(c) = set_cookie {
+                resp.headers_mut().append(header::SET_COOKIE, c);
+            }
         }
         self.finish(log, start, outcome, ops)
     }

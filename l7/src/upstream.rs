@@ -132,10 +132,16 @@ impl Upstreams {
 
     /// Picks an endpoint by the destination's load-balancing policy,
     /// skipping endpoints that outlier detection has ejected.
+    /// With a consistent-hash policy, `hash` (the request's key, see
+    /// [`route::request_hash`]) picks the endpoint: the live endpoint with
+    /// the highest score for the key (rendezvous hashing), so one key keeps
+    /// its endpoint while that endpoint is healthy; a request without a key
+    /// goes to a random one, as Envoy's ring hash does.
     pub fn choose<'a>(
         &self,
         eps: &[(&'a Workload, u16)],
         policy: &routing::TrafficPolicy,
+        hash: Option<u64>,
         rng: &mut fastrand::Rng,
     ) -> Option<(&'a Workload, u16)> {
         let now = Instant::now();
@@ -145,6 +151,12 @@ impl Upstreams {
             eps.iter().copied().filter(|(w, p)| state(w, *p).ejected_until.is_none_or(|t| t <= now)).collect();
         if live.is_empty() {
             return None;
+        }
+        if policy.hash.is_some() {
+            return Some(match hash {
+                Some(key) => pick_by_hash(&live, key)?,
+                None => live[rng.usize(..live.len())],
+            });
         }
         Some(match policy.load_balancer {
             routing::LoadBalancer::RoundRobin => {
@@ -264,7 +276,7 @@ impl Upstreams {
             debug!(mirror = %dest.host, "mirror destination has no endpoint; copy dropped");
             return;
         };
-        let Some((w, p)) = self.choose(&r.endpoints, &r.policy, rng) else { return };
+        let Some((w, p)) = self.choose(&r.endpoints, &r.policy, None, rng) else { return };
         let w = w.clone();
         if let Some(host) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(|h| format!("{h}-shadow")) {
             if let Ok(v) = HeaderValue::from_str(&host) {
@@ -285,13 +297,29 @@ impl Upstreams {
     /// Non-HTTP ports: bytes through to one endpoint of `svc`, chosen as
     /// for HTTP (the destination's load balancer, ejected endpoints
     /// skipped).
-    pub async fn passthrough(&self, snap: &Snapshot, svc: &ServiceInfo, port: u16, io: tokio::io::DuplexStream, rng: &mut fastrand::Rng) {
+    /// A consistent-hash policy can only use the client's address here.
+    pub async fn passthrough(&self, snap: &Snapshot, svc: &ServiceInfo, port: u16, peer: std::net::IpAddr, io: tokio::io::DuplexStream, rng: &mut fastrand::Rng) {
         let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100, ..Default::default() };
         let Ok(r) = route::resolve(snap, &dest, &svc.namespace, &self.namespace, port) else { return };
-        let Some((w, port)) = self.choose(&r.endpoints, &r.policy, rng) else { return };
+        let hash = matches!(r.policy.hash, Some(routing::HashKey::SourceIp)).then(|| route::key_hash(peer.to_string().as_bytes()));
+        let Some((w, port)) = self.choose(&r.endpoints, &r.policy, hash, rng) else { return };
         let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
         hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
     }
+}
+
+/// The endpoint with the highest rendezvous score for `key`.
+fn pick_by_hash<'a>(live: &[(&'a Workload, u16)], key: u64) -> Option<(&'a Workload, u16)> {
+    live.iter().copied().max_by_key(|(w, p)| rendezvous(key, endpoint(w, *p)))
+}
+
+/// The rendezvous score of an endpoint for a key.
+fn rendezvous(key: u64, ep: SocketAddrV4) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    ep.hash(&mut h);
+    h.finish()
 }
 
 /// The upstream form of a request: HTTP/2 takes the authority in the URI
@@ -349,6 +377,46 @@ mod tests {
             assert_eq!(r.uri().to_string(), uri, "case {name}");
             assert_eq!(r.headers().get(header::HOST).map(|v| v.to_str().unwrap()), host, "case {name}");
             assert_eq!(r.version(), if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 }, "case {name}");
+        }
+    }
+
+    /// Consistent hashing (Istio ConsistentHashLB): one key, one endpoint;
+    /// keys spread over the endpoints; when an endpoint leaves, only its
+    /// keys move.
+    #[test]
+    fn consistent_hash_keeps_keys_on_their_endpoints() {
+        let ws: Vec<Workload> = (1..=4)
+            .map(|i| Workload {
+                uid: format!("w{i}"),
+                namespace: "shop".into(),
+                name: format!("w{i}"),
+                workload_name: "w".into(),
+                service_account: "default".into(),
+                node: None,
+                ip: Some(Ipv4Addr::new(10, 0, 0, i)),
+                labels: Default::default(),
+                host_network: false,
+                phase: Some("Running".into()),
+                netns_path: None,
+                named_ports: Default::default(),
+            })
+            .collect();
+        let all: Vec<(&Workload, u16)> = ws.iter().map(|w| (w, 80)).collect();
+        let pick = |live: &[(&Workload, u16)], k: u64| pick_by_hash(live, route::key_hash(&k.to_le_bytes())).unwrap().0.uid.clone();
+        let mut per = std::collections::BTreeMap::new();
+        for k in 0..4000u64 {
+            assert_eq!(pick(&all, k), pick(&all, k), "the same key, the same endpoint");
+            *per.entry(pick(&all, k)).or_insert(0) += 1;
+        }
+        // 1000 expected each; sd = sqrt(4000 * 0.25 * 0.75) ≈ 27: ±150 is
+        // over 5 sd.
+        assert!(per.values().all(|n| (850..=1150).contains(n)), "{per:?}");
+        let three = &all[..3];
+        for k in 0..4000u64 {
+            let before = pick(&all, k);
+            if before != "w4" {
+                assert_eq!(pick(three, k), before, "key {k} moved though its endpoint stayed");
+            }
         }
     }
 }

@@ -738,7 +738,7 @@ pub fn parse_sockperf(text: &str) -> anyhow::Result<(Latency, f64)> {
     };
     let mut rate = None;
     if let Some(l) = text.lines().find(|l| l.contains("[Valid Duration]")) {
-        let field = |k: &str| l.split(&format!("{k}=")).nth(1).and_then(|r| r.split(|c: char| c == ';' || c == ' ').next()?.parse::<f64>().ok());
+        let field = |k: &str| l.split(&format!("{k}=")).nth(1).and_then(|r| r.split([';', ' ']).next()?.parse::<f64>().ok());
         if let (Some(t), Some(n)) = (field("RunTime"), field("ReceivedMessages")) {
             rate = Some(n / t.max(1e-9));
         }

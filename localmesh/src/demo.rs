@@ -39,7 +39,7 @@ pub fn print_topology(mesh: &LocalMesh) -> anyhow::Result<()> {
         }
     }
     println!("\nLocal mesh {} — {} nodes, {} pods", mesh.run_id, mesh.nodes.len(), mesh.pods.len());
-    println!("{:<10} {:<34} {:<8} {:<13} {}", "NAMESPACE", "POD", "NODE", "IP", "CAPTURED");
+    println!("{:<10} {:<34} {:<8} {:<13} CAPTURED", "NAMESPACE", "POD", "NODE", "IP");
     for p in &mesh.pods {
         let captured = if enrolled.contains(&p.ip.to_string()) { "yes" } else { "no" };
         println!("{:<10} {:<34} {:<8} {:<13} {}", p.namespace, p.name, mesh.nodes[p.node].name, p.ip, captured);

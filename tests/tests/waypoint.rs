@@ -485,3 +485,33 @@ fn destination_headers_regex_rewrites_and_scheme_redirects() {
         assert_eq!(headers, &[format!("x-picked: {version}")], "{body}");
     }
 }
+
+/// Istio ConsistentHashLB.httpHeaderName through the waypoint: each user's
+/// requests all go to one pod of `reviews` (v1 or v2), and users spread
+/// over both.
+#[test]
+fn consistent_hash_keeps_a_user_on_one_pod() {
+    let Some(mesh) = up() else { return };
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: sticky, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n";
+    mesh.apply("sticky-dr", Some(dr)).unwrap();
+    let versions = |user: &str| {
+        let l = load(&mesh, URL, 8, &[&format!("x-user: {user}")]);
+        assert_eq!(count(&l.codes, "200"), 8, "{:?}", l.codes);
+        (count(&l.versions, "v1"), count(&l.versions, "v2"))
+    };
+    // Before the rule is in force, 8 requests of one user land on both
+    // pods (round robin); then on one.
+    eventually(WAIT, "DestinationRule sticky in force", || {
+        let (v1, v2) = versions("probe");
+        (v1 == 0 || v2 == 0).then_some(())
+    });
+    let mut seen = (0, 0);
+    // 20 users: all on one pod has probability 2 * 2^-20.
+    for u in 0..20 {
+        let (v1, v2) = versions(&format!("user-{u}"));
+        assert!(v1 == 0 || v2 == 0, "user-{u} was split: v1 {v1}, v2 {v2}");
+        seen.0 += v1;
+        seen.1 += v2;
+    }
+    assert!(seen.0 > 0 && seen.1 > 0, "users spread over both pods: {seen:?}");
+}
