@@ -37,7 +37,7 @@ fn mistakes_are_refused_one_line_each_with_file_object_field_and_reason() {
     std::fs::write(
         dir.path().join("tenant-a.yaml"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: a, annotations: {skiff.dev/local-rate-limit: lots}}\nspec: {ports: [{port: 80}]}\n---\n\
-apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: cors, namespace: a}\nspec:\n  hosts: [web]\n  http: [{route: [{destination: {host: web}}], corsPolicy: {allowOrigins: [{exact: x}]}}]\n---\n\
+apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: delegating, namespace: a}\nspec:\n  hosts: [web]\n  http: [{route: [{destination: {host: web}}], delegate: {name: other}}]\n---\n\
 apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: zero, namespace: a}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - {destination: {host: web, subset: v1}, weight: 0}\n    - {destination: {host: web, subset: v2}, weight: 0}\n---\n\
 apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: star, namespace: a}\nspec:\n  hosts: [\"*\"]\n  http: [{route: [{destination: {host: web}}]}]\n",
     )
@@ -59,7 +59,7 @@ apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ty
     #[rustfmt::skip]
     let expected = [
         ("tenant-a.yaml: Service a/web", "metadata.annotations[skiff.dev/local-rate-limit]"),
-        ("tenant-a.yaml: VirtualService a/cors", "spec.http[0].corsPolicy"),
+        ("tenant-a.yaml: VirtualService a/delegating", "spec.http[0].delegate"),
         ("tenant-a.yaml: VirtualService a/zero", "spec.http[0].route"),
         ("tenant-a.yaml: VirtualService a/star", "spec.hosts"),
         ("policy.yaml: AuthorizationPolicy a/sa", "spec.rules[0].from[0].source.serviceAccounts"),

@@ -479,6 +479,8 @@ pub struct HttpRoute {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<MirrorPolicy>,
     #[serde(default)]
+    pub cors_policy: Option<CorsPolicySpec>,
+    #[serde(default)]
     pub mirror_percentage: Option<Percent>,
     /// Deprecated integer form.
     #[serde(default)]
@@ -567,6 +569,29 @@ pub struct RegexRewrite {
     pub pattern: Option<String>,
     #[serde(default)]
     pub rewrite: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CorsPolicySpec {
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatchSpec>,
+    /// Deprecated: exact origins.
+    #[serde(default)]
+    pub allow_origin: Vec<String>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub max_age: Option<String>,
+    #[serde(default)]
+    pub allow_credentials: Option<bool>,
+    /// `FORWARD` (the default) or `IGNORE`.
+    #[serde(default)]
+    pub unmatched_preflights: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -1093,7 +1118,7 @@ mod tests {
         #[rustfmt::skip]
         let cases: &[(&str, Option<&str>)] = &[
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], exportTo: [\".\"], hostz: [r]}\n", Some("spec.hostz")),
-            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], http: [{route: [{destination: {host: r}}], corsPolicy: {allowOrigins: [{exact: x}]}}]}\n", Some("spec.http[0].corsPolicy")),
+            ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], http: [{route: [{destination: {host: r}}], corsPolicy: {allowOrigins: [{exact: x}], allowOrigns: [x]}}]}\n", Some("spec.http[0].corsPolicy.allowOrigns")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], tcp: []}\n", None),
             ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: a}\nspec: {host: r, trafficPolicy: {tls: {mode: SIMPLE}}}\n", Some("spec.trafficPolicy.tls")),
             ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: a}\nspec: {mtls: {mode: STRICT, strict: true}}\n", Some("spec.mtls.strict")),

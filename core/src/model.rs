@@ -847,7 +847,7 @@ kind: VirtualService
 metadata: {name: web, namespace: a}
 spec:
   hosts: [web]
-  http: [{route: [{destination: {host: web}}], corsPolicy: {allowOrigins: [{exact: x}]}}]
+  http: [{route: [{destination: {host: web}}], delegate: {name: other}}]
 ---
 apiVersion: v1
 kind: Pod
@@ -870,7 +870,7 @@ status: {phase: Running, podIP: 10.244.1.5}
             got,
             vec![
                 ("Service a/web", "metadata.annotations[skiff.dev/local-rate-limit]", "Service"),
-                ("VirtualService a/web", "spec.http[0].corsPolicy", "VirtualService"),
+                ("VirtualService a/web", "spec.http[0].delegate", "VirtualService"),
             ]
         );
         assert!(s.rejected.iter().all(|r| r.instead == Instead::Nothing));
@@ -882,7 +882,7 @@ status: {phase: Running, podIP: 10.244.1.5}
     /// another's).
     #[test]
     fn the_last_accepted_version_keeps_serving() {
-        let good = TENANTS.replace("\"lots\"", "\"10/s\"").replace(", corsPolicy: {allowOrigins: [{exact: x}]}", "");
+        let good = TENANTS.replace("\"lots\"", "\"10/s\"").replace(", delegate: {name: other}", "");
         let first = build(&good, None);
         assert!(first.rejected.is_empty(), "{:?}", first.rejected);
         let second = build(TENANTS, Some(&first));

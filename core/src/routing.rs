@@ -135,6 +135,23 @@ pub struct HttpRoute {
     /// Where to send copies of the request (`mirror` or `mirrors`), each
     /// for its share (percent).
     pub mirrors: Vec<(RouteDest, f64)>,
+    pub cors: Option<Cors>,
+}
+
+/// `corsPolicy`, as Envoy's CORS filter applies it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cors {
+    /// Origins allowed (`Present` for a `*` in the deprecated `allowOrigin`).
+    pub origins: Vec<StrMatch>,
+    pub methods: Vec<String>,
+    pub headers: Vec<String>,
+    pub expose: Vec<String>,
+    pub max_age: Option<Duration>,
+    pub credentials: bool,
+    /// `unmatchedPreflights: FORWARD` (the default): a preflight from an
+    /// origin not allowed goes upstream; `IGNORE`: answered without CORS
+    /// headers.
+    pub forward_unmatched_preflights: bool,
 }
 
 /// `HTTPRedirect`: what replaces each part of the request's URL.
@@ -776,6 +793,46 @@ fn kv_matches(field: &str, m: &BTreeMap<String, k8s::StringMatchSpec>) -> Result
     m.iter().map(|(k, v)| Ok((k.to_ascii_lowercase(), present_or_str_match(&format!("{field}.{k}"), v)?))).collect()
 }
 
+/// Istio CorsPolicy (validateCORSPolicy): origins as StringMatch
+/// (`allowOrigins`, or the deprecated exact `allowOrigin`, `*` meaning
+/// any), methods and header names as HTTP tokens (`*` allowed), `maxAge`
+/// in whole seconds, `unmatchedPreflights` FORWARD or IGNORE.
+fn cors_policy(field: &str, c: &k8s::CorsPolicySpec) -> Result<Cors, FieldError> {
+    let token = |f: String, v: &str| -> Result<String, FieldError> {
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if v.is_empty() || !v.bytes().all(tchar) {
+            return Err((f, format!("{v:?} is not an HTTP token")));
+        }
+        Ok(v.to_owned())
+    };
+    let list = |name: &str, l: &[String]| -> Result<Vec<String>, FieldError> {
+        l.iter().enumerate().map(|(i, v)| token(format!("{field}.{name}[{i}]"), v)).collect()
+    };
+    let origins = if !c.allow_origins.is_empty() {
+        c.allow_origins.iter().enumerate().map(|(i, m)| str_match(&format!("{field}.allowOrigins[{i}]"), m)).collect::<Result<Vec<_>, _>>()?
+    } else {
+        c.allow_origin.iter().map(|o| if o == "*" { StrMatch::Present } else { StrMatch::Exact(o.clone()) }).collect()
+    };
+    let max_age = duration(&format!("{field}.maxAge"), &c.max_age)?;
+    if max_age.is_some_and(|d| d.subsec_nanos() != 0) {
+        return Err((format!("{field}.maxAge"), "whole seconds only (Istio's validation)".into()));
+    }
+    let forward_unmatched_preflights = match c.unmatched_preflights.as_deref() {
+        None | Some("UNSPECIFIED") | Some("FORWARD") => true,
+        Some("IGNORE") => false,
+        Some(o) => return Err((format!("{field}.unmatchedPreflights"), format!("{o:?}: FORWARD or IGNORE"))),
+    };
+    Ok(Cors {
+        origins,
+        methods: list("allowMethods", &c.allow_methods)?,
+        headers: list("allowHeaders", &c.allow_headers)?,
+        expose: list("exposeHeaders", &c.expose_headers)?,
+        max_age,
+        credentials: c.allow_credentials == Some(true),
+        forward_unmatched_preflights,
+    })
+}
+
 /// Validates and converts a VirtualService; the error names the field.
 pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, FieldError> {
     let namespace = vs.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -994,6 +1051,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             }
             mirrors.push((mirror_dest(&m.destination), percent(&f(&format!("mirrors[{j}].percentage")), &m.percentage, None, 100.0)?));
         }
+        let cors = h.cors_policy.as_ref().map(|c| cors_policy(&f("corsPolicy"), c)).transpose()?;
         let headers = h.headers.clone().unwrap_or_default();
         http.push(HttpRoute {
             name: h.name.clone(),
@@ -1012,6 +1070,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             direct_response,
             redirect,
             mirrors,
+            cors,
         });
     }
     let mut route_rate_limits = BTreeMap::new();

@@ -195,11 +195,11 @@ fn docs_agree(kind: &str, heading: &str, fields: &[(&str, Reading)]) {
 const VIRTUAL_SERVICE: &[(&str, Reading)] = &[
     ("exportTo", H), ("gateways", H), ("hosts", H),
     ("http", H), ("http[].name", H),
-    ("http[].corsPolicy", R), ("http[].corsPolicy.allowCredentials", R), ("http[].corsPolicy.allowHeaders", R),
-    ("http[].corsPolicy.allowMethods", R), ("http[].corsPolicy.allowOrigin", R), ("http[].corsPolicy.allowOrigins", R),
-    ("http[].corsPolicy.allowOrigins[].exact", R), ("http[].corsPolicy.allowOrigins[].prefix", R),
-    ("http[].corsPolicy.allowOrigins[].regex", R), ("http[].corsPolicy.exposeHeaders", R), ("http[].corsPolicy.maxAge", R),
-    ("http[].corsPolicy.unmatchedPreflights", R),
+    ("http[].corsPolicy", H), ("http[].corsPolicy.allowCredentials", H), ("http[].corsPolicy.allowHeaders", H),
+    ("http[].corsPolicy.allowMethods", H), ("http[].corsPolicy.allowOrigin", H), ("http[].corsPolicy.allowOrigins", H),
+    ("http[].corsPolicy.allowOrigins[].exact", H), ("http[].corsPolicy.allowOrigins[].prefix", H),
+    ("http[].corsPolicy.allowOrigins[].regex", H), ("http[].corsPolicy.exposeHeaders", H), ("http[].corsPolicy.maxAge", H),
+    ("http[].corsPolicy.unmatchedPreflights", H),
     ("http[].delegate", R), ("http[].delegate.name", R), ("http[].delegate.namespace", R),
     ("http[].directResponse", H), ("http[].directResponse.status", H), ("http[].directResponse.body", H),
     ("http[].directResponse.body.string", H), ("http[].directResponse.body.bytes", H),
@@ -438,6 +438,30 @@ fn virtual_service_cases() -> Vec<Case<VirtualService>> {
         Case { fields: &["http[].rewrite.uriRegexRewrite"], cite: "HTTPRewrite: one of uri, uriRegexRewrite (Istio's validation)",
             spec: "{hosts: [reviews], http: [{rewrite: {uri: /x, uriRegexRewrite: {match: a, rewrite: b}}, route: [{destination: {host: reviews}}]}]}",
             expect: Err("spec.http[0].rewrite") },
+        Case { fields: &["http[].corsPolicy", "http[].corsPolicy.allowOrigins", "http[].corsPolicy.allowOrigins[].exact", "http[].corsPolicy.allowOrigins[].prefix",
+                "http[].corsPolicy.allowOrigins[].regex", "http[].corsPolicy.allowMethods", "http[].corsPolicy.allowHeaders", "http[].corsPolicy.exposeHeaders",
+                "http[].corsPolicy.maxAge", "http[].corsPolicy.allowCredentials", "http[].corsPolicy.unmatchedPreflights"],
+            cite: "CorsPolicy: allowOrigins (StringMatch), allowMethods, allowHeaders, exposeHeaders, maxAge, allowCredentials, unmatchedPreflights",
+            spec: "{hosts: [reviews], http: [{corsPolicy: {allowOrigins: [{exact: \"https://a.example\"}, {prefix: \"https://dev.\"}, {regex: \"https://.*[.]test\"}], \
+                   allowMethods: [GET, POST], allowHeaders: [x-token], exposeHeaders: [x-trace], maxAge: 24h, allowCredentials: true, unmatchedPreflights: IGNORE}, \
+                   route: [{destination: {host: reviews}}]}]}",
+            expect: ok(|v| {
+                let c = v.http[0].cors.as_ref().unwrap();
+                let allowed = |o: &str| c.origins.iter().any(|m| m.matches(o));
+                assert!(allowed("https://a.example") && allowed("https://dev.x") && allowed("https://b.test") && !allowed("https://evil.example"));
+                assert_eq!((c.methods.clone(), c.headers.clone(), c.expose.clone()), (vec!["GET".to_owned(), "POST".to_owned()], vec!["x-token".to_owned()], vec!["x-trace".to_owned()]));
+                assert_eq!((c.max_age, c.credentials, c.forward_unmatched_preflights), (Some(Duration::from_secs(86400)), true, false));
+            }) },
+        Case { fields: &["http[].corsPolicy.allowOrigin", "http[].corsPolicy.unmatchedPreflights"],
+            cite: "CorsPolicy.allowOrigin (deprecated): exact origins, `*` any; unmatchedPreflights FORWARD by default",
+            spec: "{hosts: [reviews], http: [{corsPolicy: {allowOrigin: [\"*\"]}, route: [{destination: {host: reviews}}]}]}",
+            expect: ok(|v| {
+                let c = v.http[0].cors.as_ref().unwrap();
+                assert!(c.origins.iter().any(|m| m.matches("https://anything")) && c.forward_unmatched_preflights);
+            }) },
+        Case { fields: &["http[].corsPolicy.maxAge"], cite: "CorsPolicy.maxAge: whole seconds (Istio's validation)",
+            spec: "{hosts: [reviews], http: [{corsPolicy: {allowOrigin: [x], maxAge: 1.5s}, route: [{destination: {host: reviews}}]}]}",
+            expect: Err("spec.http[0].corsPolicy.maxAge") },
         Case { fields: &["http[].timeout"], cite: "HTTPRoute.timeout: a duration; 0s (and absent) disables it",
             spec: "{hosts: [reviews], http: [{name: a, match: [{uri: {prefix: /a}}], timeout: 2s, route: [{destination: {host: reviews}}]}, \
                    {name: b, timeout: 0s, route: [{destination: {host: reviews}}]}]}",

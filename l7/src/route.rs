@@ -212,6 +212,66 @@ pub fn apply_header_ops(h: &mut HeaderMap, ops: &routing::HeaderOps) {
     }
 }
 
+/// What a route's CORS policy does with a request.
+#[derive(Debug)]
+pub enum CorsAction {
+    /// Not a CORS request, or an origin not allowed: on as usual.
+    Pass,
+    /// A preflight answered here (200).
+    Answer(Response<Body>),
+    /// An allowed cross-origin request: on as usual, these set on the
+    /// response.
+    Decorate(Vec<(String, String)>),
+}
+
+/// Envoy's CORS filter for a route's `corsPolicy`: a request with an
+/// `Origin` the policy allows gets `access-control-allow-origin` (that
+/// origin), `-allow-credentials` and `-expose-headers`; a preflight
+/// (`OPTIONS` with `access-control-request-method`) from it is answered
+/// here with the allowed methods, headers and max age. A preflight from
+/// another origin goes upstream (`unmatchedPreflights: FORWARD`) or is
+/// answered without CORS headers (`IGNORE`).
+pub fn cors(policy: &routing::Cors, method: &http::Method, headers: &HeaderMap) -> CorsAction {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else { return CorsAction::Pass };
+    let allowed = policy.origins.iter().any(|m| m.matches(origin));
+    let preflight = method == http::Method::OPTIONS && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut set = Vec::new();
+    if allowed {
+        set.push(("access-control-allow-origin".to_owned(), origin.to_owned()));
+        if policy.credentials {
+            set.push(("access-control-allow-credentials".to_owned(), "true".to_owned()));
+        }
+    }
+    match (preflight, allowed) {
+        (true, true) => {
+            if !policy.methods.is_empty() {
+                set.push(("access-control-allow-methods".to_owned(), policy.methods.join(",")));
+            }
+            if !policy.headers.is_empty() {
+                set.push(("access-control-allow-headers".to_owned(), policy.headers.join(",")));
+            }
+            if let Some(age) = policy.max_age {
+                set.push(("access-control-max-age".to_owned(), age.as_secs().to_string()));
+            }
+            let mut r = Response::new(full(""));
+            for (k, v) in set {
+                if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(&v)) {
+                    r.headers_mut().insert(k, v);
+                }
+            }
+            CorsAction::Answer(r)
+        }
+        (true, false) if !policy.forward_unmatched_preflights => CorsAction::Answer(Response::new(full(""))),
+        (false, true) => {
+            if !policy.expose.is_empty() {
+                set.push(("access-control-expose-headers".to_owned(), policy.expose.join(",")));
+            }
+            CorsAction::Decorate(set)
+        }
+        _ => CorsAction::Pass,
+    }
+}
+
 /// A stable 64-bit hash of a consistent-hash key.
 pub fn key_hash(key: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -417,5 +477,57 @@ mod tests {
         let query = policy(routing::HashKey::QueryParameter("user".into()));
         assert_eq!(hash(&query, &h, "/p?a=1&user=ann").0, Some(key_hash(b"ann")));
         assert_eq!(hash(&query, &h, "/p?a=1").0, None);
+    }
+
+    /// Istio CorsPolicy, as Envoy's CORS filter applies it.
+    #[test]
+    fn cors_preflights_and_decorations() {
+        let policy = |forward: bool| routing::Cors {
+            origins: vec![StrMatch::Exact("https://app.example".into()), StrMatch::Prefix("https://dev.".into())],
+            methods: vec!["GET".into(), "POST".into()],
+            headers: vec!["x-token".into()],
+            expose: vec!["x-trace".into()],
+            max_age: Some(std::time::Duration::from_secs(600)),
+            credentials: true,
+            forward_unmatched_preflights: forward,
+        };
+        let req = |origin: Option<&str>, preflight: bool| {
+            let mut h = HeaderMap::new();
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
+            }
+            if preflight {
+                h.insert(header::ACCESS_CONTROL_REQUEST_METHOD, HeaderValue::from_static("POST"));
+            }
+            h
+        };
+        let options = http::Method::OPTIONS;
+        match cors(&policy(true), &options, &req(Some("https://app.example"), true)) {
+            CorsAction::Answer(r) => {
+                assert_eq!(r.status(), 200);
+                let h = r.headers();
+                assert_eq!(h["access-control-allow-origin"], "https://app.example");
+                assert_eq!(h["access-control-allow-methods"], "GET,POST");
+                assert_eq!(h["access-control-allow-headers"], "x-token");
+                assert_eq!(h["access-control-max-age"], "600");
+                assert_eq!(h["access-control-allow-credentials"], "true");
+            }
+            o => panic!("{o:?}"),
+        }
+        match cors(&policy(true), &http::Method::GET, &req(Some("https://dev.example"), false)) {
+            CorsAction::Decorate(set) => assert_eq!(
+                set,
+                [("access-control-allow-origin", "https://dev.example"), ("access-control-allow-credentials", "true"), ("access-control-expose-headers", "x-trace")]
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            ),
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(cors(&policy(true), &options, &req(Some("https://evil.example"), true)), CorsAction::Pass), "FORWARD");
+        match cors(&policy(false), &options, &req(Some("https://evil.example"), true)) {
+            CorsAction::Answer(r) => assert!(r.headers().get("access-control-allow-origin").is_none()),
+            o => panic!("IGNORE: {o:?}"),
+        }
+        assert!(matches!(cors(&policy(true), &http::Method::GET, &req(Some("https://evil.example"), false)), CorsAction::Pass));
+        assert!(matches!(cors(&policy(true), &options, &req(None, true)), CorsAction::Pass), "no Origin: not CORS");
     }
 }

@@ -236,7 +236,20 @@ impl Proxy {
         let Some(route) = route else {
             return self.finish(log, start, Err(Failure::NoRoute), &Default::default());
         };
-        let ops = &route.response_headers;
+        // CORS (Envoy's filter, per route): a preflight may be answered
+        // here; an allowed origin's response gets its headers, after the
+        // route's own.
+        let with_cors;
+        let ops = match route.cors.as_ref().map(|c| route::cors(c, &parts.method, &parts.headers)) {
+            Some(route::CorsAction::Answer(r)) => return self.finish(log, start, Ok((r, None)), &Default::default()),
+            Some(route::CorsAction::Decorate(set)) => {
+                let mut o = route.response_headers.clone();
+                o.set.extend(set);
+                with_cors = o;
+                &with_cors
+            }
+            _ => &route.response_headers,
+        };
         if let Err(f) = self.rate_limits.check(vs, &route, &ctx.svc) {
             return self.finish(log, start, Err(f), ops);
         }

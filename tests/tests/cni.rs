@@ -379,7 +379,7 @@ fn iptables_capture_keeps_the_bind_guard_and_turns_ipv6_off() {
 fn a_refused_object_in_one_namespace_holds_back_nothing_in_another() {
     let Some(mut mesh) = cni_mesh() else { return };
     let run = mesh.run_id.clone();
-    const BAD: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: tenant-a\n  annotations: {skiff.dev/local-rate-limit: lots}\nspec: {selector: {app: web}, ports: [{port: 80}]}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: tenant-a}\nspec:\n  hosts: [web]\n  http: [{route: [{destination: {host: web}}], corsPolicy: {allowOrigins: [{exact: x}]}}]\n";
+    const BAD: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: tenant-a\n  annotations: {skiff.dev/local-rate-limit: lots}\nspec: {selector: {app: web}, ports: [{port: 80}]}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: tenant-a}\nspec:\n  hosts: [web]\n  http: [{route: [{destination: {host: web}}], delegate: {name: other}}]\n";
     mesh.apply("tenant-a", Some(BAD)).unwrap();
     for i in 0..mesh.nodes.len() {
         eventually(Duration::from_secs(15), &format!("the refusals in ztunnel's config_dump on node {i}"), || {
@@ -387,7 +387,7 @@ fn a_refused_object_in_one_namespace_holds_back_nothing_in_another() {
             let dump: Value = serde_json::from_str(&body).ok()?;
             let rejected = dump["rejected"].as_array()?.clone();
             let has = |object: &str, field: &str| rejected.iter().any(|r| r["object"] == object && r["field"] == field && r["reason"].as_str().is_some_and(|s| !s.is_empty()));
-            (has("VirtualService tenant-a/web", "spec.http[0].corsPolicy") && has("Service tenant-a/web", "metadata.annotations[skiff.dev/local-rate-limit]")).then_some(())
+            (has("VirtualService tenant-a/web", "spec.http[0].delegate") && has("Service tenant-a/web", "metadata.annotations[skiff.dev/local-rate-limit]")).then_some(())
         });
         assert_eq!(mesh.metric(i, "skiff_config_rejected_objects", &[("kind", "VirtualService"), ("namespace", "tenant-a")]).unwrap(), 1.0);
         assert_eq!(mesh.metric(i, "skiff_config_rejected_objects", &[("kind", "Service"), ("namespace", "tenant-a")]).unwrap(), 1.0);

@@ -13,8 +13,8 @@ struct Load {
     versions: serde_json::Value,
     latency_ms: Vec<u64>,
     bodies: Vec<String>,
-    /// `location` and `x-*` response headers (`name: value`) of the first
-    /// five responses.
+    /// `location`, `x-*` and `access-control-*` response headers (`name:
+    /// value`) of the first five responses.
     headers: Vec<Vec<String>>,
 }
 
@@ -441,13 +441,14 @@ fn a_gateway_bound_virtual_service_does_not_route_mesh_traffic() {
     assert!(count(&l.versions, "v1") > 0 && count(&l.versions, "v2") > 0, "a gateway-only VirtualService routed mesh traffic: {:?}", l.versions);
 }
 
-/// Istio HTTPRouteDestination.headers, HTTPRewrite.uriRegexRewrite and
-/// HTTPRedirect scheme/derivePort, through the waypoint: each destination's
-/// header operations go with it (request to the picked pod, response back),
-/// a regex rewrite reaches the backend, a redirect to https drops the
-/// default port.
+/// Istio HTTPRouteDestination.headers, HTTPRewrite.uriRegexRewrite,
+/// HTTPRedirect scheme/derivePort and CorsPolicy, through the waypoint:
+/// each destination's header operations go with it (request to the picked
+/// pod, response back), a regex rewrite reaches the backend, a redirect to
+/// https drops the default port, an allowed origin's preflight is answered
+/// at the waypoint and its requests get CORS headers.
 #[test]
-fn destination_headers_regex_rewrites_and_scheme_redirects() {
+fn destination_headers_regex_rewrites_scheme_redirects_and_cors() {
     let Some(mesh) = up() else { return };
     let y = vs(
         "reviews",
@@ -455,6 +456,10 @@ fn destination_headers_regex_rewrites_and_scheme_redirects() {
   - name: secure
     match: [{uri: {prefix: /secure}}]
     redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}
+  - name: cors
+    match: [{uri: {prefix: /cors}}]
+    corsPolicy: {allowOrigins: [{exact: "https://app.example"}], allowMethods: [GET, POST], maxAge: 60s}
+    route: [{destination: {host: reviews, subset: v1}}]
   - name: regex
     match: [{uri: {prefix: /service/}}]
     rewrite: {uriRegexRewrite: {match: "^/service/([^/]+)(/.*)$", rewrite: '\2/instance/\1'}}
@@ -472,6 +477,19 @@ fn destination_headers_regex_rewrites_and_scheme_redirects() {
     apply_vs(&mesh, "reviews", &y, |m| count(&load(m, "http://reviews:9080/secure", 1, &[]).codes, "301") == 1);
     let secure = load(&mesh, "http://reviews:9080/secure/page?x=1", 1, &[]);
     assert_eq!(secure.headers[0], ["location: https://reviews/secure/page?x=1"], "{:?}", secure.codes);
+    let origin = "Origin: https://app.example";
+    let preflight = load_with(&mesh, "OPTIONS", "http://reviews:9080/cors", 1, &[origin, "Access-Control-Request-Method: POST"]);
+    assert_eq!(count(&preflight.codes, "200"), 1, "{:?}", preflight.codes);
+    assert_eq!(preflight.bodies[0], "", "answered at the waypoint");
+    assert_eq!(
+        preflight.headers[0],
+        ["access-control-allow-origin: https://app.example", "access-control-allow-methods: GET,POST", "access-control-max-age: 60"]
+    );
+    let actual = load(&mesh, "http://reviews:9080/cors", 1, &[origin]);
+    assert!(actual.bodies[0].contains("version=v1"), "{}", actual.bodies[0]);
+    assert_eq!(actual.headers[0], ["access-control-allow-origin: https://app.example"]);
+    let other = load(&mesh, "http://reviews:9080/cors", 1, &["Origin: https://evil.example"]);
+    assert_eq!(other.headers[0], Vec::<String>::new(), "another origin gets no CORS headers");
     let regex = load(&mesh, "http://reviews:9080/service/foo/v1/api", 1, &[]);
     assert!(regex.bodies[0].contains("path=/v1/api/instance/foo "), "{}", regex.bodies[0]);
     // Both destinations get picked within 40 requests (1 - 2 * 2^-40 of

@@ -555,7 +555,8 @@ fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitC
         let mut versions = BTreeMapStr::new();
         let mut lat = Vec::new();
         let mut bodies = Vec::new();
-        // `location` and `x-*` response headers of the first responses.
+        // `location`, `x-*` and `access-control-*` response headers of the
+        // first responses.
         let mut resp_headers = Vec::new();
         let mut conn: Option<BufReader<TcpStream>> = None;
         for _ in 0..count {
@@ -590,7 +591,7 @@ fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitC
                 if l.starts_with("connection:") && l.contains("close") {
                     close = true;
                 }
-                if l.starts_with("location:") || l.starts_with("x-") {
+                if l.starts_with("location:") || l.starts_with("x-") || l.starts_with("access-control-") {
                     seen.push(line.trim_end().to_owned());
                 }
             }
