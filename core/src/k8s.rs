@@ -523,6 +523,11 @@ pub struct HttpMatchRequest {
     pub port: Option<u16>,
     #[serde(default)]
     pub ignore_uri_case: bool,
+    #[serde(default)]
+    pub scheme: Option<StringMatchSpec>,
+    /// Names the route's statistics in Envoy; Skiff has none per route.
+    #[serde(default)]
+    pub stat_prefix: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -740,6 +745,16 @@ pub struct TrafficPolicySpec {
     pub outlier_detection: Option<OutlierDetectionSpec>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicySpec>,
+    #[serde(default)]
+    pub tls: Option<ClientTlsSpec>,
+}
+
+/// `ClientTLSSettings`: Skiff reads `mode` (only ISTIO_MUTUAL is taken).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTlsSpec {
+    #[serde(default)]
+    pub mode: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -752,6 +767,8 @@ pub struct PortTrafficPolicySpec {
     pub connection_pool: Option<ConnectionPoolSpec>,
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    #[serde(default)]
+    pub tls: Option<ClientTlsSpec>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -1120,7 +1137,7 @@ mod tests {
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], exportTo: [\".\"], hostz: [r]}\n", Some("spec.hostz")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], http: [{route: [{destination: {host: r}}], corsPolicy: {allowOrigins: [{exact: x}], allowOrigns: [x]}}]}\n", Some("spec.http[0].corsPolicy.allowOrigns")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], tcp: []}\n", None),
-            ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: a}\nspec: {host: r, trafficPolicy: {tls: {mode: SIMPLE}}}\n", Some("spec.trafficPolicy.tls")),
+            ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: a}\nspec: {host: r, trafficPolicy: {tls: {mode: SIMPLE, sni: r.example}}}\n", Some("spec.trafficPolicy.tls.sni")),
             ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: a}\nspec: {mtls: {mode: STRICT, strict: true}}\n", Some("spec.mtls.strict")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], gateways: [mesh]}\n", None),
         ];

@@ -50,6 +50,9 @@ impl StrMatch {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HttpMatch {
     pub uri: Option<StrMatch>,
+    /// Matched against `http`: a waypoint receives plaintext HTTP (inside
+    /// HBONE).
+    pub scheme: Option<StrMatch>,
     pub authority: Option<StrMatch>,
     pub method: Option<StrMatch>,
     pub headers: Vec<(String, StrMatch)>,
@@ -491,6 +494,9 @@ impl RequestInfo<'_> {
 
 impl HttpMatch {
     pub fn matches(&self, r: &RequestInfo<'_>) -> bool {
+        if self.scheme.as_ref().is_some_and(|s| !s.matches("http")) {
+            return false;
+        }
         let path_only = r.path.split('?').next().unwrap_or("");
         if let Some(m) = &self.uri {
             let ok = if self.ignore_uri_case { m.matches_ci(path_only) } else { m.matches(path_only) };
@@ -867,6 +873,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             let g = |s: &str| format!("spec.http[{i}].match[{j}].{s}");
             matches.push(HttpMatch {
                 uri: m.uri.as_ref().map(|u| str_match(&g("uri"), u)).transpose()?,
+                scheme: m.scheme.as_ref().map(|u| str_match(&g("scheme"), u)).transpose()?,
                 authority: m.authority.as_ref().map(|u| str_match(&g("authority"), u)).transpose()?,
                 method: m.method.as_ref().map(|u| str_match(&g("method"), u)).transpose()?,
                 headers: kv_matches(&g("headers"), &m.headers)?,
@@ -1138,9 +1145,23 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
 ///   subset's settings override the destination's port-level ones too);
 /// - a `portLevelSettings` entry replaces everything for its port: what it
 ///   omits takes defaults, not the level's settings.
+/// `tls`: mesh traffic is always mutual TLS (HBONE), so `ISTIO_MUTUAL`
+/// says what happens anyway; any other mode would ask for plaintext or for
+/// TLS origination to a non-mesh destination, which Skiff does not do.
+fn client_tls(field: &str, tls: Option<&k8s::ClientTlsSpec>) -> Result<(), FieldError> {
+    match tls.map(|t| t.mode.as_deref()) {
+        None | Some(Some("ISTIO_MUTUAL")) => Ok(()),
+        Some(m) => Err((
+            format!("{field}.tls.mode"),
+            format!("{:?}: only ISTIO_MUTUAL (mesh traffic is always mutual TLS; TLS origination and plaintext are not done)", m.unwrap_or("")),
+        )),
+    }
+}
+
 fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &TrafficPolicy) -> Result<TrafficPolicy, FieldError> {
     let mut out = base.clone();
     let Some(p) = p else { return Ok(out) };
+    client_tls(field, p.tls.as_ref())?;
     apply_policy_fields(field, &mut out, p.load_balancer.as_ref(), p.connection_pool.as_ref(), p.outlier_detection.as_ref())?;
     for port_policy in out.ports.values_mut() {
         apply_policy_fields(field, port_policy, p.load_balancer.as_ref(), p.connection_pool.as_ref(), p.outlier_detection.as_ref())?;
@@ -1150,6 +1171,7 @@ fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &Traffi
         if pl.port.number == 0 {
             return Err((format!("{f}.port.number"), "must be 1-65535".into()));
         }
+        client_tls(&f, pl.tls.as_ref())?;
         let mut port_policy = TrafficPolicy::default();
         apply_policy_fields(&f, &mut port_policy, pl.load_balancer.as_ref(), pl.connection_pool.as_ref(), pl.outlier_detection.as_ref())?;
         out.ports.insert(pl.port.number, port_policy);
