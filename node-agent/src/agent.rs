@@ -403,7 +403,24 @@ impl Agent {
                         }
                     };
                     info!(pod = %key, container = %pod.container_id, %netns, ?ips, "CNI ADD: sandbox created");
-                    let ips = ips.iter().filter_map(|s| s.parse().ok()).collect();
+                    let v4: Vec<std::net::Ipv4Addr> = ips.iter().filter_map(|s| s.parse().ok()).collect();
+                    // An IPv6-only sandbox in an enrolled namespace cannot be
+                    // captured (the data path carries IPv4): the ADD fails,
+                    // rather than the pod running outside the mesh.
+                    if v4.is_empty() && ips.iter().any(|s| s.parse::<std::net::Ipv6Addr>().is_ok()) {
+                        let enrolled_ns = match snap {
+                            Some(s) => s.namespace_labels(&pod.namespace).is_some_and(|l| namespace_enrolled(&pod.namespace, l)),
+                            None => no_snapshot_verdict(link.state_file.as_deref(), &pod.namespace).is_some(),
+                        };
+                        if enrolled_ns {
+                            warn!(pod = %key, ?ips, "CNI ADD: an IPv6-only pod in an enrolled namespace; Skiff carries IPv4 only");
+                            let _ = ev.reply.send(Reply::Failed {
+                                message: format!("pod {key} has only IPv6 addresses ({}); Skiff captures IPv4 pods only, so it cannot enroll it", ips.join(", ")),
+                            });
+                            continue;
+                        }
+                    }
+                    let ips = v4;
                     if let Ok(mut st) = state.lock() {
                         st.released.remove(&id);
                         st.pods.insert(

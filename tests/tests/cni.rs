@@ -310,6 +310,14 @@ fn cni_add_waits_for_the_api_then_enrolls_with_the_cni_ip_or_fails_closed() {
     // …and in a namespace that is not enrolled, the pod starts.
     let add = invoke_raw(&mesh, node, "ADD", ("plain", "ghost", "uid-ghost2"), &netns, &prev);
     assert_eq!((add.code, json_of(&add.stdout)), (0, prev));
+    // An IPv6-only sandbox in an enrolled namespace fails at once (Skiff
+    // carries IPv4), never runs outside the mesh; elsewhere it starts.
+    let v6 = json!({"cniVersion": "1.0.0", "ips": [{"address": "fd00::99/64"}]});
+    let add = invoke_raw(&mesh, node, "ADD", ("mesh", "v6", "uid-v6"), &netns, &v6);
+    assert_ne!(add.code, 0);
+    assert!(json_of(&add.stdout)["details"].as_str().unwrap().contains("only IPv6 addresses"), "{}", add.stdout);
+    let add = invoke_raw(&mesh, node, "ADD", ("plain", "v6", "uid-v6b"), &netns, &v6);
+    assert_eq!((add.code, json_of(&add.stdout)), (0, v6));
 
     // The primary CNI rewrites its config (e.g. on its own restart):
     // node-agent chains skiff-cni in again.
