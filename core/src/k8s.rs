@@ -654,6 +654,8 @@ pub struct HttpRetry {
     pub per_try_timeout: Option<String>,
     #[serde(default)]
     pub retry_on: Option<String>,
+    #[serde(default)]
+    pub retry_ignore_previous_hosts: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -650,7 +650,13 @@ impl Snapshot {
                 if !refs.is_empty() {
                     self.authorization_policies.push(AuthzPolicy { selector: None, targets_waypoint: true, target_refs: refs.clone(), ..base.clone() });
                 }
-                if refs.is_empty() || spec.get("selector").is_some() {
+                // A target of a kind no waypoint here matches by name
+                // (GatewayClass, ServiceEntry, …) or a target that cannot be
+                // read: the stand-in also holds namespace-wide (mesh-wide in
+                // the root namespace) at ztunnel, so it binds somewhere.
+                let raw_refs = spec.get("targetRefs").and_then(|r| r.as_array().map(Vec::len)).unwrap_or(0) + usize::from(spec.get("targetRef").is_some());
+                let unbound = refs.len() < raw_refs || refs.iter().any(|(kind, _)| kind != "Gateway" && kind != "Service");
+                if refs.is_empty() || unbound || spec.get("selector").is_some() {
                     self.authorization_policies.push(base);
                 }
                 Instead::FailClosed(what)
@@ -951,6 +957,21 @@ spec: {action: AUDIT, rules: [{to: [{}]}]}
         assert!(!policy::evaluate(&[deny], &conn).allowed, "an unreadable DENY denies everything");
         assert!(deny.applies_to("istio-system", "a", &other), "namespace-wide without a selector");
         assert!(!s.authorization_policies.iter().any(|p| p.name == "audit"));
+    }
+
+    /// A refused AuthorizationPolicy whose target no waypoint matches by
+    /// name (a GatewayClass) still fails closed: its stand-in holds at
+    /// ztunnel too, namespace-wide (here the root namespace: mesh-wide).
+    #[test]
+    fn a_refused_policy_with_an_unsupported_target_kind_still_binds() {
+        let s = build(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: istio-system}\nspec: {action: DENY, targetRefs: [{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}], rules: [{}]}\n",
+            None,
+        );
+        assert_eq!(s.rejected[0].error.field, "spec.targetRefs[0].kind");
+        let everywhere = s.authorization_policies.iter().find(|p| !p.targets_waypoint).expect("a namespace-wide stand-in");
+        assert!(everywhere.applies_to("istio-system", "shop", &BTreeMap::new()), "mesh-wide from the root namespace");
+        assert_eq!(everywhere.action, crate::policy::Action::Deny);
     }
 
     /// Dual-stack clusters: `podIPs` / `clusterIPs` carry one address per

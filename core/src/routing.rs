@@ -101,6 +101,9 @@ pub struct Retries {
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
     pub retry_on: Vec<String>,
+    /// `retryIgnorePreviousHosts` (Istio's default: true): a retry goes to
+    /// an endpoint not tried yet for this request, while there is one.
+    pub ignore_previous_hosts: bool,
 }
 
 impl Retries {
@@ -113,6 +116,7 @@ impl Retries {
             retry_on: ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"]
                 .map(String::from)
                 .to_vec(),
+            ignore_previous_hosts: true,
         }
     }
 }
@@ -181,10 +185,12 @@ pub enum RedirectPort {
 
 impl Redirect {
     /// The Location for a request with `scheme`, `authority` (host and
-    /// maybe port), `path`, received on `port`. A port that is the
-    /// scheme's default is left out, as Envoy does.
+    /// maybe port), `path` (with its query), received on `port`, as Envoy
+    /// writes it: the query is kept unless `uri` has one; a port that is
+    /// the scheme's default is left out, and so is the request's port when
+    /// the scheme changes and it was the old scheme's default.
     pub fn location(&self, scheme: &str, authority: &str, path: &str, port: u16) -> String {
-        let scheme = self.scheme.as_deref().unwrap_or(scheme);
+        let new_scheme = self.scheme.as_deref().unwrap_or(scheme);
         let authority = self.authority.as_deref().unwrap_or(authority);
         // The host, and the port written in the authority, if any
         // (`[v6]:port` keeps its brackets).
@@ -194,41 +200,61 @@ impl Redirect {
             }
             _ => (authority, None),
         };
-        let default = if scheme == "https" { 443 } else { 80 };
+        let default_of = |s: &str| if s == "https" { 443 } else { 80 };
+        let default = default_of(new_scheme);
         let port = match self.port {
+            RedirectPort::Keep if new_scheme != scheme && written == Some(default_of(scheme)) => None,
             RedirectPort::Keep => written,
             RedirectPort::Fixed(p) => Some(p),
             RedirectPort::FromProtocolDefault => Some(default),
             RedirectPort::FromRequestPort => Some(port),
         };
-        let path = self.uri.as_deref().unwrap_or(path);
+        let path = match &self.uri {
+            Some(u) if u.contains('?') => u.clone(),
+            Some(u) => match path.split_once('?') {
+                Some((_, q)) => format!("{u}?{q}"),
+                None => u.clone(),
+            },
+            None => path.to_owned(),
+        };
         match port {
-            Some(p) if p != default => format!("{scheme}://{host}:{p}{path}"),
-            _ => format!("{scheme}://{host}{path}"),
+            Some(p) if p != default => format!("{new_scheme}://{host}:{p}{path}"),
+            _ => format!("{new_scheme}://{host}{path}"),
         }
     }
 }
 
-/// Envoy's regex_rewrite substitution (`\1`) in the `regex` crate's
-/// replacement syntax (`${1}`, a literal `$` as `$$`).
-fn regex_substitution(rewrite: &str) -> String {
+/// Whether `a` can stand as an authority (`host`, `host:port`,
+/// `[v6]:port`) in a Location: no userinfo, path or spaces.
+pub fn is_authority(a: &str) -> bool {
+    !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+}
+
+/// Envoy's regex_rewrite substitution (RE2's: `\0`-`\9` a capture
+/// group, `\\` a backslash) in the `regex` crate's replacement syntax
+/// (`${N}`, `$$`). A group the pattern does not have, or another escape,
+/// is refused (Envoy refuses such a config too).
+fn regex_substitution(rewrite: &str, groups: usize) -> Result<String, String> {
     let mut out = String::with_capacity(rewrite.len());
-    let mut chars = rewrite.chars().peekable();
+    let mut chars = rewrite.chars();
     while let Some(c) = chars.next() {
         match c {
             '$' => out.push_str("$$"),
-            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
-                let mut n = String::new();
-                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
-                    n.push(d);
-                    chars.next();
+            '\\' => match chars.next() {
+                Some('\\') => out.push('\\'),
+                Some(d) if d.is_ascii_digit() => {
+                    let n = d.to_digit(10).unwrap_or(0) as usize;
+                    if n >= groups {
+                        return Err(format!("\\{n}: the pattern has {} capture group(s)", groups.saturating_sub(1)));
+                    }
+                    out.push_str(&format!("${{{n}}}"));
                 }
-                out.push_str(&format!("${{{n}}}"));
-            }
+                other => return Err(format!("`\\{}` is not \\0-\\9 or \\\\", other.map(String::from).unwrap_or_default())),
+            },
             c => out.push(c),
         }
     }
-    out
+    Ok(out)
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -550,9 +576,9 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// The DestinationRule that applies to the Service `name.namespace` for a
 /// proxy in `client_ns`, as Istio looks it up: among the rules exported to
 /// the proxy's namespace, the proxy's namespace first, then the Service's
-/// own, then the root namespace, then any other; within one, an exact host
-/// before a wildcard (the longer wildcard first). A DestinationRule in
-/// another tenant's namespace never overrides the Service's own.
+/// own, then the root namespace; within one, an exact host before a
+/// wildcard (the longer wildcard first). A DestinationRule in another
+/// tenant's namespace never applies.
 ///
 /// Several rules for one host in that namespace are merged as Istio merges
 /// them (oldest first, by name without a creation time): subsets of later
@@ -564,17 +590,18 @@ pub fn destination_rule_for<'a>(drs: &'a [DestinationRule], name: &str, namespac
             0
         } else if dr.namespace == namespace {
             1
-        } else if dr.namespace == DEFAULT_ROOT_NAMESPACE {
-            2
         } else {
-            3
+            2
         };
         // Exact before wildcard; among wildcards the longer suffix.
         let specificity = if dr.host.starts_with('*') { usize::MAX - dr.host.len() } else { 0 };
         (tier, specificity)
     };
     let candidates: Vec<&DestinationRule> =
-        drs.iter().filter(|dr| dr.export_to.visible_to(client_ns) && host_matches(&dr.host, &dr.namespace, name, namespace)).collect();
+        drs.iter()
+            .filter(|dr| [client_ns, namespace, DEFAULT_ROOT_NAMESPACE].contains(&dr.namespace.as_str()))
+            .filter(|dr| dr.export_to.visible_to(client_ns) && host_matches(&dr.host, &dr.namespace, name, namespace))
+            .collect();
     let best = candidates.iter().map(|dr| (rank(dr), dr.namespace.as_str())).min()?;
     let mut group: Vec<&DestinationRule> = candidates.into_iter().filter(|dr| (rank(dr), dr.namespace.as_str()) == best).collect();
     group.sort_by(|a, b| (a.created.is_none(), &a.created, &a.name).cmp(&(b.created.is_none(), &b.created, &b.name)));
@@ -962,6 +989,7 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                     .map(|s| s.trim().to_owned())
                     .filter(|s| !s.is_empty())
                     .collect(),
+                ignore_previous_hosts: r.retry_ignore_previous_hosts.unwrap_or(true),
             }),
         };
         // Istio validateHTTPDirectResponse: a status Envoy accepts (Istio
@@ -1003,6 +1031,12 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                 if ![301, 302, 303, 307, 308].contains(&code) {
                     return Err((f("redirect.redirectCode"), format!("{code}: one of 301, 302, 303, 307, 308")));
                 }
+                if let Some(u) = r.uri.as_deref().filter(|u| !u.starts_with('/') || u.bytes().any(|b| b <= b' ' || b == 0x7f)) {
+                    return Err((f("redirect.uri"), format!("{u:?}: a path starting with `/`, without spaces or control characters")));
+                }
+                if let Some(a) = r.authority.as_deref().filter(|a| !is_authority(a)) {
+                    return Err((f("redirect.authority"), format!("{a:?}: a host or host:port")));
+                }
                 if let Some(s) = r.scheme.as_deref().filter(|s| !["http", "https"].contains(s)) {
                     return Err((f("redirect.scheme"), format!("{s:?}: http or https")));
                 }
@@ -1032,7 +1066,8 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
                     return Err((f("rewrite.uriRegexRewrite"), "needs match and rewrite".into()));
                 };
                 let re = regex::Regex::new(pattern).map_err(|e| (f("rewrite.uriRegexRewrite.match"), format!("invalid regex: {e}")))?;
-                Some((Regex(re), regex_substitution(rewrite)))
+                let with = regex_substitution(rewrite, re.captures_len()).map_err(|e| (f("rewrite.uriRegexRewrite.rewrite"), e))?;
+                Some((Regex(re), with))
             }
         };
         // `mirror` (with `mirrorPercentage`) or `mirrors`, not both
@@ -1193,6 +1228,21 @@ fn hash_key(field: &str, c: &k8s::ConsistentHashSpec) -> Result<HashKey, FieldEr
     if let Some(ck) = &c.http_cookie {
         if ck.name.is_empty() {
             return Err((format!("{field}.httpCookie.name"), "required".into()));
+        }
+        // Cookie syntax (RFC 6265): a token name; path and attribute
+        // values without `;` or control characters.
+        let token = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let av = |v: &str| v.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b';');
+        if !token(&ck.name) {
+            return Err((format!("{field}.httpCookie.name"), format!("{:?} is not a cookie name", ck.name)));
+        }
+        if let Some(p) = ck.path.as_deref().filter(|p| !av(p)) {
+            return Err((format!("{field}.httpCookie.path"), format!("{p:?}: no `;` or control characters")));
+        }
+        for (i, a) in ck.attributes.iter().enumerate() {
+            if !token(&a.name) || a.value.as_deref().is_some_and(|v| !av(v)) {
+                return Err((format!("{field}.httpCookie.attributes[{i}]"), format!("{:?}={:?} is not a cookie attribute", a.name, a.value)));
+            }
         }
         let ttl = duration(&format!("{field}.httpCookie.ttl"), &ck.ttl)?;
         let attributes = ck.attributes.iter().map(|a| (a.name.clone(), a.value.clone())).collect();
@@ -1473,6 +1523,7 @@ mod tests {
             ("the Service's own beats another namespace's", vec![other.clone(), own.clone()], "shop", Some("a-own")),
             ("the Service's own beats the root namespace's", vec![root.clone(), own.clone()], "shop", Some("a-own")),
             ("root namespace before another tenant's", vec![other.clone(), root.clone()], "shop", Some("a-root")),
+            ("another tenant's never applies", vec![other.clone()], "shop", None),
             ("the client's namespace first", vec![own.clone(), wp.clone()], "waypoint-ns", Some("z-wp")),
             ("exact before wildcard in one namespace", vec![wildcard.clone(), own.clone()], "shop", Some("a-own")),
             ("a wildcard alone applies", vec![wildcard.clone()], "shop", Some("0-wild")),

@@ -231,7 +231,7 @@ const VIRTUAL_SERVICE: &[(&str, Reading)] = &[
     ("http[].redirect.derivePort", H), ("http[].redirect.port", H), ("http[].redirect.prefixRewrite", R),
     ("http[].redirect.scheme", H),
     ("http[].retries", H), ("http[].retries.attempts", H), ("http[].retries.perTryTimeout", H), ("http[].retries.retryOn", H),
-    ("http[].retries.backoff", R), ("http[].retries.retryIgnorePreviousHosts", R), ("http[].retries.retryRemoteLocalities", R),
+    ("http[].retries.backoff", R), ("http[].retries.retryIgnorePreviousHosts", H), ("http[].retries.retryRemoteLocalities", R),
     ("http[].rewrite", H), ("http[].rewrite.authority", H), ("http[].rewrite.uri", H),
     ("http[].rewrite.uriRegexRewrite", H), ("http[].rewrite.uriRegexRewrite.match", H), ("http[].rewrite.uriRegexRewrite.rewrite", H),
     ("http[].route", H), ("http[].route[].destination", H), ("http[].route[].destination.host", H),
@@ -414,6 +414,8 @@ fn virtual_service_cases() -> Vec<Case<VirtualService>> {
                 assert_eq!(v.http[0].redirect.as_ref().unwrap().location("http", "reviews:9080", "/d", 9080), "https://reviews/d");
                 assert_eq!(v.http[1].redirect.as_ref().unwrap().location("http", "reviews", "/x", 9080), "http://reviews:9080/x");
             }) },
+        Case { fields: &["http[].redirect.uri"], cite: "HTTPRedirect.uri: a path (Envoy's path_redirect); one without a leading `/` would change the host",
+            spec: "{hosts: [reviews], http: [{redirect: {uri: v2}}]}", expect: Err("spec.http[0].redirect.uri") },
         Case { fields: &["http[].redirect.scheme"], cite: "HTTPRedirect.scheme: Istio's validation allows http and https",
             spec: "{hosts: [reviews], http: [{redirect: {scheme: ftp}}]}", expect: Err("spec.http[0].redirect.scheme") },
         Case { fields: &["http[].redirect.port", "http[].redirect.derivePort"], cite: "HTTPRedirect: port and derivePort are one of (redirect_port)",
@@ -443,6 +445,9 @@ fn virtual_service_cases() -> Vec<Case<VirtualService>> {
                 let (re, with) = v.http[0].rewrite_regex.clone().unwrap();
                 assert_eq!(re.0.replace_all("/service/foo/v1/api", with.as_str()), "/v1/api/instance/foo");
             }) },
+        Case { fields: &["http[].rewrite.uriRegexRewrite.rewrite"], cite: "RegexRewrite.rewrite: a capture group the pattern does not have is refused (as Envoy refuses it)",
+            spec: "{hosts: [reviews], http: [{rewrite: {uriRegexRewrite: {match: \"^/(a)\", rewrite: '/\\2'}}, route: [{destination: {host: reviews}}]}]}",
+            expect: Err("spec.http[0].rewrite.uriRegexRewrite.rewrite") },
         Case { fields: &["http[].rewrite.uriRegexRewrite"], cite: "HTTPRewrite: one of uri, uriRegexRewrite (Istio's validation)",
             spec: "{hosts: [reviews], http: [{rewrite: {uri: /x, uriRegexRewrite: {match: a, rewrite: b}}, route: [{destination: {host: reviews}}]}]}",
             expect: Err("spec.http[0].rewrite") },
@@ -481,6 +486,14 @@ fn virtual_service_cases() -> Vec<Case<VirtualService>> {
                 let r = v.http[0].retries.as_ref().unwrap();
                 assert_eq!((r.attempts, r.per_try_timeout), (3, Some(Duration::from_secs(2))));
                 assert_eq!(r.retry_on, ["5xx", "gateway-error", "unavailable"]);
+            }) },
+        Case { fields: &["http[].retries.retryIgnorePreviousHosts"],
+            cite: "HTTPRetry.retryIgnorePreviousHosts: retries go to endpoints not tried yet; true by default",
+            spec: "{hosts: [reviews], http: [{name: a, match: [{uri: {prefix: /a}}], retries: {attempts: 2, retryIgnorePreviousHosts: false}, route: [{destination: {host: reviews}}]}, \
+                   {name: b, retries: {attempts: 2}, route: [{destination: {host: reviews}}]}]}",
+            expect: ok(|v| {
+                let ignore = |i: usize| v.http[i].retries.as_ref().unwrap().ignore_previous_hosts;
+                assert_eq!((ignore(0), ignore(1), routing::Retries::istio_default().ignore_previous_hosts), (false, true, true));
             }) },
         Case { fields: &["http[].retries.retryOn"], cite: "HTTPRetry.retryOn: a value Envoy does not know is refused",
             spec: "{hosts: [reviews], http: [{retries: {attempts: 2, retryOn: 5xx-ish}, route: [{destination: {host: reviews}}]}]}",
@@ -655,6 +668,9 @@ fn destination_rule_cases() -> Vec<Case<DestinationRule>> {
                 name: "session".into(), path: Some("/".into()), ttl: Some(Duration::ZERO),
                 attributes: vec![("SameSite".into(), Some("Strict".into())), ("Secure".into(), None)],
             }))) },
+        Case { fields: &["trafficPolicy.loadBalancer.consistentHash.httpCookie.name"], cite: "HTTPCookie.name: a cookie name (RFC 6265 token)",
+            spec: "{host: reviews, trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: \"a=b\", ttl: 10s}}}}}",
+            expect: Err("spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name") },
         Case { fields: &["trafficPolicy.loadBalancer.consistentHash.useSourceIp"], cite: "ConsistentHashLB.useSourceIp: by the client's address",
             spec: "{host: reviews, trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}}",
             expect: ok(|d| assert_eq!(d.policy_for(None, 80).hash, Some(HashKey::SourceIp))) },

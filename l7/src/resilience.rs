@@ -169,12 +169,16 @@ pub async fn forward(
     let retry_on: Vec<String> = retries.retry_on.clone();
     let deadline = out.route.timeout.and_then(|t| Instant::now().checked_add(t));
     let mut outcome: Result<(Response<Body>, Option<&Workload>), Failure> = Err(Failure::NoHealthyUpstream);
+    let mut tried: Vec<SocketAddrV4> = Vec::new();
     for n in 0..attempts {
-        let Some((w, port)) = ups.choose(eps, policy, out.hash, rng) else {
+        let Some((w, port)) = ups.choose(eps, policy, out.hash, &tried, rng) else {
             outcome = Err(Failure::NoHealthyUpstream);
             break;
         };
         let ep = upstream::endpoint(w, port);
+        if retries.ignore_previous_hosts {
+            tried.push(ep);
+        }
         // Decrements `active` even if the client goes away mid-attempt.
         let _active = ups.begin(ep);
         let req = upstream::upstream_request(out.parts, out.body, out.h2);

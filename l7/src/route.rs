@@ -109,6 +109,13 @@ pub fn local_response(route: &HttpRoute, authority: &str, path: &str, port: u16)
         return Some(r);
     }
     if let Some(redirect) = &route.redirect {
+        // The request's authority goes into the Location: it must be one
+        // (no userinfo or path smuggled in).
+        if redirect.authority.is_none() && !routing::is_authority(authority) {
+            let mut r = Response::new(full("bad request: Host is not an authority\n"));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return Some(r);
+        }
         // A waypoint receives plaintext HTTP (inside HBONE): `http`.
         let loc = redirect.location("http", authority, path, port);
         let mut r = Response::new(full(""));
@@ -153,7 +160,9 @@ pub fn rewrite_path(route: &HttpRoute, path: &str) -> Option<String> {
             Some((p, q)) => (p, format!("?{q}")),
             None => (path, String::new()),
         };
-        return Some(format!("{}{query}", re.0.replace_all(p, with.as_str())));
+        let rewritten = re.0.replace_all(p, with.as_str());
+        let slash = if rewritten.starts_with('/') { "" } else { "/" };
+        return Some(format!("{slash}{rewritten}{query}"));
     }
     let uri = route.rewrite_uri.as_ref()?;
     let rest = route
@@ -175,15 +184,21 @@ pub fn rewrite_path(route: &HttpRoute, path: &str) -> Option<String> {
 /// What the route does to the request going upstream: the normalized
 /// path (rewritten, if the route says so), the authority rewrite, the
 /// request header operations. Returns the rewritten path, for the access
-/// log.
-pub fn apply_to_request(parts: &mut http::request::Parts, route: &HttpRoute, path: &str) -> Option<String> {
+/// log; a rewrite that does not make a valid path (a regex rewrite can
+/// make anything) of at most 16 KiB is a bad request, never sent on
+/// un-rewritten.
+pub fn apply_to_request(parts: &mut http::request::Parts, route: &HttpRoute, path: &str) -> Result<Option<String>, Failure> {
     if let Ok(u) = path.parse() {
         parts.uri = u;
     }
     let rewritten = rewrite_path(route, path);
     if let Some(new) = &rewritten {
-        if let Ok(u) = new.parse() {
-            parts.uri = u;
+        match new.parse() {
+            Ok(u) if new.len() <= 16 * 1024 => parts.uri = u,
+            _ => {
+                warn!(path, rewritten = %new, "the route's rewrite does not make a valid path: 400");
+                return Err(Failure::BadRequest);
+            }
         }
     }
     if let Some(a) = &route.rewrite_authority {
@@ -192,7 +207,7 @@ pub fn apply_to_request(parts: &mut http::request::Parts, route: &HttpRoute, pat
         }
     }
     apply_header_ops(&mut parts.headers, &route.request_headers);
-    rewritten
+    Ok(rewritten)
 }
 
 /// A route's header operations, in Istio's order: remove, set, add.
@@ -201,12 +216,12 @@ pub fn apply_header_ops(h: &mut HeaderMap, ops: &routing::HeaderOps) {
         h.remove(k.as_str());
     }
     for (k, v) in &ops.set {
-        if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v.as_bytes())) {
             h.insert(k, v);
         }
     }
     for (k, v) in &ops.add {
-        if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v.as_bytes())) {
             h.append(k, v);
         }
     }
@@ -308,7 +323,7 @@ pub fn request_hash(
             (v.map(|v| key_hash(v.as_bytes())), None)
         }
         routing::HashKey::Cookie { name, path: cookie_path, ttl, attributes } => {
-            let found = headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+            let found = headers.get_all(header::COOKIE).iter().map(|v| String::from_utf8_lossy(v.as_bytes())).find_map(|line| {
                 line.split(';').find_map(|pair| {
                     let (k, v) = pair.trim().split_once('=')?;
                     (k == name).then(|| v.trim_matches('"').to_owned())
@@ -320,7 +335,8 @@ pub fn request_hash(
             let Some(ttl) = ttl else { return (None, None) };
             let value = format!("{:016x}", rng.u64(..));
             let mut cookie = format!("{name}=\"{value}\"");
-            if !ttl.is_zero() {
+            // Whole seconds, as Envoy: under one second is a session cookie.
+            if ttl.as_secs() > 0 {
                 cookie.push_str(&format!("; Max-Age={}", ttl.as_secs()));
             }
             if let Some(p) = cookie_path {
@@ -380,7 +396,9 @@ mod tests {
         };
         #[rustfmt::skip]
         let cases = [
-            (r(Some("/new"), None, None, RedirectPort::Keep), "reviews", "http://reviews/new"),
+            (r(Some("/new"), None, None, RedirectPort::Keep), "reviews", "http://reviews/new?q=1"),
+            (r(Some("/new?x=2"), None, None, RedirectPort::Keep), "reviews", "http://reviews/new?x=2"),
+            (r(None, None, Some("https"), RedirectPort::Keep), "reviews:80", "https://reviews/old?q=1"),
             (r(None, Some("example.com"), None, RedirectPort::Keep), "reviews:9080", "http://example.com/old?q=1"),
             (r(None, None, None, RedirectPort::Keep), "reviews:9080", "http://reviews:9080/old?q=1"),
             (r(None, None, Some("https"), RedirectPort::Keep), "reviews", "https://reviews/old?q=1"),
@@ -396,6 +414,11 @@ mod tests {
             let resp = local_response(&route, authority, "/old?q=1", 9080).unwrap();
             assert_eq!(resp.status(), 301);
             assert_eq!(resp.headers()[header::LOCATION], want, "{redirect:?} from {authority}");
+        }
+        // A Host that is not an authority never reaches a Location.
+        let route = HttpRoute { redirect: Some(r(Some("/new"), None, None, RedirectPort::Keep)), ..Default::default() };
+        for bad in ["a@evil.example", "evil.example/x", "a b", ""] {
+            assert_eq!(local_response(&route, bad, "/", 80).unwrap().status(), 400, "{bad:?}");
         }
     }
 

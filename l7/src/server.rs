@@ -280,12 +280,18 @@ impl Proxy {
             Ok(s) => Some(s),
             Err(f) => return self.finish(log, start, Err(f), ops),
         };
+        // The consistent-hash key, from the request as it came (Envoy
+        // hashes before any header operation).
+        let (hash, set_cookie) = route::request_hash(&resolved.policy, &parts.headers, &path, ctx.peer.ip(), &mut rng);
         // The upstream request.
         strip_hop_by_hop(&mut parts.headers);
         // The destination's own header operations, then the route's (as
         // Envoy orders weighted-cluster and route level).
         route::apply_header_ops(&mut parts.headers, &dest.request_headers);
-        log.rewritten = route::apply_to_request(&mut parts, &route, &path);
+        log.rewritten = match route::apply_to_request(&mut parts, &route, &path) {
+            Ok(r) => r,
+            Err(f) => return self.finish(log, start, Err(f), ops),
+        };
         trace::inject(&trace, &mut parts.headers);
         if let Ok(v) = HeaderValue::from_str(&trace.trace_id) {
             parts.headers.entry("x-request-id").or_insert(v);
@@ -295,7 +301,6 @@ impl Proxy {
                 self.upstreams.mirror(&snap, mirror, &host_ns, ctx.port.port, parts.clone(), body.clone(), grpc, &mut rng);
             }
         }
-        let (hash, set_cookie) = route::request_hash(&resolved.policy, &parts.headers, &path, ctx.peer.ip(), &mut rng);
         let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2, hash };
         let mut outcome = resilience::forward(&self.upstreams, out, &mut slot, &mut log.retries, &mut rng).await;
         if let Ok((resp, _)) = &mut outcome {

@@ -137,20 +137,26 @@ impl Upstreams {
     /// the highest score for the key (rendezvous hashing), so one key keeps
     /// its endpoint while that endpoint is healthy; a request without a key
     /// goes to a random one, as Envoy's ring hash does.
+    /// Endpoints in `tried` (a retry's earlier attempts) are passed over
+    /// while another live one is left.
     pub fn choose<'a>(
         &self,
         eps: &[(&'a Workload, u16)],
         policy: &routing::TrafficPolicy,
         hash: Option<u64>,
+        tried: &[SocketAddrV4],
         rng: &mut fastrand::Rng,
     ) -> Option<(&'a Workload, u16)> {
         let now = Instant::now();
         let states = self.endpoints.lock().expect("lock");
         let state = |w: &Workload, p: u16| states.get(&SocketAddrV4::new(w.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), p)).cloned().unwrap_or_default();
-        let live: Vec<(&'a Workload, u16)> =
+        let mut live: Vec<(&'a Workload, u16)> =
             eps.iter().copied().filter(|(w, p)| state(w, *p).ejected_until.is_none_or(|t| t <= now)).collect();
         if live.is_empty() {
             return None;
+        }
+        if !tried.is_empty() && live.iter().any(|(w, p)| !tried.contains(&endpoint(w, *p))) {
+            live.retain(|(w, p)| !tried.contains(&endpoint(w, *p)));
         }
         if policy.hash.is_some() {
             return Some(match hash {
@@ -276,7 +282,7 @@ impl Upstreams {
             debug!(mirror = %dest.host, "mirror destination has no endpoint; copy dropped");
             return;
         };
-        let Some((w, p)) = self.choose(&r.endpoints, &r.policy, None, rng) else { return };
+        let Some((w, p)) = self.choose(&r.endpoints, &r.policy, None, &[], rng) else { return };
         let w = w.clone();
         if let Some(host) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(|h| format!("{h}-shadow")) {
             if let Ok(v) = HeaderValue::from_str(&host) {
@@ -302,7 +308,7 @@ impl Upstreams {
         let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100, ..Default::default() };
         let Ok(r) = route::resolve(snap, &dest, &svc.namespace, &self.namespace, port) else { return };
         let hash = matches!(r.policy.hash, Some(routing::HashKey::SourceIp)).then(|| route::key_hash(peer.to_string().as_bytes()));
-        let Some((w, port)) = self.choose(&r.endpoints, &r.policy, hash, rng) else { return };
+        let Some((w, port)) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else { return };
         let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
         hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
     }
