@@ -14,8 +14,13 @@ pub enum Failure {
     NoRoute,
     /// No ready endpoint (503).
     NoHealthyUpstream,
-    /// Connecting upstream failed (503).
+    /// Connecting upstream failed, or the request was not written (503):
+    /// the upstream did not see it, so a retry is safe.
     UpstreamConnect,
+    /// The upstream connection ended after the request may have been
+    /// written, before a response (503): the upstream may have processed
+    /// it.
+    UpstreamReset,
     /// The route's timeout passed (504).
     Timeout,
     /// Fault injection aborted the request with this HTTP status.
@@ -42,6 +47,11 @@ impl Failure {
             Failure::NoRoute => (StatusCode::NOT_FOUND, "NR", "route not found"),
             Failure::NoHealthyUpstream => (StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"),
             Failure::UpstreamConnect => (StatusCode::SERVICE_UNAVAILABLE, "UF", "upstream connect error"),
+            Failure::UpstreamReset => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UC",
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            ),
             Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"),
             Failure::FaultAbort(s) => (StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "FI", "fault filter abort"),
             Failure::GrpcFaultAbort(_) => (StatusCode::OK, "FI", "fault filter abort"),

@@ -170,7 +170,19 @@ pub async fn forward(
     let deadline = out.route.timeout.and_then(|t| Instant::now().checked_add(t));
     let mut outcome: Result<(Response<Body>, Option<&Workload>), Failure> = Err(Failure::NoHealthyUpstream);
     let mut tried: Vec<SocketAddrV4> = Vec::new();
+    let idempotent = is_idempotent(&out.parts.method);
     for n in 0..attempts {
+        if n > 0 {
+            // Envoy's retry back-off: jittered, uniform in [0, (2^n - 1) x
+            // 25 ms), at most 250 ms; never past the route's deadline.
+            let cap = Duration::from_millis(25).saturating_mul((1u32 << n.min(10)) - 1).min(Duration::from_millis(250));
+            let wait = Duration::from_micros(rng.u64(..cap.as_micros().max(1) as u64));
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                outcome = Err(Failure::Timeout);
+                break;
+            }
+            tokio::time::sleep(wait).await;
+        }
         let Some((w, port)) = ups.choose(eps, policy, out.hash, &tried, rng) else {
             outcome = Err(Failure::NoHealthyUpstream);
             break;
@@ -210,7 +222,7 @@ pub async fn forward(
                 break;
             }
             Err(f) => {
-                if retriable_failure(f, &retry_on, per_try, deadline, Instant::now()) && !last {
+                if retriable_failure(f, &retry_on, idempotent, per_try, deadline, Instant::now()) && !last {
                     *retries_made += 1;
                     continue;
                 }
@@ -243,11 +255,21 @@ fn retriable_status(code: u16, grpc: Option<u32>, retry_on: &[String]) -> bool {
     })
 }
 
-/// Whether a failed attempt is retried: connection failures under
-/// `retry_on`, per-try timeouts while the overall deadline has not passed.
-fn retriable_failure(f: Failure, retry_on: &[String], per_try: Option<Duration>, deadline: Option<Instant>, now: Instant) -> bool {
+/// RFC 9110 idempotent methods: sending one twice has the effect of once.
+fn is_idempotent(m: &http::Method) -> bool {
+    matches!(m.as_str(), "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+}
+
+/// Whether a failed attempt is retried: a failure before the request was
+/// written under `retry_on`'s connection conditions; a reset after it was
+/// written only under `reset`, or under `5xx` for an idempotent method
+/// (the upstream may have processed it: a POST is never sent twice unless
+/// the route says `reset`); per-try timeouts while the overall deadline
+/// has not passed.
+fn retriable_failure(f: Failure, retry_on: &[String], idempotent: bool, per_try: Option<Duration>, deadline: Option<Instant>, now: Instant) -> bool {
     match f {
         Failure::UpstreamConnect => retry_on.iter().any(|c| matches!(c.as_str(), "connect-failure" | "5xx" | "reset" | "refused-stream")),
+        Failure::UpstreamReset => retry_on.iter().any(|c| c == "reset" || (idempotent && c == "5xx")),
         Failure::Timeout => per_try.is_some() && deadline.is_none_or(|d| now < d),
         _ => false,
     }
@@ -257,7 +279,7 @@ fn retriable_failure(f: Failure, retry_on: &[String], per_try: Option<Duration>,
 fn observe(ups: &Upstreams, ep: SocketAddrV4, r: &Result<Response<Incoming>, Failure>, policy: &routing::TrafficPolicy, members: &[SocketAddrV4]) {
     let code = match r {
         Ok(resp) => Some(resp.status().as_u16()),
-        Err(Failure::UpstreamConnect) => Some(503),
+        Err(Failure::UpstreamConnect | Failure::UpstreamReset) => Some(503),
         Err(Failure::Timeout) => Some(504),
         Err(_) => None,
     };
@@ -347,26 +369,34 @@ mod tests {
         }
     }
 
-    /// The failure, `retry_on`, per-try timeout, deadline, whether retried.
-    type FailureCase = (Failure, &'static [&'static str], Option<Duration>, Option<Instant>, bool);
+    /// The failure, `retry_on`, idempotent method, per-try timeout,
+    /// deadline, whether retried.
+    type FailureCase = (Failure, &'static [&'static str], bool, Option<Duration>, Option<Instant>, bool);
 
     #[test]
     fn retried_failures() {
         let now = Instant::now();
         let (s, later) = (Some(Duration::from_secs(1)), now.checked_add(Duration::from_secs(1)));
         #[rustfmt::skip]
-        let cases: [FailureCase; 8] = [
-            (Failure::UpstreamConnect, &["connect-failure"], None, None, true),
-            (Failure::UpstreamConnect, &["reset"], None, None, true),
-            (Failure::UpstreamConnect, &["gateway-error"], None, None, false),
-            (Failure::Timeout, &[], s, None, true),
-            (Failure::Timeout, &[], s, later, true),
-            (Failure::Timeout, &[], s, Some(now), false),
-            (Failure::Timeout, &["5xx"], None, later, false),
-            (Failure::NoHealthyUpstream, &["5xx"], s, None, false),
+        let cases: [FailureCase; 14] = [
+            (Failure::UpstreamConnect, &["connect-failure"], false, None, None, true),
+            (Failure::UpstreamConnect, &["reset"], false, None, None, true),
+            (Failure::UpstreamConnect, &["gateway-error"], true, None, None, false),
+            // Written, then reset: the upstream may have processed it.
+            (Failure::UpstreamReset, &["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"], true, None, None, false),
+            (Failure::UpstreamReset, &["5xx"], false, None, None, false),
+            (Failure::UpstreamReset, &["5xx"], true, None, None, true),
+            (Failure::UpstreamReset, &["reset"], false, None, None, true),
+            (Failure::UpstreamReset, &["gateway-error"], true, None, None, false),
+            (Failure::Timeout, &[], false, s, None, true),
+            (Failure::Timeout, &[], false, s, later, true),
+            (Failure::Timeout, &[], false, s, Some(now), false),
+            (Failure::Timeout, &["5xx"], true, None, later, false),
+            (Failure::NoHealthyUpstream, &["5xx"], true, s, None, false),
+            (Failure::TooLarge, &["5xx"], true, s, None, false),
         ];
-        for (f, on, per_try, deadline, want) in cases {
-            assert_eq!(retriable_failure(f, &strs(on), per_try, deadline, now), want, "{f:?} {on:?} {per_try:?} {deadline:?}");
+        for (f, on, idempotent, per_try, deadline, want) in cases {
+            assert_eq!(retriable_failure(f, &strs(on), idempotent, per_try, deadline, now), want, "{f:?} {on:?} {idempotent} {per_try:?} {deadline:?}");
         }
     }
 

@@ -245,19 +245,22 @@ impl Upstreams {
         }
     }
 
-    /// Sends one attempt; returns the response or why it failed.
+    /// Sends one attempt; returns the response or why it failed: a
+    /// failure before the request was written (hyper hands it back, or
+    /// HTTP/2 REFUSED_STREAM) is `UpstreamConnect`, safe to retry; after,
+    /// `UpstreamReset`, as the upstream may have processed it.
     pub async fn attempt(&self, w: &Workload, port: u16, h2: bool, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, Failure> {
         match self.connection(w, port, h2).await? {
             Conn::H1(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
-                let r = s.send_request(req).await.map_err(|_| Failure::UpstreamConnect);
+                let r = s.try_send_request(req).await.map_err(|mut e| sent_failure(e.take_message().is_none(), e.error()));
                 // hyper waits for this response's body before the next request.
                 self.put_back(w, port, h2, Conn::H1(s));
                 r
             }
             Conn::H2(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
-                let r = s.send_request(req).await.map_err(|_| Failure::UpstreamConnect);
+                let r = s.try_send_request(req).await.map_err(|mut e| sent_failure(e.take_message().is_none(), e.error()));
                 self.put_back(w, port, h2, Conn::H2(s));
                 r
             }
@@ -311,6 +314,20 @@ impl Upstreams {
         let Some((w, port)) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else { return };
         let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
         hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
+    }
+}
+
+/// A failed send: `UpstreamReset` when the request may have reached the
+/// upstream (written, and not refused by HTTP/2 REFUSED_STREAM, which
+/// promises the stream was not processed), else `UpstreamConnect`.
+fn sent_failure(written: bool, e: &hyper::Error) -> Failure {
+    let refused = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM));
+    if written && !refused {
+        Failure::UpstreamReset
+    } else {
+        Failure::UpstreamConnect
     }
 }
 

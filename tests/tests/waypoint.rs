@@ -533,3 +533,38 @@ fn consistent_hash_keeps_a_user_on_one_pod() {
     }
     assert!(seen.0 > 0 && seen.1 > 0, "users spread over both pods: {seen:?}");
 }
+
+/// Retries never repeat a request the upstream may have processed: a
+/// backend that reads the request and closes without answering gets a
+/// POST exactly once, even under `retryOn: 5xx`; a GET (idempotent) is
+/// retried, each retry on an endpoint not tried yet.
+#[test]
+fn a_reset_after_the_request_was_written_is_retried_only_when_idempotent() {
+    let Some(mesh) = up() else { return };
+    let y = vs(
+        "reviews",
+        "  http:\n  - match: [{uri: {exact: /in-force}}]\n    directResponse: {status: 418}\n  - retries: {attempts: 2, retryOn: 5xx}\n    route: [{destination: {host: reviews}}]\n",
+    );
+    apply_vs(&mesh, "reviews", &y, |m| count(&load(m, "http://reviews:9080/in-force", 1, &[]).codes, "418") == 1);
+    let seen = |m: &LocalMesh, path: &str| -> Vec<usize> {
+        ["reviews-v1", "reviews-v2"]
+            .iter()
+            .map(|p| server_events(m.pod("shop", p)).iter().filter(|e| e["event"] == "request" && e["path"] == path).count())
+            .collect()
+    };
+    let post = load_with(&mesh, "POST", "http://reviews:9080/reset-post", 1, &[]);
+    assert_eq!(count(&post.codes, "503"), 1, "{:?}", post.codes);
+    let get = load(&mesh, "http://reviews:9080/reset-get", 1, &[]);
+    assert_eq!(count(&get.codes, "503"), 1, "{:?}", get.codes);
+    // The GET: 1 + 2 retries, the first two on different pods.
+    eventually(WAIT, "the GET's three attempts", || {
+        let g = seen(&mesh, "/reset-get");
+        (g.iter().sum::<usize>() == 3).then_some(g)
+    })
+    .iter()
+    .for_each(|n| assert!(*n >= 1, "each pod tried"));
+    // Given the GET's attempts have landed, the POST's would have too.
+    assert_eq!(seen(&mesh, "/reset-post").iter().sum::<usize>(), 1, "a POST the upstream read is never sent again");
+    let wp = std::fs::read_to_string(&mesh.pod("shop", "waypoint").log).unwrap();
+    assert!(wp.contains("response_flags=UC"), "the reset is logged as UC");
+}
