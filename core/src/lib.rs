@@ -53,3 +53,24 @@ pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its
+/// hard limit: a proxy holds a descriptor or two per connection, and the
+/// usual soft default of 1024 would refuse connections long before the
+/// machine runs short. Returns the soft limit before and after.
+pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard.max(soft)))
+}
+
+/// [`raise_open_file_limit`] at a process's start, logged.
+pub fn raise_open_file_limit_logged() {
+    match raise_open_file_limit() {
+        Ok((before, after)) => tracing::info!(before, after, "open-file limit (RLIMIT_NOFILE soft) raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit; connections past it will be refused"),
+    }
+}

@@ -1173,13 +1173,6 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
     })
 }
 
-/// Converts a trafficPolicy over `base` (defaults for a DestinationRule's
-/// own, the DestinationRule's for a subset), as Istio merges them:
-/// - each sub-object this level sets (`loadBalancer`, `connectionPool`,
-///   `outlierDetection`) replaces the base's whole, on every port (a
-///   subset's settings override the destination's port-level ones too);
-/// - a `portLevelSettings` entry replaces everything for its port: what it
-///   omits takes defaults, not the level's settings.
 /// `tls`: mesh traffic is always mutual TLS (HBONE), so `ISTIO_MUTUAL`
 /// says what happens anyway; any other mode would ask for plaintext or for
 /// TLS origination to a non-mesh destination, which Skiff does not do.
@@ -1193,6 +1186,13 @@ fn client_tls(field: &str, tls: Option<&k8s::ClientTlsSpec>) -> Result<(), Field
     }
 }
 
+/// Converts a trafficPolicy over `base` (defaults for a DestinationRule's
+/// own, the DestinationRule's for a subset), as Istio merges them:
+/// - each sub-object this level sets (`loadBalancer`, `connectionPool`,
+///   `outlierDetection`) replaces the base's whole, on every port (a
+///   subset's settings override the destination's port-level ones too);
+/// - a `portLevelSettings` entry replaces everything for its port: what it
+///   omits takes defaults, not the level's settings.
 fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &TrafficPolicy) -> Result<TrafficPolicy, FieldError> {
     let mut out = base.clone();
     let Some(p) = p else { return Ok(out) };

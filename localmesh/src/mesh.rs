@@ -56,6 +56,9 @@ pub struct MeshOptions {
     /// (`--manifests`). The state directory is still written, and every
     /// change to it is mirrored into the API server.
     pub kube_api: bool,
+    /// Start ztunnel with this soft open-file limit (`prlimit`), as a node
+    /// whose runtime hands out the usual 1024.
+    pub ztunnel_soft_nofile: Option<u64>,
 }
 
 /// The kube-proxy stand-in.
@@ -73,7 +76,7 @@ pub enum KubeProxy {
 
 impl MeshOptions {
     pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
-        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Iptables, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false }
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Iptables, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false, ztunnel_soft_nofile: None }
     }
 }
 
@@ -143,6 +146,7 @@ pub struct LocalMesh {
     torn_down: bool,
     cert_lifetime: Duration,
     ztunnel_args: Vec<String>,
+    ztunnel_soft_nofile: Option<u64>,
     kube_proxy: KubeProxy,
     pin_node_cpus: bool,
     agent_args: Vec<String>,
@@ -250,6 +254,7 @@ impl LocalMesh {
             torn_down: false,
             cert_lifetime: opts.cert_lifetime,
             ztunnel_args: opts.ztunnel_args.clone(),
+            ztunnel_soft_nofile: opts.ztunnel_soft_nofile,
             kube_proxy: opts.kube_proxy,
             pin_node_cpus: opts.pin_node_cpus,
             agent_args: opts.agent_args.clone(),
@@ -645,6 +650,10 @@ impl LocalMesh {
         .into_iter()
         .chain(self.ztunnel_args.iter().cloned())
         .collect();
+        let argv: Vec<String> = match self.ztunnel_soft_nofile {
+            Some(soft) => ["prlimit".to_owned(), format!("--nofile={soft}:"), "--".to_owned()].into_iter().chain(argv).collect(),
+            None => argv,
+        };
         let child = self.spawn_on_node(i, &argv, &n.ztunnel_log)?;
         self.nodes[i].ztunnel = Some(child);
         Ok(())

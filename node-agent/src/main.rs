@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    skiff_core::raise_open_file_limit_logged();
     match Cli::parse().cmd {
         Cmd::Run { node, source, cgroup, pin_dir, ztunnel_socket, cni, readiness_addr } => {
             // Checked before capture is installed: a wrong command line

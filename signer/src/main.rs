@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    skiff_core::raise_open_file_limit_logged();
     let cli = Cli::parse();
     let cfg = Config {
         trust_domain: cli.trust_domain.clone(),

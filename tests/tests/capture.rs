@@ -300,3 +300,24 @@ fn ztunnel_drains_open_connections_on_sigterm() {
     let r = client(&mesh, &mesh.pods[k], &target, "marker-after-drain");
     assert!(!r.ok && r.error.contains("refused"), "{r:?}");
 }
+
+/// Every long-running binary raises its soft open-file limit to the hard
+/// limit: ztunnel started under the usual soft 1024 still carries 2000
+/// connections open at once (each holds descriptors in both nodes'
+/// ztunnels), and says what it raised.
+#[test]
+fn ztunnel_under_a_soft_open_file_limit_of_1024_carries_2000_connections() {
+    let Some(mesh) = mesh_with("manifests/l4", |o| o.ztunnel_soft_nofile = Some(1024)) else { return };
+    let client_pod = mesh.pod("mesh", "client");
+    let server = mesh.pod("mesh", "server");
+    wait_listening(server);
+    let target = format!("{}:9000", server.ip);
+    let out = mesh.exec(client_pod, &["skiff-demo-app", "hold", "--target", &target, "--count", "2000"], Duration::from_secs(300)).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    assert_eq!((v["opened"].as_u64(), v["echoed"].as_u64()), (Some(2000), Some(2000)), "{v}");
+    for n in [client_pod.node, server.node] {
+        let log = std::fs::read_to_string(&mesh.nodes[n].ztunnel_log).unwrap();
+        assert!(log.contains("open-file limit") && log.contains("before=1024"), "node {n}'s ztunnel did not raise its limit");
+    }
+}

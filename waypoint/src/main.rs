@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    skiff_core::raise_open_file_limit_logged();
     let cli = Cli::parse();
     let source = skiff_kube_source::SourceChoice::from_args(cli.manifests.clone(), cli.kube, cli.kube_url.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

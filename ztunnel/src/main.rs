@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         .with(filter)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
         .init();
+    skiff_core::raise_open_file_limit_logged();
     let cli = Cli::parse();
     let source = cli.source.choice()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

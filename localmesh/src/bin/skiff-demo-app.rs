@@ -47,6 +47,15 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         stream_ms: u64,
     },
+    /// Open COUNT connections to TARGET and hold them all open at once;
+    /// then close each one's sending side and read its echo. Prints how
+    /// many opened and how many echoed, as JSON.
+    Hold {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        count: usize,
+    },
     /// Try to bind the port; print whether that worked as JSON.
     Bind {
         #[arg(long)]
@@ -501,7 +510,10 @@ fn http_server(port: u16, handler: fn(&TcpStream, &Req) -> (String, String)) -> 
             let mut s = s;
             if let Some(req) = read_request(&mut s) {
                 let (status, body) = handler(&s, &req);
-                respond(&mut s, &status, &body);
+                // No status: close without answering (the request was read).
+                if !status.is_empty() {
+                    respond(&mut s, &status, &body);
+                }
             }
         });
     }
@@ -511,12 +523,16 @@ fn http_server(port: u16, handler: fn(&TcpStream, &Req) -> (String, String)) -> 
 static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Answers with what it saw. `FAIL_FIRST=N`: the first N requests get 503;
-/// paths under `/slow` take 2 s.
+/// paths under `/slow` take 2 s; paths under `/reset` are read, then the
+/// connection is closed without an answer.
 fn backend(s: &TcpStream, req: &Req) -> (String, String) {
     let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let version = env::var("VERSION").unwrap_or_else(|_| "v1".into());
     let n = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     log(json!({"event": "request", "path": req.path(), "host": req.header("host"), "peer": peer}));
+    if req.path().starts_with("/reset") {
+        return (String::new(), String::new());
+    }
     let fail_first: u64 = env::var("FAIL_FIRST").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     if n < fail_first {
         return ("503 Service Unavailable".into(), format!("backend {} failing request {n}\n", pod()));
@@ -634,8 +650,52 @@ fn frontend(_s: &TcpStream, _req: &Req) -> (String, String) {
     }
 }
 
+/// Many connections at once (see `Cmd::Hold`).
+fn hold(target: &str, count: usize) -> ExitCode {
+    let addr = match target.to_socket_addrs().ok().and_then(|mut a| a.find(|a| a.is_ipv4())) {
+        Some(a) => a,
+        None => {
+            log(json!({"error": format!("cannot resolve {target}")}));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut conns = Vec::with_capacity(count);
+    let mut errors = Vec::new();
+    for i in 0..count {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)).and_then(|mut s| {
+            s.write_all(format!("conn-{i}").as_bytes())?;
+            Ok(s)
+        }) {
+            Ok(s) => conns.push(s),
+            Err(e) if errors.len() < 5 => errors.push(format!("conn-{i}: {e}")),
+            Err(_) => {}
+        }
+    }
+    // Every connection is open at this point; now end each and read its
+    // echo (the echo server answers once the sending side is closed).
+    let opened = conns.len();
+    let mut echoed = 0;
+    for (i, mut s) in conns.into_iter().enumerate() {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = String::new();
+        match s.read_to_string(&mut reply) {
+            Ok(_) if reply.ends_with(&format!(": conn-{i}")) => echoed += 1,
+            Ok(_) if errors.len() < 5 => errors.push(format!("conn-{i}: reply {reply:?}")),
+            Err(e) if errors.len() < 5 => errors.push(format!("conn-{i}: {e}")),
+            _ => {}
+        }
+    }
+    log(json!({"opened": opened, "echoed": echoed, "errors": errors}));
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    // Many connections at once (hold, the echo server) need more than the
+    // usual 1024 descriptors.
+    let _ = skiff_core::raise_open_file_limit();
     match Cli::parse().cmd {
+        Cmd::Hold { target, count } => hold(&target, count),
         Cmd::EchoServer { port } => echo_server(port),
         Cmd::Client { target, message, hold_ms, stream_ms } => {
             client(&target, &message, Duration::from_millis(hold_ms), Duration::from_millis(stream_ms))
