@@ -610,7 +610,7 @@ const DESTINATION_RULE: &[(&str, Reading)] = &[
     ("trafficPolicy.outlierDetection", H), ("trafficPolicy.outlierDetection.baseEjectionTime", H),
     ("trafficPolicy.outlierDetection.consecutive5xxErrors", H), ("trafficPolicy.outlierDetection.consecutiveErrors", R),
     ("trafficPolicy.outlierDetection.consecutiveGatewayErrors", H),
-    ("trafficPolicy.outlierDetection.consecutiveLocalOriginFailures", R), ("trafficPolicy.outlierDetection.interval", H),
+    ("trafficPolicy.outlierDetection.consecutiveLocalOriginFailures", R), ("trafficPolicy.outlierDetection.interval", D),
     ("trafficPolicy.outlierDetection.maxEjectionPercent", H), ("trafficPolicy.outlierDetection.minHealthPercent", R),
     ("trafficPolicy.outlierDetection.splitExternalLocalOriginErrors", R),
     ("trafficPolicy.portLevelSettings", H), ("trafficPolicy.portLevelSettings[].connectionPool", H),

@@ -80,7 +80,8 @@ pub struct Upstreams {
     pool: Pool,
     /// Bytes through HBONE streams.
     tcp: IntCounter,
-    idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Conn>>>,
+    /// Idle connections, each with the requests it has carried.
+    idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<(Conn, u32)>>>,
     /// Per endpoint: requests in flight, failures, ejection.
     pub(crate) endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
     /// Round-robin position per destination (endpoint set).
@@ -123,7 +124,7 @@ impl Upstreams {
     /// Drops state of endpoints not in `live` and closed idle connections.
     pub fn sweep(&self, live: &HashSet<Ipv4Addr>) {
         self.idle.lock().expect("lock").retain(|(ep, _), list| {
-            list.retain(|u| !u.is_closed());
+            list.retain(|(u, _)| !u.is_closed());
             live.contains(ep.ip()) && !list.is_empty()
         });
         self.endpoints.lock().expect("lock").retain(|ep, st| live.contains(ep.ip()) || st.active > 0);
@@ -199,8 +200,9 @@ impl Upstreams {
             .await
     }
 
-    /// An HTTP connection to `ep` (reused when one is idle).
-    async fn connection(&self, w: &Workload, port: u16, h2: bool) -> Result<Conn, Failure> {
+    /// An HTTP connection to `ep` (reused when one is idle), with the
+    /// requests it has carried so far.
+    async fn connection(&self, w: &Workload, port: u16, h2: bool) -> Result<(Conn, u32), Failure> {
         let ep = endpoint(w, port);
         {
             // Reuse a connection only when it can take a request now: an
@@ -208,8 +210,8 @@ impl Upstreams {
             // has been read to the end.
             let mut idle = self.idle.lock().expect("lock");
             if let Some(list) = idle.get_mut(&(ep, h2)) {
-                list.retain(|u| !u.is_closed());
-                if let Some(i) = list.iter().position(Conn::is_ready) {
+                list.retain(|(u, _)| !u.is_closed());
+                if let Some(i) = list.iter().position(|(u, _)| u.is_ready()) {
                     return Ok(list.swap_remove(i));
                 }
             }
@@ -229,19 +231,25 @@ impl Upstreams {
                 .await
                 .map_err(|_| Failure::UpstreamConnect)?;
             tokio::spawn(conn);
-            Ok(Conn::H2(s))
+            Ok((Conn::H2(s), 0))
         } else {
             let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours)).await.map_err(|_| Failure::UpstreamConnect)?;
             tokio::spawn(conn);
-            Ok(Conn::H1(s))
+            Ok((Conn::H1(s), 0))
         }
     }
 
-    fn put_back(&self, w: &Workload, port: u16, h2: bool, u: Conn) {
+    /// Keeps a connection for reuse, unless it has carried the
+    /// DestinationRule's `maxRequestsPerConnection` (then it closes once
+    /// its last response is read).
+    fn put_back(&self, w: &Workload, port: u16, h2: bool, u: Conn, carried: u32, max_requests: Option<u32>) {
+        if max_requests.is_some_and(|m| carried >= m) {
+            return;
+        }
         let mut idle = self.idle.lock().expect("lock");
         let v = idle.entry((endpoint(w, port), h2)).or_default();
         if v.len() < MAX_IDLE_PER_ENDPOINT {
-            v.push(u);
+            v.push((u, carried));
         }
     }
 
@@ -249,19 +257,21 @@ impl Upstreams {
     /// failure before the request was written (hyper hands it back, or
     /// HTTP/2 REFUSED_STREAM) is `UpstreamConnect`, safe to retry; after,
     /// `UpstreamReset`, as the upstream may have processed it.
-    pub async fn attempt(&self, w: &Workload, port: u16, h2: bool, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, Failure> {
-        match self.connection(w, port, h2).await? {
+    /// `max_requests` is the DestinationRule's `maxRequestsPerConnection`.
+    pub async fn attempt(&self, w: &Workload, port: u16, h2: bool, max_requests: Option<u32>, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, Failure> {
+        let (conn, carried) = self.connection(w, port, h2).await?;
+        match conn {
             Conn::H1(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
                 let r = s.try_send_request(req).await.map_err(|mut e| sent_failure(e.take_message().is_none(), e.error()));
                 // hyper waits for this response's body before the next request.
-                self.put_back(w, port, h2, Conn::H1(s));
+                self.put_back(w, port, h2, Conn::H1(s), carried + 1, max_requests);
                 r
             }
             Conn::H2(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
                 let r = s.try_send_request(req).await.map_err(|mut e| sent_failure(e.take_message().is_none(), e.error()));
-                self.put_back(w, port, h2, Conn::H2(s));
+                self.put_back(w, port, h2, Conn::H2(s), carried + 1, max_requests);
                 r
             }
         }
@@ -293,11 +303,12 @@ impl Upstreams {
             }
         }
         let h2 = route::port_protocol(&r.port) == "http2" || grpc;
+        let max_requests = r.policy.connection_pool.max_requests_per_connection;
         let me = self.clone();
         debug!(mirror = %r.svc.hostname(), "mirroring request");
         tokio::spawn(async move {
             let req = upstream_request(&parts, &body, h2);
-            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&w, p, h2, req)).await {
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&w, p, h2, max_requests, req)).await {
                 let _ = resp.into_body().collect().await;
             }
         });

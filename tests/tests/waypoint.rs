@@ -568,3 +568,30 @@ fn a_reset_after_the_request_was_written_is_retried_only_when_idempotent() {
     let wp = std::fs::read_to_string(&mesh.pod("shop", "waypoint").log).unwrap();
     assert!(wp.contains("response_flags=UC"), "the reset is logged as UC");
 }
+
+/// DestinationRule `connectionPool.http.maxRequestsPerConnection: 1`: the
+/// waypoint opens a new upstream connection (an HBONE stream the pod's
+/// ztunnel counts) for every request, where it otherwise keeps them alive.
+#[test]
+fn max_requests_per_connection_one_turns_keep_alive_off() {
+    let Some(mesh) = up() else { return };
+    let labels = [("reporter", "destination"), ("source_workload", "waypoint")];
+    let opened = |m: &LocalMesh| -> f64 { (0..m.nodes.len()).map(|n| m.metric(n, "istio_tcp_connections_opened_total", &labels).unwrap()).sum() };
+    let during = |m: &LocalMesh, n: usize| {
+        let before = opened(m);
+        // The backend keeps connections alive under /keep.
+        let l = load(m, "http://reviews:9080/keep", n, &[]);
+        assert_eq!(count(&l.codes, "200"), n as u64, "{:?}", l.codes);
+        // The destination ztunnels count a stream when it opens.
+        std::thread::sleep(Duration::from_millis(300));
+        opened(m) - before
+    };
+    // Kept alive: 20 requests over a few connections (one or two per pod).
+    let kept = during(&mesh, 20);
+    assert!(kept <= 6.0, "keep-alive reuses connections: {kept} opened for 20 requests");
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: per-request, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool: {http: {maxRequestsPerConnection: 1}}\n";
+    mesh.apply("per-request-dr", Some(dr)).unwrap();
+    eventually(WAIT, "maxRequestsPerConnection in force", || (during(&mesh, 5) >= 5.0).then_some(()));
+    let fresh = during(&mesh, 20);
+    assert!(fresh >= 20.0, "one connection per request: {fresh} opened for 20 requests");
+}

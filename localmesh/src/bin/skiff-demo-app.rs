@@ -480,7 +480,12 @@ fn read_request(s: &mut TcpStream) -> Option<Req> {
 }
 
 fn respond(s: &mut TcpStream, status: &str, body: &str) {
-    let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    respond_conn(s, status, body, false);
+}
+
+fn respond_conn(s: &mut TcpStream, status: &str, body: &str, keep_alive: bool) {
+    let connection = if keep_alive { "" } else { "Connection: close\r\n" };
+    let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{body}", body.len());
 }
 
 fn http_get(url: &str) -> Result<(u16, String), String> {
@@ -508,11 +513,18 @@ fn http_server(port: u16, handler: fn(&TcpStream, &Req) -> (String, String)) -> 
     for s in l.incoming().flatten() {
         thread::spawn(move || {
             let mut s = s;
-            if let Some(req) = read_request(&mut s) {
+            // One request per connection, except under `/keep`: those keep
+            // the connection open for the next request (keep-alive).
+            while let Some(req) = read_request(&mut s) {
                 let (status, body) = handler(&s, &req);
                 // No status: close without answering (the request was read).
-                if !status.is_empty() {
-                    respond(&mut s, &status, &body);
+                if status.is_empty() {
+                    break;
+                }
+                let keep = req.path().starts_with("/keep");
+                respond_conn(&mut s, &status, &body, keep);
+                if !keep {
+                    break;
                 }
             }
         });
