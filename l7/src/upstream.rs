@@ -57,6 +57,10 @@ impl Conn {
     }
 }
 
+/// Idle connections by endpoint and protocol (HTTP/2 or not), each with
+/// the requests it has carried.
+type IdlePool = HashMap<(SocketAddrV4, bool), Vec<(Conn, u32)>>;
+
 /// Outlier-detection and load state of one endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct EndpointState {
@@ -80,8 +84,7 @@ pub struct Upstreams {
     pool: Pool,
     /// Bytes through HBONE streams.
     tcp: IntCounter,
-    /// Idle connections, each with the requests it has carried.
-    idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<(Conn, u32)>>>,
+    idle: Mutex<IdlePool>,
     /// Per endpoint: requests in flight, failures, ejection.
     pub(crate) endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
     /// Round-robin position per destination (endpoint set).
