@@ -7,7 +7,7 @@
 //! - `demo [--manifests DIR] [--nodes N]`: setup, build, run the local mesh demo;
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
-//! - `fuzz [--seconds N]`: fuzz the HBONE server's CONNECT handling (hbone/fuzz);
+//! - `fuzz [--seconds N] [--all]`: fuzz the HBONE server's CONNECT handling, or every target (hbone/fuzz);
 //! - `bench hbone|waypoint|compare [--quick] [...]`: what the tunnel and the
 //!   waypoint cost, and Skiff against Envoy sidecars (release builds).
 
@@ -50,11 +50,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO TEST ARGS")]
         args: Vec<String>,
     },
-    /// Fuzz the HBONE server's CONNECT handling (hbone/fuzz) for a bounded time.
+    /// Fuzz for a bounded time (hbone/fuzz): the HBONE server's CONNECT
+    /// handling, or with `--all` every target in turn.
     Fuzz {
-        /// How long to fuzz.
+        /// How long to fuzz (each target, with `--all`).
         #[arg(long, value_name = "N", default_value_t = 60)]
         seconds: u64,
+        /// Every target: `connect_request` (HBONE CONNECT), `manifests`
+        /// (manifest text → snapshot → routing and policy decisions).
+        #[arg(long)]
+        all: bool,
     },
     /// Benchmarks on release builds, as root (figures, not assertions).
     Bench {
@@ -466,16 +471,20 @@ fn bench(which: Bench, quick: bool, args: &[String]) -> anyhow::Result<()> {
 /// Fuzzes ztunnel's inbound CONNECT handling (HTTP/2 frames after the
 /// preface, through the same h2 settings and request checks) for a bounded
 /// time. Needs nightly; installs cargo-fuzz if missing.
-fn fuzz(seconds: u64) -> anyhow::Result<()> {
+fn fuzz(seconds: u64, all: bool) -> anyhow::Result<()> {
     setup_nightly()?;
     if output(Command::new(cargo_bin("cargo-fuzz")?).arg("--version")).is_none() {
         step("installing cargo-fuzz (a few minutes, once)");
         run(Command::new("cargo").args(["install", "cargo-fuzz"]))?;
     }
-    step(&format!("fuzzing the HBONE CONNECT handler for {seconds} s"));
-    run(Command::new("cargo")
-        .current_dir(root().join("hbone"))
-        .args(["+nightly", "fuzz", "run", "connect_request", "--", &format!("-max_total_time={seconds}")]))
+    let targets: &[&str] = if all { &["connect_request", "manifests"] } else { &["connect_request"] };
+    for target in targets {
+        step(&format!("fuzzing {target} for {seconds} s"));
+        run(Command::new("cargo")
+            .current_dir(root().join("hbone"))
+            .args(["+nightly", "fuzz", "run", target, "--", &format!("-max_total_time={seconds}")]))?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -486,7 +495,7 @@ fn main() -> ExitCode {
         // `test` (the end of its own options), and `cargo test` needs it
         // (`cargo xtask test -- --nocapture`).
         Task::Test { args: _ } => test(&std::env::args().skip(2).collect::<Vec<_>>()),
-        Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Fuzz { seconds, all } => fuzz(seconds, all),
         Task::Bench { which, quick, args } => bench(which, quick, &args),
     };
     match result {
