@@ -224,6 +224,12 @@ impl Redirect {
     }
 }
 
+/// An RFC 9110 token (header names, methods, cookie names): one or more
+/// of the `tchar` characters.
+fn is_http_token(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Whether `a` can stand as an authority (`host`, `host:port`,
 /// `[v6]:port`) in a Location: no userinfo, path or spaces.
 pub fn is_authority(a: &str) -> bool {
@@ -795,9 +801,8 @@ fn percent(field: &str, p: &Option<k8s::Percent>, legacy: Option<u32>, absent: f
 fn header_ops(field: &str, h: &Option<k8s::HeaderOperations>) -> Result<HeaderOps, FieldError> {
     let Some(h) = h else { return Ok(HeaderOps::default()) };
     let name = |f: String, k: &str| -> Result<String, FieldError> {
-        // RFC 9110 token characters, without `%` (an Envoy substitution).
-        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&b);
-        if k.is_empty() || !k.bytes().all(tchar) {
+        // A token without `%` (an Envoy substitution).
+        if !is_http_token(k) || k.contains('%') {
             return Err((f, format!("{k:?} is not an HTTP header name")));
         }
         Ok(k.to_ascii_lowercase())
@@ -832,8 +837,7 @@ fn kv_matches(field: &str, m: &BTreeMap<String, k8s::StringMatchSpec>) -> Result
 /// in whole seconds, `unmatchedPreflights` FORWARD or IGNORE.
 fn cors_policy(field: &str, c: &k8s::CorsPolicySpec) -> Result<Cors, FieldError> {
     let token = |f: String, v: &str| -> Result<String, FieldError> {
-        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-        if v.is_empty() || !v.bytes().all(tchar) {
+        if !is_http_token(v) {
             return Err((f, format!("{v:?} is not an HTTP token")));
         }
         Ok(v.to_owned())
@@ -1220,7 +1224,7 @@ fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &Traffi
 fn hash_key(field: &str, c: &k8s::ConsistentHashSpec) -> Result<HashKey, FieldError> {
     let mut keys = Vec::new();
     if let Some(h) = &c.http_header_name {
-        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+        if !is_http_token(h) {
             return Err((format!("{field}.httpHeaderName"), format!("{h:?} is not an HTTP header name")));
         }
         keys.push(HashKey::Header(h.to_ascii_lowercase()));
@@ -1229,18 +1233,17 @@ fn hash_key(field: &str, c: &k8s::ConsistentHashSpec) -> Result<HashKey, FieldEr
         if ck.name.is_empty() {
             return Err((format!("{field}.httpCookie.name"), "required".into()));
         }
-        // Cookie syntax (RFC 6265): a token name; path and attribute
+        // Cookie syntax (RFC 6265): token names; path and attribute
         // values without `;` or control characters.
-        let token = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         let av = |v: &str| v.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b';');
-        if !token(&ck.name) {
+        if !is_http_token(&ck.name) {
             return Err((format!("{field}.httpCookie.name"), format!("{:?} is not a cookie name", ck.name)));
         }
         if let Some(p) = ck.path.as_deref().filter(|p| !av(p)) {
             return Err((format!("{field}.httpCookie.path"), format!("{p:?}: no `;` or control characters")));
         }
         for (i, a) in ck.attributes.iter().enumerate() {
-            if !token(&a.name) || a.value.as_deref().is_some_and(|v| !av(v)) {
+            if !is_http_token(&a.name) || a.value.as_deref().is_some_and(|v| !av(v)) {
                 return Err((format!("{field}.httpCookie.attributes[{i}]"), format!("{:?}={:?} is not a cookie attribute", a.name, a.value)));
             }
         }
