@@ -9,6 +9,8 @@
 //! - [`tunnel`]: HBONE — TCP carried as HTTP/2 CONNECT streams over mutual
 //!   TLS 1.3 to port 15008 — the client connection pool, the server-side
 //!   request checks and settings, and the byte relay;
+//! - [`limits`]: bounds on HBONE handshakes and connections (per peer and
+//!   in total), idle timeouts and keepalives, with their flags;
 //! - [`sock`] and [`transport`]: the sockets made inside a pod's network
 //!   namespace (marked so capture lets them pass) and how they connect.
 //!
@@ -17,6 +19,7 @@
 
 pub mod certs;
 pub mod identity;
+pub mod limits;
 pub mod signer_client;
 pub mod sock;
 pub mod transport;

@@ -8,10 +8,10 @@ use std::{
     io,
     net::SocketAddrV4,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, Weak,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -24,7 +24,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::{certs::CertManager, identity::Identity, sock, transport};
+use crate::{certs::CertManager, identity::Identity, limits::{self, HboneLimits}, sock, transport};
 
 /// HTTP/2 stream window: large enough for bulk transfers on one stream.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -63,8 +63,11 @@ pub enum HboneError {
 }
 
 struct PooledConn {
+    id: u64,
     send: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
+    /// When the last stream ended, in ms since the pool's epoch.
+    last_used: Arc<AtomicU64>,
     dead: Arc<AtomicBool>,
 }
 
@@ -81,27 +84,49 @@ impl ClosedCheck for SendRequest<Bytes> {
     }
 }
 
-/// Counts a stream against its pooled connection while it lives.
-pub struct StreamGuard(Arc<AtomicUsize>);
+/// Counts a stream against its pooled connection while it lives, and
+/// stamps the connection's last use when it ends.
+pub struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl StreamGuard {
+    fn new(c: &PooledConn, epoch: Instant) -> StreamGuard {
+        c.streams.fetch_add(1, Ordering::AcqRel);
+        StreamGuard { streams: c.streams.clone(), last_used: c.last_used.clone(), epoch }
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.last_used.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        self.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// Pool key: source pod (connections leave from its netns, with its IP)
 /// and destination address.
 type Key = (String, SocketAddrV4);
+type Conns = Mutex<HashMap<Key, Vec<PooledConn>>>;
 
 pub struct Pool {
     certs: Arc<CertManager>,
-    conns: Mutex<HashMap<Key, Vec<PooledConn>>>,
+    limits: HboneLimits,
+    conns: Arc<Conns>,
+    epoch: Instant,
+    next_id: AtomicU64,
 }
 
 impl Pool {
-    pub fn new(certs: Arc<CertManager>) -> Pool {
-        Pool { certs, conns: Mutex::new(HashMap::new()) }
+    pub fn new(certs: Arc<CertManager>, limits: HboneLimits) -> Pool {
+        Pool { certs, limits, conns: Arc::new(Mutex::new(HashMap::new())), epoch: Instant::now(), next_id: AtomicU64::new(1) }
+    }
+
+    /// Pooled connections open now.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().expect("lock").values().flatten().filter(|c| !c.dead.load(Ordering::Acquire)).count()
     }
 
     fn pick(&self, key: &Key) -> Option<(SendRequest<Bytes>, StreamGuard)> {
@@ -114,17 +139,40 @@ impl Pool {
         }
         let list = conns.get_mut(key)?;
         let c = list.iter().find(|c| c.streams.load(Ordering::Acquire) < MAX_STREAMS_PER_CONN)?;
-        c.streams.fetch_add(1, Ordering::AcqRel);
-        Some((c.send.clone(), StreamGuard(c.streams.clone())))
+        Some((c.send.clone(), StreamGuard::new(c, self.epoch)))
+    }
+
+    /// Resolves once the connection `id` under `key` has had no stream for
+    /// the idle timeout; it is then out of the pool (under the pool's lock,
+    /// so no stream can be picked onto it meanwhile).
+    async fn idle_out(conns: Weak<Conns>, key: Key, id: u64, epoch: Instant, idle: Duration) {
+        let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            tokio::time::sleep(tick).await;
+            let Some(conns) = conns.upgrade() else { return };
+            let mut conns = conns.lock().expect("lock");
+            let Some(list) = conns.get_mut(&key) else { return };
+            let Some(i) = list.iter().position(|c| c.id == id) else { return };
+            let c = &list[i];
+            let since = epoch.elapsed().saturating_sub(Duration::from_millis(c.last_used.load(Ordering::Acquire)));
+            if c.streams.load(Ordering::Acquire) == 0 && since >= idle {
+                list.remove(i);
+                if list.is_empty() {
+                    conns.remove(&key);
+                }
+                return;
+            }
+        }
     }
 
     async fn dial(
         &self,
+        key: &Key,
         net: Option<&Arc<NetnsThread>>,
         src: &Identity,
         dst: &Identity,
         addr: SocketAddrV4,
-    ) -> Result<PooledConn, HboneError> {
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), HboneError> {
         // From the source pod's netns (ztunnel), or from our own (waypoint).
         let std = match net {
             Some(net) => net.run(sock::outbound)?,
@@ -132,29 +180,53 @@ impl Pool {
         }
         .map_err(|e| HboneError::Connect(addr, e))?;
         let tcp = transport::connect_socket(std, addr).await.map_err(|e| HboneError::Connect(addr, e))?;
+        limits::tcp_keepalive(&tcp, self.limits.keepalive_interval);
         let cfg = self.certs.client_config(src.clone(), dst.clone())?;
         let connector = tokio_rustls::TlsConnector::from(cfg);
         // The server name is not checked (identities are SPIFFE URIs); the
         // verifier checks the expected identity instead.
         let name = rustls::pki_types::ServerName::try_from("hbone.skiff").expect("valid name");
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+        let tls = tokio::time::timeout(self.limits.handshake_timeout, connector.connect(name, tcp))
             .await
             .map_err(|_| HboneError::Timeout("TLS handshake"))?
             .map_err(|e| HboneError::Tls(addr, e))?;
-        let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(tls)
-            .await?;
+        let (send, mut conn) = tokio::time::timeout(
+            self.limits.handshake_timeout,
+            h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .handshake::<_, Bytes>(tls),
+        )
+        .await
+        .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;
         let dead = Arc::new(AtomicBool::new(false));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let last_used = Arc::new(AtomicU64::new(self.epoch.elapsed().as_millis() as u64));
         let flag = dead.clone();
+        let ping = conn.ping_pong();
+        let (interval, timeout, idle) = (self.limits.keepalive_interval, self.limits.keepalive_timeout, self.limits.pool_idle_timeout);
+        let idle_out = Self::idle_out(Arc::downgrade(&self.conns), key.clone(), id, self.epoch, idle);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "HBONE connection ended");
+            let keepalive = async {
+                match ping {
+                    Some(pp) => limits::keepalive_failed(pp, interval, timeout).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Ending this task drops the connection: its socket closes and
+            // the server sees the end.
+            tokio::select! {
+                r = conn => if let Err(e) = r { debug!(%addr, error = %e, "HBONE connection ended") },
+                why = keepalive => debug!(%addr, reason = why, "HBONE connection closed: the peer stopped answering"),
+                _ = idle_out => debug!(%addr, ?idle, "idle pooled HBONE connection closed"),
             }
             flag.store(true, Ordering::Release);
         });
-        Ok(PooledConn { send, streams: Arc::new(AtomicUsize::new(0)), dead })
+        // Pooled before the task above can look for it.
+        let c = PooledConn { id, send, streams: Arc::new(AtomicUsize::new(0)), last_used, dead };
+        let picked = (c.send.clone(), StreamGuard::new(&c, self.epoch));
+        self.conns.lock().expect("lock").entry(key.clone()).or_default().push(c);
+        Ok(picked)
     }
 
     /// Opens a CONNECT stream to `target` through `addr` (the destination
@@ -172,11 +244,7 @@ impl Pool {
         let (send, guard) = match self.pick(&key) {
             Some(p) => p,
             None => {
-                let c = self.dial(net, src, dst, addr).await?;
-                c.streams.fetch_add(1, Ordering::AcqRel);
-                let picked = (c.send.clone(), StreamGuard(c.streams.clone()));
-                self.conns.lock().expect("lock").entry(key).or_default().push(c);
-                picked
+                self.dial(&key, net, src, dst, addr).await?
             }
         };
         let key2 = (src_pod.to_owned(), addr);
@@ -290,6 +358,73 @@ pub fn server_builder() -> h2::server::Builder {
         .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32 * 2)
         .max_header_list_size(MAX_HEADER_LIST);
     b
+}
+
+/// Serves one established HBONE server connection: hands each CONNECT
+/// stream to `on_stream` with a guard its task holds while the stream
+/// lives. The connection is closed gracefully (GOAWAY, open streams
+/// finish) when `stop` resolves or when it has had no stream for the
+/// server idle timeout, and at once when the peer stops answering PINGs.
+/// Returns why it ended.
+pub async fn serve_connection<T, S, F>(
+    mut conn: h2::server::Connection<T, Bytes>,
+    limits: &HboneLimits,
+    stop: S,
+    mut on_stream: F,
+) -> &'static str
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: std::future::Future,
+    F: FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>, StreamGuard),
+{
+    let epoch = Instant::now();
+    let owner = PooledIdle { streams: Arc::new(AtomicUsize::new(0)), last_used: Arc::new(AtomicU64::new(0)) };
+    let ping = conn.ping_pong();
+    let keepalive = async {
+        match ping {
+            Some(pp) => limits::keepalive_failed(pp, limits.keepalive_interval, limits.keepalive_timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    let idle = limits.server_idle_timeout;
+    let mut ticker = tokio::time::interval((idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(10)));
+    tokio::pin!(stop, keepalive);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    owner.streams.fetch_add(1, Ordering::AcqRel);
+                    let guard = StreamGuard { streams: owner.streams.clone(), last_used: owner.last_used.clone(), epoch };
+                    on_stream(req, respond, guard);
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "HBONE server connection failed");
+                    return "error";
+                }
+                None => return if closing { "closed by this side" } else { "closed by the peer" },
+            },
+            _ = &mut stop, if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            why = &mut keepalive, if !closing => return why,
+            _ = ticker.tick(), if !closing => {
+                let since = epoch.elapsed().saturating_sub(Duration::from_millis(owner.last_used.load(Ordering::Acquire)));
+                if owner.streams.load(Ordering::Acquire) == 0 && since >= idle {
+                    debug!(?idle, "idle HBONE server connection closed");
+                    closing = true;
+                    conn.graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// The stream count and last-use stamp of one server connection.
+struct PooledIdle {
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<AtomicU64>,
 }
 
 /// Checks an inbound CONNECT request: method and authority. Returns the

@@ -39,6 +39,8 @@ pub struct Metrics {
     duration: HistogramVec,
     /// Bytes through HBONE streams (both directions).
     pub tcp: IntCounter,
+    /// HBONE connections over an admission bound, by bound.
+    pub admission_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -55,7 +57,16 @@ impl Metrics {
         registry.register(Box::new(requests.clone())).expect("once");
         registry.register(Box::new(duration.clone())).expect("once");
         registry.register(Box::new(tcp.clone())).expect("once");
-        Metrics { registry, requests, duration, tcp }
+        let admission_refused = IntCounterVec::new(
+            Opts::new(
+                "skiff_hbone_admission_refused_total",
+                "HBONE connections closed unserved because an admission bound was reached (see --hbone-max-*), by bound",
+            ),
+            &["reason"],
+        )
+        .expect("valid");
+        registry.register(Box::new(admission_refused.clone())).expect("once");
+        Metrics { registry, requests, duration, tcp, admission_refused }
     }
 
     pub fn render(&self) -> String {

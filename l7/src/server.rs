@@ -15,7 +15,7 @@ use std::{
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use skiff_core::{
     model::{ServiceInfo, ServicePort, Snapshot, Workload},
     routing::{self, RequestInfo},
@@ -23,6 +23,7 @@ use skiff_core::{
 use skiff_hbone::{
     certs::{CertError, CertManager},
     identity::{self, Identity},
+    limits::{self, Admission, HboneLimits},
     tunnel as hbone,
 };
 use tokio::{net::TcpListener, sync::watch};
@@ -48,6 +49,46 @@ pub struct Config {
     /// The proxy's own namespace and service account: its identity.
     pub namespace: String,
     pub service_account: String,
+    /// HBONE handshake and connection bounds, idle timeouts, keepalives.
+    pub hbone: HboneLimits,
+    /// Bounds on the HTTP spoken inside each HBONE stream.
+    pub http: HttpLimits,
+}
+
+/// Bounds on the HTTP/1.1 and HTTP/2 connections inside HBONE streams
+/// (slow or flooding clients). Defaults are in ARCHITECTURE.md's "Limits
+/// and timeouts" table.
+#[derive(Clone, Debug, clap::Args)]
+pub struct HttpLimits {
+    /// An HTTP/1.1 request's headers must arrive within this long of the
+    /// connection becoming ready for them (a new connection, or the end
+    /// of the previous response on a kept-alive one): slow senders
+    /// (slowloris) and idle kept-alive connections are closed.
+    #[arg(long = "http-header-read-timeout", default_value = "30", value_name = "SECONDS", value_parser = secs)]
+    pub header_read_timeout: Duration,
+    /// Largest request header block, in bytes (HTTP/1.1 and HTTP/2),
+    /// Envoy's default of 60 KiB; larger gets 431.
+    #[arg(long = "http-max-header-bytes", default_value_t = 60 * 1024, value_name = "BYTES")]
+    pub max_header_bytes: u32,
+    /// Most header fields in one HTTP/1.1 request (Envoy's default).
+    #[arg(long = "http-max-headers", default_value_t = 100, value_name = "N")]
+    pub max_headers: usize,
+    /// Concurrent streams on one downstream HTTP/2 connection.
+    #[arg(long = "http2-max-concurrent-streams", default_value_t = 100, value_name = "N")]
+    pub max_concurrent_streams: u32,
+}
+
+fn secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok(Duration::from_secs_f64(n)),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits { header_read_timeout: Duration::from_secs(30), max_header_bytes: 60 * 1024, max_headers: 100, max_concurrent_streams: 100 }
+    }
 }
 
 /// The L7 proxy: its settings, the cluster it routes by, and the state its
@@ -61,6 +102,7 @@ pub struct Proxy {
     breakers: CircuitBreakers,
     rate_limits: RateLimits,
     bodies: BodyBudget,
+    admission: Arc<Admission>,
 }
 
 /// Where one HBONE stream was addressed, and by whom.
@@ -89,8 +131,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 impl Proxy {
     pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> Arc<Proxy> {
         let metrics = Arc::new(Metrics::new());
-        let upstreams = Upstreams::new(&cfg.namespace, &cfg.service_account, certs.clone(), metrics.tcp.clone());
+        let upstreams = Upstreams::new(&cfg.namespace, &cfg.service_account, certs.clone(), metrics.tcp.clone(), cfg.hbone.clone());
         Arc::new(Proxy {
+            admission: Admission::new(cfg.hbone.clone()),
             upstreams: Arc::new(upstreams),
             cfg,
             cluster,
@@ -125,28 +168,56 @@ impl Proxy {
         loop {
             let (tcp, peer) = skiff_hbone::transport::accept(&listener, "waypoint HBONE").await;
             let _ = tcp.set_nodelay(true);
+            limits::tcp_keepalive(&tcp, self.cfg.hbone.keepalive_interval);
+            let handshake = match self.admission.handshake(peer.ip()) {
+                Ok(h) => h,
+                Err(r) => {
+                    self.not_admitted(peer, r);
+                    continue;
+                }
+            };
             let (proxy, acceptor) = (self.clone(), acceptor.clone());
-            tokio::spawn(async move { proxy.connection(acceptor, tcp, peer).await });
+            tokio::spawn(async move { proxy.connection(acceptor, tcp, peer, handshake).await });
         }
     }
 
-    async fn connection(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net::TcpStream, peer: SocketAddr) {
-        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+    /// A connection over an HBONE admission bound: closed, counted, and
+    /// logged (at most once every 10 s per reason).
+    fn not_admitted(&self, peer: SocketAddr, r: limits::Refused) {
+        self.metrics.admission_refused.with_label_values(&[r.as_str()]).inc();
+        if let Some(skipped) = self.admission.log_now(r) {
+            warn!(%peer, reason = %r, refused_since_last_line = skipped, "HBONE connection refused");
+        }
+    }
+
+    async fn connection(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net::TcpStream, peer: SocketAddr, handshake: limits::Handshake) {
+        // One deadline for the TLS and HTTP/2 handshakes.
+        let deadline = tokio::time::Instant::now() + self.cfg.hbone.handshake_timeout;
+        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return warn!(%peer, reason = %skiff_core::report(&e), "HBONE peer refused: TLS handshake failed"),
-            Err(_) => return warn!(%peer, "HBONE peer refused: TLS handshake timed out"),
+            Err(_) => return debug!(%peer, "HBONE peer refused: TLS handshake timed out"),
         };
         let Some(Ok(peer_id)) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(identity::identity_of) else {
             return warn!(%peer, "HBONE peer refused: no SPIFFE identity");
         };
-        let Ok(mut conn) = hbone::server_builder().handshake::<_, Bytes>(tls).await else {
-            return;
+        let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, hbone::server_builder().handshake::<_, Bytes>(tls)).await else {
+            return debug!(%peer, "HBONE peer refused: HTTP/2 handshake failed or timed out");
         };
-        while let Some(Ok((req, respond))) = conn.accept().await {
+        let _established = match handshake.establish() {
+            Ok(e) => e,
+            Err(r) => return self.not_admitted(peer, r),
+        };
+        let why = hbone::serve_connection(conn, &self.cfg.hbone, std::future::pending::<()>(), |req, respond, guard| {
             let proxy = self.clone();
             let peer_id = peer_id.clone();
-            tokio::spawn(async move { proxy.stream(req, respond, peer, peer_id).await });
-        }
+            tokio::spawn(async move {
+                let _guard = guard;
+                proxy.stream(req, respond, peer, peer_id).await
+            });
+        })
+        .await;
+        debug!(%peer, reason = why, "HBONE connection ended");
     }
 
     /// One CONNECT: checked, answered, then served as HTTP (each request
@@ -195,9 +266,27 @@ impl Proxy {
             let (proxy, ctx) = (proxy.clone(), ctx.clone());
             async move { Ok::<_, Infallible>(proxy.request(ctx, req).await) }
         });
-        if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(ours), svc).await {
+        if let Err(e) = self.http_builder().serve_connection(TokioIo::new(ours), svc).await {
             debug!(error = %e, "downstream HTTP connection ended");
         }
+    }
+
+    /// The downstream HTTP server of one HBONE stream, with its bounds.
+    fn http_builder(&self) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+        let l = &self.cfg.http;
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout)
+            .max_headers(l.max_headers)
+            .max_buf_size((l.max_header_bytes as usize).max(8192));
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(l.max_concurrent_streams)
+            .max_header_list_size(l.max_header_bytes)
+            .keep_alive_interval(self.cfg.hbone.keepalive_interval)
+            .keep_alive_timeout(self.cfg.hbone.keepalive_timeout);
+        b
     }
 
     /// One request, step by step: trace context, normalized path and

@@ -111,11 +111,11 @@ pub fn endpoint(w: &Workload, port: u16) -> SocketAddrV4 {
 }
 
 impl Upstreams {
-    pub fn new(namespace: &str, service_account: &str, certs: Arc<CertManager>, tcp: IntCounter) -> Upstreams {
+    pub fn new(namespace: &str, service_account: &str, certs: Arc<CertManager>, tcp: IntCounter, hbone: skiff_hbone::limits::HboneLimits) -> Upstreams {
         Upstreams {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-            pool: Pool::new(certs.clone()),
+            pool: Pool::new(certs.clone(), hbone),
             certs,
             tcp,
             idle: Mutex::new(HashMap::new()),

@@ -224,3 +224,78 @@ fn sources_with(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+/// The `--help` of a binary named in ARCHITECTURE.md's limits table.
+fn help_of(binary: &str) -> String {
+    let argv: &[&str] = match binary {
+        "ztunnel" => &["skiff-ztunnel"],
+        "waypoint" => &["skiff-waypoint"],
+        "signer" => &["skiff-signer"],
+        "node-agent" => &["skiff-node-agent", "run"],
+        other => panic!("the limits table names an unknown binary {other:?}"),
+    };
+    let out = std::process::Command::new(skiff_e2e::bin_dir().join(argv[0])).args(&argv[1..]).arg("--help").output().unwrap();
+    assert!(out.status.success(), "{argv:?} --help failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `[default: …]` of `flag` in a clap help text.
+fn default_in_help(help: &str, flag: &str) -> Option<String> {
+    let mut lines = help.lines().skip_while(|l| {
+        let t = l.trim_start();
+        !(t == flag || t.starts_with(&format!("{flag} ")) || t.starts_with(&format!("{flag}=")))
+    });
+    let first = lines.next()?;
+    let text: String = std::iter::once(first).chain(lines.take_while(|l| !l.trim_start().starts_with('-'))).collect::<Vec<_>>().join(" ");
+    let start = text.find("[default: ")? + "[default: ".len();
+    Some(text[start..start + text[start..].find(']')?].to_owned())
+}
+
+/// ARCHITECTURE.md's "Limits and timeouts" table mirrors the flags: every
+/// row with a flag has it, with that default, in each binary it names;
+/// every HBONE and HTTP bound flag a binary has is in the table.
+#[test]
+fn the_limits_table_agrees_with_the_binaries_flags() {
+    let doc = std::fs::read_to_string(workspace().join("ARCHITECTURE.md")).unwrap();
+    let start = doc.find("## Limits and timeouts").expect("the section");
+    let section = &doc[start..start + doc[start..].find("\n## Limits (today)").expect("the next section")];
+    let rows: Vec<Vec<&str>> = section
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| bound"))
+        .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+        .collect();
+    assert!(rows.len() >= 20, "the table has {} rows", rows.len());
+    let mut helps = BTreeMap::new();
+    let mut documented = BTreeSet::new();
+    for r in &rows {
+        assert_eq!(r.len(), 5, "row {r:?}: bound | default | flag | binaries | at the limit");
+        let Some(flag) = r[2].strip_prefix('`').and_then(|f| f.strip_suffix('`')) else {
+            assert_eq!(r[2], "—", "row {r:?}: the flag is `--name` or a dash");
+            continue;
+        };
+        let want = r[1].split_whitespace().next().unwrap();
+        for bin in r[3].split(", ") {
+            let help = helps.entry(bin.to_owned()).or_insert_with(|| help_of(bin));
+            let got = default_in_help(help, flag).unwrap_or_else(|| panic!("{bin} has no {flag} with a default"));
+            assert_eq!(got, want, "{bin} {flag}: the table says {want}, the binary {got}");
+            documented.insert((bin.to_owned(), flag.to_owned()));
+        }
+    }
+    for bin in ["ztunnel", "waypoint"] {
+        let help = helps.entry(bin.to_owned()).or_insert_with(|| help_of(bin)).clone();
+        for flag in help.split_whitespace().filter(|w| w.starts_with("--hbone-") || w.starts_with("--http")) {
+            let flag = flag.split('=').next().unwrap();
+            assert!(documented.contains(&(bin.to_owned(), flag.to_owned())), "{bin} {flag} is not in the limits table");
+        }
+    }
+}
+
+#[test]
+fn defaults_are_read_from_both_help_layouts() {
+    let long = "      --a-flag <N>\n          What it bounds\n          [default: 32]\n      --next <X>\n          [default: 9]";
+    assert_eq!(default_in_help(long, "--a-flag").as_deref(), Some("32"));
+    let short = "      --max <SECONDS>   Longest (60 s up) [default: 86400]\n      --other  x [default: 1]";
+    assert_eq!(default_in_help(short, "--max").as_deref(), Some("86400"));
+    assert_eq!(default_in_help(short, "--missing"), None);
+    assert_eq!(default_in_help("      --flag <N>\n          no default\n      --b [default: 3]", "--flag"), None);
+}

@@ -328,3 +328,80 @@ fn malformed_connect_requests_get_4xx_and_only_their_stream_ends() {
     // ztunnel is still up and serving.
     assert_eq!(mesh.node_http_get(server.node, 15021, "/healthz/ready").unwrap().0, 200);
 }
+
+/// Issue 13 item 1: handshake slots were held for a connection's whole
+/// life and shared by every peer, so a peer that opened connections to a
+/// pod's :15008 and never spoke TLS locked everyone out. Now one peer holds
+/// at most its own few handshake slots, and an authenticated connection
+/// frees its slot.
+#[test]
+fn idle_connections_to_15008_do_not_lock_other_peers_out() {
+    let Some(mut mesh) = mesh("manifests/l4") else { return };
+    let (server_ip, server_node) = (mesh.pod("mesh", "server").ip, mesh.pod("mesh", "server").node);
+    wait_listening_on(mesh.pod("mesh", "server"), 9000);
+    let k = mesh.pods.iter().position(|p| p.namespace == "plain" && p.name == "client").unwrap();
+    let log = mesh.work_dir.join("logs").join("silent-15008.log");
+    let to = format!("{server_ip}:15008");
+    mesh.spawn_in(k, &["skiff-demo-app", "hold", "--target", &to, "--count", "1025", "--silent-ms", "12000"], &log).unwrap();
+    let opened = eventually(Duration::from_secs(60), "1025 silent connections open", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let v: serde_json::Value = serde_json::from_str(text.lines().next()?).ok()?;
+        v["opened"].as_u64()
+    });
+    assert_eq!(opened, 1025, "{}", std::fs::read_to_string(&log).unwrap());
+    // ztunnel has taken every one of them: each holds a handshake slot or
+    // was refused one.
+    eventually(Duration::from_secs(20), "ztunnel took all 1025 silent connections", || {
+        let metrics = mesh.node_http_get(server_node, 15020, "/metrics").unwrap().1;
+        let held = skiff_localmesh::mesh::sum_metric(&metrics, "skiff_hbone_handshakes_in_progress", &[]);
+        let refused = skiff_localmesh::mesh::sum_metric(&metrics, "skiff_hbone_admission_refused_total", &[]);
+        (held + refused >= 1025.0).then_some(())
+    });
+    // Well inside the 10 s handshake timeout: the silent peer still holds
+    // every slot it got.
+    let client_pod = mesh.pod("mesh", "client");
+    let r = client(&mesh, client_pod, &format!("{server_ip}:9000"), "past-the-silent-peer");
+    assert!(r.ok && r.reply.ends_with("past-the-silent-peer"), "{r:?}");
+    let refused = mesh.metric(server_node, "skiff_hbone_admission_refused_total", &[("reason", "handshakes_per_peer")]).unwrap();
+    assert!(refused >= (1025 - 32) as f64, "the silent peer's connections past its 32 slots are refused at once: {refused}");
+    let zlog = std::fs::read_to_string(&mesh.nodes[server_node].ztunnel_log).unwrap();
+    let lines = zlog.lines().filter(|l| l.contains("HBONE connection refused")).count();
+    assert!((1..=3).contains(&lines), "refusals are logged, at most once per 10 s per reason: {lines} lines");
+    assert!(zlog.contains("--hbone-max-handshakes-per-peer"), "the log names the flag that raises the bound");
+    // The silent connections are cut at the handshake timeout, not held.
+    let done = eventually(Duration::from_secs(30), "the silent peer's report", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.lines().nth(1).and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    });
+    assert_eq!(done["closed_by_server"].as_u64(), Some(1025), "{done}");
+}
+
+/// Issue 13 item 1: pooled HBONE connections used to stay open for ever.
+/// The client pool closes one idle past --hbone-pool-idle-timeout, and the
+/// server side sees it go; a server closes (GOAWAY) a connection its peer
+/// keeps idle past --hbone-server-idle-timeout.
+#[test]
+fn idle_hbone_connections_are_closed_on_both_ends() {
+    let args = ["--hbone-pool-idle-timeout", "2", "--hbone-server-idle-timeout", "4"];
+    let Some(mesh) = mesh_with("manifests/l4", |o| o.ztunnel_args.extend(args.iter().map(|s| s.to_string()))) else { return };
+    let (client_pod, server) = (mesh.pod("mesh", "client"), mesh.pod("mesh", "server"));
+    assert_ne!(client_pod.node, server.node, "the manifests place client and server on different nodes");
+    wait_listening_on(server, 9000);
+    let r = client(&mesh, client_pod, &format!("{}:9000", server.ip), "before-idle");
+    assert!(r.ok, "{r:?}");
+    let hbone = |node: usize, direction: &str| mesh.metric(node, "skiff_hbone_connections", &[("direction", direction)]).unwrap();
+    assert_eq!(hbone(client_pod.node, "outbound"), 1.0, "one pooled connection after the call");
+    assert_eq!(hbone(server.node, "inbound"), 1.0, "one accepted connection after the call");
+    eventually(Duration::from_secs(10), "the idle pooled connection closed on both ends", || {
+        (hbone(client_pod.node, "outbound") == 0.0 && hbone(server.node, "inbound") == 0.0).then_some(())
+    });
+    // A new call opens a new connection.
+    let r = client(&mesh, client_pod, &format!("{}:9000", server.ip), "after-idle");
+    assert!(r.ok && r.reply.ends_with("after-idle"), "{r:?}");
+    // A peer that keeps its connection idle (no pool timeout of its own).
+    let v = probe(&mesh, mesh.pod("plain", "client"), server, "plain/default", "mesh/echo", &["--then-idle-secs", "12"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["idle"]["closed_by_server"], true, "{v}");
+    let after = v["idle"]["after_ms"].as_u64().unwrap();
+    assert!((3500..=9000).contains(&after), "closed about 4 s after the last stream: {after} ms");
+}

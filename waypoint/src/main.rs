@@ -49,6 +49,10 @@ struct Cli {
     /// Prometheus metrics address.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
+    #[command(flatten)]
+    hbone: skiff_hbone::limits::HboneLimits,
+    #[command(flatten)]
+    http: skiff_l7::server::HttpLimits,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         // requests block: off the async workers).
         let own = skiff_hbone::identity::Identity::new(certs.trust_domain(), &cli.namespace, &cli.service_account);
         certs.spawn_refresh(move || vec![own.clone()]);
-        let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account };
+        let cfg = Config { name: cli.name.clone(), namespace: cli.namespace, service_account: cli.service_account, hbone: cli.hbone, http: cli.http };
         let wp = Proxy::new(cfg, cluster, certs);
         let hbone = tokio::net::TcpListener::bind((cli.pod_ip, 15008)).await.with_context(|| format!("binding {}:15008", cli.pod_ip))?;
         let metrics = tokio::net::TcpListener::bind(cli.metrics_addr).await.with_context(|| format!("binding {}", cli.metrics_addr))?;

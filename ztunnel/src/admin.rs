@@ -21,7 +21,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 async fn metrics(zt: Arc<Ztunnel>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
-        "/metrics" | "/stats/prometheus" => text(StatusCode::OK, zt.metrics.render()),
+        "/metrics" | "/stats/prometheus" => text(StatusCode::OK, zt.render_metrics()),
         _ => text(StatusCode::NOT_FOUND, "not found: try /metrics\n".into()),
     })
 }

@@ -60,6 +60,8 @@ struct Cli {
     /// How long open connections may take to finish after SIGTERM.
     #[arg(long, default_value = "5", value_name = "SECONDS")]
     drain_timeout: u64,
+    #[command(flatten)]
+    hbone: skiff_hbone::limits::HboneLimits,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,7 +81,7 @@ fn main() -> anyhow::Result<()> {
         let cluster = skiff_kube_source::watch_cluster(source).await?;
         let lifetime = Duration::from_secs(cli.cert_lifetime);
         let certs = skiff_hbone::certs::CertManager::from_args(&cli.signer, &cli.ca_dir, &cli.trust_domain, lifetime)?;
-        let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh, node_probes: cli.node_probes == "allow" };
+        let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh, node_probes: cli.node_probes == "allow", hbone: cli.hbone };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");
         }

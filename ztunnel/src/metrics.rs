@@ -78,6 +78,12 @@ pub struct Metrics {
     pub active_connections: IntGauge,
     /// HBONE connections refused at the TLS or identity check.
     pub hbone_refused: prometheus::IntCounter,
+    /// HBONE connections over an admission bound, by bound.
+    pub hbone_admission_refused: IntCounterVec,
+    /// HBONE connections open, by direction (set when scraped).
+    pub hbone_connections: prometheus::IntGaugeVec,
+    /// Inbound HBONE handshakes in progress (set when scraped).
+    pub hbone_handshakes: IntGauge,
     /// Accepted HBONE handshakes by negotiated cipher suite and key exchange.
     pub tls_handshakes: IntCounterVec,
     /// Plaintext connections from the node itself (kubelet probes) let
@@ -121,6 +127,20 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(hbone_refused.clone())).expect("metric registered once");
+        let hbone_admission_refused = counter(
+            &registry,
+            "skiff_hbone_admission_refused_total",
+            "HBONE connections closed unserved because an admission bound was reached (see --hbone-max-*), by bound",
+            &["reason"],
+        );
+        let hbone_connections = prometheus::IntGaugeVec::new(
+            Opts::new("skiff_hbone_connections", "HBONE connections open: inbound (accepted, authenticated) and outbound (pooled)"),
+            &["direction"],
+        )
+        .expect("valid");
+        registry.register(Box::new(hbone_connections.clone())).expect("metric registered once");
+        let hbone_handshakes = IntGauge::new("skiff_hbone_handshakes_in_progress", "Inbound HBONE connections not yet authenticated").expect("valid");
+        registry.register(Box::new(hbone_handshakes.clone())).expect("metric registered once");
         let tls_handshakes = counter(
             &registry,
             "skiff_ztunnel_tls_handshakes_total",
@@ -139,7 +159,22 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(config_rejected.clone())).expect("metric registered once");
-        Metrics { registry, opened, closed, sent, received, workloads, active_connections, hbone_refused, tls_handshakes, node_probes, config_rejected }
+        Metrics {
+            registry,
+            opened,
+            closed,
+            sent,
+            received,
+            workloads,
+            active_connections,
+            hbone_refused,
+            hbone_admission_refused,
+            hbone_connections,
+            hbone_handshakes,
+            tls_handshakes,
+            node_probes,
+            config_rejected,
+        }
     }
 
     /// Sets `skiff_config_rejected_objects` from a snapshot.

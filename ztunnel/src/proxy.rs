@@ -69,6 +69,8 @@ pub struct Config {
     /// reaches enrolled pods even under STRICT PeerAuthentication and
     /// AuthorizationPolicy. Off: such traffic is treated like any other.
     pub node_probes: bool,
+    /// HBONE handshake and connection bounds, idle timeouts, keepalives.
+    pub hbone: skiff_hbone::limits::HboneLimits,
 }
 
 /// The node's own IPv4 addresses. ztunnel runs in the node's network
@@ -173,8 +175,9 @@ pub struct Ztunnel {
     round_robin: Mutex<HashMap<String, usize>>,
     active: Mutex<HashMap<u64, ActiveConn>>,
     next_conn: AtomicU64,
-    /// Bounds unauthenticated HBONE connections (TLS handshakes) node-wide.
-    handshakes: Arc<tokio::sync::Semaphore>,
+    /// Bounds HBONE handshakes and established connections node-wide and
+    /// per peer.
+    admission: Arc<skiff_hbone::limits::Admission>,
     node_addrs: NodeAddrs,
 }
 
@@ -206,12 +209,14 @@ impl Refusal {
 
 impl Ztunnel {
     pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> anyhow::Result<Arc<Ztunnel>> {
+        let hbone = cfg.hbone.clone();
         Ok(Arc::new(Ztunnel {
             cfg,
             cluster,
             metrics: Arc::new(Metrics::new()),
             drain: Drain::new(),
-            pool: Pool::new(certs.clone()),
+            pool: Pool::new(certs.clone(), hbone.clone()),
+            admission: skiff_hbone::limits::Admission::new(hbone),
             certs,
             pods: Mutex::new(HashMap::new()),
             session_seen: Mutex::new(HashSet::new()),
@@ -220,7 +225,6 @@ impl Ztunnel {
             round_robin: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
-            handshakes: Arc::new(tokio::sync::Semaphore::new(1024)),
             node_addrs: NodeAddrs::new(),
         }))
     }
@@ -390,6 +394,15 @@ impl Ztunnel {
     }
 
     /// The cluster config in force (policies), for the admin config dump.
+    /// The metrics text, with the HBONE connection gauges read now.
+    pub fn render_metrics(&self) -> String {
+        let (handshakes, inbound) = self.admission.counts();
+        self.metrics.hbone_handshakes.set(handshakes as i64);
+        self.metrics.hbone_connections.with_label_values(&["inbound"]).set(inbound as i64);
+        self.metrics.hbone_connections.with_label_values(&["outbound"]).set(self.pool.connections() as i64);
+        self.metrics.render()
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.cluster.borrow().clone()
     }
@@ -403,6 +416,8 @@ impl Ztunnel {
                         // A proxy must not add Nagle delays to small writes
                         // (a response's headers then its body).
                         let _ = stream.set_nodelay(true);
+                        // A peer that vanished frees its descriptors.
+                        skiff_hbone::limits::tcp_keepalive(&stream, self.cfg.hbone.keepalive_interval);
                         let zt = self.clone();
                         let pod = pod.clone();
                         let guard = self.drain.track();
@@ -842,15 +857,18 @@ impl Ztunnel {
         acceptor: tokio_rustls::TlsAcceptor,
         stream: TcpStream,
         peer: SocketAddr,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
-        let Ok(_permit) = self.handshakes.clone().try_acquire_owned() else {
-            debug!(%peer, "too many HBONE handshakes in progress; connection dropped");
-            return;
+        let handshake = match self.admission.handshake(peer.ip()) {
+            Ok(h) => h,
+            Err(r) => return self.not_admitted(peer, r),
         };
         let info = pod.info.read().expect("lock").clone();
         let Some(peer4) = sock::v4(peer) else { return };
-        let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+        // One deadline for the TLS and HTTP/2 handshakes: a peer that
+        // trickles bytes cannot hold its slot longer.
+        let deadline = tokio::time::Instant::now() + self.cfg.hbone.handshake_timeout;
+        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 warn!(pod = %format!("{}/{}", info.namespace, info.name), %peer, reason = %skiff_core::report(&e), "HBONE peer refused: TLS handshake failed");
@@ -858,7 +876,7 @@ impl Ztunnel {
                 return;
             }
             Err(_) => {
-                warn!(%peer, "HBONE peer refused: TLS handshake timed out");
+                debug!(%peer, timeout = ?self.cfg.hbone.handshake_timeout, "HBONE peer refused: TLS handshake timed out");
                 self.metrics.hbone_refused.inc();
                 return;
             }
@@ -882,8 +900,7 @@ impl Ztunnel {
             self.metrics.hbone_refused.inc();
             return;
         }
-        let handshake = hbone::server_builder().handshake::<_, Bytes>(tls);
-        let mut conn = match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
+        let conn = match tokio::time::timeout_at(deadline, hbone::server_builder().handshake::<_, Bytes>(tls)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 debug!(%peer, error = %e, "HTTP/2 handshake failed");
@@ -894,26 +911,42 @@ impl Ztunnel {
                 return;
             }
         };
-        let mut drain = self.drain.signal();
-        let mut closing = false;
-        loop {
-            let next = tokio::select! {
-                n = conn.accept() => n,
-                // Pod released or ztunnel draining: no new streams; open
-                // ones finish. (Once: a dropped sender resolves at once.)
-                _ = stop.changed(), if !closing => { closing = true; conn.graceful_shutdown(); continue; }
-                _ = drain.changed(), if !closing => { closing = true; conn.graceful_shutdown(); continue; }
-            };
-            let Some(next) = next else { break };
-            let Ok((req, respond)) = next else { break };
+        // Authenticated: the handshake slot is free again; the connection
+        // now counts against the established bounds.
+        let _established = match handshake.establish() {
+            Ok(e) => e,
+            Err(r) => return self.not_admitted(peer, r),
+        };
+        // Pod released or ztunnel draining: no new streams; open ones finish.
+        let stop = {
+            let (mut stop, mut drain) = (stop, self.drain.signal());
+            async move {
+                tokio::select! {
+                    _ = stop.changed() => {}
+                    _ = drain.changed() => {}
+                }
+            }
+        };
+        let why = hbone::serve_connection(conn, &self.cfg.hbone, stop, |req, respond, stream_guard| {
             let zt = self.clone();
             let pod = pod.clone();
             let peer_id = peer_id.clone();
             let guard = self.drain.track();
             tokio::spawn(async move {
-                let _guard = guard;
+                let _guard = (guard, stream_guard);
                 zt.hbone_stream(pod, peer, peer_id, req, respond).await
             });
+        })
+        .await;
+        debug!(%peer, reason = why, "HBONE connection ended");
+    }
+
+    /// A connection over an HBONE admission bound: closed, counted, and
+    /// logged (at most once every 10 s per reason).
+    fn not_admitted(&self, peer: SocketAddr, r: skiff_hbone::limits::Refused) {
+        self.metrics.hbone_admission_refused.with_label_values(&[r.as_str()]).inc();
+        if let Some(skipped) = self.admission.log_now(r) {
+            warn!(%peer, reason = %r, refused_since_last_line = skipped, "HBONE connection refused");
         }
     }
 
@@ -1135,7 +1168,7 @@ mod tests {
 
     fn ztunnel(snap: Arc<Snapshot>) -> Arc<Ztunnel> {
         let (_tx, rx) = watch::channel(snap);
-        let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None, plaintext_mesh: false, node_probes: true };
+        let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None, plaintext_mesh: false, node_probes: true, hbone: Default::default() };
         let ca = skiff_hbone::identity::Ca::generate("cluster.local").unwrap();
         let certs = CertManager::new(ca, std::time::Duration::from_secs(3600)).unwrap();
         Ztunnel::new(cfg, rx, certs).unwrap()

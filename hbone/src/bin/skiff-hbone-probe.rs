@@ -50,6 +50,10 @@ struct Cli {
     /// connection: shows whether a bad request ended only its stream.
     #[arg(long)]
     then_valid: bool,
+    /// After the exchange, keep the connection open and idle for up to
+    /// this long; report whether and when the server closed it.
+    #[arg(long)]
+    then_idle_secs: Option<u64>,
 }
 
 fn id(td: &str, s: &str) -> Identity {
@@ -89,7 +93,7 @@ async fn run(cli: Cli) -> Result<(), (String, Option<u16>, String)> {
     let name = rustls::pki_types::ServerName::try_from("hbone.skiff").expect("valid");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.map_err(|e| err("tls")(&e))?;
     let (send, conn) = h2::client::handshake(tls).await.map_err(|e| err("tls")(&e))?;
-    tokio::spawn(conn);
+    let mut conn = tokio::spawn(conn);
     let mut send = send.ready().await.map_err(|e| err("tls")(&e))?;
     let method = http::Method::from_bytes(cli.method.as_deref().unwrap_or("CONNECT").as_bytes()).map_err(|e| err("setup")(&e))?;
     let uri = cli.authority.clone().unwrap_or_else(|| cli.target.to_string());
@@ -129,14 +133,25 @@ async fn run(cli: Cli) -> Result<(), (String, Option<u16>, String)> {
         let _ = body.flow_control().release_capacity(chunk.len());
         reply.extend_from_slice(&chunk);
     }
-    report(true, "data", Some(status), &String::from_utf8_lossy(&reply), "");
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    if let Some(secs) = cli.then_idle_secs {
+        // Idle: no stream open, the handle kept (the connection stays ours).
+        let start = std::time::Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(secs), &mut conn).await.is_ok();
+        let idle = serde_json::json!({"closed_by_server": closed, "after_ms": start.elapsed().as_millis() as u64});
+        drop(send);
+        println!("{}", serde_json::json!({"ok": true, "stage": "idle", "status": status, "reply": reply, "error": "", "idle": idle}));
+        return Ok(());
+    }
+    report(true, "data", Some(status), &reply, "");
     Ok(())
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    match rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), run(cli)).await }) {
+    let limit = Duration::from_secs(15 + cli.then_idle_secs.unwrap_or(0));
+    match rt.block_on(async { tokio::time::timeout(limit, run(cli)).await }) {
         Ok(Ok(())) => std::process::ExitCode::SUCCESS,
         Ok(Err((stage, status, error))) => {
             report(false, &stage, status, "", &error);

@@ -55,6 +55,11 @@ enum Cmd {
         target: String,
         #[arg(long)]
         count: usize,
+        /// Send nothing: print how many opened, hold them this long
+        /// silent, then report how many the server closed meanwhile (a
+        /// peer that never starts its handshake).
+        #[arg(long)]
+        silent_ms: Option<u64>,
     },
     /// Try to bind the port; print whether that worked as JSON.
     Bind {
@@ -663,7 +668,7 @@ fn frontend(_s: &TcpStream, _req: &Req) -> (String, String) {
 }
 
 /// Many connections at once (see `Cmd::Hold`).
-fn hold(target: &str, count: usize) -> ExitCode {
+fn hold(target: &str, count: usize, silent_ms: Option<u64>) -> ExitCode {
     let addr = match target.to_socket_addrs().ok().and_then(|mut a| a.find(|a| a.is_ipv4())) {
         Some(a) => a,
         None => {
@@ -675,7 +680,9 @@ fn hold(target: &str, count: usize) -> ExitCode {
     let mut errors = Vec::new();
     for i in 0..count {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(10)).and_then(|mut s| {
-            s.write_all(format!("conn-{i}").as_bytes())?;
+            if silent_ms.is_none() {
+                s.write_all(format!("conn-{i}").as_bytes())?;
+            }
             Ok(s)
         }) {
             Ok(s) => conns.push(s),
@@ -683,9 +690,24 @@ fn hold(target: &str, count: usize) -> ExitCode {
             Err(_) => {}
         }
     }
+    let opened = conns.len();
+    if let Some(ms) = silent_ms {
+        log(json!({"opened": opened, "errors": errors}));
+        std::thread::sleep(Duration::from_millis(ms));
+        // A closed connection reads end-of-file (or a reset) at once.
+        let closed = conns
+            .iter()
+            .filter(|s| {
+                let _ = s.set_nonblocking(true);
+                let mut r: &TcpStream = s;
+                !matches!(r.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            })
+            .count();
+        log(json!({"held": opened, "closed_by_server": closed}));
+        return ExitCode::SUCCESS;
+    }
     // Every connection is open at this point; now end each and read its
     // echo (the echo server answers once the sending side is closed).
-    let opened = conns.len();
     let mut echoed = 0;
     for (i, mut s) in conns.into_iter().enumerate() {
         let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
@@ -707,7 +729,7 @@ fn main() -> ExitCode {
     // usual 1024 descriptors.
     let _ = skiff_core::raise_open_file_limit();
     match Cli::parse().cmd {
-        Cmd::Hold { target, count } => hold(&target, count),
+        Cmd::Hold { target, count, silent_ms } => hold(&target, count, silent_ms),
         Cmd::EchoServer { port } => echo_server(port),
         Cmd::Client { target, message, hold_ms, stream_ms } => {
             client(&target, &message, Duration::from_millis(hold_ms), Duration::from_millis(stream_ms))
