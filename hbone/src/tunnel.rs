@@ -117,11 +117,13 @@ pub struct Pool {
     conns: Arc<Conns>,
     epoch: Instant,
     next_id: AtomicU64,
+    /// Keys being dialled, and the lock later comers wait on.
+    dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Pool {
     pub fn new(certs: Arc<CertManager>, limits: HboneLimits) -> Pool {
-        Pool { certs, limits, conns: Arc::new(Mutex::new(HashMap::new())), epoch: Instant::now(), next_id: AtomicU64::new(1) }
+        Pool { certs, limits, conns: Arc::new(Mutex::new(HashMap::new())), epoch: Instant::now(), next_id: AtomicU64::new(1), dialing: Mutex::new(HashMap::new()) }
     }
 
     /// Pooled connections open now.
@@ -244,7 +246,24 @@ impl Pool {
         let (send, guard) = match self.pick(&key) {
             Some(p) => p,
             None => {
-                self.dial(&key, net, src, dst, addr).await?
+                // One dial per key at a time: a burst of new connections
+                // waits for it and shares it, instead of each opening its
+                // own TLS connection (which also counts against the peer's
+                // handshake bound at the server).
+                let lock = self.dialing.lock().expect("lock").entry(key.clone()).or_default().clone();
+                let _dialing = lock.lock().await;
+                let picked = match self.pick(&key) {
+                    Some(p) => Ok(p),
+                    None => self.dial(&key, net, src, dst, addr).await,
+                };
+                drop(_dialing);
+                // The last one out removes the key's lock.
+                let mut dialing = self.dialing.lock().expect("lock");
+                if Arc::strong_count(&lock) == 2 {
+                    dialing.remove(&key);
+                }
+                drop(dialing);
+                picked?
             }
         };
         let key2 = (src_pod.to_owned(), addr);

