@@ -9,6 +9,8 @@
 //! - [`tunnel`]: HBONE — TCP carried as HTTP/2 CONNECT streams over mutual
 //!   TLS 1.3 to port 15008 — the client connection pool, the server-side
 //!   request checks and settings, and the byte relay;
+//! - [`drain`]: graceful stop (stop accepting, let open connections
+//!   finish up to a deadline), for every HBONE server;
 //! - [`limits`]: bounds on HBONE handshakes and connections (per peer and
 //!   in total), idle timeouts and keepalives, with their flags;
 //! - [`sock`] and [`transport`]: the sockets made inside a pod's network
@@ -18,6 +20,7 @@
 //! enrollment, policy or the node.
 
 pub mod certs;
+pub mod drain;
 pub mod identity;
 pub mod limits;
 pub mod signer_client;

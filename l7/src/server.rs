@@ -22,6 +22,7 @@ use skiff_core::{
 };
 use skiff_hbone::{
     certs::{CertError, CertManager},
+    drain::Drain,
     identity::{self, Identity},
     limits::{self, Admission, HboneLimits},
     tunnel as hbone,
@@ -103,6 +104,9 @@ pub struct Proxy {
     rate_limits: RateLimits,
     bodies: BodyBudget,
     admission: Arc<Admission>,
+    /// Graceful stop: SIGTERM stops accepting, sends GOAWAY and lets
+    /// in-flight requests finish (see `Drain::drain`).
+    pub drain: Drain,
 }
 
 /// Where one HBONE stream was addressed, and by whom.
@@ -134,6 +138,7 @@ impl Proxy {
         let upstreams = Upstreams::new(&cfg.namespace, &cfg.service_account, certs.clone(), metrics.tcp.clone(), cfg.hbone.clone());
         Arc::new(Proxy {
             admission: Admission::new(cfg.hbone.clone()),
+            drain: Drain::new(),
             upstreams: Arc::new(upstreams),
             cfg,
             cluster,
@@ -165,8 +170,14 @@ impl Proxy {
         });
         let me = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.certs.server_config(me)?);
+        let mut draining = self.drain.signal();
         loop {
-            let (tcp, peer) = skiff_hbone::transport::accept(&listener, "waypoint HBONE").await;
+            // Draining: the listener closes (new connections are refused;
+            // client ztunnels dial another replica).
+            let (tcp, peer) = tokio::select! {
+                c = skiff_hbone::transport::accept(&listener, "waypoint HBONE") => c,
+                _ = draining.changed() => return Ok(()),
+            };
             let _ = tcp.set_nodelay(true);
             limits::tcp_keepalive(&tcp, self.cfg.hbone.keepalive_interval);
             let handshake = match self.admission.handshake(peer.ip()) {
@@ -208,11 +219,19 @@ impl Proxy {
             Ok(e) => e,
             Err(r) => return self.not_admitted(peer, r),
         };
-        let why = hbone::serve_connection(conn, &self.cfg.hbone, std::future::pending::<()>(), |req, respond, guard| {
+        // Draining: GOAWAY, open streams finish.
+        let stop = {
+            let mut draining = self.drain.signal();
+            async move {
+                let _ = draining.changed().await;
+            }
+        };
+        let why = hbone::serve_connection(conn, &self.cfg.hbone, stop, |req, respond, guard| {
             let proxy = self.clone();
             let peer_id = peer_id.clone();
+            let tracked = self.drain.track();
             tokio::spawn(async move {
-                let _guard = guard;
+                let _guard = (guard, tracked);
                 proxy.stream(req, respond, peer, peer_id).await
             });
         })
@@ -266,7 +285,21 @@ impl Proxy {
             let (proxy, ctx) = (proxy.clone(), ctx.clone());
             async move { Ok::<_, Infallible>(proxy.request(ctx, req).await) }
         });
-        if let Err(e) = self.http_builder().serve_connection(TokioIo::new(ours), svc).await {
+        let builder = self.http_builder();
+        let conn = builder.serve_connection(TokioIo::new(ours), svc);
+        tokio::pin!(conn);
+        let mut draining = self.drain.signal();
+        let ended = tokio::select! {
+            r = conn.as_mut() => r,
+            // Draining: HTTP/1.1 finishes the request in flight and closes
+            // (an idle connection closes at once); HTTP/2 sends GOAWAY and
+            // finishes its open streams.
+            _ = draining.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             debug!(error = %e, "downstream HTTP connection ended");
         }
     }

@@ -673,6 +673,14 @@ impl LocalMesh {
         self.work_dir.join("ca")
     }
 
+    /// Stops pod `k`'s containers as kubelet does: SIGTERM, then SIGKILL
+    /// after `grace`. Returns once they have exited.
+    pub fn terminate_pod(&mut self, k: usize, grace: Duration) {
+        for c in &mut self.pods[k].children {
+            sys::stop_child(c, grace);
+        }
+    }
+
     /// Stops ztunnel on node `i` (SIGTERM: it drains, then exits).
     pub fn stop_ztunnel(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].ztunnel.take() {

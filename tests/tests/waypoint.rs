@@ -655,3 +655,40 @@ fn slowloris_and_an_http2_stream_flood_leave_other_clients_served() {
     let after = load(&mesh, URL, 20, &[]);
     assert_eq!(count(&after.codes, "200"), 20, "served after the floods (rapid reset answered {rapid}): {}", after.codes);
 }
+
+/// Issue 13 item 10: SIGTERM used to end the waypoint at once, cutting
+/// every request in flight. Now it stops accepting, sends GOAWAY and lets
+/// what it accepted finish: 20 requests that each take 2 s at the backend
+/// are all answered although the waypoint is told to stop while they wait.
+#[test]
+fn the_waypoint_drains_on_sigterm_and_loses_no_accepted_request() {
+    let Some(mut mesh) = up() else { return };
+    eventually(WAIT, "a request through the waypoint", || (count(&load(&mesh, URL, 1, &[]).codes, "200") == 1).then_some(()));
+    let slow_seen = |mesh: &LocalMesh| -> usize {
+        ["reviews-v1", "reviews-v2"]
+            .iter()
+            .map(|p| server_events(mesh.pod("shop", p)).iter().filter(|e| e["event"] == "request" && e["path"] == "/slow").count())
+            .sum()
+    };
+    let k = mesh.pods.iter().position(|p| p.namespace == "shop" && p.name == "client").unwrap();
+    let log = mesh.work_dir.join("logs").join("drain-load.log");
+    mesh.spawn_in(k, &["skiff-demo-app", "http-load", "--url", "http://reviews:9080/slow", "--count", "1", "--parallel", "20"], &log).unwrap();
+    // All 20 are at the backends (each answers after 2 s).
+    eventually(Duration::from_secs(10), "20 slow requests at the backends", || (slow_seen(&mesh) >= 20).then_some(()));
+    let w = mesh.pods.iter().position(|p| p.namespace == "shop" && p.name == "waypoint").unwrap();
+    let start = std::time::Instant::now();
+    mesh.terminate_pod(w, Duration::from_secs(10));
+    let took = start.elapsed();
+    let lines = eventually(Duration::from_secs(20), "20 load reports", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        (lines.len() == 20).then_some(lines)
+    });
+    for l in &lines {
+        assert_eq!(l["codes"]["200"], 1, "a request accepted before SIGTERM was lost: {l}");
+    }
+    assert_eq!(slow_seen(&mesh), 20, "no request was sent twice");
+    let wlog = std::fs::read_to_string(&mesh.pod("shop", "waypoint").log).unwrap();
+    assert!(wlog.contains("draining") && wlog.contains("closed_by_deadline=0"), "{wlog}");
+    assert!(took < Duration::from_secs(5), "the waypoint exits once its requests are done, not at the deadline: {took:?}");
+}

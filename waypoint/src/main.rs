@@ -49,6 +49,9 @@ struct Cli {
     /// Prometheus metrics address.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value = "5", value_name = "SECONDS")]
+    drain_timeout: u64,
     #[command(flatten)]
     hbone: skiff_hbone::limits::HboneLimits,
     #[command(flatten)]
@@ -80,13 +83,19 @@ fn main() -> anyhow::Result<()> {
         let metrics = tokio::net::TcpListener::bind(cli.metrics_addr).await.with_context(|| format!("binding {}", cli.metrics_addr))?;
         tokio::spawn(skiff_l7::metrics::serve(metrics, wp.metrics.clone()));
         info!(name = %cli.name, ip = %cli.pod_ip, "waypoint serving HBONE on 15008");
-        let serve = tokio::spawn(Arc::clone(&wp).serve(hbone));
+        let mut serve = tokio::spawn(Arc::clone(&wp).serve(hbone));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = serve => r??,
+            r = &mut serve => return Ok(r??),
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        // Stop accepting, GOAWAY every connection, let what is in flight
+        // finish up to the deadline.
+        info!(open_streams = wp.drain.active(), "draining: listener closed, GOAWAY sent, waiting for requests in flight");
+        let left = wp.drain.drain(Duration::from_secs(cli.drain_timeout)).await;
+        let _ = serve.await;
+        info!(closed_by_deadline = left, "drained; exiting");
         Ok(())
     })
 }

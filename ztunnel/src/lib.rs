@@ -8,7 +8,6 @@
 //! config it reads comes through `skiff-kube-source`.
 
 pub mod admin;
-pub mod drain;
 pub mod metrics;
 pub mod proxy;
 pub mod zds_server;

@@ -42,15 +42,13 @@ use tracing::{debug, info, warn, Instrument};
 
 use skiff_hbone::{
     certs::CertManager,
+    drain::Drain,
     identity::{self, Identity},
     sock, transport,
     tunnel::{self as hbone, Pool},
 };
 
-use crate::{
-    drain::Drain,
-    metrics::{ConnCounters, ConnLabels, Metrics},
-};
+use crate::metrics::{ConnCounters, ConnLabels, Metrics};
 
 /// ztunnel settings.
 #[derive(Clone, Debug)]
