@@ -38,6 +38,9 @@ pub enum CertError {
     /// The in-cluster signer did not issue it.
     #[error(transparent)]
     Signer(#[from] SignerError),
+    /// The blocking task that asked for it ended abnormally.
+    #[error("certificate issuance task failed: {0}")]
+    Task(String),
 }
 
 /// ALPN of HBONE connections.
@@ -46,6 +49,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 struct Issued {
     cert: WorkloadCert,
     key: Arc<CertifiedKey>,
+    /// When it entered the cache: a refresh evicts only what was there
+    /// before it started.
+    cached_at: std::time::Instant,
 }
 
 /// Summary of one certificate, for the admin config dump (never the key).
@@ -181,7 +187,7 @@ impl CertManager {
         };
         let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).map_err(IdentityError::Tls)?;
         let key = Arc::new(CertifiedKey::new(cert.chain.clone(), signing));
-        let issued = Arc::new(Issued { cert, key });
+        let issued = Arc::new(Issued { cert, key, cached_at: std::time::Instant::now() });
         let previous = self.certs.lock().expect("lock").insert(id.clone(), issued.clone());
         info!(identity = %id, expires_unix = unix(issued.cert.not_after), rotated = previous.is_some(), "workload certificate issued");
         Ok(issued)
@@ -191,16 +197,40 @@ impl CertManager {
         self.issued_with(id, true)
     }
 
+    /// A cached certificate that can still be presented, without asking
+    /// anyone for one.
+    fn cached(&self, id: &Identity) -> Option<Arc<Issued>> {
+        let now = SystemTime::now();
+        self.certs.lock().expect("lock").get(id).filter(|i| now + Duration::from_secs(60) < i.cert.not_after || now < i.cert.refresh_at()).cloned()
+    }
+
+    /// Makes sure `id` has a certificate to present, for the data path
+    /// (async): a cached one is used as it is, even past its half-life
+    /// (renewal is the background refresh's job); only when there is none
+    /// is one issued, on a blocking thread, so a slow or unreachable signer
+    /// never stalls an async worker and the connections it serves.
+    pub async fn ensure(self: &Arc<Self>, id: &Identity) -> Result<(), CertError> {
+        if self.cached(id).is_some() {
+            return Ok(());
+        }
+        let (mgr, id) = (self.clone(), id.clone());
+        tokio::task::spawn_blocking(move || mgr.issued_with(&id, false).map(|_| ()))
+            .await
+            .map_err(|e| CertError::Task(e.to_string()))?
+    }
+
     /// Issues or renews the certificates of `ids` now (called periodically,
     /// off the async runtime: signer requests block), and forgets
-    /// identities no longer in use.
+    /// identities no longer in use — but never a certificate cached since
+    /// this refresh started (a pod that arrived meanwhile).
     pub fn refresh(&self, ids: &[Identity]) {
+        let started = std::time::Instant::now();
         for id in ids {
             if let Err(e) = self.issued(id) {
                 warn!(identity = %id, error = %skiff_core::report(&e), "certificate renewal failed");
             }
         }
-        self.certs.lock().expect("lock").retain(|k, _| ids.contains(k));
+        self.certs.lock().expect("lock").retain(|k, v| ids.contains(k) || v.cached_at >= started);
     }
 
     /// Runs `refresh` every [`Self::refresh_interval`] for the identities
@@ -241,8 +271,10 @@ impl CertManager {
 
     /// TLS 1.3 server config for a pod: presents the pod's certificate and
     /// requires a client certificate chaining to the trust bundle.
+    /// Call [`Self::ensure`] first on an async worker: this issues (and
+    /// may block on the signer) only when no certificate is cached.
     pub fn server_config(self: &Arc<Self>, id: Identity) -> Result<Arc<ServerConfig>, CertError> {
-        self.issued(&id)?;
+        self.issued_with(&id, false)?;
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
@@ -257,8 +289,9 @@ impl CertManager {
 
     /// TLS 1.3 client config: presents `src`'s certificate and accepts only
     /// a server proving `expected`.
+    /// Call [`Self::ensure`] first on an async worker (see `server_config`).
     pub fn client_config(self: &Arc<Self>, src: Identity, expected: Identity) -> Result<Arc<ClientConfig>, CertError> {
-        self.issued(&src)?;
+        self.issued_with(&src, false)?;
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(IdentityError::Tls)?
@@ -287,9 +320,19 @@ impl std::fmt::Debug for CertManager {
 impl Resolver {
     fn current(&self) -> Option<Arc<CertifiedKey>> {
         // The local CA signs in-process: renewing here is cheap. The signer
-        // is a network call: the background refresh renews instead.
-        let renew = matches!(self.mgr.issuer, Issuer::Local(_));
-        match self.mgr.issued_with(&self.id, renew) {
+        // is a network call, never made inside a handshake (it would block
+        // an async worker): the cached certificate serves, the background
+        // refresh renews it.
+        if matches!(self.mgr.issuer, Issuer::Signer { .. }) {
+            return match self.mgr.cached(&self.id) {
+                Some(i) => Some(i.key.clone()),
+                None => {
+                    warn!(identity = %self.id, "no valid certificate for handshake (the signer has not renewed it)");
+                    None
+                }
+            };
+        }
+        match self.mgr.issued_with(&self.id, true) {
             Ok(i) => Some(i.key.clone()),
             Err(e) => {
                 warn!(identity = %self.id, error = %skiff_core::report(&e), "no certificate for handshake");
@@ -356,11 +399,96 @@ mod tests {
         // Issued 250 s ago for 400 s: half-life passed, 150 s left.
         let cert = ca.issue_at(&id, SystemTime::now() - Duration::from_secs(250), Duration::from_secs(400)).unwrap();
         let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).unwrap();
-        let issued = Arc::new(Issued { key: Arc::new(CertifiedKey::new(cert.chain.clone(), signing)), cert });
+        let issued = Arc::new(Issued { key: Arc::new(CertifiedKey::new(cert.chain.clone(), signing)), cert, cached_at: std::time::Instant::now() });
         mgr.certs.lock().unwrap().insert(id.clone(), issued.clone());
         let got = mgr.issued(&id).expect("the valid certificate is kept");
         assert!(Arc::ptr_eq(&got, &issued));
         mgr.refresh(std::slice::from_ref(&id));
         assert!(Arc::ptr_eq(&mgr.issued(&id).unwrap(), &issued), "refresh must not drop it either");
+    }
+
+    /// A signer that accepts connections and never answers: every request
+    /// waits out the client's timeout.
+    fn blackholed_signer(ca: &Ca, dir: &std::path::Path, timeout: Duration) -> (SignerClient, std::net::TcpListener) {
+        let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "t").unwrap();
+        let url = format!("https://{}", hole.local_addr().unwrap());
+        (SignerClient::new(&url, "signer.test", token, &[ca.root()]).unwrap().with_timeout(timeout), hole)
+    }
+
+    fn past_half_life(ca: &Ca, id: &Identity) -> Arc<Issued> {
+        let cert = ca.issue_at(id, SystemTime::now() - Duration::from_secs(250), Duration::from_secs(400)).unwrap();
+        let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).unwrap();
+        Arc::new(Issued { key: Arc::new(CertifiedKey::new(cert.chain.clone(), signing)), cert, cached_at: std::time::Instant::now() })
+    }
+
+    /// Issue 13 item 6: with the signer blackholed and the certificate past
+    /// its half-life, a new connection used to wait for the signer (10 s)
+    /// on an async worker, stalling every relay on it. Now the data path
+    /// takes the cached, still valid certificate at once and a TLS
+    /// handshake completes with it; only the background refresh waits.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_blackholed_signer_never_stalls_the_data_path() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, _hole) = blackholed_signer(&ca, tmp.path(), Duration::from_secs(5));
+        let mgr = CertManager::from_signer(client, &[ca.root()], "cluster.local", Duration::from_secs(400)).unwrap();
+        let (a, b) = (Identity::new("cluster.local", "app", "a"), Identity::new("cluster.local", "app", "b"));
+        let (ca_cert, cb_cert) = (past_half_life(&ca, &a), past_half_life(&ca, &b));
+        mgr.certs.lock().unwrap().insert(a.clone(), ca_cert.clone());
+        mgr.certs.lock().unwrap().insert(b.clone(), cb_cert.clone());
+        // A ticker on the same (single) worker: it keeps ticking only if
+        // nothing blocks the worker.
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = ticks.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let start = std::time::Instant::now();
+        mgr.ensure(&a).await.unwrap();
+        mgr.ensure(&b).await.unwrap();
+        let client_cfg = mgr.client_config(a.clone(), b.clone()).unwrap();
+        let server_cfg = mgr.server_config(b.clone()).unwrap();
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let name = rustls::pki_types::ServerName::try_from("hbone.skiff").unwrap();
+        let (client, server) = tokio::join!(
+            tokio_rustls::TlsConnector::from(client_cfg).connect(name, c),
+            tokio_rustls::TlsAcceptor::from(server_cfg).accept(s)
+        );
+        let (client, server) = (client.expect("client handshake"), server.expect("server handshake"));
+        assert!(start.elapsed() < Duration::from_secs(2), "the data path waited for the signer: {:?}", start.elapsed());
+        let presented = server.get_ref().1.peer_certificates().unwrap()[0].clone();
+        assert_eq!(presented, ca_cert.cert.chain[0], "the still-valid cached certificate is presented");
+        assert_eq!(client.get_ref().1.peer_certificates().unwrap()[0], cb_cert.cert.chain[0]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(ticks.load(std::sync::atomic::Ordering::Relaxed) >= 5, "the worker kept running other tasks");
+    }
+
+    /// Issue 13 item 6: a refresh forgot every identity not in its list,
+    /// including one whose certificate was issued while it ran (a pod that
+    /// arrived meanwhile): that pod's next handshake had no certificate.
+    #[test]
+    fn a_certificate_cached_during_a_refresh_is_not_evicted_by_it() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, _hole) = blackholed_signer(&ca, tmp.path(), Duration::from_millis(1500));
+        let mgr = CertManager::from_signer(client, &[ca.root()], "cluster.local", Duration::from_secs(400)).unwrap();
+        let (old, gone, new) =
+            (Identity::new("cluster.local", "app", "old"), Identity::new("cluster.local", "app", "gone"), Identity::new("cluster.local", "app", "new"));
+        mgr.certs.lock().unwrap().insert(gone.clone(), past_half_life(&ca, &gone));
+        let refresher = {
+            let (mgr, old) = (mgr.clone(), old.clone());
+            // Waits on the blackholed signer for `old`.
+            std::thread::spawn(move || mgr.refresh(&[old]))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        mgr.certs.lock().unwrap().insert(new.clone(), past_half_life(&ca, &new));
+        refresher.join().unwrap();
+        assert!(mgr.cached(&new).is_some(), "the certificate cached during the refresh was evicted");
+        assert!(mgr.cached(&gone).is_none(), "an identity no longer in use is still forgotten");
     }
 }

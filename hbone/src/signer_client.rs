@@ -83,6 +83,12 @@ impl SignerClient {
         Ok(SignerClient { addr, server_name, token_path, tls: Arc::new(tls), timeout: Duration::from_secs(10) })
     }
 
+    /// Gives up on a request after `t` (default 10 s).
+    pub fn with_timeout(mut self, t: Duration) -> SignerClient {
+        self.timeout = t;
+        self
+    }
+
     /// Asks for a certificate for `identity` valid for `lifetime`.
     pub fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert, SignerError> {
         // Read at every request: projected tokens are rotated by the kubelet.

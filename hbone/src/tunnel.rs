@@ -183,6 +183,7 @@ impl Pool {
         .map_err(|e| HboneError::Connect(addr, e))?;
         let tcp = transport::connect_socket(std, addr).await.map_err(|e| HboneError::Connect(addr, e))?;
         limits::tcp_keepalive(&tcp, self.limits.keepalive_interval);
+        self.certs.ensure(src).await?;
         let cfg = self.certs.client_config(src.clone(), dst.clone())?;
         let connector = tokio_rustls::TlsConnector::from(cfg);
         // The server name is not checked (identities are SPIFFE URIs); the

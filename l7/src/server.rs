@@ -169,6 +169,7 @@ impl Proxy {
             }
         });
         let me = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
+        self.certs.ensure(&me).await?;
         let acceptor = tokio_rustls::TlsAcceptor::from(self.certs.server_config(me)?);
         let mut draining = self.drain.signal();
         loop {

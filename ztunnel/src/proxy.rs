@@ -301,6 +301,7 @@ impl Ztunnel {
         self.remove(&uid, "pod network namespace changed");
         let pod_name = format!("{}/{}", info.namespace, info.name);
         let id = self.identity(&info.namespace, &info.service_account);
+        self.certs.ensure(&id).await?;
         let tls = self.certs.server_config(id)?;
         let net = Arc::new(NetnsThread::spawn(pod_name.clone(), fd)?);
         let out_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT_OUTBOUND);
