@@ -302,17 +302,115 @@ impl Pool {
 
 /// Copies between a TCP socket and an HTTP/2 stream until both directions
 /// end, counting bytes as they pass. Returns (tcp→stream, stream→tcp).
+///
+/// Ends are kept as they are (RFC 9113 §8.5, CONNECT): a FIN becomes
+/// END_STREAM and END_STREAM a FIN, one direction at a time (a half-closed
+/// upload still gets its whole answer); a TCP reset or read error becomes
+/// RST_STREAM(CONNECT_ERROR), and a reset stream (or a lost connection)
+/// resets the TCP socket — never a clean end that would pass a cut-short
+/// transfer off as complete.
 pub async fn relay(
     tcp: TcpStream,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
     tcp_to_stream: &prometheus::IntCounter,
     stream_to_tcp: &prometheus::IntCounter,
 ) -> (u64, u64) {
-    relay_io(tcp, send, recv, tcp_to_stream, stream_to_tcp).await
+    let (mut r, mut w) = tcp.into_split();
+    let (reset_tx, reset_rx) = tokio::sync::watch::channel(false);
+    let up = async {
+        let mut reset = reset_rx.clone();
+        let mut total = 0u64;
+        let mut buf = BytesMut::with_capacity(32 * 1024);
+        loop {
+            buf.reserve(32 * 1024);
+            let n = tokio::select! {
+                n = r.read_buf(&mut buf) => n,
+                _ = reset.changed() => return total,
+            };
+            let n = match n {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(_) => {
+                    send.send_reset(h2::Reason::CONNECT_ERROR);
+                    let _ = reset_tx.send(true);
+                    return total;
+                }
+            };
+            if !send_all(&mut send, buf.split().freeze()).await {
+                // The stream is gone: the down side sees why.
+                return total;
+            }
+            tcp_to_stream.inc_by(n as u64);
+            total += n as u64;
+        }
+        let _ = send.send_data(Bytes::new(), true);
+        total
+    };
+    let down = async {
+        let mut total = 0u64;
+        loop {
+            match recv.data().await {
+                Some(Ok(data)) => {
+                    let n = data.len();
+                    let _ = recv.flow_control().release_capacity(n);
+                    if w.write_all(&data).await.is_err() {
+                        // The TCP peer is gone: the stream must not look finished.
+                        let _ = reset_tx.send(true);
+                        return (total, true);
+                    }
+                    stream_to_tcp.inc_by(n as u64);
+                    total += n as u64;
+                }
+                None => {
+                    let _ = w.shutdown().await;
+                    return (total, false);
+                }
+                Some(Err(_)) => {
+                    let _ = reset_tx.send(true);
+                    return (total, true);
+                }
+            }
+        }
+    };
+    let (up, (down, reset)) = tokio::join!(up, down);
+    if reset || *reset_rx.borrow() {
+        send.send_reset(h2::Reason::CONNECT_ERROR);
+        reset_tcp(w);
+    }
+    (up, down)
 }
 
-/// [`relay`] over any byte stream (a TCP socket, an in-memory pipe).
+/// Sends `chunk` on an HTTP/2 stream as flow control allows; false when
+/// the stream can no longer send.
+async fn send_all(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> bool {
+    while !chunk.is_empty() {
+        send.reserve_capacity(chunk.len());
+        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(cap)) if cap > 0 => {
+                let part = chunk.split_to(cap.min(chunk.len()));
+                if send.send_data(part, false).is_err() {
+                    return false;
+                }
+            }
+            Some(Ok(_)) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Closes a TCP socket with a reset (RST, not FIN): SO_LINGER 0, and the
+/// write half is not shut down first (that would send a FIN ahead of it).
+pub fn reset_tcp(w: tokio::net::tcp::OwnedWriteHalf) {
+    let _ = socket2::SockRef::from(w.as_ref()).set_linger(Some(Duration::ZERO));
+    // Closed when the read half drops too, without a shutdown.
+    w.forget();
+}
+
+/// [`relay`] over any byte stream (an in-memory pipe to the waypoint's
+/// HTTP engine): as `relay`, except that a reset stream can only end the
+/// pipe, not reset it.
 pub async fn relay_io<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
     io: S,
     mut send: SendStream<Bytes>,
@@ -327,22 +425,15 @@ pub async fn relay_io<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
         loop {
             buf.reserve(32 * 1024);
             let n = match r.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => n,
-            };
-            let mut chunk = buf.split().freeze();
-            while !chunk.is_empty() {
-                send.reserve_capacity(chunk.len());
-                match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-                    Some(Ok(cap)) if cap > 0 => {
-                        let part = chunk.split_to(cap.min(chunk.len()));
-                        if send.send_data(part, false).is_err() {
-                            return total;
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    _ => return total,
+                Err(_) => {
+                    send.send_reset(h2::Reason::CONNECT_ERROR);
+                    return total;
                 }
+            };
+            if !send_all(&mut send, buf.split().freeze()).await {
+                return total;
             }
             tcp_to_stream.inc_by(n as u64);
             total += n as u64;

@@ -321,3 +321,35 @@ fn ztunnel_under_a_soft_open_file_limit_of_1024_carries_2000_connections() {
         assert!(log.contains("open-file limit") && log.contains("before=1024"), "node {n}'s ztunnel did not raise its limit");
     }
 }
+
+/// Issue 13 item 5: a reset on one leg used to reach the other as a clean
+/// close (FIN, END_STREAM), so a transfer cut short looked complete. Now
+/// the server's RST after 200000 bytes reaches the client as a reset —
+/// through HBONE between nodes (RST_STREAM) and through the plaintext
+/// inbound relay — after every byte; and a half-closed upload (the echo
+/// answers after the client's FIN) still gets its whole answer.
+#[test]
+fn resets_stay_resets_and_half_closes_stay_half_closes() {
+    let Some(mut mesh) = mesh("manifests/l4") else { return };
+    let server_ip = mesh.pod("mesh", "server").ip;
+    wait_listening(mesh.pod("mesh", "server"));
+    let k = mesh.pods.iter().position(|p| p.namespace == "mesh" && p.name == "server").unwrap();
+    let log = mesh.work_dir.join("logs").join("reset-server.log");
+    mesh.spawn_in(k, &["skiff-demo-app", "reset-server", "--port", "9100", "--bytes", "200000"], &log).unwrap();
+    eventually(WAIT, "reset server listening", || std::fs::read_to_string(&log).ok().filter(|l| l.contains("listening")).map(|_| ()));
+    let target = format!("{server_ip}:9100");
+    let read_all = |ns: &str| -> serde_json::Value {
+        let out = mesh.exec(mesh.pod(ns, "client"), &["skiff-demo-app", "read-all", "--target", &target], Duration::from_secs(30)).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    for (ns, path) in [("mesh", "HBONE between nodes"), ("plain", "plaintext inbound")] {
+        let v = read_all(ns);
+        assert_eq!(v["end"], "reset", "{path}: the server's reset must reach the client as a reset: {v}");
+        assert_eq!(v["bytes"], 200000, "{path}: every byte sent before the reset arrives first: {v}");
+    }
+    let resets = std::fs::read_to_string(&log).unwrap().lines().filter(|l| l.contains("\"reset\"") && l.contains("\"linger_set\":true")).count();
+    assert_eq!(resets, 2, "the server reset both connections");
+    // Half-close: the echo server answers once the client has sent its FIN.
+    let r = client(&mesh, mesh.pod("mesh", "client"), &format!("{server_ip}:9000"), "half-closed-upload");
+    assert!(r.ok && r.reply.ends_with("half-closed-upload"), "{r:?}");
+}

@@ -1128,31 +1128,60 @@ fn access_log(
 
 /// Copies both ways until both sides are done, counting bytes as they pass.
 /// Returns (client→server, server→client) byte counts.
+/// Copies both ways between two TCP connections. A FIN is passed on as a
+/// FIN, one direction at a time (half-close kept); a reset or error on
+/// either side resets both (SO_LINGER 0), so a transfer cut short never
+/// reaches the other end as a clean close.
 async fn relay(client: TcpStream, server: TcpStream, c: &ConnCounters, m: &Metrics) -> (u64, u64) {
     let _active = m.open_connection();
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = copy_counted(cr, sw, &c.received);
-    let down = copy_counted(sr, cw, &c.sent);
-    tokio::join!(up, down)
+    let (reset_tx, _) = watch::channel(false);
+    let up = copy_counted(cr, sw, &c.received, &reset_tx);
+    let down = copy_counted(sr, cw, &c.sent, &reset_tx);
+    let ((rx, sw, up_reset), (tx, cw, down_reset)) = tokio::join!(up, down);
+    if up_reset || down_reset {
+        hbone::reset_tcp(sw);
+        hbone::reset_tcp(cw);
+    }
+    (rx, tx)
 }
 
-async fn copy_counted(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, counter: &prometheus::IntCounter) -> u64 {
+/// One direction of [`relay`]: returns the bytes copied, the write half
+/// (reset by the caller when either direction failed) and whether this
+/// direction failed or was told to stop because the other did.
+async fn copy_counted(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    counter: &prometheus::IntCounter,
+    reset: &watch::Sender<bool>,
+) -> (u64, tokio::net::tcp::OwnedWriteHalf, bool) {
+    let mut other_failed = reset.subscribe();
     let mut buf = vec![0u8; 16 * 1024];
     let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+        let n = tokio::select! {
+            n = r.read(&mut buf) => n,
+            _ = other_failed.changed() => return (total, w, true),
+        };
+        let n = match n {
+            Ok(0) => break,
             Ok(n) => n,
+            Err(_) => {
+                let _ = reset.send(true);
+                return (total, w, true);
+            }
         };
         if w.write_all(&buf[..n]).await.is_err() {
-            break;
+            let _ = reset.send(true);
+            return (total, w, true);
         }
         counter.inc_by(n as u64);
         total += n as u64;
     }
     let _ = w.shutdown().await;
-    total
+    // Half-closed: this direction is done, the other may still fail.
+    (total, w, *reset.borrow())
 }
 
 #[cfg(test)]

@@ -87,6 +87,20 @@ enum Cmd {
         #[arg(long)]
         reset: bool,
     },
+    /// On each connection: send BYTES bytes, wait a moment, then reset
+    /// the connection (RST, SO_LINGER 0) instead of closing it.
+    ResetServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        bytes: usize,
+    },
+    /// Connect and read until the connection ends; print how many bytes
+    /// came and how it ended (`eof` or `reset`) as JSON.
+    ReadAll {
+        #[arg(long)]
+        target: String,
+    },
     /// Try to bind the port; print whether that worked as JSON.
     Bind {
         #[arg(long)]
@@ -746,6 +760,53 @@ fn hold(target: &str, count: usize, silent_ms: Option<u64>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// See `Cmd::ResetServer`.
+fn reset_server(port: u16, bytes: usize) -> ExitCode {
+    let l = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            log(json!({"event": "error", "error": e.to_string()}));
+            return ExitCode::FAILURE;
+        }
+    };
+    log(json!({"event": "listening", "port": port}));
+    for s in l.incoming().flatten() {
+        thread::spawn(move || {
+            let mut s = s;
+            let sent = s.write_all(&vec![b'r'; bytes]).is_ok();
+            thread::sleep(Duration::from_millis(300));
+            // SO_LINGER 0: closing sends RST instead of FIN.
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            let set = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger).is_ok();
+            log(json!({"event": "reset", "sent": sent, "linger_set": set}));
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+/// See `Cmd::ReadAll`.
+fn read_all(target: &str) -> ExitCode {
+    let mut s = match TcpStream::connect(target) {
+        Ok(s) => s,
+        Err(e) => {
+            log(json!({"error": format!("connect {target}: {e}")}));
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let (mut total, mut buf) = (0usize, [0u8; 16384]);
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset".to_owned(),
+            Err(e) => break format!("error: {e}"),
+        }
+    };
+    log(json!({"bytes": total, "end": end}));
+    ExitCode::SUCCESS
+}
+
 /// See `Cmd::Slowloris`.
 fn slowloris(target: &str, count: usize, for_ms: u64) -> ExitCode {
     let start = std::time::Instant::now();
@@ -895,6 +956,8 @@ fn main() -> ExitCode {
     let _ = skiff_core::raise_open_file_limit();
     match Cli::parse().cmd {
         Cmd::Hold { target, count, silent_ms } => hold(&target, count, silent_ms),
+        Cmd::ResetServer { port, bytes } => reset_server(port, bytes),
+        Cmd::ReadAll { target } => read_all(&target),
         Cmd::Slowloris { target, count, for_ms } => slowloris(&target, count, for_ms),
         Cmd::H2Flood { target, authority, streams, reset } => h2_flood(&target, &authority, streams, reset),
         Cmd::EchoServer { port } => echo_server(port),
