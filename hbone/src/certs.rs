@@ -49,9 +49,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 struct Issued {
     cert: WorkloadCert,
     key: Arc<CertifiedKey>,
-    /// When it entered the cache: a refresh evicts only what was there
-    /// before it started.
-    cached_at: std::time::Instant,
+    /// When it entered the cache or the data path last asked for it: a
+    /// refresh evicts only what was not wanted since it started.
+    wanted_at: Mutex<std::time::Instant>,
 }
 
 /// Summary of one certificate, for the admin config dump (never the key).
@@ -187,7 +187,7 @@ impl CertManager {
         };
         let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).map_err(IdentityError::Tls)?;
         let key = Arc::new(CertifiedKey::new(cert.chain.clone(), signing));
-        let issued = Arc::new(Issued { cert, key, cached_at: std::time::Instant::now() });
+        let issued = Arc::new(Issued { cert, key, wanted_at: Mutex::new(std::time::Instant::now()) });
         let previous = self.certs.lock().expect("lock").insert(id.clone(), issued.clone());
         info!(identity = %id, expires_unix = unix(issued.cert.not_after), rotated = previous.is_some(), "workload certificate issued");
         Ok(issued)
@@ -210,7 +210,8 @@ impl CertManager {
     /// is one issued, on a blocking thread, so a slow or unreachable signer
     /// never stalls an async worker and the connections it serves.
     pub async fn ensure(self: &Arc<Self>, id: &Identity) -> Result<(), CertError> {
-        if self.cached(id).is_some() {
+        if let Some(i) = self.cached(id) {
+            *i.wanted_at.lock().expect("lock") = std::time::Instant::now();
             return Ok(());
         }
         let (mgr, id) = (self.clone(), id.clone());
@@ -224,13 +225,18 @@ impl CertManager {
     /// identities no longer in use — but never a certificate cached since
     /// this refresh started (a pod that arrived meanwhile).
     pub fn refresh(&self, ids: &[Identity]) {
-        let started = std::time::Instant::now();
+        self.refresh_since(ids, std::time::Instant::now())
+    }
+
+    /// [`Self::refresh`] for `ids` as they were at `started`: nothing wanted
+    /// since is evicted.
+    fn refresh_since(&self, ids: &[Identity], started: std::time::Instant) {
         for id in ids {
             if let Err(e) = self.issued(id) {
                 warn!(identity = %id, error = %skiff_core::report(&e), "certificate renewal failed");
             }
         }
-        self.certs.lock().expect("lock").retain(|k, v| ids.contains(k) || v.cached_at >= started);
+        self.certs.lock().expect("lock").retain(|k, v| ids.contains(k) || *v.wanted_at.lock().expect("lock") >= started);
     }
 
     /// Runs `refresh` every [`Self::refresh_interval`] for the identities
@@ -241,8 +247,11 @@ impl CertManager {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(certs.refresh_interval()).await;
+                // The time before the list: whatever is wanted after it
+                // was made is kept.
+                let started = std::time::Instant::now();
                 let (c, now) = (certs.clone(), ids());
-                let _ = tokio::task::spawn_blocking(move || c.refresh(&now)).await;
+                let _ = tokio::task::spawn_blocking(move || c.refresh_since(&now, started)).await;
             }
         });
     }
@@ -399,7 +408,7 @@ mod tests {
         // Issued 250 s ago for 400 s: half-life passed, 150 s left.
         let cert = ca.issue_at(&id, SystemTime::now() - Duration::from_secs(250), Duration::from_secs(400)).unwrap();
         let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).unwrap();
-        let issued = Arc::new(Issued { key: Arc::new(CertifiedKey::new(cert.chain.clone(), signing)), cert, cached_at: std::time::Instant::now() });
+        let issued = Arc::new(Issued { key: Arc::new(CertifiedKey::new(cert.chain.clone(), signing)), cert, wanted_at: Mutex::new(std::time::Instant::now()) });
         mgr.certs.lock().unwrap().insert(id.clone(), issued.clone());
         let got = mgr.issued(&id).expect("the valid certificate is kept");
         assert!(Arc::ptr_eq(&got, &issued));
@@ -420,7 +429,7 @@ mod tests {
     fn past_half_life(ca: &Ca, id: &Identity) -> Arc<Issued> {
         let cert = ca.issue_at(id, SystemTime::now() - Duration::from_secs(250), Duration::from_secs(400)).unwrap();
         let signing = rustls::crypto::ring::sign::any_supported_type(&cert.key()).unwrap();
-        Arc::new(Issued { key: Arc::new(CertifiedKey::new(cert.chain.clone(), signing)), cert, cached_at: std::time::Instant::now() })
+        Arc::new(Issued { key: Arc::new(CertifiedKey::new(cert.chain.clone(), signing)), cert, wanted_at: Mutex::new(std::time::Instant::now()) })
     }
 
     /// Issue 13 item 6: with the signer blackholed and the certificate past

@@ -45,9 +45,19 @@ impl Drain {
         self.active.load(Ordering::Acquire)
     }
 
-    /// A receiver that turns true when draining starts.
+    /// A receiver that turns true when draining starts. A receiver made
+    /// after the start sees no change: use [`Self::stopping`] unless the
+    /// receiver exists before the drain can start.
     pub fn signal(&self) -> watch::Receiver<bool> {
         self.stop_tx.subscribe()
+    }
+
+    /// Resolves once draining has started — at once if it already has.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop_tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|draining| *draining).await;
+        }
     }
 
     /// Starts draining and waits until no connection is open or `deadline`
@@ -65,6 +75,27 @@ impl Drain {
         };
         let _ = tokio::time::timeout(deadline, wait).await;
         self.active()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_late_subscriber_still_sees_the_drain() {
+        let d = Drain::new();
+        let guard = d.track();
+        let early = d.stopping();
+        let draining = tokio::spawn({
+            let d = d.clone();
+            async move { d.drain(std::time::Duration::from_secs(5)).await }
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(1), early).await.expect("the early waiter wakes");
+        // Made after the drain started: resolves at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), d.stopping()).await.expect("a late waiter resolves at once");
+        drop(guard);
+        assert_eq!(draining.await.unwrap(), 0, "nothing open once the guard is gone");
     }
 }
 

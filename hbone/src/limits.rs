@@ -24,19 +24,20 @@ use std::{
 #[derive(Clone, Debug, clap::Args)]
 pub struct HboneLimits {
     /// HBONE connections still in their TLS or HTTP/2 handshake, node-wide.
-    #[arg(long = "hbone-max-handshakes", default_value_t = 1024, value_name = "N")]
+    #[arg(long = "hbone-max-handshakes", default_value_t = 1024, value_name = "N", value_parser = at_least_one)]
     pub max_handshakes: usize,
     /// HBONE handshakes in progress from one peer address.
-    #[arg(long = "hbone-max-handshakes-per-peer", default_value_t = 32, value_name = "N")]
+    #[arg(long = "hbone-max-handshakes-per-peer", default_value_t = 32, value_name = "N", value_parser = at_least_one)]
     pub max_handshakes_per_peer: usize,
     /// Time a peer has to complete the TLS and HTTP/2 handshakes.
     #[arg(long = "hbone-handshake-timeout", default_value = "10", value_name = "SECONDS", value_parser = seconds)]
     pub handshake_timeout: Duration,
     /// Established HBONE connections accepted, in total.
-    #[arg(long = "hbone-max-connections", default_value_t = 16384, value_name = "N")]
+    #[arg(long = "hbone-max-connections", default_value_t = 16384, value_name = "N", value_parser = at_least_one)]
     pub max_connections: usize,
-    /// Established HBONE connections accepted from one peer address.
-    #[arg(long = "hbone-max-connections-per-peer", default_value_t = 512, value_name = "N")]
+    /// Established HBONE connections accepted from one peer address (each
+    /// may buffer up to its 16 MiB HTTP/2 window).
+    #[arg(long = "hbone-max-connections-per-peer", default_value_t = 128, value_name = "N", value_parser = at_least_one)]
     pub max_connections_per_peer: usize,
     /// A pooled client connection with no open stream for this long is closed.
     #[arg(long = "hbone-pool-idle-timeout", default_value = "300", value_name = "SECONDS", value_parser = seconds)]
@@ -54,12 +55,26 @@ pub struct HboneLimits {
     pub keepalive_timeout: Duration,
 }
 
+/// Longest duration a flag takes (a year): longer is a mistake, and keeps
+/// deadline arithmetic far from overflow.
+const MAX_FLAG_SECONDS: f64 = 365.0 * 86400.0;
+
 fn seconds(s: &str) -> Result<Duration, String> {
     let n: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(n > 0.0 && n.is_finite()) {
         return Err(format!("{s:?}: must be more than 0 seconds"));
     }
+    if n > MAX_FLAG_SECONDS {
+        return Err(format!("{s:?}: at most {MAX_FLAG_SECONDS} seconds (a year)"));
+    }
     Ok(Duration::from_secs_f64(n))
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?}: must be a whole number, at least 1 (0 would refuse every connection)")),
+    }
 }
 
 impl Default for HboneLimits {
@@ -69,7 +84,7 @@ impl Default for HboneLimits {
             max_handshakes_per_peer: 32,
             handshake_timeout: Duration::from_secs(10),
             max_connections: 16384,
-            max_connections_per_peer: 512,
+            max_connections_per_peer: 128,
             pool_idle_timeout: Duration::from_secs(300),
             server_idle_timeout: Duration::from_secs(600),
             keepalive_interval: Duration::from_secs(30),
@@ -127,8 +142,8 @@ struct State {
     established: usize,
     /// Per peer: (handshakes, established).
     peers: HashMap<IpAddr, (usize, usize)>,
-    /// Per reason: last log time, refusals not logged since.
-    logged: HashMap<Refused, (Option<Instant>, u64)>,
+    /// Per log key: last log time, lines not logged since.
+    logged: HashMap<String, (Option<Instant>, u64)>,
 }
 
 /// Admission control for one HBONE server (node-wide in ztunnel).
@@ -167,13 +182,21 @@ impl Admission {
         (s.handshakes, s.established)
     }
 
-    /// Whether to log this refusal now: at most one line per reason every
-    /// 10 s (a flood would otherwise flood the log too). Returns how many
-    /// refusals for that reason went unlogged before this one.
-    pub fn log_now(&self, r: Refused) -> Option<u64> {
+    /// Whether to log a line with this key now: at most one line per key
+    /// every 10 s (a flood would otherwise flood the log too). Returns how
+    /// many lines with that key went unlogged before this one. Keys are
+    /// admission reasons (`Refused::as_str`) or a failure's kind and text.
+    pub fn log_now(&self, key: &str) -> Option<u64> {
         let mut s = self.state.lock().expect("lock");
         let now = Instant::now();
-        let e = s.logged.entry(r).or_insert((None, 0));
+        if s.logged.len() >= 1024 && !s.logged.contains_key(key) {
+            // Bounded: keys whose 10 s have passed carry nothing worth keeping.
+            s.logged.retain(|_, (t, skipped)| *skipped > 0 || t.is_none_or(|t| now.duration_since(t) < Duration::from_secs(10)));
+            if s.logged.len() >= 1024 {
+                return None;
+            }
+        }
+        let e = s.logged.entry(key.to_owned()).or_insert((None, 0));
         if e.0.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
             let skipped = e.1;
             *e = (Some(now), 0);
@@ -260,6 +283,9 @@ impl Drop for Established {
 /// vanished (node gone, cable cut) frees its descriptors instead of
 /// holding them until the next write.
 pub fn tcp_keepalive(s: &tokio::net::TcpStream, idle: Duration) {
+    // The kernel takes 1 to 32767 s (TCP_KEEPIDLE); outside that it would
+    // refuse the setting and leave its 2 h default.
+    let idle = idle.clamp(Duration::from_secs(3), Duration::from_secs(32767));
     let ka = socket2::TcpKeepalive::new()
         .with_time(idle)
         .with_interval((idle / 3).max(Duration::from_secs(1)))
@@ -337,10 +363,14 @@ mod tests {
     #[test]
     fn refusals_are_logged_at_most_every_ten_seconds_per_reason() {
         let a = adm(1, 1, 1, 1);
-        assert_eq!(a.log_now(Refused::Handshakes), Some(0));
-        assert_eq!(a.log_now(Refused::Handshakes), None);
-        assert_eq!(a.log_now(Refused::Handshakes), None);
-        assert_eq!(a.log_now(Refused::Connections), Some(0), "each reason has its own budget");
+        assert_eq!(a.log_now(Refused::Handshakes.as_str()), Some(0));
+        assert_eq!(a.log_now(Refused::Handshakes.as_str()), None);
+        assert_eq!(a.log_now(Refused::Handshakes.as_str()), None);
+        assert_eq!(a.log_now(Refused::Connections.as_str()), Some(0), "each reason has its own budget");
+        for i in 0..5000 {
+            let _ = a.log_now(&format!("tls: reason {i}"));
+        }
+        assert!(a.state.lock().unwrap().logged.len() <= 1024, "the throttle's memory is bounded");
     }
 
     #[tokio::test]
@@ -370,5 +400,8 @@ mod tests {
         assert_eq!(seconds("2.5").unwrap(), Duration::from_millis(2500));
         assert!(seconds("0").unwrap_err().contains("more than 0"));
         assert!(seconds("soon").unwrap_err().contains("not a number"));
+        assert!(seconds("1e19").unwrap_err().contains("at most"), "a value that would overflow deadlines is refused");
+        assert!(at_least_one("0").is_err() && at_least_one("-1").is_err());
+        assert_eq!(at_least_one("7"), Ok(7));
     }
 }

@@ -60,6 +60,11 @@ pub enum HboneError {
     /// The pod's netns thread is gone.
     #[error("pod network namespace")]
     Netns(#[from] skiff_core::netns::NetnsError),
+    /// Another connection's dial to the same destination, which this one
+    /// waited for, failed (so this one fails as fast, without a dial of
+    /// its own).
+    #[error("connecting to the same destination just failed: {0}")]
+    DialFailed(String),
 }
 
 struct PooledConn {
@@ -117,13 +122,44 @@ pub struct Pool {
     conns: Arc<Conns>,
     epoch: Instant,
     next_id: AtomicU64,
-    /// Keys being dialled, and the lock later comers wait on.
-    dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// Keys being dialled: the lock later comers wait on, holding the
+    /// last dial's failure (when, why).
+    dialing: Arc<Dialing>,
+}
+
+type Dialing = Mutex<HashMap<Key, Arc<DialSlot>>>;
+type DialSlot = tokio::sync::Mutex<Option<(Instant, String)>>;
+
+/// A hold on a key's dial slot; the last holder out removes the slot.
+struct DialHold {
+    map: Arc<Dialing>,
+    key: Key,
+    slot: Option<Arc<DialSlot>>,
+}
+
+impl DialHold {
+    fn new(map: &Arc<Dialing>, key: &Key) -> DialHold {
+        let slot = map.lock().expect("lock").entry(key.clone()).or_default().clone();
+        DialHold { map: map.clone(), key: key.clone(), slot: Some(slot) }
+    }
+}
+
+impl Drop for DialHold {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("lock");
+        let slot = self.slot.take().expect("held");
+        // Counted and dropped under the map's lock: exactly one holder
+        // sees itself as the last (the map's own reference and its own).
+        if Arc::strong_count(&slot) == 2 {
+            map.remove(&self.key);
+        }
+        drop(slot);
+    }
 }
 
 impl Pool {
     pub fn new(certs: Arc<CertManager>, limits: HboneLimits) -> Pool {
-        Pool { certs, limits, conns: Arc::new(Mutex::new(HashMap::new())), epoch: Instant::now(), next_id: AtomicU64::new(1), dialing: Mutex::new(HashMap::new()) }
+        Pool { certs, limits, conns: Arc::new(Mutex::new(HashMap::new())), epoch: Instant::now(), next_id: AtomicU64::new(1), dialing: Arc::new(Mutex::new(HashMap::new())) }
     }
 
     /// Pooled connections open now.
@@ -134,7 +170,8 @@ impl Pool {
     fn pick(&self, key: &Key) -> Option<(SendRequest<Bytes>, StreamGuard)> {
         let mut conns = self.conns.lock().expect("lock");
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.dead.load(Ordering::Acquire));
+        // Gone, or going away (GOAWAY received: the server drains).
+        list.retain(|c| !c.dead.load(Ordering::Acquire) && !c.send.clone().poll_ready_is_closed());
         if list.is_empty() {
             conns.remove(key);
             return None;
@@ -151,18 +188,30 @@ impl Pool {
         let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             tokio::time::sleep(tick).await;
-            let Some(conns) = conns.upgrade() else { return };
-            let mut conns = conns.lock().expect("lock");
-            let Some(list) = conns.get_mut(&key) else { return };
-            let Some(i) = list.iter().position(|c| c.id == id) else { return };
-            let c = &list[i];
-            let since = epoch.elapsed().saturating_sub(Duration::from_millis(c.last_used.load(Ordering::Acquire)));
-            if c.streams.load(Ordering::Acquire) == 0 && since >= idle {
-                list.remove(i);
-                if list.is_empty() {
-                    conns.remove(&key);
+            // Some(true): idle, taken out; Some(false): in use; None: out of
+            // the pool for another reason (GOAWAY, an error, its pod left),
+            // no longer this task's to close — it ends once its streams
+            // have and its handles are dropped.
+            let verdict = (|| {
+                let conns = conns.upgrade()?;
+                let mut conns = conns.lock().expect("lock");
+                let list = conns.get_mut(&key)?;
+                let i = list.iter().position(|c| c.id == id)?;
+                let c = &list[i];
+                let since = epoch.elapsed().saturating_sub(Duration::from_millis(c.last_used.load(Ordering::Acquire)));
+                if c.streams.load(Ordering::Acquire) == 0 && since >= idle {
+                    list.remove(i);
+                    if list.is_empty() {
+                        conns.remove(&key);
+                    }
+                    return Some(true);
                 }
-                return;
+                Some(false)
+            })();
+            match verdict {
+                Some(true) => return,
+                Some(false) => {}
+                None => return std::future::pending().await,
             }
         }
     }
@@ -209,6 +258,7 @@ impl Pool {
         let ping = conn.ping_pong();
         let (interval, timeout, idle) = (self.limits.keepalive_interval, self.limits.keepalive_timeout, self.limits.pool_idle_timeout);
         let idle_out = Self::idle_out(Arc::downgrade(&self.conns), key.clone(), id, self.epoch, idle);
+        let (pool, own_key) = (Arc::downgrade(&self.conns), key.clone());
         tokio::spawn(async move {
             let keepalive = async {
                 match ping {
@@ -224,6 +274,16 @@ impl Pool {
                 _ = idle_out => debug!(%addr, ?idle, "idle pooled HBONE connection closed"),
             }
             flag.store(true, Ordering::Release);
+            // Out of the pool, so a destination that is gone leaves nothing.
+            if let Some(pool) = pool.upgrade() {
+                let mut conns = pool.lock().expect("lock");
+                if let Some(list) = conns.get_mut(&own_key) {
+                    list.retain(|c| c.id != id);
+                    if list.is_empty() {
+                        conns.remove(&own_key);
+                    }
+                }
+            }
         });
         // Pooled before the task above can look for it.
         let c = PooledConn { id, send, streams: Arc::new(AtomicUsize::new(0)), last_used, dead };
@@ -243,30 +303,65 @@ impl Pool {
         addr: SocketAddrV4,
         target: SocketAddrV4,
     ) -> Result<(SendStream<Bytes>, RecvStream, StreamGuard), HboneError> {
-        let key: Key = (src_pod.to_owned(), addr);
-        let (send, guard) = match self.pick(&key) {
-            Some(p) => p,
-            None => {
-                // One dial per key at a time: a burst of new connections
-                // waits for it and shares it, instead of each opening its
-                // own TLS connection (which also counts against the peer's
-                // handshake bound at the server).
-                let lock = self.dialing.lock().expect("lock").entry(key.clone()).or_default().clone();
-                let _dialing = lock.lock().await;
-                let picked = match self.pick(&key) {
-                    Some(p) => Ok(p),
-                    None => self.dial(&key, net, src, dst, addr).await,
-                };
-                drop(_dialing);
-                // The last one out removes the key's lock.
-                let mut dialing = self.dialing.lock().expect("lock");
-                if Arc::strong_count(&lock) == 2 {
-                    dialing.remove(&key);
-                }
-                drop(dialing);
-                picked?
+        match self.connect_once(src_pod, net, src, dst, addr, target).await {
+            // The connection was going away (the server drains): once
+            // more, on another connection or a new one.
+            Err(HboneError::H2(e)) if e.is_go_away() => self.connect_once(src_pod, net, src, dst, addr, target).await,
+            r => r,
+        }
+    }
+
+    /// A pooled connection with room, or the one a dial for this key makes.
+    /// One dial per key at a time: a burst of new connections waits for it
+    /// and shares it (each dialling its own would also run into the
+    /// server's per-peer handshake bound), and when it fails, those that
+    /// waited fail at once instead of each dialling in turn.
+    async fn pick_or_dial(
+        &self,
+        key: &Key,
+        net: Option<&Arc<NetnsThread>>,
+        src: &Identity,
+        dst: &Identity,
+        addr: SocketAddrV4,
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), HboneError> {
+        if let Some(p) = self.pick(key) {
+            return Ok(p);
+        }
+        let waited_from = Instant::now();
+        let hold = DialHold::new(&self.dialing, key);
+        let slot = hold.slot.clone().expect("held");
+        let mut last_failure = slot.lock().await;
+        if let Some(p) = self.pick(key) {
+            return Ok(p);
+        }
+        if let Some((at, why)) = &*last_failure {
+            if *at >= waited_from {
+                return Err(HboneError::DialFailed(why.clone()));
             }
-        };
+        }
+        match self.dial(key, net, src, dst, addr).await {
+            Ok(p) => {
+                *last_failure = None;
+                Ok(p)
+            }
+            Err(e) => {
+                *last_failure = Some((Instant::now(), skiff_core::report(&e)));
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect_once(
+        &self,
+        src_pod: &str,
+        net: Option<&Arc<NetnsThread>>,
+        src: &Identity,
+        dst: &Identity,
+        addr: SocketAddrV4,
+        target: SocketAddrV4,
+    ) -> Result<(SendStream<Bytes>, RecvStream, StreamGuard), HboneError> {
+        let key: Key = (src_pod.to_owned(), addr);
+        let (send, guard) = self.pick_or_dial(&key, net, src, dst, addr).await?;
         let key2 = (src_pod.to_owned(), addr);
         let mark_dead = |e: h2::Error| {
             // A connection that fails a stream (GOAWAY, reset, gone) is not
@@ -499,7 +594,11 @@ where
     };
     let idle = limits.server_idle_timeout;
     let mut ticker = tokio::time::interval((idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(10)));
-    tokio::pin!(stop, keepalive);
+    // After an idle GOAWAY the peer has this long to let the connection
+    // close (h2 waits for its answer to a final PING); a peer that stops
+    // reading then cannot hold the connection and its slot.
+    let idle_close_deadline = tokio::time::sleep_until(far_future());
+    tokio::pin!(stop, keepalive, idle_close_deadline);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -519,17 +618,26 @@ where
                 closing = true;
                 conn.graceful_shutdown();
             }
-            why = &mut keepalive, if !closing => return why,
+            // Also while closing: a peer that vanished mid-drain is found.
+            why = &mut keepalive => return why,
+            _ = &mut idle_close_deadline => return "idle, and the peer did not close after GOAWAY",
             _ = ticker.tick(), if !closing => {
                 let since = epoch.elapsed().saturating_sub(Duration::from_millis(owner.last_used.load(Ordering::Acquire)));
                 if owner.streams.load(Ordering::Acquire) == 0 && since >= idle {
                     debug!(?idle, "idle HBONE server connection closed");
                     closing = true;
                     conn.graceful_shutdown();
+                    let at = tokio::time::Instant::now().checked_add(limits.keepalive_timeout).unwrap_or_else(far_future);
+                    idle_close_deadline.as_mut().reset(at);
                 }
             }
         }
     }
+}
+
+/// An instant no timer reaches (for a deadline not set).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
 }
 
 /// The stream count and last-use stamp of one server connection.
@@ -562,6 +670,45 @@ mod tests {
 
     fn req(method: Method, uri: &str) -> Request<()> {
         Request::builder().method(method).uri(uri).body(()).unwrap()
+    }
+
+    /// A burst of connections to a destination whose dial fails (here: a
+    /// listener that never speaks TLS) used to dial one after another,
+    /// each waiting out the handshake timeout; now one dial runs and those
+    /// that waited for it fail with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_on_a_failed_dial_fail_with_it_instead_of_dialling_in_turn() {
+        if sock::outbound().is_err() {
+            assert!(std::env::var("CI").map_or(true, |v| v.is_empty() || v == "false"), "under CI this test must run (as root)");
+            eprintln!("SKIPPED: marking sockets (SO_MARK) needs CAP_NET_ADMIN; run as root");
+            return;
+        }
+        let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(addr) = hole.local_addr().unwrap() else { unreachable!() };
+        let ca = crate::identity::Ca::generate("cluster.local").unwrap();
+        let certs = CertManager::new(ca, Duration::from_secs(3600)).unwrap();
+        let limits = HboneLimits { handshake_timeout: Duration::from_millis(800), ..HboneLimits::default() };
+        let pool = Arc::new(Pool::new(certs, limits));
+        let (src, dst) = (Identity::new("cluster.local", "a", "client"), Identity::new("cluster.local", "b", "server"));
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                let (pool, src, dst) = (pool.clone(), src.clone(), dst.clone());
+                tokio::spawn(async move { pool.connect("pod-a", None, &src, &dst, addr, addr).await.map(|_| ()) })
+            })
+            .collect();
+        let (mut timeouts, mut shared) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Err(HboneError::Timeout(_)) => timeouts += 1,
+                Err(HboneError::DialFailed(why)) => {
+                    assert!(why.contains("timed out"), "{why}");
+                    shared += 1
+                }
+                other => panic!("unexpected outcome: {other:?}"),
+            }
+        }
+        assert_eq!((timeouts, shared), (1, 4), "one dial, four connections failed with it");
+        assert!(pool.dialing.lock().unwrap().is_empty(), "no dial slot outlives its holders");
     }
 
     #[test]

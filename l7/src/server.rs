@@ -171,13 +171,14 @@ impl Proxy {
         let me = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
         self.certs.ensure(&me).await?;
         let acceptor = tokio_rustls::TlsAcceptor::from(self.certs.server_config(me)?);
-        let mut draining = self.drain.signal();
+        let draining = self.drain.stopping();
+        tokio::pin!(draining);
         loop {
             // Draining: the listener closes (new connections are refused;
             // client ztunnels dial another replica).
             let (tcp, peer) = tokio::select! {
                 c = skiff_hbone::transport::accept(&listener, "waypoint HBONE") => c,
-                _ = draining.changed() => return Ok(()),
+                _ = &mut draining => return Ok(()),
             };
             let _ = tcp.set_nodelay(true);
             limits::tcp_keepalive(&tcp, self.cfg.hbone.keepalive_interval);
@@ -197,17 +198,24 @@ impl Proxy {
     /// logged (at most once every 10 s per reason).
     fn not_admitted(&self, peer: SocketAddr, r: limits::Refused) {
         self.metrics.admission_refused.with_label_values(&[r.as_str()]).inc();
-        if let Some(skipped) = self.admission.log_now(r) {
+        if let Some(skipped) = self.admission.log_now(r.as_str()) {
             warn!(%peer, reason = %r, refused_since_last_line = skipped, "HBONE connection refused");
         }
     }
 
     async fn connection(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net::TcpStream, peer: SocketAddr, handshake: limits::Handshake) {
         // One deadline for the TLS and HTTP/2 handshakes.
-        let deadline = tokio::time::Instant::now() + self.cfg.hbone.handshake_timeout;
+        let deadline = tokio::time::Instant::now().checked_add(self.cfg.hbone.handshake_timeout).expect("flag bounded to a year");
         let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return warn!(%peer, reason = %skiff_core::report(&e), "HBONE peer refused: TLS handshake failed"),
+            Ok(Err(e)) => {
+                let reason = skiff_core::report(&e);
+                // Throttled per reason (see ztunnel).
+                if let Some(skipped) = self.admission.log_now(&format!("tls: {reason}")) {
+                    warn!(%peer, %reason, same_reason_unlogged = skipped, "HBONE peer refused: TLS handshake failed");
+                }
+                return;
+            }
             Err(_) => return debug!(%peer, "HBONE peer refused: TLS handshake timed out"),
         };
         let Some(Ok(peer_id)) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(identity::identity_of) else {
@@ -221,12 +229,7 @@ impl Proxy {
             Err(r) => return self.not_admitted(peer, r),
         };
         // Draining: GOAWAY, open streams finish.
-        let stop = {
-            let mut draining = self.drain.signal();
-            async move {
-                let _ = draining.changed().await;
-            }
-        };
+        let stop = self.drain.stopping();
         let why = hbone::serve_connection(conn, &self.cfg.hbone, stop, |req, respond, guard| {
             let proxy = self.clone();
             let peer_id = peer_id.clone();
@@ -276,7 +279,13 @@ impl Proxy {
         let recv = req.into_body();
         let (ours, theirs) = tokio::io::duplex(256 * 1024);
         let counters = self.metrics.tcp.clone();
-        tokio::spawn(async move { hbone::relay_io(theirs, send, recv, &counters, &counters).await });
+        // Tracked too: the response's tail is still on its way back after
+        // the HTTP side is done.
+        let relaying = self.drain.track();
+        tokio::spawn(async move {
+            let _relaying = relaying;
+            hbone::relay_io(theirs, send, recv, &counters, &counters).await
+        });
         if tcp {
             let snap = self.cluster.borrow().clone();
             return self.upstreams.passthrough(&snap, &ctx.svc, ctx.port.port, ctx.peer.ip(), ours, &mut fastrand::Rng::new()).await;
@@ -289,13 +298,13 @@ impl Proxy {
         let builder = self.http_builder();
         let conn = builder.serve_connection(TokioIo::new(ours), svc);
         tokio::pin!(conn);
-        let mut draining = self.drain.signal();
+        let draining = self.drain.stopping();
         let ended = tokio::select! {
             r = conn.as_mut() => r,
             // Draining: HTTP/1.1 finishes the request in flight and closes
             // (an idle connection closes at once); HTTP/2 sends GOAWAY and
             // finishes its open streams.
-            _ = draining.changed() => {
+            _ = draining => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

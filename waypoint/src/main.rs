@@ -94,7 +94,8 @@ fn main() -> anyhow::Result<()> {
         // finish up to the deadline.
         info!(open_streams = wp.drain.active(), "draining: listener closed, GOAWAY sent, waiting for requests in flight");
         let left = wp.drain.drain(Duration::from_secs(cli.drain_timeout)).await;
-        let _ = serve.await;
+        // Still starting up (waiting for its certificate) at worst.
+        serve.abort();
         info!(closed_by_deadline = left, "drained; exiting");
         Ok(())
     })

@@ -866,11 +866,16 @@ impl Ztunnel {
         let Some(peer4) = sock::v4(peer) else { return };
         // One deadline for the TLS and HTTP/2 handshakes: a peer that
         // trickles bytes cannot hold its slot longer.
-        let deadline = tokio::time::Instant::now() + self.cfg.hbone.handshake_timeout;
+        let deadline = tokio::time::Instant::now().checked_add(self.cfg.hbone.handshake_timeout).expect("flag bounded to a year");
         let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                warn!(pod = %format!("{}/{}", info.namespace, info.name), %peer, reason = %skiff_core::report(&e), "HBONE peer refused: TLS handshake failed");
+                let reason = skiff_core::report(&e);
+                // Throttled per reason: a peer sending garbage handshakes
+                // must not flood the log.
+                if let Some(skipped) = self.admission.log_now(&format!("tls: {reason}")) {
+                    warn!(pod = %format!("{}/{}", info.namespace, info.name), %peer, %reason, same_reason_unlogged = skipped, "HBONE peer refused: TLS handshake failed");
+                }
                 self.metrics.hbone_refused.inc();
                 return;
             }
@@ -918,11 +923,11 @@ impl Ztunnel {
         };
         // Pod released or ztunnel draining: no new streams; open ones finish.
         let stop = {
-            let (mut stop, mut drain) = (stop, self.drain.signal());
+            let (mut stop, drain) = (stop, self.drain.stopping());
             async move {
                 tokio::select! {
-                    _ = stop.changed() => {}
-                    _ = drain.changed() => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                    _ = drain => {}
                 }
             }
         };
@@ -944,7 +949,7 @@ impl Ztunnel {
     /// logged (at most once every 10 s per reason).
     fn not_admitted(&self, peer: SocketAddr, r: skiff_hbone::limits::Refused) {
         self.metrics.hbone_admission_refused.with_label_values(&[r.as_str()]).inc();
-        if let Some(skipped) = self.admission.log_now(r) {
+        if let Some(skipped) = self.admission.log_now(r.as_str()) {
             warn!(%peer, reason = %r, refused_since_last_line = skipped, "HBONE connection refused");
         }
     }
