@@ -100,6 +100,14 @@ pub struct Conn {
     fd: OwnedFd,
 }
 
+impl From<OwnedFd> for Conn {
+    /// A connection over an already connected `SOCK_SEQPACKET` socket (a
+    /// socketpair in tests and the fuzz target).
+    fn from(fd: OwnedFd) -> Conn {
+        Conn { fd }
+    }
+}
+
 impl Conn {
     /// Connects to ztunnel's socket.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Conn, ZdsError> {

@@ -21,7 +21,9 @@ pub fn normalize_path(raw: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = path.get(i + 1..i + 3)?;
+            // Exactly two hex digits (`from_str_radix` alone would take a
+            // sign: `%+1`).
+            let hex = path.get(i + 1..i + 3).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
             let v = u8::from_str_radix(hex, 16).ok()?;
             if v == b'/' || v == b'\\' {
                 return None;
@@ -34,8 +36,11 @@ pub fn normalize_path(raw: &str) -> Option<String> {
             }
             i += 3;
         } else {
-            decoded.push(bytes[i] as char);
-            i += 1;
+            // Whole characters: a byte at a time would turn UTF-8 into
+            // Latin-1 and change the path.
+            let c = path[i..].chars().next()?;
+            decoded.push(c);
+            i += c.len_utf8();
         }
     }
     let mut out: Vec<&str> = Vec::new();
@@ -109,6 +114,8 @@ mod tests {
             ("/a%5cb", None),
             ("/a\\b", None),
             ("/a%zz", None),
+            ("/a%+1", None),
+            ("/café/./x", Some("/café/x")),
             ("/caf%C3%A9", Some("/caf%C3%A9")),
             ("relative", None),
         ] {

@@ -157,6 +157,7 @@ impl Proxy {
         let live: HashSet<Ipv4Addr> = snap.workloads.values().filter(|w| w.is_ready()).filter_map(|w| w.ip).collect();
         self.upstreams.sweep(&live);
         self.breakers.sweep();
+        self.rate_limits.sweep(&snap);
     }
 
     /// Accepts HBONE connections until the process ends.
@@ -290,13 +291,34 @@ impl Proxy {
             let snap = self.cluster.borrow().clone();
             return self.upstreams.passthrough(&snap, &ctx.svc, ctx.port.port, ctx.peer.ip(), ours, &mut fastrand::Rng::new()).await;
         }
+        self.serve_http_ctx(ctx, ours).await
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 on `io` as on a CONNECT stream to
+    /// `target` (a Service address) from `peer`, without the CONNECT's own
+    /// checks: the request pipeline and the downstream bounds only. For
+    /// the fuzz target that feeds it arbitrary bytes.
+    pub async fn serve_http<I>(self: &Arc<Self>, target: SocketAddrV4, peer: SocketAddr, peer_id: Identity, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let snap = self.cluster.borrow().clone();
+        let Some((svc, port)) = snap.service_by_vip(*target.ip(), target.port()) else { return };
+        let ctx = Arc::new(StreamCtx { svc: svc.clone(), port: port.clone(), peer, peer_id });
+        self.serve_http_ctx(ctx, io).await
+    }
+
+    async fn serve_http_ctx<I>(self: &Arc<Self>, ctx: Arc<StreamCtx>, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let proxy = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let (proxy, ctx) = (proxy.clone(), ctx.clone());
             async move { Ok::<_, Infallible>(proxy.request(ctx, req).await) }
         });
         let builder = self.http_builder();
-        let conn = builder.serve_connection(TokioIo::new(ours), svc);
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let draining = self.drain.stopping();
         let ended = tokio::select! {

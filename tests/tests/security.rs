@@ -405,3 +405,41 @@ fn idle_hbone_connections_are_closed_on_both_ends() {
     let after = v["idle"]["after_ms"].as_u64().unwrap();
     assert!((3500..=9000).contains(&after), "closed about 4 s after the last stream: {after} ms");
 }
+
+/// Issue 13 item 9: the probe exemption under STRICT took any connection
+/// with the node's address as its source, so traffic the node forwards and
+/// SNATs (a NodePort, a LoadBalancer) passed as a "probe". Here node-2
+/// SNATs the plain pod's connections to the server to its own address on
+/// their way in, as kube-proxy's masquerade does: refused under STRICT,
+/// while a probe the node opens itself still passes.
+#[test]
+fn a_forwarded_connection_with_the_nodes_address_is_not_a_probe() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let server = mesh.pod("mesh", "server");
+    wait_listening_on(server, 9000);
+    let node = &mesh.nodes[server.node];
+    let plain = mesh.pod("plain", "client");
+    assert_ne!(plain.node, server.node, "the plain client's traffic crosses node-2 from outside");
+    let snat = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.netns, "iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "-p", "tcp"])
+        .args(["-s", &plain.ip.to_string(), "-d", &server.ip.to_string(), "--dport", "9000", "-j", "SNAT", "--to-source"])
+        .arg(node.pod_gateway.to_string())
+        .status()
+        .unwrap();
+    assert!(snat.success(), "adding the SNAT rule in {}", node.netns);
+    let target = format!("{}:9000", server.ip);
+    // PERMISSIVE: the forwarded connection arrives with the node's address.
+    let r = client(&mesh, plain, &target, "forwarded-permissive");
+    assert!(r.ok, "{r:?}");
+    let seen = peer_of_marker(server, "forwarded-permissive").expect("the app saw the forwarded connection");
+    assert!(seen.starts_with(&format!("{}:", node.pod_gateway)), "the connection arrived SNATed to the node's address: {seen}");
+    apply_policy(&mesh, server.node, "mtls", Some(STRICT));
+    let r = client(&mesh, plain, &target, "forwarded-under-strict");
+    assert!(r.reply.is_empty(), "forwarded traffic passed as a probe under STRICT: {r:?}");
+    assert!(peer_of_marker(server, "forwarded-under-strict").is_none(), "it reached the app");
+    let log = std::fs::read_to_string(&node.ztunnel_log).unwrap();
+    assert!(log.contains("not opened on the node (forwarded and SNATed)"), "the refusal says why");
+    // A probe the node opens itself still passes.
+    let reply = mesh.node_exchange(server.node, std::net::SocketAddrV4::new(server.ip, 9000), "real-probe").expect("probe from the node");
+    assert!(reply.ends_with("real-probe"), "{reply:?}");
+}

@@ -7,7 +7,7 @@
 //! - `demo [--manifests DIR] [--nodes N]`: setup, build, run the local mesh demo;
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
-//! - `fuzz [--seconds N] [--all]`: fuzz the HBONE server's CONNECT handling, or every target (hbone/fuzz);
+//! - `fuzz [--seconds N] [--all]`: fuzz the HBONE server's CONNECT handling, or every target (hbone/fuzz: CONNECT requests, manifests, `normalize_path` differential, the waypoint's HTTP/1 and HTTP/2 handling, ZDS messages, CNI plugin inputs);
 //! - `bench hbone|waypoint|compare [--quick] [...]`: what the tunnel and the
 //!   waypoint cost, and Skiff against Envoy sidecars (release builds).
 
@@ -477,12 +477,21 @@ fn fuzz(seconds: u64, all: bool) -> anyhow::Result<()> {
         step("installing cargo-fuzz (a few minutes, once)");
         run(Command::new("cargo").args(["install", "cargo-fuzz"]))?;
     }
-    let targets: &[&str] = if all { &["connect_request", "manifests"] } else { &["connect_request"] };
+    let targets: &[&str] =
+        if all { &["connect_request", "manifests", "normalize_path", "waypoint_http", "zds", "cni"] } else { &["connect_request"] };
     for target in targets {
         step(&format!("fuzzing {target} for {seconds} s"));
-        run(Command::new("cargo")
-            .current_dir(root().join("hbone"))
-            .args(["+nightly", "fuzz", "run", target, "--", &format!("-max_total_time={seconds}")]))?;
+        // The working corpus (kept between runs, not committed), then the
+        // committed seeds when the target has some.
+        let corpus = root().join("hbone/fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = root().join("hbone/fuzz/seeds").join(target);
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root().join("hbone")).args(["+nightly", "fuzz", "run", target]).arg(&corpus);
+        if seeds.is_dir() {
+            cmd.arg(&seeds);
+        }
+        run(cmd.args(["--", &format!("-max_total_time={seconds}")]))?;
     }
     Ok(())
 }

@@ -10,4 +10,5 @@
 pub mod admin;
 pub mod metrics;
 pub mod proxy;
+pub mod sockdiag;
 pub mod zds_server;

@@ -45,7 +45,7 @@ pub struct ConnLabels {
 }
 
 impl ConnLabels {
-    fn values(&self) -> [&str; 15] {
+    pub fn values(&self) -> [&str; 15] {
         [
             self.reporter,
             &self.source_workload,
@@ -68,6 +68,9 @@ impl ConnLabels {
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Every label set of the connection metrics, and when a connection
+    /// last used it: what `prune` may remove once its workloads are gone.
+    series: std::sync::Mutex<std::collections::HashMap<Vec<String>, std::time::Instant>>,
     opened: IntCounterVec,
     closed: IntCounterVec,
     sent: IntCounterVec,
@@ -161,6 +164,7 @@ impl Metrics {
         registry.register(Box::new(config_rejected.clone())).expect("metric registered once");
         Metrics {
             registry,
+            series: Default::default(),
             opened,
             closed,
             sent,
@@ -188,12 +192,45 @@ impl Metrics {
     /// Counters of one connection, resolved once so the data path only adds.
     pub fn connection(&self, labels: &ConnLabels) -> ConnCounters {
         let v = labels.values();
+        self.series.lock().expect("lock").insert(v.iter().map(|s| s.to_string()).collect(), std::time::Instant::now());
         ConnCounters {
             opened: self.opened.with_label_values(&v),
             closed: self.closed.with_label_values(&v),
             sent: self.sent.with_label_values(&v),
             received: self.received.with_label_values(&v),
         }
+    }
+
+    /// Removes the connection metrics' label sets that name a workload or
+    /// Service no longer in `snap` and that no connection has used for
+    /// `grace` (so the last counts are scraped first). Without this, every
+    /// short-lived workload (a Job, a CronJob run) would leave series
+    /// behind for the life of the process. Returns how many were removed.
+    pub fn prune(&self, snap: &skiff_core::model::Snapshot, grace: std::time::Duration) -> usize {
+        use std::collections::HashSet;
+        let workloads: HashSet<(&str, &str)> = snap.workloads.values().map(|w| (w.namespace.as_str(), w.workload_name.as_str())).collect();
+        let services: HashSet<(&str, &str)> = snap.services.values().map(|s| (s.namespace.as_str(), s.name.as_str())).collect();
+        let gone = |set: &HashSet<(&str, &str)>, ns: &str, name: &str| ns != "unknown" && name != "unknown" && !set.contains(&(ns, name));
+        let mut removed = 0;
+        self.series.lock().expect("lock").retain(|v, last| {
+            // Positions in TCP_LABELS.
+            let stale = last.elapsed() >= grace
+                && (gone(&workloads, &v[2], &v[1]) || gone(&workloads, &v[6], &v[5]) || gone(&services, &v[11], &v[10]));
+            if stale {
+                let values: Vec<&str> = v.iter().map(String::as_str).collect();
+                for vec in [&self.opened, &self.closed, &self.sent, &self.received] {
+                    let _ = vec.remove_label_values(&values);
+                }
+                removed += 1;
+            }
+            !stale
+        });
+        removed
+    }
+
+    /// Label sets of the connection metrics now.
+    pub fn series(&self) -> usize {
+        self.series.lock().expect("lock").len()
     }
 
     /// Counts an open connection until the guard drops (also when the

@@ -785,7 +785,7 @@ impl Ztunnel {
             // with Istio), and are not re-evaluated. Anything else from the
             // node (other ports) is treated like any plaintext.
             let probe_port = snap.probe_ports.get(&info.uid).is_some_and(|p| p.contains(&dst.port()));
-            let from_node = self.cfg.node_probes && probe_port && self.node_addrs.contains(*peer4.ip());
+            let from_node = self.cfg.node_probes && probe_port && self.node_addrs.contains(*peer4.ip()) && Self::opened_on_node(peer4, dst);
             let conn = ConnInfo { src_ip: IpAddr::V4(*peer4.ip()), principal: None, src_namespace: None, dst_ip: IpAddr::V4(*dst.ip()), dst_port: dst.port() };
             let decision = if from_node {
                 debug!(src = %peer4, dst = %dst, "plaintext from the node itself (kubelet probe): delivered without mTLS or policy");
@@ -945,6 +945,26 @@ impl Ztunnel {
         debug!(%peer, reason = why, "HBONE connection ended");
     }
 
+    /// Whether a plaintext connection from one of the node's addresses was
+    /// opened on the node (kubelet, a hostNetwork process): its socket is
+    /// in ztunnel's (the node's) network namespace. Traffic the node only
+    /// forwards and SNATs to its own address (NodePort, LoadBalancer) has
+    /// no socket there and is not a probe. A failed lookup answers no
+    /// (fail closed: the probe is then treated as plaintext).
+    fn opened_on_node(src: SocketAddrV4, dst: SocketAddrV4) -> bool {
+        match crate::sockdiag::local_tcp_socket(src, dst) {
+            Ok(true) => true,
+            Ok(false) => {
+                info!(%src, %dst, "plaintext from the node's address to a probe port, but not opened on the node (forwarded and SNATed): not taken for a probe");
+                false
+            }
+            Err(e) => {
+                warn!(%src, %dst, error = %e, "cannot tell whether a connection from the node's address was opened on the node (sock_diag); not taken for a probe");
+                false
+            }
+        }
+    }
+
     /// A connection over an HBONE admission bound: closed, counted, and
     /// logged (at most once every 10 s per reason).
     fn not_admitted(&self, peer: SocketAddr, r: skiff_hbone::limits::Refused) {
@@ -1042,8 +1062,36 @@ impl Ztunnel {
         }
     }
 
+    /// Forgets what names Services and workloads gone from `snap`: their
+    /// round-robin positions at once, their metric series once unused for
+    /// `grace`. (Pooled HBONE connections leave the pool when they close,
+    /// and with their pod.)
+    pub fn prune(&self, snap: &Snapshot, grace: Duration) {
+        let live: HashSet<String> =
+            snap.services.values().flat_map(|s| s.ports.iter().map(move |p| format!("{}/{}:{}", s.namespace, s.name, p.port))).collect();
+        self.round_robin.lock().expect("lock").retain(|k, _| live.contains(k));
+        let removed = self.metrics.prune(snap, grace);
+        if removed > 0 {
+            debug!(removed, "metric series of workloads and Services that are gone removed");
+        }
+    }
+
+    /// Sizes of what `prune` bounds: (round-robin entries, metric series).
+    pub fn state_sizes(&self) -> (usize, usize) {
+        (self.round_robin.lock().expect("lock").len(), self.metrics.series())
+    }
+
     /// Background duties: certificate rotation and policy re-evaluation.
     pub fn spawn_background(self: &Arc<Self>) {
+        // Series of workloads that left while no snapshot came since.
+        let zt = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let snap = zt.cluster.borrow().clone();
+                zt.prune(&snap, SERIES_GRACE);
+            }
+        });
         let zt = self.clone();
         self.certs.spawn_refresh(move || zt.identities());
         let zt = self.clone();
@@ -1053,6 +1101,7 @@ impl Ztunnel {
             while changes.changed().await.is_ok() {
                 let snap = changes.borrow().clone();
                 zt.metrics.set_rejected(&snap);
+                zt.prune(&snap, SERIES_GRACE);
                 for p in snap.authorization_policies.iter().filter(|p| !p.targets_waypoint && p.has_l7()) {
                     warn!(policy = %p.key(), action = ?p.action,
                         "policy uses L7 attributes ztunnel cannot see: its ALLOW rules with them never match, its DENY rules match on their L4 part (fail closed); use a waypoint for L7");
@@ -1062,6 +1111,10 @@ impl Ztunnel {
         });
     }
 }
+
+/// How long a metric series of a workload or Service that is gone stays
+/// (Prometheus scrapes its last counts meanwhile).
+const SERIES_GRACE: Duration = Duration::from_secs(300);
 
 /// One HBONE hop: who dials, who must answer, where, and the CONNECT target.
 struct Tunnel {
@@ -1230,6 +1283,60 @@ kind: Service
 metadata: {name: empty, namespace: ns}
 spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
 "#;
+
+    /// Issue 13 item 11: round-robin positions and metric series of
+    /// Services and workloads that had left were kept for the life of the
+    /// process. 1000 pods, each its own workload behind its own Service
+    /// (Jobs, say), are called and then leave: after the grace period both
+    /// maps are back to where they started, and the series are gone from
+    /// the exposition.
+    #[test]
+    fn state_of_a_thousand_pods_and_services_that_left_is_pruned() {
+        let mut text = String::from(CLUSTER);
+        for i in 0..1000u32 {
+            let (hi, lo) = (i / 250, i % 250 + 1);
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: job-{i}, namespace: jobs, labels: {{app: job-{i}}}}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.1.{hi}.{lo}}}\n\
+                 ---\napiVersion: v1\nkind: Service\nmetadata: {{name: job-{i}, namespace: jobs}}\nspec: {{clusterIP: 10.97.{hi}.{lo}, selector: {{app: job-{i}}}, ports: [{{port: 80}}]}}\n"
+            ));
+        }
+        let busy = snapshot(&text);
+        let zt = ztunnel(busy.clone());
+        let baseline = zt.state_sizes();
+        for i in 0..1000u32 {
+            let vip = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8), 80);
+            let (_, svc) = zt.pick_endpoint(&busy, vip).unwrap();
+            assert_eq!(svc, Some((format!("job-{i}"), "jobs".to_owned())));
+            let labels = ConnLabels {
+                reporter: "source",
+                source_workload: "a".into(),
+                source_namespace: "ns".into(),
+                source_principal: "spiffe://cluster.local/ns/ns/sa/default".into(),
+                source_app: "web".into(),
+                destination_workload: format!("job-{i}"),
+                destination_namespace: "jobs".into(),
+                destination_principal: "spiffe://cluster.local/ns/jobs/sa/default".into(),
+                destination_app: format!("job-{i}"),
+                destination_service: format!("job-{i}.jobs.svc.cluster.local"),
+                destination_service_name: format!("job-{i}"),
+                destination_service_namespace: "jobs".into(),
+                response_flags: "-",
+                security_policy: "mutual_tls",
+            };
+            zt.metrics.connection(&labels).opened.inc();
+        }
+        assert_eq!(zt.state_sizes(), (baseline.0 + 1000, baseline.1 + 1000));
+        // A snapshot change while they are still there removes nothing.
+        zt.prune(&busy, Duration::ZERO);
+        assert_eq!(zt.state_sizes(), (baseline.0 + 1000, baseline.1 + 1000));
+        // They leave: positions go at once, series after the grace period.
+        let left = snapshot(CLUSTER);
+        zt.prune(&left, Duration::from_secs(300));
+        assert_eq!(zt.state_sizes(), (baseline.0, baseline.1 + 1000), "series stay for their last scrape");
+        zt.prune(&left, Duration::ZERO);
+        assert_eq!(zt.state_sizes(), baseline);
+        assert!(!zt.metrics.render().contains("job-7"), "the series are gone from the exposition");
+    }
 
     #[test]
     fn cluster_ip_connections_alternate_between_ready_endpoints() {
