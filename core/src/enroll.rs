@@ -79,7 +79,10 @@ pub fn decide(node: &str, namespace_labels: Option<&BTreeMap<String, String>>, p
     if pod.labels.get("security.istio.io/tlsMode").map(String::as_str) == Some("istio") {
         return Decision::Skip(SidecarInjected);
     }
-    if pod.labels.contains_key(crate::LABEL_GATEWAY_NAME) {
+    // A waypoint's pods run as the service account named like it (what
+    // ztunnels select them by): a pod that only carries the label is not
+    // one, and is captured like any other.
+    if pod.labels.get(crate::LABEL_GATEWAY_NAME).is_some_and(|gw| *gw == pod.service_account) {
         return Decision::Skip(Waypoint);
     }
     match mode(&pod.labels) {
@@ -155,7 +158,8 @@ mod tests {
             ("mesh namespace", Some(&ambient), pod("skiff-system", "n1", &[], false, true, "Running"), Decision::Skip(SystemNamespace)),
             ("kube-system", Some(&ambient), pod("kube-system", "n1", &[], false, true, "Running"), Decision::Skip(SystemNamespace)),
             ("sidecar pod", Some(&ambient), pod("a", "n1", &sidecar, false, true, "Running"), Decision::Skip(SidecarInjected)),
-            ("waypoint pod", Some(&ambient), pod("a", "n1", &[("gateway.networking.k8s.io/gateway-name", "wp")], false, true, "Running"), Decision::Skip(Waypoint)),
+            ("waypoint pod", Some(&ambient), Workload { service_account: "wp".into(), ..pod("a", "n1", &[("gateway.networking.k8s.io/gateway-name", "wp")], false, true, "Running") }, Decision::Skip(Waypoint)),
+            ("labelled as a waypoint, another service account", Some(&ambient), pod("a", "n1", &[("gateway.networking.k8s.io/gateway-name", "wp")], false, true, "Running"), Decision::Enroll),
             ("no IP yet", Some(&ambient), pod("a", "n1", &[], false, false, "Pending"), Decision::Skip(NoPodIp)),
             ("succeeded", Some(&ambient), pod("a", "n1", &[], false, true, "Succeeded"), Decision::Skip(Finished)),
             ("failed", Some(&ambient), pod("a", "n1", &[], false, true, "Failed"), Decision::Skip(Finished)),

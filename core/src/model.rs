@@ -489,6 +489,15 @@ impl Snapshot {
                 if self.workloads.contains_key(&w.uid) {
                     return Err(err("metadata.uid", format!("uid {:?} is used by another pod", w.uid)));
                 }
+                if let Some(gw) = w.labels.get(crate::LABEL_GATEWAY_NAME).filter(|gw| **gw != w.service_account) {
+                    self.warnings.push(err(
+                        &format!("metadata.labels[{}]", crate::LABEL_GATEWAY_NAME),
+                        format!(
+                            "labelled as waypoint {gw:?} but runs as service account {:?}: a waypoint's pods run as the service account named like it, so this pod is not taken for the waypoint (no traffic, no waypoint certificate)",
+                            w.service_account
+                        ),
+                    ));
+                }
                 let probes: std::collections::BTreeSet<u16> = pod
                     .spec
                     .containers
@@ -706,24 +715,43 @@ impl Snapshot {
 
     /// The waypoint a Service's traffic goes through: the Service's
     /// `istio.io/use-waypoint` (or `skiff.dev/use-waypoint`) label, else its
-    /// namespace's; `none` opts out. Returns a ready waypoint pod of that
-    /// name in the Service's namespace, or the name when none is ready.
-    pub fn waypoint_for(&self, svc: &ServiceInfo) -> Option<Result<&Workload, String>> {
+    /// namespace's; `none` opts out. Returns that waypoint's ready pods in
+    /// the Service's namespace ([`Self::waypoint_pods`]), or the name when
+    /// none is ready.
+    pub fn waypoint_for(&self, svc: &ServiceInfo) -> Option<Result<Vec<&Workload>, String>> {
+        let name = self.waypoint_name_for(svc)?;
+        let pods = self.waypoint_pods(&svc.namespace, &name);
+        Some(if pods.is_empty() { Err(name) } else { Ok(pods) })
+    }
+
+    /// The waypoint a Service asks for (its own label, else its
+    /// namespace's), unless `none`.
+    pub fn waypoint_name_for(&self, svc: &ServiceInfo) -> Option<String> {
         let label = |l: &BTreeMap<String, String>| {
             l.get(crate::LABEL_USE_WAYPOINT).or_else(|| l.get(crate::LABEL_SKIFF_USE_WAYPOINT)).cloned()
         };
         let name = label(&svc.labels).or_else(|| self.namespace_labels(&svc.namespace).and_then(label))?;
-        if name == "none" || name.is_empty() {
-            return None;
-        }
-        let found = self
+        (name != "none" && !name.is_empty()).then_some(name)
+    }
+
+    /// The ready pods of waypoint `name` in `namespace`, by IP: labelled
+    /// with the gateway name *and* running as the waypoint's own service
+    /// account, named like it (as Istio's generated waypoints and Skiff's
+    /// template do). A pod that only carries the label — anyone who can
+    /// create a pod can add it — is not one (the snapshot warns about it).
+    pub fn waypoint_pods(&self, namespace: &str, name: &str) -> Vec<&Workload> {
+        let mut pods: Vec<&Workload> = self
             .workloads
             .values()
             .filter(|w| {
-                w.namespace == svc.namespace && w.is_ready() && w.labels.get(crate::LABEL_GATEWAY_NAME) == Some(&name)
+                w.namespace == namespace
+                    && w.is_ready()
+                    && w.labels.get(crate::LABEL_GATEWAY_NAME).is_some_and(|l| l == name)
+                    && w.service_account == name
             })
-            .min_by_key(|w| w.ip);
-        Some(found.ok_or(name))
+            .collect();
+        pods.sort_by_key(|w| w.ip);
+        pods
     }
 
     /// Services that select a workload, for metrics labels.
@@ -740,6 +768,54 @@ mod tests {
     fn snap(text: &str) -> Result<Snapshot, ModelErrors> {
         let objs = parse_documents(text).unwrap().into_iter().map(|o| ("test.yaml".to_owned(), o)).collect();
         Snapshot::from_objects(objs)
+    }
+
+    /// Issue 13 item 8: the waypoint was "the lowest-IP ready pod with the
+    /// gateway-name label", so any pod labelled so (anyone who can create a
+    /// pod can) on a lower IP took its traffic. Now only pods running as
+    /// the waypoint's own service account count, all of them (balanced by
+    /// ztunnel), and the labelled impostor is named in a warning.
+    #[test]
+    fn a_waypoint_is_its_labelled_pods_running_as_its_service_account() {
+        let s = snap(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/use-waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 9080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: rogue, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {serviceAccountName: default, containers: [{name: c}]}
+status: {phase: Running, podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-a, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {serviceAccountName: waypoint, containers: [{name: c}]}
+status: {phase: Running, podIP: 10.244.2.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-b, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {serviceAccountName: waypoint, containers: [{name: c}]}
+status: {phase: Running, podIP: 10.244.2.5}
+"#,
+        )
+        .unwrap();
+        let svc = s.services.values().next().unwrap();
+        let pods: Vec<&str> = s.waypoint_for(svc).unwrap().unwrap().iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(pods, ["waypoint-b", "waypoint-a"], "both replicas, by IP, and never the impostor");
+        assert!(
+            s.warnings.iter().any(|w| w.to_string().contains("labelled as waypoint \"waypoint\" but runs as service account \"default\"")),
+            "{:?}",
+            s.warnings
+        );
     }
 
     #[test]

@@ -264,7 +264,7 @@ impl Proxy {
         // Only Services bound to this waypoint: otherwise any workload could
         // use it as a middleman carrying the waypoint's identity.
         let bound = svc.namespace == self.cfg.namespace
-            && matches!(snap.waypoint_for(svc), Some(Ok(w)) if w.labels.get(skiff_core::LABEL_GATEWAY_NAME) == Some(&self.cfg.name));
+            && snap.waypoint_name_for(svc).as_deref() == Some(self.cfg.name.as_str());
         if !bound {
             info!(%peer, %target, service = %svc.hostname(), "CONNECT to a Service not bound to this waypoint");
             return answer(&mut respond, StatusCode::FORBIDDEN);

@@ -15,7 +15,8 @@
 //! A waypoint may obtain its *own* identity: a token of service account
 //! `<ns>/<sa>` gets `spiffe://<td>/ns/<ns>/sa/<sa>` only, and only when the
 //! token is bound to a live pod of that service account carrying the
-//! `gateway.networking.k8s.io/gateway-name` label (a waypoint pod).
+//! `gateway.networking.k8s.io/gateway-name: <sa>` label (a pod of waypoint
+//! `<sa>`: waypoints run as the service account named like them).
 //!
 //! Everything else is refused with the reason (401 for the token, 403 for
 //! what it may not have, 400 for a malformed request) and logged. A
@@ -269,9 +270,17 @@ impl Signer {
         }
         let pod = self.bound_pod(caller, ns).await?.map_err(not_allowed)?;
         let pod_name = pod.metadata.name.clone().unwrap_or_default();
-        let is_waypoint = pod.metadata.labels.as_ref().is_some_and(|l| l.contains_key(skiff_core::LABEL_GATEWAY_NAME));
-        if !is_waypoint {
-            return Err(not_allowed(format!("its pod {ns}/{pod_name} is not a waypoint (no {} label)", skiff_core::LABEL_GATEWAY_NAME)));
+        // A waypoint's pods run as the service account named like the
+        // waypoint (what ztunnels select them by): a pod that merely
+        // carries the label gets no identity from it.
+        match pod.metadata.labels.as_ref().and_then(|l| l.get(skiff_core::LABEL_GATEWAY_NAME)) {
+            None => return Err(not_allowed(format!("its pod {ns}/{pod_name} is not a waypoint (no {} label)", skiff_core::LABEL_GATEWAY_NAME))),
+            Some(gw) if gw != sa => {
+                return Err(not_allowed(format!(
+                    "its pod {ns}/{pod_name} is labelled as waypoint {gw:?} but a waypoint's pods run as the service account named like it, not {sa:?}"
+                )))
+            }
+            Some(_) => {}
         }
         if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_MIRROR_POD)) {
             return Err(not_allowed(format!("its pod {ns}/{pod_name} is a mirror (static) pod ({ANNOTATION_MIRROR_POD})")));

@@ -193,6 +193,19 @@ fn a_waypoint_obtains_its_own_identity_and_nothing_else() {
     let (code, msg) = refused(s.client("web-sa").issue(&Identity::new("cluster.local", "app", "web"), Duration::from_secs(600)));
     assert_eq!(code, 403);
     assert!(msg.contains("is not a waypoint"), "{msg}");
+    // Issue 13 item 8: a pod that carries the waypoint's label but runs as
+    // another service account (anyone who can create pods can label one)
+    // is not a pod of that waypoint: no identity from this path.
+    s.fake
+        .apply(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "rogue", "namespace": "app", "uid": "uid-rogue", "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}},
+            "spec": {"nodeName": "node-1", "serviceAccountName": "default", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "10.244.1.40"}}))
+        .unwrap();
+    s.token("rogue", TokenIdentity::service_account("app", "default").bound_to_pod("rogue", "uid-rogue", "node-1").with_audiences(&["skiff-ca"]));
+    let (code, msg) = refused(s.client("rogue").issue(&Identity::new("cluster.local", "app", "default"), Duration::from_secs(600)));
+    assert_eq!(code, 403);
+    assert!(msg.contains("labelled as waypoint \"waypoint\""), "{msg}");
     // The waypoint path reads the bound pod: get pods in its namespace.
     assert!(s.fake.requests().iter().any(|r| r.verb == "get" && r.resource == "pods" && r.namespace.as_deref() == Some("app")));
 }
@@ -226,14 +239,15 @@ fn mirror_pods_and_pods_without_a_service_account_vouch_for_no_identity() {
     }
     // The waypoint path: a labelled mirror pod, and a labelled pod naming
     // no service account, do not vouch for their token's service account.
-    let wp = json!({"gateway.networking.k8s.io/gateway-name": "waypoint"});
-    s.fake.apply(mirror("app", "static-wp", Some("mirror-wp"), wp.clone())).unwrap();
+    // (Each labelled as the waypoint named like its service account, so
+    // only what the case is about refuses it.)
+    s.fake.apply(mirror("app", "static-wp", Some("mirror-wp"), json!({"gateway.networking.k8s.io/gateway-name": "mirror-wp"}))).unwrap();
     s.token("mirror-wp", TokenIdentity::service_account("app", "mirror-wp").bound_to_pod("static-wp", "uid-static-wp", "node-1").with_audiences(&["skiff-ca"]));
     let (code, msg) = refused(s.client("mirror-wp").issue(&Identity::new("cluster.local", "app", "mirror-wp"), Duration::from_secs(600)));
     assert_eq!(code, 403);
     assert!(msg.contains("mirror"), "{msg}");
     s.fake.apply(json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "nosa-wp", "namespace": "app", "uid": "uid-nosa-wp", "labels": wp},
+        "metadata": {"name": "nosa-wp", "namespace": "app", "uid": "uid-nosa-wp", "labels": {"gateway.networking.k8s.io/gateway-name": "default"}},
         "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]},
         "status": {"phase": "Running", "podIP": "10.244.1.32"}}))
     .unwrap();

@@ -692,3 +692,32 @@ fn the_waypoint_drains_on_sigterm_and_loses_no_accepted_request() {
     assert!(wlog.contains("draining") && wlog.contains("closed_by_deadline=0"), "{wlog}");
     assert!(took < Duration::from_secs(5), "the waypoint exits once its requests are done, not at the deadline: {took:?}");
 }
+
+/// Issue 13 item 8: the waypoint was "the lowest-IP ready pod labelled
+/// with its name", so a pod anyone could create with that label, on a
+/// lower IP than the real waypoint, took the namespace's L7 traffic. Here
+/// such a pod runs as another service account on node-1 (lower IPs than
+/// the waypoint's node-2): every request still goes through the real
+/// waypoint, and the impostor is named in the ztunnels' config warnings.
+#[test]
+fn a_pod_labelled_like_the_waypoint_gets_none_of_its_traffic() {
+    let dir = tempfile::Builder::new().prefix("skiff-e2e-rogue-").tempdir().unwrap();
+    let mut text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/l7/cluster.yaml")).unwrap();
+    text.push_str(
+        "\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: rogue, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\n\
+         spec:\n  nodeName: node-1\n  containers: [{name: echo, command: [skiff-demo-app, echo-server, --port, \"9000\"]}]\n",
+    );
+    std::fs::write(dir.path().join("cluster.yaml"), text).unwrap();
+    let Some(mesh) = up_from(dir.path().to_str().unwrap()) else { return };
+    let (rogue, waypoint) = (mesh.pod("shop", "rogue"), mesh.pod("shop", "waypoint"));
+    assert!(rogue.ip < waypoint.ip, "the impostor has the lower IP ({} vs {})", rogue.ip, waypoint.ip);
+    let l = eventually(WAIT, "requests through the waypoint", || Some(load(&mesh, URL, 20, &[])).filter(|l| count(&l.codes, "200") == 20));
+    assert_eq!(count(&l.codes, "200"), 20, "{}", l.codes);
+    let metrics = mesh.pod_http_get(waypoint, 15020, "/metrics").unwrap().1;
+    let served = skiff_localmesh::mesh::sum_metric(&metrics, "istio_requests_total", &[("response_code", "200")]);
+    assert!(served >= 20.0, "the real waypoint served them: {served}");
+    let zlog = std::fs::read_to_string(&mesh.nodes[rogue.node].ztunnel_log).unwrap();
+    assert!(!zlog.contains(&format!("{}:15008", rogue.ip)), "nothing was sent to the impostor's HBONE port");
+    let dump = mesh.node_http_get(rogue.node, 15000, "/config_dump").unwrap().1;
+    assert!(dump.contains("labelled as waypoint") && dump.contains("rogue"), "the impostor is named in the config warnings");
+}

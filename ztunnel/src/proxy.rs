@@ -544,7 +544,17 @@ impl Ztunnel {
             let waypoint = snap.service_by_vip(*orig.ip(), orig.port()).and_then(|(svc, _)| snap.waypoint_for(svc));
             if let Some(wp) = waypoint {
                 let wp = match wp {
-                    Ok(w) => w,
+                    // Balanced over the waypoint's ready replicas.
+                    Ok(pods) => {
+                        let key = format!("waypoint:{}/{}", pods[0].namespace, pods[0].service_account);
+                        let n = {
+                            let mut rr = self.round_robin.lock().expect("lock");
+                            let c = rr.entry(key).or_insert(0);
+                            *c = c.wrapping_add(1);
+                            *c
+                        };
+                        pods[n % pods.len()]
+                    }
                     Err(name) => {
                         warn!(waypoint = %name, "the Service's waypoint has no ready pod; connection refused");
                         return self.refused("outbound", peer, orig, None, labels, Refusal::NoHealthyUpstream, start);
@@ -1069,7 +1079,7 @@ impl Ztunnel {
     pub fn prune(&self, snap: &Snapshot, grace: Duration) {
         let live: HashSet<String> =
             snap.services.values().flat_map(|s| s.ports.iter().map(move |p| format!("{}/{}:{}", s.namespace, s.name, p.port))).collect();
-        self.round_robin.lock().expect("lock").retain(|k, _| live.contains(k));
+        self.round_robin.lock().expect("lock").retain(|k, _| live.contains(k) || k.starts_with("waypoint:"));
         let removed = self.metrics.prune(snap, grace);
         if removed > 0 {
             debug!(removed, "metric series of workloads and Services that are gone removed");
