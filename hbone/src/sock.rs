@@ -11,8 +11,41 @@ use std::{
 use skiff_ebpf_common::{MARK_BYPASS, MARK_DELIVER};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+/// Registers a socket ztunnel made as its own, by socket cookie, so the
+/// capture programs let it pass (see `set_registrar`).
+pub type Registrar = dyn Fn(u64) -> io::Result<()> + Send + Sync;
+
+static REGISTRAR: std::sync::OnceLock<Box<Registrar>> = std::sync::OnceLock::new();
+
+/// Sets how ztunnel's sockets are registered with the capture programs
+/// (ztunnel writes their cookies to the pinned `MESH_SOCKS` map). The
+/// mesh marks alone are forgeable — any process with CAP_NET_RAW can set
+/// SO_MARK — so the programs let a marked socket pass only when it is
+/// registered. Once per process; false if already set.
+pub fn set_registrar(f: Box<Registrar>) -> bool {
+    REGISTRAR.set(f).is_ok()
+}
+
+/// The socket's cookie (`SO_COOKIE`): unique for the life of the boot.
+#[allow(unsafe_code)]
+fn cookie(s: &Socket) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-buffer of the length passed.
+    let rc = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&mut v as *mut u64).cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
 fn tcp4() -> io::Result<Socket> {
     let s = Socket::new(Domain::IPV4, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    // Registered before any bind or connect: a socket that cannot be is
+    // not used (it would be captured as the pod's and loop).
+    if let Some(register) = REGISTRAR.get() {
+        register(cookie(&s)?)?;
+    }
     Ok(s)
 }
 

@@ -353,3 +353,50 @@ fn resets_stay_resets_and_half_closes_stay_half_closes() {
     let r = client(&mesh, mesh.pod("mesh", "client"), &format!("{server_ip}:9000"), "half-closed-upload");
     assert!(r.ok && r.reply.ends_with("half-closed-upload"), "{r:?}");
 }
+
+/// Issue 13 item 7, "malicious calls": a process in an enrolled pod with
+/// CAP_NET_RAW (containerd's default) can set SO_MARK. ztunnel's marks used
+/// to be the whole test for "this socket is ztunnel's", so such a process
+/// bypassed capture and the bind guard. Now a socket passes only if
+/// ztunnel registered it: a marked connect is captured like any other, a
+/// marked bind of a mesh port is refused, and loops into ztunnel's own
+/// ports lead nowhere.
+#[test]
+fn a_pod_forging_the_mesh_marks_is_still_captured_and_guarded() {
+    let Some(mesh) = mesh("manifests/l4") else { return };
+    let (client_pod, server) = (mesh.pod("mesh", "client"), mesh.pod("mesh", "server"));
+    wait_listening_on(server, 9000);
+    let stat = |k: &str| mesh.inspect(client_pod.node).unwrap()["stats"][k].as_u64().unwrap_or(0);
+    let hbone_in = || {
+        mesh.metric(server.node, "istio_tcp_connections_opened_total", &[("reporter", "destination"), ("source_principal", "spiffe://cluster.local/ns/mesh/sa/client")])
+            .unwrap()
+    };
+    let run = |argv: &[&str]| -> serde_json::Value {
+        let out = mesh.exec(client_pod, argv, Duration::from_secs(30)).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    let target = format!("{}:9000", server.ip);
+    for mark in ["0x539", "0x53a"] {
+        let (forged, captured, tunnelled) = (stat("forged_mark"), stat("captured_connects"), hbone_in());
+        let message = format!("marked-{mark}");
+        let v = run(&["skiff-demo-app", "client", "--target", &target, "--message", &message, "--mark", mark]);
+        assert!(v["reply"].as_str().unwrap_or_default().ends_with(&message), "{mark}: {v}");
+        assert!(stat("captured_connects") > captured, "{mark}: the marked connect was captured");
+        eventually(WAIT, "the marked connection arrived over HBONE with the client's identity", || (hbone_in() > tunnelled).then_some(()));
+        assert!(stat("forged_mark") > forged, "{mark}: the forged mark is counted");
+    }
+    for port in ["15001", "15006", "15008"] {
+        let v = run(&["skiff-demo-app", "bind", "--port", port, "--mark", "0x539"]);
+        assert_eq!(v["bound"], false, "a marked bind of {port}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("not permitted"), "refused by the guard, not by chance: {v}");
+    }
+    // Loops: straight to ztunnel's listener in the pod, and to the pod's
+    // own HBONE port, lead nowhere.
+    for (what, to) in [("ztunnel's outbound listener", "127.0.0.1:15001".to_owned()), ("the pod's own HBONE port", format!("{}:15008", client_pod.ip))] {
+        let v = run(&["skiff-demo-app", "client", "--target", &to, "--message", "loop"]);
+        assert!(!v["reply"].as_str().unwrap_or_default().contains("loop"), "{what}: {v}");
+    }
+    let log = std::fs::read_to_string(&mesh.nodes[client_pod.node].ztunnel_log).unwrap();
+    assert!(!log.contains("panicked"), "ztunnel survived the malicious calls");
+    assert_eq!(mesh.node_http_get(client_pod.node, 15021, "/healthz/ready").unwrap().0, 200);
+}

@@ -208,6 +208,12 @@ impl Refusal {
 impl Ztunnel {
     pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> anyhow::Result<Arc<Ztunnel>> {
         let hbone = cfg.hbone.clone();
+        if let Some(pin_dir) = cfg.pin_dir.clone() {
+            // Every socket ztunnel makes in a pod is registered with the
+            // capture programs before its bind or connect (the marks alone
+            // are forgeable).
+            sock::set_registrar(Box::new(move |cookie| register_mesh_socket(&pin_dir, cookie)));
+        }
         Ok(Arc::new(Ztunnel {
             cfg,
             cluster,
@@ -250,6 +256,7 @@ impl Ztunnel {
                 // node-agent may have re-created its maps (uninstall + run):
                 // open the pinned map afresh; every Add re-registers.
                 *self.sockmap.lock().expect("lock") = None;
+                *MESH_SOCKS.lock().expect("lock") = None;
                 info!("node-agent connected");
                 Response::Ack
             }
@@ -1147,6 +1154,35 @@ fn error_response(e: &(dyn std::error::Error + 'static)) -> Response {
     let message = skiff_core::report(e);
     warn!(error = %message, "node-agent request failed");
     Response::Error { message }
+}
+
+/// node-agent's `MESH_SOCKS` map, opened on first use (and again after
+/// node-agent reconnects: it may have re-created its maps).
+static MESH_SOCKS: Mutex<Option<aya::maps::HashMap<MapData, u64, u8>>> = Mutex::new(None);
+
+/// Registers one of ztunnel's sockets (by cookie) with the capture
+/// programs. No map pinned (node-agent not running yet, so nothing is
+/// captured; or a node-agent from before the map existed, whose programs
+/// trust the mark alone): nothing to do. Any other failure fails the
+/// socket — it would otherwise be captured as the pod's own.
+fn register_mesh_socket(pin_dir: &Path, cookie: u64) -> std::io::Result<()> {
+    let mut map = MESH_SOCKS.lock().expect("lock");
+    for _attempt in 0..2 {
+        if map.is_none() {
+            let path = pin_dir.join("maps").join("MESH_SOCKS");
+            if !path.exists() {
+                return Ok(());
+            }
+            let data = MapData::from_pin(&path).map_err(|e| std::io::Error::other(format!("opening {}: {e}", path.display())))?;
+            *map = Some(aya::maps::HashMap::try_from(Map::LruHashMap(data)).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?);
+        }
+        match map.as_mut().expect("opened").insert(cookie, 1, 0) {
+            Ok(()) => return Ok(()),
+            // Perhaps a map node-agent has since replaced: once more, afresh.
+            Err(_) => *map = None,
+        }
+    }
+    Err(std::io::Error::other("registering a socket in MESH_SOCKS failed"))
 }
 
 fn open_sockmap(pin_dir: &Path) -> Result<SockHash<MapData, u32>, AddError> {

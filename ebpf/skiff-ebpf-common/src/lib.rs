@@ -100,8 +100,11 @@ pub const STAT_ORIG_DST_ANSWERED: u32 = 4;
 pub const STAT_INBOUND_REDIRECTS: u32 = 5;
 /// Inbound connections dropped because ztunnel's listener was missing.
 pub const STAT_INBOUND_NO_LISTENER: u32 = 6;
+/// Sockets in enrolled pods that carried a mesh mark without being one of
+/// ztunnel's (registered in `MESH_SOCKS`): treated as the application's.
+pub const STAT_FORGED_MARK: u32 = 7;
 /// Number of counters.
-pub const STAT_COUNT: u32 = 7;
+pub const STAT_COUNT: u32 = 8;
 /// Names of the counters, by index, for reports.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "captured_connects",
@@ -111,4 +114,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "orig_dst_answered",
     "inbound_redirects",
     "inbound_no_listener",
+    "forged_mark",
 ];

@@ -30,7 +30,7 @@ use skiff_ebpf_common::{
     EnrolledPod, OrigDst, PortKey, ENROLL_OUTBOUND, MARK_BYPASS, MARK_DELIVER,
     MESH_PORTS, PORT_OUTBOUND, STAT_BIND_DENIED, STAT_CAPTURED_CONNECTS, STAT_COUNT,
     STAT_INBOUND_NO_LISTENER, STAT_INBOUND_REDIRECTS, STAT_ORIG_DST_ANSWERED,
-    STAT_REFUSED_NATIVE_V6, STAT_REFUSED_NO_STATE,
+    STAT_FORGED_MARK, STAT_REFUSED_NATIVE_V6, STAT_REFUSED_NO_STATE,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -63,6 +63,14 @@ static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> = LruHashMap::pinned(65536, 0)
 /// socket closes, which is what makes inbound fail closed.
 #[map]
 static INBOUND_SOCKS: SockHash<u32> = SockHash::pinned(16384, 0);
+
+/// Sockets ztunnel made in pods, by socket cookie: ztunnel registers each
+/// before it binds or connects it. The mesh marks alone are forgeable (a
+/// process with CAP_NET_RAW, containerd's default, may set SO_MARK);
+/// socket cookies are unique per boot and only ztunnel writes this map.
+/// LRU: an entry is needed only until its socket's bind or connect.
+#[map]
+static MESH_SOCKS: LruHashMap<u64, u8> = LruHashMap::pinned(65536, 0);
 
 /// Counters (per CPU) that node-agent reports: see `STAT_*`.
 #[map]
@@ -116,11 +124,30 @@ fn socket_mark(ctx: &SockAddrContext) -> u32 {
     }
 }
 
-/// ztunnel's own sockets carry one of its marks; never capture them.
+/// Whether ztunnel registered this socket as its own.
 #[inline(always)]
-fn is_mesh_socket(ctx: &SockAddrContext) -> bool {
+fn registered(ctx: &SockAddrContext) -> bool {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: a presence check only.
+    unsafe { MESH_SOCKS.get(&cookie) }.is_some()
+}
+
+/// ztunnel's own sockets: its mark (`MARK_BYPASS`, or with `or_deliver`
+/// also `MARK_DELIVER`) *and* registered by ztunnel.
+/// A mark without registration is forged: counted, and the socket is
+/// treated as the application's (captured, guarded).
+#[inline(always)]
+fn is_mesh_socket(ctx: &SockAddrContext, or_deliver: bool) -> bool {
     let mark = socket_mark(ctx);
-    mark == MARK_BYPASS || mark == MARK_DELIVER
+    if mark != MARK_BYPASS && !(or_deliver && mark == MARK_DELIVER) {
+        return false;
+    }
+    if registered(ctx) {
+        return true;
+    }
+    count(STAT_FORGED_MARK);
+    false
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -137,7 +164,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     let Some((netns, pod)) = enrolled(ctx) else {
         return Ok(ALLOW);
     };
-    if pod.flags & ENROLL_OUTBOUND == 0 || is_mesh_socket(ctx) || is_loopback_v4(sa.user_ip4) {
+    if pod.flags & ENROLL_OUTBOUND == 0 || is_loopback_v4(sa.user_ip4) || is_mesh_socket(ctx, true) {
         return Ok(ALLOW);
     }
     let orig = OrigDst {
@@ -181,7 +208,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
     let Some((netns, pod)) = enrolled(ctx) else {
         return Ok(ALLOW);
     };
-    if pod.flags & ENROLL_OUTBOUND == 0 || is_mesh_socket(ctx) {
+    if pod.flags & ENROLL_OUTBOUND == 0 || is_mesh_socket(ctx, true) {
         return Ok(ALLOW);
     }
     let (w0, w1, w2, w3) = (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]);
@@ -262,7 +289,7 @@ pub fn skiff_peer6(ctx: SockAddrContext) -> i32 {
 fn bind_guard(ctx: &SockAddrContext) -> i32 {
     // SAFETY: ctx pointer supplied by the kernel.
     let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
-    if !is_mesh_port(port) || enrolled(ctx).is_none() || socket_mark(ctx) == MARK_BYPASS {
+    if !is_mesh_port(port) || enrolled(ctx).is_none() || is_mesh_socket(ctx, false) {
         return ALLOW;
     }
     count(STAT_BIND_DENIED);

@@ -46,6 +46,10 @@ enum Cmd {
         /// Keep sending a numbered chunk every 50 ms for this long.
         #[arg(long, default_value_t = 0)]
         stream_ms: u64,
+        /// Set this SO_MARK on the socket before connecting (a process
+        /// with CAP_NET_RAW trying to pass for ztunnel).
+        #[arg(long, value_parser = parse_mark)]
+        mark: Option<u32>,
     },
     /// Open COUNT connections to TARGET and hold them all open at once;
     /// then close each one's sending side and read its echo. Prints how
@@ -105,6 +109,9 @@ enum Cmd {
     Bind {
         #[arg(long)]
         port: u16,
+        /// Set this SO_MARK on the socket before binding.
+        #[arg(long, value_parser = parse_mark)]
+        mark: Option<u32>,
     },
     /// Answer every request with this pod's name and version.
     HttpBackend {
@@ -226,11 +233,45 @@ fn echo_server(port: u16) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn client(target: &str, message: &str, hold: Duration, stream: Duration) -> ExitCode {
+/// `0x539` or `1337`.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// An IPv4 TCP socket carrying `mark` (SO_MARK: needs CAP_NET_RAW or
+/// CAP_NET_ADMIN).
+fn marked_socket(mark: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::Mark, &mark)?;
+    Ok(fd)
+}
+
+/// Binds 0.0.0.0:`port` (and listens), with a mark if given.
+fn bind_marked(port: u16, mark: Option<u32>) -> std::io::Result<TcpListener> {
+    let Some(mark) = mark else { return TcpListener::bind(format!("0.0.0.0:{port}")) };
+    let fd = marked_socket(mark)?;
+    nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &nix::sys::socket::SockaddrIn::new(0, 0, 0, 0, port))?;
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(16).expect("valid backlog"))?;
+    Ok(TcpListener::from(fd))
+}
+
+fn client(target: &str, message: &str, hold: Duration, stream: Duration, mark: Option<u32>) -> ExitCode {
     let result = (|| -> std::io::Result<(String, String, String)> {
         let addrs: Vec<_> = target.to_socket_addrs()?.collect();
         let addr = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or(std::io::ErrorKind::NotFound)?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        let mut s = match (mark, addr) {
+            (Some(mark), std::net::SocketAddr::V4(a)) => {
+                let fd = marked_socket(mark)?;
+                nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &nix::sys::socket::SockaddrIn::from(a))?;
+                TcpStream::from(fd)
+            }
+            _ => TcpStream::connect_timeout(&addr, Duration::from_secs(5))?,
+        };
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let peer = s.peer_addr()?.to_string();
         let local = s.local_addr()?.to_string();
@@ -961,10 +1002,10 @@ fn main() -> ExitCode {
         Cmd::Slowloris { target, count, for_ms } => slowloris(&target, count, for_ms),
         Cmd::H2Flood { target, authority, streams, reset } => h2_flood(&target, &authority, streams, reset),
         Cmd::EchoServer { port } => echo_server(port),
-        Cmd::Client { target, message, hold_ms, stream_ms } => {
-            client(&target, &message, Duration::from_millis(hold_ms), Duration::from_millis(stream_ms))
+        Cmd::Client { target, message, hold_ms, stream_ms, mark } => {
+            client(&target, &message, Duration::from_millis(hold_ms), Duration::from_millis(stream_ms), mark)
         }
-        Cmd::Bind { port } => match TcpListener::bind(format!("0.0.0.0:{port}")) {
+        Cmd::Bind { port, mark } => match bind_marked(port, mark) {
             Ok(_) => {
                 log(json!({"bound": true}));
                 ExitCode::SUCCESS
