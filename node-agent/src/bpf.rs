@@ -143,6 +143,27 @@ impl Capture {
             fs::create_dir_all(d).map_err(fs_err(d))?;
         }
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(PROGRAMS).map_err(BpfError::Load)?;
+        // Which build's programs the pinned links run. Links are kept
+        // across restarts (capture never lapses), so after an upgrade the
+        // previous build's programs stay attached until they are replaced
+        // (`skiff-node-agent uninstall`, or a reboot): say so loudly. The
+        // fingerprint lives in the pinned `BUILD` map (bpffs holds no
+        // plain files).
+        let build = fnv1a(PROGRAMS).max(1);
+        let any_pinned = CGROUP_PROGRAMS.iter().any(|n| links_dir.join(n).exists());
+        let build_map = ebpf.take_map("BUILD").ok_or(BpfError::Missing("BUILD map"))?;
+        let mut build_map: aya::maps::Array<MapData, u64> =
+            aya::maps::Array::try_from(build_map).map_err(|source| BpfError::Map { map: "BUILD", source })?;
+        let pinned = build_map.get(&0, 0).unwrap_or(0);
+        if !any_pinned {
+            build_map.set(0, build, 0).map_err(|source| BpfError::Map { map: "BUILD", source })?;
+        } else if pinned != build {
+            tracing::warn!(
+                pinned_build = %format!("{pinned:016x}"),
+                this_build = %format!("{build:016x}"),
+                "capture programs of another build (0: one that did not record it) are attached and kept (pinned links): this build's programs are NOT in force until `skiff-node-agent uninstall` and a restart (or a reboot)"
+            );
+        }
         let program_err = |name: &str| {
             let name = name.to_owned();
             move |source| BpfError::Program { name, source }
@@ -302,14 +323,25 @@ pub fn inspect(pin_dir: &Path) -> Result<PinnedState, BpfError> {
     inbound_links.sort();
     let mut out = std::collections::BTreeMap::new();
     for i in 0..STAT_COUNT {
-        let v = stats.get(&i, 0).map_err(|source| BpfError::Map { map: "STATS", source })?;
-        out.insert(STAT_NAMES[i as usize], v.iter().sum());
+        // A STATS map pinned by an older node-agent has fewer counters
+        // (pinned maps are reused as they are): the newer ones read 0.
+        let v = match stats.get(&i, 0) {
+            Ok(v) => v.iter().sum(),
+            Err(aya::maps::MapError::OutOfBounds { .. }) => 0,
+            Err(source) => return Err(BpfError::Map { map: "STATS", source }),
+        };
+        out.insert(STAT_NAMES[i as usize], v);
     }
     Ok(PinnedState { cgroup_links, enrolled, inbound_links, stats: out })
 }
 
 /// Detaches everything and removes every pin under `pin_dir`: links first
 /// (capture stops), then maps.
+/// FNV-1a (64 bit): a stable fingerprint of the embedded programs.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 pub fn uninstall(pin_dir: &Path) -> Result<(), BpfError> {
     for sub in ["links", "maps"] {
         let d = pin_dir.join(sub);

@@ -1156,9 +1156,10 @@ fn error_response(e: &(dyn std::error::Error + 'static)) -> Response {
     Response::Error { message }
 }
 
-/// node-agent's `MESH_SOCKS` map, opened on first use (and again after
-/// node-agent reconnects: it may have re-created its maps).
-static MESH_SOCKS: Mutex<Option<aya::maps::HashMap<MapData, u64, u8>>> = Mutex::new(None);
+/// node-agent's `MESH_SOCKS` map and its pin's inode, opened on first use
+/// and again whenever the pin is another file (node-agent re-created its
+/// maps: the old map, still open here, is one the programs no longer read).
+static MESH_SOCKS: Mutex<Option<(aya::maps::HashMap<MapData, u64, u8>, u64)>> = Mutex::new(None);
 
 /// Registers one of ztunnel's sockets (by cookie) with the capture
 /// programs. No map pinned (node-agent not running yet, so nothing is
@@ -1166,23 +1167,21 @@ static MESH_SOCKS: Mutex<Option<aya::maps::HashMap<MapData, u64, u8>>> = Mutex::
 /// trust the mark alone): nothing to do. Any other failure fails the
 /// socket — it would otherwise be captured as the pod's own.
 fn register_mesh_socket(pin_dir: &Path, cookie: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = pin_dir.join("maps").join("MESH_SOCKS");
+    let ino = match std::fs::metadata(&path) {
+        Ok(m) => m.ino(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(std::io::Error::other(format!("{}: {e}", path.display()))),
+    };
     let mut map = MESH_SOCKS.lock().expect("lock");
-    for _attempt in 0..2 {
-        if map.is_none() {
-            let path = pin_dir.join("maps").join("MESH_SOCKS");
-            if !path.exists() {
-                return Ok(());
-            }
-            let data = MapData::from_pin(&path).map_err(|e| std::io::Error::other(format!("opening {}: {e}", path.display())))?;
-            *map = Some(aya::maps::HashMap::try_from(Map::LruHashMap(data)).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?);
-        }
-        match map.as_mut().expect("opened").insert(cookie, 1, 0) {
-            Ok(()) => return Ok(()),
-            // Perhaps a map node-agent has since replaced: once more, afresh.
-            Err(_) => *map = None,
-        }
+    if map.as_ref().is_none_or(|(_, cached)| *cached != ino) {
+        let data = MapData::from_pin(&path).map_err(|e| std::io::Error::other(format!("opening {}: {e}", path.display())))?;
+        let m = aya::maps::HashMap::try_from(Map::LruHashMap(data)).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+        *map = Some((m, ino));
     }
-    Err(std::io::Error::other("registering a socket in MESH_SOCKS failed"))
+    let (m, _) = map.as_mut().expect("opened");
+    m.insert(cookie, 1, 0).map_err(|e| std::io::Error::other(format!("registering a socket in {}: {e}", path.display())))
 }
 
 fn open_sockmap(pin_dir: &Path) -> Result<SockHash<MapData, u32>, AddError> {

@@ -22,13 +22,13 @@ use aya_ebpf::{
     bindings::{bpf_sock, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use skiff_ebpf_common::{
     EnrolledPod, OrigDst, PortKey, ENROLL_OUTBOUND, MARK_BYPASS, MARK_DELIVER,
-    MESH_PORTS, PORT_OUTBOUND, STAT_BIND_DENIED, STAT_CAPTURED_CONNECTS, STAT_COUNT,
+    MESH_PORTS, PORT_INBOUND_HBONE, PORT_OUTBOUND, STAT_BIND_DENIED, STAT_CAPTURED_CONNECTS, STAT_COUNT,
     STAT_INBOUND_NO_LISTENER, STAT_INBOUND_REDIRECTS, STAT_ORIG_DST_ANSWERED,
     STAT_FORGED_MARK, STAT_REFUSED_NATIVE_V6, STAT_REFUSED_NO_STATE,
 };
@@ -71,6 +71,11 @@ static INBOUND_SOCKS: SockHash<u32> = SockHash::pinned(16384, 0);
 /// LRU: an entry is needed only until its socket's bind or connect.
 #[map]
 static MESH_SOCKS: LruHashMap<u64, u8> = LruHashMap::pinned(65536, 0);
+
+/// The fingerprint of the node-agent build whose programs the pinned links
+/// run (written by node-agent when it attaches them; no program reads it).
+#[map]
+static BUILD: Array<u64> = Array::pinned(1, 0);
 
 /// Counters (per CPU) that node-agent reports: see `STAT_*`.
 #[map]
@@ -402,8 +407,17 @@ pub fn skiff_inbound(ctx: SkLookupContext) -> u32 {
         count(STAT_REFUSED_NATIVE_V6);
         return SK_DROP;
     }
-    if is_mesh_port(l.local_port as u16) {
+    if l.local_port as u16 == PORT_INBOUND_HBONE {
+        // ztunnel's HBONE listener on the pod's IP: the normal lookup.
         return SK_PASS;
+    }
+    if is_mesh_port(l.local_port as u16) {
+        // ztunnel listens on 15001 and 15006 on loopback only, so from
+        // outside these can only reach an application that got one of
+        // them from the ephemeral range (bind(ip, 0) with a narrowed
+        // ip_local_port_range, which the bind guard does not see): drop.
+        count(STAT_BIND_DENIED);
+        return SK_DROP;
     }
     let key = l.local_ip4;
     match INBOUND_SOCKS.redirect_sk_lookup(&ctx, key, 0) {
