@@ -35,6 +35,9 @@ const LABELS: [&str; 15] = [
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Every label set of the request metrics and when a request last used
+    /// it: what `prune` may remove once its workloads are gone.
+    series: std::sync::Mutex<std::collections::HashMap<Vec<String>, std::time::Instant>>,
     requests: IntCounterVec,
     duration: HistogramVec,
     /// Bytes through HBONE streams (both directions).
@@ -66,7 +69,36 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(admission_refused.clone())).expect("once");
-        Metrics { registry, requests, duration, tcp, admission_refused }
+        Metrics { registry, series: Default::default(), requests, duration, tcp, admission_refused }
+    }
+
+    /// Removes the request metrics' label sets that name a workload or
+    /// Service no longer in `snap` and that no request used for `grace`
+    /// (so their last counts are scraped first). Returns how many.
+    pub fn prune(&self, snap: &Snapshot, grace: Duration) -> usize {
+        use std::collections::HashSet;
+        let workloads: HashSet<(&str, &str)> = snap.workloads.values().map(|w| (w.namespace.as_str(), w.workload_name.as_str())).collect();
+        let services: HashSet<(&str, &str)> = snap.services.values().map(|s| (s.namespace.as_str(), s.name.as_str())).collect();
+        let gone = |set: &HashSet<(&str, &str)>, ns: &str, name: &str| ns != "unknown" && name != "unknown" && !set.contains(&(ns, name));
+        let mut removed = 0;
+        self.series.lock().expect("lock").retain(|v, last| {
+            // Positions in LABELS.
+            let stale = last.elapsed() >= grace
+                && (gone(&workloads, &v[2], &v[1]) || gone(&workloads, &v[5], &v[4]) || gone(&services, &v[9], &v[8]));
+            if stale {
+                let values: Vec<&str> = v.iter().map(String::as_str).collect();
+                let _ = self.requests.remove_label_values(&values);
+                let _ = self.duration.remove_label_values(&values);
+                removed += 1;
+            }
+            !stale
+        });
+        removed
+    }
+
+    /// Label sets of the request metrics now.
+    pub fn series(&self) -> usize {
+        self.series.lock().expect("lock").len()
     }
 
     pub fn render(&self) -> String {
@@ -201,6 +233,7 @@ impl RequestLog {
         ];
         m.requests.with_label_values(&values).inc();
         m.duration.with_label_values(&values).observe(took.as_secs_f64() * 1000.0);
+        m.series.lock().expect("lock").insert(values.iter().map(|v| v.to_string()).collect(), std::time::Instant::now());
         info!(
             target: "access",
             method = %self.method,
@@ -243,5 +276,40 @@ mod tests {
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
         assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
         assert!(body.contains("skiff_waypoint_tunnel_bytes_total 7"), "{body}");
+    }
+
+    /// Issue 13 item 11 (the waypoint's side): request series of workloads
+    /// and Services that left were kept for the life of the process.
+    #[test]
+    fn request_series_of_workloads_that_left_are_pruned_after_the_grace() {
+        use skiff_core::k8s;
+        let snap = |n: usize| {
+            let mut text = String::from("apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: shop}\nspec: {containers: [{name: c}]}\nstatus: {phase: Running, podIP: 10.0.9.9}\n");
+            for i in 0..n {
+                text.push_str(&format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: job-{i}, namespace: jobs, labels: {{app: job-{i}}}}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.{}}}\n\
+                     ---\napiVersion: v1\nkind: Service\nmetadata: {{name: job-{i}, namespace: jobs}}\nspec: {{clusterIP: 10.97.0.{}, selector: {{app: job-{i}}}, ports: [{{port: 80}}]}}\n",
+                    i + 1,
+                    i + 1
+                ));
+            }
+            let objects = k8s::parse_documents(&text).unwrap().into_iter().map(|o| ("t".to_owned(), o)).collect();
+            Snapshot::from_objects(objects).unwrap()
+        };
+        let (busy, left) = (snap(100), snap(0));
+        let m = Metrics::new();
+        let peer_id = Identity::new("cluster.local", "shop", "default");
+        for svc in busy.services.values() {
+            let mut log = RequestLog::new(svc, &peer_id, &busy, "10.0.9.9:5000".parse().unwrap(), &http::Method::GET, "/", "http", "t");
+            let w = busy.workloads.values().find(|w| w.name == svc.name).unwrap();
+            log.set_destination(w);
+            log.finish(&m, 200, Duration::from_millis(1));
+        }
+        assert_eq!(m.series(), 100);
+        assert_eq!(m.prune(&busy, Duration::ZERO), 0, "nothing of a live workload goes");
+        assert_eq!(m.prune(&left, Duration::from_secs(300)), 0, "kept for their last scrape");
+        assert_eq!(m.prune(&left, Duration::ZERO), 100);
+        assert_eq!(m.series(), 0);
+        assert!(!m.render().contains("job-7"), "gone from the exposition");
     }
 }

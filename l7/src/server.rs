@@ -158,6 +158,9 @@ impl Proxy {
         self.upstreams.sweep(&live);
         self.breakers.sweep();
         self.rate_limits.sweep(&snap);
+        // Series of workloads and Services that left, after their last
+        // scrape (as ztunnel does).
+        self.metrics.prune(&snap, Duration::from_secs(300));
     }
 
     /// Accepts HBONE connections until the process ends.
