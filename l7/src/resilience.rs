@@ -32,18 +32,27 @@ use crate::{
     upstream::{self, EndpointState, Upstreams},
 };
 
-/// Largest request body buffered (bodies are buffered so a retry can
-/// resend them).
-const MAX_BUFFERED_BODY: usize = 16 * 1024 * 1024;
-/// Request-body bytes buffered across all requests at once.
-const MAX_BUFFERED_TOTAL: usize = 256 * 1024 * 1024;
-/// How long a client may take to send its request body.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request body buffered, by default (bodies are buffered so a
+/// retry can resend them).
+pub const MAX_BUFFERED_BODY: usize = 16 * 1024 * 1024;
+/// Request-body bytes buffered across all requests at once, by default.
+pub const MAX_BUFFERED_TOTAL: usize = 256 * 1024 * 1024;
+/// How long a client may take to send its request body, by default.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Request-body bytes currently buffered, across all requests.
-#[derive(Default)]
+/// Request-body bytes currently buffered, across all requests, and the
+/// bounds on them.
 pub struct BodyBudget {
     buffered: AtomicUsize,
+    max_body: usize,
+    max_total: usize,
+    read_timeout: Duration,
+}
+
+impl Default for BodyBudget {
+    fn default() -> Self {
+        BodyBudget::new(MAX_BUFFERED_BODY, MAX_BUFFERED_TOTAL, BODY_READ_TIMEOUT)
+    }
 }
 
 /// Releases buffered-body accounting when a request ends.
@@ -59,19 +68,23 @@ impl Drop for Buffered<'_> {
 }
 
 impl BodyBudget {
+    pub fn new(max_body: usize, max_total: usize, read_timeout: Duration) -> BodyBudget {
+        BodyBudget { buffered: AtomicUsize::new(0), max_body, max_total, read_timeout }
+    }
+
     /// Reads a request body, bounded in size (413) and time (400); its
     /// bytes count against the total (503, overflow) until the guard drops.
     /// The body is read before a pool slot is taken, so slow senders cannot
     /// hold slots.
     pub async fn read(&self, body: Incoming) -> Result<(Bytes, Buffered<'_>), Failure> {
-        let body = match tokio::time::timeout(BODY_READ_TIMEOUT, http_body_util::Limited::new(body, MAX_BUFFERED_BODY).collect()).await {
+        let body = match tokio::time::timeout(self.read_timeout, http_body_util::Limited::new(body, self.max_body).collect()).await {
             Ok(Ok(c)) => c.to_bytes(),
             Ok(Err(_)) => return Err(Failure::TooLarge),
             Err(_) => return Err(Failure::BadRequest),
         };
         let now = self.buffered.fetch_add(body.len(), Ordering::AcqRel) + body.len();
         let guard = Buffered { counter: &self.buffered, bytes: body.len() };
-        if now > MAX_BUFFERED_TOTAL {
+        if now > self.max_total {
             return Err(Failure::Overflow);
         }
         Ok((body, guard))

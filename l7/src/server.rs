@@ -77,6 +77,17 @@ pub struct HttpLimits {
     /// Concurrent streams on one downstream HTTP/2 connection.
     #[arg(long = "http2-max-concurrent-streams", default_value_t = 100, value_name = "N")]
     pub max_concurrent_streams: u32,
+    /// Largest request body, in bytes (bodies are buffered so a retry or
+    /// a mirror can resend them); larger gets 413.
+    #[arg(long = "http-max-request-body-bytes", default_value_t = resilience::MAX_BUFFERED_BODY, value_name = "BYTES")]
+    pub max_request_body: usize,
+    /// Request-body bytes buffered across all requests at once; past it a
+    /// request gets 503 (`UO`).
+    #[arg(long = "http-max-buffered-body-bytes", default_value_t = resilience::MAX_BUFFERED_TOTAL, value_name = "BYTES")]
+    pub max_buffered_body: usize,
+    /// Time a client has to send its whole request body; past it, 400.
+    #[arg(long = "http-request-body-timeout", default_value = "30", value_name = "SECONDS", value_parser = secs)]
+    pub request_body_timeout: Duration,
 }
 
 fn secs(s: &str) -> Result<Duration, String> {
@@ -88,7 +99,15 @@ fn secs(s: &str) -> Result<Duration, String> {
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { header_read_timeout: Duration::from_secs(30), max_header_bytes: 60 * 1024, max_headers: 100, max_concurrent_streams: 100 }
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 60 * 1024,
+            max_headers: 100,
+            max_concurrent_streams: 100,
+            max_request_body: resilience::MAX_BUFFERED_BODY,
+            max_buffered_body: resilience::MAX_BUFFERED_TOTAL,
+            request_body_timeout: resilience::BODY_READ_TIMEOUT,
+        }
     }
 }
 
@@ -136,6 +155,7 @@ impl Proxy {
     pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> Arc<Proxy> {
         let metrics = Arc::new(Metrics::new());
         let upstreams = Upstreams::new(&cfg.namespace, &cfg.service_account, certs.clone(), metrics.tcp.clone(), cfg.hbone.clone());
+        let bodies = BodyBudget::new(cfg.http.max_request_body, cfg.http.max_buffered_body, cfg.http.request_body_timeout);
         Arc::new(Proxy {
             admission: Admission::new(cfg.hbone.clone()),
             drain: Drain::new(),
@@ -146,7 +166,7 @@ impl Proxy {
             metrics,
             breakers: CircuitBreakers::default(),
             rate_limits: RateLimits::default(),
-            bodies: BodyBudget::default(),
+            bodies,
         })
     }
 
