@@ -53,6 +53,10 @@ pub struct HboneLimits {
     /// A PING not answered within this long closes the connection.
     #[arg(long = "hbone-keepalive-timeout", default_value = "10", value_name = "SECONDS", value_parser = seconds)]
     pub keepalive_timeout: Duration,
+    /// A TCP connect (to a destination, a peer's 15008, an application in
+    /// a pod) that has not completed in this long fails.
+    #[arg(long = "connect-timeout", default_value = "10", value_name = "SECONDS", value_parser = seconds)]
+    pub connect_timeout: Duration,
 }
 
 /// Longest duration a flag takes (a year): longer is a mistake, and keeps
@@ -89,6 +93,7 @@ impl Default for HboneLimits {
             server_idle_timeout: Duration::from_secs(600),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            connect_timeout: crate::transport::CONNECT_TIMEOUT,
         }
     }
 }

@@ -17,16 +17,17 @@ pub enum Transport {
     PlainTcp,
 }
 
-/// Connection attempts give up after this long.
+/// Connection attempts give up after this long, by default
+/// (`--connect-timeout`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Transport {
     /// Connects to `dst` on behalf of the pod whose netns thread is `net`.
-    pub async fn connect(&self, net: &Arc<NetnsThread>, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    pub async fn connect(&self, net: &Arc<NetnsThread>, dst: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
         match self {
             Transport::PlainTcp => {
                 let std = net.run(sock::outbound).map_err(io::Error::other)??;
-                connect_socket(std, dst).await
+                connect_socket(std, dst, timeout).await
             }
         }
     }
@@ -49,9 +50,9 @@ pub async fn accept(listener: &tokio::net::TcpListener, what: &'static str) -> (
 }
 
 /// Connects an unconnected socket made in a pod's netns, with a timeout.
-pub async fn connect_socket(std: std::net::TcpStream, dst: SocketAddrV4) -> io::Result<TcpStream> {
+pub async fn connect_socket(std: std::net::TcpStream, dst: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(std);
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst.into())).await {
+    match tokio::time::timeout(timeout, socket.connect(dst.into())).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }

@@ -230,7 +230,7 @@ impl Pool {
             None => sock::outbound(),
         }
         .map_err(|e| HboneError::Connect(addr, e))?;
-        let tcp = transport::connect_socket(std, addr).await.map_err(|e| HboneError::Connect(addr, e))?;
+        let tcp = transport::connect_socket(std, addr, self.limits.connect_timeout).await.map_err(|e| HboneError::Connect(addr, e))?;
         limits::tcp_keepalive(&tcp, self.limits.keepalive_interval);
         self.certs.ensure(src).await?;
         let cfg = self.certs.client_config(src.clone(), dst.clone())?;

@@ -590,7 +590,7 @@ impl Ztunnel {
                 };
                 return self.hbone_outbound(&info, &pod, tunnel, client, peer, orig, labels, start).await;
             }
-            match transport::Transport::PlainTcp.connect(&pod.net, target).await {
+            match transport::Transport::PlainTcp.connect(&pod.net, target, self.cfg.hbone.connect_timeout).await {
                 Ok(up) => {
                     let counters = self.metrics.connection(&labels);
                     counters.opened.inc();
@@ -692,10 +692,10 @@ impl Ztunnel {
     }
 
     /// Opens the delivery connection to the app, keeping the client's IP.
-    async fn deliver(pod: &PodCtx, client_ip: Ipv4Addr, avoid_port: u16, dst: SocketAddrV4) -> Result<TcpStream, Refusal> {
+    async fn deliver(pod: &PodCtx, client_ip: Ipv4Addr, avoid_port: u16, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream, Refusal> {
         let from = SocketAddrV4::new(client_ip, avoid_port);
         match pod.net.run(move || sock::delivery(from)) {
-            Ok(Ok(s)) => transport::connect_socket(s, dst).await.map_err(|e| {
+            Ok(Ok(s)) => transport::connect_socket(s, dst, timeout).await.map_err(|e| {
                 debug!(error = %e, "delivery to the application failed");
                 Refusal::UpstreamFailure
             }),
@@ -820,7 +820,7 @@ impl Ztunnel {
                 }
                 Some(decision)
             };
-            let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst).await {
+            let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst, self.cfg.hbone.connect_timeout).await {
                 Ok(a) => a,
                 Err(r) => return self.refused("inbound", peer, dst, Some(dst), labels, r, start),
             };
@@ -1037,7 +1037,7 @@ impl Ztunnel {
             c.closed.inc();
             return access_log("inbound", peer, dst, Some(dst), &labels, 0, 0, start, Some(&decision));
         }
-        let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst).await {
+        let app = match Self::deliver(&pod, *peer4.ip(), peer4.port(), dst, self.cfg.hbone.connect_timeout).await {
             Ok(a) => a,
             Err(r) => {
                 answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
