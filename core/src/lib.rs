@@ -8,6 +8,8 @@
 //!   directory of manifests.
 //! - [`zds`]: the node-agent → ztunnel protocol over a Unix socket.
 //! - [`netns`]: running code inside another network namespace.
+//! - [`series`]: which metric label sets name workloads or Services that
+//!   are gone (pruned by ztunnel and the waypoint).
 
 pub mod enroll;
 pub mod k8s;
@@ -15,6 +17,7 @@ pub mod model;
 pub mod netns;
 pub mod policy;
 pub mod routing;
+pub mod series;
 pub mod source;
 pub mod zds;
 

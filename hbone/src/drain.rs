@@ -78,6 +78,12 @@ impl Drain {
     }
 }
 
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,11 +102,5 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), d.stopping()).await.expect("a late waiter resolves at once");
         drop(guard);
         assert_eq!(draining.await.unwrap(), 0, "nothing open once the guard is gone");
-    }
-}
-
-impl Default for Drain {
-    fn default() -> Self {
-        Self::new()
     }
 }

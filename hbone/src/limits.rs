@@ -162,10 +162,6 @@ impl Admission {
         Arc::new(Admission { limits, state: Mutex::new(State::default()) })
     }
 
-    pub fn limits(&self) -> &HboneLimits {
-        &self.limits
-    }
-
     /// Takes a handshake slot for a new connection from `peer`.
     pub fn handshake(self: &Arc<Self>, peer: IpAddr) -> Result<Handshake, Refused> {
         let mut s = self.state.lock().expect("lock");

@@ -415,31 +415,10 @@ pub async fn relay(
     let (reset_tx, reset_rx) = tokio::sync::watch::channel(false);
     let up = async {
         let mut reset = reset_rx.clone();
-        let mut total = 0u64;
-        let mut buf = BytesMut::with_capacity(32 * 1024);
-        loop {
-            buf.reserve(32 * 1024);
-            let n = tokio::select! {
-                n = r.read_buf(&mut buf) => n,
-                _ = reset.changed() => return total,
-            };
-            let n = match n {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(_) => {
-                    send.send_reset(h2::Reason::CONNECT_ERROR);
-                    let _ = reset_tx.send(true);
-                    return total;
-                }
-            };
-            if !send_all(&mut send, buf.split().freeze()).await {
-                // The stream is gone: the down side sees why.
-                return total;
-            }
-            tcp_to_stream.inc_by(n as u64);
-            total += n as u64;
+        let (total, read_failed) = copy_to_stream(&mut r, &mut send, tcp_to_stream, reset.changed()).await;
+        if read_failed {
+            let _ = reset_tx.send(true);
         }
-        let _ = send.send_data(Bytes::new(), true);
         total
     };
     let down = async {
@@ -474,6 +453,44 @@ pub async fn relay(
         reset_tcp(w);
     }
     (up, down)
+}
+
+/// Copies `r` onto an HTTP/2 stream, counting bytes, until `r` ends (then
+/// END_STREAM: a half-close), `r` fails (then RST_STREAM(CONNECT_ERROR)),
+/// the stream can no longer send, or `stop` resolves. Returns the bytes
+/// copied and whether `r` failed.
+async fn copy_to_stream<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    send: &mut SendStream<Bytes>,
+    counter: &prometheus::IntCounter,
+    stop: impl std::future::Future,
+) -> (u64, bool) {
+    tokio::pin!(stop);
+    let mut total = 0u64;
+    let mut buf = BytesMut::with_capacity(32 * 1024);
+    loop {
+        buf.reserve(32 * 1024);
+        let n = tokio::select! {
+            n = r.read_buf(&mut buf) => n,
+            _ = &mut stop => return (total, false),
+        };
+        let n = match n {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(_) => {
+                send.send_reset(h2::Reason::CONNECT_ERROR);
+                return (total, true);
+            }
+        };
+        if !send_all(send, buf.split().freeze()).await {
+            // The stream is gone: the other direction sees why.
+            return (total, false);
+        }
+        counter.inc_by(n as u64);
+        total += n as u64;
+    }
+    let _ = send.send_data(Bytes::new(), true);
+    (total, false)
 }
 
 /// Sends `chunk` on an HTTP/2 stream as flow control allows; false when
@@ -514,28 +531,7 @@ pub async fn relay_io<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
     stream_to_tcp: &prometheus::IntCounter,
 ) -> (u64, u64) {
     let (mut r, mut w) = tokio::io::split(io);
-    let up = async {
-        let mut total = 0u64;
-        let mut buf = BytesMut::with_capacity(32 * 1024);
-        loop {
-            buf.reserve(32 * 1024);
-            let n = match r.read_buf(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(_) => {
-                    send.send_reset(h2::Reason::CONNECT_ERROR);
-                    return total;
-                }
-            };
-            if !send_all(&mut send, buf.split().freeze()).await {
-                return total;
-            }
-            tcp_to_stream.inc_by(n as u64);
-            total += n as u64;
-        }
-        let _ = send.send_data(Bytes::new(), true);
-        total
-    };
+    let up = async { copy_to_stream(&mut r, &mut send, tcp_to_stream, std::future::pending::<()>()).await.0 };
     let down = async {
         let mut total = 0u64;
         while let Some(Ok(data)) = recv.data().await {

@@ -37,7 +37,7 @@ pub struct Metrics {
     pub registry: Registry,
     /// Every label set of the request metrics and when a request last used
     /// it: what `prune` may remove once its workloads are gone.
-    series: std::sync::Mutex<std::collections::HashMap<Vec<String>, std::time::Instant>>,
+    series: skiff_core::series::SeriesUse,
     requests: IntCounterVec,
     duration: HistogramVec,
     /// Bytes through HBONE streams (both directions).
@@ -76,29 +76,22 @@ impl Metrics {
     /// Service no longer in `snap` and that no request used for `grace`
     /// (so their last counts are scraped first). Returns how many.
     pub fn prune(&self, snap: &Snapshot, grace: Duration) -> usize {
-        use std::collections::HashSet;
-        let workloads: HashSet<(&str, &str)> = snap.workloads.values().map(|w| (w.namespace.as_str(), w.workload_name.as_str())).collect();
-        let services: HashSet<(&str, &str)> = snap.services.values().map(|s| (s.namespace.as_str(), s.name.as_str())).collect();
-        let gone = |set: &HashSet<(&str, &str)>, ns: &str, name: &str| ns != "unknown" && name != "unknown" && !set.contains(&(ns, name));
-        let mut removed = 0;
-        self.series.lock().expect("lock").retain(|v, last| {
-            // Positions in LABELS.
-            let stale = last.elapsed() >= grace
-                && (gone(&workloads, &v[2], &v[1]) || gone(&workloads, &v[5], &v[4]) || gone(&services, &v[9], &v[8]));
-            if stale {
-                let values: Vec<&str> = v.iter().map(String::as_str).collect();
-                let _ = self.requests.remove_label_values(&values);
-                let _ = self.duration.remove_label_values(&values);
-                removed += 1;
-            }
-            !stale
-        });
-        removed
+        use skiff_core::series::NamedAt;
+        // Positions in LABELS.
+        let workloads = [NamedAt { namespace: 2, name: 1 }, NamedAt { namespace: 5, name: 4 }];
+        let services = [NamedAt { namespace: 9, name: 8 }];
+        let gone = self.series.take_gone(snap, grace, &workloads, &services);
+        for v in &gone {
+            let values: Vec<&str> = v.iter().map(String::as_str).collect();
+            let _ = self.requests.remove_label_values(&values);
+            let _ = self.duration.remove_label_values(&values);
+        }
+        gone.len()
     }
 
     /// Label sets of the request metrics now.
     pub fn series(&self) -> usize {
-        self.series.lock().expect("lock").len()
+        self.series.len()
     }
 
     pub fn render(&self) -> String {
@@ -233,7 +226,7 @@ impl RequestLog {
         ];
         m.requests.with_label_values(&values).inc();
         m.duration.with_label_values(&values).observe(took.as_secs_f64() * 1000.0);
-        m.series.lock().expect("lock").insert(values.iter().map(|v| v.to_string()).collect(), std::time::Instant::now());
+        m.series.record(&values);
         info!(
             target: "access",
             method = %self.method,

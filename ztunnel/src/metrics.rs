@@ -70,7 +70,7 @@ pub struct Metrics {
     pub registry: Registry,
     /// Every label set of the connection metrics, and when a connection
     /// last used it: what `prune` may remove once its workloads are gone.
-    series: std::sync::Mutex<std::collections::HashMap<Vec<String>, std::time::Instant>>,
+    series: skiff_core::series::SeriesUse,
     opened: IntCounterVec,
     closed: IntCounterVec,
     sent: IntCounterVec,
@@ -192,7 +192,7 @@ impl Metrics {
     /// Counters of one connection, resolved once so the data path only adds.
     pub fn connection(&self, labels: &ConnLabels) -> ConnCounters {
         let v = labels.values();
-        self.series.lock().expect("lock").insert(v.iter().map(|s| s.to_string()).collect(), std::time::Instant::now());
+        self.series.record(&v);
         ConnCounters {
             opened: self.opened.with_label_values(&v),
             closed: self.closed.with_label_values(&v),
@@ -207,30 +207,23 @@ impl Metrics {
     /// short-lived workload (a Job, a CronJob run) would leave series
     /// behind for the life of the process. Returns how many were removed.
     pub fn prune(&self, snap: &skiff_core::model::Snapshot, grace: std::time::Duration) -> usize {
-        use std::collections::HashSet;
-        let workloads: HashSet<(&str, &str)> = snap.workloads.values().map(|w| (w.namespace.as_str(), w.workload_name.as_str())).collect();
-        let services: HashSet<(&str, &str)> = snap.services.values().map(|s| (s.namespace.as_str(), s.name.as_str())).collect();
-        let gone = |set: &HashSet<(&str, &str)>, ns: &str, name: &str| ns != "unknown" && name != "unknown" && !set.contains(&(ns, name));
-        let mut removed = 0;
-        self.series.lock().expect("lock").retain(|v, last| {
-            // Positions in TCP_LABELS.
-            let stale = last.elapsed() >= grace
-                && (gone(&workloads, &v[2], &v[1]) || gone(&workloads, &v[6], &v[5]) || gone(&services, &v[11], &v[10]));
-            if stale {
-                let values: Vec<&str> = v.iter().map(String::as_str).collect();
-                for vec in [&self.opened, &self.closed, &self.sent, &self.received] {
-                    let _ = vec.remove_label_values(&values);
-                }
-                removed += 1;
+        use skiff_core::series::NamedAt;
+        // Positions in TCP_LABELS.
+        let workloads = [NamedAt { namespace: 2, name: 1 }, NamedAt { namespace: 6, name: 5 }];
+        let services = [NamedAt { namespace: 11, name: 10 }];
+        let gone = self.series.take_gone(snap, grace, &workloads, &services);
+        for v in &gone {
+            let values: Vec<&str> = v.iter().map(String::as_str).collect();
+            for vec in [&self.opened, &self.closed, &self.sent, &self.received] {
+                let _ = vec.remove_label_values(&values);
             }
-            !stale
-        });
-        removed
+        }
+        gone.len()
     }
 
     /// Label sets of the connection metrics now.
     pub fn series(&self) -> usize {
-        self.series.lock().expect("lock").len()
+        self.series.len()
     }
 
     /// Counts an open connection until the guard drops (also when the

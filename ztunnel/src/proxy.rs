@@ -1159,7 +1159,9 @@ fn error_response(e: &(dyn std::error::Error + 'static)) -> Response {
 /// node-agent's `MESH_SOCKS` map and its pin's inode, opened on first use
 /// and again whenever the pin is another file (node-agent re-created its
 /// maps: the old map, still open here, is one the programs no longer read).
-static MESH_SOCKS: Mutex<Option<(aya::maps::HashMap<MapData, u64, u8>, u64)>> = Mutex::new(None);
+static MESH_SOCKS: Mutex<Option<(MeshSocks, u64)>> = Mutex::new(None);
+
+type MeshSocks = aya::maps::HashMap<MapData, u64, u8>;
 
 /// Registers one of ztunnel's sockets (by cookie) with the capture
 /// programs. No map pinned (node-agent not running yet, so nothing is
