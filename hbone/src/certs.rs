@@ -140,7 +140,8 @@ impl CertManager {
             .map_err(|e| anyhow::anyhow!("trust bundle {}: {e}", bundle_path.display()))?;
         anyhow::ensure!(!bundle.is_empty(), "trust bundle {} holds no certificate", bundle_path.display());
         let client = crate::signer_client::SignerClient::new(url, &signer.signer_name, signer.signer_token.clone(), &bundle)
-            .map_err(|e| anyhow::anyhow!("signer {url}: {}", skiff_core::report(&e)))?;
+            .map_err(|e| anyhow::anyhow!("signer {url}: {}", skiff_core::report(&e)))?
+            .with_timeout(signer.signer_timeout);
         tracing::info!(signer = %url, roots = bundle.len(), "workload certificates from the in-cluster signer");
         CertManager::from_signer(client, &bundle, trust_domain, lifetime)
             .map_err(|e| anyhow::anyhow!("trust bundle {}: {}", bundle_path.display(), skiff_core::report(&e)))
@@ -385,6 +386,10 @@ pub struct SignerArgs {
     /// --signer-url.
     #[arg(long, value_name = "PATH")]
     pub trust_bundle: Option<std::path::PathBuf>,
+    /// One certificate request to the signer (connect, TLS, answer) gives
+    /// up after this long; the current certificate keeps serving.
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = crate::limits::seconds)]
+    pub signer_timeout: Duration,
 }
 
 #[cfg(test)]

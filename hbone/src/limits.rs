@@ -57,13 +57,31 @@ pub struct HboneLimits {
     /// a pod) that has not completed in this long fails.
     #[arg(long = "connect-timeout", default_value = "10", value_name = "SECONDS", value_parser = seconds)]
     pub connect_timeout: Duration,
+    /// Streams the client pool opens on one HBONE connection before it
+    /// dials another to the same peer.
+    #[arg(id = "hbone-max-streams-per-connection", long = "hbone-max-streams-per-connection", default_value_t = 100, value_name = "N", value_parser = at_least_one)]
+    pub max_streams_per_connection: usize,
+    /// Concurrent streams a server accepts on one HBONE connection (HTTP/2
+    /// SETTINGS; more are refused with REFUSED_STREAM).
+    #[arg(id = "hbone-max-concurrent-streams", long = "hbone-max-concurrent-streams", default_value_t = 200, value_name = "N", value_parser = at_least_one_u32)]
+    pub max_concurrent_streams: u32,
+    /// Largest CONNECT header block a server accepts (HTTP/2 header list
+    /// size); a larger one fails only that stream.
+    #[arg(id = "hbone-max-header-bytes", long = "hbone-max-header-bytes", default_value_t = 16384, value_name = "BYTES", value_parser = at_least_one_u32)]
+    pub max_header_bytes: u32,
+    /// Data sent on a socket made in a pod (HBONE or plain TCP to a
+    /// destination) and not acknowledged for this long closes it
+    /// (TCP_USER_TIMEOUT): a vanished peer is noticed.
+    #[arg(id = "tcp-user-timeout", long = "tcp-user-timeout", default_value = "60", value_name = "SECONDS", value_parser = seconds)]
+    pub tcp_user_timeout: Duration,
 }
 
 /// Longest duration a flag takes (a year): longer is a mistake, and keeps
 /// deadline arithmetic far from overflow.
 const MAX_FLAG_SECONDS: f64 = 365.0 * 86400.0;
 
-fn seconds(s: &str) -> Result<Duration, String> {
+/// Parses a flag's number of seconds (more than 0, at most a year).
+pub fn seconds(s: &str) -> Result<Duration, String> {
     let n: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(n > 0.0 && n.is_finite()) {
         return Err(format!("{s:?}: must be more than 0 seconds"));
@@ -72,6 +90,10 @@ fn seconds(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: at most {MAX_FLAG_SECONDS} seconds (a year)"));
     }
     Ok(Duration::from_secs_f64(n))
+}
+
+fn at_least_one_u32(s: &str) -> Result<u32, String> {
+    at_least_one(s).and_then(|n| u32::try_from(n).map_err(|_| format!("{s:?}: at most {}", u32::MAX)))
 }
 
 fn at_least_one(s: &str) -> Result<usize, String> {
@@ -94,6 +116,10 @@ impl Default for HboneLimits {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             connect_timeout: crate::transport::CONNECT_TIMEOUT,
+            max_streams_per_connection: 100,
+            max_concurrent_streams: 200,
+            max_header_bytes: 16384,
+            tcp_user_timeout: Duration::from_secs(60),
         }
     }
 }

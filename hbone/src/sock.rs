@@ -63,6 +63,17 @@ pub fn listener(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// Keepalive idle time and TCP_USER_TIMEOUT of the sockets [`outbound`]
+/// makes (`--hbone-keepalive-interval`, `--tcp-user-timeout`); set once at
+/// start by [`set_outbound_timeouts`], 30 s and 60 s until then.
+static OUTBOUND_TIMEOUTS: std::sync::OnceLock<(std::time::Duration, std::time::Duration)> = std::sync::OnceLock::new();
+
+/// Sets the keepalive idle time and TCP_USER_TIMEOUT of every socket
+/// [`outbound`] makes from now on. The first call wins.
+pub fn set_outbound_timeouts(keepalive_idle: std::time::Duration, user_timeout: std::time::Duration) {
+    let _ = OUTBOUND_TIMEOUTS.set((keepalive_idle, user_timeout));
+}
+
 /// An unconnected socket for a connection ztunnel makes on a pod's behalf:
 /// leaves the pod with the pod's IP, never captured again.
 pub fn outbound() -> io::Result<std::net::TcpStream> {
@@ -71,13 +82,18 @@ pub fn outbound() -> io::Result<std::net::TcpStream> {
     s.set_tcp_nodelay(true)?;
     // A peer that vanishes (partition, node loss) is noticed in about a
     // minute instead of the kernel's retransmission timeout (~15 min).
+    let (idle, user_timeout) = OUTBOUND_TIMEOUTS
+        .get()
+        .copied()
+        .unwrap_or((std::time::Duration::from_secs(30), std::time::Duration::from_secs(60)));
+    let idle = idle.clamp(std::time::Duration::from_secs(3), std::time::Duration::from_secs(32767));
     s.set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
-            .with_time(std::time::Duration::from_secs(30))
-            .with_interval(std::time::Duration::from_secs(10))
+            .with_time(idle)
+            .with_interval((idle / 3).max(std::time::Duration::from_secs(1)))
             .with_retries(3),
     )?;
-    s.set_tcp_user_timeout(Some(std::time::Duration::from_secs(60)))?;
+    s.set_tcp_user_timeout(Some(user_timeout))?;
     Ok(s.into())
 }
 

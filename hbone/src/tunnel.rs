@@ -30,10 +30,6 @@ use crate::{certs::CertManager, identity::Identity, limits::{self, HboneLimits},
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 connection window, shared by the streams of one connection.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-/// Streams per pooled connection before another connection is opened.
-pub const MAX_STREAMS_PER_CONN: usize = 100;
-/// Largest request header block a server accepts.
-pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an HBONE stream could not be opened.
@@ -177,7 +173,8 @@ impl Pool {
             return None;
         }
         let list = conns.get_mut(key)?;
-        let c = list.iter().find(|c| c.streams.load(Ordering::Acquire) < MAX_STREAMS_PER_CONN)?;
+        let most = self.limits.max_streams_per_connection;
+        let c = list.iter().find(|c| c.streams.load(Ordering::Acquire) < most)?;
         Some((c.send.clone(), StreamGuard::new(c, self.epoch)))
     }
 
@@ -551,14 +548,14 @@ pub async fn relay_io<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(
 
 /// The HTTP/2 server settings every HBONE listener uses (ztunnel's inbound
 /// 15008, the waypoint): the windows the client pool expects, a bound on
-/// concurrent streams (twice what a pooled client opens on one connection)
-/// and on the request header block.
-pub fn server_builder() -> h2::server::Builder {
+/// concurrent streams (by default twice what a pooled client opens on one
+/// connection) and on the request header block.
+pub fn server_builder(limits: &HboneLimits) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONN as u32 * 2)
-        .max_header_list_size(MAX_HEADER_LIST);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes);
     b
 }
 

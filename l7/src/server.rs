@@ -88,6 +88,14 @@ pub struct HttpLimits {
     /// Time a client has to send its whole request body; past it, 400.
     #[arg(long = "http-request-body-timeout", default_value = "30", value_name = "SECONDS", value_parser = secs)]
     pub request_body_timeout: Duration,
+    /// Idle upstream connections kept for reuse per endpoint; one more
+    /// is closed when its request ends.
+    #[arg(long = "http-max-idle-per-endpoint", default_value_t = crate::upstream::MAX_IDLE_PER_ENDPOINT, value_name = "N")]
+    pub max_idle_per_endpoint: usize,
+    /// Metric series (and rate-limit buckets, endpoint state) of workloads
+    /// and Services that are gone are removed once unused for this long.
+    #[arg(long = "metrics-series-grace", default_value = "300", value_name = "SECONDS", value_parser = secs)]
+    pub series_grace: Duration,
 }
 
 fn secs(s: &str) -> Result<Duration, String> {
@@ -107,6 +115,8 @@ impl Default for HttpLimits {
             max_request_body: resilience::MAX_BUFFERED_BODY,
             max_buffered_body: resilience::MAX_BUFFERED_TOTAL,
             request_body_timeout: resilience::BODY_READ_TIMEOUT,
+            max_idle_per_endpoint: crate::upstream::MAX_IDLE_PER_ENDPOINT,
+            series_grace: Duration::from_secs(300),
         }
     }
 }
@@ -154,7 +164,14 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 impl Proxy {
     pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> Arc<Proxy> {
         let metrics = Arc::new(Metrics::new());
-        let upstreams = Upstreams::new(&cfg.namespace, &cfg.service_account, certs.clone(), metrics.tcp.clone(), cfg.hbone.clone());
+        let upstreams = Upstreams::new(
+            &cfg.namespace,
+            &cfg.service_account,
+            certs.clone(),
+            metrics.tcp.clone(),
+            cfg.hbone.clone(),
+            cfg.http.max_idle_per_endpoint,
+        );
         let bodies = BodyBudget::new(cfg.http.max_request_body, cfg.http.max_buffered_body, cfg.http.request_body_timeout);
         Arc::new(Proxy {
             admission: Admission::new(cfg.hbone.clone()),
@@ -180,7 +197,7 @@ impl Proxy {
         self.rate_limits.sweep(&snap);
         // Series of workloads and Services that left, after their last
         // scrape (as ztunnel does).
-        self.metrics.prune(&snap, Duration::from_secs(300));
+        self.metrics.prune(&snap, self.cfg.http.series_grace);
     }
 
     /// Accepts HBONE connections until the process ends.
@@ -245,7 +262,7 @@ impl Proxy {
         let Some(Ok(peer_id)) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(identity::identity_of) else {
             return warn!(%peer, "HBONE peer refused: no SPIFFE identity");
         };
-        let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, hbone::server_builder().handshake::<_, Bytes>(tls)).await else {
+        let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, hbone::server_builder(&self.cfg.hbone).handshake::<_, Bytes>(tls)).await else {
             return debug!(%peer, "HBONE peer refused: HTTP/2 handshake failed or timed out");
         };
         let _established = match handshake.establish() {

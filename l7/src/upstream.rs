@@ -33,7 +33,8 @@ use crate::{errors::Failure, route};
 /// Port every pod's ztunnel terminates HBONE on.
 const HBONE_PORT: u16 = 15008;
 /// Idle connections kept per endpoint and protocol.
-const MAX_IDLE_PER_ENDPOINT: usize = 16;
+/// Default of `HttpLimits::max_idle_per_endpoint`.
+pub const MAX_IDLE_PER_ENDPOINT: usize = 16;
 
 /// One upstream HTTP connection, reusable (keep-alive / multiplexed).
 enum Conn {
@@ -85,6 +86,8 @@ pub struct Upstreams {
     /// Bytes through HBONE streams.
     tcp: IntCounter,
     idle: Mutex<IdlePool>,
+    /// Idle connections kept per endpoint (`--http-max-idle-per-endpoint`).
+    max_idle: usize,
     /// Per endpoint: requests in flight, failures, ejection.
     pub(crate) endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
     /// Round-robin position per destination (endpoint set).
@@ -111,7 +114,14 @@ pub fn endpoint(w: &Workload, port: u16) -> SocketAddrV4 {
 }
 
 impl Upstreams {
-    pub fn new(namespace: &str, service_account: &str, certs: Arc<CertManager>, tcp: IntCounter, hbone: skiff_hbone::limits::HboneLimits) -> Upstreams {
+    pub fn new(
+        namespace: &str,
+        service_account: &str,
+        certs: Arc<CertManager>,
+        tcp: IntCounter,
+        hbone: skiff_hbone::limits::HboneLimits,
+        max_idle: usize,
+    ) -> Upstreams {
         Upstreams {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
@@ -119,6 +129,7 @@ impl Upstreams {
             certs,
             tcp,
             idle: Mutex::new(HashMap::new()),
+            max_idle,
             endpoints: Mutex::new(HashMap::new()),
             rr: Mutex::new(HashMap::new()),
         }
@@ -251,7 +262,7 @@ impl Upstreams {
         }
         let mut idle = self.idle.lock().expect("lock");
         let v = idle.entry((endpoint(w, port), h2)).or_default();
-        if v.len() < MAX_IDLE_PER_ENDPOINT {
+        if v.len() < self.max_idle {
             v.push((u, carried));
         }
     }

@@ -281,9 +281,13 @@ fn the_limits_table_agrees_with_the_binaries_flags() {
             documented.insert((bin.to_owned(), flag.to_owned()));
         }
     }
-    for bin in ["ztunnel", "waypoint"] {
+    for bin in ["ztunnel", "waypoint", "node-agent"] {
         let help = helps.entry(bin.to_owned()).or_insert_with(|| help_of(bin)).clone();
-        for flag in help.split_whitespace().filter(|w| w.starts_with("--hbone-") || w.starts_with("--http") || *w == "--connect-timeout") {
+        let bounds = |w: &&str| {
+            let w = w.split('=').next().unwrap_or(w);
+            w.starts_with("--hbone-") || w.starts_with("--http") || w.starts_with("--max-") || w.ends_with("-timeout") || w.ends_with("-grace")
+        };
+        for flag in help.split_whitespace().filter(bounds) {
             let flag = flag.split('=').next().unwrap();
             assert!(documented.contains(&(bin.to_owned(), flag.to_owned())), "{bin} {flag} is not in the limits table");
         }

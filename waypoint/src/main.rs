@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
         let cluster = skiff_kube_source::watch_cluster(source).await?;
         let ca_dir = cli.ca_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/skiff/ca"));
+        skiff_hbone::sock::set_outbound_timeouts(cli.hbone.keepalive_interval, cli.hbone.tcp_user_timeout);
         let certs = skiff_hbone::certs::CertManager::from_args(&cli.signer, &ca_dir, &cli.trust_domain, Duration::from_secs(cli.cert_lifetime))?;
         // Renew the waypoint's certificate in the background (signer
         // requests block: off the async workers).

@@ -113,9 +113,10 @@ pub async fn serve_admin(zt: Arc<Ztunnel>, addr: SocketAddr, reload: LogReload) 
         loop {
             let (stream, _) = skiff_hbone::transport::accept(&listener, "admin").await;
             let (zt, reload) = (zt.clone(), reload.clone());
+            let guard = slow_client_guard(zt.admin_header_timeout());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| admin(zt.clone(), reload.clone(), req));
-                let _ = slow_client_guard().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = guard.serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -123,10 +124,11 @@ pub async fn serve_admin(zt: Arc<Ztunnel>, addr: SocketAddr, reload: LogReload) 
 }
 
 /// HTTP/1 server settings for the node-side endpoints: a client that does
-/// not send its request headers within 5 s is dropped.
-fn slow_client_guard() -> http1::Builder {
+/// not send its request headers within `timeout` (`--admin-header-timeout`)
+/// is dropped.
+fn slow_client_guard(timeout: std::time::Duration) -> http1::Builder {
     let mut b = http1::Builder::new();
-    b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(5));
+    b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
     b
 }
 
@@ -144,6 +146,7 @@ pub async fn serve(zt: Arc<Ztunnel>, addr: SocketAddr, endpoint: Endpoint) -> st
         loop {
             let (stream, _) = skiff_hbone::transport::accept(&listener, "metrics/readiness").await;
             let zt = zt.clone();
+            let guard = slow_client_guard(zt.admin_header_timeout());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let zt = zt.clone();
@@ -154,7 +157,7 @@ pub async fn serve(zt: Arc<Ztunnel>, addr: SocketAddr, endpoint: Endpoint) -> st
                         }
                     }
                 });
-                let _ = slow_client_guard().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = guard.serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });

@@ -60,6 +60,14 @@ struct Cli {
     /// How long open connections may take to finish after SIGTERM.
     #[arg(long, default_value = "5", value_name = "SECONDS")]
     drain_timeout: u64,
+    /// Metric series of workloads and Services that are gone are removed
+    /// once unused for this long (after Prometheus scraped their last counts).
+    #[arg(long, default_value = "300", value_name = "SECONDS", value_parser = skiff_hbone::limits::seconds)]
+    metrics_series_grace: Duration,
+    /// A client of the admin, metrics or readiness endpoint that has not
+    /// sent its request headers within this long is dropped.
+    #[arg(long, default_value = "5", value_name = "SECONDS", value_parser = skiff_hbone::limits::seconds)]
+    admin_header_timeout: Duration,
     #[command(flatten)]
     hbone: skiff_hbone::limits::HboneLimits,
 }
@@ -80,8 +88,18 @@ fn main() -> anyhow::Result<()> {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
         let cluster = skiff_kube_source::watch_cluster(source).await?;
         let lifetime = Duration::from_secs(cli.cert_lifetime);
+        skiff_hbone::sock::set_outbound_timeouts(cli.hbone.keepalive_interval, cli.hbone.tcp_user_timeout);
         let certs = skiff_hbone::certs::CertManager::from_args(&cli.signer, &cli.ca_dir, &cli.trust_domain, lifetime)?;
-        let cfg = proxy::Config { node: cli.node.clone(), root_namespace: cli.root_namespace, pin_dir: cli.pin_dir, plaintext_mesh: cli.insecure_plaintext_mesh, node_probes: cli.node_probes == "allow", hbone: cli.hbone };
+        let cfg = proxy::Config {
+            node: cli.node.clone(),
+            root_namespace: cli.root_namespace,
+            pin_dir: cli.pin_dir,
+            plaintext_mesh: cli.insecure_plaintext_mesh,
+            node_probes: cli.node_probes == "allow",
+            hbone: cli.hbone,
+            series_grace: cli.metrics_series_grace,
+            admin_header_timeout: cli.admin_header_timeout,
+        };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");
         }

@@ -69,6 +69,28 @@ pub struct Config {
     pub node_probes: bool,
     /// HBONE handshake and connection bounds, idle timeouts, keepalives.
     pub hbone: skiff_hbone::limits::HboneLimits,
+    /// How long a metric series of a workload or Service that is gone
+    /// stays (Prometheus scrapes its last counts meanwhile).
+    pub series_grace: Duration,
+    /// A client of the admin, metrics or readiness endpoint that has not
+    /// sent its request headers within this long is dropped.
+    pub admin_header_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for everything but the node's name (tests, tools).
+    pub fn for_node(node: &str) -> Config {
+        Config {
+            node: node.to_owned(),
+            root_namespace: "istio-system".into(),
+            pin_dir: None,
+            plaintext_mesh: false,
+            node_probes: true,
+            hbone: Default::default(),
+            series_grace: Duration::from_secs(300),
+            admin_header_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The node's own IPv4 addresses. ztunnel runs in the node's network
@@ -921,7 +943,7 @@ impl Ztunnel {
             self.metrics.hbone_refused.inc();
             return;
         }
-        let conn = match tokio::time::timeout_at(deadline, hbone::server_builder().handshake::<_, Bytes>(tls)).await {
+        let conn = match tokio::time::timeout_at(deadline, hbone::server_builder(&self.cfg.hbone).handshake::<_, Bytes>(tls)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 debug!(%peer, error = %e, "HTTP/2 handshake failed");
@@ -1098,6 +1120,11 @@ impl Ztunnel {
         (self.round_robin.lock().expect("lock").len(), self.metrics.series())
     }
 
+    /// `--admin-header-timeout`.
+    pub fn admin_header_timeout(&self) -> Duration {
+        self.cfg.admin_header_timeout
+    }
+
     /// Background duties: certificate rotation and policy re-evaluation.
     pub fn spawn_background(self: &Arc<Self>) {
         // Series of workloads that left while no snapshot came since.
@@ -1106,7 +1133,7 @@ impl Ztunnel {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 let snap = zt.cluster.borrow().clone();
-                zt.prune(&snap, SERIES_GRACE);
+                zt.prune(&snap, zt.cfg.series_grace);
             }
         });
         let zt = self.clone();
@@ -1118,7 +1145,7 @@ impl Ztunnel {
             while changes.changed().await.is_ok() {
                 let snap = changes.borrow().clone();
                 zt.metrics.set_rejected(&snap);
-                zt.prune(&snap, SERIES_GRACE);
+                zt.prune(&snap, zt.cfg.series_grace);
                 for p in snap.authorization_policies.iter().filter(|p| !p.targets_waypoint && p.has_l7()) {
                     warn!(policy = %p.key(), action = ?p.action,
                         "policy uses L7 attributes ztunnel cannot see: its ALLOW rules with them never match, its DENY rules match on their L4 part (fail closed); use a waypoint for L7");
@@ -1128,10 +1155,6 @@ impl Ztunnel {
         });
     }
 }
-
-/// How long a metric series of a workload or Service that is gone stays
-/// (Prometheus scrapes its last counts meanwhile).
-const SERIES_GRACE: Duration = Duration::from_secs(300);
 
 /// One HBONE hop: who dials, who must answer, where, and the CONNECT target.
 struct Tunnel {
@@ -1301,7 +1324,7 @@ mod tests {
 
     fn ztunnel(snap: Arc<Snapshot>) -> Arc<Ztunnel> {
         let (_tx, rx) = watch::channel(snap);
-        let cfg = Config { node: "n1".into(), root_namespace: "istio-system".into(), pin_dir: None, plaintext_mesh: false, node_probes: true, hbone: Default::default() };
+        let cfg = Config::for_node("n1");
         let ca = skiff_hbone::identity::Ca::generate("cluster.local").unwrap();
         let certs = CertManager::new(ca, std::time::Duration::from_secs(3600)).unwrap();
         Ztunnel::new(cfg, rx, certs).unwrap()

@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink).await;
         };
         let serve = async move {
-            let Ok(mut conn) = hbone::server_builder()
+            let Ok(mut conn) = hbone::server_builder(&skiff_hbone::limits::HboneLimits::default())
                 .handshake::<_, Bytes>(server)
                 .await
             else {
