@@ -688,6 +688,16 @@ impl LocalMesh {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) ztunnel on node `i`: while it
+    /// is frozen the kernel still completes handshakes with its listeners
+    /// until their accept queues are full, and nothing is relayed.
+    pub fn freeze_ztunnel(&mut self, i: usize, frozen: bool) -> anyhow::Result<()> {
+        let c = self.nodes[i].ztunnel.as_ref().context("ztunnel is not running")?;
+        let sig = if frozen { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)?;
+        Ok(())
+    }
+
     fn wait_for_capture(&mut self, i: usize) -> anyhow::Result<()> {
         let pin = self.nodes[i].pin_dir.join("links").join("skiff_sockopt");
         let deadline = Instant::now() + Duration::from_secs(20);

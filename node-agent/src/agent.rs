@@ -186,6 +186,26 @@ pub struct Agent {
 
 /// How often pods that failed to enroll are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often refusals at the capture bounds are looked for and logged.
+const CAPACITY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Pods whose captured connects were refused at their quota since the last
+/// look: (netns cookie, refused since then, handshakes in progress now).
+/// `prev` is updated to `now`; pods no longer listed are dropped from it.
+fn quota_refusals(prev: &mut BTreeMap<u64, u64>, now: &[(u64, i64, u64)]) -> Vec<(u64, u64, i64)> {
+    let mut out = Vec::new();
+    let mut next = BTreeMap::new();
+    for &(cookie, live, refused) in now {
+        // A pod's counters are new when it was forgotten and made again.
+        let before = prev.get(&cookie).copied().filter(|b| *b <= refused).unwrap_or(0);
+        if refused > before {
+            out.push((cookie, refused - before, live));
+        }
+        next.insert(cookie, refused);
+    }
+    *prev = next;
+    out
+}
 
 fn info_of(w: &Workload, node: &str) -> Option<WorkloadInfo> {
     Some(WorkloadInfo {
@@ -232,6 +252,54 @@ impl Agent {
         self
     }
 
+    /// Logs pods refused at their quota of captured handshakes, and
+    /// captured connections that lost their destination because the
+    /// node's map was full, since the last call. The counters themselves
+    /// are in `inspect`.
+    fn report_capacity(&mut self, seen: &mut BTreeMap<u64, u64>, no_state_seen: &mut u64) {
+        let limits = self.capture.limits();
+        let swept = self.capture.sweep();
+        for (cookie, n) in &swept.expired {
+            warn!(
+                pod = %self.pod_name(*cookie),
+                expired = n,
+                timeout_s = limits.handshake_timeout.as_secs(),
+                "captured connections whose handshake with ztunnel's listener never completed were removed (--captured-handshake-timeout); their slots are given back"
+            );
+        }
+        if swept.orphaned > 0 {
+            debug!(removed = swept.orphaned, "capture state of pods no longer enrolled removed");
+        }
+        for (cookie, refused, pending) in quota_refusals(seen, &self.capture.pod_handshakes()) {
+            let pod = self.pod_name(cookie);
+            warn!(
+                %pod,
+                refused,
+                pending,
+                quota = limits.per_pod,
+                "captured connects refused (EPERM): the pod has its quota of connections waiting for ztunnel's listener (--max-pod-captured-handshakes); other pods are unaffected"
+            );
+        }
+        let no_state = self.capture.stats().get("refused_no_state").copied().unwrap_or(0);
+        if no_state > *no_state_seen {
+            error!(
+                refused = no_state - *no_state_seen,
+                size = limits.node,
+                "captured connections refused on this node for want of room to keep their destination (--max-captured-handshakes is full, or a socket's storage could not be made)"
+            );
+        }
+        *no_state_seen = no_state;
+    }
+
+    /// "namespace/name" of the enrolled pod with netns `cookie`.
+    fn pod_name(&self, cookie: u64) -> String {
+        self.pods
+            .values()
+            .find(|e| e.cookie == cookie)
+            .map(|e| format!("{}/{}", e.info.namespace, e.info.name))
+            .unwrap_or_else(|| format!("netns cookie {cookie}"))
+    }
+
     /// Runs until `stop` is set. Capture is left in place on exit.
     pub fn run(&mut self, source: &mut dyn ConfigSource, stop: &AtomicBool) {
         // Nothing is touched until the first complete, valid view of the
@@ -241,7 +309,15 @@ impl Agent {
         // With the CNI plugin waiting on answers, look at its requests often.
         let poll = if self.cni.is_some() { Duration::from_millis(50) } else { Duration::from_millis(300) };
         let mut rejections = skiff_core::model::RejectionLog::default();
+        let mut last_capacity = Instant::now();
+        let mut quota_seen = BTreeMap::new();
+        let mut no_state_seen = self.capture.stats().get("refused_no_state").copied().unwrap_or(0);
+        quota_refusals(&mut quota_seen, &self.capture.pod_handshakes());
         while !stop.load(Ordering::Relaxed) {
+            if last_capacity.elapsed() >= CAPACITY_INTERVAL {
+                last_capacity = Instant::now();
+                self.report_capacity(&mut quota_seen, &mut no_state_seen);
+            }
             match source.poll(poll) {
                 Ok(Some(s)) => {
                     // A refused object affects only itself: enrollment
@@ -711,6 +787,9 @@ impl Agent {
         if let Err(err) = self.capture.detach_inbound(e.cookie) {
             error!(%pod, error = %skiff_core::report(&err), "detaching inbound capture");
         }
+        if let Err(err) = self.capture.forget(e.cookie) {
+            error!(%pod, error = %skiff_core::report(&err), "removing the pod's connection state");
+        }
         // The delivery routing stays: it only affects ztunnel-marked
         // packets, and connections ztunnel is still draining need it.
         self.send(&Request::Del { uid: uid.to_owned() }, None);
@@ -731,6 +810,7 @@ impl Agent {
         for (cookie, ip) in sweep.entries {
             info!(netns_cookie = cookie, %ip, "removing stale capture entry");
             let _ = self.capture.unenroll(cookie);
+            let _ = self.capture.forget(cookie);
         }
         for cookie in sweep.links {
             info!(netns_cookie = cookie, "removing stale inbound attachment");
@@ -852,6 +932,18 @@ mod signal_hook_consts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quota_refusals_report_each_pod_once_per_increase() {
+        let mut seen = BTreeMap::new();
+        // (netns cookie, open, refused) in; (netns cookie, newly refused, open) out.
+        assert_eq!(quota_refusals(&mut seen, &[(1, 5, 10)]), vec![(1, 10, 5)]);
+        assert_eq!(quota_refusals(&mut seen, &[(1, 8, 16), (2, 0, 3)]), vec![(1, 6, 8), (2, 3, 0)]);
+        assert_eq!(quota_refusals(&mut seen, &[(1, 8, 16), (2, 0, 3)]), vec![]);
+        // Pod 1's counters were removed and made again; pod 2 is gone.
+        assert_eq!(quota_refusals(&mut seen, &[(1, 1, 2)]), vec![(1, 2, 1)]);
+        assert_eq!(seen, BTreeMap::from([(1, 2)]));
+    }
 
     #[test]
     fn only_the_namespace_chooses_iptables_capture() {

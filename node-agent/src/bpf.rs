@@ -4,14 +4,15 @@
 //! Layout under the pin directory (default `/sys/fs/bpf/skiff`):
 //! - `maps/<NAME>`: every map, pinned by name, so a restarted node-agent and
 //!   ztunnel open the same maps;
-//! - `links/<program>`: the cgroup attachments (connect4/6, getpeername4/6,
-//!   bind4/6, sockops, getsockopt);
+//! - `links/<program>`: the cgroup attachments (sock_release, connect4/6,
+//!   getpeername4/6, bind4/6, sockops, getsockopt);
 //! - `links/inbound-<netns cookie>`: the per-pod sk_lookup attachment.
 //!
 //! Links are pinned, so capture outlives node-agent: restarting it opens no
 //! gap. Removing a pin detaches the program.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs,
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
@@ -21,17 +22,23 @@ use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{
         links::{CgroupAttachMode, FdLink},
-        CgroupSockAddr, CgroupSockopt, SkLookup, SockOps,
+        CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SockOps,
     },
     Ebpf, EbpfLoader,
 };
-use skiff_ebpf_common::{EnrolledPod, STAT_COUNT, STAT_NAMES};
+use skiff_ebpf_common::{
+    EnrolledPod, PodHandshakes, PortDst, PortKey, CONFIG_POD_HANDSHAKES, DEFAULT_HANDSHAKES, DEFAULT_POD_HANDSHAKES,
+    STAT_COUNT, STAT_NAMES,
+};
 
 /// The compiled programs, built by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-ebpf"));
 
-/// Cgroup-attached programs, by ELF function name.
-const CGROUP_PROGRAMS: [&str; 8] = [
+/// Cgroup-attached programs, by ELF function name, in the order they are
+/// attached: sock_release first, so every socket that capture keeps state
+/// for gives it back when it closes.
+const CGROUP_PROGRAMS: [&str; 9] = [
+    "skiff_release",
     "skiff_connect4",
     "skiff_connect6",
     "skiff_peer4",
@@ -126,6 +133,69 @@ pub struct Capture {
     ebpf: Ebpf,
     links_dir: PathBuf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
+    pod_handshakes: HashMap<MapData, u64, PodHandshakes>,
+    reclaimed: HashMap<MapData, u64, u64>,
+    orig_by_tuple: HashMap<MapData, PortKey, PortDst>,
+    limits: CaptureLimits,
+}
+
+/// Bounds on the one shared capture map, `ORIG_BY_TUPLE`: captured
+/// connections whose handshake with ztunnel's listener is in progress, on
+/// the node and per pod, and how long an entry may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureLimits {
+    /// Size of `ORIG_BY_TUPLE`; takes effect when the map is created (a
+    /// pinned map keeps its size).
+    pub node: u32,
+    /// Per pod, written at every start.
+    pub per_pod: u64,
+    /// Entries older than this are removed by [`Capture::sweep`].
+    pub handshake_timeout: std::time::Duration,
+    /// Size of the per-pod maps (`ENROLLED`, `INBOUND_SOCKS`,
+    /// `POD_HANDSHAKES`, `RECLAIMED`), when they are created.
+    pub pods: u32,
+    /// Size of `MESH_SOCKS`, when it is created.
+    pub mesh_sockets: u32,
+}
+
+impl Default for CaptureLimits {
+    fn default() -> Self {
+        CaptureLimits {
+            node: DEFAULT_HANDSHAKES,
+            per_pod: DEFAULT_POD_HANDSHAKES,
+            handshake_timeout: std::time::Duration::from_secs(180),
+            pods: skiff_ebpf_common::MAX_PODS,
+            mesh_sockets: skiff_ebpf_common::DEFAULT_MESH_SOCKETS,
+        }
+    }
+}
+
+/// The maps `CaptureLimits::node` sizes.
+const SIZED_MAPS: [&str; 1] = ["ORIG_BY_TUPLE"];
+/// The maps `CaptureLimits::pods` sizes.
+const PER_POD_MAPS: [&str; 4] = ["ENROLLED", "INBOUND_SOCKS", "POD_HANDSHAKES", "RECLAIMED"];
+
+/// What one [`Capture::sweep`] removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Entries past the handshake timeout, per netns cookie.
+    pub expired: BTreeMap<u64, u64>,
+    /// Entries and counters of netns that are not enrolled.
+    pub orphaned: usize,
+}
+
+/// Which `ORIG_BY_TUPLE` entries a sweep removes: those of netns that are
+/// not enrolled (`Err`, no slot to give back: their counters go too), and
+/// those older than `timeout` (`Ok`, counted in `RECLAIMED`).
+fn stale_entry(v: &PortDst, netns: u64, enrolled: &BTreeSet<u64>, now_secs: u64, timeout: std::time::Duration) -> Option<Result<(), ()>> {
+    if !enrolled.contains(&netns) {
+        return Some(Err(()));
+    }
+    (now_secs.saturating_sub(u64::from(v.created)) > timeout.as_secs()).then_some(Ok(()))
+}
+
+fn monotonic_secs() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|t| t.tv_sec() as u64).unwrap_or(0)
 }
 
 impl Capture {
@@ -135,14 +205,58 @@ impl Capture {
     /// Attachments are BPF links, which the kernel always treats as
     /// multi-attach: other agents' programs on the same cgroup keep running
     /// (the link API refuses the legacy `ALLOW_MULTI` flag, hence `Single`).
-    pub fn install(pin_dir: &Path, cgroup: BorrowedFd<'_>) -> Result<Capture, BpfError> {
+    pub fn install(pin_dir: &Path, cgroup: BorrowedFd<'_>, limits: CaptureLimits) -> Result<Capture, BpfError> {
         ensure_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
         for d in [&maps_dir, &links_dir] {
             fs::create_dir_all(d).map_err(fs_err(d))?;
         }
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(PROGRAMS).map_err(BpfError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        let sizes = PER_POD_MAPS.iter().map(|m| (*m, limits.pods, "--max-pods")).chain([("MESH_SOCKS", limits.mesh_sockets, "--max-mesh-sockets")]);
+        for (name, size, flag) in sizes {
+            loader.map_max_entries(name, size);
+            if let Ok(info) = aya::maps::MapInfo::from_pin(maps_dir.join(name)) {
+                if info.max_entries() != size {
+                    tracing::warn!(
+                        map = name,
+                        pinned = info.max_entries(),
+                        wanted = size,
+                        flag,
+                        "the pinned map keeps its size: the flag takes effect after `skiff-node-agent uninstall` and a restart"
+                    );
+                }
+            }
+        }
+        for name in SIZED_MAPS {
+            loader.map_max_entries(name, limits.node);
+            // A pinned map is reused as it is (capture state survives
+            // restarts): a new size applies once it is recreated.
+            if let Ok(info) = aya::maps::MapInfo::from_pin(maps_dir.join(name)) {
+                if info.max_entries() != limits.node {
+                    tracing::warn!(
+                        map = name,
+                        pinned = info.max_entries(),
+                        wanted = limits.node,
+                        "the pinned map keeps its size: --max-captured-handshakes takes effect after `skiff-node-agent uninstall` and a restart"
+                    );
+                }
+                if u64::from(info.max_entries()) <= limits.per_pod {
+                    tracing::error!(
+                        map = name,
+                        pinned = info.max_entries(),
+                        per_pod = limits.per_pod,
+                        "the pinned map is not larger than one pod's quota (--max-pod-captured-handshakes): one pod can fill it"
+                    );
+                }
+            }
+        }
+        let mut ebpf = loader.load(PROGRAMS).map_err(BpfError::Load)?;
+        let config = ebpf.take_map("CONFIG").ok_or(BpfError::Missing("CONFIG map"))?;
+        let mut config: aya::maps::Array<MapData, u64> =
+            aya::maps::Array::try_from(config).map_err(|source| BpfError::Map { map: "CONFIG", source })?;
+        config.set(CONFIG_POD_HANDSHAKES, limits.per_pod, 0).map_err(|source| BpfError::Map { map: "CONFIG", source })?;
         // Which build's programs the pinned links run. Links are kept
         // across restarts (capture never lapses), so after an upgrade the
         // previous build's programs stay attached until they are replaced
@@ -190,6 +304,13 @@ impl Capture {
                     let link = p.take_link(id).map_err(program_err(name))?;
                     FdLink::try_from(link).map_err(|e| BpfError::Link { name: name.to_owned(), source: e })?
                 }
+                aya::programs::Program::CgroupSock(p) => {
+                    let p: &mut CgroupSock = p;
+                    p.load().map_err(program_err(name))?;
+                    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(program_err(name))?;
+                    let link = p.take_link(id).map_err(program_err(name))?;
+                    FdLink::try_from(link).map_err(|e| BpfError::Link { name: name.to_owned(), source: e })?
+                }
                 aya::programs::Program::CgroupSockopt(p) => {
                     let p: &mut CgroupSockopt = p;
                     p.load().map_err(program_err(name))?;
@@ -206,7 +327,15 @@ impl Capture {
         }
         let enrolled = ebpf.take_map("ENROLLED").ok_or(BpfError::Missing("ENROLLED map"))?;
         let enrolled = HashMap::try_from(enrolled).map_err(|source| BpfError::Map { map: "ENROLLED", source })?;
-        let mut capture = Capture { ebpf, links_dir, enrolled };
+        let pod_handshakes = ebpf.take_map("POD_HANDSHAKES").ok_or(BpfError::Missing("POD_HANDSHAKES map"))?;
+        let pod_handshakes =
+            HashMap::try_from(pod_handshakes).map_err(|source| BpfError::Map { map: "POD_HANDSHAKES", source })?;
+        let reclaimed = ebpf.take_map("RECLAIMED").ok_or(BpfError::Missing("RECLAIMED map"))?;
+        let reclaimed = HashMap::try_from(reclaimed).map_err(|source| BpfError::Map { map: "RECLAIMED", source })?;
+        let orig_by_tuple = ebpf.take_map("ORIG_BY_TUPLE").ok_or(BpfError::Missing("ORIG_BY_TUPLE map"))?;
+        let orig_by_tuple =
+            HashMap::try_from(orig_by_tuple).map_err(|source| BpfError::Map { map: "ORIG_BY_TUPLE", source })?;
+        let mut capture = Capture { ebpf, links_dir, enrolled, pod_handshakes, reclaimed, orig_by_tuple, limits };
         capture.inbound()?.load().map_err(program_err(INBOUND_PROGRAM))?;
         Ok(capture)
     }
@@ -229,6 +358,79 @@ impl Capture {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(BpfError::Map { map: "ENROLLED", source }),
         }
+    }
+
+    /// Drops what the programs keep for a pod that is gone or released:
+    /// its handshake counters and its `ORIG_BY_TUPLE` entries (handshakes
+    /// its ztunnel listener will no longer complete). What its open
+    /// sockets hold goes with them. (A connect racing this may make the
+    /// counters again; the next [`Capture::sweep`] removes them.)
+    pub fn forget(&mut self, cookie: u64) -> Result<(), BpfError> {
+        match self.pod_handshakes.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(BpfError::Map { map: "POD_HANDSHAKES", source }),
+        }
+        let _ = self.reclaimed.remove(&cookie);
+        let stale: Vec<PortKey> =
+            self.orig_by_tuple.keys().filter_map(Result::ok).filter(|k| k.netns_cookie == cookie).collect();
+        for k in stale {
+            let _ = self.orig_by_tuple.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Removes `ORIG_BY_TUPLE` entries whose handshake can no longer
+    /// complete (older than the handshake timeout: the client's SYN and
+    /// the listener's SYN-ACK retries are long over) and everything kept
+    /// for netns that are not enrolled. An expired entry's slot is given
+    /// back through `RECLAIMED` (this process is its only writer).
+    pub fn sweep(&mut self) -> Swept {
+        let enrolled: BTreeSet<u64> = self.enrolled.keys().filter_map(Result::ok).collect();
+        let now = monotonic_secs();
+        let timeout = self.limits.handshake_timeout;
+        let mut out = Swept::default();
+        let entries: Vec<(PortKey, PortDst)> = self.orig_by_tuple.iter().filter_map(Result::ok).collect();
+        for (k, v) in entries {
+            match stale_entry(&v, k.netns_cookie, &enrolled, now, timeout) {
+                None => {}
+                Some(Err(())) if self.orig_by_tuple.remove(&k).is_ok() => out.orphaned += 1,
+                // Removed by us, so not by the programs: its slot is ours
+                // to give back.
+                Some(Ok(())) if self.orig_by_tuple.remove(&k).is_ok() => *out.expired.entry(k.netns_cookie).or_default() += 1,
+                Some(_) => {}
+            }
+        }
+        for (netns, n) in &out.expired {
+            let before = self.reclaimed.get(netns, 0).unwrap_or(0);
+            let _ = self.reclaimed.insert(netns, before + n, 0);
+        }
+        let counters: Vec<u64> = self.pod_handshakes.keys().filter_map(Result::ok).filter(|c| !enrolled.contains(c)).collect();
+        for c in counters {
+            let _ = self.pod_handshakes.remove(&c);
+            let _ = self.reclaimed.remove(&c);
+            out.orphaned += 1;
+        }
+        out
+    }
+
+    /// Handshake counters of every pod that has made a captured connect:
+    /// (netns cookie, slots held, connects refused at the quota).
+    pub fn pod_handshakes(&self) -> Vec<(u64, i64, u64)> {
+        self.pod_handshakes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.pending - self.reclaimed.get(&k, 0).unwrap_or(0) as i64, v.refused))
+            .collect()
+    }
+
+    /// The bounds this capture was installed with.
+    pub fn limits(&self) -> CaptureLimits {
+        self.limits
+    }
+
+    /// The node-wide counters (see `STAT_NAMES`).
+    pub fn stats(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.ebpf.map("STATS").and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok()).map(|s| read_stats(&s)).unwrap_or_default()
     }
 
     /// Every enrolled netns cookie and its entry.
@@ -286,6 +488,26 @@ pub struct PinnedState {
     pub enrolled: Vec<EnrolledEntry>,
     pub inbound_links: Vec<u64>,
     pub stats: std::collections::BTreeMap<&'static str, u64>,
+    /// Per pod that made a captured connect: handshakes with ztunnel's
+    /// listener in progress now, and connects refused at the quota.
+    pub pod_handshakes: Vec<PodHandshakesEntry>,
+    /// Entries and size of the shared map that bounds them.
+    pub maps: std::collections::BTreeMap<&'static str, MapFill>,
+    /// The per-pod quota in force.
+    pub pod_handshake_quota: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct PodHandshakesEntry {
+    pub netns_cookie: u64,
+    pub pending: i64,
+    pub refused: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct MapFill {
+    pub entries: usize,
+    pub max_entries: u32,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -305,6 +527,42 @@ pub fn inspect(pin_dir: &Path) -> Result<PinnedState, BpfError> {
         .map_err(|source| BpfError::Map { map: "ENROLLED", source })?;
     let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(open("STATS")?))
         .map_err(|source| BpfError::Map { map: "STATS", source })?;
+    // Maps an older node-agent did not make read as empty.
+    let reclaimed: BTreeMap<u64, u64> = match open("RECLAIMED") {
+        Ok(m) => HashMap::<_, u64, u64>::try_from(Map::HashMap(m))
+            .map_err(|source| BpfError::Map { map: "RECLAIMED", source })?
+            .iter()
+            .filter_map(Result::ok)
+            .collect(),
+        Err(_) => BTreeMap::new(),
+    };
+    let mut pod_handshakes: Vec<PodHandshakesEntry> = match open("POD_HANDSHAKES") {
+        Ok(m) => HashMap::<_, u64, PodHandshakes>::try_from(Map::HashMap(m))
+            .map_err(|source| BpfError::Map { map: "POD_HANDSHAKES", source })?
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(netns_cookie, v)| PodHandshakesEntry {
+                netns_cookie,
+                pending: v.pending - reclaimed.get(&netns_cookie).copied().unwrap_or(0) as i64,
+                refused: v.refused,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    pod_handshakes.sort_by_key(|e| e.netns_cookie);
+    let mut maps = std::collections::BTreeMap::new();
+    for name in SIZED_MAPS {
+        let Ok(m) = open(name) else { continue };
+        let max_entries = m.info().map(|i| i.max_entries()).unwrap_or(0);
+        let entries = HashMap::<_, PortKey, PortDst>::try_from(Map::HashMap(m)).map(|h| h.keys().count()).unwrap_or(0);
+        maps.insert(name, MapFill { entries, max_entries });
+    }
+    let pod_handshake_quota = open("CONFIG")
+        .ok()
+        .and_then(|m| aya::maps::Array::<_, u64>::try_from(Map::Array(m)).ok())
+        .and_then(|a| a.get(&CONFIG_POD_HANDSHAKES, 0).ok())
+        .filter(|q| *q > 0)
+        .unwrap_or(DEFAULT_POD_HANDSHAKES);
     let links_dir = pin_dir.join("links");
     let mut cgroup_links: Vec<String> =
         CGROUP_PROGRAMS.iter().filter(|p| links_dir.join(p).exists()).map(|p| p.to_string()).collect();
@@ -321,27 +579,35 @@ pub fn inspect(pin_dir: &Path) -> Result<PinnedState, BpfError> {
     enrolled.sort_by_key(|e| e.netns_cookie);
     let mut inbound_links = inbound_pins(&links_dir);
     inbound_links.sort();
+    Ok(PinnedState {
+        cgroup_links,
+        enrolled,
+        inbound_links,
+        stats: read_stats(&stats),
+        pod_handshakes,
+        maps,
+        pod_handshake_quota,
+    })
+}
+
+fn read_stats<T: std::borrow::Borrow<MapData>>(stats: &PerCpuArray<T, u64>) -> std::collections::BTreeMap<&'static str, u64> {
     let mut out = std::collections::BTreeMap::new();
     for i in 0..STAT_COUNT {
         // A STATS map pinned by an older node-agent has fewer counters
         // (pinned maps are reused as they are): the newer ones read 0.
-        let v = match stats.get(&i, 0) {
-            Ok(v) => v.iter().sum(),
-            Err(aya::maps::MapError::OutOfBounds { .. }) => 0,
-            Err(source) => return Err(BpfError::Map { map: "STATS", source }),
-        };
+        let v = stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
         out.insert(STAT_NAMES[i as usize], v);
     }
-    Ok(PinnedState { cgroup_links, enrolled, inbound_links, stats: out })
+    out
 }
 
-/// Detaches everything and removes every pin under `pin_dir`: links first
-/// (capture stops), then maps.
 /// FNV-1a (64 bit): a stable fingerprint of the embedded programs.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
+/// Detaches everything and removes every pin under `pin_dir`: links first
+/// (capture stops), then maps.
 pub fn uninstall(pin_dir: &Path) -> Result<(), BpfError> {
     for sub in ["links", "maps"] {
         let d = pin_dir.join(sub);
@@ -361,5 +627,31 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), BpfError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(BpfError::Fs { path: pin_dir.to_owned(), source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sweep removes an entry of a netns that is not enrolled at once,
+    /// and one of an enrolled pod only after the handshake timeout.
+    #[test]
+    fn stale_entries_are_those_of_gone_pods_and_those_past_the_timeout() {
+        let v = |created| PortDst { cookie: 1, ip: 0, port: 0, flags: 0, created };
+        let enrolled = BTreeSet::from([7u64]);
+        let t = std::time::Duration::from_secs(180);
+        let cases = [
+            // (netns, created, now, removed as)
+            (8, 1000, 1000, Some(Err(()))),
+            (7, 1000, 1000, None),
+            (7, 1000, 1180, None),
+            (7, 1000, 1181, Some(Ok(()))),
+            // A clock before the entry (another boot's value) is not "old".
+            (7, 5000, 1000, None),
+        ];
+        for (netns, created, now, want) in cases {
+            assert_eq!(stale_entry(&v(created), netns, &enrolled, now, t), want, "netns {netns} created {created} now {now}");
+        }
     }
 }

@@ -40,6 +40,34 @@ enum Cmd {
         /// Readiness (`/healthz/ready`: 200 once capture is installed and the first reconcile is done).
         #[arg(long, default_value = "0.0.0.0:15022")]
         readiness_addr: std::net::SocketAddr,
+        /// Captured connections whose handshake with ztunnel's in-pod
+        /// listener may be in progress at once on this node (the size of the
+        /// one shared capture map; beyond it a new connection gets no
+        /// destination and ztunnel closes it). Applies when the map is
+        /// created: a pinned map keeps its size until `uninstall`.
+        #[arg(long, default_value_t = skiff_ebpf_common::DEFAULT_HANDSHAKES, value_parser = clap::value_parser!(u32).range(1024..))]
+        max_captured_handshakes: u32,
+        /// The same, per pod: its connects beyond this fail with EPERM
+        /// (counted, logged with the pod's name); other pods are unaffected.
+        #[arg(long, default_value_t = skiff_ebpf_common::DEFAULT_POD_HANDSHAKES, value_parser = clap::value_parser!(u64).range(1..))]
+        max_pod_captured_handshakes: u64,
+        /// A captured connection whose handshake with ztunnel's listener has
+        /// not completed after this long (the client's SYN and the
+        /// listener's SYN-ACK retries are long over) loses its entry, and its
+        /// pod the slot (checked every 10 s).
+        #[arg(long, default_value = "180", value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(10..))]
+        captured_handshake_timeout: u64,
+        /// Enrolled pods this node can hold (the size of the per-pod capture
+        /// maps; beyond it a pod's enrollment, and so its CNI ADD, fails).
+        /// Applies when the maps are created.
+        #[arg(long, default_value_t = skiff_ebpf_common::MAX_PODS, value_parser = clap::value_parser!(u32).range(16..))]
+        max_pods: u32,
+        /// Sockets ztunnel made in pods and registered as its own, kept at
+        /// once (least recently registered first out; a registration is
+        /// needed only until its socket binds or connects). Applies when the
+        /// map is created.
+        #[arg(long, default_value_t = skiff_ebpf_common::DEFAULT_MESH_SOCKETS, value_parser = clap::value_parser!(u32).range(1024..))]
+        max_mesh_sockets: u32,
     },
     /// Print the pinned capture state (enrolled netns, links, counters) as JSON.
     Inspect {
@@ -69,7 +97,25 @@ fn main() -> anyhow::Result<()> {
         .init();
     skiff_core::raise_open_file_limit_logged();
     match Cli::parse().cmd {
-        Cmd::Run { node, source, cgroup, pin_dir, ztunnel_socket, cni, readiness_addr } => {
+        Cmd::Run {
+            node,
+            source,
+            cgroup,
+            pin_dir,
+            ztunnel_socket,
+            cni,
+            readiness_addr,
+            max_captured_handshakes,
+            max_pod_captured_handshakes,
+            captured_handshake_timeout,
+            max_pods,
+            max_mesh_sockets,
+        } => {
+            if max_pod_captured_handshakes >= u64::from(max_captured_handshakes) {
+                anyhow::bail!(
+                    "--max-pod-captured-handshakes ({max_pod_captured_handshakes}) must be below --max-captured-handshakes ({max_captured_handshakes}): one pod could fill the node's map"
+                );
+            }
             // Checked before capture is installed: a wrong command line
             // changes nothing on the node.
             let mut source = source
@@ -83,7 +129,14 @@ fn main() -> anyhow::Result<()> {
             };
             let cgroup_fd =
                 File::open(&cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-            let capture = bpf::Capture::install(&pin_dir, std::os::fd::AsFd::as_fd(&cgroup_fd))
+            let limits = bpf::CaptureLimits {
+                node: max_captured_handshakes,
+                per_pod: max_pod_captured_handshakes,
+                handshake_timeout: Duration::from_secs(captured_handshake_timeout),
+                pods: max_pods,
+                mesh_sockets: max_mesh_sockets,
+            };
+            let capture = bpf::Capture::install(&pin_dir, std::os::fd::AsFd::as_fd(&cgroup_fd), limits)
                 .map_err(report)
                 .with_context(|| format!("installing capture under cgroup {}", cgroup.display()))?;
             tracing::info!(node = %node, cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), "capture installed");

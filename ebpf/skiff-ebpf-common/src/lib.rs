@@ -48,6 +48,10 @@ pub struct EnrolledPod {
 }
 
 /// The destination an application asked for before connect4/6 rewrote it.
+/// Kept in the socket's own storage (`ORIG`, a socket-local map: it lives
+/// and dies with the socket, so no pod can push out another's): on the
+/// application's socket from its connect, and on ztunnel's accepted socket
+/// from the end of the handshake.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrigDst {
@@ -57,21 +61,89 @@ pub struct OrigDst {
     pub ip: u32,
     /// Port, network byte order (low 16 bits).
     pub port: u32,
-    /// 1 when the application connected with an IPv4-mapped IPv6 address.
-    pub v6_mapped: u32,
+    /// `ORIG_*` bits.
+    pub flags: u32,
+    /// The client's loopback port once its SYN left (sock_ops), host byte
+    /// order; 0 before. With `local_ip`, its `ORIG_BY_TUPLE` key.
+    pub local_port: u32,
+    /// The client's source address once its SYN left, network byte order.
+    pub local_ip: u32,
     pub _pad: u32,
 }
 
-/// Key of the `ORIG_BY_PORT` map: the loopback source port of a captured
-/// connection as ztunnel's outbound listener sees it, in one netns.
+/// `OrigDst::flags` bit: the application connected with an IPv4-mapped
+/// IPv6 address.
+pub const ORIG_V6_MAPPED: u32 = 1;
+/// `OrigDst::flags` bit: capture rewrote this socket's connect and its SYN
+/// has not left yet; only then does the SYN write an `ORIG_BY_TUPLE` entry.
+pub const ORIG_ARMED: u32 = 2;
+
+/// Key of the `ORIG_BY_TUPLE` map: a captured connection's client address
+/// as ztunnel's outbound listener (always 127.0.0.1:15001) sees it, in one
+/// netns. With the listener's address fixed, this is the connection's
+/// 4-tuple, which the kernel keeps unique: no other live connection can
+/// have, or overwrite, this key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortKey {
     pub netns_cookie: u64,
+    /// Client's source IPv4 address, network byte order.
+    pub ip: u32,
     /// Client's local port, host byte order.
     pub port: u32,
-    pub _pad: u32,
 }
+
+/// Value of `ORIG_BY_TUPLE`, which carries a destination across the
+/// handshake, from the application's socket to ztunnel's accepted one: the
+/// destination, the cookie of the client socket that wrote it (so that
+/// socket's release removes only its own entry) and when it was written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortDst {
+    /// Socket cookie of the client socket.
+    pub cookie: u64,
+    /// IPv4 address, network byte order.
+    pub ip: u32,
+    /// Port, network byte order (low 16 bits).
+    pub port: u32,
+    /// `ORIG_*` bits.
+    pub flags: u32,
+    /// CLOCK_MONOTONIC seconds when the SYN left: node-agent removes
+    /// entries older than `--captured-handshake-timeout`.
+    pub created: u32,
+}
+
+/// Value of `POD_HANDSHAKES`, keyed by a pod's netns cookie: its handshake
+/// slots taken (one per `ORIG_BY_TUPLE` entry, until ztunnel's listener
+/// completes the handshake), and connects refused because that reached
+/// the quota. Only
+/// the programs change it, with atomic adds. Entries node-agent removes as
+/// stale are counted apart, in `RECLAIMED` (node-agent's only), and the
+/// programs count `pending - reclaimed`. Signed: counters a pod's release
+/// removed and the programs made again can go below zero as older
+/// handshakes finish, which only ever lowers the count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodHandshakes {
+    pub pending: i64,
+    pub refused: u64,
+}
+
+/// Index into the `CONFIG` array (written by node-agent at start): the most
+/// handshake slots (see `PodHandshakes`) one pod may hold at once.
+pub const CONFIG_POD_HANDSHAKES: u32 = 0;
+/// Number of `CONFIG` slots.
+pub const CONFIG_COUNT: u32 = 1;
+/// Used when `CONFIG_POD_HANDSHAKES` is 0 (not written yet).
+pub const DEFAULT_POD_HANDSHAKES: u64 = 4096;
+/// Default size of `ORIG_BY_TUPLE` (node-agent's `--max-captured-handshakes`
+/// sets it when it creates the map).
+pub const DEFAULT_HANDSHAKES: u32 = 65536;
+/// Default size of `ENROLLED`, `INBOUND_SOCKS`, `POD_HANDSHAKES` and
+/// `RECLAIMED` (node-agent's `--max-pods` sets it when it creates them).
+pub const MAX_PODS: u32 = 16384;
+/// Default size of `MESH_SOCKS` (node-agent's `--max-mesh-sockets`).
+pub const DEFAULT_MESH_SOCKETS: u32 = 65536;
 
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
@@ -83,12 +155,18 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodHandshakes {}
 }
 
 /// Index into the `STATS` per-CPU array: connects redirected to ztunnel.
 pub const STAT_CAPTURED_CONNECTS: u32 = 0;
-/// Connects refused because the original destination could not be stored
-/// (an internal map error: the maps are LRU and never full).
+/// Captured connects whose original destination could not be kept: the
+/// socket's storage could not be made (refused), `POD_HANDSHAKES` is full
+/// (refused), or `ORIG_BY_TUPLE` is full when the SYN leaves (ztunnel then
+/// finds no destination and closes the connection).
 pub const STAT_REFUSED_NO_STATE: u32 = 1;
 /// Native IPv6 connects from, and IPv6 connections into, enrolled pods: refused.
 pub const STAT_REFUSED_NATIVE_V6: u32 = 2;
@@ -103,8 +181,11 @@ pub const STAT_INBOUND_NO_LISTENER: u32 = 6;
 /// Sockets in enrolled pods that carried a mesh mark without being one of
 /// ztunnel's (registered in `MESH_SOCKS`): treated as the application's.
 pub const STAT_FORGED_MARK: u32 = 7;
+/// Connects refused because the pod already held its quota of handshake
+/// slots (`CONFIG_POD_HANDSHAKES`).
+pub const STAT_REFUSED_POD_HANDSHAKES: u32 = 8;
 /// Number of counters.
-pub const STAT_COUNT: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
 /// Names of the counters, by index, for reports.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "captured_connects",
@@ -115,4 +196,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "inbound_redirects",
     "inbound_no_listener",
     "forged_mark",
+    "refused_pod_handshakes",
 ];

@@ -144,6 +144,33 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         warmup: usize,
     },
+    /// Open CONNECTS connections to TARGET one after another as fast as
+    /// possible, keeping the newest KEEP open (older ones are reset, so
+    /// no port waits in TIME_WAIT); print how many opened and how many were
+    /// refused with EPERM as JSON, then keep what is open for HOLD_MS.
+    Flood {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        connects: usize,
+        #[arg(long)]
+        keep: usize,
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        /// Do not wait for handshakes: a connect in progress counts as opened.
+        #[arg(long)]
+        nonblocking: bool,
+    },
+    /// One socket, TIMES times: connect to TARGET, undo it
+    /// (connect AF_UNSPEC), connect to 127.0.0.1:9 (refused), undo that.
+    /// Prints how each kind of connect ended, as JSON. A socket reused this
+    /// way must not leave capture state behind.
+    Reconnect {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        times: usize,
+    },
     /// New HTTP connections one after another; print their rate and latency as JSON.
     Churn {
         #[arg(long)]
@@ -261,7 +288,7 @@ fn bind_marked(port: u16, mark: Option<u32>) -> std::io::Result<TcpListener> {
 }
 
 fn client(target: &str, message: &str, hold: Duration, stream: Duration, mark: Option<u32>) -> ExitCode {
-    let result = (|| -> std::io::Result<(String, String, String)> {
+    let result = (|| -> std::io::Result<(String, String, String, String)> {
         let addrs: Vec<_> = target.to_socket_addrs()?.collect();
         let addr = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or(std::io::ErrorKind::NotFound)?;
         let mut s = match (mark, addr) {
@@ -285,14 +312,16 @@ fn client(target: &str, message: &str, hold: Duration, stream: Duration, mark: O
             i += 1;
         }
         thread::sleep(hold);
+        // Asked again at the end: a long-lived connection keeps its answer.
+        let peer_after = s.peer_addr()?.to_string();
         s.shutdown(Shutdown::Write)?;
         let mut reply = String::new();
         s.read_to_string(&mut reply)?;
-        Ok((peer, local, reply))
+        Ok((peer, local, reply, peer_after))
     })();
     match result {
-        Ok((peer, local, reply)) => {
-            log(json!({"peer": peer, "local": local, "reply": reply}));
+        Ok((peer, local, reply, peer_after)) => {
+            log(json!({"peer": peer, "local": local, "reply": reply, "peer_after": peer_after}));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -801,6 +830,106 @@ fn hold(target: &str, count: usize, silent_ms: Option<u64>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// See `Cmd::Reconnect`. Raw libc: connecting to an AF_UNSPEC address
+/// (the only way to undo a TCP connect) has no safe wrapper.
+#[allow(unsafe_code)]
+fn reconnect(target: &str, times: usize) -> ExitCode {
+    let Some(std::net::SocketAddr::V4(addr)) = target.to_socket_addrs().ok().and_then(|mut a| a.find(|a| a.is_ipv4())) else {
+        log(json!({"error": format!("cannot resolve {target}")}));
+        return ExitCode::FAILURE;
+    };
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns, with
+    // properly sized address structures.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        log(json!({"error": std::io::Error::last_os_error().to_string()}));
+        return ExitCode::FAILURE;
+    }
+    let connect = |a: &libc::sockaddr_in| -> Result<(), std::io::Error> {
+        // SAFETY: as above.
+        let r = unsafe { libc::connect(fd, (a as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) };
+        if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    };
+    let unspec = libc::sockaddr_in { sin_family: libc::AF_UNSPEC as libc::sa_family_t, sin_port: 0, sin_addr: libc::in_addr { s_addr: 0 }, sin_zero: [0; 8] };
+    let (target_sa, closed_sa) = (sockaddr(addr), sockaddr(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9)));
+    let (mut connected, mut refused, mut errors) = (0usize, 0usize, Vec::new());
+    for _ in 0..times {
+        match connect(&target_sa) {
+            Ok(()) => connected += 1,
+            Err(e) if errors.len() < 5 => errors.push(format!("target: {e}")),
+            Err(_) => {}
+        }
+        let _ = connect(&unspec);
+        match connect(&closed_sa) {
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => refused += 1,
+            other if errors.len() < 5 => errors.push(format!("127.0.0.1:9: {other:?}")),
+            _ => {}
+        }
+        let _ = connect(&unspec);
+    }
+    // SAFETY: as above.
+    unsafe { libc::close(fd) };
+    log(json!({"connected": connected, "refused": refused, "errors": errors}));
+    ExitCode::SUCCESS
+}
+
+/// See `Cmd::Flood`.
+fn flood(target: &str, connects: usize, keep: usize, hold_ms: u64, nonblocking: bool) -> ExitCode {
+    let Some(addr) = target.to_socket_addrs().ok().and_then(|mut a| a.find(|a| a.is_ipv4())) else {
+        log(json!({"error": format!("cannot resolve {target}")}));
+        return ExitCode::FAILURE;
+    };
+    let reset = |s: TcpStream| {
+        let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 });
+    };
+    let mut open = std::collections::VecDeque::with_capacity(keep + 1);
+    let (mut opened, mut refused, mut most_open) = (0usize, 0usize, 0usize);
+    let mut errors = Vec::new();
+    let start = std::time::Instant::now();
+    let std::net::SocketAddr::V4(v4) = addr else { unreachable!("an IPv4 address was picked") };
+    let connect_nonblocking = || -> std::io::Result<TcpStream> {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_NONBLOCK, None)?;
+        match nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(TcpStream::from(fd)),
+            Err(e) => Err(e.into()),
+        }
+    };
+    for _ in 0..connects {
+        let attempt = if nonblocking { connect_nonblocking() } else { TcpStream::connect_timeout(&addr, Duration::from_secs(5)) };
+        match attempt {
+            Ok(s) => {
+                opened += 1;
+                open.push_back(s);
+                if open.len() > keep {
+                    reset(open.pop_front().expect("not empty"));
+                }
+                most_open = most_open.max(open.len());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => refused += 1,
+            Err(e) => {
+                if errors.len() < 5 {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+    }
+    log(json!({
+        "opened": opened, "refused_eperm": refused, "errors": errors, "most_open": most_open,
+        "open": open.len(), "seconds": start.elapsed().as_secs_f64(),
+    }));
+    thread::sleep(Duration::from_millis(hold_ms));
+    open.into_iter().for_each(reset);
+    log(json!({"event": "closed"}));
+    ExitCode::SUCCESS
+}
+
 /// See `Cmd::ResetServer`.
 fn reset_server(port: u16, bytes: usize) -> ExitCode {
     let l = match TcpListener::bind(("0.0.0.0", port)) {
@@ -1023,6 +1152,8 @@ fn main() -> ExitCode {
         Cmd::RrServer { port, size } => rr_server(port, size),
         Cmd::RrClient { target, size, count, warmup } => rr_client(&target, size, count, warmup),
         Cmd::Churn { target, seconds } => churn(&target, seconds),
+        Cmd::Reconnect { target, times } => reconnect(&target, times),
+        Cmd::Flood { target, connects, keep, hold_ms, nonblocking } => flood(&target, connects, keep, hold_ms, nonblocking),
         Cmd::HttpFixed { port, size } => http_fixed(port, size),
         Cmd::BulkServer { port } => bulk_server(port),
         Cmd::BulkClient { target, seconds } => bulk_client(&target, seconds),
