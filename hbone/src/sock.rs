@@ -86,13 +86,7 @@ pub fn outbound() -> io::Result<std::net::TcpStream> {
         .get()
         .copied()
         .unwrap_or((std::time::Duration::from_secs(30), std::time::Duration::from_secs(60)));
-    let idle = idle.clamp(std::time::Duration::from_secs(3), std::time::Duration::from_secs(32767));
-    s.set_tcp_keepalive(
-        &socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval((idle / 3).max(std::time::Duration::from_secs(1)))
-            .with_retries(3),
-    )?;
+    s.set_tcp_keepalive(&crate::limits::keepalive(idle))?;
     s.set_tcp_user_timeout(Some(user_timeout))?;
     Ok(s.into())
 }

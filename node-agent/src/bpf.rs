@@ -22,7 +22,7 @@ use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{
         links::{CgroupAttachMode, FdLink},
-        CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SockOps,
+        CgroupSockopt, SkLookup,
     },
     Ebpf, EbpfLoader,
 };
@@ -214,42 +214,32 @@ impl Capture {
         }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&maps_dir);
-        let sizes = PER_POD_MAPS.iter().map(|m| (*m, limits.pods, "--max-pods")).chain([("MESH_SOCKS", limits.mesh_sockets, "--max-mesh-sockets")]);
+        let sizes = PER_POD_MAPS
+            .iter()
+            .map(|m| (*m, limits.pods, "--max-pods"))
+            .chain(SIZED_MAPS.iter().map(|m| (*m, limits.node, "--max-captured-handshakes")))
+            .chain([("MESH_SOCKS", limits.mesh_sockets, "--max-mesh-sockets")]);
         for (name, size, flag) in sizes {
             loader.map_max_entries(name, size);
-            if let Ok(info) = aya::maps::MapInfo::from_pin(maps_dir.join(name)) {
-                if info.max_entries() != size {
-                    tracing::warn!(
-                        map = name,
-                        pinned = info.max_entries(),
-                        wanted = size,
-                        flag,
-                        "the pinned map keeps its size: the flag takes effect after `skiff-node-agent uninstall` and a restart"
-                    );
-                }
-            }
-        }
-        for name in SIZED_MAPS {
-            loader.map_max_entries(name, limits.node);
             // A pinned map is reused as it is (capture state survives
             // restarts): a new size applies once it is recreated.
-            if let Ok(info) = aya::maps::MapInfo::from_pin(maps_dir.join(name)) {
-                if info.max_entries() != limits.node {
-                    tracing::warn!(
-                        map = name,
-                        pinned = info.max_entries(),
-                        wanted = limits.node,
-                        "the pinned map keeps its size: --max-captured-handshakes takes effect after `skiff-node-agent uninstall` and a restart"
-                    );
-                }
-                if u64::from(info.max_entries()) <= limits.per_pod {
-                    tracing::error!(
-                        map = name,
-                        pinned = info.max_entries(),
-                        per_pod = limits.per_pod,
-                        "the pinned map is not larger than one pod's quota (--max-pod-captured-handshakes): one pod can fill it"
-                    );
-                }
+            let Ok(info) = aya::maps::MapInfo::from_pin(maps_dir.join(name)) else { continue };
+            if info.max_entries() != size {
+                tracing::warn!(
+                    map = name,
+                    pinned = info.max_entries(),
+                    wanted = size,
+                    flag,
+                    "the pinned map keeps its size: the flag takes effect after `skiff-node-agent uninstall` and a restart"
+                );
+            }
+            if SIZED_MAPS.contains(&name) && u64::from(info.max_entries()) <= limits.per_pod {
+                tracing::error!(
+                    map = name,
+                    pinned = info.max_entries(),
+                    per_pod = limits.per_pod,
+                    "the pinned map is not larger than one pod's quota (--max-pod-captured-handshakes): one pod can fill it"
+                );
             }
         }
         let mut ebpf = loader.load(PROGRAMS).map_err(BpfError::Load)?;
@@ -282,6 +272,17 @@ impl Capture {
             let name = name.to_owned();
             move |source| BpfError::Program { name, source }
         };
+        // Load, attach to `cgroup` and take the link: the same steps for
+        // each cgroup program type (aya gives them no common trait).
+        macro_rules! attach_link {
+            ($p:expr, $name:expr) => {{
+                let (p, name) = ($p, $name);
+                p.load().map_err(program_err(name))?;
+                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(program_err(name))?;
+                let link = p.take_link(id).map_err(program_err(name))?;
+                FdLink::try_from(link).map_err(|e| BpfError::Link { name: name.to_owned(), source: e })?
+            }};
+        }
         for name in CGROUP_PROGRAMS {
             let pin = links_dir.join(name);
             if pin.exists() {
@@ -290,27 +291,9 @@ impl Capture {
             }
             let prog = ebpf.program_mut(name).ok_or(BpfError::Missing("cgroup program"))?;
             let fd_link: FdLink = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let p: &mut CgroupSockAddr = p;
-                    p.load().map_err(program_err(name))?;
-                    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(program_err(name))?;
-                    let link = p.take_link(id).map_err(program_err(name))?;
-                    FdLink::try_from(link).map_err(|e| BpfError::Link { name: name.to_owned(), source: e })?
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let p: &mut SockOps = p;
-                    p.load().map_err(program_err(name))?;
-                    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(program_err(name))?;
-                    let link = p.take_link(id).map_err(program_err(name))?;
-                    FdLink::try_from(link).map_err(|e| BpfError::Link { name: name.to_owned(), source: e })?
-                }
-                aya::programs::Program::CgroupSock(p) => {
-                    let p: &mut CgroupSock = p;
-                    p.load().map_err(program_err(name))?;
-                    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(program_err(name))?;
-                    let link = p.take_link(id).map_err(program_err(name))?;
-                    FdLink::try_from(link).map_err(|e| BpfError::Link { name: name.to_owned(), source: e })?
-                }
+                aya::programs::Program::CgroupSockAddr(p) => attach_link!(p, name),
+                aya::programs::Program::SockOps(p) => attach_link!(p, name),
+                aya::programs::Program::CgroupSock(p) => attach_link!(p, name),
                 aya::programs::Program::CgroupSockopt(p) => {
                     let p: &mut CgroupSockopt = p;
                     p.load().map_err(program_err(name))?;
@@ -428,9 +411,14 @@ impl Capture {
         self.limits
     }
 
-    /// The node-wide counters (see `STAT_NAMES`).
+    /// The node-wide counters (see `STAT_NAMES`); empty if they cannot be
+    /// read (they only feed log lines here).
     pub fn stats(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        self.ebpf.map("STATS").and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok()).map(|s| read_stats(&s)).unwrap_or_default()
+        self.ebpf
+            .map("STATS")
+            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
+            .and_then(|s| read_stats(&s).ok())
+            .unwrap_or_default()
     }
 
     /// Every enrolled netns cookie and its entry.
@@ -583,22 +571,28 @@ pub fn inspect(pin_dir: &Path) -> Result<PinnedState, BpfError> {
         cgroup_links,
         enrolled,
         inbound_links,
-        stats: read_stats(&stats),
+        stats: read_stats(&stats)?,
         pod_handshakes,
         maps,
         pod_handshake_quota,
     })
 }
 
-fn read_stats<T: std::borrow::Borrow<MapData>>(stats: &PerCpuArray<T, u64>) -> std::collections::BTreeMap<&'static str, u64> {
+fn read_stats<T: std::borrow::Borrow<MapData>>(
+    stats: &PerCpuArray<T, u64>,
+) -> Result<std::collections::BTreeMap<&'static str, u64>, BpfError> {
     let mut out = std::collections::BTreeMap::new();
     for i in 0..STAT_COUNT {
         // A STATS map pinned by an older node-agent has fewer counters
         // (pinned maps are reused as they are): the newer ones read 0.
-        let v = stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        let v = match stats.get(&i, 0) {
+            Ok(v) => v.iter().sum(),
+            Err(aya::maps::MapError::OutOfBounds { .. }) => 0,
+            Err(source) => return Err(BpfError::Map { map: "STATS", source }),
+        };
         out.insert(STAT_NAMES[i as usize], v);
     }
-    out
+    Ok(out)
 }
 
 /// FNV-1a (64 bit): a stable fingerprint of the embedded programs.

@@ -347,14 +347,23 @@ fn give_back_entry(orig: &OrigDst, cookie: u64) {
     }
 }
 
-/// Whether the pod already holds its quota of handshake slots.
+/// The handshake slots pod `netns` (counters `h`) holds now: those the
+/// programs took, less those node-agent reclaimed.
 #[inline(always)]
-fn at_quota(h: *mut PodHandshakes, netns: u64) -> bool {
+fn slots_held(h: *mut PodHandshakes, netns: u64) -> i64 {
     // SAFETY: read-only copy of a plain value.
     let reclaimed = unsafe { RECLAIMED.get(&netns) }.copied().unwrap_or(0) as i64;
     // SAFETY: a valid map value pointer.
     let pending: i64 = unsafe { core::ptr::read_volatile(&raw const (*h).pending) };
-    pending - reclaimed >= pod_quota()
+    pending - reclaimed
+}
+
+/// Counts a captured connection refused because its pod holds its quota.
+#[inline(always)]
+fn refused_at_quota(h: *mut PodHandshakes) {
+    // SAFETY: a valid map value pointer, changed only atomically.
+    unsafe { add(&raw mut (*h).refused, 1u64) };
+    count(STAT_REFUSED_POD_HANDSHAKES);
 }
 
 /// Keeps the original destination of a socket being captured on the
@@ -370,10 +379,8 @@ fn keep_orig(ctx: &SockAddrContext, netns: u64, ip: u32, port: u32, flags: u32) 
         count(STAT_REFUSED_NO_STATE);
         return Err(0);
     };
-    if at_quota(h, netns) {
-        // SAFETY: a valid map value pointer, changed only atomically.
-        unsafe { add(&raw mut (*h).refused, 1u64) };
-        count(STAT_REFUSED_POD_HANDSHAKES);
+    if slots_held(h, netns) >= pod_quota() {
+        refused_at_quota(h);
         return Err(0);
     }
     // SAFETY: `sk` of bpf_sock_addr is a full socket pointer.
@@ -595,16 +602,10 @@ fn syn_sent(ctx: &SockOpsContext) {
     let pending = unsafe { &raw mut (*h).pending };
     // SAFETY: as above.
     unsafe { add(pending, 1i64) };
-    // SAFETY: read-only copy of a plain value.
-    let reclaimed = unsafe { RECLAIMED.get(&orig.netns_cookie) }.copied().unwrap_or(0) as i64;
-    // SAFETY: as above.
-    if unsafe { core::ptr::read_volatile(pending) } - reclaimed > pod_quota() {
+    if slots_held(h, orig.netns_cookie) > pod_quota() {
         // SAFETY: as above.
-        unsafe {
-            add(pending, -1i64);
-            add(&raw mut (*h).refused, 1u64);
-        }
-        count(STAT_REFUSED_POD_HANDSHAKES);
+        unsafe { add(pending, -1i64) };
+        refused_at_quota(h);
         return;
     }
     if ORIG_BY_TUPLE.insert(&key, &value, BPF_NOEXIST as u64).is_err() {

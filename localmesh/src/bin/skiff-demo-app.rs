@@ -773,15 +773,23 @@ fn frontend(_s: &TcpStream, _req: &Req) -> (String, String) {
     }
 }
 
+/// `target`'s first IPv4 address; logs the failure when it has none.
+fn ipv4_target(target: &str) -> Option<std::net::SocketAddrV4> {
+    let found = target.to_socket_addrs().ok().and_then(|mut a| {
+        a.find_map(|a| match a {
+            std::net::SocketAddr::V4(v4) => Some(v4),
+            std::net::SocketAddr::V6(_) => None,
+        })
+    });
+    if found.is_none() {
+        log(json!({"error": format!("cannot resolve {target}")}));
+    }
+    found
+}
+
 /// Many connections at once (see `Cmd::Hold`).
 fn hold(target: &str, count: usize, silent_ms: Option<u64>) -> ExitCode {
-    let addr = match target.to_socket_addrs().ok().and_then(|mut a| a.find(|a| a.is_ipv4())) {
-        Some(a) => a,
-        None => {
-            log(json!({"error": format!("cannot resolve {target}")}));
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(addr) = ipv4_target(target).map(std::net::SocketAddr::V4) else { return ExitCode::FAILURE };
     let mut conns = Vec::with_capacity(count);
     let mut errors = Vec::new();
     for i in 0..count {
@@ -834,10 +842,7 @@ fn hold(target: &str, count: usize, silent_ms: Option<u64>) -> ExitCode {
 /// (the only way to undo a TCP connect) has no safe wrapper.
 #[allow(unsafe_code)]
 fn reconnect(target: &str, times: usize) -> ExitCode {
-    let Some(std::net::SocketAddr::V4(addr)) = target.to_socket_addrs().ok().and_then(|mut a| a.find(|a| a.is_ipv4())) else {
-        log(json!({"error": format!("cannot resolve {target}")}));
-        return ExitCode::FAILURE;
-    };
+    let Some(addr) = ipv4_target(target) else { return ExitCode::FAILURE };
     let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
@@ -881,10 +886,8 @@ fn reconnect(target: &str, times: usize) -> ExitCode {
 
 /// See `Cmd::Flood`.
 fn flood(target: &str, connects: usize, keep: usize, hold_ms: u64, nonblocking: bool) -> ExitCode {
-    let Some(addr) = target.to_socket_addrs().ok().and_then(|mut a| a.find(|a| a.is_ipv4())) else {
-        log(json!({"error": format!("cannot resolve {target}")}));
-        return ExitCode::FAILURE;
-    };
+    let Some(v4) = ipv4_target(target) else { return ExitCode::FAILURE };
+    let addr = std::net::SocketAddr::V4(v4);
     let reset = |s: TcpStream| {
         let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 });
     };
@@ -892,7 +895,6 @@ fn flood(target: &str, connects: usize, keep: usize, hold_ms: u64, nonblocking: 
     let (mut opened, mut refused, mut most_open) = (0usize, 0usize, 0usize);
     let mut errors = Vec::new();
     let start = std::time::Instant::now();
-    let std::net::SocketAddr::V4(v4) = addr else { unreachable!("an IPv4 address was picked") };
     let connect_nonblocking = || -> std::io::Result<TcpStream> {
         use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, SockaddrIn};
         let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_NONBLOCK, None)?;
