@@ -310,16 +310,7 @@ impl Drop for Established {
 /// vanished (node gone, cable cut) frees its descriptors instead of
 /// holding them until the next write.
 pub fn tcp_keepalive(s: &tokio::net::TcpStream, idle: Duration) {
-    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&keepalive(idle));
-}
-
-/// TCP keepalive that starts probing after `idle` of silence, every third
-/// of it, three times.
-pub fn keepalive(idle: Duration) -> socket2::TcpKeepalive {
-    // The kernel takes 1 to 32767 s (TCP_KEEPIDLE); outside that it would
-    // refuse the setting and leave its 2 h default.
-    let idle = idle.clamp(Duration::from_secs(3), Duration::from_secs(32767));
-    socket2::TcpKeepalive::new().with_time(idle).with_interval((idle / 3).max(Duration::from_secs(1))).with_retries(3)
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&crate::sock::keepalive(idle));
 }
 
 /// Sends an HTTP/2 PING every `interval` and resolves when one is not

@@ -74,6 +74,16 @@ pub fn set_outbound_timeouts(keepalive_idle: std::time::Duration, user_timeout: 
     let _ = OUTBOUND_TIMEOUTS.set((keepalive_idle, user_timeout));
 }
 
+/// TCP keepalive that starts probing after `idle` of silence, every third
+/// of it, three times (`limits::tcp_keepalive` puts it on connections).
+pub fn keepalive(idle: std::time::Duration) -> socket2::TcpKeepalive {
+    use std::time::Duration;
+    // The kernel takes 1 to 32767 s (TCP_KEEPIDLE); outside that it would
+    // refuse the setting and leave its 2 h default.
+    let idle = idle.clamp(Duration::from_secs(3), Duration::from_secs(32767));
+    socket2::TcpKeepalive::new().with_time(idle).with_interval((idle / 3).max(Duration::from_secs(1))).with_retries(3)
+}
+
 /// An unconnected socket for a connection ztunnel makes on a pod's behalf:
 /// leaves the pod with the pod's IP, never captured again.
 pub fn outbound() -> io::Result<std::net::TcpStream> {
@@ -86,7 +96,7 @@ pub fn outbound() -> io::Result<std::net::TcpStream> {
         .get()
         .copied()
         .unwrap_or((std::time::Duration::from_secs(30), std::time::Duration::from_secs(60)));
-    s.set_tcp_keepalive(&crate::limits::keepalive(idle))?;
+    s.set_tcp_keepalive(&keepalive(idle))?;
     s.set_tcp_user_timeout(Some(user_timeout))?;
     Ok(s.into())
 }
