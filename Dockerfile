@@ -1,5 +1,5 @@
 # Skiff's one image: skiff-node-agent, skiff-cni, skiff-ztunnel,
-# skiff-waypoint, skiff-signer, skiff-hbone-probe (the README's debugging
+# skiff-waypoint, skiff-gateway, skiff-signer, skiff-hbone-probe (the README's debugging
 # tool) and skiff (the operator's CLI) in /usr/local/bin (deploy/ runs each by its command). Build from the repository root:
 #   docker build -t REGISTRY/skiff:TAG . && docker push REGISTRY/skiff:TAG
 # (Not built in this project's CI: the development machines have no
@@ -22,7 +22,7 @@ COPY . .
 RUN set -eux; \
     cargo build --release --bins; \
     mkdir /out; \
-    for b in skiff-node-agent skiff-cni skiff-ztunnel skiff-waypoint skiff-signer skiff-hbone-probe skiff; do \
+    for b in skiff-node-agent skiff-cni skiff-ztunnel skiff-waypoint skiff-gateway skiff-signer skiff-hbone-probe skiff; do \
         cp "target/release/$b" /out/; \
     done
 

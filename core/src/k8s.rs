@@ -48,6 +48,7 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
+    Gateway(Gateway),
     /// A kind Skiff does not read (ConfigMap, Istio kinds not yet supported…).
     Other { api_version: String, kind: String },
     /// An object of a kind Skiff reads that it cannot take: a field of the
@@ -213,6 +214,10 @@ pub struct Service {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
+    /// `ClusterIP` (the default), `LoadBalancer`, `NodePort`,
+    /// `ExternalName`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
     #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<String>,
     /// Every ClusterIP, one per family (dual-stack); the first is `clusterIP`.
@@ -892,6 +897,98 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicySpec>,
 }
 
+/// `networking.istio.io` Gateway: the servers a mesh-edge proxy (the
+/// ingress gateway) opens, and which gateway pods open them. Every field
+/// of Istio's `Gateway`, `Server`, `Port` and `ServerTLSSettings` is here,
+/// so none is dropped unseen; the model refuses or disables what Skiff
+/// does not serve.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Gateway {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: GatewaySpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub servers: Vec<GatewayServer>,
+    /// Labels of the gateway pods that open these servers.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayServer {
+    #[serde(default)]
+    pub port: Option<GatewayPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPort {
+    #[serde(default)]
+    pub number: u32,
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerTls {
+    #[serde(default)]
+    pub https_redirect: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credential_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_certificates: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_certificate_spki: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_certificate_hash: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_protocol_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_credential_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_verify: Option<bool>,
+}
+
 /// Why a manifest document could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
@@ -932,6 +1029,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
             continue;
         }
         parse_value(index, &value, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The documents of a YAML text as JSON values (empty documents skipped),
+/// for kinds read as written rather than typed (the local mesh's
+/// `IstioOperator`).
+pub fn documents_as_json(text: &str) -> Result<Vec<serde_json::Value>, ParseError> {
+    let mut bytes = text.as_bytes();
+    let mut out = Vec::new();
+    for (index, value) in serde_saphyr::read::<_, serde_json::Value>(&mut bytes).enumerate() {
+        let value = value.map_err(|source| ParseError::Yaml { index, source: Box::new(source) })?;
+        if !value.is_null() {
+            out.push(value);
+        }
     }
     Ok(out)
 }
@@ -1028,6 +1140,7 @@ fn parse_value(index: usize, value: &serde_json::Value, out: &mut Vec<Object>) -
         "AuthorizationPolicy" if security => istio(value, Object::AuthorizationPolicy, &field, &invalid),
         "VirtualService" if networking => istio(value, Object::VirtualService, &field, &invalid),
         "DestinationRule" if networking => istio(value, Object::DestinationRule, &field, &invalid),
+        "Gateway" if networking => istio(value, Object::Gateway, &field, &invalid),
         _ => Object::Other { api_version, kind },
     };
     out.push(obj);
@@ -1082,6 +1195,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Object::VirtualService(o) => ("VirtualService", &o.metadata),
             Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
+            Object::Gateway(o) => ("Gateway", &o.metadata),
             Object::Other { kind, .. } => return kind.clone(),
             Object::Invalid(o) => {
                 return match &o.namespace {

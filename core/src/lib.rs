@@ -8,10 +8,13 @@
 //!   directory of manifests.
 //! - [`zds`]: the node-agent → ztunnel protocol over a Unix socket.
 //! - [`netns`]: running code inside another network namespace.
+//! - [`gateway`]: Istio Gateways, and the ingress gateway's decisions
+//!   (servers, listening ports, VirtualServices bound to a Gateway).
 //! - [`series`]: which metric label sets name workloads or Services that
 //!   are gone (pruned by ztunnel and the waypoint).
 
 pub mod enroll;
+pub mod gateway;
 pub mod k8s;
 pub mod model;
 pub mod netns;

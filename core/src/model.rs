@@ -109,6 +109,7 @@ pub struct Snapshot {
     pub authorization_policies: Vec<crate::policy::AuthzPolicy>,
     pub virtual_services: Vec<crate::routing::VirtualService>,
     pub destination_rules: Vec<crate::routing::DestinationRule>,
+    pub gateways: Vec<crate::gateway::Gateway>,
     /// Ports kubelet probes (liveness, readiness, startup: httpGet,
     /// tcpSocket, grpc), by [`Workload::uid`]; named ports resolved.
     pub probe_ports: BTreeMap<String, std::collections::BTreeSet<u16>>,
@@ -251,6 +252,7 @@ fn kind_name(kind: &str) -> &'static str {
         "AuthorizationPolicy" => "AuthorizationPolicy",
         "VirtualService" => "VirtualService",
         "DestinationRule" => "DestinationRule",
+        "Gateway" => "Gateway",
         _ => "",
     }
 }
@@ -369,6 +371,7 @@ impl Snapshot {
                 Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::VirtualService(o) => ("VirtualService", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::DestinationRule(o) => ("DestinationRule", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::Gateway(o) => ("Gateway", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::Invalid(o) => (kind_name(&o.kind), o.namespace.clone(), Some(o.name.clone())),
                 Object::Deployment(_) | Object::Other { .. } => continue,
             };
@@ -579,6 +582,11 @@ impl Snapshot {
                 let d = crate::routing::destination_rule_from(d).map_err(|(f, m)| err(&f, m))?;
                 self.destination_rules.push(d);
             }
+            Object::Gateway(g) => {
+                let (g, warnings) = crate::gateway::gateway_from(g).map_err(|(f, m)| err(&f, m))?;
+                self.warnings.extend(warnings.into_iter().map(|(f, m)| err(&f, m)));
+                self.gateways.push(g);
+            }
             Object::Invalid(o) => return Err(err(&o.field, o.message.clone())),
             Object::Deployment(_) | Object::Other { .. } => {}
         }
@@ -598,6 +606,7 @@ impl Snapshot {
                 "Namespace" => prev.namespaces.get(&key.name).cloned().map(|n| self.namespaces.insert(n.name.clone(), n)).is_some(),
                 "VirtualService" => prev.virtual_services.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.virtual_services.push(p)).is_some(),
                 "DestinationRule" => prev.destination_rules.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.destination_rules.push(p)).is_some(),
+                "Gateway" => prev.gateways.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.gateways.push(p)).is_some(),
                 _ => false,
             };
             if carried {
@@ -675,6 +684,38 @@ impl Snapshot {
     }
 
     /// Labels of a namespace (empty for a namespace with no object).
+    /// The port a gateway pod listens on for a Gateway server numbered
+    /// `number`: as Istio, the `targetPort` of that port of a Service
+    /// selecting the pod (a named target resolved on the pod), else the
+    /// number itself.
+    pub fn gateway_listen_port(&self, pod: &Workload, number: u16) -> u16 {
+        for svc in self.services_of(pod) {
+            if let Some(p) = svc.ports.iter().find(|p| p.port == number) {
+                match &p.target_port {
+                    TargetPort::Number(n) => return *n,
+                    TargetPort::Name(name) => {
+                        if let Some(n) = pod.named_ports.get(name) {
+                            return *n;
+                        }
+                    }
+                }
+            }
+        }
+        number
+    }
+
+    /// The Gateway servers a gateway pod opens: those of the Gateways
+    /// selecting it, that Skiff serves, each on its listening port; older
+    /// Gateways first.
+    pub fn gateway_servers(&self, pod: &Workload) -> Vec<crate::gateway::Opened<'_>> {
+        let mut gws: Vec<&crate::gateway::Gateway> = self.gateways.iter().filter(|g| g.selects(&pod.labels)).collect();
+        gws.sort_by_key(|g| (g.created.is_none(), g.created.clone(), g.namespace.clone(), g.name.clone()));
+        gws.into_iter()
+            .flat_map(|g| g.servers.iter().filter(|s| s.not_served.is_none()).map(move |s| (g, s)))
+            .map(|(gateway, server)| crate::gateway::Opened { gateway, server, port: self.gateway_listen_port(pod, server.number) })
+            .collect()
+    }
+
     pub fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
         self.namespaces.get(ns).map(|n| &n.labels)
     }

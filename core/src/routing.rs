@@ -60,6 +60,52 @@ pub struct HttpMatch {
     pub without_headers: Vec<(String, StrMatch)>,
     pub port: Option<u16>,
     pub ignore_uri_case: bool,
+    /// `match[].gateways`: where this match applies; None inherits the
+    /// VirtualService's `gateways`.
+    pub gateways: Option<Vec<Bind>>,
+}
+
+/// Where a VirtualService (or one of its matches) applies: `mesh` (every
+/// waypoint) or one Gateway.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Bind {
+    Mesh,
+    Gateway { namespace: String, name: String },
+}
+
+impl Bind {
+    /// A `gateways` entry, as Istio resolves it: `mesh`; `namespace/name`;
+    /// a short name, in the VirtualService's namespace; the legacy
+    /// `name.namespace.svc.cluster.local` (its first two labels).
+    pub fn parse(entry: &str, vs_namespace: &str) -> Result<Bind, String> {
+        if entry == "mesh" {
+            return Ok(Bind::Mesh);
+        }
+        let (namespace, name) = match entry.split_once('/') {
+            Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+            None => match entry.split_once('.') {
+                Some((name, rest)) => (rest.split('.').next().unwrap_or_default().to_owned(), name.to_owned()),
+                None => (vs_namespace.to_owned(), entry.to_owned()),
+            },
+        };
+        let ok = |s: &str| is_dns1123_label(s) || (s.len() <= 253 && s.split('.').all(is_dns1123_label));
+        if namespace == "." || namespace == "*" {
+            return Err(format!("{entry:?}: the namespace of a Gateway must be named (not `{namespace}`)"));
+        }
+        if !ok(&namespace) || !ok(&name) {
+            return Err(format!("{entry:?} is not a Gateway name (`name`, `namespace/name`) nor `mesh`"));
+        }
+        Ok(Bind::Gateway { namespace, name })
+    }
+}
+
+impl std::fmt::Display for Bind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bind::Mesh => f.write_str("mesh"),
+            Bind::Gateway { namespace, name } => write!(f, "{namespace}/{name}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -272,9 +318,11 @@ pub struct VirtualService {
     /// `skiff.dev/local-rate-limit.<route name>` annotations, by route name.
     pub route_rate_limits: BTreeMap<String, RateLimit>,
     /// Applies to mesh traffic (waypoints): `gateways` empty or naming
-    /// `mesh`, or some match naming `mesh`. Only the routes and matches
-    /// for the mesh are kept in `http`.
+    /// `mesh`, or some match naming `mesh`.
     pub mesh: bool,
+    /// `gateways`, resolved (empty in the object: `[mesh]`). A match's own
+    /// `gateways` overrides it for that match.
+    pub gateways: Vec<Bind>,
     /// Which proxies' namespaces see it (`exportTo`).
     pub export_to: ExportTo,
     /// `metadata.creationTimestamp` (RFC 3339): among VirtualServices for
@@ -557,15 +605,34 @@ impl HttpMatch {
 }
 
 impl HttpRoute {
-    pub fn matches(&self, r: &RequestInfo<'_>) -> bool {
-        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(r))
+    /// Whether the route takes the request where it arrived (`at`): a
+    /// route without matches wherever the VirtualService (`top`) applies;
+    /// one with matches when a match that applies there matches it.
+    pub fn matches_at(&self, r: &RequestInfo<'_>, at: &Bind, top: &[Bind]) -> bool {
+        if self.matches.is_empty() {
+            return top.contains(at);
+        }
+        self.matches.iter().any(|m| m.gateways.as_deref().unwrap_or(top).contains(at) && m.matches(r))
     }
 }
 
 impl VirtualService {
-    /// The first `http` route (in order) matching the request.
+    /// The first `http` route (in order) taking the request, for mesh
+    /// traffic (at a waypoint).
     pub fn route(&self, r: &RequestInfo<'_>) -> Option<&HttpRoute> {
-        self.http.iter().find(|h| h.matches(r))
+        self.route_at(r, &Bind::Mesh)
+    }
+
+    /// The first `http` route (in order) taking the request that arrived
+    /// at `at` (the mesh, or a Gateway).
+    pub fn route_at(&self, r: &RequestInfo<'_>, at: &Bind) -> Option<&HttpRoute> {
+        self.http.iter().find(|h| h.matches_at(r, at, &self.gateways))
+    }
+
+    /// Whether it applies at `at` at all: its `gateways` name it, or one of
+    /// its matches' does.
+    pub fn binds(&self, at: &Bind) -> bool {
+        self.gateways.contains(at) || self.http.iter().flat_map(|h| &h.matches).any(|m| m.gateways.as_ref().is_some_and(|g| g.contains(at)))
     }
 
     /// Whether this VirtualService applies, at a waypoint in `proxy_ns`,
@@ -880,7 +947,18 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
     // `gateways`: empty means `mesh`; a VirtualService (or a match) bound
     // only to Gateways never applies to mesh traffic (Istio
     // VirtualService.gateways, HTTPMatchRequest.gateways).
-    let top_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+    let binds = |field: &str, list: &[String]| -> Result<Vec<Bind>, FieldError> {
+        let mut out = Vec::new();
+        for (i, g) in list.iter().enumerate() {
+            let b = Bind::parse(g, &namespace).map_err(|m| (format!("{field}[{i}]"), m))?;
+            if !out.contains(&b) {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    };
+    let gateways = if vs.spec.gateways.is_empty() { vec![Bind::Mesh] } else { binds("spec.gateways", &vs.spec.gateways)? };
+    let top_mesh = gateways.contains(&Bind::Mesh);
     for (i, h) in vs.spec.hosts.iter().enumerate() {
         // A wildcard is `*` or a leading `*.` label (Istio's host syntax).
         let wildcard_ok = h == "*" || (h.starts_with("*.") && !h[1..].contains('*'));
@@ -889,20 +967,16 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
         }
     }
     let mut http = Vec::new();
+    let mut mesh_match = false;
     for (i, h) in vs.spec.http.iter().enumerate() {
         let f = |s: &str| format!("spec.http[{i}].{s}");
         let mut matches = Vec::new();
-        let applies = |m: &k8s::HttpMatchRequest| if m.gateways.is_empty() { top_mesh } else { m.gateways.iter().any(|g| g == "mesh") };
-        if (h.matches.is_empty() && !top_mesh) || (!h.matches.is_empty() && !h.matches.iter().any(applies)) {
-            // Not for the mesh: this route is for Gateways only.
-            continue;
-        }
         for (j, m) in h.matches.iter().enumerate() {
-            if !applies(m) {
-                continue;
-            }
             let g = |s: &str| format!("spec.http[{i}].match[{j}].{s}");
+            let own = if m.gateways.is_empty() { None } else { Some(binds(&g("gateways"), &m.gateways)?) };
+            mesh_match |= own.as_ref().is_some_and(|o| o.contains(&Bind::Mesh));
             matches.push(HttpMatch {
+                gateways: own,
                 uri: m.uri.as_ref().map(|u| str_match(&g("uri"), u)).transpose()?,
                 scheme: m.scheme.as_ref().map(|u| str_match(&g("scheme"), u)).transpose()?,
                 authority: m.authority.as_ref().map(|u| str_match(&g("authority"), u)).transpose()?,
@@ -1130,14 +1204,14 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             route_rate_limits.insert(route.to_owned(), limit);
         }
     }
-    let mesh = top_mesh || !http.is_empty();
+    let mesh = top_mesh || mesh_match;
     // Checked once `mesh` is known: a match bound to the mesh binds it too.
     if mesh && vs.spec.hosts.iter().any(|h| h == "*") {
         return Err(("spec.hosts".into(), "`*` is not allowed for a VirtualService bound to the mesh".into()));
     }
     let hosts = vs.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
     let export_to = ExportTo::parse(&vs.spec.export_to, &namespace)?;
-    Ok(VirtualService { namespace, name, hosts, http, route_rate_limits, mesh, export_to, created: vs.metadata.creation_timestamp.clone() })
+    Ok(VirtualService { namespace, name, hosts, http, route_rate_limits, mesh, gateways, export_to, created: vs.metadata.creation_timestamp.clone() })
 }
 
 /// Validates and converts a DestinationRule.
@@ -1389,12 +1463,20 @@ mod tests {
 "#)
         .unwrap();
         assert!(v.mesh);
-        assert_eq!(v.http.len(), 1, "only the route with a mesh match applies to the mesh");
-        assert_eq!(v.http[0].matches.len(), 1);
         let info = |path| RequestInfo { method: "GET", path, authority: "reviews", headers: &[], port: 80 };
         assert!(v.route(&info("/both/x")).is_some());
         assert!(v.route(&info("/only-gw")).is_none());
         assert!(v.route(&info("/gw")).is_none());
+        // At the Gateway: the VirtualService's gateways, except where a match
+        // names its own.
+        let gw = Bind::Gateway { namespace: "shop".into(), name: "my-gateway".into() };
+        assert!(v.binds(&gw));
+        let subset = |p| v.route_at(&info(p), &gw).and_then(|r| r.destinations[0].subset.clone());
+        assert_eq!(subset("/gw").as_deref(), Some("v1"));
+        assert_eq!(subset("/only-gw").as_deref(), Some("v2"));
+        assert_eq!(subset("/both"), None, "that match is for the mesh only");
+        let other = Bind::Gateway { namespace: "other".into(), name: "my-gateway".into() };
+        assert!(!v.binds(&other) && v.route_at(&info("/gw"), &other).is_none());
         // Host names compare case-insensitively.
         let v = vs(&format!("  hosts: [Reviews.Shop.svc.cluster.local]\n{route}")).unwrap();
         assert!(v.applies_to("reviews", "shop", "shop"));

@@ -67,6 +67,7 @@ pub const KINDS: &[Kind] = &[
     Kind { group: "discovery.k8s.io", version: "v1", resource: "endpointslices", kind: "EndpointSlice", namespaced: true },
     Kind { group: "networking.istio.io", version: "v1", resource: "virtualservices", kind: "VirtualService", namespaced: true },
     Kind { group: "networking.istio.io", version: "v1", resource: "destinationrules", kind: "DestinationRule", namespaced: true },
+    Kind { group: "networking.istio.io", version: "v1", resource: "gateways", kind: "Gateway", namespaced: true },
     Kind { group: "networking.istio.io", version: "v1", resource: "serviceentries", kind: "ServiceEntry", namespaced: true },
     Kind { group: "security.istio.io", version: "v1", resource: "authorizationpolicies", kind: "AuthorizationPolicy", namespaced: true },
     Kind { group: "security.istio.io", version: "v1", resource: "peerauthentications", kind: "PeerAuthentication", namespaced: true },

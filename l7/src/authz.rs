@@ -21,11 +21,13 @@ pub fn bound<'s>(snap: &'s Snapshot, proxy_namespace: &str, proxy_name: &str, se
     snap.authorization_policies.iter().filter(|p| p.targets(proxy_namespace, proxy_name, service)).collect()
 }
 
-fn conn(peer: SocketAddr, peer_id: &Identity, dst_ip: Ipv4Addr, dst_port: u16) -> policy::ConnInfo {
+/// The connection as policy sees it; no identity for a peer without one
+/// (a client of the ingress gateway).
+fn conn(peer: SocketAddr, peer_id: Option<&Identity>, dst_ip: Ipv4Addr, dst_port: u16) -> policy::ConnInfo {
     policy::ConnInfo {
         src_ip: peer.ip(),
-        principal: Some(peer_id.principal()),
-        src_namespace: Some(peer_id.namespace.clone()),
+        principal: peer_id.map(Identity::principal),
+        src_namespace: peer_id.map(|p| p.namespace.clone()),
         dst_ip: IpAddr::V4(dst_ip),
         dst_port,
     }
@@ -35,20 +37,21 @@ fn conn(peer: SocketAddr, peer_id: &Identity, dst_ip: Ipv4Addr, dst_port: u16) -
 /// proxy still apply at L4 (the destination only sees the proxy's
 /// identity). Logs a denial.
 pub fn allow_stream(policies: &[&AuthzPolicy], peer: SocketAddr, peer_id: &Identity, target: SocketAddrV4) -> bool {
-    let d = policy::evaluate(policies, &conn(peer, peer_id, *target.ip(), target.port()));
+    let d = policy::evaluate(policies, &conn(peer, Some(peer_id), *target.ip(), target.port()));
     if !d.allowed {
         info!(%peer, identity = %peer_id, policy = ?d.policy, reason = d.reason, "TCP stream denied by authorization policy");
     }
     d.allowed
 }
 
-/// One request (normalized path and authority) to the Service at
-/// `cluster_ip`; allowed when no policy is bound. Logs a denial.
+/// One request (normalized path and authority) to `dst_ip` (the
+/// Service's address at a waypoint, the gateway's own at the gateway);
+/// allowed when no policy is bound. Logs a denial.
 pub fn check_request(
     policies: &[&AuthzPolicy],
     peer: SocketAddr,
-    peer_id: &Identity,
-    cluster_ip: Ipv4Addr,
+    peer_id: Option<&Identity>,
+    dst_ip: Ipv4Addr,
     req: &RequestInfo<'_>,
 ) -> Result<(), Failure> {
     if policies.is_empty() {
@@ -56,9 +59,10 @@ pub fn check_request(
     }
     let host = req.authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(req.authority);
     let attrs = policy::L7Attrs { method: req.method, path: req.path.split('?').next().unwrap_or("/"), host, headers: req.headers };
-    let d = policy::evaluate_l7(policies, &conn(peer, peer_id, cluster_ip, req.port), &attrs);
+    let d = policy::evaluate_l7(policies, &conn(peer, peer_id, dst_ip, req.port), &attrs);
     if !d.allowed {
-        info!(method = %req.method, path = %req.path, identity = %peer_id, policy = ?d.policy, reason = d.reason, "request denied by authorization policy");
+        let identity = peer_id.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        info!(method = %req.method, path = %req.path, %peer, %identity, policy = ?d.policy, reason = d.reason, "request denied by authorization policy");
         return Err(Failure::Denied);
     }
     Ok(())

@@ -1,5 +1,5 @@
-//! Skiff's L7 engine, shared by the waypoint and the coming ingress
-//! gateway: it terminates HBONE (HTTP/2 CONNECT over mutual TLS) from
+//! Skiff's L7 engine, shared by the waypoint and the ingress gateway: it
+//! terminates HBONE (HTTP/2 CONNECT over mutual TLS) from
 //! client ztunnels, speaks HTTP/1.1 or HTTP/2 (gRPC included) on each
 //! stream, applies VirtualService and DestinationRule (routing, canary
 //! weights, header operations, rewrites, redirects and direct responses,
@@ -11,8 +11,9 @@
 //!
 //! The decisions themselves (route matching, weights, faults, policy, token
 //! buckets) are `skiff_core`'s pure functions; this crate applies them to
-//! live traffic. Modules, from the front: `server` (HBONE termination, the
-//! request pipeline) calls `normalize`, `route`, `authz`, `ratelimit`,
+//! live traffic. Modules, from the front: `gateway` (the ingress gateway's
+//! listeners, following its Gateways) hands connections to `server` (HBONE
+//! termination, the request pipeline), which calls `normalize`, `route`, `authz`, `ratelimit`,
 //! `resilience` and `upstream`; `errors` turns every refusal into its
 //! response; `metrics` and `trace` record. No module imports one nearer the
 //! front than itself.
@@ -20,6 +21,7 @@
 pub mod authz;
 pub mod body;
 pub mod errors;
+pub mod gateway;
 pub mod metrics;
 pub mod normalize;
 pub mod ratelimit;

@@ -137,6 +137,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 
 /// What is known about one request, for its metrics and access-log line.
 pub struct RequestLog {
+    /// `waypoint`, or `source` at the ingress gateway (Istio's gateways
+    /// report as the source of the requests they send on).
+    reporter: &'static str,
     source_workload: String,
     source_namespace: String,
     source_principal: String,
@@ -150,7 +153,7 @@ pub struct RequestLog {
     protocol: &'static str,
     peer: SocketAddr,
     method: String,
-    path: String,
+    pub path: String,
     trace_id: String,
     pub rewritten: Option<String>,
     pub flags: Vec<&'static str>,
@@ -158,11 +161,23 @@ pub struct RequestLog {
     trust_domain: String,
 }
 
+/// Who a request's metrics name as its source.
+pub enum Source<'a> {
+    /// The HBONE peer (at a waypoint): its identity, its workload by
+    /// address.
+    Peer(&'a Identity),
+    /// The proxy itself (the ingress gateway, which the backends see as
+    /// the client): its workload name and identity.
+    Proxy(&'a str, &'a Identity),
+}
+
 impl RequestLog {
+    /// A request to `svc` (None until a route names the destination, at
+    /// the gateway).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        svc: &ServiceInfo,
-        peer_id: &Identity,
+        svc: Option<&ServiceInfo>,
+        source: Source<'_>,
         snap: &Snapshot,
         peer: SocketAddr,
         method: &http::Method,
@@ -170,21 +185,28 @@ impl RequestLog {
         protocol: &'static str,
         trace_id: &str,
     ) -> RequestLog {
-        let src = match peer {
-            SocketAddr::V4(a) => snap.workload_by_ip(*a.ip()),
-            SocketAddr::V6(_) => None,
+        let (reporter, source_workload, id) = match source {
+            Source::Peer(id) => {
+                let src = match peer {
+                    SocketAddr::V4(a) => snap.workload_by_ip(*a.ip()),
+                    SocketAddr::V6(_) => None,
+                };
+                ("waypoint", src.map(|w| w.workload_name.clone()).unwrap_or_else(|| "unknown".into()), id)
+            }
+            Source::Proxy(workload, id) => ("source", workload.to_owned(), id),
         };
-        RequestLog {
-            source_workload: src.map(|w| w.workload_name.clone()).unwrap_or_else(|| "unknown".into()),
-            source_namespace: peer_id.namespace.clone(),
-            source_principal: peer_id.to_string(),
+        let mut log = RequestLog {
+            reporter,
+            source_workload,
+            source_namespace: id.namespace.clone(),
+            source_principal: id.to_string(),
             destination_workload: "unknown".into(),
-            destination_namespace: svc.namespace.clone(),
+            destination_namespace: "unknown".into(),
             destination_principal: "unknown".into(),
             destination_version: "unknown".into(),
-            service: svc.hostname(),
-            service_name: svc.name.clone(),
-            service_namespace: svc.namespace.clone(),
+            service: "unknown".into(),
+            service_name: "unknown".into(),
+            service_namespace: "unknown".into(),
             protocol,
             peer,
             method: method.to_string(),
@@ -193,8 +215,20 @@ impl RequestLog {
             rewritten: None,
             flags: Vec::new(),
             retries: 0,
-            trust_domain: peer_id.trust_domain.clone(),
+            trust_domain: id.trust_domain.clone(),
+        };
+        if let Some(svc) = svc {
+            log.set_service(svc);
         }
+        log
+    }
+
+    /// The destination Service, once known.
+    pub fn set_service(&mut self, svc: &ServiceInfo) {
+        self.destination_namespace = svc.namespace.clone();
+        self.service = svc.hostname();
+        self.service_name = svc.name.clone();
+        self.service_namespace = svc.namespace.clone();
     }
 
     pub fn set_destination(&mut self, w: &Workload) {
@@ -208,7 +242,7 @@ impl RequestLog {
         let flags = if self.flags.is_empty() { "-".to_owned() } else { self.flags.join(",") };
         let code_s = code.to_string();
         let values = [
-            "waypoint",
+            self.reporter,
             &self.source_workload,
             &self.source_namespace,
             &self.source_principal,
@@ -293,7 +327,7 @@ mod tests {
         let m = Metrics::new();
         let peer_id = Identity::new("cluster.local", "shop", "default");
         for svc in busy.services.values() {
-            let mut log = RequestLog::new(svc, &peer_id, &busy, "10.0.9.9:5000".parse().unwrap(), &http::Method::GET, "/", "http", "t");
+            let mut log = RequestLog::new(Some(svc), Source::Peer(&peer_id), &busy, "10.0.9.9:5000".parse().unwrap(), &http::Method::GET, "/", "http", "t");
             let w = busy.workloads.values().find(|w| w.name == svc.name).unwrap();
             log.set_destination(w);
             log.finish(&m, 200, Duration::from_millis(1));

@@ -35,15 +35,17 @@ impl RateLimits {
 
     /// Takes a token from the route's bucket, then the Service's; the first
     /// empty one refuses the request.
-    pub fn check(&self, vs: Option<&VirtualService>, route: &HttpRoute, svc: &ServiceInfo) -> Result<(), Failure> {
+    pub fn check(&self, vs: Option<&VirtualService>, route: &HttpRoute, svc: Option<&ServiceInfo>) -> Result<(), Failure> {
         let route_limit = vs.zip(route.name.as_ref()).and_then(|(v, n)| {
             v.route_rate_limits.get(n).map(|l| (format!("route:{}/{}/{n}", v.namespace, v.name), *l))
         });
-        let svc_limit = svc
-            .annotations
-            .get(routing::ANNOTATION_RATE_LIMIT)
-            .and_then(|v| routing::RateLimit::parse(v))
-            .map(|l| (format!("service:{}", svc.hostname()), l));
+        // The Service's limit (a waypoint's Services; at the gateway the
+        // destination is not known yet, and Service limits are the
+        // waypoint's to apply).
+        let svc_limit = svc.and_then(|s| {
+            let limit = routing::RateLimit::parse(s.annotations.get(routing::ANNOTATION_RATE_LIMIT)?)?;
+            Some((format!("service:{}", s.hostname()), limit))
+        });
         for (key, limit) in route_limit.into_iter().chain(svc_limit) {
             let now = Instant::now();
             let mut buckets = self.buckets.lock().expect("lock");
@@ -80,7 +82,7 @@ mod tests {
         let limits = RateLimits::default();
         let route = HttpRoute::default();
         for svc in busy.services.values() {
-            limits.check(None, &route, svc).unwrap();
+            limits.check(None, &route, Some(svc)).unwrap();
         }
         assert_eq!(limits.buckets(), 100);
         limits.sweep(&busy);

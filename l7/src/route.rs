@@ -102,7 +102,7 @@ pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_n
 /// The answer a route gives without any upstream: its direct response,
 /// else its redirect (what it does not replace of the request's URL —
 /// `http`, `authority`, `path`, the port the request came in on — kept).
-pub fn local_response(route: &HttpRoute, authority: &str, path: &str, port: u16) -> Option<Response<Body>> {
+pub fn local_response(route: &HttpRoute, scheme: &str, authority: &str, path: &str, port: u16) -> Option<Response<Body>> {
     if let Some((status, body)) = &route.direct_response {
         let mut r = Response::new(full(body.clone()));
         *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
@@ -116,8 +116,9 @@ pub fn local_response(route: &HttpRoute, authority: &str, path: &str, port: u16)
             *r.status_mut() = StatusCode::BAD_REQUEST;
             return Some(r);
         }
-        // A waypoint receives plaintext HTTP (inside HBONE): `http`.
-        let loc = redirect.location("http", authority, path, port);
+        // `http` at a waypoint (plaintext inside HBONE); the listener's
+        // scheme at the gateway.
+        let loc = redirect.location(scheme, authority, path, port);
         let mut r = Response::new(full(""));
         *r.status_mut() = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
         if let Ok(v) = HeaderValue::from_str(&loc) {
@@ -411,14 +412,14 @@ mod tests {
         ];
         for (redirect, authority, want) in cases {
             let route = HttpRoute { redirect: Some(redirect.clone()), ..Default::default() };
-            let resp = local_response(&route, authority, "/old?q=1", 9080).unwrap();
+            let resp = local_response(&route, "http", authority, "/old?q=1", 9080).unwrap();
             assert_eq!(resp.status(), 301);
             assert_eq!(resp.headers()[header::LOCATION], want, "{redirect:?} from {authority}");
         }
         // A Host that is not an authority never reaches a Location.
         let route = HttpRoute { redirect: Some(r(Some("/new"), None, None, RedirectPort::Keep)), ..Default::default() };
         for bad in ["a@evil.example", "evil.example/x", "a b", ""] {
-            assert_eq!(local_response(&route, bad, "/", 80).unwrap().status(), 400, "{bad:?}");
+            assert_eq!(local_response(&route, "http", bad, "/", 80).unwrap().status(), 400, "{bad:?}");
         }
     }
 

@@ -17,8 +17,9 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use skiff_core::{
+    gateway,
     model::{ServiceInfo, ServicePort, Snapshot, Workload},
-    routing::{self, RequestInfo},
+    routing::{self, HttpRoute, RequestInfo},
 };
 use skiff_hbone::{
     certs::{CertError, CertManager},
@@ -34,7 +35,7 @@ use crate::{
     authz,
     body::Body,
     errors::{self, Failure},
-    metrics::{Metrics, RequestLog},
+    metrics::{Metrics, RequestLog, Source},
     normalize,
     ratelimit::RateLimits,
     resilience::{self, BodyBudget, CircuitBreakers, Outbound},
@@ -45,8 +46,12 @@ use crate::{
 /// Proxy settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Waypoint (Gateway) name, as in `istio.io/use-waypoint: <name>`.
+    /// Waypoint (Gateway) name, as in `istio.io/use-waypoint: <name>`; the
+    /// ingress gateway's workload name (its Deployment's).
     pub name: String,
+    /// The proxy's own pod (`POD_NAME`): the ingress gateway finds its
+    /// labels, hence the Gateways selecting it, by it.
+    pub pod_name: Option<String>,
     /// The proxy's own namespace and service account: its identity.
     pub namespace: String,
     pub service_account: String,
@@ -138,12 +143,34 @@ pub struct Proxy {
     pub drain: Drain,
 }
 
-/// Where one HBONE stream was addressed, and by whom.
-struct StreamCtx {
-    svc: ServiceInfo,
-    port: ServicePort,
-    peer: SocketAddr,
-    peer_id: Identity,
+/// Where the requests of one downstream connection came in.
+pub(crate) enum Entry {
+    /// A CONNECT stream (at a waypoint) to this Service and port.
+    Service { svc: Box<ServiceInfo>, port: ServicePort },
+    /// An ingress gateway listener: the port it listens on and the
+    /// scheme clients use.
+    Gateway { port: u16, scheme: &'static str },
+}
+
+/// Where one downstream connection came in, and from whom.
+pub(crate) struct StreamCtx {
+    pub(crate) entry: Entry,
+    pub(crate) peer: SocketAddr,
+    /// The HBONE peer's identity (None at the gateway: its clients are
+    /// outside the mesh).
+    pub(crate) peer_id: Option<Identity>,
+}
+
+/// What a request's route was chosen from: the VirtualService and route,
+/// the namespace short destination hosts resolve in, the port a
+/// destination without one goes to, and the policies in force.
+struct Routed<'s> {
+    vs: Option<&'s routing::VirtualService>,
+    route: HttpRoute,
+    host_ns: String,
+    default_port: u16,
+    /// The Service the request was addressed to (waypoint).
+    svc: Option<&'s ServiceInfo>,
 }
 
 const HOP_BY_HOP: [&str; 8] =
@@ -159,6 +186,23 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// A request answered before any route: refused, or answered here.
+enum Chosen {
+    Refused(Failure),
+    Answer(Box<Response<Body>>),
+}
+
+/// A gateway server's `httpsRedirect`, as Envoy's `require_tls`: 301 to
+/// `https://` with the Host as sent (its port included) and the path.
+fn https_redirect(authority: &str, path: &str) -> Response<Body> {
+    let mut r = Response::new(crate::body::full(""));
+    *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(v) = HeaderValue::from_str(&format!("https://{authority}{path}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
 }
 
 impl Proxy {
@@ -185,6 +229,24 @@ impl Proxy {
             rate_limits: RateLimits::default(),
             bodies,
         })
+    }
+
+    /// Gets the proxy's own certificate (before it serves: requests then
+    /// never wait for the first one).
+    pub async fn ensure_certificate(&self) -> Result<(), CertError> {
+        let me = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
+        self.certs.ensure(&me).await.map(|_| ())
+    }
+
+    /// The cluster view, to follow its changes.
+    pub(crate) fn cluster(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.cluster.clone()
+    }
+
+    /// The proxy's own pod in the cluster view (`Config::pod_name`).
+    pub(crate) fn own_pod<'s>(&self, snap: &'s Snapshot) -> Option<&'s Workload> {
+        let name = self.cfg.pod_name.as_deref()?;
+        snap.workloads.values().find(|w| w.namespace == self.cfg.namespace && w.name == name)
     }
 
     /// Drops state of endpoints that left the cluster and closed idle
@@ -309,11 +371,11 @@ impl Proxy {
             info!(%peer, %target, service = %svc.hostname(), "CONNECT to a Service not bound to this waypoint");
             return answer(&mut respond, StatusCode::FORBIDDEN);
         }
-        let ctx = Arc::new(StreamCtx { svc: svc.clone(), port: port.clone(), peer, peer_id });
         let tcp = route::port_protocol(port) == "tcp";
-        if tcp && !authz::allow_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc.name), peer, &ctx.peer_id, target) {
+        if tcp && !authz::allow_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc.name), peer, &peer_id, target) {
             return answer(&mut respond, StatusCode::FORBIDDEN);
         }
+        let (svc, port) = (svc.clone(), port.clone());
         let Ok(send) = respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false) else {
             return;
         };
@@ -329,8 +391,9 @@ impl Proxy {
         });
         if tcp {
             let snap = self.cluster.borrow().clone();
-            return self.upstreams.passthrough(&snap, &ctx.svc, ctx.port.port, ctx.peer.ip(), ours, &mut fastrand::Rng::new()).await;
+            return self.upstreams.passthrough(&snap, &svc, port.port, peer.ip(), ours, &mut fastrand::Rng::new()).await;
         }
+        let ctx = Arc::new(StreamCtx { entry: Entry::Service { svc: Box::new(svc), port }, peer, peer_id: Some(peer_id) });
         self.serve_http_ctx(ctx, ours).await
     }
 
@@ -344,11 +407,11 @@ impl Proxy {
     {
         let snap = self.cluster.borrow().clone();
         let Some((svc, port)) = snap.service_by_vip(*target.ip(), target.port()) else { return };
-        let ctx = Arc::new(StreamCtx { svc: svc.clone(), port: port.clone(), peer, peer_id });
+        let ctx = Arc::new(StreamCtx { entry: Entry::Service { svc: Box::new(svc.clone()), port: port.clone() }, peer, peer_id: Some(peer_id) });
         self.serve_http_ctx(ctx, io).await
     }
 
-    async fn serve_http_ctx<I>(self: &Arc<Self>, ctx: Arc<StreamCtx>, io: I)
+    pub(crate) async fn serve_http_ctx<I>(self: &Arc<Self>, ctx: Arc<StreamCtx>, io: I)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -395,10 +458,10 @@ impl Proxy {
     }
 
     /// One request, step by step: trace context, normalized path and
-    /// authority, route, L7 policy, rate limits, local answers, faults,
-    /// destination, body, circuit breaker, the upstream request, mirror,
-    /// forward (retries, timeouts). A step that refuses the request gives a
-    /// `Failure`, which `finish` answers with.
+    /// authority, route (`choose`), L7 policy, rate limits, local answers,
+    /// faults, destination, body, circuit breaker, the upstream request,
+    /// mirror, forward (retries, timeouts). A step that refuses the request
+    /// gives a `Failure`, which `finish` answers with.
     async fn request(self: &Arc<Self>, ctx: Arc<StreamCtx>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let mut rng = fastrand::Rng::new();
@@ -407,29 +470,34 @@ impl Proxy {
         let trace = trace::continue_or_start(&parts.headers, &trace::random_id(&mut rng, 16), &trace::random_id(&mut rng, 8));
         let headers = normalize::joined_headers(&parts.headers);
         let raw_path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+        let protocol = if parts.version == http::Version::HTTP_2 { "http2" } else { "http" };
+        let own_id = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
+        let (entry_svc, source) = match (&ctx.entry, &ctx.peer_id) {
+            (Entry::Service { svc, .. }, Some(id)) => (Some(&**svc), Source::Peer(id)),
+            _ => (None, Source::Proxy(&self.cfg.name, &own_id)),
+        };
+        let mut log = RequestLog::new(entry_svc, source, &snap, ctx.peer, &parts.method, &raw_path, protocol, &trace.trace_id);
         // Policy, routing and the upstream all see one normalized path.
         let Some(path) = normalize::normalize_path(&raw_path) else {
-            let mut log = RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &raw_path, "http", &trace.trace_id);
             log.flags.push("-");
             return self.finish(log, start, Err(Failure::BadRequest), &Default::default());
         };
+        log.path.clone_from(&path);
         let Some(authority) = normalize::authority(&parts.uri, &parts.headers) else {
-            let log = RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &raw_path, "http", &trace.trace_id);
             return self.finish(log, start, Err(Failure::BadRequest), &Default::default());
         };
-        let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port: ctx.port.port };
-        let protocol = if parts.version == http::Version::HTTP_2 { "http2" } else { "http" };
-        let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
-        let (vs, route) = route::select(&snap, &ctx.svc, &info, &self.cfg.namespace);
-        let mut log = RequestLog::new(&ctx.svc, &ctx.peer_id, &snap, ctx.peer, &parts.method, &path, protocol, &trace.trace_id);
-        let policies = authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &ctx.svc.name);
-        let cluster_ip = ctx.svc.cluster_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
-        if let Err(f) = authz::check_request(&policies, ctx.peer, &ctx.peer_id, cluster_ip, &info) {
-            return self.finish(log, start, Err(f), &Default::default());
-        }
-        let Some(route) = route else {
-            return self.finish(log, start, Err(Failure::NoRoute), &Default::default());
+        let (port, scheme) = match &ctx.entry {
+            Entry::Service { port, .. } => (port.port, "http"),
+            Entry::Gateway { port, scheme } => (*port, *scheme),
         };
+        let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port };
+        let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
+        let routed = match self.choose(&snap, &ctx, &info, &raw_path) {
+            Ok(r) => r,
+            Err(Chosen::Answer(r)) => return self.finish(log, start, Ok((*r, None)), &Default::default()),
+            Err(Chosen::Refused(f)) => return self.finish(log, start, Err(f), &Default::default()),
+        };
+        let Routed { vs, route, host_ns, default_port, svc } = routed;
         // CORS (Envoy's filter, per route): a preflight may be answered
         // here; an allowed origin's response gets its headers, after the
         // route's own.
@@ -444,10 +512,10 @@ impl Proxy {
             }
             _ => &route.response_headers,
         };
-        if let Err(f) = self.rate_limits.check(vs, &route, &ctx.svc) {
+        if let Err(f) = self.rate_limits.check(vs, &route, svc) {
             return self.finish(log, start, Err(f), ops);
         }
-        if let Some(r) = route::local_response(&route, &authority, &path, ctx.port.port) {
+        if let Some(r) = route::local_response(&route, scheme, &authority, &path, default_port) {
             return self.finish(log, start, Ok((r, None)), ops);
         }
         if let Some(fault) = &route.fault {
@@ -460,11 +528,13 @@ impl Proxy {
             return self.finish(log, start, Err(Failure::NoRoute), ops);
         };
         // The destination Service, its port, the subset's pods.
-        let host_ns = vs.map(|v| v.namespace.as_str()).unwrap_or(&ctx.svc.namespace).to_owned();
-        let resolved = match route::resolve(&snap, &dest, &host_ns, &self.cfg.namespace, ctx.port.port) {
+        let resolved = match route::resolve(&snap, &dest, &host_ns, &self.cfg.namespace, default_port) {
             Ok(r) => r,
             Err(f) => return self.finish(log, start, Err(f), ops),
         };
+        if svc.is_none() {
+            log.set_service(&resolved.svc);
+        }
         let h2 = route::port_protocol(&resolved.port) == "http2" || grpc;
         let (body, _buffered) = match self.bodies.read(body).await {
             Ok(b) => b,
@@ -492,7 +562,7 @@ impl Proxy {
         }
         for (mirror, pct) in &route.mirrors {
             if route::percent_roll(&mut rng) < *pct {
-                self.upstreams.mirror(&snap, mirror, &host_ns, ctx.port.port, parts.clone(), body.clone(), grpc, &mut rng);
+                self.upstreams.mirror(&snap, mirror, &host_ns, default_port, parts.clone(), body.clone(), grpc, &mut rng);
             }
         }
         let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2, hash };
@@ -504,6 +574,49 @@ impl Proxy {
             }
         }
         self.finish(log, start, outcome, ops)
+    }
+
+    /// The route for a request, and the L7 policy check: at a waypoint,
+    /// the VirtualService for the Service it was sent to and the policies
+    /// bound to the waypoint or the Service; at the gateway, the server
+    /// its host reaches on the port, the VirtualServices bound to that
+    /// server's Gateway, and the policies selecting the gateway's pod.
+    fn choose<'s>(&self, snap: &'s Snapshot, ctx: &StreamCtx, info: &RequestInfo<'_>, raw_path: &str) -> Result<Routed<'s>, Chosen> {
+        match &ctx.entry {
+            Entry::Service { svc, port } => {
+                let (vs, route) = route::select(snap, svc, info, &self.cfg.namespace);
+                let policies = authz::bound(snap, &self.cfg.namespace, &self.cfg.name, &svc.name);
+                let cluster_ip = svc.cluster_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+                authz::check_request(&policies, ctx.peer, ctx.peer_id.as_ref(), cluster_ip, info).map_err(Chosen::Refused)?;
+                let route = route.ok_or(Chosen::Refused(Failure::NoRoute))?;
+                let svc = snap.services.get(&format!("{}/{}", svc.namespace, svc.name));
+                let host_ns = vs.map(|v| v.namespace.clone()).unwrap_or_else(|| svc.map(|s| s.namespace.clone()).unwrap_or_default());
+                Ok(Routed { vs, route, host_ns, default_port: port.port, svc })
+            }
+            Entry::Gateway { port, .. } => {
+                let Some(pod) = self.own_pod(snap) else {
+                    warn!(pod = ?self.cfg.pod_name, namespace = %self.cfg.namespace, "the gateway's own pod is not in the cluster view: no Gateway selects it yet");
+                    return Err(Chosen::Refused(Failure::NoRoute));
+                };
+                let policies: Vec<_> = snap
+                    .authorization_policies
+                    .iter()
+                    .filter(|p| p.applies_to(routing::DEFAULT_ROOT_NAMESPACE, &pod.namespace, &pod.labels))
+                    .collect();
+                let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+                authz::check_request(&policies, ctx.peer, None, own_ip, info).map_err(Chosen::Refused)?;
+                let open = snap.gateway_servers(pod);
+                let host = gateway::request_host(info.authority);
+                match gateway::decide(&snap.virtual_services, &open, *port, &host, &self.cfg.namespace) {
+                    gateway::Decision::NoServer => Err(Chosen::Refused(Failure::NoRoute)),
+                    gateway::Decision::HttpsRedirect => Err(Chosen::Answer(Box::new(https_redirect(info.authority, raw_path)))),
+                    gateway::Decision::Route { at, server, virtual_services } => {
+                        let (vs, route) = gateway::route(&virtual_services, info, &at).ok_or(Chosen::Refused(Failure::NoRoute))?;
+                        Ok(Routed { vs: Some(vs), route: route.clone(), host_ns: vs.namespace.clone(), default_port: server.number, svc: None })
+                    }
+                }
+            }
+        }
     }
 
     /// The response and its access-log line and metrics: a failure becomes

@@ -34,31 +34,34 @@ pub fn start(rt: &tokio::runtime::Handle, node: &str, node_ns: OwnedFd, frontend
         std_listener.set_nonblocking(true)?;
         let _guard = rt.enter();
         let listener = TcpListener::from_std(std_listener)?;
-        let net = net.clone();
-        let next = Arc::new(AtomicUsize::new(0));
-        rt.spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
-                if fe.endpoints.is_empty() {
-                    continue;
-                }
-                let ep = fe.endpoints[next.fetch_add(1, Ordering::Relaxed) % fe.endpoints.len()];
-                let net = net.clone();
-                tokio::spawn(async move {
-                    let made = net.run(move || {
-                        let s = std::net::TcpStream::connect_timeout(&ep.into(), Duration::from_secs(5))?;
-                        s.set_nonblocking(true)?;
-                        Ok::<_, std::io::Error>(s)
-                    });
-                    let Ok(Ok(s)) = made else { return };
-                    let Ok(mut upstream) = TcpStream::from_std(s) else { return };
-                    let mut client = client;
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                });
-            }
-        });
+        rt.spawn(forward(listener, net.clone(), fe.endpoints));
     }
     Ok(())
+}
+
+/// Takes connections on `listener` and relays each to one of `endpoints`
+/// (round robin), connecting from inside `net`'s netns. Also the local
+/// mesh's load balancers' forwarder.
+pub async fn forward(listener: TcpListener, net: Arc<NetnsThread>, endpoints: Vec<SocketAddrV4>) {
+    let next = AtomicUsize::new(0);
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else { continue };
+        if endpoints.is_empty() {
+            continue;
+        }
+        let ep = endpoints[next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        let net = net.clone();
+        tokio::spawn(async move {
+            let made = net.run(move || {
+                let s = std::net::TcpStream::connect_timeout(&ep.into(), Duration::from_secs(5))?;
+                s.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(s)
+            });
+            let Ok(Ok(s)) = made else { return };
+            let Ok(mut upstream) = TcpStream::from_std(s) else { return };
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        });
+    }
 }
 
 /// `10.96.x.y` style address check used by callers.

@@ -8,6 +8,7 @@ pub mod capture;
 pub mod compare;
 pub mod demo;
 pub mod kubeproxy;
+pub mod loadbalancer;
 pub mod manifests;
 pub mod mesh;
 pub mod sys;

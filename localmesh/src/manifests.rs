@@ -40,7 +40,7 @@ pub struct Plan {
     pub pods: Vec<PlannedPod>,
     pub services: Vec<PlannedService>,
     /// Istio objects (PeerAuthentication, AuthorizationPolicy,
-    /// VirtualService, DestinationRule), passed to the mesh as they are.
+    /// VirtualService, DestinationRule, Gateway), passed to the mesh as they are.
     pub policies: Vec<Object>,
 }
 
@@ -88,8 +88,33 @@ fn ns_of(meta: &ObjectMeta) -> String {
     meta.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
-/// Reads every manifest under `dir` and plans the mesh on `nodes`.
-pub fn plan(dir: &Path, nodes: &[String]) -> anyhow::Result<Plan> {
+/// The ingress gateway every local mesh runs unless told not to, as
+/// Istio's default profile installs one: `istio-ingressgateway` in
+/// `istio-system`, a `LoadBalancer` Service on 80 and 443.
+pub const INGRESS_GATEWAY: &str = include_str!("ingress-gateway.yaml");
+
+/// Whether the user's manifests turn the default ingress gateway off, as
+/// Istio users do: an `IstioOperator` whose `profile` installs none
+/// (`minimal`, `empty`, `ambient`, `remote`) or whose
+/// `components.ingressGateways` entry `istio-ingressgateway` has
+/// `enabled: false`.
+pub fn operator_disables_ingress_gateway(op: &serde_json::Value) -> bool {
+    let spec = &op["spec"];
+    let profile_off = matches!(spec["profile"].as_str(), Some("minimal" | "empty" | "ambient" | "remote"));
+    let entry = spec["components"]["ingressGateways"]
+        .as_array()
+        .and_then(|a| a.iter().find(|g| g["name"].as_str().is_none_or(|n| n == "istio-ingressgateway")));
+    match entry.and_then(|g| g["enabled"].as_bool()) {
+        Some(enabled) => !enabled,
+        None => profile_off,
+    }
+}
+
+/// Reads every manifest under `dir` and plans the mesh on `nodes`; with
+/// `ingress_gateway`, adds the default ingress gateway
+/// ([`INGRESS_GATEWAY`]) unless the manifests turn it off or define their
+/// own `istio-system/istio-ingressgateway`.
+pub fn plan(dir: &Path, nodes: &[String], ingress_gateway: bool) -> anyhow::Result<Plan> {
     let mut files: Vec<PathBuf> = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -111,9 +136,29 @@ pub fn plan(dir: &Path, nodes: &[String]) -> anyhow::Result<Plan> {
     let mut next_node = 0usize;
     let mut next_vip = 10u32;
     let mut seen = std::collections::BTreeSet::new();
+    let mut docs: Vec<(PathBuf, Vec<Object>)> = Vec::new();
+    let mut gateway_off = !ingress_gateway;
     for f in files {
         let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         let objects = k8s::parse_documents(&text).map_err(|e| anyhow::anyhow!("{}: {}", f.display(), skiff_core::report(&e)))?;
+        if objects.iter().any(|o| matches!(o, Object::Other { kind, .. } if kind == "IstioOperator")) {
+            let values = k8s::documents_as_json(&text).map_err(|e| anyhow::anyhow!("{}: {}", f.display(), skiff_core::report(&e)))?;
+            if values.iter().filter(|v| v["kind"] == "IstioOperator").any(operator_disables_ingress_gateway) {
+                tracing::info!(file = %f.display(), "IstioOperator turns the ingress gateway off: the local mesh runs none");
+                gateway_off = true;
+            }
+        }
+        docs.push((f, objects));
+    }
+    let own_gateway = docs.iter().flat_map(|(_, o)| o).any(|o| {
+        let d = o.describe();
+        d == "Deployment istio-system/istio-ingressgateway" || d == "Service istio-system/istio-ingressgateway" || d == "Pod istio-system/istio-ingressgateway"
+    });
+    if !gateway_off && !own_gateway {
+        let objects = k8s::parse_documents(INGRESS_GATEWAY).expect("the embedded ingress gateway parses");
+        docs.push((PathBuf::from("<default ingress gateway>"), objects));
+    }
+    for (f, objects) in docs {
         for obj in objects {
             let what = format!("{}: {}", f.display(), obj.describe());
             if !matches!(obj, Object::Other { .. }) && !seen.insert(obj.describe()) {
@@ -191,12 +236,13 @@ pub fn plan(dir: &Path, nodes: &[String]) -> anyhow::Result<Plan> {
                 Object::PeerAuthentication(_)
                 | Object::AuthorizationPolicy(_)
                 | Object::VirtualService(_)
-                | Object::DestinationRule(_) => plan.policies.push(obj),
+                | Object::DestinationRule(_)
+                | Object::Gateway(_) => plan.policies.push(obj),
                 // An Istio object Skiff refuses is passed on as written:
                 // node-agent and ztunnel refuse it on their own (and report
                 // it) while everything else runs.
                 Object::Invalid(ref o)
-                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule") =>
+                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule" | "Gateway") =>
                 {
                     plan.policies.push(obj)
                 }
@@ -242,7 +288,7 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
         )
         .unwrap();
         let nodes = vec!["node-1".to_string(), "node-2".to_string()];
-        let p = plan(d, &nodes).unwrap();
+        let p = plan(d, &nodes, false).unwrap();
         assert_eq!(p.pods.len(), 3);
         assert_eq!(p.pods.iter().map(|p| p.node).collect::<Vec<_>>(), vec![0, 1, 0]);
         assert!(p.pods.iter().all(|p| p.name.starts_with("web-") && p.owner.is_some()));
@@ -254,7 +300,34 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: nginx}]}\n",
         )
         .unwrap();
-        let err = plan(d, &nodes).unwrap_err().to_string();
+        let err = plan(d, &nodes, false).unwrap_err().to_string();
         assert!(err.contains("bad.yaml") && err.contains("Pod p") && err.contains("spec.containers[0].command"), "{err}");
+    }
+
+    /// The default ingress gateway: there unless an IstioOperator turns it
+    /// off (profile or component) or the manifests bring their own.
+    #[test]
+    fn default_ingress_gateway_and_how_to_turn_it_off() {
+        let nodes = vec!["node-1".to_string()];
+        let gateway_pods = |extra: &str| {
+            let tmp = tempfile::Builder::new().prefix("skiff-plan-").tempdir().unwrap();
+            std::fs::write(tmp.path().join("app.yaml"), format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{containers: [{{name: c, command: [sleep, \"1\"]}}]}}\n{extra}")).unwrap();
+            let p = plan(tmp.path(), &nodes, true).unwrap();
+            let svc = p.services.iter().any(|s| s.namespace == "istio-system" && s.name == "istio-ingressgateway");
+            (p.pods.iter().filter(|p| p.namespace == "istio-system").count(), svc)
+        };
+        assert_eq!(gateway_pods(""), (1, true));
+        let default = k8s::parse_documents(INGRESS_GATEWAY).unwrap();
+        let svc = default.iter().find_map(|o| if let Object::Service(s) = o { Some(s) } else { None }).unwrap();
+        assert_eq!(svc.spec.type_.as_deref(), Some("LoadBalancer"));
+        let v = serde_json::to_value(svc).unwrap();
+        assert_eq!(v["spec"]["type"], "LoadBalancer", "{v}");
+        let op = |spec: &str| format!("---\napiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {{name: mesh, namespace: istio-system}}\nspec: {spec}\n");
+        assert_eq!(gateway_pods(&op("{profile: ambient}")), (0, false));
+        assert_eq!(gateway_pods(&op("{components: {ingressGateways: [{name: istio-ingressgateway, enabled: false}]}}")), (0, false));
+        assert_eq!(gateway_pods(&op("{profile: minimal, components: {ingressGateways: [{name: istio-ingressgateway, enabled: true}]}}")), (1, true));
+        assert_eq!(gateway_pods(&op("{profile: default}")), (1, true));
+        let own = "---\napiVersion: v1\nkind: Service\nmetadata: {name: istio-ingressgateway, namespace: istio-system}\nspec: {selector: {app: mine}, ports: [{port: 80}]}\n";
+        assert_eq!(gateway_pods(own), (0, true), "the user's own replaces the default whole");
     }
 }

@@ -59,6 +59,9 @@ pub struct MeshOptions {
     /// Start ztunnel with this soft open-file limit (`prlimit`), as a node
     /// whose runtime hands out the usual 1024.
     pub ztunnel_soft_nofile: Option<u64>,
+    /// Run the default ingress gateway (`istio-system/istio-ingressgateway`)
+    /// unless the manifests turn it off or bring their own.
+    pub ingress_gateway: bool,
 }
 
 /// The kube-proxy stand-in.
@@ -76,7 +79,7 @@ pub enum KubeProxy {
 
 impl MeshOptions {
     pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
-        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Iptables, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false, ztunnel_soft_nofile: None }
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Iptables, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false, ztunnel_soft_nofile: None, ingress_gateway: true }
     }
 }
 
@@ -153,6 +156,9 @@ pub struct LocalMesh {
     netns_annotation: bool,
     /// The fake API server in kube mode (listening in the fabric netns).
     kube: Option<skiff_kube_fake::FakeApiServer>,
+    /// `LoadBalancer` Services' addresses on the host, by `namespace/name`.
+    load_balancers: BTreeMap<String, Ipv4Addr>,
+    lb_rt: Option<tokio::runtime::Runtime>,
 }
 
 /// The fabric bridge's own address in kube mode: the fake API server's.
@@ -160,7 +166,7 @@ const FABRIC_API_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 
 /// Kinds mirrored from the state directory into the fake API server.
 const MIRRORED_KINDS: &[&str] =
-    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "AuthorizationPolicy", "PeerAuthentication"];
+    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "Gateway", "AuthorizationPolicy", "PeerAuthentication"];
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -231,7 +237,7 @@ impl LocalMesh {
         preflight(opts)?;
         sweep_dead_runs();
         let node_names: Vec<String> = (1..=opts.nodes).map(|i| format!("node-{i}")).collect();
-        let plan = manifests::plan(&opts.manifests, &node_names)?;
+        let plan = manifests::plan(&opts.manifests, &node_names, opts.ingress_gateway)?;
         let run_id = sys::run_id();
         let work_dir = std::env::temp_dir().join(format!("skiff-{run_id}"));
         let mut mesh = LocalMesh {
@@ -260,6 +266,8 @@ impl LocalMesh {
             agent_args: opts.agent_args.clone(),
             netns_annotation: opts.netns_annotation,
             kube: None,
+            load_balancers: BTreeMap::new(),
+            lb_rt: None,
         };
         // From here on, Drop tears down whatever was created if a step fails.
         mesh.build(opts, &node_names, plan.pods)?;
@@ -359,6 +367,11 @@ impl LocalMesh {
         for (k, planned) in pods.into_iter().enumerate() {
             self.add_pod(k, planned)?;
         }
+        let lbs: Vec<String> =
+            self.services.iter().filter(|s| s.object.spec.type_.as_deref() == Some("LoadBalancer")).map(|s| format!("{}/{}", s.namespace, s.name)).collect();
+        for (k, key) in lbs.into_iter().enumerate() {
+            self.load_balancers.insert(key, crate::loadbalancer::address(&self.run_id, k));
+        }
         self.write_state()?;
 
         // ztunnel first: node-agent then finds it at once and hands over
@@ -372,6 +385,7 @@ impl LocalMesh {
             self.wait_ready(i, Duration::from_secs(20))?;
         }
         self.start_kube_proxy()?;
+        self.start_load_balancers()?;
         for k in 0..self.pods.len() {
             self.start_containers(k, opts)?;
         }
@@ -510,7 +524,11 @@ impl LocalMesh {
             let mut obj = s.object.clone();
             obj.metadata.namespace = Some(s.namespace.clone());
             obj.spec.cluster_ip = Some(s.cluster_ip.to_string());
-            docs.push(with_kind("v1", "Service", serde_json::to_value(&obj)?));
+            let mut doc = with_kind("v1", "Service", serde_json::to_value(&obj)?);
+            if let Some(ip) = self.load_balancers.get(&format!("{}/{}", s.namespace, s.name)) {
+                doc["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}});
+            }
+            docs.push(doc);
         }
         sys::write_atomic(&self.state_dir.join("services.yaml"), &join_docs(&docs)?)?;
         let mut docs = Vec::new();
@@ -544,6 +562,7 @@ impl LocalMesh {
                 k8s::Object::AuthorizationPolicy(o) => docs.push(with_kind("security.istio.io/v1", "AuthorizationPolicy", serde_json::to_value(o)?)),
                 k8s::Object::VirtualService(o) => docs.push(with_kind("networking.istio.io/v1", "VirtualService", serde_json::to_value(o)?)),
                 k8s::Object::DestinationRule(o) => docs.push(with_kind("networking.istio.io/v1", "DestinationRule", serde_json::to_value(o)?)),
+                k8s::Object::Gateway(o) => docs.push(with_kind("networking.istio.io/v1", "Gateway", serde_json::to_value(o)?)),
                 k8s::Object::Invalid(o) => docs.push(o.raw.clone()),
                 _ => {}
             }
@@ -735,6 +754,52 @@ impl LocalMesh {
         }
     }
 
+    /// The endpoints of one port of a Service: its selected pods' addresses
+    /// and target ports (named ports resolved on each pod).
+    fn endpoints_of(&self, s: &PlannedService, port: &k8s::ServicePort) -> Vec<SocketAddrV4> {
+        let selector = &s.object.spec.selector;
+        self.pods
+            .iter()
+            .filter(|p| p.namespace == s.namespace && !selector.is_empty() && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .filter_map(|p| {
+                let target = match &port.target_port {
+                    None => port.port,
+                    Some(k8s::IntOrString::Int(n)) => *n,
+                    Some(k8s::IntOrString::String(name)) => name.parse().ok().or_else(|| {
+                        p.planned.spec.containers.iter().flat_map(|c| &c.ports).find(|cp| cp.name.as_deref() == Some(name)).map(|cp| cp.container_port)
+                    })?,
+                };
+                Some(SocketAddrV4::new(p.ip, target))
+            })
+            .collect()
+    }
+
+    /// `LoadBalancer` Services' addresses on the host (see
+    /// [`crate::loadbalancer`]).
+    fn start_load_balancers(&mut self) -> anyhow::Result<()> {
+        let mut frontends = Vec::new();
+        for s in &self.services {
+            let Some(ip) = self.load_balancers.get(&format!("{}/{}", s.namespace, s.name)) else { continue };
+            for port in s.object.spec.ports.iter().filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP")) {
+                frontends.push(crate::loadbalancer::Frontend { listen: SocketAddrV4::new(*ip, port.port), endpoints: self.endpoints_of(s, port) });
+            }
+        }
+        if frontends.is_empty() {
+            return Ok(());
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let fd = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{}", self.nodes[0].netns)))?;
+        crate::loadbalancer::start(rt.handle(), fd, frontends)?;
+        self.lb_rt = Some(rt);
+        Ok(())
+    }
+
+    /// The host address of a `LoadBalancer` Service (its
+    /// `status.loadBalancer.ingress[0].ip`).
+    pub fn load_balancer_ip(&self, namespace: &str, name: &str) -> Option<Ipv4Addr> {
+        self.load_balancers.get(&format!("{namespace}/{name}")).copied()
+    }
+
     fn start_kube_proxy(&mut self) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let mut frontends = Vec::new();
@@ -743,26 +808,7 @@ impl LocalMesh {
                 if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
                     continue;
                 }
-                let selector = &s.object.spec.selector;
-                let endpoints = self
-                    .pods
-                    .iter()
-                    .filter(|p| {
-                        p.namespace == s.namespace
-                            && !selector.is_empty()
-                            && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                    })
-                    .filter_map(|p| {
-                        let target = match &port.target_port {
-                            None => port.port,
-                            Some(k8s::IntOrString::Int(n)) => *n,
-                            Some(k8s::IntOrString::String(name)) => name.parse().ok().or_else(|| {
-                                p.planned.spec.containers.iter().flat_map(|c| &c.ports).find(|cp| cp.name.as_deref() == Some(name)).map(|cp| cp.container_port)
-                            })?,
-                        };
-                        Some(SocketAddrV4::new(p.ip, target))
-                    })
-                    .collect();
+                let endpoints = self.endpoints_of(s, port);
                 frontends.push(kubeproxy::Frontend { vip: SocketAddrV4::new(s.cluster_ip, port.port), endpoints });
             }
         }
@@ -1005,7 +1051,7 @@ impl LocalMesh {
                 sys::stop_child(&mut c, Duration::from_secs(3));
             }
         }
-        if let Some(rt) = self.rt.take() {
+        for rt in [self.rt.take(), self.lb_rt.take()].into_iter().flatten() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
         // Its listener lives in the fabric netns: stop it before that goes.

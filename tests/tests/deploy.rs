@@ -19,7 +19,7 @@ const KUBERNETES_VERSION: &str = "1.34.0";
 /// Pinned in xtask (`setup`), which installs it into this venv.
 const VALIDATOR_VERSION: &str = "1.34.1";
 /// Overlays a user applies.
-const OVERLAYS: &[&str] = &["", "with-crds", "crds", "uninstall", "waypoint"];
+const OVERLAYS: &[&str] = &["", "with-crds", "crds", "uninstall", "waypoint", "gateway"];
 /// API groups whose objects kubernetes-validate has no schema for (CRD
 /// instances), skipped by name. deploy/ creates none today; an object of
 /// any other non-built-in group fails the test.

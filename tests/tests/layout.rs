@@ -230,6 +230,7 @@ fn help_of(binary: &str) -> String {
     let argv: &[&str] = match binary {
         "ztunnel" => &["skiff-ztunnel"],
         "waypoint" => &["skiff-waypoint"],
+        "gateway" => &["skiff-gateway"],
         "signer" => &["skiff-signer"],
         "node-agent" => &["skiff-node-agent", "run"],
         other => panic!("the limits table names an unknown binary {other:?}"),
@@ -281,7 +282,7 @@ fn the_limits_table_agrees_with_the_binaries_flags() {
             documented.insert((bin.to_owned(), flag.to_owned()));
         }
     }
-    for bin in ["ztunnel", "waypoint", "node-agent"] {
+    for bin in ["ztunnel", "waypoint", "gateway", "node-agent"] {
         let help = helps.entry(bin.to_owned()).or_insert_with(|| help_of(bin)).clone();
         let bounds = |w: &&str| {
             let w = w.split('=').next().unwrap_or(w);

@@ -69,6 +69,7 @@ fn proxy() -> &'static (tokio::runtime::Runtime, Arc<skiff_l7::Proxy>) {
         let certs = CertManager::new(Ca::generate("cluster.local").expect("CA"), Duration::from_secs(3600)).expect("certs");
         let cfg = skiff_l7::Config {
             name: "waypoint".into(),
+            pod_name: None,
             namespace: "shop".into(),
             service_account: "waypoint".into(),
             hbone: Default::default(),

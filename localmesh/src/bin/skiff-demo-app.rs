@@ -706,7 +706,14 @@ fn http_load(url: &str, method: &str, count: usize, headers: &[String]) -> ExitC
                 conn = Some(BufReader::new(s));
             }
             let r = conn.as_mut().expect("connected");
-            let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n");
+            // A `Host` given as a header replaces the URL's (a virtual host
+            // behind one address, as at an ingress gateway).
+            let own_host = headers.iter().any(|h| h.split(':').next().is_some_and(|n| n.trim().eq_ignore_ascii_case("host")));
+            let mut req = if own_host {
+                format!("{method} {path} HTTP/1.1\r\nContent-Length: 0\r\n")
+            } else {
+                format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n")
+            };
             for h in headers {
                 req.push_str(h);
                 req.push_str("\r\n");

@@ -1,0 +1,147 @@
+//! The ingress gateway's decisions on a whole cluster view: which servers
+//! a gateway pod opens on which ports, and which VirtualServices route a
+//! request's host there (Istio Gateway `servers[].hosts`, VirtualService
+//! `gateways`, `hosts` and `exportTo` at a gateway).
+
+use skiff_core::{
+    gateway::{decide, route, Decision},
+    k8s,
+    model::Snapshot,
+};
+
+fn snapshot(yaml: &str) -> Snapshot {
+    let objects = k8s::parse_documents(yaml).unwrap();
+    let s = Snapshot::build(objects.into_iter().map(|o| ("t.yaml".to_owned(), o)).collect(), None);
+    assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+    s
+}
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: gw-1, namespace: istio-system, labels: {istio: ingressgateway}}
+spec: {containers: [{name: gw, ports: [{name: web, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  ports: [{name: http2, port: 80, targetPort: web}, {name: https, port: 443, targetPort: 8443}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: istio-system, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 80, name: http, protocol: HTTP}, hosts: ["shop/*.example.com", "*/static.example.com"]}
+  - {port: {number: 80, name: http-redirect, protocol: HTTP}, hosts: [secure.example.com], tls: {httpsRedirect: true}}
+  - {port: {number: 9000, name: http-9000, protocol: HTTP}, hosts: ["*"]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: other, namespace: istio-system}
+spec:
+  selector: {istio: eastwest}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop-wild, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z"}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [istio-system/edge]
+  http: [{name: wild, route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop-www-b, namespace: shop, creationTimestamp: "2026-01-03T00:00:00Z"}
+spec:
+  hosts: [www.example.com]
+  gateways: [istio-system/edge]
+  http: [{name: www-b, route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop-www-a, namespace: shop, creationTimestamp: "2026-01-02T12:00:00Z"}
+spec:
+  hosts: [www.example.com]
+  gateways: [istio-system/edge, mesh]
+  http: [{name: www-a, match: [{uri: {prefix: /a}}], route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: intruder, namespace: other}
+spec:
+  hosts: [www.example.com]
+  gateways: [istio-system/edge]
+  http: [{name: intruder, route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: static, namespace: other}
+spec:
+  hosts: [static.example.com]
+  gateways: [istio-system/edge]
+  http: [{name: static, route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hidden, namespace: shop}
+spec:
+  hosts: [hidden.example.com]
+  gateways: [istio-system/edge]
+  exportTo: ["."]
+  http: [{name: hidden, route: [{destination: {host: web}}]}]
+"#;
+
+fn names(d: &Decision<'_>) -> Vec<String> {
+    match d {
+        Decision::Route { virtual_services, .. } => virtual_services.iter().map(|v| v.name.clone()).collect(),
+        other => vec![format!("{other:?}")],
+    }
+}
+
+/// Istio Gateway `servers[].hosts` ("ns/host": VirtualServices of that
+/// namespace only; "*/host" or a bare host: any), VirtualService
+/// `gateways` and `hosts` at a gateway, `exportTo`, and the merging of
+/// VirtualServices for one host at a gateway (oldest first).
+#[test]
+fn servers_ports_and_virtual_service_binding() {
+    let snap = snapshot(CLUSTER);
+    let pod = snap.workloads.values().find(|w| w.name == "gw-1").unwrap();
+    let open = snap.gateway_servers(pod);
+    // Port 80 goes to the named target port; 9000 has no Service port
+    // and listens as numbered. The other Gateway selects other pods.
+    let ports: Vec<(&str, u16)> = open.iter().map(|o| (o.server.port_name.as_str(), o.port)).collect();
+    assert_eq!(ports, [("http", 8080), ("http-redirect", 8080), ("http-9000", 9000)]);
+    #[rustfmt::skip]
+    let cases: &[(&str, u16, &str, &[&str])] = &[
+        ("exact host: both of shop's, oldest first; other's is not admitted (shop/ only)", 8080, "www.example.com", &["shop-www-a", "shop-www-b"]),
+        ("wildcard", 8080, "api.example.com", &["shop-wild"]),
+        ("*/host admits any namespace", 8080, "static.example.com", &["static"]),
+        ("not exported to istio-system", 8080, "hidden.example.com", &["shop-wild"]),
+        ("no server for the host", 8080, "example.org", &["NoServer"]),
+        ("redirecting server", 8080, "secure.example.com", &["HttpsRedirect"]),
+        ("`*` on 9000 admits every namespace's; without a creation time last", 9000, "www.example.com", &["shop-www-a", "shop-www-b", "intruder"]),
+        ("no VirtualService for the host", 9000, "example.org", &[]),
+        ("nothing on that port", 8443, "www.example.com", &["NoServer"]),
+    ];
+    for (what, port, host, want) in cases {
+        let d = decide(&snap.virtual_services, &open, *port, host, "istio-system");
+        assert_eq!(names(&d), *want, "{what}");
+    }
+    // Routing at the gateway: per-route matches apply, and the merged
+    // list is tried in order.
+    let Decision::Route { at, virtual_services, .. } = decide(&snap.virtual_services, &open, 8080, "www.example.com", "istio-system") else { panic!() };
+    let info = |path| skiff_core::routing::RequestInfo { method: "GET", path, authority: "www.example.com", headers: &[], port: 80 };
+    let first = |path| virtual_services.iter().find_map(|v| v.route_at(&info(path), &at)).and_then(|r| r.name.clone());
+    assert_eq!(first("/a/x").as_deref(), Some("www-a"));
+    assert_eq!(first("/b").as_deref(), Some("www-b"));
+    let merged = |path| route(&virtual_services, &info(path), &at).and_then(|(_, r)| r.name.clone());
+    assert_eq!(merged("/a/x").as_deref(), Some("www-a"));
+    assert_eq!(merged("/b").as_deref(), Some("www-b"));
+}
+

@@ -1,0 +1,102 @@
+//! What the two L7 processes around `skiff-l7` share: the waypoint
+//! (`skiff-waypoint`, HBONE from client ztunnels) and the ingress gateway
+//! (`skiff-gateway`, the mesh's edge). Flags, logging, the runtime, the
+//! config source, the proxy's certificate, metrics and the drain on
+//! SIGTERM are the same; what each serves is its own.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use skiff_l7::{Config, Proxy};
+use tracing::info;
+
+/// Flags both L7 processes take.
+#[derive(clap::Args)]
+pub struct ProxyArgs {
+    /// The proxy's namespace (its identity's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Directory of Kubernetes manifests describing the cluster. Exactly
+    /// one of --manifests, --kube, --kube-url.
+    #[arg(long, env = "SKIFF_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API (in-cluster config, else
+    /// KUBECONFIG).
+    #[arg(long)]
+    pub kube: bool,
+    /// Read the cluster from the Kubernetes API at this URL.
+    #[arg(long, env = "SKIFF_KUBE_URL", value_name = "URL")]
+    pub kube_url: Option<String>,
+    /// The mesh CA directory (local mode; unused with --signer-url).
+    #[arg(long, env = "SKIFF_CA_DIR", required_unless_present = "signer_url")]
+    pub ca_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub signer: skiff_hbone::certs::SignerArgs,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime of the proxy's certificate; rotated at half-life.
+    #[arg(long, default_value = "86400", value_name = "SECONDS")]
+    pub cert_lifetime: u64,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value = "5", value_name = "SECONDS")]
+    pub drain_timeout: u64,
+    #[command(flatten)]
+    pub hbone: skiff_hbone::limits::HboneLimits,
+    #[command(flatten)]
+    pub http: skiff_l7::server::HttpLimits,
+}
+
+/// Logging to stderr, filtered by `SKIFF_LOG` (default `info`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    skiff_core::raise_open_file_limit_logged();
+}
+
+/// Runs a proxy named `name` (running as `service_account`, in pod
+/// `pod_name`) until SIGTERM or Ctrl-C, then drains it: `front` starts
+/// what it serves (its listeners) and returns when that stops.
+pub fn run<F, Fut>(args: ProxyArgs, name: String, service_account: String, pod_name: Option<String>, front: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<Proxy>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let source = skiff_kube_source::SourceChoice::from_args(args.manifests.clone(), args.kube, args.kube_url.clone())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
+        let cluster = skiff_kube_source::watch_cluster(source).await?;
+        let ca_dir = args.ca_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/skiff/ca"));
+        skiff_hbone::sock::set_outbound_timeouts(args.hbone.keepalive_interval, args.hbone.tcp_user_timeout);
+        let certs = skiff_hbone::certs::CertManager::from_args(&args.signer, &ca_dir, &args.trust_domain, Duration::from_secs(args.cert_lifetime))?;
+        // Renew the proxy's certificate in the background (signer requests
+        // block: off the async workers).
+        let own = skiff_hbone::identity::Identity::new(certs.trust_domain(), &args.namespace, &service_account);
+        certs.spawn_refresh(move || vec![own.clone()]);
+        let cfg = Config { name, pod_name, namespace: args.namespace, service_account, hbone: args.hbone, http: args.http };
+        let proxy = Proxy::new(cfg, cluster, certs);
+        let metrics = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding {}", args.metrics_addr))?;
+        tokio::spawn(skiff_l7::metrics::serve(metrics, proxy.metrics.clone()));
+        let mut serve = tokio::spawn(front(Arc::clone(&proxy)));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = &mut serve => return r?,
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        // Stop accepting, GOAWAY every connection, let what is in flight
+        // finish up to the deadline.
+        info!(open_streams = proxy.drain.active(), "draining: listeners closed, GOAWAY sent, waiting for requests in flight");
+        let left = proxy.drain.drain(Duration::from_secs(args.drain_timeout)).await;
+        // Still starting up (waiting for its certificate) at worst.
+        serve.abort();
+        info!(closed_by_deadline = left, "drained; exiting");
+        Ok(())
+    })
+}
