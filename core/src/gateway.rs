@@ -248,7 +248,8 @@ pub fn gateway_from(gw: &k8s::Gateway) -> Result<(Gateway, Vec<FieldError>), Fie
         };
         let not_served = match (protocol, &tls) {
             (p, _) if p.is_plain_http() => None,
-            (Protocol::Https, _) => Some("HTTPS servers are not served yet: this server stays closed".to_owned()),
+            (Protocol::Https, Some(t)) if matches!(t.mode, TlsMode::Simple | TlsMode::Mutual) => None,
+            (Protocol::Https, _) => Some("HTTPS with PASSTHROUGH (TLS passed through by SNI) is not served yet: this server stays closed".to_owned()),
             (Protocol::Tls, _) => Some("TLS servers (passthrough, or terminated to TCP) are not served yet: this server stays closed".to_owned()),
             (Protocol::Tcp, _) => Some("TCP servers are not served yet: this server stays closed".to_owned()),
             _ => Some("MONGO servers are not served: this server stays closed".to_owned()),
@@ -343,14 +344,11 @@ fn specificity(pattern: &str) -> (u8, usize) {
     }
 }
 
-/// The request's host: the authority without its port, lower-case, no
-/// trailing dot.
+/// The request's host: the (canonical) authority without its port,
+/// lower-case, no trailing dot.
 pub fn request_host(authority: &str) -> String {
-    let host = match authority.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']') || authority.starts_with('[') => h,
-        _ => authority,
-    };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = crate::routing::host_of(authority);
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 /// A VirtualService host at a gateway: short names (no dot) are the
@@ -401,22 +399,24 @@ pub fn decide<'s>(virtual_services: &'s [VirtualService], open: &[Opened<'s>], p
         return Decision::HttpsRedirect;
     }
     let at = o.gateway.bind();
-    // Each bound VirtualService's best host for the request, admitted by
-    // the server.
+    // Each bound VirtualService's best host for the request: as Istio, the
+    // intersection of one of its hosts with a server host that admits its
+    // namespace, both matching the request's host; the more specific of the
+    // two is that virtual host's name.
     let mut candidates: Vec<((u8, usize), String, &VirtualService)> = virtual_services
         .iter()
         .filter(|v| v.binds(&at) && v.export_to.visible_to(gateway_ns))
         .filter_map(|v| {
-            v.hosts
-                .iter()
-                .map(|h| vs_host(h, &v.namespace))
-                .filter(|h| host_matches(h, host))
-                .filter(|h| {
-                    o.server.hosts.iter().any(|sel| sel.namespace.as_ref().is_none_or(|n| *n == v.namespace) && hosts_intersect(&sel.host, h))
+            let admitted = o.server.hosts.iter().filter(|sel| sel.namespace.as_ref().is_none_or(|n| *n == v.namespace) && host_matches(&sel.host, host));
+            admitted
+                .flat_map(|sel| {
+                    v.hosts.iter().map(|h| vs_host(h, &v.namespace)).filter(|h| host_matches(h, host)).map(move |h| {
+                        let (a, b) = ((specificity(&h), h), (specificity(&sel.host), sel.host.clone()));
+                        if a.0 <= b.0 { a } else { b }
+                    })
                 })
-                .map(|h| (specificity(&h), h))
                 .min()
-                .map(|(s, h)| (s, h, v))
+                .map(|(sp, h)| (sp, h, v))
         })
         .collect();
     let Some(top) = candidates.iter().map(|(s, h, _)| (*s, h.clone())).min() else {
@@ -438,11 +438,32 @@ pub fn decide<'s>(virtual_services: &'s [VirtualService], open: &[Opened<'s>], p
 /// The route a request takes among the VirtualServices merged for its
 /// host at a gateway (see [`decide`]): their routes in order, except that
 /// catch-all routes (no condition but a `/` prefix or an all-matching
-/// regex) go after all others, as Istio sorts a gateway's merged routes.
+/// regex) go after all others, as Istio merges a gateway's virtual hosts;
+/// a VirtualService's routes after its own first catch-all are dropped.
 pub fn route<'s>(vss: &[&'s VirtualService], r: &RequestInfo<'_>, at: &Bind) -> Option<(&'s VirtualService, &'s HttpRoute)> {
-    let routes = || vss.iter().flat_map(|v| v.http.iter().map(move |h| (*v, h)));
-    let taking = |(v, h): &(&VirtualService, &HttpRoute)| h.matches_at(r, at, &v.gateways);
-    routes().filter(|(v, h)| !catch_all(h, at, &v.gateways)).find(taking).or_else(|| routes().filter(|(v, h)| catch_all(h, at, &v.gateways)).find(taking))
+    // Within one VirtualService, routes after its first catch-all are never
+    // reached; across them, catch-alls go last (Istio's merge).
+    let mut first = Vec::new();
+    let mut last = Vec::new();
+    for v in vss {
+        for h in v.http.iter().filter(|h| applies_at(h, at, &v.gateways)) {
+            if catch_all(h, at, &v.gateways) {
+                last.push((*v, h));
+                break;
+            }
+            first.push((*v, h));
+        }
+    }
+    first.into_iter().chain(last).find(|(v, h)| h.matches_at(r, at, &v.gateways))
+}
+
+/// Whether a route can take requests arriving at `at` at all.
+fn applies_at(h: &HttpRoute, at: &Bind, top: &[Bind]) -> bool {
+    if h.matches.is_empty() {
+        top.contains(at)
+    } else {
+        h.matches.iter().any(|m| m.gateways.as_deref().unwrap_or(top).contains(at))
+    }
 }
 
 /// A route that takes every request where it applies.
@@ -464,6 +485,72 @@ fn catch_all(h: &HttpRoute, at: &Bind, top: &[Bind]) -> bool {
             && m.port.is_none()
     };
     h.matches.is_empty() || h.matches.iter().any(|m| m.gateways.as_deref().unwrap_or(top).contains(at) && all(m))
+}
+
+/// Which server (of the TLS servers open on one port) a TLS connection is
+/// for, by the SNI of its ClientHello: the server with the most specific
+/// host matching it (exact, then the longest `*.` suffix, then `*`);
+/// without SNI, a server whose hosts include `*` (as Envoy's filter chain
+/// without server names). None: the handshake is refused.
+pub fn pick_by_sni<'a, K>(servers: &'a [(K, &Server)], sni: Option<&str>) -> Option<&'a K> {
+    match sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) {
+        Some(name) => servers
+            .iter()
+            .filter_map(|(k, s)| s.hosts.iter().filter(|h| host_matches(&h.host, &name)).map(|h| specificity(&h.host)).min().map(|sp| (sp, k)))
+            .min_by_key(|(sp, _)| *sp)
+            .map(|(_, k)| k),
+        None => servers.iter().find(|(_, s)| s.hosts.iter().any(|h| h.host == "*")).map(|(k, _)| k),
+    }
+}
+
+/// A server's certificate, key and (for MUTUAL) client CA, as PEM, read
+/// from its `credentialName` Secret the ways Istio reads one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub cert_chain: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+/// The credential of `name` in the gateway's namespace (`secret` looks a
+/// Secret's data up by name), in the layouts Istio accepts: `cert` and
+/// `key` (generic), else `tls.crt` and `tls.key` (`kubernetes.io/tls`);
+/// with `client_ca`, the CA from the Secret `<name>-cacert` (`cacert`,
+/// else `ca.crt`), else from the same Secret (`cacert`, else `ca.crt`).
+/// The error says what is wrong, naming Secret and keys.
+pub fn credential<'a>(
+    secret: impl Fn(&str) -> Option<&'a BTreeMap<String, Vec<u8>>>,
+    namespace: &str,
+    name: &str,
+    client_ca: bool,
+) -> Result<Credential, String> {
+    let data = secret(name).ok_or_else(|| format!("Secret {namespace}/{name} does not exist (or is not readable by the gateway)"))?;
+    let pair = |c: &str, k: &str| match (data.get(c), data.get(k)) {
+        (Some(cv), Some(kv)) if !cv.is_empty() && !kv.is_empty() => Some(Ok((cv.clone(), kv.clone()))),
+        (Some(_), Some(_)) => Some(Err(format!("Secret {namespace}/{name}: keys {c:?} and {k:?} are there but empty"))),
+        _ => None,
+    };
+    let (cert_chain, key) = match pair("cert", "key").or_else(|| pair("tls.crt", "tls.key")) {
+        Some(r) => r?,
+        None => {
+            return Err(format!(
+                "Secret {namespace}/{name} has neither `cert` and `key` nor `tls.crt` and `tls.key`; it has {:?}",
+                data.keys().collect::<Vec<_>>()
+            ))
+        }
+    };
+    let client_ca = if client_ca {
+        let ca_of = |d: &BTreeMap<String, Vec<u8>>| d.get("cacert").or_else(|| d.get("ca.crt")).filter(|v| !v.is_empty()).cloned();
+        let separate = format!("{name}-cacert");
+        let ca = match secret(&separate) {
+            Some(d) => Some(ca_of(d).ok_or_else(|| format!("Secret {namespace}/{separate} has no `cacert` (or `ca.crt`)"))?),
+            None => ca_of(data),
+        };
+        Some(ca.ok_or_else(|| format!("MUTUAL needs a client CA: neither Secret {namespace}/{separate} nor `cacert`/`ca.crt` in {namespace}/{name}"))?)
+    } else {
+        None
+    };
+    Ok(Credential { cert_chain, key, client_ca })
 }
 
 /// Whether two host patterns have a name in common.
@@ -538,8 +625,8 @@ mod tests {
         let hosts: Vec<(Option<&str>, &str)> = g.servers[0].hosts.iter().map(|h| (h.namespace.as_deref(), h.host.as_str())).collect();
         assert_eq!(hosts, [(Some("istio-system"), "a.com"), (None, "b.com"), (Some("shop"), "*.c.com"), (None, "d.com")]);
         // A server Skiff does not open yet is kept and marked, not refused.
-        let g = gw("  servers:\n  - {port: {number: 80, name: http, protocol: HTTP}, hosts: [a.com]}\n  - {port: {number: 443, name: https, protocol: HTTPS}, hosts: [a.com], tls: {mode: SIMPLE, credentialName: c}}\n").unwrap();
-        assert!(g.servers[0].not_served.is_none() && g.servers[1].not_served.is_some());
+        let g = gw("  servers:\n  - {port: {number: 80, name: http, protocol: HTTP}, hosts: [a.com]}\n  - {port: {number: 443, name: https, protocol: HTTPS}, hosts: [a.com], tls: {mode: SIMPLE, credentialName: c}}\n  - {port: {number: 9443, name: tls, protocol: TLS}, hosts: [a.com], tls: {mode: PASSTHROUGH}}\n").unwrap();
+        assert!(g.servers[0].not_served.is_none() && g.servers[1].not_served.is_none() && g.servers[2].not_served.is_some());
     }
 
     /// Envoy's virtual-host domain matching, which Istio's gateway routes
@@ -560,9 +647,66 @@ mod tests {
             assert_eq!(hosts_intersect(a, b), want, "{a} {b}");
             assert_eq!(hosts_intersect(b, a), want, "{b} {a}");
         }
-        for (a, want) in [("Example.COM:8443", "example.com"), ("example.com.", "example.com"), ("example.com", "example.com"), ("[::1]:80", "[::1]")] {
+        for (a, want) in [("Example.COM:8443", "example.com"), ("example.com.", "example.com"), ("example.com", "example.com"), ("[::1]:80", "[::1]"), ("[::1]", "[::1]")] {
             assert_eq!(request_host(a), want, "{a}");
         }
+    }
+
+    /// Istio's credential Secret layouts (secure ingress task, "Key
+    /// formats"; pilot's kube secret reader): `cert`/`key` before
+    /// `tls.crt`/`tls.key`; the client CA from `<name>-cacert` before the
+    /// Secret's own `cacert`/`ca.crt`.
+    #[test]
+    fn credentials_from_secrets_in_both_layouts() {
+        let secrets: BTreeMap<String, BTreeMap<String, Vec<u8>>> = [
+            ("generic", vec![("cert", "C1"), ("key", "K1"), ("cacert", "CA1")]),
+            ("tls", vec![("tls.crt", "C2"), ("tls.key", "K2"), ("ca.crt", "CA2")]),
+            ("both", vec![("cert", "C3"), ("key", "K3"), ("tls.crt", "C4"), ("tls.key", "K4")]),
+            ("split", vec![("cert", "C5"), ("key", "K5")]),
+            ("split-cacert", vec![("cacert", "CA5")]),
+            ("empty", vec![("tls.crt", ""), ("tls.key", "K")]),
+            ("wrong", vec![("certificate", "C"), ("private", "K")]),
+            ("nocacert", vec![("cert", "C"), ("key", "K")]),
+            ("badsplit", vec![("cert", "C"), ("key", "K")]),
+            ("badsplit-cacert", vec![("ca", "X")]),
+        ]
+        .into_iter()
+        .map(|(n, kv)| (n.to_owned(), kv.into_iter().map(|(k, v)| (k.to_owned(), v.as_bytes().to_vec())).collect()))
+        .collect();
+        let get = |n: &str| secrets.get(n);
+        let ok = |name: &str, ca: bool| {
+            let c = credential(get, "istio-system", name, ca).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let s = |v: &[u8]| String::from_utf8(v.to_vec()).unwrap();
+            (s(&c.cert_chain), s(&c.key), c.client_ca.as_deref().map(s))
+        };
+        assert_eq!(ok("generic", false), ("C1".into(), "K1".into(), None));
+        assert_eq!(ok("generic", true), ("C1".into(), "K1".into(), Some("CA1".into())));
+        assert_eq!(ok("tls", true), ("C2".into(), "K2".into(), Some("CA2".into())));
+        assert_eq!(ok("both", false), ("C3".into(), "K3".into(), None), "cert/key first");
+        assert_eq!(ok("split", true), ("C5".into(), "K5".into(), Some("CA5".into())), "<name>-cacert");
+        for (name, ca, want) in [
+            ("missing", false, "does not exist"),
+            ("empty", false, "empty"),
+            ("wrong", false, "neither `cert` and `key` nor `tls.crt` and `tls.key`"),
+            ("nocacert", true, "MUTUAL needs a client CA"),
+            ("badsplit", true, "badsplit-cacert has no `cacert`"),
+        ] {
+            let e = credential(get, "istio-system", name, ca).err().unwrap_or_else(|| panic!("{name}: taken"));
+            assert!(e.contains(want) && e.contains("istio-system/"), "{name}: {e}");
+        }
+    }
+
+    /// Envoy's filter-chain match on SNI as Istio builds it from server
+    /// hosts; no SNI only reaches a server for `*`.
+    #[test]
+    fn tls_servers_by_sni() {
+        let g = gw("  servers:\n  - {port: {number: 443, name: a, protocol: HTTPS}, hosts: [a.example.com], tls: {mode: SIMPLE, credentialName: a}}\n  - {port: {number: 443, name: w, protocol: HTTPS}, hosts: [\"*.example.com\"], tls: {mode: SIMPLE, credentialName: w}}\n  - {port: {number: 443, name: any, protocol: HTTPS}, hosts: [\"*\"], tls: {mode: SIMPLE, credentialName: any}}\n").unwrap();
+        let servers: Vec<(&str, &Server)> = g.servers.iter().map(|s| (s.port_name.as_str(), s)).collect();
+        for (sni, want) in [(Some("a.example.com"), Some("a")), (Some("A.Example.com."), Some("a")), (Some("b.example.com"), Some("w")), (Some("x.org"), Some("any")), (None, Some("any"))] {
+            assert_eq!(pick_by_sni(&servers, sni).copied(), want, "{sni:?}");
+        }
+        assert_eq!(pick_by_sni(&servers[..2], None), None, "no SNI and no `*` server");
+        assert_eq!(pick_by_sni(&servers[..1], Some("b.example.com")), None);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum Object {
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
     Gateway(Gateway),
+    /// Read only by the ingress gateway, in its own namespace (the sources
+    /// drop every other Secret before the model sees it).
+    Secret(Secret),
     /// A kind Skiff does not read (ConfigMap, Istio kinds not yet supported…).
     Other { api_version: String, kind: String },
     /// An object of a kind Skiff reads that it cannot take: a field of the
@@ -897,6 +900,31 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicySpec>,
 }
 
+/// A Secret: `data` (base64, as the API serves it) and `stringData`
+/// (plain text, as manifests may write it).
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Secret {
+    pub metadata: ObjectMeta,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub string_data: BTreeMap<String, String>,
+}
+
+/// Never prints the values: logs and test failures must not leak keys.
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("metadata", &self.metadata)
+            .field("type", &self.type_)
+            .field("keys", &self.data.keys().chain(self.string_data.keys()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// `networking.istio.io` Gateway: the servers a mesh-edge proxy (the
 /// ingress gateway) opens, and which gateway pods open them. Every field
 /// of Istio's `Gateway`, `Server`, `Port` and `ServerTLSSettings` is here,
@@ -1141,6 +1169,7 @@ fn parse_value(index: usize, value: &serde_json::Value, out: &mut Vec<Object>) -
         "VirtualService" if networking => istio(value, Object::VirtualService, &field, &invalid),
         "DestinationRule" if networking => istio(value, Object::DestinationRule, &field, &invalid),
         "Gateway" if networking => istio(value, Object::Gateway, &field, &invalid),
+        "Secret" if core => typed_or(typed(value).map(Object::Secret)),
         _ => Object::Other { api_version, kind },
     };
     out.push(obj);
@@ -1196,6 +1225,7 @@ impl Object {
             Object::VirtualService(o) => ("VirtualService", &o.metadata),
             Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
             Object::Gateway(o) => ("Gateway", &o.metadata),
+            Object::Secret(o) => ("Secret", &o.metadata),
             Object::Other { kind, .. } => return kind.clone(),
             Object::Invalid(o) => {
                 return match &o.namespace {

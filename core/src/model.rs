@@ -110,6 +110,9 @@ pub struct Snapshot {
     pub virtual_services: Vec<crate::routing::VirtualService>,
     pub destination_rules: Vec<crate::routing::DestinationRule>,
     pub gateways: Vec<crate::gateway::Gateway>,
+    /// Secrets, by `namespace/name`: only the ingress gateway's source
+    /// passes any (those of its own namespace).
+    pub secrets: BTreeMap<String, SecretData>,
     /// Ports kubelet probes (liveness, readiness, startup: httpGet,
     /// tcpSocket, grpc), by [`Workload::uid`]; named ports resolved.
     pub probe_ports: BTreeMap<String, std::collections::BTreeSet<u16>>,
@@ -118,6 +121,20 @@ pub struct Snapshot {
     /// Objects taken with a documented fail-closed reading (an
     /// AuthorizationPolicy rule with a field Skiff cannot evaluate).
     pub warnings: Vec<ModelError>,
+}
+
+/// A Secret's keys and decoded values. Its `Debug` names the keys only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretData {
+    pub namespace: String,
+    pub name: String,
+    pub data: BTreeMap<String, Vec<u8>>,
+}
+
+impl fmt::Debug for SecretData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret {}/{} (keys {:?})", self.namespace, self.name, self.data.keys().collect::<Vec<_>>())
+    }
 }
 
 /// One object that failed validation.
@@ -253,6 +270,7 @@ fn kind_name(kind: &str) -> &'static str {
         "VirtualService" => "VirtualService",
         "DestinationRule" => "DestinationRule",
         "Gateway" => "Gateway",
+        "Secret" => "Secret",
         _ => "",
     }
 }
@@ -372,6 +390,7 @@ impl Snapshot {
                 Object::VirtualService(o) => ("VirtualService", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::DestinationRule(o) => ("DestinationRule", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::Gateway(o) => ("Gateway", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::Secret(o) => ("Secret", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::Invalid(o) => (kind_name(&o.kind), o.namespace.clone(), Some(o.name.clone())),
                 Object::Deployment(_) | Object::Other { .. } => continue,
             };
@@ -587,6 +606,23 @@ impl Snapshot {
                 self.warnings.extend(warnings.into_iter().map(|(f, m)| err(&f, m)));
                 self.gateways.push(g);
             }
+            Object::Secret(sec) => {
+                use base64::Engine as _;
+                let namespace = sec.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                let mut data = BTreeMap::new();
+                for (k, v) in &sec.data {
+                    // The API's encoding; manifests may wrap long values.
+                    let compact: String = v.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(compact)
+                        .map_err(|e| err(&format!("data[{k}]"), format!("not base64: {e}")))?;
+                    data.insert(k.clone(), bytes);
+                }
+                for (k, v) in &sec.string_data {
+                    data.insert(k.clone(), v.clone().into_bytes());
+                }
+                self.secrets.insert(format!("{namespace}/{name}"), SecretData { namespace, name, data });
+            }
             Object::Invalid(o) => return Err(err(&o.field, o.message.clone())),
             Object::Deployment(_) | Object::Other { .. } => {}
         }
@@ -607,6 +643,10 @@ impl Snapshot {
                 "VirtualService" => prev.virtual_services.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.virtual_services.push(p)).is_some(),
                 "DestinationRule" => prev.destination_rules.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.destination_rules.push(p)).is_some(),
                 "Gateway" => prev.gateways.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.gateways.push(p)).is_some(),
+                "Secret" => {
+                    let k = format!("{}/{}", key.namespace, key.name);
+                    prev.secrets.get(&k).cloned().map(|p| self.secrets.insert(k, p)).is_some()
+                }
                 _ => false,
             };
             if carried {

@@ -547,6 +547,15 @@ impl DestinationRule {
     }
 }
 
+/// The host of a canonical authority (`host[:port]`, `[v6]:port`): without
+/// its port.
+pub fn host_of(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && (!h.starts_with('[') || h.ends_with(']')) => h,
+        _ => authority,
+    }
+}
+
 /// What routing looks at in a request (header names lower-case).
 #[derive(Clone, Debug, Default)]
 pub struct RequestInfo<'a> {
@@ -556,6 +565,9 @@ pub struct RequestInfo<'a> {
     pub authority: &'a str,
     pub headers: &'a [(String, String)],
     pub port: u16,
+    /// `http` or `https` (empty: `http`, what a waypoint receives inside
+    /// HBONE).
+    pub scheme: &'a str,
 }
 
 impl RequestInfo<'_> {
@@ -574,7 +586,8 @@ impl RequestInfo<'_> {
 
 impl HttpMatch {
     pub fn matches(&self, r: &RequestInfo<'_>) -> bool {
-        if self.scheme.as_ref().is_some_and(|s| !s.matches("http")) {
+        let scheme = if r.scheme.is_empty() { "http" } else { r.scheme };
+        if self.scheme.as_ref().is_some_and(|s| !s.matches(scheme)) {
             return false;
         }
         let path_only = r.path.split('?').next().unwrap_or("");
@@ -605,6 +618,14 @@ impl HttpMatch {
 }
 
 impl HttpRoute {
+    /// The route as it applies at `at`: only the matches that apply there
+    /// (what rewrites look at). `top`: the VirtualService's `gateways`.
+    pub fn at(&self, at: &Bind, top: &[Bind]) -> HttpRoute {
+        let mut r = self.clone();
+        r.matches.retain(|m| m.gateways.as_deref().unwrap_or(top).contains(at));
+        r
+    }
+
     /// Whether the route takes the request where it arrived (`at`): a
     /// route without matches wherever the VirtualService (`top`) applies;
     /// one with matches when a match that applies there matches it.
@@ -1463,7 +1484,7 @@ mod tests {
 "#)
         .unwrap();
         assert!(v.mesh);
-        let info = |path| RequestInfo { method: "GET", path, authority: "reviews", headers: &[], port: 80 };
+        let info = |path| RequestInfo { method: "GET", path, authority: "reviews", headers: &[], port: 80, scheme: "http" };
         assert!(v.route(&info("/both/x")).is_some());
         assert!(v.route(&info("/only-gw")).is_none());
         assert!(v.route(&info("/gw")).is_none());
@@ -1517,7 +1538,7 @@ mod tests {
             ("no match", "GET", "/other", &none, 80, None),
         ];
         for (name, method, path, headers, port, want) in cases {
-            let r = RequestInfo { method, path, authority: "reviews", headers, port };
+            let r = RequestInfo { method, path, authority: "reviews", headers, port, scheme: "http" };
             assert_eq!(v.route(&r).and_then(|h| h.name.as_deref()), want, "case {name}");
         }
     }

@@ -76,6 +76,20 @@ pub struct LocalDirSource {
     /// Each file's text as last read successfully: a file that is no
     /// longer valid YAML keeps serving the objects it held then.
     last_good: std::collections::HashMap<PathBuf, String>,
+    /// The namespace whose Secrets are read (the ingress gateway's own);
+    /// None: no Secret is (every other process).
+    secrets_namespace: Option<String>,
+}
+
+/// Whether a parsed object is kept: every object but Secrets outside the
+/// namespace whose Secrets the process reads.
+pub fn keep_object(obj: &Object, secrets_namespace: Option<&str>) -> bool {
+    let (is_secret, ns) = match obj {
+        Object::Secret(s) => (true, s.metadata.namespace.as_deref()),
+        Object::Invalid(o) if o.kind == "Secret" && o.api_version == "v1" => (true, o.namespace.as_deref()),
+        _ => (false, None),
+    };
+    !is_secret || secrets_namespace.is_some_and(|want| ns.unwrap_or("default") == want)
 }
 
 impl LocalDirSource {
@@ -86,7 +100,14 @@ impl LocalDirSource {
             last_fingerprint: None,
             previous: None,
             last_good: Default::default(),
+            secrets_namespace: None,
         }
+    }
+
+    /// Reads the Secrets of `namespace` too (the ingress gateway's own).
+    pub fn with_secrets_in(mut self, namespace: Option<String>) -> Self {
+        self.secrets_namespace = namespace;
+        self
     }
 
     /// How often the directory is re-read.
@@ -123,10 +144,12 @@ impl LocalDirSource {
         let mut objects: Vec<(String, Object)> = Vec::new();
         let mut unreadable = Vec::new();
         for (path, text) in files {
+            let want = self.secrets_namespace.clone();
+            let keep = |o: &Object| keep_object(o, want.as_deref());
             match k8s::parse_documents(text) {
                 Ok(docs) => {
                     self.last_good.insert(path.clone(), text.clone());
-                    objects.extend(docs.into_iter().map(|o| (path.display().to_string(), o)));
+                    objects.extend(docs.into_iter().filter(keep).map(|o| (path.display().to_string(), o)));
                 }
                 Err(e) => {
                     let kept = self.last_good.get(path).and_then(|t| k8s::parse_documents(t).ok());
@@ -134,7 +157,7 @@ impl LocalDirSource {
                         return Err(SourceError::Parse { path: path.clone(), source: e });
                     }
                     unreadable.push((path.clone(), crate::report(&e), kept.is_some()));
-                    objects.extend(kept.into_iter().flatten().map(|o| (path.display().to_string(), o)));
+                    objects.extend(kept.into_iter().flatten().filter(keep).map(|o| (path.display().to_string(), o)));
                 }
             }
         }
@@ -192,7 +215,7 @@ fn build(files: &[(PathBuf, String)]) -> Result<Snapshot, SourceError> {
     let mut objects: Vec<(String, Object)> = Vec::new();
     for (path, text) in files {
         let docs = k8s::parse_documents(text).map_err(|source| SourceError::Parse { path: path.clone(), source })?;
-        objects.extend(docs.into_iter().map(|o| (path.display().to_string(), o)));
+        objects.extend(docs.into_iter().filter(|o| keep_object(o, None)).map(|o| (path.display().to_string(), o)));
     }
     Snapshot::from_objects(objects).map_err(SourceError::Invalid)
 }
@@ -227,6 +250,24 @@ mod tests {
     /// A temporary directory removed on drop, pass or fail.
     fn tmpdir(tag: &str) -> tempfile::TempDir {
         tempfile::Builder::new().prefix(&format!("skiff-core-{tag}-")).tempdir().unwrap()
+    }
+
+    /// Only the process that asks for one namespace's Secrets (the ingress
+    /// gateway) gets them; every other reads none from the directory.
+    #[test]
+    fn secrets_are_read_only_in_the_namespace_asked_for() {
+        let tmp = tmpdir("secrets");
+        let secret = |ns: &str, name: &str| format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\nstringData: {{cert: c, key: k}}\n");
+        std::fs::write(tmp.path().join("s.yaml"), format!("{}---\n{}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n", secret("istio-system", "gw-cert"), secret("shop", "app-secret"))).unwrap();
+        let mut plain = LocalDirSource::new(tmp.path());
+        let s = plain.poll(Duration::from_secs(1)).unwrap().unwrap();
+        assert!(s.secrets.is_empty() && s.namespaces.contains_key("shop"));
+        let mut gw = LocalDirSource::new(tmp.path()).with_secrets_in(Some("istio-system".into()));
+        let s = gw.poll(Duration::from_secs(1)).unwrap().unwrap();
+        assert_eq!(s.secrets.keys().collect::<Vec<_>>(), ["istio-system/gw-cert"]);
+        assert_eq!(s.secrets["istio-system/gw-cert"].data["cert"], b"c");
+        assert!(!format!("{:?}", s.secrets).contains("\"c\""), "Debug names keys, never values");
+        assert!(LocalDirSource::load(tmp.path()).unwrap().secrets.is_empty());
     }
 
     #[test]

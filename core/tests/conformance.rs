@@ -247,7 +247,7 @@ const VIRTUAL_SERVICE: &[(&str, Reading)] = &[
 /// The route a request takes, by route name.
 fn routed(v: &VirtualService, method: &str, authority: &str, path: &str, headers: &[(&str, &str)], port: u16) -> Option<String> {
     let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let r = RequestInfo { method, path, authority, headers: &headers, port };
+    let r = RequestInfo { method, path, authority, headers: &headers, port, scheme: "http" };
     v.route(&r).map(|h| h.name.clone().unwrap_or_default())
 }
 

@@ -81,6 +81,14 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
+metadata: {name: hijack, namespace: other}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [istio-system/edge]
+  http: [{name: hijack, route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
 metadata: {name: static, namespace: other}
 spec:
   hosts: [static.example.com]
@@ -120,8 +128,8 @@ fn servers_ports_and_virtual_service_binding() {
     #[rustfmt::skip]
     let cases: &[(&str, u16, &str, &[&str])] = &[
         ("exact host: both of shop's, oldest first; other's is not admitted (shop/ only)", 8080, "www.example.com", &["shop-www-a", "shop-www-b"]),
-        ("wildcard", 8080, "api.example.com", &["shop-wild"]),
-        ("*/host admits any namespace", 8080, "static.example.com", &["static"]),
+        ("wildcard; other's *.example.com is not admitted for it (shop/ only), though it overlaps */static.example.com", 8080, "api.example.com", &["shop-wild"]),
+        ("*/host admits any namespace; shop's *.example.com meets that server host too (Istio intersects the two and merges, oldest first)", 8080, "static.example.com", &["shop-wild", "hijack", "static"]),
         ("not exported to istio-system", 8080, "hidden.example.com", &["shop-wild"]),
         ("no server for the host", 8080, "example.org", &["NoServer"]),
         ("redirecting server", 8080, "secure.example.com", &["HttpsRedirect"]),
@@ -136,7 +144,7 @@ fn servers_ports_and_virtual_service_binding() {
     // Routing at the gateway: per-route matches apply, and the merged
     // list is tried in order.
     let Decision::Route { at, virtual_services, .. } = decide(&snap.virtual_services, &open, 8080, "www.example.com", "istio-system") else { panic!() };
-    let info = |path| skiff_core::routing::RequestInfo { method: "GET", path, authority: "www.example.com", headers: &[], port: 80 };
+    let info = |path| skiff_core::routing::RequestInfo { method: "GET", path, authority: "www.example.com", headers: &[], port: 80, scheme: "http" };
     let first = |path| virtual_services.iter().find_map(|v| v.route_at(&info(path), &at)).and_then(|r| r.name.clone());
     assert_eq!(first("/a/x").as_deref(), Some("www-a"));
     assert_eq!(first("/b").as_deref(), Some("www-b"));
@@ -145,3 +153,43 @@ fn servers_ports_and_virtual_service_binding() {
     assert_eq!(merged("/b").as_deref(), Some("www-b"));
 }
 
+
+/// Istio's gateway merge: within one VirtualService the first catch-all
+/// ends its routes (`/api` after `/` is never reached, as at a sidecar);
+/// across VirtualServices for one host, catch-alls go after every other
+/// route.
+#[test]
+fn catch_all_routes_end_their_virtual_service_and_go_last_when_merged() {
+    let text = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  hosts: [www.example.com]
+  gateways: [istio-system/edge]
+  http:
+  - {name: a-root, match: [{uri: {prefix: /}}], route: [{destination: {host: web}}]}
+  - {name: a-api, match: [{uri: {prefix: /api}}], route: [{destination: {host: web}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z"}
+spec:
+  hosts: [www.example.com]
+  gateways: [istio-system/edge]
+  http:
+  - {name: b-docs, match: [{uri: {prefix: /docs}}], route: [{destination: {host: web}}]}
+"#;
+    let snap = snapshot(text);
+    let vss: Vec<_> = snap.virtual_services.iter().collect();
+    let mut ordered = vss.clone();
+    ordered.sort_by_key(|v| v.name.clone());
+    let at = skiff_core::routing::Bind::Gateway { namespace: "istio-system".into(), name: "edge".into() };
+    let name = |path| {
+        let info = skiff_core::routing::RequestInfo { method: "GET", path, authority: "www.example.com", headers: &[], port: 80, scheme: "http" };
+        route(&ordered, &info, &at).and_then(|(_, r)| r.name.clone())
+    };
+    assert_eq!(name("/docs/x").as_deref(), Some("b-docs"), "b's route before a's catch-all");
+    assert_eq!(name("/api/x").as_deref(), Some("a-root"), "a-api comes after a's catch-all: never reached");
+    assert_eq!(name("/other").as_deref(), Some("a-root"));
+}

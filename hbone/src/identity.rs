@@ -342,6 +342,31 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError>
     }
 }
 
+/// A certificate's subject alternative names: DNS names, URIs, email
+/// addresses and IP addresses, as text (the ingress gateway's
+/// `subjectAltNames` check of client certificates). Empty when there are
+/// none or the certificate cannot be read.
+pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::URI(u) => Some(u.to_string()),
+            GeneralName::RFC822Name(e) => Some(e.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn roots(bundle: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, IdentityError> {
     let mut roots = RootCertStore::empty();
     for c in bundle {

@@ -65,6 +65,10 @@ pub struct KubeOptions {
     pub max_delay: Duration,
     /// Upper bound on how long a relist in progress holds publishing.
     pub max_hold: Duration,
+    /// Also watch the Secrets of this namespace (the ingress gateway's
+    /// own, for its certificates; RBAC: a Role there). No other process
+    /// reads Secrets.
+    pub secrets_namespace: Option<String>,
 }
 
 impl Default for KubeOptions {
@@ -75,6 +79,7 @@ impl Default for KubeOptions {
             debounce: Duration::from_millis(150),
             max_delay: Duration::from_secs(1),
             max_hold: Duration::from_secs(5),
+            secrets_namespace: None,
         }
     }
 }
@@ -94,7 +99,12 @@ pub struct WatchedKind {
     pub feeds: &'static str,
 }
 
-/// Every kind the source watches (and so the `list`/`watch` RBAC it needs).
+/// Secrets: watched in one namespace, by the ingress gateway only.
+pub const SECRETS: WatchedKind =
+    WatchedKind { group: "", version: "v1", kind: "Secret", plural: "secrets", fallback: &[], feeds: "the ingress gateway's certificates (its own namespace only)" };
+
+/// Every kind the source watches cluster-wide (and so the `list`/`watch`
+/// RBAC it needs); the ingress gateway adds [`SECRETS`] in its namespace.
 pub const WATCHED: &[WatchedKind] = &[
     WatchedKind { group: "", version: "v1", kind: "Namespace", plural: "namespaces", fallback: &[], feeds: "enrollment (dataplane-mode label), waypoint use" },
     WatchedKind { group: "", version: "v1", kind: "Pod", plural: "pods", fallback: &[], feeds: "workloads: enrollment, identities, Service endpoints" },
@@ -131,6 +141,9 @@ impl WatchedKind {
 /// serves an Istio kind only at an older version is read at that version:
 /// its policies are never taken for "none".
 async fn served_resource(client: &Client, wk: &WatchedKind) -> ApiResource {
+    if wk.fallback.is_empty() {
+        return wk.api_resource();
+    }
     for version in std::iter::once(wk.version).chain(wk.fallback.iter().copied()) {
         let ar = wk.api_resource_at(version);
         let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
@@ -282,7 +295,9 @@ enum Update {
 async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc<Snapshot>, SourceError>>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Update)>();
     let mut stores: Vec<Store<DynamicObject>> = Vec::new();
-    for (i, wk) in WATCHED.iter().enumerate() {
+    let kinds: Vec<(WatchedKind, Option<String>)> =
+        WATCHED.iter().map(|k| (*k, None)).chain(opts.secrets_namespace.clone().map(|ns| (SECRETS, Some(ns)))).collect();
+    for (i, (wk, namespace)) in kinds.iter().enumerate() {
         let ar = wk.api_resource();
         let writer = Writer::<DynamicObject>::new(ar.clone());
         stores.push(writer.as_reader());
@@ -293,10 +308,14 @@ async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc
             }
         }
         let tx = tx.clone();
-        let wk = *wk;
+        let (wk, namespace) = (*wk, namespace.clone());
         let client = client.clone();
         tokio::spawn(async move {
-            let api = Api::<DynamicObject>::all_with(client.clone(), &served_resource(&client, &wk).await);
+            let ar = served_resource(&client, &wk).await;
+            let api = match &namespace {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+                None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+            };
             let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff());
             futures::pin_mut!(stream);
             let mut listed = false;
@@ -350,7 +369,8 @@ async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc
         });
     }
     drop(tx);
-    publish_loop(&opts, &stores, &mut rx, &out).await;
+    let kinds: Vec<WatchedKind> = kinds.into_iter().map(|(k, _)| k).collect();
+    publish_loop(&opts, &kinds, &stores, &mut rx, &out).await;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -362,13 +382,14 @@ enum KindState {
 
 async fn publish_loop(
     opts: &KubeOptions,
+    kinds: &[WatchedKind],
     stores: &[Store<DynamicObject>],
     rx: &mut mpsc::UnboundedReceiver<(usize, Update)>,
     out: &std_mpsc::Sender<Result<Arc<Snapshot>, SourceError>>,
 ) {
     use tokio::time::{sleep_until, Instant};
-    let mut state = vec![KindState::Waiting; WATCHED.len()];
-    let mut absent = vec![false; WATCHED.len()];
+    let mut state = vec![KindState::Waiting; kinds.len()];
+    let mut absent = vec![false; kinds.len()];
     let mut dirty_since: Option<Instant> = None;
     let mut last_change = Instant::now();
     let mut hold_since: Option<Instant> = None;
@@ -431,7 +452,7 @@ async fn publish_loop(
                     Some(Ok(s)) => Some(s.clone()),
                     _ => None,
                 };
-                let outcome = build(stores, previous.as_deref());
+                let outcome = build(kinds, stores, previous.as_deref());
                 let key = match &outcome {
                     Ok(s) => Ok(s.clone()),
                     Err(e) => Err(e.report()),
@@ -456,9 +477,9 @@ async fn publish_loop(
 /// The snapshot of everything in the stores, validated like a manifests
 /// directory, object by object (`previous`: the last published, whose
 /// accepted objects stand in for refused ones).
-fn build(stores: &[Store<DynamicObject>], previous: Option<&Snapshot>) -> Result<Arc<Snapshot>, SourceError> {
+fn build(kinds: &[WatchedKind], stores: &[Store<DynamicObject>], previous: Option<&Snapshot>) -> Result<Arc<Snapshot>, SourceError> {
     let mut objects: Vec<(String, Object)> = Vec::new();
-    for (wk, store) in WATCHED.iter().zip(stores) {
+    for (wk, store) in kinds.iter().zip(stores) {
         let mut items = store.state();
         // Stores are hash maps: sort so equal contents give equal snapshots.
         items.sort_by(|a, b| (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name)));
@@ -498,8 +519,9 @@ fn build(stores: &[Store<DynamicObject>], previous: Option<&Snapshot>) -> Result
 /// Which config source a process was told to use.
 #[derive(Clone, Debug)]
 pub enum SourceChoice {
-    /// A directory of manifests (`--manifests DIR`).
-    Manifests(std::path::PathBuf),
+    /// A directory of manifests (`--manifests DIR`), and the namespace
+    /// whose Secrets are read (the ingress gateway's; None for others).
+    Manifests(std::path::PathBuf, Option<String>),
     /// The Kubernetes API (`--kube`, or `--kube-url URL`).
     Kube(KubeOptions),
 }
@@ -543,7 +565,7 @@ impl SourceChoice {
     /// `--kube-url` together are one choice (the URL wins over inference).
     pub fn from_args(manifests: Option<std::path::PathBuf>, kube: bool, kube_url: Option<String>) -> Result<SourceChoice, ChoiceError> {
         match (manifests, kube || kube_url.is_some()) {
-            (Some(dir), false) => Ok(SourceChoice::Manifests(dir)),
+            (Some(dir), false) => Ok(SourceChoice::Manifests(dir, None)),
             (None, true) => Ok(SourceChoice::Kube(KubeOptions { url: kube_url, ..Default::default() })),
             (None, false) => Err(ChoiceError::None),
             (Some(dir), true) => Err(ChoiceError::Several(format!(
@@ -562,12 +584,22 @@ impl SourceChoice {
         self
     }
 
+    /// Also read the Secrets of `namespace` (the ingress gateway, for its
+    /// certificates). Every other process reads none.
+    pub fn secrets_in(mut self, namespace: &str) -> SourceChoice {
+        match &mut self {
+            SourceChoice::Kube(o) => o.secrets_namespace = Some(namespace.to_owned()),
+            SourceChoice::Manifests(_, ns) => *ns = Some(namespace.to_owned()),
+        }
+        self
+    }
+
     /// Opens the source.
     pub fn open(self) -> Result<Box<dyn ConfigSource>, KubeSourceError> {
         Ok(match self {
-            SourceChoice::Manifests(dir) => Box::new(skiff_core::source::LocalDirSource::new(dir)),
+            SourceChoice::Manifests(dir, secrets) => Box::new(skiff_core::source::LocalDirSource::new(dir).with_secrets_in(secrets)),
             SourceChoice::Kube(o) => {
-                info!(url = o.url.as_deref().unwrap_or("(in-cluster or kubeconfig)"), pods_on_node = ?o.pods_on_node, "reading the cluster from the Kubernetes API");
+                info!(url = o.url.as_deref().unwrap_or("(in-cluster or kubeconfig)"), pods_on_node = ?o.pods_on_node, secrets_namespace = ?o.secrets_namespace, "reading the cluster from the Kubernetes API");
                 Box::new(KubeSource::start(o)?)
             }
         })

@@ -44,6 +44,7 @@ fn options(fake: &FakeApiServer, node: Option<&str>) -> KubeOptions {
         debounce: Duration::from_millis(50),
         max_delay: Duration::from_millis(300),
         max_hold: Duration::from_secs(2),
+        secrets_namespace: None,
     }
 }
 
@@ -343,4 +344,36 @@ fn istio_kinds_served_only_at_an_older_version_are_read_there() {
     wait_until(&mut src, &mut last, "the policies read at v1beta1", |s| {
         s.peer_authentications.iter().any(|p| p.name == "strict") && s.authorization_policies.iter().any(|p| p.name == "deny") && s.virtual_services.len() == 1
     });
+}
+
+/// Secrets are read by the ingress gateway only, in its own namespace: a
+/// namespaced watch (so a Role there is all its RBAC needs), and no
+/// other namespace's Secret reaches the snapshot. Without the option (every
+/// other process) no Secret is asked for.
+#[test]
+fn secrets_are_read_only_in_the_namespace_asked_for() {
+    let fake = FakeApiServer::start().unwrap();
+    fake.apply(namespace("istio-system", None)).unwrap();
+    let secret = |ns: &str, name: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
+            "type": "kubernetes.io/tls", "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}})
+    };
+    fake.apply(secret("istio-system", "shop-cert")).unwrap();
+    fake.apply(secret("shop", "other-cert")).unwrap();
+    let mut src = KubeSource::start(KubeOptions { secrets_namespace: Some("istio-system".into()), ..options(&fake, None) }).unwrap();
+    let mut last = None;
+    wait_until(&mut src, &mut last, "the gateway's Secret", |s| s.secrets.contains_key("istio-system/shop-cert"));
+    let s = last.unwrap();
+    assert_eq!(s.secrets.keys().collect::<Vec<_>>(), ["istio-system/shop-cert"], "another namespace's Secret is never read");
+    assert_eq!(s.secrets["istio-system/shop-cert"].data["tls.crt"], b"cert");
+    let asked: Vec<_> = fake.requests().into_iter().filter(|r| r.resource == "secrets").collect();
+    assert!(!asked.is_empty() && asked.iter().all(|r| r.namespace.as_deref() == Some("istio-system")), "{asked:?}");
+    drop(src);
+
+    let before = fake.requests().iter().filter(|r| r.resource == "secrets").count();
+    let mut src = KubeSource::start(options(&fake, None)).unwrap();
+    let mut last = None;
+    wait_until(&mut src, &mut last, "a snapshot", |s| s.namespaces.contains_key("istio-system"));
+    assert!(last.unwrap().secrets.is_empty());
+    assert_eq!(fake.requests().iter().filter(|r| r.resource == "secrets").count(), before, "no Secret is asked for");
 }

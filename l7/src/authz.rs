@@ -57,7 +57,7 @@ pub fn check_request(
     if policies.is_empty() {
         return Ok(());
     }
-    let host = req.authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(req.authority);
+    let host = skiff_core::routing::host_of(req.authority);
     let attrs = policy::L7Attrs { method: req.method, path: req.path.split('?').next().unwrap_or("/"), host, headers: req.headers };
     let d = policy::evaluate_l7(policies, &conn(peer, peer_id, dst_ip, req.port), &attrs);
     if !d.allowed {

@@ -1,23 +1,36 @@
 //! The ingress gateway's front: the listeners of the Gateway servers that
 //! select this gateway's pod, opened and closed as the Gateways change,
-//! and the downstream HTTP connections they take, each served by the same
-//! request pipeline as a waypoint's streams (`server`). Requests leave
-//! over HBONE with the gateway's own identity.
+//! TLS terminated for HTTPS servers (the certificate of the server the
+//! client's SNI names, from its Secret, picked up on every change without
+//! touching open connections), and the downstream HTTP connections, each
+//! served by the same request pipeline as a waypoint's streams
+//! (`server`). Requests leave over HBONE with the gateway's own identity.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, RwLock,
     },
     time::Duration,
 };
 
-use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::{error, info, warn};
+use skiff_core::{
+    gateway::{self, Protocol, Server, TlsMode},
+    model::Snapshot,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use tokio_rustls::rustls::{self, ServerConfig};
+use tracing::{debug, error, info, warn};
 
-use crate::server::{Entry, Proxy, StreamCtx};
+use crate::{
+    server::{Entry, Proxy, StreamCtx},
+    tls::{self, ServerKey},
+};
 
 /// Downstream connections held open at once by one gateway (all its
 /// listeners); past it a new connection is closed at once.
@@ -26,6 +39,31 @@ pub const MAX_CONNECTIONS: usize = 16384;
 /// How often listeners that could not be opened are tried again.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// What a port serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Tls,
+}
+
+/// The TLS servers of every TLS port and the configurations that could be
+/// made for them, as of the last config change.
+#[derive(Default)]
+struct TlsState {
+    servers: BTreeMap<u16, Vec<(ServerKey, Server)>>,
+    configs: HashMap<ServerKey, Arc<ServerConfig>>,
+}
+
+/// What the config asks the gateway to open.
+#[derive(Default)]
+struct Plan {
+    /// Port → what it serves and its servers (for logs).
+    ports: BTreeMap<u16, (Mode, String)>,
+    tls: TlsState,
+    /// Servers left closed, and why (by `Gateway ns/name servers[i]`).
+    problems: BTreeMap<String, String>,
+}
+
 /// Gets the gateway's certificate, then opens and closes its listeners to
 /// follow the Gateways that select its pod, until the proxy drains
 /// (listeners close; open connections finish as `Drain` allows).
@@ -33,24 +71,38 @@ pub async fn serve(proxy: Arc<Proxy>, max_connections: usize) -> Result<(), skif
     proxy.ensure_certificate().await?;
     info!("gateway serving: certificate ready, listening for the Gateways that select this pod");
     let mut cluster = proxy.cluster();
-    let mut open: BTreeMap<u16, JoinHandle<()>> = BTreeMap::new();
-    let mut logged: BTreeMap<u16, String> = BTreeMap::new();
+    let mut open: BTreeMap<u16, (Mode, JoinHandle<()>)> = BTreeMap::new();
+    let mut bind_logged: BTreeMap<u16, String> = BTreeMap::new();
+    let mut problems_logged: BTreeMap<String, String> = BTreeMap::new();
     let held = Arc::new(AtomicUsize::new(0));
+    let tls_state = Arc::new(RwLock::new(Arc::new(TlsState::default())));
     let draining = proxy.drain.stopping();
     tokio::pin!(draining);
     loop {
         let snap = cluster.borrow_and_update().clone();
-        let want = wanted(&proxy, &snap);
-        open.retain(|port, task| {
-            let keep = want.contains_key(port);
+        let plan = plan(&proxy, &snap);
+        // Loud once per server and cause; quiet when it is fixed.
+        for (server, why) in &plan.problems {
+            if problems_logged.get(server) != Some(why) {
+                error!(server = %server, reason = %why, "Gateway server not served (the other servers are)");
+            }
+        }
+        for server in problems_logged.keys().filter(|k| !plan.problems.contains_key(*k)) {
+            info!(server = %server, "Gateway server served again");
+        }
+        problems_logged = plan.problems.clone();
+        // New connections get the new certificates; open ones keep theirs.
+        *tls_state.write().expect("lock") = Arc::new(plan.tls);
+        open.retain(|port, (mode, task)| {
+            let keep = plan.ports.get(port).is_some_and(|(m, _)| m == mode);
             if !keep {
                 task.abort();
-                info!(port, "gateway listener closed: no Gateway server on it any more (open connections finish)");
-                logged.remove(port);
+                info!(port, "gateway listener closed: no Gateway server on it any more, or its protocol changed (open connections finish)");
+                bind_logged.remove(port);
             }
             keep
         });
-        for (port, servers) in &want {
+        for (port, (mode, servers)) in &plan.ports {
             if open.contains_key(port) {
                 continue;
             }
@@ -59,52 +111,83 @@ pub async fn serve(proxy: Arc<Proxy>, max_connections: usize) -> Result<(), skif
                 TcpListener::from_std(l)
             }) {
                 Ok(l) => {
-                    info!(port, servers = %servers, "gateway listening");
-                    logged.remove(port);
-                    open.insert(*port, tokio::spawn(accept_loop(proxy.clone(), l, *port, held.clone(), max_connections)));
+                    info!(port, tls = *mode == Mode::Tls, servers = %servers, "gateway listening");
+                    bind_logged.remove(port);
+                    let task = tokio::spawn(accept_loop(proxy.clone(), l, *port, *mode, held.clone(), max_connections, tls_state.clone()));
+                    open.insert(*port, (*mode, task));
                 }
                 Err(e) => {
-                    // Once per port and cause, then retried quietly.
                     let what = e.to_string();
-                    if logged.get(port) != Some(&what) {
+                    if bind_logged.get(port) != Some(&what) {
                         error!(port, servers = %servers, error = %what, "cannot listen for these Gateway servers; they are not served until the port can be opened (retried every 5 s)");
-                        logged.insert(*port, what);
+                        bind_logged.insert(*port, what);
                     }
                 }
             }
         }
         tokio::select! {
             r = cluster.changed() => if r.is_err() { break },
-            _ = tokio::time::sleep(RETRY), if open.len() < want.len() => {}
+            _ = tokio::time::sleep(RETRY), if open.len() < plan.ports.len() => {}
             _ = &mut draining => break,
         }
     }
-    for (_, task) in open {
+    for (_, (_, task)) in open {
         task.abort();
     }
     Ok(())
 }
 
-/// The ports to listen on, each with the servers it carries (for logs):
-/// `Gateway ns/name server[i] (port number → listening port, hosts)`.
-fn wanted(proxy: &Proxy, snap: &skiff_core::model::Snapshot) -> BTreeMap<u16, String> {
-    let mut out: BTreeMap<u16, String> = BTreeMap::new();
-    let Some(pod) = proxy.own_pod(snap) else { return out };
+/// The ports to listen on, what each serves, and the TLS configurations
+/// of its HTTPS servers. A port serves one kind of server: the oldest
+/// Gateway's server on it decides; a server of the other kind there is
+/// left closed and reported.
+fn plan(proxy: &Proxy, snap: &Snapshot) -> Plan {
+    let mut plan = Plan::default();
+    let Some(pod) = proxy.own_pod(snap) else { return plan };
+    let gateway_ns = pod.namespace.clone();
     for o in snap.gateway_servers(pod) {
+        let key = tls::server_key(&o);
+        let name = format!("Gateway {} servers[{}] (port {} → {})", key.0, key.1, o.server.number, o.port);
+        let mode = if o.server.protocol == Protocol::Https { Mode::Tls } else { Mode::Plain };
         let hosts: Vec<String> = o.server.hosts.iter().map(|h| format!("{}/{}", h.namespace.as_deref().unwrap_or("*"), h.host)).collect();
-        let line = format!("Gateway {}/{} servers[{}] (port {} → {}, hosts {})", o.gateway.namespace, o.gateway.name, o.server.index, o.server.number, o.port, hosts.join(","));
-        let e = out.entry(o.port).or_default();
-        if !e.is_empty() {
-            e.push_str("; ");
+        match plan.ports.get_mut(&o.port) {
+            Some((m, _)) if *m != mode => {
+                plan.problems.insert(name, format!("port {} already serves {} for an older Gateway's server", o.port, if *m == Mode::Tls { "TLS" } else { "plaintext" }));
+                continue;
+            }
+            Some((_, list)) => list.push_str(&format!("; {name} hosts {}", hosts.join(","))),
+            None => {
+                plan.ports.insert(o.port, (mode, format!("{name} hosts {}", hosts.join(","))));
+            }
         }
-        e.push_str(&line);
+        if mode == Mode::Tls {
+            match tls::server_config(snap, &gateway_ns, o.server) {
+                Ok(cfg) => {
+                    plan.tls.configs.insert(key.clone(), cfg);
+                }
+                Err(why) => {
+                    plan.problems.insert(name, why);
+                }
+            }
+            plan.tls.servers.entry(o.port).or_default().push((key, o.server.clone()));
+        }
     }
-    out
+    plan
+}
+
+/// A slot among `--max-connections`, given back however the connection
+/// ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Takes connections on one listener; each is served as HTTP/1.1 or
-/// HTTP/2 (prior knowledge) by the request pipeline.
-async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, held: Arc<AtomicUsize>, max: usize) {
+/// HTTP/2 by the request pipeline, after TLS on a TLS port.
+async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: Mode, held: Arc<AtomicUsize>, max: usize, tls_state: Arc<RwLock<Arc<TlsState>>>) {
     let mut refused_since_log = 0u64;
     let mut last_log = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
@@ -114,20 +197,101 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, held: 
             proxy.metrics.admission_refused.with_label_values(&["gateway_connections"]).inc();
             refused_since_log += 1;
             if last_log.elapsed() >= Duration::from_secs(10) {
-                warn!(port, %peer, max_connections = max, refused = refused_since_log, "gateway connection refused: too many open");
+                warn!(port, %peer, max_connections = max, refused = refused_since_log, "gateway connection refused: too many open (--max-connections)");
                 refused_since_log = 0;
                 last_log = tokio::time::Instant::now();
             }
-            drop(tcp);
             continue;
         }
+        let slot = Slot(held.clone());
         let _ = tcp.set_nodelay(true);
-        let (proxy, held) = (proxy.clone(), held.clone());
+        let (proxy, tls_state) = (proxy.clone(), tls_state.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let _tracked = proxy.drain.track();
-            let ctx = Arc::new(StreamCtx { entry: Entry::Gateway { port, scheme: "http" }, peer, peer_id: None });
-            proxy.serve_http_ctx(ctx, tcp).await;
-            held.fetch_sub(1, Ordering::AcqRel);
+            match mode {
+                Mode::Plain => {
+                    if !first_bytes(&tcp, proxy.header_read_timeout()).await {
+                        return debug!(%peer, port, "gateway connection closed: nothing sent in time");
+                    }
+                    let ctx = Arc::new(StreamCtx { entry: Entry::Gateway { port, scheme: "http", server: None }, peer, peer_id: None });
+                    proxy.serve_http_ctx(ctx, tcp).await;
+                }
+                Mode::Tls => {
+                    let state = tls_state.read().expect("lock").clone();
+                    let Some((key, tls)) = handshake(&proxy, tcp, port, &state).await else { return };
+                    let ctx = Arc::new(StreamCtx { entry: Entry::Gateway { port, scheme: "https", server: Some(key) }, peer, peer_id: None });
+                    proxy.serve_http_ctx(ctx, tls).await;
+                }
+            }
         });
     }
+}
+
+/// Whether the client sent its first bytes in time; for HTTP/2 (prior
+/// knowledge) the whole 24-byte preface, which the HTTP server would
+/// otherwise wait for without a bound.
+async fn first_bytes(tcp: &TcpStream, within: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        if n == PREFACE.len() || buf[..n] != PREFACE[..n] {
+            return true;
+        }
+        // Part of the preface: wait for more.
+        if tokio::time::timeout_at(deadline, tcp.readable()).await.is_err() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The TLS handshake of one connection: the server its SNI picks among
+/// this port's, that server's configuration (certificate, versions,
+/// client CA), then the `subjectAltNames` check of a MUTUAL client. None:
+/// refused (logged at debug: clients that fail TLS are common and cheap
+/// to cause).
+async fn handshake(proxy: &Proxy, tcp: TcpStream, port: u16, state: &TlsState) -> Option<(ServerKey, tokio_rustls::server::TlsStream<TcpStream>)> {
+    let deadline = tokio::time::Instant::now() + proxy.handshake_timeout();
+    let peer = tcp.peer_addr().ok();
+    let start = match tokio::time::timeout_at(deadline, tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(?peer, port, error = %e, "TLS refused: not a ClientHello");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let servers: Vec<(ServerKey, &Server)> = state.servers.get(&port).map(|v| v.iter().map(|(k, s)| (k.clone(), s)).collect()).unwrap_or_default();
+    let Some(key) = gateway::pick_by_sni(&servers, sni.as_deref()).cloned() else {
+        debug!(?peer, port, ?sni, "TLS refused: no server of this port takes that name");
+        return None;
+    };
+    let Some(cfg) = state.configs.get(&key).cloned() else {
+        debug!(?peer, port, ?sni, server = ?key, "TLS refused: that server has no usable certificate (see the error logged for it)");
+        return None;
+    };
+    let stream = match tokio::time::timeout_at(deadline, start.into_stream(cfg)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(?peer, port, ?sni, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let server = servers.iter().find(|(k, _)| *k == key).map(|(_, s)| *s)?;
+    if let Some(t) = server.tls.as_ref().filter(|t| t.mode == TlsMode::Mutual) {
+        let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+        if !tls::client_names_allowed(&t.subject_alt_names, cert) {
+            info!(?peer, port, ?sni, "TLS client refused: its certificate names none of the server's subjectAltNames");
+            return None;
+        }
+    }
+    Some((key, stream))
 }

@@ -12,7 +12,8 @@
 //! The decisions themselves (route matching, weights, faults, policy, token
 //! buckets) are `skiff_core`'s pure functions; this crate applies them to
 //! live traffic. Modules, from the front: `gateway` (the ingress gateway's
-//! listeners, following its Gateways) hands connections to `server` (HBONE
+//! listeners, following its Gateways; `tls` its servers' certificates) hands
+//! connections to `server` (HBONE
 //! termination, the request pipeline), which calls `normalize`, `route`, `authz`, `ratelimit`,
 //! `resilience` and `upstream`; `errors` turns every refusal into its
 //! response; `metrics` and `trace` record. No module imports one nearer the
@@ -28,6 +29,7 @@ pub mod ratelimit;
 pub mod resilience;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 

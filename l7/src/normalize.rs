@@ -63,10 +63,14 @@ pub fn normalize_path(raw: &str) -> Option<String> {
     })
 }
 
-/// The request's authority, lowercased and without a trailing dot: the
-/// URI's (HTTP/2 `:authority`, absolute-form), else the Host header. None
-/// (a bad request) when the Host header is not text or names another
-/// authority than the URI; empty when there is neither.
+/// The request's authority, canonical: the URI's (HTTP/2 `:authority`,
+/// absolute-form), else the Host header; a host (a DNS name, an IPv4
+/// address or a bracketed IPv6 address, lower-cased, without a trailing
+/// dot) and an optional numeric port. None (a bad request) when the Host
+/// header is not text, names another authority than the URI, or is not
+/// such an authority (userinfo, a path, a second colon…): policy and
+/// routing then never read one Host two ways. Empty when there is
+/// neither.
 pub fn authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     let host_header = headers.get(header::HOST).map(|h| h.to_str().map(str::to_owned));
     let authority = match (uri.authority().map(|a| a.to_string()), host_header) {
@@ -75,8 +79,42 @@ pub fn authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
         (Some(a), _) => Some(a),
         (None, Some(Ok(h))) => Some(h),
         (None, None) => Some(String::new()),
+    }?;
+    canonical_authority(&authority)
+}
+
+/// `host[:port]` checked and made canonical (see [`authority`]).
+pub fn canonical_authority(a: &str) -> Option<String> {
+    if a.is_empty() {
+        return Some(String::new());
+    }
+    let (host, port) = if let Some(rest) = a.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        if inside.is_empty() || !inside.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return None;
+        }
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        (format!("[{}]", inside.to_ascii_lowercase()), port)
+    } else {
+        let (host, port) = match a.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (a, None),
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+            return None;
+        }
+        (host.to_ascii_lowercase(), port)
     };
-    authority.map(|a| a.trim_end_matches('.').to_ascii_lowercase())
+    match port {
+        None => Some(host),
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u32>().ok()? <= 65535 => Some(format!("{host}:{p}")),
+        Some(_) => None,
+    }
 }
 
 /// Repeated headers joined with ",", as Envoy presents them; a value that
@@ -100,6 +138,32 @@ pub fn joined_headers(h: &HeaderMap) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One reading of the Host for policy and routing: anything that is not
+    /// `host[:port]` is refused, a trailing dot goes with or without a port.
+    #[test]
+    fn authorities_are_canonical_or_refused() {
+        for (a, want) in [
+            ("Example.COM", Some("example.com")),
+            ("example.com.", Some("example.com")),
+            ("admin.example.com.:80", Some("admin.example.com:80")),
+            ("10.0.0.1:8080", Some("10.0.0.1:8080")),
+            ("[::1]", Some("[::1]")),
+            ("[::1]:443", Some("[::1]:443")),
+            ("", Some("")),
+            ("x:80.example.com", None),
+            ("evil.com/.example.com", None),
+            ("a@b.example.com", None),
+            ("a..b", None),
+            ("host:", None),
+            ("host:99999", None),
+            ("[::1", None),
+            ("[::1]x", None),
+            ("ex ample.com", None),
+        ] {
+            assert_eq!(canonical_authority(a).as_deref(), want, "{a:?}");
+        }
+    }
 
     #[test]
     fn paths_are_normalized_before_policy_and_routing() {

@@ -46,7 +46,8 @@ pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>,
         .filter(|v| v.applies_to(&svc.name, &svc.namespace, proxy_ns))
         .min_by_key(|v| v.precedence(&svc.namespace));
     let route = match vs {
-        Some(vs) => vs.route(info).cloned(),
+        // Only its matches for the mesh: a rewrite looks at those.
+        Some(vs) => vs.route(info).map(|r| r.at(&routing::Bind::Mesh, &vs.gateways)),
         None => Some(default_route(svc)),
     };
     (vs, route)

@@ -141,15 +141,19 @@ pub struct Proxy {
     /// Graceful stop: SIGTERM stops accepting, sends GOAWAY and lets
     /// in-flight requests finish (see `Drain::drain`).
     pub drain: Drain,
+    /// The proxy's own pod's uid, once found (a lookup by key, not a scan
+    /// of every workload per request).
+    own_uid: std::sync::Mutex<Option<String>>,
 }
 
 /// Where the requests of one downstream connection came in.
 pub(crate) enum Entry {
     /// A CONNECT stream (at a waypoint) to this Service and port.
     Service { svc: Box<ServiceInfo>, port: ServicePort },
-    /// An ingress gateway listener: the port it listens on and the
-    /// scheme clients use.
-    Gateway { port: u16, scheme: &'static str },
+    /// An ingress gateway listener: the port it listens on, the scheme
+    /// clients use, and for TLS the server the handshake's SNI chose
+    /// (only its hosts and VirtualServices apply).
+    Gateway { port: u16, scheme: &'static str, server: Option<crate::tls::ServerKey> },
 }
 
 /// Where one downstream connection came in, and from whom.
@@ -188,6 +192,22 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Drops a response's hop-by-hop headers (and those its `connection`
+/// header names), as Envoy does.
+fn strip_response_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()))
+        .filter(|n| !n.is_empty())
+        .collect();
+    // `trailer` stays: it announces the response's trailers (gRPC).
+    for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"].into_iter().chain(named.iter().map(String::as_str)) {
+        h.remove(name);
+    }
+}
+
 /// A request answered before any route: refused, or answered here.
 enum Chosen {
     Refused(Failure),
@@ -196,13 +216,34 @@ enum Chosen {
 
 /// A gateway server's `httpsRedirect`, as Envoy's `require_tls`: 301 to
 /// `https://` with the Host as sent (its port included) and the path.
-fn https_redirect(authority: &str, path: &str) -> Response<Body> {
+/// None when the Host is not an authority (400).
+fn https_redirect(authority: &str, path: &str) -> Option<Response<Body>> {
+    if !routing::is_authority(authority) {
+        return None;
+    }
     let mut r = Response::new(crate::body::full(""));
     *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
-    if let Ok(v) = HeaderValue::from_str(&format!("https://{authority}{path}")) {
-        r.headers_mut().insert(header::LOCATION, v);
+    r.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&format!("https://{authority}{path}")).ok()?);
+    Some(r)
+}
+
+/// What the mesh's edge sets on a request it lets in, as Istio's gateway
+/// (Envoy with `use_remote_address`): the client's address appended to
+/// `x-forwarded-for`, `x-forwarded-proto` the scheme it used, and a new
+/// `x-request-id` (an outside client's is not trusted).
+fn edge_headers(h: &mut HeaderMap, client: std::net::IpAddr, scheme: &str, request_id: &str) {
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev},{client}"),
+        _ => client.to_string(),
+    };
+    h.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
     }
-    r
+    h.insert("x-forwarded-proto", HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
 }
 
 impl Proxy {
@@ -228,6 +269,7 @@ impl Proxy {
             breakers: CircuitBreakers::default(),
             rate_limits: RateLimits::default(),
             bodies,
+            own_uid: std::sync::Mutex::new(None),
         })
     }
 
@@ -246,7 +288,24 @@ impl Proxy {
     /// The proxy's own pod in the cluster view (`Config::pod_name`).
     pub(crate) fn own_pod<'s>(&self, snap: &'s Snapshot) -> Option<&'s Workload> {
         let name = self.cfg.pod_name.as_deref()?;
-        snap.workloads.values().find(|w| w.namespace == self.cfg.namespace && w.name == name)
+        let mine = |w: &&Workload| w.namespace == self.cfg.namespace && w.name == name;
+        let mut uid = self.own_uid.lock().expect("lock");
+        if let Some(w) = uid.as_ref().and_then(|u| snap.workloads.get(u)).filter(mine) {
+            return Some(w);
+        }
+        let w = snap.workloads.values().find(mine)?;
+        *uid = Some(w.uid.clone());
+        Some(w)
+    }
+
+    /// The bound on a TLS handshake (`--hbone-handshake-timeout`) and on a
+    /// client's first bytes (`--http-header-read-timeout`).
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        self.cfg.hbone.handshake_timeout
+    }
+
+    pub(crate) fn header_read_timeout(&self) -> Duration {
+        self.cfg.http.header_read_timeout
     }
 
     /// Drops state of endpoints that left the cluster and closed idle
@@ -488,9 +547,9 @@ impl Proxy {
         };
         let (port, scheme) = match &ctx.entry {
             Entry::Service { port, .. } => (port.port, "http"),
-            Entry::Gateway { port, scheme } => (*port, *scheme),
+            Entry::Gateway { port, scheme, .. } => (*port, *scheme),
         };
-        let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port };
+        let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port, scheme };
         let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
         let routed = match self.choose(&snap, &ctx, &info, &raw_path) {
             Ok(r) => r,
@@ -549,6 +608,9 @@ impl Proxy {
         let (hash, set_cookie) = route::request_hash(&resolved.policy, &parts.headers, &path, ctx.peer.ip(), &mut rng);
         // The upstream request.
         strip_hop_by_hop(&mut parts.headers);
+        if let Entry::Gateway { scheme, .. } = &ctx.entry {
+            edge_headers(&mut parts.headers, ctx.peer.ip(), scheme, &trace.trace_id);
+        }
         // The destination's own header operations, then the route's (as
         // Envoy orders weighted-cluster and route level).
         route::apply_header_ops(&mut parts.headers, &dest.request_headers);
@@ -568,6 +630,10 @@ impl Proxy {
         let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2, hash };
         let mut outcome = resilience::forward(&self.upstreams, out, &mut slot, &mut log.retries, &mut rng).await;
         if let Ok((resp, _)) = &mut outcome {
+            // The upstream connection's own headers (`connection: close`…)
+            // are not the downstream's: passed on, they would close the
+            // client's kept-alive connection.
+            strip_response_hop_by_hop(resp.headers_mut());
             route::apply_header_ops(resp.headers_mut(), &dest.response_headers);
             if let Some(c) = set_cookie {
                 resp.headers_mut().append(header::SET_COOKIE, c);
@@ -593,7 +659,7 @@ impl Proxy {
                 let host_ns = vs.map(|v| v.namespace.clone()).unwrap_or_else(|| svc.map(|s| s.namespace.clone()).unwrap_or_default());
                 Ok(Routed { vs, route, host_ns, default_port: port.port, svc })
             }
-            Entry::Gateway { port, .. } => {
+            Entry::Gateway { port, server: tls_server, .. } => {
                 let Some(pod) = self.own_pod(snap) else {
                     warn!(pod = ?self.cfg.pod_name, namespace = %self.cfg.namespace, "the gateway's own pod is not in the cluster view: no Gateway selects it yet");
                     return Err(Chosen::Refused(Failure::NoRoute));
@@ -605,14 +671,25 @@ impl Proxy {
                     .collect();
                 let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
                 authz::check_request(&policies, ctx.peer, None, own_ip, info).map_err(Chosen::Refused)?;
-                let open = snap.gateway_servers(pod);
+                let mut open = snap.gateway_servers(pod);
+                if let Some(key) = tls_server {
+                    // TLS: the server the handshake chose, alone.
+                    open.retain(|o| crate::tls::server_key(o) == *key);
+                }
                 let host = gateway::request_host(info.authority);
                 match gateway::decide(&snap.virtual_services, &open, *port, &host, &self.cfg.namespace) {
                     gateway::Decision::NoServer => Err(Chosen::Refused(Failure::NoRoute)),
-                    gateway::Decision::HttpsRedirect => Err(Chosen::Answer(Box::new(https_redirect(info.authority, raw_path)))),
+                    gateway::Decision::HttpsRedirect => match https_redirect(info.authority, raw_path) {
+                        Some(r) => Err(Chosen::Answer(Box::new(r))),
+                        None => Err(Chosen::Refused(Failure::BadRequest)),
+                    },
                     gateway::Decision::Route { at, server, virtual_services } => {
-                        let (vs, route) = gateway::route(&virtual_services, info, &at).ok_or(Chosen::Refused(Failure::NoRoute))?;
-                        Ok(Routed { vs: Some(vs), route: route.clone(), host_ns: vs.namespace.clone(), default_port: server.number, svc: None })
+                        // Route matches on `port` see the server's number
+                        // (what clients address), as in Istio.
+                        let info = RequestInfo { port: server.number, ..info.clone() };
+                        let (vs, route) = gateway::route(&virtual_services, &info, &at).ok_or(Chosen::Refused(Failure::NoRoute))?;
+                        let route = route.at(&at, &vs.gateways);
+                        Ok(Routed { vs: Some(vs), route, host_ns: vs.namespace.clone(), default_port: server.number, svc: None })
                     }
                 }
             }

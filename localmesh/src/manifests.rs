@@ -42,6 +42,8 @@ pub struct Plan {
     /// Istio objects (PeerAuthentication, AuthorizationPolicy,
     /// VirtualService, DestinationRule, Gateway), passed to the mesh as they are.
     pub policies: Vec<Object>,
+    /// Secrets (the ingress gateway's certificates), passed on as they are.
+    pub secrets: Vec<Object>,
 }
 
 fn short_hash(s: &str) -> String {
@@ -238,6 +240,7 @@ pub fn plan(dir: &Path, nodes: &[String], ingress_gateway: bool) -> anyhow::Resu
                 | Object::VirtualService(_)
                 | Object::DestinationRule(_)
                 | Object::Gateway(_) => plan.policies.push(obj),
+                Object::Secret(_) => plan.secrets.push(obj),
                 // An Istio object Skiff refuses is passed on as written:
                 // node-agent and ztunnel refuse it on their own (and report
                 // it) while everything else runs.

@@ -144,6 +144,7 @@ pub struct LocalMesh {
     pub services: Vec<PlannedService>,
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     policies: Vec<k8s::Object>,
+    secrets: Vec<k8s::Object>,
     rt: Option<tokio::runtime::Runtime>,
     extra: Vec<Child>,
     torn_down: bool,
@@ -166,7 +167,7 @@ const FABRIC_API_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 
 /// Kinds mirrored from the state directory into the fake API server.
 const MIRRORED_KINDS: &[&str] =
-    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "Gateway", "AuthorizationPolicy", "PeerAuthentication"];
+    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "Gateway", "AuthorizationPolicy", "PeerAuthentication", "Secret"];
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -255,6 +256,7 @@ impl LocalMesh {
             services: plan.services.clone(),
             namespaces: plan.namespaces.clone(),
             policies: plan.policies.clone(),
+            secrets: plan.secrets.clone(),
             rt: None,
             extra: Vec::new(),
             torn_down: false,
@@ -568,6 +570,13 @@ impl LocalMesh {
             }
         }
         sys::write_atomic(&self.state_dir.join("policies.yaml"), &join_docs(&docs)?)?;
+        let mut docs = Vec::new();
+        for p in &self.secrets {
+            if let k8s::Object::Secret(o) = p {
+                docs.push(with_kind("v1", "Secret", serde_json::to_value(o)?));
+            }
+        }
+        sys::write_atomic(&self.state_dir.join("secrets.yaml"), &join_docs(&docs)?)?;
         self.mirror_to_kube()
     }
 

@@ -249,7 +249,10 @@ fn granted(objs: &[Value]) -> BTreeSet<Grant> {
 
 #[test]
 fn rbac_grants_exactly_what_the_code_uses() {
-    let objs = render(&deploy_dir());
+    // The install and the ingress gateway (which binds the install's
+    // config reader role and adds its own Secrets role).
+    let mut objs = render(&deploy_dir());
+    objs.extend(render(&deploy_dir().join("gateway")));
     let granted = granted(&objs);
     let expected = expected_grants();
     let missing: Vec<_> = expected.difference(&granted).collect();
@@ -345,6 +348,29 @@ fn rbac_table_equals_what_the_code_asks_of_the_api() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(asked(&fake), want, "the config source's requests vs deploy/rbac-expectations.tsv (skiff-system/ztunnel)");
+    drop(src);
+
+    // The ingress gateway (istio-system/istio-ingressgateway): the same
+    // config source, and its own namespace's Secrets.
+    let fake = FakeApiServer::start().unwrap();
+    fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}})).unwrap();
+    let mut src = skiff_kube_source::SourceChoice::from_args(None, false, Some(fake.url())).unwrap().secrets_in("istio-system").open().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the gateway's Kubernetes source published no snapshot");
+        if let Ok(Some(s)) = src.poll(Duration::from_millis(200)) {
+            if s.namespaces.contains_key("istio-system") {
+                break;
+            }
+        }
+    }
+    let want = table("istio-system/istio-ingressgateway");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while asked(&fake) != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(asked(&fake), want, "the gateway's requests vs deploy/rbac-expectations.tsv (istio-system/istio-ingressgateway)");
+    assert!(fake.requests().iter().filter(|r| r.resource == "secrets").all(|r| r.namespace.as_deref() == Some("istio-system")), "Secrets are read in the gateway's namespace only");
     drop(src);
 
     // The signer (service account skiff-system/skiff-signer), every path.

@@ -8,6 +8,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddrV4, TcpStream},
+    sync::Arc,
     time::Duration,
 };
 
@@ -230,4 +231,251 @@ fn the_gateways_load_balancer_address_answers_from_the_host() {
         out.starts_with("HTTP/1.1 200").then_some(out)
     });
     assert!(body.contains("version=v2") && body.contains("path=/from-host"), "{body}");
+}
+
+// ---------------------------------------------------------------------
+// HTTPS (Done-when 3 and 4): certificates from Secrets, chosen by SNI.
+
+/// A self-signed certificate for `names` (PEM certificate, PEM key, DER).
+fn self_signed(names: &[&str]) -> (String, String, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+}
+
+/// A CA, and a certificate it signs for `names` (client certificates).
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        params.distinguished_name.push(rcgen::DnType::CommonName, "test client CA");
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa { issuer: rcgen::Issuer::new(params, key), pem }
+    }
+
+    fn sign(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
+    }
+}
+
+/// A Secret in istio-system with `pairs` as `stringData`.
+fn secret(name: &str, kind: &str, pairs: &[(&str, &str)]) -> String {
+    let mut y = format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: istio-system}}\ntype: {kind}\nstringData:\n");
+    for (k, v) in pairs {
+        y.push_str(&format!("  {k}: |\n"));
+        for line in v.lines() {
+            y.push_str(&format!("    {line}\n"));
+        }
+    }
+    y
+}
+
+/// A TLS client trusting exactly `root_der` (the server's self-signed
+/// certificate, or its CA), offering `versions`, with a client
+/// certificate when given.
+fn tls_client(root_der: &[u8], versions: &[&'static rustls::SupportedProtocolVersion], client: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(root_der.to_vec())).unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, key)) => {
+            use rustls::pki_types::pem::PemObject as _;
+            let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+            b.with_client_auth_cert(chain, rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap()).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    Arc::new(cfg)
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection to the gateway's LoadBalancer address, port 443, with
+/// `sni`: Err when the handshake fails.
+fn tls_connect(mesh: &LocalMesh, sni: &str, cfg: Arc<rustls::ClientConfig>) -> Result<Tls, String> {
+    let ip = mesh.load_balancer_ip("istio-system", "istio-ingressgateway").unwrap();
+    let tcp = TcpStream::connect_timeout(&SocketAddrV4::new(ip, 443).into(), Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let conn = rustls::ClientConnection::new(cfg, sni.to_owned().try_into().unwrap()).map_err(|e| e.to_string())?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
+    }
+    Ok(s)
+}
+
+/// One response on a kept-alive connection: status and body.
+fn read_response(s: &mut impl std::io::Read) -> Result<(u16, String), String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            Ok(_) => return Err("closed before the response".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .ok_or_else(|| format!("no content-length: {head}"))?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).map_err(|e| e.to_string())?;
+    Ok((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+fn https_get(s: &mut Tls, host: &str, path: &str) -> Result<(u16, String), String> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).map_err(|e| e.to_string())?;
+    s.flush().map_err(|e| e.to_string())?;
+    read_response(s)
+}
+
+/// A ClientHello that offers TLS 1.1 and nothing newer (no
+/// supported_versions extension), with SNI `host`; whether the server
+/// answered with a ServerHello.
+fn server_hello_for_tls11(mesh: &LocalMesh, host: &str) -> bool {
+    let ip = mesh.load_balancer_ip("istio-system", "istio-ingressgateway").unwrap();
+    let mut tcp = TcpStream::connect_timeout(&SocketAddrV4::new(ip, 443).into(), Duration::from_secs(2)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let name = host.as_bytes();
+    let mut sni = vec![0x00, 0x00]; // extension: server_name
+    let list_len = name.len() + 3;
+    sni.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
+    sni.extend_from_slice(&(list_len as u16).to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name);
+    let mut body = vec![0x03, 0x02]; // client_version TLS 1.1
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0x00, 0x04, 0xc0, 0x13, 0x00, 0x2f]); // ECDHE-RSA-AES128-SHA, AES128-SHA
+    body.extend_from_slice(&[0x01, 0x00]); // compression: null
+    body.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    body.extend_from_slice(&sni);
+    let mut hs = vec![0x01];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    record.extend_from_slice(&hs);
+    tcp.write_all(&record).unwrap();
+    let mut head = [0u8; 6];
+    match tcp.read_exact(&mut head) {
+        // A handshake record whose first message is a ServerHello (2).
+        Ok(()) => head[0] == 0x16 && head[5] == 0x02,
+        Err(_) => false,
+    }
+}
+
+fn https_gateway(servers: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: shop-gateway, namespace: shop}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n{servers}")
+}
+
+const VS_AB: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews-edge, namespace: shop}\nspec:\n  hosts: [a.example.com, b.example.com, m.example.com]\n  gateways: [shop-gateway]\n  http: [{route: [{destination: {host: reviews, subset: v1}}]}]\n";
+
+/// Done-when 3: `tls.mode: SIMPLE` with `credentialName` (self-signed
+/// certificates in Secrets, both layouts), `minProtocolVersion: TLSV1_2`;
+/// port 80 with `httpsRedirect` answers 301; a client offering only TLS
+/// 1.1 is refused; two hosts, two certificates, by SNI; a replaced Secret
+/// serves its new certificate to new connections while an open one keeps
+/// working.
+#[test]
+fn https_from_secrets_by_sni_with_versions_redirect_and_rotation() {
+    let Some(mesh) = up() else { return };
+    let (a_cert, a_key, a_der) = self_signed(&["a.example.com"]);
+    let (b_cert, b_key, b_der) = self_signed(&["b.example.com"]);
+    let secrets = format!(
+        "{}---\n{}",
+        secret("a-cert", "kubernetes.io/tls", &[("tls.crt", &a_cert), ("tls.key", &a_key)]),
+        secret("b-cert", "Opaque", &[("cert", &b_cert), ("key", &b_key)])
+    );
+    mesh.apply("secrets", Some(&secrets)).unwrap();
+    let servers = "  - port: {number: 443, name: https-a, protocol: HTTPS}\n    hosts: [a.example.com]\n    tls: {mode: SIMPLE, credentialName: a-cert, minProtocolVersion: TLSV1_2}\n\
+                   \x20 - port: {number: 443, name: https-b, protocol: HTTPS}\n    hosts: [b.example.com]\n    tls: {mode: SIMPLE, credentialName: b-cert}\n\
+                   \x20 - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [a.example.com]\n    tls: {httpsRedirect: true}\n";
+    mesh.apply("edge", Some(&format!("{}---\n{VS_AB}", https_gateway(servers)))).unwrap();
+    let both = [&rustls::version::TLS12, &rustls::version::TLS13];
+    let mut open = eventually(WAIT, "HTTPS for a.example.com", || {
+        let mut s = tls_connect(&mesh, "a.example.com", tls_client(&a_der, &both, None)).ok()?;
+        matches!(https_get(&mut s, "a.example.com", "/x"), Ok((200, _))).then_some(s)
+    });
+    // SNI picks the certificate: each client trusts only its host's.
+    let mut b = tls_connect(&mesh, "b.example.com", tls_client(&b_der, &both, None)).expect("b.example.com with its own certificate");
+    let (code, body) = https_get(&mut b, "b.example.com", "/y").unwrap();
+    assert!(code == 200 && body.contains("version=v1") && body.contains("path=/y"), "{code} {body}");
+    assert!(tls_connect(&mesh, "b.example.com", tls_client(&a_der, &both, None)).is_err(), "b.example.com is not served with a's certificate");
+    // TLS 1.2 is allowed (the minimum), TLS 1.1 is refused.
+    let mut v12 = tls_connect(&mesh, "a.example.com", tls_client(&a_der, &[&rustls::version::TLS12], None)).expect("TLS 1.2 client");
+    assert_eq!(https_get(&mut v12, "a.example.com", "/").unwrap().0, 200);
+    assert!(!server_hello_for_tls11(&mesh, "a.example.com"), "a client offering only TLS 1.1 got a ServerHello");
+    // httpsRedirect on port 80.
+    let r = load(&mesh, "/login?next=/cart", 1, &["Host: a.example.com"]);
+    assert_eq!(count(&r.codes, "301"), 1, "{:?}", r.codes);
+    assert!(r.headers[0].iter().any(|h| h == "location: https://a.example.com/login?next=/cart"), "{:?}", r.headers);
+    // Rotation: a new certificate in the same Secret.
+    let (a2_cert, a2_key, a2_der) = self_signed(&["a.example.com"]);
+    let secrets = format!(
+        "{}---\n{}",
+        secret("a-cert", "kubernetes.io/tls", &[("tls.crt", &a2_cert), ("tls.key", &a2_key)]),
+        secret("b-cert", "Opaque", &[("cert", &b_cert), ("key", &b_key)])
+    );
+    mesh.apply("secrets", Some(&secrets)).unwrap();
+    eventually(WAIT, "the new certificate served", || tls_connect(&mesh, "a.example.com", tls_client(&a2_der, &both, None)).ok());
+    assert!(tls_connect(&mesh, "a.example.com", tls_client(&a_der, &both, None)).is_err(), "new connections get the new certificate only");
+    let (code, _) = https_get(&mut open, "a.example.com", "/still-open").expect("the connection opened before the rotation keeps working");
+    assert_eq!(code, 200);
+    // A Secret that goes bad disables only its server, loudly.
+    let secrets = format!("{}---\n{}", secret("a-cert", "kubernetes.io/tls", &[("tls.crt", "not a certificate"), ("tls.key", &a2_key)]), secret("b-cert", "Opaque", &[("cert", &b_cert), ("key", &b_key)]));
+    mesh.apply("secrets", Some(&secrets)).unwrap();
+    eventually(WAIT, "a's server disabled", || tls_connect(&mesh, "a.example.com", tls_client(&a2_der, &both, None)).is_err().then_some(()));
+    let mut b = tls_connect(&mesh, "b.example.com", tls_client(&b_der, &both, None)).expect("b is unaffected");
+    assert_eq!(https_get(&mut b, "b.example.com", "/").unwrap().0, 200);
+    let log = std::fs::read_to_string(&mesh.pod("istio-system", "istio-ingressgateway").log).unwrap();
+    assert!(log.contains("Gateway server not served") && log.contains("Secret istio-system/a-cert"), "the gateway says which server and why");
+}
+
+/// Done-when 4: `MUTUAL` with a client CA: a client without a certificate
+/// is refused, one with a certificate the CA signed (and a name the server
+/// lists in `subjectAltNames`) is served, another name is refused.
+#[test]
+fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+    let Some(mesh) = up() else { return };
+    let (m_cert, m_key, m_der) = self_signed(&["m.example.com"]);
+    let ca = TestCa::new();
+    mesh.apply("secrets", Some(&secret("m-cert", "kubernetes.io/tls", &[("tls.crt", &m_cert), ("tls.key", &m_key), ("ca.crt", &ca.pem)]))).unwrap();
+    let servers = "  - port: {number: 443, name: https-m, protocol: HTTPS}\n    hosts: [m.example.com]\n    tls: {mode: MUTUAL, credentialName: m-cert, subjectAltNames: [client.example.com]}\n";
+    mesh.apply("edge", Some(&format!("{}---\n{VS_AB}", https_gateway(servers)))).unwrap();
+    let both = [&rustls::version::TLS12, &rustls::version::TLS13];
+    let (c_cert, c_key) = ca.sign(&["client.example.com"]);
+    let mut ok = eventually(WAIT, "MUTUAL server up", || {
+        let mut s = tls_connect(&mesh, "m.example.com", tls_client(&m_der, &both, Some((&c_cert, &c_key)))).ok()?;
+        matches!(https_get(&mut s, "m.example.com", "/"), Ok((200, _))).then_some(s)
+    });
+    assert_eq!(https_get(&mut ok, "m.example.com", "/again").unwrap().0, 200);
+    // Without a certificate: the handshake (TLS 1.3: the first read) fails.
+    let refused = |client: Option<(&str, &str)>| match tls_connect(&mesh, "m.example.com", tls_client(&m_der, &both, client)) {
+        Err(_) => true,
+        Ok(mut s) => https_get(&mut s, "m.example.com", "/").is_err(),
+    };
+    assert!(refused(None), "a client without a certificate was served");
+    let (o_cert, o_key) = ca.sign(&["other.example.com"]);
+    assert!(refused(Some((&o_cert, &o_key))), "a certificate without a listed subjectAltName was served");
+    let (self_cert, self_key, _) = self_signed(&["client.example.com"]);
+    assert!(refused(Some((&self_cert, &self_key))), "a certificate the CA did not sign was served");
 }

@@ -62,12 +62,17 @@ pub fn init_logging() {
 /// Runs a proxy named `name` (running as `service_account`, in pod
 /// `pod_name`) until SIGTERM or Ctrl-C, then drains it: `front` starts
 /// what it serves (its listeners) and returns when that stops.
-pub fn run<F, Fut>(args: ProxyArgs, name: String, service_account: String, pod_name: Option<String>, front: F) -> anyhow::Result<()>
+/// With `secrets`, the proxy also reads its own namespace's Secrets (the
+/// ingress gateway's certificates).
+pub fn run<F, Fut>(args: ProxyArgs, name: String, service_account: String, pod_name: Option<String>, secrets: bool, front: F) -> anyhow::Result<()>
 where
     F: FnOnce(Arc<Proxy>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let source = skiff_kube_source::SourceChoice::from_args(args.manifests.clone(), args.kube, args.kube_url.clone())?;
+    let mut source = skiff_kube_source::SourceChoice::from_args(args.manifests.clone(), args.kube, args.kube_url.clone())?;
+    if secrets {
+        source = source.secrets_in(&args.namespace);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;

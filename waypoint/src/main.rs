@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
     skiff_waypoint::init_logging();
     let cli = Cli::parse();
     let (name, ip) = (cli.name.clone(), cli.pod_ip);
-    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, std::env::var("POD_NAME").ok(), move |wp| async move {
+    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, std::env::var("POD_NAME").ok(), false, move |wp| async move {
         let hbone = tokio::net::TcpListener::bind((ip, 15008)).await.with_context(|| format!("binding {ip}:15008"))?;
         info!(%name, %ip, "waypoint serving HBONE on 15008");
         Ok(Arc::clone(&wp).serve(hbone).await?)

@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     skiff_waypoint::init_logging();
     let cli = Cli::parse();
     let max = cli.max_connections.max(1);
-    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, Some(cli.pod_name), move |gw| async move {
+    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, Some(cli.pod_name), true, move |gw| async move {
         Ok(skiff_l7::gateway::serve(gw, max).await?)
     })
 }
