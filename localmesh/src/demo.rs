@@ -54,6 +54,61 @@ pub fn print_topology(mesh: &LocalMesh) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// HTTPS from this machine through the ingress gateway: a self-signed
+/// certificate for demo.example.com goes into a Secret, an HTTPS server
+/// naming it is added to the demo's Gateway (as `kubectl apply` would),
+/// and a client trusting exactly that certificate asks for `/`.
+fn https_through_the_gateway(mesh: &LocalMesh) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["demo.example.com".to_owned()])?.self_signed(&key)?;
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: demo-cert, namespace: istio-system}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n\
+         apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: demo-gateway, namespace: demo}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n\
+         \x20 - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: [demo.example.com]\n\
+         \x20 - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [demo.example.com]\n    tls: {{mode: SIMPLE, credentialName: demo-cert, minProtocolVersion: TLSV1_2}}\n",
+        indent(&cert.pem()),
+        indent(&key.serialize_pem())
+    );
+    println!("== applying a Secret (a self-signed certificate for demo.example.com) and an HTTPS server on the demo Gateway");
+    mesh.apply("demo-https", Some(&yaml))?;
+    let lb = mesh.load_balancer_ip("istio-system", "istio-ingressgateway").expect("checked");
+    let addr = std::net::SocketAddrV4::new(lb, 443);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(cert.der().to_vec()))?;
+    let cfg = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (version, reply) = loop {
+        let attempt = || -> anyhow::Result<(String, String)> {
+            let tcp = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+            tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let conn = rustls::ClientConnection::new(cfg.clone(), "demo.example.com".try_into()?)?;
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            s.write_all(b"GET / HTTP/1.1\r\nHost: demo.example.com\r\nConnection: close\r\n\r\n")?;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            let version = format!("{:?}", s.conn.protocol_version().unwrap_or(rustls::ProtocolVersion::Unknown(0)));
+            let text = String::from_utf8_lossy(&out).to_string();
+            anyhow::ensure!(text.starts_with("HTTP/1.1 200"), "answered {:?}", text.lines().next().unwrap_or_default());
+            Ok((version, text.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_owned()).unwrap_or_default()))
+        };
+        match attempt() {
+            Ok(r) => break r,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    println!("== this machine -> https://{addr}/ (SNI demo.example.com, {version}, the certificate from the Secret)  (outside -> ingress gateway -> enrolled)");
+    println!("   HTTP/1.1 200 OK: {reply}");
+    Ok(())
+}
+
 /// One HTTP/1.1 GET from this machine (outside the cluster) to `addr`
 /// with `host` as the Host header: the status line and the body.
 pub fn get_from_host(addr: std::net::SocketAddrV4, host: &str, path: &str) -> anyhow::Result<(String, String)> {
@@ -151,6 +206,11 @@ pub fn run(mesh: &LocalMesh) -> anyhow::Result<()> {
         println!("   ztunnel saw: {inb} connection(s) arriving at demo/frontend over HBONE from the gateway");
         if inb <= 0.0 {
             failures.push("outside -> ingress gateway -> enrolled: nothing arrived at demo/frontend through ztunnel".into());
+        }
+    }
+    if mesh.load_balancer_ip("istio-system", "istio-ingressgateway").is_some() {
+        if let Err(e) = https_through_the_gateway(mesh) {
+            failures.push(format!("outside -> ingress gateway (HTTPS) -> enrolled: {e:#}"));
         }
     }
     println!("\nKernel-side capture counters (skiff-node-agent inspect):");
