@@ -49,6 +49,7 @@ pub enum Object {
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
     Gateway(Gateway),
+    ServiceEntry(ServiceEntry),
     /// Read only by the ingress gateway, in its own namespace (the sources
     /// drop every other Secret before the model sees it).
     Secret(Secret),
@@ -900,6 +901,74 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicySpec>,
 }
 
+/// `networking.istio.io` ServiceEntry: a destination outside the
+/// cluster's Services (an external API, a database by address) added to
+/// the mesh's registry. Every field of Istio's ServiceEntry and its
+/// `WorkloadEntry` endpoints is here; the model refuses what Skiff does
+/// not honour.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntry {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceEntrySpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ServiceEntryPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<WorkloadEntrySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryPort {
+    #[serde(default)]
+    pub number: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntrySpec {
+    #[serde(default)]
+    pub address: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
 /// A Secret: `data` (base64, as the API serves it) and `stringData`
 /// (plain text, as manifests may write it).
 #[derive(Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -1169,6 +1238,7 @@ fn parse_value(index: usize, value: &serde_json::Value, out: &mut Vec<Object>) -
         "VirtualService" if networking => istio(value, Object::VirtualService, &field, &invalid),
         "DestinationRule" if networking => istio(value, Object::DestinationRule, &field, &invalid),
         "Gateway" if networking => istio(value, Object::Gateway, &field, &invalid),
+        "ServiceEntry" if networking => istio(value, Object::ServiceEntry, &field, &invalid),
         "Secret" if core => typed_or(typed(value).map(Object::Secret)),
         _ => Object::Other { api_version, kind },
     };
@@ -1225,6 +1295,7 @@ impl Object {
             Object::VirtualService(o) => ("VirtualService", &o.metadata),
             Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
             Object::Gateway(o) => ("Gateway", &o.metadata),
+            Object::ServiceEntry(o) => ("ServiceEntry", &o.metadata),
             Object::Secret(o) => ("Secret", &o.metadata),
             Object::Other { kind, .. } => return kind.clone(),
             Object::Invalid(o) => {

@@ -8,11 +8,14 @@
 //!   directory of manifests.
 //! - [`zds`]: the node-agent → ztunnel protocol over a Unix socket.
 //! - [`netns`]: running code inside another network namespace.
+//! - [`egress`]: Istio ServiceEntries and the outbound traffic policy, and
+//!   where a connection to an address outside the cluster goes.
 //! - [`gateway`]: Istio Gateways, and the ingress gateway's decisions
 //!   (servers, listening ports, VirtualServices bound to a Gateway).
 //! - [`series`]: which metric label sets name workloads or Services that
 //!   are gone (pruned by ztunnel and the waypoint).
 
+pub mod egress;
 pub mod enroll;
 pub mod gateway;
 pub mod k8s;

@@ -110,6 +110,7 @@ pub struct Snapshot {
     pub virtual_services: Vec<crate::routing::VirtualService>,
     pub destination_rules: Vec<crate::routing::DestinationRule>,
     pub gateways: Vec<crate::gateway::Gateway>,
+    pub service_entries: Vec<crate::egress::ServiceEntry>,
     /// Secrets, by `namespace/name`: only the ingress gateway's source
     /// passes any (those of its own namespace).
     pub secrets: BTreeMap<String, SecretData>,
@@ -271,6 +272,7 @@ fn kind_name(kind: &str) -> &'static str {
         "DestinationRule" => "DestinationRule",
         "Gateway" => "Gateway",
         "Secret" => "Secret",
+        "ServiceEntry" => "ServiceEntry",
         _ => "",
     }
 }
@@ -391,6 +393,7 @@ impl Snapshot {
                 Object::DestinationRule(o) => ("DestinationRule", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::Gateway(o) => ("Gateway", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::Secret(o) => ("Secret", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::ServiceEntry(o) => ("ServiceEntry", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::Invalid(o) => (kind_name(&o.kind), o.namespace.clone(), Some(o.name.clone())),
                 Object::Deployment(_) | Object::Other { .. } => continue,
             };
@@ -606,6 +609,10 @@ impl Snapshot {
                 self.warnings.extend(warnings.into_iter().map(|(f, m)| err(&f, m)));
                 self.gateways.push(g);
             }
+            Object::ServiceEntry(e) => {
+                let e = crate::egress::service_entry_from(e).map_err(|(f, m)| err(&f, m))?;
+                self.service_entries.push(e);
+            }
             Object::Secret(sec) => {
                 use base64::Engine as _;
                 let namespace = sec.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -643,6 +650,7 @@ impl Snapshot {
                 "VirtualService" => prev.virtual_services.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.virtual_services.push(p)).is_some(),
                 "DestinationRule" => prev.destination_rules.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.destination_rules.push(p)).is_some(),
                 "Gateway" => prev.gateways.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.gateways.push(p)).is_some(),
+                "ServiceEntry" => prev.service_entries.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.service_entries.push(p)).is_some(),
                 "Secret" => {
                     let k = format!("{}/{}", key.namespace, key.name);
                     prev.secrets.get(&k).cloned().map(|p| self.secrets.insert(k, p)).is_some()

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use skiff_core::{gateway, k8s};
+use skiff_core::{egress, gateway, k8s};
 use skiff_core::model::Snapshot;
 use skiff_core::policy::{self, AuthzPolicy, ConnInfo, L7Attrs, MtlsMode, PeerAuthn};
 use skiff_core::routing::{self, AbortStatus, DestinationRule, HashKey, LoadBalancer, RequestInfo, VirtualService};
@@ -1125,4 +1125,84 @@ fn gateway_fields_read_as_istio_documents() {
 #[test]
 fn docs_table_agrees_with_the_gateway_readings() {
     docs_agree("Gateway", "### Gateway: how Skiff reads Istio's fields", GATEWAY);
+}
+
+// ---------------------------------------------------------------------
+// ServiceEntry
+
+const SE: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry";
+
+#[rustfmt::skip]
+const SERVICE_ENTRY: &[(&str, Reading)] = &[
+    ("hosts", H), ("addresses", H), ("ports", H), ("ports[].number", H), ("ports[].name", H), ("ports[].protocol", D),
+    ("ports[].targetPort", H), ("location", D), ("resolution", H), ("exportTo", H),
+    ("endpoints", H), ("endpoints[].address", H), ("endpoints[].ports", H), ("endpoints[].labels", D),
+    ("endpoints[].network", R), ("endpoints[].locality", R), ("endpoints[].weight", R), ("endpoints[].serviceAccount", R),
+    ("workloadSelector", R), ("subjectAltNames", R),
+];
+
+fn reach(e: &egress::ServiceEntry, ns: &str, dst: &str, resolved: &[(&str, &str)]) -> Option<(String, String)> {
+    let resolved: std::collections::HashMap<String, Vec<std::net::Ipv4Addr>> =
+        resolved.iter().map(|(h, ip)| (h.to_string(), vec![ip.parse().unwrap()])).collect();
+    let entries = [e.clone()];
+    egress::lookup(&entries, ns, dst.parse().unwrap(), &resolved).map(|t| (t.host.to_owned(), t.target.to_string()))
+}
+
+#[rustfmt::skip]
+fn service_entry_cases() -> Vec<Case<egress::ServiceEntry>> {
+    vec![
+        Case { fields: &["hosts", "ports", "ports[].number", "ports[].name", "ports[].protocol", "resolution"],
+            cite: "ServiceEntry.hosts, ports, resolution DNS: connections to the addresses its hosts resolve to, on its ports, are in the registry (named by the host)",
+            spec: "{hosts: [api.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}",
+            expect: ok(|e| {
+                assert_eq!(reach(e, "app", "198.51.100.7:443", &[("api.example.com", "198.51.100.7")]), Some(("api.example.com".into(), "198.51.100.7:443".into())));
+                assert_eq!(reach(e, "app", "198.51.100.7:80", &[("api.example.com", "198.51.100.7")]), None, "another port");
+                assert_eq!(reach(e, "app", "198.51.100.8:443", &[("api.example.com", "198.51.100.7")]), None, "another address");
+            }) },
+        Case { fields: &["addresses", "location", "resolution"], cite: "ServiceEntry.addresses with resolution NONE: connections to those addresses go where they were sent; location MESH_EXTERNAL",
+            spec: "{hosts: [db.example.com], addresses: [192.0.2.0/24], ports: [{number: 5432, name: pg}], location: MESH_EXTERNAL, resolution: NONE}",
+            expect: ok(|e| {
+                assert!(!e.internal);
+                assert_eq!(reach(e, "app", "192.0.2.7:5432", &[]), Some(("db.example.com".into(), "192.0.2.7:5432".into())));
+                assert_eq!(reach(e, "app", "192.0.3.7:5432", &[]), None);
+            }) },
+        Case { fields: &["resolution", "endpoints", "endpoints[].address", "endpoints[].ports", "endpoints[].labels", "ports[].targetPort"],
+            cite: "ServiceEntry.resolution STATIC and endpoints (WorkloadEntry address, ports by port name); Port.targetPort",
+            spec: "{hosts: [pg.example.com], addresses: [240.1.1.1], ports: [{number: 5432, name: pg}, {number: 80, name: http, targetPort: 8080}], resolution: STATIC, endpoints: [{address: 203.0.113.9, ports: {pg: 6432}, labels: {v: a}}]}",
+            expect: ok(|e| {
+                assert_eq!(reach(e, "app", "240.1.1.1:5432", &[]), Some(("pg.example.com".into(), "203.0.113.9:6432".into())), "the VIP goes to the endpoint, its named port");
+                assert_eq!(reach(e, "app", "203.0.113.9:80", &[]), Some(("pg.example.com".into(), "203.0.113.9:8080".into())), "targetPort");
+                assert_eq!(e.endpoints[0].labels.get("v").map(String::as_str), Some("a"));
+            }) },
+        Case { fields: &["location"], cite: "ServiceEntry.location MESH_INTERNAL: taken (the address decides HBONE or plain TCP)",
+            spec: "{hosts: [legacy.internal], ports: [{number: 80, name: http}], location: MESH_INTERNAL}", expect: ok(|e| assert!(e.internal)) },
+        Case { fields: &["exportTo"], cite: "ServiceEntry.exportTo: `.` only the entry's namespace; `~` no one",
+            spec: "{hosts: [a.example.com], addresses: [192.0.2.1], ports: [{number: 80, name: http}], exportTo: [\".\"]}",
+            expect: ok(|e| {
+                assert!(reach(e, "shop", "192.0.2.1:80", &[]).is_some());
+                assert!(reach(e, "app", "192.0.2.1:80", &[]).is_none());
+            }) },
+        Case { fields: &["hosts"], cite: "Istio's validation: hosts are required", spec: "{ports: [{number: 80, name: http}]}", expect: Err("spec.hosts") },
+        Case { fields: &["endpoints"], cite: "Istio's validation: STATIC needs endpoints",
+            spec: "{hosts: [a.example.com], ports: [{number: 80, name: http}], resolution: STATIC}", expect: Err("spec.endpoints") },
+        Case { fields: &["endpoints[].address"], cite: "Istio's validation: NONE takes no endpoints",
+            spec: "{hosts: [a.example.com], ports: [{number: 80, name: http}], endpoints: [{address: 192.0.2.1}]}", expect: Err("spec.endpoints[0].address") },
+        Case { fields: &["ports[].name"], cite: "Istio's validation: a port needs a name",
+            spec: "{hosts: [a.example.com], ports: [{number: 80}]}", expect: Err("spec.ports[0].name") },
+        Case { fields: &["resolution"], cite: "ServiceEntry.Resolution: NONE, STATIC, DNS, DNS_ROUND_ROBIN",
+            spec: "{hosts: [a.example.com], ports: [{number: 80, name: http}], resolution: MAGIC}", expect: Err("spec.resolution") },
+    ]
+}
+
+#[test]
+fn service_entry_fields_read_as_istio_documents() {
+    let cases = service_entry_cases();
+    run("ServiceEntry", SE, &cases, |s| s.service_entries.first());
+    let base = json!({"hosts": ["a.example.com"], "ports": [{"number": 80, "name": "http"}], "resolution": "STATIC", "endpoints": [{"address": "192.0.2.1"}]});
+    complete("ServiceEntry", SE, SERVICE_ENTRY, &cases, base);
+}
+
+#[test]
+fn docs_table_agrees_with_the_service_entry_readings() {
+    docs_agree("ServiceEntry", "### ServiceEntry: how Skiff reads Istio's fields", SERVICE_ENTRY);
 }

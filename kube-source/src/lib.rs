@@ -114,6 +114,7 @@ pub const WATCHED: &[WatchedKind] = &[
     WatchedKind { group: "networking.istio.io", version: "v1", kind: "VirtualService", plural: "virtualservices", fallback: &["v1beta1", "v1alpha3"], feeds: "waypoint routing" },
     WatchedKind { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules", fallback: &["v1beta1", "v1alpha3"], feeds: "waypoint subsets and traffic policy" },
     WatchedKind { group: "networking.istio.io", version: "v1", kind: "Gateway", plural: "gateways", fallback: &["v1beta1", "v1alpha3"], feeds: "ingress gateway servers" },
+    WatchedKind { group: "networking.istio.io", version: "v1", kind: "ServiceEntry", plural: "serviceentries", fallback: &["v1beta1", "v1alpha3"], feeds: "egress: external destinations in the registry" },
     WatchedKind { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", fallback: &["v1beta1"], feeds: "L4 and L7 authorization" },
     WatchedKind { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications", fallback: &["v1beta1"], feeds: "mTLS mode" },
 ];

@@ -44,6 +44,9 @@ pub struct Plan {
     pub policies: Vec<Object>,
     /// Secrets (the ingress gateway's certificates), passed on as they are.
     pub secrets: Vec<Object>,
+    /// `spec.meshConfig.outboundTrafficPolicy.mode` of an IstioOperator
+    /// (ztunnel's `--outbound-traffic-policy`).
+    pub outbound_traffic_policy: Option<String>,
 }
 
 fn short_hash(s: &str) -> String {
@@ -145,9 +148,17 @@ pub fn plan(dir: &Path, nodes: &[String], ingress_gateway: bool) -> anyhow::Resu
         let objects = k8s::parse_documents(&text).map_err(|e| anyhow::anyhow!("{}: {}", f.display(), skiff_core::report(&e)))?;
         if objects.iter().any(|o| matches!(o, Object::Other { kind, .. } if kind == "IstioOperator")) {
             let values = k8s::documents_as_json(&text).map_err(|e| anyhow::anyhow!("{}: {}", f.display(), skiff_core::report(&e)))?;
-            if values.iter().filter(|v| v["kind"] == "IstioOperator").any(operator_disables_ingress_gateway) {
-                tracing::info!(file = %f.display(), "IstioOperator turns the ingress gateway off: the local mesh runs none");
-                gateway_off = true;
+            for op in values.iter().filter(|v| v["kind"] == "IstioOperator") {
+                if operator_disables_ingress_gateway(op) {
+                    tracing::info!(file = %f.display(), "IstioOperator turns the ingress gateway off: the local mesh runs none");
+                    gateway_off = true;
+                }
+                if let Some(mode) = op["spec"]["meshConfig"]["outboundTrafficPolicy"]["mode"].as_str() {
+                    if !matches!(mode, "ALLOW_ANY" | "REGISTRY_ONLY") {
+                        bail!("{}: IstioOperator `spec.meshConfig.outboundTrafficPolicy.mode: {mode}` is not ALLOW_ANY or REGISTRY_ONLY", f.display());
+                    }
+                    plan.outbound_traffic_policy = Some(mode.to_owned());
+                }
             }
         }
         docs.push((f, objects));
@@ -239,13 +250,14 @@ pub fn plan(dir: &Path, nodes: &[String], ingress_gateway: bool) -> anyhow::Resu
                 | Object::AuthorizationPolicy(_)
                 | Object::VirtualService(_)
                 | Object::DestinationRule(_)
-                | Object::Gateway(_) => plan.policies.push(obj),
+                | Object::Gateway(_)
+                | Object::ServiceEntry(_) => plan.policies.push(obj),
                 Object::Secret(_) => plan.secrets.push(obj),
                 // An Istio object Skiff refuses is passed on as written:
                 // node-agent and ztunnel refuse it on their own (and report
                 // it) while everything else runs.
                 Object::Invalid(ref o)
-                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule" | "Gateway") =>
+                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule" | "Gateway" | "ServiceEntry") =>
                 {
                     plan.policies.push(obj)
                 }

@@ -159,15 +159,23 @@ pub struct LocalMesh {
     kube: Option<skiff_kube_fake::FakeApiServer>,
     /// `LoadBalancer` Services' addresses on the host, by `namespace/name`.
     load_balancers: BTreeMap<String, Ipv4Addr>,
+    /// ztunnel's `--outbound-traffic-policy`, from an IstioOperator.
+    outbound_traffic_policy: Option<String>,
+    outside_netns: Option<String>,
     lb_rt: Option<tokio::runtime::Runtime>,
 }
+
+/// The outside host's addresses and the names pods know them by (no
+/// Service, no pod: the internet's stand-in, for egress).
+pub const OUTSIDE_HOSTS: [(Ipv4Addr, &str); 2] =
+    [(Ipv4Addr::new(172, 18, 0, 250), "outside.example.com"), (Ipv4Addr::new(172, 18, 0, 251), "other.example.com")];
 
 /// The fabric bridge's own address in kube mode: the fake API server's.
 const FABRIC_API_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 
 /// Kinds mirrored from the state directory into the fake API server.
 const MIRRORED_KINDS: &[&str] =
-    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "Gateway", "AuthorizationPolicy", "PeerAuthentication", "Secret"];
+    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "Gateway", "ServiceEntry", "AuthorizationPolicy", "PeerAuthentication", "Secret"];
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -270,6 +278,8 @@ impl LocalMesh {
             kube: None,
             load_balancers: BTreeMap::new(),
             lb_rt: None,
+            outbound_traffic_policy: plan.outbound_traffic_policy.clone(),
+            outside_netns: None,
         };
         // From here on, Drop tears down whatever was created if a step fails.
         mesh.build(opts, &node_names, plan.pods)?;
@@ -363,6 +373,7 @@ impl LocalMesh {
             });
         }
 
+        self.add_outside(&fabric, &cg)?;
         if opts.kube_api {
             self.start_kube_api(&fabric, node_names.len())?;
         }
@@ -392,6 +403,40 @@ impl LocalMesh {
             self.start_containers(k, opts)?;
         }
         Ok(())
+    }
+
+    /// The outside world: a host that is no node and runs no mesh, on the
+    /// fabric (so pods reach it through their node, as they would reach the
+    /// internet), with two addresses and names in every pod's /etc/hosts
+    /// ([`OUTSIDE_HOSTS`]), serving HTTP on 80 (`skiff-demo-app
+    /// http-backend`, VERSION=outside).
+    fn add_outside(&mut self, fabric: &str, cg: &Path) -> anyhow::Result<()> {
+        let netns = format!("skiff-{}-outside", self.run_id);
+        self.add_netns(&netns)?;
+        sys::ip_in(fabric, &["link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        sys::ip_in(fabric, &["link", "set", "out0", "master", "br0", "up"])?;
+        for (ip, _) in OUTSIDE_HOSTS {
+            sys::ip_in(&netns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        }
+        sys::ip_in(&netns, &["link", "set", "eth0", "up"])?;
+        for (j, n) in self.nodes.iter().enumerate() {
+            sys::ip_in(&netns, &["route", "add", &format!("10.244.{}.0/24", j + 1), "via", &n.ip.to_string()])?;
+        }
+        let ocg = cg.join("outside");
+        fs::create_dir_all(&ocg)?;
+        let place = sys::Placement { netns: &netns, cgroup: &ocg, pod_view: false };
+        let argv = [self.bin_dir.join("skiff-demo-app").display().to_string(), "http-backend".into(), "--port".into(), "80".into()];
+        let env = [("VERSION".to_owned(), "outside".to_owned()), ("POD_NAME".to_owned(), "outside".to_owned())];
+        let log = self.work_dir.join("logs").join("outside.log");
+        let child = sys::spawn_logged(sys::command(&place, &argv, &env)?, &log)?;
+        self.extra.push(child);
+        self.outside_netns = Some(netns);
+        Ok(())
+    }
+
+    /// The outside host's netns (see [`Self::add_outside`]).
+    pub fn outside_netns(&self) -> Option<&str> {
+        self.outside_netns.as_deref()
     }
 
     /// Kube mode: the fake API server on the fabric bridge's address, which
@@ -502,6 +547,9 @@ impl LocalMesh {
             }
             hosts.push_str(&format!("{} {}\n", s.cluster_ip, names.join(" ")));
         }
+        for (ip, name) in OUTSIDE_HOSTS {
+            hosts.push_str(&format!("{ip} {name}\n"));
+        }
         fs::write(dir.join("hosts"), hosts)?;
         // No DNS server: unknown names fail fast instead of leaving the mesh.
         fs::write(
@@ -565,6 +613,7 @@ impl LocalMesh {
                 k8s::Object::VirtualService(o) => docs.push(with_kind("networking.istio.io/v1", "VirtualService", serde_json::to_value(o)?)),
                 k8s::Object::DestinationRule(o) => docs.push(with_kind("networking.istio.io/v1", "DestinationRule", serde_json::to_value(o)?)),
                 k8s::Object::Gateway(o) => docs.push(with_kind("networking.istio.io/v1", "Gateway", serde_json::to_value(o)?)),
+                k8s::Object::ServiceEntry(o) => docs.push(with_kind("networking.istio.io/v1", "ServiceEntry", serde_json::to_value(o)?)),
                 k8s::Object::Invalid(o) => docs.push(o.raw.clone()),
                 _ => {}
             }
@@ -676,6 +725,7 @@ impl LocalMesh {
             self.cert_lifetime.as_secs().to_string(),
         ]
         .into_iter()
+        .chain(self.outbound_traffic_policy.iter().flat_map(|m| ["--outbound-traffic-policy".to_owned(), m.clone()]))
         .chain(self.ztunnel_args.iter().cloned())
         .collect();
         let argv: Vec<String> = match self.ztunnel_soft_nofile {

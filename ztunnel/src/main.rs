@@ -68,6 +68,12 @@ struct Cli {
     /// sent its request headers within this long is dropped.
     #[arg(long, default_value = "5", value_name = "SECONDS", value_parser = skiff_hbone::limits::seconds)]
     admin_header_timeout: Duration,
+    /// Istio's `outboundTrafficPolicy.mode`: ALLOW_ANY lets enrolled pods
+    /// reach any address; REGISTRY_ONLY refuses an address that is neither
+    /// a Service, a pod nor a ServiceEntry (counted, logged with flag NR
+    /// and `dst.service=BlackHoleCluster`).
+    #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
+    outbound_traffic_policy: String,
     #[command(flatten)]
     hbone: skiff_hbone::limits::HboneLimits,
 }
@@ -99,6 +105,7 @@ fn main() -> anyhow::Result<()> {
             hbone: cli.hbone,
             series_grace: cli.metrics_series_grace,
             admin_header_timeout: cli.admin_header_timeout,
+            outbound_policy: skiff_core::egress::OutboundPolicy::parse(&cli.outbound_traffic_policy).expect("checked by clap"),
         };
         if cli.insecure_plaintext_mesh {
             tracing::warn!("--insecure-plaintext-mesh: mesh traffic is NOT encrypted (benchmark mode)");

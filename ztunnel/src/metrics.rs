@@ -92,6 +92,8 @@ pub struct Metrics {
     /// Plaintext connections from the node itself (kubelet probes) let
     /// past STRICT and policy.
     pub node_probes: prometheus::IntCounter,
+    /// Outbound connections refused by REGISTRY_ONLY.
+    pub egress_refused: prometheus::IntCounter,
     /// `skiff_config_rejected_objects{kind,namespace}`.
     config_rejected: prometheus::IntGaugeVec,
 }
@@ -156,6 +158,12 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(node_probes.clone())).expect("metric registered once");
+        let egress_refused = prometheus::IntCounter::new(
+            "skiff_ztunnel_egress_refused_total",
+            "Outbound connections refused under outboundTrafficPolicy REGISTRY_ONLY: the destination was not a Service, pod or ServiceEntry",
+        )
+        .expect("valid");
+        registry.register(Box::new(egress_refused.clone())).expect("metric registered once");
         let config_rejected = prometheus::IntGaugeVec::new(
             Opts::new("skiff_config_rejected_objects", "Config objects refused (each on its own; see the log and /config_dump), by kind and namespace"),
             &["kind", "namespace"],
@@ -177,6 +185,7 @@ impl Metrics {
             hbone_handshakes,
             tls_handshakes,
             node_probes,
+            egress_refused,
             config_rejected,
         }
     }

@@ -75,6 +75,10 @@ pub struct Config {
     /// A client of the admin, metrics or readiness endpoint that has not
     /// sent its request headers within this long is dropped.
     pub admin_header_timeout: Duration,
+    /// Istio's `outboundTrafficPolicy.mode`: under REGISTRY_ONLY a
+    /// connection from an enrolled pod to an address that is neither a
+    /// Service, a pod nor a ServiceEntry is refused.
+    pub outbound_policy: skiff_core::egress::OutboundPolicy,
 }
 
 impl Config {
@@ -89,6 +93,7 @@ impl Config {
             hbone: Default::default(),
             series_grace: Duration::from_secs(300),
             admin_header_timeout: Duration::from_secs(5),
+            outbound_policy: Default::default(),
         }
     }
 }
@@ -199,6 +204,9 @@ pub struct Ztunnel {
     /// per peer.
     admission: Arc<skiff_hbone::limits::Admission>,
     node_addrs: NodeAddrs,
+    /// Addresses of the names DNS ServiceEntries name, as last resolved
+    /// (every 30 s and on config changes).
+    resolved: std::sync::RwLock<HashMap<String, Vec<Ipv4Addr>>>,
 }
 
 /// Why a connection could not be proxied; becomes the response flag.
@@ -214,12 +222,14 @@ enum Refusal {
     Denied,
     /// Plaintext arrived where PeerAuthentication requires mTLS.
     MtlsRequired,
+    /// REGISTRY_ONLY: the destination is not in the mesh's registry.
+    RegistryOnly,
 }
 
 impl Refusal {
     fn flag(self) -> &'static str {
         match self {
-            Refusal::NoRoute => "NR",
+            Refusal::NoRoute | Refusal::RegistryOnly => "NR",
             Refusal::NoHealthyUpstream => "UH",
             Refusal::UpstreamFailure => "UF",
             Refusal::Denied | Refusal::MtlsRequired => "UAEX",
@@ -252,6 +262,7 @@ impl Ztunnel {
             active: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             node_addrs: NodeAddrs::new(),
+            resolved: Default::default(),
         }))
     }
 
@@ -535,11 +546,30 @@ impl Ztunnel {
         let span = tracing::info_span!("outbound", pod = %format!("{}/{}", info.namespace, info.name), dst = %orig);
         async move {
             let (sw, sns, sp, sapp) = self.local_labels(&info);
-            let routed = if orig.ip().is_loopback() || (*orig.ip() == info.ip && MESH_PORTS.contains(&orig.port())) {
+            let mut routed = if orig.ip().is_loopback() || (*orig.ip() == info.ip && MESH_PORTS.contains(&orig.port())) {
                 Err(Refusal::NoRoute)
             } else {
                 self.pick_endpoint(&snap, orig)
             };
+            // Neither a Service nor a pod: a ServiceEntry, or outside the
+            // registry (Istio's PassthroughCluster, or under REGISTRY_ONLY
+            // its BlackHoleCluster).
+            let mut egress: Option<(String, String)> = None;
+            if matches!(routed, Ok((t, None)) if snap.workload_by_ip(*t.ip()).is_none()) {
+                let found = skiff_core::egress::lookup(&snap.service_entries, &info.namespace, orig, &self.resolved.read().expect("lock"))
+                    .map(|e| (e.target, e.host.to_owned(), e.entry.namespace.clone()));
+                egress = Some(match found {
+                    Some((target, host, ns)) => {
+                        routed = Ok((target, None));
+                        (host, ns)
+                    }
+                    None if self.cfg.outbound_policy == skiff_core::egress::OutboundPolicy::RegistryOnly => {
+                        routed = Err(Refusal::RegistryOnly);
+                        ("BlackHoleCluster".into(), "unknown".into())
+                    }
+                    None => ("PassthroughCluster".into(), "unknown".into()),
+                });
+            }
             let (target, service) = match &routed {
                 Ok((t, s)) => (Some(*t), s.clone()),
                 Err(_) => (None, None),
@@ -547,7 +577,7 @@ impl Ztunnel {
             let dst_w = target.and_then(|t| snap.workload_by_ip(*t.ip()));
             let mesh_dst = dst_w.filter(|w| !self.cfg.plaintext_mesh && Self::in_mesh(&snap, w));
             let (dw, dns, dp, dapp) = self.remote_labels(dst_w);
-            let (svc_name, svc_ns) = service.clone().unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+            let (svc_name, svc_ns) = service.clone().or_else(|| egress.clone()).unwrap_or_else(|| ("unknown".into(), "unknown".into()));
             let mut labels = ConnLabels {
                 reporter: "source",
                 source_workload: sw,
@@ -562,6 +592,7 @@ impl Ztunnel {
                 destination_service: service
                     .as_ref()
                     .map(|(n, ns)| format!("{n}.{ns}.svc.cluster.local"))
+                    .or_else(|| egress.as_ref().map(|(host, _)| host.clone()))
                     .unwrap_or_else(|| "unknown".into()),
                 destination_service_name: svc_name,
                 destination_service_namespace: svc_ns,
@@ -666,7 +697,48 @@ impl Ztunnel {
         let counters = self.metrics.connection(&labels);
         counters.opened.inc();
         counters.closed.inc();
-        access_log(dir, peer, orig, target, &labels, 0, 0, start, None);
+        // Why, in the log line: the outbound traffic policy.
+        let why = matches!(r, Refusal::RegistryOnly).then(|| AuthzDecision {
+            allowed: false,
+            policy: Some("outboundTrafficPolicy REGISTRY_ONLY".into()),
+            reason: "not a Service, pod or ServiceEntry",
+            audited: Vec::new(),
+        });
+        if why.is_some() {
+            self.metrics.egress_refused.inc();
+        }
+        access_log(dir, peer, orig, target, &labels, 0, 0, start, why.as_ref());
+    }
+
+    /// Resolves the names of DNS ServiceEntries (every 30 s, and at once
+    /// when the config changes); a name that does not resolve keeps its
+    /// last addresses, logged.
+    pub async fn resolve_service_entries(&self) {
+        let names = skiff_core::egress::names_to_resolve(&self.cluster.borrow().service_entries);
+        let mut out = HashMap::new();
+        for name in names {
+            let looked_up = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((name.clone(), 0))).await;
+            match looked_up {
+                Ok(Ok(addrs)) => {
+                    let v4: Vec<Ipv4Addr> = addrs.filter_map(|a| match a.ip() {
+                        std::net::IpAddr::V4(v4) => Some(v4),
+                        std::net::IpAddr::V6(_) => None,
+                    }).collect();
+                    out.insert(name, v4);
+                }
+                r => {
+                    let error = match r {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    warn!(host = %name, %error, "a DNS ServiceEntry's name does not resolve; its last addresses are kept");
+                    if let Some(prev) = self.resolved.read().expect("lock").get(&name).cloned() {
+                        out.insert(name, prev);
+                    }
+                }
+            }
+        }
+        *self.resolved.write().expect("lock") = out;
     }
 
     /// Applicable policies for a local pod and the decision for `conn`.
@@ -1139,6 +1211,17 @@ impl Ztunnel {
         let zt = self.clone();
         self.certs.spawn_refresh(move || zt.identities());
         let zt = self.clone();
+        let mut se_changes = self.cluster.clone();
+        tokio::spawn(async move {
+            loop {
+                zt.resolve_service_entries().await;
+                tokio::select! {
+                    r = se_changes.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            }
+        });
+        let zt = self.clone();
         let mut changes = self.cluster.clone();
         tokio::spawn(async move {
             zt.metrics.set_rejected(&changes.borrow());
@@ -1229,7 +1312,10 @@ fn access_log(
     decision: Option<&AuthzDecision>,
 ) {
     let policy = decision
-        .map(|d| format!("{} ({})", if d.allowed { "allow" } else { "deny" }, d.policy.as_deref().unwrap_or(d.reason)))
+        .map(|d| match &d.policy {
+            Some(p) => format!("{} ({p}: {})", if d.allowed { "allow" } else { "deny" }, d.reason),
+            None => format!("{} ({})", if d.allowed { "allow" } else { "deny" }, d.reason),
+        })
         .unwrap_or_else(|| "-".into());
     info!(
         target: "access",
@@ -1360,6 +1446,22 @@ spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
     /// (Jobs, say), are called and then leave: after the grace period both
     /// maps are back to where they started, and the series are gone from
     /// the exposition.
+    /// The names of DNS ServiceEntries are resolved by ztunnel (here
+    /// `localhost`, which every resolver knows), and a name that stops
+    /// resolving keeps its last addresses.
+    #[tokio::test]
+    async fn dns_service_entry_names_are_resolved() {
+        let zt = ztunnel(snapshot(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: local, namespace: app}\nspec: {hosts: [localhost], ports: [{number: 80, name: http}], resolution: DNS}\n",
+        ));
+        zt.resolve_service_entries().await;
+        let got = zt.resolved.read().unwrap().get("localhost").cloned().unwrap_or_default();
+        assert!(got.contains(&Ipv4Addr::LOCALHOST), "{got:?}");
+        let entries = zt.cluster.borrow().service_entries.clone();
+        let t = skiff_core::egress::lookup(&entries, "app", "127.0.0.1:80".parse().unwrap(), &zt.resolved.read().unwrap()).expect("in the registry");
+        assert_eq!(t.host, "localhost");
+    }
+
     #[test]
     fn state_of_a_thousand_pods_and_services_that_left_is_pruned() {
         let mut text = String::from(CLUSTER);
