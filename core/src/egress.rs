@@ -81,6 +81,27 @@ pub struct ServiceEntry {
     pub resolution: Resolution,
     pub endpoints: Vec<SeEndpoint>,
     pub export_to: ExportTo,
+    /// `metadata.creationTimestamp`: among entries claiming one address,
+    /// the client's namespace's first, then the oldest.
+    pub created: Option<String>,
+}
+
+impl ServiceEntry {
+    /// NONE without `addresses` takes any address on its ports only when
+    /// they are plain TCP (Istio matches HTTP ports by Host and TLS ports
+    /// by SNI, which ztunnel does not see): otherwise it takes the
+    /// addresses its hosts resolve to, as a DNS entry does.
+    fn any_address_on_port(&self) -> bool {
+        self.resolution == Resolution::None
+            && self.addresses.is_empty()
+            && self.ports.iter().all(|p| p.protocol.as_deref().is_some_and(|pr| pr.eq_ignore_ascii_case("TCP")))
+    }
+
+    /// Whether its hosts are resolved to find the addresses it takes.
+    fn resolves_hosts(&self) -> bool {
+        (self.resolution == Resolution::Dns && self.endpoints.is_empty())
+            || (self.resolution == Resolution::None && self.addresses.is_empty() && !self.any_address_on_port())
+    }
 }
 
 /// Where a connection to an unregistered address goes when a ServiceEntry
@@ -194,8 +215,15 @@ pub fn service_entry_from(se: &k8s::ServiceEntry) -> Result<ServiceEntry, FieldE
     if resolution == Resolution::Dns && endpoints.is_empty() && hosts.iter().any(|h| h.starts_with('*')) {
         return Err(("spec.hosts".into(), "resolution DNS without endpoints resolves the hosts: a wildcard cannot be resolved (Istio's validation)".into()));
     }
+    // Names ztunnel resolves are absolute: a single label would go through
+    // ztunnel's own DNS search path, not the pod's.
+    if resolution == Resolution::Dns && endpoints.is_empty() {
+        if let Some((i, h)) = hosts.iter().enumerate().find(|(_, h)| !h.contains('.')) {
+            return Err((format!("spec.hosts[{i}]"), format!("{h:?}: a host ztunnel resolves must be fully qualified")));
+        }
+    }
     let export_to = parse_export_to(&spec.export_to, &namespace)?;
-    Ok(ServiceEntry { namespace, name, hosts, addresses, ports, internal, resolution, endpoints, export_to })
+    Ok(ServiceEntry { namespace, name, hosts, addresses, ports, internal, resolution, endpoints, export_to, created: se.metadata.creation_timestamp.clone() })
 }
 
 /// `exportTo`, where a ServiceEntry may also say `~` (no one).
@@ -206,15 +234,20 @@ fn parse_export_to(entries: &[String], own_ns: &str) -> Result<ExportTo, FieldEr
     ExportTo::parse(entries, own_ns)
 }
 
-/// Host names ztunnel resolves for DNS ServiceEntries: their hosts
-/// (without wildcards) and their endpoints' names.
+/// Host names ztunnel resolves: the hosts of DNS entries without
+/// endpoints and of NONE entries it must match by name (see
+/// `any_address_on_port`), DNS endpoints' names; never wildcards.
 pub fn names_to_resolve(entries: &[ServiceEntry]) -> Vec<String> {
     let mut out: Vec<String> = entries
         .iter()
-        .filter(|e| e.resolution == Resolution::Dns)
         .flat_map(|e| {
-            let from_endpoints: Vec<String> = e.endpoints.iter().filter(|p| p.address.parse::<Ipv4Addr>().is_err()).map(|p| p.address.clone()).collect();
-            if e.endpoints.is_empty() { e.hosts.clone() } else { from_endpoints }
+            if e.resolves_hosts() {
+                e.hosts.clone()
+            } else if e.resolution == Resolution::Dns {
+                e.endpoints.iter().filter(|p| p.address.parse::<Ipv4Addr>().is_err()).map(|p| p.address.clone()).collect()
+            } else {
+                Vec::new()
+            }
         })
         .filter(|h| !h.starts_with('*'))
         .collect();
@@ -233,13 +266,20 @@ pub fn names_to_resolve(entries: &[ServiceEntry]) -> Vec<String> {
 ///   NONE to `dst` itself;
 /// - STATIC: `dst` is an endpoint's address;
 /// - DNS: `dst` is an address a host or endpoint resolved to;
-/// - NONE without `addresses`: any address on the port (Istio's reading).
+/// - NONE without `addresses`: any address on the port when its ports
+///   are TCP (Istio's reading); otherwise the addresses its hosts resolve
+///   to (Istio matches such ports by Host or SNI, which ztunnel does not
+///   see: by address is the closest it can do without opening the port
+///   to every address).
 ///
 /// The port goes to `targetPort`, else the endpoint's port of that name,
-/// else the same number. Oldest entries first among several.
+/// else the same number. Among several entries, the client's namespace's
+/// first, then the oldest (then by namespace and name).
 pub fn lookup<'a>(entries: &'a [ServiceEntry], client_ns: &str, dst: SocketAddrV4, resolved: &HashMap<String, Vec<Ipv4Addr>>) -> Option<EgressTarget<'a>> {
     let ip = IpAddr::V4(*dst.ip());
-    entries.iter().filter(|e| e.export_to.visible_to(client_ns)).find_map(|e| {
+    let mut visible: Vec<&ServiceEntry> = entries.iter().filter(|e| e.export_to.visible_to(client_ns)).collect();
+    visible.sort_by_key(|e| (e.namespace != client_ns, e.created.is_none(), e.created.clone(), e.namespace.clone(), e.name.clone()));
+    visible.into_iter().find_map(|e| {
         let port = e.ports.iter().find(|p| p.number == dst.port())?;
         let endpoint_port = |ep: Option<&SeEndpoint>| port.target_port.or_else(|| ep.and_then(|ep| ep.ports.get(&port.name).copied())).unwrap_or(port.number);
         let endpoint_ips = |ep: &SeEndpoint| -> Vec<Ipv4Addr> {
@@ -259,7 +299,13 @@ pub fn lookup<'a>(entries: &'a [ServiceEntry], client_ns: &str, dst: SocketAddrV
             }
         } else {
             match e.resolution {
-                Resolution::None if e.addresses.is_empty() => SocketAddrV4::new(*dst.ip(), endpoint_port(None)),
+                Resolution::None if e.any_address_on_port() => SocketAddrV4::new(*dst.ip(), endpoint_port(None)),
+                Resolution::None if e.addresses.is_empty() => {
+                    if !host_ips().contains(dst.ip()) {
+                        return None;
+                    }
+                    SocketAddrV4::new(*dst.ip(), endpoint_port(None))
+                }
                 Resolution::None => return None,
                 Resolution::Static | Resolution::Dns if !e.endpoints.is_empty() => {
                     let ep = e.endpoints.iter().find(|ep| endpoint_ips(ep).contains(dst.ip()))?;
@@ -276,6 +322,28 @@ pub fn lookup<'a>(entries: &'a [ServiceEntry], client_ns: &str, dst: SocketAddrV
         };
         Some(EgressTarget { entry: e, target, host: e.hosts[0].as_str() })
     })
+}
+
+/// Entries of different namespaces that claim one address (their
+/// `addresses` overlap, or they list one STATIC endpoint): reported, as
+/// the client's namespace's entry wins for its pods and the oldest for
+/// others.
+pub fn overlaps(entries: &[ServiceEntry]) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for (i, a) in entries.iter().enumerate() {
+        for b in &entries[i + 1..] {
+            if a.namespace == b.namespace {
+                continue;
+            }
+            let shared_port = a.ports.iter().any(|p| b.ports.iter().any(|q| q.number == p.number));
+            let cidr_overlap = a.addresses.iter().any(|x| b.addresses.iter().any(|y| x.contains(y.addr) || y.contains(x.addr)));
+            let ep_overlap = a.endpoints.iter().any(|x| b.endpoints.iter().any(|y| x.address == y.address));
+            if shared_port && (cidr_overlap || ep_overlap) {
+                out.push((format!("{}/{}", a.namespace, a.name), format!("{}/{}", b.namespace, b.name), "claim the same address and port".to_owned()));
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -330,10 +398,12 @@ mod tests {
             se("  hosts: [vip.example.com]\n  addresses: [240.0.0.1]\n  ports: [{number: 80, name: http, targetPort: 8080}]\n  resolution: STATIC\n  endpoints: [{address: 203.0.113.5}]\n").unwrap(),
             se("  hosts: [static.example.com]\n  ports: [{number: 5432, name: pg}]\n  resolution: STATIC\n  endpoints: [{address: 203.0.113.9, ports: {pg: 6432}}]\n").unwrap(),
             se("  hosts: [api.example.com]\n  ports: [{number: 443, name: https}]\n  resolution: DNS\n").unwrap(),
-            se("  hosts: [any.example.com]\n  ports: [{number: 9999, name: tcp}]\n").unwrap(),
-            se("  hosts: [private.example.com]\n  ports: [{number: 7000, name: tcp}]\n  exportTo: [\".\"]\n").unwrap(),
+            se("  hosts: [any.example.com]\n  ports: [{number: 9999, name: tcp, protocol: TCP}]\n").unwrap(),
+            se("  hosts: [stripe.example.com]\n  ports: [{number: 8443, name: tls, protocol: TLS}]\n").unwrap(),
+            se("  hosts: [private.example.com]\n  ports: [{number: 7000, name: tcp, protocol: TCP}]\n  exportTo: [\".\"]\n").unwrap(),
         ];
-        let resolved: HashMap<String, Vec<Ipv4Addr>> = [("api.example.com".to_owned(), vec!["198.51.100.7".parse().unwrap()])].into();
+        let resolved: HashMap<String, Vec<Ipv4Addr>> =
+            [("api.example.com".to_owned(), vec!["198.51.100.7".parse().unwrap()]), ("stripe.example.com".to_owned(), vec!["198.51.100.9".parse().unwrap()])].into();
         let go = |ns: &str, dst: &str| lookup(&entries, ns, dst.parse().unwrap(), &resolved).map(|t| (t.host.to_owned(), t.target.to_string()));
         let want = |h: &str, t: &str| Some((h.to_owned(), t.to_owned()));
         assert_eq!(go("app", "240.0.0.1:80"), want("vip.example.com", "203.0.113.5:8080"), "a VIP: to the endpoint, targetPort");
@@ -342,9 +412,11 @@ mod tests {
         assert_eq!(go("app", "203.0.113.10:5432"), None, "not an endpoint");
         assert_eq!(go("app", "198.51.100.7:443"), want("api.example.com", "198.51.100.7:443"), "DNS: a resolved address");
         assert_eq!(go("app", "198.51.100.8:443"), None, "DNS: another address");
-        assert_eq!(go("app", "192.0.2.1:9999"), want("any.example.com", "192.0.2.1:9999"), "NONE without addresses: any address on the port");
+        assert_eq!(go("app", "192.0.2.1:9999"), want("any.example.com", "192.0.2.1:9999"), "NONE without addresses, TCP: any address on the port");
+        assert_eq!(go("app", "192.0.2.1:8443"), None, "NONE without addresses, TLS: not any address (Istio would check the SNI)");
+        assert_eq!(go("app", "198.51.100.9:8443"), want("stripe.example.com", "198.51.100.9:8443"), "... but the addresses its hosts resolve to");
         assert_eq!(go("shop", "192.0.2.1:7000"), want("private.example.com", "192.0.2.1:7000"));
         assert_eq!(go("app", "192.0.2.1:7000"), None, "exportTo: . hides it from other namespaces");
-        assert_eq!(names_to_resolve(&entries), ["api.example.com"]);
+        assert_eq!(names_to_resolve(&entries), ["api.example.com", "stripe.example.com"]);
     }
 }

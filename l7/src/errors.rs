@@ -38,6 +38,9 @@ pub enum Failure {
     Denied,
     /// A path or authority that cannot be normalized safely (400).
     BadRequest,
+    /// A TLS connection whose gateway server has gone or changed its TLS
+    /// settings since the handshake (421: the client reconnects).
+    Misdirected,
 }
 
 impl Failure {
@@ -60,6 +63,7 @@ impl Failure {
             Failure::Overflow => (StatusCode::SERVICE_UNAVAILABLE, "UO", "upstream connect error or disconnect/reset before headers. reset reason: overflow"),
             Failure::Denied => (StatusCode::FORBIDDEN, "-", "RBAC: access denied"),
             Failure::BadRequest => (StatusCode::BAD_REQUEST, "-", "bad request: path or authority"),
+            Failure::Misdirected => (StatusCode::MISDIRECTED_REQUEST, "-", "misdirected request: the server this connection was made for changed; reconnect"),
         }
     }
 }

@@ -9,18 +9,23 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
+    pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, RwLock,
     },
+    task::{Context, Poll},
     time::Duration,
 };
+
+use bytes::Bytes;
 
 use skiff_core::{
     gateway::{self, Protocol, Server, TlsMode},
     model::Snapshot,
 };
 use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
@@ -147,7 +152,7 @@ fn plan(proxy: &Proxy, snap: &Snapshot) -> Plan {
     let gateway_ns = pod.namespace.clone();
     for o in snap.gateway_servers(pod) {
         let key = tls::server_key(&o);
-        let name = format!("Gateway {} servers[{}] (port {} → {})", key.0, key.1, o.server.number, o.port);
+        let name = format!("Gateway {} servers[{}] (port {} → {})", key.0, o.server.index, o.server.number, o.port);
         let mode = if o.server.protocol == Protocol::Https { Mode::Tls } else { Mode::Plain };
         let hosts: Vec<String> = o.server.hosts.iter().map(|h| format!("{}/{}", h.namespace.as_deref().unwrap_or("*"), h.host)).collect();
         match plan.ports.get_mut(&o.port) {
@@ -211,43 +216,88 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: 
             let _tracked = proxy.drain.track();
             match mode {
                 Mode::Plain => {
-                    if !first_bytes(&tcp, proxy.header_read_timeout()).await {
+                    let mut tcp = tcp;
+                    let Some(prefix) = first_bytes(&mut tcp, proxy.header_read_timeout()).await else {
                         return debug!(%peer, port, "gateway connection closed: nothing sent in time");
-                    }
+                    };
                     let ctx = Arc::new(StreamCtx { entry: Entry::Gateway { port, scheme: "http", server: None }, peer, peer_id: None });
-                    proxy.serve_http_ctx(ctx, tcp).await;
+                    proxy.serve_http_ctx(ctx, Prefixed { prefix, inner: tcp }).await;
                 }
                 Mode::Tls => {
                     let state = tls_state.read().expect("lock").clone();
-                    let Some((key, tls)) = handshake(&proxy, tcp, port, &state).await else { return };
-                    let ctx = Arc::new(StreamCtx { entry: Entry::Gateway { port, scheme: "https", server: Some(key) }, peer, peer_id: None });
-                    proxy.serve_http_ctx(ctx, tls).await;
+                    let Some((key, settings, mut tls)) = handshake(&proxy, tcp, port, &state).await else { return };
+                    // The same bound on a client's first bytes as in
+                    // plaintext, after the handshake.
+                    let Some(prefix) = first_bytes(&mut tls, proxy.header_read_timeout()).await else {
+                        return debug!(%peer, port, "gateway TLS connection closed: nothing sent in time after the handshake");
+                    };
+                    let ctx = Arc::new(StreamCtx { entry: Entry::Gateway { port, scheme: "https", server: Some((key, Box::new(settings))) }, peer, peer_id: None });
+                    proxy.serve_http_ctx(ctx, Prefixed { prefix, inner: tls }).await;
                 }
             }
         });
     }
 }
 
-/// Whether the client sent its first bytes in time; for HTTP/2 (prior
-/// knowledge) the whole 24-byte preface, which the HTTP server would
-/// otherwise wait for without a bound.
-async fn first_bytes(tcp: &TcpStream, within: Duration) -> bool {
+/// The client's first bytes, read within `within`: at least one, and for
+/// HTTP/2 (prior knowledge) the whole 24-byte preface, which the HTTP
+/// server would otherwise wait for without a bound. None: nothing (or a
+/// partial preface) in time, or the client closed.
+async fn first_bytes<I: AsyncRead + Unpin>(io: &mut I, within: Duration) -> Option<Bytes> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let deadline = tokio::time::Instant::now() + within;
     let mut buf = [0u8; 24];
+    let mut n = 0;
     loop {
-        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return false,
-        };
+        match tokio::time::timeout_at(deadline, io.read(&mut buf[n..])).await {
+            Ok(Ok(0)) => return (n > 0).then(|| Bytes::copy_from_slice(&buf[..n])),
+            Ok(Ok(m)) => n += m,
+            _ => return None,
+        }
         if n == PREFACE.len() || buf[..n] != PREFACE[..n] {
-            return true;
+            return Some(Bytes::copy_from_slice(&buf[..n]));
         }
-        // Part of the preface: wait for more.
-        if tokio::time::timeout_at(deadline, tcp.readable()).await.is_err() {
-            return false;
+    }
+}
+
+/// A stream whose first bytes were read already (see [`first_bytes`]):
+/// they are read again first.
+struct Prefixed<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -256,7 +306,7 @@ async fn first_bytes(tcp: &TcpStream, within: Duration) -> bool {
 /// client CA), then the `subjectAltNames` check of a MUTUAL client. None:
 /// refused (logged at debug: clients that fail TLS are common and cheap
 /// to cause).
-async fn handshake(proxy: &Proxy, tcp: TcpStream, port: u16, state: &TlsState) -> Option<(ServerKey, tokio_rustls::server::TlsStream<TcpStream>)> {
+async fn handshake(proxy: &Proxy, tcp: TcpStream, port: u16, state: &TlsState) -> Option<(ServerKey, gateway::ServerTls, tokio_rustls::server::TlsStream<TcpStream>)> {
     let deadline = tokio::time::Instant::now() + proxy.handshake_timeout();
     let peer = tcp.peer_addr().ok();
     let start = match tokio::time::timeout_at(deadline, tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)).await {
@@ -286,12 +336,13 @@ async fn handshake(proxy: &Proxy, tcp: TcpStream, port: u16, state: &TlsState) -
         Err(_) => return None,
     };
     let server = servers.iter().find(|(k, _)| *k == key).map(|(_, s)| *s)?;
-    if let Some(t) = server.tls.as_ref().filter(|t| t.mode == TlsMode::Mutual) {
+    let settings = server.tls.clone()?;
+    if settings.mode == TlsMode::Mutual {
         let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
-        if !tls::client_names_allowed(&t.subject_alt_names, cert) {
+        if !tls::client_names_allowed(&settings.subject_alt_names, cert) {
             info!(?peer, port, ?sni, "TLS client refused: its certificate names none of the server's subjectAltNames");
             return None;
         }
     }
-    Some((key, stream))
+    Some((key, settings, stream))
 }

@@ -153,7 +153,7 @@ pub(crate) enum Entry {
     /// An ingress gateway listener: the port it listens on, the scheme
     /// clients use, and for TLS the server the handshake's SNI chose
     /// (only its hosts and VirtualServices apply).
-    Gateway { port: u16, scheme: &'static str, server: Option<crate::tls::ServerKey> },
+    Gateway { port: u16, scheme: &'static str, server: Option<(crate::tls::ServerKey, Box<gateway::ServerTls>)> },
 }
 
 /// Where one downstream connection came in, and from whom.
@@ -229,8 +229,9 @@ fn https_redirect(authority: &str, path: &str) -> Option<Response<Body>> {
 
 /// What the mesh's edge sets on a request it lets in, as Istio's gateway
 /// (Envoy with `use_remote_address`): the client's address appended to
-/// `x-forwarded-for`, `x-forwarded-proto` the scheme it used, and a new
-/// `x-request-id` (an outside client's is not trusted).
+/// `x-forwarded-for`, `x-forwarded-proto` the scheme it used, a new
+/// random `x-request-id` (an outside client's is not trusted), no
+/// `x-forwarded-client-cert`.
 fn edge_headers(h: &mut HeaderMap, client: std::net::IpAddr, scheme: &str, request_id: &str) {
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev},{client}"),
@@ -244,6 +245,9 @@ fn edge_headers(h: &mut HeaderMap, client: std::net::IpAddr, scheme: &str, reque
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
     }
+    // Istio's gateways sanitize it: only the proxy may say which client
+    // certificate it saw.
+    h.remove("x-forwarded-client-cert");
 }
 
 impl Proxy {
@@ -526,6 +530,11 @@ impl Proxy {
         let mut rng = fastrand::Rng::new();
         let snap = self.cluster.borrow().clone();
         let (mut parts, body) = req.into_parts();
+        // At the edge, what the client says about forwarding, its request id
+        // and client certificate is replaced before anything reads it.
+        if let Entry::Gateway { scheme, .. } = &ctx.entry {
+            edge_headers(&mut parts.headers, ctx.peer.ip(), scheme, &trace::random_id(&mut rng, 16));
+        }
         let trace = trace::continue_or_start(&parts.headers, &trace::random_id(&mut rng, 16), &trace::random_id(&mut rng, 8));
         let headers = normalize::joined_headers(&parts.headers);
         let raw_path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
@@ -608,9 +617,6 @@ impl Proxy {
         let (hash, set_cookie) = route::request_hash(&resolved.policy, &parts.headers, &path, ctx.peer.ip(), &mut rng);
         // The upstream request.
         strip_hop_by_hop(&mut parts.headers);
-        if let Entry::Gateway { scheme, .. } = &ctx.entry {
-            edge_headers(&mut parts.headers, ctx.peer.ip(), scheme, &trace.trace_id);
-        }
         // The destination's own header operations, then the route's (as
         // Envoy orders weighted-cluster and route level).
         route::apply_header_ops(&mut parts.headers, &dest.request_headers);
@@ -672,9 +678,18 @@ impl Proxy {
                 let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
                 authz::check_request(&policies, ctx.peer, None, own_ip, info).map_err(Chosen::Refused)?;
                 let mut open = snap.gateway_servers(pod);
-                if let Some(key) = tls_server {
-                    // TLS: the server the handshake chose, alone.
-                    open.retain(|o| crate::tls::server_key(o) == *key);
+                match tls_server {
+                    // TLS: the server the handshake chose, alone, and only
+                    // while its TLS settings are those the handshake used
+                    // (removed or changed since: 421, the client reconnects).
+                    Some((key, tls)) => {
+                        open.retain(|o| crate::tls::server_key(o) == *key && o.server.tls.as_ref() == Some(&**tls));
+                        if open.is_empty() {
+                            return Err(Chosen::Refused(Failure::Misdirected));
+                        }
+                    }
+                    // Plaintext: plaintext servers only.
+                    None => open.retain(|o| o.server.protocol.is_plain_http()),
                 }
                 let host = gateway::request_host(info.authority);
                 match gateway::decide(&snap.virtual_services, &open, *port, &host, &self.cfg.namespace) {

@@ -18,12 +18,12 @@ use tokio_rustls::rustls::{
     RootCertStore, ServerConfig, SupportedProtocolVersion,
 };
 
-/// A server of one Gateway: `namespace/name` and its index in
-/// `spec.servers`.
-pub type ServerKey = (String, usize);
+/// A server of one Gateway: `namespace/name` and its port name (unique in
+/// a Gateway, and stable when other servers are added or removed).
+pub type ServerKey = (String, String);
 
 pub fn server_key(o: &gateway::Opened<'_>) -> ServerKey {
-    (format!("{}/{}", o.gateway.namespace, o.gateway.name), o.server.index)
+    (format!("{}/{}", o.gateway.namespace, o.gateway.name), o.server.port_name.clone())
 }
 
 /// The protocol versions a server allows. rustls speaks TLS 1.2 and 1.3:

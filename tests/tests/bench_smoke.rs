@@ -62,3 +62,42 @@ fn compare_benchmark_harness_produces_valid_figures_for_every_mode() {
     }
 }
 
+
+/// A `--quick` run of `bench gateway`: HTTPS through Skiff's ingress
+/// gateway and through Envoy as the same gateway, beside a direct call;
+/// every path produced figures and the in-bench checks (the gateway served
+/// and sent over HBONE) passed. No timing is asserted.
+#[test]
+fn gateway_benchmark_harness_produces_figures_for_every_path() {
+    let Some(probe) = mesh("manifests/l4") else { return };
+    drop(probe);
+    let tool = |var: &str| std::env::var_os(var).map(std::path::PathBuf::from).filter(|p| p.exists());
+    let (Some(envoy), Some(oha)) = (tool("SKIFF_ENVOY"), tool("SKIFF_OHA")) else {
+        let msg = "SKIFF_ENVOY / SKIFF_OHA not set to installed tools: run the suite with `cargo xtask test`, which installs them";
+        if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0") {
+            panic!("{msg}");
+        }
+        eprintln!("skipped: {msg}");
+        return;
+    };
+    let o = bench::GatewayBenchOptions {
+        l7: bench::L7BenchOptions {
+            manifests: Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench-gateway"),
+            bin_dir: bin_dir(),
+            oha,
+            rate: 100,
+            connections: 2,
+            seconds: 1,
+            repetitions: 1,
+            out: None,
+        },
+        envoy,
+    };
+    let results = bench::gateway(&o).expect("benchmark ran");
+    let modes: Vec<&str> = results.iter().map(|r| r.mode).collect();
+    assert_eq!(modes, ["direct", "skiff-gateway", "envoy-gateway"]);
+    for r in &results {
+        assert!(r.p50_us > 0.0 && r.p99_us >= r.p50_us && r.achieved_rps > 0.0, "{r:?}");
+    }
+    assert!(results[1..].iter().all(|r| r.waypoint_cpu_ms_per_1000.is_some()), "{results:?}");
+}

@@ -8,7 +8,7 @@
 //! - `test [-- ARGS]`: setup, build, run the whole test suite, privileged
 //!   end-to-end tests included;
 //! - `fuzz [--seconds N] [--all]`: fuzz the HBONE server's CONNECT handling, or every target (hbone/fuzz: CONNECT requests, manifests, `normalize_path` differential, the waypoint's HTTP/1 and HTTP/2 handling, ZDS messages, CNI plugin inputs);
-//! - `bench hbone|waypoint|compare [--quick] [...]`: what the tunnel and the
+//! - `bench hbone|waypoint|gateway|compare [--quick] [...]`: what the tunnel and the
 //!   waypoint cost, and Skiff against Envoy sidecars (release builds).
 
 use std::{
@@ -81,6 +81,9 @@ enum Bench {
     Hbone,
     /// HTTP at a fixed rate: direct vs ambient L4 vs waypoint.
     Waypoint,
+    /// HTTPS at a fixed rate: direct vs Skiff's ingress gateway vs Envoy
+    /// as the same gateway.
+    Gateway,
     /// Skiff vs Envoy sidecars vs no mesh.
     Compare,
 }
@@ -90,6 +93,7 @@ impl Bench {
         match self {
             Bench::Hbone => "hbone",
             Bench::Waypoint => "waypoint",
+            Bench::Gateway => "gateway",
             Bench::Compare => "compare",
         }
     }
@@ -450,7 +454,7 @@ fn bench(which: Bench, quick: bool, args: &[String]) -> anyhow::Result<()> {
         // Envoy: sidecar mode.
         let (envoy, oha) = setup_bench_tools()?;
         extra.extend(["--oha".to_owned(), oha.display().to_string()]);
-        if which == Bench::Compare {
+        if matches!(which, Bench::Compare | Bench::Gateway) {
             extra.extend(["--envoy".to_owned(), envoy.display().to_string()]);
         }
     }

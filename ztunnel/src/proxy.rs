@@ -205,8 +205,9 @@ pub struct Ztunnel {
     admission: Arc<skiff_hbone::limits::Admission>,
     node_addrs: NodeAddrs,
     /// Addresses of the names DNS ServiceEntries name, as last resolved
-    /// (every 30 s and on config changes).
+    /// (every 30 s and when the names change), and when each last resolved.
     resolved: std::sync::RwLock<HashMap<String, Vec<Ipv4Addr>>>,
+    resolved_at: Mutex<HashMap<String, Instant>>,
 }
 
 /// Why a connection could not be proxied; becomes the response flag.
@@ -263,6 +264,7 @@ impl Ztunnel {
             next_conn: AtomicU64::new(1),
             node_addrs: NodeAddrs::new(),
             resolved: Default::default(),
+            resolved_at: Default::default(),
         }))
     }
 
@@ -546,7 +548,7 @@ impl Ztunnel {
         let span = tracing::info_span!("outbound", pod = %format!("{}/{}", info.namespace, info.name), dst = %orig);
         async move {
             let (sw, sns, sp, sapp) = self.local_labels(&info);
-            let mut routed = if orig.ip().is_loopback() || (*orig.ip() == info.ip && MESH_PORTS.contains(&orig.port())) {
+            let mut routed = if orig.ip().is_loopback() || orig.ip().is_unspecified() || (*orig.ip() == info.ip && MESH_PORTS.contains(&orig.port())) {
                 Err(Refusal::NoRoute)
             } else {
                 self.pick_endpoint(&snap, orig)
@@ -710,34 +712,70 @@ impl Ztunnel {
         access_log(dir, peer, orig, target, &labels, 0, 0, start, why.as_ref());
     }
 
-    /// Resolves the names of DNS ServiceEntries (every 30 s, and at once
-    /// when the config changes); a name that does not resolve keeps its
-    /// last addresses, logged.
+    /// Resolves the names ServiceEntries are matched by (every 30 s, and
+    /// when the set of names changes), at most 16 at a time, each as an
+    /// absolute name first (ztunnel's own DNS search path is not the
+    /// pod's), as written if that fails (a hosts file). A
+    /// name that stops resolving keeps its last addresses for 5 minutes,
+    /// logged, then loses them (closed, never open on stale addresses).
     pub async fn resolve_service_entries(&self) {
+        const KEEP: Duration = Duration::from_secs(300);
         let names = skiff_core::egress::names_to_resolve(&self.cluster.borrow().service_entries);
-        let mut out = HashMap::new();
+        let sem = Arc::new(tokio::sync::Semaphore::new(16));
+        let mut tasks = tokio::task::JoinSet::new();
         for name in names {
-            let looked_up = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((name.clone(), 0))).await;
-            match looked_up {
-                Ok(Ok(addrs)) => {
-                    let v4: Vec<Ipv4Addr> = addrs.filter_map(|a| match a.ip() {
-                        std::net::IpAddr::V4(v4) => Some(v4),
-                        std::net::IpAddr::V6(_) => None,
-                    }).collect();
+            let sem = sem.clone();
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                // The absolute name first (DNS, past ztunnel's search path);
+                // as written when that fails (a hosts file knows names
+                // without the root's dot).
+                let absolute = format!("{}.", name.trim_end_matches('.'));
+                let r = tokio::time::timeout(Duration::from_secs(5), async {
+                    match tokio::net::lookup_host((absolute, 0)).await {
+                        Ok(a) => Ok(a),
+                        Err(_) => tokio::net::lookup_host((name.clone(), 0)).await,
+                    }
+                })
+                .await;
+                let r = match r {
+                    Ok(Ok(addrs)) => Ok(addrs
+                        .filter_map(|a| match a.ip() {
+                            std::net::IpAddr::V4(v4) => Some(v4),
+                            std::net::IpAddr::V6(_) => None,
+                        })
+                        .collect::<Vec<Ipv4Addr>>()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                };
+                (name, r)
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(Ok(r)) = tasks.join_next().await {
+            results.push(r);
+        }
+        let now = Instant::now();
+        let mut out = HashMap::new();
+        let mut last_ok = self.resolved_at.lock().expect("lock");
+        for (name, r) in results {
+            match r {
+                Ok(v4) => {
+                    last_ok.insert(name.clone(), now);
                     out.insert(name, v4);
                 }
-                r => {
-                    let error = match r {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".into(),
-                    };
-                    warn!(host = %name, %error, "a DNS ServiceEntry's name does not resolve; its last addresses are kept");
-                    if let Some(prev) = self.resolved.read().expect("lock").get(&name).cloned() {
-                        out.insert(name, prev);
+                Err(error) => {
+                    let fresh = last_ok.get(&name).is_some_and(|t| now.duration_since(*t) < KEEP);
+                    warn!(host = %name, %error, kept = fresh, "a ServiceEntry's name does not resolve; its last addresses are kept for at most 5 minutes");
+                    if fresh {
+                        if let Some(prev) = self.resolved.read().expect("lock").get(&name).cloned() {
+                            out.insert(name, prev);
+                        }
                     }
                 }
             }
         }
+        last_ok.retain(|n, _| out.contains_key(n));
         *self.resolved.write().expect("lock") = out;
     }
 
@@ -1213,22 +1251,40 @@ impl Ztunnel {
         let zt = self.clone();
         let mut se_changes = self.cluster.clone();
         tokio::spawn(async move {
+            let names = |zt: &Ztunnel| skiff_core::egress::names_to_resolve(&zt.cluster.borrow().service_entries);
             loop {
                 zt.resolve_service_entries().await;
-                tokio::select! {
-                    r = se_changes.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                let before = names(&zt);
+                let due = tokio::time::Instant::now() + Duration::from_secs(30);
+                // Early only when the names to resolve change (not on every
+                // pod's churn).
+                loop {
+                    tokio::select! {
+                        r = se_changes.changed() => {
+                            if r.is_err() { return }
+                            if names(&zt) != before { break }
+                        }
+                        _ = tokio::time::sleep_until(due) => break,
+                    }
                 }
             }
         });
         let zt = self.clone();
         let mut changes = self.cluster.clone();
         tokio::spawn(async move {
+            let mut last_overlaps = Vec::new();
             zt.metrics.set_rejected(&changes.borrow());
             while changes.changed().await.is_ok() {
                 let snap = changes.borrow().clone();
                 zt.metrics.set_rejected(&snap);
                 zt.prune(&snap, zt.cfg.series_grace);
+                let overlaps = skiff_core::egress::overlaps(&snap.service_entries);
+                if overlaps != last_overlaps {
+                    for (a, b, what) in &overlaps {
+                        warn!(first = %a, second = %b, "ServiceEntries of different namespaces {what}: each namespace's pods use their own namespace's, others the oldest");
+                    }
+                    last_overlaps = overlaps;
+                }
                 for p in snap.authorization_policies.iter().filter(|p| !p.targets_waypoint && p.has_l7()) {
                     warn!(policy = %p.key(), action = ?p.action,
                         "policy uses L7 attributes ztunnel cannot see: its ALLOW rules with them never match, its DENY rules match on their L4 part (fail closed); use a waypoint for L7");
@@ -1446,20 +1502,20 @@ spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
     /// (Jobs, say), are called and then leave: after the grace period both
     /// maps are back to where they started, and the series are gone from
     /// the exposition.
-    /// The names of DNS ServiceEntries are resolved by ztunnel (here
-    /// `localhost`, which every resolver knows), and a name that stops
-    /// resolving keeps its last addresses.
+    /// The names of DNS ServiceEntries are resolved by ztunnel (here an
+    /// endpoint named `localhost`, which every resolver knows, resolved as
+    /// the absolute `localhost.`).
     #[tokio::test]
     async fn dns_service_entry_names_are_resolved() {
         let zt = ztunnel(snapshot(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: local, namespace: app}\nspec: {hosts: [localhost], ports: [{number: 80, name: http}], resolution: DNS}\n",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: local, namespace: app}\nspec: {hosts: [local.example.com], ports: [{number: 80, name: http}], resolution: DNS, endpoints: [{address: localhost}]}\n",
         ));
         zt.resolve_service_entries().await;
         let got = zt.resolved.read().unwrap().get("localhost").cloned().unwrap_or_default();
         assert!(got.contains(&Ipv4Addr::LOCALHOST), "{got:?}");
         let entries = zt.cluster.borrow().service_entries.clone();
         let t = skiff_core::egress::lookup(&entries, "app", "127.0.0.1:80".parse().unwrap(), &zt.resolved.read().unwrap()).expect("in the registry");
-        assert_eq!(t.host, "localhost");
+        assert_eq!(t.host, "local.example.com");
     }
 
     #[test]

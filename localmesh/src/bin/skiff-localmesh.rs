@@ -46,7 +46,9 @@ enum Cmd {
     /// Benchmarks (figures, not assertions).
     Bench {
         /// Which benchmark: `hbone` (direct vs ztunnel plain vs ztunnel
-        /// HBONE) or `waypoint` (HTTP: direct vs ambient L4 vs waypoint).
+        /// HBONE), `waypoint` (HTTP: direct vs ambient L4 vs waypoint),
+        /// `gateway` (HTTPS: direct vs Skiff's ingress gateway vs Envoy as
+        /// the same gateway) or `compare`.
         which: String,
         /// Seconds instead of minutes: checks the harness works.
         #[arg(long)]
@@ -61,7 +63,7 @@ enum Cmd {
         /// compare.json, compare.md and compare.svg).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// `compare`: the Envoy binary for sidecar mode.
+        /// `compare`, `gateway`: the Envoy binary (sidecars; the gateway).
         #[arg(long, default_value = "envoy")]
         envoy: PathBuf,
         /// `compare`: modes to run, comma-separated (M0,M1,M2,M3,M2-ipt; M0 always runs).
@@ -165,8 +167,25 @@ fn main() -> anyhow::Result<()> {
                 skiff_localmesh::bench::waypoint(&o)?;
                 return Ok(());
             }
+            if which == "gateway" {
+                let o = skiff_localmesh::bench::GatewayBenchOptions {
+                    l7: skiff_localmesh::bench::L7BenchOptions {
+                        manifests: manifests.unwrap_or_else(|| "examples/bench-gateway".into()),
+                        bin_dir,
+                        oha,
+                        rate: rate.unwrap_or(if quick { 200 } else { 1000 }),
+                        connections: 4,
+                        seconds: seconds.unwrap_or(if quick { 2 } else { 10 }),
+                        repetitions: repetitions.unwrap_or(if quick { 1 } else { 3 }),
+                        out,
+                    },
+                    envoy,
+                };
+                skiff_localmesh::bench::gateway(&o)?;
+                return Ok(());
+            }
             if which != "hbone" {
-                anyhow::bail!("unknown benchmark {which:?} (available: hbone, waypoint, compare)");
+                anyhow::bail!("unknown benchmark {which:?} (available: hbone, waypoint, gateway, compare)");
             }
             let manifests = manifests.unwrap_or_else(|| "examples/bench".into());
             let mut o = if quick {
