@@ -11,7 +11,7 @@ use std::{
     net::Ipv4Addr,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, RwLock,
     },
     task::{Context, Poll},
@@ -72,7 +72,7 @@ struct Plan {
 /// Gets the gateway's certificate, then opens and closes its listeners to
 /// follow the Gateways that select its pod, until the proxy drains
 /// (listeners close; open connections finish as `Drain` allows).
-pub async fn serve(proxy: Arc<Proxy>, max_connections: usize) -> Result<(), skiff_hbone::certs::CertError> {
+pub async fn serve(proxy: Arc<Proxy>, max_connections: usize, ready: Arc<AtomicBool>) -> Result<(), skiff_hbone::certs::CertError> {
     proxy.ensure_certificate().await?;
     info!("gateway serving: certificate ready, listening for the Gateways that select this pod");
     let mut cluster = proxy.cluster();
@@ -130,16 +130,48 @@ pub async fn serve(proxy: Arc<Proxy>, max_connections: usize) -> Result<(), skif
                 }
             }
         }
+        // Ready once every port the config asks for is open (a port that
+        // cannot be opened keeps the pod out of its Service's endpoints).
+        ready.store(open.len() == plan.ports.len(), Ordering::Release);
         tokio::select! {
             r = cluster.changed() => if r.is_err() { break },
             _ = tokio::time::sleep(RETRY), if open.len() < plan.ports.len() => {}
             _ = &mut draining => break,
         }
     }
+    ready.store(false, Ordering::Release);
     for (_, (_, task)) in open {
         task.abort();
     }
     Ok(())
+}
+
+/// Serves `/healthz/ready` (Istio's gateways' readiness path) on
+/// `listener`: 200 once the gateway has its certificate and every port its
+/// Gateways ask for is open, 503 before and while draining.
+pub async fn serve_readiness(listener: TcpListener, ready: Arc<AtomicBool>, header_timeout: Duration) {
+    use http_body_util::Full;
+    use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    loop {
+        let (s, _) = skiff_hbone::transport::accept(&listener, "gateway readiness").await;
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (status, body) = match (req.uri().path(), ready.load(Ordering::Acquire)) {
+                    ("/healthz/ready", true) => (StatusCode::OK, "ready\n"),
+                    ("/healthz/ready", false) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: certificate or listeners pending, or draining\n"),
+                    _ => (StatusCode::NOT_FOUND, "not found\n"),
+                };
+                async move {
+                    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    *r.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let _ = http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(header_timeout).serve_connection(TokioIo::new(s), svc).await;
+        });
+    }
 }
 
 /// The ports to listen on, what each serves, and the TLS configurations

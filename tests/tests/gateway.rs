@@ -59,8 +59,10 @@ fn up() -> Option<LocalMesh> {
     for p in ["reviews-v1", "reviews-v2"] {
         wait_listening(mesh.pod("shop", p));
     }
+    // Ready: its certificate is in and every port its Gateways ask for is
+    // open (Istio's gateways' readiness path).
     let gw = mesh.pod("istio-system", "istio-ingressgateway");
-    eventually(WAIT, "gateway serving", || std::fs::read_to_string(&gw.log).ok().filter(|l| l.contains("gateway serving")).map(|_| ()));
+    eventually(WAIT, "gateway ready", || (mesh.pod_http_get(gw, 15021, "/healthz/ready").ok()?.0 == 200).then_some(()));
     Some(mesh)
 }
 

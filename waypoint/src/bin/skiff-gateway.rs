@@ -6,6 +6,9 @@
 //! mesh workload is mutual TLS. It is never captured itself (its pods are
 //! labelled `istio.io/dataplane-mode: none`).
 
+use std::sync::{atomic::AtomicBool, Arc};
+
+use anyhow::Context as _;
 use clap::Parser;
 
 /// Skiff ingress gateway: Istio Gateways and the VirtualServices bound to them.
@@ -27,6 +30,10 @@ struct Cli {
     /// a new connection is closed at once and counted.
     #[arg(long = "max-connections", id = "gateway_max_connections", default_value_t = skiff_l7::gateway::MAX_CONNECTIONS, value_name = "N")]
     max_connections: usize,
+    /// Readiness address: `/healthz/ready` answers 200 once the gateway has
+    /// its certificate and every port its Gateways ask for is open.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: std::net::SocketAddr,
     #[command(flatten)]
     proxy: skiff_waypoint::ProxyArgs,
 }
@@ -34,8 +41,12 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     skiff_waypoint::init_logging();
     let cli = Cli::parse();
-    let max = cli.max_connections.max(1);
+    let (max, readiness_addr) = (cli.max_connections.max(1), cli.readiness_addr);
+    let header_timeout = cli.proxy.http.header_read_timeout;
     skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, Some(cli.pod_name), true, move |gw| async move {
-        Ok(skiff_l7::gateway::serve(gw, max).await?)
+        let ready = Arc::new(AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind(readiness_addr).await.with_context(|| format!("binding {readiness_addr}"))?;
+        tokio::spawn(skiff_l7::gateway::serve_readiness(listener, ready.clone(), header_timeout));
+        Ok(skiff_l7::gateway::serve(gw, max, ready).await?)
     })
 }
