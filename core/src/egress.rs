@@ -41,6 +41,47 @@ impl OutboundPolicy {
     }
 }
 
+/// Istio's mesh config (the `mesh` key of the ConfigMap `istio` in the
+/// root namespace), as far as Skiff reads it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshConfig {
+    /// `outboundTrafficPolicy.mode`; None when not set.
+    pub outbound_policy: Option<OutboundPolicy>,
+    /// Top-level fields of the mesh config Skiff does not read (reported).
+    pub not_read: Vec<String>,
+}
+
+/// The name of Istio's mesh config ConfigMap, and its key.
+pub const MESH_CONFIG_MAP: &str = "istio";
+pub const MESH_CONFIG_KEY: &str = "mesh";
+
+/// Reads the mesh config text (YAML); the error names the field.
+pub fn mesh_config_from(text: &str) -> Result<MeshConfig, FieldError> {
+    let field = format!("data.{MESH_CONFIG_KEY}");
+    let docs = k8s::documents_as_json(text).map_err(|e| (field.clone(), format!("not YAML: {}", crate::report(&e))))?;
+    let v = docs.into_iter().next().unwrap_or(serde_json::Value::Null);
+    if !(v.is_object() || v.is_null()) {
+        return Err((field, "not a mapping".into()));
+    }
+    let mut out = MeshConfig::default();
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            if k != "outboundTrafficPolicy" {
+                out.not_read.push(k.clone());
+                continue;
+            }
+            let mode = &val["mode"];
+            let f = format!("{field}.outboundTrafficPolicy.mode");
+            out.outbound_policy = match mode {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(m) => Some(OutboundPolicy::parse(m).ok_or_else(|| (f.clone(), format!("{m:?} is not ALLOW_ANY or REGISTRY_ONLY")))?),
+                other => return Err((f, format!("{other} is not ALLOW_ANY or REGISTRY_ONLY"))),
+            };
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolution {
     /// Connections go to the address the application asked for.

@@ -50,6 +50,9 @@ pub enum Object {
     DestinationRule(DestinationRule),
     Gateway(Gateway),
     ServiceEntry(ServiceEntry),
+    /// Only `istio` (Istio's mesh config, key `mesh`) is read, by ztunnel,
+    /// in its root namespace.
+    ConfigMap(ConfigMap),
     /// Read only by the ingress gateway, in its own namespace (the sources
     /// drop every other Secret before the model sees it).
     Secret(Secret),
@@ -969,6 +972,14 @@ pub struct WorkloadEntrySpec {
     pub service_account: Option<String>,
 }
 
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMap {
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data: BTreeMap<String, String>,
+}
+
 /// A Secret: `data` (base64, as the API serves it) and `stringData`
 /// (plain text, as manifests may write it).
 #[derive(Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -1240,6 +1251,7 @@ fn parse_value(index: usize, value: &serde_json::Value, out: &mut Vec<Object>) -
         "Gateway" if networking => istio(value, Object::Gateway, &field, &invalid),
         "ServiceEntry" if networking => istio(value, Object::ServiceEntry, &field, &invalid),
         "Secret" if core => typed_or(typed(value).map(Object::Secret)),
+        "ConfigMap" if core => typed_or(typed(value).map(Object::ConfigMap)),
         _ => Object::Other { api_version, kind },
     };
     out.push(obj);
@@ -1297,6 +1309,7 @@ impl Object {
             Object::Gateway(o) => ("Gateway", &o.metadata),
             Object::ServiceEntry(o) => ("ServiceEntry", &o.metadata),
             Object::Secret(o) => ("Secret", &o.metadata),
+            Object::ConfigMap(o) => ("ConfigMap", &o.metadata),
             Object::Other { kind, .. } => return kind.clone(),
             Object::Invalid(o) => {
                 return match &o.namespace {
@@ -1319,14 +1332,14 @@ mod tests {
 
     #[test]
     fn parses_multi_document_yaml_and_skips_unknown_kinds() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    skiff.dev/dataplane-mode: ambient\n---\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n";
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    skiff.dev/dataplane-mode: ambient\n---\n---\napiVersion: v1\nkind: LimitRange\nmetadata: {name: x}\n";
         let objs = parse_documents(text).unwrap();
         assert_eq!(objs.len(), 2);
         match &objs[0] {
             Object::Namespace(ns) => assert_eq!(ns.metadata.labels["skiff.dev/dataplane-mode"], "ambient"),
             o => panic!("unexpected {o:?}"),
         }
-        assert!(matches!(&objs[1], Object::Other { kind, .. } if kind == "ConfigMap"));
+        assert!(matches!(&objs[1], Object::Other { kind, .. } if kind == "LimitRange"));
     }
 
     #[test]

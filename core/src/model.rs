@@ -111,6 +111,9 @@ pub struct Snapshot {
     pub destination_rules: Vec<crate::routing::DestinationRule>,
     pub gateways: Vec<crate::gateway::Gateway>,
     pub service_entries: Vec<crate::egress::ServiceEntry>,
+    /// Istio's mesh config (ConfigMap `istio`, key `mesh`), by namespace
+    /// (ztunnel reads its root namespace's).
+    pub mesh_configs: BTreeMap<String, crate::egress::MeshConfig>,
     /// Secrets, by `namespace/name`: only the ingress gateway's source
     /// passes any (those of its own namespace).
     pub secrets: BTreeMap<String, SecretData>,
@@ -273,6 +276,7 @@ fn kind_name(kind: &str) -> &'static str {
         "Gateway" => "Gateway",
         "Secret" => "Secret",
         "ServiceEntry" => "ServiceEntry",
+        "ConfigMap" => "ConfigMap",
         _ => "",
     }
 }
@@ -394,6 +398,10 @@ impl Snapshot {
                 Object::Gateway(o) => ("Gateway", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::Secret(o) => ("Secret", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::ServiceEntry(o) => ("ServiceEntry", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                // Only Istio's mesh config is read.
+                Object::ConfigMap(o) if o.metadata.name.as_deref() != Some(crate::egress::MESH_CONFIG_MAP) => continue,
+                Object::ConfigMap(o) => ("ConfigMap", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::Invalid(o) if o.kind == "ConfigMap" && o.name != crate::egress::MESH_CONFIG_MAP => continue,
                 Object::Invalid(o) => (kind_name(&o.kind), o.namespace.clone(), Some(o.name.clone())),
                 Object::Deployment(_) | Object::Other { .. } => continue,
             };
@@ -609,6 +617,18 @@ impl Snapshot {
                 self.warnings.extend(warnings.into_iter().map(|(f, m)| err(&f, m)));
                 self.gateways.push(g);
             }
+            Object::ConfigMap(cm) => {
+                let namespace = cm.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                let text = cm.data.get(crate::egress::MESH_CONFIG_KEY).map(String::as_str).unwrap_or("");
+                let mc = crate::egress::mesh_config_from(text).map_err(|(f, m)| err(&f, m))?;
+                if !mc.not_read.is_empty() {
+                    self.warnings.push(err(
+                        &format!("data.{}", crate::egress::MESH_CONFIG_KEY),
+                        format!("Skiff reads outboundTrafficPolicy from the mesh config; these fields are not read: {}", mc.not_read.join(", ")),
+                    ));
+                }
+                self.mesh_configs.insert(namespace, mc);
+            }
             Object::ServiceEntry(e) => {
                 let e = crate::egress::service_entry_from(e).map_err(|(f, m)| err(&f, m))?;
                 self.service_entries.push(e);
@@ -651,6 +671,7 @@ impl Snapshot {
                 "DestinationRule" => prev.destination_rules.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.destination_rules.push(p)).is_some(),
                 "Gateway" => prev.gateways.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.gateways.push(p)).is_some(),
                 "ServiceEntry" => prev.service_entries.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.service_entries.push(p)).is_some(),
+                "ConfigMap" => prev.mesh_configs.get(&key.namespace).cloned().map(|p| self.mesh_configs.insert(key.namespace.clone(), p)).is_some(),
                 "Secret" => {
                     let k = format!("{}/{}", key.namespace, key.name);
                     prev.secrets.get(&k).cloned().map(|p| self.secrets.insert(k, p)).is_some()
@@ -670,6 +691,15 @@ impl Snapshot {
             .and_then(|m| serde_json::from_value::<BTreeMap<String, String>>(m.clone()).ok())
             .filter(|m| !m.is_empty());
         match key.kind {
+            "ConfigMap" => {
+                // A mesh config that cannot be read may be the one that
+                // locks egress down: REGISTRY_ONLY until it is fixed.
+                self.mesh_configs.insert(
+                    key.namespace.clone(),
+                    crate::egress::MeshConfig { outbound_policy: Some(crate::egress::OutboundPolicy::RegistryOnly), not_read: Vec::new() },
+                );
+                Instead::FailClosed("outboundTrafficPolicy REGISTRY_ONLY")
+            }
             "PeerAuthentication" => {
                 self.peer_authentications.push(crate::policy::PeerAuthn {
                     namespace: key.namespace.clone(),
@@ -992,6 +1022,25 @@ spec:
         assert_eq!(err.0[0].object, "Pod a/p");
         assert_eq!(err.0[0].field, "status.podIP");
         assert!(err.to_string().contains("test.yaml"));
+    }
+
+    /// Istio's mesh config (ConfigMap `istio`, key `mesh`): its
+    /// outboundTrafficPolicy is read, other fields are reported, other
+    /// ConfigMaps are not read at all, and one that cannot be read fails
+    /// closed (REGISTRY_ONLY).
+    #[test]
+    fn mesh_config_is_read_from_the_istio_config_map() {
+        use crate::egress::OutboundPolicy;
+        let cm = |ns: &str, name: &str, mesh: &str| format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: {ns}}}\ndata:\n  mesh: |\n    {mesh}\n");
+        let s = build(&format!("{}---\n{}", cm("istio-system", "istio", "outboundTrafficPolicy: {mode: REGISTRY_ONLY}"), cm("istio-system", "other", "not: [yaml")), None);
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        assert_eq!(s.mesh_configs["istio-system"].outbound_policy, Some(OutboundPolicy::RegistryOnly));
+        let s = build(&cm("istio-system", "istio", "{accessLogFile: /dev/stdout, outboundTrafficPolicy: {mode: ALLOW_ANY}}"), None);
+        assert_eq!(s.mesh_configs["istio-system"].outbound_policy, Some(OutboundPolicy::AllowAny));
+        assert!(s.warnings.iter().any(|w| w.message.contains("accessLogFile")), "{:?}", s.warnings);
+        let s = build(&cm("istio-system", "istio", "outboundTrafficPolicy: {mode: REGISTRY_ONLYY}"), None);
+        assert_eq!(s.rejected[0].error.field, "data.mesh.outboundTrafficPolicy.mode");
+        assert_eq!(s.mesh_configs["istio-system"].outbound_policy, Some(OutboundPolicy::RegistryOnly), "fails closed");
     }
 
     fn build(text: &str, previous: Option<&Snapshot>) -> Snapshot {

@@ -65,6 +65,7 @@ pub const KINDS: &[Kind] = &[
     Kind { group: "", version: "v1", resource: "services", kind: "Service", namespaced: true },
     Kind { group: "", version: "v1", resource: "serviceaccounts", kind: "ServiceAccount", namespaced: true },
     Kind { group: "", version: "v1", resource: "secrets", kind: "Secret", namespaced: true },
+    Kind { group: "", version: "v1", resource: "configmaps", kind: "ConfigMap", namespaced: true },
     Kind { group: "discovery.k8s.io", version: "v1", resource: "endpointslices", kind: "EndpointSlice", namespaced: true },
     Kind { group: "networking.istio.io", version: "v1", resource: "virtualservices", kind: "VirtualService", namespaced: true },
     Kind { group: "networking.istio.io", version: "v1", resource: "destinationrules", kind: "DestinationRule", namespaced: true },

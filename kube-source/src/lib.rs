@@ -69,6 +69,10 @@ pub struct KubeOptions {
     /// own, for its certificates; RBAC: a Role there). No other process
     /// reads Secrets.
     pub secrets_namespace: Option<String>,
+    /// Also watch the ConfigMaps of this namespace (ztunnel: Istio's mesh
+    /// config, ConfigMap `istio` in the root namespace; RBAC: a Role
+    /// there).
+    pub config_maps_namespace: Option<String>,
 }
 
 impl Default for KubeOptions {
@@ -80,6 +84,7 @@ impl Default for KubeOptions {
             max_delay: Duration::from_secs(1),
             max_hold: Duration::from_secs(5),
             secrets_namespace: None,
+            config_maps_namespace: None,
         }
     }
 }
@@ -102,6 +107,11 @@ pub struct WatchedKind {
 /// Secrets: watched in one namespace, by the ingress gateway only.
 pub const SECRETS: WatchedKind =
     WatchedKind { group: "", version: "v1", kind: "Secret", plural: "secrets", fallback: &[], feeds: "the ingress gateway's certificates (its own namespace only)" };
+
+/// ConfigMaps: watched in the root namespace, by ztunnel only (Istio's
+/// mesh config).
+pub const CONFIG_MAPS: WatchedKind =
+    WatchedKind { group: "", version: "v1", kind: "ConfigMap", plural: "configmaps", fallback: &[], feeds: "Istio's mesh config (ConfigMap istio in the root namespace): the outbound traffic policy" };
 
 /// Every kind the source watches cluster-wide (and so the `list`/`watch`
 /// RBAC it needs); the ingress gateway adds [`SECRETS`] in its namespace.
@@ -297,7 +307,12 @@ async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Update)>();
     let mut stores: Vec<Store<DynamicObject>> = Vec::new();
     let kinds: Vec<(WatchedKind, Option<String>)> =
-        WATCHED.iter().map(|k| (*k, None)).chain(opts.secrets_namespace.clone().map(|ns| (SECRETS, Some(ns)))).collect();
+        WATCHED
+            .iter()
+            .map(|k| (*k, None))
+            .chain(opts.secrets_namespace.clone().map(|ns| (SECRETS, Some(ns))))
+            .chain(opts.config_maps_namespace.clone().map(|ns| (CONFIG_MAPS, Some(ns))))
+            .collect();
     for (i, (wk, namespace)) in kinds.iter().enumerate() {
         let ar = wk.api_resource();
         let writer = Writer::<DynamicObject>::new(ar.clone());
@@ -591,6 +606,16 @@ impl SourceChoice {
         match &mut self {
             SourceChoice::Kube(o) => o.secrets_namespace = Some(namespace.to_owned()),
             SourceChoice::Manifests(_, ns) => *ns = Some(namespace.to_owned()),
+        }
+        self
+    }
+
+    /// Also read the ConfigMaps of `namespace` (ztunnel: Istio's mesh
+    /// config in the root namespace). A manifests directory's are read as
+    /// they are.
+    pub fn mesh_config_in(mut self, namespace: &str) -> SourceChoice {
+        if let SourceChoice::Kube(o) = &mut self {
+            o.config_maps_namespace = Some(namespace.to_owned());
         }
         self
     }

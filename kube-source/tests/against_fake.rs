@@ -45,6 +45,7 @@ fn options(fake: &FakeApiServer, node: Option<&str>) -> KubeOptions {
         max_delay: Duration::from_millis(300),
         max_hold: Duration::from_secs(2),
         secrets_namespace: None,
+        config_maps_namespace: None,
     }
 }
 

@@ -251,13 +251,14 @@ pub fn plan(dir: &Path, nodes: &[String], ingress_gateway: bool) -> anyhow::Resu
                 | Object::VirtualService(_)
                 | Object::DestinationRule(_)
                 | Object::Gateway(_)
-                | Object::ServiceEntry(_) => plan.policies.push(obj),
+                | Object::ServiceEntry(_)
+                | Object::ConfigMap(_) => plan.policies.push(obj),
                 Object::Secret(_) => plan.secrets.push(obj),
                 // An Istio object Skiff refuses is passed on as written:
                 // node-agent and ztunnel refuse it on their own (and report
                 // it) while everything else runs.
                 Object::Invalid(ref o)
-                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule" | "Gateway" | "ServiceEntry") =>
+                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule" | "Gateway" | "ServiceEntry" | "ConfigMap") =>
                 {
                     plan.policies.push(obj)
                 }
@@ -344,5 +345,11 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
         assert_eq!(gateway_pods(&op("{profile: default}")), (1, true));
         let own = "---\napiVersion: v1\nkind: Service\nmetadata: {name: istio-ingressgateway, namespace: istio-system}\nspec: {selector: {app: mine}, ports: [{port: 80}]}\n";
         assert_eq!(gateway_pods(own), (0, true), "the user's own replaces the default whole");
+        // meshConfig.outboundTrafficPolicy becomes ztunnel's flag.
+        let tmp = tempfile::Builder::new().prefix("skiff-plan-").tempdir().unwrap();
+        std::fs::write(tmp.path().join("op.yaml"), op("{meshConfig: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}}")).unwrap();
+        assert_eq!(plan(tmp.path(), &nodes, false).unwrap().outbound_traffic_policy.as_deref(), Some("REGISTRY_ONLY"));
+        std::fs::write(tmp.path().join("op.yaml"), op("{meshConfig: {outboundTrafficPolicy: {mode: REGISTRY}}}")).unwrap();
+        assert!(plan(tmp.path(), &nodes, false).unwrap_err().to_string().contains("outboundTrafficPolicy.mode"));
     }
 }

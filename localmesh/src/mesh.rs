@@ -175,7 +175,7 @@ const FABRIC_API_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 
 /// Kinds mirrored from the state directory into the fake API server.
 const MIRRORED_KINDS: &[&str] =
-    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "Gateway", "ServiceEntry", "AuthorizationPolicy", "PeerAuthentication", "Secret"];
+    &["Namespace", "Pod", "Service", "VirtualService", "DestinationRule", "Gateway", "ServiceEntry", "AuthorizationPolicy", "PeerAuthentication", "Secret", "ConfigMap"];
 
 fn preflight(opts: &MeshOptions) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -614,6 +614,7 @@ impl LocalMesh {
                 k8s::Object::DestinationRule(o) => docs.push(with_kind("networking.istio.io/v1", "DestinationRule", serde_json::to_value(o)?)),
                 k8s::Object::Gateway(o) => docs.push(with_kind("networking.istio.io/v1", "Gateway", serde_json::to_value(o)?)),
                 k8s::Object::ServiceEntry(o) => docs.push(with_kind("networking.istio.io/v1", "ServiceEntry", serde_json::to_value(o)?)),
+                k8s::Object::ConfigMap(o) => docs.push(with_kind("v1", "ConfigMap", serde_json::to_value(o)?)),
                 k8s::Object::Invalid(o) => docs.push(o.raw.clone()),
                 _ => {}
             }

@@ -331,7 +331,8 @@ fn rbac_table_equals_what_the_code_asks_of_the_api() {
     let fake = FakeApiServer::start().unwrap();
     fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app"}})).unwrap();
     fake.apply(pod("app", "web-1", "node-1", "web", serde_json::json!({}))).unwrap();
-    let mut src = skiff_kube_source::SourceChoice::from_args(None, false, Some(fake.url())).unwrap().pods_on_node("node-1").open().unwrap();
+    // As ztunnel runs it (node-agent asks the same but the mesh config).
+    let mut src = skiff_kube_source::SourceChoice::from_args(None, false, Some(fake.url())).unwrap().pods_on_node("node-1").mesh_config_in("istio-system").open().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "the Kubernetes source published no snapshot");

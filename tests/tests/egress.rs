@@ -21,8 +21,8 @@ fn up(manifests: &str) -> Option<LocalMesh> {
     Some(mesh)
 }
 
-/// Done-when 6 (first part): with REGISTRY_ONLY (an IstioOperator's
-/// meshConfig), an enrolled pod reaches an outside host a ServiceEntry
+/// Done-when 6 (first part): with REGISTRY_ONLY (Istio's mesh config, the
+/// ConfigMap `istio` in istio-system), an enrolled pod reaches an outside host a ServiceEntry
 /// declares and is refused for an undeclared one; the refusal is counted
 /// (`BlackHoleCluster`, flag NR, `skiff_ztunnel_egress_refused_total`)
 /// and logged with the destination and the reason; Services in the

@@ -68,10 +68,11 @@ struct Cli {
     /// sent its request headers within this long is dropped.
     #[arg(long, default_value = "5", value_name = "SECONDS", value_parser = skiff_hbone::limits::seconds)]
     admin_header_timeout: Duration,
-    /// Istio's `outboundTrafficPolicy.mode`: ALLOW_ANY lets enrolled pods
-    /// reach any address; REGISTRY_ONLY refuses an address that is neither
-    /// a Service, a pod nor a ServiceEntry (counted, logged with flag NR
-    /// and `dst.service=BlackHoleCluster`).
+    /// Istio's `outboundTrafficPolicy.mode` when the mesh config (ConfigMap
+    /// `istio` in the root namespace) does not set it: ALLOW_ANY lets
+    /// enrolled pods reach any address; REGISTRY_ONLY refuses an address
+    /// that is neither a Service, a pod nor a ServiceEntry (counted, logged
+    /// with flag NR and `dst.service=BlackHoleCluster`).
     #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
     outbound_traffic_policy: String,
     #[command(flatten)]
@@ -88,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     skiff_core::raise_open_file_limit_logged();
     let cli = Cli::parse();
-    let source = cli.source.choice()?;
+    let source = cli.source.choice()?.mesh_config_in(&cli.root_namespace);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;

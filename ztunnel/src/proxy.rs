@@ -565,7 +565,7 @@ impl Ztunnel {
                         routed = Ok((target, None));
                         (host, ns)
                     }
-                    None if self.cfg.outbound_policy == skiff_core::egress::OutboundPolicy::RegistryOnly => {
+                    None if self.outbound_policy(&snap) == skiff_core::egress::OutboundPolicy::RegistryOnly => {
                         routed = Err(Refusal::RegistryOnly);
                         ("BlackHoleCluster".into(), "unknown".into())
                     }
@@ -710,6 +710,12 @@ impl Ztunnel {
             self.metrics.egress_refused.inc();
         }
         access_log(dir, peer, orig, target, &labels, 0, 0, start, why.as_ref());
+    }
+
+    /// The outbound traffic policy in force: Istio's mesh config in the root
+    /// namespace (ConfigMap `istio`) when it sets one, else the flag.
+    fn outbound_policy(&self, snap: &Snapshot) -> skiff_core::egress::OutboundPolicy {
+        snap.mesh_configs.get(&self.cfg.root_namespace).and_then(|m| m.outbound_policy).unwrap_or(self.cfg.outbound_policy)
     }
 
     /// Resolves the names ServiceEntries are matched by (every 30 s, and
