@@ -481,3 +481,31 @@ fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let (self_cert, self_key, _) = self_signed(&["client.example.com"]);
     assert!(refused(Some((&self_cert, &self_key))), "a certificate the CA did not sign was served");
 }
+
+/// The same gateway reading the cluster from the Kubernetes API (the fake
+/// API server): Gateways and VirtualServices through their watches, its
+/// certificate's Secret through a watch of its own namespace's Secrets
+/// only, as `deploy/gateway` grants.
+#[test]
+fn the_gateway_reads_gateways_and_its_secrets_from_the_kubernetes_api() {
+    let Some(mesh) = mesh_with("manifests/gateway", |o| o.kube_api = true) else { return };
+    wait_listening(mesh.pod("shop", "reviews-v1"));
+    let (cert, key, der) = self_signed(&["a.example.com"]);
+    let servers = "  - port: {number: 443, name: https-a, protocol: HTTPS}\n    hosts: [a.example.com]\n    tls: {mode: SIMPLE, credentialName: a-cert}\n";
+    let yaml = format!(
+        "{}---\n{}---\n{VS_AB}",
+        secret("a-cert", "kubernetes.io/tls", &[("tls.crt", &cert), ("tls.key", &key)]),
+        https_gateway(servers)
+    );
+    mesh.apply("edge", Some(&yaml)).unwrap();
+    let both = [&rustls::version::TLS12, &rustls::version::TLS13];
+    eventually(WAIT, "HTTPS through the gateway in kube mode", || {
+        let mut s = tls_connect(&mesh, "a.example.com", tls_client(&der, &both, None)).ok()?;
+        matches!(https_get(&mut s, "a.example.com", "/"), Ok((200, _))).then_some(())
+    });
+    let reqs = mesh.kube_api().expect("kube mode").requests();
+    let secrets: Vec<_> = reqs.iter().filter(|r| r.resource == "secrets").collect();
+    assert!(secrets.iter().any(|r| r.verb == "watch"), "the gateway watches Secrets");
+    assert!(secrets.iter().all(|r| r.namespace.as_deref() == Some("istio-system")), "only in its own namespace: {secrets:?}");
+    assert!(reqs.iter().any(|r| r.verb == "watch" && r.resource == "gateways"));
+}
