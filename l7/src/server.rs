@@ -101,6 +101,11 @@ pub struct HttpLimits {
     /// and Services that are gone are removed once unused for this long.
     #[arg(long = "metrics-series-grace", default_value = "300", value_name = "SECONDS", value_parser = secs)]
     pub series_grace: Duration,
+    /// A downstream HTTP connection on which no byte has moved either way
+    /// for this long is closed (GOAWAY for HTTP/2), as Envoy's idle
+    /// timeout (1 h).
+    #[arg(long = "http-idle-timeout", default_value = "3600", value_name = "SECONDS", value_parser = secs)]
+    pub idle_timeout: Duration,
 }
 
 fn secs(s: &str) -> Result<Duration, String> {
@@ -122,6 +127,7 @@ impl Default for HttpLimits {
             request_body_timeout: resilience::BODY_READ_TIMEOUT,
             max_idle_per_endpoint: crate::upstream::MAX_IDLE_PER_ENDPOINT,
             series_grace: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -205,6 +211,19 @@ fn strip_response_hop_by_hop(h: &mut HeaderMap) {
     // `trailer` stays: it announces the response's trailers (gRPC).
     for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"].into_iter().chain(named.iter().map(String::as_str)) {
         h.remove(name);
+    }
+}
+
+/// Resolves once no byte has moved either way for `limit` (`last`: the
+/// milliseconds after `born` of the last read or write).
+async fn idle_for(last: Arc<std::sync::atomic::AtomicU64>, born: Instant, limit: Duration) {
+    let check = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(check).await;
+        let at = Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed));
+        if born.elapsed().saturating_sub(at) >= limit {
+            return;
+        }
     }
 }
 
@@ -484,15 +503,26 @@ impl Proxy {
             async move { Ok::<_, Infallible>(proxy.request(ctx, req).await) }
         });
         let builder = self.http_builder();
+        let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let born = Instant::now();
+        let io = crate::body::Activity::new(io, last.clone(), born);
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let draining = self.drain.stopping();
+        let idle = idle_for(last, born, self.cfg.http.idle_timeout);
         let ended = tokio::select! {
             r = conn.as_mut() => r,
             // Draining: HTTP/1.1 finishes the request in flight and closes
             // (an idle connection closes at once); HTTP/2 sends GOAWAY and
             // finishes its open streams.
             _ = draining => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            // Nothing either way for `--http-idle-timeout`: GOAWAY (an
+            // HTTP/2 client that keeps its connection and never uses it).
+            _ = idle => {
+                debug!("downstream HTTP connection idle: closing");
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -737,5 +767,39 @@ impl Proxy {
         route::apply_header_ops(resp.headers_mut(), response_ops);
         log.finish(&self.metrics, resp.status().as_u16(), start.elapsed());
         resp
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use std::sync::{atomic::AtomicU64, Arc};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// `--http-idle-timeout`: a connection on which bytes keep moving is
+    /// not idle; one on which nothing moves for the limit is.
+    #[tokio::test]
+    async fn idle_means_no_byte_either_way_for_the_limit() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let last = Arc::new(AtomicU64::new(0));
+        let born = Instant::now();
+        let mut io = crate::body::Activity::new(a, last.clone(), born);
+        let limit = Duration::from_millis(400);
+        let idle = idle_for(last.clone(), born, limit);
+        tokio::pin!(idle);
+        // Traffic every 100 ms for a second: never idle.
+        for _ in 0..10 {
+            b.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            io.read_exact(&mut one).await.unwrap();
+            tokio::select! {
+                _ = &mut idle => panic!("idle while bytes moved"),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        // Then nothing: idle within the limit and a check period.
+        tokio::time::timeout(Duration::from_secs(2), idle).await.expect("idle once nothing moves");
     }
 }
