@@ -279,7 +279,8 @@ impl Proxy {
             metrics.tcp.clone(),
             cfg.hbone.clone(),
             cfg.http.max_idle_per_endpoint,
-        );
+        )
+        .with_cluster(cluster.clone());
         let bodies = BodyBudget::new(cfg.http.max_request_body, cfg.http.max_buffered_body, cfg.http.request_body_timeout);
         Arc::new(Proxy {
             admission: Admission::new(cfg.hbone.clone()),

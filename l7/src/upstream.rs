@@ -60,7 +60,10 @@ impl Conn {
 
 /// Idle connections by endpoint and protocol (HTTP/2 or not), each with
 /// the requests it has carried.
-type IdlePool = HashMap<(SocketAddrV4, bool), Vec<(Conn, u32)>>;
+/// Idle connections by endpoint, protocol (HTTP/2 or not) and transport
+/// (HBONE, or plain TCP to a pod outside the mesh): a pod that joins the
+/// mesh never gets a plaintext connection from the pool.
+type IdlePool = HashMap<(SocketAddrV4, bool, bool), Vec<(Conn, u32)>>;
 
 /// Outlier-detection and load state of one endpoint.
 #[derive(Clone, Debug, Default)]
@@ -92,6 +95,12 @@ pub struct Upstreams {
     pub(crate) endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
     /// Round-robin position per destination (endpoint set).
     rr: Mutex<HashMap<Vec<SocketAddrV4>, usize>>,
+    /// The cluster view, to tell endpoints in the mesh (HBONE) from pods
+    /// outside it (plain TCP, as Istio's proxies reach them). None: HBONE
+    /// always.
+    cluster: Option<tokio::sync::watch::Receiver<Arc<Snapshot>>>,
+    /// `--connect-timeout`, for plain TCP.
+    connect_timeout: Duration,
 }
 
 /// Counts an attempt against its endpoint until it ends (or is dropped).
@@ -105,6 +114,23 @@ impl Drop for ActiveGuard<'_> {
         if let Some(s) = self.ups.endpoints.lock().expect("lock").get_mut(&self.ep) {
             s.active = s.active.saturating_sub(1);
         }
+    }
+}
+
+/// The HTTP client handshake on an upstream byte stream (an HBONE stream,
+/// or plain TCP to a pod outside the mesh).
+async fn handshake_upstream<I>(io: I, h2: bool) -> Result<Conn, Failure>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if h2 {
+        let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.map_err(|_| Failure::UpstreamConnect)?;
+        tokio::spawn(conn);
+        Ok(Conn::H2(s))
+    } else {
+        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|_| Failure::UpstreamConnect)?;
+        tokio::spawn(conn);
+        Ok(Conn::H1(s))
     }
 }
 
@@ -122,6 +148,7 @@ impl Upstreams {
         hbone: skiff_hbone::limits::HboneLimits,
         max_idle: usize,
     ) -> Upstreams {
+        let connect_timeout = hbone.connect_timeout;
         Upstreams {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
@@ -132,12 +159,30 @@ impl Upstreams {
             max_idle,
             endpoints: Mutex::new(HashMap::new()),
             rr: Mutex::new(HashMap::new()),
+            cluster: None,
+            connect_timeout,
         }
+    }
+
+    /// Endpoints outside the mesh (not enrolled) are reached over plain TCP
+    /// from now on, as Istio's gateways and waypoints reach them; before,
+    /// HBONE to a pod with no ztunnel failed (503 `UF`).
+    pub fn with_cluster(mut self, cluster: tokio::sync::watch::Receiver<Arc<Snapshot>>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Whether `w` terminates HBONE (its pod is enrolled).
+    fn in_mesh(&self, w: &Workload) -> bool {
+        let Some(cluster) = &self.cluster else { return true };
+        let snap = cluster.borrow();
+        let Some(node) = w.node.as_deref() else { return false };
+        skiff_core::enroll::decide(node, snap.namespace_labels(&w.namespace), w) == skiff_core::enroll::Decision::Enroll
     }
 
     /// Drops state of endpoints not in `live` and closed idle connections.
     pub fn sweep(&self, live: &HashSet<Ipv4Addr>) {
-        self.idle.lock().expect("lock").retain(|(ep, _), list| {
+        self.idle.lock().expect("lock").retain(|(ep, _, _), list| {
             list.retain(|(u, _)| !u.is_closed());
             live.contains(ep.ip()) && !list.is_empty()
         });
@@ -216,19 +261,32 @@ impl Upstreams {
 
     /// An HTTP connection to `ep` (reused when one is idle), with the
     /// requests it has carried so far.
-    async fn connection(&self, w: &Workload, port: u16, h2: bool) -> Result<(Conn, u32), Failure> {
+    async fn connection(&self, w: &Workload, port: u16, h2: bool) -> Result<(Conn, u32, bool), Failure> {
         let ep = endpoint(w, port);
+        let plain = !self.in_mesh(w);
         {
             // Reuse a connection only when it can take a request now: an
             // HTTP/1.1 connection is busy until the previous response body
             // has been read to the end.
             let mut idle = self.idle.lock().expect("lock");
-            if let Some(list) = idle.get_mut(&(ep, h2)) {
+            if let Some(list) = idle.get_mut(&(ep, h2, plain)) {
                 list.retain(|(u, _)| !u.is_closed());
                 if let Some(i) = list.iter().position(|(u, _)| u.is_ready()) {
-                    return Ok(list.swap_remove(i));
+                    let (u, carried) = list.swap_remove(i);
+                    return Ok((u, carried, plain));
                 }
             }
+        }
+        if plain {
+            let tcp = match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(ep)).await {
+                Ok(Ok(t)) => t,
+                r => {
+                    debug!(upstream = %ep, error = ?r.map(|r| r.err()), "TCP to an endpoint outside the mesh failed");
+                    return Err(Failure::UpstreamConnect);
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            return Ok((handshake_upstream(tcp, h2).await?, 0, true));
         }
         let (send, recv, guard) = self.dial(w, port).await.map_err(|e| {
             debug!(error = %skiff_core::report(&e), upstream = %ep, "HBONE to endpoint failed");
@@ -240,28 +298,19 @@ impl Upstreams {
             let _guard = guard;
             hbone::relay_io(theirs, send, recv, &counters, &counters).await
         });
-        if h2 {
-            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(ours))
-                .await
-                .map_err(|_| Failure::UpstreamConnect)?;
-            tokio::spawn(conn);
-            Ok((Conn::H2(s), 0))
-        } else {
-            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours)).await.map_err(|_| Failure::UpstreamConnect)?;
-            tokio::spawn(conn);
-            Ok((Conn::H1(s), 0))
-        }
+        Ok((handshake_upstream(ours, h2).await?, 0, false))
     }
 
     /// Keeps a connection for reuse, unless it has carried the
     /// DestinationRule's `maxRequestsPerConnection` (then it closes once
     /// its last response is read).
-    fn put_back(&self, w: &Workload, port: u16, h2: bool, u: Conn, carried: u32, max_requests: Option<u32>) {
+    #[allow(clippy::too_many_arguments)]
+    fn put_back(&self, w: &Workload, port: u16, h2: bool, plain: bool, u: Conn, carried: u32, max_requests: Option<u32>) {
         if max_requests.is_some_and(|m| carried >= m) {
             return;
         }
         let mut idle = self.idle.lock().expect("lock");
-        let v = idle.entry((endpoint(w, port), h2)).or_default();
+        let v = idle.entry((endpoint(w, port), h2, plain)).or_default();
         if v.len() < self.max_idle {
             v.push((u, carried));
         }
@@ -273,19 +322,19 @@ impl Upstreams {
     /// `UpstreamReset`, as the upstream may have processed it.
     /// `max_requests` is the DestinationRule's `maxRequestsPerConnection`.
     pub async fn attempt(&self, w: &Workload, port: u16, h2: bool, max_requests: Option<u32>, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, Failure> {
-        let (conn, carried) = self.connection(w, port, h2).await?;
+        let (conn, carried, plain) = self.connection(w, port, h2).await?;
         match conn {
             Conn::H1(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
                 let r = s.try_send_request(req).await.map_err(|mut e| sent_failure(e.take_message().is_none(), e.error()));
                 // hyper waits for this response's body before the next request.
-                self.put_back(w, port, h2, Conn::H1(s), carried + 1, max_requests);
+                self.put_back(w, port, h2, plain, Conn::H1(s), carried + 1, max_requests);
                 r
             }
             Conn::H2(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
                 let r = s.try_send_request(req).await.map_err(|mut e| sent_failure(e.take_message().is_none(), e.error()));
-                self.put_back(w, port, h2, Conn::H2(s), carried + 1, max_requests);
+                self.put_back(w, port, h2, plain, Conn::H2(s), carried + 1, max_requests);
                 r
             }
         }

@@ -509,3 +509,20 @@ fn the_gateway_reads_gateways_and_its_secrets_from_the_kubernetes_api() {
     assert!(secrets.iter().all(|r| r.namespace.as_deref() == Some("istio-system")), "only in its own namespace: {secrets:?}");
     assert!(reqs.iter().any(|r| r.verb == "watch" && r.resource == "gateways"));
 }
+
+/// A backend outside the mesh (not enrolled: no ztunnel terminates HBONE
+/// for it) is reached over plain TCP, as Istio's gateways reach such pods;
+/// before, the gateway answered 503 UF.
+#[test]
+fn a_backend_outside_the_mesh_is_reached_in_plaintext() {
+    let Some(mesh) = up() else { return };
+    wait_listening(mesh.pod("outside", "legacy"));
+    let yaml = format!(
+        "{}---\n{}",
+        gateway("shop-gateway", "[\"*\"]"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: legacy-edge, namespace: shop}\nspec:\n  hosts: [\"*\"]\n  gateways: [shop-gateway]\n  http: [{route: [{destination: {host: legacy.outside.svc.cluster.local}}]}]\n"
+    );
+    apply(&mesh, "edge", &yaml, |m| count(&load(m, "/", 2, &[]).codes, "200") == 2);
+    let l = load(&mesh, "/x", 5, &[]);
+    assert_eq!(count(&l.versions, "legacy"), 5, "{:?}", l.versions);
+}
