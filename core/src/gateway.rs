@@ -389,12 +389,7 @@ pub enum Decision<'s> {
 /// namespace, with a host the server admits (its namespace filter and
 /// host pattern) matching the request's, the most specific host first.
 pub fn decide<'s>(virtual_services: &'s [VirtualService], open: &[Opened<'s>], port: u16, host: &str, gateway_ns: &str) -> Decision<'s> {
-    let best = open
-        .iter()
-        .filter(|o| o.port == port)
-        .filter_map(|o| o.server.hosts.iter().filter(|h| host_matches(&h.host, host)).map(|h| specificity(&h.host)).min().map(|s| (s, o)))
-        .min_by_key(|(s, _)| *s);
-    let Some((_, o)) = best else { return Decision::NoServer };
+    let Some(o) = server_for_host(open, port, host) else { return Decision::NoServer };
     if o.server.https_redirect {
         return Decision::HttpsRedirect;
     }
@@ -551,6 +546,16 @@ pub fn credential<'a>(
         None
     };
     Ok(Credential { cert_chain, key, client_ca })
+}
+
+/// The server (of those open on `port`) whose hosts take `host` most
+/// specifically: exact, then the longest `*.` suffix, then `*`.
+pub fn server_for_host<'a, 's>(open: &'a [Opened<'s>], port: u16, host: &str) -> Option<&'a Opened<'s>> {
+    open.iter()
+        .filter(|o| o.port == port)
+        .filter_map(|o| o.server.hosts.iter().filter(|h| host_matches(&h.host, host)).map(|h| specificity(&h.host)).min().map(|s| (s, o)))
+        .min_by_key(|(s, _)| *s)
+        .map(|(_, o)| o)
 }
 
 /// Whether two host patterns have a name in common.

@@ -714,6 +714,18 @@ impl Proxy {
                     // while its TLS settings are those the handshake used
                     // (removed or changed since: 421, the client reconnects).
                     Some((key, tls)) => {
+                        // A Host that another TLS server of this port takes
+                        // more specifically than the handshake's (SNI for
+                        // `*.example.com`, Host `admin.example.com` of a
+                        // MUTUAL server) would skip that server's TLS
+                        // requirements: 421, the client connects anew with
+                        // the right name. Stricter than Istio, which routes
+                        // it by the handshake's server.
+                        let host = gateway::request_host(info.authority);
+                        let tls_servers: Vec<_> = open.iter().filter(|o| o.server.tls.is_some()).cloned().collect();
+                        if gateway::server_for_host(&tls_servers, *port, &host).is_some_and(|o| crate::tls::server_key(o) != *key) {
+                            return Err(Chosen::Refused(Failure::Misdirected));
+                        }
                         open.retain(|o| crate::tls::server_key(o) == *key && o.server.tls.as_ref() == Some(&**tls));
                         if open.is_empty() {
                             return Err(Chosen::Refused(Failure::Misdirected));

@@ -422,6 +422,9 @@ fn https_from_secrets_by_sni_with_versions_redirect_and_rotation() {
     let (code, body) = https_get(&mut b, "b.example.com", "/y").unwrap();
     assert!(code == 200 && body.contains("version=v1") && body.contains("path=/y"), "{code} {body}");
     assert!(tls_connect(&mesh, "b.example.com", tls_client(&a_der, &both, None)).is_err(), "b.example.com is not served with a's certificate");
+    // A connection made for b.example.com cannot carry a.example.com's
+    // requests (a.example.com's server has its own TLS settings): 421.
+    assert_eq!(https_get(&mut b, "a.example.com", "/").unwrap().0, 421);
     // TLS 1.2 is allowed (the minimum), TLS 1.1 is refused.
     let mut v12 = tls_connect(&mesh, "a.example.com", tls_client(&a_der, &[&rustls::version::TLS12], None)).expect("TLS 1.2 client");
     assert_eq!(https_get(&mut v12, "a.example.com", "/").unwrap().0, 200);
