@@ -182,21 +182,92 @@ fn pod_cpu_seconds(pod: &crate::PodRt) -> f64 {
         .sum()
 }
 
-fn oha(mesh: &LocalMesh, ns: &str, o: &L7BenchOptions) -> anyhow::Result<(f64, f64, f64, f64)> {
-    let url = format!("http://server.{ns}:8080/");
+/// What one oha run measured.
+struct OhaRun {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    rps: f64,
+    /// Share of requests that got a response.
+    success_rate: f64,
+    /// Responses by status code.
+    codes: serde_json::Value,
+}
+
+/// One oha run at the options' rate, from `client` (namespace, pod) to
+/// `url`, latency corrected, with `extra` arguments before the URL.
+fn oha_run(mesh: &LocalMesh, client: (&str, &str), url: &str, extra: &[&str], o: &L7BenchOptions) -> anyhow::Result<OhaRun> {
     let (z, q, c) = (format!("{}s", o.seconds), o.rate.to_string(), o.connections.to_string());
     let oha = o.oha.display().to_string();
-    let argv = ["taskset", "-c", "0", &oha, "-z", &z, "-q", &q, "-c", &c, "--latency-correction", "--no-tui", "--output-format", "json", &url];
-    let out = mesh.exec(mesh.pod(ns, "client"), &argv, Duration::from_secs(o.seconds as u64 + 120))?;
+    let mut argv: Vec<&str> = vec!["taskset", "-c", "0", &oha, "-z", &z, "-q", &q, "-c", &c, "--latency-correction", "--no-tui", "--output-format", "json"];
+    argv.extend(extra);
+    argv.push(url);
+    let out = mesh.exec(mesh.pod(client.0, client.1), &argv, Duration::from_secs(o.seconds as u64 + 120))?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("oha output: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
     let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(0.0) * 1e6;
-    let rps = v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0);
-    let ok = v["summary"]["successRate"].as_f64().unwrap_or(0.0);
-    if ok < 0.999 {
-        bail!("{ns}: only {:.1}% of requests succeeded", ok * 100.0);
+    Ok(OhaRun {
+        p50: pct("p50"),
+        p90: pct("p90"),
+        p99: pct("p99"),
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        success_rate: v["summary"]["successRate"].as_f64().unwrap_or(0.0),
+        codes: v["statusCodeDistribution"].clone(),
+    })
+}
+
+fn oha(mesh: &LocalMesh, ns: &str, o: &L7BenchOptions) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let r = oha_run(mesh, (ns, "client"), &format!("http://server.{ns}:8080/"), &[], o)?;
+    if r.success_rate < 0.999 {
+        bail!("{ns}: only {:.1}% of requests succeeded", r.success_rate * 100.0);
     }
-    Ok((pct("p50"), pct("p90"), pct("p99"), rps))
+    Ok((r.p50, r.p90, r.p99, r.rps))
+}
+
+/// Each path's medians over the runs (`figures`, by path, in `modes`'
+/// order).
+fn summarize(modes: &[&'static str], figures: &Figures, target_rps: u32) -> Vec<L7Result> {
+    modes
+        .iter()
+        .map(|mode| {
+            let f = &figures[mode];
+            L7Result {
+                mode,
+                p50_us: median(f.iter().map(|x| x.0).collect()),
+                p90_us: median(f.iter().map(|x| x.1).collect()),
+                p99_us: median(f.iter().map(|x| x.2).collect()),
+                achieved_rps: median(f.iter().map(|x| x.3).collect()),
+                target_rps,
+                waypoint_cpu_ms_per_1000: f[0].4.map(|_| median(f.iter().filter_map(|x| x.4).collect())),
+            }
+        })
+        .collect()
+}
+
+/// The results as a markdown table, latencies also as added to the first
+/// path's; `cpu` names the last column (whose proxy's CPU it is). A path
+/// below 99% of its target rate is marked.
+fn print_table(results: &[L7Result], cpu: &str) {
+    let d = &results[0];
+    println!("| path | p50 µs | p90 µs | p99 µs | added p50 | added p90 | added p99 | achieved req/s | {cpu} CPU ms / 1000 req |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in results {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:+.0} | {:.0} | {} |",
+            r.mode,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            r.p50_us - d.p50_us,
+            r.p90_us - d.p90_us,
+            r.p99_us - d.p99_us,
+            r.achieved_rps,
+            r.waypoint_cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into())
+        );
+        if r.achieved_rps < r.target_rps as f64 * 0.99 {
+            println!("  note: {} reached {:.0} of {} req/s: below 99% of the target, its latencies are not comparable", r.mode, r.achieved_rps, r.target_rps);
+        }
+    }
 }
 
 /// `bench waypoint`: HTTP/1.1 1 KiB at a fixed rate, coordinated-omission
@@ -250,47 +321,15 @@ pub fn waypoint(o: &L7BenchOptions) -> anyhow::Result<Vec<L7Result>> {
     if crate::mesh::sum_metric(&wp_metrics, "istio_requests_total", &[("response_code", "200")]) < 1.0 {
         bail!("ambient-waypoint: the waypoint served no request");
     }
-    let results: Vec<L7Result> = modes
-        .iter()
-        .map(|(mode, _)| {
-            let f = &figures[mode];
-            L7Result {
-                mode,
-                p50_us: median(f.iter().map(|x| x.0).collect()),
-                p90_us: median(f.iter().map(|x| x.1).collect()),
-                p99_us: median(f.iter().map(|x| x.2).collect()),
-                achieved_rps: median(f.iter().map(|x| x.3).collect()),
-                target_rps: o.rate,
-                waypoint_cpu_ms_per_1000: f[0].4.map(|_| median(f.iter().filter_map(|x| x.4).collect())),
-            }
-        })
-        .collect();
-    let d = results[0].clone();
+    let names: Vec<&'static str> = modes.iter().map(|(m, _)| *m).collect();
+    let results = summarize(&names, &figures, o.rate);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
         "\nWaypoint benchmark — HTTP/1.1 1 KiB responses at {} req/s over {} connections for {} s (oha, latency corrected), median of {} run(s)",
         o.rate, o.connections, o.seconds, o.repetitions
     );
     println!("CPU placement: load generator on CPU 0, servers on CPU 1, ztunnels and the waypoint unpinned ({cpus} CPUs)");
-    println!("| path | p50 µs | p90 µs | p99 µs | added p50 | added p90 | added p99 | achieved req/s | waypoint CPU ms / 1000 req |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &results {
-        println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:+.0} | {:.0} | {} |",
-            r.mode,
-            r.p50_us,
-            r.p90_us,
-            r.p99_us,
-            r.p50_us - d.p50_us,
-            r.p90_us - d.p90_us,
-            r.p99_us - d.p99_us,
-            r.achieved_rps,
-            r.waypoint_cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into())
-        );
-        if r.achieved_rps < r.target_rps as f64 * 0.99 {
-            println!("  note: {} reached {:.0} of {} req/s: below 99% of the target, its latencies are not comparable", r.mode, r.achieved_rps, r.target_rps);
-        }
-    }
+    print_table(&results, "waypoint");
     write_figures(o.out.as_deref(), &results)?;
     Ok(results)
 }
@@ -352,23 +391,15 @@ pub fn gateway(o: &GatewayBenchOptions) -> anyhow::Result<Vec<L7Result>> {
     ];
     let cacert = cert_file.display().to_string();
     let run = |mesh: &LocalMesh, url: &str, connect_to: &Option<String>, opts: &L7BenchOptions| -> anyhow::Result<(f64, f64, f64, f64)> {
-        let (z, q, c) = (format!("{}s", opts.seconds), opts.rate.to_string(), opts.connections.to_string());
-        let oha = opts.oha.display().to_string();
-        let mut argv: Vec<&str> = vec!["taskset", "-c", "0", &oha, "-z", &z, "-q", &q, "-c", &c, "--latency-correction", "--no-tui", "--output-format", "json"];
-        if let Some(ct) = connect_to {
-            argv.extend(["--connect-to", ct, "--cacert", &cacert]);
+        let extra: Vec<&str> = match connect_to {
+            Some(ct) => vec!["--connect-to", ct, "--cacert", &cacert],
+            None => Vec::new(),
+        };
+        let r = oha_run(mesh, ("bench-edge", "client"), url, &extra, opts)?;
+        if r.success_rate < 0.999 || r.codes.as_object().is_some_and(|m| m.keys().any(|k| k != "200")) {
+            bail!("{url}: {:.1}% succeeded, status codes {}", r.success_rate * 100.0, r.codes);
         }
-        argv.push(url);
-        let out = mesh.exec(mesh.pod("bench-edge", "client"), &argv, Duration::from_secs(opts.seconds as u64 + 120))?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("oha output: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
-        let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(0.0) * 1e6;
-        let ok = v["summary"]["successRate"].as_f64().unwrap_or(0.0);
-        let codes = v["statusCodeDistribution"].clone();
-        if ok < 0.999 || codes.as_object().is_some_and(|m| m.keys().any(|k| k != "200")) {
-            bail!("{url}: {:.1}% succeeded, status codes {codes}", ok * 100.0);
-        }
-        Ok((pct("p50"), pct("p90"), pct("p99"), v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0)))
+        Ok((r.p50, r.p90, r.p99, r.rps))
     };
     for (mode, url, ct) in &modes {
         let warm = L7BenchOptions { seconds: 1, rate: 100, ..o.l7.clone() };
@@ -413,43 +444,15 @@ pub fn gateway(o: &GatewayBenchOptions) -> anyhow::Result<Vec<L7Result>> {
     if hbone < 1.0 {
         bail!("skiff-gateway: no HBONE connection from the gateway reached the server's ztunnel");
     }
-    let results: Vec<L7Result> = modes
-        .iter()
-        .map(|(mode, _, _)| {
-            let f = &figures[mode];
-            L7Result {
-                mode,
-                p50_us: median(f.iter().map(|x| x.0).collect()),
-                p90_us: median(f.iter().map(|x| x.1).collect()),
-                p99_us: median(f.iter().map(|x| x.2).collect()),
-                achieved_rps: median(f.iter().map(|x| x.3).collect()),
-                target_rps: o.l7.rate,
-                waypoint_cpu_ms_per_1000: f[0].4.map(|_| median(f.iter().filter_map(|x| x.4).collect())),
-            }
-        })
-        .collect();
+    let names: Vec<&'static str> = modes.iter().map(|(m, _, _)| *m).collect();
+    let results = summarize(&names, &figures, o.l7.rate);
     let d = results[0].clone();
     println!(
         "\nIngress gateway benchmark — HTTPS (TLS 1.3, HTTP/1.1) 1 KiB responses at {} req/s over {} connections for {} s (oha, latency corrected), median of {} run(s)",
         o.l7.rate, o.l7.connections, o.l7.seconds, o.l7.repetitions
     );
     println!("direct is plain HTTP to a server outside the mesh; skiff-gateway sends on over HBONE (mutual TLS) to an enrolled server; envoy-gateway over plain HTTP");
-    println!("| path | p50 µs | p90 µs | p99 µs | added p50 | added p90 | added p99 | achieved req/s | gateway CPU ms / 1000 req |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &results {
-        println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:+.0} | {:.0} | {} |",
-            r.mode,
-            r.p50_us,
-            r.p90_us,
-            r.p99_us,
-            r.p50_us - d.p50_us,
-            r.p90_us - d.p90_us,
-            r.p99_us - d.p99_us,
-            r.achieved_rps,
-            r.waypoint_cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into())
-        );
-    }
+    print_table(&results, "gateway");
     if let (Some(s), Some(e)) = (results[1].waypoint_cpu_ms_per_1000, results[2].waypoint_cpu_ms_per_1000) {
         println!("ratios skiff/envoy: CPU per 1000 requests {:.2}, added p50 {:.2}, added p99 {:.2}", s / e, (results[1].p50_us - d.p50_us) / (results[2].p50_us - d.p50_us), (results[1].p99_us - d.p99_us) / (results[2].p99_us - d.p99_us));
     }

@@ -6,6 +6,21 @@ use std::path::Path;
 use skiff_e2e::*;
 use skiff_localmesh::{bench, compare};
 
+/// Envoy and oha as `cargo xtask test` installs them (`SKIFF_ENVOY`,
+/// `SKIFF_OHA`); None (a skip, or under CI a failure) without them.
+fn bench_tools() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let tool = |var: &str| std::env::var_os(var).map(std::path::PathBuf::from).filter(|p| p.exists());
+    let (Some(envoy), Some(oha)) = (tool("SKIFF_ENVOY"), tool("SKIFF_OHA")) else {
+        let msg = "SKIFF_ENVOY / SKIFF_OHA not set to installed tools: run the suite with `cargo xtask test`, which installs them";
+        if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0") {
+            panic!("{msg}");
+        }
+        eprintln!("skipped: {msg}");
+        return None;
+    };
+    Some((envoy, oha))
+}
+
 #[test]
 fn hbone_benchmark_harness_produces_figures_for_every_path() {
     // Skips (or, under CI, fails) like every privileged test.
@@ -29,15 +44,7 @@ fn hbone_benchmark_harness_produces_figures_for_every_path() {
 fn compare_benchmark_harness_produces_valid_figures_for_every_mode() {
     let Some(probe) = mesh("manifests/l4") else { return };
     drop(probe);
-    let tool = |var: &str| std::env::var_os(var).map(std::path::PathBuf::from).filter(|p| p.exists());
-    let (Some(envoy), Some(oha)) = (tool("SKIFF_ENVOY"), tool("SKIFF_OHA")) else {
-        let msg = "SKIFF_ENVOY / SKIFF_OHA not set to installed tools: run the suite with `cargo xtask test`, which installs them";
-        if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0") {
-            panic!("{msg}");
-        }
-        eprintln!("skipped: {msg}");
-        return;
-    };
+    let Some((envoy, oha)) = bench_tools() else { return };
     // Removed however the test ends.
     let dir = tempfile::Builder::new().prefix("skiff-bench-compare-").tempdir().expect("temporary directory");
     let out = dir.path().join("out");
@@ -71,15 +78,7 @@ fn compare_benchmark_harness_produces_valid_figures_for_every_mode() {
 fn gateway_benchmark_harness_produces_figures_for_every_path() {
     let Some(probe) = mesh("manifests/l4") else { return };
     drop(probe);
-    let tool = |var: &str| std::env::var_os(var).map(std::path::PathBuf::from).filter(|p| p.exists());
-    let (Some(envoy), Some(oha)) = (tool("SKIFF_ENVOY"), tool("SKIFF_OHA")) else {
-        let msg = "SKIFF_ENVOY / SKIFF_OHA not set to installed tools: run the suite with `cargo xtask test`, which installs them";
-        if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0") {
-            panic!("{msg}");
-        }
-        eprintln!("skipped: {msg}");
-        return;
-    };
+    let Some((envoy, oha)) = bench_tools() else { return };
     let o = bench::GatewayBenchOptions {
         l7: bench::L7BenchOptions {
             manifests: Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench-gateway"),
