@@ -113,6 +113,9 @@ pub struct SeEndpoint {
 pub struct ServiceEntry {
     pub namespace: String,
     pub name: String,
+    /// Its labels: `istio.io/use-waypoint` sends its traffic through a
+    /// waypoint (`Snapshot::waypoint_name_for_entry`).
+    pub labels: BTreeMap<String, String>,
     /// Lower-case; `*.suffix` wildcards allowed.
     pub hosts: Vec<String>,
     pub addresses: Vec<Cidr>,
@@ -153,7 +156,7 @@ pub struct EgressTarget<'a> {
     /// The address to connect to.
     pub target: SocketAddrV4,
     /// The name metrics and logs give it (`destination_service`): the
-    /// ServiceEntry's first host.
+    /// host whose resolved addresses took `dst`, else the entry's first.
     pub host: &'a str,
 }
 
@@ -167,11 +170,6 @@ pub fn service_entry_from(se: &k8s::ServiceEntry) -> Result<ServiceEntry, FieldE
     let namespace = se.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = se.metadata.name.clone().unwrap_or_default();
     let spec = &se.spec;
-    for label in [crate::LABEL_USE_WAYPOINT, crate::LABEL_SKIFF_USE_WAYPOINT] {
-        if se.metadata.labels.contains_key(label) {
-            return Err((format!("metadata.labels[{label}]"), "refused: a waypoint for a ServiceEntry is not implemented yet".into()));
-        }
-    }
     if spec.hosts.is_empty() {
         return Err(("spec.hosts".into(), "at least one host is required".into()));
     }
@@ -264,7 +262,19 @@ pub fn service_entry_from(se: &k8s::ServiceEntry) -> Result<ServiceEntry, FieldE
         }
     }
     let export_to = parse_export_to(&spec.export_to, &namespace)?;
-    Ok(ServiceEntry { namespace, name, hosts, addresses, ports, internal, resolution, endpoints, export_to, created: se.metadata.creation_timestamp.clone() })
+    Ok(ServiceEntry {
+        namespace,
+        name,
+        labels: se.metadata.labels.clone(),
+        hosts,
+        addresses,
+        ports,
+        internal,
+        resolution,
+        endpoints,
+        export_to,
+        created: se.metadata.creation_timestamp.clone(),
+    })
 }
 
 /// `exportTo`, where a ServiceEntry may also say `~` (no one).
@@ -330,6 +340,9 @@ pub fn lookup<'a>(entries: &'a [ServiceEntry], client_ns: &str, dst: SocketAddrV
             }
         };
         let host_ips = || e.hosts.iter().flat_map(|h| resolved.get(h).cloned().unwrap_or_default()).collect::<Vec<_>>();
+        // The host a resolved address belongs to names the destination;
+        // otherwise the first.
+        let mut host = e.hosts[0].as_str();
         let target = if e.addresses.iter().any(|c| c.contains(ip)) {
             match e.resolution {
                 Resolution::None => SocketAddrV4::new(*dst.ip(), endpoint_port(None)),
@@ -342,9 +355,7 @@ pub fn lookup<'a>(entries: &'a [ServiceEntry], client_ns: &str, dst: SocketAddrV
             match e.resolution {
                 Resolution::None if e.any_address_on_port() => SocketAddrV4::new(*dst.ip(), endpoint_port(None)),
                 Resolution::None if e.addresses.is_empty() => {
-                    if !host_ips().contains(dst.ip()) {
-                        return None;
-                    }
+                    host = e.hosts.iter().find(|h| resolved.get(*h).is_some_and(|v| v.contains(dst.ip())))?;
                     SocketAddrV4::new(*dst.ip(), endpoint_port(None))
                 }
                 Resolution::None => return None,
@@ -354,14 +365,12 @@ pub fn lookup<'a>(entries: &'a [ServiceEntry], client_ns: &str, dst: SocketAddrV
                 }
                 Resolution::Static => return None,
                 Resolution::Dns => {
-                    if !host_ips().contains(dst.ip()) {
-                        return None;
-                    }
+                    host = e.hosts.iter().find(|h| resolved.get(*h).is_some_and(|v| v.contains(dst.ip())))?;
                     SocketAddrV4::new(*dst.ip(), endpoint_port(None))
                 }
             }
         };
-        Some(EgressTarget { entry: e, target, host: e.hosts[0].as_str() })
+        Some(EgressTarget { entry: e, target, host })
     })
 }
 

@@ -760,15 +760,32 @@ pub struct TrafficPolicySpec {
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicySpec>,
     #[serde(default)]
-    pub tls: Option<ClientTlsSpec>,
+    pub tls: Option<Box<ClientTlsSpec>>,
 }
 
-/// `ClientTLSSettings`: Skiff reads `mode` (only ISTIO_MUTUAL is taken).
+/// Istio `ClientTLSSettings` (see `routing::ClientTls` for how each field
+/// is read).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientTlsSpec {
     #[serde(default)]
     pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_verify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -782,7 +799,7 @@ pub struct PortTrafficPolicySpec {
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetectionSpec>,
     #[serde(default)]
-    pub tls: Option<ClientTlsSpec>,
+    pub tls: Option<Box<ClientTlsSpec>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -1367,7 +1384,7 @@ mod tests {
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], exportTo: [\".\"], hostz: [r]}\n", Some("spec.hostz")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], http: [{route: [{destination: {host: r}}], corsPolicy: {allowOrigins: [{exact: x}], allowOrigns: [x]}}]}\n", Some("spec.http[0].corsPolicy.allowOrigns")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], tcp: []}\n", None),
-            ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: a}\nspec: {host: r, trafficPolicy: {tls: {mode: SIMPLE, sni: r.example}}}\n", Some("spec.trafficPolicy.tls.sni")),
+            ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: a}\nspec: {host: r, trafficPolicy: {tls: {mode: SIMPLE, snii: r.example}}}\n", Some("spec.trafficPolicy.tls.snii")),
             ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: a}\nspec: {mtls: {mode: STRICT, strict: true}}\n", Some("spec.mtls.strict")),
             ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v, namespace: a}\nspec: {hosts: [r], gateways: [mesh]}\n", None),
         ];

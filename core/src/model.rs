@@ -82,12 +82,44 @@ pub struct ServiceInfo {
     pub cluster_ip: Option<Ipv4Addr>,
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
+    /// A ServiceEntry's host seen as a Service (at its waypoint): the
+    /// entry's name. `name` is then the host itself (a Service's name is a
+    /// DNS label, never dotted; see [`crate::routing::host_matches`]).
+    pub entry: Option<String>,
 }
 
 impl ServiceInfo {
-    /// `name.namespace.svc.cluster.local`.
+    /// `name.namespace.svc.cluster.local`; a ServiceEntry's host as it is.
     pub fn hostname(&self) -> String {
+        if self.entry.is_some() {
+            return self.name.clone();
+        }
         format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    /// One host of a ServiceEntry as a Service: its ports with their
+    /// protocols (as `appProtocol`) and target ports, no selector, no
+    /// cluster IP.
+    pub fn from_entry(e: &crate::egress::ServiceEntry, host: &str) -> ServiceInfo {
+        ServiceInfo {
+            namespace: e.namespace.clone(),
+            name: host.to_owned(),
+            labels: e.labels.clone(),
+            annotations: BTreeMap::new(),
+            cluster_ip: None,
+            selector: BTreeMap::new(),
+            ports: e
+                .ports
+                .iter()
+                .map(|p| ServicePort {
+                    name: Some(p.name.clone()),
+                    port: p.number,
+                    target_port: TargetPort::Number(p.target_port.unwrap_or(p.number)),
+                    app_protocol: p.protocol.as_ref().map(|x| x.to_ascii_lowercase()),
+                })
+                .collect(),
+            entry: Some(e.name.clone()),
+        }
     }
 
     fn selects(&self, w: &Workload) -> bool {
@@ -551,6 +583,11 @@ impl Snapshot {
             }
             Object::Service(svc) => {
                 let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                // A DNS-1035 label, as Kubernetes requires: a dotted name
+                // would read as a ServiceEntry's host.
+                if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+                    return Err(err("metadata.name", format!("{name:?} is not a Service name (a DNS-1035 label: lower-case letters, digits, '-')")));
+                }
                 let cluster_ip = ipv6_only(svc.spec.cluster_ip.as_deref(), svc.spec.cluster_ips.iter().map(String::as_str).collect(), "spec.clusterIP", "spec.clusterIPs")?;
                 let mut ports = Vec::new();
                 for (i, p) in svc.spec.ports.iter().enumerate() {
@@ -582,7 +619,16 @@ impl Snapshot {
                 let key = format!("{namespace}/{name}");
                 self.services.insert(
                     key,
-                    ServiceInfo { namespace, name, labels: svc.metadata.labels.clone(), annotations: svc.metadata.annotations.clone(), cluster_ip, selector: svc.spec.selector.clone(), ports },
+                    ServiceInfo {
+                        namespace,
+                        name,
+                        labels: svc.metadata.labels.clone(),
+                        annotations: svc.metadata.annotations.clone(),
+                        cluster_ip,
+                        selector: svc.spec.selector.clone(),
+                        ports,
+                        entry: None,
+                    },
                 );
             }
             Object::PeerAuthentication(pa) => {
@@ -846,10 +892,29 @@ impl Snapshot {
     /// The waypoint a Service asks for (its own label, else its
     /// namespace's), unless `none`.
     pub fn waypoint_name_for(&self, svc: &ServiceInfo) -> Option<String> {
+        self.waypoint_name_by(&svc.labels, &svc.namespace)
+    }
+
+    /// The waypoint a ServiceEntry's traffic goes through, as for a
+    /// Service: its own `istio.io/use-waypoint` label, else its
+    /// namespace's (Istio's ambient egress puts the entries in a namespace
+    /// enrolled to a waypoint).
+    pub fn waypoint_name_for_entry(&self, e: &crate::egress::ServiceEntry) -> Option<String> {
+        self.waypoint_name_by(&e.labels, &e.namespace)
+    }
+
+    /// [`Self::waypoint_for`] for a ServiceEntry.
+    pub fn waypoint_for_entry(&self, e: &crate::egress::ServiceEntry) -> Option<Result<Vec<&Workload>, String>> {
+        let name = self.waypoint_name_for_entry(e)?;
+        let pods = self.waypoint_pods(&e.namespace, &name);
+        Some(if pods.is_empty() { Err(name) } else { Ok(pods) })
+    }
+
+    fn waypoint_name_by(&self, labels: &BTreeMap<String, String>, namespace: &str) -> Option<String> {
         let label = |l: &BTreeMap<String, String>| {
             l.get(crate::LABEL_USE_WAYPOINT).or_else(|| l.get(crate::LABEL_SKIFF_USE_WAYPOINT)).cloned()
         };
-        let name = label(&svc.labels).or_else(|| self.namespace_labels(&svc.namespace).and_then(label))?;
+        let name = label(labels).or_else(|| self.namespace_labels(namespace).and_then(label))?;
         (name != "none" && !name.is_empty()).then_some(name)
     }
 

@@ -512,10 +512,11 @@ impl AuthzPolicy {
     }
 
     /// Whether the policy binds to the waypoint `name` in `namespace` (or to
-    /// the Service `service` there) through `targetRefs`.
-    pub fn targets(&self, namespace: &str, waypoint: &str, service: &str) -> bool {
+    /// the Service or ServiceEntry `service` there, as `(kind, name)`)
+    /// through `targetRefs`.
+    pub fn targets(&self, namespace: &str, waypoint: &str, service: (&str, &str)) -> bool {
         self.namespace == namespace
-            && self.target_refs.iter().any(|(kind, n)| (kind == "Gateway" && n == waypoint) || (kind == "Service" && n == service))
+            && self.target_refs.iter().any(|(kind, n)| (kind == "Gateway" && n == waypoint) || (kind == service.0 && n == service.1))
     }
 }
 
@@ -662,7 +663,8 @@ pub fn authz_from(ap: &k8s::AuthorizationPolicy) -> Result<AuthzPolicy, (String,
         let want = match kind.as_str() {
             "Gateway" => "gateway.networking.k8s.io",
             "Service" => "core",
-            _ => return Err((format!("{f}.kind"), format!("{kind:?}: Skiff binds policies to a waypoint (Gateway) or a Service"))),
+            "ServiceEntry" => "networking.istio.io",
+            _ => return Err((format!("{f}.kind"), format!("{kind:?}: Skiff binds policies to a waypoint (Gateway), a Service or a ServiceEntry"))),
         };
         if group != want {
             return Err((format!("{f}.group"), format!("{group:?}: a {kind} target is in group {want:?}")));

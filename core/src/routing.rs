@@ -443,8 +443,56 @@ pub enum HashKey {
     QueryParameter(String),
 }
 
+/// A DestinationRule's `tls` (Istio `ClientTLSSettings`): what the proxy
+/// speaks to the destination's endpoints, inside HBONE for a pod in the
+/// mesh, over plain TCP for one outside it or a ServiceEntry's endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClientTls {
+    pub mode: TlsMode,
+    /// `caCertificates`: a PEM file the proxy reads. With neither it nor
+    /// `credential_name`, the system's root certificates (Istio: "the OS
+    /// CA certificates").
+    pub ca_certificates: Option<String>,
+    /// `credentialName`: a Secret in the proxy's own namespace (`cacert`
+    /// or `ca.crt`; for MUTUAL also `cert`/`key` or `tls.crt`/`tls.key`).
+    pub credential_name: Option<String>,
+    /// `clientCertificate` and `privateKey` (MUTUAL without a
+    /// credentialName): PEM files the proxy reads.
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    /// The server certificate must carry one of these; empty: the SNI
+    /// name (Istio's automatic SAN validation).
+    pub subject_alt_names: Vec<String>,
+    /// Empty: the upstream request's host (Istio's automatic SNI).
+    pub sni: Option<String>,
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// Plain bytes (inside HBONE for a pod in the mesh).
+    Disable,
+    /// TLS origination: the proxy verifies the server.
+    Simple,
+    /// TLS origination with the proxy's client certificate.
+    Mutual,
+    /// The mesh's own mutual TLS: HBONE, as without a `tls` (to an
+    /// endpoint outside the mesh: plain, as Istio falls back).
+    IstioMutual,
+}
+
+impl ClientTls {
+    /// Whether the proxy originates TLS (SIMPLE or MUTUAL).
+    pub fn originates(&self) -> bool {
+        matches!(self.mode, TlsMode::Simple | TlsMode::Mutual)
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrafficPolicy {
+    /// `tls`, where it says to originate TLS or speak plaintext; None:
+    /// the mesh's mutual TLS (HBONE).
+    pub tls: Option<ClientTls>,
     pub load_balancer: LoadBalancer,
     /// Set: the endpoint is chosen by this key (`load_balancer` is then
     /// only used when a request has no key).
@@ -742,10 +790,18 @@ fn merge_destination_rules(group: &[&DestinationRule]) -> DestinationRule {
 /// VirtualService or DestinationRule is read, and Service names are
 /// lowercase, so nothing is lowercased here, per request.
 pub fn host_matches(host: &str, obj_ns: &str, name: &str, namespace: &str) -> bool {
-    let fqdn = format!("{name}.{namespace}.svc.cluster.local");
     if host == "*" {
         return true;
     }
+    // A dotted name is a ServiceEntry's host (a Service's name is a DNS
+    // label): matched as written, or by a `*.suffix` wildcard.
+    if name.contains('.') {
+        return match host.strip_prefix('*') {
+            Some(suffix) => name.ends_with(suffix),
+            None => host == name,
+        };
+    }
+    let fqdn = format!("{name}.{namespace}.svc.cluster.local");
     if let Some(suffix) = host.strip_prefix('*') {
         return fqdn.ends_with(suffix);
     }
@@ -1272,17 +1328,81 @@ pub fn destination_rule_from(dr: &k8s::DestinationRule) -> Result<DestinationRul
     })
 }
 
-/// `tls`: mesh traffic is always mutual TLS (HBONE), so `ISTIO_MUTUAL`
-/// says what happens anyway; any other mode would ask for plaintext or for
-/// TLS origination to a non-mesh destination, which Skiff does not do.
-fn client_tls(field: &str, tls: Option<&k8s::ClientTlsSpec>) -> Result<(), FieldError> {
-    match tls.map(|t| t.mode.as_deref()) {
-        None | Some(Some("ISTIO_MUTUAL")) => Ok(()),
-        Some(m) => Err((
-            format!("{field}.tls.mode"),
-            format!("{:?}: only ISTIO_MUTUAL (mesh traffic is always mutual TLS; TLS origination and plaintext are not done)", m.unwrap_or("")),
-        )),
+/// `tls` (Istio `ClientTLSSettings`), with Istio's validation
+/// (`validateTLS`): with `credentialName`, no file paths; MUTUAL without
+/// one needs `clientCertificate` and `privateKey`; `insecureSkipVerify`
+/// excludes what would verify. `caCrl` is refused (not implemented).
+fn client_tls(field: &str, tls: Option<&k8s::ClientTlsSpec>) -> Result<Option<ClientTls>, FieldError> {
+    let Some(t) = tls else { return Ok(None) };
+    let f = |x: &str| format!("{field}.tls.{x}");
+    let mode = match t.mode.as_deref() {
+        None | Some("DISABLE") => TlsMode::Disable,
+        Some("SIMPLE") => TlsMode::Simple,
+        Some("MUTUAL") => TlsMode::Mutual,
+        Some("ISTIO_MUTUAL") => TlsMode::IstioMutual,
+        Some(o) => return Err((f("mode"), format!("{o:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"))),
+    };
+    let nonempty = |o: &Option<String>| o.clone().filter(|v| !v.is_empty());
+    let out = ClientTls {
+        mode,
+        ca_certificates: nonempty(&t.ca_certificates),
+        credential_name: nonempty(&t.credential_name),
+        client_certificate: nonempty(&t.client_certificate),
+        private_key: nonempty(&t.private_key),
+        subject_alt_names: t.subject_alt_names.clone(),
+        sni: nonempty(&t.sni).map(|s| s.to_ascii_lowercase()),
+        insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+    };
+    if nonempty(&t.ca_crl).is_some() {
+        return Err((f("caCrl"), "refused: certificate revocation lists are not implemented".into()));
     }
+    if !out.originates() {
+        // What only TLS origination reads, set where none is done.
+        let set = [
+            (out.ca_certificates.is_some(), "caCertificates"),
+            (out.credential_name.is_some(), "credentialName"),
+            (out.client_certificate.is_some(), "clientCertificate"),
+            (out.private_key.is_some(), "privateKey"),
+            (!out.subject_alt_names.is_empty(), "subjectAltNames"),
+            (out.sni.is_some(), "sni"),
+            (out.insecure_skip_verify, "insecureSkipVerify"),
+        ];
+        if let Some((_, name)) = set.iter().find(|(s, _)| *s) {
+            let why = match mode {
+                TlsMode::IstioMutual => "the mesh's own certificates and names are used for ISTIO_MUTUAL (HBONE)",
+                _ => "DISABLE originates no TLS",
+            };
+            return Err((f(name), format!("refused: {why}")));
+        }
+        return Ok(Some(out));
+    }
+    if out.credential_name.is_some() {
+        if let Some((_, name)) = [(out.client_certificate.is_some(), "clientCertificate"), (out.private_key.is_some(), "privateKey"), (out.ca_certificates.is_some(), "caCertificates")]
+            .iter()
+            .find(|(s, _)| *s)
+        {
+            return Err((f(name), "cannot be set together with credentialName (Istio's validation)".into()));
+        }
+    } else if mode == TlsMode::Mutual {
+        for (v, name) in [(&out.client_certificate, "clientCertificate"), (&out.private_key, "privateKey")] {
+            if v.is_none() {
+                return Err((f(name), "required for MUTUAL without a credentialName (Istio's validation)".into()));
+            }
+        }
+    }
+    if mode == TlsMode::Simple && (out.client_certificate.is_some() || out.private_key.is_some()) {
+        let name = if out.client_certificate.is_some() { "clientCertificate" } else { "privateKey" };
+        return Err((f(name), "refused: SIMPLE presents no client certificate (use MUTUAL)".into()));
+    }
+    if out.insecure_skip_verify && (out.ca_certificates.is_some() || !out.subject_alt_names.is_empty() || (mode == TlsMode::Simple && out.credential_name.is_some())) {
+        return Err((f("insecureSkipVerify"), "cannot be set together with caCertificates, subjectAltNames or (SIMPLE) credentialName (Istio's validation)".into()));
+    }
+    if let Some(sni) = &out.sni {
+        if sni.parse::<std::net::IpAddr>().is_err() && !sni.split('.').all(is_dns1123_label) {
+            return Err((f("sni"), format!("{sni:?} is not a host name")));
+        }
+    }
+    Ok(Some(out))
 }
 
 /// Converts a trafficPolicy over `base` (defaults for a DestinationRule's
@@ -1295,7 +1415,14 @@ fn client_tls(field: &str, tls: Option<&k8s::ClientTlsSpec>) -> Result<(), Field
 fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &TrafficPolicy) -> Result<TrafficPolicy, FieldError> {
     let mut out = base.clone();
     let Some(p) = p else { return Ok(out) };
-    client_tls(field, p.tls.as_ref())?;
+    // A `tls` at this level replaces the inherited one (on every port, as
+    // the other sub-objects do).
+    if let Some(tls) = client_tls(field, p.tls.as_deref())? {
+        out.tls = Some(tls.clone());
+        for port_policy in out.ports.values_mut() {
+            port_policy.tls = Some(tls.clone());
+        }
+    }
     apply_policy_fields(field, &mut out, p.load_balancer.as_ref(), p.connection_pool.as_ref(), p.outlier_detection.as_ref())?;
     for port_policy in out.ports.values_mut() {
         apply_policy_fields(field, port_policy, p.load_balancer.as_ref(), p.connection_pool.as_ref(), p.outlier_detection.as_ref())?;
@@ -1305,8 +1432,7 @@ fn traffic_policy(field: &str, p: Option<&k8s::TrafficPolicySpec>, base: &Traffi
         if pl.port.number == 0 {
             return Err((format!("{f}.port.number"), "must be 1-65535".into()));
         }
-        client_tls(&f, pl.tls.as_ref())?;
-        let mut port_policy = TrafficPolicy::default();
+        let mut port_policy = TrafficPolicy { tls: client_tls(&f, pl.tls.as_deref())?, ..Default::default() };
         apply_policy_fields(&f, &mut port_policy, pl.load_balancer.as_ref(), pl.connection_pool.as_ref(), pl.outlier_detection.as_ref())?;
         out.ports.insert(pl.port.number, port_policy);
     }

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use skiff_core::{egress, gateway, k8s};
 use skiff_core::model::Snapshot;
 use skiff_core::policy::{self, AuthzPolicy, ConnInfo, L7Attrs, MtlsMode, PeerAuthn};
-use skiff_core::routing::{self, AbortStatus, DestinationRule, HashKey, LoadBalancer, RequestInfo, VirtualService};
+use skiff_core::routing::{self, AbortStatus, DestinationRule, HashKey, LoadBalancer, RequestInfo, TlsMode, VirtualService};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Reading {
@@ -620,10 +620,10 @@ const DESTINATION_RULE: &[(&str, Reading)] = &[
     ("trafficPolicy.proxyProtocol", R), ("trafficPolicy.proxyProtocol.version", R),
     ("trafficPolicy.retryBudget", R), ("trafficPolicy.retryBudget.budgetInterval", R),
     ("trafficPolicy.retryBudget.minRetryConcurrency", R), ("trafficPolicy.retryBudget.percent", R),
-    ("trafficPolicy.tls", D), ("trafficPolicy.tls.caCertificates", R), ("trafficPolicy.tls.caCrl", R),
-    ("trafficPolicy.tls.clientCertificate", R), ("trafficPolicy.tls.credentialName", R), ("trafficPolicy.tls.insecureSkipVerify", R),
-    ("trafficPolicy.tls.mode", D), ("trafficPolicy.tls.privateKey", R), ("trafficPolicy.tls.sni", R),
-    ("trafficPolicy.tls.subjectAltNames", R),
+    ("trafficPolicy.tls", D), ("trafficPolicy.tls.caCertificates", H), ("trafficPolicy.tls.caCrl", R),
+    ("trafficPolicy.tls.clientCertificate", H), ("trafficPolicy.tls.credentialName", D), ("trafficPolicy.tls.insecureSkipVerify", H),
+    ("trafficPolicy.tls.mode", D), ("trafficPolicy.tls.privateKey", H), ("trafficPolicy.tls.sni", D),
+    ("trafficPolicy.tls.subjectAltNames", H),
     ("trafficPolicy.tunnel", R), ("trafficPolicy.tunnel.protocol", R), ("trafficPolicy.tunnel.targetHost", R),
     ("trafficPolicy.tunnel.targetPort", R),
     ("workloadSelector", R), ("workloadSelector.matchLabels", R),
@@ -746,8 +746,53 @@ fn destination_rule_cases() -> Vec<Case<DestinationRule>> {
             spec: "{host: reviews, trafficPolicy: {tls: {mode: ISTIO_MUTUAL}, portLevelSettings: [{port: {number: 9080}, tls: {mode: ISTIO_MUTUAL}}]}, \
                    subsets: [{name: v1, labels: {version: v1}, trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}}]}",
             expect: ok(|d| assert_eq!(d.subsets.len(), 1)) },
-        Case { fields: &["trafficPolicy.tls.mode"], cite: "ClientTLSSettings.mode DISABLE, SIMPLE, MUTUAL: plaintext or TLS origination, which Skiff does not do",
-            spec: "{host: reviews, trafficPolicy: {tls: {mode: DISABLE}}}", expect: Err("spec.trafficPolicy.tls.mode") },
+        Case { fields: &["trafficPolicy.tls", "trafficPolicy.tls.mode", "trafficPolicy.portLevelSettings[].tls"],
+            cite: "ClientTLSSettings.mode SIMPLE: originate TLS; a port's settings replace the rule's, tls included (Istio's MergeTrafficPolicy)",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: SIMPLE}, portLevelSettings: [{port: {number: 8080}, loadBalancer: {simple: RANDOM}}]}}",
+            expect: ok(|d| {
+                let tls = d.policy_for(None, 80).tls.as_ref().expect("tls");
+                assert!(tls.mode == TlsMode::Simple && tls.originates() && tls.sni.is_none() && tls.ca_certificates.is_none());
+                assert_eq!(d.policy_for(None, 8080).tls, None, "the port's settings omit tls: none");
+            }) },
+        Case { fields: &["trafficPolicy.tls.mode"], cite: "ClientTLSSettings.mode DISABLE (the default): no TLS from the proxy (inside HBONE to a pod in the mesh)",
+            spec: "{host: reviews, trafficPolicy: {tls: {mode: DISABLE}}}",
+            expect: ok(|d| assert!(!d.policy_for(None, 80).tls.as_ref().unwrap().originates())) },
+        Case { fields: &["trafficPolicy.tls.mode"], cite: "ClientTLSSettings.mode: DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL",
+            spec: "{host: reviews, trafficPolicy: {tls: {mode: STRICT}}}", expect: Err("spec.trafficPolicy.tls.mode") },
+        Case { fields: &["trafficPolicy.tls.caCertificates", "trafficPolicy.tls.subjectAltNames", "trafficPolicy.tls.sni"],
+            cite: "ClientTLSSettings: caCertificates (a file), subjectAltNames (one must be in the server's certificate), sni",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: SIMPLE, caCertificates: /etc/ca.pem, subjectAltNames: [api.example.com], sni: API.example.com}}}",
+            expect: ok(|d| {
+                let tls = d.policy_for(None, 443).tls.clone().unwrap();
+                assert_eq!((tls.ca_certificates.as_deref(), tls.subject_alt_names.as_slice(), tls.sni.as_deref()),
+                    (Some("/etc/ca.pem"), &["api.example.com".to_owned()][..], Some("api.example.com")));
+            }) },
+        Case { fields: &["trafficPolicy.tls.sni"], cite: "ClientTLSSettings.sni: a host name",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: SIMPLE, sni: 'a b'}}}", expect: Err("spec.trafficPolicy.tls.sni") },
+        Case { fields: &["trafficPolicy.tls.clientCertificate", "trafficPolicy.tls.privateKey"],
+            cite: "ClientTLSSettings MUTUAL: clientCertificate and privateKey, files the proxy reads",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}}}",
+            expect: ok(|d| {
+                let tls = d.policy_for(None, 443).tls.clone().unwrap();
+                assert_eq!((tls.mode, tls.client_certificate.as_deref(), tls.private_key.as_deref()), (TlsMode::Mutual, Some("/c.pem"), Some("/k.pem")));
+            }) },
+        Case { fields: &["trafficPolicy.tls.privateKey"], cite: "validateTLS: client certificate and private key required for MUTUAL without credentialName",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: MUTUAL, clientCertificate: /c.pem}}}", expect: Err("spec.trafficPolicy.tls.privateKey") },
+        Case { fields: &["trafficPolicy.tls.credentialName"],
+            cite: "ClientTLSSettings.credentialName: a Secret in the proxy's namespace (cacert / ca.crt; for MUTUAL cert/key or tls.crt/tls.key)",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: MUTUAL, credentialName: api-client}}}",
+            expect: ok(|d| assert_eq!(d.policy_for(None, 443).tls.as_ref().unwrap().credential_name.as_deref(), Some("api-client"))) },
+        Case { fields: &["trafficPolicy.tls.credentialName"], cite: "validateTLS: no certificate files together with credentialName",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: SIMPLE, credentialName: c, caCertificates: /ca.pem}}}",
+            expect: Err("spec.trafficPolicy.tls.caCertificates") },
+        Case { fields: &["trafficPolicy.tls.insecureSkipVerify"], cite: "ClientTLSSettings.insecureSkipVerify: neither the CA nor the names are checked",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: SIMPLE, insecureSkipVerify: true}}}",
+            expect: ok(|d| assert!(d.policy_for(None, 443).tls.as_ref().unwrap().insecure_skip_verify)) },
+        Case { fields: &["trafficPolicy.tls.insecureSkipVerify"], cite: "validateTLS: insecureSkipVerify excludes caCertificates, credentialName (SIMPLE) and subjectAltNames",
+            spec: "{host: api.example.com, trafficPolicy: {tls: {mode: SIMPLE, insecureSkipVerify: true, subjectAltNames: [a.example.com]}}}",
+            expect: Err("spec.trafficPolicy.tls.insecureSkipVerify") },
+        Case { fields: &["trafficPolicy.tls.sni"], cite: "ISTIO_MUTUAL uses the mesh's own names and certificates: what it would override is refused",
+            spec: "{host: reviews, trafficPolicy: {tls: {mode: ISTIO_MUTUAL, sni: reviews.example}}}", expect: Err("spec.trafficPolicy.tls.sni") },
         Case { fields: &["trafficPolicy.portLevelSettings[].port.number"], cite: "PortSelector.number: 1-65535",
             spec: "{host: reviews, trafficPolicy: {portLevelSettings: [{port: {number: 0}, loadBalancer: {simple: RANDOM}}]}}",
             expect: Err("spec.trafficPolicy.portLevelSettings[0].port.number") },
@@ -999,22 +1044,26 @@ fn authorization_policy_cases() -> Vec<Case<AuthzPolicy>> {
                 assert!(!p.applies_to("istio-system", "other", &labels("db")));
             }) },
         Case { fields: &["targetRefs", "targetRefs[].group", "targetRefs[].kind", "targetRefs[].name"],
-            cite: "AuthorizationPolicy.targetRefs: a waypoint (Gateway, gateway.networking.k8s.io) or a Service (core)",
-            spec: "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}, {kind: Service, name: reviews}], rules: [{}]}",
+            cite: "AuthorizationPolicy.targetRefs: a waypoint (Gateway, gateway.networking.k8s.io), a Service (core) or a ServiceEntry (networking.istio.io; Istio ambient egress)",
+            spec: "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}, {kind: Service, name: reviews}, {kind: ServiceEntry, group: networking.istio.io, name: api}], rules: [{}]}",
             expect: ok(|p| {
-                assert!(p.targets("shop", "waypoint", "x") && p.targets("shop", "other", "reviews"));
-                assert!(!p.targets("shop", "other", "x") && !p.targets("other", "waypoint", "x"));
+                assert!(p.targets("shop", "waypoint", ("Service", "x")) && p.targets("shop", "other", ("Service", "reviews")));
+                assert!(p.targets("shop", "other", ("ServiceEntry", "api")) && !p.targets("shop", "other", ("Service", "api")));
+                assert!(!p.targets("shop", "other", ("ServiceEntry", "reviews")), "a Service's name is not an entry's");
+                assert!(!p.targets("shop", "other", ("Service", "x")) && !p.targets("other", "waypoint", ("Service", "x")));
                 assert!(!p.applies_to("istio-system", "shop", &BTreeMap::new()), "not enforced by ztunnel");
             }) },
+        Case { fields: &["targetRefs[].group"], cite: "PolicyTargetReference: a ServiceEntry is in group networking.istio.io (Istio's validation)",
+            spec: "{targetRefs: [{kind: ServiceEntry, name: api}], rules: [{}]}", expect: Err("spec.targetRefs[0].group") },
         Case { fields: &["targetRef", "targetRef.group", "targetRef.kind", "targetRef.name"], cite: "AuthorizationPolicy.targetRef (one target)",
             spec: "{targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}, rules: [{}]}",
-            expect: ok(|p| assert!(p.targets("shop", "waypoint", "x"))) },
+            expect: ok(|p| assert!(p.targets("shop", "waypoint", ("Service", "x")))) },
         Case { fields: &["targetRefs[].group"], cite: "PolicyTargetReference: a Gateway is in group gateway.networking.k8s.io (Istio's validation)",
             spec: "{targetRefs: [{kind: Gateway, name: waypoint}], rules: [{}]}", expect: Err("spec.targetRefs[0].group") },
         Case { fields: &["targetRefs[].namespace"], cite: "PolicyTargetReference.namespace: cross-namespace targets are refused (Istio's validation)",
             spec: "{targetRefs: [{kind: Service, name: reviews, namespace: shop}], rules: [{}]}", expect: Err("spec.targetRefs[0].namespace") },
         Case { fields: &["targetRefs[].namespace", "targetRef.namespace"], cite: "PolicyTargetReference.namespace: absent means the policy's namespace",
-            spec: "{targetRef: {kind: Service, name: reviews}, rules: [{}]}", expect: ok(|p| assert!(p.targets("shop", "x", "reviews"))) },
+            spec: "{targetRef: {kind: Service, name: reviews}, rules: [{}]}", expect: ok(|p| assert!(p.targets("shop", "x", ("Service", "reviews")))) },
         Case { fields: &["targetRef.namespace"], cite: "PolicyTargetReference.namespace: refused when set",
             spec: "{targetRef: {kind: Service, name: reviews, namespace: other}, rules: [{}]}", expect: Err("spec.targetRef.namespace") },
     ]

@@ -13,6 +13,7 @@
 //!   finish up to a deadline), for every HBONE server;
 //! - [`limits`]: bounds on HBONE handshakes and connections (per peer and
 //!   in total), idle timeouts and keepalives, with their flags;
+//! - [`names`]: ServiceEntries' host names, resolved in the background;
 //! - [`sock`] and [`transport`]: the sockets made inside a pod's network
 //!   namespace (marked so capture lets them pass) and how they connect.
 //!
@@ -23,6 +24,7 @@ pub mod certs;
 pub mod drain;
 pub mod identity;
 pub mod limits;
+pub mod names;
 pub mod signer_client;
 pub mod sock;
 pub mod transport;

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use skiff_core::{
-    model::Snapshot,
+    model::{ServiceInfo, Snapshot},
     policy::{self, AuthzPolicy},
     routing::RequestInfo,
 };
@@ -15,10 +15,16 @@ use tracing::info;
 
 use crate::errors::Failure;
 
-/// The policies in force for traffic to `service` at the proxy named
-/// `proxy_name` in `proxy_namespace`.
-pub fn bound<'s>(snap: &'s Snapshot, proxy_namespace: &str, proxy_name: &str, service: &str) -> Vec<&'s AuthzPolicy> {
-    snap.authorization_policies.iter().filter(|p| p.targets(proxy_namespace, proxy_name, service)).collect()
+/// The policies in force for traffic to `service` (a Service, or a
+/// ServiceEntry's host) at the proxy named `proxy_name` in
+/// `proxy_namespace`: those naming the proxy, or the Service or
+/// ServiceEntry, in `targetRefs`.
+pub fn bound<'s>(snap: &'s Snapshot, proxy_namespace: &str, proxy_name: &str, service: &ServiceInfo) -> Vec<&'s AuthzPolicy> {
+    let target = match &service.entry {
+        Some(entry) => ("ServiceEntry", entry.as_str()),
+        None => ("Service", service.name.as_str()),
+    };
+    snap.authorization_policies.iter().filter(|p| p.targets(proxy_namespace, proxy_name, target)).collect()
 }
 
 /// The connection as policy sees it; no identity for a peer without one

@@ -15,7 +15,7 @@
 //! listeners, following its Gateways; `tls` its servers' certificates) hands
 //! connections to `server` (HBONE
 //! termination, the request pipeline), which calls `normalize`, `route`, `authz`, `ratelimit`,
-//! `resilience` and `upstream`; `errors` turns every refusal into its
+//! `resilience` and `upstream` (`origin`: the TLS it originates); `errors` turns every refusal into its
 //! response; `metrics` and `trace` record. No module imports one nearer the
 //! front than itself.
 
@@ -25,6 +25,7 @@ pub mod errors;
 pub mod gateway;
 pub mod metrics;
 pub mod normalize;
+pub mod origin;
 pub mod ratelimit;
 pub mod resilience;
 pub mod route;

@@ -160,6 +160,8 @@ pub struct Outbound<'a> {
     pub h2: bool,
     /// The request's consistent-hash key, if the destination hashes.
     pub hash: Option<u64>,
+    /// The TLS the proxy originates to the endpoint, if any.
+    pub tls: Option<&'a crate::origin::Originate>,
 }
 
 /// Sends the request with the route's retries (Istio's default policy when
@@ -196,11 +198,11 @@ pub async fn forward(
             }
             tokio::time::sleep(wait).await;
         }
-        let Some((w, port)) = ups.choose(eps, policy, out.hash, &tried, rng) else {
+        let Some(chosen) = ups.choose(eps, policy, out.hash, &tried, rng) else {
             outcome = Err(Failure::NoHealthyUpstream);
             break;
         };
-        let ep = upstream::endpoint(w, port);
+        let ep = chosen.addr();
         if retries.ignore_previous_hosts {
             tried.push(ep);
         }
@@ -213,12 +215,12 @@ pub async fn forward(
             (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
             (None, None) => None,
         };
-        let fut = ups.attempt(w, port, out.h2, policy.connection_pool.max_requests_per_connection, req);
+        let fut = ups.attempt(&chosen, out.h2, policy.connection_pool.max_requests_per_connection, req, out.tls);
         let r = match limit {
             Some(l) => tokio::time::timeout(l, fut).await.unwrap_or(Err(Failure::Timeout)),
             None => fut.await,
         };
-        let members: Vec<SocketAddrV4> = eps.iter().map(|(w, p)| upstream::endpoint(w, *p)).collect();
+        let members: Vec<SocketAddrV4> = eps.iter().map(|e| e.addr()).collect();
         observe(ups, ep, &r, policy, &members);
         let last = n + 1 == attempts || deadline.is_some_and(|d| Instant::now() >= d);
         match r {
@@ -231,7 +233,7 @@ pub async fn forward(
                 // The circuit-breaker slot is held until the response
                 // body has been sent (or dropped), not just its headers.
                 let held = slot.take();
-                outcome = Ok((resp.map(|b| HoldSlot { inner: b, _slot: held }.boxed()), Some(w)));
+                outcome = Ok((resp.map(|b| HoldSlot { inner: b, _slot: held }.boxed()), chosen.workload()));
                 break;
             }
             Err(f) => {

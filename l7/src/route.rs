@@ -5,6 +5,11 @@
 //! responses and redirects, faults, path and authority rewrites, header
 //! operations). The matching itself is `skiff_core::routing`'s.
 
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use skiff_core::{
     model::{ServiceInfo, ServicePort, Snapshot, Workload},
@@ -66,38 +71,138 @@ pub fn default_route(svc: &ServiceInfo) -> HttpRoute {
 pub struct Resolved<'s> {
     pub svc: ServiceInfo,
     pub port: ServicePort,
-    pub endpoints: Vec<(&'s Workload, u16)>,
+    pub endpoints: Vec<Endpoint<'s>>,
     pub policy: routing::TrafficPolicy,
 }
 
+/// Where one request (or stream) can go.
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoint<'s> {
+    /// A ready pod and the port on it: HBONE to its ztunnel when it is in
+    /// the mesh, plain TCP otherwise.
+    Pod(&'s Workload, u16),
+    /// A ServiceEntry's endpoint, outside the mesh: plain TCP.
+    External(SocketAddrV4),
+}
+
+impl<'s> Endpoint<'s> {
+    pub fn addr(&self) -> SocketAddrV4 {
+        match self {
+            Endpoint::Pod(w, port) => SocketAddrV4::new(w.ip.expect("ready endpoints have an IP"), *port),
+            Endpoint::External(a) => *a,
+        }
+    }
+
+    pub fn workload(&self) -> Option<&'s Workload> {
+        match self {
+            Endpoint::Pod(w, _) => Some(w),
+            Endpoint::External(_) => None,
+        }
+    }
+}
+
+/// What a destination is resolved against besides the cluster view: the
+/// addresses of ServiceEntries' names as last resolved (DNS entries), and
+/// the address the client dialled (a NONE entry's endpoint: Istio's
+/// original-destination cluster).
+#[derive(Clone, Copy, Default)]
+pub struct Outside<'a> {
+    pub names: Option<&'a HashMap<String, Vec<Ipv4Addr>>>,
+    pub original_dst: Option<SocketAddrV4>,
+}
+
 /// A route destination → its Service, port, ready endpoints (of the
-/// subset) and traffic policy.
+/// subset) and traffic policy. A host that is no Service is looked up
+/// among the ServiceEntries exported to the proxy's namespace (its
+/// endpoints: STATIC addresses, DNS names as resolved, or for NONE the
+/// address the client dialled).
 /// `client_ns` is the namespace of the proxy that sends (the waypoint's):
 /// its DestinationRules come first (see [`routing::destination_rule_for`]).
-pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_ns: &str, default_port: u16) -> Result<Resolved<'s>, Failure> {
-    let dsvc = snap
-        .services
-        .values()
-        .find(|s| routing::host_matches(&dest.host, host_ns, &s.name, &s.namespace))
-        .ok_or(Failure::NoHealthyUpstream)?;
+pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_ns: &str, default_port: u16, outside: Outside<'_>) -> Result<Resolved<'s>, Failure> {
     let want_port = dest.port.unwrap_or(default_port);
+    let Some(dsvc) = snap.services.values().find(|s| routing::host_matches(&dest.host, host_ns, &s.name, &s.namespace)) else {
+        return resolve_entry(snap, dest, client_ns, want_port, outside);
+    };
     let dport = dsvc.ports.iter().find(|p| p.port == want_port).or_else(|| dsvc.ports.first()).ok_or(Failure::NoHealthyUpstream)?;
-    let dr = routing::destination_rule_for(&snap.destination_rules, &dsvc.name, &dsvc.namespace, client_ns);
-    let subset_labels = dest.subset.as_ref().and_then(|sub| dr.as_ref().and_then(|dr| dr.subsets.get(sub).cloned()));
-    if dest.subset.is_some() && subset_labels.is_none() {
-        warn!(subset = ?dest.subset, service = %dsvc.hostname(), "route names a subset no DestinationRule defines");
-        return Err(Failure::NoHealthyUpstream);
-    }
-    let eps: Vec<(&Workload, u16)> = snap
+    let (subset_labels, policy) = subset_and_policy(snap, dest, dsvc, dport.port, client_ns)?;
+    let eps: Vec<Endpoint<'s>> = snap
         .endpoints(dsvc, dport)
         .into_iter()
         .filter(|(w, _)| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .map(|(w, p)| Endpoint::Pod(w, p))
         .collect();
     if eps.is_empty() {
         return Err(Failure::NoHealthyUpstream);
     }
-    let policy = dr.map(|dr| dr.policy_for(dest.subset.as_deref(), dport.port).clone()).unwrap_or_default();
     Ok(Resolved { svc: dsvc.clone(), port: dport.clone(), endpoints: eps, policy })
+}
+
+/// The subset's labels (None: all endpoints) and the traffic policy of the
+/// DestinationRule for `svc` at `port`.
+fn subset_and_policy(
+    snap: &Snapshot,
+    dest: &RouteDest,
+    svc: &ServiceInfo,
+    port: u16,
+    client_ns: &str,
+) -> Result<(Option<std::collections::BTreeMap<String, String>>, routing::TrafficPolicy), Failure> {
+    let dr = routing::destination_rule_for(&snap.destination_rules, &svc.name, &svc.namespace, client_ns);
+    let subset_labels = dest.subset.as_ref().and_then(|sub| dr.as_ref().and_then(|dr| dr.subsets.get(sub).cloned()));
+    if dest.subset.is_some() && subset_labels.is_none() {
+        warn!(subset = ?dest.subset, service = %svc.hostname(), "route names a subset no DestinationRule defines");
+        return Err(Failure::NoHealthyUpstream);
+    }
+    let policy = dr.map(|dr| dr.policy_for(dest.subset.as_deref(), port).clone()).unwrap_or_default();
+    Ok((subset_labels, policy))
+}
+
+/// [`resolve`] for a host of a ServiceEntry exported to `client_ns` (its
+/// namespace's first, then the oldest, as ztunnel picks).
+fn resolve_entry<'s>(snap: &'s Snapshot, dest: &RouteDest, client_ns: &str, want_port: u16, outside: Outside<'_>) -> Result<Resolved<'s>, Failure> {
+    let host = dest.host.to_ascii_lowercase();
+    let mut entries: Vec<&skiff_core::egress::ServiceEntry> = snap
+        .service_entries
+        .iter()
+        .filter(|e| e.export_to.visible_to(client_ns) && e.hosts.iter().any(|h| routing::host_matches(h, &e.namespace, &host, &e.namespace)))
+        .collect();
+    entries.sort_by_key(|e| (e.namespace != client_ns, e.created.is_none(), e.created.clone(), e.namespace.clone(), e.name.clone()));
+    let e = *entries.first().ok_or(Failure::NoHealthyUpstream)?;
+    let svc = ServiceInfo::from_entry(e, &host);
+    let dport = svc.ports.iter().find(|p| p.port == want_port).or_else(|| svc.ports.first()).ok_or(Failure::NoHealthyUpstream)?.clone();
+    let (subset_labels, policy) = subset_and_policy(snap, dest, &svc, dport.port, client_ns)?;
+    let se_port = e.ports.iter().find(|p| p.number == dport.port).expect("the entry's own port");
+    let port_of = |ep: Option<&skiff_core::egress::SeEndpoint>| {
+        se_port.target_port.or_else(|| ep.and_then(|ep| ep.ports.get(&se_port.name).copied())).unwrap_or(se_port.number)
+    };
+    let names = |n: &str| outside.names.and_then(|m| m.get(n)).cloned().unwrap_or_default();
+    let mut eps = Vec::new();
+    use skiff_core::egress::Resolution;
+    match e.resolution {
+        Resolution::None => match outside.original_dst {
+            Some(dst) if subset_labels.is_none() => eps.push(Endpoint::External(SocketAddrV4::new(*dst.ip(), port_of(None)))),
+            Some(_) => warn!(subset = ?dest.subset, host = %host, "a subset of a ServiceEntry with resolution NONE: it has no endpoints to choose from"),
+            None => warn!(host = %host, "a ServiceEntry with resolution NONE reached other than by its address: no original destination to send to"),
+        },
+        Resolution::Static | Resolution::Dns if !e.endpoints.is_empty() => {
+            for ep in e.endpoints.iter().filter(|ep| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| ep.labels.get(k) == Some(v)))) {
+                let ips = match ep.address.parse::<Ipv4Addr>() {
+                    Ok(a) => vec![a],
+                    Err(_) => names(&ep.address),
+                };
+                eps.extend(ips.into_iter().map(|ip| Endpoint::External(SocketAddrV4::new(ip, port_of(Some(ep))))));
+            }
+        }
+        Resolution::Static => {}
+        Resolution::Dns => {
+            if subset_labels.is_none() {
+                eps.extend(names(&host).into_iter().map(|ip| Endpoint::External(SocketAddrV4::new(ip, port_of(None)))));
+            }
+        }
+    }
+    if eps.is_empty() {
+        return Err(Failure::NoHealthyUpstream);
+    }
+    Ok(Resolved { svc, port: dport, endpoints: eps, policy })
 }
 
 /// The answer a route gives without any upstream: its direct response,

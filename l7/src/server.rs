@@ -59,6 +59,9 @@ pub struct Config {
     pub hbone: HboneLimits,
     /// Bounds on the HTTP spoken inside each HBONE stream.
     pub http: HttpLimits,
+    /// Whether the proxy reads its namespace's Secrets: the gateway's
+    /// certificates, a DestinationRule's `tls.credentialName`.
+    pub read_secrets: bool,
 }
 
 /// Bounds on the HTTP/1.1 and HTTP/2 connections inside HBONE streams
@@ -150,12 +153,16 @@ pub struct Proxy {
     /// The proxy's own pod's uid, once found (a lookup by key, not a scan
     /// of every workload per request).
     own_uid: std::sync::Mutex<Option<String>>,
+    /// ServiceEntries' names as resolved: which entry a CONNECT's address
+    /// belongs to, and DNS entries' endpoints.
+    names: Arc<skiff_hbone::names::NameCache>,
 }
 
 /// Where the requests of one downstream connection came in.
 pub(crate) enum Entry {
-    /// A CONNECT stream (at a waypoint) to this Service and port.
-    Service { svc: Box<ServiceInfo>, port: ServicePort },
+    /// A CONNECT stream (at a waypoint) to this Service (or ServiceEntry
+    /// host) and port, at the address the client dialled.
+    Service { svc: Box<ServiceInfo>, port: ServicePort, target: SocketAddrV4 },
     /// An ingress gateway listener: the port it listens on, the scheme
     /// clients use, and for TLS the server the handshake's SNI chose
     /// (only its hosts and VirtualServices apply).
@@ -272,6 +279,7 @@ fn edge_headers(h: &mut HeaderMap, client: std::net::IpAddr, scheme: &str, reque
 impl Proxy {
     pub fn new(cfg: Config, cluster: watch::Receiver<Arc<Snapshot>>, certs: Arc<CertManager>) -> Arc<Proxy> {
         let metrics = Arc::new(Metrics::new());
+        let names = skiff_hbone::names::NameCache::new();
         let upstreams = Upstreams::new(
             &cfg.namespace,
             &cfg.service_account,
@@ -280,7 +288,14 @@ impl Proxy {
             cfg.hbone.clone(),
             cfg.http.max_idle_per_endpoint,
         )
-        .with_cluster(cluster.clone());
+        .with_cluster(cluster.clone())
+        .with_outside(names.clone(), cfg.read_secrets);
+        // The names of the entries exported to the proxy's namespace.
+        let ns = cfg.namespace.clone();
+        names.spawn(cluster.clone(), move |snap| {
+            let visible: Vec<_> = snap.service_entries.iter().filter(|e| e.export_to.visible_to(&ns)).cloned().collect();
+            skiff_core::egress::names_to_resolve(&visible)
+        });
         let bodies = BodyBudget::new(cfg.http.max_request_body, cfg.http.max_buffered_body, cfg.http.request_body_timeout);
         Arc::new(Proxy {
             admission: Admission::new(cfg.hbone.clone()),
@@ -294,6 +309,7 @@ impl Proxy {
             rate_limits: RateLimits::default(),
             bodies,
             own_uid: std::sync::Mutex::new(None),
+            names,
         })
     }
 
@@ -442,23 +458,21 @@ impl Proxy {
             return answer(&mut respond, StatusCode::BAD_REQUEST);
         };
         let snap = self.cluster.borrow().clone();
-        let Some((svc, port)) = snap.service_by_vip(*target.ip(), target.port()) else {
-            info!(%peer, %target, "CONNECT to an address that is not a Service this waypoint serves");
+        let Some((svc, port)) = self.connect_target(&snap, target, &peer_id) else {
+            info!(%peer, %target, "CONNECT to an address that is neither a Service nor a ServiceEntry this waypoint serves");
             return answer(&mut respond, StatusCode::BAD_REQUEST);
         };
-        // Only Services bound to this waypoint: otherwise any workload could
-        // use it as a middleman carrying the waypoint's identity.
-        let bound = svc.namespace == self.cfg.namespace
-            && snap.waypoint_name_for(svc).as_deref() == Some(self.cfg.name.as_str());
-        if !bound {
+        // Only Services (and ServiceEntries) bound to this waypoint:
+        // otherwise any workload could use it as a middleman carrying the
+        // waypoint's identity.
+        if !self.serves(&snap, &svc) {
             info!(%peer, %target, service = %svc.hostname(), "CONNECT to a Service not bound to this waypoint");
             return answer(&mut respond, StatusCode::FORBIDDEN);
         }
-        let tcp = route::port_protocol(port) == "tcp";
-        if tcp && !authz::allow_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc.name), peer, &peer_id, target) {
+        let tcp = route::port_protocol(&port) == "tcp";
+        if tcp && !authz::allow_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc), peer, &peer_id, target) {
             return answer(&mut respond, StatusCode::FORBIDDEN);
         }
-        let (svc, port) = (svc.clone(), port.clone());
         let Ok(send) = respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false) else {
             return;
         };
@@ -474,10 +488,39 @@ impl Proxy {
         });
         if tcp {
             let snap = self.cluster.borrow().clone();
-            return self.upstreams.passthrough(&snap, &svc, port.port, peer.ip(), ours, &mut fastrand::Rng::new()).await;
+            return self.upstreams.passthrough(&snap, &svc, port.port, peer.ip(), ours, Some(target), &mut fastrand::Rng::new()).await;
         }
-        let ctx = Arc::new(StreamCtx { entry: Entry::Service { svc: Box::new(svc), port }, peer, peer_id: Some(peer_id) });
+        let ctx = Arc::new(StreamCtx { entry: Entry::Service { svc: Box::new(svc), port, target }, peer, peer_id: Some(peer_id) });
         self.serve_http_ctx(ctx, ours).await
+    }
+
+    /// What a CONNECT to `target` reaches: a Service by its ClusterIP and
+    /// port, else the ServiceEntry that takes the address for the peer's
+    /// namespace (as the peer's ztunnel matched it), as the host the
+    /// address belongs to.
+    fn connect_target(&self, snap: &Snapshot, target: SocketAddrV4, peer_id: &Identity) -> Option<(ServiceInfo, ServicePort)> {
+        if let Some((svc, port)) = snap.service_by_vip(*target.ip(), target.port()) {
+            return Some((svc.clone(), port.clone()));
+        }
+        let names = self.names.read();
+        let found = skiff_core::egress::lookup(&snap.service_entries, &peer_id.namespace, target, &names)?;
+        let svc = ServiceInfo::from_entry(found.entry, found.host);
+        let port = svc.ports.iter().find(|p| p.port == target.port())?.clone();
+        Some((svc, port))
+    }
+
+    /// Whether this waypoint serves `svc`: a Service or ServiceEntry of
+    /// its namespace that names it (`istio.io/use-waypoint`, its own or
+    /// its namespace's).
+    fn serves(&self, snap: &Snapshot, svc: &ServiceInfo) -> bool {
+        if svc.namespace != self.cfg.namespace {
+            return false;
+        }
+        let name = match &svc.entry {
+            Some(entry) => snap.service_entries.iter().find(|e| e.namespace == svc.namespace && &e.name == entry).and_then(|e| snap.waypoint_name_for_entry(e)),
+            None => snap.waypoint_name_for(svc),
+        };
+        name.as_deref() == Some(self.cfg.name.as_str())
     }
 
     /// Serves HTTP/1.1 or HTTP/2 on `io` as on a CONNECT stream to
@@ -490,7 +533,7 @@ impl Proxy {
     {
         let snap = self.cluster.borrow().clone();
         let Some((svc, port)) = snap.service_by_vip(*target.ip(), target.port()) else { return };
-        let ctx = Arc::new(StreamCtx { entry: Entry::Service { svc: Box::new(svc.clone()), port: port.clone() }, peer, peer_id: Some(peer_id) });
+        let ctx = Arc::new(StreamCtx { entry: Entry::Service { svc: Box::new(svc.clone()), port: port.clone(), target }, peer, peer_id: Some(peer_id) });
         self.serve_http_ctx(ctx, io).await
     }
 
@@ -627,7 +670,11 @@ impl Proxy {
             return self.finish(log, start, Err(Failure::NoRoute), ops);
         };
         // The destination Service, its port, the subset's pods.
-        let resolved = match route::resolve(&snap, &dest, &host_ns, &self.cfg.namespace, default_port) {
+        let original_dst = match &ctx.entry {
+            Entry::Service { target, .. } => Some(*target),
+            Entry::Gateway { .. } => None,
+        };
+        let resolved = match self.upstreams.resolve(&snap, &dest, &host_ns, default_port, original_dst) {
             Ok(r) => r,
             Err(f) => return self.finish(log, start, Err(f), ops),
         };
@@ -661,10 +708,17 @@ impl Proxy {
         }
         for (mirror, pct) in &route.mirrors {
             if route::percent_roll(&mut rng) < *pct {
-                self.upstreams.mirror(&snap, mirror, &host_ns, default_port, parts.clone(), body.clone(), grpc, &mut rng);
+                self.upstreams.mirror(snap.clone(), mirror.clone(), host_ns.clone(), default_port, parts.clone(), body.clone(), grpc, original_dst);
             }
         }
-        let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2, hash };
+        // TLS to the endpoint, if the DestinationRule asks for it: the name
+        // sent is the upstream request's host (after rewrites).
+        let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned).or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        let tls = match self.upstreams.originate(&snap, &resolved, authority.as_deref().unwrap_or_default(), h2) {
+            Ok(t) => t,
+            Err(f) => return self.finish(log, start, Err(f), ops),
+        };
+        let out = Outbound { dest: &resolved, route: &route, parts: &parts, body: &body, h2, hash, tls: tls.as_ref() };
         let mut outcome = resilience::forward(&self.upstreams, out, &mut slot, &mut log.retries, &mut rng).await;
         if let Ok((resp, _)) = &mut outcome {
             // The upstream connection's own headers (`connection: close`…)
@@ -686,14 +740,14 @@ impl Proxy {
     /// server's Gateway, and the policies selecting the gateway's pod.
     fn choose<'s>(&self, snap: &'s Snapshot, ctx: &StreamCtx, info: &RequestInfo<'_>, raw_path: &str) -> Result<Routed<'s>, Chosen> {
         match &ctx.entry {
-            Entry::Service { svc, port } => {
+            Entry::Service { svc, port, target } => {
                 let (vs, route) = route::select(snap, svc, info, &self.cfg.namespace);
-                let policies = authz::bound(snap, &self.cfg.namespace, &self.cfg.name, &svc.name);
-                let cluster_ip = svc.cluster_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+                let policies = authz::bound(snap, &self.cfg.namespace, &self.cfg.name, svc);
+                let cluster_ip = svc.cluster_ip.unwrap_or(*target.ip());
                 authz::check_request(&policies, ctx.peer, ctx.peer_id.as_ref(), cluster_ip, info).map_err(Chosen::Refused)?;
                 let route = route.ok_or(Chosen::Refused(Failure::NoRoute))?;
+                let host_ns = vs.map(|v| v.namespace.clone()).unwrap_or_else(|| svc.namespace.clone());
                 let svc = snap.services.get(&format!("{}/{}", svc.namespace, svc.name));
-                let host_ns = vs.map(|v| v.namespace.clone()).unwrap_or_else(|| svc.map(|s| s.namespace.clone()).unwrap_or_default());
                 Ok(Routed { vs, route, host_ns, default_port: port.port, svc })
             }
             Entry::Gateway { port, server: tls_server, .. } => {

@@ -26,9 +26,13 @@ use skiff_hbone::{
     identity::Identity,
     tunnel::{self as hbone, Pool},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::{errors::Failure, route};
+use crate::{
+    errors::Failure,
+    origin::{Originate, Origins},
+    route::{self, Endpoint, Outside},
+};
 
 /// Port every pod's ztunnel terminates HBONE on.
 const HBONE_PORT: u16 = 15008;
@@ -58,12 +62,23 @@ impl Conn {
     }
 }
 
-/// Idle connections by endpoint and protocol (HTTP/2 or not), each with
-/// the requests it has carried.
-/// Idle connections by endpoint, protocol (HTTP/2 or not) and transport
-/// (HBONE, or plain TCP to a pod outside the mesh): a pod that joins the
-/// mesh never gets a plaintext connection from the pool.
-type IdlePool = HashMap<(SocketAddrV4, bool, bool), Vec<(Conn, u32)>>;
+/// Idle connections, each with the requests it has carried, by
+/// [`PoolKey`].
+type IdlePool = HashMap<PoolKey, Vec<(Conn, u32)>>;
+
+/// What an idle connection can be reused for: the endpoint, the protocol
+/// (HTTP/2 or not), the transport (HBONE, or plain TCP to an endpoint
+/// outside the mesh: a pod that joins the mesh never gets a plaintext
+/// connection from the pool) and the TLS the proxy originated on it (0:
+/// none; else [`Originate::key`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    ep: SocketAddrV4,
+    h2: bool,
+    plain: bool,
+    tls: u64,
+}
+
 
 /// Outlier-detection and load state of one endpoint.
 #[derive(Clone, Debug, Default)]
@@ -95,12 +110,22 @@ pub struct Upstreams {
     pub(crate) endpoints: Mutex<HashMap<SocketAddrV4, EndpointState>>,
     /// Round-robin position per destination (endpoint set).
     rr: Mutex<HashMap<Vec<SocketAddrV4>, usize>>,
+    /// Endpoints outside the cluster view (ServiceEntries') and when each
+    /// was last chosen: their state is kept for 10 minutes after.
+    external: Mutex<HashMap<SocketAddrV4, Instant>>,
     /// The cluster view, to tell endpoints in the mesh (HBONE) from pods
     /// outside it (plain TCP, as Istio's proxies reach them). None: HBONE
     /// always.
     cluster: Option<tokio::sync::watch::Receiver<Arc<Snapshot>>>,
     /// `--connect-timeout`, for plain TCP.
     connect_timeout: Duration,
+    /// ServiceEntries' names as resolved (DNS entries' endpoints).
+    names: Option<Arc<skiff_hbone::names::NameCache>>,
+    /// TLS origination configurations.
+    origins: Origins,
+    /// Whether the proxy reads its namespace's Secrets (a
+    /// DestinationRule's `credentialName`).
+    read_secrets: bool,
 }
 
 /// Counts an attempt against its endpoint until it ends (or is dropped).
@@ -134,11 +159,6 @@ where
     }
 }
 
-/// A ready endpoint's address (`port` on the pod).
-pub fn endpoint(w: &Workload, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(w.ip.expect("ready"), port)
-}
-
 impl Upstreams {
     pub fn new(
         namespace: &str,
@@ -159,8 +179,12 @@ impl Upstreams {
             max_idle,
             endpoints: Mutex::new(HashMap::new()),
             rr: Mutex::new(HashMap::new()),
+            external: Mutex::new(HashMap::new()),
             cluster: None,
             connect_timeout,
+            names: None,
+            origins: Origins::default(),
+            read_secrets: false,
         }
     }
 
@@ -172,6 +196,34 @@ impl Upstreams {
         self
     }
 
+    /// ServiceEntries' endpoints: their names as `names` resolves them;
+    /// `read_secrets`: whether `credentialName` can be read.
+    pub fn with_outside(mut self, names: Arc<skiff_hbone::names::NameCache>, read_secrets: bool) -> Self {
+        self.names = Some(names);
+        self.read_secrets = read_secrets;
+        self
+    }
+
+    /// Resolves a destination with the ServiceEntries' names as resolved.
+    pub fn resolve<'s>(&self, snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, default_port: u16, original_dst: Option<SocketAddrV4>) -> Result<route::Resolved<'s>, Failure> {
+        let names = self.names.as_ref().map(|n| n.read());
+        route::resolve(snap, dest, host_ns, &self.namespace, default_port, Outside { names: names.as_deref(), original_dst })
+    }
+
+    /// The TLS to originate to `resolved`'s endpoints for a request to
+    /// `authority`, if its DestinationRule asks for it; a configuration
+    /// that cannot be made fails the request (503 UF), logged with why.
+    pub fn originate(&self, snap: &Snapshot, resolved: &route::Resolved<'_>, authority: &str, h2: bool) -> Result<Option<Originate>, Failure> {
+        let host = routing::host_of(authority);
+        // Unset `sni`: the upstream request's host (Istio's automatic
+        // SNI), else the destination's.
+        let host = if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() { resolved.svc.hostname() } else { host.to_owned() };
+        self.origins.originate(resolved.policy.tls.as_ref(), snap, &self.namespace, self.read_secrets, &host, h2).map_err(|e| {
+            warn!(destination = %resolved.svc.hostname(), error = %e, "TLS origination (DestinationRule tls) cannot be set up; request refused");
+            Failure::UpstreamConnect
+        })
+    }
+
     /// Whether `w` terminates HBONE (its pod is enrolled).
     fn in_mesh(&self, w: &Workload) -> bool {
         let Some(cluster) = &self.cluster else { return true };
@@ -180,14 +232,19 @@ impl Upstreams {
         skiff_core::enroll::decide(node, snap.namespace_labels(&w.namespace), w) == skiff_core::enroll::Decision::Enroll
     }
 
-    /// Drops state of endpoints not in `live` and closed idle connections.
+    /// Drops state of endpoints not in `live` (nor an external endpoint
+    /// chosen in the last 10 minutes) and closed idle connections.
     pub fn sweep(&self, live: &HashSet<Ipv4Addr>) {
-        self.idle.lock().expect("lock").retain(|(ep, _, _), list| {
+        let now = Instant::now();
+        let mut external = self.external.lock().expect("lock");
+        external.retain(|_, t| now.duration_since(*t) < Duration::from_secs(600));
+        let keep = |ep: &SocketAddrV4| live.contains(ep.ip()) || external.contains_key(ep);
+        self.idle.lock().expect("lock").retain(|k, list| {
             list.retain(|(u, _)| !u.is_closed());
-            live.contains(ep.ip()) && !list.is_empty()
+            keep(&k.ep) && !list.is_empty()
         });
-        self.endpoints.lock().expect("lock").retain(|ep, st| live.contains(ep.ip()) || st.active > 0);
-        self.rr.lock().expect("lock").retain(|eps, _| eps.iter().all(|e| live.contains(e.ip())));
+        self.endpoints.lock().expect("lock").retain(|ep, st| keep(ep) || st.active > 0);
+        self.rr.lock().expect("lock").retain(|eps, _| eps.iter().all(keep));
     }
 
     /// Picks an endpoint by the destination's load-balancing policy,
@@ -201,22 +258,21 @@ impl Upstreams {
     /// while another live one is left.
     pub fn choose<'a>(
         &self,
-        eps: &[(&'a Workload, u16)],
+        eps: &[Endpoint<'a>],
         policy: &routing::TrafficPolicy,
         hash: Option<u64>,
         tried: &[SocketAddrV4],
         rng: &mut fastrand::Rng,
-    ) -> Option<(&'a Workload, u16)> {
+    ) -> Option<Endpoint<'a>> {
         let now = Instant::now();
         let states = self.endpoints.lock().expect("lock");
-        let state = |w: &Workload, p: u16| states.get(&SocketAddrV4::new(w.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), p)).cloned().unwrap_or_default();
-        let mut live: Vec<(&'a Workload, u16)> =
-            eps.iter().copied().filter(|(w, p)| state(w, *p).ejected_until.is_none_or(|t| t <= now)).collect();
+        let state = |e: &Endpoint<'_>| states.get(&e.addr()).cloned().unwrap_or_default();
+        let mut live: Vec<Endpoint<'a>> = eps.iter().copied().filter(|e| state(e).ejected_until.is_none_or(|t| t <= now)).collect();
         if live.is_empty() {
             return None;
         }
-        if !tried.is_empty() && live.iter().any(|(w, p)| !tried.contains(&endpoint(w, *p))) {
-            live.retain(|(w, p)| !tried.contains(&endpoint(w, *p)));
+        if !tried.is_empty() && live.iter().any(|e| !tried.contains(&e.addr())) {
+            live.retain(|e| !tried.contains(&e.addr()));
         }
         if policy.hash.is_some() {
             return Some(match hash {
@@ -228,7 +284,7 @@ impl Upstreams {
             routing::LoadBalancer::RoundRobin => {
                 // One counter per destination (its endpoint set): traffic to
                 // one Service (or a mirror) does not skew another's rotation.
-                let key: Vec<SocketAddrV4> = eps.iter().map(|(w, p)| SocketAddrV4::new(w.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), *p)).collect();
+                let key: Vec<SocketAddrV4> = eps.iter().map(Endpoint::addr).collect();
                 let mut rr = self.rr.lock().expect("lock");
                 let n = rr.entry(key).or_insert(0);
                 *n = n.wrapping_add(1);
@@ -239,7 +295,7 @@ impl Upstreams {
                 // Power of two choices.
                 let a = live[rng.usize(..live.len())];
                 let b = live[rng.usize(..live.len())];
-                if state(a.0, a.1).active <= state(b.0, b.1).active { a } else { b }
+                if state(&a).active <= state(&b).active { a } else { b }
             }
         })
     }
@@ -259,58 +315,109 @@ impl Upstreams {
             .await
     }
 
+    /// Whether `ep` is reached over plain TCP (outside the mesh).
+    fn plain(&self, ep: &Endpoint<'_>) -> bool {
+        match ep {
+            Endpoint::Pod(w, _) => !self.in_mesh(w),
+            Endpoint::External(a) => {
+                self.external.lock().expect("lock").insert(*a, Instant::now());
+                true
+            }
+        }
+    }
+
+    /// The byte stream to `ep`: HBONE to its ztunnel for a pod in the mesh,
+    /// plain TCP otherwise.
+    async fn open(&self, ep: &Endpoint<'_>, plain: bool) -> Result<Stream, Failure> {
+        let addr = ep.addr();
+        match ep {
+            Endpoint::Pod(w, port) if !plain => {
+                let (send, recv, guard) = self.dial(w, *port).await.map_err(|e| {
+                    debug!(error = %skiff_core::report(&e), upstream = %addr, "HBONE to endpoint failed");
+                    Failure::UpstreamConnect
+                })?;
+                let (ours, theirs) = tokio::io::duplex(256 * 1024);
+                let counters = self.tcp.clone();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    hbone::relay_io(theirs, send, recv, &counters, &counters).await
+                });
+                Ok(Stream::Hbone(ours))
+            }
+            _ => match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(t)) => {
+                    let _ = t.set_nodelay(true);
+                    Ok(Stream::Tcp(t))
+                }
+                r => {
+                    debug!(upstream = %addr, error = ?r.map(|r| r.err()), "TCP to an endpoint outside the mesh failed");
+                    Err(Failure::UpstreamConnect)
+                }
+            },
+        }
+    }
+
     /// An HTTP connection to `ep` (reused when one is idle), with the
-    /// requests it has carried so far.
-    async fn connection(&self, w: &Workload, port: u16, h2: bool) -> Result<(Conn, u32, bool), Failure> {
-        let ep = endpoint(w, port);
-        let plain = !self.in_mesh(w);
+    /// requests it has carried so far and its pool key. With `tls`, the
+    /// proxy's TLS to the endpoint goes first (inside HBONE for a pod in
+    /// the mesh).
+    async fn connection(&self, ep: &Endpoint<'_>, h2: bool, tls: Option<&Originate>) -> Result<(Conn, u32, PoolKey), Failure> {
+        let plain = self.plain(ep);
+        let key = PoolKey { ep: ep.addr(), h2, plain, tls: tls.map_or(0, |t| t.key) };
         {
             // Reuse a connection only when it can take a request now: an
             // HTTP/1.1 connection is busy until the previous response body
             // has been read to the end.
             let mut idle = self.idle.lock().expect("lock");
-            if let Some(list) = idle.get_mut(&(ep, h2, plain)) {
+            if let Some(list) = idle.get_mut(&key) {
                 list.retain(|(u, _)| !u.is_closed());
                 if let Some(i) = list.iter().position(|(u, _)| u.is_ready()) {
                     let (u, carried) = list.swap_remove(i);
-                    return Ok((u, carried, plain));
+                    return Ok((u, carried, key));
                 }
             }
         }
-        if plain {
-            let tcp = match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(ep)).await {
-                Ok(Ok(t)) => t,
-                r => {
-                    debug!(upstream = %ep, error = ?r.map(|r| r.err()), "TCP to an endpoint outside the mesh failed");
-                    return Err(Failure::UpstreamConnect);
+        let stream = self.open(ep, plain).await?;
+        let conn = match tls {
+            None => match stream {
+                Stream::Hbone(d) => handshake_upstream(d, h2).await?,
+                Stream::Tcp(t) => handshake_upstream(t, h2).await?,
+            },
+            Some(o) => {
+                let connector = tokio_rustls::TlsConnector::from(o.config.clone());
+                let hs = |e: std::io::Error| {
+                    warn!(upstream = %key.ep, server_name = ?o.server_name, error = %e, "TLS origination to the endpoint failed");
+                    Failure::UpstreamConnect
+                };
+                let deadline = self.connect_timeout.max(Duration::from_secs(10));
+                let timed_out = |_| {
+                    warn!(upstream = %key.ep, "TLS origination to the endpoint timed out");
+                    Failure::UpstreamConnect
+                };
+                match stream {
+                    Stream::Hbone(d) => {
+                        let t = tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), d)).await.map_err(timed_out)?.map_err(hs)?;
+                        handshake_upstream(t, h2).await?
+                    }
+                    Stream::Tcp(tcp) => {
+                        let t = tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), tcp)).await.map_err(timed_out)?.map_err(hs)?;
+                        handshake_upstream(t, h2).await?
+                    }
                 }
-            };
-            let _ = tcp.set_nodelay(true);
-            return Ok((handshake_upstream(tcp, h2).await?, 0, true));
-        }
-        let (send, recv, guard) = self.dial(w, port).await.map_err(|e| {
-            debug!(error = %skiff_core::report(&e), upstream = %ep, "HBONE to endpoint failed");
-            Failure::UpstreamConnect
-        })?;
-        let (ours, theirs) = tokio::io::duplex(256 * 1024);
-        let counters = self.tcp.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            hbone::relay_io(theirs, send, recv, &counters, &counters).await
-        });
-        Ok((handshake_upstream(ours, h2).await?, 0, false))
+            }
+        };
+        Ok((conn, 0, key))
     }
 
     /// Keeps a connection for reuse, unless it has carried the
     /// DestinationRule's `maxRequestsPerConnection` (then it closes once
     /// its last response is read).
-    #[allow(clippy::too_many_arguments)]
-    fn put_back(&self, w: &Workload, port: u16, h2: bool, plain: bool, u: Conn, carried: u32, max_requests: Option<u32>) {
+    fn put_back(&self, key: PoolKey, u: Conn, carried: u32, max_requests: Option<u32>) {
         if max_requests.is_some_and(|m| carried >= m) {
             return;
         }
         let mut idle = self.idle.lock().expect("lock");
-        let v = idle.entry((endpoint(w, port), h2, plain)).or_default();
+        let v = idle.entry(key).or_default();
         if v.len() < self.max_idle {
             v.push((u, carried));
         }
@@ -321,20 +428,35 @@ impl Upstreams {
     /// HTTP/2 REFUSED_STREAM) is `UpstreamConnect`, safe to retry; after,
     /// `UpstreamReset`, as the upstream may have processed it.
     /// `max_requests` is the DestinationRule's `maxRequestsPerConnection`.
-    pub async fn attempt(&self, w: &Workload, port: u16, h2: bool, max_requests: Option<u32>, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, Failure> {
-        let (conn, carried, plain) = self.connection(w, port, h2).await?;
+    pub async fn attempt(
+        &self,
+        ep: &Endpoint<'_>,
+        h2: bool,
+        max_requests: Option<u32>,
+        mut req: Request<Full<Bytes>>,
+        tls: Option<&Originate>,
+    ) -> Result<Response<Incoming>, Failure> {
+        if tls.is_some() && h2 {
+            // `:scheme` says what the connection is.
+            let mut parts = req.uri().clone().into_parts();
+            parts.scheme = Some(http::uri::Scheme::HTTPS);
+            if let Ok(u) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = u;
+            }
+        }
+        let (conn, carried, key) = self.connection(ep, h2, tls).await?;
         match conn {
             Conn::H1(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
                 let r = s.try_send_request(req).await.map_err(|mut e| sent_failure(e.take_message().is_none(), e.error()));
                 // hyper waits for this response's body before the next request.
-                self.put_back(w, port, h2, plain, Conn::H1(s), carried + 1, max_requests);
+                self.put_back(key, Conn::H1(s), carried + 1, max_requests);
                 r
             }
             Conn::H2(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
                 let r = s.try_send_request(req).await.map_err(|mut e| sent_failure(e.take_message().is_none(), e.error()));
-                self.put_back(w, port, h2, plain, Conn::H2(s), carried + 1, max_requests);
+                self.put_back(key, Conn::H2(s), carried + 1, max_requests);
                 r
             }
         }
@@ -345,33 +467,34 @@ impl Upstreams {
     #[allow(clippy::too_many_arguments)]
     pub fn mirror(
         self: &Arc<Self>,
-        snap: &Snapshot,
-        dest: &RouteDest,
-        host_ns: &str,
+        snap: Arc<Snapshot>,
+        dest: RouteDest,
+        host_ns: String,
         port: u16,
         mut parts: http::request::Parts,
         body: Bytes,
         grpc: bool,
-        rng: &mut fastrand::Rng,
+        original_dst: Option<SocketAddrV4>,
     ) {
-        let Ok(r) = route::resolve(snap, dest, host_ns, &self.namespace, port) else {
-            debug!(mirror = %dest.host, "mirror destination has no endpoint; copy dropped");
-            return;
-        };
-        let Some((w, p)) = self.choose(&r.endpoints, &r.policy, None, &[], rng) else { return };
-        let w = w.clone();
         if let Some(host) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(|h| format!("{h}-shadow")) {
             if let Ok(v) = HeaderValue::from_str(&host) {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        let h2 = route::port_protocol(&r.port) == "http2" || grpc;
-        let max_requests = r.policy.connection_pool.max_requests_per_connection;
         let me = self.clone();
-        debug!(mirror = %r.svc.hostname(), "mirroring request");
         tokio::spawn(async move {
+            let Ok(r) = me.resolve(&snap, &dest, &host_ns, port, original_dst) else {
+                debug!(mirror = %dest.host, "mirror destination has no endpoint; copy dropped");
+                return;
+            };
+            let Some(ep) = me.choose(&r.endpoints, &r.policy, None, &[], &mut fastrand::Rng::new()) else { return };
+            let h2 = route::port_protocol(&r.port) == "http2" || grpc;
+            let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
+            let Ok(tls) = me.originate(&snap, &r, &authority, h2) else { return };
+            let max_requests = r.policy.connection_pool.max_requests_per_connection;
+            debug!(mirror = %r.svc.hostname(), "mirroring request");
             let req = upstream_request(&parts, &body, h2);
-            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&w, p, h2, max_requests, req)).await {
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&ep, h2, max_requests, req, tls.as_ref())).await {
                 let _ = resp.into_body().collect().await;
             }
         });
@@ -379,16 +502,50 @@ impl Upstreams {
 
     /// Non-HTTP ports: bytes through to one endpoint of `svc`, chosen as
     /// for HTTP (the destination's load balancer, ejected endpoints
-    /// skipped).
+    /// skipped): HBONE to a pod in the mesh, plain TCP to one outside it
+    /// or to a ServiceEntry's endpoint (for NONE, the address the client
+    /// dialled).
     /// A consistent-hash policy can only use the client's address here.
-    pub async fn passthrough(&self, snap: &Snapshot, svc: &ServiceInfo, port: u16, peer: std::net::IpAddr, io: tokio::io::DuplexStream, rng: &mut fastrand::Rng) {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn passthrough(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceInfo,
+        port: u16,
+        peer: std::net::IpAddr,
+        mut io: tokio::io::DuplexStream,
+        original_dst: Option<SocketAddrV4>,
+        rng: &mut fastrand::Rng,
+    ) {
         let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100, ..Default::default() };
-        let Ok(r) = route::resolve(snap, &dest, &svc.namespace, &self.namespace, port) else { return };
+        let r = match self.resolve(snap, &dest, &svc.namespace, port, original_dst) {
+            Ok(r) => r,
+            Err(_) => return debug!(destination = %svc.hostname(), "no endpoint for a TCP stream; closed"),
+        };
         let hash = matches!(r.policy.hash, Some(routing::HashKey::SourceIp)).then(|| route::key_hash(peer.to_string().as_bytes()));
-        let Some((w, port)) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else { return };
-        let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
-        hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
+        let Some(ep) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else { return };
+        match ep {
+            Endpoint::Pod(w, port) if !self.plain(&ep) => {
+                let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
+                hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
+            }
+            _ => {
+                if let Ok(Stream::Tcp(mut t)) = self.open(&ep, true).await {
+                    if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut io, &mut t).await {
+                        self.tcp.inc_by(a + b);
+                    }
+                }
+            }
+        }
     }
+}
+
+/// A byte stream to an endpoint.
+enum Stream {
+    /// Over HBONE (the relay task's end of a duplex pipe).
+    Hbone(tokio::io::DuplexStream),
+    /// Plain TCP, outside the mesh.
+    Tcp(tokio::net::TcpStream),
 }
 
 /// A failed send: `UpstreamReset` when the request may have reached the
@@ -406,8 +563,8 @@ fn sent_failure(written: bool, e: &hyper::Error) -> Failure {
 }
 
 /// The endpoint with the highest rendezvous score for `key`.
-fn pick_by_hash<'a>(live: &[(&'a Workload, u16)], key: u64) -> Option<(&'a Workload, u16)> {
-    live.iter().copied().max_by_key(|(w, p)| rendezvous(key, endpoint(w, *p)))
+fn pick_by_hash<'a>(live: &[Endpoint<'a>], key: u64) -> Option<Endpoint<'a>> {
+    live.iter().copied().max_by_key(|e| rendezvous(key, e.addr()))
 }
 
 /// The rendezvous score of an endpoint for a key.
@@ -498,8 +655,8 @@ mod tests {
                 named_ports: Default::default(),
             })
             .collect();
-        let all: Vec<(&Workload, u16)> = ws.iter().map(|w| (w, 80)).collect();
-        let pick = |live: &[(&Workload, u16)], k: u64| pick_by_hash(live, route::key_hash(&k.to_le_bytes())).unwrap().0.uid.clone();
+        let all: Vec<Endpoint<'_>> = ws.iter().map(|w| Endpoint::Pod(w, 80)).collect();
+        let pick = |live: &[Endpoint<'_>], k: u64| pick_by_hash(live, route::key_hash(&k.to_le_bytes())).unwrap().workload().unwrap().uid.clone();
         let mut per = std::collections::BTreeMap::new();
         for k in 0..4000u64 {
             assert_eq!(pick(&all, k), pick(&all, k), "the same key, the same endpoint");

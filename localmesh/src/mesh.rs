@@ -125,7 +125,7 @@ impl PodRt {
     /// Where the pod's processes run: its netns and cgroup, and (unless
     /// hostNetwork) its own /etc view.
     fn placement(&self) -> sys::Placement<'_> {
-        sys::Placement { netns: &self.netns, cgroup: &self.cgroup, pod_view: !self.host_network }
+        sys::Placement { netns: &self.netns, cgroup: &self.cgroup, pod_view: !self.host_network, hosts: None }
     }
 }
 
@@ -408,8 +408,10 @@ impl LocalMesh {
     /// The outside world: a host that is no node and runs no mesh, on the
     /// fabric (so pods reach it through their node, as they would reach the
     /// internet), with two addresses and names in every pod's /etc/hosts
-    /// ([`OUTSIDE_HOSTS`]), serving HTTP on 80 (`skiff-demo-app
-    /// http-backend`, VERSION=outside).
+    /// ([`OUTSIDE_HOSTS`]), serving HTTP on 80 and HTTPS on 443
+    /// (`skiff-demo-app http-backend`, VERSION=outside) with a certificate
+    /// for both names from the run's own "outside CA"
+    /// ([`Self::outside_ca`]): what a public CA is to the internet.
     fn add_outside(&mut self, fabric: &str, cg: &Path) -> anyhow::Result<()> {
         let netns = format!("skiff-{}-outside", self.run_id);
         self.add_netns(&netns)?;
@@ -424,14 +426,52 @@ impl LocalMesh {
         }
         let ocg = cg.join("outside");
         fs::create_dir_all(&ocg)?;
-        let place = sys::Placement { netns: &netns, cgroup: &ocg, pod_view: false };
-        let argv = [self.bin_dir.join("skiff-demo-app").display().to_string(), "http-backend".into(), "--port".into(), "80".into()];
+        let pki = self.outside_pki()?;
+        let place = sys::Placement { netns: &netns, cgroup: &ocg, pod_view: false, hosts: None };
+        let argv = [
+            self.bin_dir.join("skiff-demo-app").display().to_string(),
+            "http-backend".into(),
+            "--port".into(),
+            "80".into(),
+            "--tls-port".into(),
+            "443".into(),
+            "--tls-cert".into(),
+            pki.join("cert.pem").display().to_string(),
+            "--tls-key".into(),
+            pki.join("key.pem").display().to_string(),
+        ];
         let env = [("VERSION".to_owned(), "outside".to_owned()), ("POD_NAME".to_owned(), "outside".to_owned())];
         let log = self.work_dir.join("logs").join("outside.log");
         let child = sys::spawn_logged(sys::command(&place, &argv, &env)?, &log)?;
         self.extra.push(child);
         self.outside_netns = Some(netns);
         Ok(())
+    }
+
+    /// The outside host's CA and its certificate for [`OUTSIDE_HOSTS`]'
+    /// names, in the run's work directory (`outside/`).
+    fn outside_pki(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.work_dir.join("outside");
+        fs::create_dir_all(&dir)?;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "Skiff local mesh outside CA");
+        fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(OUTSIDE_HOSTS.iter().map(|(_, n)| n.to_string()).collect::<Vec<_>>())?.signed_by(&key, &issuer)?;
+        fs::write(dir.join("cert.pem"), cert.pem())?;
+        fs::write(dir.join("key.pem"), key.serialize_pem())?;
+        Ok(dir)
+    }
+
+    /// The PEM file of the CA that signed the outside host's HTTPS
+    /// certificate: what a DestinationRule's `tls.caCertificates` names to
+    /// originate TLS to it (or its content, `cacert` of a Secret).
+    pub fn outside_ca(&self) -> PathBuf {
+        self.work_dir.join("outside").join("ca.pem")
     }
 
     /// The outside host's netns (see [`Self::add_outside`]).
@@ -687,13 +727,32 @@ impl LocalMesh {
     /// mounts) with its output in `log`.
     fn spawn_on_node(&self, i: usize, argv: &[String], log: &Path) -> anyhow::Result<Child> {
         let n = &self.nodes[i];
-        let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false };
+        let hosts = self.node_hosts()?;
+        let place = sys::Placement { netns: &n.netns, cgroup: &n.system_cgroup, pod_view: false, hosts: Some(&hosts) };
         let mut argv = argv.to_vec();
         if self.pin_node_cpus {
             let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             argv.splice(0..0, ["taskset".to_owned(), "-c".to_owned(), (i % cpus).to_string()]);
         }
         sys::spawn_logged(sys::command(&place, &argv, &self.node_env())?, log)
+    }
+
+    /// The nodes' /etc/hosts: the machine's, and the outside host's names
+    /// (as pods know them), so ztunnel resolves a DNS ServiceEntry's host
+    /// as a node of a cluster resolves a public name.
+    fn node_hosts(&self) -> anyhow::Result<PathBuf> {
+        let path = self.work_dir.join("node-hosts");
+        if !path.exists() {
+            let mut hosts = fs::read_to_string("/etc/hosts").unwrap_or_else(|_| "127.0.0.1 localhost\n".into());
+            if !hosts.ends_with('\n') {
+                hosts.push('\n');
+            }
+            for (ip, name) in OUTSIDE_HOSTS {
+                hosts.push_str(&format!("{ip} {name}\n"));
+            }
+            sys::write_atomic(&path, &hosts)?;
+        }
+        Ok(path)
     }
 
     /// Kills node-agent on node `i` with SIGKILL (no chance to clean up).

@@ -96,6 +96,10 @@ pub struct Placement<'a> {
     /// /etc: per-pod hosts and resolv.conf) or `nsenter --net` (keeps the
     /// host's mounts: cgroup2 and bpffs stay visible, for node processes).
     pub pod_view: bool,
+    /// Without `pod_view`: a hosts file bound over /etc/hosts in the
+    /// process's own mount namespace (the node's view of names: the
+    /// outside host's, as a node in a cluster resolves public names).
+    pub hosts: Option<&'a Path>,
 }
 
 /// Builds a command that runs `argv` in the placement's netns and cgroup.
@@ -111,6 +115,13 @@ pub fn command(place: &Placement<'_>, argv: &[String], env: &[(String, String)])
     } else {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/var/run/netns/{}", place.netns)).arg("--");
+        if let Some(hosts) = place.hosts {
+            // A private mount namespace (a copy: cgroup2 and bpffs stay
+            // visible) whose /etc/hosts is the node's; nothing propagates
+            // back to the machine's.
+            c.args(["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""]);
+            c.arg(hosts);
+        }
         c
     };
     cmd.args(argv);

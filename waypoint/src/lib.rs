@@ -84,7 +84,7 @@ where
         // block: off the async workers).
         let own = skiff_hbone::identity::Identity::new(certs.trust_domain(), &args.namespace, &service_account);
         certs.spawn_refresh(move || vec![own.clone()]);
-        let cfg = Config { name, pod_name, namespace: args.namespace, service_account, hbone: args.hbone, http: args.http };
+        let cfg = Config { name, pod_name, namespace: args.namespace, service_account, hbone: args.hbone, http: args.http, read_secrets: secrets };
         let proxy = Proxy::new(cfg, cluster, certs);
         let metrics = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding {}", args.metrics_addr))?;
         tokio::spawn(skiff_l7::metrics::serve(metrics, proxy.metrics.clone()));

@@ -21,6 +21,11 @@ struct Cli {
     /// The pod's IP: HBONE is served on it, port 15008.
     #[arg(long, env = "POD_IP")]
     pod_ip: Ipv4Addr,
+    /// Read the Secrets of the waypoint's namespace, for DestinationRules
+    /// whose `tls.credentialName` names one (TLS origination). Off by
+    /// default: it needs RBAC to read every Secret of the namespace.
+    #[arg(long, env = "SKIFF_READ_SECRETS")]
+    read_secrets: bool,
     #[command(flatten)]
     proxy: skiff_waypoint::ProxyArgs,
 }
@@ -29,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     skiff_waypoint::init_logging();
     let cli = Cli::parse();
     let (name, ip) = (cli.name.clone(), cli.pod_ip);
-    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, std::env::var("POD_NAME").ok(), false, move |wp| async move {
+    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, std::env::var("POD_NAME").ok(), cli.read_secrets, move |wp| async move {
         let hbone = tokio::net::TcpListener::bind((ip, 15008)).await.with_context(|| format!("binding {ip}:15008"))?;
         info!(%name, %ip, "waypoint serving HBONE on 15008");
         Ok(Arc::clone(&wp).serve(hbone).await?)

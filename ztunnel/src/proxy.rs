@@ -205,9 +205,8 @@ pub struct Ztunnel {
     admission: Arc<skiff_hbone::limits::Admission>,
     node_addrs: NodeAddrs,
     /// Addresses of the names DNS ServiceEntries name, as last resolved
-    /// (every 30 s and when the names change), and when each last resolved.
-    resolved: std::sync::RwLock<HashMap<String, Vec<Ipv4Addr>>>,
-    resolved_at: Mutex<HashMap<String, Instant>>,
+    /// (every 30 s and when the names change).
+    resolved: Arc<skiff_hbone::names::NameCache>,
 }
 
 /// Why a connection could not be proxied; becomes the response flag.
@@ -263,8 +262,7 @@ impl Ztunnel {
             active: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             node_addrs: NodeAddrs::new(),
-            resolved: Default::default(),
-            resolved_at: Default::default(),
+            resolved: skiff_hbone::names::NameCache::new(),
         }))
     }
 
@@ -557,12 +555,15 @@ impl Ztunnel {
             // registry (Istio's PassthroughCluster, or under REGISTRY_ONLY
             // its BlackHoleCluster).
             let mut egress: Option<(String, String)> = None;
+            // The ServiceEntry taking it, when that entry has a waypoint.
+            let mut entry_waypoint = None;
             if matches!(routed, Ok((t, None)) if snap.workload_by_ip(*t.ip()).is_none()) {
-                let found = skiff_core::egress::lookup(&snap.service_entries, &info.namespace, orig, &self.resolved.read().expect("lock"))
-                    .map(|e| (e.target, e.host.to_owned(), e.entry.namespace.clone()));
+                let found = skiff_core::egress::lookup(&snap.service_entries, &info.namespace, orig, &self.resolved.read())
+                    .map(|e| (e.target, e.host.to_owned(), e.entry.namespace.clone(), snap.waypoint_for_entry(e.entry)));
                 egress = Some(match found {
-                    Some((target, host, ns)) => {
+                    Some((target, host, ns, wp)) => {
                         routed = Ok((target, None));
+                        entry_waypoint = wp;
                         (host, ns)
                     }
                     None if self.outbound_policy(&snap) == skiff_core::egress::OutboundPolicy::RegistryOnly => {
@@ -601,9 +602,10 @@ impl Ztunnel {
                 response_flags: "-",
                 security_policy: if mesh_dst.is_some() { "mutual_tls" } else { "none" },
             };
-            // A Service that asks for a waypoint: tunnel to the waypoint,
-            // which applies L7 and picks the endpoint.
-            let waypoint = snap.service_by_vip(*orig.ip(), orig.port()).and_then(|(svc, _)| snap.waypoint_for(svc));
+            // A Service or ServiceEntry that asks for a waypoint: tunnel to
+            // the waypoint, which applies L7 and picks the endpoint (for an
+            // entry, from the address the pod dialled).
+            let waypoint = snap.service_by_vip(*orig.ip(), orig.port()).and_then(|(svc, _)| snap.waypoint_for(svc)).or(entry_waypoint);
             if let Some(wp) = waypoint {
                 let wp = match wp {
                     // Balanced over the waypoint's ready replicas.
@@ -618,7 +620,7 @@ impl Ztunnel {
                         pods[n % pods.len()]
                     }
                     Err(name) => {
-                        warn!(waypoint = %name, "the Service's waypoint has no ready pod; connection refused");
+                        warn!(waypoint = %name, "the destination's waypoint has no ready pod; connection refused");
                         return self.refused("outbound", peer, orig, None, labels, Refusal::NoHealthyUpstream, start);
                     }
                 };
@@ -718,71 +720,11 @@ impl Ztunnel {
         snap.mesh_configs.get(&self.cfg.root_namespace).and_then(|m| m.outbound_policy).unwrap_or(self.cfg.outbound_policy)
     }
 
-    /// Resolves the names ServiceEntries are matched by (every 30 s, and
-    /// when the set of names changes), at most 16 at a time, each as an
-    /// absolute name first (ztunnel's own DNS search path is not the
-    /// pod's), as written if that fails (a hosts file). A
-    /// name that stops resolving keeps its last addresses for 5 minutes,
-    /// logged, then loses them (closed, never open on stale addresses).
+    /// Resolves the names ServiceEntries are matched by, once (see
+    /// `skiff_hbone::names`).
     pub async fn resolve_service_entries(&self) {
-        const KEEP: Duration = Duration::from_secs(300);
         let names = skiff_core::egress::names_to_resolve(&self.cluster.borrow().service_entries);
-        let sem = Arc::new(tokio::sync::Semaphore::new(16));
-        let mut tasks = tokio::task::JoinSet::new();
-        for name in names {
-            let sem = sem.clone();
-            tasks.spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                // The absolute name first (DNS, past ztunnel's search path);
-                // as written when that fails (a hosts file knows names
-                // without the root's dot).
-                let absolute = format!("{}.", name.trim_end_matches('.'));
-                let r = tokio::time::timeout(Duration::from_secs(5), async {
-                    match tokio::net::lookup_host((absolute, 0)).await {
-                        Ok(a) => Ok(a),
-                        Err(_) => tokio::net::lookup_host((name.clone(), 0)).await,
-                    }
-                })
-                .await;
-                let r = match r {
-                    Ok(Ok(addrs)) => Ok(addrs
-                        .filter_map(|a| match a.ip() {
-                            std::net::IpAddr::V4(v4) => Some(v4),
-                            std::net::IpAddr::V6(_) => None,
-                        })
-                        .collect::<Vec<Ipv4Addr>>()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".to_owned()),
-                };
-                (name, r)
-            });
-        }
-        let mut results = Vec::new();
-        while let Some(Ok(r)) = tasks.join_next().await {
-            results.push(r);
-        }
-        let now = Instant::now();
-        let mut out = HashMap::new();
-        let mut last_ok = self.resolved_at.lock().expect("lock");
-        for (name, r) in results {
-            match r {
-                Ok(v4) => {
-                    last_ok.insert(name.clone(), now);
-                    out.insert(name, v4);
-                }
-                Err(error) => {
-                    let fresh = last_ok.get(&name).is_some_and(|t| now.duration_since(*t) < KEEP);
-                    warn!(host = %name, %error, kept = fresh, "a ServiceEntry's name does not resolve; its last addresses are kept for at most 5 minutes");
-                    if fresh {
-                        if let Some(prev) = self.resolved.read().expect("lock").get(&name).cloned() {
-                            out.insert(name, prev);
-                        }
-                    }
-                }
-            }
-        }
-        last_ok.retain(|n, _| out.contains_key(n));
-        *self.resolved.write().expect("lock") = out;
+        self.resolved.refresh(names).await;
     }
 
     /// Applicable policies for a local pod and the decision for `conn`.
@@ -1254,27 +1196,7 @@ impl Ztunnel {
         });
         let zt = self.clone();
         self.certs.spawn_refresh(move || zt.identities());
-        let zt = self.clone();
-        let mut se_changes = self.cluster.clone();
-        tokio::spawn(async move {
-            let names = |zt: &Ztunnel| skiff_core::egress::names_to_resolve(&zt.cluster.borrow().service_entries);
-            loop {
-                zt.resolve_service_entries().await;
-                let before = names(&zt);
-                let due = tokio::time::Instant::now() + Duration::from_secs(30);
-                // Early only when the names to resolve change (not on every
-                // pod's churn).
-                loop {
-                    tokio::select! {
-                        r = se_changes.changed() => {
-                            if r.is_err() { return }
-                            if names(&zt) != before { break }
-                        }
-                        _ = tokio::time::sleep_until(due) => break,
-                    }
-                }
-            }
-        });
+        self.resolved.spawn(self.cluster.clone(), |snap| skiff_core::egress::names_to_resolve(&snap.service_entries));
         let zt = self.clone();
         let mut changes = self.cluster.clone();
         tokio::spawn(async move {
@@ -1517,10 +1439,10 @@ spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: local, namespace: app}\nspec: {hosts: [local.example.com], ports: [{number: 80, name: http}], resolution: DNS, endpoints: [{address: localhost}]}\n",
         ));
         zt.resolve_service_entries().await;
-        let got = zt.resolved.read().unwrap().get("localhost").cloned().unwrap_or_default();
+        let got = zt.resolved.read().get("localhost").cloned().unwrap_or_default();
         assert!(got.contains(&Ipv4Addr::LOCALHOST), "{got:?}");
         let entries = zt.cluster.borrow().service_entries.clone();
-        let t = skiff_core::egress::lookup(&entries, "app", "127.0.0.1:80".parse().unwrap(), &zt.resolved.read().unwrap()).expect("in the registry");
+        let t = skiff_core::egress::lookup(&entries, "app", "127.0.0.1:80".parse().unwrap(), &zt.resolved.read()).expect("in the registry");
         assert_eq!(t.host, "local.example.com");
     }
 

@@ -74,6 +74,7 @@ fn proxy() -> &'static (tokio::runtime::Runtime, Arc<skiff_l7::Proxy>) {
             service_account: "waypoint".into(),
             hbone: Default::default(),
             http: skiff_l7::server::HttpLimits { header_read_timeout: Duration::from_millis(200), ..Default::default() },
+            read_secrets: false,
         };
         let p = rt.block_on(async { skiff_l7::Proxy::new(cfg, rx, certs) });
         (rt, p)

@@ -4,7 +4,7 @@
 
 use std::{
     env,
-    io::{BufRead as _, BufReader, Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs},
     process::ExitCode,
     thread,
@@ -117,6 +117,14 @@ enum Cmd {
     HttpBackend {
         #[arg(long)]
         port: u16,
+        /// Also serve HTTPS on this port (one request per connection), with
+        /// --tls-cert and --tls-key (PEM files).
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls_port: Option<u16>,
+        #[arg(long)]
+        tls_cert: Option<std::path::PathBuf>,
+        #[arg(long)]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// Call the backend for every request.
     HttpFrontend {
@@ -572,6 +580,10 @@ impl Req {
 
 fn read_request(s: &mut TcpStream) -> Option<Req> {
     let mut r = BufReader::new(s.try_clone().ok()?);
+    parse_request(&mut r)
+}
+
+fn parse_request<R: BufRead>(r: &mut R) -> Option<Req> {
     let mut first = String::new();
     r.read_line(&mut first).ok()?;
     let mut headers = Vec::new();
@@ -641,6 +653,50 @@ fn http_server(port: u16, handler: fn(&TcpStream, &Req) -> (String, String)) -> 
         });
     }
     ExitCode::SUCCESS
+}
+
+/// HTTPS (TLS 1.2 or 1.3, `http/1.1`), one request per connection; the
+/// certificate and key are PEM files.
+fn https_server(port: u16, cert: &std::path::Path, key: &std::path::Path, handler: fn(&TcpStream, &Req) -> (String, String)) {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = match CertificateDer::pem_file_iter(cert).and_then(|i| i.collect::<Result<_, _>>()) {
+        Ok(c) => c,
+        Err(e) => return eprintln!("cannot read {}: {e}", cert.display()),
+    };
+    let key = match PrivateKeyDer::from_pem_file(key) {
+        Ok(k) => k,
+        Err(e) => return eprintln!("cannot read {}: {e}", key.display()),
+    };
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key));
+    let mut cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => return eprintln!("TLS configuration: {e}"),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = std::sync::Arc::new(cfg);
+    let l = listen(port);
+    log(json!({"event": "listening", "port": port, "tls": true}));
+    for s in l.incoming().flatten() {
+        let cfg = cfg.clone();
+        thread::spawn(move || {
+            let Ok(peer) = s.try_clone() else { return };
+            let Ok(conn) = rustls::ServerConnection::new(cfg) else { return };
+            let mut r = BufReader::new(rustls::StreamOwned::new(conn, s));
+            let Some(req) = parse_request(&mut r) else { return };
+            let sni = r.get_ref().conn.server_name().unwrap_or("-").to_owned();
+            log(json!({"event": "tls", "port": port, "sni": sni, "path": req.path()}));
+            let (status, body) = handler(&peer, &req);
+            if status.is_empty() {
+                return;
+            }
+            let tls = r.get_mut();
+            let _ = write!(tls, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        });
+    }
 }
 
 static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -1153,7 +1209,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::HttpBackend { port } => http_server(port, backend),
+        Cmd::HttpBackend { port, tls_port, tls_cert, tls_key } => {
+            if let (Some(p), Some(c), Some(k)) = (tls_port, tls_cert, tls_key) {
+                thread::spawn(move || https_server(p, &c, &k, backend));
+            }
+            http_server(port, backend)
+        }
         Cmd::HttpFrontend { port, backend } => {
             let _ = BACKEND_URL.set(backend);
             http_server(port, frontend)
