@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     k8s,
-    routing::{Bind, HttpMatch, HttpRoute, RequestInfo, StrMatch, VirtualService},
+    routing::{Bind, HttpMatch, HttpRoute, L4Route, RequestInfo, StrMatch, VirtualService},
 };
 
 type FieldError = (String, String);
@@ -248,10 +248,7 @@ pub fn gateway_from(gw: &k8s::Gateway) -> Result<(Gateway, Vec<FieldError>), Fie
         };
         let not_served = match (protocol, &tls) {
             (p, _) if p.is_plain_http() => None,
-            (Protocol::Https, Some(t)) if matches!(t.mode, TlsMode::Simple | TlsMode::Mutual) => None,
-            (Protocol::Https, _) => Some("HTTPS with PASSTHROUGH (TLS passed through by SNI) is not served yet: this server stays closed".to_owned()),
-            (Protocol::Tls, _) => Some("TLS servers (passthrough, or terminated to TCP) are not served yet: this server stays closed".to_owned()),
-            (Protocol::Tcp, _) => Some("TCP servers are not served yet: this server stays closed".to_owned()),
+            (Protocol::Https | Protocol::Tls | Protocol::Tcp, _) => None,
             _ => Some("MONGO servers are not served: this server stays closed".to_owned()),
         };
         if let Some(why) = &not_served {
@@ -428,6 +425,39 @@ pub fn decide<'s>(virtual_services: &'s [VirtualService], open: &[Opened<'s>], p
     };
     candidates.sort_by_key(|(_, _, v)| (group(v), v.created.is_none(), v.created.clone(), v.name.clone(), v.namespace.clone()));
     Decision::Route { at, server: o.server, virtual_services: candidates.into_iter().map(|(_, _, v)| v).collect() }
+}
+
+/// The route a connection takes at a TCP server, a TLS server that
+/// terminates it (`tcp` routes), or a TLS server that passes it through
+/// (`tls` routes by the ClientHello's `sni`): among the
+/// VirtualServices bound to the server's Gateway and exported to the
+/// gateway's namespace, with a host the server admits (its namespace
+/// filter; for TLS, a host matching the SNI), in Istio's order for a
+/// gateway, the first `tcp` (or `tls`) route whose match holds. `port` is
+/// the server's number (what clients address), `local` the address the
+/// client connected to.
+pub fn route_l4<'s>(virtual_services: &'s [VirtualService], o: &Opened<'s>, sni: Option<&str>, local: std::net::IpAddr, gateway_ns: &str) -> Option<(&'s VirtualService, &'s L4Route)> {
+    let at = o.gateway.bind();
+    let sni = sni.map(|n| n.trim_end_matches('.').to_ascii_lowercase()).filter(|_| o.server.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough));
+    let admits = |v: &VirtualService| {
+        o.server.hosts.iter().filter(|sel| sel.namespace.as_ref().is_none_or(|n| *n == v.namespace)).any(|sel| {
+            v.hosts.iter().map(|h| vs_host(h, &v.namespace)).any(|h| match &sni {
+                Some(name) => host_matches(&h, name) && host_matches(&sel.host, name),
+                None => hosts_intersect(&h, &sel.host),
+            })
+        })
+    };
+    let mut bound: Vec<&VirtualService> = virtual_services.iter().filter(|v| v.binds(&at) && v.export_to.visible_to(gateway_ns) && admits(v)).collect();
+    let group = |v: &VirtualService| match &v.export_to {
+        crate::routing::ExportTo::Namespaces(set) if set.len() == 1 && set.contains(gateway_ns) => 0,
+        crate::routing::ExportTo::Namespaces(_) => 1,
+        crate::routing::ExportTo::All => 2,
+    };
+    bound.sort_by_key(|v| (group(v), v.created.is_none(), v.created.clone(), v.name.clone(), v.namespace.clone()));
+    // A server that passes TLS through routes by `tls` routes (and needs
+    // an SNI); a TCP server, or a TLS server that terminates, by `tcp`.
+    let passthrough = o.server.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough);
+    bound.into_iter().find_map(|v| v.l4_route(&at, o.server.number, local, passthrough, sni.as_deref()).map(|r| (v, r)))
 }
 
 /// The route a request takes among the VirtualServices merged for its
@@ -629,9 +659,9 @@ mod tests {
         let g = gw("  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [\"./a.com\", \"*/B.com\", \"shop/*.c.com\", \"d.com\"]}]\n").unwrap();
         let hosts: Vec<(Option<&str>, &str)> = g.servers[0].hosts.iter().map(|h| (h.namespace.as_deref(), h.host.as_str())).collect();
         assert_eq!(hosts, [(Some("istio-system"), "a.com"), (None, "b.com"), (Some("shop"), "*.c.com"), (None, "d.com")]);
-        // A server Skiff does not open yet is kept and marked, not refused.
-        let g = gw("  servers:\n  - {port: {number: 80, name: http, protocol: HTTP}, hosts: [a.com]}\n  - {port: {number: 443, name: https, protocol: HTTPS}, hosts: [a.com], tls: {mode: SIMPLE, credentialName: c}}\n  - {port: {number: 9443, name: tls, protocol: TLS}, hosts: [a.com], tls: {mode: PASSTHROUGH}}\n").unwrap();
-        assert!(g.servers[0].not_served.is_none() && g.servers[1].not_served.is_none() && g.servers[2].not_served.is_some());
+        // A server Skiff does not open is kept and marked, not refused.
+        let g = gw("  servers:\n  - {port: {number: 80, name: http, protocol: HTTP}, hosts: [a.com]}\n  - {port: {number: 443, name: https, protocol: HTTPS}, hosts: [a.com], tls: {mode: SIMPLE, credentialName: c}}\n  - {port: {number: 9443, name: tls, protocol: TLS}, hosts: [a.com], tls: {mode: PASSTHROUGH}}\n  - {port: {number: 27017, name: mongo, protocol: MONGO}, hosts: [a.com]}\n").unwrap();
+        assert!(g.servers[..3].iter().all(|s| s.not_served.is_none()) && g.servers[3].not_served.is_some());
     }
 
     /// Envoy's virtual-host domain matching, which Istio's gateway routes

@@ -315,6 +315,11 @@ pub struct VirtualService {
     pub name: String,
     pub hosts: Vec<String>,
     pub http: Vec<HttpRoute>,
+    /// `tcp` routes: opaque TCP, by port and destination address.
+    pub tcp: Vec<L4Route>,
+    /// `tls` routes: TLS passed through, by SNI (each match has
+    /// `sni_hosts`).
+    pub tls: Vec<L4Route>,
     /// `skiff.dev/local-rate-limit.<route name>` annotations, by route name.
     pub route_rate_limits: BTreeMap<String, RateLimit>,
     /// Applies to mesh traffic (waypoints): `gateways` empty or naming
@@ -330,7 +335,65 @@ pub struct VirtualService {
     pub created: Option<String>,
 }
 
+/// A `tcp` or `tls` route: its matches (none: every connection where the
+/// VirtualService applies) and weighted destinations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct L4Route {
+    pub matches: Vec<L4Match>,
+    pub destinations: Vec<RouteDest>,
+}
+
+/// Istio `L4MatchAttributes` / `TLSMatchAttributes`: every condition set
+/// must hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct L4Match {
+    /// The port the client addressed (a gateway server's number).
+    pub port: Option<u16>,
+    /// Its own `gateways`, overriding the VirtualService's.
+    pub gateways: Option<Vec<Bind>>,
+    /// TLS: the SNI must be one of these (`*.suffix` allowed).
+    pub sni_hosts: Vec<String>,
+    /// The address the client connected to must be in one of these.
+    pub destination_subnets: Vec<crate::policy::Cidr>,
+}
+
+impl L4Route {
+    /// Whether the route takes a connection arriving at `at` on `port`
+    /// (for the address `dst`, with `sni` for TLS); `top`: the
+    /// VirtualService's `gateways`.
+    pub fn matches_at(&self, at: &Bind, top: &[Bind], port: u16, dst: std::net::IpAddr, sni: Option<&str>) -> bool {
+        if self.matches.is_empty() {
+            return top.contains(at);
+        }
+        self.matches.iter().any(|m| {
+            m.gateways.as_deref().unwrap_or(top).contains(at)
+                && m.port.is_none_or(|p| p == port)
+                && (m.destination_subnets.is_empty() || m.destination_subnets.iter().any(|c| c.contains(dst)))
+                && (m.sni_hosts.is_empty() || sni.is_some_and(|n| m.sni_hosts.iter().any(|h| sni_matches(h, n))))
+        })
+    }
+}
+
+/// Whether an SNI name is taken by a `sniHosts` entry (exact, or a
+/// `*.suffix` wildcard, `*` all), case-insensitively.
+pub fn sni_matches(pattern: &str, sni: &str) -> bool {
+    let sni = sni.trim_end_matches('.').to_ascii_lowercase();
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => sni.ends_with(suffix) && sni.len() > suffix.len(),
+        None => pattern == sni,
+    }
+}
+
 impl VirtualService {
+    /// The first `tcp` route, or with `tls` the first `tls` route (by
+    /// `sni`; none without one), that takes a connection arriving at `at`
+    /// on `port` to `dst`.
+    pub fn l4_route(&self, at: &Bind, port: u16, dst: std::net::IpAddr, tls: bool, sni: Option<&str>) -> Option<&L4Route> {
+        let routes = if tls { &self.tls } else { &self.tcp };
+        routes.iter().find(|r| r.matches_at(at, &self.gateways, port, dst, sni))
+    }
+
     /// The order in which VirtualServices for one Service are tried: the
     /// Service's own namespace first, then the oldest (objects without a
     /// creation time, as in a manifests directory, after those with one),
@@ -701,7 +764,8 @@ impl VirtualService {
     /// Whether it applies at `at` at all: its `gateways` name it, or one of
     /// its matches' does.
     pub fn binds(&self, at: &Bind) -> bool {
-        self.gateways.contains(at) || self.http.iter().flat_map(|h| &h.matches).any(|m| m.gateways.as_ref().is_some_and(|g| g.contains(at)))
+        let l4 = self.tcp.iter().chain(&self.tls).flat_map(|r| &r.matches).any(|m| m.gateways.as_ref().is_some_and(|g| g.contains(at)));
+        self.gateways.contains(at) || l4 || self.http.iter().flat_map(|h| &h.matches).any(|m| m.gateways.as_ref().is_some_and(|g| g.contains(at)))
     }
 
     /// Whether this VirtualService applies, at a waypoint in `proxy_ns`,
@@ -1281,6 +1345,62 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             route_rate_limits.insert(route.to_owned(), limit);
         }
     }
+    // `tcp` and `tls` routes (Istio validateTCPRoute / validateTLSRoute:
+    // destinations required; a TLS match needs `sniHosts`, each within
+    // the VirtualService's hosts).
+    let l4_match = |field: String, port: Option<i64>, gateways: &[String], subnets: &[String]| -> Result<L4MatchParts, FieldError> {
+        let port = port
+            .map(|p| u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| (format!("{field}.port"), format!("{p} is not a port (1-65535)"))))
+            .transpose()?;
+        let own = if gateways.is_empty() { None } else { Some(binds(&format!("{field}.gateways"), gateways)?) };
+        let mut cidrs = Vec::new();
+        for (k, c) in subnets.iter().enumerate() {
+            cidrs.push(crate::policy::Cidr::parse(c).ok_or_else(|| (format!("{field}.destinationSubnets[{k}]"), format!("{c:?} is not an IP address or CIDR")))?);
+        }
+        Ok((port, own, cidrs))
+    };
+    let mut tcp = Vec::new();
+    for (i, r) in vs.spec.tcp.iter().enumerate() {
+        let mut matches = Vec::new();
+        for (j, m) in r.matches.iter().enumerate() {
+            let (port, gateways, destination_subnets) = l4_match(format!("spec.tcp[{i}].match[{j}]"), m.port, &m.gateways, &m.destination_subnets)?;
+            mesh_match |= gateways.as_ref().is_some_and(|g| g.contains(&Bind::Mesh));
+            matches.push(L4Match { port, gateways, sni_hosts: Vec::new(), destination_subnets });
+        }
+        tcp.push(L4Route { matches, destinations: l4_destinations(&format!("spec.tcp[{i}]"), &r.route)? });
+    }
+    let vs_hosts: Vec<String> = vs.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+    let mut tls = Vec::new();
+    for (i, r) in vs.spec.tls.iter().enumerate() {
+        if r.matches.is_empty() {
+            return Err((format!("spec.tls[{i}].match"), "required: a TLS route matches by sniHosts (Istio's validation)".into()));
+        }
+        let mut matches = Vec::new();
+        for (j, m) in r.matches.iter().enumerate() {
+            let field = format!("spec.tls[{i}].match[{j}]");
+            let (port, gateways, destination_subnets) = l4_match(field.clone(), m.port, &m.gateways, &m.destination_subnets)?;
+            let bound_to_mesh = gateways.as_deref().unwrap_or(&gateways_top(&vs.spec.gateways)).contains(&Bind::Mesh);
+            if bound_to_mesh {
+                return Err((format!("{field}.gateways"), "refused: TLS routes (by SNI) apply at gateways only in Skiff, not at waypoints (mesh); bind the route to a Gateway".into()));
+            }
+            if m.sni_hosts.is_empty() {
+                return Err((format!("{field}.sniHosts"), "required (Istio's validation)".into()));
+            }
+            let mut sni_hosts = Vec::new();
+            for (k, h) in m.sni_hosts.iter().enumerate() {
+                let h = h.to_ascii_lowercase();
+                // Within the VirtualService's hosts (Istio: "is not a
+                // compatible subset of any of the virtual service hosts").
+                let within = vs_hosts.iter().any(|v| v == "*" || *v == h || v.strip_prefix('*').is_some_and(|suffix| h.ends_with(suffix) && h.len() > suffix.len()));
+                if !within {
+                    return Err((format!("{field}.sniHosts[{k}]"), format!("{h:?} is not within the VirtualService's hosts (Istio's validation)")));
+                }
+                sni_hosts.push(h);
+            }
+            matches.push(L4Match { port, gateways, sni_hosts, destination_subnets });
+        }
+        tls.push(L4Route { matches, destinations: l4_destinations(&format!("spec.tls[{i}]"), &r.route)? });
+    }
     let mesh = top_mesh || mesh_match;
     // Checked once `mesh` is known: a match bound to the mesh binds it too.
     if mesh && vs.spec.hosts.iter().any(|h| h == "*") {
@@ -1288,7 +1408,55 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
     }
     let hosts = vs.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
     let export_to = ExportTo::parse(&vs.spec.export_to, &namespace)?;
-    Ok(VirtualService { namespace, name, hosts, http, route_rate_limits, mesh, gateways, export_to, created: vs.metadata.creation_timestamp.clone() })
+    Ok(VirtualService { namespace, name, hosts, http, tcp, tls, route_rate_limits, mesh, gateways, export_to, created: vs.metadata.creation_timestamp.clone() })
+}
+
+/// A `tcp` or `tls` match's port, own `gateways` and `destinationSubnets`.
+type L4MatchParts = (Option<u16>, Option<Vec<Bind>>, Vec<crate::policy::Cidr>);
+
+/// `gateways` as written, with `mesh` for an empty list (for the
+/// validation of a route's matches).
+fn gateways_top(list: &[String]) -> Vec<Bind> {
+    if list.is_empty() {
+        return vec![Bind::Mesh];
+    }
+    list.iter().filter_map(|g| Bind::parse(g, "").ok()).collect()
+}
+
+/// A `tcp` or `tls` route's destinations (Istio `RouteDestination`),
+/// weighted as an `http` route's: one without a weight takes all; several
+/// are relative, not all zero.
+fn l4_destinations(field: &str, route: &[k8s::L4RouteDestination]) -> Result<Vec<RouteDest>, FieldError> {
+    if route.is_empty() {
+        return Err((format!("{field}.route"), "required: at least one destination (Istio's validation)".into()));
+    }
+    let explicit = route.iter().any(|d| d.weight.is_some());
+    let mut out = Vec::new();
+    for (j, d) in route.iter().enumerate() {
+        let w = d.weight.unwrap_or(0);
+        let Ok(w) = u32::try_from(w) else {
+            return Err((format!("{field}.route[{j}].weight"), format!("{w} is not a weight (0 or more)")));
+        };
+        if d.destination.host.is_empty() {
+            return Err((format!("{field}.route[{j}].destination.host"), "required".into()));
+        }
+        out.push(RouteDest {
+            host: d.destination.host.to_ascii_lowercase(),
+            subset: d.destination.subset.clone(),
+            port: d.destination.port.as_ref().map(|p| p.number),
+            weight: w,
+            ..Default::default()
+        });
+    }
+    if out.len() == 1 && !explicit {
+        out[0].weight = 100;
+    } else {
+        let sum: u64 = out.iter().map(|d| u64::from(d.weight)).sum();
+        if sum == 0 || sum > u64::from(u32::MAX) {
+            return Err((format!("{field}.route"), format!("the weights add to {sum}: not a split that sends traffic")));
+        }
+    }
+    Ok(out)
 }
 
 /// Validates and converts a DestinationRule.

@@ -193,3 +193,87 @@ spec:
     assert_eq!(name("/api/x").as_deref(), Some("a-root"), "a-api comes after a's catch-all: never reached");
     assert_eq!(name("/other").as_deref(), Some("a-root"));
 }
+
+/// TCP and TLS passthrough servers (Istio TCPRoute/TLSRoute at a gateway):
+/// the route a connection takes, by server, SNI, port and the address it
+/// reached, among the VirtualServices bound to the server's Gateway whose
+/// hosts the server admits, oldest first.
+#[test]
+fn tcp_and_tls_connections_take_the_first_matching_route_of_the_bound_virtual_services() {
+    let s = snapshot(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: gw-1, namespace: istio-system, labels: {istio: ingressgateway}}
+spec: {containers: [{name: gw}]}
+status: {podIP: 10.0.0.9}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 31400, name: tcp, protocol: TCP}, hosts: ["*"]}
+  - {port: {number: 443, name: tls, protocol: TLS}, hosts: ["shop/*.example.com"], tls: {mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/edge]
+  tcp:
+  - {match: [{port: 31400, destinationSubnets: [10.0.0.0/24]}], route: [{destination: {host: db-inside}}]}
+  - {route: [{destination: {host: db-any}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: later, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z"}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/edge]
+  tcp: [{route: [{destination: {host: never}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: sni, namespace: shop}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [istio-system/edge]
+  tls:
+  - {match: [{sniHosts: [a.example.com]}], route: [{destination: {host: a}}]}
+  - {match: [{sniHosts: ["*.example.com"], port: 443}], route: [{destination: {host: rest}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: elsewhere, namespace: other}
+spec:
+  hosts: [b.example.com]
+  gateways: [istio-system/edge]
+  tls: [{match: [{sniHosts: [b.example.com]}], route: [{destination: {host: stolen}}]}]
+"#,
+    );
+    let pod = s.workloads.values().find(|w| w.name == "gw-1").unwrap();
+    let open = s.gateway_servers(pod);
+    let server = |name: &str| open.iter().find(|o| o.server.port_name == name).unwrap();
+    let ip = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
+    let dest = |name: &str, sni: Option<&str>, local: &str| {
+        skiff_core::gateway::route_l4(&s.virtual_services, server(name), sni, ip(local), "istio-system").map(|(_, r)| r.destinations[0].host.clone())
+    };
+    // What, server, SNI, the address reached, the destination.
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, Option<&'a str>);
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        ("TCP to an address in the match's subnets", "tcp", None, "10.0.0.9", Some("db-inside")),
+        ("TCP elsewhere: the next route, of the oldest VirtualService", "tcp", None, "192.168.1.1", Some("db-any")),
+        ("TLS by exact SNI", "tls", Some("a.example.com"), "10.0.0.9", Some("a")),
+        ("TLS by wildcard SNI, case and trailing dot ignored", "tls", Some("C.Example.com."), "10.0.0.9", Some("rest")),
+        ("TLS: a VirtualService of a namespace the server does not admit", "tls", Some("b.example.com"), "10.0.0.9", Some("rest")),
+        ("TLS: an SNI no host takes", "tls", Some("example.org"), "10.0.0.9", None),
+        ("TLS without SNI", "tls", None, "10.0.0.9", None),
+    ];
+    for (what, name, sni, local, want) in cases {
+        assert_eq!(dest(name, *sni, local).as_deref(), *want, "{what}");
+    }
+}

@@ -42,10 +42,10 @@ fn conn(peer: SocketAddr, peer_id: Option<&Identity>, dst_ip: Ipv4Addr, dst_port
 /// A stream to a non-HTTP port: no L7 here, but the policies bound to the
 /// proxy still apply at L4 (the destination only sees the proxy's
 /// identity). Logs a denial.
-pub fn allow_stream(policies: &[&AuthzPolicy], peer: SocketAddr, peer_id: &Identity, target: SocketAddrV4) -> bool {
-    let d = policy::evaluate(policies, &conn(peer, Some(peer_id), *target.ip(), target.port()));
+pub fn allow_stream(policies: &[&AuthzPolicy], peer: SocketAddr, peer_id: Option<&Identity>, target: SocketAddrV4) -> bool {
+    let d = policy::evaluate(policies, &conn(peer, peer_id, *target.ip(), target.port()));
     if !d.allowed {
-        info!(%peer, identity = %peer_id, policy = ?d.policy, reason = d.reason, "TCP stream denied by authorization policy");
+        info!(%peer, identity = ?peer_id.map(|p| p.to_string()), policy = ?d.policy, reason = d.reason, "TCP stream denied by authorization policy");
     }
     d.allowed
 }

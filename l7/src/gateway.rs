@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -26,7 +26,7 @@ use skiff_core::{
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     task::JoinHandle,
 };
 use tokio_rustls::rustls::{self, ServerConfig};
@@ -47,9 +47,18 @@ const RETRY: Duration = Duration::from_secs(5);
 /// What a port serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
+    /// Plaintext HTTP.
     Plain,
+    /// Opaque TCP, routed by VirtualService `tcp` routes.
+    Tcp,
+    /// TLS: terminated (HTTPS, or TLS routed as TCP) or passed through
+    /// (PASSTHROUGH, routed by `tls` routes), the server chosen by SNI.
     Tls,
 }
+
+/// The largest ClientHello (with what came in the same reads) read to
+/// find its SNI before the server is chosen.
+const MAX_CLIENT_HELLO: usize = 64 * 1024;
 
 /// The TLS servers of every TLS port and the configurations that could be
 /// made for them, as of the last config change.
@@ -116,7 +125,7 @@ pub async fn serve(proxy: Arc<Proxy>, max_connections: usize, ready: Arc<AtomicB
                 TcpListener::from_std(l)
             }) {
                 Ok(l) => {
-                    info!(port, tls = *mode == Mode::Tls, servers = %servers, "gateway listening");
+                    info!(port, mode = ?mode, servers = %servers, "gateway listening");
                     bind_logged.remove(port);
                     let task = tokio::spawn(accept_loop(proxy.clone(), l, *port, *mode, held.clone(), max_connections, tls_state.clone()));
                     open.insert(*port, (*mode, task));
@@ -185,11 +194,20 @@ fn plan(proxy: &Proxy, snap: &Snapshot) -> Plan {
     for o in snap.gateway_servers(pod) {
         let key = tls::server_key(&o);
         let name = format!("Gateway {} servers[{}] (port {} → {})", key.0, o.server.index, o.server.number, o.port);
-        let mode = if o.server.protocol == Protocol::Https { Mode::Tls } else { Mode::Plain };
+        let mode = match o.server.protocol {
+            Protocol::Https | Protocol::Tls => Mode::Tls,
+            Protocol::Tcp => Mode::Tcp,
+            _ => Mode::Plain,
+        };
         let hosts: Vec<String> = o.server.hosts.iter().map(|h| format!("{}/{}", h.namespace.as_deref().unwrap_or("*"), h.host)).collect();
         match plan.ports.get_mut(&o.port) {
             Some((m, _)) if *m != mode => {
-                plan.problems.insert(name, format!("port {} already serves {} for an older Gateway's server", o.port, if *m == Mode::Tls { "TLS" } else { "plaintext" }));
+                let what = match m {
+                    Mode::Tls => "TLS",
+                    Mode::Tcp => "TCP",
+                    Mode::Plain => "plaintext HTTP",
+                };
+                plan.problems.insert(name, format!("port {} already serves {what} for an older Gateway's server", o.port));
                 continue;
             }
             Some((_, list)) => list.push_str(&format!("; {name} hosts {}", hosts.join(","))),
@@ -197,7 +215,10 @@ fn plan(proxy: &Proxy, snap: &Snapshot) -> Plan {
                 plan.ports.insert(o.port, (mode, format!("{name} hosts {}", hosts.join(","))));
             }
         }
-        if mode == Mode::Tls {
+        let passthrough = o.server.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough);
+        if mode == Mode::Tls && passthrough {
+            plan.tls.servers.entry(o.port).or_default().push((key, o.server.clone()));
+        } else if mode == Mode::Tls {
             match tls::server_config(snap, &gateway_ns, o.server) {
                 Ok(cfg) => {
                     plan.tls.configs.insert(key.clone(), cfg);
@@ -247,6 +268,10 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: 
             let _slot = slot;
             let _tracked = proxy.drain.track();
             match mode {
+                Mode::Tcp => {
+                    let local = tcp.local_addr().ok();
+                    serve_l4(&proxy, port, None, None, tcp, peer, local).await;
+                }
                 Mode::Plain => {
                     let mut tcp = tcp;
                     let Some(prefix) = first_bytes(&mut tcp, proxy.header_read_timeout()).await else {
@@ -257,7 +282,28 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: 
                 }
                 Mode::Tls => {
                     let state = tls_state.read().expect("lock").clone();
-                    let Some((key, settings, mut tls)) = handshake(&proxy, tcp, port, &state).await else { return };
+                    let local = tcp.local_addr().ok();
+                    // The ClientHello first: its SNI chooses the server,
+                    // which terminates TLS or passes it through; the bytes
+                    // read are replayed either way.
+                    let mut tcp = tcp;
+                    let Some((sni, hello)) = client_hello(&mut tcp, proxy.handshake_timeout()).await else {
+                        return debug!(%peer, port, "TLS refused: no ClientHello in time (or not one)");
+                    };
+                    let io = Prefixed { prefix: hello, inner: tcp };
+                    let servers: Vec<(ServerKey, &Server)> = state.servers.get(&port).map(|v| v.iter().map(|(k, s)| (k.clone(), s)).collect()).unwrap_or_default();
+                    let Some((key, server)) = gateway::pick_by_sni(&servers, sni.as_deref()).and_then(|k| servers.iter().find(|(s, _)| s == k)).cloned() else {
+                        return debug!(%peer, port, ?sni, "TLS refused: no server of this port takes that name");
+                    };
+                    if server.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough) {
+                        return serve_l4(&proxy, port, Some(&key), sni.as_deref(), io, peer, local).await;
+                    }
+                    let Some((key, settings, mut tls)) = handshake(&proxy, io, peer, port, &state).await else { return };
+                    // A TLS server (not HTTPS) carries TCP inside: routed
+                    // by `tcp` routes.
+                    if server.protocol == Protocol::Tls {
+                        return serve_l4(&proxy, port, Some(&key), None, tls, peer, local).await;
+                    }
                     // The same bound on a client's first bytes as in
                     // plaintext, after the handshake.
                     let Some(prefix) = first_bytes(&mut tls, proxy.header_read_timeout()).await else {
@@ -268,6 +314,78 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: 
                 }
             }
         });
+    }
+}
+
+/// The ClientHello's SNI (None: the client sent none), read within
+/// `within`, and every byte read for it (to be replayed). None: no
+/// ClientHello in time, not one, or larger than [`MAX_CLIENT_HELLO`].
+async fn client_hello<I: AsyncRead + Unpin>(io: &mut I, within: Duration) -> Option<(Option<String>, Bytes)> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => n,
+        };
+        seen.extend_from_slice(&buf[..n]);
+        if seen.len() > MAX_CLIENT_HELLO {
+            return None;
+        }
+        let mut chunk = &buf[..n];
+        while !chunk.is_empty() {
+            acceptor.read_tls(&mut chunk).ok()?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return Some((accepted.client_hello().server_name().map(str::to_owned), Bytes::from(seen))),
+            Ok(None) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A connection a TCP server takes (`key` None), a TLS server passes
+/// through (`sni`) or terminates to TCP: the policies selecting the
+/// gateway's pod at L4 (the client has no mesh identity), then the route
+/// ([`gateway::route_l4`]) and its weighted destination, to which the
+/// bytes go (over HBONE with the gateway's identity to a pod in the mesh,
+/// plain TCP otherwise). Closed when any of those says no, logged.
+async fn serve_l4<I>(proxy: &Proxy, port: u16, key: Option<&ServerKey>, sni: Option<&str>, io: I, peer: SocketAddr, local: Option<SocketAddr>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let snap = proxy.cluster().borrow().clone();
+    let Some(pod) = proxy.own_pod(&snap) else { return };
+    let open = snap.gateway_servers(pod);
+    let o = match key {
+        Some(k) => open.iter().find(|o| tls::server_key(o) == *k),
+        None => open.iter().find(|o| o.port == port && o.server.protocol == Protocol::Tcp),
+    };
+    let Some(o) = o else {
+        return debug!(%peer, port, "gateway connection closed: its server is gone");
+    };
+    let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let policies: Vec<_> = snap
+        .authorization_policies
+        .iter()
+        .filter(|p| p.applies_to(skiff_core::routing::DEFAULT_ROOT_NAMESPACE, &pod.namespace, &pod.labels))
+        .collect();
+    if !crate::authz::allow_stream(&policies, peer, None, SocketAddrV4::new(own_ip, port)) {
+        return;
+    }
+    let local_ip = local.map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(own_ip));
+    let Some((vs, route)) = gateway::route_l4(&snap.virtual_services, o, sni, local_ip, &pod.namespace) else {
+        return info!(%peer, port, ?sni, server = ?tls::server_key(o), "gateway connection closed: no VirtualService route takes it (tcp, or tls by SNI)");
+    };
+    let mut rng = fastrand::Rng::new();
+    let Some(dest) = skiff_core::routing::pick_weighted(&route.destinations, rng.u32(..skiff_core::routing::total_weight(&route.destinations).max(1))).cloned() else {
+        return;
+    };
+    debug!(%peer, port, ?sni, virtual_service = %format!("{}/{}", vs.namespace, vs.name), destination = %dest.host, "gateway connection routed");
+    if !proxy.upstreams().passthrough_to(&snap, &dest, &vs.namespace, o.server.number, peer.ip(), io, None, &mut rng).await {
+        info!(%peer, port, ?sni, destination = %dest.host, "gateway connection closed: the destination has no reachable endpoint");
     }
 }
 
@@ -338,10 +456,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 /// client CA), then the `subjectAltNames` check of a MUTUAL client. None:
 /// refused (logged at debug: clients that fail TLS are common and cheap
 /// to cause).
-async fn handshake(proxy: &Proxy, tcp: TcpStream, port: u16, state: &TlsState) -> Option<(ServerKey, gateway::ServerTls, tokio_rustls::server::TlsStream<TcpStream>)> {
+async fn handshake<I>(proxy: &Proxy, io: I, peer: SocketAddr, port: u16, state: &TlsState) -> Option<(ServerKey, gateway::ServerTls, tokio_rustls::server::TlsStream<I>)>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
     let deadline = tokio::time::Instant::now() + proxy.handshake_timeout();
-    let peer = tcp.peer_addr().ok();
-    let start = match tokio::time::timeout_at(deadline, tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)).await {
+    let peer = Some(peer);
+    let start = match tokio::time::timeout_at(deadline, tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(?peer, port, error = %e, "TLS refused: not a ClientHello");
@@ -377,4 +498,42 @@ async fn handshake(proxy: &Proxy, tcp: TcpStream, port: u16, state: &TlsState) -
         }
     }
     Some((key, settings, stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    /// A real ClientHello (rustls, SNI `outside.example.com`), in two
+    /// writes: its SNI is found, and the bytes read for it are exactly
+    /// what the client sent, to be replayed to the destination.
+    #[tokio::test]
+    async fn a_client_hello_gives_its_sni_and_every_byte_read() {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let mut conn = rustls::ClientConnection::new(Arc::new(cfg), "outside.example.com".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let (a, b) = hello.split_at(hello.len() / 2);
+        let (a, b) = (a.to_vec(), b.to_vec());
+        tokio::spawn(async move {
+            client.write_all(&a).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.write_all(&b).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let (sni, seen) = client_hello(&mut server, Duration::from_secs(2)).await.expect("a ClientHello");
+        assert_eq!(sni.as_deref(), Some("outside.example.com"));
+        assert_eq!(&seen[..], &hello[..]);
+        // Not TLS: refused, not waited on.
+        let (mut c, mut s) = tokio::io::duplex(1024);
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        assert!(client_hello(&mut s, Duration::from_secs(2)).await.is_none());
+    }
 }

@@ -58,6 +58,25 @@ pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>,
     (vs, route)
 }
 
+/// Where a TCP stream to `svc`'s `port` (at the address `dst`) goes at a
+/// waypoint: the destination the first matching `tcp` route of the
+/// VirtualService that applies to `svc` picks (by weight, with `roll`
+/// uniform in `0..total weight`) and the namespace its short hosts
+/// resolve in; without one, the Service itself.
+pub fn select_tcp(snap: &Snapshot, svc: &ServiceInfo, port: u16, dst: std::net::IpAddr, proxy_ns: &str, roll: &mut fastrand::Rng) -> (RouteDest, String) {
+    let vs = snap
+        .virtual_services
+        .iter()
+        .filter(|v| v.applies_to(&svc.name, &svc.namespace, proxy_ns))
+        .min_by_key(|v| v.precedence(&svc.namespace));
+    if let Some((vs, r)) = vs.and_then(|v| v.l4_route(&routing::Bind::Mesh, port, dst, false, None).map(|r| (v, r))) {
+        if let Some(d) = routing::pick_weighted(&r.destinations, roll.u32(..routing::total_weight(&r.destinations).max(1))) {
+            return (d.clone(), vs.namespace.clone());
+        }
+    }
+    (RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100, ..Default::default() }, svc.namespace.clone())
+}
+
 /// Everything to the Service itself, nothing else done.
 pub fn default_route(svc: &ServiceInfo) -> HttpRoute {
     HttpRoute {

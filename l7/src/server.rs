@@ -321,6 +321,10 @@ impl Proxy {
     }
 
     /// The cluster view, to follow its changes.
+    pub(crate) fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
+    }
+
     pub(crate) fn cluster(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.cluster.clone()
     }
@@ -470,7 +474,7 @@ impl Proxy {
             return answer(&mut respond, StatusCode::FORBIDDEN);
         }
         let tcp = route::port_protocol(&port) == "tcp";
-        if tcp && !authz::allow_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc), peer, &peer_id, target) {
+        if tcp && !authz::allow_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc), peer, Some(&peer_id), target) {
             return answer(&mut respond, StatusCode::FORBIDDEN);
         }
         let Ok(send) = respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false) else {
@@ -488,7 +492,10 @@ impl Proxy {
         });
         if tcp {
             let snap = self.cluster.borrow().clone();
-            return self.upstreams.passthrough(&snap, &svc, port.port, peer.ip(), ours, Some(target), &mut fastrand::Rng::new()).await;
+            let mut rng = fastrand::Rng::new();
+            let (dest, host_ns) = route::select_tcp(&snap, &svc, port.port, std::net::IpAddr::V4(*target.ip()), &self.cfg.namespace, &mut rng);
+            self.upstreams.passthrough_to(&snap, &dest, &host_ns, port.port, peer.ip(), ours, Some(target), &mut rng).await;
+            return;
         }
         let ctx = Arc::new(StreamCtx { entry: Entry::Service { svc: Box::new(svc), port, target }, peer, peer_id: Some(peer_id) });
         self.serve_http_ctx(ctx, ours).await

@@ -500,12 +500,8 @@ impl Upstreams {
         });
     }
 
-    /// Non-HTTP ports: bytes through to one endpoint of `svc`, chosen as
-    /// for HTTP (the destination's load balancer, ejected endpoints
-    /// skipped): HBONE to a pod in the mesh, plain TCP to one outside it
-    /// or to a ServiceEntry's endpoint (for NONE, the address the client
-    /// dialled).
-    /// A consistent-hash policy can only use the client's address here.
+    /// Non-HTTP ports: bytes through to one endpoint of `svc` (see
+    /// [`Self::passthrough_to`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn passthrough(
         &self,
@@ -513,30 +509,59 @@ impl Upstreams {
         svc: &ServiceInfo,
         port: u16,
         peer: std::net::IpAddr,
-        mut io: tokio::io::DuplexStream,
+        io: tokio::io::DuplexStream,
         original_dst: Option<SocketAddrV4>,
         rng: &mut fastrand::Rng,
     ) {
         let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100, ..Default::default() };
-        let r = match self.resolve(snap, &dest, &svc.namespace, port, original_dst) {
+        self.passthrough_to(snap, &dest, &svc.namespace, port, peer, io, original_dst, rng).await;
+    }
+
+    /// Bytes through to one endpoint of a route destination (its
+    /// subset), chosen as for HTTP (the destination's load balancer,
+    /// ejected endpoints skipped): HBONE to a pod in the mesh, plain TCP to
+    /// one outside it or to a ServiceEntry's endpoint (for NONE, the
+    /// address the client dialled). A consistent-hash policy can only use
+    /// the client's address here. False: no endpoint, or it could not be
+    /// reached (the caller closes the client's connection).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn passthrough_to<I>(
+        &self,
+        snap: &Snapshot,
+        dest: &RouteDest,
+        host_ns: &str,
+        port: u16,
+        peer: std::net::IpAddr,
+        mut io: I,
+        original_dst: Option<SocketAddrV4>,
+        rng: &mut fastrand::Rng,
+    ) -> bool
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let r = match self.resolve(snap, dest, host_ns, port, original_dst) {
             Ok(r) => r,
-            Err(_) => return debug!(destination = %svc.hostname(), "no endpoint for a TCP stream; closed"),
+            Err(_) => {
+                debug!(destination = %dest.host, "no endpoint for a TCP stream; closed");
+                return false;
+            }
         };
         let hash = matches!(r.policy.hash, Some(routing::HashKey::SourceIp)).then(|| route::key_hash(peer.to_string().as_bytes()));
-        let Some(ep) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else { return };
+        let Some(ep) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else { return false };
+        let _active = self.begin(ep.addr());
         match ep {
             Endpoint::Pod(w, port) if !self.plain(&ep) => {
-                let Ok((send, recv, _g)) = self.dial(w, port).await else { return };
+                let Ok((send, recv, _g)) = self.dial(w, port).await else { return false };
                 hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
             }
             _ => {
-                if let Ok(Stream::Tcp(mut t)) = self.open(&ep, true).await {
-                    if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut io, &mut t).await {
-                        self.tcp.inc_by(a + b);
-                    }
+                let Ok(Stream::Tcp(mut t)) = self.open(&ep, true).await else { return false };
+                if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut io, &mut t).await {
+                    self.tcp.inc_by(a + b);
                 }
             }
         }
+        true
     }
 }
 

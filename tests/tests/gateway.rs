@@ -529,3 +529,40 @@ fn a_backend_outside_the_mesh_is_reached_in_plaintext() {
     let l = load(&mesh, "/x", 5, &[]);
     assert_eq!(count(&l.versions, "legacy"), 5, "{:?}", l.versions);
 }
+
+/// What to build 2, TCP and TLS passthrough servers: a TCP server routes
+/// each connection by a VirtualService `tcp` route to an in-mesh echo
+/// Service (over HBONE: the backend's ztunnel sees the gateway's
+/// principal); a TLS server with `mode: PASSTHROUGH` on 443 routes by the
+/// ClientHello's SNI through a `tls` route to the outside host's HTTPS
+/// server (a ServiceEntry), never terminating it: the client verifies the
+/// outside server's own certificate (the outside CA), and its request gets
+/// the outside server's answer. An SNI no server takes is closed.
+#[test]
+fn tcp_and_tls_passthrough_servers_route_by_port_and_sni() {
+    let Some(mesh) = up() else { return };
+    wait_listening(mesh.pod("shop", "tcp-echo"));
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 31400, name: tcp, protocol: TCP}\n    hosts: ['*']\n  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [outside.example.com]\n    tls: {mode: PASSTHROUGH}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: edge-tcp, namespace: shop}\nspec:\n  hosts: ['*']\n  gateways: [edge]\n  tcp: [{match: [{port: 31400}], route: [{destination: {host: tcp-echo, port: {number: 9000}}}]}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: edge-tls, namespace: shop}\nspec:\n  hosts: [outside.example.com]\n  gateways: [edge]\n  tls: [{match: [{port: 443, sniHosts: [outside.example.com]}], route: [{destination: {host: outside.example.com, port: {number: 443}}}]}]\n";
+    mesh.apply("edge", Some(yaml)).unwrap();
+    // TCP, from a client outside the mesh, through the gateway's Service.
+    let r = eventually(WAIT, "TCP through the gateway", || {
+        let r = client(&mesh, mesh.pod("outside", "client"), "istio-ingressgateway-tcp.istio-system:31400", "hello-tcp");
+        (r.ok && r.reply.contains("hello-tcp")).then_some(r)
+    });
+    assert!(r.error.is_empty(), "{r:?}");
+    let node = mesh.node_index(mesh.pod("shop", "tcp-echo"));
+    let seen = mesh.metric(node, "istio_tcp_connections_opened_total", &[("reporter", "destination"), ("source_principal", GATEWAY_PRINCIPAL), ("destination_app", "tcp-echo")]).unwrap();
+    assert!(seen >= 1.0, "the echo backend's ztunnel names the gateway's principal ({seen})");
+    // TLS passed through, from the host, verifying the outside server.
+    use rustls::pki_types::pem::PemObject as _;
+    let ca = rustls::pki_types::CertificateDer::from_pem_file(mesh.outside_ca()).unwrap();
+    let cfg = tls_client(&ca, &[&rustls::version::TLS13, &rustls::version::TLS12], None);
+    let mut s = eventually(WAIT, "TLS passed through to the outside host", || tls_connect(&mesh, "outside.example.com", cfg.clone()).ok());
+    let (code, body) = https_get(&mut s, "outside.example.com", "/passed-through").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("version=outside") && body.contains("path=/passed-through"), "{body}");
+    let outside_log = std::fs::read_to_string(mesh.work_dir.join("logs").join("outside.log")).unwrap();
+    assert!(outside_log.lines().any(|l| l.contains(r#""event":"tls""#) && l.contains(r#""path":"/passed-through""#)), "the outside server terminated it:\n{outside_log}");
+    // No server takes this name: closed before any handshake.
+    assert!(tls_connect(&mesh, "nobody.example.com", cfg).is_err());
+}
