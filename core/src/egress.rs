@@ -178,6 +178,11 @@ pub fn service_entry_from(se: &k8s::ServiceEntry) -> Result<ServiceEntry, FieldE
         if h == "*" || !is_dns_name(h) {
             return Err((format!("spec.hosts[{i}]"), format!("{h:?} is not a host name or `*.suffix` (`*` alone is not allowed)")));
         }
+        // A single label would read as a Service's short name wherever
+        // hosts are matched (a waypoint's routes, DestinationRules).
+        if !h.contains('.') {
+            return Err((format!("spec.hosts[{i}]"), format!("{h:?}: a ServiceEntry's host must be fully qualified (a short name reads as a Service's)")));
+        }
         hosts.push(h.to_ascii_lowercase());
     }
     let mut addresses = Vec::new();

@@ -903,6 +903,36 @@ impl Snapshot {
         self.waypoint_name_by(&e.labels, &e.namespace)
     }
 
+    /// What asks for a ServiceEntry's waypoint when the entry has none, so
+    /// it does not happen: DestinationRules that originate TLS for one of
+    /// its hosts (ztunnel passes the app's bytes as they are) and
+    /// AuthorizationPolicies whose `targetRefs` name it (nothing enforces
+    /// them). Each as (object, what), for a warning.
+    pub fn entry_config_without_waypoint(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for e in self.service_entries.iter().filter(|e| self.waypoint_name_for_entry(e).is_none()) {
+            for dr in &self.destination_rules {
+                let policies = std::iter::once(&dr.traffic_policy).chain(dr.subset_policies.values());
+                let originates = policies.flat_map(|p| std::iter::once(p).chain(p.ports.values())).any(|p| p.tls.as_ref().is_some_and(|t| t.originates()));
+                if originates && e.hosts.iter().any(|h| crate::routing::host_matches(&dr.host, &dr.namespace, h, &e.namespace)) {
+                    out.push((
+                        format!("DestinationRule {}/{}", dr.namespace, dr.name),
+                        format!("originates TLS for ServiceEntry {}/{}, which has no waypoint (istio.io/use-waypoint): only a waypoint originates TLS; its traffic leaves as the app sends it", e.namespace, e.name),
+                    ));
+                }
+            }
+            for p in self.authorization_policies.iter().filter(|p| p.namespace == e.namespace && p.target_refs.iter().any(|(k, n)| k == "ServiceEntry" && *n == e.name)) {
+                out.push((
+                    format!("AuthorizationPolicy {}", p.key()),
+                    format!("targets ServiceEntry {}/{}, which has no waypoint (istio.io/use-waypoint): nothing enforces it", e.namespace, e.name),
+                ));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// [`Self::waypoint_for`] for a ServiceEntry.
     pub fn waypoint_for_entry(&self, e: &crate::egress::ServiceEntry) -> Option<Result<Vec<&Workload>, String>> {
         let name = self.waypoint_name_for_entry(e)?;
@@ -952,6 +982,26 @@ mod tests {
     fn snap(text: &str) -> Result<Snapshot, ModelErrors> {
         let objs = parse_documents(text).unwrap().into_iter().map(|o| ("test.yaml".to_owned(), o)).collect();
         Snapshot::from_objects(objs)
+    }
+
+    /// A DestinationRule that originates TLS for, or a policy that
+    /// targets, a ServiceEntry without a waypoint is named (nothing would
+    /// do what it asks); with the namespace's waypoint, nothing is.
+    #[test]
+    fn config_that_needs_a_service_entrys_waypoint_is_named_when_it_has_none() {
+        let yaml = |ns_labels: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: egress, labels: {ns_labels}}}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: egress}}\nspec: {{hosts: [api.example.com], ports: [{{number: 80, name: http}}], resolution: DNS}}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api-tls, namespace: egress}}\nspec: {{host: api.example.com, trafficPolicy: {{portLevelSettings: [{{port: {{number: 80}}, tls: {{mode: SIMPLE}}}}]}}}}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: plain, namespace: egress}}\nspec: {{host: other.example.com, trafficPolicy: {{tls: {{mode: SIMPLE}}}}}}\n---\n\
+                 apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api, namespace: egress}}\nspec: {{targetRefs: [{{kind: ServiceEntry, group: networking.istio.io, name: api}}]}}\n"
+            )
+        };
+        let none = snap(&yaml("{}")).unwrap().entry_config_without_waypoint();
+        let objects: Vec<&str> = none.iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(objects, ["AuthorizationPolicy egress/api", "DestinationRule egress/api-tls"], "{none:?}");
+        assert!(snap(&yaml("{istio.io/use-waypoint: waypoint}")).unwrap().entry_config_without_waypoint().is_empty());
     }
 
     /// Issue 13 item 8: the waypoint was "the lowest-IP ready pod with the

@@ -1565,6 +1565,11 @@ fn client_tls(field: &str, tls: Option<&k8s::ClientTlsSpec>) -> Result<Option<Cl
     if out.insecure_skip_verify && (out.ca_certificates.is_some() || !out.subject_alt_names.is_empty() || (mode == TlsMode::Simple && out.credential_name.is_some())) {
         return Err((f("insecureSkipVerify"), "cannot be set together with caCertificates, subjectAltNames or (SIMPLE) credentialName (Istio's validation)".into()));
     }
+    for (k, n) in out.subject_alt_names.iter().enumerate() {
+        if n.parse::<std::net::IpAddr>().is_err() && !n.to_ascii_lowercase().split('.').all(is_dns1123_label) {
+            return Err((f(&format!("subjectAltNames[{k}]")), format!("{n:?} is not a DNS name or an IP address")));
+        }
+    }
     if let Some(sni) = &out.sni {
         if sni.parse::<std::net::IpAddr>().is_err() && !sni.split('.').all(is_dns1123_label) {
             return Err((f("sni"), format!("{sni:?} is not a host name")));

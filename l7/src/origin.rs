@@ -48,9 +48,18 @@ pub struct Originate {
 /// are read again.
 const REFRESH: Duration = Duration::from_secs(10);
 
-/// Client configurations by settings and protocol (HTTP/2 or not), with
-/// when each was built.
-type Built = HashMap<(ClientTls, bool), (Instant, Arc<ClientConfig>)>;
+/// Client configurations (or why one cannot be made) by settings and
+/// application protocol, with when each was built.
+type Built = HashMap<(ClientTls, Alpn), (Instant, Result<Arc<ClientConfig>, String>)>;
+
+/// The application protocol offered in the handshake (ALPN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    Http1,
+    Http2,
+    /// Bytes passed through: none offered.
+    None,
+}
 
 /// Built client configurations, by settings and protocol.
 #[derive(Default)]
@@ -63,25 +72,27 @@ impl Origins {
     /// upstream request's host, unless the rule sets `sni`), speaking
     /// HTTP/2 or not; None when the rule originates none. The error says
     /// what is wrong (file, Secret, key, PEM), for the log.
-    pub fn originate(&self, tls: Option<&ClientTls>, snap: &Snapshot, proxy_ns: &str, may_read_secrets: bool, host: &str, h2: bool) -> Result<Option<Originate>, String> {
+    pub fn originate(&self, tls: Option<&ClientTls>, snap: &Snapshot, proxy_ns: &str, may_read_secrets: bool, host: &str, alpn: Alpn) -> Result<Option<Originate>, String> {
         let Some(tls) = tls.filter(|t| t.originates()) else { return Ok(None) };
         let name = tls.sni.as_deref().unwrap_or(host);
         let server_name = ServerName::try_from(name.to_owned()).map_err(|_| format!("{name:?} is not a name to send as SNI"))?;
-        let key = (tls.clone(), h2);
+        let key = (tls.clone(), alpn);
         let now = Instant::now();
+        // A configuration that cannot be made is not tried again (files
+        // read, Secrets parsed) on every request until the next refresh.
         let cached = self.cache.lock().expect("lock").get(&key).filter(|(at, _)| now.duration_since(*at) < REFRESH).map(|(_, c)| c.clone());
         let config = match cached {
-            Some(c) => c,
+            Some(c) => c?,
             None => {
-                let c = Arc::new(client_config(tls, snap, proxy_ns, may_read_secrets, h2)?);
+                let c = client_config(tls, snap, proxy_ns, may_read_secrets, alpn).map(Arc::new);
                 let mut cache = self.cache.lock().expect("lock");
                 cache.retain(|_, (at, _)| now.duration_since(*at) < REFRESH * 6);
                 cache.insert(key, (now, c.clone()));
-                c
+                c?
             }
         };
         let mut h = std::hash::DefaultHasher::new();
-        (tls, h2, name).hash(&mut h);
+        (tls, alpn, name).hash(&mut h);
         // Never 0 (no TLS).
         Ok(Some(Originate { config, server_name, key: h.finish() | 1 }))
     }
@@ -121,7 +132,7 @@ fn secret<'s>(snap: &'s Snapshot, ns: &str, name: &str) -> Option<&'s std::colle
 }
 
 /// The client configuration for `tls` (SIMPLE or MUTUAL).
-pub fn client_config(tls: &ClientTls, snap: &Snapshot, proxy_ns: &str, may_read_secrets: bool, h2: bool) -> Result<ClientConfig, String> {
+pub fn client_config(tls: &ClientTls, snap: &Snapshot, proxy_ns: &str, may_read_secrets: bool, alpn: Alpn) -> Result<ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     if tls.credential_name.is_some() && !may_read_secrets {
         return Err("credentialName: this proxy does not read Secrets (start the waypoint with --read-secrets, and let it read Secrets in its namespace)".into());
@@ -198,7 +209,11 @@ pub fn client_config(tls: &ClientTls, snap: &Snapshot, proxy_ns: &str, may_read_
     } else {
         builder.with_no_client_auth()
     };
-    cfg.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+    cfg.alpn_protocols = match alpn {
+        Alpn::Http1 => vec![b"http/1.1".to_vec()],
+        Alpn::Http2 => vec![b"h2".to_vec()],
+        Alpn::None => Vec::new(),
+    };
     Ok(cfg)
 }
 

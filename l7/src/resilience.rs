@@ -215,7 +215,7 @@ pub async fn forward(
             (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
             (None, None) => None,
         };
-        let fut = ups.attempt(&chosen, out.h2, policy.connection_pool.max_requests_per_connection, req, out.tls);
+        let fut = ups.attempt(&chosen, out.h2, policy.connection_pool.max_requests_per_connection, req, out.tls, upstream::mesh_only(policy));
         let r = match limit {
             Some(l) => tokio::time::timeout(l, fut).await.unwrap_or(Err(Failure::Timeout)),
             None => fut.await,

@@ -196,8 +196,13 @@ fn resolve_entry<'s>(snap: &'s Snapshot, dest: &RouteDest, client_ns: &str, want
     let names = |n: &str| outside.names.and_then(|m| m.get(n)).cloned().unwrap_or_default();
     let mut eps = Vec::new();
     use skiff_core::egress::Resolution;
+    // NONE: the address the client dialled, when this entry is one that
+    // takes it (not an address dialled for another destination).
+    let empty = HashMap::new();
+    let takes = |dst: SocketAddrV4| skiff_core::egress::lookup(std::slice::from_ref(e), &e.namespace, dst, outside.names.unwrap_or(&empty)).is_some();
     match e.resolution {
         Resolution::None => match outside.original_dst {
+            Some(dst) if !takes(dst) => warn!(host = %host, dialled = %dst, "the route's ServiceEntry (resolution NONE) does not take the address the client dialled: nothing to send to"),
             Some(dst) if subset_labels.is_none() => eps.push(Endpoint::External(SocketAddrV4::new(*dst.ip(), port_of(None)))),
             Some(_) => warn!(subset = ?dest.subset, host = %host, "a subset of a ServiceEntry with resolution NONE: it has no endpoints to choose from"),
             None => warn!(host = %host, "a ServiceEntry with resolution NONE reached other than by its address: no original destination to send to"),
@@ -218,6 +223,19 @@ fn resolve_entry<'s>(snap: &'s Snapshot, dest: &RouteDest, client_ns: &str, want
             }
         }
     }
+    // Never into the cluster or the proxy's own host: a name that
+    // resolves (or an address dialled) to loopback, link-local (cloud
+    // metadata), multicast or broadcast, or to a pod or Service of the
+    // cluster (reached over plain TCP, it would skip HBONE and policy).
+    eps.retain(|ep| {
+        let a = ep.addr();
+        let ip = *a.ip();
+        let bad = ip.is_loopback() || ip.is_link_local() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() || snap.workload_by_ip(ip).is_some() || snap.service_by_vip(ip, a.port()).is_some() || snap.services.values().any(|s| s.cluster_ip == Some(ip));
+        if bad {
+            warn!(host = %host, endpoint = %a, "a ServiceEntry's endpoint is loopback, link-local, multicast, or a pod or Service of the cluster: not used");
+        }
+        !bad
+    });
     if eps.is_empty() {
         return Err(Failure::NoHealthyUpstream);
     }
@@ -485,6 +503,57 @@ mod tests {
     use super::*;
     use routing::{HttpMatch, StrMatch};
     use skiff_core::model::TargetPort;
+
+    /// A ServiceEntry's endpoints at a waypoint: STATIC addresses, DNS
+    /// names as resolved, NONE the dialled address when the entry takes
+    /// it; never loopback, link-local (cloud metadata) or a pod of the
+    /// cluster, whatever a name resolves to.
+    #[test]
+    fn service_entry_endpoints_and_what_is_never_one() {
+        let objects = skiff_core::k8s::parse_documents(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: app}
+spec: {containers: [{name: c}]}
+status: {podIP: 10.244.1.5, phase: Running, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: egress}
+spec: {hosts: [api.example.com], ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: fixed, namespace: egress}
+spec: {hosts: [fixed.example.com], ports: [{number: 80, name: http}], resolution: STATIC, endpoints: [{address: 192.0.2.7, labels: {v: a}}, {address: 192.0.2.8, labels: {v: b}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: any, namespace: egress}
+spec: {hosts: [any.example.com], addresses: [198.51.100.0/24], ports: [{number: 80, name: http}], resolution: NONE}
+"#,
+        )
+        .unwrap();
+        let snap = Snapshot::build(objects.into_iter().map(|o| ("t.yaml".to_owned(), o)).collect(), None);
+        assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+        let dest = |host: &str| RouteDest { host: host.into(), weight: 100, ..Default::default() };
+        let addrs = |r: Result<Resolved<'_>, Failure>| r.map(|r| r.endpoints.iter().map(|e| e.addr().to_string()).collect::<Vec<_>>());
+        let names = |ips: &[&str]| HashMap::from([("api.example.com".to_owned(), ips.iter().map(|i| i.parse().unwrap()).collect::<Vec<Ipv4Addr>>())]);
+        fn at<'a>(n: &'a HashMap<String, Vec<Ipv4Addr>>, dst: Option<&str>) -> Outside<'a> {
+            Outside { names: Some(n), original_dst: dst.map(|d| d.parse().unwrap()) }
+        }
+        let ok = names(&["203.0.113.9"]);
+        assert_eq!(addrs(resolve(&snap, &dest("api.example.com"), "app", "egress", 80, at(&ok, None))).unwrap(), ["203.0.113.9:443"], "DNS, to the targetPort");
+        assert_eq!(addrs(resolve(&snap, &dest("fixed.example.com"), "app", "egress", 80, at(&ok, None))).unwrap(), ["192.0.2.7:80", "192.0.2.8:80"]);
+        assert_eq!(addrs(resolve(&snap, &dest("any.example.com"), "app", "egress", 80, at(&ok, Some("198.51.100.4:80")))).unwrap(), ["198.51.100.4:80"], "NONE: the dialled address");
+        assert!(resolve(&snap, &dest("any.example.com"), "app", "egress", 80, at(&ok, Some("203.0.113.1:80"))).is_err(), "NONE: an address the entry does not take");
+        assert!(resolve(&snap, &dest("any.example.com"), "app", "egress", 80, at(&ok, None)).is_err(), "NONE without a dialled address");
+        for bad in ["127.0.0.1", "169.254.169.254", "10.244.1.5", "224.0.0.1"] {
+            let n = names(&[bad]);
+            assert!(resolve(&snap, &dest("api.example.com"), "app", "egress", 80, at(&n, None)).is_err(), "{bad} is never an endpoint");
+        }
+    }
 
     #[test]
     fn port_protocol_from_app_protocol_then_name() {

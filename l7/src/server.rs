@@ -290,10 +290,11 @@ impl Proxy {
         )
         .with_cluster(cluster.clone())
         .with_outside(names.clone(), cfg.read_secrets);
-        // The names of the entries exported to the proxy's namespace.
+        // The names of the entries exported to the proxy's namespace, and
+        // of its own namespace's (those it may serve).
         let ns = cfg.namespace.clone();
         names.spawn(cluster.clone(), move |snap| {
-            let visible: Vec<_> = snap.service_entries.iter().filter(|e| e.export_to.visible_to(&ns)).cloned().collect();
+            let visible: Vec<_> = snap.service_entries.iter().filter(|e| e.namespace == ns || e.export_to.visible_to(&ns)).cloned().collect();
             skiff_core::egress::names_to_resolve(&visible)
         });
         let bodies = BodyBudget::new(cfg.http.max_request_body, cfg.http.max_buffered_body, cfg.http.request_body_timeout);
@@ -509,6 +510,10 @@ impl Proxy {
         if let Some((svc, port)) = snap.service_by_vip(*target.ip(), target.port()) {
             return Some((svc.clone(), port.clone()));
         }
+        // A pod's address is never a ServiceEntry's (as at ztunnel).
+        if snap.workload_by_ip(*target.ip()).is_some() {
+            return None;
+        }
         let names = self.names.read();
         let found = skiff_core::egress::lookup(&snap.service_entries, &peer_id.namespace, target, &names)?;
         let svc = ServiceInfo::from_entry(found.entry, found.host);
@@ -721,7 +726,8 @@ impl Proxy {
         // TLS to the endpoint, if the DestinationRule asks for it: the name
         // sent is the upstream request's host (after rewrites).
         let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned).or_else(|| parts.uri.authority().map(|a| a.to_string()));
-        let tls = match self.upstreams.originate(&snap, &resolved, authority.as_deref().unwrap_or_default(), h2) {
+        let alpn = if h2 { crate::origin::Alpn::Http2 } else { crate::origin::Alpn::Http1 };
+        let tls = match self.upstreams.originate(&snap, &resolved, authority.as_deref().unwrap_or_default(), alpn) {
             Ok(t) => t,
             Err(f) => return self.finish(log, start, Err(f), ops),
         };

@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use crate::{
     errors::Failure,
-    origin::{Originate, Origins},
+    origin::{Alpn, Originate, Origins},
     route::{self, Endpoint, Outside},
 };
 
@@ -213,12 +213,18 @@ impl Upstreams {
     /// The TLS to originate to `resolved`'s endpoints for a request to
     /// `authority`, if its DestinationRule asks for it; a configuration
     /// that cannot be made fails the request (503 UF), logged with why.
-    pub fn originate(&self, snap: &Snapshot, resolved: &route::Resolved<'_>, authority: &str, h2: bool) -> Result<Option<Originate>, Failure> {
-        let host = routing::host_of(authority);
+    pub fn originate(&self, snap: &Snapshot, resolved: &route::Resolved<'_>, authority: &str, alpn: Alpn) -> Result<Option<Originate>, Failure> {
         // Unset `sni`: the upstream request's host (Istio's automatic
-        // SNI), else the destination's.
-        let host = if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() { resolved.svc.hostname() } else { host.to_owned() };
-        self.origins.originate(resolved.policy.tls.as_ref(), snap, &self.namespace, self.read_secrets, &host, h2).map_err(|e| {
+        // SNI) when it is one of the destination's own names — never a
+        // name the client made up, which would pick another site's
+        // certificate at a shared endpoint (domain fronting past egress
+        // control) — else the destination's.
+        let host = routing::host_of(authority).trim_end_matches('.').to_ascii_lowercase();
+        let own = resolved.svc.hostname();
+        let of_entry = resolved.svc.entry.as_ref().and_then(|name| snap.service_entries.iter().find(|e| e.namespace == resolved.svc.namespace && &e.name == name));
+        let ours = host == own || of_entry.is_some_and(|e| e.hosts.iter().any(|h| *h == host));
+        let host = if ours { host } else { own };
+        self.origins.originate(resolved.policy.tls.as_ref(), snap, &self.namespace, self.read_secrets, &host, alpn).map_err(|e| {
             warn!(destination = %resolved.svc.hostname(), error = %e, "TLS origination (DestinationRule tls) cannot be set up; request refused");
             Failure::UpstreamConnect
         })
@@ -361,8 +367,11 @@ impl Upstreams {
     /// requests it has carried so far and its pool key. With `tls`, the
     /// proxy's TLS to the endpoint goes first (inside HBONE for a pod in
     /// the mesh).
-    async fn connection(&self, ep: &Endpoint<'_>, h2: bool, tls: Option<&Originate>) -> Result<(Conn, u32, PoolKey), Failure> {
+    async fn connection(&self, ep: &Endpoint<'_>, h2: bool, tls: Option<&Originate>, mesh_only: bool) -> Result<(Conn, u32, PoolKey), Failure> {
         let plain = self.plain(ep);
+        if plain && mesh_only {
+            return Err(refuse_plain(ep));
+        }
         let key = PoolKey { ep: ep.addr(), h2, plain, tls: tls.map_or(0, |t| t.key) };
         {
             // Reuse a connection only when it can take a request now: an
@@ -435,6 +444,7 @@ impl Upstreams {
         max_requests: Option<u32>,
         mut req: Request<Full<Bytes>>,
         tls: Option<&Originate>,
+        mesh_only: bool,
     ) -> Result<Response<Incoming>, Failure> {
         if tls.is_some() && h2 {
             // `:scheme` says what the connection is.
@@ -444,7 +454,7 @@ impl Upstreams {
                 *req.uri_mut() = u;
             }
         }
-        let (conn, carried, key) = self.connection(ep, h2, tls).await?;
+        let (conn, carried, key) = self.connection(ep, h2, tls, mesh_only).await?;
         match conn {
             Conn::H1(mut s) => {
                 s.ready().await.map_err(|_| Failure::UpstreamConnect)?;
@@ -490,11 +500,12 @@ impl Upstreams {
             let Some(ep) = me.choose(&r.endpoints, &r.policy, None, &[], &mut fastrand::Rng::new()) else { return };
             let h2 = route::port_protocol(&r.port) == "http2" || grpc;
             let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
-            let Ok(tls) = me.originate(&snap, &r, &authority, h2) else { return };
+            let Ok(tls) = me.originate(&snap, &r, &authority, if h2 { Alpn::Http2 } else { Alpn::Http1 }) else { return };
+            let mesh_only = mesh_only(&r.policy);
             let max_requests = r.policy.connection_pool.max_requests_per_connection;
             debug!(mirror = %r.svc.hostname(), "mirroring request");
             let req = upstream_request(&parts, &body, h2);
-            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&ep, h2, max_requests, req, tls.as_ref())).await {
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), me.attempt(&ep, h2, max_requests, req, tls.as_ref(), mesh_only)).await {
                 let _ = resp.into_body().collect().await;
             }
         });
@@ -549,8 +560,41 @@ impl Upstreams {
         let hash = matches!(r.policy.hash, Some(routing::HashKey::SourceIp)).then(|| route::key_hash(peer.to_string().as_bytes()));
         let Some(ep) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else { return false };
         let _active = self.begin(ep.addr());
+        let plain = self.plain(&ep);
+        if plain && mesh_only(&r.policy) {
+            refuse_plain(&ep);
+            return false;
+        }
+        // The DestinationRule's TLS, originated on the stream too (the
+        // destination's own name as SNI: no request to take one from).
+        let Ok(tls) = self.originate(snap, &r, "", Alpn::None) else { return false };
+        if let Some(o) = tls {
+            let Ok(stream) = self.open(&ep, plain).await else { return false };
+            let connector = tokio_rustls::TlsConnector::from(o.config.clone());
+            let deadline = self.connect_timeout.max(Duration::from_secs(10));
+            let fail = |e: String| {
+                warn!(upstream = %ep.addr(), server_name = ?o.server_name, error = %e, "TLS origination to the endpoint failed");
+                false
+            };
+            let copied = match stream {
+                Stream::Hbone(d) => match tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), d)).await {
+                    Ok(Ok(mut t)) => tokio::io::copy_bidirectional(&mut io, &mut t).await,
+                    Ok(Err(e)) => return fail(e.to_string()),
+                    Err(_) => return fail("timed out".into()),
+                },
+                Stream::Tcp(tcp) => match tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), tcp)).await {
+                    Ok(Ok(mut t)) => tokio::io::copy_bidirectional(&mut io, &mut t).await,
+                    Ok(Err(e)) => return fail(e.to_string()),
+                    Err(_) => return fail("timed out".into()),
+                },
+            };
+            if let Ok((a, b)) = copied {
+                self.tcp.inc_by(a + b);
+            }
+            return true;
+        }
         match ep {
-            Endpoint::Pod(w, port) if !self.plain(&ep) => {
+            Endpoint::Pod(w, port) if !plain => {
                 let Ok((send, recv, _g)) = self.dial(w, port).await else { return false };
                 hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
             }
@@ -563,6 +607,20 @@ impl Upstreams {
         }
         true
     }
+}
+
+/// A DestinationRule `tls.mode: ISTIO_MUTUAL`: the mesh's mutual TLS, to
+/// pods in the mesh only.
+pub fn mesh_only(policy: &routing::TrafficPolicy) -> bool {
+    policy.tls.as_ref().is_some_and(|t| t.mode == routing::TlsMode::IstioMutual)
+}
+
+/// ISTIO_MUTUAL asked for, and the endpoint is outside the mesh: refused
+/// (Istio's proxies would fail the mutual TLS handshake), never sent in
+/// plaintext.
+fn refuse_plain(ep: &Endpoint<'_>) -> Failure {
+    warn!(upstream = %ep.addr(), "DestinationRule tls ISTIO_MUTUAL, and the endpoint is outside the mesh (no HBONE): refused, not sent in plaintext");
+    Failure::UpstreamConnect
 }
 
 /// A byte stream to an endpoint.

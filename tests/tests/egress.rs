@@ -118,6 +118,21 @@ fn a_waypoint_originates_tls_to_an_outside_host_for_a_plain_http_client() {
     mesh.apply("rule", Some(&rule("{mode: SIMPLE, credentialName: outside-ca}"))).unwrap();
     let body = until("TLS originated with credentialName", "/secret", "200");
     assert!(body.contains("path=/secret"), "{body}");
+    // The client's Host is not sent as SNI unless it is one of the
+    // destination's names: no fronting another site at a shared endpoint.
+    let out = mesh
+        .exec(mesh.pod("app", "client"), &["skiff-demo-app", "http-load", "--url", "http://outside.example.com/fronted", "--count", "1", "--header", "Host: elsewhere.example.org"], WAIT)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(v["codes"]["200"], 1, "{v}");
+    let outside_log = std::fs::read_to_string(mesh.work_dir.join("logs").join("outside.log")).unwrap();
+    let line = outside_log.lines().find(|l| l.contains(r#""event":"tls""#) && l.contains("/fronted")).expect("the fronted request");
+    assert!(line.contains(r#""sni":"outside.example.com""#), "{line}");
+    // ISTIO_MUTUAL to a host outside the mesh: refused, never plaintext.
+    mesh.apply("rule", Some(&rule("{mode: ISTIO_MUTUAL}"))).unwrap();
+    until("ISTIO_MUTUAL outside the mesh is refused", "/mesh-only", "503");
+    mesh.apply("rule", Some(&rule("{mode: SIMPLE, credentialName: outside-ca}"))).unwrap();
+    until("TLS originated again", "/again", "200");
     // An AuthorizationPolicy bound to the ServiceEntry, at the waypoint.
     let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: outside, namespace: egress}\nspec:\n  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: outside}]\n  action: ALLOW\n  rules: [{to: [{operation: {methods: [GET], paths: [/allowed]}}]}]\n";
     mesh.apply("policy", Some(policy)).unwrap();

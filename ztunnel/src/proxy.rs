@@ -1201,6 +1201,7 @@ impl Ztunnel {
         let mut changes = self.cluster.clone();
         tokio::spawn(async move {
             let mut last_overlaps = Vec::new();
+            let mut last_unserved = Vec::new();
             zt.metrics.set_rejected(&changes.borrow());
             while changes.changed().await.is_ok() {
                 let snap = changes.borrow().clone();
@@ -1212,6 +1213,13 @@ impl Ztunnel {
                         warn!(first = %a, second = %b, "ServiceEntries of different namespaces {what}: each namespace's pods use their own namespace's, others the oldest");
                     }
                     last_overlaps = overlaps;
+                }
+                let unserved = snap.entry_config_without_waypoint();
+                if unserved != last_unserved {
+                    for (object, what) in unserved.iter().filter(|u| !last_unserved.contains(u)) {
+                        warn!(%object, "{what}");
+                    }
+                    last_unserved = unserved;
                 }
                 for p in snap.authorization_policies.iter().filter(|p| !p.targets_waypoint && p.has_l7()) {
                     warn!(policy = %p.key(), action = ?p.action,
