@@ -397,7 +397,7 @@ pub fn decide<'s>(virtual_services: &'s [VirtualService], open: &[Opened<'s>], p
     // two is that virtual host's name.
     let mut candidates: Vec<((u8, usize), String, &VirtualService)> = virtual_services
         .iter()
-        .filter(|v| v.binds(&at) && v.export_to.visible_to(gateway_ns))
+        .filter(|v| !v.http.is_empty() && v.binds(&at) && v.export_to.visible_to(gateway_ns))
         .filter_map(|v| {
             let admitted = o.server.hosts.iter().filter(|sel| sel.namespace.as_ref().is_none_or(|n| *n == v.namespace) && host_matches(&sel.host, host));
             admitted
@@ -457,7 +457,20 @@ pub fn route_l4<'s>(virtual_services: &'s [VirtualService], o: &Opened<'s>, sni:
     // A server that passes TLS through routes by `tls` routes (and needs
     // an SNI); a TCP server, or a TLS server that terminates, by `tcp`.
     let passthrough = o.server.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough);
-    bound.into_iter().find_map(|v| v.l4_route(&at, o.server.number, local, passthrough, sni.as_deref()).map(|r| (v, r)))
+    match (passthrough, sni.as_deref()) {
+        // By SNI: the most specific `sniHosts` across every bound
+        // VirtualService (Envoy's filter-chain choice), the first in
+        // order among equals.
+        (true, Some(name)) => bound
+            .into_iter()
+            .flat_map(|v| v.tls.iter().map(move |r| (v, r)))
+            .filter_map(|(v, r)| r.sni_rank(&at, &v.gateways, o.server.number, local, name).map(|rank| (rank, v, r)))
+            .enumerate()
+            .min_by_key(|(i, (rank, _, _))| (*rank, *i))
+            .map(|(_, (_, v, r))| (v, r)),
+        (true, None) => None,
+        (false, _) => bound.into_iter().find_map(|v| v.l4_route(&at, o.server.number, local, false, None).map(|r| (v, r))),
+    }
 }
 
 /// The route a request takes among the VirtualServices merged for its

@@ -374,6 +374,30 @@ impl L4Route {
     }
 }
 
+impl L4Route {
+    /// A `tls` route for `sni`: how specifically its most specific
+    /// `sniHosts` entry of a match that holds takes the name (0 exact,
+    /// then the longer `*.` suffix, `*` last), as Envoy picks among
+    /// Istio's filter chains; None: no match holds.
+    pub fn sni_rank(&self, at: &Bind, top: &[Bind], port: u16, dst: std::net::IpAddr, sni: &str) -> Option<usize> {
+        self.matches
+            .iter()
+            .filter(|m| {
+                m.gateways.as_deref().unwrap_or(top).contains(at)
+                    && m.port.is_none_or(|p| p == port)
+                    && (m.destination_subnets.is_empty() || m.destination_subnets.iter().any(|c| c.contains(dst)))
+            })
+            .flat_map(|m| &m.sni_hosts)
+            .filter(|h| sni_matches(h, sni))
+            .map(|h| match h.strip_prefix('*') {
+                None => 0,
+                Some("") => usize::MAX,
+                Some(suffix) => usize::MAX - 1 - suffix.len(),
+            })
+            .min()
+    }
+}
+
 /// Whether an SNI name is taken by a `sniHosts` entry (exact, or a
 /// `*.suffix` wildcard, `*` all), case-insensitively.
 pub fn sni_matches(pattern: &str, sni: &str) -> bool {
@@ -1389,6 +1413,11 @@ pub fn virtual_service_from(vs: &k8s::VirtualService) -> Result<VirtualService, 
             let mut sni_hosts = Vec::new();
             for (k, h) in m.sni_hosts.iter().enumerate() {
                 let h = h.to_ascii_lowercase();
+                // Istio's wildcard-domain syntax: `*`, or `*.` then labels.
+                let labels = h.strip_prefix("*.").unwrap_or(&h);
+                if h != "*" && !labels.split('.').all(is_dns1123_label) {
+                    return Err((format!("{field}.sniHosts[{k}]"), format!("{h:?} is not a host name, `*.suffix` or `*`")));
+                }
                 // Within the VirtualService's hosts (Istio: "is not a
                 // compatible subset of any of the virtual service hosts").
                 let within = vs_hosts.iter().any(|v| v == "*" || *v == h || v.strip_prefix('*').is_some_and(|suffix| h.ends_with(suffix) && h.len() > suffix.len()));

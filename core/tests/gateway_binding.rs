@@ -247,6 +247,14 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
+metadata: {name: exact-later, namespace: shop, creationTimestamp: "2026-03-01T00:00:00Z"}
+spec:
+  hosts: [c.example.com]
+  gateways: [istio-system/edge]
+  tls: [{match: [{sniHosts: [c.example.com]}], route: [{destination: {host: c-exact}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
 metadata: {name: elsewhere, namespace: other}
 spec:
   hosts: [b.example.com]
@@ -268,7 +276,8 @@ spec:
         ("TCP to an address in the match's subnets", "tcp", None, "10.0.0.9", Some("db-inside")),
         ("TCP elsewhere: the next route, of the oldest VirtualService", "tcp", None, "192.168.1.1", Some("db-any")),
         ("TLS by exact SNI", "tls", Some("a.example.com"), "10.0.0.9", Some("a")),
-        ("TLS by wildcard SNI, case and trailing dot ignored", "tls", Some("C.Example.com."), "10.0.0.9", Some("rest")),
+        ("TLS by wildcard SNI, case and trailing dot ignored", "tls", Some("D.Example.com."), "10.0.0.9", Some("rest")),
+        ("TLS: the most specific sniHost wins across VirtualServices (Envoy's filter chains), not the oldest", "tls", Some("c.example.com"), "10.0.0.9", Some("c-exact")),
         ("TLS: a VirtualService of a namespace the server does not admit", "tls", Some("b.example.com"), "10.0.0.9", Some("rest")),
         ("TLS: an SNI no host takes", "tls", Some("example.org"), "10.0.0.9", None),
         ("TLS without SNI", "tls", None, "10.0.0.9", None),

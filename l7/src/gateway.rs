@@ -58,7 +58,7 @@ enum Mode {
 
 /// The largest ClientHello (with what came in the same reads) read to
 /// find its SNI before the server is chosen.
-const MAX_CLIENT_HELLO: usize = 64 * 1024;
+const MAX_CLIENT_HELLO: usize = 32 * 1024;
 
 /// The TLS servers of every TLS port and the configurations that could be
 /// made for them, as of the last config change.
@@ -210,6 +210,12 @@ fn plan(proxy: &Proxy, snap: &Snapshot) -> Plan {
                 plan.problems.insert(name, format!("port {} already serves {what} for an older Gateway's server", o.port));
                 continue;
             }
+            // One TCP server per port: which would take a connection is
+            // not decided by anything it sends.
+            Some((Mode::Tcp, _)) => {
+                plan.problems.insert(name, format!("port {} already serves TCP for an older Gateway's server", o.port));
+                continue;
+            }
             Some((_, list)) => list.push_str(&format!("; {name} hosts {}", hosts.join(","))),
             None => {
                 plan.ports.insert(o.port, (mode, format!("{name} hosts {}", hosts.join(","))));
@@ -287,7 +293,9 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: 
                     // which terminates TLS or passes it through; the bytes
                     // read are replayed either way.
                     let mut tcp = tcp;
-                    let Some((sni, hello)) = client_hello(&mut tcp, proxy.handshake_timeout()).await else {
+                    // One deadline for the ClientHello and the handshake.
+                    let deadline = tokio::time::Instant::now() + proxy.handshake_timeout();
+                    let Some((sni, hello)) = client_hello(&mut tcp, deadline).await else {
                         return debug!(%peer, port, "TLS refused: no ClientHello in time (or not one)");
                     };
                     let io = Prefixed { prefix: hello, inner: tcp };
@@ -296,13 +304,13 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: 
                         return debug!(%peer, port, ?sni, "TLS refused: no server of this port takes that name");
                     };
                     if server.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough) {
-                        return serve_l4(&proxy, port, Some(&key), sni.as_deref(), io, peer, local).await;
+                        return serve_l4(&proxy, port, Some((&key, server)), sni.as_deref(), io, peer, local).await;
                     }
-                    let Some((key, settings, mut tls)) = handshake(&proxy, io, peer, port, &state).await else { return };
+                    let Some((key, settings, mut tls)) = handshake(io, peer, port, &state, deadline).await else { return };
                     // A TLS server (not HTTPS) carries TCP inside: routed
                     // by `tcp` routes.
                     if server.protocol == Protocol::Tls {
-                        return serve_l4(&proxy, port, Some(&key), None, tls, peer, local).await;
+                        return serve_l4(&proxy, port, Some((&key, server)), None, tls, peer, local).await;
                     }
                     // The same bound on a client's first bytes as in
                     // plaintext, after the handshake.
@@ -317,14 +325,16 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: 
     }
 }
 
-/// The ClientHello's SNI (None: the client sent none), read within
-/// `within`, and every byte read for it (to be replayed). None: no
-/// ClientHello in time, not one, or larger than [`MAX_CLIENT_HELLO`].
-async fn client_hello<I: AsyncRead + Unpin>(io: &mut I, within: Duration) -> Option<(Option<String>, Bytes)> {
-    let deadline = tokio::time::Instant::now() + within;
+/// The ClientHello's SNI (None: the client sent none), read by
+/// `deadline`, and every byte read for it (to be replayed). Records are
+/// handed to rustls one at a time, as they complete (it takes a
+/// ClientHello over several records). None: no ClientHello in time, not
+/// one, or larger than [`MAX_CLIENT_HELLO`].
+async fn client_hello<I: AsyncRead + Unpin>(io: &mut I, deadline: tokio::time::Instant) -> Option<(Option<String>, Bytes)> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut seen = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut fed = 0;
+    let mut buf = [0u8; 4096];
     loop {
         let n = match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
@@ -334,15 +344,45 @@ async fn client_hello<I: AsyncRead + Unpin>(io: &mut I, within: Duration) -> Opt
         if seen.len() > MAX_CLIENT_HELLO {
             return None;
         }
-        let mut chunk = &buf[..n];
-        while !chunk.is_empty() {
-            acceptor.read_tls(&mut chunk).ok()?;
+        // Each complete record (5-byte header, then its length).
+        while seen.len() - fed >= 5 {
+            // A handshake record, or not TLS at all: refused at once.
+            if seen[fed] != 0x16 {
+                return None;
+            }
+            let len = usize::from(u16::from_be_bytes([seen[fed + 3], seen[fed + 4]]));
+            let end = fed + 5 + len;
+            if seen.len() < end {
+                break;
+            }
+            let mut record = &seen[fed..end];
+            while !record.is_empty() {
+                acceptor.read_tls(&mut record).ok()?;
+            }
+            fed = end;
+            match acceptor.accept() {
+                Ok(Some(accepted)) => return Some((accepted.client_hello().server_name().map(str::to_owned), Bytes::from(seen))),
+                Ok(None) => {}
+                Err(_) => return None,
+            }
         }
-        match acceptor.accept() {
-            Ok(Some(accepted)) => return Some((accepted.client_hello().server_name().map(str::to_owned), Bytes::from(seen))),
-            Ok(None) => continue,
-            Err(_) => return None,
-        }
+    }
+}
+
+/// Logs a refusal anyone can cause at most once per 10 s per port and
+/// reason, with how many there were since.
+fn refusal_logged(port: u16, reason: &'static str, detail: impl FnOnce() -> String) {
+    /// By port and reason: when last logged, and how many since.
+    type Logged = HashMap<(u16, &'static str), (tokio::time::Instant, u64)>;
+    static LAST: std::sync::Mutex<Option<Logged>> = std::sync::Mutex::new(None);
+    let mut guard = LAST.lock().expect("lock");
+    let map = guard.get_or_insert_with(HashMap::new);
+    let now = tokio::time::Instant::now();
+    let e = map.entry((port, reason)).or_insert((now - Duration::from_secs(60), 0));
+    e.1 += 1;
+    if now.duration_since(e.0) >= Duration::from_secs(10) {
+        warn!(port, count = e.1, "{reason}: {}", detail());
+        *e = (now, 0);
     }
 }
 
@@ -352,15 +392,17 @@ async fn client_hello<I: AsyncRead + Unpin>(io: &mut I, within: Duration) -> Opt
 /// ([`gateway::route_l4`]) and its weighted destination, to which the
 /// bytes go (over HBONE with the gateway's identity to a pod in the mesh,
 /// plain TCP otherwise). Closed when any of those says no, logged.
-async fn serve_l4<I>(proxy: &Proxy, port: u16, key: Option<&ServerKey>, sni: Option<&str>, io: I, peer: SocketAddr, local: Option<SocketAddr>)
+async fn serve_l4<I>(proxy: &Proxy, port: u16, chosen: Option<(&ServerKey, &Server)>, sni: Option<&str>, io: I, peer: SocketAddr, local: Option<SocketAddr>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let snap = proxy.cluster().borrow().clone();
     let Some(pod) = proxy.own_pod(&snap) else { return };
     let open = snap.gateway_servers(pod);
-    let o = match key {
-        Some(k) => open.iter().find(|o| tls::server_key(o) == *k),
+    // The server the connection was chosen for, still on this port as it
+    // was (changed since, e.g. PASSTHROUGH no more: closed).
+    let o = match chosen {
+        Some((k, server)) => open.iter().find(|o| tls::server_key(o) == *k && o.port == port && o.server == server),
         None => open.iter().find(|o| o.port == port && o.server.protocol == Protocol::Tcp),
     };
     let Some(o) = o else {
@@ -377,15 +419,26 @@ where
     }
     let local_ip = local.map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(own_ip));
     let Some((vs, route)) = gateway::route_l4(&snap.virtual_services, o, sni, local_ip, &pod.namespace) else {
-        return info!(%peer, port, ?sni, server = ?tls::server_key(o), "gateway connection closed: no VirtualService route takes it (tcp, or tls by SNI)");
+        let server = tls::server_key(o);
+        return refusal_logged(port, "gateway connections closed: no VirtualService route takes them (tcp, or tls by SNI)", || format!("last from {peer}, SNI {sni:?}, server {server:?}"));
     };
     let mut rng = fastrand::Rng::new();
     let Some(dest) = skiff_core::routing::pick_weighted(&route.destinations, rng.u32(..skiff_core::routing::total_weight(&route.destinations).max(1))).cloned() else {
         return;
     };
     debug!(%peer, port, ?sni, virtual_service = %format!("{}/{}", vs.namespace, vs.name), destination = %dest.host, "gateway connection routed");
-    if !proxy.upstreams().passthrough_to(&snap, &dest, &vs.namespace, o.server.number, peer.ip(), io, None, &mut rng).await {
-        info!(%peer, port, ?sni, destination = %dest.host, "gateway connection closed: the destination has no reachable endpoint");
+    // `--http-idle-timeout` bounds a connection on which nothing moves
+    // either way, as for HTTP.
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let born = std::time::Instant::now();
+    let io = crate::body::Activity::new(io, last.clone(), born);
+    let relayed = proxy.upstreams().passthrough_to(&snap, &dest, &vs.namespace, o.server.number, peer.ip(), io, None, &mut rng);
+    tokio::select! {
+        ok = relayed => if !ok {
+            let host = dest.host.clone();
+            refusal_logged(port, "gateway connections closed: the route's destination has no reachable endpoint", || format!("last from {peer}, destination {host}"));
+        },
+        _ = crate::server::idle_for(last, born, proxy.idle_timeout()) => debug!(%peer, port, "gateway TCP connection idle: closed"),
     }
 }
 
@@ -456,11 +509,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 /// client CA), then the `subjectAltNames` check of a MUTUAL client. None:
 /// refused (logged at debug: clients that fail TLS are common and cheap
 /// to cause).
-async fn handshake<I>(proxy: &Proxy, io: I, peer: SocketAddr, port: u16, state: &TlsState) -> Option<(ServerKey, gateway::ServerTls, tokio_rustls::server::TlsStream<I>)>
+async fn handshake<I>(
+    io: I,
+    peer: SocketAddr,
+    port: u16,
+    state: &TlsState,
+    deadline: tokio::time::Instant,
+) -> Option<(ServerKey, gateway::ServerTls, tokio_rustls::server::TlsStream<I>)>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = tokio::time::Instant::now() + proxy.handshake_timeout();
     let peer = Some(peer);
     let start = match tokio::time::timeout_at(deadline, tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)).await {
         Ok(Ok(s)) => s,
@@ -528,12 +586,34 @@ mod tests {
             client.write_all(&b).await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let (sni, seen) = client_hello(&mut server, Duration::from_secs(2)).await.expect("a ClientHello");
+        let within = || tokio::time::Instant::now() + Duration::from_secs(2);
+        let (sni, seen) = client_hello(&mut server, within()).await.expect("a ClientHello");
         assert_eq!(sni.as_deref(), Some("outside.example.com"));
         assert_eq!(&seen[..], &hello[..]);
+        // The same ClientHello split over two records, in one write.
+        let body = &hello[5..];
+        let (x, y) = body.split_at(body.len() / 2);
+        let mut two = Vec::new();
+        for part in [x, y] {
+            two.extend_from_slice(&[0x16, hello[1], hello[2]]);
+            two.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            two.extend_from_slice(part);
+        }
+        let (mut c, mut s) = tokio::io::duplex(1 << 16);
+        c.write_all(&two).await.unwrap();
+        let (sni, seen) = client_hello(&mut s, within()).await.expect("a ClientHello over two records");
+        assert_eq!((sni.as_deref(), &seen[..]), (Some("outside.example.com"), &two[..]));
         // Not TLS: refused, not waited on.
         let (mut c, mut s) = tokio::io::duplex(1024);
         c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
-        assert!(client_hello(&mut s, Duration::from_secs(2)).await.is_none());
+        let t = std::time::Instant::now();
+        assert!(client_hello(&mut s, within()).await.is_none());
+        assert!(t.elapsed() < Duration::from_secs(1), "not waited on");
+        // A client that sends part of one and stalls: given up at the deadline.
+        let (mut c, mut s) = tokio::io::duplex(1024);
+        c.write_all(&hello[..10]).await.unwrap();
+        let t = std::time::Instant::now();
+        assert!(client_hello(&mut s, tokio::time::Instant::now() + Duration::from_millis(200)).await.is_none());
+        assert!(t.elapsed() < Duration::from_secs(2));
     }
 }

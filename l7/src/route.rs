@@ -45,10 +45,12 @@ pub fn port_protocol(p: &ServicePort) -> &'static str {
 /// and the route it gives the request: None when a VirtualService applies
 /// but no route matches. Without a VirtualService, the default route.
 pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>, proxy_ns: &str) -> (Option<&'s VirtualService>, Option<HttpRoute>) {
+    // Only VirtualServices with HTTP routes make one (as Istio builds
+    // virtual hosts): one with only `tcp` routes leaves HTTP to the default.
     let vs = snap
         .virtual_services
         .iter()
-        .filter(|v| v.applies_to(&svc.name, &svc.namespace, proxy_ns))
+        .filter(|v| !v.http.is_empty() && v.applies_to(&svc.name, &svc.namespace, proxy_ns))
         .min_by_key(|v| v.precedence(&svc.namespace));
     let route = match vs {
         // Only its matches for the mesh: a rewrite looks at those.
@@ -67,7 +69,7 @@ pub fn select_tcp(snap: &Snapshot, svc: &ServiceInfo, port: u16, dst: std::net::
     let vs = snap
         .virtual_services
         .iter()
-        .filter(|v| v.applies_to(&svc.name, &svc.namespace, proxy_ns))
+        .filter(|v| !v.tcp.is_empty() && v.applies_to(&svc.name, &svc.namespace, proxy_ns))
         .min_by_key(|v| v.precedence(&svc.namespace));
     if let Some((vs, r)) = vs.and_then(|v| v.l4_route(&routing::Bind::Mesh, port, dst, false, None).map(|r| (v, r))) {
         if let Some(d) = routing::pick_weighted(&r.destinations, roll.u32(..routing::total_weight(&r.destinations).max(1))) {
@@ -142,7 +144,16 @@ pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_n
     let Some(dsvc) = snap.services.values().find(|s| routing::host_matches(&dest.host, host_ns, &s.name, &s.namespace)) else {
         return resolve_entry(snap, dest, client_ns, want_port, outside);
     };
-    let dport = dsvc.ports.iter().find(|p| p.port == want_port).or_else(|| dsvc.ports.first()).ok_or(Failure::NoHealthyUpstream)?;
+    let dport = match dsvc.ports.iter().find(|p| p.port == want_port) {
+        Some(p) => p,
+        // Istio: a destination's port may be left out only when the
+        // Service has a single one.
+        None if dsvc.ports.len() == 1 => &dsvc.ports[0],
+        None => {
+            warn!(service = %dsvc.hostname(), port = want_port, "the route's destination names no port, and the Service has several, none of them that one");
+            return Err(Failure::NoHealthyUpstream);
+        }
+    };
     let (subset_labels, policy) = subset_and_policy(snap, dest, dsvc, dport.port, client_ns)?;
     let eps: Vec<Endpoint<'s>> = snap
         .endpoints(dsvc, dport)
@@ -503,6 +514,43 @@ mod tests {
     use super::*;
     use routing::{HttpMatch, StrMatch};
     use skiff_core::model::TargetPort;
+
+    /// A VirtualService with only `tcp` routes makes no HTTP route (the
+    /// default route stays), and one with only `http` routes does not hide
+    /// another's `tcp` routes.
+    #[test]
+    fn http_and_tcp_routes_come_from_virtual_services_that_have_them() {
+        let objects = skiff_core::k8s::parse_documents(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {ports: [{name: http, port: 80}, {name: tcp, port: 5432}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a-tcp-only, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec: {hosts: [db], tcp: [{match: [{port: 5432}], route: [{destination: {host: db-replica}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b-http-only, namespace: shop, creationTimestamp: "2025-01-01T00:00:00Z"}
+spec: {hosts: [db], http: [{route: [{destination: {host: db-http}}]}]}
+"#,
+        )
+        .unwrap();
+        let snap = Snapshot::build(objects.into_iter().map(|o| ("t.yaml".to_owned(), o)).collect(), None);
+        assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+        let svc = snap.services.get("shop/db").unwrap();
+        let headers = Vec::new();
+        let info = RequestInfo { method: "GET", path: "/", authority: "db", headers: &headers, port: 80, scheme: "http" };
+        let (vs, route) = select(&snap, svc, &info, "shop");
+        assert_eq!((vs.unwrap().name.as_str(), route.unwrap().destinations[0].host.as_str()), ("b-http-only", "db-http"));
+        let (dest, _) = select_tcp(&snap, svc, 5432, "10.0.0.1".parse().unwrap(), "shop", &mut fastrand::Rng::with_seed(1));
+        assert_eq!(dest.host, "db-replica", "the older http-only VirtualService does not hide the tcp routes");
+        let (dest, _) = select_tcp(&snap, svc, 80, "10.0.0.1".parse().unwrap(), "shop", &mut fastrand::Rng::with_seed(1));
+        assert_eq!(dest.host, "db.shop.svc.cluster.local", "no tcp route for the port: the Service itself");
+    }
 
     /// A ServiceEntry's endpoints at a waypoint: STATIC addresses, DNS
     /// names as resolved, NONE the dialled address when the entry takes

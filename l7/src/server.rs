@@ -223,7 +223,7 @@ fn strip_response_hop_by_hop(h: &mut HeaderMap) {
 
 /// Resolves once no byte has moved either way for `limit` (`last`: the
 /// milliseconds after `born` of the last read or write).
-async fn idle_for(last: Arc<std::sync::atomic::AtomicU64>, born: Instant, limit: Duration) {
+pub(crate) async fn idle_for(last: Arc<std::sync::atomic::AtomicU64>, born: Instant, limit: Duration) {
     let check = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
     loop {
         tokio::time::sleep(check).await;
@@ -347,6 +347,11 @@ impl Proxy {
     /// client's first bytes (`--http-header-read-timeout`).
     pub(crate) fn handshake_timeout(&self) -> Duration {
         self.cfg.hbone.handshake_timeout
+    }
+
+    /// `--http-idle-timeout`.
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        self.cfg.http.idle_timeout
     }
 
     pub(crate) fn header_read_timeout(&self) -> Duration {

@@ -222,7 +222,7 @@ impl Upstreams {
         let host = routing::host_of(authority).trim_end_matches('.').to_ascii_lowercase();
         let own = resolved.svc.hostname();
         let of_entry = resolved.svc.entry.as_ref().and_then(|name| snap.service_entries.iter().find(|e| e.namespace == resolved.svc.namespace && &e.name == name));
-        let ours = host == own || of_entry.is_some_and(|e| e.hosts.iter().any(|h| *h == host));
+        let ours = host == own || of_entry.is_some_and(|e| e.hosts.contains(&host));
         let host = if ours { host } else { own };
         self.origins.originate(resolved.policy.tls.as_ref(), snap, &self.namespace, self.read_secrets, &host, alpn).map_err(|e| {
             warn!(destination = %resolved.svc.hostname(), error = %e, "TLS origination (DestinationRule tls) cannot be set up; request refused");
