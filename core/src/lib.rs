@@ -12,6 +12,7 @@
 //!   where a connection to an address outside the cluster goes.
 //! - [`gateway`]: Istio Gateways, and the ingress gateway's decisions
 //!   (servers, listening ports, VirtualServices bound to a Gateway).
+//! - [`logging`]: every process's logger (`SKIFF_LOG`, `--log-format`).
 //! - [`series`]: which metric label sets name workloads or Services that
 //!   are gone (pruned by ztunnel and the waypoint).
 
@@ -19,6 +20,7 @@ pub mod egress;
 pub mod enroll;
 pub mod gateway;
 pub mod k8s;
+pub mod logging;
 pub mod model;
 pub mod netns;
 pub mod policy;

@@ -62,6 +62,10 @@ pub struct MeshOptions {
     /// Run the default ingress gateway (`istio-system/istio-ingressgateway`)
     /// unless the manifests turn it off or bring their own.
     pub ingress_gateway: bool,
+    /// `SKIFF_LOG_FORMAT` for the mesh's own processes (node processes,
+    /// waypoints, gateways): `text` or `json`; default: the harness's own
+    /// `SKIFF_LOG_FORMAT`, else text.
+    pub log_format: Option<String>,
 }
 
 /// The kube-proxy stand-in.
@@ -79,7 +83,7 @@ pub enum KubeProxy {
 
 impl MeshOptions {
     pub fn new(manifests: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> MeshOptions {
-        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Iptables, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false, ztunnel_soft_nofile: None, ingress_gateway: true }
+        MeshOptions { manifests: manifests.into(), nodes: 2, bin_dir: bin_dir.into(), cert_lifetime: Duration::from_secs(86400), ztunnel_args: Vec::new(), kube_proxy: KubeProxy::Iptables, pin_node_cpus: false, agent_args: Vec::new(), netns_annotation: true, kube_api: false, ztunnel_soft_nofile: None, ingress_gateway: true, log_format: std::env::var("SKIFF_LOG_FORMAT").ok() }
     }
 }
 
@@ -153,6 +157,7 @@ pub struct LocalMesh {
     ztunnel_soft_nofile: Option<u64>,
     kube_proxy: KubeProxy,
     pin_node_cpus: bool,
+    log_format: Option<String>,
     agent_args: Vec<String>,
     netns_annotation: bool,
     /// The fake API server in kube mode (listening in the fabric netns).
@@ -273,6 +278,7 @@ impl LocalMesh {
             ztunnel_soft_nofile: opts.ztunnel_soft_nofile,
             kube_proxy: opts.kube_proxy,
             pin_node_cpus: opts.pin_node_cpus,
+            log_format: opts.log_format.clone(),
             agent_args: opts.agent_args.clone(),
             netns_annotation: opts.netns_annotation,
             kube: None,
@@ -684,9 +690,17 @@ impl LocalMesh {
         self.mirror_to_kube()
     }
 
+    /// `SKIFF_LOG_FORMAT` for the mesh's processes (node processes, and
+    /// pods: waypoints and gateways read it, apps ignore it).
+    fn log_format_env(&self) -> Option<(String, String)> {
+        self.log_format.clone().map(|f| ("SKIFF_LOG_FORMAT".to_owned(), f))
+    }
+
     fn node_env(&self) -> Vec<(String, String)> {
         let log = std::env::var("SKIFF_LOG").unwrap_or_else(|_| "info".into());
-        vec![("SKIFF_LOG".into(), log), ("RUST_BACKTRACE".into(), "0".into()), ("NO_COLOR".into(), "1".into())]
+        let mut env = vec![("SKIFF_LOG".into(), log), ("RUST_BACKTRACE".into(), "0".into()), ("NO_COLOR".into(), "1".into())];
+        env.extend(self.log_format_env());
+        env
     }
 
     /// Starts (or restarts) node-agent on node `i`.
@@ -963,6 +977,7 @@ impl LocalMesh {
             // for mesh components that run as pods (waypoints).
             ("SKIFF_CA_DIR".into(), self.ca_dir().display().to_string()),
         ];
+        env.extend(self.log_format_env());
         match &self.kube {
             Some(k) => env.push(("SKIFF_KUBE_URL".into(), k.url())),
             None => env.push(("SKIFF_MANIFESTS".into(), self.state_dir.display().to_string())),

@@ -13,6 +13,10 @@ use skiff_node_agent::{
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `text` or `json` (one object per line); filter with
+    /// SKIFF_LOG.
+    #[arg(long, env = "SKIFF_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: skiff_core::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -88,15 +92,10 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let cli = Cli::parse();
+    skiff_core::logging::init(cli.log_format, "info");
     skiff_core::raise_open_file_limit_logged();
-    match Cli::parse().cmd {
+    match cli.cmd {
         Cmd::Run {
             node,
             source,

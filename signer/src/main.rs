@@ -10,6 +10,10 @@ use tracing::info;
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
+    /// Log lines as `text` or `json` (one object per line); filter with
+    /// SKIFF_LOG.
+    #[arg(long, env = "SKIFF_LOG_FORMAT", default_value = "text")]
+    log_format: skiff_core::logging::LogFormat,
     /// TLS listen address.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
@@ -40,13 +44,9 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    skiff_core::raise_open_file_limit_logged();
     let cli = Cli::parse();
+    skiff_core::logging::init(cli.log_format, "info");
+    skiff_core::raise_open_file_limit_logged();
     let cfg = Config {
         trust_domain: cli.trust_domain.clone(),
         ztunnel_user: cli.ztunnel_user.clone(),

@@ -13,6 +13,10 @@ use tracing::info;
 /// Flags both L7 processes take.
 #[derive(clap::Args)]
 pub struct ProxyArgs {
+    /// Log lines as `text` or `json` (one object per line); filter with
+    /// SKIFF_LOG.
+    #[arg(long, env = "SKIFF_LOG_FORMAT", default_value = "text")]
+    pub log_format: skiff_core::logging::LogFormat,
     /// The proxy's namespace (its identity's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: String,
@@ -49,13 +53,10 @@ pub struct ProxyArgs {
     pub http: skiff_l7::server::HttpLimits,
 }
 
-/// Logging to stderr, filtered by `SKIFF_LOG` (default `info`).
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+/// Logging to stderr, filtered by `SKIFF_LOG` (default `info`), as
+/// `--log-format` says.
+pub fn init_logging(format: skiff_core::logging::LogFormat) {
+    skiff_core::logging::init(format, "info");
     skiff_core::raise_open_file_limit_logged();
 }
 

@@ -9,6 +9,10 @@ use tracing::info;
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
+    /// Log lines as `text` or `json` (one object per line); filter with
+    /// SKIFF_LOG.
+    #[arg(long, env = "SKIFF_LOG_FORMAT", default_value = "text")]
+    log_format: skiff_core::logging::LogFormat,
     /// This node's name.
     #[arg(long, env = "SKIFF_NODE_NAME")]
     node: String,
@@ -80,15 +84,9 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "info".into());
-    let (filter, log_reload) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
-        .init();
-    skiff_core::raise_open_file_limit_logged();
     let cli = Cli::parse();
+    let log_reload = skiff_core::logging::init(cli.log_format, "info");
+    skiff_core::raise_open_file_limit_logged();
     let source = cli.source.choice()?.mesh_config_in(&cli.root_namespace);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {

@@ -18,6 +18,11 @@ use skiff_localmesh::{demo, LocalMesh, MeshOptions};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `text` or `json` (one object per line); filter with
+    /// SKIFF_LOG.
+    #[arg(long, env = "SKIFF_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: skiff_core::logging::LogFormat,
+
     /// Number of nodes.
     #[arg(long, global = true, default_value_t = 2)]
     nodes: usize,
@@ -110,12 +115,8 @@ fn wait_for_interrupt(mesh: &LocalMesh, stop: &AtomicBool) -> anyhow::Result<()>
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    skiff_core::logging::init(cli.log_format, "warn");
     let bin_dir = match cli.bin_dir {
         Some(d) => d,
         None => std::env::current_exe()?.parent().context("binary without a directory")?.to_owned(),

@@ -39,8 +39,8 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    skiff_waypoint::init_logging();
     let cli = Cli::parse();
+    skiff_waypoint::init_logging(cli.proxy.log_format);
     let (max, readiness_addr) = (cli.max_connections.max(1), cli.readiness_addr);
     let header_timeout = cli.proxy.http.header_read_timeout;
     skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, Some(cli.pod_name), true, move |gw| async move {
