@@ -116,10 +116,13 @@ pub fn command(place: &Placement<'_>, argv: &[String], env: &[(String, String)])
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/var/run/netns/{}", place.netns)).arg("--");
         if let Some(hosts) = place.hosts {
-            // A private mount namespace (a copy: cgroup2 and bpffs stay
-            // visible) whose /etc/hosts is the node's; nothing propagates
-            // back to the machine's.
-            c.args(["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""]);
+            // A mount namespace of its own (a copy: cgroup2 and bpffs stay
+            // visible) whose /etc/hosts is the node's. Slave propagation:
+            // mounts made on the machine later still appear in it (a pod's
+            // netns, bound under /var/run/netns when the pod is made, which
+            // node-agent enters; private, it would see an empty file and
+            // setns would fail), and nothing mounted in it goes back.
+            c.args(["unshare", "--mount", "--propagation", "slave", "--", "/bin/sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""]);
             c.arg(hosts);
         }
         c
