@@ -7,7 +7,7 @@ use std::{
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc, Arc,
     },
     time::{Duration, Instant},
@@ -182,6 +182,7 @@ pub struct Agent {
     waiting: Vec<Waiting>,
     published: Option<Vec<String>>,
     ready: Option<Arc<AtomicBool>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// How often pods that failed to enroll are retried.
@@ -220,6 +221,27 @@ fn info_of(w: &Workload, node: &str) -> Option<WorkloadInfo> {
     })
 }
 
+/// What node-agent counts, for `/metrics` (the kernel's own counters are
+/// read from the pinned maps at each scrape).
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// Pods enrolled (each time a pod's capture was set up).
+    pub enrollments: AtomicU64,
+    /// Attempts to enroll that failed (retried; the reason is logged).
+    pub enroll_failures: AtomicU64,
+    /// Pods released (capture removed).
+    pub releases: AtomicU64,
+    /// Reconciles with a complete view of the cluster.
+    pub reconciles: AtomicU64,
+    /// Times the config source could not be read (the last good config
+    /// stays in force).
+    pub config_errors: AtomicU64,
+    /// Requests ztunnel refused.
+    pub ztunnel_refusals: AtomicU64,
+    /// Objects of the current config refused by validation.
+    pub rejected_objects: AtomicU64,
+}
+
 impl Agent {
     pub fn new(cfg: AgentConfig, capture: Capture, locator: Box<dyn NetnsLocator>) -> Self {
         Agent {
@@ -236,7 +258,14 @@ impl Agent {
             waiting: Vec::new(),
             published: None,
             ready: None,
+            metrics: Arc::new(AgentMetrics::default()),
         }
+    }
+
+    /// Counts into `metrics` (served on `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Takes requests from the CNI plugin.
@@ -323,6 +352,7 @@ impl Agent {
                     // A refused object affects only itself: enrollment
                     // goes on with everything else.
                     rejections.report(&s);
+                    self.metrics.rejected_objects.store(s.rejected.len() as u64, Ordering::Relaxed);
                     self.reconcile(&s);
                     snapshot = Some(s);
                     if let Some(r) = &self.ready {
@@ -330,7 +360,10 @@ impl Agent {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => error!(error = %e.report(), "config source unreadable; keeping the last good config"),
+                Err(e) => {
+                    self.metrics.config_errors.fetch_add(1, Ordering::Relaxed);
+                    error!(error = %e.report(), "config source unreadable; keeping the last good config")
+                }
             }
             if self.take_cni_events(snapshot.as_deref()) {
                 if let Some(s) = snapshot.clone() {
@@ -354,6 +387,7 @@ impl Agent {
 
     /// Brings kernel state and ztunnel in line with `snap`.
     pub fn reconcile(&mut self, snap: &Snapshot) {
+        self.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
         let node = self.cfg.node.clone();
         let mut desired: BTreeMap<String, (&Workload, bool)> = BTreeMap::new();
         let mut skipped: BTreeMap<String, SkipReason> = BTreeMap::new();
@@ -643,9 +677,11 @@ impl Agent {
         let uid = info.uid.clone();
         match self.try_enroll(w, info, iptables) {
             Ok(()) => {
+                self.metrics.enrollments.fetch_add(1, Ordering::Relaxed);
                 self.last_error.remove(&uid);
             }
             Err(e) => {
+                self.metrics.enroll_failures.fetch_add(1, Ordering::Relaxed);
                 self.last_error.insert(uid, e);
             }
         }
@@ -773,6 +809,7 @@ impl Agent {
 
     fn release(&mut self, uid: &str, reason: &str) {
         let Some(e) = self.pods.remove(uid) else { return };
+        self.metrics.releases.fetch_add(1, Ordering::Relaxed);
         let pod = format!("{}/{}", e.info.namespace, e.info.name);
         // Capture off first, then ztunnel: no connection is refused for lack
         // of a listener in between.
@@ -829,6 +866,7 @@ impl Agent {
         match conn.call(req, fd.map(|f| f.as_fd())) {
             Ok(Response::Ack) => Sent::Acked,
             Ok(Response::Error { message }) => {
+                self.metrics.ztunnel_refusals.fetch_add(1, Ordering::Relaxed);
                 error!(request = ?req_kind(req), %message, "ztunnel refused");
                 Sent::Refused
             }

@@ -41,7 +41,8 @@ enum Cmd {
         ztunnel_socket: PathBuf,
         #[command(flatten)]
         cni: cni::CniArgs,
-        /// Readiness (`/healthz/ready`: 200 once capture is installed and the first reconcile is done).
+        /// Readiness (`/healthz/ready`: 200 once capture is installed and the
+        /// first reconcile is done) and Prometheus metrics (`/metrics`).
         #[arg(long, default_value = "0.0.0.0:15022")]
         readiness_addr: std::net::SocketAddr,
         /// Captured connections whose handshake with ztunnel's in-pod
@@ -141,11 +142,16 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(node = %node, cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), "capture installed");
             let stop = stop_flag();
             let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            skiff_node_agent::ready::serve(readiness_addr, ready.clone())
-                .with_context(|| format!("readiness endpoint on {readiness_addr}"))?;
+            let metrics = std::sync::Arc::new(skiff_node_agent::agent::AgentMetrics::default());
+            let page = {
+                let (metrics, pin_dir) = (metrics.clone(), pin_dir.clone());
+                std::sync::Arc::new(move || skiff_node_agent::ready::exposition(&metrics, &pin_dir))
+            };
+            skiff_node_agent::ready::serve(readiness_addr, ready.clone(), page)
+                .with_context(|| format!("readiness and metrics endpoint on {readiness_addr}"))?;
             let started = cni::start(&cni, stop.clone()).map_err(report)?;
             let cfg = AgentConfig { node, ztunnel_socket, ztunnel_timeout: Duration::from_secs(10) };
-            let mut agent = Agent::new(cfg, capture, started.locator).with_cni(started.link).with_ready(ready);
+            let mut agent = Agent::new(cfg, capture, started.locator).with_cni(started.link).with_ready(ready).with_metrics(metrics);
             agent.run(source.as_mut(), &stop);
             Ok(())
         }

@@ -164,6 +164,17 @@ pub enum SignError {
 }
 
 impl SignError {
+    /// The `reason` label of a refusal.
+    fn reason(&self) -> &'static str {
+        match self {
+            SignError::Unauthenticated(_) => "unauthenticated",
+            SignError::Forbidden(_) => "forbidden",
+            SignError::BadRequest(_) | SignError::Csr(_) => "bad_request",
+            SignError::Api { .. } => "api_unavailable",
+            SignError::Sign(_) => "signing_failed",
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             SignError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
@@ -205,11 +216,74 @@ pub struct Signer {
     cfg: Config,
     ca: Ca,
     kube: Client,
+    metrics: SignerMetrics,
+}
+
+/// What the signer counts (`/metrics` on `--metrics-addr`).
+pub struct SignerMetrics {
+    registry: prometheus::Registry,
+    issued: prometheus::IntCounter,
+    refused: prometheus::IntCounterVec,
+    duration: prometheus::Histogram,
+}
+
+impl SignerMetrics {
+    fn new() -> SignerMetrics {
+        let registry = prometheus::Registry::new();
+        let issued = prometheus::IntCounter::new("skiff_signer_certificates_issued_total", "Workload certificates signed.").expect("valid metric");
+        let refused = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("skiff_signer_requests_refused_total", "Certificate requests refused, by reason (unauthenticated, forbidden, bad_request, api_unavailable, signing_failed)."),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let duration = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new("skiff_signer_request_duration_seconds", "Time to answer a certificate request (TokenReview and Pod look-ups included).")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("valid metric");
+        for c in [Box::new(issued.clone()) as Box<dyn prometheus::core::Collector>, Box::new(refused.clone()), Box::new(duration.clone())] {
+            registry.register(c).expect("registered once");
+        }
+        SignerMetrics { registry, issued, refused, duration }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
 }
 
 impl Signer {
     pub fn new(cfg: Config, ca: Ca, kube: Client) -> Arc<Signer> {
-        Arc::new(Signer { cfg, ca, kube })
+        Arc::new(Signer { cfg, ca, kube, metrics: SignerMetrics::new() })
+    }
+
+    pub fn metrics(&self) -> &SignerMetrics {
+        &self.metrics
+    }
+
+    /// Serves `GET /metrics` on `listener` (plain HTTP, one request per
+    /// connection, bounded reads) until the process ends.
+    pub async fn serve_metrics(self: Arc<Self>, listener: TcpListener) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        loop {
+            let (mut tcp, _) = skiff_hbone::transport::accept(&listener, "signer metrics").await;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await else { return };
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = match req.split_whitespace().nth(1) {
+                    Some("/metrics") => ("200 OK", me.metrics.render()),
+                    _ => ("404 Not Found", "not found: try /metrics\n".to_owned()),
+                };
+                let head = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(body.as_bytes()).await;
+            });
+        }
     }
 
     /// Checks and signs one request: returns the certificate as PEM.
@@ -429,6 +503,7 @@ impl Signer {
             Ok(b) => b.to_bytes(),
             Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("reading the request: {e}")})),
         };
+        let started = std::time::Instant::now();
         let result = async {
             let token = token.ok_or_else(|| SignError::Unauthenticated("no bearer token".into()))?;
             let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| SignError::BadRequest(format!("not JSON: {e}")))?;
@@ -438,6 +513,11 @@ impl Signer {
             self.sign(&token, identity, csr, lifetime).await
         }
         .await;
+        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => self.metrics.issued.inc(),
+            Err(e) => self.metrics.refused.with_label_values(&[e.reason()]).inc(),
+        }
         match result {
             Ok(cert) => answer(StatusCode::OK, json!({"certificate": cert})),
             Err(e) => {

@@ -17,6 +17,10 @@ struct Cli {
     /// TLS listen address.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// Prometheus metrics (`/metrics`, plain HTTP): certificates issued,
+    /// requests refused by reason, time to answer.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// The root key (PEM; a mounted Secret, readable by its owner only).
     #[arg(long, default_value = "/var/run/secrets/skiff-ca/ca-key.pem")]
     root_key: PathBuf,
@@ -64,8 +68,11 @@ fn main() -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("Kubernetes client: {}", skiff_core::report(&e)))?;
         let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
-        info!(listen = %cli.listen, "signer serving");
+        let metrics = tokio::net::TcpListener::bind(cli.metrics_addr).await.with_context(|| format!("binding {}", cli.metrics_addr))?;
+        let at = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        info!(listen = %at(&listener), metrics = %at(&metrics), "signer serving");
         let signer = Signer::new(cfg, ca, kube);
+        tokio::spawn(signer.clone().serve_metrics(metrics));
         tokio::select! {
             r = signer.serve(listener, tls) => r.context("accepting connections")?,
             _ = tokio::signal::ctrl_c() => {}
