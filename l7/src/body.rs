@@ -7,6 +7,47 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// `body`, with the bytes of its data frames observed in `size` when it
+/// ends or is dropped (a client that goes away mid-body: what was sent).
+pub fn counted(body: Body, size: prometheus::Histogram) -> Body {
+    Counted { inner: body, size, sent: 0 }.boxed()
+}
+
+struct Counted {
+    inner: Body,
+    size: prometheus::Histogram,
+    sent: u64,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.size.observe(self.sent as f64);
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &r {
+            if let Some(d) = frame.data_ref() {
+                self.sent += d.len() as u64;
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A complete, in-memory body.
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()

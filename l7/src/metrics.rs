@@ -40,6 +40,9 @@ pub struct Metrics {
     series: skiff_core::series::SeriesUse,
     requests: IntCounterVec,
     duration: HistogramVec,
+    /// `istio_request_bytes` / `istio_response_bytes`: body sizes.
+    request_bytes: HistogramVec,
+    response_bytes: HistogramVec,
     /// Bytes through HBONE streams (both directions).
     pub tcp: IntCounter,
     /// HBONE connections over an admission bound, by bound.
@@ -50,12 +53,24 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(Opts::new("istio_requests_total", "Requests handled"), &LABELS).expect("valid");
+        // Istio's buckets (its stats filter's defaults): durations up to an
+        // hour, sizes by powers of ten up to 1 GB.
         let duration = HistogramVec::new(
-            HistogramOpts::new("istio_request_duration_milliseconds", "Request duration")
-                .buckets(vec![0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0]),
+            HistogramOpts::new("istio_request_duration_milliseconds", "Request duration").buckets(vec![
+                0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0,
+                3600000.0,
+            ]),
             &LABELS,
         )
         .expect("valid");
+        let sizes = || (0..10).map(|i| 10f64.powi(i)).collect::<Vec<f64>>();
+        let request_bytes =
+            HistogramVec::new(HistogramOpts::new("istio_request_bytes", "Request body size (bytes)").buckets(sizes()), &LABELS).expect("valid");
+        let response_bytes =
+            HistogramVec::new(HistogramOpts::new("istio_response_bytes", "Response body size (bytes), counted as it is sent").buckets(sizes()), &LABELS)
+                .expect("valid");
+        registry.register(Box::new(request_bytes.clone())).expect("once");
+        registry.register(Box::new(response_bytes.clone())).expect("once");
         let tcp = IntCounter::new("skiff_waypoint_tunnel_bytes_total", "Bytes through HBONE streams").expect("valid");
         registry.register(Box::new(requests.clone())).expect("once");
         registry.register(Box::new(duration.clone())).expect("once");
@@ -69,7 +84,7 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(admission_refused.clone())).expect("once");
-        Metrics { registry, series: Default::default(), requests, duration, tcp, admission_refused }
+        Metrics { registry, series: Default::default(), requests, duration, request_bytes, response_bytes, tcp, admission_refused }
     }
 
     /// Removes the request metrics' label sets that name a workload or
@@ -85,6 +100,8 @@ impl Metrics {
             let values: Vec<&str> = v.iter().map(String::as_str).collect();
             let _ = self.requests.remove_label_values(&values);
             let _ = self.duration.remove_label_values(&values);
+            let _ = self.request_bytes.remove_label_values(&values);
+            let _ = self.response_bytes.remove_label_values(&values);
         }
         gone.len()
     }
@@ -158,6 +175,8 @@ pub struct RequestLog {
     pub rewritten: Option<String>,
     pub flags: Vec<&'static str>,
     pub retries: u32,
+    /// The request body's size, once read.
+    pub request_bytes: u64,
     trust_domain: String,
 }
 
@@ -215,6 +234,7 @@ impl RequestLog {
             rewritten: None,
             flags: Vec::new(),
             retries: 0,
+            request_bytes: 0,
             trust_domain: id.trust_domain.clone(),
         };
         if let Some(svc) = svc {
@@ -238,7 +258,10 @@ impl RequestLog {
         self.destination_version = w.labels.get("version").cloned().unwrap_or_else(|| "unknown".into());
     }
 
-    pub fn finish(self, m: &Metrics, code: u16, took: Duration) {
+    /// Counts the request and logs it; returns the response-size
+    /// histogram of its label set, for the body as it is sent
+    /// ([`crate::body::counted`]).
+    pub fn finish(self, m: &Metrics, code: u16, took: Duration) -> prometheus::Histogram {
         let flags = if self.flags.is_empty() { "-".to_owned() } else { self.flags.join(",") };
         let code_s = code.to_string();
         let values = [
@@ -260,6 +283,8 @@ impl RequestLog {
         ];
         m.requests.with_label_values(&values).inc();
         m.duration.with_label_values(&values).observe(took.as_secs_f64() * 1000.0);
+        m.request_bytes.with_label_values(&values).observe(self.request_bytes as f64);
+        let response_bytes = m.response_bytes.with_label_values(&values);
         m.series.record(&values);
         info!(
             target: "access",
@@ -278,6 +303,7 @@ impl RequestLog {
             trace_id = %self.trace_id,
             "request complete"
         );
+        response_bytes
     }
 }
 
@@ -337,6 +363,7 @@ mod tests {
         assert_eq!(m.prune(&left, Duration::from_secs(300)), 0, "kept for their last scrape");
         assert_eq!(m.prune(&left, Duration::ZERO), 100);
         assert_eq!(m.series(), 0);
+        assert!(!m.render().contains("istio_response_bytes_count{"), "the size histograms' series go too");
         assert!(!m.render().contains("job-7"), "gone from the exposition");
     }
 }

@@ -703,6 +703,7 @@ impl Proxy {
             Ok(b) => b,
             Err(f) => return self.finish(log, start, Err(f), ops),
         };
+        log.request_bytes = body.len() as u64;
         let mut slot = match self.breakers.acquire(&resolved.svc, dest.subset.as_deref(), &resolved.policy, h2) {
             Ok(s) => Some(s),
             Err(f) => return self.finish(log, start, Err(f), ops),
@@ -850,8 +851,8 @@ impl Proxy {
             }
         };
         route::apply_header_ops(resp.headers_mut(), response_ops);
-        log.finish(&self.metrics, resp.status().as_u16(), start.elapsed());
-        resp
+        let size = log.finish(&self.metrics, resp.status().as_u16(), start.elapsed());
+        resp.map(|b| crate::body::counted(b, size))
     }
 }
 

@@ -377,6 +377,15 @@ spec:
     assert!(sum(&[("response_code", "404"), ("response_flags", "NR")]) >= 1.0);
     assert!(sum(&[("destination_version", "v2"), ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"), ("response_code", "200")]) >= 1.0);
     assert!(text.contains("istio_request_duration_milliseconds_bucket"), "duration histogram exported");
+    assert!(text.contains("le=\"3600000\""), "Istio's duration buckets, up to an hour");
+    // Body sizes: the teapot's canned body is 15 bytes ("short and
+    // stout"), counted as it was sent: in the 100-byte bucket, not the
+    // 10-byte one.
+    let canned_bucket = |le: &str| {
+        skiff_localmesh::mesh::sum_metric(&text, "istio_response_bytes_bucket", &[("destination_service", "reviews.shop.svc.cluster.local"), ("response_code", "418"), ("le", le)])
+    };
+    assert!(canned_bucket("100") > canned_bucket("10"), "response sizes: {text}");
+    assert!(skiff_localmesh::mesh::sum_metric(&text, "istio_request_bytes_count", &[("reporter", "waypoint")]) >= 1.0, "request sizes: {text}");
 }
 
 #[test]
