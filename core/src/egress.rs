@@ -312,6 +312,15 @@ pub fn names_to_resolve(entries: &[ServiceEntry]) -> Vec<String> {
     out
 }
 
+/// The entries exported to `client_ns`, in the order that picks among
+/// several: the client's namespace's first, then the oldest (then by
+/// namespace and name).
+pub fn visible_in_order<'a>(entries: &'a [ServiceEntry], client_ns: &str) -> Vec<&'a ServiceEntry> {
+    let mut visible: Vec<&ServiceEntry> = entries.iter().filter(|e| e.export_to.visible_to(client_ns)).collect();
+    visible.sort_by_key(|e| (e.namespace != client_ns, e.created.is_none(), e.created.clone(), e.namespace.clone(), e.name.clone()));
+    visible
+}
+
 /// The ServiceEntry a connection from a pod in `client_ns` to `dst` (an
 /// address that is neither a Service nor a pod) reaches, and where it
 /// goes; None: it is outside the registry. `resolved`: the addresses of
@@ -333,9 +342,7 @@ pub fn names_to_resolve(entries: &[ServiceEntry]) -> Vec<String> {
 /// first, then the oldest (then by namespace and name).
 pub fn lookup<'a>(entries: &'a [ServiceEntry], client_ns: &str, dst: SocketAddrV4, resolved: &HashMap<String, Vec<Ipv4Addr>>) -> Option<EgressTarget<'a>> {
     let ip = IpAddr::V4(*dst.ip());
-    let mut visible: Vec<&ServiceEntry> = entries.iter().filter(|e| e.export_to.visible_to(client_ns)).collect();
-    visible.sort_by_key(|e| (e.namespace != client_ns, e.created.is_none(), e.created.clone(), e.namespace.clone(), e.name.clone()));
-    visible.into_iter().find_map(|e| {
+    visible_in_order(entries, client_ns).into_iter().find_map(|e| {
         let port = e.ports.iter().find(|p| p.number == dst.port())?;
         let endpoint_port = |ep: Option<&SeEndpoint>| port.target_port.or_else(|| ep.and_then(|ep| ep.ports.get(&port.name).copied())).unwrap_or(port.number);
         let endpoint_ips = |ep: &SeEndpoint| -> Vec<Ipv4Addr> {

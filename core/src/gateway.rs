@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     k8s,
-    routing::{Bind, HttpMatch, HttpRoute, L4Route, RequestInfo, StrMatch, VirtualService},
+    routing::{specificity, Bind, HttpMatch, HttpRoute, L4Route, RequestInfo, StrMatch, VirtualService},
 };
 
 type FieldError = (String, String);
@@ -322,23 +322,7 @@ fn server_tls(field: &str, t: &k8s::ServerTls, warnings: &mut Vec<FieldError>) -
 /// pattern as Envoy matches a virtual host's domains: `*` any, `*.suffix`
 /// a non-empty name ending in `.suffix`, otherwise equal.
 pub fn host_matches(pattern: &str, host: &str) -> bool {
-    if pattern == "*" {
-        return true;
-    }
-    match pattern.strip_prefix('*') {
-        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
-        None => pattern == host,
-    }
-}
-
-/// How specific a matching pattern is (lower is more): an exact name,
-/// then the longest suffix, then `*` — Envoy's order of virtual hosts.
-fn specificity(pattern: &str) -> (u8, usize) {
-    match pattern {
-        "*" => (2, 0),
-        p if p.starts_with('*') => (1, usize::MAX - p.len()),
-        _ => (0, 0),
-    }
+    crate::routing::wildcard_matches(pattern, host)
 }
 
 /// The request's host: the (canonical) authority without its port,
@@ -415,16 +399,20 @@ pub fn decide<'s>(virtual_services: &'s [VirtualService], open: &[Opened<'s>], p
         return Decision::Route { at, server: o.server, virtual_services: vec![] };
     };
     candidates.retain(|(s, h, _)| (*s, h) == (top.0, &top.1));
-    // Istio's order for a gateway: VirtualServices exported to the
-    // gateway's namespace alone, then to it by name, then to all; within
-    // each, oldest first, then by name and namespace.
-    let group = |v: &VirtualService| match &v.export_to {
+    candidates.sort_by_key(|(_, _, v)| gateway_order(v, gateway_ns));
+    Decision::Route { at, server: o.server, virtual_services: candidates.into_iter().map(|(_, _, v)| v).collect() }
+}
+
+/// Istio's order for VirtualServices at a gateway: those exported to the
+/// gateway's namespace alone, then to it by name, then to all; within
+/// each, oldest first, then by name and namespace.
+fn gateway_order(v: &VirtualService, gateway_ns: &str) -> (u8, bool, Option<String>, String, String) {
+    let group = match &v.export_to {
         crate::routing::ExportTo::Namespaces(set) if set.len() == 1 && set.contains(gateway_ns) => 0,
         crate::routing::ExportTo::Namespaces(_) => 1,
         crate::routing::ExportTo::All => 2,
     };
-    candidates.sort_by_key(|(_, _, v)| (group(v), v.created.is_none(), v.created.clone(), v.name.clone(), v.namespace.clone()));
-    Decision::Route { at, server: o.server, virtual_services: candidates.into_iter().map(|(_, _, v)| v).collect() }
+    (group, v.created.is_none(), v.created.clone(), v.name.clone(), v.namespace.clone())
 }
 
 /// The route a connection takes at a TCP server, a TLS server that
@@ -448,12 +436,7 @@ pub fn route_l4<'s>(virtual_services: &'s [VirtualService], o: &Opened<'s>, sni:
         })
     };
     let mut bound: Vec<&VirtualService> = virtual_services.iter().filter(|v| v.binds(&at) && v.export_to.visible_to(gateway_ns) && admits(v)).collect();
-    let group = |v: &VirtualService| match &v.export_to {
-        crate::routing::ExportTo::Namespaces(set) if set.len() == 1 && set.contains(gateway_ns) => 0,
-        crate::routing::ExportTo::Namespaces(_) => 1,
-        crate::routing::ExportTo::All => 2,
-    };
-    bound.sort_by_key(|v| (group(v), v.created.is_none(), v.created.clone(), v.name.clone(), v.namespace.clone()));
+    bound.sort_by_key(|v| gateway_order(v, gateway_ns));
     // A server that passes TLS through routes by `tls` routes (and needs
     // an SNI); a TCP server, or a TLS server that terminates, by `tcp`.
     let passthrough = o.server.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough);
@@ -578,17 +561,30 @@ pub fn credential<'a>(
         }
     };
     let client_ca = if client_ca {
-        let ca_of = |d: &BTreeMap<String, Vec<u8>>| d.get("cacert").or_else(|| d.get("ca.crt")).filter(|v| !v.is_empty()).cloned();
-        let separate = format!("{name}-cacert");
-        let ca = match secret(&separate) {
-            Some(d) => Some(ca_of(d).ok_or_else(|| format!("Secret {namespace}/{separate} has no `cacert` (or `ca.crt`)"))?),
-            None => ca_of(data),
-        };
-        Some(ca.ok_or_else(|| format!("MUTUAL needs a client CA: neither Secret {namespace}/{separate} nor `cacert`/`ca.crt` in {namespace}/{name}"))?)
+        let found = credential_ca(&secret, namespace, name, data)?;
+        Some(found.map(|(ca, _)| ca).ok_or_else(|| format!("MUTUAL needs a client CA: neither Secret {namespace}/{name}-cacert nor `cacert`/`ca.crt` in {namespace}/{name}"))?)
     } else {
         None
     };
     Ok(Credential { cert_chain, key, client_ca })
+}
+
+/// The CA (PEM) of credential `name`, as Istio reads one: from the Secret
+/// `<name>-cacert` when it exists (`cacert`, else `ca.crt`; it must have
+/// one), else from `data`, the credential's own Secret; with the name of
+/// the Secret it came from. None: neither has one.
+pub fn credential_ca<'a>(
+    secret: impl Fn(&str) -> Option<&'a BTreeMap<String, Vec<u8>>>,
+    namespace: &str,
+    name: &str,
+    data: &BTreeMap<String, Vec<u8>>,
+) -> Result<Option<(Vec<u8>, String)>, String> {
+    let ca_of = |d: &BTreeMap<String, Vec<u8>>| d.get("cacert").or_else(|| d.get("ca.crt")).filter(|v| !v.is_empty()).cloned();
+    let separate = format!("{name}-cacert");
+    Ok(match secret(&separate) {
+        Some(d) => Some((ca_of(d).ok_or_else(|| format!("Secret {namespace}/{separate} has no `cacert` (or `ca.crt`)"))?, separate)),
+        None => ca_of(data).map(|ca| (ca, name.to_owned())),
+    })
 }
 
 /// The server (of those open on `port`) whose hosts take `host` most

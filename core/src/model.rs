@@ -884,9 +884,13 @@ impl Snapshot {
     /// the Service's namespace ([`Self::waypoint_pods`]), or the name when
     /// none is ready.
     pub fn waypoint_for(&self, svc: &ServiceInfo) -> Option<Result<Vec<&Workload>, String>> {
-        let name = self.waypoint_name_for(svc)?;
-        let pods = self.waypoint_pods(&svc.namespace, &name);
-        Some(if pods.is_empty() { Err(name) } else { Ok(pods) })
+        Some(self.ready_waypoint(&svc.namespace, self.waypoint_name_for(svc)?))
+    }
+
+    /// Waypoint `name`'s ready pods in `namespace`, or its name when none is.
+    fn ready_waypoint(&self, namespace: &str, name: String) -> Result<Vec<&Workload>, String> {
+        let pods = self.waypoint_pods(namespace, &name);
+        if pods.is_empty() { Err(name) } else { Ok(pods) }
     }
 
     /// The waypoint a Service asks for (its own label, else its
@@ -935,9 +939,14 @@ impl Snapshot {
 
     /// [`Self::waypoint_for`] for a ServiceEntry.
     pub fn waypoint_for_entry(&self, e: &crate::egress::ServiceEntry) -> Option<Result<Vec<&Workload>, String>> {
-        let name = self.waypoint_name_for_entry(e)?;
-        let pods = self.waypoint_pods(&e.namespace, &name);
-        Some(if pods.is_empty() { Err(name) } else { Ok(pods) })
+        Some(self.ready_waypoint(&e.namespace, self.waypoint_name_for_entry(e)?))
+    }
+
+    /// The ServiceEntry a Service view of one of its hosts came from
+    /// ([`ServiceInfo::from_entry`]); None for a Service.
+    pub fn entry_of(&self, svc: &ServiceInfo) -> Option<&crate::egress::ServiceEntry> {
+        let name = svc.entry.as_ref()?;
+        self.service_entries.iter().find(|e| e.namespace == svc.namespace && &e.name == name)
     }
 
     fn waypoint_name_by(&self, labels: &BTreeMap<String, String>, namespace: &str) -> Option<String> {

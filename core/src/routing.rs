@@ -357,6 +357,17 @@ pub struct L4Match {
     pub destination_subnets: Vec<crate::policy::Cidr>,
 }
 
+impl L4Match {
+    /// Whether the match's conditions other than SNI hold for a connection
+    /// arriving at `at` on `port` for the address `dst`; `top`: the
+    /// VirtualService's `gateways`.
+    fn holds(&self, at: &Bind, top: &[Bind], port: u16, dst: std::net::IpAddr) -> bool {
+        self.gateways.as_deref().unwrap_or(top).contains(at)
+            && self.port.is_none_or(|p| p == port)
+            && (self.destination_subnets.is_empty() || self.destination_subnets.iter().any(|c| c.contains(dst)))
+    }
+}
+
 impl L4Route {
     /// Whether the route takes a connection arriving at `at` on `port`
     /// (for the address `dst`, with `sni` for TLS); `top`: the
@@ -366,10 +377,7 @@ impl L4Route {
             return top.contains(at);
         }
         self.matches.iter().any(|m| {
-            m.gateways.as_deref().unwrap_or(top).contains(at)
-                && m.port.is_none_or(|p| p == port)
-                && (m.destination_subnets.is_empty() || m.destination_subnets.iter().any(|c| c.contains(dst)))
-                && (m.sni_hosts.is_empty() || sni.is_some_and(|n| m.sni_hosts.iter().any(|h| sni_matches(h, n))))
+            m.holds(at, top, port, dst) && (m.sni_hosts.is_empty() || sni.is_some_and(|n| m.sni_hosts.iter().any(|h| sni_matches(h, n))))
         })
     }
 }
@@ -379,21 +387,13 @@ impl L4Route {
     /// `sniHosts` entry of a match that holds takes the name (0 exact,
     /// then the longer `*.` suffix, `*` last), as Envoy picks among
     /// Istio's filter chains; None: no match holds.
-    pub fn sni_rank(&self, at: &Bind, top: &[Bind], port: u16, dst: std::net::IpAddr, sni: &str) -> Option<usize> {
+    pub fn sni_rank(&self, at: &Bind, top: &[Bind], port: u16, dst: std::net::IpAddr, sni: &str) -> Option<(u8, usize)> {
         self.matches
             .iter()
-            .filter(|m| {
-                m.gateways.as_deref().unwrap_or(top).contains(at)
-                    && m.port.is_none_or(|p| p == port)
-                    && (m.destination_subnets.is_empty() || m.destination_subnets.iter().any(|c| c.contains(dst)))
-            })
+            .filter(|m| m.holds(at, top, port, dst))
             .flat_map(|m| &m.sni_hosts)
             .filter(|h| sni_matches(h, sni))
-            .map(|h| match h.strip_prefix('*') {
-                None => 0,
-                Some("") => usize::MAX,
-                Some(suffix) => usize::MAX - 1 - suffix.len(),
-            })
+            .map(|h| specificity(h))
             .min()
     }
 }
@@ -401,11 +401,31 @@ impl L4Route {
 /// Whether an SNI name is taken by a `sniHosts` entry (exact, or a
 /// `*.suffix` wildcard, `*` all), case-insensitively.
 pub fn sni_matches(pattern: &str, sni: &str) -> bool {
-    let sni = sni.trim_end_matches('.').to_ascii_lowercase();
+    wildcard_matches(pattern, &sni.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Whether `host` (lower-case, no trailing dot) is taken by a host
+/// pattern: exact, `*.suffix` (at least one label before the suffix), or
+/// `*` — Envoy's domain matching, which Istio's gateways and TLS routes
+/// use.
+pub fn wildcard_matches(pattern: &str, host: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
     match pattern.strip_prefix('*') {
-        Some("") => true,
-        Some(suffix) => sni.ends_with(suffix) && sni.len() > suffix.len(),
-        None => pattern == sni,
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+/// How specific a matching pattern is (lower is more): an exact name,
+/// then the longest suffix, then `*` — Envoy's order of virtual hosts and
+/// filter chains.
+pub fn specificity(pattern: &str) -> (u8, usize) {
+    match pattern {
+        "*" => (2, 0),
+        p if p.starts_with('*') => (1, usize::MAX - p.len()),
+        _ => (0, 0),
     }
 }
 
@@ -884,10 +904,7 @@ pub fn host_matches(host: &str, obj_ns: &str, name: &str, namespace: &str) -> bo
     // A dotted name is a ServiceEntry's host (a Service's name is a DNS
     // label): matched as written, or by a `*.suffix` wildcard.
     if name.contains('.') {
-        return match host.strip_prefix('*') {
-            Some(suffix) => name.ends_with(suffix),
-            None => host == name,
-        };
+        return wildcard_matches(host, name);
     }
     let fqdn = format!("{name}.{namespace}.svc.cluster.local");
     if let Some(suffix) = host.strip_prefix('*') {

@@ -27,6 +27,15 @@ pub fn bound<'s>(snap: &'s Snapshot, proxy_namespace: &str, proxy_name: &str, se
     snap.authorization_policies.iter().filter(|p| p.targets(proxy_namespace, proxy_name, target)).collect()
 }
 
+/// The policies in force at the ingress gateway: those selecting its pod
+/// (as on any workload; the root namespace's apply mesh-wide).
+pub fn selecting<'s>(snap: &'s Snapshot, pod: &skiff_core::model::Workload) -> Vec<&'s AuthzPolicy> {
+    snap.authorization_policies
+        .iter()
+        .filter(|p| p.applies_to(skiff_core::routing::DEFAULT_ROOT_NAMESPACE, &pod.namespace, &pod.labels))
+        .collect()
+}
+
 /// The connection as policy sees it; no identity for a peer without one
 /// (a client of the ingress gateway).
 fn conn(peer: SocketAddr, peer_id: Option<&Identity>, dst_ip: Ipv4Addr, dst_port: u16) -> policy::ConnInfo {

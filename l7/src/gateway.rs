@@ -252,19 +252,12 @@ impl Drop for Slot {
 /// Takes connections on one listener; each is served as HTTP/1.1 or
 /// HTTP/2 by the request pipeline, after TLS on a TLS port.
 async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener, port: u16, mode: Mode, held: Arc<AtomicUsize>, max: usize, tls_state: Arc<RwLock<Arc<TlsState>>>) {
-    let mut refused_since_log = 0u64;
-    let mut last_log = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
         let (tcp, peer) = skiff_hbone::transport::accept(&listener, "gateway").await;
         if held.fetch_add(1, Ordering::AcqRel) >= max {
             held.fetch_sub(1, Ordering::AcqRel);
             proxy.metrics.admission_refused.with_label_values(&["gateway_connections"]).inc();
-            refused_since_log += 1;
-            if last_log.elapsed() >= Duration::from_secs(10) {
-                warn!(port, %peer, max_connections = max, refused = refused_since_log, "gateway connection refused: too many open (--max-connections)");
-                refused_since_log = 0;
-                last_log = tokio::time::Instant::now();
-            }
+            refusal_logged(port, "gateway connections refused: too many open (--max-connections)", || format!("last from {peer}, max_connections {max}"));
             continue;
         }
         let slot = Slot(held.clone());
@@ -409,12 +402,7 @@ where
         return debug!(%peer, port, "gateway connection closed: its server is gone");
     };
     let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let policies: Vec<_> = snap
-        .authorization_policies
-        .iter()
-        .filter(|p| p.applies_to(skiff_core::routing::DEFAULT_ROOT_NAMESPACE, &pod.namespace, &pod.labels))
-        .collect();
-    if !crate::authz::allow_stream(&policies, peer, None, SocketAddrV4::new(own_ip, port)) {
+    if !crate::authz::allow_stream(&crate::authz::selecting(&snap, pod), peer, None, SocketAddrV4::new(own_ip, port)) {
         return;
     }
     let local_ip = local.map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(own_ip));

@@ -122,6 +122,16 @@ fn pem_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Str
     Ok(certs)
 }
 
+/// A root store of the CA certificates in `pem`; `what` names where they
+/// came from, for the error.
+fn roots_of(pem: &[u8], what: &str) -> Result<Arc<RootCertStore>, String> {
+    let mut r = RootCertStore::empty();
+    for c in pem_certs(pem, what)? {
+        r.add(c).map_err(|e| format!("{what}: not a usable CA certificate: {e}"))?;
+    }
+    Ok(Arc::new(r))
+}
+
 fn read_file(path: &str, field: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{field} {path:?} cannot be read: {e}"))
 }
@@ -144,33 +154,16 @@ pub fn client_config(tls: &ClientTls, snap: &Snapshot, proxy_ns: &str, may_read_
         Arc::new(NoVerification(provider.clone()))
     } else {
         let roots = match (&tls.ca_certificates, cred) {
-            (Some(path), _) => {
-                let mut r = RootCertStore::empty();
-                for c in pem_certs(&read_file(path, "caCertificates")?, &format!("caCertificates {path:?}"))? {
-                    r.add(c).map_err(|e| format!("caCertificates {path:?}: not a usable CA certificate: {e}"))?;
-                }
-                Arc::new(r)
-            }
+            (Some(path), _) => roots_of(&read_file(path, "caCertificates")?, &format!("caCertificates {path:?}"))?,
             (None, Some(name)) => {
                 // `<name>-cacert` first (Istio's separate CA Secret), then
                 // the Secret itself; neither: the system's roots.
-                let ca_of = |d: &std::collections::BTreeMap<String, Vec<u8>>| d.get("cacert").or_else(|| d.get("ca.crt")).filter(|v| !v.is_empty()).cloned();
-                let separate = format!("{name}-cacert");
-                let found = match secret(snap, proxy_ns, &separate) {
-                    Some(d) => Some((ca_of(d).ok_or_else(|| format!("{} has no `cacert` (or `ca.crt`)", what(&separate)))?, separate)),
-                    None => {
-                        let d = secret(snap, proxy_ns, name).ok_or_else(|| format!("{} does not exist (or is not readable by the proxy)", what(name)))?;
-                        ca_of(d).map(|ca| (ca, name.to_owned()))
-                    }
-                };
-                match found {
-                    Some((pem, from)) => {
-                        let mut r = RootCertStore::empty();
-                        for c in pem_certs(&pem, &format!("{}: the CA", what(&from)))? {
-                            r.add(c).map_err(|e| format!("{}: not a usable CA certificate: {e}", what(&from)))?;
-                        }
-                        Arc::new(r)
-                    }
+                let lookup = |n: &str| secret(snap, proxy_ns, n);
+                let empty = std::collections::BTreeMap::new();
+                let data = secret(snap, proxy_ns, name);
+                match skiff_core::gateway::credential_ca(lookup, proxy_ns, name, data.unwrap_or(&empty))? {
+                    Some((pem, from)) => roots_of(&pem, &format!("{}: the CA", what(&from)))?,
+                    None if data.is_none() => return Err(format!("{} does not exist (or is not readable by the proxy)", what(name))),
                     None => system_roots()?,
                 }
             }

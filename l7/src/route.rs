@@ -190,13 +190,10 @@ fn subset_and_policy(
 /// namespace's first, then the oldest, as ztunnel picks).
 fn resolve_entry<'s>(snap: &'s Snapshot, dest: &RouteDest, client_ns: &str, want_port: u16, outside: Outside<'_>) -> Result<Resolved<'s>, Failure> {
     let host = dest.host.to_ascii_lowercase();
-    let mut entries: Vec<&skiff_core::egress::ServiceEntry> = snap
-        .service_entries
-        .iter()
-        .filter(|e| e.export_to.visible_to(client_ns) && e.hosts.iter().any(|h| routing::host_matches(h, &e.namespace, &host, &e.namespace)))
-        .collect();
-    entries.sort_by_key(|e| (e.namespace != client_ns, e.created.is_none(), e.created.clone(), e.namespace.clone(), e.name.clone()));
-    let e = *entries.first().ok_or(Failure::NoHealthyUpstream)?;
+    let e = skiff_core::egress::visible_in_order(&snap.service_entries, client_ns)
+        .into_iter()
+        .find(|e| e.hosts.iter().any(|h| routing::host_matches(h, &e.namespace, &host, &e.namespace)))
+        .ok_or(Failure::NoHealthyUpstream)?;
     let svc = ServiceInfo::from_entry(e, &host);
     let dport = svc.ports.iter().find(|p| p.port == want_port).or_else(|| svc.ports.first()).ok_or(Failure::NoHealthyUpstream)?.clone();
     let (subset_labels, policy) = subset_and_policy(snap, dest, &svc, dport.port, client_ns)?;
@@ -515,12 +512,20 @@ mod tests {
     use routing::{HttpMatch, StrMatch};
     use skiff_core::model::TargetPort;
 
+    /// The cluster view of `yaml`, every object taken.
+    fn snapshot(yaml: &str) -> Snapshot {
+        let objects = skiff_core::k8s::parse_documents(yaml).unwrap();
+        let snap = Snapshot::build(objects.into_iter().map(|o| ("t.yaml".to_owned(), o)).collect(), None);
+        assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+        snap
+    }
+
     /// A VirtualService with only `tcp` routes makes no HTTP route (the
     /// default route stays), and one with only `http` routes does not hide
     /// another's `tcp` routes.
     #[test]
     fn http_and_tcp_routes_come_from_virtual_services_that_have_them() {
-        let objects = skiff_core::k8s::parse_documents(
+        let snap = snapshot(
             r#"
 apiVersion: v1
 kind: Service
@@ -537,10 +542,7 @@ kind: VirtualService
 metadata: {name: b-http-only, namespace: shop, creationTimestamp: "2025-01-01T00:00:00Z"}
 spec: {hosts: [db], http: [{route: [{destination: {host: db-http}}]}]}
 "#,
-        )
-        .unwrap();
-        let snap = Snapshot::build(objects.into_iter().map(|o| ("t.yaml".to_owned(), o)).collect(), None);
-        assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+        );
         let svc = snap.services.get("shop/db").unwrap();
         let headers = Vec::new();
         let info = RequestInfo { method: "GET", path: "/", authority: "db", headers: &headers, port: 80, scheme: "http" };
@@ -558,7 +560,7 @@ spec: {hosts: [db], http: [{route: [{destination: {host: db-http}}]}]}
     /// cluster, whatever a name resolves to.
     #[test]
     fn service_entry_endpoints_and_what_is_never_one() {
-        let objects = skiff_core::k8s::parse_documents(
+        let snap = snapshot(
             r#"
 apiVersion: v1
 kind: Pod
@@ -581,10 +583,7 @@ kind: ServiceEntry
 metadata: {name: any, namespace: egress}
 spec: {hosts: [any.example.com], addresses: [198.51.100.0/24], ports: [{number: 80, name: http}], resolution: NONE}
 "#,
-        )
-        .unwrap();
-        let snap = Snapshot::build(objects.into_iter().map(|o| ("t.yaml".to_owned(), o)).collect(), None);
-        assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+        );
         let dest = |host: &str| RouteDest { host: host.into(), weight: 100, ..Default::default() };
         let addrs = |r: Result<Resolved<'_>, Failure>| r.map(|r| r.endpoints.iter().map(|e| e.addr().to_string()).collect::<Vec<_>>());
         let names = |ips: &[&str]| HashMap::from([("api.example.com".to_owned(), ips.iter().map(|i| i.parse().unwrap()).collect::<Vec<Ipv4Addr>>())]);

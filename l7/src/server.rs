@@ -534,7 +534,7 @@ impl Proxy {
             return false;
         }
         let name = match &svc.entry {
-            Some(entry) => snap.service_entries.iter().find(|e| e.namespace == svc.namespace && &e.name == entry).and_then(|e| snap.waypoint_name_for_entry(e)),
+            Some(_) => snap.entry_of(svc).and_then(|e| snap.waypoint_name_for_entry(e)),
             None => snap.waypoint_name_for(svc),
         };
         name.as_deref() == Some(self.cfg.name.as_str())
@@ -774,11 +774,7 @@ impl Proxy {
                     warn!(pod = ?self.cfg.pod_name, namespace = %self.cfg.namespace, "the gateway's own pod is not in the cluster view: no Gateway selects it yet");
                     return Err(Chosen::Refused(Failure::NoRoute));
                 };
-                let policies: Vec<_> = snap
-                    .authorization_policies
-                    .iter()
-                    .filter(|p| p.applies_to(routing::DEFAULT_ROOT_NAMESPACE, &pod.namespace, &pod.labels))
-                    .collect();
+                let policies = authz::selecting(snap, pod);
                 let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
                 authz::check_request(&policies, ctx.peer, None, own_ip, info).map_err(Chosen::Refused)?;
                 let mut open = snap.gateway_servers(pod);

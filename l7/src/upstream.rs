@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::IntCounter;
 use skiff_core::{
-    model::{ServiceInfo, Snapshot, Workload},
+    model::{Snapshot, Workload},
     routing::{self, RouteDest},
 };
 use skiff_hbone::{
@@ -221,8 +221,7 @@ impl Upstreams {
         // control) — else the destination's.
         let host = routing::host_of(authority).trim_end_matches('.').to_ascii_lowercase();
         let own = resolved.svc.hostname();
-        let of_entry = resolved.svc.entry.as_ref().and_then(|name| snap.service_entries.iter().find(|e| e.namespace == resolved.svc.namespace && &e.name == name));
-        let ours = host == own || of_entry.is_some_and(|e| e.hosts.contains(&host));
+        let ours = host == own || snap.entry_of(&resolved.svc).is_some_and(|e| e.hosts.contains(&host));
         let host = if ours { host } else { own };
         self.origins.originate(resolved.policy.tls.as_ref(), snap, &self.namespace, self.read_secrets, &host, alpn).map_err(|e| {
             warn!(destination = %resolved.svc.hostname(), error = %e, "TLS origination (DestinationRule tls) cannot be set up; request refused");
@@ -388,34 +387,28 @@ impl Upstreams {
         }
         let stream = self.open(ep, plain).await?;
         let conn = match tls {
-            None => match stream {
-                Stream::Hbone(d) => handshake_upstream(d, h2).await?,
-                Stream::Tcp(t) => handshake_upstream(t, h2).await?,
-            },
-            Some(o) => {
-                let connector = tokio_rustls::TlsConnector::from(o.config.clone());
-                let hs = |e: std::io::Error| {
-                    warn!(upstream = %key.ep, server_name = ?o.server_name, error = %e, "TLS origination to the endpoint failed");
-                    Failure::UpstreamConnect
-                };
-                let deadline = self.connect_timeout.max(Duration::from_secs(10));
-                let timed_out = |_| {
-                    warn!(upstream = %key.ep, "TLS origination to the endpoint timed out");
-                    Failure::UpstreamConnect
-                };
-                match stream {
-                    Stream::Hbone(d) => {
-                        let t = tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), d)).await.map_err(timed_out)?.map_err(hs)?;
-                        handshake_upstream(t, h2).await?
-                    }
-                    Stream::Tcp(tcp) => {
-                        let t = tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), tcp)).await.map_err(timed_out)?.map_err(hs)?;
-                        handshake_upstream(t, h2).await?
-                    }
-                }
-            }
+            None => handshake_upstream(stream, h2).await?,
+            Some(o) => handshake_upstream(self.tls_over(key.ep, o, stream).await?, h2).await?,
         };
         Ok((conn, 0, key))
+    }
+
+    /// The proxy's TLS to the endpoint at `ep` over `stream`, within the
+    /// connect timeout (at least 10 s); a failure is logged.
+    async fn tls_over(&self, ep: SocketAddrV4, o: &Originate, stream: Stream) -> Result<tokio_rustls::client::TlsStream<Stream>, Failure> {
+        let connector = tokio_rustls::TlsConnector::from(o.config.clone());
+        let deadline = self.connect_timeout.max(Duration::from_secs(10));
+        match tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), stream)).await {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(e)) => {
+                warn!(upstream = %ep, server_name = ?o.server_name, error = %e, "TLS origination to the endpoint failed");
+                Err(Failure::UpstreamConnect)
+            }
+            Err(_) => {
+                warn!(upstream = %ep, "TLS origination to the endpoint timed out");
+                Err(Failure::UpstreamConnect)
+            }
+        }
     }
 
     /// Keeps a connection for reuse, unless it has carried the
@@ -511,23 +504,6 @@ impl Upstreams {
         });
     }
 
-    /// Non-HTTP ports: bytes through to one endpoint of `svc` (see
-    /// [`Self::passthrough_to`]).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn passthrough(
-        &self,
-        snap: &Snapshot,
-        svc: &ServiceInfo,
-        port: u16,
-        peer: std::net::IpAddr,
-        io: tokio::io::DuplexStream,
-        original_dst: Option<SocketAddrV4>,
-        rng: &mut fastrand::Rng,
-    ) {
-        let dest = RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100, ..Default::default() };
-        self.passthrough_to(snap, &dest, &svc.namespace, port, peer, io, original_dst, rng).await;
-    }
-
     /// Bytes through to one endpoint of a route destination (its
     /// subset), chosen as for HTTP (the destination's load balancer,
     /// ejected endpoints skipped): HBONE to a pod in the mesh, plain TCP to
@@ -570,25 +546,8 @@ impl Upstreams {
         let Ok(tls) = self.originate(snap, &r, "", Alpn::None) else { return false };
         if let Some(o) = tls {
             let Ok(stream) = self.open(&ep, plain).await else { return false };
-            let connector = tokio_rustls::TlsConnector::from(o.config.clone());
-            let deadline = self.connect_timeout.max(Duration::from_secs(10));
-            let fail = |e: String| {
-                warn!(upstream = %ep.addr(), server_name = ?o.server_name, error = %e, "TLS origination to the endpoint failed");
-                false
-            };
-            let copied = match stream {
-                Stream::Hbone(d) => match tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), d)).await {
-                    Ok(Ok(mut t)) => tokio::io::copy_bidirectional(&mut io, &mut t).await,
-                    Ok(Err(e)) => return fail(e.to_string()),
-                    Err(_) => return fail("timed out".into()),
-                },
-                Stream::Tcp(tcp) => match tokio::time::timeout(deadline, connector.connect(o.server_name.clone(), tcp)).await {
-                    Ok(Ok(mut t)) => tokio::io::copy_bidirectional(&mut io, &mut t).await,
-                    Ok(Err(e)) => return fail(e.to_string()),
-                    Err(_) => return fail("timed out".into()),
-                },
-            };
-            if let Ok((a, b)) = copied {
+            let Ok(mut t) = self.tls_over(ep.addr(), &o, stream).await else { return false };
+            if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut io, &mut t).await {
                 self.tcp.inc_by(a + b);
             }
             return true;
@@ -599,7 +558,7 @@ impl Upstreams {
                 hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
             }
             _ => {
-                let Ok(Stream::Tcp(mut t)) = self.open(&ep, true).await else { return false };
+                let Ok(mut t) = self.open(&ep, true).await else { return false };
                 if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut io, &mut t).await {
                     self.tcp.inc_by(a + b);
                 }
@@ -629,6 +588,38 @@ enum Stream {
     Hbone(tokio::io::DuplexStream),
     /// Plain TCP, outside the mesh.
     Tcp(tokio::net::TcpStream),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Hbone(d) => std::pin::Pin::new(d).poll_read(cx, buf),
+            Stream::Tcp(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Hbone(d) => std::pin::Pin::new(d).poll_write(cx, buf),
+            Stream::Tcp(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Hbone(d) => std::pin::Pin::new(d).poll_flush(cx),
+            Stream::Tcp(t) => std::pin::Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Hbone(d) => std::pin::Pin::new(d).poll_shutdown(cx),
+            Stream::Tcp(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+        }
+    }
 }
 
 /// A failed send: `UpstreamReset` when the request may have reached the
