@@ -26,6 +26,7 @@ pub mod netns;
 pub mod policy;
 pub mod routing;
 pub mod series;
+pub mod telemetry;
 pub mod source;
 pub mod zds;
 

@@ -134,6 +134,8 @@ pub enum Refused {
 }
 
 impl Refused {
+    pub const ALL: [Refused; 4] = [Refused::Handshakes, Refused::HandshakesPerPeer, Refused::Connections, Refused::ConnectionsPerPeer];
+
     /// The metric label and log reason.
     pub fn as_str(self) -> &'static str {
         match self {

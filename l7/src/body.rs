@@ -7,21 +7,24 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// `body`, with the bytes of its data frames observed in `size` when it
-/// ends or is dropped (a client that goes away mid-body: what was sent).
-pub fn counted(body: Body, size: prometheus::Histogram) -> Body {
-    Counted { inner: body, size, sent: 0 }.boxed()
+/// `body`, with its request's metrics and access-log line recorded when
+/// it ends or is dropped (a client that goes away mid-body: what was
+/// sent), with the bytes of its data frames and its trailers' gRPC status.
+pub fn counted(body: Body, done: crate::metrics::Completion) -> Body {
+    Counted { inner: body, done: Some(done), sent: 0 }.boxed()
 }
 
 struct Counted {
     inner: Body,
-    size: prometheus::Histogram,
+    done: Option<crate::metrics::Completion>,
     sent: u64,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.size.observe(self.sent as f64);
+        if let Some(done) = self.done.take() {
+            done.record(self.sent);
+        }
     }
 }
 
@@ -31,10 +34,24 @@ impl hyper::body::Body for Counted {
 
     fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &r {
-            if let Some(d) = frame.data_ref() {
-                self.sent += d.len() as u64;
+        match &r {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.sent += d.len() as u64;
+                } else if let Some(t) = frame.trailers_ref() {
+                    if let Some(done) = self.done.as_mut() {
+                        done.trailers(t);
+                    }
+                }
             }
+            // The end: recorded now rather than whenever the connection
+            // lets go of the body.
+            std::task::Poll::Ready(None) => {
+                if let Some(done) = self.done.take() {
+                    done.record(self.sent);
+                }
+            }
+            _ => {}
         }
         r
     }
@@ -109,5 +126,48 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Activity<I> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// A TCP stream's client side, its bytes counted in its metrics (read:
+/// from the client; written: to it).
+pub struct Metered<I> {
+    inner: I,
+    conn: Option<crate::metrics::TcpConn>,
+}
+
+impl<I> Metered<I> {
+    pub fn new(inner: I, conn: Option<crate::metrics::TcpConn>) -> Self {
+        Metered { inner, conn }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<I> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if let (Some(c), true) = (&self.conn, n > 0) {
+            c.received.inc_by(n as u64);
+        }
+        r
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<I> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let (Some(c), std::task::Poll::Ready(Ok(n))) = (&self.conn, &r) {
+            c.sent.inc_by(*n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

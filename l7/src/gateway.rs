@@ -420,7 +420,9 @@ where
     let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let born = std::time::Instant::now();
     let io = crate::body::Activity::new(io, last.clone(), born);
-    let relayed = proxy.upstreams().passthrough_to(&snap, &dest, &vs.namespace, o.server.number, peer.ip(), io, None, &mut rng);
+    let (own_id, name) = proxy.own_identity();
+    let meter = crate::metrics::TcpLog::new(crate::metrics::Source::Proxy(name, Some(pod), &own_id), &snap, peer);
+    let relayed = proxy.upstreams().passthrough_to(&snap, &dest, &vs.namespace, o.server.number, peer.ip(), io, None, &mut rng, Some((&proxy.metrics, meter)));
     tokio::select! {
         ok = relayed => if !ok {
             let host = dest.host.clone();

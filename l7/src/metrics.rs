@@ -3,35 +3,27 @@
 //! reporter="waypoint"), its access log (one line per request), and the
 //! Prometheus endpoint that serves them.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
-use skiff_core::model::{ServiceInfo, Snapshot, Workload};
+use skiff_core::{
+    model::{ServiceInfo, Snapshot, Workload},
+    telemetry::Peer,
+};
 use skiff_hbone::identity::Identity;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-const LABELS: [&str; 15] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_version",
-    "request_protocol",
-    "response_code",
-    "response_flags",
-    "connection_security_policy",
-];
+use skiff_core::telemetry::{ServiceLabels, REQUEST_LABELS as LABELS, TCP_LABELS};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -43,6 +35,12 @@ pub struct Metrics {
     /// `istio_request_bytes` / `istio_response_bytes`: body sizes.
     request_bytes: HistogramVec,
     response_bytes: HistogramVec,
+    /// The label sets of the TCP stream metrics, as `series`.
+    tcp_series: skiff_core::series::SeriesUse,
+    tcp_opened: IntCounterVec,
+    tcp_closed: IntCounterVec,
+    tcp_sent: IntCounterVec,
+    tcp_received: IntCounterVec,
     /// Bytes through HBONE streams (both directions).
     pub tcp: IntCounter,
     /// HBONE connections over an admission bound, by bound.
@@ -52,49 +50,71 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(Opts::new("istio_requests_total", "Requests handled"), &LABELS).expect("valid");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid");
+            registry.register(Box::new(c.clone())).expect("once");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &LABELS).expect("valid");
+            registry.register(Box::new(h.clone())).expect("once");
+            h
+        };
+        let requests = counter("istio_requests_total", "Requests handled", &LABELS);
         // Istio's buckets (its stats filter's defaults): durations up to an
         // hour, sizes by powers of ten up to 1 GB.
-        let duration = HistogramVec::new(
-            HistogramOpts::new("istio_request_duration_milliseconds", "Request duration").buckets(vec![
+        let duration = histogram(
+            "istio_request_duration_milliseconds",
+            "Request duration, from the request's arrival to the response's last byte",
+            vec![
                 0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0,
                 3600000.0,
-            ]),
-            &LABELS,
-        )
-        .expect("valid");
+            ],
+        );
         let sizes = || (0..10).map(|i| 10f64.powi(i)).collect::<Vec<f64>>();
-        let request_bytes =
-            HistogramVec::new(HistogramOpts::new("istio_request_bytes", "Request body size (bytes)").buckets(sizes()), &LABELS).expect("valid");
-        let response_bytes =
-            HistogramVec::new(HistogramOpts::new("istio_response_bytes", "Response body size (bytes), counted as it is sent").buckets(sizes()), &LABELS)
-                .expect("valid");
-        registry.register(Box::new(request_bytes.clone())).expect("once");
-        registry.register(Box::new(response_bytes.clone())).expect("once");
+        let request_bytes = histogram("istio_request_bytes", "Request body size (bytes)", sizes());
+        let response_bytes = histogram("istio_response_bytes", "Response body size (bytes), as sent", sizes());
+        let tcp_opened = counter("istio_tcp_connections_opened_total", "TCP streams opened", &TCP_LABELS);
+        let tcp_closed = counter("istio_tcp_connections_closed_total", "TCP streams closed", &TCP_LABELS);
+        let tcp_sent = counter("istio_tcp_sent_bytes_total", "Bytes sent in the response direction (server to client)", &TCP_LABELS);
+        let tcp_received = counter("istio_tcp_received_bytes_total", "Bytes received in the request direction (client to server)", &TCP_LABELS);
         let tcp = IntCounter::new("skiff_waypoint_tunnel_bytes_total", "Bytes through HBONE streams").expect("valid");
-        registry.register(Box::new(requests.clone())).expect("once");
-        registry.register(Box::new(duration.clone())).expect("once");
         registry.register(Box::new(tcp.clone())).expect("once");
-        let admission_refused = IntCounterVec::new(
-            Opts::new(
-                "skiff_hbone_admission_refused_total",
-                "HBONE connections closed unserved because an admission bound was reached (see --hbone-max-*), by bound",
-            ),
+        let admission_refused = counter(
+            "skiff_hbone_admission_refused_total",
+            "HBONE connections closed unserved because an admission bound was reached (see --hbone-max-*), by bound",
             &["reason"],
-        )
-        .expect("valid");
-        registry.register(Box::new(admission_refused.clone())).expect("once");
-        Metrics { registry, series: Default::default(), requests, duration, request_bytes, response_bytes, tcp, admission_refused }
+        );
+        // Every bound's series from the start, at 0: a dashboard shows "none
+        // refused" rather than no data.
+        for r in skiff_hbone::limits::Refused::ALL {
+            admission_refused.with_label_values(&[r.as_str()]);
+        }
+        Metrics {
+            registry,
+            series: Default::default(),
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+            tcp_series: Default::default(),
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            tcp,
+            admission_refused,
+        }
     }
 
-    /// Removes the request metrics' label sets that name a workload or
-    /// Service no longer in `snap` and that no request used for `grace`
-    /// (so their last counts are scraped first). Returns how many.
+    /// Removes the request and TCP metrics' label sets that name a
+    /// workload or Service no longer in `snap` and that nothing used for
+    /// `grace` (so their last counts are scraped first). Returns how many.
     pub fn prune(&self, snap: &Snapshot, grace: Duration) -> usize {
         use skiff_core::series::NamedAt;
-        // Positions in LABELS.
-        let workloads = [NamedAt { namespace: 2, name: 1 }, NamedAt { namespace: 5, name: 4 }];
-        let services = [NamedAt { namespace: 9, name: 8 }];
+        let ([(wn0, w0), (wn1, w1)], (sn, s)) = skiff_core::telemetry::NAMED_AT;
+        let workloads = [NamedAt { namespace: wn0, name: w0 }, NamedAt { namespace: wn1, name: w1 }];
+        let services = [NamedAt { namespace: sn, name: s }];
         let gone = self.series.take_gone(snap, grace, &workloads, &services);
         for v in &gone {
             let values: Vec<&str> = v.iter().map(String::as_str).collect();
@@ -103,19 +123,26 @@ impl Metrics {
             let _ = self.request_bytes.remove_label_values(&values);
             let _ = self.response_bytes.remove_label_values(&values);
         }
-        gone.len()
+        let tcp_gone = self.tcp_series.take_gone(snap, grace, &workloads, &services);
+        for v in &tcp_gone {
+            let values: Vec<&str> = v.iter().map(String::as_str).collect();
+            for vec in [&self.tcp_opened, &self.tcp_closed, &self.tcp_sent, &self.tcp_received] {
+                let _ = vec.remove_label_values(&values);
+            }
+        }
+        gone.len() + tcp_gone.len()
     }
 
-    /// Label sets of the request metrics now.
+    /// Label sets of the request and TCP metrics now.
     pub fn series(&self) -> usize {
-        self.series.len()
+        self.series.len() + self.tcp_series.len()
     }
 
     pub fn render(&self) -> String {
         use prometheus::Encoder as _;
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        String::from_utf8(buf).unwrap_or_default() + &skiff_core::telemetry::process_metrics()
     }
 }
 
@@ -157,16 +184,13 @@ pub struct RequestLog {
     /// `waypoint`, or `source` at the ingress gateway (Istio's gateways
     /// report as the source of the requests they send on).
     reporter: &'static str,
-    source_workload: String,
-    source_namespace: String,
-    source_principal: String,
-    destination_workload: String,
-    destination_namespace: String,
-    destination_principal: String,
-    destination_version: String,
+    source: Peer,
+    destination: Peer,
     service: String,
     service_name: String,
     service_namespace: String,
+    /// `grpc` for a gRPC request, else `http` (Istio's values, whatever
+    /// the HTTP version).
     protocol: &'static str,
     peer: SocketAddr,
     method: String,
@@ -186,8 +210,34 @@ pub enum Source<'a> {
     /// address.
     Peer(&'a Identity),
     /// The proxy itself (the ingress gateway, which the backends see as
-    /// the client): its workload name and identity.
-    Proxy(&'a str, &'a Identity),
+    /// the client): its workload name, its own pod if found, and identity.
+    Proxy(&'a str, Option<&'a Workload>, &'a Identity),
+}
+
+impl Source<'_> {
+    /// The reporter and the source's labels of a request or stream from
+    /// `peer`.
+    fn labels(&self, snap: &Snapshot, peer: SocketAddr) -> (&'static str, Peer) {
+        match self {
+            Source::Peer(id) => {
+                let w = match peer {
+                    SocketAddr::V4(a) => snap.workload_by_ip(*a.ip()),
+                    SocketAddr::V6(_) => None,
+                };
+                let mut p = match w {
+                    Some(w) => Peer::of_workload(w, &id.trust_domain),
+                    None => Peer { namespace: id.namespace.clone(), ..Peer::unknown() },
+                };
+                // The identity the peer proved, whatever pod has the address.
+                p.principal = id.to_string();
+                ("waypoint", p)
+            }
+            Source::Proxy(workload, pod, id) => {
+                let labels = pod.map(|w| w.labels.clone()).unwrap_or_default();
+                ("source", Peer::of(workload, &id.namespace, &labels, id.to_string()))
+            }
+        }
+    }
 }
 
 impl RequestLog {
@@ -201,32 +251,21 @@ impl RequestLog {
         peer: SocketAddr,
         method: &http::Method,
         path: &str,
-        protocol: &'static str,
+        grpc: bool,
         trace_id: &str,
     ) -> RequestLog {
-        let (reporter, source_workload, id) = match source {
-            Source::Peer(id) => {
-                let src = match peer {
-                    SocketAddr::V4(a) => snap.workload_by_ip(*a.ip()),
-                    SocketAddr::V6(_) => None,
-                };
-                ("waypoint", src.map(|w| w.workload_name.clone()).unwrap_or_else(|| "unknown".into()), id)
-            }
-            Source::Proxy(workload, id) => ("source", workload.to_owned(), id),
+        let (reporter, src) = source.labels(snap, peer);
+        let trust_domain = match &source {
+            Source::Peer(id) | Source::Proxy(_, _, id) => id.trust_domain.clone(),
         };
         let mut log = RequestLog {
             reporter,
-            source_workload,
-            source_namespace: id.namespace.clone(),
-            source_principal: id.to_string(),
-            destination_workload: "unknown".into(),
-            destination_namespace: "unknown".into(),
-            destination_principal: "unknown".into(),
-            destination_version: "unknown".into(),
+            source: src,
+            destination: Peer::unknown(),
             service: "unknown".into(),
             service_name: "unknown".into(),
             service_namespace: "unknown".into(),
-            protocol,
+            protocol: if grpc { "grpc" } else { "http" },
             peer,
             method: method.to_string(),
             path: path.to_owned(),
@@ -235,7 +274,7 @@ impl RequestLog {
             flags: Vec::new(),
             retries: 0,
             request_bytes: 0,
-            trust_domain: id.trust_domain.clone(),
+            trust_domain,
         };
         if let Some(svc) = svc {
             log.set_service(svc);
@@ -245,65 +284,189 @@ impl RequestLog {
 
     /// The destination Service, once known.
     pub fn set_service(&mut self, svc: &ServiceInfo) {
-        self.destination_namespace = svc.namespace.clone();
+        self.destination.namespace = svc.namespace.clone();
         self.service = svc.hostname();
         self.service_name = svc.name.clone();
         self.service_namespace = svc.namespace.clone();
     }
 
     pub fn set_destination(&mut self, w: &Workload) {
-        self.destination_workload = w.workload_name.clone();
-        self.destination_namespace = w.namespace.clone();
-        self.destination_principal = format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, w.namespace, w.service_account);
-        self.destination_version = w.labels.get("version").cloned().unwrap_or_else(|| "unknown".into());
+        self.destination = Peer::of_workload(w, &self.trust_domain);
     }
 
-    /// Counts the request and logs it; returns the response-size
-    /// histogram of its label set, for the body as it is sent
-    /// ([`crate::body::counted`]).
-    pub fn finish(self, m: &Metrics, code: u16, took: Duration) -> prometheus::Histogram {
-        let flags = if self.flags.is_empty() { "-".to_owned() } else { self.flags.join(",") };
-        let code_s = code.to_string();
-        let values = [
-            self.reporter,
-            &self.source_workload,
-            &self.source_namespace,
-            &self.source_principal,
-            &self.destination_workload,
-            &self.destination_namespace,
-            &self.destination_principal,
-            &self.service,
-            &self.service_name,
-            &self.service_namespace,
-            &self.destination_version,
-            self.protocol,
-            &code_s,
-            &flags,
-            "mutual_tls",
-        ];
+    /// The response's status is known: what is left is recorded when its
+    /// body ends ([`Completion`], carried by [`crate::body::counted`]),
+    /// as Istio's proxies record at the end of the stream.
+    pub fn finish(self, m: &Arc<Metrics>, code: u16, headers: &http::HeaderMap, start: Instant) -> Completion {
+        let grpc_status = (self.protocol == "grpc").then(|| grpc_status(headers).unwrap_or_else(|| http_to_grpc(code).to_string()));
+        Completion { log: self, metrics: m.clone(), code, grpc_status, start }
+    }
+
+    fn values<'a>(&'a self, code: &'a str, grpc: &'a str, flags: &'a str) -> [&'a str; 25] {
+        let service = ServiceLabels { host: &self.service, name: &self.service_name, namespace: &self.service_namespace };
+        let tcp = skiff_core::telemetry::tcp_values(self.reporter, &self.source, &self.destination, service, self.protocol, flags, security_policy(self.reporter));
+        skiff_core::telemetry::request_values(tcp, code, grpc)
+    }
+}
+
+/// Istio's `connection_security_policy`: `mutual_tls` where the proxy
+/// received the request or stream over mutual TLS (a waypoint, from
+/// HBONE); `unknown` for a source reporter (the gateway), whose client
+/// connection is not the mesh's.
+fn security_policy(reporter: &str) -> &'static str {
+    if reporter == "source" {
+        "unknown"
+    } else {
+        "mutual_tls"
+    }
+}
+
+/// `grpc-status` of a header or trailer block, when it is a number.
+fn grpc_status(h: &http::HeaderMap) -> Option<String> {
+    let v = h.get("grpc-status")?.to_str().ok()?.trim();
+    v.parse::<u32>().ok().map(|n| n.to_string())
+}
+
+/// The gRPC status a gRPC client sees for an HTTP status without a
+/// `grpc-status` (gRPC's "HTTP to gRPC Status Code Mapping", as Envoy
+/// infers it): 400 INTERNAL, 401 UNAUTHENTICATED, 403 PERMISSION_DENIED,
+/// 404 UNIMPLEMENTED, 429/502/503/504 UNAVAILABLE, anything else UNKNOWN.
+fn http_to_grpc(code: u16) -> u32 {
+    match code {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// A request whose response is on its way: recorded (metrics and the
+/// access-log line) once, when the response body ends or is dropped.
+pub struct Completion {
+    log: RequestLog,
+    metrics: Arc<Metrics>,
+    code: u16,
+    /// For gRPC: the status so far (headers, or inferred from the HTTP
+    /// status); trailers replace it.
+    grpc_status: Option<String>,
+    start: Instant,
+}
+
+impl Completion {
+    /// The response's trailers arrived.
+    pub fn trailers(&mut self, t: &http::HeaderMap) {
+        if self.grpc_status.is_some() {
+            if let Some(s) = grpc_status(t) {
+                self.grpc_status = Some(s);
+            }
+        }
+    }
+
+    /// The response body ended (or was abandoned) after `sent` bytes.
+    pub fn record(self, sent: u64) {
+        let took = self.start.elapsed();
+        let log = &self.log;
+        let m = &self.metrics;
+        let flags = if log.flags.is_empty() { "-".to_owned() } else { log.flags.join(",") };
+        let code_s = self.code.to_string();
+        let grpc = self.grpc_status.as_deref().unwrap_or("");
+        let values = log.values(&code_s, grpc, &flags);
         m.requests.with_label_values(&values).inc();
         m.duration.with_label_values(&values).observe(took.as_secs_f64() * 1000.0);
-        m.request_bytes.with_label_values(&values).observe(self.request_bytes as f64);
-        let response_bytes = m.response_bytes.with_label_values(&values);
+        m.request_bytes.with_label_values(&values).observe(log.request_bytes as f64);
+        m.response_bytes.with_label_values(&values).observe(sent as f64);
         m.series.record(&values);
         info!(
             target: "access",
-            method = %self.method,
-            path = %self.path,
-            rewritten = %self.rewritten.as_deref().unwrap_or("-"),
-            code,
+            method = %log.method,
+            path = %log.path,
+            rewritten = %log.rewritten.as_deref().unwrap_or("-"),
+            code = self.code,
+            grpc_status = %grpc,
             response_flags = %flags,
-            src.addr = %self.peer,
-            src.identity = %self.source_principal,
-            dst.service = %self.service,
-            dst.workload = %self.destination_workload,
-            dst.version = %self.destination_version,
-            retries = self.retries,
+            src.addr = %log.peer,
+            src.workload = %log.source.workload,
+            src.namespace = %log.source.namespace,
+            src.identity = %log.source.principal,
+            dst.service = %log.service,
+            dst.workload = %log.destination.workload,
+            dst.namespace = %log.destination.namespace,
+            dst.identity = %log.destination.principal,
+            dst.version = %log.destination.version,
+            retries = log.retries,
+            bytes_sent = sent,
+            bytes_received = log.request_bytes,
             duration_ms = took.as_millis() as u64,
-            trace_id = %self.trace_id,
+            trace_id = %log.trace_id,
             "request complete"
         );
-        response_bytes
+    }
+}
+
+/// A TCP stream through the proxy (a waypoint's TCP port, a gateway's TCP
+/// or TLS passthrough server): its labels, until its endpoint is chosen.
+pub struct TcpLog {
+    reporter: &'static str,
+    source: Peer,
+    service: String,
+    service_name: String,
+    service_namespace: String,
+    trust_domain: String,
+}
+
+impl TcpLog {
+    /// A stream from `peer`, to a Service not known yet (see
+    /// [`TcpLog::set_service`]).
+    pub fn new(source: Source<'_>, snap: &Snapshot, peer: SocketAddr) -> TcpLog {
+        let (reporter, src) = source.labels(snap, peer);
+        let trust_domain = match &source {
+            Source::Peer(id) | Source::Proxy(_, _, id) => id.trust_domain.clone(),
+        };
+        let unknown = || "unknown".to_owned();
+        TcpLog { reporter, source: src, service: unknown(), service_name: unknown(), service_namespace: unknown(), trust_domain }
+    }
+
+    /// The Service the stream's route goes to.
+    pub fn set_service(&mut self, svc: &ServiceInfo) {
+        self.service = svc.hostname();
+        self.service_name = svc.name.clone();
+        self.service_namespace = svc.namespace.clone();
+    }
+
+    /// The stream is open to `endpoint` (a pod, or None: outside the
+    /// mesh or not reached, with `flags`): counts it opened and returns
+    /// its counters; it counts closed when they drop.
+    pub fn open(&self, m: &Metrics, endpoint: Option<&Workload>, flags: &'static str) -> TcpConn {
+        let destination = match endpoint {
+            Some(w) => Peer::of_workload(w, &self.trust_domain),
+            None => Peer { namespace: self.service_namespace.clone(), ..Peer::unknown() },
+        };
+        let service = ServiceLabels { host: &self.service, name: &self.service_name, namespace: &self.service_namespace };
+        let values = skiff_core::telemetry::tcp_values(self.reporter, &self.source, &destination, service, "tcp", flags, security_policy(self.reporter));
+        m.tcp_series.record(&values);
+        m.tcp_opened.with_label_values(&values).inc();
+        TcpConn {
+            sent: m.tcp_sent.with_label_values(&values),
+            received: m.tcp_received.with_label_values(&values),
+            closed: m.tcp_closed.with_label_values(&values),
+        }
+    }
+}
+
+/// One open TCP stream's counters.
+pub struct TcpConn {
+    /// Towards the client.
+    pub sent: IntCounter,
+    /// From the client.
+    pub received: IntCounter,
+    closed: IntCounter,
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        self.closed.inc();
     }
 }
 
@@ -350,13 +513,13 @@ mod tests {
             Snapshot::from_objects(objects).unwrap()
         };
         let (busy, left) = (snap(100), snap(0));
-        let m = Metrics::new();
+        let m = Arc::new(Metrics::new());
         let peer_id = Identity::new("cluster.local", "shop", "default");
         for svc in busy.services.values() {
-            let mut log = RequestLog::new(Some(svc), Source::Peer(&peer_id), &busy, "10.0.9.9:5000".parse().unwrap(), &http::Method::GET, "/", "http", "t");
+            let mut log = RequestLog::new(Some(svc), Source::Peer(&peer_id), &busy, "10.0.9.9:5000".parse().unwrap(), &http::Method::GET, "/", false, "t");
             let w = busy.workloads.values().find(|w| w.name == svc.name).unwrap();
             log.set_destination(w);
-            log.finish(&m, 200, Duration::from_millis(1));
+            log.finish(&m, 200, &Default::default(), Instant::now()).record(10);
         }
         assert_eq!(m.series(), 100);
         assert_eq!(m.prune(&busy, Duration::ZERO), 0, "nothing of a live workload goes");

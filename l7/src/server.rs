@@ -350,6 +350,11 @@ impl Proxy {
     }
 
     /// `--http-idle-timeout`.
+    /// The proxy's own mesh identity, and its workload name.
+    pub(crate) fn own_identity(&self) -> (Identity, &str) {
+        (Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account), &self.cfg.name)
+    }
+
     pub(crate) fn idle_timeout(&self) -> Duration {
         self.cfg.http.idle_timeout
     }
@@ -500,7 +505,8 @@ impl Proxy {
             let snap = self.cluster.borrow().clone();
             let mut rng = fastrand::Rng::new();
             let (dest, host_ns) = route::select_tcp(&snap, &svc, port.port, std::net::IpAddr::V4(*target.ip()), &self.cfg.namespace, &mut rng);
-            self.upstreams.passthrough_to(&snap, &dest, &host_ns, port.port, peer.ip(), ours, Some(target), &mut rng).await;
+            let meter = crate::metrics::TcpLog::new(Source::Peer(&peer_id), &snap, peer);
+            self.upstreams.passthrough_to(&snap, &dest, &host_ns, port.port, peer.ip(), ours, Some(target), &mut rng, Some((&self.metrics, meter))).await;
             return;
         }
         let ctx = Arc::new(StreamCtx { entry: Entry::Service { svc: Box::new(svc), port, target }, peer, peer_id: Some(peer_id) });
@@ -629,13 +635,14 @@ impl Proxy {
         let trace = trace::continue_or_start(&parts.headers, &trace::random_id(&mut rng, 16), &trace::random_id(&mut rng, 8));
         let headers = normalize::joined_headers(&parts.headers);
         let raw_path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-        let protocol = if parts.version == http::Version::HTTP_2 { "http2" } else { "http" };
+        let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
         let own_id = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
+        let own_pod = self.own_pod(&snap);
         let (entry_svc, source) = match (&ctx.entry, &ctx.peer_id) {
             (Entry::Service { svc, .. }, Some(id)) => (Some(&**svc), Source::Peer(id)),
-            _ => (None, Source::Proxy(&self.cfg.name, &own_id)),
+            _ => (None, Source::Proxy(&self.cfg.name, own_pod, &own_id)),
         };
-        let mut log = RequestLog::new(entry_svc, source, &snap, ctx.peer, &parts.method, &raw_path, protocol, &trace.trace_id);
+        let mut log = RequestLog::new(entry_svc, source, &snap, ctx.peer, &parts.method, &raw_path, grpc, &trace.trace_id);
         // Policy, routing and the upstream all see one normalized path.
         let Some(path) = normalize::normalize_path(&raw_path) else {
             log.flags.push("-");
@@ -650,7 +657,6 @@ impl Proxy {
             Entry::Gateway { port, scheme, .. } => (*port, *scheme),
         };
         let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port, scheme };
-        let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
         let routed = match self.choose(&snap, &ctx, &info, &raw_path) {
             Ok(r) => r,
             Err(Chosen::Answer(r)) => return self.finish(log, start, Ok((*r, None)), &Default::default()),
@@ -847,8 +853,8 @@ impl Proxy {
             }
         };
         route::apply_header_ops(resp.headers_mut(), response_ops);
-        let size = log.finish(&self.metrics, resp.status().as_u16(), start.elapsed());
-        resp.map(|b| crate::body::counted(b, size))
+        let done = log.finish(&self.metrics, resp.status().as_u16(), resp.headers(), start);
+        resp.map(|b| crate::body::counted(b, done))
     }
 }
 

@@ -519,9 +519,10 @@ impl Upstreams {
         host_ns: &str,
         port: u16,
         peer: std::net::IpAddr,
-        mut io: I,
+        io: I,
         original_dst: Option<SocketAddrV4>,
         rng: &mut fastrand::Rng,
+        meter: Option<(&crate::metrics::Metrics, crate::metrics::TcpLog)>,
     ) -> bool
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -530,23 +531,50 @@ impl Upstreams {
             Ok(r) => r,
             Err(_) => {
                 debug!(destination = %dest.host, "no endpoint for a TCP stream; closed");
+                drop(meter.map(|(m, l)| l.open(m, None, "UH")));
                 return false;
             }
         };
+        let meter = meter.map(|(m, mut l)| {
+            l.set_service(&r.svc);
+            (m, l)
+        });
         let hash = matches!(r.policy.hash, Some(routing::HashKey::SourceIp)).then(|| route::key_hash(peer.to_string().as_bytes()));
-        let Some(ep) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else { return false };
+        let Some(ep) = self.choose(&r.endpoints, &r.policy, hash, &[], rng) else {
+            drop(meter.map(|(m, l)| l.open(m, None, "UH")));
+            return false;
+        };
+        // Counted opened once the endpoint is reached (else with UF).
+        let opened = |flags| {
+            let w = match &ep {
+                Endpoint::Pod(w, _) => Some(*w),
+                _ => None,
+            };
+            meter.as_ref().map(|(m, l)| l.open(m, w, flags))
+        };
         let _active = self.begin(ep.addr());
         let plain = self.plain(&ep);
         if plain && mesh_only(&r.policy) {
             refuse_plain(&ep);
+            drop(opened("UF"));
             return false;
         }
         // The DestinationRule's TLS, originated on the stream too (the
         // destination's own name as SNI: no request to take one from).
-        let Ok(tls) = self.originate(snap, &r, "", Alpn::None) else { return false };
+        let Ok(tls) = self.originate(snap, &r, "", Alpn::None) else {
+            drop(opened("UF"));
+            return false;
+        };
         if let Some(o) = tls {
-            let Ok(stream) = self.open(&ep, plain).await else { return false };
-            let Ok(mut t) = self.tls_over(ep.addr(), &o, stream).await else { return false };
+            let Ok(stream) = self.open(&ep, plain).await else {
+                drop(opened("UF"));
+                return false;
+            };
+            let Ok(mut t) = self.tls_over(ep.addr(), &o, stream).await else {
+                drop(opened("UF"));
+                return false;
+            };
+            let mut io = crate::body::Metered::new(io, opened("-"));
             if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut io, &mut t).await {
                 self.tcp.inc_by(a + b);
             }
@@ -554,11 +582,19 @@ impl Upstreams {
         }
         match ep {
             Endpoint::Pod(w, port) if !plain => {
-                let Ok((send, recv, _g)) = self.dial(w, port).await else { return false };
+                let Ok((send, recv, _g)) = self.dial(w, port).await else {
+                    drop(opened("UF"));
+                    return false;
+                };
+                let io = crate::body::Metered::new(io, opened("-"));
                 hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
             }
             _ => {
-                let Ok(mut t) = self.open(&ep, true).await else { return false };
+                let Ok(mut t) = self.open(&ep, true).await else {
+                    drop(opened("UF"));
+                    return false;
+                };
+                let mut io = crate::body::Metered::new(io, opened("-"));
                 if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut io, &mut t).await {
                     self.tcp.inc_by(a + b);
                 }

@@ -480,6 +480,24 @@ impl LocalMesh {
         self.work_dir.join("outside").join("ca.pem")
     }
 
+    /// A place to observe the mesh from, as a cluster's monitoring would:
+    /// the fabric netns, given its own address on the bridge (the fake API
+    /// server's, in kube mode) and routes to every node's pod range, so a
+    /// process there (a Prometheus server) reaches every node's and pod's
+    /// ports. Idempotent. Returns the netns and the address.
+    pub fn observer(&self) -> anyhow::Result<(String, Ipv4Addr)> {
+        let fabric = self.fabric.clone().context("no fabric")?;
+        let shown = std::process::Command::new("ip").args(["-n", &fabric, "-4", "addr", "show", "dev", "br0"]).output()?;
+        if !String::from_utf8_lossy(&shown.stdout).contains(&format!("inet {FABRIC_API_IP}/")) {
+            sys::ip_in(&fabric, &["link", "set", "lo", "up"])?;
+            sys::ip_in(&fabric, &["addr", "add", &format!("{FABRIC_API_IP}/24"), "dev", "br0"])?;
+            for (j, n) in self.nodes.iter().enumerate() {
+                sys::ip_in(&fabric, &["route", "replace", &format!("10.244.{}.0/24", j + 1), "via", &n.ip.to_string()])?;
+            }
+        }
+        Ok((fabric, FABRIC_API_IP))
+    }
+
     /// The outside host's netns (see [`Self::add_outside`]).
     pub fn outside_netns(&self) -> Option<&str> {
         self.outside_netns.as_deref()
@@ -1107,7 +1125,8 @@ impl LocalMesh {
         self.netns_http_get(&pod.netns, port, path)
     }
 
-    fn netns_http_get(&self, netns: &str, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    /// HTTP GET to 127.0.0.1:`port` inside netns `netns`.
+    pub fn netns_http_get(&self, netns: &str, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
         let ns = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{netns}")))?;
         let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         let raw = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || -> std::io::Result<String> {
@@ -1120,7 +1139,9 @@ impl LocalMesh {
             Ok(out)
         })??;
         let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("malformed HTTP response")?;
-        let body = raw.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
+        let body = if chunked { dechunk(body).context("malformed chunked body")? } else { body.to_owned() };
         Ok((status, body))
     }
 
@@ -1266,6 +1287,21 @@ pub fn tail(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The data of an HTTP/1.1 chunked body (servers such as Prometheus'
+/// answer large responses so, whatever the request's Connection).
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..n)?);
+        body = rest.get(n..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// Sums a metric family in Prometheus text format over matching series.

@@ -87,5 +87,6 @@ pub fn exposition(m: &crate::agent::AgentMetrics, pin_dir: &std::path::Path) -> 
             metric("skiff_node_capture_readable", "gauge", "Whether the pinned capture maps could be read.", &[(String::new(), 0)]);
         }
     }
+    out.push_str(&skiff_core::telemetry::process_metrics());
     out
 }

@@ -251,7 +251,7 @@ impl SignerMetrics {
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         let _ = prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        String::from_utf8(out).unwrap_or_default() + &skiff_core::telemetry::process_metrics()
     }
 }
 

@@ -553,6 +553,19 @@ fn tcp_and_tls_passthrough_servers_route_by_port_and_sni() {
     let node = mesh.node_index(mesh.pod("shop", "tcp-echo"));
     let seen = mesh.metric(node, "istio_tcp_connections_opened_total", &[("reporter", "destination"), ("source_principal", GATEWAY_PRINCIPAL), ("destination_app", "tcp-echo")]).unwrap();
     assert!(seen >= 1.0, "the echo backend's ztunnel names the gateway's principal ({seen})");
+    // The gateway reports the stream itself, with Istio's TCP labels and
+    // reporter "source" (as for its requests).
+    let gw = mesh.pod("istio-system", "istio-ingressgateway");
+    let (_, text) = mesh.pod_http_get(gw, 15020, "/metrics").unwrap();
+    let at_gateway = |metric: &str| {
+        skiff_localmesh::mesh::sum_metric(
+            &text,
+            metric,
+            &[("reporter", "source"), ("destination_service", "tcp-echo.shop.svc.cluster.local"), ("destination_app", "tcp-echo"), ("request_protocol", "tcp"), ("response_flags", "-")],
+        )
+    };
+    assert!(at_gateway("istio_tcp_connections_opened_total") >= 1.0, "{text}");
+    assert!(at_gateway("istio_tcp_received_bytes_total") >= "hello-tcp".len() as f64, "{text}");
     // TLS passed through, from the host, verifying the outside server.
     use rustls::pki_types::pem::PemObject as _;
     let ca = rustls::pki_types::CertificateDer::from_pem_file(mesh.outside_ca()).unwrap();

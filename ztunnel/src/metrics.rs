@@ -2,39 +2,17 @@
 //! and alerts work unchanged.
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+pub use skiff_core::telemetry::Peer;
 
-/// Istio's standard TCP labels, in order.
-pub const TCP_LABELS: [&str; 15] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "request_protocol",
-    "response_flags",
-    "connection_security_policy",
-];
+pub use skiff_core::telemetry::TCP_LABELS;
 
 /// Label values of one connection. Every value comes from a bounded set
 /// (workloads, services, a few fixed strings); unknown peers are "unknown".
 #[derive(Clone, Debug)]
 pub struct ConnLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
+    pub source: Peer,
+    pub destination: Peer,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
@@ -45,24 +23,9 @@ pub struct ConnLabels {
 }
 
 impl ConnLabels {
-    pub fn values(&self) -> [&str; 15] {
-        [
-            self.reporter,
-            &self.source_workload,
-            &self.source_namespace,
-            &self.source_principal,
-            &self.source_app,
-            &self.destination_workload,
-            &self.destination_namespace,
-            &self.destination_principal,
-            &self.destination_app,
-            &self.destination_service,
-            &self.destination_service_name,
-            &self.destination_service_namespace,
-            "tcp",
-            self.response_flags,
-            self.security_policy,
-        ]
+    pub fn values(&self) -> [&str; 23] {
+        let service = skiff_core::telemetry::ServiceLabels { host: &self.destination_service, name: &self.destination_service_name, namespace: &self.destination_service_namespace };
+        skiff_core::telemetry::tcp_values(self.reporter, &self.source, &self.destination, service, "tcp", self.response_flags, self.security_policy)
     }
 }
 
@@ -170,6 +133,11 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(config_rejected.clone())).expect("metric registered once");
+        // Every bound's series from the start, at 0: a dashboard shows "none
+        // refused" rather than no data.
+        for r in skiff_hbone::limits::Refused::ALL {
+            hbone_admission_refused.with_label_values(&[r.as_str()]);
+        }
         Metrics {
             registry,
             series: Default::default(),
@@ -217,9 +185,9 @@ impl Metrics {
     /// behind for the life of the process. Returns how many were removed.
     pub fn prune(&self, snap: &skiff_core::model::Snapshot, grace: std::time::Duration) -> usize {
         use skiff_core::series::NamedAt;
-        // Positions in TCP_LABELS.
-        let workloads = [NamedAt { namespace: 2, name: 1 }, NamedAt { namespace: 6, name: 5 }];
-        let services = [NamedAt { namespace: 11, name: 10 }];
+        let ([(wn0, w0), (wn1, w1)], (sn, s)) = skiff_core::telemetry::NAMED_AT;
+        let workloads = [NamedAt { namespace: wn0, name: w0 }, NamedAt { namespace: wn1, name: w1 }];
+        let services = [NamedAt { namespace: sn, name: s }];
         let gone = self.series.take_gone(snap, grace, &workloads, &services);
         for v in &gone {
             let values: Vec<&str> = v.iter().map(String::as_str).collect();
@@ -244,7 +212,7 @@ impl Metrics {
 
     /// Text exposition format.
     pub fn render(&self) -> String {
-        render(&self.registry)
+        render(&self.registry) + &skiff_core::telemetry::process_metrics()
     }
 }
 

@@ -48,7 +48,7 @@ use skiff_hbone::{
     tunnel::{self as hbone, Pool},
 };
 
-use crate::metrics::{ConnCounters, ConnLabels, Metrics};
+use crate::metrics::{ConnCounters, ConnLabels, Metrics, Peer};
 
 /// ztunnel settings.
 #[derive(Clone, Debug)]
@@ -504,24 +504,14 @@ impl Ztunnel {
         Ok((SocketAddrV4::new(ip, target_port), Some((svc.name.clone(), svc.namespace.clone()))))
     }
 
-    fn local_labels(&self, info: &WorkloadInfo) -> (String, String, String, String) {
-        (
-            info.workload_name.clone(),
-            info.namespace.clone(),
-            self.identity(&info.namespace, &info.service_account).to_string(),
-            info.labels.get("app").cloned().unwrap_or_else(|| "unknown".into()),
-        )
+    fn local_labels(&self, info: &WorkloadInfo) -> Peer {
+        Peer::of(&info.workload_name, &info.namespace, &info.labels, self.identity(&info.namespace, &info.service_account).to_string())
     }
 
-    fn remote_labels(&self, w: Option<&Workload>) -> (String, String, String, String) {
+    fn remote_labels(&self, w: Option<&Workload>) -> Peer {
         match w {
-            Some(w) => (
-                w.workload_name.clone(),
-                w.namespace.clone(),
-                self.identity(&w.namespace, &w.service_account).to_string(),
-                w.labels.get("app").cloned().unwrap_or_else(|| "unknown".into()),
-            ),
-            None => ("unknown".into(), "unknown".into(), "unknown".into(), "unknown".into()),
+            Some(w) => Peer::of(&w.workload_name, &w.namespace, &w.labels, self.identity(&w.namespace, &w.service_account).to_string()),
+            None => Peer::unknown(),
         }
     }
 
@@ -545,7 +535,7 @@ impl Ztunnel {
         let snap = self.cluster.borrow().clone();
         let span = tracing::info_span!("outbound", pod = %format!("{}/{}", info.namespace, info.name), dst = %orig);
         async move {
-            let (sw, sns, sp, sapp) = self.local_labels(&info);
+            let source = self.local_labels(&info);
             let mut routed = if orig.ip().is_loopback() || orig.ip().is_unspecified() || (*orig.ip() == info.ip && MESH_PORTS.contains(&orig.port())) {
                 Err(Refusal::NoRoute)
             } else {
@@ -579,18 +569,12 @@ impl Ztunnel {
             };
             let dst_w = target.and_then(|t| snap.workload_by_ip(*t.ip()));
             let mesh_dst = dst_w.filter(|w| !self.cfg.plaintext_mesh && Self::in_mesh(&snap, w));
-            let (dw, dns, dp, dapp) = self.remote_labels(dst_w);
+            let destination = self.remote_labels(dst_w);
             let (svc_name, svc_ns) = service.clone().or_else(|| egress.clone()).unwrap_or_else(|| ("unknown".into(), "unknown".into()));
             let mut labels = ConnLabels {
                 reporter: "source",
-                source_workload: sw,
-                source_namespace: sns,
-                source_principal: sp,
-                source_app: sapp,
-                destination_workload: dw,
-                destination_namespace: dns,
-                destination_principal: dp,
-                destination_app: dapp,
+                source,
+                destination,
                 // Never the raw IP: label values must stay a bounded set.
                 destination_service: service
                     .as_ref()
@@ -627,8 +611,9 @@ impl Ztunnel {
                 let (Some(ip), src_id) = (wp.ip, self.identity(&info.namespace, &info.service_account)) else { return };
                 let wp_id = self.identity(&wp.namespace, &wp.service_account);
                 labels.security_policy = "mutual_tls";
-                labels.destination_workload = "unknown".into();
-                labels.destination_principal = "unknown".into();
+                // The waypoint picks the endpoint: only its namespace is
+                // known here.
+                labels.destination = Peer { namespace: labels.destination.namespace.clone(), ..Peer::unknown() };
                 let via = SocketAddrV4::new(ip, PORT_INBOUND_HBONE);
                 let tunnel = Tunnel { src: src_id, dst: wp_id, via, target: orig, upstream: via };
                 return self.hbone_outbound(&info, &pod, tunnel, client, peer, orig, labels, start).await;
@@ -739,11 +724,11 @@ impl Ztunnel {
 
     fn inbound_labels(&self, snap: &Snapshot, info: &WorkloadInfo, src_ip: Ipv4Addr, dst_port: u16, principal: Option<&Identity>) -> ConnLabels {
         let src_w = snap.workload_by_ip(src_ip);
-        let (sw, sns, mut sp, sapp) = self.remote_labels(src_w);
+        let mut source = self.remote_labels(src_w);
         if let Some(p) = principal {
-            sp = p.to_string();
+            source.principal = p.to_string();
         }
-        let (dw, dns, dp, dapp) = self.local_labels(info);
+        let destination = self.local_labels(info);
         let local = snap.workloads.values().find(|w| w.uid == info.uid);
         let service = local.and_then(|w| {
             snap.services_of(w).find(|s| {
@@ -755,14 +740,8 @@ impl Ztunnel {
         });
         ConnLabels {
             reporter: "destination",
-            source_workload: sw,
-            source_namespace: sns,
-            source_principal: sp,
-            source_app: sapp,
-            destination_workload: dw,
-            destination_namespace: dns,
-            destination_principal: dp,
-            destination_app: dapp,
+            source,
+            destination,
             destination_service: service.map(|s| s.hostname()).unwrap_or_else(|| "unknown".into()),
             destination_service_name: service.map(|s| s.name.clone()).unwrap_or_else(|| "unknown".into()),
             destination_service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_else(|| "unknown".into()),
@@ -1313,15 +1292,15 @@ fn access_log(
         target: "access",
         direction,
         src.addr = %src,
-        src.workload = %l.source_workload,
-        src.namespace = %l.source_namespace,
-        src.identity = %l.source_principal,
+        src.workload = %l.source.workload,
+        src.namespace = %l.source.namespace,
+        src.identity = %l.source.principal,
         dst.addr = %orig_dst,
         dst.upstream = %upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
         dst.service = %l.destination_service,
-        dst.workload = %l.destination_workload,
-        dst.namespace = %l.destination_namespace,
-        dst.identity = %l.destination_principal,
+        dst.workload = %l.destination.workload,
+        dst.namespace = %l.destination.namespace,
+        dst.identity = %l.destination.principal,
         bytes_sent,
         bytes_received,
         duration_ms = start.elapsed().as_millis() as u64,
@@ -1473,14 +1452,8 @@ spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
             assert_eq!(svc, Some((format!("job-{i}"), "jobs".to_owned())));
             let labels = ConnLabels {
                 reporter: "source",
-                source_workload: "a".into(),
-                source_namespace: "ns".into(),
-                source_principal: "spiffe://cluster.local/ns/ns/sa/default".into(),
-                source_app: "web".into(),
-                destination_workload: format!("job-{i}"),
-                destination_namespace: "jobs".into(),
-                destination_principal: "spiffe://cluster.local/ns/jobs/sa/default".into(),
-                destination_app: format!("job-{i}"),
+                source: Peer::of("a", "ns", &[("app".to_owned(), "web".to_owned())].into(), "spiffe://cluster.local/ns/ns/sa/default".into()),
+                destination: Peer::of(&format!("job-{i}"), "jobs", &Default::default(), "spiffe://cluster.local/ns/jobs/sa/default".into()),
                 destination_service: format!("job-{i}.jobs.svc.cluster.local"),
                 destination_service_name: format!("job-{i}"),
                 destination_service_namespace: "jobs".into(),
