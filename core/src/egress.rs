@@ -47,6 +47,10 @@ impl OutboundPolicy {
 pub struct MeshConfig {
     /// `outboundTrafficPolicy.mode`; None when not set.
     pub outbound_policy: Option<OutboundPolicy>,
+    /// `extensionProviders`: the tracing providers, by name.
+    pub tracing_providers: BTreeMap<String, crate::telemetry_api::Provider>,
+    /// `defaultProviders.tracing`.
+    pub default_tracing: Vec<String>,
     /// Top-level fields of the mesh config Skiff does not read (reported).
     pub not_read: Vec<String>,
 }
@@ -66,6 +70,21 @@ pub fn mesh_config_from(text: &str) -> Result<MeshConfig, FieldError> {
     let mut out = MeshConfig::default();
     if let Some(obj) = v.as_object() {
         for (k, val) in obj {
+            if k == "extensionProviders" {
+                let (providers, not_read) = crate::telemetry_api::providers_from(val, k);
+                out.tracing_providers = providers;
+                out.not_read.extend(not_read);
+                continue;
+            }
+            if k == "defaultProviders" {
+                for (kind, names) in val.as_object().into_iter().flatten() {
+                    match (kind.as_str(), names.as_array()) {
+                        ("tracing", Some(names)) => out.default_tracing = names.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect(),
+                        _ => out.not_read.push(format!("defaultProviders.{kind}")),
+                    }
+                }
+                continue;
+            }
             if k != "outboundTrafficPolicy" {
                 out.not_read.push(k.clone());
                 continue;

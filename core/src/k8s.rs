@@ -50,6 +50,9 @@ pub enum Object {
     DestinationRule(DestinationRule),
     Gateway(Gateway),
     ServiceEntry(ServiceEntry),
+    /// `telemetry.istio.io` Telemetry: its `tracing` is read by waypoints
+    /// and gateways.
+    Telemetry(Telemetry),
     /// Only `istio` (Istio's mesh config, key `mesh`) is read, by ztunnel,
     /// in its root namespace.
     ConfigMap(ConfigMap),
@@ -1049,6 +1052,106 @@ pub struct WorkloadEntrySpec {
     pub service_account: Option<String>,
 }
 
+/// `telemetry.istio.io` Telemetry (v1, v1alpha1). Every field of Istio's
+/// Telemetry is here; the model refuses what Skiff does not honour.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Telemetry {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: TelemetrySpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetrySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tracing: Vec<TracingSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_logging: Option<serde_json::Value>,
+}
+
+/// Istio's `PolicyTargetReference`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyTargetRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSpec {
+    #[serde(rename = "match", default, skip_serializing_if = "Option::is_none")]
+    pub match_: Option<TracingSelector>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<ProviderRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_sampling_percentage: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disable_span_reporting: Option<bool>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom_tags: BTreeMap<String, CustomTagSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_request_id_for_trace_sampling: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderRef {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomTagSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub literal: Option<LiteralTag>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<NamedTag>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<NamedTag>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LiteralTag {
+    #[serde(default)]
+    pub value: String,
+}
+
+/// An environment variable's or a request header's name, and a default.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NamedTag {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_value: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigMap {
@@ -1283,6 +1386,7 @@ fn parse_value(index: usize, value: &serde_json::Value, out: &mut Vec<Object>) -
     let core = api_version == "v1";
     let apps = api_version == "apps/v1";
     let security = matches!(api_version.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1");
+    let telemetry = matches!(api_version.as_str(), "telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1");
     let networking = matches!(
         api_version.as_str(),
         "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
@@ -1327,6 +1431,7 @@ fn parse_value(index: usize, value: &serde_json::Value, out: &mut Vec<Object>) -
         "DestinationRule" if networking => istio(value, Object::DestinationRule, &field, &invalid),
         "Gateway" if networking => istio(value, Object::Gateway, &field, &invalid),
         "ServiceEntry" if networking => istio(value, Object::ServiceEntry, &field, &invalid),
+        "Telemetry" if telemetry => istio(value, Object::Telemetry, &field, &invalid),
         "Secret" if core => typed_or(typed(value).map(Object::Secret)),
         "ConfigMap" if core => typed_or(typed(value).map(Object::ConfigMap)),
         _ => Object::Other { api_version, kind },
@@ -1385,6 +1490,7 @@ impl Object {
             Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
             Object::Gateway(o) => ("Gateway", &o.metadata),
             Object::ServiceEntry(o) => ("ServiceEntry", &o.metadata),
+            Object::Telemetry(o) => ("Telemetry", &o.metadata),
             Object::Secret(o) => ("Secret", &o.metadata),
             Object::ConfigMap(o) => ("ConfigMap", &o.metadata),
             Object::Other { kind, .. } => return kind.clone(),

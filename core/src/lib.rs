@@ -27,6 +27,7 @@ pub mod policy;
 pub mod routing;
 pub mod series;
 pub mod telemetry;
+pub mod telemetry_api;
 pub mod source;
 pub mod zds;
 

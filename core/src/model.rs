@@ -146,6 +146,8 @@ pub struct Snapshot {
     /// Istio's mesh config (ConfigMap `istio`, key `mesh`), by namespace
     /// (ztunnel reads its root namespace's).
     pub mesh_configs: BTreeMap<String, crate::egress::MeshConfig>,
+    /// Telemetry objects (their tracing: waypoints and gateways).
+    pub telemetries: Vec<crate::telemetry_api::TelemetryPolicy>,
     /// Secrets, by `namespace/name`: only the ingress gateway's source
     /// passes any (those of its own namespace).
     pub secrets: BTreeMap<String, SecretData>,
@@ -308,6 +310,7 @@ fn kind_name(kind: &str) -> &'static str {
         "Gateway" => "Gateway",
         "Secret" => "Secret",
         "ServiceEntry" => "ServiceEntry",
+        "Telemetry" => "Telemetry",
         "ConfigMap" => "ConfigMap",
         _ => "",
     }
@@ -430,6 +433,7 @@ impl Snapshot {
                 Object::Gateway(o) => ("Gateway", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::Secret(o) => ("Secret", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 Object::ServiceEntry(o) => ("ServiceEntry", o.metadata.namespace.clone(), o.metadata.name.clone()),
+                Object::Telemetry(o) => ("Telemetry", o.metadata.namespace.clone(), o.metadata.name.clone()),
                 // Only Istio's mesh config is read.
                 Object::ConfigMap(o) if o.metadata.name.as_deref() != Some(crate::egress::MESH_CONFIG_MAP) => continue,
                 Object::ConfigMap(o) => ("ConfigMap", o.metadata.namespace.clone(), o.metadata.name.clone()),
@@ -670,7 +674,7 @@ impl Snapshot {
                 if !mc.not_read.is_empty() {
                     self.warnings.push(err(
                         &format!("data.{}", crate::egress::MESH_CONFIG_KEY),
-                        format!("Skiff reads outboundTrafficPolicy from the mesh config; these fields are not read: {}", mc.not_read.join(", ")),
+                        format!("Skiff reads outboundTrafficPolicy, extensionProviders (tracing: zipkin, opentelemetry over http) and defaultProviders.tracing from the mesh config; these fields are not read: {}", mc.not_read.join(", ")),
                     ));
                 }
                 self.mesh_configs.insert(namespace, mc);
@@ -678,6 +682,10 @@ impl Snapshot {
             Object::ServiceEntry(e) => {
                 let e = crate::egress::service_entry_from(e).map_err(|(f, m)| err(&f, m))?;
                 self.service_entries.push(e);
+            }
+            Object::Telemetry(t) => {
+                let t = crate::telemetry_api::telemetry_from(t).map_err(|(f, m)| err(&f, m))?;
+                self.telemetries.push(t);
             }
             Object::Secret(sec) => {
                 use base64::Engine as _;
@@ -717,6 +725,7 @@ impl Snapshot {
                 "DestinationRule" => prev.destination_rules.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.destination_rules.push(p)).is_some(),
                 "Gateway" => prev.gateways.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.gateways.push(p)).is_some(),
                 "ServiceEntry" => prev.service_entries.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.service_entries.push(p)).is_some(),
+                "Telemetry" => prev.telemetries.iter().find(|p| same(&p.namespace, &p.name)).cloned().map(|p| self.telemetries.push(p)).is_some(),
                 "ConfigMap" => prev.mesh_configs.get(&key.namespace).cloned().map(|p| self.mesh_configs.insert(key.namespace.clone(), p)).is_some(),
                 "Secret" => {
                     let k = format!("{}/{}", key.namespace, key.name);
@@ -742,7 +751,7 @@ impl Snapshot {
                 // locks egress down: REGISTRY_ONLY until it is fixed.
                 self.mesh_configs.insert(
                     key.namespace.clone(),
-                    crate::egress::MeshConfig { outbound_policy: Some(crate::egress::OutboundPolicy::RegistryOnly), not_read: Vec::new() },
+                    crate::egress::MeshConfig { outbound_policy: Some(crate::egress::OutboundPolicy::RegistryOnly), ..Default::default() },
                 );
                 Instead::FailClosed("outboundTrafficPolicy REGISTRY_ONLY")
             }

@@ -1310,3 +1310,79 @@ fn service_entry_fields_read_as_istio_documents() {
 fn docs_table_agrees_with_the_service_entry_readings() {
     docs_agree("ServiceEntry", "### ServiceEntry: how Skiff reads Istio's fields", SERVICE_ENTRY);
 }
+
+// ---------------------------------------------------------------------
+// Telemetry
+
+const TM: &str = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry";
+
+#[rustfmt::skip]
+const TELEMETRY: &[(&str, Reading)] = &[
+    ("selector", H), ("selector.matchLabels", H), ("targetRef", R),
+    ("targetRefs", H), ("targetRefs[].group", H), ("targetRefs[].kind", H), ("targetRefs[].name", H), ("targetRefs[].namespace", H),
+    ("tracing", H), ("tracing[].match", H), ("tracing[].match.mode", H), ("tracing[].providers", H), ("tracing[].providers[].name", H),
+    ("tracing[].randomSamplingPercentage", H), ("tracing[].disableSpanReporting", H), ("tracing[].customTags", H),
+    ("tracing[].useRequestIdForTraceSampling", D),
+    ("metrics", R), ("accessLogging", R),
+];
+
+fn scoped(t: &skiff_core::telemetry_api::TelemetryPolicy, waypoint: Option<&str>, labels: &[(&str, &str)]) -> Option<skiff_core::telemetry_api::TracingRule> {
+    let l: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let scope = skiff_core::telemetry_api::ProxyScope { namespace: "shop", waypoint, labels: Some(&l) };
+    skiff_core::telemetry_api::tracing_for(std::slice::from_ref(t), "istio-system", &scope).0
+}
+
+#[rustfmt::skip]
+fn telemetry_cases() -> Vec<Case<skiff_core::telemetry_api::TelemetryPolicy>> {
+    use skiff_core::telemetry_api::{Mode, Tag};
+    vec![
+        Case { fields: &["selector", "selector.matchLabels", "tracing", "tracing[].match", "tracing[].match.mode", "tracing[].providers", "tracing[].providers[].name",
+                "tracing[].randomSamplingPercentage", "tracing[].disableSpanReporting", "tracing[].customTags"],
+            cite: "Telemetry.selector (the workloads it applies to); Tracing: match.mode, providers (one), randomSamplingPercentage (0-100, new traces only), disableSpanReporting, customTags (literal, environment, header)",
+            spec: "{selector: {matchLabels: {app: edge}}, tracing: [{match: {mode: SERVER}, providers: [{name: otel}], randomSamplingPercentage: 5.5, disableSpanReporting: true, customTags: {team: {literal: {value: a}}, home: {environment: {name: HOME, defaultValue: x}}, user: {header: {name: X-User, defaultValue: anon}}}}]}",
+            expect: ok(|t| {
+                let r = scoped(t, None, &[("app", "edge")]).expect("selected");
+                assert_eq!((r.mode, r.providers.as_deref(), r.sampling, r.disable_reporting), (Some(Mode::Server), Some(&["otel".to_owned()][..]), Some(5.5), Some(true)));
+                let tags = r.custom_tags.unwrap();
+                assert!(tags.contains(&("team".into(), Tag::Literal("a".into()))));
+                assert!(tags.contains(&("home".into(), Tag::Environment { name: "HOME".into(), default: Some("x".into()) })));
+                assert!(tags.contains(&("user".into(), Tag::Header { name: "x-user".into(), default: Some("anon".into()) })));
+                assert!(scoped(t, None, &[("app", "other")]).is_none(), "a pod it does not select");
+                assert!(scoped(t, Some("waypoint"), &[("app", "edge")]).is_none(), "Istio ignores selectors for waypoints");
+            }) },
+        Case { fields: &["targetRefs", "targetRefs[].group", "targetRefs[].kind", "targetRefs[].name", "targetRefs[].namespace", "tracing"],
+            cite: "Telemetry.targetRefs: kind Gateway, group gateway.networking.k8s.io, in the same namespace (waypoints are chosen so)",
+            spec: "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint, namespace: shop}], tracing: [{randomSamplingPercentage: 100}]}",
+            expect: ok(|t| {
+                assert_eq!(scoped(t, Some("waypoint"), &[]).and_then(|r| r.sampling), Some(100.0));
+                assert!(scoped(t, Some("other"), &[]).is_none());
+            }) },
+        Case { fields: &["tracing[].useRequestIdForTraceSampling"], cite: "Tracing.useRequestIdForTraceSampling: taken; Skiff decides on the trace id (the same decision at every proxy), never on x-request-id",
+            spec: "{tracing: [{useRequestIdForTraceSampling: false, randomSamplingPercentage: 1}]}",
+            expect: ok(|t| assert_eq!(scoped(t, None, &[]).and_then(|r| r.sampling), Some(1.0))) },
+        Case { fields: &["targetRefs[].kind"], cite: "Telemetry.targetRefs: only kind Gateway is supported", spec: "{targetRefs: [{kind: Service, name: reviews}], tracing: [{}]}", expect: Err("spec.targetRefs[0].kind") },
+        Case { fields: &["targetRefs[].group"], cite: "PolicyTargetReference: a Gateway is in group gateway.networking.k8s.io", spec: "{targetRefs: [{kind: Gateway, name: waypoint}], tracing: [{}]}", expect: Err("spec.targetRefs[0].group") },
+        Case { fields: &["targetRefs[].namespace"], cite: "Telemetry.targetRefs: in the same namespace",
+            spec: "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint, namespace: other}], tracing: [{}]}", expect: Err("spec.targetRefs[0].namespace") },
+        Case { fields: &["targetRefs", "selector"], cite: "Telemetry: at most one of selector and targetRefs",
+            spec: "{selector: {matchLabels: {a: b}}, targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]}", expect: Err("spec.targetRefs") },
+        Case { fields: &["tracing"], cite: "one tracing entry per Telemetry (Skiff)", spec: "{tracing: [{}, {}]}", expect: Err("spec.tracing[1]") },
+        Case { fields: &["tracing[].providers"], cite: "Tracing.providers: only a single provider in a rule", spec: "{tracing: [{providers: [{name: a}, {name: b}]}]}", expect: Err("spec.tracing[0].providers[1]") },
+        Case { fields: &["tracing[].randomSamplingPercentage"], cite: "Tracing.randomSamplingPercentage: 0.00-100.00", spec: "{tracing: [{randomSamplingPercentage: 101}]}", expect: Err("spec.tracing[0].randomSamplingPercentage") },
+        Case { fields: &["tracing[].match.mode"], cite: "WorkloadMode: CLIENT_AND_SERVER, CLIENT, SERVER", spec: "{tracing: [{match: {mode: BOTH}}]}", expect: Err("spec.tracing[0].match.mode") },
+        Case { fields: &["tracing[].customTags"], cite: "CustomTag: one of literal, environment, header",
+            spec: "{tracing: [{customTags: {x: {literal: {value: a}, header: {name: b}}}}]}", expect: Err("spec.tracing[0].customTags.x") },
+    ]
+}
+
+#[test]
+fn telemetry_fields_read_as_istio_documents() {
+    let cases = telemetry_cases();
+    run("Telemetry", TM, &cases, |s| s.telemetries.first());
+    complete("Telemetry", TM, TELEMETRY, &cases, json!({"tracing": [{}]}));
+}
+
+#[test]
+fn docs_table_agrees_with_the_telemetry_readings() {
+    docs_agree("Telemetry", "### Telemetry: how Skiff reads Istio's fields", TELEMETRY);
+}

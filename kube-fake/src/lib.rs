@@ -73,6 +73,7 @@ pub const KINDS: &[Kind] = &[
     Kind { group: "networking.istio.io", version: "v1", resource: "serviceentries", kind: "ServiceEntry", namespaced: true },
     Kind { group: "security.istio.io", version: "v1", resource: "authorizationpolicies", kind: "AuthorizationPolicy", namespaced: true },
     Kind { group: "security.istio.io", version: "v1", resource: "peerauthentications", kind: "PeerAuthentication", namespaced: true },
+    Kind { group: "telemetry.istio.io", version: "v1", resource: "telemetries", kind: "Telemetry", namespaced: true },
 ];
 
 /// The kind with this `kind` name (`Pod`) or plural resource (`pods`).

@@ -127,6 +127,7 @@ pub const WATCHED: &[WatchedKind] = &[
     WatchedKind { group: "networking.istio.io", version: "v1", kind: "ServiceEntry", plural: "serviceentries", fallback: &["v1beta1", "v1alpha3"], feeds: "egress: external destinations in the registry" },
     WatchedKind { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", fallback: &["v1beta1"], feeds: "L4 and L7 authorization" },
     WatchedKind { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications", fallback: &["v1beta1"], feeds: "mTLS mode" },
+    WatchedKind { group: "telemetry.istio.io", version: "v1", kind: "Telemetry", plural: "telemetries", fallback: &["v1alpha1"], feeds: "tracing of waypoints and gateways" },
 ];
 
 impl WatchedKind {

@@ -30,6 +30,7 @@ pub mod ratelimit;
 pub mod resilience;
 pub mod route;
 pub mod server;
+pub mod spans;
 pub mod tls;
 pub mod trace;
 pub mod upstream;

@@ -202,6 +202,8 @@ pub struct RequestLog {
     /// The request body's size, once read.
     pub request_bytes: u64,
     trust_domain: String,
+    /// Its spans, ended with the response.
+    pub spans: Option<crate::spans::RequestSpans>,
 }
 
 /// Who a request's metrics name as its source.
@@ -275,6 +277,7 @@ impl RequestLog {
             retries: 0,
             request_bytes: 0,
             trust_domain,
+            spans: None,
         };
         if let Some(svc) = svc {
             log.set_service(svc);
@@ -365,7 +368,18 @@ impl Completion {
     }
 
     /// The response body ended (or was abandoned) after `sent` bytes.
-    pub fn record(self, sent: u64) {
+    pub fn record(mut self, sent: u64) {
+        if let Some(spans) = self.log.spans.take() {
+            let flags = if self.log.flags.is_empty() { "-".to_owned() } else { self.log.flags.join(",") };
+            spans.end(
+                self.code,
+                vec![
+                    opentelemetry::KeyValue::new("response_flags", flags),
+                    opentelemetry::KeyValue::new("request_size", self.log.request_bytes.to_string()),
+                    opentelemetry::KeyValue::new("response_size", sent.to_string()),
+                ],
+            );
+        }
         let took = self.start.elapsed();
         let log = &self.log;
         let m = &self.metrics;

@@ -29,6 +29,7 @@ use skiff_hbone::{
     tunnel as hbone,
 };
 use tokio::{net::TcpListener, sync::watch};
+use opentelemetry::KeyValue;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -62,6 +63,11 @@ pub struct Config {
     /// Whether the proxy reads its namespace's Secrets: the gateway's
     /// certificates, a DestinationRule's `tls.credentialName`.
     pub read_secrets: bool,
+    /// Spans, where no `Telemetry` or mesh config default says otherwise.
+    pub tracing: crate::spans::Settings,
+    /// A waypoint (Telemetry chooses it by `targetRefs`), not a gateway
+    /// (chosen by `selector`).
+    pub waypoint: bool,
 }
 
 /// Bounds on the HTTP/1.1 and HTTP/2 connections inside HBONE streams
@@ -156,6 +162,10 @@ pub struct Proxy {
     /// ServiceEntries' names as resolved: which entry a CONNECT's address
     /// belongs to, and DNS entries' endpoints.
     names: Arc<skiff_hbone::names::NameCache>,
+    /// Spans of requests, and where they go.
+    pub spans: Arc<crate::spans::Tracing>,
+    /// [`Proxy::trace_settings`] of the last snapshot seen.
+    trace_cache: std::sync::Mutex<Option<(usize, crate::spans::Settings)>>,
 }
 
 /// Where the requests of one downstream connection came in.
@@ -298,6 +308,8 @@ impl Proxy {
             skiff_core::egress::names_to_resolve(&visible)
         });
         let bodies = BodyBudget::new(cfg.http.max_request_body, cfg.http.max_buffered_body, cfg.http.request_body_timeout);
+        // Istio's name for a proxy in its spans: <workload>.<namespace>.
+        let service_name = format!("{}.{}", cfg.name, cfg.namespace);
         Arc::new(Proxy {
             admission: Admission::new(cfg.hbone.clone()),
             drain: Drain::new(),
@@ -311,6 +323,8 @@ impl Proxy {
             bodies,
             own_uid: std::sync::Mutex::new(None),
             names,
+            spans: Arc::new(crate::spans::Tracing::new(service_name)),
+            trace_cache: std::sync::Mutex::new(None),
         })
     }
 
@@ -350,6 +364,89 @@ impl Proxy {
     }
 
     /// `--http-idle-timeout`.
+    /// The span settings for this proxy now (worked out once per
+    /// snapshot): Istio's Telemetry and the mesh config's tracing
+    /// providers where they apply, else `--tracing-*`.
+    fn trace_settings(&self, snap: &Arc<Snapshot>) -> crate::spans::Settings {
+        let key = Arc::as_ptr(snap) as usize;
+        let mut cache = self.trace_cache.lock().expect("lock");
+        if let Some((k, s)) = cache.as_ref() {
+            if *k == key {
+                return s.clone();
+            }
+        }
+        let s = self.resolve_trace_settings(snap);
+        *cache = Some((key, s.clone()));
+        s
+    }
+
+    fn resolve_trace_settings(&self, snap: &Snapshot) -> crate::spans::Settings {
+        use skiff_core::telemetry_api::{self, Provider, ProxyScope};
+        let root = skiff_core::routing::DEFAULT_ROOT_NAMESPACE;
+        let labels = self.own_pod(snap).map(|w| w.labels.clone());
+        let scope = ProxyScope {
+            namespace: &self.cfg.namespace,
+            waypoint: self.cfg.waypoint.then_some(self.cfg.name.as_str()),
+            labels: if self.cfg.waypoint { None } else { labels.as_ref() },
+        };
+        let (rule, ignored) = telemetry_api::tracing_for(&snap.telemetries, root, &scope);
+        if !ignored.is_empty() {
+            warn!(ignored = ?ignored, "more than one Telemetry with tracing at one scope (Istio calls this invalid): the first by name is used");
+        }
+        let mesh = snap.mesh_configs.get(root);
+        let defaults = mesh.map(|m| m.default_tracing.clone()).unwrap_or_default();
+        let rule = match rule {
+            Some(r) => r,
+            // No Telemetry: the mesh's default providers, if it names any.
+            None if !defaults.is_empty() => Default::default(),
+            None => return self.cfg.tracing.clone(),
+        };
+        let names = rule.providers.clone().unwrap_or(defaults);
+        let mut s = crate::spans::Settings {
+            sampling: rule.sampling.unwrap_or(self.cfg.tracing.sampling),
+            disable_reporting: rule.disable_reporting.unwrap_or(false),
+            mode: rule.mode.unwrap_or_default(),
+            tags: rule.custom_tags.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        for name in &names {
+            match mesh.and_then(|m| m.tracing_providers.get(name)) {
+                Some(Provider::OtlpHttp { url }) => s.otlp = Some(url.clone()),
+                Some(Provider::Zipkin { url }) => s.zipkin = Some(url.clone()),
+                Some(Provider::Unsupported(why)) => warn!(provider = %name, reason = %why, "Telemetry names a tracing provider Skiff cannot export to: no spans sent to it"),
+                None => warn!(provider = %name, "Telemetry names a tracing provider the mesh config (ConfigMap istio in the root namespace, extensionProviders) does not define: no spans sent to it"),
+            }
+        }
+        info!(otlp = ?s.otlp, zipkin = ?s.zipkin, sampling = s.sampling, reporting = !s.disable_reporting, "tracing from Telemetry and the mesh config");
+        s
+    }
+
+    /// Istio's span attributes of a request as it arrived.
+    fn span_attributes(&self, ctx: &StreamCtx, parts: &http::request::Parts, own_pod: Option<&Workload>) -> Vec<KeyValue> {
+        let h = |k: &str| parts.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+        let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_else(|| h("host"));
+        let scheme = match &ctx.entry {
+            Entry::Gateway { scheme, .. } => *scheme,
+            Entry::Service { .. } => "http",
+        };
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let labels = own_pod.map(|w| w.labels.clone()).unwrap_or_default();
+        vec![
+            KeyValue::new("http.url", format!("{scheme}://{authority}{path}")),
+            KeyValue::new("http.method", parts.method.to_string()),
+            KeyValue::new("http.protocol", format!("{:?}", parts.version)),
+            KeyValue::new("user_agent", h("user-agent")),
+            KeyValue::new("guid:x-request-id", h("x-request-id")),
+            KeyValue::new("peer.address", ctx.peer.ip().to_string()),
+            KeyValue::new("downstream_cluster", "-"),
+            KeyValue::new("component", "proxy"),
+            KeyValue::new("istio.mesh_id", self.certs.trust_domain().to_owned()),
+            KeyValue::new("istio.namespace", self.cfg.namespace.clone()),
+            KeyValue::new("istio.canonical_service", skiff_core::telemetry::canonical_service(&labels, &self.cfg.name).to_owned()),
+            KeyValue::new("istio.canonical_revision", skiff_core::telemetry::canonical_revision(&labels).to_owned()),
+        ]
+    }
+
     /// The proxy's own mesh identity, and its workload name.
     pub(crate) fn own_identity(&self) -> (Identity, &str) {
         (Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account), &self.cfg.name)
@@ -632,7 +729,7 @@ impl Proxy {
         if let Entry::Gateway { scheme, .. } = &ctx.entry {
             edge_headers(&mut parts.headers, ctx.peer.ip(), scheme, &trace::random_id(&mut rng, 16));
         }
-        let trace = trace::continue_or_start(&parts.headers, &trace::random_id(&mut rng, 16), &trace::random_id(&mut rng, 8));
+        crate::spans::normalize_traceparent(&mut parts.headers);
         let headers = normalize::joined_headers(&parts.headers);
         let raw_path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
         let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
@@ -642,7 +739,16 @@ impl Proxy {
             (Entry::Service { svc, .. }, Some(id)) => (Some(&**svc), Source::Peer(id)),
             _ => (None, Source::Proxy(&self.cfg.name, own_pod, &own_id)),
         };
-        let mut log = RequestLog::new(entry_svc, source, &snap, ctx.peer, &parts.method, &raw_path, grpc, &trace.trace_id);
+        let settings = self.trace_settings(&snap);
+        let span_name = match (&ctx.entry, entry_svc) {
+            (Entry::Service { port, .. }, Some(svc)) => format!("{}:{}/*", svc.hostname(), port.port),
+            _ => format!("{}/*", parts.uri.authority().map(|a| a.as_str()).or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok())).unwrap_or("-")),
+        };
+        let request_attributes = self.span_attributes(&ctx, &parts, own_pod);
+        let spans = self.spans.start(&settings, &parts.headers, span_name, request_attributes);
+        let trace_id = spans.trace_id();
+        let mut log = RequestLog::new(entry_svc, source, &snap, ctx.peer, &parts.method, &raw_path, grpc, &trace_id);
+        log.spans = Some(spans);
         // Policy, routing and the upstream all see one normalized path.
         let Some(path) = normalize::normalize_path(&raw_path) else {
             log.flags.push("-");
@@ -726,8 +832,11 @@ impl Proxy {
             Ok(r) => r,
             Err(f) => return self.finish(log, start, Err(f), ops),
         };
-        trace::inject(&trace, &mut parts.headers);
-        if let Ok(v) = HeaderValue::from_str(&trace.trace_id) {
+        if let Some(spans) = log.spans.as_mut() {
+            let cluster = format!("outbound|{}|{}|{}", resolved.port.port, dest.subset.as_deref().unwrap_or(""), resolved.svc.hostname());
+            spans.upstream(&self.spans, &mut parts.headers, vec![KeyValue::new("upstream_cluster", cluster.clone()), KeyValue::new("upstream_cluster.name", cluster)]);
+        }
+        if let Ok(v) = HeaderValue::from_str(&trace_id) {
             parts.headers.entry("x-request-id").or_insert(v);
         }
         for (mirror, pct) in &route.mirrors {

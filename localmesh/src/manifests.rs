@@ -252,13 +252,14 @@ pub fn plan(dir: &Path, nodes: &[String], ingress_gateway: bool) -> anyhow::Resu
                 | Object::DestinationRule(_)
                 | Object::Gateway(_)
                 | Object::ServiceEntry(_)
+                | Object::Telemetry(_)
                 | Object::ConfigMap(_) => plan.policies.push(obj),
                 Object::Secret(_) => plan.secrets.push(obj),
                 // An Istio object Skiff refuses is passed on as written:
                 // node-agent and ztunnel refuse it on their own (and report
                 // it) while everything else runs.
                 Object::Invalid(ref o)
-                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule" | "Gateway" | "ServiceEntry" | "ConfigMap") =>
+                    if matches!(o.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "VirtualService" | "DestinationRule" | "Gateway" | "ServiceEntry" | "Telemetry" | "ConfigMap") =>
                 {
                     plan.policies.push(obj)
                 }

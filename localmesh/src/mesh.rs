@@ -678,6 +678,7 @@ impl LocalMesh {
                 k8s::Object::DestinationRule(o) => docs.push(with_kind("networking.istio.io/v1", "DestinationRule", serde_json::to_value(o)?)),
                 k8s::Object::Gateway(o) => docs.push(with_kind("networking.istio.io/v1", "Gateway", serde_json::to_value(o)?)),
                 k8s::Object::ServiceEntry(o) => docs.push(with_kind("networking.istio.io/v1", "ServiceEntry", serde_json::to_value(o)?)),
+                k8s::Object::Telemetry(o) => docs.push(with_kind("telemetry.istio.io/v1", "Telemetry", serde_json::to_value(o)?)),
                 k8s::Object::ConfigMap(o) => docs.push(with_kind("v1", "ConfigMap", serde_json::to_value(o)?)),
                 k8s::Object::Invalid(o) => docs.push(o.raw.clone()),
                 _ => {}

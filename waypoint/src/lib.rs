@@ -51,6 +51,8 @@ pub struct ProxyArgs {
     pub hbone: skiff_hbone::limits::HboneLimits,
     #[command(flatten)]
     pub http: skiff_l7::server::HttpLimits,
+    #[command(flatten)]
+    pub tracing: skiff_l7::spans::TracingArgs,
 }
 
 /// Logging to stderr, filtered by `SKIFF_LOG` (default `info`), as
@@ -64,8 +66,10 @@ pub fn init_logging(format: skiff_core::logging::LogFormat) {
 /// `pod_name`) until SIGTERM or Ctrl-C, then drains it: `front` starts
 /// what it serves (its listeners) and returns when that stops.
 /// With `secrets`, the proxy also reads its own namespace's Secrets (the
-/// ingress gateway's certificates).
-pub fn run<F, Fut>(args: ProxyArgs, name: String, service_account: String, pod_name: Option<String>, secrets: bool, front: F) -> anyhow::Result<()>
+/// ingress gateway's certificates); `waypoint`: it is a waypoint (chosen
+/// by `targetRefs`, not pod selectors).
+#[allow(clippy::too_many_arguments)]
+pub fn run<F, Fut>(args: ProxyArgs, name: String, service_account: String, pod_name: Option<String>, secrets: bool, waypoint: bool, front: F) -> anyhow::Result<()>
 where
     F: FnOnce(Arc<Proxy>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -74,6 +78,8 @@ where
     if secrets {
         source = source.secrets_in(&args.namespace);
     }
+    // Istio's mesh config: the tracing providers Telemetry names.
+    source = source.mesh_config_in(skiff_core::routing::DEFAULT_ROOT_NAMESPACE);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;
@@ -85,7 +91,7 @@ where
         // block: off the async workers).
         let own = skiff_hbone::identity::Identity::new(certs.trust_domain(), &args.namespace, &service_account);
         certs.spawn_refresh(move || vec![own.clone()]);
-        let cfg = Config { name, pod_name, namespace: args.namespace, service_account, hbone: args.hbone, http: args.http, read_secrets: secrets };
+        let cfg = Config { name, pod_name, namespace: args.namespace, service_account, hbone: args.hbone, http: args.http, read_secrets: secrets, tracing: args.tracing.settings(), waypoint };
         let proxy = Proxy::new(cfg, cluster, certs);
         let metrics = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding {}", args.metrics_addr))?;
         tokio::spawn(skiff_l7::metrics::serve(metrics, proxy.metrics.clone()));

@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     skiff_waypoint::init_logging(cli.proxy.log_format);
     let (name, ip) = (cli.name.clone(), cli.pod_ip);
-    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, std::env::var("POD_NAME").ok(), cli.read_secrets, move |wp| async move {
+    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, std::env::var("POD_NAME").ok(), cli.read_secrets, true, move |wp| async move {
         let hbone = tokio::net::TcpListener::bind((ip, 15008)).await.with_context(|| format!("binding {ip}:15008"))?;
         info!(%name, %ip, "waypoint serving HBONE on 15008");
         Ok(Arc::clone(&wp).serve(hbone).await?)

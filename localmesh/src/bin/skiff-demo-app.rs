@@ -1,6 +1,7 @@
 //! Small programs for the local mesh's pods (demo and tests): an echo server
 //! and client that report what each side saw, and a two-tier HTTP app.
-//! Standard library, clap and serde_json only; one thread per connection.
+//! Standard library, clap and serde_json (and the OpenTelemetry protobuf
+//! messages, for the trace collector) only; one thread per connection.
 
 use std::{
     env,
@@ -28,6 +29,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// A trace collector: OTLP/HTTP protobuf on /v1/traces, Zipkin v2 JSON
+    /// on /api/v2/spans; logs every span it receives as a JSON line.
+    TraceCollector {
+        #[arg(long)]
+        port: u16,
+    },
     /// Echo what each connection sends; log peers as JSON lines.
     EchoServer {
         #[arg(long)]
@@ -604,6 +611,110 @@ fn parse_request<R: BufRead>(r: &mut R) -> Option<Req> {
     let mut body = vec![0u8; len.min(1 << 20)];
     let _ = r.read_exact(&mut body);
     Some(Req { line: first.trim().to_owned(), headers })
+}
+
+/// Receives spans (see `Cmd::TraceCollector`): each decoded with the
+/// format's own definition — OTLP with the OpenTelemetry protobuf
+/// messages, Zipkin as its JSON — and logged as
+/// `{"event":"span","format",...,"trace_id","span_id","parent_span_id","name","kind","service","attributes"}`.
+fn trace_collector(port: u16) -> ExitCode {
+    let l = listen(port);
+    log(json!({"event": "listening", "port": port}));
+    for s in l.incoming().flatten() {
+        thread::spawn(move || {
+            let mut s = s;
+            let mut r = BufReader::new(match s.try_clone() {
+                Ok(c) => c,
+                Err(_) => return,
+            });
+            loop {
+                let mut first = String::new();
+                if r.read_line(&mut first).unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.trim().eq_ignore_ascii_case("content-length") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                }
+                let mut body = vec![0u8; len.min(16 << 20)];
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let path = first.split_whitespace().nth(1).unwrap_or("/");
+                let (status, spans) = match path {
+                    "/v1/traces" => otlp_spans(&body),
+                    "/api/v2/spans" => zipkin_spans(&body),
+                    _ => ("404 Not Found", Err(format!("no collector at {path}"))),
+                };
+                match spans {
+                    Ok(spans) => spans.into_iter().for_each(log),
+                    Err(e) => log(json!({"event": "bad_export", "path": path, "error": e})),
+                }
+                let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+type Spans = Result<Vec<serde_json::Value>, String>;
+
+fn otlp_spans(body: &[u8]) -> (&'static str, Spans) {
+    use opentelemetry_proto::tonic::{collector::trace::v1::ExportTraceServiceRequest, common::v1::any_value::Value};
+    let req = match <ExportTraceServiceRequest as prost::Message>::decode(body) {
+        Ok(r) => r,
+        Err(e) => return ("400 Bad Request", Err(format!("not an OTLP ExportTraceServiceRequest: {e}"))),
+    };
+    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => json!(s),
+        Some(Value::BoolValue(b)) => json!(b),
+        Some(Value::IntValue(i)) => json!(i),
+        Some(Value::DoubleValue(d)) => json!(d),
+        other => json!(format!("{other:?}")),
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut out = Vec::new();
+    for rs in &req.resource_spans {
+        let service = rs.resource.as_ref().and_then(|r| r.attributes.iter().find(|a| a.key == "service.name")).map(|a| text(&a.value)).unwrap_or(json!(null));
+        for ss in &rs.scope_spans {
+            for sp in &ss.spans {
+                let attributes: serde_json::Map<String, serde_json::Value> = sp.attributes.iter().map(|a| (a.key.clone(), text(&a.value))).collect();
+                let kind = match sp.kind {
+                    2 => "SERVER",
+                    3 => "CLIENT",
+                    _ => "OTHER",
+                };
+                out.push(json!({"event": "span", "format": "otlp", "trace_id": hex(&sp.trace_id), "span_id": hex(&sp.span_id),
+                    "parent_span_id": hex(&sp.parent_span_id), "name": sp.name, "kind": kind, "service": service,
+                    "error": sp.status.as_ref().is_some_and(|s| s.code == 2), "attributes": attributes}));
+            }
+        }
+    }
+    ("200 OK", Ok(out))
+}
+
+fn zipkin_spans(body: &[u8]) -> (&'static str, Spans) {
+    let spans: Vec<serde_json::Value> = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return ("400 Bad Request", Err(format!("not a Zipkin v2 JSON span list: {e}"))),
+    };
+    let out = spans
+        .into_iter()
+        .map(|sp| {
+            json!({"event": "span", "format": "zipkin", "trace_id": sp["traceId"], "span_id": sp["id"],
+                "parent_span_id": sp.get("parentId").cloned().unwrap_or(json!("")), "name": sp["name"], "kind": sp["kind"],
+                "service": sp["localEndpoint"]["serviceName"], "attributes": sp["tags"]})
+        })
+        .collect();
+    ("202 Accepted", Ok(out))
 }
 
 fn respond_conn(s: &mut TcpStream, status: &str, body: &str, keep_alive: bool) {
@@ -1196,6 +1307,7 @@ fn main() -> ExitCode {
         Cmd::Slowloris { target, count, for_ms } => slowloris(&target, count, for_ms),
         Cmd::H2Flood { target, authority, streams, reset } => h2_flood(&target, &authority, streams, reset),
         Cmd::EchoServer { port } => echo_server(port),
+        Cmd::TraceCollector { port } => trace_collector(port),
         Cmd::Client { target, message, hold_ms, stream_ms, mark } => {
             client(&target, &message, Duration::from_millis(hold_ms), Duration::from_millis(stream_ms), mark)
         }

@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     skiff_waypoint::init_logging(cli.proxy.log_format);
     let (max, readiness_addr) = (cli.max_connections.max(1), cli.readiness_addr);
     let header_timeout = cli.proxy.http.header_read_timeout;
-    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, Some(cli.pod_name), true, move |gw| async move {
+    skiff_waypoint::run(cli.proxy, cli.name, cli.service_account, Some(cli.pod_name), true, false, move |gw| async move {
         let ready = Arc::new(AtomicBool::new(false));
         let listener = tokio::net::TcpListener::bind(readiness_addr).await.with_context(|| format!("binding {readiness_addr}"))?;
         tokio::spawn(skiff_l7::gateway::serve_readiness(listener, ready.clone(), header_timeout));
