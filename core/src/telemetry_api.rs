@@ -19,6 +19,9 @@ use crate::k8s;
 
 type FieldError = (String, String);
 
+/// Most `customTags` one tracing rule may set.
+pub const MAX_CUSTOM_TAGS: usize = 64;
+
 /// Which spans a proxy records (`tracing[].match.mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
@@ -149,6 +152,9 @@ pub fn telemetry_from(t: &k8s::Telemetry) -> Result<TelemetryPolicy, FieldError>
                     return refuse(&at("randomSamplingPercentage"), &format!("{p} is not a percentage from 0 to 100"));
                 }
             }
+            if tr.custom_tags.len() > MAX_CUSTOM_TAGS {
+                return refuse(&at("customTags"), &format!("{} tags; Skiff takes up to {MAX_CUSTOM_TAGS} (each is copied onto every span)", tr.custom_tags.len()));
+            }
             let mut tags = Vec::new();
             for (k, v) in &tr.custom_tags {
                 let f = at(&format!("customTags.{k}"));
@@ -242,7 +248,7 @@ pub fn providers_from(v: &serde_json::Value, field: &str) -> (BTreeMap<String, P
         };
         let conf = &obj[kind.as_str()];
         let host = conf.get("service").and_then(|s| s.as_str()).map(|s| s.rsplit('/').next().unwrap_or(s).to_owned());
-        let port = conf.get("port").and_then(|p| p.as_u64());
+        let port = conf.get("port").and_then(|p| p.as_u64()).filter(|p| (1..=65535).contains(p));
         let mut extra = |known: &[&str]| {
             for k in conf.as_object().into_iter().flat_map(|o| o.keys()) {
                 if !known.contains(&k.as_str()) {
@@ -254,6 +260,7 @@ pub fn providers_from(v: &serde_json::Value, field: &str) -> (BTreeMap<String, P
             ("zipkin", Some(h), Some(port)) => {
                 extra(&["service", "port", "path"]);
                 let path = conf.get("path").and_then(|p| p.as_str()).unwrap_or("/api/v2/spans");
+                let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
                 Provider::Zipkin { url: format!("http://{h}:{port}{path}") }
             }
             ("opentelemetry", Some(h), Some(port)) => match conf.get("http") {
@@ -270,7 +277,7 @@ pub fn providers_from(v: &serde_json::Value, field: &str) -> (BTreeMap<String, P
                 }
                 None => Provider::Unsupported("OTLP over gRPC: Skiff exports OTLP over HTTP (set opentelemetry.http)".into()),
             },
-            ("zipkin" | "opentelemetry", _, _) => Provider::Unsupported("no service or port".into()),
+            ("zipkin" | "opentelemetry", _, _) => Provider::Unsupported("no service, or no port from 1 to 65535".into()),
             (other, _, _) => Provider::Unsupported(format!("{other} is not a tracing provider Skiff exports to (zipkin, opentelemetry with http)")),
         };
         out.insert(name.to_owned(), provider);

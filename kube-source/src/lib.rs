@@ -73,6 +73,11 @@ pub struct KubeOptions {
     /// config, ConfigMap `istio` in the root namespace; RBAC: a Role
     /// there).
     pub config_maps_namespace: Option<String>,
+    /// Also watch Telemetry objects (waypoints and gateways: their
+    /// tracing; RBAC: the `skiff-telemetry-reader` ClusterRole). Others
+    /// never ask, so a cluster without the kind or the grant costs them
+    /// nothing.
+    pub telemetry: bool,
 }
 
 impl Default for KubeOptions {
@@ -85,6 +90,7 @@ impl Default for KubeOptions {
             max_hold: Duration::from_secs(5),
             secrets_namespace: None,
             config_maps_namespace: None,
+            telemetry: false,
         }
     }
 }
@@ -127,8 +133,11 @@ pub const WATCHED: &[WatchedKind] = &[
     WatchedKind { group: "networking.istio.io", version: "v1", kind: "ServiceEntry", plural: "serviceentries", fallback: &["v1beta1", "v1alpha3"], feeds: "egress: external destinations in the registry" },
     WatchedKind { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", fallback: &["v1beta1"], feeds: "L4 and L7 authorization" },
     WatchedKind { group: "security.istio.io", version: "v1", kind: "PeerAuthentication", plural: "peerauthentications", fallback: &["v1beta1"], feeds: "mTLS mode" },
-    WatchedKind { group: "telemetry.istio.io", version: "v1", kind: "Telemetry", plural: "telemetries", fallback: &["v1alpha1"], feeds: "tracing of waypoints and gateways" },
 ];
+
+/// Telemetry: watched by waypoints and gateways only (their tracing).
+pub const TELEMETRY: WatchedKind =
+    WatchedKind { group: "telemetry.istio.io", version: "v1", kind: "Telemetry", plural: "telemetries", fallback: &["v1alpha1"], feeds: "tracing of waypoints and gateways" };
 
 impl WatchedKind {
     fn api_resource(&self) -> ApiResource {
@@ -313,6 +322,7 @@ async fn run(client: Client, opts: KubeOptions, out: std_mpsc::Sender<Result<Arc
             .map(|k| (*k, None))
             .chain(opts.secrets_namespace.clone().map(|ns| (SECRETS, Some(ns))))
             .chain(opts.config_maps_namespace.clone().map(|ns| (CONFIG_MAPS, Some(ns))))
+            .chain(opts.telemetry.then_some((TELEMETRY, None)))
             .collect();
     for (i, (wk, namespace)) in kinds.iter().enumerate() {
         let ar = wk.api_resource();
@@ -617,6 +627,15 @@ impl SourceChoice {
     pub fn mesh_config_in(mut self, namespace: &str) -> SourceChoice {
         if let SourceChoice::Kube(o) = &mut self {
             o.config_maps_namespace = Some(namespace.to_owned());
+        }
+        self
+    }
+
+    /// Also read Telemetry objects (waypoints and gateways). A manifests
+    /// directory's are read as they are.
+    pub fn telemetry(mut self) -> SourceChoice {
+        if let SourceChoice::Kube(o) = &mut self {
+            o.telemetry = true;
         }
         self
     }

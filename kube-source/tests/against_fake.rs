@@ -46,6 +46,7 @@ fn options(fake: &FakeApiServer, node: Option<&str>) -> KubeOptions {
         max_hold: Duration::from_secs(2),
         secrets_namespace: None,
         config_maps_namespace: None,
+        telemetry: false,
     }
 }
 

@@ -204,6 +204,20 @@ pub struct RequestLog {
     trust_domain: String,
     /// Its spans, ended with the response.
     pub spans: Option<crate::spans::RequestSpans>,
+    /// Until the response is known: where to record the request if it is
+    /// dropped first (the client went away), and since when.
+    on_drop: Option<(Arc<Metrics>, Instant)>,
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        if let Some((m, start)) = self.on_drop.take() {
+            // Envoy's DC: downstream connection termination.
+            self.flags.push("DC");
+            let grpc = (self.protocol == "grpc").then(|| "1".to_owned());
+            record(self, &m, 0, grpc.as_deref(), start, 0);
+        }
+    }
 }
 
 /// Who a request's metrics name as its source.
@@ -278,6 +292,7 @@ impl RequestLog {
             request_bytes: 0,
             trust_domain,
             spans: None,
+            on_drop: None,
         };
         if let Some(svc) = svc {
             log.set_service(svc);
@@ -297,10 +312,18 @@ impl RequestLog {
         self.destination = Peer::of_workload(w, &self.trust_domain);
     }
 
+    /// If the request is dropped before [`RequestLog::finish`] (its
+    /// client went away), it is still counted and logged: code 0, flag
+    /// `DC`, gRPC status 1 (CANCELLED), as Envoy records it.
+    pub fn record_if_dropped(&mut self, m: &Arc<Metrics>, start: Instant) {
+        self.on_drop = Some((m.clone(), start));
+    }
+
     /// The response's status is known: what is left is recorded when its
     /// body ends ([`Completion`], carried by [`crate::body::counted`]),
     /// as Istio's proxies record at the end of the stream.
-    pub fn finish(self, m: &Arc<Metrics>, code: u16, headers: &http::HeaderMap, start: Instant) -> Completion {
+    pub fn finish(mut self, m: &Arc<Metrics>, code: u16, headers: &http::HeaderMap, start: Instant) -> Completion {
+        self.on_drop = None;
         let grpc_status = (self.protocol == "grpc").then(|| grpc_status(headers).unwrap_or_else(|| http_to_grpc(code).to_string()));
         Completion { log: self, metrics: m.clone(), code, grpc_status, start }
     }
@@ -324,10 +347,15 @@ fn security_policy(reporter: &str) -> &'static str {
     }
 }
 
-/// `grpc-status` of a header or trailer block, when it is a number.
+/// `grpc-status` of a header or trailer block: one of gRPC's codes (0–16);
+/// anything else is UNKNOWN (2), as gRPC clients read it — never a value
+/// of the peer's choosing (a label's values stay a bounded set).
 fn grpc_status(h: &http::HeaderMap) -> Option<String> {
     let v = h.get("grpc-status")?.to_str().ok()?.trim();
-    v.parse::<u32>().ok().map(|n| n.to_string())
+    Some(match v.parse::<u32>() {
+        Ok(n) if n <= 16 => n.to_string(),
+        _ => "2".to_owned(),
+    })
 }
 
 /// The gRPC status a gRPC client sees for an HTTP status without a
@@ -369,54 +397,57 @@ impl Completion {
 
     /// The response body ended (or was abandoned) after `sent` bytes.
     pub fn record(mut self, sent: u64) {
-        if let Some(spans) = self.log.spans.take() {
-            let flags = if self.log.flags.is_empty() { "-".to_owned() } else { self.log.flags.join(",") };
-            spans.end(
-                self.code,
-                vec![
-                    opentelemetry::KeyValue::new("response_flags", flags),
-                    opentelemetry::KeyValue::new("request_size", self.log.request_bytes.to_string()),
-                    opentelemetry::KeyValue::new("response_size", sent.to_string()),
-                ],
-            );
-        }
-        let took = self.start.elapsed();
-        let log = &self.log;
-        let m = &self.metrics;
-        let flags = if log.flags.is_empty() { "-".to_owned() } else { log.flags.join(",") };
-        let code_s = self.code.to_string();
-        let grpc = self.grpc_status.as_deref().unwrap_or("");
-        let values = log.values(&code_s, grpc, &flags);
-        m.requests.with_label_values(&values).inc();
-        m.duration.with_label_values(&values).observe(took.as_secs_f64() * 1000.0);
-        m.request_bytes.with_label_values(&values).observe(log.request_bytes as f64);
-        m.response_bytes.with_label_values(&values).observe(sent as f64);
-        m.series.record(&values);
-        info!(
-            target: "access",
-            method = %log.method,
-            path = %log.path,
-            rewritten = %log.rewritten.as_deref().unwrap_or("-"),
-            code = self.code,
-            grpc_status = %grpc,
-            response_flags = %flags,
-            src.addr = %log.peer,
-            src.workload = %log.source.workload,
-            src.namespace = %log.source.namespace,
-            src.identity = %log.source.principal,
-            dst.service = %log.service,
-            dst.workload = %log.destination.workload,
-            dst.namespace = %log.destination.namespace,
-            dst.identity = %log.destination.principal,
-            dst.version = %log.destination.version,
-            retries = log.retries,
-            bytes_sent = sent,
-            bytes_received = log.request_bytes,
-            duration_ms = took.as_millis() as u64,
-            trace_id = %log.trace_id,
-            "request complete"
+        record(&mut self.log, &self.metrics, self.code, self.grpc_status.as_deref(), self.start, sent);
+    }
+}
+
+/// Records one request: its spans end, its metrics count, its access line
+/// is written.
+fn record(log: &mut RequestLog, m: &Metrics, code: u16, grpc: Option<&str>, start: Instant, sent: u64) {
+    let flags = if log.flags.is_empty() { "-".to_owned() } else { log.flags.join(",") };
+    if let Some(spans) = log.spans.take() {
+        spans.end(
+            code,
+            vec![
+                opentelemetry::KeyValue::new("response_flags", flags.clone()),
+                opentelemetry::KeyValue::new("request_size", log.request_bytes.to_string()),
+                opentelemetry::KeyValue::new("response_size", sent.to_string()),
+            ],
         );
     }
+    let took = start.elapsed();
+    let code_s = code.to_string();
+    let grpc = grpc.unwrap_or("");
+    let values = log.values(&code_s, grpc, &flags);
+    m.requests.with_label_values(&values).inc();
+    m.duration.with_label_values(&values).observe(took.as_secs_f64() * 1000.0);
+    m.request_bytes.with_label_values(&values).observe(log.request_bytes as f64);
+    m.response_bytes.with_label_values(&values).observe(sent as f64);
+    m.series.record(&values);
+    info!(
+        target: "access",
+        method = %log.method,
+        path = %log.path,
+        rewritten = %log.rewritten.as_deref().unwrap_or("-"),
+        code,
+        grpc_status = %grpc,
+        response_flags = %flags,
+        src.addr = %log.peer,
+        src.workload = %log.source.workload,
+        src.namespace = %log.source.namespace,
+        src.identity = %log.source.principal,
+        dst.service = %log.service,
+        dst.workload = %log.destination.workload,
+        dst.namespace = %log.destination.namespace,
+        dst.identity = %log.destination.principal,
+        dst.version = %log.destination.version,
+        retries = log.retries,
+        bytes_sent = sent,
+        bytes_received = log.request_bytes,
+        duration_ms = took.as_millis() as u64,
+        trace_id = %log.trace_id,
+        "request complete"
+    );
 }
 
 /// A TCP stream through the proxy (a waypoint's TCP port, a gateway's TCP
@@ -542,5 +573,46 @@ mod tests {
         assert_eq!(m.series(), 0);
         assert!(!m.render().contains("istio_response_bytes_count{"), "the size histograms' series go too");
         assert!(!m.render().contains("job-7"), "gone from the exposition");
+    }
+
+    /// A request dropped before its answer (the client went away) is
+    /// counted and logged once, as Envoy does: code 0, flag DC; one that
+    /// finishes is counted once, at its end.
+    #[test]
+    fn a_dropped_request_is_recorded_once_with_dc_and_a_finished_one_once() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: shop}\nspec: {containers: [{name: c}]}\nstatus: {phase: Running, podIP: 10.0.9.9}\n";
+        let objects = skiff_core::k8s::parse_documents(text).unwrap().into_iter().map(|o| ("t".to_owned(), o)).collect();
+        let snap = Snapshot::from_objects(objects).unwrap();
+        let m = Arc::new(Metrics::new());
+        let id = Identity::new("cluster.local", "shop", "client");
+        let new = || RequestLog::new(None, Source::Peer(&id), &snap, "10.0.9.9:5000".parse().unwrap(), &http::Method::POST, "/", false, "t");
+        let mut dropped = new();
+        dropped.record_if_dropped(&m, Instant::now());
+        drop(dropped);
+        let count = |code: &str, flags: &str| m.requests.get_metric_with_label_values(&RequestLog::new(None, Source::Peer(&id), &snap, "10.0.9.9:5000".parse().unwrap(), &http::Method::GET, "/", false, "t").values(code, "", flags)).map(|c| c.get()).unwrap_or(0);
+        assert_eq!(count("0", "DC"), 1);
+        let mut finished = new();
+        finished.record_if_dropped(&m, Instant::now());
+        let done = finished.finish(&m, 200, &Default::default(), Instant::now());
+        assert_eq!(count("200", "-"), 0, "recorded when the body ends, not before");
+        done.record(3);
+        assert_eq!((count("200", "-"), count("0", "DC")), (1, 1), "once, and the finished request is no DC");
+    }
+
+    /// `grpc-status` label values are gRPC's codes only (0-16); anything
+    /// else reads as UNKNOWN (2).
+    #[test]
+    fn grpc_status_values_stay_grpcs_codes() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert("grpc-status", v.parse().unwrap());
+            grpc_status(&m)
+        };
+        assert_eq!(h("0").as_deref(), Some("0"));
+        assert_eq!(h(" 16 ").as_deref(), Some("16"));
+        assert_eq!(h("17").as_deref(), Some("2"));
+        assert_eq!(h("4294967296").as_deref(), Some("2"));
+        assert_eq!(h("nope").as_deref(), Some("2"));
+        assert_eq!(grpc_status(&http::HeaderMap::new()), None);
     }
 }

@@ -104,6 +104,10 @@ pub enum Endpoint<'s> {
     Pod(&'s Workload, u16),
     /// A ServiceEntry's endpoint, outside the mesh: plain TCP.
     External(SocketAddrV4),
+    /// A Service's waypoint (a ready replica), for the ingress gateway
+    /// when the Service asks for it (`istio.io/ingress-use-waypoint`):
+    /// HBONE to the waypoint with the Service's address as the target.
+    Waypoint(&'s Workload, SocketAddrV4),
 }
 
 impl<'s> Endpoint<'s> {
@@ -111,13 +115,16 @@ impl<'s> Endpoint<'s> {
         match self {
             Endpoint::Pod(w, port) => SocketAddrV4::new(w.ip.expect("ready endpoints have an IP"), *port),
             Endpoint::External(a) => *a,
+            // Per replica (load balancing, outlier detection).
+            Endpoint::Waypoint(w, target) => SocketAddrV4::new(w.ip.expect("ready waypoints have an IP"), target.port()),
         }
     }
 
     pub fn workload(&self) -> Option<&'s Workload> {
         match self {
             Endpoint::Pod(w, _) => Some(w),
-            Endpoint::External(_) => None,
+            // The waypoint picks the pod.
+            Endpoint::External(_) | Endpoint::Waypoint(..) => None,
         }
     }
 }
@@ -130,6 +137,20 @@ impl<'s> Endpoint<'s> {
 pub struct Outside<'a> {
     pub names: Option<&'a HashMap<String, Vec<Ipv4Addr>>>,
     pub original_dst: Option<SocketAddrV4>,
+    /// The proxy is an ingress gateway: a Service that asks for it is
+    /// reached through its waypoint.
+    pub ingress: bool,
+}
+
+/// `istio.io/ingress-use-waypoint: "true"` on the Service or its
+/// namespace: ingress gateways send its traffic to its waypoint (Istio's
+/// ambient), instead of straight to its pods.
+pub fn ingress_uses_waypoint(snap: &Snapshot, svc: &ServiceInfo) -> bool {
+    const LABEL: &str = "istio.io/ingress-use-waypoint";
+    match svc.labels.get(LABEL) {
+        Some(v) => v == "true",
+        None => snap.namespace_labels(&svc.namespace).and_then(|l| l.get(LABEL)).is_some_and(|v| v == "true"),
+    }
 }
 
 /// A route destination → its Service, port, ready endpoints (of the
@@ -155,6 +176,21 @@ pub fn resolve<'s>(snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, client_n
         }
     };
     let (subset_labels, policy) = subset_and_policy(snap, dest, dsvc, dport.port, client_ns)?;
+    if let (true, Some(vip)) = (outside.ingress && ingress_uses_waypoint(snap, dsvc), dsvc.cluster_ip) {
+        match snap.waypoint_for(dsvc) {
+            Some(Ok(pods)) => {
+                let target = SocketAddrV4::new(vip, dport.port);
+                let eps = pods.into_iter().map(|w| Endpoint::Waypoint(w, target)).collect();
+                return Ok(Resolved { svc: dsvc.clone(), port: dport.clone(), endpoints: eps, policy });
+            }
+            // Never around it: the waypoint's policy would be skipped.
+            Some(Err(name)) => {
+                warn!(service = %dsvc.hostname(), waypoint = %name, "the Service asks ingress to use its waypoint, which has no ready pod");
+                return Err(Failure::NoHealthyUpstream);
+            }
+            None => {}
+        }
+    }
     let eps: Vec<Endpoint<'s>> = snap
         .endpoints(dsvc, dport)
         .into_iter()
@@ -520,6 +556,42 @@ mod tests {
         snap
     }
 
+    /// Istio ambient's `istio.io/ingress-use-waypoint` (on the Service or
+    /// its namespace): the ingress gateway reaches the Service through its
+    /// waypoint, the Service's address as the target; a waypoint proxy
+    /// (not ingress) and unlabelled Services go to the pods; a waypoint
+    /// with no ready pod fails the request, never bypasses it.
+    #[test]
+    fn ingress_uses_the_waypoint_when_the_service_asks() {
+        let yaml = |label: &str, waypoint_ready: bool| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/use-waypoint: waypoint}}}}\n---\n\
+                 apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop, labels: {{{label}}}}}\nspec: {{clusterIP: 10.96.0.9, selector: {{app: reviews}}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\n---\n\
+                 apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-1, namespace: shop, labels: {{app: reviews}}}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.244.1.5}}\n---\n\
+                 apiVersion: v1\nkind: Pod\nmetadata: {{name: waypoint-1, namespace: shop, labels: {{gateway.networking.k8s.io/gateway-name: waypoint}}}}\nspec: {{serviceAccountName: waypoint, containers: [{{name: c}}]}}\nstatus: {{phase: {}, podIP: 10.244.2.7}}\n",
+                if waypoint_ready { "Running" } else { "Pending" }
+            )
+        };
+        let dest = RouteDest { host: "reviews".into(), ..Default::default() };
+        let at = |snap: &Snapshot, ingress: bool| -> Result<Vec<SocketAddrV4>, Failure> {
+            resolve(snap, &dest, "shop", "istio-system", 9080, Outside { names: None, original_dst: None, ingress })
+                .map(|r| r.endpoints.iter().map(|e| match e {
+                    Endpoint::Waypoint(w, target) => {
+                        assert_eq!(*target, "10.96.0.9:9080".parse().unwrap(), "the Service's address is the target");
+                        SocketAddrV4::new(w.ip.unwrap(), 15008)
+                    }
+                    other => other.addr(),
+                }).collect())
+        };
+        let labelled = snapshot(&yaml("istio.io/ingress-use-waypoint: \"true\"", true));
+        assert_eq!(at(&labelled, true).unwrap(), vec!["10.244.2.7:15008".parse().unwrap()], "the gateway goes to the waypoint");
+        assert_eq!(at(&labelled, false).unwrap(), vec!["10.244.1.5:8080".parse().unwrap()], "a waypoint goes to the pods");
+        let plain = snapshot(&yaml("app: reviews", true));
+        assert_eq!(at(&plain, true).unwrap(), vec!["10.244.1.5:8080".parse().unwrap()], "no label: straight to the pods, as in Istio");
+        let down = snapshot(&yaml("istio.io/ingress-use-waypoint: \"true\"", false));
+        assert!(matches!(at(&down, true), Err(Failure::NoHealthyUpstream)), "no ready waypoint: refused, not bypassed");
+    }
+
     /// A VirtualService with only `tcp` routes makes no HTTP route (the
     /// default route stays), and one with only `http` routes does not hide
     /// another's `tcp` routes.
@@ -588,7 +660,7 @@ spec: {hosts: [any.example.com], addresses: [198.51.100.0/24], ports: [{number: 
         let addrs = |r: Result<Resolved<'_>, Failure>| r.map(|r| r.endpoints.iter().map(|e| e.addr().to_string()).collect::<Vec<_>>());
         let names = |ips: &[&str]| HashMap::from([("api.example.com".to_owned(), ips.iter().map(|i| i.parse().unwrap()).collect::<Vec<Ipv4Addr>>())]);
         fn at<'a>(n: &'a HashMap<String, Vec<Ipv4Addr>>, dst: Option<&str>) -> Outside<'a> {
-            Outside { names: Some(n), original_dst: dst.map(|d| d.parse().unwrap()) }
+            Outside { names: Some(n), original_dst: dst.map(|d| d.parse().unwrap()), ingress: false }
         }
         let ok = names(&["203.0.113.9"]);
         assert_eq!(addrs(resolve(&snap, &dest("api.example.com"), "app", "egress", 80, at(&ok, None))).unwrap(), ["203.0.113.9:443"], "DNS, to the targetPort");

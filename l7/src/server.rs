@@ -165,7 +165,7 @@ pub struct Proxy {
     /// Spans of requests, and where they go.
     pub spans: Arc<crate::spans::Tracing>,
     /// [`Proxy::trace_settings`] of the last snapshot seen.
-    trace_cache: std::sync::Mutex<Option<(usize, crate::spans::Settings)>>,
+    trace_cache: std::sync::Mutex<Option<(std::sync::Weak<Snapshot>, crate::spans::Settings)>>,
 }
 
 /// Where the requests of one downstream connection came in.
@@ -299,6 +299,7 @@ impl Proxy {
             cfg.http.max_idle_per_endpoint,
         )
         .with_cluster(cluster.clone())
+        .with_ingress(!cfg.waypoint)
         .with_outside(names.clone(), cfg.read_secrets);
         // The names of the entries exported to the proxy's namespace, and
         // of its own namespace's (those it may serve).
@@ -368,15 +369,19 @@ impl Proxy {
     /// snapshot): Istio's Telemetry and the mesh config's tracing
     /// providers where they apply, else `--tracing-*`.
     fn trace_settings(&self, snap: &Arc<Snapshot>) -> crate::spans::Settings {
-        let key = Arc::as_ptr(snap) as usize;
-        let mut cache = self.trace_cache.lock().expect("lock");
+        // A weak reference, not an address: a freed snapshot's memory
+        // reused by a later one cannot pass for it.
+        let mut cache = self.trace_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((k, s)) = cache.as_ref() {
-            if *k == key {
+            if std::ptr::eq(k.as_ptr(), Arc::as_ptr(snap)) && k.strong_count() > 0 {
                 return s.clone();
             }
         }
         let s = self.resolve_trace_settings(snap);
-        *cache = Some((key, s.clone()));
+        if cache.as_ref().is_none_or(|(_, prev)| *prev != s) {
+            info!(otlp = ?s.otlp, zipkin = ?s.zipkin, sampling = s.sampling, reporting = s.exports(), "tracing configuration in force");
+        }
+        *cache = Some((Arc::downgrade(snap), s.clone()));
         s
     }
 
@@ -417,13 +422,12 @@ impl Proxy {
                 None => warn!(provider = %name, "Telemetry names a tracing provider the mesh config (ConfigMap istio in the root namespace, extensionProviders) does not define: no spans sent to it"),
             }
         }
-        info!(otlp = ?s.otlp, zipkin = ?s.zipkin, sampling = s.sampling, reporting = !s.disable_reporting, "tracing from Telemetry and the mesh config");
         s
     }
 
     /// Istio's span attributes of a request as it arrived.
     fn span_attributes(&self, ctx: &StreamCtx, parts: &http::request::Parts, own_pod: Option<&Workload>) -> Vec<KeyValue> {
-        let h = |k: &str| parts.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+        let h = |k: &str| crate::spans::bounded(parts.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("-"));
         let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_else(|| h("host"));
         let scheme = match &ctx.entry {
             Entry::Gateway { scheme, .. } => *scheme,
@@ -432,7 +436,7 @@ impl Proxy {
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let labels = own_pod.map(|w| w.labels.clone()).unwrap_or_default();
         vec![
-            KeyValue::new("http.url", format!("{scheme}://{authority}{path}")),
+            KeyValue::new("http.url", crate::spans::bounded(&format!("{scheme}://{authority}{path}"))),
             KeyValue::new("http.method", parts.method.to_string()),
             KeyValue::new("http.protocol", format!("{:?}", parts.version)),
             KeyValue::new("user_agent", h("user-agent")),
@@ -740,15 +744,23 @@ impl Proxy {
             _ => (None, Source::Proxy(&self.cfg.name, own_pod, &own_id)),
         };
         let settings = self.trace_settings(&snap);
+        // Istio's operation name: the destination `<host>:<port>/*` — at
+        // the gateway once routed (until then the gateway's own name,
+        // never what the client wrote).
         let span_name = match (&ctx.entry, entry_svc) {
             (Entry::Service { port, .. }, Some(svc)) => format!("{}:{}/*", svc.hostname(), port.port),
-            _ => format!("{}/*", parts.uri.authority().map(|a| a.as_str()).or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok())).unwrap_or("-")),
+            _ => format!("{}.{}/*", self.cfg.name, self.cfg.namespace),
         };
-        let request_attributes = self.span_attributes(&ctx, &parts, own_pod);
+        // Attributes only for spans that go somewhere: without an
+        // exporter a request pays for its trace context alone.
+        let request_attributes = if settings.exports() { self.span_attributes(&ctx, &parts, own_pod) } else { Vec::new() };
         let spans = self.spans.start(&settings, &parts.headers, span_name, request_attributes);
         let trace_id = spans.trace_id();
         let mut log = RequestLog::new(entry_svc, source, &snap, ctx.peer, &parts.method, &raw_path, grpc, &trace_id);
         log.spans = Some(spans);
+        // A request whose client goes away before the answer is still
+        // counted and logged (code 0, flag DC).
+        log.record_if_dropped(&self.metrics, start);
         // Policy, routing and the upstream all see one normalized path.
         let Some(path) = normalize::normalize_path(&raw_path) else {
             log.flags.push("-");
@@ -809,6 +821,9 @@ impl Proxy {
         };
         if svc.is_none() {
             log.set_service(&resolved.svc);
+            if let Some(spans) = log.spans.as_mut() {
+                spans.rename(format!("{}:{}/*", resolved.svc.hostname(), resolved.port.port));
+            }
         }
         let h2 = route::port_protocol(&resolved.port) == "http2" || grpc;
         let (body, _buffered) = match self.bodies.read(body).await {
@@ -833,10 +848,15 @@ impl Proxy {
             Err(f) => return self.finish(log, start, Err(f), ops),
         };
         if let Some(spans) = log.spans.as_mut() {
-            let cluster = format!("outbound|{}|{}|{}", resolved.port.port, dest.subset.as_deref().unwrap_or(""), resolved.svc.hostname());
-            spans.upstream(&self.spans, &mut parts.headers, vec![KeyValue::new("upstream_cluster", cluster.clone()), KeyValue::new("upstream_cluster.name", cluster)]);
+            let attributes = if settings.exports() && spans.sampled() {
+                let cluster = format!("outbound|{}|{}|{}", resolved.port.port, dest.subset.as_deref().unwrap_or(""), resolved.svc.hostname());
+                vec![KeyValue::new("upstream_cluster", cluster.clone()), KeyValue::new("upstream_cluster.name", cluster)]
+            } else {
+                Vec::new()
+            };
+            spans.upstream(&self.spans, &mut parts.headers, attributes);
         }
-        if let Ok(v) = HeaderValue::from_str(&trace_id) {
+        if let Ok(v) = HeaderValue::from_str(&trace_id).map_err(|_| ()).and_then(|v| if v.is_empty() { Err(()) } else { Ok(v) }) {
             parts.headers.entry("x-request-id").or_insert(v);
         }
         for (mirror, pct) in &route.mirrors {

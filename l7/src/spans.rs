@@ -108,7 +108,7 @@ impl Tracing {
     }
 
     fn tracer(&self, s: &Settings) -> SdkTracer {
-        let mut cur = self.current.lock().expect("lock");
+        let mut cur = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((have, tracer, _)) = cur.as_ref() {
             if have == s {
                 return tracer.clone();
@@ -117,10 +117,22 @@ impl Tracing {
         let provider = self.provider(s);
         let tracer = provider.tracer("skiff");
         if let Some((_, _, old)) = cur.replace((s.clone(), tracer.clone(), provider)) {
-            // Flushes what it holds; off the request path.
-            std::thread::spawn(move || {
-                let _ = old.shutdown();
+            // Flushes what it holds; off the request path (in place if no
+            // thread can be had).
+            let (tx, rx) = std::sync::mpsc::channel::<SdkTracerProvider>();
+            let spawned = std::thread::Builder::new().name("span-flush".into()).spawn(move || {
+                if let Ok(old) = rx.recv() {
+                    let _ = old.shutdown();
+                }
             });
+            match spawned {
+                Ok(_) => {
+                    let _ = tx.send(old);
+                }
+                Err(_) => {
+                    let _ = old.shutdown();
+                }
+            }
         }
         tracer
     }
@@ -136,7 +148,9 @@ impl Tracing {
         let resource = opentelemetry_sdk::Resource::builder_empty().with_service_name(self.service_name.clone()).build();
         let mut b = SdkTracerProvider::builder().with_sampler(sampler).with_resource(resource);
         if s.exports() {
-            let batch = || BatchConfigBuilder::default().with_scheduled_delay(Duration::from_secs(1)).with_max_queue_size(4096).build();
+            // The SDK's default queue (2048 spans; beyond it spans are
+            // dropped, never waited for) and batches of 256.
+            let batch = || BatchConfigBuilder::default().with_scheduled_delay(Duration::from_secs(1)).with_max_queue_size(2048).with_max_export_batch_size(256).build();
             if let (Some(url), Some(h)) = (&s.otlp, &self.handle) {
                 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
                 match opentelemetry_otlp::SpanExporter::builder()
@@ -168,7 +182,9 @@ impl Tracing {
         let tracer = self.tracer(s);
         let parent = self.propagator.extract(&opentelemetry_http::HeaderExtractor(headers));
         let mut attributes = attributes;
-        attributes.extend(custom_tags(&s.tags, headers));
+        if s.exports() {
+            attributes.extend(custom_tags(&s.tags, headers));
+        }
         let server = match s.mode {
             Mode::Client => None,
             _ => Some(parent.with_span(tracer.span_builder(name.clone()).with_kind(SpanKind::Server).with_attributes(attributes.clone()).start_with_context(&tracer, &parent))),
@@ -176,11 +192,18 @@ impl Tracing {
         RequestSpans { tracer, parent, server, client: None, mode: s.mode, name, tags: attributes }
     }
 
-    /// Writes `cx`'s span context into outgoing headers, in both formats.
+    /// Writes `cx`'s span context into outgoing headers, in both formats,
+    /// in place of every trace header the caller sent (a caller's
+    /// `x-b3-flags` or parent id would otherwise ride along with ours).
     fn inject(&self, cx: &Context, headers: &mut HeaderMap) {
-        // A caller's B3 parent id names the caller's parent, not ours.
+        for f in self.propagator.fields() {
+            headers.remove(f);
+        }
         headers.remove("x-b3-parentspanid");
         self.propagator.inject_context(cx, &mut opentelemetry_http::HeaderInjector(headers));
+        if headers.get("tracestate").is_some_and(|v| v.is_empty()) {
+            headers.remove("tracestate");
+        }
     }
 }
 
@@ -205,6 +228,15 @@ impl RequestSpans {
             return self.client.as_ref().map(|c| c.span().span_context().trace_id().to_string()).unwrap_or_default();
         }
         id.to_string()
+    }
+
+    /// The request was routed: its spans are named after the destination
+    /// (`<host>:<port>/*`, as Istio's), not after what the client asked.
+    pub fn rename(&mut self, name: String) {
+        if let Some(s) = &self.server {
+            s.span().update_name(name.clone());
+        }
+        self.name = name;
     }
 
     /// Whether this request's trace is sampled.
@@ -233,6 +265,10 @@ impl RequestSpans {
     pub fn end(self, code: u16, attributes: Vec<KeyValue>) {
         for cx in [self.client, self.server].into_iter().flatten() {
             let span = cx.span();
+            if !span.is_recording() {
+                span.end();
+                continue;
+            }
             span.set_attribute(KeyValue::new("http.status_code", code.to_string()));
             for a in &attributes {
                 span.set_attribute(a.clone());
@@ -246,13 +282,30 @@ impl RequestSpans {
     }
 }
 
+/// Longest value a span attribute or name taken from a request carries
+/// (bytes; Envoy's `max_path_tag_length` and Istio's `maxTagLength`
+/// default): a client's long URL or header costs the span queue no more.
+pub const MAX_TAG: usize = 256;
+
+/// `s`, cut to [`MAX_TAG`] bytes on a character boundary.
+pub fn bounded(s: &str) -> String {
+    if s.len() <= MAX_TAG {
+        return s.to_owned();
+    }
+    let mut end = MAX_TAG;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
 fn custom_tags(tags: &[(String, Tag)], headers: &HeaderMap) -> Vec<KeyValue> {
     tags.iter()
         .filter_map(|(k, t)| {
             let v = match t {
                 Tag::Literal(v) => Some(v.clone()),
                 Tag::Environment { name, default } => std::env::var(name).ok().or_else(|| default.clone()),
-                Tag::Header { name, default } => headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| default.clone()),
+                Tag::Header { name, default } => headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(bounded).or_else(|| default.clone()),
             }?;
             Some(KeyValue::new(k.clone(), v))
         })
@@ -335,9 +388,9 @@ async fn post(request: http::Request<Bytes>) -> Result<http::Response<Bytes>, op
     if uri.scheme_str() != Some("http") {
         return Err(format!("{uri}: only http:// collectors are supported").into());
     }
-    let host = uri.host().ok_or("no host")?;
+    let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
     let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port)).await?;
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -345,14 +398,19 @@ async fn post(request: http::Request<Bytes>) -> Result<http::Response<Bytes>, op
         }
     });
     let (mut parts, body) = request.into_parts();
-    let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+    // Host and port only (never userinfo).
+    let authority = match uri.port_u16() {
+        Some(p) => format!("{}:{p}", uri.host().unwrap_or_default()),
+        None => uri.host().unwrap_or_default().to_owned(),
+    };
     parts.uri = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").parse()?;
     if let Ok(v) = http::HeaderValue::from_str(&authority) {
         parts.headers.insert(http::header::HOST, v);
     }
     let resp = send.send_request(http::Request::from_parts(parts, http_body_util::Full::new(body))).await?;
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await?.to_bytes();
+    // A collector's answer is small; no more than 64 KiB is read.
+    let body = http_body_util::Limited::new(body, 64 * 1024).collect().await?.to_bytes();
     if !parts.status.is_success() {
         warn!(collector = %uri, status = %parts.status, "the trace collector refused spans");
     }
@@ -447,5 +505,14 @@ mod tests {
         let got = custom_tags(&tags, &headers(&[("x-user", "ana")]));
         let got: Vec<(String, String)> = got.into_iter().map(|kv| (kv.key.to_string(), kv.value.to_string())).collect();
         assert_eq!(got, vec![("team".into(), "payments".into()), ("home".into(), "none".into()), ("user".into(), "ana".into())]);
+    }
+
+    #[test]
+    fn values_from_requests_are_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(200);
+        let b = bounded(&long);
+        assert!(b.len() <= MAX_TAG && b.len() >= MAX_TAG - 1, "{}", b.len());
+        assert!(long.starts_with(&b));
     }
 }

@@ -126,6 +126,9 @@ pub struct Upstreams {
     /// Whether the proxy reads its namespace's Secrets (a
     /// DestinationRule's `credentialName`).
     read_secrets: bool,
+    /// An ingress gateway: Services that ask for it are reached through
+    /// their waypoint.
+    ingress: bool,
 }
 
 /// Counts an attempt against its endpoint until it ends (or is dropped).
@@ -185,6 +188,7 @@ impl Upstreams {
             names: None,
             origins: Origins::default(),
             read_secrets: false,
+            ingress: false,
         }
     }
 
@@ -204,10 +208,16 @@ impl Upstreams {
         self
     }
 
+    /// The proxy is an ingress gateway (see [`route::ingress_uses_waypoint`]).
+    pub fn with_ingress(mut self, ingress: bool) -> Self {
+        self.ingress = ingress;
+        self
+    }
+
     /// Resolves a destination with the ServiceEntries' names as resolved.
     pub fn resolve<'s>(&self, snap: &'s Snapshot, dest: &RouteDest, host_ns: &str, default_port: u16, original_dst: Option<SocketAddrV4>) -> Result<route::Resolved<'s>, Failure> {
         let names = self.names.as_ref().map(|n| n.read());
-        route::resolve(snap, dest, host_ns, &self.namespace, default_port, Outside { names: names.as_deref(), original_dst })
+        route::resolve(snap, dest, host_ns, &self.namespace, default_port, Outside { names: names.as_deref(), original_dst, ingress: self.ingress })
     }
 
     /// The TLS to originate to `resolved`'s endpoints for a request to
@@ -313,17 +323,22 @@ impl Upstreams {
 
     async fn dial(&self, w: &Workload, port: u16) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, hbone::StreamGuard), hbone::HboneError> {
         let ip = w.ip.expect("ready endpoints have an IP");
+        self.dial_to(w, SocketAddrV4::new(ip, port)).await
+    }
+
+    /// HBONE to `w` (its ztunnel, or a waypoint itself) asking for `target`.
+    async fn dial_to(&self, w: &Workload, target: SocketAddrV4) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, hbone::StreamGuard), hbone::HboneError> {
+        let ip = w.ip.expect("ready endpoints have an IP");
         let me = Identity::new(self.certs.trust_domain(), &self.namespace, &self.service_account);
         let dst = Identity::new(self.certs.trust_domain(), &w.namespace, &w.service_account);
-        self.pool
-            .connect("waypoint", None, &me, &dst, SocketAddrV4::new(ip, HBONE_PORT), SocketAddrV4::new(ip, port))
-            .await
+        self.pool.connect("waypoint", None, &me, &dst, SocketAddrV4::new(ip, HBONE_PORT), target).await
     }
 
     /// Whether `ep` is reached over plain TCP (outside the mesh).
     fn plain(&self, ep: &Endpoint<'_>) -> bool {
         match ep {
             Endpoint::Pod(w, _) => !self.in_mesh(w),
+            Endpoint::Waypoint(..) => false,
             Endpoint::External(a) => {
                 self.external.lock().expect("lock").insert(*a, Instant::now());
                 true
@@ -336,8 +351,13 @@ impl Upstreams {
     async fn open(&self, ep: &Endpoint<'_>, plain: bool) -> Result<Stream, Failure> {
         let addr = ep.addr();
         match ep {
-            Endpoint::Pod(w, port) if !plain => {
-                let (send, recv, guard) = self.dial(w, *port).await.map_err(|e| {
+            Endpoint::Pod(..) | Endpoint::Waypoint(..) if !plain => {
+                let dialled = match ep {
+                    Endpoint::Waypoint(w, target) => self.dial_to(w, *target).await,
+                    Endpoint::Pod(w, port) => self.dial(w, *port).await,
+                    Endpoint::External(_) => unreachable!("matched above"),
+                };
+                let (send, recv, guard) = dialled.map_err(|e| {
                     debug!(error = %skiff_core::report(&e), upstream = %addr, "HBONE to endpoint failed");
                     Failure::UpstreamConnect
                 })?;
@@ -581,8 +601,13 @@ impl Upstreams {
             return true;
         }
         match ep {
-            Endpoint::Pod(w, port) if !plain => {
-                let Ok((send, recv, _g)) = self.dial(w, port).await else {
+            Endpoint::Pod(..) | Endpoint::Waypoint(..) if !plain => {
+                let dialled = match ep {
+                    Endpoint::Waypoint(w, target) => self.dial_to(w, target).await,
+                    Endpoint::Pod(w, port) => self.dial(w, port).await,
+                    Endpoint::External(_) => unreachable!("matched above"),
+                };
+                let Ok((send, recv, _g)) = dialled else {
                     drop(opened("UF"));
                     return false;
                 };

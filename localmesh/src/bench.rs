@@ -270,10 +270,39 @@ fn print_table(results: &[L7Result], cpu: &str) {
     }
 }
 
+/// The tracing of the traced waypoint path: the mesh config's OTLP
+/// provider (the bench's collector) and a Telemetry sampling every new
+/// trace at the waypoint.
+const BENCH_TRACING: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    extensionProviders:\n    - name: otel\n      opentelemetry: {service: otel-collector.bench-observability.svc.cluster.local, port: 4318, http: {path: /v1/traces}}\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: bench-tracing, namespace: bench-waypoint}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  tracing: [{providers: [{name: otel}], randomSamplingPercentage: 100}]\n";
+
+/// Turns the waypoint's tracing on or off and waits until it says so
+/// ("tracing configuration in force" with or without an exporter; it
+/// works the configuration out at a request, so one is sent meanwhile).
+fn set_tracing(mesh: &LocalMesh, wp: &crate::PodRt, on: bool) -> anyhow::Result<()> {
+    let said = || std::fs::read_to_string(&wp.log).unwrap_or_default().lines().filter(|l| l.contains("tracing configuration in force")).count();
+    let before = said();
+    mesh.apply("bench-tracing", on.then_some(BENCH_TRACING))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(&wp.log).unwrap_or_default();
+        let last = log.lines().filter(|l| l.contains("tracing configuration in force")).next_back().unwrap_or_default().to_owned();
+        if said() > before && last.contains("otel-collector") == on {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the waypoint did not switch its tracing {}:\n{}", if on { "on" } else { "off" }, crate::mesh::tail(&wp.log, 10));
+        }
+        let _ = mesh.exec(mesh.pod("bench-waypoint", "client"), &["skiff-demo-app", "http-load", "--url", "http://server.bench-waypoint:8080/", "--count", "1"], Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `bench waypoint`: HTTP/1.1 1 KiB at a fixed rate, coordinated-omission
-/// corrected (oha `--latency-correction`), for direct, ambient L4 and
-/// ambient + waypoint; added latency and the waypoint's CPU per 1000
-/// requests.
+/// corrected (oha `--latency-correction`), for direct, ambient L4,
+/// ambient + waypoint, and the same with every request traced (a server
+/// and a client span exported over OTLP to a collector in the mesh);
+/// added latency and the waypoint's CPU per 1000 requests, and what
+/// tracing adds to it.
 pub fn waypoint(o: &L7BenchOptions) -> anyhow::Result<Vec<L7Result>> {
     let mesh = LocalMesh::up(&MeshOptions::new(&o.manifests, &o.bin_dir))?;
     let wp = mesh.pod("bench-waypoint", "waypoint");
@@ -284,7 +313,9 @@ pub fn waypoint(o: &L7BenchOptions) -> anyhow::Result<Vec<L7Result>> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let modes: [(&'static str, &str); 3] = [("direct", "bench-direct"), ("ambient-l4", "bench-l4"), ("ambient-waypoint", "bench-waypoint")];
+    let modes: [(&'static str, &str); 4] =
+        [("direct", "bench-direct"), ("ambient-l4", "bench-l4"), ("ambient-waypoint", "bench-waypoint"), ("ambient-waypoint-traced", "bench-waypoint")];
+    let mut traced = false;
     // Warm up every path (and wait for the servers).
     for (mode, ns) in modes {
         let warm = L7BenchOptions { seconds: 1, rate: 100, ..o.clone() };
@@ -302,10 +333,15 @@ pub fn waypoint(o: &L7BenchOptions) -> anyhow::Result<Vec<L7Result>> {
         // A different order each repetition: drift does not favour a mode.
         order.rotate_left(rep % modes.len());
         for (mode, ns) in &order {
+            let want = *mode == "ambient-waypoint-traced";
+            if want != traced {
+                set_tracing(&mesh, wp, want)?;
+                traced = want;
+            }
             let cpu0 = pod_cpu_seconds(wp);
             let (p50, p90, p99, rps) = oha(&mesh, ns, o)?;
             let cpu = pod_cpu_seconds(wp) - cpu0;
-            let per_1000 = (*mode == "ambient-waypoint").then(|| cpu * 1000.0 / (rps * o.seconds as f64) * 1000.0);
+            let per_1000 = mode.starts_with("ambient-waypoint").then(|| cpu * 1000.0 / (rps * o.seconds as f64) * 1000.0);
             eprintln!("  {mode}: p50 {p50:.0} µs, p99 {p99:.0} µs, {rps:.0} req/s");
             figures.entry(mode).or_default().push((p50, p90, p99, rps, per_1000));
         }
@@ -321,6 +357,19 @@ pub fn waypoint(o: &L7BenchOptions) -> anyhow::Result<Vec<L7Result>> {
     if crate::mesh::sum_metric(&wp_metrics, "istio_requests_total", &[("response_code", "200")]) < 1.0 {
         bail!("ambient-waypoint: the waypoint served no request");
     }
+    // The traced runs' spans reached the collector (counted by it).
+    std::thread::sleep(Duration::from_secs(2));
+    let collector = mesh.pod("bench-observability", "collector");
+    let received: u64 = std::fs::read_to_string(&collector.log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "export")
+        .filter_map(|v| v["spans"].as_u64())
+        .sum();
+    if received == 0 {
+        bail!("ambient-waypoint-traced: the collector received no span");
+    }
     let names: Vec<&'static str> = modes.iter().map(|(m, _)| *m).collect();
     let results = summarize(&names, &figures, o.rate);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -330,6 +379,14 @@ pub fn waypoint(o: &L7BenchOptions) -> anyhow::Result<Vec<L7Result>> {
     );
     println!("CPU placement: load generator on CPU 0, servers on CPU 1, ztunnels and the waypoint unpinned ({cpus} CPUs)");
     print_table(&results, "waypoint");
+    if let (Some(plain), Some(traced)) = (results[2].waypoint_cpu_ms_per_1000, results[3].waypoint_cpu_ms_per_1000) {
+        println!(
+            "tracing (every request sampled, 2 spans exported over OTLP; {received} spans received): waypoint CPU {:+.1} ms per 1000 requests ({:.2}x), added p99 {:+.0} µs",
+            traced - plain,
+            traced / plain,
+            results[3].p99_us - results[2].p99_us
+        );
+    }
     write_figures(o.out.as_deref(), &results)?;
     Ok(results)
 }

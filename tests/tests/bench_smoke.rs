@@ -102,3 +102,31 @@ fn gateway_benchmark_harness_produces_figures_for_every_path() {
     }
     assert!(results[1..].iter().all(|r| r.waypoint_cpu_ms_per_1000.is_some()), "{results:?}");
 }
+
+/// A tiny run of the waypoint benchmark with its traced path: every path
+/// produced figures, the waypoint's CPU was measured with and without
+/// tracing, and the traced runs' spans reached the collector (the
+/// harness fails otherwise). No timing is asserted.
+#[test]
+fn waypoint_benchmark_harness_measures_tracing_on_and_off() {
+    let Some(probe) = mesh("manifests/l4") else { return };
+    drop(probe);
+    let Some((_, oha)) = bench_tools() else { return };
+    let o = bench::L7BenchOptions {
+        manifests: Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench-l7"),
+        bin_dir: bin_dir(),
+        oha,
+        rate: 100,
+        connections: 2,
+        seconds: 1,
+        repetitions: 1,
+        out: None,
+    };
+    let results = bench::waypoint(&o).expect("benchmark ran");
+    let modes: Vec<&str> = results.iter().map(|r| r.mode).collect();
+    assert_eq!(modes, ["direct", "ambient-l4", "ambient-waypoint", "ambient-waypoint-traced"]);
+    for r in &results {
+        assert!(r.p50_us > 0.0 && r.p99_us >= r.p50_us && r.achieved_rps > 0.0, "{r:?}");
+    }
+    assert!(results[2..].iter().all(|r| r.waypoint_cpu_ms_per_1000.is_some()), "{results:?}");
+}

@@ -356,7 +356,7 @@ fn rbac_table_equals_what_the_code_asks_of_the_api() {
     // config source, and its own namespace's Secrets.
     let fake = FakeApiServer::start().unwrap();
     fake.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}})).unwrap();
-    let mut src = skiff_kube_source::SourceChoice::from_args(None, false, Some(fake.url())).unwrap().secrets_in("istio-system").mesh_config_in("istio-system").open().unwrap();
+    let mut src = skiff_kube_source::SourceChoice::from_args(None, false, Some(fake.url())).unwrap().secrets_in("istio-system").mesh_config_in("istio-system").telemetry().open().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "the gateway's Kubernetes source published no snapshot");

@@ -82,7 +82,7 @@ fn spans_of_the_waypoint_and_the_gateway_reach_the_collector_as_one_trace() {
         assert_eq!(client["attributes"]["upstream_cluster"], "outbound|9080||reviews.shop.svc.cluster.local", "{format}: {client}");
     }
 
-    // Host → gateway (0% of new traces) → backend.
+    // Host → gateway (0% of new traces) → waypoint → backend.
     let ip = mesh.load_balancer_ip("istio-system", "istio-ingressgateway").expect("a LoadBalancer address");
     let unsampled = eventually(WAIT, "a request through the gateway", || gateway_get(ip, "/new-trace", ""));
     let tp = seen_traceparent(&unsampled);
@@ -92,15 +92,22 @@ fn spans_of_the_waypoint_and_the_gateway_reach_the_collector_as_one_trace() {
     let sampled = gateway_get(ip, "/sampled", &format!("traceparent: 00-{T2}-{PARENT}-01\r\n")).expect("a sampled request through the gateway");
     let tp2 = seen_traceparent(&sampled);
     assert!(tp2.starts_with(&format!("00-{T2}-")) && tp2.ends_with("-01"), "{tp2}");
-    let got = eventually(WAIT, "the gateway's spans of the sampled trace", || {
+    let got = eventually(WAIT, "the gateway's and the waypoint's spans of the sampled trace", || {
         let s = spans(&mesh, "otlp", T2);
-        (by_kind(&s, "server").len() == 1 && by_kind(&s, "client").len() == 1).then_some(s)
+        (by_kind(&s, "server").len() == 2 && by_kind(&s, "client").len() == 2).then_some(s)
     });
-    let (server, client) = (&by_kind(&got, "server")[0], &by_kind(&got, "client")[0]);
-    assert_eq!(server["parent_span_id"], PARENT);
-    assert_eq!(client["parent_span_id"], server["span_id"]);
-    assert_eq!(client["span_id"], tp2.split('-').nth(2).unwrap());
-    assert_eq!(server["service"], "istio-ingressgateway.istio-system", "{server}");
+    let of = |service: &str, kind: &str| -> Value {
+        by_kind(&got, kind).into_iter().find(|s| s["service"] == service).unwrap_or_else(|| panic!("no {kind} span of {service}: {got:?}"))
+    };
+    let (gw_server, gw_client) = (of("istio-ingressgateway.istio-system", "server"), of("istio-ingressgateway.istio-system", "client"));
+    let (wp_server, wp_client) = (of("waypoint.shop", "server"), of("waypoint.shop", "client"));
+    // One trace, each span the child of the one before it.
+    assert_eq!(gw_server["parent_span_id"], PARENT);
+    assert_eq!(gw_client["parent_span_id"], gw_server["span_id"]);
+    assert_eq!(wp_server["parent_span_id"], gw_client["span_id"], "the waypoint continues the gateway's client span");
+    assert_eq!(wp_client["parent_span_id"], wp_server["span_id"]);
+    assert_eq!(wp_client["span_id"], tp2.split('-').nth(2).unwrap(), "the backend's parent is the waypoint's client span");
+    assert_eq!(gw_server["name"], "reviews.shop.svc.cluster.local:9080/*", "the gateway's span is named after the routed destination: {gw_server}");
     // Past two export intervals, nothing of the unsampled trace arrived.
     std::thread::sleep(Duration::from_secs(3));
     let unsampled_spans = spans(&mesh, "otlp", fields[1]);

@@ -79,7 +79,7 @@ where
         source = source.secrets_in(&args.namespace);
     }
     // Istio's mesh config: the tracing providers Telemetry names.
-    source = source.mesh_config_in(skiff_core::routing::DEFAULT_ROOT_NAMESPACE);
+    source = source.mesh_config_in(skiff_core::routing::DEFAULT_ROOT_NAMESPACE).telemetry();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let source = source.open().map_err(|e| anyhow::anyhow!("opening the config source: {}", skiff_core::report(&e)))?;

@@ -34,6 +34,9 @@ enum Cmd {
     TraceCollector {
         #[arg(long)]
         port: u16,
+        /// Log one line per export (its span count) instead of one per span.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Echo what each connection sends; log peers as JSON lines.
     EchoServer {
@@ -617,7 +620,7 @@ fn parse_request<R: BufRead>(r: &mut R) -> Option<Req> {
 /// format's own definition — OTLP with the OpenTelemetry protobuf
 /// messages, Zipkin as its JSON — and logged as
 /// `{"event":"span","format",...,"trace_id","span_id","parent_span_id","name","kind","service","attributes"}`.
-fn trace_collector(port: u16) -> ExitCode {
+fn trace_collector(port: u16, quiet: bool) -> ExitCode {
     let l = listen(port);
     log(json!({"event": "listening", "port": port}));
     for s in l.incoming().flatten() {
@@ -655,6 +658,7 @@ fn trace_collector(port: u16) -> ExitCode {
                     _ => ("404 Not Found", Err(format!("no collector at {path}"))),
                 };
                 match spans {
+                    Ok(spans) if quiet => log(json!({"event": "export", "path": path, "spans": spans.len()})),
                     Ok(spans) => spans.into_iter().for_each(log),
                     Err(e) => log(json!({"event": "bad_export", "path": path, "error": e})),
                 }
@@ -1307,7 +1311,7 @@ fn main() -> ExitCode {
         Cmd::Slowloris { target, count, for_ms } => slowloris(&target, count, for_ms),
         Cmd::H2Flood { target, authority, streams, reset } => h2_flood(&target, &authority, streams, reset),
         Cmd::EchoServer { port } => echo_server(port),
-        Cmd::TraceCollector { port } => trace_collector(port),
+        Cmd::TraceCollector { port, quiet } => trace_collector(port, quiet),
         Cmd::Client { target, message, hold_ms, stream_ms, mark } => {
             client(&target, &message, Duration::from_millis(hold_ms), Duration::from_millis(stream_ms), mark)
         }
