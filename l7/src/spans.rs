@@ -20,10 +20,10 @@ use bytes::Bytes;
 use http::HeaderMap;
 use opentelemetry::{
     propagation::{TextMapCompositePropagator, TextMapPropagator},
-    trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _},
+    trace::{SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _, TracerProvider as _},
     Context, KeyValue,
 };
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, IdGenerator as _, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider};
 use tracing::{debug, warn};
 
 /// Where spans go and how many: from `--tracing-*` or from Istio's
@@ -181,6 +181,23 @@ impl Tracing {
     pub fn start(&self, s: &Settings, headers: &HeaderMap, name: String, attributes: Vec<KeyValue>) -> RequestSpans {
         let tracer = self.tracer(s);
         let parent = self.propagator.extract(&opentelemetry_http::HeaderExtractor(headers));
+        if !s.exports() {
+            // Nothing is exported: context only, no span recorded. The
+            // trace continues (or starts, sampled at the configured
+            // percentage with reporting off, else marked sampled for what
+            // the application does with it) under a new span id of ours.
+            let pc = parent.span().span_context().clone();
+            let (trace_id, flags, state) = if pc.is_valid() {
+                (pc.trace_id(), pc.trace_flags(), pc.trace_state().clone())
+            } else {
+                let sampled = !s.disable_reporting || fastrand::f64() * 100.0 < s.sampling;
+                let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+                (RandomIdGenerator::default().new_trace_id(), flags, Default::default())
+            };
+            let server = (s.mode != Mode::Client).then(|| parent.with_remote_span_context(SpanContext::new(trace_id, RandomIdGenerator::default().new_span_id(), flags, false, state)));
+            let parent = if pc.is_valid() { parent } else { Context::new().with_remote_span_context(SpanContext::new(trace_id, SpanId::INVALID, flags, false, Default::default())) };
+            return RequestSpans { tracer, parent, server, client: None, mode: s.mode, name, tags: Vec::new(), light: true };
+        }
         let mut attributes = attributes;
         if s.exports() {
             attributes.extend(custom_tags(&s.tags, headers));
@@ -189,7 +206,7 @@ impl Tracing {
             Mode::Client => None,
             _ => Some(parent.with_span(tracer.span_builder(name.clone()).with_kind(SpanKind::Server).with_attributes(attributes.clone()).start_with_context(&tracer, &parent))),
         };
-        RequestSpans { tracer, parent, server, client: None, mode: s.mode, name, tags: attributes }
+        RequestSpans { tracer, parent, server, client: None, mode: s.mode, name, tags: attributes, light: false }
     }
 
     /// Writes `cx`'s span context into outgoing headers, in both formats,
@@ -213,6 +230,8 @@ pub struct RequestSpans {
     parent: Context,
     server: Option<Context>,
     client: Option<Context>,
+    /// Context only (nothing is exported): span contexts, no SDK spans.
+    light: bool,
     mode: Mode,
     name: String,
     tags: Vec<KeyValue>,
@@ -251,6 +270,13 @@ impl RequestSpans {
         let base = self.server.clone().unwrap_or_else(|| self.parent.clone());
         if self.mode == Mode::Server {
             tracing.inject(&base, headers);
+            return;
+        }
+        if self.light {
+            let pc = base.span().span_context().clone();
+            let child = SpanContext::new(pc.trace_id(), RandomIdGenerator::default().new_span_id(), pc.trace_flags(), false, pc.trace_state().clone());
+            let client = self.client.get_or_insert_with(|| base.with_remote_span_context(child));
+            tracing.inject(client, headers);
             return;
         }
         let client = self.client.get_or_insert_with(|| {
