@@ -5,13 +5,18 @@
 //! line per problem: the file, the object, the field and why, and what the
 //! mesh would serve instead. Nothing runs and nothing is contacted.
 //!
-//! Exit codes: 0 no object refused (fail-closed readings are printed as
+//! `skiff check --pre` says whether this node can run Skiff's capture
+//! (see `check.rs`).
+//!
+//! Exit codes (analyze): 0 no object refused (fail-closed readings are printed as
 //! warnings; `--strict` counts them too), 1 some object refused, 2 the
 //! directory could not be read or the command line is wrong.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+
+mod check;
 
 /// skiff: check and explain a Skiff mesh.
 #[derive(Parser)]
@@ -36,12 +41,37 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// `--pre`: whether this node can run Skiff's capture (kernel, cgroup
+    /// v2, BTF, bpffs, and as root every capture program loaded into this
+    /// kernel), one OK/WARN/FAIL line each; exit 1 on any FAIL. (The check
+    /// of a running mesh is not built yet.)
+    Check {
+        /// This node's prerequisites, before installing.
+        #[arg(long, required = true)]
+        pre: bool,
+        /// The skiff-node-agent binary that loads the programs (default:
+        /// beside skiff, else on the PATH).
+        #[arg(long)]
+        node_agent: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Analyze { dir, output, strict } => analyze(&dir, &output, strict),
+        Command::Check { pre: _, node_agent } => {
+            let root = check::effective_uid() == Some(0);
+            let lines = check::pre(node_agent.or_else(check::find_node_agent).as_deref(), root);
+            for l in &lines {
+                println!("{l}");
+            }
+            if lines.iter().any(|l| l.level == check::Level::Fail) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
     }
 }
 

@@ -198,6 +198,64 @@ fn monotonic_secs() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|t| t.tv_sec() as u64).unwrap_or(0)
 }
 
+/// One program's (or the object's) verdict from [`preflight`].
+#[derive(Debug, serde::Serialize)]
+pub struct Preflight {
+    pub program: String,
+    /// None: the kernel loaded it (the verifier accepted it).
+    pub error: Option<String>,
+}
+
+/// Whether this kernel takes Skiff's capture: the object (its maps, the
+/// socket storage among them needing BTF) and every program, loaded into
+/// the kernel and verified — never attached, and the maps (which the
+/// object pins by name) pinned only in a bpffs of its own, mounted for the
+/// check and removed after it: the node's pins are never touched. What
+/// `skiff check --pre` runs on a node.
+pub fn preflight() -> Vec<Preflight> {
+    let fail = |e: String| vec![Preflight { program: "maps and object".into(), error: Some(e) }];
+    let dir = std::env::temp_dir().join(format!("skiff-preflight-{}", std::process::id()));
+    if let Err(e) = fs::create_dir_all(&dir) {
+        return fail(format!("{}: {e}", dir.display()));
+    }
+    if let Err(e) = nix::mount::mount(Some("bpf"), &dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>) {
+        let _ = fs::remove_dir(&dir);
+        return fail(format!("mounting a bpffs for the check at {}: {e}", dir.display()));
+    }
+    let out = preflight_in(&dir);
+    // The check's own bpffs goes, and its pins with it.
+    let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(&dir);
+    out
+}
+
+fn preflight_in(pins: &Path) -> Vec<Preflight> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pins);
+    let mut ebpf = match loader.load(PROGRAMS) {
+        Ok(e) => e,
+        Err(e) => return vec![Preflight { program: "maps and object".into(), error: Some(skiff_core::report(&e)) }],
+    };
+    let mut out = vec![Preflight { program: "maps and object".into(), error: None }];
+    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+    for name in names {
+        let err = match ebpf.program_mut(&name) {
+            Some(aya::programs::Program::CgroupSockAddr(p)) => p.load().err(),
+            Some(aya::programs::Program::SockOps(p)) => p.load().err(),
+            Some(aya::programs::Program::CgroupSock(p)) => p.load().err(),
+            Some(aya::programs::Program::CgroupSockopt(p)) => p.load().err(),
+            Some(aya::programs::Program::SkLookup(p)) => p.load().err(),
+            _ => {
+                out.push(Preflight { program: name, error: Some("a program of a type this build does not expect".into()) });
+                continue;
+            }
+        };
+        out.push(Preflight { program: name, error: err.map(|e| skiff_core::report(&e)) });
+    }
+    out.sort_by(|a, b| a.program.cmp(&b.program));
+    out
+}
+
 impl Capture {
     /// Loads the programs, reusing pinned maps, and attaches every cgroup
     /// program under `cgroup` that is not attached (pinned) already.

@@ -74,6 +74,9 @@ enum Cmd {
         #[arg(long, default_value_t = skiff_ebpf_common::DEFAULT_MESH_SOCKETS, value_parser = clap::value_parser!(u32).range(1024..))]
         max_mesh_sockets: u32,
     },
+    /// Load every capture program into this kernel (verify, never attach
+    /// or pin) and print each verdict as a JSON line; exit 1 if any fails.
+    Preflight,
     /// Print the pinned capture state (enrolled netns, links, counters) as JSON.
     Inspect {
         #[arg(long, default_value = "/sys/fs/bpf/skiff")]
@@ -153,6 +156,16 @@ fn main() -> anyhow::Result<()> {
             let cfg = AgentConfig { node, ztunnel_socket, ztunnel_timeout: Duration::from_secs(10) };
             let mut agent = Agent::new(cfg, capture, started.locator).with_cni(started.link).with_ready(ready).with_metrics(metrics);
             agent.run(source.as_mut(), &stop);
+            Ok(())
+        }
+        Cmd::Preflight => {
+            let verdicts = bpf::preflight();
+            for v in &verdicts {
+                println!("{}", serde_json::to_string(v)?);
+            }
+            if verdicts.iter().any(|v| v.error.is_some()) {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Cmd::Inspect { pin_dir } => {
