@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::Workload;
+use crate::{model::Workload, series::NamedAt};
 
 /// The cluster every workload of a Skiff mesh is in: Skiff is one cluster,
 /// and this is Istio's default cluster ID (its `CLUSTER_ID`).
@@ -110,7 +110,7 @@ pub const TCP_LABELS: [&str; 23] = [
 
 /// Istio's standard request labels: the TCP ones, then `response_code`
 /// and `grpc_response_status` (so a workload or Service is at the same
-/// position in both, see [`NAMED_AT`]).
+/// position in both, see [`WORKLOADS_AT`]).
 pub const REQUEST_LABELS: [&str; 25] = {
     let mut out = [""; 25];
     let mut i = 0;
@@ -124,9 +124,12 @@ pub const REQUEST_LABELS: [&str; 25] = {
 };
 
 /// Where a series of [`TCP_LABELS`] or [`REQUEST_LABELS`] names a
-/// workload (source, destination) and a Service, for pruning the series
-/// of those that left: (namespace, name) positions.
-pub const NAMED_AT: ([(usize, usize); 2], (usize, usize)) = ([(2, 1), (10, 9)], (19, 18));
+/// workload (source, destination), for pruning the series of those that
+/// left.
+pub const WORKLOADS_AT: [NamedAt; 2] = [NamedAt { namespace: 2, name: 1 }, NamedAt { namespace: 10, name: 9 }];
+
+/// Where such a series names its destination Service.
+pub const SERVICES_AT: [NamedAt; 1] = [NamedAt { namespace: 19, name: 18 }];
 
 /// The destination Service of a series: host, name, namespace.
 pub struct ServiceLabels<'a> {

@@ -259,8 +259,7 @@ pub fn providers_from(v: &serde_json::Value, field: &str) -> (BTreeMap<String, P
         let provider = match (kind.as_str(), host, port) {
             ("zipkin", Some(h), Some(port)) => {
                 extra(&["service", "port", "path"]);
-                let path = conf.get("path").and_then(|p| p.as_str()).unwrap_or("/api/v2/spans");
-                let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
+                let path = rooted(conf.get("path").and_then(|p| p.as_str()).unwrap_or("/api/v2/spans"));
                 Provider::Zipkin { url: format!("http://{h}:{port}{path}") }
             }
             ("opentelemetry", Some(h), Some(port)) => match conf.get("http") {
@@ -271,8 +270,7 @@ pub fn providers_from(v: &serde_json::Value, field: &str) -> (BTreeMap<String, P
                             not_read.push(format!("{field}[{i}].opentelemetry.http.{k}"));
                         }
                     }
-                    let path = http.get("path").and_then(|p| p.as_str()).unwrap_or("/v1/traces");
-                    let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
+                    let path = rooted(http.get("path").and_then(|p| p.as_str()).unwrap_or("/v1/traces"));
                     Provider::OtlpHttp { url: format!("http://{h}:{port}{path}") }
                 }
                 None => Provider::Unsupported("OTLP over gRPC: Skiff exports OTLP over HTTP (set opentelemetry.http)".into()),
@@ -283,6 +281,16 @@ pub fn providers_from(v: &serde_json::Value, field: &str) -> (BTreeMap<String, P
         out.insert(name.to_owned(), provider);
     }
     (out, not_read)
+}
+
+/// A URL path starting with `/` (a path without one would run into the
+/// port, or with `@` change the host).
+fn rooted(path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    }
 }
 
 #[cfg(test)]

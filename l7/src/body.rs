@@ -20,11 +20,18 @@ struct Counted {
     sent: u64,
 }
 
-impl Drop for Counted {
-    fn drop(&mut self) {
+impl Counted {
+    /// Records the request, once.
+    fn record(&mut self) {
         if let Some(done) = self.done.take() {
             done.record(self.sent);
         }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.record();
     }
 }
 
@@ -46,11 +53,7 @@ impl hyper::body::Body for Counted {
             }
             // The end: recorded now rather than whenever the connection
             // lets go of the body.
-            std::task::Poll::Ready(None) => {
-                if let Some(done) = self.done.take() {
-                    done.record(self.sent);
-                }
-            }
+            std::task::Poll::Ready(None) => self.record(),
             _ => {}
         }
         r

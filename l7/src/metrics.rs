@@ -111,11 +111,8 @@ impl Metrics {
     /// workload or Service no longer in `snap` and that nothing used for
     /// `grace` (so their last counts are scraped first). Returns how many.
     pub fn prune(&self, snap: &Snapshot, grace: Duration) -> usize {
-        use skiff_core::series::NamedAt;
-        let ([(wn0, w0), (wn1, w1)], (sn, s)) = skiff_core::telemetry::NAMED_AT;
-        let workloads = [NamedAt { namespace: wn0, name: w0 }, NamedAt { namespace: wn1, name: w1 }];
-        let services = [NamedAt { namespace: sn, name: s }];
-        let gone = self.series.take_gone(snap, grace, &workloads, &services);
+        use skiff_core::telemetry::{SERVICES_AT, WORKLOADS_AT};
+        let gone = self.series.take_gone(snap, grace, &WORKLOADS_AT, &SERVICES_AT);
         for v in &gone {
             let values: Vec<&str> = v.iter().map(String::as_str).collect();
             let _ = self.requests.remove_label_values(&values);
@@ -123,7 +120,7 @@ impl Metrics {
             let _ = self.request_bytes.remove_label_values(&values);
             let _ = self.response_bytes.remove_label_values(&values);
         }
-        let tcp_gone = self.tcp_series.take_gone(snap, grace, &workloads, &services);
+        let tcp_gone = self.tcp_series.take_gone(snap, grace, &WORKLOADS_AT, &SERVICES_AT);
         for v in &tcp_gone {
             let values: Vec<&str> = v.iter().map(String::as_str).collect();
             for vec in [&self.tcp_opened, &self.tcp_closed, &self.tcp_sent, &self.tcp_received] {
@@ -249,9 +246,16 @@ impl Source<'_> {
                 ("waypoint", p)
             }
             Source::Proxy(workload, pod, id) => {
-                let labels = pod.map(|w| w.labels.clone()).unwrap_or_default();
-                ("source", Peer::of(workload, &id.namespace, &labels, id.to_string()))
+                let none = std::collections::BTreeMap::new();
+                ("source", Peer::of(workload, &id.namespace, pod.map_or(&none, |w| &w.labels), id.to_string()))
             }
+        }
+    }
+
+    /// The identity the source proved (the peer's) or has (the proxy's).
+    fn identity(&self) -> &Identity {
+        match self {
+            Source::Peer(id) | Source::Proxy(_, _, id) => id,
         }
     }
 }
@@ -271,9 +275,7 @@ impl RequestLog {
         trace_id: &str,
     ) -> RequestLog {
         let (reporter, src) = source.labels(snap, peer);
-        let trust_domain = match &source {
-            Source::Peer(id) | Source::Proxy(_, _, id) => id.trust_domain.clone(),
-        };
+        let trust_domain = source.identity().trust_domain.clone();
         let mut log = RequestLog {
             reporter,
             source: src,
@@ -466,9 +468,7 @@ impl TcpLog {
     /// [`TcpLog::set_service`]).
     pub fn new(source: Source<'_>, snap: &Snapshot, peer: SocketAddr) -> TcpLog {
         let (reporter, src) = source.labels(snap, peer);
-        let trust_domain = match &source {
-            Source::Peer(id) | Source::Proxy(_, _, id) => id.trust_domain.clone(),
-        };
+        let trust_domain = source.identity().trust_domain.clone();
         let unknown = || "unknown".to_owned();
         TcpLog { reporter, source: src, service: unknown(), service_name: unknown(), service_namespace: unknown(), trust_domain }
     }

@@ -120,6 +120,17 @@ impl<'s> Endpoint<'s> {
         }
     }
 
+    /// Where HBONE to this endpoint goes and what it asks for: a pod (its
+    /// ztunnel, the pod's address) or a waypoint (itself, the Service's
+    /// address); None for an endpoint outside the mesh.
+    pub fn hbone(&self) -> Option<(&'s Workload, SocketAddrV4)> {
+        match self {
+            Endpoint::Pod(w, _) => Some((w, self.addr())),
+            Endpoint::Waypoint(w, target) => Some((w, *target)),
+            Endpoint::External(_) => None,
+        }
+    }
+
     pub fn workload(&self) -> Option<&'s Workload> {
         match self {
             Endpoint::Pod(w, _) => Some(w),

@@ -388,11 +388,11 @@ impl Proxy {
     fn resolve_trace_settings(&self, snap: &Snapshot) -> crate::spans::Settings {
         use skiff_core::telemetry_api::{self, Provider, ProxyScope};
         let root = skiff_core::routing::DEFAULT_ROOT_NAMESPACE;
-        let labels = self.own_pod(snap).map(|w| w.labels.clone());
+        // Waypoints are chosen by targetRefs only, the gateway by its pod's labels.
         let scope = ProxyScope {
             namespace: &self.cfg.namespace,
             waypoint: self.cfg.waypoint.then_some(self.cfg.name.as_str()),
-            labels: if self.cfg.waypoint { None } else { labels.as_ref() },
+            labels: if self.cfg.waypoint { None } else { self.own_pod(snap).map(|w| &w.labels) },
         };
         let (rule, ignored) = telemetry_api::tracing_for(&snap.telemetries, root, &scope);
         if !ignored.is_empty() {
@@ -434,7 +434,8 @@ impl Proxy {
             Entry::Service { .. } => "http",
         };
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let labels = own_pod.map(|w| w.labels.clone()).unwrap_or_default();
+        let none = std::collections::BTreeMap::new();
+        let labels = own_pod.map_or(&none, |w| &w.labels);
         vec![
             KeyValue::new("http.url", crate::spans::bounded(&format!("{scheme}://{authority}{path}"))),
             KeyValue::new("http.method", parts.method.to_string()),
@@ -446,8 +447,8 @@ impl Proxy {
             KeyValue::new("component", "proxy"),
             KeyValue::new("istio.mesh_id", self.certs.trust_domain().to_owned()),
             KeyValue::new("istio.namespace", self.cfg.namespace.clone()),
-            KeyValue::new("istio.canonical_service", skiff_core::telemetry::canonical_service(&labels, &self.cfg.name).to_owned()),
-            KeyValue::new("istio.canonical_revision", skiff_core::telemetry::canonical_revision(&labels).to_owned()),
+            KeyValue::new("istio.canonical_service", skiff_core::telemetry::canonical_service(labels, &self.cfg.name).to_owned()),
+            KeyValue::new("istio.canonical_revision", skiff_core::telemetry::canonical_revision(labels).to_owned()),
         ]
     }
 
@@ -737,11 +738,10 @@ impl Proxy {
         let headers = normalize::joined_headers(&parts.headers);
         let raw_path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
         let grpc = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
-        let own_id = Identity::new(self.certs.trust_domain(), &self.cfg.namespace, &self.cfg.service_account);
-        let own_pod = self.own_pod(&snap);
+        let (own_id, own_name) = self.own_identity();
         let (entry_svc, source) = match (&ctx.entry, &ctx.peer_id) {
             (Entry::Service { svc, .. }, Some(id)) => (Some(&**svc), Source::Peer(id)),
-            _ => (None, Source::Proxy(&self.cfg.name, own_pod, &own_id)),
+            _ => (None, Source::Proxy(own_name, self.own_pod(&snap), &own_id)),
         };
         let settings = self.trace_settings(&snap);
         // Istio's operation name: the destination `<host>:<port>/*` — at
@@ -753,7 +753,7 @@ impl Proxy {
         };
         // Attributes only for spans that go somewhere: without an
         // exporter a request pays for its trace context alone.
-        let request_attributes = if settings.exports() { self.span_attributes(&ctx, &parts, own_pod) } else { Vec::new() };
+        let request_attributes = if settings.exports() { self.span_attributes(&ctx, &parts, self.own_pod(&snap)) } else { Vec::new() };
         let spans = self.spans.start(&settings, &parts.headers, span_name, request_attributes);
         let trace_id = spans.trace_id();
         let mut log = RequestLog::new(entry_svc, source, &snap, ctx.peer, &parts.method, &raw_path, grpc, &trace_id);
@@ -856,7 +856,7 @@ impl Proxy {
             };
             spans.upstream(&self.spans, &mut parts.headers, attributes);
         }
-        if let Ok(v) = HeaderValue::from_str(&trace_id).map_err(|_| ()).and_then(|v| if v.is_empty() { Err(()) } else { Ok(v) }) {
+        if let Some(v) = (!trace_id.is_empty()).then(|| HeaderValue::from_str(&trace_id).ok()).flatten() {
             parts.headers.entry("x-request-id").or_insert(v);
         }
         for (mirror, pct) in &route.mirrors {

@@ -12,7 +12,7 @@
 //! sampled are never recorded, but their context still propagates.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -442,9 +442,6 @@ async fn post(request: http::Request<Bytes>) -> Result<http::Response<Bytes>, op
     }
     Ok(http::Response::from_parts(parts, body))
 }
-
-/// Shared by the proxy's requests.
-pub type Shared = Arc<Tracing>;
 
 #[cfg(test)]
 mod tests {

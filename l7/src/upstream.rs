@@ -321,13 +321,9 @@ impl Upstreams {
         ActiveGuard { ups: self, ep }
     }
 
-    async fn dial(&self, w: &Workload, port: u16) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, hbone::StreamGuard), hbone::HboneError> {
-        let ip = w.ip.expect("ready endpoints have an IP");
-        self.dial_to(w, SocketAddrV4::new(ip, port)).await
-    }
-
-    /// HBONE to `w` (its ztunnel, or a waypoint itself) asking for `target`.
-    async fn dial_to(&self, w: &Workload, target: SocketAddrV4) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, hbone::StreamGuard), hbone::HboneError> {
+    /// HBONE to `w` (its ztunnel, or a waypoint itself) asking for `target`
+    /// (see [`Endpoint::hbone`]).
+    async fn dial(&self, w: &Workload, target: SocketAddrV4) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, hbone::StreamGuard), hbone::HboneError> {
         let ip = w.ip.expect("ready endpoints have an IP");
         let me = Identity::new(self.certs.trust_domain(), &self.namespace, &self.service_account);
         let dst = Identity::new(self.certs.trust_domain(), &w.namespace, &w.service_account);
@@ -350,14 +346,9 @@ impl Upstreams {
     /// plain TCP otherwise.
     async fn open(&self, ep: &Endpoint<'_>, plain: bool) -> Result<Stream, Failure> {
         let addr = ep.addr();
-        match ep {
-            Endpoint::Pod(..) | Endpoint::Waypoint(..) if !plain => {
-                let dialled = match ep {
-                    Endpoint::Waypoint(w, target) => self.dial_to(w, *target).await,
-                    Endpoint::Pod(w, port) => self.dial(w, *port).await,
-                    Endpoint::External(_) => unreachable!("matched above"),
-                };
-                let (send, recv, guard) = dialled.map_err(|e| {
+        match ep.hbone().filter(|_| !plain) {
+            Some((w, target)) => {
+                let (send, recv, guard) = self.dial(w, target).await.map_err(|e| {
                     debug!(error = %skiff_core::report(&e), upstream = %addr, "HBONE to endpoint failed");
                     Failure::UpstreamConnect
                 })?;
@@ -369,7 +360,7 @@ impl Upstreams {
                 });
                 Ok(Stream::Hbone(ours))
             }
-            _ => match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
+            None => match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
                 Ok(Ok(t)) => {
                     let _ = t.set_nodelay(true);
                     Ok(Stream::Tcp(t))
@@ -565,13 +556,7 @@ impl Upstreams {
             return false;
         };
         // Counted opened once the endpoint is reached (else with UF).
-        let opened = |flags| {
-            let w = match &ep {
-                Endpoint::Pod(w, _) => Some(*w),
-                _ => None,
-            };
-            meter.as_ref().map(|(m, l)| l.open(m, w, flags))
-        };
+        let opened = |flags| meter.as_ref().map(|(m, l)| l.open(m, ep.workload(), flags));
         let _active = self.begin(ep.addr());
         let plain = self.plain(&ep);
         if plain && mesh_only(&r.policy) {
@@ -600,21 +585,16 @@ impl Upstreams {
             }
             return true;
         }
-        match ep {
-            Endpoint::Pod(..) | Endpoint::Waypoint(..) if !plain => {
-                let dialled = match ep {
-                    Endpoint::Waypoint(w, target) => self.dial_to(w, target).await,
-                    Endpoint::Pod(w, port) => self.dial(w, port).await,
-                    Endpoint::External(_) => unreachable!("matched above"),
-                };
-                let Ok((send, recv, _g)) = dialled else {
+        match ep.hbone().filter(|_| !plain) {
+            Some((w, target)) => {
+                let Ok((send, recv, _g)) = self.dial(w, target).await else {
                     drop(opened("UF"));
                     return false;
                 };
                 let io = crate::body::Metered::new(io, opened("-"));
                 hbone::relay_io(io, send, recv, &self.tcp, &self.tcp).await;
             }
-            _ => {
+            None => {
                 let Ok(mut t) = self.open(&ep, true).await else {
                     drop(opened("UF"));
                     return false;

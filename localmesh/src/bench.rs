@@ -279,14 +279,18 @@ const BENCH_TRACING: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: i
 /// ("tracing configuration in force" with or without an exporter; it
 /// works the configuration out at a request, so one is sent meanwhile).
 fn set_tracing(mesh: &LocalMesh, wp: &crate::PodRt, on: bool) -> anyhow::Result<()> {
-    let said = || std::fs::read_to_string(&wp.log).unwrap_or_default().lines().filter(|l| l.contains("tracing configuration in force")).count();
-    let before = said();
+    // The waypoint's "tracing configuration in force" lines: how many, and the last.
+    let said = || {
+        let log = std::fs::read_to_string(&wp.log).unwrap_or_default();
+        let lines: Vec<String> = log.lines().filter(|l| l.contains("tracing configuration in force")).map(str::to_owned).collect();
+        (lines.len(), lines.last().cloned().unwrap_or_default())
+    };
+    let (before, _) = said();
     mesh.apply("bench-tracing", on.then_some(BENCH_TRACING))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let log = std::fs::read_to_string(&wp.log).unwrap_or_default();
-        let last = log.lines().filter(|l| l.contains("tracing configuration in force")).next_back().unwrap_or_default().to_owned();
-        if said() > before && last.contains("otel-collector") == on {
+        let (count, last) = said();
+        if count > before && last.contains("otel-collector") == on {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {

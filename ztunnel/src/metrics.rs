@@ -184,11 +184,8 @@ impl Metrics {
     /// short-lived workload (a Job, a CronJob run) would leave series
     /// behind for the life of the process. Returns how many were removed.
     pub fn prune(&self, snap: &skiff_core::model::Snapshot, grace: std::time::Duration) -> usize {
-        use skiff_core::series::NamedAt;
-        let ([(wn0, w0), (wn1, w1)], (sn, s)) = skiff_core::telemetry::NAMED_AT;
-        let workloads = [NamedAt { namespace: wn0, name: w0 }, NamedAt { namespace: wn1, name: w1 }];
-        let services = [NamedAt { namespace: sn, name: s }];
-        let gone = self.series.take_gone(snap, grace, &workloads, &services);
+        use skiff_core::telemetry::{SERVICES_AT, WORKLOADS_AT};
+        let gone = self.series.take_gone(snap, grace, &WORKLOADS_AT, &SERVICES_AT);
         for v in &gone {
             let values: Vec<&str> = v.iter().map(String::as_str).collect();
             for vec in [&self.opened, &self.closed, &self.sent, &self.received] {

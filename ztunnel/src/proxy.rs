@@ -510,7 +510,7 @@ impl Ztunnel {
 
     fn remote_labels(&self, w: Option<&Workload>) -> Peer {
         match w {
-            Some(w) => Peer::of(&w.workload_name, &w.namespace, &w.labels, self.identity(&w.namespace, &w.service_account).to_string()),
+            Some(w) => Peer::of_workload(w, self.certs.trust_domain()),
             None => Peer::unknown(),
         }
     }
