@@ -8,6 +8,11 @@
 //! `skiff check --pre` says whether this node can run Skiff's capture
 //! (see `check.rs`).
 //!
+//! `skiff explain --from SOURCE --to DESTINATION` prints every decision the
+//! mesh takes for that connection or request, in order, with the object
+//! and rule that made it (see `explain.rs`), against a manifests
+//! directory or the running local mesh's cluster view.
+//!
 //! Exit codes (analyze): 0 no object refused (fail-closed readings are printed as
 //! warnings; `--strict` counts them too), 1 some object refused, 2 the
 //! directory could not be read or the command line is wrong.
@@ -17,6 +22,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 mod check;
+mod explain;
+mod mesh;
+mod offline;
 
 /// skiff: check and explain a Skiff mesh.
 #[derive(Parser)]
@@ -54,12 +62,79 @@ enum Command {
         #[arg(long)]
         node_agent: Option<PathBuf>,
     },
+    /// Every decision the mesh takes for one connection or HTTP request, in
+    /// order, with the object and rule that made each: whether the source
+    /// is captured, what the address is, whether a waypoint handles it,
+    /// the outbound traffic policy, PeerAuthentication (STRICT: only
+    /// mutual-TLS connections are accepted), AuthorizationPolicy (which
+    /// policy and rule), the VirtualService route and its match, weights,
+    /// faults, retries and timeout, and the endpoints. A waypoint is the
+    /// per-namespace L7 proxy that Services opt into with
+    /// `istio.io/use-waypoint`.
+    Explain {
+        /// Where it starts: NAMESPACE/POD, NAMESPACE/sa/SERVICE_ACCOUNT,
+        /// or an IPv4 address.
+        #[arg(long, required_unless_present = "why_denied", conflicts_with = "why_denied")]
+        from: Option<String>,
+        /// Where it goes: SERVICE[.NAMESPACE][:PORT], NAMESPACE/POD:PORT,
+        /// A.B.C.D:PORT, or http://HOST[:PORT]/PATH for an HTTP request.
+        #[arg(long, required_unless_present = "why_denied", conflicts_with = "why_denied")]
+        to: Option<String>,
+        /// Start from a refused connection or request instead: one line of
+        /// ztunnel's or a waypoint's access log (text or JSON), as printed.
+        #[arg(long, value_name = "ACCESS_LOG_LINE")]
+        why_denied: Option<String>,
+        /// The request's method (HTTP ports).
+        #[arg(short = 'X', long, default_value = "GET")]
+        method: String,
+        /// A request header, `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Read the cluster from this manifests directory instead of the
+        /// running local mesh.
+        #[arg(long, conflicts_with = "mesh")]
+        manifests: Option<PathBuf>,
+        /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
+        /// run.
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+        /// The mesh's trust domain (identities are spiffe://DOMAIN/ns/NS/sa/SA).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Istio's root namespace (mesh-wide policies).
+        #[arg(long, default_value = skiff_core::routing::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
+        /// Output: `text` or `json`.
+        #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Analyze { dir, output, strict } => analyze(&dir, &output, strict),
+        Command::Explain { from, to, why_denied, method, headers, manifests, mesh, trust_domain, root_namespace, output } => {
+            let what = match (from, to, why_denied) {
+                (Some(f), Some(t), None) => What::Asked(f, t),
+                (None, None, Some(line)) => What::Logged(line),
+                _ => unreachable!("clap requires --from and --to, or --why-denied"),
+            };
+            match run_explain(what, method, headers, manifests, mesh, trust_domain, root_namespace) {
+                Ok(e) => {
+                    if output == "json" {
+                        println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
+                    } else {
+                        print!("{}", explain::render(&e));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!("skiff explain: {why}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Check { pre: _, node_agent } => {
             let root = check::effective_uid() == Some(0);
             let lines = check::pre(node_agent.or_else(check::find_node_agent).as_deref(), root);
@@ -116,4 +191,65 @@ fn analyze(dir: &std::path::Path, output: &str, strict: bool) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// What `explain` is asked about.
+enum What {
+    /// `--from`, `--to`.
+    Asked(String, String),
+    /// `--why-denied`: an access-log line.
+    Logged(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_explain(
+    what: What,
+    method: String,
+    headers: Vec<String>,
+    manifests: Option<PathBuf>,
+    mesh: Option<PathBuf>,
+    trust_domain: String,
+    root_namespace: String,
+) -> Result<explain::Explanation, String> {
+    let (from, to, path, method) = match what {
+        What::Asked(from, to) => {
+            let (to, path) = explain::parse_to(&to)?;
+            (explain::parse_from(&from)?, to, path, method)
+        }
+        What::Logged(line) => {
+            let (from, to, path, logged) = explain::from_access_log(&line)?;
+            (from, to, path, logged.unwrap_or(method))
+        }
+    };
+    let headers = headers
+        .iter()
+        .map(|h| match h.split_once(':') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_ascii_lowercase(), v.trim().to_owned())),
+            _ => Err(format!("-H {h:?}: expected `name: value`")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // A directory of manifests as written (offline), or the running local
+    // mesh's cluster view, read object by object as the mesh reads it.
+    let (snap, notes) = match manifests {
+        Some(d) => offline::load(&d)?,
+        None => {
+            let snap = skiff_core::source::LocalDirSource::analyze(&mesh::cluster_dir(mesh.as_deref())?).map_err(|e| e.report())?;
+            let notes = snap.rejected.iter().map(|r| format!("refused: {r}")).collect();
+            (snap, notes)
+        }
+    };
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    let ask = explain::Ask {
+        from,
+        to,
+        path,
+        method: method.to_ascii_uppercase(),
+        headers,
+        trust_domain,
+        root_namespace,
+        outbound_policy: skiff_core::egress::OutboundPolicy::AllowAny,
+    };
+    explain::explain(&snap, &ask)
 }

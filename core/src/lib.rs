@@ -23,6 +23,7 @@ pub mod k8s;
 pub mod logging;
 pub mod model;
 pub mod netns;
+pub mod outbound;
 pub mod policy;
 pub mod routing;
 pub mod series;

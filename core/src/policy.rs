@@ -88,32 +88,56 @@ pub fn effective_mtls(
     labels: &BTreeMap<String, String>,
     port: u16,
 ) -> MtlsMode {
+    mtls_decision(policies, root_namespace, namespace, labels, port).mode
+}
+
+/// Which PeerAuthentication set the mode in force, and at what level.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MtlsDecision<'a> {
+    pub mode: MtlsMode,
+    /// The deciding PeerAuthentication (None: no policy says anything,
+    /// PERMISSIVE by default).
+    pub policy: Option<&'a PeerAuthn>,
+    /// `port N`, `workload`, `namespace`, `mesh`, or `refused object`
+    /// (a PeerAuthentication Skiff refused stands in as STRICT).
+    pub level: &'static str,
+}
+
+/// [`effective_mtls`], with the policy and level that decided.
+pub fn mtls_decision<'a>(
+    policies: &'a [PeerAuthn],
+    root_namespace: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    port: u16,
+) -> MtlsDecision<'a> {
     // A refused PeerAuthentication that covers this workload (its own
     // namespace's, or the root namespace's mesh-wide) leaves STRICT in
     // force, whatever else applies.
-    let refused_covers = |p: &PeerAuthn| {
+    let refused_covers = |p: &&PeerAuthn| {
         p.fail_closed
             && (p.namespace == namespace || (p.namespace == root_namespace && p.selector.is_none()))
             && p.selector.as_ref().is_none_or(|s| selects(s, labels))
     };
-    if policies.iter().any(refused_covers) {
-        return MtlsMode::Strict;
+    if let Some(p) = policies.iter().find(refused_covers) {
+        return MtlsDecision { mode: MtlsMode::Strict, policy: Some(p), level: "refused object" };
     }
-    let first = |f: &dyn Fn(&PeerAuthn) -> bool| -> Option<&PeerAuthn> {
-        let mut v: Vec<&PeerAuthn> = policies.iter().filter(|p| f(p)).collect();
-        v.sort_by_key(|p| (p.created.is_none(), p.created.clone(), p.name.clone()));
-        v.into_iter().next()
+    let first = |f: &dyn Fn(&PeerAuthn) -> bool| -> Option<&'a PeerAuthn> {
+        policies.iter().filter(|p| f(p)).min_by(|a, b| (a.created.is_none(), &a.created, &a.name).cmp(&(b.created.is_none(), &b.created, &b.name)))
     };
     let workload = first(&|p| p.namespace == namespace && p.selector.as_ref().is_some_and(|s| selects(s, labels)));
     let ns = first(&|p| p.namespace == namespace && p.selector.is_none());
     let mesh = first(&|p| p.namespace == root_namespace && p.selector.is_none());
     let chain = [
-        workload.and_then(|w| w.port_modes.get(&port).copied()),
-        workload.map(|w| w.mode),
-        ns.map(|n| n.mode),
-        mesh.map(|m| m.mode),
+        workload.and_then(|w| w.port_modes.get(&port).map(|m| (*m, w, "port"))),
+        workload.map(|w| (w.mode, w, "workload")),
+        ns.map(|n| (n.mode, n, "namespace")),
+        mesh.map(|m| (m.mode, m, "mesh")),
     ];
-    chain.into_iter().flatten().find(|m| *m != MtlsMode::Unset).unwrap_or(MtlsMode::Permissive)
+    match chain.into_iter().flatten().find(|(m, _, _)| *m != MtlsMode::Unset) {
+        Some((mode, p, level)) => MtlsDecision { mode, policy: Some(p), level },
+        None => MtlsDecision { mode: MtlsMode::Permissive, policy: None, level: "default" },
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -504,11 +528,17 @@ impl AuthzPolicy {
     }
 
     pub fn matches(&self, c: &ConnInfo) -> bool {
-        self.rules.iter().any(|r| r.matches(self.action, c, None))
+        self.matching_rule(c, None).is_some()
     }
 
     pub fn matches_l7(&self, c: &ConnInfo, r: &L7Attrs<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(self.action, c, Some(r)))
+        self.matching_rule(c, Some(r)).is_some()
+    }
+
+    /// The index of the first rule that matches (`l7`: the request, at a
+    /// waypoint).
+    pub fn matching_rule(&self, c: &ConnInfo, l7: Option<&L7Attrs<'_>>) -> Option<usize> {
+        self.rules.iter().position(|r| r.matches(self.action, c, l7))
     }
 
     /// Whether the policy binds to the waypoint `name` in `namespace` (or to
@@ -526,6 +556,8 @@ pub struct AuthzDecision {
     pub allowed: bool,
     /// `namespace/name` of the deciding policy, if one decided.
     pub policy: Option<String>,
+    /// The index of the deciding policy's rule that matched (in `rules`).
+    pub rule: Option<usize>,
     pub reason: &'static str,
     /// AUDIT policies that matched.
     pub audited: Vec<String>,
@@ -533,30 +565,44 @@ pub struct AuthzDecision {
 
 /// Decides a connection against the policies that apply to its destination.
 pub fn evaluate(policies: &[&AuthzPolicy], c: &ConnInfo) -> AuthzDecision {
-    decide(policies, &|p: &AuthzPolicy| p.matches(c))
+    decide(policies, &|p: &AuthzPolicy| p.matching_rule(c, None))
 }
 
 /// Decides a request at a waypoint (L7 attributes known).
 pub fn evaluate_l7(policies: &[&AuthzPolicy], c: &ConnInfo, r: &L7Attrs<'_>) -> AuthzDecision {
-    decide(policies, &|p: &AuthzPolicy| p.matches_l7(c, r))
+    decide(policies, &|p: &AuthzPolicy| p.matching_rule(c, Some(r)))
 }
 
-fn decide(policies: &[&AuthzPolicy], matches: &dyn Fn(&AuthzPolicy) -> bool) -> AuthzDecision {
+/// The policies ztunnel enforces for a workload (those selecting it in its
+/// namespace, and the root namespace's; never those bound to a waypoint)
+/// and the decision for `c`, a connection arriving at it.
+pub fn authorize_workload(
+    policies: &[AuthzPolicy],
+    root_namespace: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    c: &ConnInfo,
+) -> AuthzDecision {
+    let applicable: Vec<&AuthzPolicy> = policies.iter().filter(|p| p.applies_to(root_namespace, namespace, labels)).collect();
+    evaluate(&applicable, c)
+}
+
+fn decide(policies: &[&AuthzPolicy], matching: &dyn Fn(&AuthzPolicy) -> Option<usize>) -> AuthzDecision {
     let audited: Vec<String> =
-        policies.iter().filter(|p| p.action == Action::Audit && matches(p)).map(|p| p.key()).collect();
+        policies.iter().filter(|p| p.action == Action::Audit && matching(p).is_some()).map(|p| p.key()).collect();
     for p in policies.iter().filter(|p| matches!(p.action, Action::Deny | Action::Custom)) {
-        if matches(p) {
+        if let Some(rule) = matching(p) {
             let reason = if p.action == Action::Custom { "CUSTOM policy matched (not supported at L4: denied)" } else { "DENY policy matched" };
-            return AuthzDecision { allowed: false, policy: Some(p.key()), reason, audited };
+            return AuthzDecision { allowed: false, policy: Some(p.key()), rule: Some(rule), reason, audited };
         }
     }
     let allows: Vec<&&AuthzPolicy> = policies.iter().filter(|p| p.action == Action::Allow).collect();
     if allows.is_empty() {
-        return AuthzDecision { allowed: true, policy: None, reason: "no ALLOW policy applies", audited };
+        return AuthzDecision { allowed: true, policy: None, rule: None, reason: "no ALLOW policy applies", audited };
     }
-    match allows.iter().find(|p| matches(p)) {
-        Some(p) => AuthzDecision { allowed: true, policy: Some(p.key()), reason: "ALLOW policy matched", audited },
-        None => AuthzDecision { allowed: false, policy: None, reason: "no ALLOW policy matched", audited },
+    match allows.iter().find_map(|p| matching(p).map(|r| (p, r))) {
+        Some((p, rule)) => AuthzDecision { allowed: true, policy: Some(p.key()), rule: Some(rule), reason: "ALLOW policy matched", audited },
+        None => AuthzDecision { allowed: false, policy: None, rule: None, reason: "no ALLOW policy matched", audited },
     }
 }
 

@@ -802,7 +802,12 @@ impl VirtualService {
     /// The first `http` route (in order) taking the request that arrived
     /// at `at` (the mesh, or a Gateway).
     pub fn route_at(&self, r: &RequestInfo<'_>, at: &Bind) -> Option<&HttpRoute> {
-        self.http.iter().find(|h| h.matches_at(r, at, &self.gateways))
+        self.route_index_at(r, at).map(|i| &self.http[i])
+    }
+
+    /// [`Self::route_at`]'s index in `http`.
+    pub fn route_index_at(&self, r: &RequestInfo<'_>, at: &Bind) -> Option<usize> {
+        self.http.iter().position(|h| h.matches_at(r, at, &self.gateways))
     }
 
     /// Whether it applies at `at` at all: its `gateways` name it, or one of

@@ -36,25 +36,13 @@ pub fn selecting<'s>(snap: &'s Snapshot, pod: &skiff_core::model::Workload) -> V
         .collect()
 }
 
-/// The connection as policy sees it; no identity for a peer without one
-/// (a client of the ingress gateway).
-fn conn(peer: SocketAddr, peer_id: Option<&Identity>, dst_ip: Ipv4Addr, dst_port: u16) -> policy::ConnInfo {
-    policy::ConnInfo {
-        src_ip: peer.ip(),
-        principal: peer_id.map(Identity::principal),
-        src_namespace: peer_id.map(|p| p.namespace.clone()),
-        dst_ip: IpAddr::V4(dst_ip),
-        dst_port,
-    }
-}
-
 /// A stream to a non-HTTP port: no L7 here, but the policies bound to the
 /// proxy still apply at L4 (the destination only sees the proxy's
 /// identity). Logs a denial.
 pub fn allow_stream(policies: &[&AuthzPolicy], peer: SocketAddr, peer_id: Option<&Identity>, target: SocketAddrV4) -> bool {
-    let d = policy::evaluate(policies, &conn(peer, peer_id, *target.ip(), target.port()));
+    let d = decide_stream(policies, peer.ip(), peer_id, target);
     if !d.allowed {
-        info!(%peer, identity = ?peer_id.map(|p| p.to_string()), policy = ?d.policy, reason = d.reason, "TCP stream denied by authorization policy");
+        info!(%peer, identity = ?peer_id.map(|p| p.to_string()), policy = ?d.policy, rule = ?d.rule, reason = d.reason, "TCP stream denied by authorization policy");
     }
     d.allowed
 }
@@ -72,13 +60,39 @@ pub fn check_request(
     if policies.is_empty() {
         return Ok(());
     }
-    let host = skiff_core::routing::host_of(req.authority);
-    let attrs = policy::L7Attrs { method: req.method, path: req.path.split('?').next().unwrap_or("/"), host, headers: req.headers };
-    let d = policy::evaluate_l7(policies, &conn(peer, peer_id, dst_ip, req.port), &attrs);
+    let d = decide_request(policies, peer.ip(), peer_id, dst_ip, req);
     if !d.allowed {
         let identity = peer_id.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-        info!(method = %req.method, path = %req.path, %peer, %identity, policy = ?d.policy, reason = d.reason, "request denied by authorization policy");
+        info!(method = %req.method, path = %req.path, %peer, %identity, policy = ?d.policy, rule = ?d.rule, reason = d.reason, "request denied by authorization policy");
         return Err(Failure::Denied);
     }
     Ok(())
+}
+
+/// The L7 decision for one request (see [`check_request`]), without
+/// logging: what `skiff explain` prints.
+pub fn decide_request(policies: &[&AuthzPolicy], peer_ip: IpAddr, peer_id: Option<&Identity>, dst_ip: Ipv4Addr, req: &RequestInfo<'_>) -> policy::AuthzDecision {
+    let host = skiff_core::routing::host_of(req.authority);
+    let attrs = policy::L7Attrs { method: req.method, path: req.path.split('?').next().unwrap_or("/"), host, headers: req.headers };
+    let c = policy::ConnInfo {
+        src_ip: peer_ip,
+        principal: peer_id.map(Identity::principal),
+        src_namespace: peer_id.map(|p| p.namespace.clone()),
+        dst_ip: IpAddr::V4(dst_ip),
+        dst_port: req.port,
+    };
+    policy::evaluate_l7(policies, &c, &attrs)
+}
+
+/// The L4 decision for a stream to a non-HTTP port (see [`allow_stream`]),
+/// without logging.
+pub fn decide_stream(policies: &[&AuthzPolicy], peer_ip: IpAddr, peer_id: Option<&Identity>, target: SocketAddrV4) -> policy::AuthzDecision {
+    let c = policy::ConnInfo {
+        src_ip: peer_ip,
+        principal: peer_id.map(Identity::principal),
+        src_namespace: peer_id.map(|p| p.namespace.clone()),
+        dst_ip: IpAddr::V4(*target.ip()),
+        dst_port: target.port(),
+    };
+    policy::evaluate(policies, &c)
 }

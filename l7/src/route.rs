@@ -40,11 +40,24 @@ pub fn port_protocol(p: &ServicePort) -> &'static str {
     p.app_protocol.as_deref().and_then(from).or_else(|| p.name.as_deref().and_then(from)).unwrap_or("tcp")
 }
 
+/// The route a request takes at a waypoint (see [`select`]).
+#[derive(Debug)]
+pub struct Selected<'s> {
+    /// The VirtualService that applies, if one does.
+    pub vs: Option<&'s VirtualService>,
+    /// The index of its `http` route that matched.
+    pub index: Option<usize>,
+    /// The route (its matches for the mesh); None when a VirtualService
+    /// applies but no route matches. Without a VirtualService, the
+    /// default route.
+    pub route: Option<HttpRoute>,
+}
+
 /// The VirtualService that applies to `svc` at a waypoint in `proxy_ns`
 /// (exported to it; the Service's own namespace's first, then the oldest)
 /// and the route it gives the request: None when a VirtualService applies
 /// but no route matches. Without a VirtualService, the default route.
-pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>, proxy_ns: &str) -> (Option<&'s VirtualService>, Option<HttpRoute>) {
+pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>, proxy_ns: &str) -> Selected<'s> {
     // Only VirtualServices with HTTP routes make one (as Istio builds
     // virtual hosts): one with only `tcp` routes leaves HTTP to the default.
     let vs = snap
@@ -52,12 +65,14 @@ pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>,
         .iter()
         .filter(|v| !v.http.is_empty() && v.applies_to(&svc.name, &svc.namespace, proxy_ns))
         .min_by_key(|v| v.precedence(&svc.namespace));
-    let route = match vs {
+    match vs {
         // Only its matches for the mesh: a rewrite looks at those.
-        Some(vs) => vs.route(info).map(|r| r.at(&routing::Bind::Mesh, &vs.gateways)),
-        None => Some(default_route(svc)),
-    };
-    (vs, route)
+        Some(vs) => {
+            let index = vs.route_index_at(info, &routing::Bind::Mesh);
+            Selected { vs: Some(vs), index, route: index.map(|i| vs.http[i].at(&routing::Bind::Mesh, &vs.gateways)) }
+        }
+        None => Selected { vs: None, index: None, route: Some(default_route(svc)) },
+    }
 }
 
 /// Where a TCP stream to `svc`'s `port` (at the address `dst`) goes at a
@@ -66,17 +81,25 @@ pub fn select<'s>(snap: &'s Snapshot, svc: &ServiceInfo, info: &RequestInfo<'_>,
 /// uniform in `0..total weight`) and the namespace its short hosts
 /// resolve in; without one, the Service itself.
 pub fn select_tcp(snap: &Snapshot, svc: &ServiceInfo, port: u16, dst: std::net::IpAddr, proxy_ns: &str, roll: &mut fastrand::Rng) -> (RouteDest, String) {
-    let vs = snap
-        .virtual_services
-        .iter()
-        .filter(|v| !v.tcp.is_empty() && v.applies_to(&svc.name, &svc.namespace, proxy_ns))
-        .min_by_key(|v| v.precedence(&svc.namespace));
-    if let Some((vs, r)) = vs.and_then(|v| v.l4_route(&routing::Bind::Mesh, port, dst, false, None).map(|r| (v, r))) {
+    if let Some((vs, i)) = tcp_route(snap, svc, port, dst, proxy_ns) {
+        let r = &vs.tcp[i];
         if let Some(d) = routing::pick_weighted(&r.destinations, roll.u32(..routing::total_weight(&r.destinations).max(1))) {
             return (d.clone(), vs.namespace.clone());
         }
     }
     (RouteDest { host: svc.hostname(), subset: None, port: Some(port), weight: 100, ..Default::default() }, svc.namespace.clone())
+}
+
+/// The VirtualService whose `tcp` route takes a stream to `svc`'s `port`
+/// (at `dst`) at a waypoint in `proxy_ns`, and that route's index.
+pub fn tcp_route<'s>(snap: &'s Snapshot, svc: &ServiceInfo, port: u16, dst: std::net::IpAddr, proxy_ns: &str) -> Option<(&'s VirtualService, usize)> {
+    let vs = snap
+        .virtual_services
+        .iter()
+        .filter(|v| !v.tcp.is_empty() && v.applies_to(&svc.name, &svc.namespace, proxy_ns))
+        .min_by_key(|v| v.precedence(&svc.namespace))?;
+    let r = vs.l4_route(&routing::Bind::Mesh, port, dst, false, None)?;
+    Some((vs, vs.tcp.iter().position(|x| std::ptr::eq(x, r))?))
 }
 
 /// Everything to the Service itself, nothing else done.
@@ -629,7 +652,7 @@ spec: {hosts: [db], http: [{route: [{destination: {host: db-http}}]}]}
         let svc = snap.services.get("shop/db").unwrap();
         let headers = Vec::new();
         let info = RequestInfo { method: "GET", path: "/", authority: "db", headers: &headers, port: 80, scheme: "http" };
-        let (vs, route) = select(&snap, svc, &info, "shop");
+        let Selected { vs, route, .. } = select(&snap, svc, &info, "shop");
         assert_eq!((vs.unwrap().name.as_str(), route.unwrap().destinations[0].host.as_str()), ("b-http-only", "db-http"));
         let (dest, _) = select_tcp(&snap, svc, 5432, "10.0.0.1".parse().unwrap(), "shop", &mut fastrand::Rng::with_seed(1));
         assert_eq!(dest.host, "db-replica", "the older http-only VirtualService does not hide the tcp routes");

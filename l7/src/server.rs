@@ -895,7 +895,7 @@ impl Proxy {
     fn choose<'s>(&self, snap: &'s Snapshot, ctx: &StreamCtx, info: &RequestInfo<'_>, raw_path: &str) -> Result<Routed<'s>, Chosen> {
         match &ctx.entry {
             Entry::Service { svc, port, target } => {
-                let (vs, route) = route::select(snap, svc, info, &self.cfg.namespace);
+                let route::Selected { vs, route, .. } = route::select(snap, svc, info, &self.cfg.namespace);
                 let policies = authz::bound(snap, &self.cfg.namespace, &self.cfg.name, svc);
                 let cluster_ip = svc.cluster_ip.unwrap_or(*target.ip());
                 authz::check_request(&policies, ctx.peer, ctx.peer_id.as_ref(), cluster_ip, info).map_err(Chosen::Refused)?;

@@ -25,7 +25,7 @@ use aya::maps::{Map, MapData, SockHash};
 use bytes::Bytes;
 use http::{Response as HttpResponse, StatusCode};
 use skiff_core::{
-    enroll,
+    outbound,
     model::{Snapshot, Workload},
     netns::{self, NetnsThread},
     policy::{self, AuthzDecision, ConnInfo, MtlsMode},
@@ -484,24 +484,30 @@ impl Ztunnel {
         // capture map, so new connections are refused, never bypassed.
     }
 
-    fn pick_endpoint(&self, snap: &Snapshot, dst: SocketAddrV4) -> Result<(SocketAddrV4, Option<(String, String)>), Refusal> {
-        let Some((svc, port)) = snap.service_by_vip(*dst.ip(), dst.port()) else {
-            return Ok((dst, None));
+    /// Where an outbound connection from the pod at `ip` in `namespace` to
+    /// `orig` goes (`skiff_core::outbound`'s decision) and, when that is
+    /// an endpoint, which one: round robin over a Service's.
+    fn route<'s>(&self, snap: &'s Snapshot, namespace: &str, ip: Ipv4Addr, orig: SocketAddrV4) -> (outbound::Decision<'s>, Option<SocketAddrV4>) {
+        let resolved = self.resolved.read();
+        let from = outbound::From { namespace, ip, mesh_ports: &MESH_PORTS, policy: self.outbound_policy(snap), resolved: &resolved };
+        let decision = outbound::decide(snap, from, orig);
+        drop(resolved);
+        let target = match (&decision.next, &decision.destination) {
+            (outbound::Next::Endpoints(eps), outbound::Destination::Service(svc, port)) => {
+                Some(eps[self.next_index(format!("{}/{}:{}", svc.namespace, svc.name, port.port)) % eps.len()])
+            }
+            (outbound::Next::Endpoints(eps), _) => eps.first().copied(),
+            _ => None,
         };
-        let eps = snap.endpoints(svc, port);
-        if eps.is_empty() {
-            return Err(Refusal::NoHealthyUpstream);
-        }
-        let key = format!("{}/{}:{}", svc.namespace, svc.name, port.port);
-        let n = {
-            let mut rr = self.round_robin.lock().expect("lock");
-            let c = rr.entry(key).or_insert(0);
-            *c = c.wrapping_add(1);
-            *c
-        };
-        let (w, target_port) = eps[n % eps.len()];
-        let ip = w.ip.expect("ready endpoints have an IP");
-        Ok((SocketAddrV4::new(ip, target_port), Some((svc.name.clone(), svc.namespace.clone()))))
+        (decision, target)
+    }
+
+    /// The next turn of a round robin named `key`.
+    fn next_index(&self, key: String) -> usize {
+        let mut rr = self.round_robin.lock().expect("lock");
+        let c = rr.entry(key).or_insert(0);
+        *c = c.wrapping_add(1);
+        *c
     }
 
     fn local_labels(&self, info: &WorkloadInfo) -> Peer {
@@ -517,8 +523,7 @@ impl Ztunnel {
 
     /// Whether `w` is captured by the mesh (so it terminates HBONE).
     fn in_mesh(snap: &Snapshot, w: &Workload) -> bool {
-        let Some(node) = w.node.as_deref() else { return false };
-        enroll::decide(node, snap.namespace_labels(&w.namespace), w) == enroll::Decision::Enroll
+        outbound::captured(snap, w)
     }
 
     async fn outbound(self: Arc<Self>, pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
@@ -536,91 +541,61 @@ impl Ztunnel {
         let span = tracing::info_span!("outbound", pod = %format!("{}/{}", info.namespace, info.name), dst = %orig);
         async move {
             let source = self.local_labels(&info);
-            let mut routed = if orig.ip().is_loopback() || orig.ip().is_unspecified() || (*orig.ip() == info.ip && MESH_PORTS.contains(&orig.port())) {
-                Err(Refusal::NoRoute)
-            } else {
-                self.pick_endpoint(&snap, orig)
-            };
-            // Neither a Service nor a pod: a ServiceEntry, or outside the
-            // registry (Istio's PassthroughCluster, or under REGISTRY_ONLY
-            // its BlackHoleCluster).
-            let mut egress: Option<(String, String)> = None;
-            // The ServiceEntry taking it, when that entry has a waypoint.
-            let mut entry_waypoint = None;
-            if matches!(routed, Ok((t, None)) if snap.workload_by_ip(*t.ip()).is_none()) {
-                let found = skiff_core::egress::lookup(&snap.service_entries, &info.namespace, orig, &self.resolved.read())
-                    .map(|e| (e.target, e.host.to_owned(), e.entry.namespace.clone(), snap.waypoint_for_entry(e.entry)));
-                egress = Some(match found {
-                    Some((target, host, ns, wp)) => {
-                        routed = Ok((target, None));
-                        entry_waypoint = wp;
-                        (host, ns)
-                    }
-                    None if self.outbound_policy(&snap) == skiff_core::egress::OutboundPolicy::RegistryOnly => {
-                        routed = Err(Refusal::RegistryOnly);
-                        ("BlackHoleCluster".into(), "unknown".into())
-                    }
-                    None => ("PassthroughCluster".into(), "unknown".into()),
-                });
-            }
-            let (target, service) = match &routed {
-                Ok((t, s)) => (Some(*t), s.clone()),
-                Err(_) => (None, None),
+            let (decision, target) = self.route(&snap, &info.namespace, info.ip, orig);
+            let service = match &decision.destination {
+                outbound::Destination::Service(svc, _) => Some((svc.name.clone(), svc.namespace.clone())),
+                _ => None,
             };
             let dst_w = target.and_then(|t| snap.workload_by_ip(*t.ip()));
             let mesh_dst = dst_w.filter(|w| !self.cfg.plaintext_mesh && Self::in_mesh(&snap, w));
             let destination = self.remote_labels(dst_w);
-            let (svc_name, svc_ns) = service.clone().or_else(|| egress.clone()).unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+            let (svc_name, svc_ns) = decision.service().unwrap_or_else(|| ("unknown".into(), "unknown".into()));
             let mut labels = ConnLabels {
                 reporter: "source",
                 source,
                 destination,
                 // Never the raw IP: label values must stay a bounded set.
-                destination_service: service
-                    .as_ref()
-                    .map(|(n, ns)| format!("{n}.{ns}.svc.cluster.local"))
-                    .or_else(|| egress.as_ref().map(|(host, _)| host.clone()))
-                    .unwrap_or_else(|| "unknown".into()),
+                destination_service: match &service {
+                    Some((n, ns)) => format!("{n}.{ns}.svc.cluster.local"),
+                    None if svc_name != "unknown" => svc_name.clone(),
+                    None => "unknown".into(),
+                },
                 destination_service_name: svc_name,
                 destination_service_namespace: svc_ns,
                 response_flags: "-",
                 security_policy: if mesh_dst.is_some() { "mutual_tls" } else { "none" },
             };
-            // A Service or ServiceEntry that asks for a waypoint: tunnel to
-            // the waypoint, which applies L7 and picks the endpoint (for an
-            // entry, from the address the pod dialled).
-            let waypoint = snap.service_by_vip(*orig.ip(), orig.port()).and_then(|(svc, _)| snap.waypoint_for(svc)).or(entry_waypoint);
-            if let Some(wp) = waypoint {
-                let wp = match wp {
+            let target = match decision.next {
+                // A Service or ServiceEntry that asks for a waypoint: tunnel
+                // to the waypoint, which applies L7 and picks the endpoint
+                // (for an entry, from the address the pod dialled).
+                outbound::Next::Waypoint { replicas, .. } => {
                     // Balanced over the waypoint's ready replicas.
-                    Ok(pods) => {
-                        let key = format!("waypoint:{}/{}", pods[0].namespace, pods[0].service_account);
-                        let n = {
-                            let mut rr = self.round_robin.lock().expect("lock");
-                            let c = rr.entry(key).or_insert(0);
-                            *c = c.wrapping_add(1);
-                            *c
-                        };
-                        pods[n % pods.len()]
-                    }
-                    Err(name) => {
-                        warn!(waypoint = %name, "the destination's waypoint has no ready pod; connection refused");
-                        return self.refused("outbound", peer, orig, None, labels, Refusal::NoHealthyUpstream, start);
-                    }
-                };
-                let (Some(ip), src_id) = (wp.ip, self.identity(&info.namespace, &info.service_account)) else { return };
-                let wp_id = self.identity(&wp.namespace, &wp.service_account);
-                labels.security_policy = "mutual_tls";
-                // The waypoint picks the endpoint: only its namespace is
-                // known here.
-                labels.destination = Peer { namespace: labels.destination.namespace.clone(), ..Peer::unknown() };
-                let via = SocketAddrV4::new(ip, PORT_INBOUND_HBONE);
-                let tunnel = Tunnel { src: src_id, dst: wp_id, via, target: orig, upstream: via };
-                return self.hbone_outbound(&info, &pod, tunnel, client, peer, orig, labels, start).await;
-            }
-            let target = match routed {
-                Err(r) => return self.refused("outbound", peer, orig, None, labels, r, start),
-                Ok((t, _)) => t,
+                    let key = format!("waypoint:{}/{}", replicas[0].namespace, replicas[0].service_account);
+                    let wp = replicas[self.next_index(key) % replicas.len()];
+                    let (Some(ip), src_id) = (wp.ip, self.identity(&info.namespace, &info.service_account)) else { return };
+                    let wp_id = self.identity(&wp.namespace, &wp.service_account);
+                    labels.security_policy = "mutual_tls";
+                    // The waypoint picks the endpoint: only its namespace is
+                    // known here.
+                    labels.destination = Peer { namespace: labels.destination.namespace.clone(), ..Peer::unknown() };
+                    let via = SocketAddrV4::new(ip, PORT_INBOUND_HBONE);
+                    let tunnel = Tunnel { src: src_id, dst: wp_id, via, target: orig, upstream: via };
+                    return self.hbone_outbound(&info, &pod, tunnel, client, peer, orig, labels, start).await;
+                }
+                outbound::Next::Refused(r) => {
+                    let r = match r {
+                        outbound::Refused::NoRoute => Refusal::NoRoute,
+                        outbound::Refused::NoEndpoints => Refusal::NoHealthyUpstream,
+                        outbound::Refused::RegistryOnly => Refusal::RegistryOnly,
+                        outbound::Refused::WaypointNotReady(name) => {
+                            warn!(waypoint = %name, "the destination's waypoint has no ready pod; connection refused");
+                            Refusal::NoHealthyUpstream
+                        }
+                    };
+                    return self.refused("outbound", peer, orig, None, labels, r, start);
+                }
+                outbound::Next::Endpoints(_) => target.expect("an endpoint was picked"),
             };
             if let Some(w) = mesh_dst {
                 let tunnel = Tunnel {
@@ -690,6 +665,7 @@ impl Ztunnel {
         let why = matches!(r, Refusal::RegistryOnly).then(|| AuthzDecision {
             allowed: false,
             policy: Some("outboundTrafficPolicy REGISTRY_ONLY".into()),
+            rule: None,
             reason: "not a Service, pod or ServiceEntry",
             audited: Vec::new(),
         });
@@ -702,7 +678,7 @@ impl Ztunnel {
     /// The outbound traffic policy in force: Istio's mesh config in the root
     /// namespace (ConfigMap `istio`) when it sets one, else the flag.
     fn outbound_policy(&self, snap: &Snapshot) -> skiff_core::egress::OutboundPolicy {
-        snap.mesh_configs.get(&self.cfg.root_namespace).and_then(|m| m.outbound_policy).unwrap_or(self.cfg.outbound_policy)
+        outbound::outbound_policy(snap, &self.cfg.root_namespace, self.cfg.outbound_policy)
     }
 
     /// Resolves the names ServiceEntries are matched by, once (see
@@ -714,12 +690,7 @@ impl Ztunnel {
 
     /// Applicable policies for a local pod and the decision for `conn`.
     fn authorize(&self, snap: &Snapshot, info: &WorkloadInfo, conn: &ConnInfo) -> AuthzDecision {
-        let applicable: Vec<&policy::AuthzPolicy> = snap
-            .authorization_policies
-            .iter()
-            .filter(|p| p.applies_to(&self.cfg.root_namespace, &info.namespace, &info.labels))
-            .collect();
-        policy::evaluate(&applicable, conn)
+        policy::authorize_workload(&snap.authorization_policies, &self.cfg.root_namespace, &info.namespace, &info.labels, conn)
     }
 
     fn inbound_labels(&self, snap: &Snapshot, info: &WorkloadInfo, src_ip: Ipv4Addr, dst_port: u16, principal: Option<&Identity>) -> ConnLabels {
@@ -1284,7 +1255,10 @@ fn access_log(
 ) {
     let policy = decision
         .map(|d| match &d.policy {
-            Some(p) => format!("{} ({p}: {})", if d.allowed { "allow" } else { "deny" }, d.reason),
+            Some(p) => match d.rule {
+                Some(r) => format!("{} ({p} rule {r}: {})", if d.allowed { "allow" } else { "deny" }, d.reason),
+                None => format!("{} ({p}: {})", if d.allowed { "allow" } else { "deny" }, d.reason),
+            },
             None => format!("{} ({})", if d.allowed { "allow" } else { "deny" }, d.reason),
         })
         .unwrap_or_else(|| "-".into());
@@ -1448,8 +1422,8 @@ spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
         let baseline = zt.state_sizes();
         for i in 0..1000u32 {
             let vip = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8), 80);
-            let (_, svc) = zt.pick_endpoint(&busy, vip).unwrap();
-            assert_eq!(svc, Some((format!("job-{i}"), "jobs".to_owned())));
+            let (d, _) = zt.route(&busy, "ns", Ipv4Addr::new(10, 0, 0, 1), vip);
+            assert_eq!(d.service(), Some((format!("job-{i}"), "jobs".to_owned())));
             let labels = ConnLabels {
                 reporter: "source",
                 source: Peer::of("a", "ns", &[("app".to_owned(), "web".to_owned())].into(), "spiffe://cluster.local/ns/ns/sa/default".into()),
@@ -1480,12 +1454,12 @@ spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
         let snap = snapshot(CLUSTER);
         let zt = ztunnel(snap.clone());
         let vip = SocketAddrV4::new("10.96.0.1".parse().unwrap(), 80);
-        let picks: Vec<SocketAddrV4> = (0..4).map(|_| zt.pick_endpoint(&snap, vip).unwrap().0).collect();
+        let client = Ipv4Addr::new(10, 0, 0, 9);
+        let picks: Vec<SocketAddrV4> = (0..4).map(|_| zt.route(&snap, "ns", client, vip).1.unwrap()).collect();
         let a = SocketAddrV4::new("10.0.0.1".parse().unwrap(), 8080);
         let b = SocketAddrV4::new("10.0.0.2".parse().unwrap(), 8081);
         assert!(picks == vec![b, a, b, a] || picks == vec![a, b, a, b], "{picks:?}");
-        let (_, svc) = zt.pick_endpoint(&snap, vip).unwrap();
-        assert_eq!(svc, Some(("web".to_owned(), "ns".to_owned())));
+        assert_eq!(zt.route(&snap, "ns", client, vip).0.service(), Some(("web".to_owned(), "ns".to_owned())));
     }
 
     #[test]
@@ -1493,9 +1467,12 @@ spec: {clusterIP: 10.96.0.2, selector: {app: none}, ports: [{port: 80}]}
         let snap = snapshot(CLUSTER);
         let zt = ztunnel(snap.clone());
         let empty = SocketAddrV4::new("10.96.0.2".parse().unwrap(), 80);
-        assert!(matches!(zt.pick_endpoint(&snap, empty), Err(Refusal::NoHealthyUpstream)));
+        let client = Ipv4Addr::new(10, 0, 0, 9);
+        let (d, target) = zt.route(&snap, "ns", client, empty);
+        assert!(matches!(d.next, outbound::Next::Refused(outbound::Refused::NoEndpoints)) && target.is_none(), "{d:?}");
         let direct = SocketAddrV4::new("10.0.0.2".parse().unwrap(), 9999);
-        assert_eq!(zt.pick_endpoint(&snap, direct).unwrap(), (direct, None));
+        let (d, target) = zt.route(&snap, "ns", client, direct);
+        assert_eq!((d.service(), target), (None, Some(direct)));
     }
 
     #[tokio::test]

@@ -1,0 +1,164 @@
+//! `skiff explain` against a running local mesh (issue 16, item 4): for
+//! each case it must give the decision the data path gives, and name the
+//! object and rule that made it. Every case is also sent for real, so an
+//! explanation that drifts from what the mesh does fails here.
+
+use std::{process::Command, time::Duration};
+
+use skiff_e2e::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `skiff explain --mesh <this run> ARGS`.
+fn skiff_explain(mesh: &LocalMesh, args: &[&str]) -> std::process::Output {
+    Command::new(bin_dir().join("skiff")).arg("explain").arg("--mesh").arg(&mesh.work_dir).args(args).output().unwrap()
+}
+
+/// `skiff explain --mesh <this run> ARGS -o json`.
+fn explain(mesh: &LocalMesh, args: &[&str]) -> serde_json::Value {
+    let mut with_json = args.to_vec();
+    with_json.extend(["-o", "json"]);
+    let out = skiff_explain(mesh, &with_json);
+    assert!(out.status.success(), "skiff explain {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The step named `step` whose `by` (or decision) contains `what`.
+fn has_step(e: &serde_json::Value, step: &str, what: &str) -> bool {
+    e["steps"].as_array().unwrap().iter().any(|s| {
+        s["step"] == step && (s["by"].as_str().is_some_and(|b| b.contains(what)) || s["decision"].as_str().is_some_and(|d| d.contains(what)))
+    })
+}
+
+fn outcome(e: &serde_json::Value) -> &str {
+    e["outcome"].as_str().unwrap()
+}
+
+/// HTTP status codes of `count` requests from shop/client.
+fn codes(mesh: &LocalMesh, url: &str, headers: &[&str], count: usize) -> serde_json::Value {
+    let count = count.to_string();
+    let mut argv = vec!["skiff-demo-app", "http-load", "--url", url, "--count", &count];
+    for h in headers {
+        argv.extend(["--header", h]);
+    }
+    let out = mesh.exec(mesh.pod("shop", "client"), &argv, Duration::from_secs(120)).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    v
+}
+
+#[test]
+fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
+    let Some(mesh) = mesh("manifests/explain") else { return };
+    for (ns, p) in [("shop", "reviews-v1"), ("shop", "reviews-v2"), ("secure", "db")] {
+        wait_listening(mesh.pod(ns, p));
+    }
+    let wp = mesh.pod("shop", "waypoint");
+    eventually(WAIT, "waypoint serving", || std::fs::read_to_string(&wp.log).ok().filter(|l| l.contains("waypoint serving")).map(|_| ()));
+
+    // A weighted route: 90/10 between the subsets, by the VirtualService's
+    // third route.
+    let e = explain(&mesh, &["--from", "shop/client", "--to", "http://reviews:9080/api/x"]);
+    assert_eq!(outcome(&e), "allowed", "{e:#}");
+    assert!(has_step(&e, "source", "captured: Namespace shop label istio.io/dataplane-mode=ambient"), "{e:#}");
+    assert!(has_step(&e, "waypoint", "Namespace shop label istio.io/use-waypoint"), "{e:#}");
+    assert!(has_step(&e, "route", "VirtualService shop/reviews http[2]"), "{e:#}");
+    assert!(has_step(&e, "route", "uri prefix \"/api\""), "{e:#}");
+    assert!(has_step(&e, "destinations", "reviews subset v1 90%, reviews subset v2 10%"), "{e:#}");
+    assert!(has_step(&e, "endpoints", "DestinationRule shop/reviews"), "{e:#}");
+    assert!(has_step(&e, "retries", "Istio's default: up to 2 retries"), "{e:#}");
+    let split = codes(&mesh, "http://reviews:9080/api/x", &[], 40);
+    assert_eq!(split["codes"]["200"], 40, "{split}");
+    let v2 = split["versions"]["v2"].as_u64().unwrap_or(0);
+    assert!(v2 < 15, "about 10% to v2: {split}");
+
+    // A header route: end-user jason goes to v2 only.
+    let e = explain(&mesh, &["--from", "shop/client", "--to", "http://reviews:9080/api/x", "-H", "end-user: jason"]);
+    assert_eq!(outcome(&e), "allowed", "{e:#}");
+    assert!(has_step(&e, "route", "VirtualService shop/reviews http[0]"), "{e:#}");
+    assert!(has_step(&e, "route", "header end-user exact \"jason\""), "{e:#}");
+    assert!(has_step(&e, "endpoints", "reviews-v2") && !has_step(&e, "endpoints", "reviews-v1"), "{e:#}");
+    let jason = codes(&mesh, "http://reviews:9080/api/x", &["end-user: jason"], 10);
+    assert_eq!(jason["versions"]["v2"], 10, "{jason}");
+
+    // A fault: every /fault request is aborted with 418.
+    let e = explain(&mesh, &["--from", "shop/client", "--to", "http://reviews:9080/fault"]);
+    assert_eq!(outcome(&e), "refused", "{e:#}");
+    assert!(has_step(&e, "route", "VirtualService shop/reviews http[1]"), "{e:#}");
+    assert!(has_step(&e, "fault", "abort with HTTP 418 for 100% of requests"), "{e:#}");
+    assert_eq!(codes(&mesh, "http://reviews:9080/fault", &[], 3)["codes"]["418"], 3);
+
+    // No route matches: 404 from the waypoint.
+    let e = explain(&mesh, &["--from", "shop/client", "--to", "http://reviews:9080/nowhere"]);
+    assert_eq!(outcome(&e), "refused", "{e:#}");
+    assert!(has_step(&e, "route", "no route of the VirtualService matches") && has_step(&e, "route", "VirtualService shop/reviews"), "{e:#}");
+    assert_eq!(codes(&mesh, "http://reviews:9080/nowhere", &[], 2)["codes"]["404"], 2);
+
+    // L4, allowed: shop/client → secure/db, by allow-shop's first rule.
+    let e = explain(&mesh, &["--from", "shop/client", "--to", "db.secure:5432"]);
+    assert_eq!(outcome(&e), "allowed", "{e:#}");
+    assert!(has_step(&e, "L4 policy", "AuthorizationPolicy secure/allow-shop rules[0]"), "{e:#}");
+    assert!(has_step(&e, "endpoint", "HBONE (mTLS) to secure/db"), "{e:#}");
+    let r = client(&mesh, mesh.pod("shop", "client"), "db.secure:5432", "from-client");
+    assert!(r.ok && r.reply.ends_with("from-client"), "{r:?}");
+
+    // L4, denied: shop/other by deny-other's second rule.
+    let e = explain(&mesh, &["--from", "shop/other", "--to", "db.secure:5432"]);
+    assert_eq!(outcome(&e), "denied", "{e:#}");
+    assert!(has_step(&e, "L4 policy", "AuthorizationPolicy secure/deny-other rules[1]"), "{e:#}");
+    let r = client(&mesh, mesh.pod("shop", "other"), "db.secure:5432", "from-other");
+    assert!(!r.ok || r.reply.is_empty(), "the data path must deny it too: {r:?}");
+
+    // --why-denied, from the refusal's own access-log line (db is on
+    // node-2): the same decision, the same rule.
+    let line = eventually(WAIT, "the refusal's access-log line", || {
+        std::fs::read_to_string(&mesh.nodes[1].ztunnel_log)
+            .ok()?
+            .lines()
+            .find(|l| l.contains("connection complete") && l.contains("direction=\"inbound\"") && l.contains("src.workload=other") && l.contains("UAEX"))
+            .map(str::to_owned)
+    });
+    assert!(line.contains("secure/deny-other rule 1"), "the log line names the rule: {line}");
+    let e = explain(&mesh, &["--why-denied", &line]);
+    assert_eq!(outcome(&e), "denied", "{line}\n{e:#}");
+    assert!(has_step(&e, "source", "pod shop/other"), "{e:#}");
+    assert!(has_step(&e, "L4 policy", "AuthorizationPolicy secure/deny-other rules[1]"), "{e:#}");
+    // And from the waypoint's line for a request no route took.
+    let line = std::fs::read_to_string(&mesh.pod("shop", "waypoint").log)
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("request complete") && l.contains("path=/nowhere"))
+        .map(str::to_owned)
+        .expect("the waypoint logged the 404");
+    let e = explain(&mesh, &["--why-denied", &line]);
+    assert_eq!(outcome(&e), "refused", "{line}\n{e:#}");
+    assert!(has_step(&e, "route", "no route of the VirtualService matches"), "{e:#}");
+
+    // STRICT refuses plaintext from a pod outside the mesh.
+    let e = explain(&mesh, &["--from", "legacy/client", "--to", "db.secure:5432"]);
+    assert_eq!(outcome(&e), "denied", "{e:#}");
+    assert!(has_step(&e, "source", "not captured: namespace not labelled"), "{e:#}");
+    assert!(has_step(&e, "mtls", "PeerAuthentication secure/strict (namespace-wide)"), "{e:#}");
+    let r = client(&mesh, mesh.pod("legacy", "client"), "db.secure:5432", "from-legacy");
+    assert!(!r.ok || r.reply.is_empty(), "the data path must refuse it too: {r:?}");
+
+    // Egress: an address outside the registry, under REGISTRY_ONLY.
+    let outside = format!("{}:80", skiff_localmesh::mesh::OUTSIDE_HOSTS[1].0);
+    let e = explain(&mesh, &["--from", "shop/client", "--to", &outside]);
+    assert_eq!(outcome(&e), "denied", "{e:#}");
+    assert!(has_step(&e, "outbound", "ConfigMap istio-system/istio mesh.outboundTrafficPolicy.mode"), "{e:#}");
+    let before = metric_all(&mesh, "skiff_ztunnel_egress_refused_total", &[]);
+    let r = client(&mesh, mesh.pod("shop", "client"), &outside, "out");
+    assert!(!r.ok || r.reply.is_empty(), "{r:?}");
+    eventually(WAIT, "the refusal counted", || (metric_all(&mesh, "skiff_ztunnel_egress_refused_total", &[]) > before).then_some(()));
+
+    // Text output: numbered steps, the rule under each, a verdict.
+    let out = skiff_explain(&mesh, &["--from", "shop/other", "--to", "db.secure:5432"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.contains("by AuthorizationPolicy secure/deny-other rules[1]")), "{text}");
+    assert!(text.lines().last().is_some_and(|l| l.starts_with("verdict: DENIED")), "{text}");
+    // A pod that does not exist: exit 2, naming it and the pods there are.
+    let out = skiff_explain(&mesh, &["--from", "shop/nope", "--to", "db.secure:5432"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shop/nope: no such pod") && err.contains("client"), "{err}");
+}
