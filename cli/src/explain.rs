@@ -67,6 +67,8 @@ pub struct Ask {
     pub root_namespace: String,
     /// The outbound traffic policy when the mesh config sets none.
     pub outbound_policy: OutboundPolicy,
+    /// Where that comes from, for the step that uses it.
+    pub outbound_policy_from: String,
 }
 
 /// Parses `--from`.
@@ -252,6 +254,8 @@ struct Src<'s> {
     service_account: String,
     ip: Option<Ipv4Addr>,
     captured: bool,
+    /// The source is a waypoint's pod (its own HBONE, not captured).
+    waypoint: bool,
 }
 
 impl Src<'_> {
@@ -270,6 +274,24 @@ pub fn explain(snap: &Snapshot, ask: &Ask) -> Result<Explanation, String> {
         Some(n) => format!("ztunnel on {n}"),
         None => "ztunnel".to_owned(),
     };
+    if src.waypoint {
+        // A waypoint's own connections: HBONE as its identity, straight
+        // to the endpoint it picked (the request's L7 decisions were taken
+        // there).
+        let at = format!("waypoint {}/{}", src.namespace, src.service_account);
+        let eps: Vec<SocketAddrV4> = match snap.service_by_vip(*orig.ip(), orig.port()) {
+            Some((svc, port)) => snap.endpoints(svc, port).into_iter().filter_map(|(w, p)| Some(SocketAddrV4::new(w.ip?, p))).collect(),
+            None => vec![orig],
+        };
+        out.push(
+            "outbound",
+            &at,
+            "the source is a waypoint: it sends over HBONE as its own identity to the endpoint it picked (its L7 decisions for the request are explained from the request's own client)",
+            None,
+        );
+        let peer = Peer { ip: src.ip, identity: Some(src.identity(&ask.trust_domain)) };
+        return deliver(snap, ask, &at, &peer, &eps, out);
+    }
     if !src.captured {
         return uncaptured(snap, ask, &src, orig, &resolved, out);
     }
@@ -513,7 +535,7 @@ fn at_waypoint(
             }
         };
         let mut outcomes = Vec::new();
-        for (d, host_ns) in &dests {
+        for (d, host_ns) in dests.iter().filter(|(d, _)| d.weight > 0 || dests.len() == 1) {
             match endpoints_of(snap, &at, d, host_ns, wp_ns, port.port, orig, resolved, &mut out) {
                 Ok(eps) => outcomes.extend(waypoint_peer(&mut out, eps)),
                 Err(why) => outcomes.push((Outcome::Refused, why)),
@@ -750,7 +772,7 @@ fn describe_destination(d: &Destination<'_>) -> String {
 fn policy_source(snap: &Snapshot, ask: &Ask) -> String {
     match snap.mesh_configs.get(&ask.root_namespace).and_then(|m| m.outbound_policy) {
         Some(_) => format!("ConfigMap {}/istio mesh.outboundTrafficPolicy.mode", ask.root_namespace),
-        None => "ztunnel's --outbound-traffic-policy (no mesh config sets one)".into(),
+        None => ask.outbound_policy_from.clone(),
     }
 }
 
@@ -792,7 +814,8 @@ fn source<'s>(snap: &'s Snapshot, ask: &Ask, out: &mut Out) -> Result<Src<'s>, S
             format!("pod {}/{} ({}), identity {id}; {why}", w.namespace, w.name, w.ip.map(|i| i.to_string()).unwrap_or_else(|| "no IP".into())),
             None,
         );
-        return Ok(Src { pod: Some(w), namespace: w.namespace.clone(), service_account: w.service_account.clone(), ip: w.ip, captured });
+        let waypoint = decision == enroll::Decision::Skip(enroll::SkipReason::Waypoint);
+        return Ok(Src { pod: Some(w), namespace: w.namespace.clone(), service_account: w.service_account.clone(), ip: w.ip, captured, waypoint });
     }
     match &ask.from {
         From::ServiceAccount(ns, sa) => {
@@ -803,16 +826,16 @@ fn source<'s>(snap: &'s Snapshot, ask: &Ask, out: &mut Out) -> Result<Src<'s>, S
                 "source",
                 "node-agent",
                 format!(
-                    "no running pod of {ns} runs as {sa}: explained for one that would (no address), identity {id}; {}",
+                    "no running pod of {ns} runs as {sa}: explained for one that would (no address: ipBlocks rules cannot match it), identity {id}; {}",
                     if captured { "captured, by its namespace's label" } else { "not captured: namespace not labelled dataplane-mode=ambient" }
                 ),
                 None,
             );
-            Ok(Src { pod: None, namespace: ns.clone(), service_account: sa.clone(), ip: None, captured })
+            Ok(Src { pod: None, namespace: ns.clone(), service_account: sa.clone(), ip: None, captured, waypoint: false })
         }
         From::Ip(ip) => {
             out.push("source", "-", format!("{ip} is no pod's address: outside the mesh, not captured, no identity"), None);
-            Ok(Src { pod: None, namespace: String::new(), service_account: String::new(), ip: Some(*ip), captured: false })
+            Ok(Src { pod: None, namespace: String::new(), service_account: String::new(), ip: Some(*ip), captured: false, waypoint: false })
         }
         From::Pod(..) => unreachable!("a pod source was found or refused above"),
     }
@@ -894,7 +917,7 @@ fn destination(snap: &Snapshot, ask: &Ask, src: &Src<'_>, out: &mut Out) -> Resu
             let entry = skiff_core::egress::visible_in_order(&snap.service_entries, client_ns)
                 .into_iter()
                 .find(|e| e.hosts.iter().any(|h| routing::wildcard_matches(h, host) || h == host));
-            let port = port.unwrap_or(80);
+            let port = port.or_else(|| entry.filter(|e| e.ports.len() == 1).map(|e| e.ports[0].number)).unwrap_or(80);
             let addr = match entry {
                 Some(e) => e
                     .addresses
@@ -914,7 +937,7 @@ fn destination(snap: &Snapshot, ask: &Ask, src: &Src<'_>, out: &mut Out) -> Resu
             };
             let a = SocketAddrV4::new(ip, port);
             let what = match entry {
-                Some(e) => format!("a host of ServiceEntry {}/{}; dialled at {a}", e.namespace, e.name),
+                Some(e) => format!("a host of ServiceEntry {}/{}; taken as dialled at {a} (the entry's first address or endpoint, else this machine's DNS: a pod dials what its own DNS answers)", e.namespace, e.name),
                 None => format!("no Service or ServiceEntry; resolves to {ip}"),
             };
             out.push("destination", "-", format!("{host}: {what}"), None);

@@ -22,6 +22,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 mod check;
+mod config;
 mod explain;
 mod mesh;
 mod offline;
@@ -34,6 +35,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Check a directory of manifests offline, as the mesh would read it:
@@ -104,8 +107,30 @@ enum Command {
         /// Istio's root namespace (mesh-wide policies).
         #[arg(long, default_value = skiff_core::routing::DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
+        /// ztunnel's `--outbound-traffic-policy` (ALLOW_ANY or
+        /// REGISTRY_ONLY), in force when the mesh config sets none. Default:
+        /// the running local mesh's ztunnel's, else ALLOW_ANY.
+        #[arg(long)]
+        outbound_traffic_policy: Option<String>,
         /// Output: `text` or `json`.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
+    /// The state each node's ztunnel holds, by pod name and namespace:
+    /// the pods it serves (`workloads`: the enrolled pods, whose traffic it
+    /// captures), the policies in force and objects refused (`policies`),
+    /// its workload certificates and their expiry (`certs`). Read from
+    /// each ztunnel's admin endpoint in its node's network namespace (run
+    /// as root). Exit 1 when a node's ztunnel does not answer.
+    Config {
+        #[arg(value_enum)]
+        what: config::What,
+        /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
+        /// run.
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+        /// Output: `table`, `json` or `yaml`.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json", "yaml"])]
         output: String,
     },
 }
@@ -114,13 +139,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Analyze { dir, output, strict } => analyze(&dir, &output, strict),
-        Command::Explain { from, to, why_denied, method, headers, manifests, mesh, trust_domain, root_namespace, output } => {
+        Command::Explain { from, to, why_denied, method, headers, manifests, mesh, trust_domain, root_namespace, outbound_traffic_policy, output } => {
             let what = match (from, to, why_denied) {
                 (Some(f), Some(t), None) => What::Asked(f, t),
                 (None, None, Some(line)) => What::Logged(line),
                 _ => unreachable!("clap requires --from and --to, or --why-denied"),
             };
-            match run_explain(what, method, headers, manifests, mesh, trust_domain, root_namespace) {
+            match run_explain(what, method, headers, manifests, mesh, trust_domain, root_namespace, outbound_traffic_policy) {
                 Ok(e) => {
                     if output == "json" {
                         println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
@@ -135,6 +160,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Config { what, mesh, output } => match config::run(what, mesh.as_deref(), &output) {
+            Ok((text, all_ok)) => {
+                print!("{text}");
+                if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            }
+            Err(why) => {
+                eprintln!("skiff config: {why}");
+                ExitCode::from(2)
+            }
+        },
         Command::Check { pre: _, node_agent } => {
             let root = check::effective_uid() == Some(0);
             let lines = check::pre(node_agent.or_else(check::find_node_agent).as_deref(), root);
@@ -210,6 +245,7 @@ fn run_explain(
     mesh: Option<PathBuf>,
     trust_domain: String,
     root_namespace: String,
+    outbound_traffic_policy: Option<String>,
 ) -> Result<explain::Explanation, String> {
     let (from, to, path, method) = match what {
         What::Asked(from, to) => {
@@ -230,14 +266,27 @@ fn run_explain(
         .collect::<Result<Vec<_>, _>>()?;
     // A directory of manifests as written (offline), or the running local
     // mesh's cluster view, read object by object as the mesh reads it.
-    let (snap, notes) = match manifests {
-        Some(d) => offline::load(&d)?,
+    let (snap, notes, running) = match manifests {
+        Some(d) => {
+            let (snap, notes) = offline::load(&d)?;
+            (snap, notes, None)
+        }
         None => {
-            let snap = skiff_core::source::LocalDirSource::analyze(&mesh::cluster_dir(mesh.as_deref())?).map_err(|e| e.report())?;
+            let cluster = mesh::cluster_dir(mesh.as_deref())?;
+            let snap = skiff_core::source::LocalDirSource::analyze(&cluster).map_err(|e| e.report())?;
             let notes = snap.rejected.iter().map(|r| format!("refused: {r}")).collect();
-            (snap, notes)
+            (snap, notes, Some(cluster))
         }
     };
+    // The flag ztunnel runs with: given, else the running mesh's.
+    let (flag, flag_from) = match outbound_traffic_policy {
+        Some(p) => (p, "--outbound-traffic-policy as given to skiff explain"),
+        None => match running.as_deref().and_then(|c| mesh::ztunnel_flag(c, "--outbound-traffic-policy")) {
+            Some(p) => (p, "ztunnel's --outbound-traffic-policy"),
+            None => ("ALLOW_ANY".to_owned(), "the default (no mesh config or ztunnel flag sets one)"),
+        },
+    };
+    let outbound_policy = skiff_core::egress::OutboundPolicy::parse(&flag).ok_or_else(|| format!("--outbound-traffic-policy {flag:?}: ALLOW_ANY or REGISTRY_ONLY"))?;
     for n in &notes {
         eprintln!("note: {n}");
     }
@@ -249,7 +298,8 @@ fn run_explain(
         headers,
         trust_domain,
         root_namespace,
-        outbound_policy: skiff_core::egress::OutboundPolicy::AllowAny,
+        outbound_policy,
+        outbound_policy_from: format!("{flag_from}: {flag}"),
     };
     explain::explain(&snap, &ask)
 }

@@ -43,3 +43,111 @@ pub fn cluster_dir(mesh: Option<&Path>) -> Result<PathBuf, String> {
         )),
     }
 }
+
+/// One node of a local mesh: its name and network namespace.
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+}
+
+/// The nodes of the local mesh at `work` (`/tmp/skiff-RUN`): the nodes its
+/// pods are scheduled on whose network namespace exists.
+pub fn nodes(work: &Path) -> Result<Vec<Node>, String> {
+    let run = work.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("skiff-")).ok_or_else(|| format!("{}: not a local mesh's work directory", work.display()))?;
+    let pods = std::fs::read_to_string(work.join("cluster/pods.yaml")).map_err(|e| format!("{}: {e}", work.join("cluster/pods.yaml").display()))?;
+    let docs = skiff_core::k8s::parse_documents(&pods).map_err(|e| skiff_core::report(&e))?;
+    let mut names: Vec<String> = docs
+        .into_iter()
+        .filter_map(|o| match o {
+            skiff_core::k8s::Object::Pod(p) => p.spec.node_name,
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names
+        .into_iter()
+        .map(|name| Node { netns: format!("skiff-{run}-{name}"), name })
+        .filter(|n| Path::new("/var/run/netns").join(&n.netns).exists())
+        .collect())
+}
+
+/// The work directory of `mesh`, or of the one running local mesh.
+pub fn work_dir(mesh: Option<&Path>) -> Result<PathBuf, String> {
+    Ok(cluster_dir(mesh)?.parent().expect("cluster/ has a parent").to_owned())
+}
+
+/// HTTP GET `path` from 127.0.0.1:`port` inside network namespace
+/// `netns` (root: entering a namespace needs CAP_SYS_ADMIN). The body.
+pub fn get_in(netns: &str, port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let ns = skiff_core::netns::open(&Path::new("/var/run/netns").join(netns)).map_err(|e| format!("netns {netns}: {}", skiff_core::report(&e)))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let raw = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || -> std::io::Result<Vec<u8>> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        s.write_all(req.as_bytes())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        Ok(out)
+    })
+    .map_err(|e| format!("entering netns {netns}: {} (run as root)", skiff_core::report(&e)))?
+    .map_err(|e| format!("127.0.0.1:{port} in {netns}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("127.0.0.1:{port}{path} in {netns}: not an HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("127.0.0.1:{port}{path} in {netns}: {}", head.lines().next().unwrap_or("")));
+    }
+    Ok(body.to_owned())
+}
+
+/// The value of `flag` on the command line of a `skiff-ztunnel` of the
+/// local mesh whose cluster view is `cluster` (its `--manifests`), if one
+/// runs and sets it.
+pub fn ztunnel_flag(cluster: &Path, flag: &str) -> Option<String> {
+    let want = cluster.display().to_string();
+    for e in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if !args.first().is_some_and(|a| a.ends_with("skiff-ztunnel")) || !args.contains(&want) {
+            continue;
+        }
+        return args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt as _;
+
+    /// ztunnel's flags are read from the process serving that cluster
+    /// view, and from no other.
+    #[test]
+    fn the_flag_of_the_ztunnel_reading_this_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = dir.path().join("cluster");
+        assert_eq!(super::ztunnel_flag(&cluster, "--outbound-traffic-policy"), None);
+        let mut child = std::process::Command::new("sh")
+            .arg0("/opt/skiff/skiff-ztunnel")
+            .args(["-c", "sleep 30; true", "sh", "--manifests"])
+            .arg(&cluster)
+            .args(["--outbound-traffic-policy", "REGISTRY_ONLY"])
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let got = loop {
+            match super::ztunnel_flag(&cluster, "--outbound-traffic-policy") {
+                Some(v) => break Some(v),
+                None if std::time::Instant::now() > deadline => break None,
+                None => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let other = super::ztunnel_flag(&dir.path().join("other"), "--outbound-traffic-policy");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(got.as_deref(), Some("REGISTRY_ONLY"));
+        assert_eq!(other, None);
+    }
+}

@@ -162,7 +162,7 @@ impl Visit for Fields {
 }
 
 /// `t` as RFC 3339 in UTC with milliseconds (`2026-12-03T02:41:05.123Z`).
-fn rfc3339(t: std::time::SystemTime) -> String {
+pub fn rfc3339(t: std::time::SystemTime) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

@@ -48,7 +48,7 @@ fn codes(mesh: &LocalMesh, url: &str, headers: &[&str], count: usize) -> serde_j
 
 #[test]
 fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
-    let Some(mesh) = mesh("manifests/explain") else { return };
+    let Some(mut mesh) = mesh("manifests/explain") else { return };
     for (ns, p) in [("shop", "reviews-v1"), ("shop", "reviews-v2"), ("secure", "db")] {
         wait_listening(mesh.pod(ns, p));
     }
@@ -70,6 +70,10 @@ fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
     assert_eq!(split["codes"]["200"], 40, "{split}");
     let v2 = split["versions"]["v2"].as_u64().unwrap_or(0);
     assert!(v2 < 15, "about 10% to v2: {split}");
+    // The client's ztunnel sent those to the waypoint: the destination is
+    // the Service's namespace (the waypoint picks the pod).
+    let to_shop = [("reporter", "source"), ("source_workload", "client"), ("destination_service_name", "reviews"), ("destination_workload_namespace", "shop")];
+    eventually(WAIT, "the client's connections to the waypoint counted", || (mesh.metric(0, "istio_tcp_connections_opened_total", &to_shop).unwrap() > 0.0).then_some(()));
 
     // A header route: end-user jason goes to v2 only.
     let e = explain(&mesh, &["--from", "shop/client", "--to", "http://reviews:9080/api/x", "-H", "end-user: jason"]);
@@ -92,6 +96,11 @@ fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
     assert_eq!(outcome(&e), "refused", "{e:#}");
     assert!(has_step(&e, "route", "no route of the VirtualService matches") && has_step(&e, "route", "VirtualService shop/reviews"), "{e:#}");
     assert_eq!(codes(&mesh, "http://reviews:9080/nowhere", &[], 2)["codes"]["404"], 2);
+
+    // A waypoint's own hop: HBONE as the waypoint, policy at the pod.
+    let e = explain(&mesh, &["--from", "shop/waypoint", "--to", "shop/reviews-v1:8080"]);
+    assert_eq!(outcome(&e), "allowed", "{e:#}");
+    assert!(has_step(&e, "endpoint", "spiffe://cluster.local/ns/shop/sa/waypoint → spiffe://cluster.local/ns/shop/sa/reviews"), "{e:#}");
 
     // L4, allowed: shop/client → secure/db, by allow-shop's first rule.
     let e = explain(&mesh, &["--from", "shop/client", "--to", "db.secure:5432"]);
@@ -161,4 +170,29 @@ fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("shop/nope: no such pod") && err.contains("client"), "{err}");
+
+    // skiff config: what each ztunnel holds, by pod name.
+    let work = mesh.work_dir.clone();
+    let config = |what: &str, out: &str| Command::new(bin_dir().join("skiff")).args(["config", what, "-o", out, "--mesh"]).arg(&work).output().unwrap();
+    let out = config("workloads", "table");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let row = |text: &str, node: &str, ns: &str, pod: &str| text.lines().any(|l| l.split_whitespace().take(3).collect::<Vec<_>>() == [node, ns, pod]);
+    for (node, ns, pod) in [("node-1", "shop", "client"), ("node-1", "shop", "other"), ("node-1", "shop", "reviews-v1"), ("node-2", "shop", "reviews-v2"), ("node-2", "secure", "db")] {
+        assert!(row(&text, node, ns, pod), "{node} {ns}/{pod} enrolled:\n{text}");
+    }
+    assert!(!text.contains("legacy") && !text.lines().any(|l| l.contains(" waypoint ")), "neither the plain pod nor the waypoint is enrolled:\n{text}");
+    assert!(text.contains("spiffe://cluster.local/ns/secure/sa/db"), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&config("policies", "json").stdout).unwrap();
+    let names: Vec<&str> = v["nodes"][0]["authorization_policies"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["secure/allow-shop", "secure/deny-other"], "{v:#}");
+    let certs = String::from_utf8_lossy(&config("certs", "yaml").stdout).into_owned();
+    assert!(certs.contains("identity: spiffe://cluster.local/ns/shop/sa/client"), "{certs}");
+    // A node whose ztunnel is down: named, exit 1.
+    mesh.stop_ztunnel(1);
+    let out = config("workloads", "table");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("node-2: ztunnel not reachable")), "{text}");
+    assert!(row(&text, "node-1", "shop", "client") && !row(&text, "node-2", "secure", "db"), "the other node still answers:\n{text}");
 }

@@ -577,8 +577,12 @@ impl Ztunnel {
                     let wp_id = self.identity(&wp.namespace, &wp.service_account);
                     labels.security_policy = "mutual_tls";
                     // The waypoint picks the endpoint: only its namespace is
-                    // known here.
-                    labels.destination = Peer { namespace: labels.destination.namespace.clone(), ..Peer::unknown() };
+                    // known here (a Service's pods are in its namespace).
+                    let namespace = match &decision.destination {
+                        outbound::Destination::Service(svc, _) => svc.namespace.clone(),
+                        _ => labels.destination.namespace.clone(),
+                    };
+                    labels.destination = Peer { namespace, ..Peer::unknown() };
                     let via = SocketAddrV4::new(ip, PORT_INBOUND_HBONE);
                     let tunnel = Tunnel { src: src_id, dst: wp_id, via, target: orig, upstream: via };
                     return self.hbone_outbound(&info, &pod, tunnel, client, peer, orig, labels, start).await;
