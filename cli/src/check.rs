@@ -141,6 +141,150 @@ pub fn find_node_agent() -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("skiff-node-agent")).find(|p| p.exists()))
 }
 
+/// `skiff check` of a running mesh: per node, node-agent and ztunnel
+/// ready and at which version, capture readable, the pods enrolled against
+/// those the cluster says should be, the certificates ztunnel holds; and
+/// mesh-wide, one version everywhere and the config objects refused. Each
+/// node's endpoints are read inside its network namespace (root).
+pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
+    let work = crate::mesh::work_dir(mesh_dir)?;
+    let cluster = work.join("cluster");
+    let snap = skiff_core::source::LocalDirSource::analyze(&cluster).map_err(|e| e.report())?;
+    let nodes = crate::mesh::nodes(&work)?;
+    if nodes.is_empty() {
+        return Err(format!("{}: no node of this mesh has a network namespace (has it stopped?)", work.display()));
+    }
+    let mut out = Vec::new();
+    let mut tags = std::collections::BTreeSet::new();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    for n in &nodes {
+        let get = |port: u16, path: &str| crate::mesh::get_in(&n.netns, port, path);
+        let build = |port: u16| get(port, "/metrics").ok().and_then(|m| metric_label(&m, "istio_build", "tag"));
+        let metric = |text: &str, name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+        // node-agent: capture installed, its maps readable.
+        match get(15022, "/healthz/ready") {
+            Ok(_) => {
+                let tag = build(15022).unwrap_or_else(|| "unknown".into());
+                tags.insert(tag.clone());
+                let m = get(15022, "/metrics").unwrap_or_default();
+                if metric(&m, "skiff_node_capture_readable") == Some(1.0) {
+                    out.push(line(Level::Ok, &format!("{} node-agent", n.name), format!("ready, capture attached, version {tag}"), None));
+                } else {
+                    out.push(line(Level::Fail, &format!("{} node-agent", n.name), "ready, but its pinned capture maps cannot be read", Some("see node-agent's log on this node; `skiff-node-agent inspect` shows the pins")));
+                }
+            }
+            Err(e) => out.push(line(
+                Level::Fail,
+                &format!("{} node-agent", n.name),
+                format!("not ready: {e}"),
+                Some("capture is not (re)installed on this node: new pods are not enrolled; see node-agent's log"),
+            )),
+        }
+        // ztunnel: ready, and what it serves.
+        let dump = match get(15021, "/healthz/ready") {
+            Ok(_) => {
+                let tag = build(15020).unwrap_or_else(|| "unknown".into());
+                tags.insert(tag.clone());
+                out.push(line(Level::Ok, &format!("{} ztunnel", n.name), format!("ready, version {tag}"), None));
+                get(15000, "/config_dump").ok().and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            }
+            Err(e) => {
+                out.push(line(
+                    Level::Fail,
+                    &format!("{} ztunnel", n.name),
+                    format!("not ready: {e}"),
+                    Some("enrolled pods on this node cannot open connections (refused, never sent around the mesh): start or restart ztunnel"),
+                ));
+                None
+            }
+        };
+        // Enrollment: the cluster's view against ztunnel's.
+        let mut want: Vec<String> = snap
+            .workloads
+            .values()
+            .filter(|w| skiff_core::enroll::decide(&n.name, snap.namespace_labels(&w.namespace), w) == skiff_core::enroll::Decision::Enroll)
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .collect();
+        want.sort();
+        if let Some(d) = &dump {
+            let mut have: Vec<String> = d["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| format!("{}/{}", w["namespace"].as_str().unwrap_or(""), w["name"].as_str().unwrap_or("")))
+                .collect();
+            have.sort();
+            let missing: Vec<&String> = want.iter().filter(|p| !have.contains(p)).collect();
+            let extra: Vec<&String> = have.iter().filter(|p| !want.contains(p)).collect();
+            let what = format!("{} enrolled pods", n.name);
+            if missing.is_empty() && extra.is_empty() {
+                out.push(line(Level::Ok, &what, format!("{} of {} pods that should be", have.len(), want.len()), None));
+            } else {
+                let mut found = format!("{} of {} pods that should be", want.len() - missing.len(), want.len());
+                if !missing.is_empty() {
+                    found.push_str(&format!("; not enrolled: {}", join(&missing)));
+                }
+                if !extra.is_empty() {
+                    found.push_str(&format!("; enrolled but should not be: {}", join(&extra)));
+                }
+                out.push(line(Level::Fail, &what, found, Some("node-agent enrolls pods as they start: see its log for each pod by name")));
+            }
+            // Certificates: none expired, renewal not overdue.
+            let certs: Vec<&serde_json::Value> = d["certificates"].as_array().into_iter().flatten().collect();
+            let expired: Vec<String> = certs.iter().filter(|c| c["not_after_unix"].as_u64().is_some_and(|t| t <= now)).filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect();
+            let overdue: Vec<String> = certs.iter().filter(|c| c["rotates_at_unix"].as_u64().is_some_and(|t| t + 60 < now)).filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect();
+            let earliest = certs.iter().filter_map(|c| c["not_after_unix"].as_u64()).min();
+            let what = format!("{} certificates", n.name);
+            if !expired.is_empty() {
+                out.push(line(Level::Fail, &what, format!("expired: {}", expired.join(", ")), Some("the signer or the CA cannot issue: see ztunnel's log")));
+            } else if !overdue.is_empty() {
+                out.push(line(Level::Warn, &what, format!("renewal overdue: {}", overdue.join(", ")), Some("ztunnel keeps using them until they expire; see its log for why renewal fails")));
+            } else {
+                let soonest = earliest.map(|t| format!(", the first expires in {}", human(t.saturating_sub(now)))).unwrap_or_default();
+                out.push(line(Level::Ok, &what, format!("{} held, renewed in time{soonest}", certs.len()), None));
+            }
+        }
+    }
+    if tags.len() > 1 {
+        out.push(line(Level::Warn, "versions", format!("several: {}", tags.iter().cloned().collect::<Vec<_>>().join(", ")), Some("an upgrade in progress? components interoperate one minor version apart")));
+    } else if let Some(t) = tags.iter().next() {
+        out.push(line(Level::Ok, "versions", format!("{t} on every node"), None));
+    }
+    if snap.rejected.is_empty() {
+        out.push(line(Level::Ok, "config", "no object refused", None));
+    }
+    for r in &snap.rejected {
+        out.push(line(
+            Level::Warn,
+            "config",
+            format!("{} {}/{} refused: field `{}`: {}; {}", r.key.kind, r.key.namespace, r.key.name, r.error.field, r.error.message, r.instead),
+            Some("fix the object; `skiff analyze DIR` checks manifests before they are applied"),
+        ));
+    }
+    Ok(out)
+}
+
+fn join(v: &[&String]) -> String {
+    v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn human(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3600 => format!("{}h", s / 3600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// The value of `label` on the first sample of `name` in a Prometheus
+/// text exposition.
+fn metric_label(text: &str, name: &str, label: &str) -> Option<String> {
+    let l = text.lines().find(|l| l.starts_with(&format!("{name}{{")))?;
+    let at = l.find(&format!("{label}=\""))? + label.len() + 2;
+    Some(l[at..].split('"').next()?.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

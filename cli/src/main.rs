@@ -5,8 +5,9 @@
 //! line per problem: the file, the object, the field and why, and what the
 //! mesh would serve instead. Nothing runs and nothing is contacted.
 //!
-//! `skiff check --pre` says whether this node can run Skiff's capture
-//! (see `check.rs`).
+//! `skiff check` says whether a running mesh is healthy, node by node;
+//! `skiff check --pre` whether this node can run Skiff's capture (see
+//! `check.rs`).
 //!
 //! `skiff explain --from SOURCE --to DESTINATION` prints every decision the
 //! mesh takes for that connection or request, in order, with the object
@@ -52,18 +53,27 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
-    /// `--pre`: whether this node can run Skiff's capture (kernel, cgroup
-    /// v2, BTF, bpffs, and as root every capture program loaded into this
-    /// kernel), one OK/WARN/FAIL line each; exit 1 on any FAIL. (The check
-    /// of a running mesh is not built yet.)
+    /// Whether the mesh is healthy, one OK/WARN/FAIL line each with a
+    /// hint, exit 1 on any FAIL: per node, node-agent (which installs the
+    /// capture: the kernel hooks that send enrolled pods' connections to
+    /// ztunnel) and ztunnel (the node's tunnel) ready and at which
+    /// version, the pods enrolled against those that should be, the
+    /// certificates and their expiry; mesh-wide, one version and the
+    /// config objects refused. `--pre`: whether this node can run Skiff's
+    /// capture (kernel, cgroup v2, BTF, bpffs, and as root every capture
+    /// program loaded into this kernel).
     Check {
         /// This node's prerequisites, before installing.
-        #[arg(long, required = true)]
-        pre: bool,
-        /// The skiff-node-agent binary that loads the programs (default:
-        /// beside skiff, else on the PATH).
         #[arg(long)]
+        pre: bool,
+        /// The skiff-node-agent binary that loads the programs (`--pre`;
+        /// default: beside skiff, else on the PATH).
+        #[arg(long, requires = "pre")]
         node_agent: Option<PathBuf>,
+        /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
+        /// run.
+        #[arg(long, conflicts_with = "pre")]
+        mesh: Option<PathBuf>,
     },
     /// Every decision the mesh takes for one connection or HTTP request, in
     /// order, with the object and rule that made each: whether the source
@@ -170,9 +180,19 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Check { pre: _, node_agent } => {
-            let root = check::effective_uid() == Some(0);
-            let lines = check::pre(node_agent.or_else(check::find_node_agent).as_deref(), root);
+        Command::Check { pre, node_agent, mesh } => {
+            let lines = if pre {
+                let root = check::effective_uid() == Some(0);
+                check::pre(node_agent.or_else(check::find_node_agent).as_deref(), root)
+            } else {
+                match check::live(mesh.as_deref()) {
+                    Ok(l) => l,
+                    Err(why) => {
+                        eprintln!("skiff check: {why}");
+                        return ExitCode::from(2);
+                    }
+                }
+            };
             for l in &lines {
                 println!("{l}");
             }

@@ -246,8 +246,26 @@ pub fn process_metrics() -> String {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok()));
     put("process_max_fds", "gauge", "Maximum number of open file descriptors.", max);
+    // Istio's build metric: which component at which version (`skiff
+    // check` compares them across a node and the mesh).
+    let component: String = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "unknown".into())
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .collect();
+    let _ = writeln!(
+        out,
+        "# HELP istio_build Istio component build info\n# TYPE istio_build gauge\nistio_build{{component=\"{}\",tag=\"{}\"}} 1",
+        component,
+        BUILD_TAG
+    );
     out
 }
+
+/// This build's version, as `istio_build`'s `tag`.
+pub const BUILD_TAG: &str = env!("CARGO_PKG_VERSION");
 
 #[cfg(test)]
 mod tests {
@@ -302,5 +320,6 @@ mod tests {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         assert!(started <= now + 1.0 && started > now - 86400.0, "started {started}, now {now}");
         assert!(text.contains("# TYPE process_cpu_seconds_total counter"));
+        assert!(text.lines().any(|l| l.starts_with("istio_build{component=\"") && l.ends_with(&format!(",tag=\"{BUILD_TAG}\"}} 1"))), "{text}");
     }
 }

@@ -3,7 +3,7 @@
 //! gets its OK/WARN/FAIL line, a refused program fails the check, and
 //! nothing is left behind (the check's own bpffs is unmounted and removed).
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use skiff_e2e::*;
 
@@ -68,4 +68,43 @@ fn a_program_the_kernel_refuses_fails_the_check() {
     let out = Command::new(bin_dir().join("skiff")).args(["check", "--pre", "--node-agent", "/nonexistent/skiff-node-agent"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("FAIL capture programs:")));
+}
+
+/// `skiff check` on a running mesh: OK for every node when healthy; a
+/// refused object is a WARN naming it; a stopped ztunnel is a FAIL naming
+/// its node, and the exit code says so.
+#[test]
+fn check_reports_a_healthy_mesh_and_names_the_node_whose_ztunnel_stopped() {
+    let Some(mut mesh) = mesh("manifests/l4") else { return };
+    let check = |mesh: &LocalMesh| {
+        let out = Command::new(bin_dir().join("skiff")).args(["check", "--mesh"]).arg(&mesh.work_dir).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, text) = eventually(Duration::from_secs(20), "a healthy check", || {
+        let (code, text) = check(&mesh);
+        (code == Some(0)).then_some((code, text))
+    });
+    assert_eq!(code, Some(0), "{text}");
+    for node in ["node-1", "node-2"] {
+        for what in ["node-agent", "ztunnel", "enrolled pods", "certificates"] {
+            assert!(text.lines().any(|l| l.starts_with(&format!("OK   {node} {what}: "))), "no OK for {node} {what}:\n{text}");
+        }
+    }
+    let version = format!("OK   versions: {} on every node", env!("CARGO_PKG_VERSION"));
+    assert!(text.lines().any(|l| l == version), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("OK   node-1 enrolled pods: ") && !l.contains(" 0 of")), "{text}");
+
+    // A refused object: a WARN naming it and its field.
+    mesh.apply("bad-vs", Some("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: bad, namespace: mesh}\nspec:\n  hosts: [echo]\n  http: [{route: [{destination: {host: echo}}], delegate: {name: x}}]\n")).unwrap();
+    let text = eventually(Duration::from_secs(20), "the refusal reported", || {
+        let (_, text) = check(&mesh);
+        text.contains("WARN config: VirtualService mesh/bad refused: field `spec.http[0].delegate`").then_some(text)
+    });
+    assert!(!text.lines().any(|l| l.starts_with("FAIL")), "{text}");
+
+    mesh.stop_ztunnel(1);
+    let (code, text) = check(&mesh);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("FAIL node-2 ztunnel: not ready")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("OK   node-1 ztunnel: ready")), "the other node is still OK:\n{text}");
 }
