@@ -26,6 +26,7 @@ mod check;
 mod config;
 mod explain;
 mod mesh;
+mod observe;
 mod offline;
 
 /// skiff: check and explain a Skiff mesh.
@@ -126,6 +127,40 @@ enum Command {
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
+    /// A live stream of the mesh's connection and request events, one line
+    /// each: who saw it (a node's ztunnel, a waypoint, the gateway), the
+    /// verdict (ALLOW, DENY by policy, ERROR), source and destination
+    /// workloads and identities, the policy or flags that decided, the
+    /// latency. Each proxy keeps a bounded buffer per reader: a reader that
+    /// falls behind loses the oldest events and is told how many; the mesh
+    /// never waits for it. As root (it reads each proxy's admin port in its
+    /// network namespace).
+    Observe {
+        /// Only events whose source or destination is in this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Only events whose source or destination workload is this one.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only this verdict: `allow`, `deny` (refused by policy) or
+        /// `error` (no route, no endpoint, upstream failure, fault).
+        #[arg(long, value_parser = ["allow", "deny", "error"])]
+        verdict: Option<String>,
+        /// Only `tcp` (connections, TCP streams) or `http` (requests).
+        #[arg(long, value_parser = ["tcp", "http"])]
+        protocol: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
+        /// run.
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+        /// Output: `text` or `json` (one event per line, the access line's
+        /// fields and `proxy`).
+        #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
     /// The state each node's ztunnel holds, by pod name and namespace:
     /// the pods it serves (`workloads`: the enrolled pods, whose traffic it
     /// captures), the policies in force and objects refused (`policies`),
@@ -166,6 +201,16 @@ fn main() -> ExitCode {
                 }
                 Err(why) => {
                     eprintln!("skiff explain: {why}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Observe { namespace, pod, verdict, protocol, count, mesh, output } => {
+            let filter = observe::Filter { namespace, pod, verdict, protocol };
+            match observe::run(mesh.as_deref(), &filter, output == "json", count) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(why) => {
+                    eprintln!("skiff observe: {why}");
                     ExitCode::from(2)
                 }
             }

@@ -44,18 +44,57 @@ impl FromStr for LogFormat {
 pub type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
 /// Installs the process's logger: `SKIFF_LOG` (else `default_filter`) in
-/// `format`, to stderr.
+/// `format`, to stderr; and the access-event stream ([`events`]), which
+/// sees every access line whatever the filter.
 pub fn init(format: LogFormat, default_filter: &str) -> FilterHandle {
     let filter = EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| default_filter.into());
     let (filter, handle) = reload::Layer::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
-            .init(),
-        LogFormat::Json => registry.with(JsonLines).init(),
-    }
+    let output: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+        LogFormat::Json => JsonLines.boxed(),
+    };
+    let access = tracing_subscriber::filter::filter_fn(|m| m.target() == ACCESS_TARGET && *m.level() <= tracing::Level::INFO);
+    tracing_subscriber::registry().with(output.with_filter(filter)).with(AccessEvents.with_filter(access)).init();
     handle
+}
+
+/// The target of access-log lines (one per connection at ztunnel, one per
+/// request or TCP stream at a waypoint or gateway).
+pub const ACCESS_TARGET: &str = "access";
+
+/// How many access events a slow `/events` reader may fall behind before
+/// it loses the oldest (and is told how many).
+pub const EVENTS_BUFFER: usize = 1024;
+
+/// This process's access events, each the JSON line the JSON log format
+/// writes for it (without the newline). A subscriber that falls more than
+/// [`EVENTS_BUFFER`] behind loses the oldest (`RecvError::Lagged(n)` says
+/// how many); the data path never waits for one, and builds no event when
+/// nobody subscribes.
+pub fn events() -> &'static tokio::sync::broadcast::Sender<std::sync::Arc<str>> {
+    static BUS: std::sync::OnceLock<tokio::sync::broadcast::Sender<std::sync::Arc<str>>> = std::sync::OnceLock::new();
+    BUS.get_or_init(|| tokio::sync::broadcast::channel(EVENTS_BUFFER).0)
+}
+
+/// Publishes access lines to [`events`].
+struct AccessEvents;
+
+impl<S> Layer<S> for AccessEvents
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let bus = events();
+        if bus.receiver_count() == 0 {
+            return;
+        }
+        let mut line = json_line(event, &ctx);
+        line.pop();
+        let _ = bus.send(String::from_utf8_lossy(&line).into());
+    }
 }
 
 /// The JSON-lines layer.

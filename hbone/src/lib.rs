@@ -22,6 +22,7 @@
 
 pub mod certs;
 pub mod drain;
+pub mod events;
 pub mod identity;
 pub mod limits;
 pub mod names;

@@ -194,6 +194,8 @@ pub struct RequestLog {
     pub path: String,
     trace_id: String,
     pub rewritten: Option<String>,
+    /// The VirtualService route that took the request (`ns/name http[i]`).
+    pub route: Option<String>,
     pub flags: Vec<&'static str>,
     pub retries: u32,
     /// The request body's size, once read.
@@ -289,6 +291,7 @@ impl RequestLog {
             path: path.to_owned(),
             trace_id: trace_id.to_owned(),
             rewritten: None,
+            route: None,
             flags: Vec::new(),
             retries: 0,
             request_bytes: 0,
@@ -431,6 +434,7 @@ fn record(log: &mut RequestLog, m: &Metrics, code: u16, grpc: Option<&str>, star
         method = %log.method,
         path = %log.path,
         rewritten = %log.rewritten.as_deref().unwrap_or("-"),
+        route = %log.route.as_deref().unwrap_or("-"),
         code,
         grpc_status = %grpc,
         response_flags = %flags,

@@ -198,6 +198,9 @@ struct Routed<'s> {
     default_port: u16,
     /// The Service the request was addressed to (waypoint).
     svc: Option<&'s ServiceInfo>,
+    /// The VirtualService route taken, for the access line:
+    /// `ns/name http[i]` (the default route: None).
+    taken: Option<String>,
 }
 
 const HOP_BY_HOP: [&str; 8] =
@@ -780,7 +783,8 @@ impl Proxy {
             Err(Chosen::Answer(r)) => return self.finish(log, start, Ok((*r, None)), &Default::default()),
             Err(Chosen::Refused(f)) => return self.finish(log, start, Err(f), &Default::default()),
         };
-        let Routed { vs, route, host_ns, default_port, svc } = routed;
+        let Routed { vs, route, host_ns, default_port, svc, taken } = routed;
+        log.route = taken;
         // CORS (Envoy's filter, per route): a preflight may be answered
         // here; an allowed origin's response gets its headers, after the
         // route's own.
@@ -895,14 +899,15 @@ impl Proxy {
     fn choose<'s>(&self, snap: &'s Snapshot, ctx: &StreamCtx, info: &RequestInfo<'_>, raw_path: &str) -> Result<Routed<'s>, Chosen> {
         match &ctx.entry {
             Entry::Service { svc, port, target } => {
-                let route::Selected { vs, route, .. } = route::select(snap, svc, info, &self.cfg.namespace);
+                let route::Selected { vs, route, index } = route::select(snap, svc, info, &self.cfg.namespace);
+                let taken = vs.zip(index).map(|(v, i)| format!("{}/{} http[{i}]", v.namespace, v.name));
                 let policies = authz::bound(snap, &self.cfg.namespace, &self.cfg.name, svc);
                 let cluster_ip = svc.cluster_ip.unwrap_or(*target.ip());
                 authz::check_request(&policies, ctx.peer, ctx.peer_id.as_ref(), cluster_ip, info).map_err(Chosen::Refused)?;
                 let route = route.ok_or(Chosen::Refused(Failure::NoRoute))?;
                 let host_ns = vs.map(|v| v.namespace.clone()).unwrap_or_else(|| svc.namespace.clone());
                 let svc = snap.services.get(&format!("{}/{}", svc.namespace, svc.name));
-                Ok(Routed { vs, route, host_ns, default_port: port.port, svc })
+                Ok(Routed { vs, route, host_ns, default_port: port.port, svc, taken })
             }
             Entry::Gateway { port, server: tls_server, .. } => {
                 let Some(pod) = self.own_pod(snap) else {
@@ -951,7 +956,8 @@ impl Proxy {
                         let info = RequestInfo { port: server.number, ..info.clone() };
                         let (vs, route) = gateway::route(&virtual_services, &info, &at).ok_or(Chosen::Refused(Failure::NoRoute))?;
                         let route = route.at(&at, &vs.gateways);
-                        Ok(Routed { vs: Some(vs), route, host_ns: vs.namespace.clone(), default_port: server.number, svc: None })
+                        let taken = Some(format!("{}/{}", vs.namespace, vs.name));
+                        Ok(Routed { vs: Some(vs), route, host_ns: vs.namespace.clone(), default_port: server.number, svc: None, taken })
                     }
                 }
             }

@@ -23,6 +23,68 @@ fn explain(mesh: &LocalMesh, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `skiff observe` running, its event lines as they come.
+struct Observe {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Observe {
+    /// Starts it and waits until it watches both nodes' ztunnels and the
+    /// waypoint.
+    fn start(mesh: &LocalMesh, args: &[&str]) -> Observe {
+        use std::io::BufRead as _;
+        let mut child = Command::new(bin_dir().join("skiff"))
+            .args(["observe", "--mesh"])
+            .arg(&mesh.work_dir)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        for out in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(l).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let o = Observe { child, lines };
+        let mut watching = Vec::new();
+        while watching.len() < 3 {
+            let l = o.lines.recv_timeout(WAIT).expect("skiff observe subscribes");
+            for what in ["ztunnel node-1", "ztunnel node-2", "waypoint shop/waypoint"] {
+                if l == format!("# watching {what}") {
+                    watching.push(what);
+                }
+            }
+        }
+        o
+    }
+
+    /// The next event line (status lines skipped) within `within`.
+    fn next(&mut self, within: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let l = self.lines.recv_timeout(deadline.checked_duration_since(std::time::Instant::now())?).ok()?;
+            if !l.starts_with('#') {
+                return Some(l);
+            }
+        }
+    }
+}
+
+impl Drop for Observe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The step named `step` whose `by` (or decision) contains `what`.
 fn has_step(e: &serde_json::Value, step: &str, what: &str) -> bool {
     e["steps"].as_array().unwrap().iter().any(|s| {
@@ -142,6 +204,33 @@ fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
     assert_eq!(outcome(&e), "refused", "{line}\n{e:#}");
     assert!(has_step(&e, "route", "no route of the VirtualService matches"), "{e:#}");
 
+    // skiff observe: the denial shows within a second of it happening.
+    let mut observe = Observe::start(&mesh, &["--verdict", "deny", "--protocol", "tcp", "-o", "json"]);
+    let r = client(&mesh, mesh.pod("shop", "other"), "db.secure:5432", "watched");
+    let denied_at = std::time::Instant::now();
+    assert!(!r.ok || r.reply.is_empty(), "{r:?}");
+    let line = observe.next(Duration::from_secs(1)).expect("the denial within a second");
+    let took = denied_at.elapsed();
+    let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((e["proxy"].as_str(), e["src.workload"].as_str()), (Some("ztunnel node-2"), Some("other")), "{e}");
+    assert!(e["policy"].as_str().unwrap().contains("secure/deny-other rule 1"), "{e}");
+    eprintln!("observe: the denial arrived {took:?} after the client saw it");
+    drop(observe);
+    // The same, as text.
+    let mut observe = Observe::start(&mesh, &["--verdict", "deny", "--pod", "other"]);
+    client(&mesh, mesh.pod("shop", "other"), "db.secure:5432", "watched");
+    let line = observe.next(Duration::from_secs(1)).expect("the denial within a second");
+    assert!(line.contains("[ztunnel node-2] DENY tcp shop/other -> secure/db 10.244.2.12:5432 flags=UAEX policy=deny (secure/deny-other rule 1"), "{line}");
+    eprintln!("observe: {line}");
+    drop(observe);
+    // Requests at the waypoint, as text.
+    let mut observe = Observe::start(&mesh, &["--protocol", "http", "--namespace", "shop"]);
+    assert_eq!(codes(&mesh, "http://reviews:9080/api/x", &["end-user: jason"], 1)["codes"]["200"], 1);
+    let line = observe.next(Duration::from_secs(2)).expect("the request");
+    assert!(line.contains("[waypoint shop/waypoint] ALLOW http shop/client -> shop/reviews-v2") && line.contains("GET /api/x 200") && line.contains("route=shop/reviews http[0]"), "{line}");
+    eprintln!("observe: {line}");
+    drop(observe);
+
     // STRICT refuses plaintext from a pod outside the mesh.
     let e = explain(&mesh, &["--from", "legacy/client", "--to", "db.secure:5432"]);
     assert_eq!(outcome(&e), "denied", "{e:#}");
@@ -188,6 +277,16 @@ fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
     assert_eq!(names, ["secure/allow-shop", "secure/deny-other"], "{v:#}");
     let certs = String::from_utf8_lossy(&config("certs", "yaml").stdout).into_owned();
     assert!(certs.contains("identity: spiffe://cluster.local/ns/shop/sa/client"), "{certs}");
+    // The log filter still changes at run time (it now filters the log
+    // output only; events are published whatever it says).
+    let log = |i: usize| std::fs::read_to_string(&mesh.nodes[i].ztunnel_log).unwrap();
+    assert!(!log(0).contains(" DEBUG "), "info by default");
+    let (code, body) = mesh.node_http_get(0, 15000, "/logging?level=debug").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let r = client(&mesh, mesh.pod("shop", "client"), "db.secure:5432", "after-debug");
+    assert!(r.ok, "{r:?}");
+    eventually(WAIT, "debug lines after /logging?level=debug", || log(0).contains(" DEBUG ").then_some(()));
+
     // A node whose ztunnel is down: named, exit 1.
     mesh.stop_ztunnel(1);
     let out = config("workloads", "table");

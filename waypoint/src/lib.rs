@@ -44,6 +44,10 @@ pub struct ProxyArgs {
     /// Prometheus metrics address.
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
+    /// Admin address: `/events`, the access events as JSON lines for
+    /// `skiff observe` (keep it on localhost: they name every request).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value = "5", value_name = "SECONDS")]
     pub drain_timeout: u64,
@@ -91,10 +95,14 @@ where
         // block: off the async workers).
         let own = skiff_hbone::identity::Identity::new(certs.trust_domain(), &args.namespace, &service_account);
         certs.spawn_refresh(move || vec![own.clone()]);
+        let (proxy_namespace, proxy_name) = (args.namespace.clone(), name.clone());
         let cfg = Config { name, pod_name, namespace: args.namespace, service_account, hbone: args.hbone, http: args.http, read_secrets: secrets, tracing: args.tracing.settings(), waypoint };
         let proxy = Proxy::new(cfg, cluster, certs);
         let metrics = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding {}", args.metrics_addr))?;
         tokio::spawn(skiff_l7::metrics::serve(metrics, proxy.metrics.clone()));
+        let admin = tokio::net::TcpListener::bind(args.admin_addr).await.with_context(|| format!("binding {}", args.admin_addr))?;
+        let label = format!("{} {}/{}", if waypoint { "waypoint" } else { "gateway" }, proxy_namespace, proxy_name);
+        tokio::spawn(serve_admin(admin, label));
         let mut serve = tokio::spawn(front(Arc::clone(&proxy)));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -111,4 +119,29 @@ where
         info!(closed_by_deadline = left, "drained; exiting");
         Ok(())
     })
+}
+
+/// The admin endpoint: `/events` (see `skiff_hbone::events`).
+async fn serve_admin(listener: tokio::net::TcpListener, label: String) {
+    use http_body_util::BodyExt as _;
+    loop {
+        let (s, _) = skiff_hbone::transport::accept(&listener, "admin").await;
+        let label = label.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let label = label.clone();
+                async move {
+                    let resp = if req.uri().path() == "/events" {
+                        hyper::Response::builder().header("content-type", "application/x-ndjson").body(skiff_hbone::events::subscribe(label).boxed())
+                    } else {
+                        hyper::Response::builder()
+                            .status(hyper::StatusCode::NOT_FOUND)
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"not found: try /events\n")).boxed())
+                    };
+                    Ok::<_, std::convert::Infallible>(resp.expect("valid response"))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+        });
+    }
 }

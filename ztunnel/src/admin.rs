@@ -83,7 +83,15 @@ pub fn config_dump(zt: &Ztunnel) -> serde_json::Value {
     })
 }
 
-async fn admin(zt: Arc<Ztunnel>, reload: LogReload, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+type AdminBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn admin(zt: Arc<Ztunnel>, reload: LogReload, req: Request<Incoming>) -> Result<Response<AdminBody>, Infallible> {
+    use http_body_util::BodyExt as _;
+    if req.uri().path() == "/events" {
+        // The access events from now on, as JSON lines (`skiff observe`).
+        let body = skiff_hbone::events::subscribe(format!("ztunnel {}", zt.node()));
+        return Ok(Response::builder().header("content-type", "application/x-ndjson").body(body.boxed()).expect("valid response"));
+    }
     Ok(match req.uri().path() {
         "/config_dump" => json(StatusCode::OK, config_dump(&zt)),
         "/logging" => {
@@ -102,8 +110,9 @@ async fn admin(zt: Arc<Ztunnel>, reload: LogReload, req: Request<Incoming>) -> R
                 },
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /config_dump or /logging?level=debug\n".into()),
-    })
+        _ => text(StatusCode::NOT_FOUND, "not found: try /config_dump, /events or /logging?level=debug\n".into()),
+    }
+    .map(|b| b.boxed()))
 }
 
 /// Serves the admin endpoints on `addr` (localhost only by default).

@@ -1,0 +1,249 @@
+//! `skiff observe`: a live stream of the mesh's connection and request
+//! events — every ztunnel's and every waypoint's and gateway's `/events`
+//! (their access lines as JSON, see `skiff_hbone::events`), merged,
+//! filtered, one line each. A source that falls behind drops its oldest
+//! events and says how many; the mesh never waits for this tool.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+/// What to show.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Source or destination namespace.
+    pub namespace: Option<String>,
+    /// Source or destination workload (or pod) name.
+    pub pod: Option<String>,
+    /// `allow`, `deny` (refused by policy: AuthorizationPolicy,
+    /// PeerAuthentication, REGISTRY_ONLY) or `error` (no route, no
+    /// endpoint, upstream failure, faults).
+    pub verdict: Option<String>,
+    /// `tcp` (connections and TCP streams) or `http` (requests).
+    pub protocol: Option<String>,
+}
+
+/// The verdict of one event.
+pub fn verdict(e: &Value) -> &'static str {
+    let flags = e["response_flags"].as_str().unwrap_or("-");
+    let policy = e["policy"].as_str().unwrap_or("-");
+    let code = e["code"].as_u64();
+    if flags.contains("UAEX") || policy.starts_with("deny") || code == Some(403) {
+        return "deny";
+    }
+    let failed_flag = flags != "-" && !flags.is_empty() && flags != "DC";
+    if failed_flag || code.is_some_and(|c| c >= 500 || c == 404) {
+        return "error";
+    }
+    "allow"
+}
+
+fn protocol(e: &Value) -> &'static str {
+    if e.get("method").is_some() { "http" } else { "tcp" }
+}
+
+impl Filter {
+    pub fn matches(&self, e: &Value) -> bool {
+        let s = |k: &str| e[k].as_str().unwrap_or("");
+        self.namespace.as_deref().is_none_or(|ns| s("src.namespace") == ns || s("dst.namespace") == ns)
+            && self.pod.as_deref().is_none_or(|p| s("src.workload") == p || s("dst.workload") == p)
+            && self.verdict.as_deref().is_none_or(|v| verdict(e) == v)
+            && self.protocol.as_deref().is_none_or(|p| protocol(e) == p)
+    }
+}
+
+/// One event as a line: time, who saw it, verdict, protocol, source →
+/// destination, what decided.
+pub fn render(proxy: &str, e: &Value) -> String {
+    let s = |k: &str| e[k].as_str().map(str::to_owned).unwrap_or_else(|| e[k].to_string());
+    let time = s("time");
+    let time = time.split('T').nth(1).unwrap_or(&time).trim_end_matches('Z');
+    let who = |side: &str| {
+        let (ns, w) = (s(&format!("{side}.namespace")), s(&format!("{side}.workload")));
+        if w == "unknown" || w == "null" { s(&format!("{side}.addr")).replace("null", "?") } else { format!("{ns}/{w}") }
+    };
+    let dst = match (protocol(e), e["dst.addr"].as_str()) {
+        ("tcp", Some(a)) => format!("{} {a}", who("dst")),
+        _ => format!("{} ({})", who("dst"), s("dst.service")),
+    };
+    let mut detail = Vec::new();
+    if protocol(e) == "http" {
+        detail.push(format!("{} {} {}", s("method"), s("path"), s("code")));
+    }
+    let flags = s("response_flags");
+    if flags != "-" {
+        detail.push(format!("flags={flags}"));
+    }
+    if let Some(p) = e["policy"].as_str().filter(|p| *p != "-") {
+        detail.push(format!("policy={p}"));
+    }
+    if let Some(r) = e["route"].as_str().filter(|r| *r != "-") {
+        detail.push(format!("route={r}"));
+    }
+    if e.get("src.identity").and_then(Value::as_str).is_some_and(|i| i != "unknown") {
+        detail.push(format!("as {}", s("src.identity")));
+    }
+    detail.push(format!("{}ms", s("duration_ms")));
+    format!("{time} [{proxy}] {} {} {} -> {dst} {}", verdict(e).to_uppercase(), protocol(e), who("src"), detail.join(" "))
+}
+
+/// Where events come from: (what, network namespace path).
+fn sources(work: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut out: Vec<(String, PathBuf)> =
+        crate::mesh::nodes(work)?.into_iter().map(|n| (format!("ztunnel {}", n.name), Path::new("/var/run/netns").join(n.netns))).collect();
+    let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
+    for w in snap.workloads.values() {
+        let Some(netns) = &w.netns_path else { continue };
+        let waypoint = w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account);
+        let gateway = !snap.gateway_servers(w).is_empty();
+        if waypoint || gateway {
+            out.push((format!("{} {}/{}", if waypoint { "waypoint" } else { "gateway" }, w.namespace, w.name), netns.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Opens `/events` on 127.0.0.1:15000 in `netns`; the stream, past the
+/// response head.
+fn subscribe(netns: &Path) -> Result<BufReader<TcpStream>, String> {
+    let ns = skiff_core::netns::open(netns).map_err(|e| format!("{}: {}", netns.display(), skiff_core::report(&e)))?;
+    let s = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), || TcpStream::connect_timeout(&([127, 0, 0, 1], 15000).into(), Duration::from_secs(2)))
+        .map_err(|e| format!("entering {}: {} (run as root)", netns.display(), skiff_core::report(&e)))?
+        .map_err(|e| format!("127.0.0.1:15000: {e}"))?;
+    (&s).write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).map_err(|e| e.to_string())?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!("/events: {}", status.trim()));
+    }
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).map_err(|e| e.to_string())? == 0 || h == "\r\n" {
+            break;
+        }
+    }
+    Ok(r)
+}
+
+/// The lines of a chunked body, as they come.
+fn read_chunked_lines(mut r: BufReader<TcpStream>, mut each: impl FnMut(&str) -> bool) {
+    let mut pending = Vec::new();
+    loop {
+        let mut size = String::new();
+        if r.read_line(&mut size).unwrap_or(0) == 0 {
+            return;
+        }
+        let Ok(n) = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16) else { return };
+        if n == 0 {
+            return;
+        }
+        let mut chunk = vec![0; n + 2];
+        if r.read_exact(&mut chunk).is_err() {
+            return;
+        }
+        chunk.truncate(n);
+        pending.extend_from_slice(&chunk);
+        while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            if !each(String::from_utf8_lossy(&line).trim_end()) {
+                return;
+            }
+        }
+    }
+}
+
+/// Streams events until interrupted (or `limit` lines printed), to
+/// `out`. Sources that cannot be reached are reported on stderr; none at
+/// all is an error.
+pub fn run(mesh_dir: Option<&Path>, filter: &Filter, json: bool, limit: Option<usize>) -> Result<(), String> {
+    let work = crate::mesh::work_dir(mesh_dir)?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let mut live = 0;
+    for (what, netns) in sources(&work)? {
+        match subscribe(&netns) {
+            Ok(r) => {
+                live += 1;
+                let (tx, filter) = (tx.clone(), filter.clone());
+                std::thread::spawn(move || {
+                    read_chunked_lines(r, |line| {
+                        let Ok(e) = serde_json::from_str::<Value>(line) else { return true };
+                        let out = match e["event"].as_str() {
+                            Some("subscribed") => format!("# watching {what}"),
+                            Some("dropped") => format!("# {what}: {} event(s) dropped (this reader fell behind)", e["count"]),
+                            _ if !filter.matches(&e) => return true,
+                            _ if json => {
+                                let mut e = e;
+                                e["proxy"] = Value::String(what.clone());
+                                e.to_string()
+                            }
+                            _ => render(&what, &e),
+                        };
+                        tx.send(out).is_ok()
+                    });
+                    let _ = tx.send(format!("# {what}: stream ended"));
+                });
+            }
+            Err(e) => eprintln!("skiff observe: {what}: {e}"),
+        }
+    }
+    drop(tx);
+    if live == 0 {
+        return Err("no ztunnel, waypoint or gateway could be reached".into());
+    }
+    let mut printed = 0;
+    let stdout = std::io::stdout();
+    for line in rx {
+        let status = line.starts_with('#');
+        // Status lines go to stderr with --output json, so stdout stays
+        // JSON lines.
+        if status && json {
+            eprintln!("{line}");
+            continue;
+        }
+        let mut o = stdout.lock();
+        if writeln!(o, "{line}").and_then(|_| o.flush()).is_err() {
+            return Ok(());
+        }
+        if !status {
+            printed += 1;
+            if limit.is_some_and(|l| printed >= l) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Verdicts from real access lines' fields.
+    #[test]
+    fn verdicts() {
+        let rows = [
+            (r#"{"response_flags":"UAEX","policy":"deny (a/b rule 0: DENY policy matched)"}"#, "deny"),
+            (r#"{"response_flags":"NR","policy":"deny (outboundTrafficPolicy REGISTRY_ONLY: not a Service, pod or ServiceEntry)"}"#, "deny"),
+            (r#"{"response_flags":"-","policy":"allow (no ALLOW policy applies)"}"#, "allow"),
+            (r#"{"response_flags":"UF","policy":"-"}"#, "error"),
+            (r#"{"method":"GET","code":403,"response_flags":"-"}"#, "deny"),
+            (r#"{"method":"GET","code":404,"response_flags":"NR"}"#, "error"),
+            (r#"{"method":"GET","code":418,"response_flags":"FI"}"#, "error"),
+            (r#"{"method":"GET","code":200,"response_flags":"-"}"#, "allow"),
+            (r#"{"method":"GET","code":0,"response_flags":"DC"}"#, "allow"),
+        ];
+        for (line, want) in rows {
+            assert_eq!(verdict(&serde_json::from_str(line).unwrap()), want, "{line}");
+        }
+        let f = Filter { verdict: Some("deny".into()), protocol: Some("tcp".into()), ..Default::default() };
+        assert!(f.matches(&serde_json::from_str(rows[0].0).unwrap()));
+        assert!(!f.matches(&serde_json::from_str(rows[4].0).unwrap()), "http, not tcp");
+    }
+}
