@@ -25,6 +25,7 @@ use clap::{Parser, Subcommand};
 mod check;
 mod config;
 mod explain;
+mod install;
 mod mesh;
 mod observe;
 mod offline;
@@ -127,6 +128,46 @@ enum Command {
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
+    /// Install Skiff on the cluster kubectl points at: the node DaemonSet
+    /// (node-agent, which captures enrolled pods' connections in the
+    /// kernel, and ztunnel, the node's tunnel), the signer (the mesh CA's
+    /// only holder) and their RBAC; optionally Istio's CRDs, the ingress
+    /// gateway and waypoints (per-namespace L7 proxies). With `--ca
+    /// generate`, a new mesh root: its key goes into the Secret
+    /// skiff-system/skiff-ca only. Applied with `kubectl apply -f -`.
+    Install {
+        #[command(flatten)]
+        parts: Parts,
+        /// The mesh CA: `existing` (Secret skiff-ca and ConfigMap
+        /// skiff-ca-root made by hand), `generate` (a new root), or
+        /// `files` (`--ca-key`, `--ca-cert`).
+        #[arg(long, default_value = "existing", value_parser = ["existing", "generate", "files"])]
+        ca: String,
+        /// The root's private key (PKCS#8 PEM), with `--ca files`.
+        #[arg(long, required_if_eq("ca", "files"))]
+        ca_key: Option<PathBuf>,
+        /// The root's certificate (PEM), with `--ca files`.
+        #[arg(long, required_if_eq("ca", "files"))]
+        ca_cert: Option<PathBuf>,
+        /// The mesh's trust domain (identities are spiffe://DOMAIN/ns/NS/sa/SA).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Print the objects that would be applied (YAML on stdout, a list
+        /// on stderr) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove Skiff from the cluster kubectl points at, in order: the node
+    /// DaemonSet, then on every node the cleaner (CNI chain restored,
+    /// programs detached), then the install. Unlabel enrolled namespaces
+    /// first.
+    Uninstall {
+        #[command(flatten)]
+        parts: Parts,
+        /// Print each step (commands and objects) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A live stream of the mesh's connection and request events, one line
     /// each: who saw it (a node's ztunnel, a waypoint, the gateway), the
     /// verdict (ALLOW, DENY by policy, ERROR), source and destination
@@ -180,6 +221,27 @@ enum Command {
     },
 }
 
+/// What an install has, for install and uninstall alike.
+#[derive(clap::Args)]
+struct Parts {
+    /// The image (`REGISTRY/skiff:TAG`, built from the repository's
+    /// Dockerfile).
+    #[arg(long, default_value = "skiff:dev")]
+    image: String,
+    /// Also minimal CRDs for the Istio kinds Skiff reads (clusters without
+    /// Istio; never next to Istio's own CRDs).
+    #[arg(long)]
+    crds: bool,
+    /// Also the ingress gateway (istio-system/istio-ingressgateway; the
+    /// namespace istio-system must exist).
+    #[arg(long)]
+    gateway: bool,
+    /// A waypoint in this namespace (repeatable); then label the
+    /// namespace or its Services istio.io/use-waypoint=waypoint.
+    #[arg(long = "waypoint", value_name = "NAMESPACE")]
+    waypoints: Vec<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -204,6 +266,26 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Install { parts, ca, ca_key, ca_cert, trust_domain, dry_run } => {
+            let ca = match (ca.as_str(), ca_key, ca_cert) {
+                ("generate", ..) => install::Ca::Generate,
+                ("files", Some(k), Some(c)) => install::Ca::Files(k, c),
+                _ => install::Ca::Existing,
+            };
+            let o = install::Options { image: parts.image, crds: parts.crds, gateway: parts.gateway, waypoints: parts.waypoints, ca, trust_domain };
+            exit_with("install", install::install(&o, dry_run))
+        }
+        Command::Uninstall { parts, dry_run } => {
+            let o = install::Options {
+                image: parts.image,
+                crds: parts.crds,
+                gateway: parts.gateway,
+                waypoints: parts.waypoints,
+                ca: install::Ca::Existing,
+                trust_domain: String::new(),
+            };
+            exit_with("uninstall", install::uninstall(&o, dry_run))
         }
         Command::Observe { namespace, pod, verdict, protocol, count, mesh, output } => {
             let filter = observe::Filter { namespace, pod, verdict, protocol };
@@ -367,4 +449,14 @@ fn run_explain(
         outbound_policy_from: format!("{flag_from}: {flag}"),
     };
     explain::explain(&snap, &ask)
+}
+
+fn exit_with(what: &str, r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("skiff {what}: {why}");
+            ExitCode::from(1)
+        }
+    }
 }

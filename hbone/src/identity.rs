@@ -251,6 +251,13 @@ impl Ca {
         fs::write(cert_path, &self.root_pem).map_err(|source| IdentityError::CaFile { path: cert_path.to_owned(), source })
     }
 
+    /// The root key (PKCS#8 PEM) and certificate (PEM), as `write_files`
+    /// writes them: for `skiff install --ca generate`, which puts them in
+    /// the signer's Secret.
+    pub fn to_pem(&self) -> (String, String) {
+        (self.issuer.key().serialize_pem(), self.root_pem.clone())
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }

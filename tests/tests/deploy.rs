@@ -151,6 +151,17 @@ fn validator() -> Option<PathBuf> {
 
 #[test]
 fn every_manifest_validates_against_the_kubernetes_schemas() {
+    let objs: Vec<(String, Value)> = OVERLAYS
+        .iter()
+        .flat_map(|o| render(&deploy_dir().join(o)).into_iter().map(move |v| ((if o.is_empty() { "deploy" } else { o }).to_string(), v)))
+        .collect();
+    validate(&objs);
+}
+
+/// Validates each object (named by where it came from) strictly against
+/// the pinned Kubernetes schemas; CRD instances of SKIP_GROUPS are
+/// skipped by name.
+fn validate(objs: &[(String, Value)]) {
     let Some(bin) = validator() else {
         assert!(!ci(), "kubernetes-validate {VALIDATOR_VERSION} is not installed in ~/.cache/skiff/venv: run `cargo xtask setup`");
         eprintln!("SKIPPED: kubernetes-validate not installed (run `cargo xtask setup`)");
@@ -164,19 +175,17 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         !group.contains('.') || group.ends_with(".k8s.io")
     };
     let mut files = Vec::new();
-    for o in OVERLAYS {
-        for (i, obj) in render(&deploy_dir().join(o)).iter().enumerate() {
-            let api = obj["apiVersion"].as_str().unwrap_or("");
-            let group = api.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-            if SKIP_GROUPS.contains(&group) {
-                eprintln!("skipped (CRD instance, listed in SKIP_GROUPS): {:?}", key(obj));
-                continue;
-            }
-            assert!(builtin(api), "{:?} ({api}) has no built-in schema and is not in SKIP_GROUPS", key(obj));
-            let f = dir.join(format!("{}-{i}.yaml", if o.is_empty() { "deploy" } else { o }));
-            std::fs::write(&f, serde_saphyr::to_string(obj).unwrap()).unwrap();
-            files.push(f);
+    for (i, (from, obj)) in objs.iter().enumerate() {
+        let api = obj["apiVersion"].as_str().unwrap_or("");
+        let group = api.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        if SKIP_GROUPS.contains(&group) {
+            eprintln!("skipped (CRD instance, listed in SKIP_GROUPS): {:?}", key(obj));
+            continue;
         }
+        assert!(builtin(api), "{:?} ({api}) has no built-in schema and is not in SKIP_GROUPS", key(obj));
+        let f = dir.join(format!("{from}-{i}.yaml"));
+        std::fs::write(&f, serde_saphyr::to_string(obj).unwrap()).unwrap();
+        files.push(f);
     }
     let out = Command::new(&bin).args(["--strict", "--kubernetes-version", KUBERNETES_VERSION]).args(&files).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -184,6 +193,76 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
     assert!(out.status.success() && bad.is_empty(), "kubernetes-validate --strict (Kubernetes {KUBERNETES_VERSION}):\n{text}");
     let passed = text.lines().filter(|l| l.starts_with("INFO") && l.contains("passed")).count();
     assert_eq!(passed, files.len(), "{text}");
+}
+
+/// `skiff install --dry-run ARGS`: the objects it would apply.
+fn skiff_install(args: &[&str]) -> Vec<Value> {
+    let skiff = skiff_e2e::bin_dir().join("skiff");
+    let out = Command::new(&skiff).args(["install", "--dry-run"]).args(args).output().unwrap_or_else(|e| panic!("{}: {e} (cargo build --bins)", skiff.display()));
+    assert!(out.status.success(), "skiff install {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_saphyr::from_multiple::<Value>(&String::from_utf8_lossy(&out.stdout)).unwrap().into_iter().filter(|v| !v.is_null()).collect()
+}
+
+/// `skiff install` renders exactly what the overlays render (it carries
+/// deploy/ inside it), with the image and the waypoint's namespace
+/// chosen by flags.
+#[test]
+fn skiff_install_renders_the_overlays() {
+    let by_key = |objs: Vec<Value>| -> BTreeMap<(String, String, String), Value> { objs.into_iter().map(|v| (key(&v), v)).collect() };
+    let overlay = |o: &str| render(&deploy_dir().join(o));
+    let cases: Vec<(Vec<&str>, Vec<Value>)> = vec![
+        (vec![], overlay("")),
+        (vec!["--crds"], overlay("with-crds")),
+        (vec!["--gateway"], [overlay(""), overlay("gateway")].concat()),
+        (vec!["--waypoint", "shop"], [overlay(""), overlay("waypoint")].concat()),
+    ];
+    for (args, want) in cases {
+        let (got, want) = (by_key(skiff_install(&args)), by_key(want));
+        let differ: Vec<_> = got.keys().chain(want.keys()).collect::<BTreeSet<_>>().into_iter().filter(|k| got.get(*k) != want.get(*k)).collect();
+        assert!(differ.is_empty(), "skiff install {args:?} and the overlays differ on {differ:?}");
+    }
+    // Another namespace and image: every waypoint object moves, every
+    // image is the one given.
+    let objs = skiff_install(&["--waypoint", "payments", "--image", "registry.example/skiff:1.2"]);
+    assert!(objs.iter().all(|v| v["metadata"]["namespace"] != "shop" && !v["metadata"]["name"].as_str().unwrap_or("").contains("shop")), "nothing left in shop");
+    assert!(objs.iter().any(|v| key(v) == ("Deployment".into(), "payments".into(), "waypoint".into())));
+    let text = serde_json::to_string(&objs).unwrap();
+    assert_eq!(text.matches(r#""image":"registry.example/skiff:1.2""#).count(), 4, "node-agent, ztunnel, signer, waypoint");
+    assert!(!text.contains(r#""image":"skiff"#));
+}
+
+/// `skiff install --dry-run --ca generate` with every part: valid for the
+/// Kubernetes schemas, offline; the new root in the signer's Secret (its
+/// key only there) and the public root wherever it is read.
+#[test]
+fn skiff_install_dry_run_validates_and_carries_a_new_root() {
+    let objs = skiff_install(&["--ca", "generate", "--gateway", "--waypoint", "shop", "--waypoint", "payments", "--crds"]);
+    let secret = objs.iter().find(|v| key(v) == ("Secret".into(), "skiff-system".into(), "skiff-ca".into())).expect("the CA Secret");
+    use base64::Engine as _;
+    let decode = |k: &str| String::from_utf8(base64::engine::general_purpose::STANDARD.decode(secret["data"][k].as_str().unwrap()).unwrap()).unwrap();
+    let (key_pem, cert_pem) = (decode("ca-key.pem"), decode("ca-cert.pem"));
+    assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
+    // The pair is a CA the signer can load and sign with.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("k.pem"), &key_pem).unwrap();
+    std::fs::set_permissions(tmp.path().join("k.pem"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::write(tmp.path().join("c.pem"), &cert_pem).unwrap();
+    let ca = skiff_hbone::identity::Ca::load(&tmp.path().join("k.pem"), &tmp.path().join("c.pem"), "cluster.local").unwrap();
+    ca.issue(&skiff_hbone::identity::Identity::new("cluster.local", "shop", "client"), std::time::Duration::from_secs(60)).unwrap();
+    let roots: BTreeSet<String> = objs
+        .iter()
+        .filter(|v| v["kind"] == "ConfigMap" && v["metadata"]["name"] == "skiff-ca-root")
+        .map(|v| {
+            assert_eq!(v["data"]["ca-cert.pem"].as_str(), Some(cert_pem.as_str()));
+            v["metadata"]["namespace"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(roots, ["istio-system", "payments", "shop", "skiff-system"].map(String::from).into(), "ztunnel's, the gateway's and each waypoint's");
+    assert_eq!(objs.iter().filter(|v| serde_json::to_string(v).unwrap().contains("PRIVATE KEY")).count(), 0, "the key is base64 in the Secret, nowhere else in clear");
+    let two = skiff_install(&["--ca", "generate"]);
+    let other = two.iter().find(|v| v["kind"] == "Secret").unwrap();
+    assert_ne!(other["data"]["ca-key.pem"], secret["data"]["ca-key.pem"], "a new root each time");
+    validate(&objs.into_iter().map(|v| ("install".to_owned(), v)).collect::<Vec<_>>());
 }
 
 /// (subject, verb, apiGroup, resource, resourceName) — "core" for the "" group, "*" for any name.
