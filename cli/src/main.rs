@@ -24,13 +24,14 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod config;
+mod dashboard;
 mod explain;
 mod install;
 mod mesh;
 mod observe;
 mod offline;
 
-/// skiff: check and explain a Skiff mesh.
+/// skiff: install, check, explain and watch a Skiff mesh.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -42,8 +43,9 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Check a directory of manifests offline, as the mesh would read it:
-    /// every refused object and every fail-closed reading, with file,
+    /// Check a directory of manifests offline, as the mesh would read it.
+    ///
+    /// Every refused object and every fail-closed reading, with file,
     /// object, field and reason.
     Analyze {
         /// The directory (searched recursively for *.yaml, *.yml, *.json).
@@ -55,8 +57,10 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
-    /// Whether the mesh is healthy, one OK/WARN/FAIL line each with a
-    /// hint, exit 1 on any FAIL: per node, node-agent (which installs the
+    /// Whether the mesh is healthy (or, with --pre, whether this node can
+    /// run it).
+    ///
+    /// One OK/WARN/FAIL line each with a hint, exit 1 on any FAIL: per node, node-agent (which installs the
     /// capture: the kernel hooks that send enrolled pods' connections to
     /// ztunnel) and ztunnel (the node's tunnel) ready and at which
     /// version, the pods enrolled against those that should be, the
@@ -77,8 +81,9 @@ enum Command {
         #[arg(long, conflicts_with = "pre")]
         mesh: Option<PathBuf>,
     },
-    /// Every decision the mesh takes for one connection or HTTP request, in
-    /// order, with the object and rule that made each: whether the source
+    /// Every decision the mesh takes for one connection or request, and why.
+    ///
+    /// In order, with the object and rule that made each: whether the source
     /// is captured, what the address is, whether a waypoint handles it,
     /// the outbound traffic policy, PeerAuthentication (STRICT: only
     /// mutual-TLS connections are accepted), AuthorizationPolicy (which
@@ -128,7 +133,9 @@ enum Command {
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
-    /// Install Skiff on the cluster kubectl points at: the node DaemonSet
+    /// Install Skiff on the cluster kubectl points at.
+    ///
+    /// The node DaemonSet
     /// (node-agent, which captures enrolled pods' connections in the
     /// kernel, and ztunnel, the node's tunnel), the signer (the mesh CA's
     /// only holder) and their RBAC; optionally Istio's CRDs, the ingress
@@ -157,7 +164,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Remove Skiff from the cluster kubectl points at, in order: the node
+    /// Remove Skiff from the cluster kubectl points at.
+    ///
+    /// In order: the node
     /// DaemonSet, then on every node the cleaner (CNI chain restored,
     /// programs detached), then the install. Unlabel enrolled namespaces
     /// first.
@@ -168,8 +177,35 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// A live stream of the mesh's connection and request events, one line
-    /// each: who saw it (a node's ztunnel, a waypoint, the gateway), the
+    /// Shell completions for skiff.
+    ///
+    /// `skiff completions bash >
+    /// /etc/bash_completion.d/skiff` (or zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// A web page with the mesh's live service graph, served locally.
+    ///
+    /// Workloads grouped by app and version, edges with request rate, error
+    /// rate and p99 latency, a padlock on mutual-TLS edges, the split of
+    /// weighted routes, ingress and egress, warnings for refused config and
+    /// denied traffic; click an edge for its figures and `skiff explain`.
+    /// Read from every ztunnel's, waypoint's and gateway's metrics (as
+    /// root, in their network namespaces) every 2 s.
+    Dashboard {
+        /// Where to serve the page (port 0: any free port; the URL is
+        /// printed).
+        #[arg(long, default_value = "127.0.0.1:15080")]
+        listen: String,
+        /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
+        /// run.
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+    },
+    /// A live stream of the mesh's connection and request events.
+    ///
+    /// One line each: who saw it (a node's ztunnel, a waypoint, the gateway), the
     /// verdict (ALLOW, DENY by policy, ERROR), source and destination
     /// workloads and identities, the policy or flags that decided, the
     /// latency. Each proxy keeps a bounded buffer per reader: a reader that
@@ -202,8 +238,9 @@ enum Command {
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
-    /// The state each node's ztunnel holds, by pod name and namespace:
-    /// the pods it serves (`workloads`: the enrolled pods, whose traffic it
+    /// The state each node's ztunnel holds, by pod name and namespace.
+    ///
+    /// The pods it serves (`workloads`: the enrolled pods, whose traffic it
     /// captures), the policies in force and objects refused (`policies`),
     /// its workload certificates and their expiry (`certs`). Read from
     /// each ztunnel's admin endpoint in its node's network namespace (run
@@ -287,6 +324,18 @@ fn main() -> ExitCode {
             };
             exit_with("uninstall", install::uninstall(&o, dry_run))
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "skiff", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Dashboard { listen, mesh } => match dashboard::run(mesh.as_deref(), &listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                eprintln!("skiff dashboard: {why}");
+                ExitCode::from(2)
+            }
+        },
         Command::Observe { namespace, pod, verdict, protocol, count, mesh, output } => {
             let filter = observe::Filter { namespace, pod, verdict, protocol };
             match observe::run(mesh.as_deref(), &filter, output == "json", count) {

@@ -29,16 +29,22 @@ pub struct Filter {
     pub protocol: Option<String>,
 }
 
-/// The verdict of one event.
+/// The verdict of one event, by the mesh's own marks: `deny` for a
+/// refusal by policy (ztunnel's `UAEX` or `policy=deny …`, REGISTRY_ONLY;
+/// a 403 at a waypoint or gateway, where an application's own 403 looks
+/// the same), `error` for a response flag of a failure the mesh saw (no
+/// route, no endpoint, upstream failure or reset, timeout, overflow, rate
+/// limit, fault abort) or a 5xx, else `allow` (a delay fault or a client
+/// that left are not failures).
 pub fn verdict(e: &Value) -> &'static str {
     let flags = e["response_flags"].as_str().unwrap_or("-");
     let policy = e["policy"].as_str().unwrap_or("-");
     let code = e["code"].as_u64();
-    if flags.contains("UAEX") || policy.starts_with("deny") || code == Some(403) {
+    if flags.split(',').any(|f| f == "UAEX") || policy.starts_with("deny") || code == Some(403) {
         return "deny";
     }
-    let failed_flag = flags != "-" && !flags.is_empty() && flags != "DC";
-    if failed_flag || code.is_some_and(|c| c >= 500 || c == 404) {
+    const FAILURES: [&str; 9] = ["NR", "UH", "UF", "UC", "UT", "UO", "RL", "FI", "URX"];
+    if flags.split(',').any(|f| FAILURES.contains(&f)) || code.is_some_and(|c| c >= 500) {
         return "error";
     }
     "allow"
@@ -61,7 +67,8 @@ impl Filter {
 /// One event as a line: time, who saw it, verdict, protocol, source →
 /// destination, what decided.
 pub fn render(proxy: &str, e: &Value) -> String {
-    let s = |k: &str| e[k].as_str().map(str::to_owned).unwrap_or_else(|| e[k].to_string());
+    // Values as text, control characters (terminal escapes) dropped.
+    let s = |k: &str| e[k].as_str().map(str::to_owned).unwrap_or_else(|| e[k].to_string()).chars().filter(|c| !c.is_control()).collect::<String>();
     let time = s("time");
     let time = time.split('T').nth(1).unwrap_or(&time).trim_end_matches('Z');
     let who = |side: &str| {
@@ -117,31 +124,42 @@ fn subscribe(netns: &Path) -> Result<BufReader<TcpStream>, String> {
         .map_err(|e| format!("entering {}: {} (run as root)", netns.display(), skiff_core::report(&e)))?
         .map_err(|e| format!("127.0.0.1:15000: {e}"))?;
     (&s).write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+    // The head within 5 s, each line bounded; then events as they come.
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     let mut r = BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status).map_err(|e| e.to_string())?;
+    let status = bounded_line(&mut r).ok_or("/events: no response")?;
     if !status.starts_with("HTTP/1.1 200") {
         return Err(format!("/events: {}", status.trim()));
     }
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).map_err(|e| e.to_string())? == 0 || h == "\r\n" {
-            break;
+    for _ in 0..100 {
+        match bounded_line(&mut r) {
+            Some(h) if h == "\r\n" => {
+                r.get_ref().set_read_timeout(None).map_err(|e| e.to_string())?;
+                return Ok(r);
+            }
+            Some(_) => {}
+            None => break,
         }
     }
-    Ok(r)
+    Err("/events: a malformed response head".into())
+}
+
+/// One line of at most 64 KiB (None at its end, on error or when longer).
+fn bounded_line(r: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut line = Vec::new();
+    let n = r.by_ref().take(65_536).read_until(b'\n', &mut line).ok()?;
+    (n > 0 && line.ends_with(b"\n")).then(|| String::from_utf8_lossy(&line).into_owned())
 }
 
 /// The lines of a chunked body, as they come.
 fn read_chunked_lines(mut r: BufReader<TcpStream>, mut each: impl FnMut(&str) -> bool) {
+    // Lines of at most 1 MiB; a chunk of at most that.
+    const MAX: usize = 1 << 20;
     let mut pending = Vec::new();
     loop {
-        let mut size = String::new();
-        if r.read_line(&mut size).unwrap_or(0) == 0 {
-            return;
-        }
+        let Some(size) = bounded_line(&mut r) else { return };
         let Ok(n) = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16) else { return };
-        if n == 0 {
+        if n == 0 || n > MAX || pending.len() > MAX {
             return;
         }
         let mut chunk = vec![0; n + 2];
@@ -165,42 +183,55 @@ fn read_chunked_lines(mut r: BufReader<TcpStream>, mut each: impl FnMut(&str) ->
 pub fn run(mesh_dir: Option<&Path>, filter: &Filter, json: bool, limit: Option<usize>) -> Result<(), String> {
     let work = crate::mesh::work_dir(mesh_dir)?;
     let (tx, rx) = mpsc::channel::<String>();
-    let mut live = 0;
-    for (what, netns) in sources(&work)? {
-        match subscribe(&netns) {
-            Ok(r) => {
-                live += 1;
-                let (tx, filter) = (tx.clone(), filter.clone());
-                std::thread::spawn(move || {
-                    read_chunked_lines(r, |line| {
-                        let Ok(e) = serde_json::from_str::<Value>(line) else { return true };
-                        let out = match e["event"].as_str() {
-                            Some("subscribed") => format!("# watching {what}"),
-                            Some("dropped") => format!("# {what}: {} event(s) dropped (this reader fell behind)", e["count"]),
-                            _ if !filter.matches(&e) => return true,
-                            _ if json => {
-                                let mut e = e;
-                                e["proxy"] = Value::String(what.clone());
-                                e.to_string()
-                            }
-                            _ => render(&what, &e),
-                        };
-                        tx.send(out).is_ok()
-                    });
-                    let _ = tx.send(format!("# {what}: stream ended"));
-                });
-            }
-            Err(e) => eprintln!("skiff observe: {what}: {e}"),
-        }
+    let sources = sources(&work)?;
+    if sources.is_empty() {
+        return Err("no ztunnel, waypoint or gateway in this mesh".into());
+    }
+    let count = sources.len();
+    for (what, netns) in sources {
+        let (tx, filter) = (tx.clone(), filter.clone());
+        // Each source on its own: one that hangs holds up no other.
+        std::thread::spawn(move || {
+            let r = match subscribe(&netns) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(format!("# {what}: not watched: {e}"));
+                    return;
+                }
+            };
+            read_chunked_lines(r, |line| {
+                let Ok(e) = serde_json::from_str::<Value>(line) else { return true };
+                let out = match e["event"].as_str() {
+                    Some("subscribed") => format!("# watching {what}"),
+                    Some("dropped") => format!("# {what}: {} event(s) dropped (this reader fell behind)", e["count"]),
+                    _ if !filter.matches(&e) => return true,
+                    _ if json => match e {
+                        Value::Object(mut m) => {
+                            m.insert("proxy".into(), Value::String(what.clone()));
+                            Value::Object(m).to_string()
+                        }
+                        _ => return true,
+                    },
+                    _ => render(&what, &e),
+                };
+                tx.send(out).is_ok()
+            });
+            let _ = tx.send(format!("# {what}: stream ended"));
+        });
     }
     drop(tx);
-    if live == 0 {
-        return Err("no ztunnel, waypoint or gateway could be reached".into());
-    }
-    let mut printed = 0;
+    let (mut printed, mut failed) = (0, 0);
     let stdout = std::io::stdout();
     for line in rx {
         let status = line.starts_with('#');
+        if status && line.contains(": not watched: ") {
+            failed += 1;
+            eprintln!("skiff observe: {}", &line[2..]);
+            if failed == count {
+                return Err("no ztunnel, waypoint or gateway could be reached".into());
+            }
+            continue;
+        }
         // Status lines go to stderr with --output json, so stdout stays
         // JSON lines.
         if status && json {
@@ -238,6 +269,10 @@ mod tests {
             (r#"{"method":"GET","code":418,"response_flags":"FI"}"#, "error"),
             (r#"{"method":"GET","code":200,"response_flags":"-"}"#, "allow"),
             (r#"{"method":"GET","code":0,"response_flags":"DC"}"#, "allow"),
+            (r#"{"method":"GET","code":200,"response_flags":"DI"}"#, "allow"),
+            (r#"{"method":"GET","code":404,"response_flags":"-"}"#, "allow"),
+            (r#"{"method":"GET","code":429,"response_flags":"RL"}"#, "error"),
+            (r#"{"method":"GET","code":503,"response_flags":"UH"}"#, "error"),
         ];
         for (line, want) in rows {
             assert_eq!(verdict(&serde_json::from_str(line).unwrap()), want, "{line}");

@@ -56,8 +56,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> FilterHandle {
             .boxed(),
         LogFormat::Json => JsonLines.boxed(),
     };
-    let access = tracing_subscriber::filter::filter_fn(|m| m.target() == ACCESS_TARGET && *m.level() <= tracing::Level::INFO);
-    tracing_subscriber::registry().with(output.with_filter(filter)).with(AccessEvents.with_filter(access)).init();
+    tracing_subscriber::registry().with(output.with_filter(filter)).with(AccessEvents.with_filter(AccessFilter)).init();
     handle
 }
 
@@ -69,14 +68,70 @@ pub const ACCESS_TARGET: &str = "access";
 /// it loses the oldest (and is told how many).
 pub const EVENTS_BUFFER: usize = 1024;
 
-/// This process's access events, each the JSON line the JSON log format
-/// writes for it (without the newline). A subscriber that falls more than
-/// [`EVENTS_BUFFER`] behind loses the oldest (`RecvError::Lagged(n)` says
-/// how many); the data path never waits for one, and builds no event when
-/// nobody subscribes.
-pub fn events() -> &'static tokio::sync::broadcast::Sender<std::sync::Arc<str>> {
+/// Readers of [`events`] at most at once: each costs the publisher a
+/// wake-up per event.
+pub const EVENTS_READERS: usize = 8;
+
+static READERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// This process's access events, each the access line's fields as JSON
+/// (as the JSON log format writes them, without `spans`). A reader that
+/// falls more than [`EVENTS_BUFFER`] behind loses the oldest
+/// (`RecvError::Lagged(n)` says how many); the data path never waits for
+/// one. While no reader holds an [`EventsReader`], access events are not
+/// even enabled for it (one atomic load per access line).
+fn events() -> &'static tokio::sync::broadcast::Sender<std::sync::Arc<str>> {
     static BUS: std::sync::OnceLock<tokio::sync::broadcast::Sender<std::sync::Arc<str>>> = std::sync::OnceLock::new();
     BUS.get_or_init(|| tokio::sync::broadcast::channel(EVENTS_BUFFER).0)
+}
+
+/// One reader of the access events; counted while it lives.
+pub struct EventsReader {
+    pub rx: tokio::sync::broadcast::Receiver<std::sync::Arc<str>>,
+}
+
+impl Drop for EventsReader {
+    fn drop(&mut self) {
+        READERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A new reader of the access events, or None when [`EVENTS_READERS`]
+/// already read.
+pub fn read_events() -> Option<EventsReader> {
+    READERS
+        .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| (n < EVENTS_READERS).then_some(n + 1))
+        .ok()?;
+    Some(EventsReader { rx: events().subscribe() })
+}
+
+/// Publishes one access event (tests; the logging layer publishes the
+/// real ones).
+pub fn publish_event(line: &str) {
+    let _ = events().send(line.into());
+}
+
+/// Access lines, while someone reads them: an INFO `access` event is
+/// enabled for [`AccessEvents`] only then (decided per event), every
+/// other callsite never.
+struct AccessFilter;
+
+impl<S> tracing_subscriber::layer::Filter<S> for AccessFilter {
+    fn enabled(&self, m: &tracing::Metadata<'_>, _: &Context<'_, S>) -> bool {
+        m.target() == ACCESS_TARGET && *m.level() <= tracing::Level::INFO && READERS.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    fn callsite_enabled(&self, m: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        if m.target() == ACCESS_TARGET && *m.level() <= tracing::Level::INFO && m.is_event() {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::INFO)
+    }
 }
 
 /// Publishes access lines to [`events`].
@@ -87,13 +142,9 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        let bus = events();
-        if bus.receiver_count() == 0 {
-            return;
-        }
         let mut line = json_line(event, &ctx);
         line.pop();
-        let _ = bus.send(String::from_utf8_lossy(&line).into());
+        let _ = events().send(String::from_utf8_lossy(&line).into());
     }
 }
 

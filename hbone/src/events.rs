@@ -30,8 +30,9 @@ impl Body for EventsBody {
 /// Subscribes to the access events of this process, as `proxy` (what the
 /// reader is told it is reading: `ztunnel node-1`, `waypoint shop/waypoint`).
 /// Must be called inside a Tokio runtime.
-pub fn subscribe(proxy: String) -> EventsBody {
-    let mut events = skiff_core::logging::events().subscribe();
+/// None when [`skiff_core::logging::EVENTS_READERS`] already read.
+pub fn subscribe(proxy: String) -> Option<EventsBody> {
+    let mut reader = skiff_core::logging::read_events()?;
     // A few lines in flight to the socket; the rest wait in the ring,
     // where the oldest are dropped for this reader alone.
     let (tx, rx) = mpsc::channel::<Bytes>(16);
@@ -42,7 +43,7 @@ pub fn subscribe(proxy: String) -> EventsBody {
         }
         loop {
             let line = tokio::select! {
-                e = events.recv() => match e {
+                e = reader.rx.recv() => match e {
                     Ok(line) => format!("{line}\n"),
                     Err(RecvError::Lagged(n)) => format!("{}\n", serde_json::json!({"event": "dropped", "count": n, "proxy": proxy})),
                     Err(RecvError::Closed) => return,
@@ -55,7 +56,7 @@ pub fn subscribe(proxy: String) -> EventsBody {
             }
         }
     });
-    EventsBody(rx)
+    Some(EventsBody(rx))
 }
 
 #[cfg(test)]
@@ -67,14 +68,13 @@ mod tests {
     /// and the publisher never waits.
     #[tokio::test]
     async fn a_slow_reader_is_told_how_many_events_it_lost() {
-        let mut body = super::subscribe("test".into());
+        let mut body = super::subscribe("test".into()).expect("a reader");
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert!(String::from_utf8_lossy(&first).contains(r#""event":"subscribed""#));
         let sent = 3 * skiff_core::logging::EVENTS_BUFFER;
-        let bus = skiff_core::logging::events();
         let started = std::time::Instant::now();
         for i in 0..sent {
-            bus.send(format!(r#"{{"n":{i}}}"#).into()).unwrap();
+            skiff_core::logging::publish_event(&format!(r#"{{"n":{i}}}"#));
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(1), "publishing never waits for the reader");
         let (mut delivered, mut dropped, mut last) = (0u64, 0u64, None);
@@ -92,6 +92,11 @@ mod tests {
             }
         }
         assert!(dropped > 0, "the reader fell behind");
+        // Readers are bounded: the ninth is refused while eight read.
+        let more: Vec<_> = (1..skiff_core::logging::EVENTS_READERS).map(|_| super::subscribe("more".into()).expect("room")).collect();
+        assert!(super::subscribe("one too many".into()).is_none());
+        drop(more);
+        drop(body);
         assert_eq!(last, Some(sent as u64 - 1), "the newest events are kept");
     }
 }

