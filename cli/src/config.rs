@@ -19,6 +19,13 @@ pub enum What {
     Policies,
     /// The workload certificates each ztunnel holds, with their expiry.
     Certs,
+    /// The Services and ServiceEntry hosts each waypoint serves, with their
+    /// ports, protocols, VirtualService and policies (and each gateway's
+    /// servers).
+    Services,
+    /// The routes each waypoint applies: per Service, each VirtualService
+    /// route with its destinations and weights.
+    Routes,
 }
 
 fn dumps(mesh_dir: Option<&Path>) -> Result<Dumps, String> {
@@ -87,14 +94,95 @@ fn rfc3339(unix: &Value) -> String {
 /// Each node's `/config_dump`, or why it could not be read.
 type Dumps = Vec<(String, Result<Value, String>)>;
 
+/// Each waypoint's and gateway's `/config_dump`, by proxy.
+fn proxy_dumps(mesh_dir: Option<&Path>) -> Result<Dumps, String> {
+    let work = mesh::work_dir(mesh_dir)?;
+    let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
+    Ok(mesh::proxies(&work, &snap, false)?
+        .into_iter()
+        .map(|(what, netns)| {
+            let name = netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let dump = mesh::get_in(&name, 15000, "/config_dump")
+                .and_then(|body| serde_json::from_str::<Value>(&body).map_err(|e| format!("config_dump is not JSON: {e}")))
+                .map_err(|e| format!("not reachable: {e}"));
+            (what, dump)
+        })
+        .collect())
+}
+
+/// `config services|routes`: what the waypoints and gateways hold.
+fn run_proxies(what: What, mesh_dir: Option<&Path>, output: &str) -> Result<(String, bool), String> {
+    let dumps = proxy_dumps(mesh_dir)?;
+    let all_ok = dumps.iter().all(|(_, d)| d.is_ok());
+    if output != "table" {
+        let v = json!({"proxies": dumps.iter().map(|(p, d)| match d {
+            Ok(d) => json!({"proxy": p, "services": d["services"], "servers": d["servers"]}),
+            Err(e) => json!({"proxy": p, "error": e}),
+        }).collect::<Vec<_>>()});
+        let text = if output == "yaml" { serde_saphyr::to_string(&v).map_err(|e| e.to_string())? } else { serde_json::to_string_pretty(&v).unwrap_or_default() + "\n" };
+        return Ok((text, all_ok));
+    }
+    let mut rows = Vec::new();
+    for (p, d) in &dumps {
+        let Ok(d) = d else { continue };
+        for svc in d["services"].as_array().into_iter().flatten() {
+            match what {
+                What::Services => {
+                    let ports = svc["ports"].as_array().into_iter().flatten().map(|x| format!("{}/{}", s(&x["port"]), s(&x["protocol"]))).collect::<Vec<_>>().join(",");
+                    let policies = svc["policies"].as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(",");
+                    rows.push(vec![p.clone(), s(&svc["service"]), s(&svc["kind"]), ports, s(&svc["virtual_service"]), if policies.is_empty() { "-".into() } else { policies }]);
+                }
+                _ => {
+                    let routes = svc["routes"].as_array().cloned().unwrap_or_default();
+                    if routes.is_empty() {
+                        rows.push(vec![p.clone(), s(&svc["service"]), "-".into(), "(default: the Service itself)".into(), "-".into()]);
+                    }
+                    for r in routes {
+                        let dests = r["destinations"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|x| {
+                                let subset = x["subset"].as_str().map(|v| format!(" subset {v}")).unwrap_or_default();
+                                format!("{}{subset} {}%", s(&x["host"]), x["percent"].as_f64().map(|v| (v * 10.0).round() / 10.0).unwrap_or(0.0))
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        let name = r["name"].as_str().map(|n| format!("{} {n:?}", s(&r["route"]))).unwrap_or_else(|| s(&r["route"]));
+                        rows.push(vec![p.clone(), s(&svc["service"]), format!("{} {name}", s(&svc["virtual_service"])), dests, format!("{} match(es)", s(&r["matches"]))]);
+                    }
+                }
+            }
+        }
+        if what == What::Services {
+            for sv in d["servers"].as_array().into_iter().flatten() {
+                rows.push(vec![p.clone(), format!("{} server {}", s(&sv["gateway"]), s(&sv["server"])), "Gateway server".into(), format!("{}/{} on {}", s(&sv["port"]), s(&sv["protocol"]), s(&sv["listens_on"])), "-".into(), "-".into()]);
+            }
+        }
+    }
+    let mut out = match what {
+        What::Services => table(&["PROXY", "SERVICE", "KIND", "PORTS", "VIRTUALSERVICE", "POLICIES"], &rows),
+        _ => table(&["PROXY", "SERVICE", "ROUTE", "DESTINATIONS", "MATCHES"], &rows),
+    };
+    for (p, d) in &dumps {
+        if let Err(e) = d {
+            out.push_str(&format!("{p}: {e}\n"));
+        }
+    }
+    Ok((out, all_ok))
+}
+
 /// Runs `skiff config WHAT`; the output, and whether every node answered.
 pub fn run(what: What, mesh_dir: Option<&Path>, output: &str) -> Result<(String, bool), String> {
+    if matches!(what, What::Services | What::Routes) {
+        return run_proxies(what, mesh_dir, output);
+    }
     let dumps = dumps(mesh_dir)?;
     let all_ok = dumps.iter().all(|(_, d)| d.is_ok());
     let key = match what {
         What::Workloads => "workloads",
         What::Policies => "policies",
-        What::Certs => "certificates",
+        _ => "certificates",
     };
     if output != "table" {
         let nodes: Vec<Value> = dumps
@@ -129,7 +217,7 @@ pub fn run(what: What, mesh_dir: Option<&Path>, output: &str) -> Result<(String,
             }
             out.push_str(&table(&["NODE", "NAMESPACE", "POD", "WORKLOAD", "IP", "IDENTITY"], &rows));
         }
-        What::Certs => {
+        What::Certs | What::Services | What::Routes => {
             for (n, d) in &dumps {
                 for c in d.as_ref().ok().and_then(|d| d["certificates"].as_array()).into_iter().flatten() {
                     rows.push(vec![n.clone(), s(&c["identity"]), rfc3339(&c["not_after_unix"]), rfc3339(&c["rotates_at_unix"])]);

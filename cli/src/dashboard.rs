@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Write as _},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -237,20 +237,6 @@ struct State {
     previous: Option<(Instant, Counts)>,
 }
 
-/// Every metrics endpoint of the mesh: (what, netns path).
-fn sources(work: &Path, snap: &Snapshot) -> Result<Vec<(String, PathBuf)>, String> {
-    let mut out: Vec<(String, PathBuf)> =
-        crate::mesh::nodes(work)?.into_iter().map(|n| (format!("ztunnel {}", n.name), Path::new("/var/run/netns").join(n.netns))).collect();
-    for w in snap.workloads.values() {
-        let Some(netns) = &w.netns_path else { continue };
-        let waypoint = w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account);
-        if waypoint || !snap.gateway_servers(w).is_empty() {
-            out.push((format!("{}/{}", w.namespace, w.name), netns.clone()));
-        }
-    }
-    Ok(out)
-}
-
 fn netns_name(p: &Path) -> String {
     p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
@@ -260,7 +246,7 @@ fn refresh(work: &Path, state: &Mutex<State>) -> Result<(), String> {
     let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
     let mut samples = Vec::new();
     let mut unreachable = Vec::new();
-    for (what, netns) in sources(work, &snap)? {
+    for (what, netns) in crate::mesh::proxies(work, &snap, true)? {
         match crate::mesh::get_in(&netns_name(&netns), 15020, "/metrics") {
             Ok(text) => samples.extend(parse(&text)),
             Err(e) => unreachable.push(format!("{what}: metrics not reachable: {e}")),

@@ -118,6 +118,24 @@ pub fn ztunnel_flag(cluster: &Path, flag: &str) -> Option<String> {
     None
 }
 
+/// The mesh's proxies and the network namespace each serves in: every
+/// node's ztunnel (`ztunnel NODE`) when `ztunnels`, and every waypoint's
+/// and gateway's pod (`waypoint NS/POD`, `gateway NS/POD`).
+pub fn proxies(work: &Path, snap: &skiff_core::model::Snapshot, ztunnels: bool) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut out = Vec::new();
+    if ztunnels {
+        out.extend(nodes(work)?.into_iter().map(|n| (format!("ztunnel {}", n.name), Path::new("/var/run/netns").join(n.netns))));
+    }
+    for w in snap.workloads.values() {
+        let Some(netns) = &w.netns_path else { continue };
+        let waypoint = w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account);
+        if waypoint || !snap.gateway_servers(w).is_empty() {
+            out.push((format!("{} {}/{}", if waypoint { "waypoint" } else { "gateway" }, w.namespace, w.name), netns.clone()));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::process::CommandExt as _;

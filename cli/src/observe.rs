@@ -102,18 +102,8 @@ pub fn render(proxy: &str, e: &Value) -> String {
 
 /// Where events come from: (what, network namespace path).
 fn sources(work: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-    let mut out: Vec<(String, PathBuf)> =
-        crate::mesh::nodes(work)?.into_iter().map(|n| (format!("ztunnel {}", n.name), Path::new("/var/run/netns").join(n.netns))).collect();
     let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
-    for w in snap.workloads.values() {
-        let Some(netns) = &w.netns_path else { continue };
-        let waypoint = w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account);
-        let gateway = !snap.gateway_servers(w).is_empty();
-        if waypoint || gateway {
-            out.push((format!("{} {}/{}", if waypoint { "waypoint" } else { "gateway" }, w.namespace, w.name), netns.clone()));
-        }
-    }
-    Ok(out)
+    crate::mesh::proxies(work, &snap, true)
 }
 
 /// Opens `/events` on 127.0.0.1:15000 in `netns`; the stream, past the

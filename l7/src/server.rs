@@ -637,6 +637,70 @@ impl Proxy {
         Some((svc, port))
     }
 
+    /// What this proxy serves, for its admin `/config_dump` (`skiff config
+    /// services|routes`): at a waypoint, each Service and ServiceEntry host
+    /// bound to it with its ports and protocols, the VirtualService that
+    /// routes it (each route: name, matches, destinations and weights) and
+    /// the AuthorizationPolicies bound; at the gateway, its servers. And
+    /// the objects refused.
+    pub fn config_dump(&self) -> serde_json::Value {
+        use serde_json::json;
+        let snap = self.cluster.borrow().clone();
+        let dests = |d: &[routing::RouteDest]| -> Vec<serde_json::Value> {
+            let total = routing::total_weight(d).max(1);
+            d.iter()
+                .map(|x| json!({"host": x.host, "subset": x.subset, "port": x.port, "percent": if d.len() == 1 { 100.0 } else { f64::from(x.weight) * 100.0 / f64::from(total) }}))
+                .collect()
+        };
+        let mut services: Vec<ServiceInfo> = snap.services.values().filter(|s| self.serves(&snap, s)).cloned().collect();
+        for e in snap.service_entries.iter().filter(|e| e.namespace == self.cfg.namespace && snap.waypoint_name_for_entry(e).as_deref() == Some(self.cfg.name.as_str())) {
+            services.extend(e.hosts.iter().map(|h| ServiceInfo::from_entry(e, h)));
+        }
+        let services: Vec<serde_json::Value> = services
+            .iter()
+            .map(|svc| {
+                let vs = snap
+                    .virtual_services
+                    .iter()
+                    .filter(|v| (!v.http.is_empty() || !v.tcp.is_empty()) && v.applies_to(&svc.name, &svc.namespace, &self.cfg.namespace))
+                    .min_by_key(|v| v.precedence(&svc.namespace));
+                let routes: Vec<serde_json::Value> = vs
+                    .map(|v| {
+                        let http = v.http.iter().enumerate().map(|(i, r)| {
+                            json!({"route": format!("http[{i}]"), "name": r.name, "matches": r.matches.len(), "destinations": dests(&r.destinations),
+                                "fault": r.fault.is_some(), "timeout_ms": r.timeout.map(|t| t.as_millis() as u64), "retries": r.retries.as_ref().map(|x| x.attempts)})
+                        });
+                        let tcp = v.tcp.iter().enumerate().map(|(i, r)| json!({"route": format!("tcp[{i}]"), "matches": r.matches.len(), "destinations": dests(&r.destinations)}));
+                        http.chain(tcp).collect()
+                    })
+                    .unwrap_or_default();
+                json!({
+                    "service": svc.hostname(), "kind": if svc.entry.is_some() { "ServiceEntry" } else { "Service" },
+                    "ports": svc.ports.iter().map(|p| json!({"port": p.port, "protocol": route::port_protocol(p)})).collect::<Vec<_>>(),
+                    "virtual_service": vs.map(|v| format!("{}/{}", v.namespace, v.name)),
+                    "routes": routes,
+                    "policies": authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, svc).iter().map(|p| p.key()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let servers: Vec<serde_json::Value> = self
+            .own_pod(&snap)
+            .filter(|_| !self.cfg.waypoint)
+            .map(|pod| {
+                snap.gateway_servers(pod)
+                    .iter()
+                    .map(|o| json!({"gateway": format!("{}/{}", o.gateway.namespace, o.gateway.name), "server": o.server.index, "port": o.server.number, "listens_on": o.port, "protocol": format!("{:?}", o.server.protocol), "tls": o.server.tls.is_some()}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        json!({
+            "proxy": format!("{} {}/{}", if self.cfg.waypoint { "waypoint" } else { "gateway" }, self.cfg.namespace, self.cfg.name),
+            "services": services,
+            "servers": servers,
+            "rejected": snap.rejected.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+        })
+    }
+
     /// Whether this waypoint serves `svc`: a Service or ServiceEntry of
     /// its namespace that names it (`istio.io/use-waypoint`, its own or
     /// its namespace's).

@@ -277,6 +277,19 @@ fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
     assert_eq!(names, ["secure/allow-shop", "secure/deny-other"], "{v:#}");
     let certs = String::from_utf8_lossy(&config("certs", "yaml").stdout).into_owned();
     assert!(certs.contains("identity: spiffe://cluster.local/ns/shop/sa/client"), "{certs}");
+    // ... and what each waypoint holds: its Services and their routes.
+    let out = config("services", "table");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("waypoint shop/waypoint") && l.contains("reviews.shop.svc.cluster.local") && l.contains("9080/http") && l.contains("shop/reviews")),
+        "{text}"
+    );
+    let out = config("routes", "table");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.contains("shop/reviews http[2] \"split\"") && l.contains("reviews subset v1 90%, reviews subset v2 10%")), "{text}");
+    assert!(text.lines().any(|l| l.contains("http[0] \"jason\"") && l.contains("reviews subset v2 100%")), "{text}");
+
     // The log filter still changes at run time (it now filters the log
     // output only; events are published whatever it says).
     let log = |i: usize| std::fs::read_to_string(&mesh.nodes[i].ztunnel_log).unwrap();

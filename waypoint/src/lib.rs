@@ -102,7 +102,7 @@ where
         tokio::spawn(skiff_l7::metrics::serve(metrics, proxy.metrics.clone()));
         let admin = tokio::net::TcpListener::bind(args.admin_addr).await.with_context(|| format!("binding {}", args.admin_addr))?;
         let label = format!("{} {}/{}", if waypoint { "waypoint" } else { "gateway" }, proxy_namespace, proxy_name);
-        tokio::spawn(serve_admin(admin, label));
+        tokio::spawn(serve_admin(admin, label, proxy.clone()));
         let mut serve = tokio::spawn(front(Arc::clone(&proxy)));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -121,18 +121,22 @@ where
     })
 }
 
-/// The admin endpoint: `/events` (see `skiff_hbone::events`).
-async fn serve_admin(listener: tokio::net::TcpListener, label: String) {
+/// The admin endpoint: `/events` (see `skiff_hbone::events`) and
+/// `/config_dump` (what the proxy serves: `Proxy::config_dump`).
+async fn serve_admin(listener: tokio::net::TcpListener, label: String, proxy: Arc<Proxy>) {
     use http_body_util::BodyExt as _;
     loop {
         let (s, _) = skiff_hbone::transport::accept(&listener, "admin").await;
-        let label = label.clone();
+        let (label, proxy) = (label.clone(), proxy.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let label = label.clone();
+                let (label, proxy) = (label.clone(), proxy.clone());
                 async move {
                     let events = (req.uri().path() == "/events").then(|| skiff_hbone::events::subscribe(label));
-                    let resp = if let Some(Some(body)) = events {
+                    let resp = if req.uri().path() == "/config_dump" {
+                        let body = serde_json::to_vec_pretty(&proxy.config_dump()).unwrap_or_default();
+                        hyper::Response::builder().header("content-type", "application/json").body(http_body_util::Full::new(bytes::Bytes::from(body)).boxed())
+                    } else if let Some(Some(body)) = events {
                         hyper::Response::builder().header("content-type", "application/x-ndjson").body(body.boxed())
                     } else if events.is_some() {
                         hyper::Response::builder()
@@ -141,7 +145,7 @@ async fn serve_admin(listener: tokio::net::TcpListener, label: String) {
                     } else {
                         hyper::Response::builder()
                             .status(hyper::StatusCode::NOT_FOUND)
-                            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"not found: try /events\n")).boxed())
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"not found: try /config_dump or /events\n")).boxed())
                     };
                     Ok::<_, std::convert::Infallible>(resp.expect("valid response"))
                 }
