@@ -112,8 +112,15 @@ enum Command {
         headers: Vec<String>,
         /// Read the cluster from this manifests directory instead of the
         /// running local mesh.
-        #[arg(long, conflicts_with = "mesh")]
+        #[arg(long, conflicts_with_all = ["mesh", "kube", "kube_url"])]
         manifests: Option<PathBuf>,
+        /// Read the cluster from the Kubernetes API (KUBECONFIG, else
+        /// in-cluster config), as the mesh's own processes read it.
+        #[arg(long, conflicts_with = "mesh")]
+        kube: bool,
+        /// Read the cluster from the Kubernetes API at this URL.
+        #[arg(long, value_name = "URL", conflicts_with = "mesh")]
+        kube_url: Option<String>,
         /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
         /// run.
         #[arg(long)]
@@ -283,13 +290,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Analyze { dir, output, strict } => analyze(&dir, &output, strict),
-        Command::Explain { from, to, why_denied, method, headers, manifests, mesh, trust_domain, root_namespace, outbound_traffic_policy, output } => {
+        Command::Explain { from, to, why_denied, method, headers, manifests, kube, kube_url, mesh, trust_domain, root_namespace, outbound_traffic_policy, output } => {
             let what = match (from, to, why_denied) {
                 (Some(f), Some(t), None) => What::Asked(f, t),
                 (None, None, Some(line)) => What::Logged(line),
                 _ => unreachable!("clap requires --from and --to, or --why-denied"),
             };
-            match run_explain(what, method, headers, manifests, mesh, trust_domain, root_namespace, outbound_traffic_policy) {
+            let source = match (manifests, kube || kube_url.is_some()) {
+                (Some(d), _) => Source::Manifests(d),
+                (None, true) => Source::Kube(kube_url),
+                (None, false) => Source::Mesh(mesh),
+            };
+            match run_explain(what, method, headers, source, trust_domain, root_namespace, outbound_traffic_policy) {
                 Ok(e) => {
                     if output == "json" {
                         println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
@@ -424,6 +436,32 @@ fn analyze(dir: &std::path::Path, output: &str, strict: bool) -> ExitCode {
     }
 }
 
+/// Where `explain` reads the cluster.
+enum Source {
+    /// A manifests directory, as written.
+    Manifests(PathBuf),
+    /// The Kubernetes API (a URL, else KUBECONFIG or in-cluster).
+    Kube(Option<String>),
+    /// The running local mesh (its work directory when given).
+    Mesh(Option<PathBuf>),
+}
+
+/// The cluster as the mesh's processes read it from the Kubernetes API:
+/// the first complete view, within 30 s.
+fn from_kube(url: Option<String>) -> Result<skiff_core::model::Snapshot, String> {
+    let choice = skiff_kube_source::SourceChoice::from_args(None, true, url).map_err(|e| e.to_string())?;
+    let mut source = choice.mesh_config_in(skiff_core::routing::DEFAULT_ROOT_NAMESPACE).open().map_err(|e| format!("the Kubernetes API: {}", skiff_core::report(&e)))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match source.poll(std::time::Duration::from_millis(500)) {
+            Ok(Some(s)) => return Ok((*s).clone()),
+            Ok(None) if std::time::Instant::now() < deadline => {}
+            Ok(None) => return Err("the Kubernetes API gave no complete view of the cluster within 30 s".into()),
+            Err(e) => return Err(format!("the Kubernetes API: {}", e.report())),
+        }
+    }
+}
+
 /// What `explain` is asked about.
 enum What {
     /// `--from`, `--to`.
@@ -437,8 +475,7 @@ fn run_explain(
     what: What,
     method: String,
     headers: Vec<String>,
-    manifests: Option<PathBuf>,
-    mesh: Option<PathBuf>,
+    source: Source,
     trust_domain: String,
     root_namespace: String,
     outbound_traffic_policy: Option<String>,
@@ -462,12 +499,17 @@ fn run_explain(
         .collect::<Result<Vec<_>, _>>()?;
     // A directory of manifests as written (offline), or the running local
     // mesh's cluster view, read object by object as the mesh reads it.
-    let (snap, notes, running) = match manifests {
-        Some(d) => {
+    let (snap, notes, running) = match source {
+        Source::Manifests(d) => {
             let (snap, notes) = offline::load(&d)?;
             (snap, notes, None)
         }
-        None => {
+        Source::Kube(url) => {
+            let snap = from_kube(url)?;
+            let notes = snap.rejected.iter().map(|r| format!("refused: {r}")).collect();
+            (snap, notes, None)
+        }
+        Source::Mesh(mesh) => {
             let cluster = mesh::cluster_dir(mesh.as_deref())?;
             let snap = skiff_core::source::LocalDirSource::analyze(&cluster).map_err(|e| e.report())?;
             let notes = snap.rejected.iter().map(|r| format!("refused: {r}")).collect();

@@ -308,3 +308,35 @@ fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
     assert!(text.lines().any(|l| l.starts_with("node-2: ztunnel not reachable")), "{text}");
     assert!(row(&text, "node-1", "shop", "client") && !row(&text, "node-2", "secure", "db"), "the other node still answers:\n{text}");
 }
+
+/// `skiff explain --kube-url`: the cluster read from the Kubernetes API
+/// (the local mesh's fake API server, in the fabric netns where it
+/// listens), through the same source the mesh's processes use; the same
+/// decisions as from the local mesh's files.
+#[test]
+fn explain_reads_the_cluster_from_the_kubernetes_api() {
+    let Some(mesh) = mesh_with("manifests/explain", |o| o.kube_api = true) else { return };
+    let url = mesh.kube_api().expect("kube mode").url();
+    let (fabric, _) = mesh.observer().unwrap();
+    let explain = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &fabric])
+            .arg(bin_dir().join("skiff"))
+            .args(["explain", "--kube-url", &url, "-o", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let e = explain(&["--from", "shop/other", "--to", "db.secure:5432"]);
+    assert_eq!(outcome(&e), "denied", "{e:#}");
+    assert!(has_step(&e, "L4 policy", "AuthorizationPolicy secure/deny-other rules[1]"), "{e:#}");
+    let e = explain(&["--from", "shop/client", "--to", "http://reviews:9080/api/x"]);
+    assert_eq!(outcome(&e), "allowed", "{e:#}");
+    assert!(has_step(&e, "route", "VirtualService shop/reviews http[2]"), "{e:#}");
+    // The mesh config (REGISTRY_ONLY) comes from the API too.
+    let outside = format!("{}:80", skiff_localmesh::mesh::OUTSIDE_HOSTS[1].0);
+    let e = explain(&["--from", "shop/client", "--to", &outside]);
+    assert_eq!(outcome(&e), "denied", "{e:#}");
+}
