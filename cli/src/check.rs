@@ -150,27 +150,49 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
     let work = crate::mesh::work_dir(mesh_dir)?;
     let cluster = work.join("cluster");
     let snap = skiff_core::source::LocalDirSource::analyze(&cluster).map_err(|e| e.report())?;
-    let nodes = crate::mesh::nodes(&work)?;
+    let all = crate::mesh::all_nodes(&work)?;
+    let mut out = Vec::new();
+    let mut nodes = Vec::new();
+    for n in all {
+        if Path::new("/var/run/netns").join(&n.netns).exists() {
+            nodes.push(n);
+        } else {
+            out.push(line(Level::Fail, &format!("{} node", n.name), format!("its network namespace {} is gone", n.netns), Some("the node is down: its pods are unreachable")));
+        }
+    }
     if nodes.is_empty() {
         return Err(format!("{}: no node of this mesh has a network namespace (has it stopped?)", work.display()));
     }
-    let mut out = Vec::new();
-    let mut tags = std::collections::BTreeSet::new();
+    // Versions by component, read or not.
+    let mut tags: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    let mut unread = Vec::new();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     for n in &nodes {
         let get = |port: u16, path: &str| crate::mesh::get_in(&n.netns, port, path);
-        let build = |port: u16| get(port, "/metrics").ok().and_then(|m| metric_label(&m, "istio_build", "tag"));
+        let build = |port: u16| {
+            get(port, "/metrics").ok().and_then(|m| crate::dashboard::parse(&m).into_iter().find(|s| s.name == "istio_build").and_then(|s| s.labels.get("tag").cloned()))
+        };
         let metric = |text: &str, name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
         // node-agent: capture installed, its maps readable.
         match get(15022, "/healthz/ready") {
             Ok(_) => {
-                let tag = build(15022).unwrap_or_else(|| "unknown".into());
-                tags.insert(tag.clone());
-                let m = get(15022, "/metrics").unwrap_or_default();
-                if metric(&m, "skiff_node_capture_readable") == Some(1.0) {
-                    out.push(line(Level::Ok, &format!("{} node-agent", n.name), format!("ready, capture attached, version {tag}"), None));
-                } else {
-                    out.push(line(Level::Fail, &format!("{} node-agent", n.name), "ready, but its pinned capture maps cannot be read", Some("see node-agent's log on this node; `skiff-node-agent inspect` shows the pins")));
+                let tag = build(15022);
+                match &tag {
+                    Some(t) => tags.entry(t.clone()).or_default().push(format!("{} node-agent", n.name)),
+                    None => unread.push(format!("{} node-agent", n.name)),
+                }
+                let tag = tag.unwrap_or_else(|| "unknown".into());
+                match get(15022, "/metrics") {
+                    Ok(m) if metric(&m, "skiff_node_capture_readable") == Some(1.0) => {
+                        out.push(line(Level::Ok, &format!("{} node-agent", n.name), format!("ready, capture attached, version {tag}"), None))
+                    }
+                    Ok(_) => out.push(line(
+                        Level::Fail,
+                        &format!("{} node-agent", n.name),
+                        "ready, but its pinned capture maps cannot be read",
+                        Some("see node-agent's log on this node; `skiff-node-agent inspect` shows the pins"),
+                    )),
+                    Err(e) => out.push(line(Level::Warn, &format!("{} node-agent", n.name), format!("ready, but its metrics cannot be read: {e}"), Some("whether capture is attached is not known"))),
                 }
             }
             Err(e) => out.push(line(
@@ -183,10 +205,19 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
         // ztunnel: ready, and what it serves.
         let dump = match get(15021, "/healthz/ready") {
             Ok(_) => {
-                let tag = build(15020).unwrap_or_else(|| "unknown".into());
-                tags.insert(tag.clone());
-                out.push(line(Level::Ok, &format!("{} ztunnel", n.name), format!("ready, version {tag}"), None));
-                get(15000, "/config_dump").ok().and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                let tag = build(15020);
+                match &tag {
+                    Some(t) => tags.entry(t.clone()).or_default().push(format!("{} ztunnel", n.name)),
+                    None => unread.push(format!("{} ztunnel", n.name)),
+                }
+                out.push(line(Level::Ok, &format!("{} ztunnel", n.name), format!("ready, version {}", tag.as_deref().unwrap_or("unknown")), None));
+                match get(15000, "/config_dump").and_then(|b| serde_json::from_str::<serde_json::Value>(&b).map_err(|e| e.to_string())) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        out.push(line(Level::Warn, &format!("{} ztunnel", n.name), format!("its /config_dump cannot be read: {e}"), Some("enrollment and certificates on this node are not checked")));
+                        None
+                    }
+                }
             }
             Err(e) => {
                 out.push(line(
@@ -199,23 +230,23 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
             }
         };
         // Enrollment: the cluster's view against ztunnel's.
-        let mut want: Vec<String> = snap
+        // By uid (a pod made anew under the same name is another pod),
+        // shown by name.
+        let want: std::collections::BTreeMap<String, String> = snap
             .workloads
             .values()
             .filter(|w| skiff_core::enroll::decide(&n.name, snap.namespace_labels(&w.namespace), w) == skiff_core::enroll::Decision::Enroll)
-            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .map(|w| (w.uid.clone(), format!("{}/{}", w.namespace, w.name)))
             .collect();
-        want.sort();
         if let Some(d) = &dump {
-            let mut have: Vec<String> = d["workloads"]
+            let have: std::collections::BTreeMap<String, String> = d["workloads"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|w| format!("{}/{}", w["namespace"].as_str().unwrap_or(""), w["name"].as_str().unwrap_or("")))
+                .map(|w| (w["uid"].as_str().unwrap_or("").to_owned(), format!("{}/{}", w["namespace"].as_str().unwrap_or(""), w["name"].as_str().unwrap_or(""))))
                 .collect();
-            have.sort();
-            let missing: Vec<&String> = want.iter().filter(|p| !have.contains(p)).collect();
-            let extra: Vec<&String> = have.iter().filter(|p| !want.contains(p)).collect();
+            let missing: Vec<&String> = want.iter().filter(|(u, _)| !have.contains_key(*u)).map(|(_, n)| n).collect();
+            let extra: Vec<&String> = have.iter().filter(|(u, _)| !want.contains_key(*u)).map(|(_, n)| n).collect();
             let what = format!("{} enrolled pods", n.name);
             if missing.is_empty() && extra.is_empty() {
                 out.push(line(Level::Ok, &what, format!("{} of {} pods that should be", have.len(), want.len()), None));
@@ -232,7 +263,7 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
             // Certificates: none expired, renewal not overdue.
             let certs: Vec<&serde_json::Value> = d["certificates"].as_array().into_iter().flatten().collect();
             let expired: Vec<String> = certs.iter().filter(|c| c["not_after_unix"].as_u64().is_some_and(|t| t <= now)).filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect();
-            let overdue: Vec<String> = certs.iter().filter(|c| c["rotates_at_unix"].as_u64().is_some_and(|t| t + 60 < now)).filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect();
+            let overdue: Vec<String> = certs.iter().filter(|c| c["rotates_at_unix"].as_u64().is_some_and(|t| t.saturating_add(60) < now)).filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect();
             let earliest = certs.iter().filter_map(|c| c["not_after_unix"].as_u64()).min();
             let what = format!("{} certificates", n.name);
             if !expired.is_empty() {
@@ -245,11 +276,7 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
             }
         }
     }
-    if tags.len() > 1 {
-        out.push(line(Level::Warn, "versions", format!("several: {}", tags.iter().cloned().collect::<Vec<_>>().join(", ")), Some("an upgrade in progress? components interoperate one minor version apart")));
-    } else if let Some(t) = tags.iter().next() {
-        out.push(line(Level::Ok, "versions", format!("{t} on every node"), None));
-    }
+    out.push(versions(&tags, &unread));
     if snap.rejected.is_empty() {
         out.push(line(Level::Ok, "config", "no object refused", None));
     }
@@ -277,17 +304,51 @@ fn human(secs: u64) -> String {
     }
 }
 
-/// The value of `label` on the first sample of `name` in a Prometheus
-/// text exposition.
-fn metric_label(text: &str, name: &str, label: &str) -> Option<String> {
-    let l = text.lines().find(|l| l.starts_with(&format!("{name}{{")))?;
-    let at = l.find(&format!("{label}=\""))? + label.len() + 2;
-    Some(l[at..].split('"').next()?.to_owned())
+/// One version everywhere: OK; versions one minor apart (an upgrade under
+/// way): WARN; further apart, or majors that differ: FAIL. Components
+/// whose version could not be read are named, not counted.
+fn versions(tags: &std::collections::BTreeMap<String, Vec<String>>, unread: &[String]) -> Line {
+    let not_read = if unread.is_empty() { String::new() } else { format!(" (not read: {})", unread.join(", ")) };
+    let listed = || tags.iter().map(|(t, who)| format!("{t} ({})", who.join(", "))).collect::<Vec<_>>().join("; ");
+    let parsed: Vec<(u64, u64)> = tags.keys().filter_map(|t| {
+        let mut p = t.split('.').map(|x| x.parse::<u64>().ok());
+        Some((p.next()??, p.next()??))
+    }).collect();
+    match tags.len() {
+        0 => line(Level::Warn, "versions", format!("none could be read{not_read}"), Some("the components' /metrics carry istio_build")),
+        1 => line(Level::Ok, "versions", format!("{} on every component read{not_read}", tags.keys().next().expect("one")), None),
+        _ => {
+            let majors: std::collections::BTreeSet<u64> = parsed.iter().map(|(m, _)| *m).collect();
+            let minors: Vec<u64> = parsed.iter().map(|(_, n)| *n).collect();
+            let close = parsed.len() == tags.len() && majors.len() == 1 && minors.iter().max().zip(minors.iter().min()).is_some_and(|(a, b)| a - b <= 1);
+            if close {
+                line(Level::Warn, "versions", format!("{}{not_read}", listed()), Some("an upgrade under way? components interoperate one minor version apart"))
+            } else {
+                line(Level::Fail, "versions", format!("{}{not_read}", listed()), Some("more than one minor version apart: upgrade the older components"))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_one_minor_apart_warn_further_fail() {
+        let t = |v: &[(&str, &str)]| {
+            let mut m: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (tag, who) in v {
+                m.entry(tag.to_string()).or_default().push(who.to_string());
+            }
+            versions(&m, &[]).level
+        };
+        assert_eq!(t(&[("0.1.0", "a"), ("0.1.0", "b")]), Level::Ok);
+        assert_eq!(t(&[("0.1.0", "a"), ("0.2.3", "b")]), Level::Warn);
+        assert_eq!(t(&[("0.1.0", "a"), ("0.3.0", "b")]), Level::Fail);
+        assert_eq!(t(&[("1.1.0", "a"), ("2.1.0", "b")]), Level::Fail);
+        assert_eq!(t(&[]), Level::Warn);
+    }
 
     #[test]
     fn mountinfo_lines_give_type_and_mount_point() {

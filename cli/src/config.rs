@@ -83,7 +83,8 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 fn rfc3339(unix: &Value) -> String {
     match unix.as_u64() {
         Some(t) => {
-            let full = skiff_core::logging::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t));
+            let Some(at) = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(t)) else { return "-".into() };
+            let full = skiff_core::logging::rfc3339(at);
             // Whole seconds: drop the milliseconds.
             format!("{}Z", full.rsplit_once('.').map_or(full.as_str(), |(s, _)| s))
         }

@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader, Write as _},
+    io::{BufRead, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::Path,
     sync::{Arc, Mutex},
@@ -115,7 +115,7 @@ struct EdgeAcc {
 
 /// Edges by (source node, destination node), from one scrape of every
 /// source.
-fn edges(samples: &[Sample], waypoints: &BTreeSet<(String, String)>) -> BTreeMap<(String, String), EdgeAcc> {
+fn edges(samples: &[Sample], proxies: &BTreeSet<(String, String)>) -> BTreeMap<(String, String), EdgeAcc> {
     let mut out: BTreeMap<(String, String), EdgeAcc> = BTreeMap::new();
     let l = |s: &Sample, k: &str| s.labels.get(k).cloned().unwrap_or_default();
     for s in samples {
@@ -127,15 +127,16 @@ fn edges(samples: &[Sample], waypoints: &BTreeSet<(String, String)>) -> BTreeMap
         let reporter = l(s, "reporter");
         // HTTP: the waypoint's view (it knows the pod it chose) and the
         // gateway's (reporter source). TCP: the destination's ztunnel,
-        // except streams a waypoint opens (their request is counted at the
-        // waypoint); and ztunnel's source view of what leaves the mesh.
+        // except streams a waypoint or gateway opens (their requests are
+        // counted there); and ztunnel's source view of what leaves the
+        // mesh.
         let src_ns = l(s, "source_workload_namespace");
         let src_wl = l(s, "source_workload");
         let egress_dst = matches!(l(s, "destination_service_name").as_str(), "PassthroughCluster" | "BlackHoleCluster")
             || (l(s, "destination_workload") == "unknown" && l(s, "destination_service").contains('.') && !l(s, "destination_service").ends_with(".svc.cluster.local"));
         let take = match (http, reporter.as_str()) {
             (true, "waypoint") | (true, "source") => true,
-            (false, "destination") => !waypoints.contains(&(src_ns.clone(), src_wl.clone())),
+            (false, "destination") => !proxies.contains(&(src_ns.clone(), src_wl.clone())),
             (false, "source") => egress_dst,
             _ => false,
         };
@@ -149,6 +150,10 @@ fn edges(samples: &[Sample], waypoints: &BTreeSet<(String, String)>) -> BTreeMap
         };
         let dst = if egress_dst {
             format!("egress/{}/-", l(s, "destination_service"))
+        } else if l(s, "destination_workload") == "unknown" {
+            // Refused before a pod was chosen (denied, no route): the
+            // Service itself.
+            node_id(&l(s, "destination_service_namespace"), &l(s, "destination_service_name"), "-")
         } else {
             node_id(&l(s, "destination_workload_namespace"), &l(s, "destination_canonical_service"), &l(s, "destination_canonical_revision"))
         };
@@ -169,7 +174,9 @@ fn edges(samples: &[Sample], waypoints: &BTreeSet<(String, String)>) -> BTreeMap
                 e.requests += s.value;
                 let code: u16 = l(s, "response_code").parse().unwrap_or(0);
                 let flags = l(s, "response_flags");
-                if code == 403 || flags == "UAEX" {
+                // A 403 at a waypoint or gateway: its policy, or the
+                // application's own (the two look alike in metrics).
+                if code == 403 || flags.split(',').any(|f| f == "UAEX") {
                     e.denied += s.value;
                 }
                 if code >= 500 || (tcp && flags != "-" && !flags.is_empty()) {
@@ -227,14 +234,18 @@ fn splits(snap: &Snapshot) -> BTreeMap<(String, String, String), f64> {
     out
 }
 
-/// Requests and errors so far, by (source node, destination node).
-type Counts = BTreeMap<(String, String), (f64, f64)>;
+/// Per edge, at one scrape: requests, errors, and the duration buckets.
+type Counts = BTreeMap<(String, String), (f64, f64, BTreeMap<String, f64>)>;
+
+/// How far back rates, error rates and p99 look.
+const WINDOW: Duration = Duration::from_secs(60);
 
 struct State {
     /// The last graph served.
     graph: Value,
-    /// The previous scrape (for rates): edge key → (requests, errors), at.
-    previous: Option<(Instant, Counts)>,
+    /// Complete scrapes (every proxy answered) of the last [`WINDOW`],
+    /// oldest first: rates are the change since the oldest.
+    window: std::collections::VecDeque<(Instant, Counts)>,
 }
 
 fn netns_name(p: &Path) -> String {
@@ -252,40 +263,61 @@ fn refresh(work: &Path, state: &Mutex<State>) -> Result<(), String> {
             Err(e) => unreachable.push(format!("{what}: metrics not reachable: {e}")),
         }
     }
-    let waypoints: BTreeSet<(String, String)> = snap
+    // Workloads whose own traffic is counted as requests (waypoints and
+    // gateways): their TCP streams to pods are not edges of their own.
+    let proxies: BTreeSet<(String, String)> = snap
         .workloads
         .values()
-        .filter(|w| w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account))
+        .filter(|w| w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account) || !snap.gateway_servers(w).is_empty())
         .map(|w| (w.namespace.clone(), w.workload_name.clone()))
         .collect();
     let gateways: BTreeSet<String> = snap.workloads.values().filter(|w| !snap.gateway_servers(w).is_empty()).map(|w| format!("{}/{}", w.namespace, w.workload_name)).collect();
-    let edges = edges(&samples, &waypoints);
+    let edges = edges(&samples, &proxies);
     let splits = splits(&snap);
     let now = Instant::now();
     let mut st = state.lock().expect("lock");
-    let prev = st.previous.take();
+    while st.window.front().is_some_and(|(at, _)| now.duration_since(*at) > WINDOW) {
+        st.window.pop_front();
+    }
+    let oldest = st.window.front().cloned();
     let mut nodes: BTreeMap<String, Value> = BTreeMap::new();
     let mut edge_list = Vec::new();
     let mut warnings: Vec<Value> = snap.rejected.iter().map(|r| json!({"kind": "config", "text": r.to_string()})).collect();
     warnings.extend(unreachable.iter().map(|u| json!({"kind": "scrape", "text": u})));
-    let mut counts = BTreeMap::new();
+    let mut counts = Counts::new();
     for ((src, dst), e) in &edges {
-        counts.insert((src.clone(), dst.clone()), (e.requests, e.errors));
-        let (rps, eps) = match &prev {
-            Some((at, before)) => {
+        counts.insert((src.clone(), dst.clone()), (e.requests, e.errors, e.buckets.clone()));
+        // Over the window when there was traffic in it; else since the
+        // proxies started (said so).
+        let before = oldest.as_ref().and_then(|(at, c)| c.get(&(src.clone(), dst.clone())).map(|v| (*at, v.clone())));
+        let (rps, window_requests, window_errors, window_buckets, span) = match &before {
+            Some((at, (r0, e0, b0))) => {
                 let dt = now.duration_since(*at).as_secs_f64().max(0.001);
-                let (r0, e0) = before.get(&(src.clone(), dst.clone())).copied().unwrap_or((0.0, 0.0));
-                (((e.requests - r0) / dt).max(0.0), ((e.errors - e0) / dt).max(0.0))
+                let b: BTreeMap<String, f64> = e.buckets.iter().map(|(k, v)| (k.clone(), (v - b0.get(k).copied().unwrap_or(0.0)).max(0.0))).collect();
+                (Some(((e.requests - r0) / dt).max(0.0)), (e.requests - r0).max(0.0), (e.errors - e0).max(0.0), b, dt)
             }
-            None => (0.0, 0.0),
+            // New in the window: its series started at zero within it.
+            None if oldest.is_some() => {
+                let dt = now.duration_since(oldest.as_ref().expect("some").0).as_secs_f64().max(0.001);
+                (Some(e.requests / dt), e.requests, e.errors, e.buckets.clone(), dt)
+            }
+            None => (None, 0.0, 0.0, BTreeMap::new(), 0.0),
+        };
+        let recent = window_requests > 0.0;
+        let (error_rate, p99_ms, over) = if recent {
+            (window_errors / window_requests, p99(&window_buckets), format!("the last {} s", span.round()))
+        } else {
+            (if e.requests > 0.0 { e.errors / e.requests } else { 0.0 }, p99(&e.buckets), "since the proxies started".to_owned())
         };
         for id in [src, dst] {
             let mut parts = id.splitn(3, '/');
             let (ns, app, version) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let kind = if ns == "egress" {
                 "egress"
-            } else if ns == "outside" || gateways.iter().any(|g| g.starts_with(&format!("{ns}/")) && g.ends_with(&format!("/{app}"))) {
+            } else if ns == "outside" || gateways.contains(&format!("{ns}/{app}")) {
                 "ingress"
+            } else if version == "-" {
+                "service"
             } else {
                 "workload"
             };
@@ -296,8 +328,8 @@ fn refresh(work: &Path, state: &Mutex<State>) -> Result<(), String> {
         let id = format!("{src}->{dst}");
         edge_list.push(json!({
             "id": id, "source": src, "target": dst, "protocol": e.protocol,
-            "total": e.requests, "rps": rps, "error_rate": if e.requests > 0.0 { e.errors / e.requests } else { 0.0 },
-            "errors_per_s": eps, "p99_ms": p99(&e.buckets), "mtls": e.mtls, "split_percent": split,
+            "total": e.requests, "rps": rps, "error_rate": error_rate, "p99_ms": p99_ms, "over": over,
+            "mtls": e.mtls, "split_percent": split,
             "service": format!("{}.{}", e.service, e.service_namespace), "denied": e.denied,
             "source_workload": e.source_workload,
         }));
@@ -305,7 +337,10 @@ fn refresh(work: &Path, state: &Mutex<State>) -> Result<(), String> {
             warnings.push(json!({"kind": "denied", "text": format!("{} denied from {src} to {dst}", e.denied), "edge": id}));
         }
     }
-    st.previous = Some((now, counts));
+    // A scrape some proxy missed would read as a drop and then a jump.
+    if unreachable.is_empty() {
+        st.window.push_back((now, counts));
+    }
     st.graph = json!({"nodes": nodes.into_values().collect::<Vec<_>>(), "edges": edge_list, "warnings": warnings, "updated_unix_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)});
     Ok(())
 }
@@ -324,7 +359,11 @@ fn explain_edge(work: &Path, graph: &Value, id: &str) -> Value {
     let Some(service) = snap.services.get(&format!("{ns}/{svc}")) else {
         return json!({"error": format!("{svc}.{ns} is not a Service: nothing to explain")});
     };
-    let Some(port) = service.ports.first() else { return json!({"error": "the Service has no port"}) };
+    // The first port of the edge's protocol.
+    let http = e["protocol"] == "http";
+    let Some(port) = service.ports.iter().find(|p| (skiff_l7::route::port_protocol(p) != "tcp") == http).or(service.ports.first()) else {
+        return json!({"error": "the Service has no port"});
+    };
     let to = if e["protocol"] == "http" { format!("http://{svc}.{ns}:{}/", port.port) } else { format!("{svc}.{ns}:{}", port.port) };
     let (Ok(f), Ok((t, path))) = (crate::explain::parse_from(from), crate::explain::parse_to(&to)) else {
         return json!({"error": format!("cannot explain {from} -> {to}")});
@@ -354,11 +393,38 @@ fn respond(mut s: &TcpStream, status: &str, ctype: &str, body: &[u8]) {
     let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(body));
 }
 
-fn serve_one(s: TcpStream, work: &Path, state: &Mutex<State>) {
+/// Connections served at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 32;
+
+fn serve_one(s: TcpStream, work: &Path, state: &Mutex<State>, hosts: &[String]) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut r = BufReader::new(&s);
+    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+    // The request head: at most 16 KiB, read to its end.
+    let mut r = BufReader::new((&s).take(16 * 1024));
     let mut line = String::new();
     if r.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut host = None;
+    loop {
+        let mut h = String::new();
+        match r.read_line(&mut h) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if h == "\r\n" || h == "\n" => break,
+            Ok(_) => {
+                if let Some((k, v)) = h.split_once(':') {
+                    if k.eq_ignore_ascii_case("host") {
+                        host = Some(v.trim().to_owned());
+                    }
+                }
+            }
+        }
+    }
+    // Only this machine's names for the address it listens on: a web page
+    // elsewhere cannot read the graph by pointing its own name here (DNS
+    // rebinding).
+    if !hosts.is_empty() && !host.as_ref().is_some_and(|h| hosts.contains(h)) {
+        respond(&s, "421 Misdirected Request", "text/plain", b"this dashboard answers to its own address only\n");
         return;
     }
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
@@ -404,10 +470,18 @@ fn percent_decode(s: &str) -> String {
 /// Serves the dashboard on `listen` until interrupted; prints its URL.
 pub fn run(mesh_dir: Option<&Path>, listen: &str) -> Result<(), String> {
     let work = crate::mesh::work_dir(mesh_dir)?;
-    let state = Arc::new(Mutex::new(State { graph: json!({"nodes": [], "edges": [], "warnings": []}), previous: None }));
+    let state = Arc::new(Mutex::new(State { graph: json!({"nodes": [], "edges": [], "warnings": []}), window: Default::default() }));
     refresh(&work, &state)?;
     let listener = TcpListener::bind(listen).map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    // On loopback, the Host a browser sends must be one of this address's
+    // names; elsewhere (the operator chose to expose it) any.
+    let hosts: Vec<String> = if addr.ip().is_loopback() {
+        vec![addr.to_string(), format!("localhost:{}", addr.port())]
+    } else {
+        eprintln!("skiff dashboard: listening on {addr}, not loopback: anyone who reaches it sees the mesh's graph (there is no login)");
+        Vec::new()
+    };
     println!("skiff dashboard: http://{addr}/");
     let _ = std::io::stdout().flush();
     {
@@ -419,9 +493,27 @@ pub fn run(mesh_dir: Option<&Path>, listen: &str) -> Result<(), String> {
             }
         });
     }
-    for s in listener.incoming().flatten() {
-        let (work, state) = (work.clone(), state.clone());
-        std::thread::spawn(move || serve_one(s, &work, &state));
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hosts = Arc::new(hosts);
+    for s in listener.incoming() {
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors or the like: wait, never spin.
+                eprintln!("skiff dashboard: accept: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        while busy.load(std::sync::atomic::Ordering::Acquire) >= MAX_CONNECTIONS {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let (work, state, busy, hosts) = (work.clone(), state.clone(), busy.clone(), hosts.clone());
+        std::thread::spawn(move || {
+            serve_one(s, &work, &state, &hosts);
+            busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        });
     }
     Ok(())
 }

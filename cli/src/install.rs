@@ -49,6 +49,9 @@ pub struct Options {
     pub waypoints: Vec<String>,
     pub ca: Ca,
     pub trust_domain: String,
+    /// With `--ca generate`: also write the new root's key and certificate
+    /// here (`ca-key.pem` 0600, `ca-cert.pem`), to keep offline.
+    pub ca_out: Option<std::path::PathBuf>,
 }
 
 fn docs(text: &str, what: &str) -> Result<Vec<Value>, String> {
@@ -72,6 +75,27 @@ fn set_image(v: &mut Value, image: &str) {
     }
 }
 
+/// The processes that take `--trust-domain` (identities are
+/// `spiffe://DOMAIN/ns/NS/sa/SA`): each gets the chosen one; the default,
+/// `cluster.local`, is left as the manifests have it.
+fn set_trust_domain(v: &mut Value, domain: &str) {
+    const TAKE_IT: [&str; 4] = ["skiff-ztunnel", "skiff-waypoint", "skiff-gateway", "skiff-signer"];
+    if domain == "cluster.local" {
+        return;
+    }
+    let Some(containers) = v.pointer_mut("/spec/template/spec/containers").and_then(Value::as_array_mut) else { return };
+    for c in containers {
+        let takes = c["command"].get(0).and_then(Value::as_str).is_some_and(|cmd| TAKE_IT.contains(&cmd));
+        if !takes {
+            continue;
+        }
+        let mut args: Vec<Value> = c["args"].as_array().cloned().unwrap_or_default();
+        args.retain(|a| !a.as_str().is_some_and(|a| a.starts_with("--trust-domain")));
+        args.push(Value::String(format!("--trust-domain={domain}")));
+        c["args"] = Value::Array(args);
+    }
+}
+
 /// A DNS-1123 label (a namespace name).
 fn is_label(s: &str) -> bool {
     !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-') && !s.ends_with('-')
@@ -81,6 +105,10 @@ fn is_label(s: &str) -> bool {
 pub fn render(o: &Options) -> Result<Vec<Value>, String> {
     if o.image.is_empty() || o.image.contains(char::is_whitespace) {
         return Err(format!("--image {:?}: not an image reference", o.image));
+    }
+    let dns = |d: &str| !d.is_empty() && d.len() <= 253 && d.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+    if !dns(&o.trust_domain) {
+        return Err(format!("--trust-domain {:?}: not a DNS name", o.trust_domain));
     }
     let mut out = Vec::new();
     if o.crds {
@@ -102,11 +130,16 @@ pub fn render(o: &Options) -> Result<Vec<Value>, String> {
     }
     for d in &mut out {
         set_image(d, &o.image);
+        set_trust_domain(d, &o.trust_domain);
     }
     let pems = match &o.ca {
         Ca::Existing => None,
         Ca::Generate => {
             let ca = skiff_hbone::identity::Ca::generate(&o.trust_domain).map_err(|e| format!("generating the mesh root: {}", skiff_core::report(&e)))?;
+            if let Some(dir) = &o.ca_out {
+                std::fs::create_dir_all(dir).map_err(|e| format!("--ca-out {}: {e}", dir.display()))?;
+                ca.write_files(&dir.join("ca-key.pem"), &dir.join("ca-cert.pem")).map_err(|e| format!("--ca-out {}: {}", dir.display(), skiff_core::report(&e)))?;
+            }
             Some(ca.to_pem())
         }
         Ca::Files(key, cert) => {
@@ -170,45 +203,102 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<(), String> {
     if st.success() { Ok(()) } else { Err(format!("`kubectl {}` failed ({st})", args.join(" "))) }
 }
 
-/// `skiff install`.
-pub fn install(o: &Options, dry_run: bool) -> Result<(), String> {
+/// The objects with every Secret's values replaced: what `--dry-run`
+/// prints (a root key never goes to a terminal or a log).
+fn redacted(objs: &[Value]) -> Vec<Value> {
+    objs.iter()
+        .cloned()
+        .map(|mut v| {
+            if v["kind"] == "Secret" {
+                if let Some(data) = v["data"].as_object_mut() {
+                    for val in data.values_mut() {
+                        // Valid base64, so the object still validates.
+                        *val = Value::String("UkVEQUNURUQ=".into());
+                    }
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+fn kubectl_ok(args: &[&str]) -> bool {
+    Command::new("kubectl").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// `skiff install`. A root made here never replaces one in the cluster
+/// unless `replace_ca` (every workload certificate would stop verifying
+/// until the signer restarts).
+pub fn install(o: &Options, dry_run: bool, replace_ca: bool) -> Result<(), String> {
     let objs = render(o)?;
-    let yaml = to_yaml(&objs)?;
     if dry_run {
-        print!("{yaml}");
-        eprintln!("skiff install --dry-run: {} object(s) would be applied:", objs.len());
+        print!("{}", to_yaml(&redacted(&objs))?);
+        eprintln!("skiff install --dry-run: {} object(s) would be applied (Secret values shown as REDACTED):", objs.len());
         for v in &objs {
             eprintln!("  {}", key(v));
         }
         if o.ca == Ca::Existing {
-            eprintln!("  (the CA: Secret skiff-system/skiff-ca and ConfigMap skiff-ca-root must exist; --ca generate makes them)");
+            eprintln!("  (the CA: Secret skiff-system/skiff-ca and ConfigMap skiff-ca-root must exist, skiff-ca-root also in istio-system with --gateway and in each waypoint's namespace; --ca generate makes them)");
         }
         return Ok(());
     }
-    kubectl(&["apply", "-f", "-"], Some(&yaml))
+    if o.ca != Ca::Existing && !replace_ca && kubectl_ok(&["-n", "skiff-system", "get", "secret", "skiff-ca"]) {
+        return Err("the cluster has a mesh root already (Secret skiff-system/skiff-ca): a new one would break every workload certificate until the signer restarts; keep it (--ca existing), or pass --replace-ca".into());
+    }
+    if !kubectl_ok(&["get", "namespace", skiff_core::routing::DEFAULT_ROOT_NAMESPACE]) {
+        return Err("the namespace istio-system does not exist (Istio's root namespace: mesh-wide policies and the mesh config live there): kubectl create namespace istio-system".into());
+    }
+    // Server-side: a client-side apply would copy the Secret, key
+    // included, into an annotation.
+    kubectl(&["apply", "--server-side", "--field-manager=skiff", "-f", "-"], Some(&to_yaml(&objs)?))
 }
 
-/// The uninstall, step by step (README "Uninstall").
+/// The image the installed node DaemonSet runs, from the cluster.
+pub fn installed_image() -> Option<String> {
+    let out = Command::new("kubectl")
+        .args(["-n", "skiff-system", "get", "daemonset", "skiff-node", "-o", "jsonpath={.spec.template.spec.containers[0].image}"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let image = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !image.is_empty()).then_some(image)
+}
+
+/// The uninstall, step by step (README "Uninstall"). `o` names the parts
+/// to remove, as given at install.
 pub fn uninstall(o: &Options, dry_run: bool) -> Result<(), String> {
     let mut cleaner = docs(UNINSTALL, "uninstall")?;
     for d in &mut cleaner {
         set_image(d, &o.image);
     }
     let cleaner = to_yaml(&cleaner)?;
-    let mut install = render(&Options { ca: Ca::Existing, ..o.clone() })?;
+    let mut install = render(&Options { ca: Ca::Existing, ca_out: None, ..o.clone() })?;
     // Cluster-scoped CRDs last: deleting them deletes every object of
     // those kinds.
     install.reverse();
     let install = to_yaml(&install)?;
-    let steps: Vec<(String, Vec<&str>, Option<&str>)> = vec![
-        ("stop capturing: the node DaemonSet goes (enrolled pods' connections are refused until the cleaner ran on their node)".into(), vec!["-n", "skiff-system", "delete", "daemonset", "skiff-node", "--ignore-not-found"], None),
-        ("on every node, skiff-node-agent uninstall: the CNI chain restored, programs detached, pins removed".into(), vec!["apply", "-f", "-"], Some(cleaner.as_str())),
-        ("wait until it ran on every node".into(), vec!["-n", "skiff-system", "rollout", "status", "daemonset", "skiff-uninstall", "--timeout=10m"], None),
-        ("remove the cleaner".into(), vec!["delete", "--ignore-not-found", "-f", "-"], Some(cleaner.as_str())),
-        ("remove the install (and with --crds, the CRDs and every object of those kinds)".into(), vec!["delete", "--ignore-not-found", "-f", "-"], Some(install.as_str())),
+    let mut roots: Vec<String> = vec!["skiff-system".into()];
+    if o.gateway {
+        roots.push("istio-system".into());
+    }
+    roots.extend(o.waypoints.iter().cloned());
+    let mut steps: Vec<(String, Vec<String>, Option<&str>)> = vec![
+        (
+            "stop capturing: the node DaemonSet goes, and its pods with it (enrolled pods' connections are refused until the cleaner ran on their node)".into(),
+            ["-n", "skiff-system", "delete", "daemonset", "skiff-node", "--ignore-not-found", "--cascade=foreground", "--wait", "--timeout=5m"].map(String::from).to_vec(),
+            None,
+        ),
+        ("on every node, skiff-node-agent uninstall: the CNI chain restored, programs detached, pins removed".into(), ["apply", "-f", "-"].map(String::from).to_vec(), Some(cleaner.as_str())),
+        ("wait until it ran on every node".into(), ["-n", "skiff-system", "rollout", "status", "daemonset", "skiff-uninstall", "--timeout=10m"].map(String::from).to_vec(), None),
+        ("remove the cleaner".into(), ["delete", "--ignore-not-found", "-f", "-"].map(String::from).to_vec(), Some(cleaner.as_str())),
     ];
+    for ns in roots.iter().filter(|n| *n != "skiff-system") {
+        steps.push((format!("remove the public root from {ns}"), vec!["-n".into(), ns.clone(), "delete".into(), "configmap".into(), "skiff-ca-root".into(), "--ignore-not-found".into()], None));
+    }
+    steps.push(("remove the install (the namespace skiff-system with the CA in it; with --crds, the CRDs and every object of those kinds)".into(), ["delete", "--ignore-not-found", "-f", "-"].map(String::from).to_vec(), Some(install.as_str())));
     if dry_run {
-        println!("# First unlabel enrolled namespaces (kubectl label namespace NS istio.io/dataplane-mode-): node-agent releases their pods.");
+        println!("# First unlabel enrolled namespaces (kubectl label namespace NS skiff.dev/dataplane-mode- istio.io/dataplane-mode-): node-agent releases their pods.");
+        println!("# The image of the cleaner: {} (the parts removed: as given; pass --gateway/--waypoint/--crds as at install).", o.image);
         for (i, (what, args, stdin)) in steps.iter().enumerate() {
             println!("# {}. {what}\nkubectl {}", i + 1, args.join(" "));
             if let Some(text) = stdin {
@@ -219,7 +309,8 @@ pub fn uninstall(o: &Options, dry_run: bool) -> Result<(), String> {
     }
     for (what, args, stdin) in &steps {
         eprintln!("skiff uninstall: {what}");
-        kubectl(args, *stdin)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kubectl(&args, *stdin)?;
     }
     Ok(())
 }

@@ -163,11 +163,20 @@ enum Command {
         /// The root's certificate (PEM), with `--ca files`.
         #[arg(long, required_if_eq("ca", "files"))]
         ca_cert: Option<PathBuf>,
-        /// The mesh's trust domain (identities are spiffe://DOMAIN/ns/NS/sa/SA).
+        /// The mesh's trust domain (identities are spiffe://DOMAIN/ns/NS/sa/SA):
+        /// in the root's name and given to the signer, ztunnel, waypoints
+        /// and the gateway.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
-        /// Print the objects that would be applied (YAML on stdout, a list
-        /// on stderr) and change nothing.
+        /// With `--ca generate`: also write the new root's key and
+        /// certificate into this directory, to keep offline.
+        #[arg(long, value_name = "DIR")]
+        ca_out: Option<PathBuf>,
+        /// Let `--ca generate|files` replace a root the cluster has.
+        #[arg(long)]
+        replace_ca: bool,
+        /// Print the objects that would be applied (YAML on stdout, Secret
+        /// values redacted; a list on stderr) and change nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -269,9 +278,10 @@ enum Command {
 #[derive(clap::Args)]
 struct Parts {
     /// The image (`REGISTRY/skiff:TAG`, built from the repository's
-    /// Dockerfile).
-    #[arg(long, default_value = "skiff:dev")]
-    image: String,
+    /// Dockerfile). Install: default `skiff:dev`; uninstall: default the
+    /// installed node DaemonSet's.
+    #[arg(long)]
+    image: Option<String>,
     /// Also minimal CRDs for the Istio kinds Skiff reads (clusters without
     /// Istio; never next to Istio's own CRDs).
     #[arg(long)]
@@ -316,23 +326,33 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Install { parts, ca, ca_key, ca_cert, trust_domain, dry_run } => {
+        Command::Install { parts, ca, ca_key, ca_cert, trust_domain, ca_out, replace_ca, dry_run } => {
             let ca = match (ca.as_str(), ca_key, ca_cert) {
                 ("generate", ..) => install::Ca::Generate,
                 ("files", Some(k), Some(c)) => install::Ca::Files(k, c),
                 _ => install::Ca::Existing,
             };
-            let o = install::Options { image: parts.image, crds: parts.crds, gateway: parts.gateway, waypoints: parts.waypoints, ca, trust_domain };
-            exit_with("install", install::install(&o, dry_run))
+            let image = parts.image.unwrap_or_else(|| "skiff:dev".into());
+            let o = install::Options { image, crds: parts.crds, gateway: parts.gateway, waypoints: parts.waypoints, ca, trust_domain, ca_out };
+            exit_with("install", install::install(&o, dry_run, replace_ca))
         }
         Command::Uninstall { parts, dry_run } => {
+            let image = match parts.image.or_else(install::installed_image) {
+                Some(i) => i,
+                None if dry_run => "skiff:dev".into(),
+                None => {
+                    eprintln!("skiff uninstall: the node DaemonSet's image cannot be read from the cluster: pass --image (the cleaner runs it)");
+                    return ExitCode::from(2);
+                }
+            };
             let o = install::Options {
-                image: parts.image,
+                image,
                 crds: parts.crds,
                 gateway: parts.gateway,
                 waypoints: parts.waypoints,
                 ca: install::Ca::Existing,
-                trust_domain: String::new(),
+                trust_domain: "cluster.local".into(),
+                ca_out: None,
             };
             exit_with("uninstall", install::uninstall(&o, dry_run))
         }

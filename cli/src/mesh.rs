@@ -53,6 +53,12 @@ pub struct Node {
 /// The nodes of the local mesh at `work` (`/tmp/skiff-RUN`): the nodes its
 /// pods are scheduled on whose network namespace exists.
 pub fn nodes(work: &Path) -> Result<Vec<Node>, String> {
+    Ok(all_nodes(work)?.into_iter().filter(|n| Path::new("/var/run/netns").join(&n.netns).exists()).collect())
+}
+
+/// Every node the local mesh's pods are scheduled on, whether its network
+/// namespace is there or not.
+pub fn all_nodes(work: &Path) -> Result<Vec<Node>, String> {
     let run = work.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("skiff-")).ok_or_else(|| format!("{}: not a local mesh's work directory", work.display()))?;
     let pods = std::fs::read_to_string(work.join("cluster/pods.yaml")).map_err(|e| format!("{}: {e}", work.join("cluster/pods.yaml").display()))?;
     let docs = skiff_core::k8s::parse_documents(&pods).map_err(|e| skiff_core::report(&e))?;
@@ -65,11 +71,7 @@ pub fn nodes(work: &Path) -> Result<Vec<Node>, String> {
         .collect();
     names.sort();
     names.dedup();
-    Ok(names
-        .into_iter()
-        .map(|name| Node { netns: format!("skiff-{run}-{name}"), name })
-        .filter(|n| Path::new("/var/run/netns").join(&n.netns).exists())
-        .collect())
+    Ok(names.into_iter().map(|name| Node { netns: format!("skiff-{run}-{name}"), name }).collect())
 }
 
 /// The work directory of `mesh`, or of the one running local mesh.

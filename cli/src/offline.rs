@@ -28,7 +28,9 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
         if e.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        if p.is_dir() {
+        // Not through symbolic links: a link to a parent would loop.
+        let ft = e.file_type().map_err(|e| format!("{}: {e}", p.display()))?;
+        if ft.is_dir() {
             collect(&p, out)?;
         } else if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")) {
             out.push(p);
@@ -46,7 +48,13 @@ pub fn load(dir: &Path) -> Result<(Snapshot, Vec<String>), String> {
     let mut objects = Vec::new();
     let mut notes = Vec::new();
     for f in &files {
-        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                notes.push(format!("{}: not read ({e}); its objects are left out", f.display()));
+                continue;
+            }
+        };
         match k8s::parse_documents(&text) {
             Ok(docs) => objects.extend(docs.into_iter().map(|o| (f.display().to_string(), o))),
             Err(e) => notes.push(format!("{}: not read ({}); its objects are left out", f.display(), skiff_core::report(&e))),

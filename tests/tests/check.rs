@@ -90,7 +90,7 @@ fn check_reports_a_healthy_mesh_and_names_the_node_whose_ztunnel_stopped() {
             assert!(text.lines().any(|l| l.starts_with(&format!("OK   {node} {what}: "))), "no OK for {node} {what}:\n{text}");
         }
     }
-    let version = format!("OK   versions: {} on every node", env!("CARGO_PKG_VERSION"));
+    let version = format!("OK   versions: {} on every component read", env!("CARGO_PKG_VERSION"));
     assert!(text.lines().any(|l| l == version), "{text}");
     assert!(text.lines().any(|l| l.starts_with("OK   node-1 enrolled pods: ") && !l.contains(" 0 of")), "{text}");
 

@@ -178,6 +178,19 @@ fn the_dashboard_shows_the_graph_in_a_browser() {
     let url = first.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(url.starts_with("http://127.0.0.1:"), "{first}");
 
+    // Only its own address's names: a page elsewhere that points its own
+    // name here (DNS rebinding) is refused.
+    let addr: SocketAddr = url.trim_start_matches("http://").trim_end_matches('/').parse().unwrap();
+    let ask = |host: &str| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET /api/graph HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.lines().next().unwrap_or("").to_owned()
+    };
+    assert!(ask("attacker.example:80").contains(" 421 "));
+    assert!(ask(&format!("localhost:{}", addr.port())).contains(" 200 "));
+
     let browser = Browser::start(chromedriver);
     browser.cmd("POST", "/url", Some(json!({"url": url})));
     let shot = target_dir().join("dashboard.png");

@@ -232,22 +232,27 @@ fn skiff_install_renders_the_overlays() {
 }
 
 /// `skiff install --dry-run --ca generate` with every part: valid for the
-/// Kubernetes schemas, offline; the new root in the signer's Secret (its
-/// key only there) and the public root wherever it is read.
+/// Kubernetes schemas, offline; the new root's public half wherever it is
+/// read, its key in the Secret only (and redacted from the dry run's
+/// output), in `--ca-out` to keep offline; the trust domain given to every
+/// process that takes one.
 #[test]
 fn skiff_install_dry_run_validates_and_carries_a_new_root() {
-    let objs = skiff_install(&["--ca", "generate", "--gateway", "--waypoint", "shop", "--waypoint", "payments", "--crds"]);
+    let keep = tempfile::tempdir().unwrap();
+    let out = keep.path().join("root");
+    let objs = skiff_install(&["--ca", "generate", "--ca-out", out.to_str().unwrap(), "--gateway", "--waypoint", "shop", "--waypoint", "payments", "--crds"]);
     let secret = objs.iter().find(|v| key(v) == ("Secret".into(), "skiff-system".into(), "skiff-ca".into())).expect("the CA Secret");
-    use base64::Engine as _;
-    let decode = |k: &str| String::from_utf8(base64::engine::general_purpose::STANDARD.decode(secret["data"][k].as_str().unwrap()).unwrap()).unwrap();
-    let (key_pem, cert_pem) = (decode("ca-key.pem"), decode("ca-cert.pem"));
+    let (key_pem, cert_pem) = (std::fs::read_to_string(out.join("ca-key.pem")).unwrap(), std::fs::read_to_string(out.join("ca-cert.pem")).unwrap());
     assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(out.join("ca-key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let printed = serde_json::to_string(&objs).unwrap();
+    assert!(!printed.contains(&b64(&key_pem)) && !printed.contains("PRIVATE KEY"), "the key never printed");
+    assert_eq!(secret["data"]["ca-key.pem"], "UkVEQUNURUQ=", "redacted in the dry run");
     // The pair is a CA the signer can load and sign with.
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("k.pem"), &key_pem).unwrap();
-    std::fs::set_permissions(tmp.path().join("k.pem"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    std::fs::write(tmp.path().join("c.pem"), &cert_pem).unwrap();
-    let ca = skiff_hbone::identity::Ca::load(&tmp.path().join("k.pem"), &tmp.path().join("c.pem"), "cluster.local").unwrap();
+    let ca = skiff_hbone::identity::Ca::load(&out.join("ca-key.pem"), &out.join("ca-cert.pem"), "cluster.local").unwrap();
     ca.issue(&skiff_hbone::identity::Identity::new("cluster.local", "shop", "client"), std::time::Duration::from_secs(60)).unwrap();
     let roots: BTreeSet<String> = objs
         .iter()
@@ -258,11 +263,15 @@ fn skiff_install_dry_run_validates_and_carries_a_new_root() {
         })
         .collect();
     assert_eq!(roots, ["istio-system", "payments", "shop", "skiff-system"].map(String::from).into(), "ztunnel's, the gateway's and each waypoint's");
-    assert_eq!(objs.iter().filter(|v| serde_json::to_string(v).unwrap().contains("PRIVATE KEY")).count(), 0, "the key is base64 in the Secret, nowhere else in clear");
     let two = skiff_install(&["--ca", "generate"]);
-    let other = two.iter().find(|v| v["kind"] == "Secret").unwrap();
-    assert_ne!(other["data"]["ca-key.pem"], secret["data"]["ca-key.pem"], "a new root each time");
+    let other = two.iter().find(|v| v["kind"] == "ConfigMap").unwrap();
+    assert_ne!(other["data"]["ca-cert.pem"].as_str(), Some(cert_pem.as_str()), "a new root each time");
     validate(&objs.into_iter().map(|v| ("install".to_owned(), v)).collect::<Vec<_>>());
+    // Another trust domain: every process that takes one gets it.
+    let objs = skiff_install(&["--trust-domain", "prod.example.com", "--gateway", "--waypoint", "shop"]);
+    let text = serde_json::to_string(&objs).unwrap();
+    assert_eq!(text.matches("--trust-domain=prod.example.com").count(), 4, "signer, ztunnel, gateway, waypoint");
+    assert!(!text.contains("--trust-domain=cluster.local"));
 }
 
 /// (subject, verb, apiGroup, resource, resourceName) — "core" for the "" group, "*" for any name.
