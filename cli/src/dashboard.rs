@@ -136,6 +136,8 @@ fn edges(samples: &[Sample], proxies: &BTreeSet<(String, String)>) -> BTreeMap<(
             || (l(s, "destination_workload") == "unknown" && l(s, "destination_service").contains('.') && !l(s, "destination_service").ends_with(".svc.cluster.local"));
         let take = match (http, reporter.as_str()) {
             (true, "waypoint") | (true, "source") => true,
+            // A TCP stream through a waypoint, as the waypoint saw it.
+            (false, "waypoint") => true,
             (false, "destination") => !proxies.contains(&(src_ns.clone(), src_wl.clone())),
             (false, "source") => egress_dst,
             _ => false,
@@ -252,15 +254,78 @@ fn netns_name(p: &Path) -> String {
     p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// One refresh: scrape, and the graph.
-fn refresh(work: &Path, state: &Mutex<State>) -> Result<(), String> {
+/// The series the graph is made of.
+const GRAPH_SERIES: [&str; 3] = ["istio_requests_total", "istio_request_duration_milliseconds_bucket", "istio_tcp_connections_opened_total"];
+
+/// The graph's series as a Prometheus server has them now (`url`:
+/// `http://HOST:PORT`, the server's HTTP API), as samples.
+fn from_prometheus(url: &str) -> Result<Vec<Sample>, String> {
+    let base = url.strip_prefix("http://").ok_or_else(|| format!("--prometheus {url}: only http:// URLs"))?.trim_end_matches('/');
+    let (hostport, prefix) = base.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((base, String::new()));
+    let mut out = Vec::new();
+    for name in GRAPH_SERIES {
+        let body = http_get(hostport, &format!("{prefix}/api/v1/query?query={name}"))?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("Prometheus at {url}: {e}"))?;
+        if v["status"] != "success" {
+            return Err(format!("Prometheus at {url}: {}", v["error"]));
+        }
+        for r in v["data"]["result"].as_array().into_iter().flatten() {
+            let labels: BTreeMap<String, String> =
+                r["metric"].as_object().into_iter().flatten().filter(|(k, _)| *k != "__name__").map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_owned())).collect();
+            let Some(value) = r["value"].get(1).and_then(Value::as_str).and_then(|v| v.parse::<f64>().ok()) else { continue };
+            out.push(Sample { name: name.to_owned(), labels, value });
+        }
+    }
+    Ok(out)
+}
+
+/// GET `path` from `hostport` over plain HTTP/1.1; the body.
+fn http_get(hostport: &str, path: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs as _;
+    let addr = hostport.to_socket_addrs().map_err(|e| format!("{hostport}: {e}"))?.next().ok_or_else(|| format!("{hostport}: no address"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("{hostport}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.take(64 << 20).read_to_end(&mut raw).map_err(|e| format!("{hostport}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("{hostport}: not an HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{hostport}{path}: {}", head.lines().next().unwrap_or("")));
+    }
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Ok(body.to_owned());
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).map_err(|_| format!("{hostport}: a bad chunk"))?;
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    Ok(out)
+}
+
+/// One refresh: scrape (or ask Prometheus), and the graph.
+fn refresh(work: &Path, state: &Mutex<State>, prometheus: Option<&str>) -> Result<(), String> {
     let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
     let mut samples = Vec::new();
     let mut unreachable = Vec::new();
-    for (what, netns) in crate::mesh::proxies(work, &snap, true)? {
-        match crate::mesh::get_in(&netns_name(&netns), 15020, "/metrics") {
-            Ok(text) => samples.extend(parse(&text)),
-            Err(e) => unreachable.push(format!("{what}: metrics not reachable: {e}")),
+    match prometheus {
+        Some(url) => match from_prometheus(url) {
+            Ok(s) => samples = s,
+            Err(e) => unreachable.push(e),
+        },
+        None => {
+            for (what, netns) in crate::mesh::proxies(work, &snap, true)? {
+                match crate::mesh::get_in(&netns_name(&netns), 15020, "/metrics") {
+                    Ok(text) => samples.extend(parse(&text)),
+                    Err(e) => unreachable.push(format!("{what}: metrics not reachable: {e}")),
+                }
+            }
         }
     }
     // Workloads whose own traffic is counted as requests (waypoints and
@@ -468,16 +533,18 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Serves the dashboard on `listen` until interrupted; prints its URL.
-pub fn run(mesh_dir: Option<&Path>, listen: &str) -> Result<(), String> {
+/// With `prometheus`, the series come from that server instead of the
+/// proxies.
+pub fn run(mesh_dir: Option<&Path>, listen: &str, prometheus: Option<String>) -> Result<(), String> {
     let work = crate::mesh::work_dir(mesh_dir)?;
     let state = Arc::new(Mutex::new(State { graph: json!({"nodes": [], "edges": [], "warnings": []}), window: Default::default() }));
-    refresh(&work, &state)?;
+    refresh(&work, &state, prometheus.as_deref())?;
     let listener = TcpListener::bind(listen).map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // On loopback, the Host a browser sends must be one of this address's
     // names; elsewhere (the operator chose to expose it) any.
     let hosts: Vec<String> = if addr.ip().is_loopback() {
-        vec![addr.to_string(), format!("localhost:{}", addr.port())]
+        vec![addr.to_string(), format!("localhost:{}", addr.port()), addr.ip().to_string(), "localhost".into()]
     } else {
         eprintln!("skiff dashboard: listening on {addr}, not loopback: anyone who reaches it sees the mesh's graph (there is no login)");
         Vec::new()
@@ -488,7 +555,7 @@ pub fn run(mesh_dir: Option<&Path>, listen: &str) -> Result<(), String> {
         let (work, state) = (work.clone(), state.clone());
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_secs(2));
-            if let Err(e) = refresh(&work, &state) {
+            if let Err(e) = refresh(&work, &state, prometheus.as_deref()) {
                 eprintln!("skiff dashboard: {e}");
             }
         });

@@ -214,6 +214,11 @@ enum Command {
         /// printed).
         #[arg(long, default_value = "127.0.0.1:15080")]
         listen: String,
+        /// Read the graph's series from this Prometheus server
+        /// (`http://HOST:PORT`) instead of the proxies (the config still
+        /// from the mesh).
+        #[arg(long, value_name = "URL")]
+        prometheus: Option<String>,
         /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
         /// run.
         #[arg(long)]
@@ -361,7 +366,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "skiff", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Dashboard { listen, mesh } => match dashboard::run(mesh.as_deref(), &listen) {
+        Command::Dashboard { listen, prometheus, mesh } => match dashboard::run(mesh.as_deref(), &listen, prometheus) {
             Ok(()) => ExitCode::SUCCESS,
             Err(why) => {
                 eprintln!("skiff dashboard: {why}");

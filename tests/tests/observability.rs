@@ -402,4 +402,40 @@ fn prometheus_scrapes_every_process_and_istios_queries_answer() {
     );
     let bytes = prom.query(&mesh, "sum(istio_tcp_received_bytes_total{reporter=\"waypoint\",destination_service_name=\"tcp-echo\"})");
     assert!(bytes.first().is_some_and(|b| value(b) >= 2.0 * "hello-tcp".len() as f64), "{bytes:?}");
+
+    // skiff dashboard --prometheus: the same graph from this server (run
+    // where it listens, in the fabric netns).
+    use std::io::BufRead as _;
+    let mut dash = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", prom.netns))
+        .arg("--")
+        .arg(bin_dir().join("skiff"))
+        .args(["dashboard", "--prometheus", "http://127.0.0.1:9090", "--listen", "127.0.0.1:0", "--mesh"])
+        .arg(&mesh.work_dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(dash.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _dash = Kill(dash);
+    let port: u16 = first.trim().trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap_or_else(|_| panic!("{first}"));
+    let graph = eventually(WAIT, "the dashboard's graph from Prometheus", || {
+        let (status, body) = mesh.netns_http_get(&prom.netns, port, "/api/graph").ok()?;
+        let g: Value = serde_json::from_str(&body).ok()?;
+        (status == 200 && g["edges"].as_array().is_some_and(|e| e.iter().any(|e| e["protocol"] == "http"))).then_some(g)
+    });
+    let edges = graph["edges"].as_array().unwrap();
+    let edge = |protocol: &str, target: &str| edges.iter().any(|e| e["protocol"] == protocol && e["target"].as_str().unwrap_or("").starts_with(target) && e["mtls"] == true);
+    assert!(edge("http", "shop/reviews/1.0"), "requests through the waypoint: {graph:#}");
+    assert!(edge("tcp", "shop/reviews-canon/r2"), "ambient L4 to a pod: {graph:#}");
+    assert!(edge("tcp", "shop/tcp-echo/"), "a TCP stream through the waypoint: {graph:#}");
+    assert!(edges.iter().any(|e| e["protocol"] == "http" && e["error_rate"].as_f64() == Some(1.0)), "the always-failing Service: {graph:#}");
+    assert!(graph["warnings"].as_array().unwrap().iter().all(|w| w["kind"] != "scrape"), "{graph:#}");
 }
