@@ -107,6 +107,16 @@ fn wait_for_interrupt(mesh: &LocalMesh, stop: &AtomicBool) -> anyhow::Result<()>
     for n in &mesh.nodes {
         println!("  {} metrics: ip netns exec {} curl -s localhost:15020/metrics", n.name, n.netns);
     }
+    let skiff = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("skiff"))).filter(|p| p.exists());
+    if let Some(skiff) = skiff {
+        let w = mesh.work_dir.display();
+        println!("Operate it with skiff (as root; --mesh {w} when several run):");
+        println!("  {} check                       # every node's capture, ztunnel, pods, certificates", skiff.display());
+        println!("  {} explain --from NS/POD --to SERVICE.NS:PORT   # every decision, and why", skiff.display());
+        println!("  {} observe                     # live connection and request events", skiff.display());
+        println!("  {} dashboard                   # the service graph at http://127.0.0.1:15080/", skiff.display());
+        println!("  {} config workloads|policies|certs|services|routes", skiff.display());
+    }
     println!("Press Ctrl-C to tear it down.");
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
