@@ -254,6 +254,56 @@ fn netns_name(p: &Path) -> String {
     p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// Where the dashboard reads the cluster (the objects, not the traffic).
+pub enum View {
+    /// The running local mesh (its work directory): its files, and its
+    /// proxies to scrape.
+    Mesh(std::path::PathBuf),
+    /// The Kubernetes API, watched as the mesh's processes watch it.
+    Kube(Mutex<(Box<dyn skiff_core::source::ConfigSource>, Arc<Snapshot>)>),
+}
+
+impl View {
+    /// The Kubernetes API at `url` (else KUBECONFIG or in-cluster): its
+    /// first complete view within 30 s.
+    pub fn kube(url: Option<String>) -> Result<View, String> {
+        let choice = skiff_kube_source::SourceChoice::from_args(None, true, url).map_err(|e| e.to_string())?;
+        let mut source = choice.mesh_config_in(skiff_core::routing::DEFAULT_ROOT_NAMESPACE).open().map_err(|e| format!("the Kubernetes API: {}", skiff_core::report(&e)))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let first = loop {
+            match source.poll(Duration::from_millis(500)) {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => {}
+                Ok(None) => return Err("the Kubernetes API gave no complete view of the cluster within 30 s".into()),
+                Err(e) => return Err(format!("the Kubernetes API: {}", e.report())),
+            }
+        };
+        Ok(View::Kube(Mutex::new((source, first))))
+    }
+
+    /// The cluster now.
+    fn snapshot(&self) -> Result<Arc<Snapshot>, String> {
+        match self {
+            View::Mesh(work) => skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map(Arc::new).map_err(|e| e.report()),
+            View::Kube(k) => {
+                let mut k = k.lock().expect("lock");
+                if let Ok(Some(s)) = k.0.poll(Duration::from_millis(1)) {
+                    k.1 = s;
+                }
+                Ok(k.1.clone())
+            }
+        }
+    }
+
+    /// ztunnel's `--outbound-traffic-policy` where it can be read.
+    fn outbound_policy(&self) -> skiff_core::egress::OutboundPolicy {
+        match self {
+            View::Mesh(work) => skiff_core::egress::OutboundPolicy::parse(&crate::mesh::ztunnel_flag(&work.join("cluster"), "--outbound-traffic-policy").unwrap_or_default()).unwrap_or_default(),
+            View::Kube(_) => Default::default(),
+        }
+    }
+}
+
 /// The series the graph is made of.
 const GRAPH_SERIES: [&str; 3] = ["istio_requests_total", "istio_request_duration_milliseconds_bucket", "istio_tcp_connections_opened_total"];
 
@@ -310,8 +360,8 @@ fn http_get(hostport: &str, path: &str) -> Result<String, String> {
 }
 
 /// One refresh: scrape (or ask Prometheus), and the graph.
-fn refresh(work: &Path, state: &Mutex<State>, prometheus: Option<&str>) -> Result<(), String> {
-    let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
+fn refresh(view: &View, state: &Mutex<State>, prometheus: Option<&str>) -> Result<(), String> {
+    let snap = view.snapshot()?;
     let mut samples = Vec::new();
     let mut unreachable = Vec::new();
     match prometheus {
@@ -320,6 +370,7 @@ fn refresh(work: &Path, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
             Err(e) => unreachable.push(e),
         },
         None => {
+            let View::Mesh(work) = view else { return Err("without --prometheus, the dashboard scrapes a local mesh's proxies".into()) };
             for (what, netns) in crate::mesh::proxies(work, &snap, true)? {
                 match crate::mesh::get_in(&netns_name(&netns), 15020, "/metrics") {
                     Ok(text) => samples.extend(parse(&text)),
@@ -411,13 +462,13 @@ fn refresh(work: &Path, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
 }
 
 /// `explain` of an edge: its source workload to its Service.
-fn explain_edge(work: &Path, graph: &Value, id: &str) -> Value {
+fn explain_edge(view: &View, graph: &Value, id: &str) -> Value {
     let Some(e) = graph["edges"].as_array().and_then(|a| a.iter().find(|e| e["id"] == id)) else {
         return json!({"error": format!("no edge {id}")});
     };
-    let snap = match skiff_core::source::LocalDirSource::analyze(&work.join("cluster")) {
+    let snap = match view.snapshot() {
         Ok(s) => s,
-        Err(e) => return json!({"error": e.report()}),
+        Err(e) => return json!({"error": e}),
     };
     let from = e["source_workload"].as_str().unwrap_or("");
     let (svc, ns) = e["service"].as_str().unwrap_or("").split_once('.').unwrap_or(("", ""));
@@ -441,8 +492,7 @@ fn explain_edge(work: &Path, graph: &Value, id: &str) -> Value {
         headers: Vec::new(),
         trust_domain: "cluster.local".into(),
         root_namespace: skiff_core::routing::DEFAULT_ROOT_NAMESPACE.into(),
-        outbound_policy: skiff_core::egress::OutboundPolicy::parse(&crate::mesh::ztunnel_flag(&work.join("cluster"), "--outbound-traffic-policy").unwrap_or_default())
-            .unwrap_or_default(),
+        outbound_policy: view.outbound_policy(),
         outbound_policy_from: "ztunnel's --outbound-traffic-policy".into(),
     };
     match crate::explain::explain(&snap, &ask) {
@@ -461,7 +511,7 @@ fn respond(mut s: &TcpStream, status: &str, ctype: &str, body: &[u8]) {
 /// Connections served at once; more wait in the listen queue.
 const MAX_CONNECTIONS: usize = 32;
 
-fn serve_one(s: TcpStream, work: &Path, state: &Mutex<State>, hosts: &[String]) {
+fn serve_one(s: TcpStream, view: &View, state: &Mutex<State>, hosts: &[String]) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
     // The request head: at most 16 KiB, read to its end.
@@ -503,7 +553,7 @@ fn serve_one(s: TcpStream, work: &Path, state: &Mutex<State>, hosts: &[String]) 
         "/api/explain" => {
             let id = query.split('&').find_map(|kv| kv.strip_prefix("edge=")).map(percent_decode).unwrap_or_default();
             let graph = state.lock().expect("lock").graph.clone();
-            respond(&s, "200 OK", "application/json", explain_edge(work, &graph, &id).to_string().as_bytes());
+            respond(&s, "200 OK", "application/json", explain_edge(view, &graph, &id).to_string().as_bytes());
         }
         _ => respond(&s, "404 Not Found", "text/plain", b"not found\n"),
     }
@@ -535,10 +585,10 @@ fn percent_decode(s: &str) -> String {
 /// Serves the dashboard on `listen` until interrupted; prints its URL.
 /// With `prometheus`, the series come from that server instead of the
 /// proxies.
-pub fn run(mesh_dir: Option<&Path>, listen: &str, prometheus: Option<String>) -> Result<(), String> {
-    let work = crate::mesh::work_dir(mesh_dir)?;
+pub fn run(view: View, listen: &str, prometheus: Option<String>) -> Result<(), String> {
+    let view = Arc::new(view);
     let state = Arc::new(Mutex::new(State { graph: json!({"nodes": [], "edges": [], "warnings": []}), window: Default::default() }));
-    refresh(&work, &state, prometheus.as_deref())?;
+    refresh(&view, &state, prometheus.as_deref())?;
     let listener = TcpListener::bind(listen).map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // On loopback, the Host a browser sends must be one of this address's
@@ -552,10 +602,10 @@ pub fn run(mesh_dir: Option<&Path>, listen: &str, prometheus: Option<String>) ->
     println!("skiff dashboard: http://{addr}/");
     let _ = std::io::stdout().flush();
     {
-        let (work, state) = (work.clone(), state.clone());
+        let (view, state) = (view.clone(), state.clone());
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_secs(2));
-            if let Err(e) = refresh(&work, &state, prometheus.as_deref()) {
+            if let Err(e) = refresh(&view, &state, prometheus.as_deref()) {
                 eprintln!("skiff dashboard: {e}");
             }
         });
@@ -576,9 +626,9 @@ pub fn run(mesh_dir: Option<&Path>, listen: &str, prometheus: Option<String>) ->
             std::thread::sleep(Duration::from_millis(10));
         }
         busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let (work, state, busy, hosts) = (work.clone(), state.clone(), busy.clone(), hosts.clone());
+        let (view, state, busy, hosts) = (view.clone(), state.clone(), busy.clone(), hosts.clone());
         std::thread::spawn(move || {
-            serve_one(s, &work, &state, &hosts);
+            serve_one(s, &view, &state, &hosts);
             busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         });
     }

@@ -215,10 +215,16 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15080")]
         listen: String,
         /// Read the graph's series from this Prometheus server
-        /// (`http://HOST:PORT`) instead of the proxies (the config still
-        /// from the mesh).
+        /// (`http://HOST:PORT`) instead of scraping the proxies.
         #[arg(long, value_name = "URL")]
         prometheus: Option<String>,
+        /// Read the cluster's objects from the Kubernetes API (KUBECONFIG,
+        /// else in-cluster config); with --prometheus, for a cluster.
+        #[arg(long, requires = "prometheus", conflicts_with = "mesh")]
+        kube: bool,
+        /// Read the cluster's objects from the Kubernetes API at this URL.
+        #[arg(long, value_name = "URL", requires = "prometheus", conflicts_with = "mesh")]
+        kube_url: Option<String>,
         /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
         /// run.
         #[arg(long)]
@@ -366,7 +372,13 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "skiff", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Dashboard { listen, prometheus, mesh } => match dashboard::run(mesh.as_deref(), &listen, prometheus) {
+        Command::Dashboard { listen, prometheus, kube, kube_url, mesh } => match (if kube || kube_url.is_some() {
+            dashboard::View::kube(kube_url)
+        } else {
+            mesh::work_dir(mesh.as_deref()).map(dashboard::View::Mesh)
+        })
+        .and_then(|view| dashboard::run(view, &listen, prometheus))
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(why) => {
                 eprintln!("skiff dashboard: {why}");
@@ -474,16 +486,9 @@ enum Source {
 /// The cluster as the mesh's processes read it from the Kubernetes API:
 /// the first complete view, within 30 s.
 fn from_kube(url: Option<String>) -> Result<skiff_core::model::Snapshot, String> {
-    let choice = skiff_kube_source::SourceChoice::from_args(None, true, url).map_err(|e| e.to_string())?;
-    let mut source = choice.mesh_config_in(skiff_core::routing::DEFAULT_ROOT_NAMESPACE).open().map_err(|e| format!("the Kubernetes API: {}", skiff_core::report(&e)))?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        match source.poll(std::time::Duration::from_millis(500)) {
-            Ok(Some(s)) => return Ok((*s).clone()),
-            Ok(None) if std::time::Instant::now() < deadline => {}
-            Ok(None) => return Err("the Kubernetes API gave no complete view of the cluster within 30 s".into()),
-            Err(e) => return Err(format!("the Kubernetes API: {}", e.report())),
-        }
+    match dashboard::View::kube(url)? {
+        dashboard::View::Kube(k) => Ok((*k.into_inner().expect("lock").1).clone()),
+        dashboard::View::Mesh(_) => unreachable!("View::kube reads the API"),
     }
 }
 

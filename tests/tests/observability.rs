@@ -218,7 +218,9 @@ fn dashboards_are_valid_grafana_json_with_promql_targets() {
 #[test]
 fn prometheus_scrapes_every_process_and_istios_queries_answer() {
     let Some(bin) = prometheus_bin() else { return };
-    let Some(mesh) = mesh("manifests/observability") else { return };
+    // The cluster served from the (fake) Kubernetes API: the mesh's
+    // processes and the dashboard below read it as in a cluster.
+    let Some(mesh) = mesh_with("manifests/observability", |o| o.kube_api = true) else { return };
     for (pod, port) in [("reviews-v1", 8080), ("reviews-v2", 8080), ("broken", 8080), ("grpc-echo", 50051), ("tcp-echo", 9000)] {
         wait_listening_on(mesh.pod("shop", pod), port);
     }
@@ -403,15 +405,15 @@ fn prometheus_scrapes_every_process_and_istios_queries_answer() {
     let bytes = prom.query(&mesh, "sum(istio_tcp_received_bytes_total{reporter=\"waypoint\",destination_service_name=\"tcp-echo\"})");
     assert!(bytes.first().is_some_and(|b| value(b) >= 2.0 * "hello-tcp".len() as f64), "{bytes:?}");
 
-    // skiff dashboard --prometheus: the same graph from this server (run
-    // where it listens, in the fabric netns).
+    // skiff dashboard as for a cluster: the series from this Prometheus
+    // server, the objects from the Kubernetes API (run where both listen,
+    // in the fabric netns); no local mesh files.
     use std::io::BufRead as _;
     let mut dash = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", prom.netns))
         .arg("--")
         .arg(bin_dir().join("skiff"))
-        .args(["dashboard", "--prometheus", "http://127.0.0.1:9090", "--listen", "127.0.0.1:0", "--mesh"])
-        .arg(&mesh.work_dir)
+        .args(["dashboard", "--prometheus", "http://127.0.0.1:9090", "--listen", "127.0.0.1:0", "--kube-url", &mesh.kube_api().unwrap().url()])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -438,4 +440,9 @@ fn prometheus_scrapes_every_process_and_istios_queries_answer() {
     assert!(edge("tcp", "shop/tcp-echo/"), "a TCP stream through the waypoint: {graph:#}");
     assert!(edges.iter().any(|e| e["protocol"] == "http" && e["error_rate"].as_f64() == Some(1.0)), "the always-failing Service: {graph:#}");
     assert!(graph["warnings"].as_array().unwrap().iter().all(|w| w["kind"] != "scrape"), "{graph:#}");
+    // An edge's explanation, from the API's objects.
+    let id = edges.iter().find(|e| e["protocol"] == "http" && e["target"].as_str().unwrap_or("").starts_with("shop/reviews/")).unwrap()["id"].as_str().unwrap().to_owned();
+    let (_, body) = mesh.netns_http_get(&prom.netns, port, &format!("/api/explain?edge={}", encode(&id))).unwrap();
+    let x: Value = serde_json::from_str(&body).unwrap();
+    assert!(x["explanation"]["steps"].as_array().is_some_and(|s| s.iter().any(|s| s["step"] == "waypoint")), "{x:#}");
 }
