@@ -154,7 +154,7 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
     let mut out = Vec::new();
     let mut nodes = Vec::new();
     for n in all {
-        if Path::new("/var/run/netns").join(&n.netns).exists() {
+        if n.netns_path().exists() {
             nodes.push(n);
         } else {
             out.push(line(Level::Fail, &format!("{} node", n.name), format!("its network namespace {} is gone", n.netns), Some("the node is down: its pods are unreachable")));
@@ -168,22 +168,23 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
     let mut unread = Vec::new();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     for n in &nodes {
-        let get = |port: u16, path: &str| crate::mesh::get_in(&n.netns, port, path);
-        let build = |port: u16| {
-            get(port, "/metrics").ok().and_then(|m| crate::dashboard::parse(&m).into_iter().find(|s| s.name == "istio_build").and_then(|s| s.labels.get("tag").cloned()))
-        };
-        let metric = |text: &str, name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+        let netns = n.netns_path();
+        let get = |port: u16, path: &str| crate::mesh::get_in(&netns, port, path);
+        // A component's metrics, read once: its version and the rest.
+        let metrics = |port: u16| get(port, "/metrics").map(|m| crate::dashboard::parse(&m));
+        let tag_of = |samples: &[crate::dashboard::Sample]| samples.iter().find(|s| s.name == "istio_build").and_then(|s| s.labels.get("tag").cloned());
         // node-agent: capture installed, its maps readable.
         match get(15022, "/healthz/ready") {
             Ok(_) => {
-                let tag = build(15022);
+                let samples = metrics(15022);
+                let tag = samples.as_ref().ok().and_then(|s| tag_of(s));
                 match &tag {
                     Some(t) => tags.entry(t.clone()).or_default().push(format!("{} node-agent", n.name)),
                     None => unread.push(format!("{} node-agent", n.name)),
                 }
                 let tag = tag.unwrap_or_else(|| "unknown".into());
-                match get(15022, "/metrics") {
-                    Ok(m) if metric(&m, "skiff_node_capture_readable") == Some(1.0) => {
+                match samples {
+                    Ok(m) if m.iter().any(|s| s.name == "skiff_node_capture_readable" && s.value == 1.0) => {
                         out.push(line(Level::Ok, &format!("{} node-agent", n.name), format!("ready, capture attached, version {tag}"), None))
                     }
                     Ok(_) => out.push(line(
@@ -205,7 +206,7 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
         // ztunnel: ready, and what it serves.
         let dump = match get(15021, "/healthz/ready") {
             Ok(_) => {
-                let tag = build(15020);
+                let tag = metrics(15020).ok().and_then(|s| tag_of(&s));
                 match &tag {
                     Some(t) => tags.entry(t.clone()).or_default().push(format!("{} ztunnel", n.name)),
                     None => unread.push(format!("{} ztunnel", n.name)),

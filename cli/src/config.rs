@@ -37,7 +37,7 @@ fn dumps(mesh_dir: Option<&Path>) -> Result<Dumps, String> {
     Ok(nodes
         .into_iter()
         .map(|n| {
-            let dump = mesh::get_in(&n.netns, 15000, "/config_dump")
+            let dump = mesh::get_in(&n.netns_path(), 15000, "/config_dump")
                 .and_then(|body| serde_json::from_str::<Value>(&body).map_err(|e| format!("config_dump is not JSON: {e}")))
                 .map_err(|e| format!("ztunnel not reachable: {e}"));
             (n.name, dump)
@@ -102,8 +102,7 @@ fn proxy_dumps(mesh_dir: Option<&Path>) -> Result<Dumps, String> {
     Ok(mesh::proxies(&work, &snap, false)?
         .into_iter()
         .map(|(what, netns)| {
-            let name = netns.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let dump = mesh::get_in(&name, 15000, "/config_dump")
+            let dump = mesh::get_in(&netns, 15000, "/config_dump")
                 .and_then(|body| serde_json::from_str::<Value>(&body).map_err(|e| format!("config_dump is not JSON: {e}")))
                 .map_err(|e| format!("not reachable: {e}"));
             (what, dump)
@@ -183,7 +182,8 @@ pub fn run(what: What, mesh_dir: Option<&Path>, output: &str) -> Result<(String,
     let key = match what {
         What::Workloads => "workloads",
         What::Policies => "policies",
-        _ => "certificates",
+        What::Certs => "certificates",
+        What::Services | What::Routes => unreachable!("the waypoints' state: run_proxies"),
     };
     if output != "table" {
         let nodes: Vec<Value> = dumps
@@ -218,7 +218,8 @@ pub fn run(what: What, mesh_dir: Option<&Path>, output: &str) -> Result<(String,
             }
             out.push_str(&table(&["NODE", "NAMESPACE", "POD", "WORKLOAD", "IP", "IDENTITY"], &rows));
         }
-        What::Certs | What::Services | What::Routes => {
+        What::Services | What::Routes => unreachable!("the waypoints' state: run_proxies"),
+        What::Certs => {
             for (n, d) in &dumps {
                 for c in d.as_ref().ok().and_then(|d| d["certificates"].as_array()).into_iter().flatten() {
                     rows.push(vec![n.clone(), s(&c["identity"]), rfc3339(&c["not_after_unix"]), rfc3339(&c["rotates_at_unix"])]);

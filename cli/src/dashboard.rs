@@ -11,7 +11,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -250,10 +249,6 @@ struct State {
     window: std::collections::VecDeque<(Instant, Counts)>,
 }
 
-fn netns_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
 /// Where the dashboard reads the cluster (the objects, not the traffic).
 pub enum View {
     /// The running local mesh (its work directory): its files, and its
@@ -329,34 +324,15 @@ fn from_prometheus(url: &str) -> Result<Vec<Sample>, String> {
     Ok(out)
 }
 
-/// GET `path` from `hostport` over plain HTTP/1.1; the body.
+/// GET `path` from `hostport` over plain HTTP/1.1; the body of a 200.
 fn http_get(hostport: &str, path: &str) -> Result<String, String> {
     use std::net::ToSocketAddrs as _;
     let addr = hostport.to_socket_addrs().map_err(|e| format!("{hostport}: {e}"))?.next().ok_or_else(|| format!("{hostport}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("{hostport}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.take(64 << 20).read_to_end(&mut raw).map_err(|e| format!("{hostport}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("{hostport}: not an HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{hostport}{path}: {}", head.lines().next().unwrap_or("")));
+    let (status, body) = skiff_core::http1::get(addr, hostport, path, Duration::from_secs(10)).map_err(|e| format!("{hostport}: {e}"))?;
+    if status != 200 {
+        return Err(format!("{hostport}{path}: status {status}"));
     }
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return Ok(body.to_owned());
-    }
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).map_err(|_| format!("{hostport}: a bad chunk"))?;
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    Ok(out)
+    Ok(body)
 }
 
 /// One refresh: scrape (or ask Prometheus), and the graph.
@@ -372,7 +348,7 @@ fn refresh(view: &View, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
         None => {
             let View::Mesh(work) = view else { return Err("without --prometheus, the dashboard scrapes a local mesh's proxies".into()) };
             for (what, netns) in crate::mesh::proxies(work, &snap, true)? {
-                match crate::mesh::get_in(&netns_name(&netns), 15020, "/metrics") {
+                match crate::mesh::get_in(&netns, 15020, "/metrics") {
                     Ok(text) => samples.extend(parse(&text)),
                     Err(e) => unreachable.push(format!("{what}: metrics not reachable: {e}")),
                 }

@@ -280,7 +280,7 @@ pub fn explain(snap: &Snapshot, ask: &Ask) -> Result<Explanation, String> {
         // there).
         let at = format!("waypoint {}/{}", src.namespace, src.service_account);
         let eps: Vec<SocketAddrV4> = match snap.service_by_vip(*orig.ip(), orig.port()) {
-            Some((svc, port)) => snap.endpoints(svc, port).into_iter().filter_map(|(w, p)| Some(SocketAddrV4::new(w.ip?, p))).collect(),
+            Some((svc, port)) => snap.endpoint_addrs(svc, port),
             None => vec![orig],
         };
         out.push(
@@ -293,7 +293,7 @@ pub fn explain(snap: &Snapshot, ask: &Ask) -> Result<Explanation, String> {
         return deliver(snap, ask, &at, &peer, &eps, out);
     }
     if !src.captured {
-        return uncaptured(snap, ask, &src, orig, &resolved, out);
+        return uncaptured(snap, ask, &src, orig, out);
     }
     let from = outbound::From {
         namespace: &src.namespace,
@@ -350,10 +350,10 @@ pub fn explain(snap: &Snapshot, ask: &Ask) -> Result<Explanation, String> {
 
 /// A source outside the mesh (not captured): nothing applies on its side;
 /// a ClusterIP goes to an endpoint by kube-proxy.
-fn uncaptured(snap: &Snapshot, ask: &Ask, src: &Src<'_>, orig: SocketAddrV4, _resolved: &HashMap<String, Vec<Ipv4Addr>>, mut out: Out) -> Result<Explanation, String> {
+fn uncaptured(snap: &Snapshot, ask: &Ask, src: &Src<'_>, orig: SocketAddrV4, mut out: Out) -> Result<Explanation, String> {
     let eps: Vec<SocketAddrV4> = match snap.service_by_vip(*orig.ip(), orig.port()) {
         Some((svc, port)) => {
-            let eps: Vec<SocketAddrV4> = snap.endpoints(svc, port).into_iter().filter_map(|(w, p)| Some(SocketAddrV4::new(w.ip?, p))).collect();
+            let eps = snap.endpoint_addrs(svc, port);
             let mut note = format!("not captured: kube-proxy sends it to one of {} endpoint(s) of Service {}/{}", eps.len(), svc.namespace, svc.name);
             if snap.waypoint_name_for(svc).is_some() {
                 note.push_str(" directly; the Service's waypoint sees only traffic from captured pods");
@@ -964,11 +964,23 @@ fn service_named<'s>(snap: &'s Snapshot, host: &str, client_ns: &str) -> Option<
     snap.services.get(&format!("{ns}/{name}")).filter(|s| s.entry.is_none())
 }
 
+/// The IPv4 addresses `host` resolves to on this machine.
+fn v4_addrs(host: &str) -> Vec<Ipv4Addr> {
+    (host, 0)
+        .to_socket_addrs()
+        .map(|addrs| {
+            addrs
+                .filter_map(|a| match a.ip() {
+                    IpAddr::V4(ip) => Some(ip),
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn lookup_host(host: &str) -> Option<Ipv4Addr> {
-    (host, 0).to_socket_addrs().ok()?.find_map(|a| match a.ip() {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(_) => None,
-    })
+    v4_addrs(host).first().copied()
 }
 
 /// DNS ServiceEntries' names resolved as ztunnel would see them (the
@@ -979,14 +991,7 @@ fn resolve_names(snap: &Snapshot, host: &Option<String>) -> HashMap<String, Vec<
     names
         .into_iter()
         .filter_map(|n| {
-            let ips: Vec<Ipv4Addr> = (n.as_str(), 0)
-                .to_socket_addrs()
-                .ok()?
-                .filter_map(|a| match a.ip() {
-                    IpAddr::V4(ip) => Some(ip),
-                    IpAddr::V6(_) => None,
-                })
-                .collect();
+            let ips = v4_addrs(&n);
             (!ips.is_empty()).then_some((n, ips))
         })
         .collect()

@@ -50,10 +50,17 @@ pub struct Node {
     pub netns: String,
 }
 
+impl Node {
+    /// Where its network namespace is.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.netns)
+    }
+}
+
 /// The nodes of the local mesh at `work` (`/tmp/skiff-RUN`): the nodes its
 /// pods are scheduled on whose network namespace exists.
 pub fn nodes(work: &Path) -> Result<Vec<Node>, String> {
-    Ok(all_nodes(work)?.into_iter().filter(|n| Path::new("/var/run/netns").join(&n.netns).exists()).collect())
+    Ok(all_nodes(work)?.into_iter().filter(|n| n.netns_path().exists()).collect())
 }
 
 /// Every node the local mesh's pods are scheduled on, whether its network
@@ -79,29 +86,22 @@ pub fn work_dir(mesh: Option<&Path>) -> Result<PathBuf, String> {
     Ok(cluster_dir(mesh)?.parent().expect("cluster/ has a parent").to_owned())
 }
 
-/// HTTP GET `path` from 127.0.0.1:`port` inside network namespace
-/// `netns` (root: entering a namespace needs CAP_SYS_ADMIN). The body.
-pub fn get_in(netns: &str, port: u16, path: &str) -> Result<String, String> {
-    use std::io::{Read as _, Write as _};
-    let ns = skiff_core::netns::open(&Path::new("/var/run/netns").join(netns)).map_err(|e| format!("netns {netns}: {}", skiff_core::report(&e)))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    let raw = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || -> std::io::Result<Vec<u8>> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-        s.write_all(req.as_bytes())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
-        Ok(out)
+/// HTTP GET `path` from 127.0.0.1:`port` inside the network namespace at
+/// `netns` (root: entering a namespace needs CAP_SYS_ADMIN). The body of
+/// a 200.
+pub fn get_in(netns: &Path, port: u16, path: &str) -> Result<String, String> {
+    let name = netns.file_name().map_or_else(|| netns.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let ns = skiff_core::netns::open(netns).map_err(|e| format!("netns {name}: {}", skiff_core::report(&e)))?;
+    let target = path.to_owned();
+    let (status, body) = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || {
+        skiff_core::http1::get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "localhost", &target, std::time::Duration::from_secs(5))
     })
-    .map_err(|e| format!("entering netns {netns}: {} (run as root)", skiff_core::report(&e)))?
-    .map_err(|e| format!("127.0.0.1:{port} in {netns}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("127.0.0.1:{port}{path} in {netns}: not an HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("127.0.0.1:{port}{path} in {netns}: {}", head.lines().next().unwrap_or("")));
+    .map_err(|e| format!("entering netns {name}: {} (run as root)", skiff_core::report(&e)))?
+    .map_err(|e| format!("127.0.0.1:{port} in {name}: {e}"))?;
+    if status != 200 {
+        return Err(format!("127.0.0.1:{port}{path} in {name}: status {status}: {}", body.lines().next().unwrap_or("")));
     }
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 /// The value of `flag` on the command line of a `skiff-ztunnel` of the
@@ -126,7 +126,7 @@ pub fn ztunnel_flag(cluster: &Path, flag: &str) -> Option<String> {
 pub fn proxies(work: &Path, snap: &skiff_core::model::Snapshot, ztunnels: bool) -> Result<Vec<(String, PathBuf)>, String> {
     let mut out = Vec::new();
     if ztunnels {
-        out.extend(nodes(work)?.into_iter().map(|n| (format!("ztunnel {}", n.name), Path::new("/var/run/netns").join(n.netns))));
+        out.extend(nodes(work)?.into_iter().map(|n| (format!("ztunnel {}", n.name), n.netns_path())));
     }
     for w in snap.workloads.values() {
         let Some(netns) = &w.netns_path else { continue };

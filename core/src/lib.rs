@@ -19,6 +19,7 @@
 pub mod egress;
 pub mod enroll;
 pub mod gateway;
+pub mod http1;
 pub mod k8s;
 pub mod logging;
 pub mod model;

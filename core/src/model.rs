@@ -887,6 +887,11 @@ impl Snapshot {
         out
     }
 
+    /// [`Self::endpoints`] as the addresses to dial.
+    pub fn endpoint_addrs(&self, svc: &ServiceInfo, port: &ServicePort) -> Vec<std::net::SocketAddrV4> {
+        self.endpoints(svc, port).into_iter().filter_map(|(w, p)| Some(std::net::SocketAddrV4::new(w.ip?, p))).collect()
+    }
+
     /// The waypoint a Service's traffic goes through: the Service's
     /// `istio.io/use-waypoint` (or `skiff.dev/use-waypoint`) label, else its
     /// namespace's; `none` opts out. Returns that waypoint's ready pods in

@@ -128,8 +128,7 @@ pub fn decide<'s>(snap: &'s Snapshot, from: From<'_>, dst: SocketAddrV4) -> Deci
         let next = match snap.waypoint_for(svc) {
             Some(wp) => waypoint(wp, &svc.namespace),
             None => {
-                let eps: Vec<SocketAddrV4> =
-                    snap.endpoints(svc, port).into_iter().filter_map(|(w, p)| Some(SocketAddrV4::new(w.ip?, p))).collect();
+                let eps = snap.endpoint_addrs(svc, port);
                 if eps.is_empty() { Next::Refused(Refused::NoEndpoints) } else { Next::Endpoints(eps) }
             }
         };

@@ -27,6 +27,20 @@ impl Body for EventsBody {
     }
 }
 
+/// The answer to `GET /events` on an admin port: the stream, or 503 when
+/// [`skiff_core::logging::EVENTS_READERS`] already read.
+pub fn response(proxy: String) -> http::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
+    use http_body_util::BodyExt as _;
+    let r = match subscribe(proxy) {
+        Some(body) => http::Response::builder().header("content-type", "application/x-ndjson").body(body.boxed()),
+        None => http::Response::builder()
+            .status(http::StatusCode::SERVICE_UNAVAILABLE)
+            .header("content-type", "text/plain")
+            .body(http_body_util::Full::new(Bytes::from(format!("too many /events readers (at most {})\n", skiff_core::logging::EVENTS_READERS))).boxed()),
+    };
+    r.expect("a constant status and header")
+}
+
 /// Subscribes to the access events of this process, as `proxy` (what the
 /// reader is told it is reading: `ztunnel node-1`, `waypoint shop/waypoint`).
 /// Must be called inside a Tokio runtime.

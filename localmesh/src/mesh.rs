@@ -1129,21 +1129,11 @@ impl LocalMesh {
     /// HTTP GET to 127.0.0.1:`port` inside netns `netns`.
     pub fn netns_http_get(&self, netns: &str, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
         let ns = skiff_core::netns::open(Path::new(&format!("/var/run/netns/{netns}")))?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        let raw = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || -> std::io::Result<String> {
-            let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
-            let mut s = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(req.as_bytes())?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
+        let path = path.to_owned();
+        let got = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || {
+            skiff_core::http1::get(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(), "localhost", &path, Duration::from_secs(5))
         })??;
-        let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("malformed HTTP response")?;
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
-        let body = if chunked { dechunk(body).context("malformed chunked body")? } else { body.to_owned() };
-        Ok((status, body))
+        Ok(got)
     }
 
     /// Sum of a ztunnel metric on node `i` over series whose labels contain
@@ -1288,21 +1278,6 @@ pub fn tail(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// The data of an HTTP/1.1 chunked body (servers such as Prometheus'
-/// answer large responses so, whatever the request's Connection).
-fn dechunk(mut body: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n")?;
-        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        if n == 0 {
-            return Some(out);
-        }
-        out.push_str(rest.get(..n)?);
-        body = rest.get(n..)?.strip_prefix("\r\n")?;
-    }
 }
 
 /// Sums a metric family in Prometheus text format over matching series.

@@ -132,16 +132,12 @@ async fn serve_admin(listener: tokio::net::TcpListener, label: String, proxy: Ar
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let (label, proxy) = (label.clone(), proxy.clone());
                 async move {
-                    let events = (req.uri().path() == "/events").then(|| skiff_hbone::events::subscribe(label));
+                    if req.uri().path() == "/events" {
+                        return Ok::<_, std::convert::Infallible>(skiff_hbone::events::response(label));
+                    }
                     let resp = if req.uri().path() == "/config_dump" {
                         let body = serde_json::to_vec_pretty(&proxy.config_dump()).unwrap_or_default();
                         hyper::Response::builder().header("content-type", "application/json").body(http_body_util::Full::new(bytes::Bytes::from(body)).boxed())
-                    } else if let Some(Some(body)) = events {
-                        hyper::Response::builder().header("content-type", "application/x-ndjson").body(body.boxed())
-                    } else if events.is_some() {
-                        hyper::Response::builder()
-                            .status(hyper::StatusCode::SERVICE_UNAVAILABLE)
-                            .body(http_body_util::Full::new(bytes::Bytes::from(format!("too many /events readers (at most {})\n", skiff_core::logging::EVENTS_READERS))).boxed())
                     } else {
                         hyper::Response::builder()
                             .status(hyper::StatusCode::NOT_FOUND)

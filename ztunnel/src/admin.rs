@@ -89,10 +89,7 @@ async fn admin(zt: Arc<Ztunnel>, reload: LogReload, req: Request<Incoming>) -> R
     use http_body_util::BodyExt as _;
     if req.uri().path() == "/events" {
         // The access events from now on, as JSON lines (`skiff observe`).
-        return Ok(match skiff_hbone::events::subscribe(format!("ztunnel {}", zt.node())) {
-            Some(body) => Response::builder().header("content-type", "application/x-ndjson").body(body.boxed()).expect("valid response"),
-            None => text(StatusCode::SERVICE_UNAVAILABLE, format!("too many /events readers (at most {})\n", skiff_core::logging::EVENTS_READERS)).map(|b| b.boxed()),
-        });
+        return Ok(skiff_hbone::events::response(format!("ztunnel {}", zt.node())));
     }
     Ok(match req.uri().path() {
         "/config_dump" => json(StatusCode::OK, config_dump(&zt)),

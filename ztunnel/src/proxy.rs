@@ -547,10 +547,6 @@ impl Ztunnel {
         async move {
             let source = self.local_labels(&info);
             let (decision, target) = self.route(&snap, &info.namespace, info.ip, orig);
-            let service = match &decision.destination {
-                outbound::Destination::Service(svc, _) => Some((svc.name.clone(), svc.namespace.clone())),
-                _ => None,
-            };
             let dst_w = target.and_then(|t| snap.workload_by_ip(*t.ip()));
             let mesh_dst = dst_w.filter(|w| !self.cfg.plaintext_mesh && Self::in_mesh(&snap, w));
             let destination = self.remote_labels(dst_w);
@@ -560,10 +556,9 @@ impl Ztunnel {
                 source,
                 destination,
                 // Never the raw IP: label values must stay a bounded set.
-                destination_service: match &service {
-                    Some((n, ns)) => format!("{n}.{ns}.svc.cluster.local"),
-                    None if svc_name != "unknown" => svc_name.clone(),
-                    None => "unknown".into(),
+                destination_service: match &decision.destination {
+                    outbound::Destination::Service(svc, _) => svc.hostname(),
+                    _ => svc_name.clone(),
                 },
                 destination_service_name: svc_name,
                 destination_service_namespace: svc_ns,
