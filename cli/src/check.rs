@@ -145,31 +145,30 @@ pub fn find_node_agent() -> Option<PathBuf> {
 /// ready and at which version, capture readable, the pods enrolled against
 /// those the cluster says should be, the certificates ztunnel holds; and
 /// mesh-wide, one version everywhere and the config objects refused. Each
-/// node's endpoints are read inside its network namespace (root).
-pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
-    let work = crate::mesh::work_dir(mesh_dir)?;
-    let cluster = work.join("cluster");
-    let snap = skiff_core::source::LocalDirSource::analyze(&cluster).map_err(|e| e.report())?;
-    let all = crate::mesh::all_nodes(&work)?;
+/// node's endpoints are read inside its network namespace (root), or in a
+/// cluster through the API server's pod port-forward.
+pub fn live(mesh: &crate::reach::Mesh) -> Result<Vec<Line>, String> {
+    let snap = mesh.snapshot()?;
     let mut out = Vec::new();
     let mut nodes = Vec::new();
-    for n in all {
-        if n.netns_path().exists() {
-            nodes.push(n);
-        } else {
-            out.push(line(Level::Fail, &format!("{} node", n.name), format!("its network namespace {} is gone", n.netns), Some("the node is down: its pods are unreachable")));
+    for n in mesh.nodes(&snap)? {
+        match n.place {
+            Ok(place) => nodes.push((n.name, place)),
+            Err(why) => out.push(line(Level::Fail, &format!("{} node", n.name), why, Some(match mesh {
+                crate::reach::Mesh::Local(_) => "the node is down: its pods are unreachable",
+                crate::reach::Mesh::Kube(_) => "no capture and no ztunnel there: enrolled pods on this node cannot start or connect; see the DaemonSet skiff-node",
+            }))),
         }
     }
     if nodes.is_empty() {
-        return Err(format!("{}: no node of this mesh has a network namespace (has it stopped?)", work.display()));
+        return Err("no node of this mesh can be reached (has it stopped?)".into());
     }
     // Versions by component, read or not.
     let mut tags: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
     let mut unread = Vec::new();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    for n in &nodes {
-        let netns = n.netns_path();
-        let get = |port: u16, path: &str| crate::mesh::get_in(&netns, port, path);
+    for (name, place) in &nodes {
+        let get = |port: u16, path: &str| mesh.get(place, port, path);
         // A component's metrics, read once: its version and the rest.
         let metrics = |port: u16| get(port, "/metrics").map(|m| crate::dashboard::parse(&m));
         let tag_of = |samples: &[crate::dashboard::Sample]| samples.iter().find(|s| s.name == "istio_build").and_then(|s| s.labels.get("tag").cloned());
@@ -179,26 +178,26 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
                 let samples = metrics(15022);
                 let tag = samples.as_ref().ok().and_then(|s| tag_of(s));
                 match &tag {
-                    Some(t) => tags.entry(t.clone()).or_default().push(format!("{} node-agent", n.name)),
-                    None => unread.push(format!("{} node-agent", n.name)),
+                    Some(t) => tags.entry(t.clone()).or_default().push(format!("{} node-agent", name)),
+                    None => unread.push(format!("{} node-agent", name)),
                 }
                 let tag = tag.unwrap_or_else(|| "unknown".into());
                 match samples {
                     Ok(m) if m.iter().any(|s| s.name == "skiff_node_capture_readable" && s.value == 1.0) => {
-                        out.push(line(Level::Ok, &format!("{} node-agent", n.name), format!("ready, capture attached, version {tag}"), None))
+                        out.push(line(Level::Ok, &format!("{} node-agent", name), format!("ready, capture attached, version {tag}"), None))
                     }
                     Ok(_) => out.push(line(
                         Level::Fail,
-                        &format!("{} node-agent", n.name),
+                        &format!("{} node-agent", name),
                         "ready, but its pinned capture maps cannot be read",
                         Some("see node-agent's log on this node; `skiff-node-agent inspect` shows the pins"),
                     )),
-                    Err(e) => out.push(line(Level::Warn, &format!("{} node-agent", n.name), format!("ready, but its metrics cannot be read: {e}"), Some("whether capture is attached is not known"))),
+                    Err(e) => out.push(line(Level::Warn, &format!("{} node-agent", name), format!("ready, but its metrics cannot be read: {e}"), Some("whether capture is attached is not known"))),
                 }
             }
             Err(e) => out.push(line(
                 Level::Fail,
-                &format!("{} node-agent", n.name),
+                &format!("{} node-agent", name),
                 format!("not ready: {e}"),
                 Some("capture is not (re)installed on this node: new pods are not enrolled; see node-agent's log"),
             )),
@@ -208,14 +207,14 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
             Ok(_) => {
                 let tag = metrics(15020).ok().and_then(|s| tag_of(&s));
                 match &tag {
-                    Some(t) => tags.entry(t.clone()).or_default().push(format!("{} ztunnel", n.name)),
-                    None => unread.push(format!("{} ztunnel", n.name)),
+                    Some(t) => tags.entry(t.clone()).or_default().push(format!("{} ztunnel", name)),
+                    None => unread.push(format!("{} ztunnel", name)),
                 }
-                out.push(line(Level::Ok, &format!("{} ztunnel", n.name), format!("ready, version {}", tag.as_deref().unwrap_or("unknown")), None));
+                out.push(line(Level::Ok, &format!("{} ztunnel", name), format!("ready, version {}", tag.as_deref().unwrap_or("unknown")), None));
                 match get(15000, "/config_dump").and_then(|b| serde_json::from_str::<serde_json::Value>(&b).map_err(|e| e.to_string())) {
                     Ok(d) => Some(d),
                     Err(e) => {
-                        out.push(line(Level::Warn, &format!("{} ztunnel", n.name), format!("its /config_dump cannot be read: {e}"), Some("enrollment and certificates on this node are not checked")));
+                        out.push(line(Level::Warn, &format!("{} ztunnel", name), format!("its /config_dump cannot be read: {e}"), Some("enrollment and certificates on this node are not checked")));
                         None
                     }
                 }
@@ -223,7 +222,7 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
             Err(e) => {
                 out.push(line(
                     Level::Fail,
-                    &format!("{} ztunnel", n.name),
+                    &format!("{} ztunnel", name),
                     format!("not ready: {e}"),
                     Some("enrolled pods on this node cannot open connections (refused, never sent around the mesh): start or restart ztunnel"),
                 ));
@@ -236,7 +235,7 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
         let want: std::collections::BTreeMap<String, String> = snap
             .workloads
             .values()
-            .filter(|w| skiff_core::enroll::decide(&n.name, snap.namespace_labels(&w.namespace), w) == skiff_core::enroll::Decision::Enroll)
+            .filter(|w| skiff_core::enroll::decide(name, snap.namespace_labels(&w.namespace), w) == skiff_core::enroll::Decision::Enroll)
             .map(|w| (w.uid.clone(), format!("{}/{}", w.namespace, w.name)))
             .collect();
         if let Some(d) = &dump {
@@ -248,7 +247,7 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
                 .collect();
             let missing: Vec<&String> = want.iter().filter(|(u, _)| !have.contains_key(*u)).map(|(_, n)| n).collect();
             let extra: Vec<&String> = have.iter().filter(|(u, _)| !want.contains_key(*u)).map(|(_, n)| n).collect();
-            let what = format!("{} enrolled pods", n.name);
+            let what = format!("{} enrolled pods", name);
             if missing.is_empty() && extra.is_empty() {
                 out.push(line(Level::Ok, &what, format!("{} of {} pods that should be", have.len(), want.len()), None));
             } else {
@@ -266,7 +265,7 @@ pub fn live(mesh_dir: Option<&Path>) -> Result<Vec<Line>, String> {
             let expired: Vec<String> = certs.iter().filter(|c| c["not_after_unix"].as_u64().is_some_and(|t| t <= now)).filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect();
             let overdue: Vec<String> = certs.iter().filter(|c| c["rotates_at_unix"].as_u64().is_some_and(|t| t.saturating_add(60) < now)).filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect();
             let earliest = certs.iter().filter_map(|c| c["not_after_unix"].as_u64()).min();
-            let what = format!("{} certificates", n.name);
+            let what = format!("{} certificates", name);
             if !expired.is_empty() {
                 out.push(line(Level::Fail, &what, format!("expired: {}", expired.join(", ")), Some("the signer or the CA cannot issue: see ztunnel's log")));
             } else if !overdue.is_empty() {

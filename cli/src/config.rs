@@ -3,11 +3,9 @@
 //! the node's network namespace), by pod name and namespace, as a table or
 //! as JSON/YAML.
 
-use std::path::Path;
-
 use serde_json::{json, Value};
 
-use crate::mesh;
+use crate::reach::Mesh;
 
 /// What to show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -28,19 +26,20 @@ pub enum What {
     Routes,
 }
 
-fn dumps(mesh_dir: Option<&Path>) -> Result<Dumps, String> {
-    let work = mesh::work_dir(mesh_dir)?;
-    let nodes = mesh::nodes(&work)?;
+fn dumps(mesh: &Mesh) -> Result<Dumps, String> {
+    let snap = mesh.snapshot()?;
+    let nodes: Vec<_> = mesh.nodes(&snap)?.into_iter().filter_map(|n| n.place.ok().map(|p| (n.name, p))).collect();
     if nodes.is_empty() {
-        return Err(format!("{}: no node of this mesh has a network namespace (has it stopped?)", work.display()));
+        return Err("no node of this mesh can be reached (has it stopped?)".into());
     }
     Ok(nodes
         .into_iter()
-        .map(|n| {
-            let dump = mesh::get_in(&n.netns_path(), 15000, "/config_dump")
+        .map(|(name, place)| {
+            let dump = mesh
+                .get(&place, 15000, "/config_dump")
                 .and_then(|body| serde_json::from_str::<Value>(&body).map_err(|e| format!("config_dump is not JSON: {e}")))
                 .map_err(|e| format!("ztunnel not reachable: {e}"));
-            (n.name, dump)
+            (name, dump)
         })
         .collect())
 }
@@ -96,13 +95,14 @@ fn rfc3339(unix: &Value) -> String {
 type Dumps = Vec<(String, Result<Value, String>)>;
 
 /// Each waypoint's and gateway's `/config_dump`, by proxy.
-fn proxy_dumps(mesh_dir: Option<&Path>) -> Result<Dumps, String> {
-    let work = mesh::work_dir(mesh_dir)?;
-    let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
-    Ok(mesh::proxies(&work, &snap, false)?
+fn proxy_dumps(mesh: &Mesh) -> Result<Dumps, String> {
+    let snap = mesh.snapshot()?;
+    Ok(mesh
+        .proxies(&snap, false)?
         .into_iter()
-        .map(|(what, netns)| {
-            let dump = mesh::get_in(&netns, 15000, "/config_dump")
+        .map(|(what, place)| {
+            let dump = mesh
+                .get(&place, 15000, "/config_dump")
                 .and_then(|body| serde_json::from_str::<Value>(&body).map_err(|e| format!("config_dump is not JSON: {e}")))
                 .map_err(|e| format!("not reachable: {e}"));
             (what, dump)
@@ -111,8 +111,8 @@ fn proxy_dumps(mesh_dir: Option<&Path>) -> Result<Dumps, String> {
 }
 
 /// `config services|routes`: what the waypoints and gateways hold.
-fn run_proxies(what: What, mesh_dir: Option<&Path>, output: &str) -> Result<(String, bool), String> {
-    let dumps = proxy_dumps(mesh_dir)?;
+fn run_proxies(what: What, mesh: &Mesh, output: &str) -> Result<(String, bool), String> {
+    let dumps = proxy_dumps(mesh)?;
     let all_ok = dumps.iter().all(|(_, d)| d.is_ok());
     if output != "table" {
         let v = json!({"proxies": dumps.iter().map(|(p, d)| match d {
@@ -173,11 +173,11 @@ fn run_proxies(what: What, mesh_dir: Option<&Path>, output: &str) -> Result<(Str
 }
 
 /// Runs `skiff config WHAT`; the output, and whether every node answered.
-pub fn run(what: What, mesh_dir: Option<&Path>, output: &str) -> Result<(String, bool), String> {
+pub fn run(what: What, mesh: &Mesh, output: &str) -> Result<(String, bool), String> {
     if matches!(what, What::Services | What::Routes) {
-        return run_proxies(what, mesh_dir, output);
+        return run_proxies(what, mesh, output);
     }
-    let dumps = dumps(mesh_dir)?;
+    let dumps = dumps(mesh)?;
     let all_ok = dumps.iter().all(|(_, d)| d.is_ok());
     let key = match what {
         What::Workloads => "workloads",

@@ -347,8 +347,9 @@ fn refresh(view: &View, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
         },
         None => {
             let View::Mesh(work) = view else { return Err("without --prometheus, the dashboard scrapes a local mesh's proxies".into()) };
-            for (what, netns) in crate::mesh::proxies(work, &snap, true)? {
-                match crate::mesh::get_in(&netns, 15020, "/metrics") {
+            let mesh = crate::reach::Mesh::Local(work.clone());
+            for (what, place) in mesh.proxies(&snap, true)? {
+                match mesh.get(&place, 15020, "/metrics") {
                     Ok(text) => samples.extend(parse(&text)),
                     Err(e) => unreachable.push(format!("{what}: metrics not reachable: {e}")),
                 }

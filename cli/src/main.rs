@@ -30,6 +30,7 @@ mod install;
 mod mesh;
 mod observe;
 mod offline;
+mod reach;
 
 /// skiff: install, check, explain and watch a Skiff mesh.
 #[derive(Parser)]
@@ -70,16 +71,14 @@ enum Command {
     /// program loaded into this kernel).
     Check {
         /// This node's prerequisites, before installing.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["mesh", "kube", "kube_url"])]
         pre: bool,
         /// The skiff-node-agent binary that loads the programs (`--pre`;
         /// default: beside skiff, else on the PATH).
         #[arg(long, requires = "pre")]
         node_agent: Option<PathBuf>,
-        /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
-        /// run.
-        #[arg(long, conflicts_with = "pre")]
-        mesh: Option<PathBuf>,
+        #[command(flatten)]
+        at: Where,
     },
     /// Every decision the mesh takes for one connection or request, and why.
     ///
@@ -238,7 +237,7 @@ enum Command {
     /// latency. Each proxy keeps a bounded buffer per reader: a reader that
     /// falls behind loses the oldest events and is told how many; the mesh
     /// never waits for it. As root (it reads each proxy's admin port in its
-    /// network namespace).
+    /// network namespace), or with --kube by pod port-forward.
     Observe {
         /// Only events whose source or destination is in this namespace.
         #[arg(short, long)]
@@ -256,10 +255,8 @@ enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<usize>,
-        /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
-        /// run.
-        #[arg(long)]
-        mesh: Option<PathBuf>,
+        #[command(flatten)]
+        at: Where,
         /// Output: `text` or `json` (one event per line, the access line's
         /// fields and `proxy`).
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
@@ -270,19 +267,42 @@ enum Command {
     /// The pods it serves (`workloads`: the enrolled pods, whose traffic it
     /// captures), the policies in force and objects refused (`policies`),
     /// its workload certificates and their expiry (`certs`). Read from
-    /// each ztunnel's admin endpoint in its node's network namespace (run
-    /// as root). Exit 1 when a node's ztunnel does not answer.
+    /// each ztunnel's admin endpoint: in its node's network namespace (run
+    /// as root), or with --kube by pod port-forward. Exit 1 when a node's
+    /// ztunnel does not answer.
     Config {
         #[arg(value_enum)]
         what: config::What,
-        /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
-        /// run.
-        #[arg(long)]
-        mesh: Option<PathBuf>,
+        #[command(flatten)]
+        at: Where,
         /// Output: `table`, `json` or `yaml`.
         #[arg(short, long, default_value = "table", value_parser = ["table", "json", "yaml"])]
         output: String,
     },
+}
+
+/// Which mesh: the local one, or a cluster through the Kubernetes API.
+#[derive(clap::Args)]
+struct Where {
+    /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
+    /// run.
+    #[arg(long, conflicts_with_all = ["kube", "kube_url"])]
+    mesh: Option<PathBuf>,
+    /// A cluster, through the Kubernetes API (KUBECONFIG, else in-cluster
+    /// config): each proxy's local ports are reached by pod port-forward,
+    /// as `kubectl port-forward` does (needs `create` on pods/portforward
+    /// in skiff-system and the waypoints' namespaces).
+    #[arg(long)]
+    kube: bool,
+    /// A cluster, through the Kubernetes API at this URL.
+    #[arg(long, value_name = "URL")]
+    kube_url: Option<String>,
+}
+
+impl Where {
+    fn open(self) -> Result<reach::Mesh, String> {
+        reach::Mesh::open(self.mesh.as_deref(), self.kube, self.kube_url)
+    }
 }
 
 /// What an install has, for install and uninstall alike.
@@ -385,9 +405,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Observe { namespace, pod, verdict, protocol, count, mesh, output } => {
+        Command::Observe { namespace, pod, verdict, protocol, count, at, output } => {
             let filter = observe::Filter { namespace, pod, verdict, protocol };
-            match observe::run(mesh.as_deref(), &filter, output == "json", count) {
+            match at.open().and_then(|mesh| observe::run(mesh, &filter, output == "json", count)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(why) => {
                     eprintln!("skiff observe: {why}");
@@ -395,7 +415,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Config { what, mesh, output } => match config::run(what, mesh.as_deref(), &output) {
+        Command::Config { what, at, output } => match at.open().and_then(|mesh| config::run(what, &mesh, &output)) {
             Ok((text, all_ok)) => {
                 print!("{text}");
                 if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
@@ -405,12 +425,12 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Check { pre, node_agent, mesh } => {
+        Command::Check { pre, node_agent, at } => {
             let lines = if pre {
                 let root = check::effective_uid() == Some(0);
                 check::pre(node_agent.or_else(check::find_node_agent).as_deref(), root)
             } else {
-                match check::live(mesh.as_deref()) {
+                match at.open().and_then(|mesh| check::live(&mesh)) {
                     Ok(l) => l,
                     Err(why) => {
                         eprintln!("skiff check: {why}");

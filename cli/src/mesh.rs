@@ -57,12 +57,6 @@ impl Node {
     }
 }
 
-/// The nodes of the local mesh at `work` (`/tmp/skiff-RUN`): the nodes its
-/// pods are scheduled on whose network namespace exists.
-pub fn nodes(work: &Path) -> Result<Vec<Node>, String> {
-    Ok(all_nodes(work)?.into_iter().filter(|n| n.netns_path().exists()).collect())
-}
-
 /// Every node the local mesh's pods are scheduled on, whether its network
 /// namespace is there or not.
 pub fn all_nodes(work: &Path) -> Result<Vec<Node>, String> {
@@ -86,24 +80,6 @@ pub fn work_dir(mesh: Option<&Path>) -> Result<PathBuf, String> {
     Ok(cluster_dir(mesh)?.parent().expect("cluster/ has a parent").to_owned())
 }
 
-/// HTTP GET `path` from 127.0.0.1:`port` inside the network namespace at
-/// `netns` (root: entering a namespace needs CAP_SYS_ADMIN). The body of
-/// a 200.
-pub fn get_in(netns: &Path, port: u16, path: &str) -> Result<String, String> {
-    let name = netns.file_name().map_or_else(|| netns.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let ns = skiff_core::netns::open(netns).map_err(|e| format!("netns {name}: {}", skiff_core::report(&e)))?;
-    let target = path.to_owned();
-    let (status, body) = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), move || {
-        skiff_core::http1::get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "localhost", &target, std::time::Duration::from_secs(5))
-    })
-    .map_err(|e| format!("entering netns {name}: {} (run as root)", skiff_core::report(&e)))?
-    .map_err(|e| format!("127.0.0.1:{port} in {name}: {e}"))?;
-    if status != 200 {
-        return Err(format!("127.0.0.1:{port}{path} in {name}: status {status}: {}", body.lines().next().unwrap_or("")));
-    }
-    Ok(body)
-}
-
 /// The value of `flag` on the command line of a `skiff-ztunnel` of the
 /// local mesh whose cluster view is `cluster` (its `--manifests`), if one
 /// runs and sets it.
@@ -118,24 +94,6 @@ pub fn ztunnel_flag(cluster: &Path, flag: &str) -> Option<String> {
         return args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     }
     None
-}
-
-/// The mesh's proxies and the network namespace each serves in: every
-/// node's ztunnel (`ztunnel NODE`) when `ztunnels`, and every waypoint's
-/// and gateway's pod (`waypoint NS/POD`, `gateway NS/POD`).
-pub fn proxies(work: &Path, snap: &skiff_core::model::Snapshot, ztunnels: bool) -> Result<Vec<(String, PathBuf)>, String> {
-    let mut out = Vec::new();
-    if ztunnels {
-        out.extend(nodes(work)?.into_iter().map(|n| (format!("ztunnel {}", n.name), n.netns_path())));
-    }
-    for w in snap.workloads.values() {
-        let Some(netns) = &w.netns_path else { continue };
-        let waypoint = w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account);
-        if waypoint || !snap.gateway_servers(w).is_empty() {
-            out.push((format!("{} {}/{}", if waypoint { "waypoint" } else { "gateway" }, w.namespace, w.name), netns.clone()));
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

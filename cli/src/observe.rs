@@ -6,13 +6,13 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write as _},
-    net::TcpStream,
-    path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{mpsc, Arc},
     time::Duration,
 };
 
 use serde_json::Value;
+
+use crate::reach::{Conn, Mesh, Place};
 
 /// What to show.
 #[derive(Clone, Debug, Default)]
@@ -100,20 +100,16 @@ pub fn render(proxy: &str, e: &Value) -> String {
     format!("{time} [{proxy}] {} {} {} -> {dst} {}", verdict(e).to_uppercase(), protocol(e), who("src"), detail.join(" "))
 }
 
-/// Where events come from: (what, network namespace path).
-fn sources(work: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-    let snap = skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map_err(|e| e.report())?;
-    crate::mesh::proxies(work, &snap, true)
+/// Opens `/events` on the proxy's admin port (127.0.0.1:15000 where it
+/// runs); the stream, past the response head.
+fn subscribe(mesh: &Mesh, place: &Place) -> Result<BufReader<Conn>, String> {
+    subscribe_with(mesh, place, false).or_else(|e| if matches!(place, Place::Pod { .. }) { subscribe_with(mesh, place, true) } else { Err(e) })
 }
 
-/// Opens `/events` on 127.0.0.1:15000 in `netns`; the stream, past the
-/// response head.
-fn subscribe(netns: &Path) -> Result<BufReader<TcpStream>, String> {
-    let ns = skiff_core::netns::open(netns).map_err(|e| format!("{}: {}", netns.display(), skiff_core::report(&e)))?;
-    let s = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), || TcpStream::connect_timeout(&([127, 0, 0, 1], 15000).into(), Duration::from_secs(2)))
-        .map_err(|e| format!("entering {}: {} (run as root)", netns.display(), skiff_core::report(&e)))?
-        .map_err(|e| format!("127.0.0.1:15000: {e}"))?;
-    (&s).write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+/// See [`Mesh::connect`] for `patient`.
+fn subscribe_with(mesh: &Mesh, place: &Place, patient: bool) -> Result<BufReader<Conn>, String> {
+    let mut s = mesh.connect(place, 15000, patient)?;
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
     // The head within 5 s, each line bounded; then events as they come.
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     let mut r = BufReader::new(s);
@@ -135,14 +131,14 @@ fn subscribe(netns: &Path) -> Result<BufReader<TcpStream>, String> {
 }
 
 /// One line of at most 64 KiB (None at its end, on error or when longer).
-fn bounded_line(r: &mut BufReader<TcpStream>) -> Option<String> {
+fn bounded_line(r: &mut BufReader<Conn>) -> Option<String> {
     let mut line = Vec::new();
     let n = r.by_ref().take(65_536).read_until(b'\n', &mut line).ok()?;
     (n > 0 && line.ends_with(b"\n")).then(|| String::from_utf8_lossy(&line).into_owned())
 }
 
 /// The lines of a chunked body, as they come.
-fn read_chunked_lines(mut r: BufReader<TcpStream>, mut each: impl FnMut(&str) -> bool) {
+fn read_chunked_lines(mut r: BufReader<Conn>, mut each: impl FnMut(&str) -> bool) {
     // Lines of at most 1 MiB; a chunk of at most that.
     const MAX: usize = 1 << 20;
     let mut pending = Vec::new();
@@ -170,19 +166,19 @@ fn read_chunked_lines(mut r: BufReader<TcpStream>, mut each: impl FnMut(&str) ->
 /// Streams events until interrupted (or `limit` lines printed), to
 /// `out`. Sources that cannot be reached are reported on stderr; none at
 /// all is an error.
-pub fn run(mesh_dir: Option<&Path>, filter: &Filter, json: bool, limit: Option<usize>) -> Result<(), String> {
-    let work = crate::mesh::work_dir(mesh_dir)?;
+pub fn run(mesh: Mesh, filter: &Filter, json: bool, limit: Option<usize>) -> Result<(), String> {
     let (tx, rx) = mpsc::channel::<String>();
-    let sources = sources(&work)?;
+    let sources = mesh.proxies(&mesh.snapshot()?, true)?;
+    let mesh = Arc::new(mesh);
     if sources.is_empty() {
         return Err("no ztunnel, waypoint or gateway in this mesh".into());
     }
     let count = sources.len();
-    for (what, netns) in sources {
-        let (tx, filter) = (tx.clone(), filter.clone());
+    for (what, place) in sources {
+        let (tx, filter, mesh) = (tx.clone(), filter.clone(), mesh.clone());
         // Each source on its own: one that hangs holds up no other.
         std::thread::spawn(move || {
-            let r = match subscribe(&netns) {
+            let r = match subscribe(&mesh, &place) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.send(format!("# {what}: not watched: {e}"));

@@ -4,7 +4,7 @@
 //! (bounded), chunked bodies decoded.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     time::Duration,
 };
@@ -16,9 +16,15 @@ const MAX_RESPONSE: u64 = 64 << 20;
 /// `timeout` for each read: the status and the body. The socket is made
 /// in the calling thread's network namespace.
 pub fn get(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{addr}{path}: {what}"));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(timeout))?;
+    get_on(s, &addr.to_string(), host, path)
+}
+
+/// GETs `path` over a connection already made (`what` names its far end
+/// in errors); the caller bounds its reads.
+pub fn get_on(mut s: impl Read + Write, what: &str, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}{path}: {why}"));
     // One write: a server that answers after its first read and closes
     // would otherwise reset the connection on the rest.
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())?;

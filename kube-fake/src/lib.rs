@@ -9,7 +9,9 @@
 //! HTTP 410 on an exact list, an `ERROR` event with a Status in a watch),
 //! `timeoutSeconds`, list items without `kind`/`apiVersion` and watch
 //! objects with them, `404` for a kind whose CRD is absent, single-object
-//! `GET`, and `POST tokenreviews` answered from tokens the test registered.
+//! `GET`, `POST tokenreviews` answered from tokens the test registered, and
+//! `pods/NAME/portforward` over WebSocket (the `v4.channel.k8s.io` channel
+//! protocol kubectl and kube-rs speak) to a connection the test makes.
 //!
 //! A test drives it with [`FakeApiServer::apply`], [`FakeApiServer::delete`],
 //! [`FakeApiServer::drop_watches`], [`FakeApiServer::compact`] and
@@ -173,6 +175,9 @@ struct HistoryEvent {
 
 type Key = (&'static str, String, String); // (resource, namespace, name)
 
+/// See [`FakeApiServer::set_port_forward`].
+type PortForward = Arc<dyn Fn(&Value, u16) -> io::Result<std::net::TcpStream> + Send + Sync>;
+
 struct State {
     rv: u64,
     /// Watches (and exact lists) from a resource version below this get 410.
@@ -186,6 +191,7 @@ struct State {
     failing: BTreeSet<&'static str>,
     requests: Vec<ApiRequest>,
     tokens: BTreeMap<String, TokenIdentity>,
+    port_forward: Option<PortForward>,
     bookmark_interval: Duration,
     active_watches: usize,
     next_uid: u64,
@@ -237,6 +243,7 @@ impl FakeApiServer {
                 failing: BTreeSet::new(),
                 requests: Vec::new(),
                 tokens: BTreeMap::new(),
+                port_forward: None,
                 bookmark_interval: Duration::from_secs(1),
                 active_watches: 0,
                 next_uid: 1,
@@ -443,6 +450,14 @@ impl FakeApiServer {
         self.shared.lock().tokens.insert(token.to_owned(), identity);
     }
 
+    /// Where `pods/NAME/portforward` connects: `connect(pod, port)` (the
+    /// stored Pod object) makes the connection the forwarded bytes go over,
+    /// as the kubelet connects to the port inside the pod's network
+    /// namespace. Without one, a port-forward is refused with 503.
+    pub fn set_port_forward(&self, connect: impl Fn(&Value, u16) -> io::Result<std::net::TcpStream> + Send + Sync + 'static) {
+        self.shared.lock().port_forward = Some(Arc::new(connect));
+    }
+
     /// Every request so far, in order.
     pub fn requests(&self) -> Vec<ApiRequest> {
         self.shared.lock().requests.clone()
@@ -501,6 +516,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await;
         });
     }
@@ -543,6 +559,8 @@ struct Target {
     namespace: Option<String>,
     resource: String,
     name: Option<String>,
+    /// `portforward` in `pods/NAME/portforward`.
+    subresource: Option<String>,
     query: BTreeMap<String, String>,
 }
 
@@ -553,11 +571,12 @@ fn parse_target(path: &str, query: Option<&str>) -> Option<Target> {
         ["apis", g, v, rest @ ..] => (g.to_string(), v.to_string(), rest),
         _ => return None,
     };
-    let (namespace, resource, name) = match rest {
-        ["namespaces", ns, r] => (Some(ns.to_string()), r.to_string(), None),
-        ["namespaces", ns, r, n] => (Some(ns.to_string()), r.to_string(), Some(n.to_string())),
-        [r] => (None, r.to_string(), None),
-        [r, n] => (None, r.to_string(), Some(n.to_string())),
+    let (namespace, resource, name, subresource) = match rest {
+        ["namespaces", ns, r] => (Some(ns.to_string()), r.to_string(), None, None),
+        ["namespaces", ns, r, n] => (Some(ns.to_string()), r.to_string(), Some(n.to_string()), None),
+        ["namespaces", ns, r, n, sub] => (Some(ns.to_string()), r.to_string(), Some(n.to_string()), Some(sub.to_string())),
+        [r] => (None, r.to_string(), None, None),
+        [r, n] => (None, r.to_string(), Some(n.to_string()), None),
         _ => return None,
     };
     let mut q = BTreeMap::new();
@@ -565,7 +584,7 @@ fn parse_target(path: &str, query: Option<&str>) -> Option<Target> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         q.insert(percent_decode(k), percent_decode(v));
     }
-    Some(Target { group, version, namespace, resource, name, query: q })
+    Some(Target { group, version, namespace, resource, name, subresource, query: q })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -613,6 +632,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("reading the body: {e}")),
         };
         return token_review(&shared, &body);
+    }
+    if let Some(sub) = &t.subresource {
+        if t.group.is_empty() && t.resource == "pods" && sub == "portforward" {
+            return port_forward(&shared, req, &t);
+        }
+        return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
     }
     if req.method() != Method::GET {
         return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "the fake API server serves GET and TokenReview only");
@@ -695,9 +720,121 @@ fn record(shared: &Shared, verb: &str, t: &Target) {
     shared.lock().requests.push(ApiRequest {
         verb: verb.into(),
         group: t.group.clone(),
-        resource: t.resource.clone(),
+        resource: match &t.subresource {
+            Some(sub) => format!("{}/{sub}", t.resource),
+            None => t.resource.clone(),
+        },
         namespace: t.namespace.clone(),
     });
+}
+
+/// The channel protocol of exec, attach and port-forward over WebSocket.
+const CHANNEL_PROTOCOL: &str = "v4.channel.k8s.io";
+
+/// `GET pods/NAME/portforward?ports=P` upgraded to a WebSocket, as the
+/// real server and kubelet serve it: per port a data channel (0) and an
+/// error channel (1), each opened by a frame holding the port (u16, little
+/// endian); then every binary frame is a channel byte and data. A
+/// connection the test's connector cannot make is reported on the error
+/// channel; the pod side's end of stream closes the WebSocket. One port per
+/// request here.
+fn port_forward(shared: &Arc<Shared>, mut req: Request<Incoming>, t: &Target) -> Response<Body> {
+    // RBAC: a WebSocket port-forward needs `create` on pods/portforward
+    // (as a SPDY one does).
+    record(shared, "create", t);
+    let ns = t.namespace.clone().unwrap_or_default();
+    let pod = t.name.clone().unwrap_or_default();
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    if req.method() != Method::GET || !header("upgrade").eq_ignore_ascii_case("websocket") {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "the fake API server forwards ports over WebSocket only (GET with Upgrade: websocket)");
+    }
+    let key = header("sec-websocket-key");
+    if key.is_empty() {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "Sec-WebSocket-Key: Required value");
+    }
+    if !header("sec-websocket-protocol").split(',').any(|p| p.trim() == CHANNEL_PROTOCOL) {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("Sec-WebSocket-Protocol: the fake speaks {CHANNEL_PROTOCOL} only"));
+    }
+    let port = match t.query.get("ports").map(|p| p.parse::<u16>()) {
+        Some(Ok(p)) if p > 0 => p,
+        _ => return status(StatusCode::BAD_REQUEST, "BadRequest", "ports: one port number is required (the fake forwards one port per request)"),
+    };
+    let (connect, object) = {
+        let st = shared.lock();
+        let Some(object) = st.objects.get(&("pods", ns, pod.clone())).cloned() else {
+            return status(StatusCode::NOT_FOUND, "NotFound", &format!("pods \"{pod}\" not found"));
+        };
+        match &st.port_forward {
+            Some(c) => (c.clone(), object),
+            None => return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "the test registered no port-forward target"),
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        use futures_util::{SinkExt as _, StreamExt as _};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(hyper_util::rt::TokioIo::new(upgraded), Role::Server, None).await;
+        let [lo, hi] = port.to_le_bytes();
+        if ws.send(Message::binary(vec![0, lo, hi])).await.is_err() || ws.send(Message::binary(vec![1, lo, hi])).await.is_err() {
+            return;
+        }
+        let made = tokio::task::spawn_blocking(move || connect(&object, port).and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(s)
+        }))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        let mut conn = match made {
+            Ok(c) => c,
+            Err(e) => {
+                let mut msg = vec![1];
+                msg.extend_from_slice(format!("error forwarding port {port} to pod: {e}").as_bytes());
+                let _ = ws.send(Message::binary(msg)).await;
+                let _ = ws.close(None).await;
+                return;
+            }
+        };
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut to_pod_open = true;
+        loop {
+            tokio::select! {
+                m = ws.next(), if to_pod_open => match m {
+                    Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => {
+                        if conn.write_all(&b[1..]).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                        let _ = conn.shutdown().await;
+                        to_pod_open = false;
+                    }
+                    Some(Ok(_)) => {}
+                },
+                n = conn.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut msg = Vec::with_capacity(n + 1);
+                        msg.push(0);
+                        msg.extend_from_slice(&buf[..n]);
+                        if ws.send(Message::binary(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+            }
+        }
+        let _ = ws.close(None).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-accept", tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+        .header("sec-websocket-protocol", CHANNEL_PROTOCOL)
+        .body(http_body_util::Either::Left(http_body_util::Full::new(Bytes::new())))
+        .expect("static response parts")
 }
 
 fn token_review(shared: &Shared, body: &[u8]) -> Response<Body> {

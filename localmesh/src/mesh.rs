@@ -515,6 +515,16 @@ impl LocalMesh {
         let listener = skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), || std::net::TcpListener::bind((FABRIC_API_IP, 0)))?
             .with_context(|| format!("binding the fake API server to {FABRIC_API_IP} in {fabric}"))?;
         let fake = skiff_kube_fake::FakeApiServer::start_on(listener).context("starting the fake API server")?;
+        // Port-forward, as the kubelet does it: to 127.0.0.1:PORT in the
+        // pod's network namespace (a node pod's is its node's).
+        fake.set_port_forward(|pod, port| {
+            let path = pod.pointer("/metadata/annotations").and_then(|a| a.get(skiff_core::ANNOTATION_LOCAL_NETNS)).and_then(serde_json::Value::as_str).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the pod has no network namespace here (no local.skiff.dev/netns annotation)")
+            })?;
+            let netns_err = |e: skiff_core::netns::NetnsError| std::io::Error::other(skiff_core::report(&e));
+            let ns = skiff_core::netns::open(Path::new(path)).map_err(netns_err)?;
+            skiff_core::netns::run_in(std::os::fd::AsFd::as_fd(&ns), || std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))).map_err(netns_err)?
+        });
         info!(url = %fake.url(), "fake Kubernetes API server serving the cluster");
         self.kube = Some(fake);
         Ok(())
@@ -550,6 +560,25 @@ impl LocalMesh {
                     objects.push(v);
                 }
             }
+        }
+        // The node DaemonSet's pods, as a cluster with Skiff installed has
+        // them (deploy/base/node.yaml): what `skiff check|config|observe
+        // --kube` find each node's node-agent and ztunnel by.
+        objects.push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "skiff-system"}}));
+        for n in &self.nodes {
+            objects.push(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": format!("skiff-node-{}", n.name),
+                    "namespace": "skiff-system",
+                    "uid": format!("{}-skiff-node-{}", self.run_id, n.name),
+                    "labels": {"app.kubernetes.io/name": "skiff-node", "app.kubernetes.io/part-of": "skiff"},
+                    "annotations": {skiff_core::ANNOTATION_LOCAL_NETNS: format!("/var/run/netns/{}", n.netns)},
+                },
+                "spec": {"nodeName": n.name, "hostNetwork": true, "serviceAccountName": "ztunnel", "containers": [{"name": "ztunnel", "image": "skiff"}]},
+                "status": {"phase": "Running", "podIP": n.ip.to_string(), "hostIP": n.ip.to_string()},
+            }));
         }
         fake.sync(MIRRORED_KINDS, &objects).context("mirroring the cluster into the fake API server")
     }

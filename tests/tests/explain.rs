@@ -33,11 +33,15 @@ impl Observe {
     /// Starts it and waits until it watches both nodes' ztunnels and the
     /// waypoint.
     fn start(mesh: &LocalMesh, args: &[&str]) -> Observe {
+        let mut cmd = Command::new(bin_dir().join("skiff"));
+        cmd.args(["observe", "--mesh"]).arg(&mesh.work_dir).args(args);
+        Observe::spawn(cmd)
+    }
+
+    /// Starts `cmd` (a `skiff observe`) and waits as [`Observe::start`].
+    fn spawn(mut cmd: Command) -> Observe {
         use std::io::BufRead as _;
-        let mut child = Command::new(bin_dir().join("skiff"))
-            .args(["observe", "--mesh"])
-            .arg(&mesh.work_dir)
-            .args(args)
+        let mut child = cmd
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -312,10 +316,13 @@ fn explain_names_the_decision_and_the_rule_the_data_path_applies() {
 /// `skiff explain --kube-url`: the cluster read from the Kubernetes API
 /// (the local mesh's fake API server, in the fabric netns where it
 /// listens), through the same source the mesh's processes use; the same
-/// decisions as from the local mesh's files.
+/// decisions as from the local mesh's files. And `check`, `config` and
+/// `observe --kube-url`: each node's node-agent and ztunnel (the
+/// skiff-node pods) and the waypoint reached through the API server's pod
+/// port-forward, over WebSocket, as `kubectl port-forward` reaches them.
 #[test]
-fn explain_reads_the_cluster_from_the_kubernetes_api() {
-    let Some(mesh) = mesh_with("manifests/explain", |o| o.kube_api = true) else { return };
+fn explain_check_config_observe_through_the_kubernetes_api() {
+    let Some(mut mesh) = mesh_with("manifests/explain", |o| o.kube_api = true) else { return };
     let url = mesh.kube_api().expect("kube mode").url();
     let (fabric, _) = mesh.observer().unwrap();
     let explain = |args: &[&str]| -> serde_json::Value {
@@ -339,4 +346,53 @@ fn explain_reads_the_cluster_from_the_kubernetes_api() {
     let outside = format!("{}:80", skiff_localmesh::mesh::OUTSIDE_HOSTS[1].0);
     let e = explain(&["--from", "shop/client", "--to", &outside]);
     assert_eq!(outcome(&e), "denied", "{e:#}");
+
+    // check, config and observe through the API server.
+    let skiff = |args: &[&str]| -> (Option<i32>, String) {
+        let out = Command::new("ip").args(["netns", "exec", &fabric]).arg(bin_dir().join("skiff")).args(args).args(["--kube-url", &url]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, text) = eventually(WAIT, "a healthy check through the API", || {
+        let (code, text) = skiff(&["check"]);
+        (code == Some(0)).then_some((code, text))
+    });
+    assert_eq!(code, Some(0), "{text}");
+    for node in ["node-1", "node-2"] {
+        for what in ["node-agent", "ztunnel", "enrolled pods", "certificates"] {
+            assert!(text.lines().any(|l| l.starts_with(&format!("OK   {node} {what}: "))), "no OK for {node} {what}:\n{text}");
+        }
+    }
+    eprintln!("skiff check --kube-url:\n{text}");
+    let (code, text) = skiff(&["config", "workloads", "-o", "json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let enrolled: Vec<String> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| n["workloads"].as_array().unwrap().iter().map(|w| format!("{}/{}", w["namespace"].as_str().unwrap(), w["name"].as_str().unwrap())))
+        .collect();
+    for pod in ["shop/client", "shop/other", "secure/db"] {
+        assert!(enrolled.iter().any(|e| e == pod), "{pod} not listed: {enrolled:?}");
+    }
+    let (code, text) = skiff(&["config", "routes"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("waypoint shop/waypoint") && text.contains("shop/reviews"), "{text}");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &fabric]).arg(bin_dir().join("skiff")).args(["observe", "--kube-url", &url, "--verdict", "deny", "--pod", "other"]);
+    let mut observe = Observe::spawn(cmd);
+    client(&mesh, mesh.pod("shop", "other"), "db.secure:5432", "watched");
+    let line = observe.next(Duration::from_secs(2)).expect("the denial, through the API server");
+    assert!(line.contains("[ztunnel node-2] DENY tcp shop/other -> secure/db 10.244.2.12:5432 flags=UAEX policy=deny (secure/deny-other rule 1"), "{line}");
+    drop(observe);
+    let forwards = mesh.kube_api().unwrap().requests().into_iter().filter(|r| r.verb == "create" && r.resource == "pods/portforward").count();
+    assert!(forwards > 0, "the proxies were reached by pod port-forward");
+    // A node whose ztunnel stopped: the port-forward's error (nothing
+    // listens) comes back as the reason, naming the node.
+    mesh.stop_ztunnel(1);
+    let (code, text) = skiff(&["check"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("FAIL node-2 ztunnel: not ready: ") && l.contains("127.0.0.1:15021 in pod skiff-system/skiff-node-node-2: port-forward: error forwarding port 15021 to pod: Connection refused")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("OK   node-1 ztunnel: ready")), "the other node is still OK:\n{text}");
+    eprintln!("skiff check --kube-url, node-2's ztunnel stopped:\n{text}");
 }
