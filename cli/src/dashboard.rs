@@ -116,6 +116,7 @@ struct EdgeAcc {
 /// source.
 fn edges(samples: &[Sample], proxies: &BTreeSet<(String, String)>) -> BTreeMap<(String, String), EdgeAcc> {
     let mut out: BTreeMap<(String, String), EdgeAcc> = BTreeMap::new();
+    let mut proxy_mtls = BTreeSet::new();
     let l = |s: &Sample, k: &str| s.labels.get(k).cloned().unwrap_or_default();
     for s in samples {
         let http = matches!(s.name.as_str(), "istio_requests_total" | "istio_request_duration_milliseconds_bucket");
@@ -141,7 +142,12 @@ fn edges(samples: &[Sample], proxies: &BTreeSet<(String, String)>) -> BTreeMap<(
             (false, "source") => egress_dst,
             _ => false,
         };
-        if !take {
+        // A proxy's stream as the destination's ztunnel saw it: not an
+        // edge, but whether the proxy's hop to that pod was mutual TLS (a
+        // gateway's own series, reporter source, cannot say: Istio labels
+        // them `unknown`).
+        let proxy_stream = tcp && reporter == "destination" && !take;
+        if !take && !proxy_stream {
             continue;
         }
         let src = if src_wl == "unknown" {
@@ -159,6 +165,12 @@ fn edges(samples: &[Sample], proxies: &BTreeSet<(String, String)>) -> BTreeMap<(
             node_id(&l(s, "destination_workload_namespace"), &l(s, "destination_canonical_service"), &l(s, "destination_canonical_revision"))
         };
         if dst.starts_with("unknown/") {
+            continue;
+        }
+        if proxy_stream {
+            if l(s, "connection_security_policy") == "mutual_tls" {
+                proxy_mtls.insert((src, dst));
+            }
             continue;
         }
         let e = out.entry((src, dst)).or_default();
@@ -184,6 +196,11 @@ fn edges(samples: &[Sample], proxies: &BTreeSet<(String, String)>) -> BTreeMap<(
                     e.errors += s.value;
                 }
             }
+        }
+    }
+    for (k, e) in out.iter_mut() {
+        if proxy_mtls.contains(k) {
+            e.mtls = true;
         }
     }
     out
@@ -213,10 +230,14 @@ fn p99(buckets: &BTreeMap<String, f64>) -> Option<f64> {
 }
 
 /// Configured weights of weighted routes: (service namespace, service,
-/// version) → percent.
-fn splits(snap: &Snapshot) -> BTreeMap<(String, String, String), f64> {
+/// version, applied at a gateway rather than by waypoints) → percent. A
+/// route splits only the requests of the proxies its VirtualService binds
+/// to: a gateway's, or (`mesh`) the waypoints'; plain L4 traffic between
+/// pods is not split by it.
+fn splits(snap: &Snapshot) -> BTreeMap<(String, String, String, bool), f64> {
     let mut out = BTreeMap::new();
     for vs in &snap.virtual_services {
+        let at_gateway = vs.gateways.iter().any(|b| matches!(b, skiff_core::routing::Bind::Gateway { .. }));
         for r in &vs.http {
             if r.destinations.len() < 2 {
                 continue;
@@ -228,7 +249,12 @@ fn splits(snap: &Snapshot) -> BTreeMap<(String, String, String), f64> {
                 let Some(dr) = skiff_core::routing::destination_rule_for(&snap.destination_rules, &svc.name, &svc.namespace, &svc.namespace) else { continue };
                 let Some(labels) = dr.subsets.get(subset) else { continue };
                 let version = labels.get("version").cloned().unwrap_or_else(|| subset.clone());
-                out.entry((svc.namespace.clone(), svc.name.clone(), version)).or_insert(f64::from(d.weight) * 100.0 / f64::from(total));
+                let percent = f64::from(d.weight) * 100.0 / f64::from(total);
+                for (applies, at) in [(vs.mesh, false), (at_gateway, true)] {
+                    if applies {
+                        out.entry((svc.namespace.clone(), svc.name.clone(), version.clone(), at)).or_insert(percent);
+                    }
+                }
             }
         }
     }
@@ -417,7 +443,8 @@ fn refresh(view: &View, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
             nodes.entry(id.clone()).or_insert_with(|| json!({"id": id, "namespace": ns, "app": app, "version": version, "kind": kind}));
         }
         let dst_version = dst.rsplit('/').next().unwrap_or("");
-        let split = splits.get(&(e.service_namespace.clone(), e.service.clone(), dst_version.to_owned())).copied();
+        let from_gateway = src.rsplit_once('/').is_some_and(|(ns_app, _)| gateways.contains(ns_app));
+        let split = (from_gateway || e.protocol == "http").then(|| splits.get(&(e.service_namespace.clone(), e.service.clone(), dst_version.to_owned(), from_gateway)).copied()).flatten();
         let id = format!("{src}->{dst}");
         edge_list.push(json!({
             "id": id, "source": src, "target": dst, "protocol": e.protocol,

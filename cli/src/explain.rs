@@ -256,6 +256,9 @@ struct Src<'s> {
     captured: bool,
     /// The source is a waypoint's pod (its own HBONE, not captured).
     waypoint: bool,
+    /// The source is a gateway's pod (it serves Gateway servers; its own
+    /// HBONE, not captured).
+    gateway: bool,
 }
 
 impl Src<'_> {
@@ -287,6 +290,47 @@ pub fn explain(snap: &Snapshot, ask: &Ask) -> Result<Explanation, String> {
             "outbound",
             &at,
             "the source is a waypoint: it sends over HBONE as its own identity to the endpoint it picked (its L7 decisions for the request are explained from the request's own client)",
+            None,
+        );
+        let peer = Peer { ip: src.ip, identity: Some(src.identity(&ask.trust_domain)) };
+        return deliver(snap, ask, &at, &peer, &eps, out);
+    }
+    if let (true, Some(w)) = (src.gateway, src.pod) {
+        // A gateway's own connections, as a waypoint's: it chose the
+        // destination by its Gateway's servers and the VirtualServices
+        // bound to them (named here for this Service), and sends over HBONE
+        // as its own identity.
+        let at = format!("gateway {}/{}", w.namespace, w.name);
+        let svc = snap.service_by_vip(*orig.ip(), orig.port());
+        let eps: Vec<SocketAddrV4> = match svc {
+            Some((svc, port)) => snap.endpoint_addrs(svc, port),
+            None => vec![orig],
+        };
+        let gateways: Vec<(String, String)> = snap.gateway_servers(w).iter().map(|o| (o.gateway.namespace.clone(), o.gateway.name.clone())).collect();
+        let mut routes = Vec::new();
+        for vs in &snap.virtual_services {
+            let bound = vs.gateways.iter().any(|b| matches!(b, skiff_core::routing::Bind::Gateway { namespace, name } if gateways.contains(&(namespace.clone(), name.clone()))));
+            if !bound {
+                continue;
+            }
+            for (i, r) in vs.http.iter().enumerate() {
+                let total = skiff_core::routing::total_weight(&r.destinations).max(1);
+                let to: Vec<String> = r
+                    .destinations
+                    .iter()
+                    .filter(|d| svc.is_some_and(|(s, _)| skiff_core::routing::host_matches(&d.host, &vs.namespace, &s.name, &s.namespace)))
+                    .map(|d| format!("{}{} {:.0}%", d.host, d.subset.as_ref().map(|s| format!(" subset {s}")).unwrap_or_default(), f64::from(d.weight) * 100.0 / f64::from(total)))
+                    .collect();
+                if !to.is_empty() {
+                    routes.push(format!("VirtualService {}/{} http[{i}]: {}", vs.namespace, vs.name, to.join(", ")));
+                }
+            }
+        }
+        let how = if routes.is_empty() { "no VirtualService bound to its Gateways routes to this Service".to_owned() } else { routes.join("; ") };
+        out.push(
+            "outbound",
+            &at,
+            format!("the source is a gateway: it picks the endpoint by its Gateway's servers and the VirtualServices bound to them ({how}), and sends over HBONE as its own identity"),
             None,
         );
         let peer = Peer { ip: src.ip, identity: Some(src.identity(&ask.trust_domain)) };
@@ -815,7 +859,8 @@ fn source<'s>(snap: &'s Snapshot, ask: &Ask, out: &mut Out) -> Result<Src<'s>, S
             None,
         );
         let waypoint = decision == enroll::Decision::Skip(enroll::SkipReason::Waypoint);
-        return Ok(Src { pod: Some(w), namespace: w.namespace.clone(), service_account: w.service_account.clone(), ip: w.ip, captured, waypoint });
+        let gateway = !waypoint && !snap.gateway_servers(w).is_empty();
+        return Ok(Src { pod: Some(w), namespace: w.namespace.clone(), service_account: w.service_account.clone(), ip: w.ip, captured, waypoint, gateway });
     }
     match &ask.from {
         From::ServiceAccount(ns, sa) => {
@@ -831,11 +876,11 @@ fn source<'s>(snap: &'s Snapshot, ask: &Ask, out: &mut Out) -> Result<Src<'s>, S
                 ),
                 None,
             );
-            Ok(Src { pod: None, namespace: ns.clone(), service_account: sa.clone(), ip: None, captured, waypoint: false })
+            Ok(Src { pod: None, namespace: ns.clone(), service_account: sa.clone(), ip: None, captured, waypoint: false, gateway: false })
         }
         From::Ip(ip) => {
             out.push("source", "-", format!("{ip} is no pod's address: outside the mesh, not captured, no identity"), None);
-            Ok(Src { pod: None, namespace: String::new(), service_account: String::new(), ip: Some(*ip), captured: false, waypoint: false })
+            Ok(Src { pod: None, namespace: String::new(), service_account: String::new(), ip: Some(*ip), captured: false, waypoint: false, gateway: false })
         }
         From::Pod(..) => unreachable!("a pod source was found or refused above"),
     }

@@ -21,7 +21,9 @@ fn counts(mesh: &LocalMesh, src: (&str, &str), dst: (&str, &str)) -> anyhow::Res
         out.1 += mesh.metric(
             i,
             "istio_tcp_connections_opened_total",
-            &[("reporter", "destination"), ("destination_workload_namespace", dst.0), ("destination_workload", dst.1)],
+            // By app (canonical service): the frontend's two versions are
+            // two workloads of one app.
+            &[("reporter", "destination"), ("destination_workload_namespace", dst.0), ("destination_canonical_service", dst.1)],
         )?;
     }
     Ok(out)
@@ -55,9 +57,10 @@ pub fn print_topology(mesh: &LocalMesh) -> anyhow::Result<()> {
 }
 
 /// HTTPS from this machine through the ingress gateway: a self-signed
-/// certificate for demo.example.com goes into a Secret, an HTTPS server
-/// naming it is added to the demo's Gateway (as `kubectl apply` would),
-/// and a client trusting exactly that certificate asks for `/`.
+/// certificate for demo.example.com goes into a Secret, a second Gateway
+/// with an HTTPS server naming it and a VirtualService bound to that
+/// Gateway are applied (as `kubectl apply` would), and a client trusting
+/// exactly that certificate asks for `/`.
 fn https_through_the_gateway(mesh: &LocalMesh) -> anyhow::Result<()> {
     use std::io::{Read as _, Write as _};
     let key = rcgen::KeyPair::generate()?;
@@ -65,13 +68,14 @@ fn https_through_the_gateway(mesh: &LocalMesh) -> anyhow::Result<()> {
     let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
     let yaml = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: demo-cert, namespace: istio-system}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n\
-         apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: demo-gateway, namespace: demo}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n\
-         \x20 - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: [demo.example.com]\n\
-         \x20 - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [demo.example.com]\n    tls: {{mode: SIMPLE, credentialName: demo-cert, minProtocolVersion: TLSV1_2}}\n",
+         apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: demo-gateway-https, namespace: demo}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n\
+         \x20 - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [demo.example.com]\n    tls: {{mode: SIMPLE, credentialName: demo-cert, minProtocolVersion: TLSV1_2}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: frontend-edge-https, namespace: demo}}\nspec:\n  hosts: [demo.example.com]\n  gateways: [demo-gateway-https]\n\
+         \x20 http:\n  - route: [{{destination: {{host: frontend, subset: v1, port: {{number: 8080}}}}}}]\n",
         indent(&cert.pem()),
         indent(&key.serialize_pem())
     );
-    println!("== applying a Secret (a self-signed certificate for demo.example.com) and an HTTPS server on the demo Gateway");
+    println!("== applying a Secret (a self-signed certificate for demo.example.com), a Gateway with an HTTPS server naming it, and a VirtualService bound to it");
     mesh.apply("demo-https", Some(&yaml))?;
     let lb = mesh.load_balancer_ip("istio-system", "istio-ingressgateway").expect("checked");
     let addr = std::net::SocketAddrV4::new(lb, 443);
@@ -206,6 +210,21 @@ pub fn run(mesh: &LocalMesh) -> anyhow::Result<()> {
         println!("   ztunnel saw: {inb} connection(s) arriving at demo/frontend over HBONE from the gateway");
         if inb <= 0.0 {
             failures.push("outside -> ingress gateway -> enrolled: nothing arrived at demo/frontend through ztunnel".into());
+        }
+        // The canary: the gateway's weighted route, seen in which
+        // frontend answered.
+        let (mut v1, mut v2, mut other) = (0, 0, 0);
+        for _ in 0..100 {
+            match get_from_host(addr, "demo.example.com", "/") {
+                Ok((st, b)) if st.contains(" 200") && b.starts_with("frontend frontend-v2-") => v2 += 1,
+                Ok((st, b)) if st.contains(" 200") && b.starts_with("frontend frontend-") => v1 += 1,
+                _ => other += 1,
+            }
+        }
+        println!("== this machine -> http://{addr}/ x100  (the canary: VirtualService demo/frontend-edge sends 90% to v1, 10% to v2)");
+        println!("   answered by frontend v1: {v1}, by frontend v2: {v2}{}", if other > 0 { format!(", failed: {other}") } else { String::new() });
+        if other > 0 || v1 == 0 {
+            failures.push(format!("the canary through the ingress gateway: {v1} to v1, {v2} to v2, {other} failed"));
         }
     }
     if mesh.load_balancer_ip("istio-system", "istio-ingressgateway").is_some() {

@@ -1,12 +1,16 @@
 //! `skiff dashboard` in a real browser (issue 16): headless Chromium
 //! (Debian's `chromium`, driven over WebDriver by Debian's
 //! `chromedriver`) opens the dashboard of a running local mesh with
-//! traffic (tests/manifests/explain: a 90/10 split behind a waypoint, L4
-//! mutual TLS, a denied connection), and the test checks what a person
-//! would see: the workloads and edges, the padlock on mutual-TLS edges,
-//! the split's percentages, the warning for denied traffic, an edge that
-//! appears without a reload, and an edge's details and explanation after a
-//! click. A screenshot goes to target/dashboard.png on every run.
+//! traffic, and the test checks what a person would see.
+//!
+//! - The demo (examples/two-tier, with the demo's own traffic): its
+//!   workloads and edges, the padlock on mutual-TLS edges, the ingress
+//!   gateway's 90/10 canary split on its edges (and on no other), and an
+//!   edge's details after a click. Screenshot: target/dashboard.png.
+//! - tests/manifests/explain (a 90/10 split behind a waypoint, L4 mutual
+//!   TLS, a denied connection): the split, the warning for denied traffic,
+//!   an edge that appears without a reload, an edge's details and
+//!   explanation after a click. Screenshot: target/dashboard-explain.png.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -146,15 +150,90 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("target"))
 }
 
-#[test]
-fn the_dashboard_shows_the_graph_in_a_browser() {
+/// However the checks end, the page as it was is kept.
+struct Shot<'a>(&'a Browser, PathBuf);
+
+impl Drop for Shot<'_> {
+    fn drop(&mut self) {
+        self.0.screenshot(&self.1);
+        eprintln!("screenshot: {}", self.1.display());
+    }
+}
+
+/// Debian's chromedriver, when it and chromium are installed.
+fn chromedriver() -> Option<&'static Path> {
     let chromedriver = Path::new("/usr/bin/chromedriver");
     if !chromedriver.exists() || !Path::new("/usr/bin/chromium").exists() {
         let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
         assert!(!ci, "chromium and chromedriver are not installed: run `cargo xtask setup`");
         eprintln!("SKIPPED: chromium and chromedriver are not installed (cargo xtask setup installs them as root)");
-        return;
+        return None;
     }
+    Some(chromedriver)
+}
+
+/// `skiff dashboard` of `mesh` on any free port: the process and the URL.
+fn dashboard(mesh: &LocalMesh) -> (Proc, String) {
+    let mut dash = Command::new(bin_dir().join("skiff"))
+        .args(["dashboard", "--listen", "127.0.0.1:0", "--mesh"])
+        .arg(&mesh.work_dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(dash.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let url = first.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{first}");
+    (Proc(dash), url)
+}
+
+/// The demo, as `cargo xtask demo` runs it, in the dashboard.
+#[test]
+fn the_dashboard_shows_the_demo_in_a_browser() {
+    let Some(chromedriver) = chromedriver() else { return };
+    let Some(mesh) = mesh("../examples/two-tier") else { return };
+    // The demo's traffic: in the mesh, from outside, through the gateway's
+    // canary route.
+    skiff_localmesh::demo::run(&mesh).unwrap();
+    let (_dash, url) = dashboard(&mesh);
+    let browser = Browser::start(chromedriver);
+    browser.cmd("POST", "/url", Some(json!({"url": url})));
+    let shot = target_dir().join("dashboard.png");
+    let _shot = Shot(&browser, shot.clone());
+    let gateway = "istio-system/istio-ingressgateway/latest";
+    for node in ["demo/loadgen/latest", "demo/frontend/v1", "demo/frontend/v2", "demo/backend/latest", gateway] {
+        browser.wait_text(&format!("[data-node='{node}']"), &format!("node {node}"), |_| true);
+    }
+    assert!(browser.text("[data-app='demo/frontend']").is_some(), "the frontend's versions grouped");
+    // The gateway's canary route: 90% and 10%, over mutual TLS.
+    let v1 = browser.wait_text(&format!("[data-edge='{gateway}->demo/frontend/v1']"), "the gateway's edge to v1", |t| t.contains("90%"));
+    assert!(v1.contains("mutual TLS") && v1.contains("rps") && v1.contains("p99"), "{v1}");
+    let v2 = browser.wait_text(&format!("[data-edge='{gateway}->demo/frontend/v2']"), "the gateway's edge to v2", |t| t.contains("10%"));
+    assert!(v2.contains("mutual TLS"), "{v2}");
+    // In the mesh: mutual TLS, and no split (no waypoint applies the
+    // gateway's route to pod-to-pod traffic).
+    let l4 = browser.wait_text("[data-edge='demo/loadgen/latest->demo/frontend/v1']", "loadgen's edge", |t| t.contains("mutual TLS"));
+    assert!(!l4.contains('%') || l4.contains("err"), "no split on an L4 edge: {l4}");
+    assert!(!l4.contains("90%") && !l4.contains("10%"), "no split on an L4 edge: {l4}");
+    browser.wait_text("[data-edge='demo/frontend/v1->demo/backend/latest']", "the frontend's edge to the backend", |t| t.contains("mutual TLS"));
+    // Click the canary's edge: its details.
+    let edge = browser.cmd("POST", "/element", Some(json!({"using": "css selector", "value": format!("[data-edge='{gateway}->demo/frontend/v2'] tspan.rate")})));
+    let id = edge.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap().to_owned();
+    browser.cmd("POST", &format!("/element/{id}/click"), Some(json!({})));
+    let details = browser.wait_text("#edge-details", "the edge's details", |t| t.contains("mutual TLS"));
+    assert!(details.contains("frontend.demo") && details.contains("10%"), "{details}");
+    let explain = browser.wait_text("#explain", "the edge's explanation", |t| t.contains("the source is a gateway"));
+    assert!(explain.contains("VirtualService demo/frontend-edge http[0]: frontend subset v1 90%, frontend subset v2 10%"), "{explain}");
+    // The demo's config is all in force: no warning.
+    let warnings = browser.text("#warnings").unwrap_or_default();
+    assert!(!warnings.contains("refused") && !warnings.contains("more than once") && !warnings.contains("denied"), "{warnings}");
+    drop(_shot);
+    assert!(shot.exists() && std::fs::metadata(&shot).unwrap().len() > 10_000, "a real screenshot");
+}
+
+#[test]
+fn the_dashboard_shows_the_graph_in_a_browser() {
+    let Some(chromedriver) = chromedriver() else { return };
     let Some(mesh) = mesh("manifests/explain") else { return };
     for (ns, p) in [("shop", "reviews-v1"), ("shop", "reviews-v2"), ("secure", "db")] {
         wait_listening(mesh.pod(ns, p));
@@ -166,17 +245,7 @@ fn the_dashboard_shows_the_graph_in_a_browser() {
     assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
     client(&mesh, mesh.pod("shop", "other"), "db.secure:5432", "denied");
 
-    let mut dash = Command::new(bin_dir().join("skiff"))
-        .args(["dashboard", "--listen", "127.0.0.1:0", "--mesh"])
-        .arg(&mesh.work_dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(dash.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    let _dash = Proc(dash);
-    let url = first.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{first}");
+    let (_dash, url) = dashboard(&mesh);
 
     // Only its own address's names: a page elsewhere that points its own
     // name here (DNS rebinding) is refused.
@@ -193,15 +262,7 @@ fn the_dashboard_shows_the_graph_in_a_browser() {
 
     let browser = Browser::start(chromedriver);
     browser.cmd("POST", "/url", Some(json!({"url": url})));
-    let shot = target_dir().join("dashboard.png");
-    // However the checks end, the page as it was is kept.
-    struct Shot<'a>(&'a Browser, PathBuf);
-    impl Drop for Shot<'_> {
-        fn drop(&mut self) {
-            self.0.screenshot(&self.1);
-            eprintln!("screenshot: {}", self.1.display());
-        }
-    }
+    let shot = target_dir().join("dashboard-explain.png");
     let _shot = Shot(&browser, shot.clone());
 
     // The workloads, by app and version, and the edges between them.
