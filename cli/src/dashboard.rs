@@ -280,14 +280,18 @@ pub enum View {
     /// The running local mesh (its work directory): its files, and its
     /// proxies to scrape.
     Mesh(std::path::PathBuf),
-    /// The Kubernetes API, watched as the mesh's processes watch it.
-    Kube(Mutex<(Box<dyn skiff_core::source::ConfigSource>, Arc<Snapshot>)>),
+    /// The Kubernetes API, watched as the mesh's processes watch it; and,
+    /// to scrape the proxies without a Prometheus server, the cluster
+    /// reached by pod port-forward.
+    Kube(Mutex<(Box<dyn skiff_core::source::ConfigSource>, Arc<Snapshot>)>, Option<crate::reach::Mesh>),
 }
 
 impl View {
     /// The Kubernetes API at `url` (else KUBECONFIG or in-cluster): its
-    /// first complete view within 30 s.
-    pub fn kube(url: Option<String>) -> Result<View, String> {
+    /// first complete view within 30 s. `scrape`: the proxies' metrics are
+    /// read through pod port-forwards.
+    pub fn kube(url: Option<String>, scrape: bool) -> Result<View, String> {
+        let cluster = if scrape { Some(crate::reach::Mesh::open(None, true, url.clone())?) } else { None };
         let choice = skiff_kube_source::SourceChoice::from_args(None, true, url).map_err(|e| e.to_string())?;
         let mut source = choice.mesh_config_in(skiff_core::routing::DEFAULT_ROOT_NAMESPACE).open().map_err(|e| format!("the Kubernetes API: {}", skiff_core::report(&e)))?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -299,14 +303,14 @@ impl View {
                 Err(e) => return Err(format!("the Kubernetes API: {}", e.report())),
             }
         };
-        Ok(View::Kube(Mutex::new((source, first))))
+        Ok(View::Kube(Mutex::new((source, first)), cluster))
     }
 
     /// The cluster now.
     fn snapshot(&self) -> Result<Arc<Snapshot>, String> {
         match self {
             View::Mesh(work) => skiff_core::source::LocalDirSource::analyze(&work.join("cluster")).map(Arc::new).map_err(|e| e.report()),
-            View::Kube(k) => {
+            View::Kube(k, _) => {
                 let mut k = k.lock().expect("lock");
                 if let Ok(Some(s)) = k.0.poll(Duration::from_millis(1)) {
                     k.1 = s;
@@ -320,7 +324,7 @@ impl View {
     fn outbound_policy(&self) -> skiff_core::egress::OutboundPolicy {
         match self {
             View::Mesh(work) => skiff_core::egress::OutboundPolicy::parse(&crate::mesh::ztunnel_flag(&work.join("cluster"), "--outbound-traffic-policy").unwrap_or_default()).unwrap_or_default(),
-            View::Kube(_) => Default::default(),
+            View::Kube(..) => Default::default(),
         }
     }
 }
@@ -372,8 +376,15 @@ fn refresh(view: &View, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
             Err(e) => unreachable.push(e),
         },
         None => {
-            let View::Mesh(work) = view else { return Err("without --prometheus, the dashboard scrapes a local mesh's proxies".into()) };
-            let mesh = crate::reach::Mesh::Local(work.clone());
+            let local;
+            let mesh = match view {
+                View::Mesh(work) => {
+                    local = crate::reach::Mesh::Local(work.clone());
+                    &local
+                }
+                View::Kube(_, Some(cluster)) => cluster,
+                View::Kube(_, None) => return Err("no Prometheus server and no way to scrape the proxies".into()),
+            };
             for (what, place) in mesh.proxies(&snap, true)? {
                 match mesh.get(&place, 15020, "/metrics") {
                     Ok(text) => samples.extend(parse(&text)),

@@ -207,7 +207,8 @@ enum Command {
     /// weighted routes, ingress and egress, warnings for refused config and
     /// denied traffic; click an edge for its figures and `skiff explain`.
     /// Read from every ztunnel's, waypoint's and gateway's metrics (as
-    /// root, in their network namespaces) every 2 s.
+    /// root, in their network namespaces; in a cluster by pod
+    /// port-forward) every 2 s.
     Dashboard {
         /// Where to serve the page (port 0: any free port; the URL is
         /// printed).
@@ -217,12 +218,13 @@ enum Command {
         /// (`http://HOST:PORT`) instead of scraping the proxies.
         #[arg(long, value_name = "URL")]
         prometheus: Option<String>,
-        /// Read the cluster's objects from the Kubernetes API (KUBECONFIG,
-        /// else in-cluster config); with --prometheus, for a cluster.
-        #[arg(long, requires = "prometheus", conflicts_with = "mesh")]
+        /// A cluster: its objects from the Kubernetes API (KUBECONFIG, else
+        /// in-cluster config), its proxies' metrics from --prometheus or,
+        /// without it, by pod port-forward every 2 s (small clusters).
+        #[arg(long, conflicts_with = "mesh")]
         kube: bool,
-        /// Read the cluster's objects from the Kubernetes API at this URL.
-        #[arg(long, value_name = "URL", requires = "prometheus", conflicts_with = "mesh")]
+        /// A cluster, through the Kubernetes API at this URL.
+        #[arg(long, value_name = "URL", conflicts_with = "mesh")]
         kube_url: Option<String>,
         /// The local mesh's work directory (`/tmp/skiff-RUN`), when several
         /// run.
@@ -393,7 +395,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Dashboard { listen, prometheus, kube, kube_url, mesh } => match (if kube || kube_url.is_some() {
-            dashboard::View::kube(kube_url)
+            dashboard::View::kube(kube_url, prometheus.is_none())
         } else {
             mesh::work_dir(mesh.as_deref()).map(dashboard::View::Mesh)
         })
@@ -506,8 +508,8 @@ enum Source {
 /// The cluster as the mesh's processes read it from the Kubernetes API:
 /// the first complete view, within 30 s.
 fn from_kube(url: Option<String>) -> Result<skiff_core::model::Snapshot, String> {
-    match dashboard::View::kube(url)? {
-        dashboard::View::Kube(k) => Ok((*k.into_inner().expect("lock").1).clone()),
+    match dashboard::View::kube(url, false)? {
+        dashboard::View::Kube(k, _) => Ok((*k.into_inner().expect("lock").1).clone()),
         dashboard::View::Mesh(_) => unreachable!("View::kube reads the API"),
     }
 }

@@ -385,6 +385,34 @@ fn explain_check_config_observe_through_the_kubernetes_api() {
     let line = observe.next(Duration::from_secs(2)).expect("the denial, through the API server");
     assert!(line.contains("[ztunnel node-2] DENY tcp shop/other -> secure/db 10.244.2.12:5432 flags=UAEX policy=deny (secure/deny-other rule 1"), "{line}");
     drop(observe);
+    // The dashboard for a cluster without Prometheus: the proxies'
+    // metrics by port-forward too. The denial above is an edge.
+    use std::io::BufRead as _;
+    let mut dash = Command::new("ip")
+        .args(["netns", "exec", &fabric])
+        .arg(bin_dir().join("skiff"))
+        .args(["dashboard", "--listen", "127.0.0.1:0", "--kube-url", &url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(dash.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let dash = Kill(dash);
+    let port: u16 = first.trim().trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap_or_else(|_| panic!("{first}"));
+    let graph = eventually(WAIT, "the dashboard's graph, scraped by port-forward", || {
+        let (status, body) = mesh.netns_http_get(&fabric, port, "/api/graph").ok()?;
+        let g: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (status == 200 && g["edges"].as_array().is_some_and(|e| e.iter().any(|e| e["source"] == "shop/other/latest" && e["target"].as_str().is_some_and(|t| t.starts_with("secure/db/"))))).then_some(g)
+    });
+    assert!(graph["warnings"].as_array().unwrap().iter().all(|w| w["kind"] != "scrape"), "every proxy scraped: {graph:#}");
+    drop(dash);
     let forwards = mesh.kube_api().unwrap().requests().into_iter().filter(|r| r.verb == "create" && r.resource == "pods/portforward").count();
     assert!(forwards > 0, "the proxies were reached by pod port-forward");
     // A node whose ztunnel stopped: the port-forward's error (nothing
