@@ -283,7 +283,7 @@ pub enum View {
     /// The Kubernetes API, watched as the mesh's processes watch it; and,
     /// to scrape the proxies without a Prometheus server, the cluster
     /// reached by pod port-forward.
-    Kube(Mutex<(Box<dyn skiff_core::source::ConfigSource>, Arc<Snapshot>)>, Option<crate::reach::Mesh>),
+    Kube(Mutex<(Box<dyn skiff_core::source::ConfigSource>, Arc<Snapshot>)>, Option<Box<crate::reach::Mesh>>),
 }
 
 impl View {
@@ -291,7 +291,7 @@ impl View {
     /// first complete view within 30 s. `scrape`: the proxies' metrics are
     /// read through pod port-forwards.
     pub fn kube(url: Option<String>, scrape: bool) -> Result<View, String> {
-        let cluster = if scrape { Some(crate::reach::Mesh::open(None, true, url.clone())?) } else { None };
+        let cluster = if scrape { Some(Box::new(crate::reach::Mesh::open(None, true, url.clone())?)) } else { None };
         let choice = skiff_kube_source::SourceChoice::from_args(None, true, url).map_err(|e| e.to_string())?;
         let mut source = choice.mesh_config_in(skiff_core::routing::DEFAULT_ROOT_NAMESPACE).open().map_err(|e| format!("the Kubernetes API: {}", skiff_core::report(&e)))?;
         let deadline = Instant::now() + Duration::from_secs(30);
