@@ -563,6 +563,19 @@ pub struct AuthzDecision {
     pub audited: Vec<String>,
 }
 
+impl AuthzDecision {
+    /// As access lines give it: `deny (ns/name rule 1: reason)`, `allow
+    /// (reason)`.
+    pub fn access_text(&self) -> String {
+        let verdict = if self.allowed { "allow" } else { "deny" };
+        match (&self.policy, self.rule) {
+            (Some(p), Some(r)) => format!("{verdict} ({p} rule {r}: {})", self.reason),
+            (Some(p), None) => format!("{verdict} ({p}: {})", self.reason),
+            (None, _) => format!("{verdict} ({})", self.reason),
+        }
+    }
+}
+
 /// Decides a connection against the policies that apply to its destination.
 pub fn evaluate(policies: &[&AuthzPolicy], c: &ConnInfo) -> AuthzDecision {
     decide(policies, &|p: &AuthzPolicy| p.matching_rule(c, None))

@@ -150,8 +150,8 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<I> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        if let (Some(c), true) = (&self.conn, n > 0) {
-            c.received.inc_by(n as u64);
+        if let (Some(c), true) = (self.conn.as_mut(), n > 0) {
+            c.received(n as u64);
         }
         r
     }
@@ -160,8 +160,8 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<I> {
 impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<I> {
     fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let (Some(c), std::task::Poll::Ready(Ok(n))) = (&self.conn, &r) {
-            c.sent.inc_by(*n as u64);
+        if let (Some(c), std::task::Poll::Ready(Ok(n))) = (self.conn.as_mut(), &r) {
+            c.sent(*n as u64);
         }
         r
     }

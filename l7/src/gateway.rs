@@ -402,7 +402,14 @@ where
         return debug!(%peer, port, "gateway connection closed: its server is gone");
     };
     let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
-    if !crate::authz::allow_stream(&crate::authz::selecting(&snap, pod), peer, None, SocketAddrV4::new(own_ip, port)) {
+    let (own_id, name) = proxy.own_identity();
+    let decision = crate::authz::decide_stream(&crate::authz::selecting(&snap, pod), peer.ip(), None, SocketAddrV4::new(own_ip, port));
+    if !decision.allowed {
+        // Refused: logged with the policy and rule, and counted (UAEX).
+        info!(%peer, port, policy = ?decision.policy, rule = ?decision.rule, reason = decision.reason, "TCP stream denied by authorization policy");
+        let mut meter = crate::metrics::TcpLog::new(crate::metrics::Source::Proxy(name, Some(pod), &own_id), &snap, peer);
+        meter.set_policy(&decision);
+        drop(meter.open(&proxy.metrics, None, "UAEX"));
         return;
     }
     let local_ip = local.map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(own_ip));
@@ -420,8 +427,8 @@ where
     let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let born = std::time::Instant::now();
     let io = crate::body::Activity::new(io, last.clone(), born);
-    let (own_id, name) = proxy.own_identity();
-    let meter = crate::metrics::TcpLog::new(crate::metrics::Source::Proxy(name, Some(pod), &own_id), &snap, peer);
+    let mut meter = crate::metrics::TcpLog::new(crate::metrics::Source::Proxy(name, Some(pod), &own_id), &snap, peer);
+    meter.set_policy(&decision);
     let relayed = proxy.upstreams().passthrough_to(&snap, &dest, &vs.namespace, o.server.number, peer.ip(), io, None, &mut rng, Some((&proxy.metrics, meter)));
     tokio::select! {
         ok = relayed => if !ok {

@@ -460,11 +460,14 @@ fn record(log: &mut RequestLog, m: &Metrics, code: u16, grpc: Option<&str>, star
 /// or TLS passthrough server): its labels, until its endpoint is chosen.
 pub struct TcpLog {
     reporter: &'static str,
+    peer: SocketAddr,
     source: Peer,
     service: String,
     service_name: String,
     service_namespace: String,
     trust_domain: String,
+    /// The authorization decision, when one was taken for the stream.
+    policy: Option<String>,
 }
 
 impl TcpLog {
@@ -474,7 +477,7 @@ impl TcpLog {
         let (reporter, src) = source.labels(snap, peer);
         let trust_domain = source.identity().trust_domain.clone();
         let unknown = || "unknown".to_owned();
-        TcpLog { reporter, source: src, service: unknown(), service_name: unknown(), service_namespace: unknown(), trust_domain }
+        TcpLog { reporter, peer, source: src, service: unknown(), service_name: unknown(), service_namespace: unknown(), trust_domain, policy: None }
     }
 
     /// The Service the stream's route goes to.
@@ -484,9 +487,16 @@ impl TcpLog {
         self.service_namespace = svc.namespace.clone();
     }
 
+    /// The authorization decision taken for the stream (its access line
+    /// names it).
+    pub fn set_policy(&mut self, d: &skiff_core::policy::AuthzDecision) {
+        self.policy = Some(d.access_text());
+    }
+
     /// The stream is open to `endpoint` (a pod, or None: outside the
     /// mesh or not reached, with `flags`): counts it opened and returns
-    /// its counters; it counts closed when they drop.
+    /// its counters; it counts closed, and its access line is written,
+    /// when they drop.
     pub fn open(&self, m: &Metrics, endpoint: Option<&Workload>, flags: &'static str) -> TcpConn {
         let destination = match endpoint {
             Some(w) => Peer::of_workload(w, &self.trust_domain),
@@ -500,22 +510,78 @@ impl TcpLog {
             sent: m.tcp_sent.with_label_values(&values),
             received: m.tcp_received.with_label_values(&values),
             closed: m.tcp_closed.with_label_values(&values),
+            bytes_sent: 0,
+            bytes_received: 0,
+            start: Instant::now(),
+            log: Box::new(StreamLog {
+                peer: self.peer,
+                source: self.source.clone(),
+                destination,
+                service: self.service.clone(),
+                flags,
+                policy: self.policy.clone(),
+            }),
         }
     }
 }
 
+/// What a stream's access line says besides its bytes and duration.
+struct StreamLog {
+    peer: SocketAddr,
+    source: Peer,
+    destination: Peer,
+    service: String,
+    flags: &'static str,
+    policy: Option<String>,
+}
+
 /// One open TCP stream's counters.
 pub struct TcpConn {
-    /// Towards the client.
-    pub sent: IntCounter,
-    /// From the client.
-    pub received: IntCounter,
+    sent: IntCounter,
+    received: IntCounter,
     closed: IntCounter,
+    bytes_sent: u64,
+    bytes_received: u64,
+    start: Instant,
+    log: Box<StreamLog>,
+}
+
+impl TcpConn {
+    /// `n` bytes sent towards the client.
+    pub fn sent(&mut self, n: u64) {
+        self.sent.inc_by(n);
+        self.bytes_sent += n;
+    }
+
+    /// `n` bytes received from the client.
+    pub fn received(&mut self, n: u64) {
+        self.received.inc_by(n);
+        self.bytes_received += n;
+    }
 }
 
 impl Drop for TcpConn {
     fn drop(&mut self) {
         self.closed.inc();
+        let l = &self.log;
+        info!(
+            target: "access",
+            protocol = %"tcp",
+            src.addr = %l.peer,
+            src.workload = %l.source.workload,
+            src.namespace = %l.source.namespace,
+            src.identity = %l.source.principal,
+            dst.service = %l.service,
+            dst.workload = %l.destination.workload,
+            dst.namespace = %l.destination.namespace,
+            dst.identity = %l.destination.principal,
+            bytes_sent = self.bytes_sent,
+            bytes_received = self.bytes_received,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            response_flags = %l.flags,
+            policy = %l.policy.as_deref().unwrap_or("-"),
+            "stream complete"
+        );
     }
 }
 

@@ -590,8 +590,20 @@ impl Proxy {
             return answer(&mut respond, StatusCode::FORBIDDEN);
         }
         let tcp = route::port_protocol(&port) == "tcp";
-        if tcp && !authz::allow_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc), peer, Some(&peer_id), target) {
-            return answer(&mut respond, StatusCode::FORBIDDEN);
+        let mut decision = None;
+        if tcp {
+            let d = authz::decide_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc), peer.ip(), Some(&peer_id), target);
+            if !d.allowed {
+                // Refused: logged with the policy and rule, and counted
+                // (UAEX), as ztunnel does a connection.
+                info!(%peer, identity = %peer_id, policy = ?d.policy, rule = ?d.rule, reason = d.reason, "TCP stream denied by authorization policy");
+                let mut meter = crate::metrics::TcpLog::new(Source::Peer(&peer_id), &snap, peer);
+                meter.set_service(&svc);
+                meter.set_policy(&d);
+                drop(meter.open(&self.metrics, None, "UAEX"));
+                return answer(&mut respond, StatusCode::FORBIDDEN);
+            }
+            decision = Some(d);
         }
         let Ok(send) = respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false) else {
             return;
@@ -610,7 +622,10 @@ impl Proxy {
             let snap = self.cluster.borrow().clone();
             let mut rng = fastrand::Rng::new();
             let (dest, host_ns) = route::select_tcp(&snap, &svc, port.port, std::net::IpAddr::V4(*target.ip()), &self.cfg.namespace, &mut rng);
-            let meter = crate::metrics::TcpLog::new(Source::Peer(&peer_id), &snap, peer);
+            let mut meter = crate::metrics::TcpLog::new(Source::Peer(&peer_id), &snap, peer);
+            if let Some(d) = &decision {
+                meter.set_policy(d);
+            }
             self.upstreams.passthrough_to(&snap, &dest, &host_ns, port.port, peer.ip(), ours, Some(target), &mut rng, Some((&self.metrics, meter))).await;
             return;
         }

@@ -445,4 +445,31 @@ fn prometheus_scrapes_every_process_and_istios_queries_answer() {
     let (_, body) = mesh.netns_http_get(&prom.netns, port, &format!("/api/explain?edge={}", encode(&id))).unwrap();
     let x: Value = serde_json::from_str(&body).unwrap();
     assert!(x["explanation"]["steps"].as_array().is_some_and(|s| s.iter().any(|s| s["step"] == "waypoint")), "{x:#}");
+
+    // Each TCP stream through the waypoint has its access line (and so an
+    // event for `skiff observe`): who, to which pod, bytes, the policy
+    // decision; a stream the waypoint's policy refuses has one too, with
+    // UAEX and the policy and rule, and is counted.
+    let wp = mesh.pod("shop", "waypoint");
+    let stream_line = |flags: &str| {
+        let flags = format!("response_flags={flags}");
+        eventually(WAIT, "the waypoint's stream access line", || {
+            std::fs::read_to_string(&wp.log).ok()?.lines().find(|l| l.contains("stream complete") && l.contains("dst.service=tcp-echo.shop.svc.cluster.local") && l.contains(&flags)).map(str::to_owned)
+        })
+    };
+    let line = stream_line("-");
+    assert!(line.contains("src.workload=client") && line.contains("dst.workload=tcp-echo") && line.contains("bytes_received=9") && line.contains("policy=allow"), "{line}");
+    mesh.apply(
+        "deny-tcp-echo",
+        Some("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-tcp-echo, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: tcp-echo}]\n  action: DENY\n  rules: [{from: [{source: {namespaces: [shop]}}]}]\n"),
+    )
+    .unwrap();
+    eventually(WAIT, "the stream refused by the waypoint", || Some(client(&mesh, mesh.pod("shop", "client"), "tcp-echo.shop:9000", "refused")).filter(|r| !r.reply.contains("refused")));
+    let line = stream_line("UAEX");
+    assert!(line.contains("src.workload=client") && line.contains("policy=deny (shop/no-tcp-echo rule 0: DENY policy matched)"), "{line}");
+    let (_, metrics) = mesh.netns_http_get(&wp.netns, 15020, "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains("reporter=\"waypoint\"") && l.contains("response_flags=\"UAEX\"") && l.contains("destination_service_name=\"tcp-echo\"")),
+        "the refusal is counted"
+    );
 }

@@ -1257,15 +1257,7 @@ fn access_log(
     start: Instant,
     decision: Option<&AuthzDecision>,
 ) {
-    let policy = decision
-        .map(|d| match &d.policy {
-            Some(p) => match d.rule {
-                Some(r) => format!("{} ({p} rule {r}: {})", if d.allowed { "allow" } else { "deny" }, d.reason),
-                None => format!("{} ({p}: {})", if d.allowed { "allow" } else { "deny" }, d.reason),
-            },
-            None => format!("{} ({})", if d.allowed { "allow" } else { "deny" }, d.reason),
-        })
-        .unwrap_or_else(|| "-".into());
+    let policy = decision.map(AuthzDecision::access_text).unwrap_or_else(|| "-".into());
     info!(
         target: "access",
         direction,
