@@ -30,17 +30,18 @@ pub struct Filter {
 }
 
 /// The verdict of one event, by the mesh's own marks: `deny` for a
-/// refusal by policy (ztunnel's `UAEX` or `policy=deny …`, REGISTRY_ONLY;
-/// a 403 at a waypoint or gateway, where an application's own 403 looks
-/// the same), `error` for a response flag of a failure the mesh saw (no
-/// route, no endpoint, upstream failure or reset, timeout, overflow, rate
-/// limit, fault abort) or a 5xx, else `allow` (a delay fault or a client
-/// that left are not failures).
+/// refusal by policy (`UAEX` or `policy=deny …`, REGISTRY_ONLY; a 403 from
+/// a proxy that names no policy decision, as before the waypoint's lines
+/// did), `error` for a response flag of a failure the mesh saw (no route,
+/// no endpoint, upstream failure or reset, timeout, overflow, rate limit,
+/// fault abort) or a 5xx, else `allow` (a delay fault, a client that
+/// left, an application's own 403 after the policy allowed the request
+/// are not the mesh's refusals).
 pub fn verdict(e: &Value) -> &'static str {
     let flags = e["response_flags"].as_str().unwrap_or("-");
-    let policy = e["policy"].as_str().unwrap_or("-");
+    let policy = e["policy"].as_str();
     let code = e["code"].as_u64();
-    if flags.split(',').any(|f| f == "UAEX") || policy.starts_with("deny") || code == Some(403) {
+    if flags.split(',').any(|f| f == "UAEX") || policy.is_some_and(|p| p.starts_with("deny")) || (code == Some(403) && policy.is_none()) {
         return "deny";
     }
     const FAILURES: [&str; 9] = ["NR", "UH", "UF", "UC", "UT", "UO", "RL", "FI", "URX"];
@@ -251,6 +252,11 @@ mod tests {
             (r#"{"response_flags":"-","policy":"allow (no ALLOW policy applies)"}"#, "allow"),
             (r#"{"response_flags":"UF","policy":"-"}"#, "error"),
             (r#"{"method":"GET","code":403,"response_flags":"-"}"#, "deny"),
+            (r#"{"method":"GET","code":403,"response_flags":"-","policy":"deny (shop/only-jason rule 0: no ALLOW policy matched)"}"#, "deny"),
+            // The application's own 403: the waypoint's policy allowed it,
+            // or none applies.
+            (r#"{"method":"GET","code":403,"response_flags":"-","policy":"allow (shop/only-jason rule 0: ALLOW policy matched)"}"#, "allow"),
+            (r#"{"method":"GET","code":403,"response_flags":"-","policy":"-"}"#, "allow"),
             (r#"{"method":"GET","code":404,"response_flags":"NR"}"#, "error"),
             (r#"{"method":"GET","code":418,"response_flags":"FI"}"#, "error"),
             (r#"{"method":"GET","code":200,"response_flags":"-"}"#, "allow"),

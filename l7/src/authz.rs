@@ -49,24 +49,25 @@ pub fn allow_stream(policies: &[&AuthzPolicy], peer: SocketAddr, peer_id: Option
 
 /// One request (normalized path and authority) to `dst_ip` (the
 /// Service's address at a waypoint, the gateway's own at the gateway);
-/// allowed when no policy is bound. Logs a denial.
+/// allowed when no policy is bound. Logs a denial. The decision as the
+/// access line gives it (None: no policy is bound), in the error too.
 pub fn check_request(
     policies: &[&AuthzPolicy],
     peer: SocketAddr,
     peer_id: Option<&Identity>,
     dst_ip: Ipv4Addr,
     req: &RequestInfo<'_>,
-) -> Result<(), Failure> {
+) -> Result<Option<String>, (Failure, String)> {
     if policies.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let d = decide_request(policies, peer.ip(), peer_id, dst_ip, req);
     if !d.allowed {
         let identity = peer_id.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         info!(method = %req.method, path = %req.path, %peer, %identity, policy = ?d.policy, rule = ?d.rule, reason = d.reason, "request denied by authorization policy");
-        return Err(Failure::Denied);
+        return Err((Failure::Denied, d.access_text()));
     }
-    Ok(())
+    Ok(Some(d.access_text()))
 }
 
 /// The L7 decision for one request (see [`check_request`]), without

@@ -196,6 +196,10 @@ pub struct RequestLog {
     pub rewritten: Option<String>,
     /// The VirtualService route that took the request (`ns/name http[i]`).
     pub route: Option<String>,
+    /// The authorization decision (`deny (ns/name rule i: …)`), when
+    /// policies were checked: what tells the proxy's 403 from the
+    /// application's.
+    pub policy: Option<String>,
     pub flags: Vec<&'static str>,
     pub retries: u32,
     /// The request body's size, once read.
@@ -292,6 +296,7 @@ impl RequestLog {
             trace_id: trace_id.to_owned(),
             rewritten: None,
             route: None,
+            policy: None,
             flags: Vec::new(),
             retries: 0,
             request_bytes: 0,
@@ -435,6 +440,7 @@ fn record(log: &mut RequestLog, m: &Metrics, code: u16, grpc: Option<&str>, star
         path = %log.path,
         rewritten = %log.rewritten.as_deref().unwrap_or("-"),
         route = %log.route.as_deref().unwrap_or("-"),
+        policy = %log.policy.as_deref().unwrap_or("-"),
         code,
         grpc_status = %grpc,
         response_flags = %flags,

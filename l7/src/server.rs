@@ -857,7 +857,8 @@ impl Proxy {
             Entry::Gateway { port, scheme, .. } => (*port, *scheme),
         };
         let info = RequestInfo { method: parts.method.as_str(), path: &path, authority: &authority, headers: &headers, port, scheme };
-        let routed = match self.choose(&snap, &ctx, &info, &raw_path) {
+        let chosen = self.choose(&snap, &ctx, &info, &raw_path, &mut log.policy);
+        let routed = match chosen {
             Ok(r) => r,
             Err(Chosen::Answer(r)) => return self.finish(log, start, Ok((*r, None)), &Default::default()),
             Err(Chosen::Refused(f)) => return self.finish(log, start, Err(f), &Default::default()),
@@ -975,14 +976,25 @@ impl Proxy {
     /// bound to the waypoint or the Service; at the gateway, the server
     /// its host reaches on the port, the VirtualServices bound to that
     /// server's Gateway, and the policies selecting the gateway's pod.
-    fn choose<'s>(&self, snap: &'s Snapshot, ctx: &StreamCtx, info: &RequestInfo<'_>, raw_path: &str) -> Result<Routed<'s>, Chosen> {
+    fn choose<'s>(&self, snap: &'s Snapshot, ctx: &StreamCtx, info: &RequestInfo<'_>, raw_path: &str, policy: &mut Option<String>) -> Result<Routed<'s>, Chosen> {
+        // The policy check's decision, for the access line, either way.
+        let mut checked = |r: Result<Option<String>, (Failure, String)>| match r {
+            Ok(d) => {
+                *policy = d;
+                Ok(())
+            }
+            Err((f, d)) => {
+                *policy = Some(d);
+                Err(Chosen::Refused(f))
+            }
+        };
         match &ctx.entry {
             Entry::Service { svc, port, target } => {
                 let route::Selected { vs, route, index } = route::select(snap, svc, info, &self.cfg.namespace);
                 let taken = vs.zip(index).map(|(v, i)| format!("{}/{} http[{i}]", v.namespace, v.name));
                 let policies = authz::bound(snap, &self.cfg.namespace, &self.cfg.name, svc);
                 let cluster_ip = svc.cluster_ip.unwrap_or(*target.ip());
-                authz::check_request(&policies, ctx.peer, ctx.peer_id.as_ref(), cluster_ip, info).map_err(Chosen::Refused)?;
+                checked(authz::check_request(&policies, ctx.peer, ctx.peer_id.as_ref(), cluster_ip, info))?;
                 let route = route.ok_or(Chosen::Refused(Failure::NoRoute))?;
                 let host_ns = vs.map(|v| v.namespace.clone()).unwrap_or_else(|| svc.namespace.clone());
                 let svc = snap.services.get(&format!("{}/{}", svc.namespace, svc.name));
@@ -995,7 +1007,7 @@ impl Proxy {
                 };
                 let policies = authz::selecting(snap, pod);
                 let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
-                authz::check_request(&policies, ctx.peer, None, own_ip, info).map_err(Chosen::Refused)?;
+                checked(authz::check_request(&policies, ctx.peer, None, own_ip, info))?;
                 let mut open = snap.gateway_servers(pod);
                 match tls_server {
                     // TLS: the server the handshake chose, alone, and only

@@ -247,6 +247,15 @@ fn l7_authorization_allows_get_public_and_denies_post_admin() {
     assert_eq!(count(&post_public.codes, "403"), 1, "only GET is allowed: {:?}", post_public.codes);
     let wp = std::fs::read_to_string(&mesh.pod("shop", "waypoint").log).unwrap();
     assert!(wp.contains("request denied by authorization policy"), "denials are logged");
+    // The access lines name the decision: the waypoint's 403 is told from
+    // an application's (issue 16: skiff observe's verdict).
+    let access = |path: &str, method: &str| {
+        wp.lines().find(|l| l.contains("request complete") && l.contains(&format!("path={path} ")) && l.contains(&format!("method={method} "))).unwrap_or_else(|| panic!("no access line for {method} {path}")).to_owned()
+    };
+    let admin = access("/admin", "POST");
+    assert!(admin.contains("code=403") && admin.contains("policy=deny (shop/deny-admin rule 0: DENY policy matched)"), "{admin}");
+    let public = access("/public/page", "GET");
+    assert!(public.contains("code=200") && public.contains("policy=allow (shop/allow-public rule 0:"), "{public}");
 }
 
 #[test]
