@@ -216,6 +216,12 @@ fn the_dashboard_shows_the_demo_in_a_browser() {
     assert!(!l4.contains('%') || l4.contains("err"), "no split on an L4 edge: {l4}");
     assert!(!l4.contains("90%") && !l4.contains("10%"), "no split on an L4 edge: {l4}");
     browser.wait_text("[data-edge='demo/frontend/v1->demo/backend/latest']", "the frontend's edge to the backend", |t| t.contains("mutual TLS"));
+    // Click a node: what it is and who talks to it.
+    let node = browser.cmd("POST", "/element", Some(json!({"using": "css selector", "value": "[data-node='demo/frontend/v2']"})));
+    let id = node.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap().to_owned();
+    browser.cmd("POST", &format!("/element/{id}/click"), Some(json!({})));
+    let details = browser.wait_text("#node-details", "the node's details", |t| t.contains("demo/frontend/v2"));
+    assert!(details.contains(gateway) && details.contains("demo/loadgen/latest") && details.contains("demo/backend/latest"), "in and out: {details}");
     // Click the canary's edge: its details.
     let edge = browser.cmd("POST", "/element", Some(json!({"using": "css selector", "value": format!("[data-edge='{gateway}->demo/frontend/v2'] tspan.rate")})));
     let id = edge.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap().to_owned();
