@@ -19,6 +19,8 @@ use crate::{LocalMesh, MeshOptions};
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub manifests: PathBuf,
+    /// The relay floor's manifests (examples/bench-floor).
+    pub floor_manifests: PathBuf,
     pub bin_dir: PathBuf,
     pub round_trips: usize,
     pub bulk_seconds: f64,
@@ -28,13 +30,18 @@ pub struct BenchOptions {
 
 impl BenchOptions {
     pub fn full(manifests: PathBuf, bin_dir: PathBuf) -> Self {
-        BenchOptions { manifests, bin_dir, round_trips: 20_000, bulk_seconds: 3.0, repetitions: 3, out: None }
+        BenchOptions { floor_manifests: floor_of(&manifests), manifests, bin_dir, round_trips: 20_000, bulk_seconds: 3.0, repetitions: 3, out: None }
     }
 
     /// Seconds, not minutes: proves the harness works.
     pub fn quick(manifests: PathBuf, bin_dir: PathBuf) -> Self {
-        BenchOptions { manifests, bin_dir, round_trips: 300, bulk_seconds: 0.3, repetitions: 1, out: None }
+        BenchOptions { floor_manifests: floor_of(&manifests), manifests, bin_dir, round_trips: 300, bulk_seconds: 0.3, repetitions: 1, out: None }
     }
+}
+
+/// examples/bench-floor beside examples/bench (the manifests' directory).
+fn floor_of(manifests: &std::path::Path) -> PathBuf {
+    manifests.parent().map_or_else(|| PathBuf::from("examples/bench-floor"), |p| p.join("bench-floor"))
 }
 
 /// Medians of one path.
@@ -45,6 +52,9 @@ pub struct ModeResult {
     pub p90_us: f64,
     pub p99_us: f64,
     pub gbit_per_s: f64,
+    /// CPU of each of the two proxies (ztunnels, relays) per 1000 round
+    /// trips of the closed-loop run, in ms; none on the direct path.
+    pub proxy_cpu_ms_per_1000: Option<f64>,
 }
 
 /// Writes a benchmark's figures as JSON when asked to.
@@ -76,30 +86,54 @@ fn exec_json(mesh: &LocalMesh, ns: &str, argv: &[&str]) -> anyhow::Result<serde_
     Ok(v)
 }
 
-fn measure(mesh: &LocalMesh, ns: &str, mode: &'static str, o: &BenchOptions) -> anyhow::Result<ModeResult> {
-    let server = mesh.pod(ns, "server").ip;
-    let rr = format!("{server}:7000");
-    let bulk = format!("{server}:7001");
+/// Where a mode's client sends, and the CPU seconds its proxies have used.
+struct Path<'a> {
+    rr: String,
+    bulk: String,
+    proxy_cpu: Box<dyn Fn() -> f64 + 'a>,
+}
+
+impl<'a> Path<'a> {
+    /// To the server pod of `ns`, through whatever the mesh puts on the way
+    /// (ztunnels when `ns` is enrolled: their CPU counted).
+    fn to_server(mesh: &'a LocalMesh, ns: &str, ztunnels: bool) -> Path<'a> {
+        let server = mesh.pod(ns, "server").ip;
+        let proxy_cpu: Box<dyn Fn() -> f64> = if ztunnels {
+            Box::new(|| (0..mesh.nodes.len()).filter_map(|i| mesh.ztunnel_pid(i)).map(crate::compare::pid_cpu).sum())
+        } else {
+            Box::new(|| 0.0)
+        };
+        Path { rr: format!("{server}:7000"), bulk: format!("{server}:7001"), proxy_cpu }
+    }
+}
+
+fn measure(mesh: &LocalMesh, ns: &str, mode: &'static str, path: &Path<'_>, o: &BenchOptions) -> anyhow::Result<ModeResult> {
+    let (rr, bulk) = (&path.rr, &path.bulk);
     // Wait for the servers.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while exec_json(mesh, ns, &["skiff-demo-app", "rr-client", "--target", &rr, "--count", "10", "--warmup", "0"]).is_err() {
+    while exec_json(mesh, ns, &["skiff-demo-app", "rr-client", "--target", rr, "--count", "10", "--warmup", "0"]).is_err() {
         if std::time::Instant::now() > deadline {
             bail!("{mode}: server not answering");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (mut p50, mut p90, mut p99, mut gbps) = (vec![], vec![], vec![], vec![]);
+    let (mut p50, mut p90, mut p99, mut gbps, mut cpu) = (vec![], vec![], vec![], vec![], vec![]);
     let count = o.round_trips.to_string();
     let secs = o.bulk_seconds.to_string();
     for _ in 0..o.repetitions {
-        let v = exec_json(mesh, ns, &["skiff-demo-app", "rr-client", "--target", &rr, "--count", &count, "--warmup", "200"])?;
+        let cpu0 = (path.proxy_cpu)();
+        let v = exec_json(mesh, ns, &["skiff-demo-app", "rr-client", "--target", rr, "--count", &count, "--warmup", "200"])?;
+        // Both proxies' CPU over the round trips (and their warm-up), per
+        // proxy per 1000.
+        cpu.push(((path.proxy_cpu)() - cpu0) * 1000.0 / 2.0 / ((o.round_trips + 200) as f64 / 1000.0));
         p50.push(v["p50_us"].as_f64().unwrap_or(0.0));
         p90.push(v["p90_us"].as_f64().unwrap_or(0.0));
         p99.push(v["p99_us"].as_f64().unwrap_or(0.0));
-        let v = exec_json(mesh, ns, &["skiff-demo-app", "bulk-client", "--target", &bulk, "--seconds", &secs])?;
+        let v = exec_json(mesh, ns, &["skiff-demo-app", "bulk-client", "--target", bulk, "--seconds", &secs])?;
         gbps.push(v["gbit_per_s"].as_f64().unwrap_or(0.0));
     }
-    let r = ModeResult { mode, p50_us: median(p50), p90_us: median(p90), p99_us: median(p99), gbit_per_s: median(gbps) };
+    let cpu = median(cpu);
+    let r = ModeResult { mode, p50_us: median(p50), p90_us: median(p90), p99_us: median(p99), gbit_per_s: median(gbps), proxy_cpu_ms_per_1000: (cpu > 0.0).then_some(cpu) };
     eprintln!("  {mode}: p50 {:.0} µs, p99 {:.0} µs, {:.2} Gbit/s", r.p50_us, r.p99_us, r.gbit_per_s);
     Ok(r)
 }
@@ -110,8 +144,8 @@ pub fn hbone(o: &BenchOptions) -> anyhow::Result<Vec<ModeResult>> {
     eprintln!("bench: mesh with HBONE (direct and hbone paths)");
     {
         let mesh = LocalMesh::up(&MeshOptions::new(&o.manifests, &o.bin_dir))?;
-        results.push(measure(&mesh, "bench-direct", "direct", o)?);
-        results.push(measure(&mesh, "bench-mesh", "hbone", o)?);
+        results.push(measure(&mesh, "bench-direct", "direct", &Path::to_server(&mesh, "bench-direct", false), o)?);
+        results.push(measure(&mesh, "bench-mesh", "hbone", &Path::to_server(&mesh, "bench-mesh", true), o)?);
         let v = mesh.metric(0, "istio_tcp_connections_opened_total", &[("reporter", "source"), ("connection_security_policy", "mutual_tls")])?;
         if v < 1.0 {
             bail!("hbone path: ztunnel reported no mutual-TLS connection; the figures would be meaningless");
@@ -122,23 +156,59 @@ pub fn hbone(o: &BenchOptions) -> anyhow::Result<Vec<ModeResult>> {
         let mut opts = MeshOptions::new(&o.manifests, &o.bin_dir);
         opts.ztunnel_args = vec!["--insecure-plaintext-mesh".into()];
         let mesh = LocalMesh::up(&opts)?;
-        results.insert(1, measure(&mesh, "bench-mesh", "ztunnel-plain", o)?);
+        results.insert(1, measure(&mesh, "bench-mesh", "ztunnel-plain", &Path::to_server(&mesh, "bench-mesh", true), o)?);
         let v = mesh.metric(0, "istio_tcp_connections_opened_total", &[("reporter", "source"), ("connection_security_policy", "none")])?;
         if v < 1.0 {
             bail!("ztunnel-plain path: ztunnel reported no connection");
         }
     }
+    eprintln!("bench: the relay floor (a bare mutual-TLS relay pair where the ztunnels run)");
+    {
+        let mesh = LocalMesh::up(&MeshOptions::new(&o.floor_manifests, &o.bin_dir))?;
+        // The relays' routes name the nodes' addresses (see the manifests).
+        for (i, want) in [(0usize, "172.18.0.11"), (1, "172.18.0.12")] {
+            let got = mesh.nodes.get(i).map(|n| n.ip.to_string()).unwrap_or_default();
+            if got != want {
+                bail!("relay floor: node {} has address {got}, the relays' routes in {} expect {want}", i + 1, o.floor_manifests.display());
+            }
+        }
+        let server = mesh.pod("bench-floor", "server").ip.to_string();
+        if server != "10.244.2.10" {
+            bail!("relay floor: the server pod has address {server}, relay-in's routes in {} expect 10.244.2.10", o.floor_manifests.display());
+        }
+        let (out, inn) = (mesh.pod("bench-floor", "relay-out"), mesh.pod("bench-floor", "relay-in"));
+        let path = Path { rr: "172.18.0.11:17000".into(), bulk: "172.18.0.11:17001".into(), proxy_cpu: Box::new(move || pod_cpu_seconds(out) + pod_cpu_seconds(inn)) };
+        let floor = measure(&mesh, "bench-floor", "relay floor", &path, o)?;
+        results.push(floor);
+    }
     let direct = results[0].clone();
+    let floor = results.last().cloned().expect("the floor was measured");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!("\nHBONE benchmark — {} round trips of 1 KiB and {} s single-stream bulk, median of {} run(s)", o.round_trips, o.bulk_seconds, o.repetitions);
     println!("CPU placement: clients on CPU 0, servers on CPU 1, ztunnels and node-agents unpinned ({cpus} CPUs, kernel {})", kernel.trim());
-    println!("| path | p50 µs | p90 µs | p99 µs | added p50 µs | added p99 µs | throughput Gbit/s |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("Ratios are to the relay floor: a bare tokio + rustls mutual-TLS relay pair in the nodes' network namespaces (no policy, metrics or HTTP/2).");
+    println!("| path | p50 µs | p90 µs | p99 µs | added p50 µs | added p99 µs | added p99 ÷ floor's | throughput Gbit/s | ÷ floor | CPU ms per 1000 round trips, each proxy | ÷ floor |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "–".into() };
     for r in &results {
+        let added_p99 = r.p99_us - direct.p99_us;
+        let cpu = r.proxy_cpu_ms_per_1000.map_or("–".into(), |c| format!("{c:.0}"));
+        let cpu_ratio = match (r.proxy_cpu_ms_per_1000, floor.proxy_cpu_ms_per_1000) {
+            (Some(a), Some(b)) => ratio(a, b),
+            _ => "–".into(),
+        };
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:.2} |",
-            r.mode, r.p50_us, r.p90_us, r.p99_us, r.p50_us - direct.p50_us, r.p99_us - direct.p99_us, r.gbit_per_s
+            "| {} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {} | {:.2} | {} | {cpu} | {cpu_ratio} |",
+            r.mode,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            r.p50_us - direct.p50_us,
+            added_p99,
+            if r.mode == "direct" { "–".into() } else { ratio(added_p99, floor.p99_us - direct.p99_us) },
+            r.gbit_per_s,
+            ratio(r.gbit_per_s, floor.gbit_per_s),
         );
     }
     write_figures(o.out.as_deref(), &results)?;

@@ -888,6 +888,11 @@ impl LocalMesh {
         }
     }
 
+    /// The process id of node `i`'s ztunnel, while it runs.
+    pub fn ztunnel_pid(&self, i: usize) -> Option<u32> {
+        self.nodes.get(i)?.ztunnel.as_ref().map(|c| c.id())
+    }
+
     /// Freezes (SIGSTOP) or thaws (SIGCONT) ztunnel on node `i`: while it
     /// is frozen the kernel still completes handshakes with its listeners
     /// until their accept queues are full, and nothing is relayed.

@@ -29,9 +29,11 @@ fn hbone_benchmark_harness_produces_figures_for_every_path() {
     let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench");
     let results = bench::hbone(&bench::BenchOptions::quick(manifests, bin_dir())).expect("benchmark ran");
     let modes: Vec<&str> = results.iter().map(|r| r.mode).collect();
-    assert_eq!(modes, ["direct", "ztunnel-plain", "hbone"]);
+    assert_eq!(modes, ["direct", "ztunnel-plain", "hbone", "relay floor"]);
     for r in &results {
         assert!(r.p50_us > 0.0 && r.p99_us >= r.p50_us && r.gbit_per_s > 0.0, "{r:?}");
+        // The proxies' CPU is read on every path that has proxies.
+        assert_eq!(r.proxy_cpu_ms_per_1000.is_some(), r.mode != "direct", "{r:?}");
     }
 }
 

@@ -203,6 +203,24 @@ enum Cmd {
         #[arg(long, default_value_t = 1024)]
         size: usize,
     },
+    /// The relay floor's client side (`bench hbone`): each TCP connection
+    /// accepted on a route's LISTEN address is carried over its own mutual
+    /// TLS connection (the mesh's CA, TLS 1.3, ztunnel's cipher suites) to
+    /// the route's PEER, a `relay-in`. No policy, no metrics, no HTTP/2: a
+    /// floor for what a tunnel costs.
+    RelayOut {
+        /// LISTEN=PEER (both HOST:PORT), repeatable.
+        #[arg(long = "route", required = true)]
+        routes: Vec<String>,
+    },
+    /// The relay floor's server side: terminates the mutual TLS of
+    /// `relay-out` (the peer must prove relay-out's identity) and carries
+    /// each connection to the route's TARGET in plain TCP.
+    RelayIn {
+        /// LISTEN=TARGET (both HOST:PORT), repeatable.
+        #[arg(long = "route", required = true)]
+        routes: Vec<String>,
+    },
     /// Count what each connection sends and answer with the count.
     BulkServer {
         #[arg(long)]
@@ -1342,6 +1360,8 @@ fn main() -> ExitCode {
         Cmd::Flood { target, connects, keep, hold_ms, nonblocking } => flood(&target, connects, keep, hold_ms, nonblocking),
         Cmd::HttpFixed { port, size } => http_fixed(port, size),
         Cmd::BulkServer { port } => bulk_server(port),
+        Cmd::RelayOut { routes } => relay::run(relay::Side::Out, &routes),
+        Cmd::RelayIn { routes } => relay::run(relay::Side::In, &routes),
         Cmd::BulkClient { target, seconds } => bulk_client(&target, seconds),
         Cmd::HttpLoad { url, count, headers, method, parallel } => {
             if parallel > 1 {
@@ -1370,5 +1390,108 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// The relay floor of `bench hbone` (issue 17): the least a mutual-TLS
+/// tunnel between two nodes can cost with the mesh's TLS stack (tokio,
+/// rustls and its provider and cipher suites through skiff-hbone's
+/// certificate manager), for the benchmark to report ztunnel's figures
+/// against.
+mod relay {
+    use std::{process::ExitCode, sync::Arc};
+
+    use skiff_hbone::{certs::CertManager, identity::Identity};
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum Side {
+        Out,
+        In,
+    }
+
+    const TRUST_DOMAIN: &str = "cluster.local";
+    /// The relays' buffers, each way (ztunnel's relay reads 32 KiB at a
+    /// time; larger moves bulk in fewer TLS records).
+    const BUF: usize = 64 * 1024;
+
+    fn id(side: Side) -> Identity {
+        Identity::new(TRUST_DOMAIN, "bench-floor", if side == Side::Out { "relay-out" } else { "relay-in" })
+    }
+
+    pub fn run(side: Side, routes: &[String]) -> ExitCode {
+        let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("relay: a runtime: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        match rt.block_on(serve(side, routes)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relay: {e:#}");
+                ExitCode::from(1)
+            }
+        }
+    }
+
+    async fn serve(side: Side, routes: &[String]) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let ca_dir = std::env::var_os("SKIFF_CA_DIR").context("SKIFF_CA_DIR: the mesh's CA directory (the local mesh sets it)")?;
+        let mgr = CertManager::from_ca_dir(std::path::Path::new(&ca_dir), TRUST_DOMAIN, std::time::Duration::from_secs(86_400))?;
+        mgr.ensure(&id(side)).await?;
+        let mut tasks = Vec::new();
+        for r in routes {
+            let (listen, to) = r.split_once('=').with_context(|| format!("--route {r:?}: LISTEN=HOST:PORT"))?;
+            let l = TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+            eprintln!("{{\"event\":\"listening\",\"listen\":\"{listen}\",\"to\":\"{to}\"}}");
+            let (mgr, to) = (mgr.clone(), to.to_owned());
+            let tls: Tls = match side {
+                Side::Out => Tls::Client(tokio_rustls::TlsConnector::from(mgr.client_config(id(Side::Out), id(Side::In))?)),
+                Side::In => Tls::Server(tokio_rustls::TlsAcceptor::from(mgr.server_config(id(Side::In))?)),
+            };
+            let tls = Arc::new(tls);
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((s, _)) = l.accept().await else { continue };
+                    let (tls, to) = (tls.clone(), to.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = carry(&tls, s, &to).await {
+                            eprintln!("{{\"event\":\"relay failed\",\"error\":\"{e}\"}}");
+                        }
+                    });
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+        Ok(())
+    }
+
+    enum Tls {
+        Client(tokio_rustls::TlsConnector),
+        Server(tokio_rustls::TlsAcceptor),
+    }
+
+    async fn carry(tls: &Tls, accepted: TcpStream, to: &str) -> std::io::Result<()> {
+        accepted.set_nodelay(true)?;
+        let next = TcpStream::connect(to).await?;
+        next.set_nodelay(true)?;
+        match tls {
+            Tls::Client(c) => {
+                let name = rustls::pki_types::ServerName::try_from("relay-in.bench-floor").map_err(std::io::Error::other)?;
+                let mut t = c.connect(name, next).await?;
+                let mut a = accepted;
+                tokio::io::copy_bidirectional_with_sizes(&mut a, &mut t, BUF, BUF).await?;
+            }
+            Tls::Server(s) => {
+                let mut t = s.accept(accepted).await?;
+                let mut n = next;
+                tokio::io::copy_bidirectional_with_sizes(&mut t, &mut n, BUF, BUF).await?;
+            }
+        }
+        Ok(())
     }
 }
