@@ -230,14 +230,27 @@ fn p99(buckets: &BTreeMap<String, f64>) -> Option<f64> {
 }
 
 /// Configured weights of weighted routes: (service namespace, service,
-/// version, applied at a gateway rather than by waypoints) → percent. A
-/// route splits only the requests of the proxies its VirtualService binds
-/// to: a gateway's, or (`mesh`) the waypoints'; plain L4 traffic between
-/// pods is not split by it.
-fn splits(snap: &Snapshot) -> BTreeMap<(String, String, String, bool), f64> {
+/// version, the Gateway (namespace, name) the route is bound to, or None
+/// for `mesh`) → percent. A route splits only the requests of the proxies
+/// its VirtualService binds to: the gateways serving that Gateway, or
+/// (`mesh`) the waypoints; plain L4 traffic between pods is not split by
+/// it.
+type SplitKey = (String, String, String, Option<(String, String)>);
+
+fn splits(snap: &Snapshot) -> BTreeMap<SplitKey, f64> {
     let mut out = BTreeMap::new();
     for vs in &snap.virtual_services {
-        let at_gateway = vs.gateways.iter().any(|b| matches!(b, skiff_core::routing::Bind::Gateway { .. }));
+        let mut at: Vec<Option<(String, String)>> = vs
+            .gateways
+            .iter()
+            .filter_map(|b| match b {
+                skiff_core::routing::Bind::Gateway { namespace, name } => Some(Some((namespace.clone(), name.clone()))),
+                skiff_core::routing::Bind::Mesh => None,
+            })
+            .collect();
+        if vs.mesh {
+            at.push(None);
+        }
         for r in &vs.http {
             if r.destinations.len() < 2 {
                 continue;
@@ -250,10 +263,8 @@ fn splits(snap: &Snapshot) -> BTreeMap<(String, String, String, bool), f64> {
                 let Some(labels) = dr.subsets.get(subset) else { continue };
                 let version = labels.get("version").cloned().unwrap_or_else(|| subset.clone());
                 let percent = f64::from(d.weight) * 100.0 / f64::from(total);
-                for (applies, at) in [(vs.mesh, false), (at_gateway, true)] {
-                    if applies {
-                        out.entry((svc.namespace.clone(), svc.name.clone(), version.clone(), at)).or_insert(percent);
-                    }
+                for bind in &at {
+                    out.entry((svc.namespace.clone(), svc.name.clone(), version.clone(), bind.clone())).or_insert(percent);
                 }
             }
         }
@@ -401,7 +412,19 @@ fn refresh(view: &View, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
         .filter(|w| w.labels.get(skiff_core::LABEL_GATEWAY_NAME).is_some_and(|g| *g == w.service_account) || !snap.gateway_servers(w).is_empty())
         .map(|w| (w.namespace.clone(), w.workload_name.clone()))
         .collect();
-    let gateways: BTreeSet<String> = snap.workloads.values().filter(|w| !snap.gateway_servers(w).is_empty()).map(|w| format!("{}/{}", w.namespace, w.workload_name)).collect();
+    // The Gateways each gateway serves, by its graph name (namespace/app,
+    // as the metrics' canonical service names it) and by workload.
+    let mut served: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for w in snap.workloads.values() {
+        let gws: Vec<(String, String)> = snap.gateway_servers(w).iter().map(|o| (o.gateway.namespace.clone(), o.gateway.name.clone())).collect();
+        if gws.is_empty() {
+            continue;
+        }
+        let names = [Some(&w.workload_name), w.labels.get("service.istio.io/canonical-name"), w.labels.get("app.kubernetes.io/name"), w.labels.get("app")];
+        for n in names.into_iter().flatten() {
+            served.entry(format!("{}/{n}", w.namespace)).or_default().extend(gws.iter().cloned());
+        }
+    }
     let edges = edges(&samples, &proxies);
     let splits = splits(&snap);
     let now = Instant::now();
@@ -444,7 +467,7 @@ fn refresh(view: &View, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
             let (ns, app, version) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let kind = if ns == "egress" {
                 "egress"
-            } else if ns == "outside" || gateways.contains(&format!("{ns}/{app}")) {
+            } else if ns == "outside" || served.contains_key(&format!("{ns}/{app}")) {
                 "ingress"
             } else if version == "-" {
                 "service"
@@ -454,8 +477,14 @@ fn refresh(view: &View, state: &Mutex<State>, prometheus: Option<&str>) -> Resul
             nodes.entry(id.clone()).or_insert_with(|| json!({"id": id, "namespace": ns, "app": app, "version": version, "kind": kind}));
         }
         let dst_version = dst.rsplit('/').next().unwrap_or("");
-        let from_gateway = src.rsplit_once('/').is_some_and(|(ns_app, _)| gateways.contains(ns_app));
-        let split = (from_gateway || e.protocol == "http").then(|| splits.get(&(e.service_namespace.clone(), e.service.clone(), dst_version.to_owned(), from_gateway)).copied()).flatten();
+        let key = |bind: Option<(String, String)>| (e.service_namespace.clone(), e.service.clone(), dst_version.to_owned(), bind);
+        let split = match src.rsplit_once('/').and_then(|(ns_app, _)| served.get(ns_app)) {
+            // From a gateway: a route bound to a Gateway it serves.
+            Some(gws) => gws.iter().find_map(|g| splits.get(&key(Some(g.clone()))).copied()),
+            // Requests through a waypoint: a `mesh` route.
+            None if e.protocol == "http" => splits.get(&key(None)).copied(),
+            None => None,
+        };
         let id = format!("{src}->{dst}");
         edge_list.push(json!({
             "id": id, "source": src, "target": dst, "protocol": e.protocol,

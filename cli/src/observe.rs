@@ -114,7 +114,13 @@ fn subscribe_with(mesh: &Mesh, place: &Place, patient: bool) -> Result<BufReader
     // The head within 5 s, each line bounded; then events as they come.
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     let mut r = BufReader::new(s);
-    let status = bounded_line(&mut r).ok_or("/events: no response")?;
+    // The status line: a failed port-forward's reason is the read's error.
+    let mut first = Vec::new();
+    r.by_ref().take(65_536).read_until(b'\n', &mut first).map_err(|e| format!("/events: {e}"))?;
+    let status = String::from_utf8_lossy(&first).into_owned();
+    if status.is_empty() {
+        return Err("/events: no response".into());
+    }
     if !status.starts_with("HTTP/1.1 200") {
         return Err(format!("/events: {}", status.trim()));
     }

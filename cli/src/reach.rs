@@ -165,9 +165,10 @@ impl Mesh {
             conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
             skiff_core::http1::get_on(conn, &where_, "localhost", path).map_err(|e| format!("{where_}: {e}"))
         };
-        let first = once(false);
-        let retry = matches!(place, Place::Pod { .. }) && first.is_err();
-        let (status, body) = if retry { once(true)? } else { first? };
+        let (status, body) = match once(false) {
+            Err(first) if matches!(place, Place::Pod { .. }) => once(true).map_err(|again| if again == first { again } else { format!("{again} (first attempt: {first})") })?,
+            r => r?,
+        };
         if status != 200 {
             return Err(format!("{where_}{path}: status {status}: {}", body.lines().next().unwrap_or("")));
         }
@@ -296,15 +297,22 @@ impl Cluster {
                     }
                 }
                 // The error channel's message, if any, before the reader
-                // sees the end.
+                // sees the end. kube-rs hands the error frame on before
+                // the end of the data (one ordered channel), so it is there
+                // now or never: polled once, not waited for (the error
+                // future resolves otherwise only when the whole
+                // port-forward ends, which waits on this reader).
                 if let Some(e) = errors {
-                    if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), e).await {
+                    if let Ok(Some(msg)) = tokio::time::timeout(Duration::ZERO, e).await {
                         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
                     }
                 }
                 let _ = tw.shutdown().await;
             };
             tokio::join!(up, down);
+            // Both ways are done: the WebSocket's task is ended rather than
+            // left waiting on a server that may never complete the close.
+            pf.abort();
             let _ = pf.join().await;
         });
         Ok(Forwarded { stream: mine, error, what: "port-forward".into() })

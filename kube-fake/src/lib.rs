@@ -500,7 +500,7 @@ fn strip_server_fields(o: &mut Value) {
 
 async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "fake API server: accept failed");
@@ -509,10 +509,15 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             }
         };
         let sh = shared.clone();
+        // The fake checks no credentials: its port-forward (a way into any
+        // pod's loopback) is served only to clients on its own host (the
+        // test, the CLI beside it), never to pods that reach it over the
+        // network.
+        let local = stream.local_addr().is_ok_and(|l| l.ip() == peer.ip()) || peer.ip().is_loopback();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let sh = sh.clone();
-                async move { Ok::<_, Infallible>(handle(sh, req).await) }
+                async move { Ok::<_, Infallible>(handle(sh, req, local).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -619,7 +624,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>, local_client: bool) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let Some(t) = parse_target(&path, query.as_deref()) else {
@@ -635,6 +640,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
     if let Some(sub) = &t.subresource {
         if t.group.is_empty() && t.resource == "pods" && sub == "portforward" {
+            if !local_client {
+                record(&shared, "create", &t);
+                return status(StatusCode::FORBIDDEN, "Forbidden", "pods/portforward: the fake API server serves port-forward only to clients on its own host");
+            }
             return port_forward(&shared, req, &t);
         }
         return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");

@@ -403,7 +403,8 @@ where
     };
     let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let (own_id, name) = proxy.own_identity();
-    let decision = crate::authz::decide_stream(&crate::authz::selecting(&snap, pod), peer.ip(), None, SocketAddrV4::new(own_ip, port));
+    let policies = crate::authz::selecting(&snap, pod);
+    let decision = crate::authz::decide_stream(&policies, peer.ip(), None, SocketAddrV4::new(own_ip, port));
     if !decision.allowed {
         // Refused: logged with the policy and rule, and counted (UAEX).
         info!(%peer, port, policy = ?decision.policy, rule = ?decision.rule, reason = decision.reason, "TCP stream denied by authorization policy");
@@ -428,7 +429,10 @@ where
     let born = std::time::Instant::now();
     let io = crate::body::Activity::new(io, last.clone(), born);
     let mut meter = crate::metrics::TcpLog::new(crate::metrics::Source::Proxy(name, Some(pod), &own_id), &snap, peer);
-    meter.set_policy(&decision);
+    // As for requests: a decision is named only when a policy applies.
+    if !policies.is_empty() {
+        meter.set_policy(&decision);
+    }
     let relayed = proxy.upstreams().passthrough_to(&snap, &dest, &vs.namespace, o.server.number, peer.ip(), io, None, &mut rng, Some((&proxy.metrics, meter)));
     tokio::select! {
         ok = relayed => if !ok {

@@ -591,8 +591,10 @@ impl Proxy {
         }
         let tcp = route::port_protocol(&port) == "tcp";
         let mut decision = None;
-        if tcp {
-            let d = authz::decide_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc), peer.ip(), Some(&peer_id), target);
+        let bound = if tcp { authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc) } else { Vec::new() };
+        // As for requests: a decision is named only when a policy applies.
+        if !bound.is_empty() {
+            let d = authz::decide_stream(&bound, peer.ip(), Some(&peer_id), target);
             if !d.allowed {
                 // Refused: logged with the policy and rule, and counted
                 // (UAEX), as ztunnel does a connection.

@@ -415,6 +415,13 @@ fn explain_check_config_observe_through_the_kubernetes_api() {
     drop(dash);
     let forwards = mesh.kube_api().unwrap().requests().into_iter().filter(|r| r.verb == "create" && r.resource == "pods/portforward").count();
     assert!(forwards > 0, "the proxies were reached by pod port-forward");
+    // The fake checks no credentials, so its port-forward is not served to
+    // pods, which reach it over the network (from one outside the mesh:
+    // this mesh's egress policy is REGISTRY_ONLY).
+    let from_pod = mesh
+        .exec(mesh.pod("legacy", "client"), &["skiff-demo-app", "http-get", &format!("{url}/api/v1/namespaces/skiff-system/pods/skiff-node-node-1/portforward?ports=15000")], Duration::from_secs(10))
+        .unwrap();
+    assert!(!from_pod.status.success() && String::from_utf8_lossy(&from_pod.stderr).contains("HTTP 403"), "{}{}", String::from_utf8_lossy(&from_pod.stdout), String::from_utf8_lossy(&from_pod.stderr));
     // A node whose ztunnel stopped: the port-forward's error (nothing
     // listens) comes back as the reason, naming the node.
     mesh.stop_ztunnel(1);

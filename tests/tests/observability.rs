@@ -458,7 +458,7 @@ fn prometheus_scrapes_every_process_and_istios_queries_answer() {
         })
     };
     let line = stream_line("-");
-    assert!(line.contains("src.workload=client") && line.contains("dst.workload=tcp-echo") && line.contains("bytes_received=9") && line.contains("policy=allow"), "{line}");
+    assert!(line.contains("src.workload=client") && line.contains("dst.workload=tcp-echo") && line.contains("bytes_received=9") && line.contains("policy=-"), "{line}");
     mesh.apply(
         "deny-tcp-echo",
         Some("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-tcp-echo, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: tcp-echo}]\n  action: DENY\n  rules: [{from: [{source: {namespaces: [shop]}}]}]\n"),
