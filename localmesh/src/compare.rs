@@ -49,7 +49,7 @@ const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
 const GROUP: &str = "X25519";
 
 /// A deployment mode under comparison.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 pub enum Mode {
     M0,
     M1,
@@ -68,6 +68,17 @@ impl Mode {
             Mode::M2 => "M2",
             Mode::M3 => "M3",
             Mode::M2Ipt => "M2-ipt",
+        }
+    }
+
+    /// The mode in a few words, as tables and the chart name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::M0 => "no mesh",
+            Mode::M1 => "Envoy sidecars",
+            Mode::M2 => "ambient L4",
+            Mode::M3 => "ambient + waypoint",
+            Mode::M2Ipt => "ambient L4, iptables capture",
         }
     }
 
@@ -97,7 +108,7 @@ impl Mode {
 }
 
 /// Sizes and tools of a run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct CompareOptions {
     pub bin_dir: PathBuf,
     pub envoy: PathBuf,
@@ -164,7 +175,7 @@ impl CompareOptions {
 }
 
 /// Latency percentiles in µs.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,
@@ -173,7 +184,7 @@ pub struct Latency {
 }
 
 /// CPU and memory of one measured interval.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Usage {
     /// CPU seconds of each mesh process (ztunnel, Envoy, waypoint…).
     pub process_cpu_s: BTreeMap<String, f64>,
@@ -186,7 +197,7 @@ pub struct Usage {
 }
 
 /// One mode in one repetition.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Run {
     pub repetition: usize,
     pub mode: Mode,
@@ -208,7 +219,7 @@ pub struct Run {
 }
 
 /// One step of a rate sweep.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct SweepStep {
     pub mode: Mode,
     pub target_rps: u32,
@@ -218,7 +229,7 @@ pub struct SweepStep {
 }
 
 /// Memory at one pod count.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ScalePoint {
     pub server_pods: usize,
     /// Sidecar mode: RSS of all server-side Envoys, and per pod.
@@ -230,10 +241,10 @@ pub struct ScalePoint {
 }
 
 /// Medians over repetitions of one mode, with spread (min–max).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Summary {
     pub mode: Mode,
-    pub description: &'static str,
+    pub description: String,
     pub valid_runs: usize,
     pub runs: usize,
     pub http: Latency,
@@ -265,7 +276,7 @@ pub struct Summary {
 }
 
 /// Everything a run produced.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Report {
     pub machine: Machine,
     pub options: CompareOptions,
@@ -278,7 +289,7 @@ pub struct Report {
     pub summary: Vec<Summary>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Machine {
     pub cpus: usize,
     pub cpu_model: String,
@@ -1017,7 +1028,7 @@ fn summarize(o: &CompareOptions, runs: &[Run], sweep: &[SweepStep]) -> Vec<Summa
             let b = |f: &dyn Fn(&Run) -> f64| median(base.values().map(|r| f(r)).collect());
             Summary {
                 mode,
-                description: mode.describe(),
+                description: mode.describe().to_owned(),
                 valid_runs: valid.len(),
                 runs: all.len(),
                 http: Latency { p50: m(&|r| r.http.p50), p90: m(&|r| r.http.p90), p99: m(&|r| r.http.p99), p999: m(&|r| r.http.p999) },
@@ -1070,8 +1081,7 @@ pub fn markdown(r: &Report) -> String {
     for s in &r.summary {
         let _ = writeln!(
             md,
-            "| {} {} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} ({:+.0}…{:+.0}) | {:+.0} ({:+.0}…{:+.0}) | {:.2} | {:.0} | {}/{} | {:.1} ({:+.1}) | {:.1} | {:.1} | {} |",
-            s.mode.id(),
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} ({:+.0}…{:+.0}) | {:+.0} ({:+.0}…{:+.0}) | {:.2} | {:.0} | {}/{} | {:.1} ({:+.1}) | {:.1} | {:.1} | {} |",
             s.description,
             s.http.p50,
             s.http.p90,
@@ -1105,7 +1115,7 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(
             md,
             "| {} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:.2} | {:.2} | {:.0} | {:.0} |",
-            s.mode.id(),
+            s.mode.name(),
             s.tcp_rr.p50,
             s.tcp_rr.p99,
             s.tcp_rr_added_p50_us,
@@ -1121,7 +1131,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(md, "|---|---|---|---|");
     for s in r.summary.iter().filter(|s| !s.mesh_cpu_ms_per_1000_by_process.is_empty()) {
         for (p, cpu) in &s.mesh_cpu_ms_per_1000_by_process {
-            let _ = writeln!(md, "| {} | {p} | {cpu:.1} | {:.1} |", s.mode.id(), s.mesh_rss_mib_by_process.get(p).copied().unwrap_or(0.0));
+            let _ = writeln!(md, "| {} | {p} | {cpu:.1} | {:.1} |", s.mode.name(), s.mesh_rss_mib_by_process.get(p).copied().unwrap_or(0.0));
         }
     }
     if !r.scale.is_empty() {
@@ -1136,11 +1146,36 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
-    let invalid: Vec<String> = r.runs.iter().filter(|x| !x.http_valid).map(|x| format!("rep {} {}", x.repetition + 1, x.mode.id())).collect();
+    let invalid: Vec<String> = r.runs.iter().filter(|x| !x.http_valid).map(|x| format!("rep {} {}", x.repetition + 1, x.mode.name())).collect();
     if !invalid.is_empty() {
         let _ = writeln!(md, "\nInvalid runs (generator below 99% of target; left out of the medians when a mode has valid ones): {}", invalid.join(", "));
     }
     md
+}
+
+/// README's summary of a run: one row per mode, in words.
+pub fn readme_table(r: &Report) -> String {
+    let mut t = String::from(
+        "| mode | HTTP p50 / p99 µs at 1000 req/s | added p50 / p99 vs no mesh | box CPU ms per 1000 req (added) | mesh processes' RSS | max rate req/s | TCP RR p50 (added) | bulk 1 stream | new conn/s |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for s in &r.summary {
+        let base = s.mode == Mode::M0;
+        let _ = writeln!(
+            t,
+            "| {} | {:.0} / {:.0} | {} | {} | {} | {} | {} | {:.1} Gbit/s | {:.0} |",
+            s.mode.name(),
+            s.http.p50,
+            s.http.p99,
+            if base { "—".to_owned() } else { format!("{:+.0} / {:+.0}", s.added_p50_us, s.added_p99_us) },
+            if base { format!("{:.0}", s.box_cpu_ms_per_1000) } else { format!("{:.0} ({:+.0})", s.box_cpu_ms_per_1000, s.added_box_cpu_ms_per_1000) },
+            if base { "—".to_owned() } else { format!("{:.0} MiB", s.mesh_rss_mib) },
+            s.max_rate_rps.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            if base { format!("{:.0} µs", s.tcp_rr.p50) } else { format!("{:.0} µs ({:+.0})", s.tcp_rr.p50, s.tcp_rr_added_p50_us) },
+            s.bulk_1_gbit_s,
+            s.churn_per_s,
+        );
+    }
+    t
 }
 
 /// A chart of added latency and CPU per mode (SVG).
@@ -1169,7 +1204,7 @@ pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
                 if (x - i).abs() > 0.01 || i < 0.0 {
                     return String::new();
                 }
-                modes.get(i as usize).map(|s| s.mode.id().to_owned()).unwrap_or_default()
+                modes.get(i as usize).map(|s| s.mode.name().to_owned()).unwrap_or_default()
             })
             .y_desc(unit)
             .draw()
@@ -1190,7 +1225,7 @@ pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
     };
     draw(
         &panels[0],
-        &format!("Added HTTP latency vs M0 at {} req/s", r.options.rate),
+        &format!("Added HTTP latency vs no mesh at {} req/s", r.options.rate),
         "µs",
         &[
             ("added p50", RGBColor(66, 133, 244), modes.iter().map(|s| s.added_p50_us).collect()),
@@ -1202,7 +1237,7 @@ pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
         "CPU per 1000 requests",
         "CPU ms",
         &[
-            ("box, added vs M0", RGBColor(244, 160, 0), modes.iter().map(|s| s.added_box_cpu_ms_per_1000).collect()),
+            ("box, added vs no mesh", RGBColor(244, 160, 0), modes.iter().map(|s| s.added_box_cpu_ms_per_1000).collect()),
             ("mesh processes", RGBColor(15, 157, 88), modes.iter().map(|s| s.mesh_cpu_ms_per_1000).collect()),
         ],
     )?;
@@ -1436,6 +1471,47 @@ mod tests {
         }
         for doc in y.split("\n---\n") {
             let _: serde_json::Value = serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod docs {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    const BEGIN: &str = "<!-- bench compare: generated from docs/bench/compare.json -->\n";
+    const END: &str = "<!-- end of the generated table -->";
+
+    fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned()
+    }
+
+    /// docs/bench/compare.md, compare.svg and README's table are rendered
+    /// from the run's JSON, so they cannot drift from it (issue 17).
+    /// `SKIFF_BLESS=1` writes them anew from the JSON.
+    #[test]
+    fn docs_bench_compare_is_rendered_from_its_json() {
+        let dir = root().join("docs/bench");
+        let r: Report = serde_json::from_str(&fs::read_to_string(dir.join("compare.json")).unwrap()).expect("compare.json is a Report");
+        let md = markdown(&r);
+        let table = readme_table(&r);
+        let readme_path = root().join("README.md");
+        let mut readme = fs::read_to_string(&readme_path).unwrap();
+        if std::env::var_os("SKIFF_BLESS").is_some() {
+            fs::write(dir.join("compare.md"), &md).unwrap();
+            chart(&r, &dir.join("compare.svg")).unwrap();
+            let start = readme.find(BEGIN).expect("README marks the table") + BEGIN.len();
+            let end = readme[start..].find(END).expect("README ends the table") + start;
+            readme.replace_range(start..end, &table);
+            fs::write(&readme_path, &readme).unwrap();
+        }
+        assert_eq!(fs::read_to_string(dir.join("compare.md")).unwrap(), md, "docs/bench/compare.md differs from compare.json's rendering (SKIFF_BLESS=1 rewrites it)");
+        assert!(readme.contains(&format!("{BEGIN}{table}{END}")), "README's bench compare table differs from compare.json's rendering (SKIFF_BLESS=1 rewrites it):\n{table}");
+        // Modes are named in words, never by a bare id.
+        for id in ["| M0 ", "| M1 ", "| M2 ", "| M3 ", "| M2-ipt "] {
+            assert!(!md.contains(id) && !table.contains(id), "{id}");
         }
     }
 }
