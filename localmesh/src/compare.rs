@@ -56,10 +56,13 @@ pub enum Mode {
     M2,
     M3,
     M2Ipt,
+    /// The relay floor: a bare tokio + rustls mutual-TLS relay pair where
+    /// the ztunnels run (issue 17).
+    Floor,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [Mode::M0, Mode::M1, Mode::M2, Mode::M3, Mode::M2Ipt];
+    pub const ALL: [Mode; 6] = [Mode::M0, Mode::M1, Mode::M2, Mode::M3, Mode::M2Ipt, Mode::Floor];
 
     pub fn id(self) -> &'static str {
         match self {
@@ -68,6 +71,7 @@ impl Mode {
             Mode::M2 => "M2",
             Mode::M3 => "M3",
             Mode::M2Ipt => "M2-ipt",
+            Mode::Floor => "floor",
         }
     }
 
@@ -79,6 +83,7 @@ impl Mode {
             Mode::M2 => "ambient L4",
             Mode::M3 => "ambient + waypoint",
             Mode::M2Ipt => "ambient L4, iptables capture",
+            Mode::Floor => "relay floor",
         }
     }
 
@@ -89,6 +94,7 @@ impl Mode {
             Mode::M2 => "ambient L4 (eBPF, ztunnel HBONE)",
             Mode::M3 => "ambient + waypoint (VirtualService)",
             Mode::M2Ipt => "ambient L4, iptables capture",
+            Mode::Floor => "relay floor (bare tokio + rustls mTLS relays, no policy, metrics or HTTP/2)",
         }
     }
 
@@ -99,6 +105,7 @@ impl Mode {
             Mode::M2 => "cmp-m2",
             Mode::M3 => "cmp-m3",
             Mode::M2Ipt => "cmp-m2ipt",
+            Mode::Floor => "cmp-floor",
         }
     }
 
@@ -379,6 +386,11 @@ fn mesh_processes(mesh: &LocalMesh, mode: Mode) -> BTreeMap<String, Vec<u32>> {
                 out.insert("waypoint".into(), pids_with("skiff-waypoint --name waypoint"));
             }
         }
+        Mode::Floor => {
+            for side in ["relay-out", "relay-in"] {
+                out.insert(side.to_owned(), pids_with(&format!("skiff-demo-app {side} --route")));
+            }
+        }
     }
     out
 }
@@ -446,13 +458,65 @@ fn services(ns: &str) -> String {
     )
 }
 
+/// The relay floor's pods and Services: the relays in the nodes' network
+/// namespaces (hostNetwork, started by [`start_relays`] once addresses are
+/// known), and the Services the client uses sending to relay-out, which
+/// carries each connection over mutual TLS to relay-in, which connects to
+/// server-v1.
+fn floor_relays(ns: &str) -> String {
+    let mut y = String::new();
+    for (side, node) in [("relay-out", "node-1"), ("relay-in", "node-2")] {
+        let _ = write!(
+            y,
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {side}\n  namespace: {ns}\n  labels: {{app: {side}}}\n\
+             spec: {{nodeName: {node}, hostNetwork: true, containers: [{{name: sleep, command: [sleep, infinity]}}]}}\n"
+        );
+    }
+    let [h, s, i] = [FLOOR_OUT_BASE + HTTP_PORT % 1000, FLOOR_OUT_BASE + SOCKPERF_PORT % 1000, FLOOR_OUT_BASE + IPERF_PORT % 1000];
+    let _ = write!(
+        y,
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: {ns}}}\n\
+         spec: {{selector: {{app: relay-out}}, ports: [{{name: http, port: {HTTP_PORT}, targetPort: {h}}}]}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: server-v1, namespace: {ns}}}\n\
+         spec: {{selector: {{app: relay-out}}, ports: [{{name: http, port: {HTTP_PORT}, targetPort: {h}}}, {{name: tcp-sockperf, port: {SOCKPERF_PORT}, targetPort: {s}}}, {{name: tcp-iperf, port: {IPERF_PORT}, targetPort: {i}}}]}}\n"
+    );
+    y
+}
+
+/// The relay floor's ports: relay-out listens on this base plus the
+/// server port's last three digits, relay-in on the next thousand.
+const FLOOR_OUT_BASE: u16 = 18000;
+const FLOOR_IN_BASE: u16 = 19000;
+
+/// Starts the relay floor's relays, pinned as the ztunnels are (client
+/// side CPU 0, server side CPU 1), and waits for them to listen.
+fn start_relays(mesh: &mut LocalMesh) -> anyhow::Result<()> {
+    let ns = Mode::Floor.namespace();
+    let (n1, n2) = (mesh.nodes[0].ip, mesh.nodes[1].ip);
+    let server = mesh.pod(ns, "server-v1").ip;
+    let mut out = vec!["taskset".to_owned(), "-c".into(), "0".into(), "skiff-demo-app".into(), "relay-out".into()];
+    let mut inn = vec!["taskset".to_owned(), "-c".into(), "1".into(), "skiff-demo-app".into(), "relay-in".into()];
+    for port in [HTTP_PORT, SOCKPERF_PORT, IPERF_PORT] {
+        let (o, i) = (FLOOR_OUT_BASE + port % 1000, FLOOR_IN_BASE + port % 1000);
+        out.extend(["--route".into(), format!("{n1}:{o}={n2}:{i}")]);
+        inn.extend(["--route".into(), format!("{n2}:{i}={server}:{port}")]);
+    }
+    for (name, argv) in [("relay-out", out), ("relay-in", inn)] {
+        let k = mesh.pods.iter().position(|p| p.namespace == ns && p.name == name).context("the relay pods")?;
+        let log = mesh.work_dir.join("logs").join(format!("{ns}_{name}-relay.log"));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        mesh.spawn_in(k, &argv, &log)?;
+    }
+    Ok(())
+}
+
 /// The manifests of the comparison topology.
 pub fn topology(modes: &[Mode]) -> String {
     let mut y = String::from("# Generated by `cargo xtask bench compare`: one namespace per mode.\n");
     for &m in modes {
         let ns = m.namespace();
         let ns_labels = match m {
-            Mode::M0 | Mode::M1 => String::new(),
+            Mode::M0 | Mode::M1 | Mode::Floor => String::new(),
             Mode::M2 => "{skiff.dev/dataplane-mode: ambient}".into(),
             Mode::M3 => "{skiff.dev/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}".into(),
             Mode::M2Ipt => "{skiff.dev/dataplane-mode: ambient, skiff.dev/capture: iptables}".into(),
@@ -462,7 +526,11 @@ pub fn topology(modes: &[Mode]) -> String {
         y.push_str(&client_pod(ns, ""));
         y.push_str(&server_pod(ns, "server-v1", "v1", "", true));
         y.push_str(&server_pod(ns, "server-v2", "v2", "", false));
-        y.push_str(&services(ns));
+        if m == Mode::Floor {
+            y.push_str(&floor_relays(ns));
+        } else {
+            y.push_str(&services(ns));
+        }
         if m == Mode::M3 {
             let _ = write!(
                 y,
@@ -821,6 +889,19 @@ fn verify(mesh: &LocalMesh, mode: Mode) -> anyhow::Result<String> {
     let ns = mode.namespace();
     match mode {
         Mode::M0 => Ok("no mesh".into()),
+        Mode::Floor => {
+            // The Services send only to relay-out, and relay-in speaks
+            // only mutual TLS: an answer came through both.
+            let body = http_get(mesh, ns, &format!("http://server.{ns}:{HTTP_PORT}/"))?;
+            if !body.starts_with("server-v1") {
+                bail!("floor: the relays should reach server-v1, but {:?} answered", body.lines().next());
+            }
+            let procs = mesh_processes(mesh, mode);
+            if procs.values().any(Vec::is_empty) {
+                bail!("floor: a relay is not running: {procs:?}");
+            }
+            Ok("floor: answered through relay-out and relay-in (mutual TLS 1.3)".into())
+        }
         Mode::M1 => {
             let server = mesh.pod(ns, "server-v1");
             // A peer without a certificate is refused: plaintext from a
@@ -1104,6 +1185,25 @@ pub fn markdown(r: &Report) -> String {
             s.max_rate_rps.map(|r| r.to_string()).unwrap_or_else(|| "-".into())
         );
     }
+    if let Some(f) = r.summary.iter().find(|s| s.mode == Mode::Floor) {
+        let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "–".into() };
+        let _ = writeln!(md, "\n**Against the relay floor** (a bare tokio + rustls mutual-TLS relay pair where the ztunnels run; ratios to its figures)\n");
+        let _ = writeln!(md, "| mode | mesh CPU ms/1000 req ÷ floor's | added p50 ÷ floor's | added p99 ÷ floor's | bulk 1 stream ÷ floor's | bulk 4 streams ÷ floor's | new connections/s ÷ floor's |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        for s in r.summary.iter().filter(|s| s.mode != Mode::M0) {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                s.mode.name(),
+                ratio(s.mesh_cpu_ms_per_1000, f.mesh_cpu_ms_per_1000),
+                ratio(s.added_p50_us, f.added_p50_us),
+                ratio(s.added_p99_us, f.added_p99_us),
+                ratio(s.bulk_1_gbit_s, f.bulk_1_gbit_s),
+                ratio(s.bulk_4_gbit_s, f.bulk_4_gbit_s),
+                ratio(s.churn_per_s, f.churn_per_s),
+            );
+        }
+    }
     let _ = writeln!(
         md,
         "\n**TCP and connections**: sockperf ping-pong 1 KiB at {} msg/s (round trip), iperf3 {} s, churn = connect + HTTP GET + first byte, one after another\n",
@@ -1312,6 +1412,10 @@ pub fn compare(o: &CompareOptions) -> anyhow::Result<Report> {
     if o.modes.contains(&Mode::M1) {
         progress(start, "starting Envoy sidecars (M1)");
         start_sidecars(&mut mesh, Mode::M1.namespace(), &o.envoy)?;
+    }
+    if o.modes.contains(&Mode::Floor) {
+        progress(start, "starting the relay floor's relays");
+        start_relays(&mut mesh)?;
     }
     if o.modes.contains(&Mode::M3) {
         let wp = mesh.pod(Mode::M3.namespace(), "waypoint");
