@@ -1284,9 +1284,10 @@ pub fn readme_table(r: &Report) -> String {
 /// A chart of added latency and CPU per mode (SVG).
 pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
+    let rows = if r.scale.is_empty() && r.sweep.is_empty() { 1 } else { 2 };
+    let root = SVGBackend::new(path, (1100, 460 * rows)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let panels = root.split_evenly((1, 2));
+    let panels = root.split_evenly((rows as usize, 2));
     let modes: Vec<&Summary> = r.summary.iter().filter(|s| s.mode != Mode::M0).collect();
     let n = modes.len().max(1);
     let draw = |area: &DrawingArea<SVGBackend, plotters::coord::Shift>, title: &str, unit: &str, series: &[(&str, RGBColor, Vec<f64>)]| -> anyhow::Result<()> {
@@ -1344,7 +1345,64 @@ pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
             ("mesh processes", RGBColor(15, 157, 88), modes.iter().map(|s| s.mesh_cpu_ms_per_1000).collect()),
         ],
     )?;
+    if rows > 1 {
+        lines(
+            &panels[2],
+            "Proxy memory per server pod (RSS)",
+            "server pods",
+            "MiB per pod",
+            &[
+                ("Envoy sidecars", RGBColor(219, 68, 55), r.scale.iter().map(|p| (p.server_pods as f64, p.sidecar_per_pod_mib)).collect()),
+                ("ambient: the node's ztunnel", RGBColor(66, 133, 244), r.scale.iter().map(|p| (p.server_pods as f64, p.ambient_per_pod_mib)).collect()),
+            ],
+        )?;
+        // p99 against the offered rate, each mode while it kept up.
+        let palette = [RGBColor(0, 0, 0), RGBColor(219, 68, 55), RGBColor(66, 133, 244), RGBColor(244, 160, 0), RGBColor(15, 157, 88), RGBColor(128, 0, 128)];
+        let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = r
+            .summary
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let pts = r.sweep.iter().filter(|x| x.mode == s.mode && x.valid).map(|x| (f64::from(x.target_rps), x.p99_us / 1000.0)).collect();
+                (s.mode.name(), palette[i % palette.len()], pts)
+            })
+            .collect();
+        lines(&panels[3], "HTTP p99 against offered load (rates each mode sustained)", "offered req/s", "p99 ms", &series)?;
+    }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// A line chart of (x, y) points per series, on a log-2 x axis.
+fn lines(
+    area: &plotters::drawing::DrawingArea<plotters::prelude::SVGBackend, plotters::coord::Shift>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(&str, plotters::style::RGBColor, Vec<(f64, f64)>)],
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let pts = || series.iter().flat_map(|s| s.2.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0);
+    let (x_min, x_max) = pts().fold((f64::MAX, 1.0f64), |(lo, hi), (x, _)| (lo.min(x), hi.max(x)));
+    let x_min = if x_min == f64::MAX { 1.0 } else { x_min };
+    let y_max = pts().fold(1.0f64, |hi, (_, y)| hi.max(y)) * 1.15;
+    let mut c = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x_min * 0.8..x_max * 1.25).log_scale(), 0.0..y_max)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    c.configure_mesh().x_labels(6).light_line_style(WHITE).x_desc(x_desc).y_desc(y_desc).x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (label, color, p) in series {
+        let color = *color;
+        c.draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(*label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
+        c.draw_series(p.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    c.configure_series_labels().position(SeriesLabelPosition::UpperRight).border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
 
