@@ -1358,7 +1358,7 @@ pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
         )?;
         // p99 against the offered rate, each mode while it kept up.
         let palette = [RGBColor(0, 0, 0), RGBColor(219, 68, 55), RGBColor(66, 133, 244), RGBColor(244, 160, 0), RGBColor(15, 157, 88), RGBColor(128, 0, 128)];
-        let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = r
+        let series: Vec<Line<'_>> = r
             .summary
             .iter()
             .enumerate()
@@ -1373,13 +1373,16 @@ pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A line chart of (x, y) points per series, on a log-2 x axis.
+/// One line of a chart: its label, colour and (x, y) points.
+type Line<'a> = (&'a str, plotters::style::RGBColor, Vec<(f64, f64)>);
+
+/// A line chart of (x, y) points per series, on a logarithmic x axis.
 fn lines(
     area: &plotters::drawing::DrawingArea<plotters::prelude::SVGBackend, plotters::coord::Shift>,
     title: &str,
     x_desc: &str,
     y_desc: &str,
-    series: &[(&str, plotters::style::RGBColor, Vec<(f64, f64)>)],
+    series: &[Line<'_>],
 ) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let pts = || series.iter().flat_map(|s| s.2.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0);
