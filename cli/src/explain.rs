@@ -268,6 +268,33 @@ impl Src<'_> {
 }
 
 /// Explains `ask` against the cluster view `snap`.
+/// The routes of the VirtualServices bound to the Gateways gateway pod `w`
+/// serves that send to the Service at `orig`, with their weights.
+fn gateway_routes(snap: &Snapshot, w: &Workload, orig: SocketAddrV4) -> String {
+    let svc = snap.service_by_vip(*orig.ip(), orig.port());
+    let gateways: Vec<(String, String)> = snap.gateway_servers(w).iter().map(|o| (o.gateway.namespace.clone(), o.gateway.name.clone())).collect();
+    let mut routes = Vec::new();
+    for vs in &snap.virtual_services {
+        let bound = vs.gateways.iter().any(|b| matches!(b, skiff_core::routing::Bind::Gateway { namespace, name } if gateways.contains(&(namespace.clone(), name.clone()))));
+        if !bound {
+            continue;
+        }
+        for (i, r) in vs.http.iter().enumerate() {
+            let total = skiff_core::routing::total_weight(&r.destinations).max(1);
+            let to: Vec<String> = r
+                .destinations
+                .iter()
+                .filter(|d| svc.is_some_and(|(s, _)| skiff_core::routing::host_matches(&d.host, &vs.namespace, &s.name, &s.namespace)))
+                .map(|d| format!("{}{} {:.0}%", d.host, d.subset.as_ref().map(|s| format!(" subset {s}")).unwrap_or_default(), f64::from(d.weight) * 100.0 / f64::from(total)))
+                .collect();
+            if !to.is_empty() {
+                routes.push(format!("VirtualService {}/{} http[{i}]: {}", vs.namespace, vs.name, to.join(", ")));
+            }
+        }
+    }
+    if routes.is_empty() { "no VirtualService bound to its Gateways routes to this Service".to_owned() } else { routes.join("; ") }
+}
+
 pub fn explain(snap: &Snapshot, ask: &Ask) -> Result<Explanation, String> {
     let mut out = Out { steps: Vec::new() };
     let src = source(snap, ask, &mut out)?;
@@ -277,62 +304,30 @@ pub fn explain(snap: &Snapshot, ask: &Ask) -> Result<Explanation, String> {
         Some(n) => format!("ztunnel on {n}"),
         None => "ztunnel".to_owned(),
     };
-    if src.waypoint {
-        // A waypoint's own connections: HBONE as its identity, straight
-        // to the endpoint it picked (the request's L7 decisions were taken
-        // there).
-        let at = format!("waypoint {}/{}", src.namespace, src.service_account);
+    // A waypoint's or gateway's own connections: HBONE as its identity,
+    // straight to the endpoint it picked (a request's L7 decisions at a
+    // waypoint are explained from the request's own client; a gateway's
+    // routes are named for this Service).
+    let proxy_hop = match (src.waypoint, src.gateway, src.pod) {
+        (true, _, _) => Some((
+            format!("waypoint {}/{}", src.namespace, src.service_account),
+            "the source is a waypoint: it sends over HBONE as its own identity to the endpoint it picked (its L7 decisions for the request are explained from the request's own client)".to_owned(),
+        )),
+        (false, true, Some(w)) => Some((
+            format!("gateway {}/{}", w.namespace, w.name),
+            format!(
+                "the source is a gateway: it picks the endpoint by its Gateway's servers and the VirtualServices bound to them ({}), and sends over HBONE as its own identity",
+                gateway_routes(snap, w, orig)
+            ),
+        )),
+        _ => None,
+    };
+    if let Some((at, why)) = proxy_hop {
         let eps: Vec<SocketAddrV4> = match snap.service_by_vip(*orig.ip(), orig.port()) {
             Some((svc, port)) => snap.endpoint_addrs(svc, port),
             None => vec![orig],
         };
-        out.push(
-            "outbound",
-            &at,
-            "the source is a waypoint: it sends over HBONE as its own identity to the endpoint it picked (its L7 decisions for the request are explained from the request's own client)",
-            None,
-        );
-        let peer = Peer { ip: src.ip, identity: Some(src.identity(&ask.trust_domain)) };
-        return deliver(snap, ask, &at, &peer, &eps, out);
-    }
-    if let (true, Some(w)) = (src.gateway, src.pod) {
-        // A gateway's own connections, as a waypoint's: it chose the
-        // destination by its Gateway's servers and the VirtualServices
-        // bound to them (named here for this Service), and sends over HBONE
-        // as its own identity.
-        let at = format!("gateway {}/{}", w.namespace, w.name);
-        let svc = snap.service_by_vip(*orig.ip(), orig.port());
-        let eps: Vec<SocketAddrV4> = match svc {
-            Some((svc, port)) => snap.endpoint_addrs(svc, port),
-            None => vec![orig],
-        };
-        let gateways: Vec<(String, String)> = snap.gateway_servers(w).iter().map(|o| (o.gateway.namespace.clone(), o.gateway.name.clone())).collect();
-        let mut routes = Vec::new();
-        for vs in &snap.virtual_services {
-            let bound = vs.gateways.iter().any(|b| matches!(b, skiff_core::routing::Bind::Gateway { namespace, name } if gateways.contains(&(namespace.clone(), name.clone()))));
-            if !bound {
-                continue;
-            }
-            for (i, r) in vs.http.iter().enumerate() {
-                let total = skiff_core::routing::total_weight(&r.destinations).max(1);
-                let to: Vec<String> = r
-                    .destinations
-                    .iter()
-                    .filter(|d| svc.is_some_and(|(s, _)| skiff_core::routing::host_matches(&d.host, &vs.namespace, &s.name, &s.namespace)))
-                    .map(|d| format!("{}{} {:.0}%", d.host, d.subset.as_ref().map(|s| format!(" subset {s}")).unwrap_or_default(), f64::from(d.weight) * 100.0 / f64::from(total)))
-                    .collect();
-                if !to.is_empty() {
-                    routes.push(format!("VirtualService {}/{} http[{i}]: {}", vs.namespace, vs.name, to.join(", ")));
-                }
-            }
-        }
-        let how = if routes.is_empty() { "no VirtualService bound to its Gateways routes to this Service".to_owned() } else { routes.join("; ") };
-        out.push(
-            "outbound",
-            &at,
-            format!("the source is a gateway: it picks the endpoint by its Gateway's servers and the VirtualServices bound to them ({how}), and sends over HBONE as its own identity"),
-            None,
-        );
+        out.push("outbound", &at, why, None);
         let peer = Peer { ip: src.ip, identity: Some(src.identity(&ask.trust_domain)) };
         return deliver(snap, ask, &at, &peer, &eps, out);
     }

@@ -115,12 +115,7 @@ fn subscribe_with(mesh: &Mesh, place: &Place, patient: bool) -> Result<BufReader
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     let mut r = BufReader::new(s);
     // The status line: a failed port-forward's reason is the read's error.
-    let mut first = Vec::new();
-    r.by_ref().take(65_536).read_until(b'\n', &mut first).map_err(|e| format!("/events: {e}"))?;
-    let status = String::from_utf8_lossy(&first).into_owned();
-    if status.is_empty() {
-        return Err("/events: no response".into());
-    }
+    let status = read_line(&mut r).map_err(|e| format!("/events: {e}"))?.ok_or("/events: no response")?;
     if !status.starts_with("HTTP/1.1 200") {
         return Err(format!("/events: {}", status.trim()));
     }
@@ -137,11 +132,16 @@ fn subscribe_with(mesh: &Mesh, place: &Place, patient: bool) -> Result<BufReader
     Err("/events: a malformed response head".into())
 }
 
-/// One line of at most 64 KiB (None at its end, on error or when longer).
-fn bounded_line(r: &mut BufReader<Conn>) -> Option<String> {
+/// One line of at most 64 KiB (None at its end or when longer).
+fn read_line(r: &mut BufReader<Conn>) -> std::io::Result<Option<String>> {
     let mut line = Vec::new();
-    let n = r.by_ref().take(65_536).read_until(b'\n', &mut line).ok()?;
-    (n > 0 && line.ends_with(b"\n")).then(|| String::from_utf8_lossy(&line).into_owned())
+    let n = r.by_ref().take(65_536).read_until(b'\n', &mut line)?;
+    Ok((n > 0 && line.ends_with(b"\n")).then(|| String::from_utf8_lossy(&line).into_owned()))
+}
+
+/// [`read_line`], an error also ending it.
+fn bounded_line(r: &mut BufReader<Conn>) -> Option<String> {
+    read_line(r).ok().flatten()
 }
 
 /// The lines of a chunked body, as they come.

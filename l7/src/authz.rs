@@ -36,15 +36,20 @@ pub fn selecting<'s>(snap: &'s Snapshot, pod: &skiff_core::model::Workload) -> V
         .collect()
 }
 
-/// A stream to a non-HTTP port: no L7 here, but the policies bound to the
-/// proxy still apply at L4 (the destination only sees the proxy's
-/// identity). Logs a denial.
-pub fn allow_stream(policies: &[&AuthzPolicy], peer: SocketAddr, peer_id: Option<&Identity>, target: SocketAddrV4) -> bool {
+/// A stream to a non-HTTP port (`target`: the Service's address at a
+/// waypoint, the gateway's own at the gateway): no L7 here, but the
+/// policies bound to the proxy still apply at L4 (the destination only
+/// sees the proxy's identity). The decision (None: no policy applies, the
+/// stream is allowed); a denial is logged.
+pub fn check_stream(policies: &[&AuthzPolicy], peer: SocketAddr, peer_id: Option<&Identity>, target: SocketAddrV4) -> Option<policy::AuthzDecision> {
+    if policies.is_empty() {
+        return None;
+    }
     let d = decide_stream(policies, peer.ip(), peer_id, target);
     if !d.allowed {
-        info!(%peer, identity = ?peer_id.map(|p| p.to_string()), policy = ?d.policy, rule = ?d.rule, reason = d.reason, "TCP stream denied by authorization policy");
+        info!(%peer, %target, identity = ?peer_id.map(|p| p.to_string()), policy = ?d.policy, rule = ?d.rule, reason = d.reason, "TCP stream denied by authorization policy");
     }
-    d.allowed
+    Some(d)
 }
 
 /// One request (normalized path and authority) to `dst_ip` (the
@@ -85,7 +90,7 @@ pub fn decide_request(policies: &[&AuthzPolicy], peer_ip: IpAddr, peer_id: Optio
     policy::evaluate_l7(policies, &c, &attrs)
 }
 
-/// The L4 decision for a stream to a non-HTTP port (see [`allow_stream`]),
+/// The L4 decision for a stream to a non-HTTP port (see [`check_stream`]),
 /// without logging.
 pub fn decide_stream(policies: &[&AuthzPolicy], peer_ip: IpAddr, peer_id: Option<&Identity>, target: SocketAddrV4) -> policy::AuthzDecision {
     let c = policy::ConnInfo {

@@ -403,15 +403,10 @@ where
     };
     let own_ip = pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let (own_id, name) = proxy.own_identity();
-    let policies = crate::authz::selecting(&snap, pod);
-    let decision = crate::authz::decide_stream(&policies, peer.ip(), None, SocketAddrV4::new(own_ip, port));
-    if !decision.allowed {
-        // Refused: logged with the policy and rule, and counted (UAEX).
-        info!(%peer, port, policy = ?decision.policy, rule = ?decision.rule, reason = decision.reason, "TCP stream denied by authorization policy");
-        let mut meter = crate::metrics::TcpLog::new(crate::metrics::Source::Proxy(name, Some(pod), &own_id), &snap, peer);
-        meter.set_policy(&decision);
-        drop(meter.open(&proxy.metrics, None, "UAEX"));
-        return;
+    let decision = crate::authz::check_stream(&crate::authz::selecting(&snap, pod), peer, None, SocketAddrV4::new(own_ip, port));
+    let meter = || crate::metrics::TcpLog::new(crate::metrics::Source::Proxy(name, Some(pod), &own_id), &snap, peer);
+    if let Some(d) = decision.as_ref().filter(|d| !d.allowed) {
+        return meter().refused(&proxy.metrics, d);
     }
     let local_ip = local.map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(own_ip));
     let Some((vs, route)) = gateway::route_l4(&snap.virtual_services, o, sni, local_ip, &pod.namespace) else {
@@ -428,10 +423,10 @@ where
     let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let born = std::time::Instant::now();
     let io = crate::body::Activity::new(io, last.clone(), born);
-    let mut meter = crate::metrics::TcpLog::new(crate::metrics::Source::Proxy(name, Some(pod), &own_id), &snap, peer);
+    let mut meter = meter();
     // As for requests: a decision is named only when a policy applies.
-    if !policies.is_empty() {
-        meter.set_policy(&decision);
+    if let Some(d) = &decision {
+        meter.set_policy(d);
     }
     let relayed = proxy.upstreams().passthrough_to(&snap, &dest, &vs.namespace, o.server.number, peer.ip(), io, None, &mut rng, Some((&proxy.metrics, meter)));
     tokio::select! {

@@ -499,6 +499,14 @@ impl TcpLog {
         self.policy = Some(d.access_text());
     }
 
+    /// The stream was refused by the authorization decision `d`: counted
+    /// (UAEX, as ztunnel counts a refused connection) and its access line
+    /// written, naming the policy and rule.
+    pub fn refused(mut self, m: &Metrics, d: &skiff_core::policy::AuthzDecision) {
+        self.set_policy(d);
+        drop(self.open(m, None, "UAEX"));
+    }
+
     /// The stream is open to `endpoint` (a pod, or None: outside the
     /// mesh or not reached, with `flags`): counts it opened and returns
     /// its counters; it counts closed, and its access line is written,

@@ -590,22 +590,12 @@ impl Proxy {
             return answer(&mut respond, StatusCode::FORBIDDEN);
         }
         let tcp = route::port_protocol(&port) == "tcp";
-        let mut decision = None;
-        let bound = if tcp { authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc) } else { Vec::new() };
-        // As for requests: a decision is named only when a policy applies.
-        if !bound.is_empty() {
-            let d = authz::decide_stream(&bound, peer.ip(), Some(&peer_id), target);
-            if !d.allowed {
-                // Refused: logged with the policy and rule, and counted
-                // (UAEX), as ztunnel does a connection.
-                info!(%peer, identity = %peer_id, policy = ?d.policy, rule = ?d.rule, reason = d.reason, "TCP stream denied by authorization policy");
-                let mut meter = crate::metrics::TcpLog::new(Source::Peer(&peer_id), &snap, peer);
-                meter.set_service(&svc);
-                meter.set_policy(&d);
-                drop(meter.open(&self.metrics, None, "UAEX"));
-                return answer(&mut respond, StatusCode::FORBIDDEN);
-            }
-            decision = Some(d);
+        let decision = if tcp { authz::check_stream(&authz::bound(&snap, &self.cfg.namespace, &self.cfg.name, &svc), peer, Some(&peer_id), target) } else { None };
+        if let Some(d) = decision.as_ref().filter(|d| !d.allowed) {
+            let mut meter = crate::metrics::TcpLog::new(Source::Peer(&peer_id), &snap, peer);
+            meter.set_service(&svc);
+            meter.refused(&self.metrics, d);
+            return answer(&mut respond, StatusCode::FORBIDDEN);
         }
         let Ok(send) = respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false) else {
             return;
