@@ -149,3 +149,37 @@ pub fn apply_policy(mesh: &LocalMesh, node: usize, name: &str, yaml: Option<&str
         policies().filter(|now| *now != before).map(|_| ())
     })
 }
+
+/// A child process killed (and reaped) when dropped, however the test
+/// ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `skiff dashboard --listen 127.0.0.1:0 ARGS`, inside the network
+/// namespace `netns` when given: the process and the port it serves on
+/// (from the URL it prints first).
+pub fn skiff_dashboard(netns: Option<&str>, args: &[&str]) -> (Killed, u16) {
+    use std::io::BufRead as _;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin_dir().join("skiff"));
+            c
+        }
+        None => std::process::Command::new(bin_dir().join("skiff")),
+    };
+    let mut child = cmd.args(["dashboard", "--listen", "127.0.0.1:0"]).args(args).stdout(std::process::Stdio::piped()).spawn().expect("skiff dashboard");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut first).expect("its first line");
+    let child = Killed(child);
+    let url = first.trim().rsplit(' ').next().unwrap_or("");
+    assert!(url.starts_with("http://127.0.0.1:"), "{first}");
+    let port = url.trim_end_matches('/').rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{first}"));
+    (child, port)
+}

@@ -16,7 +16,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -25,15 +25,6 @@ use skiff_e2e::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A child process killed when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One HTTP/1.1 exchange with a JSON body; the response's JSON.
 fn http_json(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
@@ -84,7 +75,7 @@ fn http_json(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -
 struct Browser {
     driver: SocketAddr,
     session: String,
-    chromedriver: Option<Proc>,
+    chromedriver: Option<Killed>,
     /// Chromium's profile and scratch files (TMPDIR): removed with it.
     _tmp: tempfile::TempDir,
 }
@@ -100,7 +91,7 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let proc = Proc(child);
+        let proc = Killed(child);
         let driver: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
@@ -124,6 +115,13 @@ impl Browser {
     /// The text of the first element matching `css`, or None.
     fn text(&self, css: &str) -> Option<String> {
         self.js("const e = document.querySelector(arguments[0]); return e ? e.textContent : null;", json!([css])).as_str().map(str::to_owned)
+    }
+
+    /// Clicks the first element matching `css`.
+    fn click(&self, css: &str) {
+        let e = self.cmd("POST", "/element", Some(json!({"using": "css selector", "value": css})));
+        let id = e.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap_or_else(|| panic!("no element {css}: {e}")).to_owned();
+        self.cmd("POST", &format!("/element/{id}/click"), Some(json!({})));
     }
 
     fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
@@ -173,18 +171,9 @@ fn chromedriver() -> Option<&'static Path> {
 }
 
 /// `skiff dashboard` of `mesh` on any free port: the process and the URL.
-fn dashboard(mesh: &LocalMesh) -> (Proc, String) {
-    let mut dash = Command::new(bin_dir().join("skiff"))
-        .args(["dashboard", "--listen", "127.0.0.1:0", "--mesh"])
-        .arg(&mesh.work_dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(dash.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    let url = first.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{first}");
-    (Proc(dash), url)
+fn dashboard(mesh: &LocalMesh) -> (Killed, String) {
+    let (dash, port) = skiff_dashboard(None, &["--mesh", &mesh.work_dir.display().to_string()]);
+    (dash, format!("http://127.0.0.1:{port}/"))
 }
 
 /// The demo, as `cargo xtask demo` runs it, in the dashboard.
@@ -217,15 +206,11 @@ fn the_dashboard_shows_the_demo_in_a_browser() {
     assert!(!l4.contains("90%") && !l4.contains("10%"), "no split on an L4 edge: {l4}");
     browser.wait_text("[data-edge='demo/frontend/v1->demo/backend/latest']", "the frontend's edge to the backend", |t| t.contains("mutual TLS"));
     // Click a node: what it is and who talks to it.
-    let node = browser.cmd("POST", "/element", Some(json!({"using": "css selector", "value": "[data-node='demo/frontend/v2']"})));
-    let id = node.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap().to_owned();
-    browser.cmd("POST", &format!("/element/{id}/click"), Some(json!({})));
+    browser.click("[data-node='demo/frontend/v2']");
     let details = browser.wait_text("#node-details", "the node's details", |t| t.contains("demo/frontend/v2"));
     assert!(details.contains(gateway) && details.contains("demo/loadgen/latest") && details.contains("demo/backend/latest"), "in and out: {details}");
     // Click the canary's edge: its details.
-    let edge = browser.cmd("POST", "/element", Some(json!({"using": "css selector", "value": format!("[data-edge='{gateway}->demo/frontend/v2'] tspan.rate")})));
-    let id = edge.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap().to_owned();
-    browser.cmd("POST", &format!("/element/{id}/click"), Some(json!({})));
+    browser.click(&format!("[data-edge='{gateway}->demo/frontend/v2'] tspan.rate"));
     let details = browser.wait_text("#edge-details", "the edge's details", |t| t.contains("mutual TLS"));
     assert!(details.contains("frontend.demo") && details.contains("10%"), "{details}");
     let explain = browser.wait_text("#explain", "the edge's explanation", |t| t.contains("the source is a gateway"));
@@ -293,9 +278,7 @@ fn the_dashboard_shows_the_graph_in_a_browser() {
     assert!(l4.contains("mutual TLS") && l4.contains("conn/s"), "L4 mutual TLS: {l4}");
 
     // Click an edge: its details and its explanation.
-    let edge = browser.cmd("POST", "/element", Some(json!({"using": "css selector", "value": "[data-edge='shop/client/latest->shop/reviews/v1'] tspan.rate"})));
-    let id = edge.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap().to_owned();
-    browser.cmd("POST", &format!("/element/{id}/click"), Some(json!({})));
+    browser.click("[data-edge='shop/client/latest->shop/reviews/v1'] tspan.rate");
     let details = browser.wait_text("#edge-details", "the edge's details", |t| t.contains("mutual TLS"));
     assert!(details.contains("reviews.shop") && details.contains("90%"), "{details}");
     let explain = browser.wait_text("#explain", "the edge's explanation", |t| t.contains("VirtualService shop/reviews"));

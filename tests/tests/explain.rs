@@ -387,25 +387,7 @@ fn explain_check_config_observe_through_the_kubernetes_api() {
     drop(observe);
     // The dashboard for a cluster without Prometheus: the proxies'
     // metrics by port-forward too. The denial above is an edge.
-    use std::io::BufRead as _;
-    let mut dash = Command::new("ip")
-        .args(["netns", "exec", &fabric])
-        .arg(bin_dir().join("skiff"))
-        .args(["dashboard", "--listen", "127.0.0.1:0", "--kube-url", &url])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufReader::new(dash.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let dash = Kill(dash);
-    let port: u16 = first.trim().trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap_or_else(|_| panic!("{first}"));
+    let (dash, port) = skiff_dashboard(Some(&fabric), &["--kube-url", &url]);
     let graph = eventually(WAIT, "the dashboard's graph, scraped by port-forward", || {
         let (status, body) = mesh.netns_http_get(&fabric, port, "/api/graph").ok()?;
         let g: serde_json::Value = serde_json::from_str(&body).ok()?;

@@ -408,26 +408,8 @@ fn prometheus_scrapes_every_process_and_istios_queries_answer() {
     // skiff dashboard as for a cluster: the series from this Prometheus
     // server, the objects from the Kubernetes API (run where both listen,
     // in the fabric netns); no local mesh files.
-    use std::io::BufRead as _;
-    let mut dash = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", prom.netns))
-        .arg("--")
-        .arg(bin_dir().join("skiff"))
-        .args(["dashboard", "--prometheus", "http://127.0.0.1:9090", "--listen", "127.0.0.1:0", "--kube-url", &mesh.kube_api().unwrap().url()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufReader::new(dash.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _dash = Kill(dash);
-    let port: u16 = first.trim().trim_end_matches('/').rsplit(':').next().unwrap().parse().unwrap_or_else(|_| panic!("{first}"));
+    let kube_url = mesh.kube_api().unwrap().url();
+    let (_dash, port) = skiff_dashboard(Some(&prom.netns), &["--prometheus", "http://127.0.0.1:9090", "--kube-url", &kube_url]);
     let graph = eventually(WAIT, "the dashboard's graph from Prometheus", || {
         let (status, body) = mesh.netns_http_get(&prom.netns, port, "/api/graph").ok()?;
         let g: Value = serde_json::from_str(&body).ok()?;
